@@ -1,0 +1,16 @@
+"""seekforge: the DeepSeek-V3/R1 system end to end, in Python and PyTorch."""
+
+from seekforge.errors import CheckpointError, ConfigError, SeekforgeError
+from seekforge.model import ModelConfig, Transformer
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, dtype=None, device=None) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2 / V2-Lite / V3 checkpoint directory as a seekforge Transformer."""
+    from seekforge.hf import from_pretrained as _load
+
+    return _load(path, dtype=dtype, device=device)
+
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "SeekforgeError", "Transformer", "from_pretrained"]

@@ -1,0 +1,311 @@
+"""Hugging Face checkpoint interop: DeepSeek-V2 / V2-Lite / V3 directories in, the same layout out.
+
+Loading builds the model on the meta device, allocates it once in the target dtype, then streams the
+safetensors files tensor by tensor into it, so peak memory is the model plus one tensor. FP8 weights
+(float8_e4m3fn with a weight_scale_inv per 128x128 block) are dequantised on the way. Every key is
+accounted for: missing, mis-shaped and unexpected tensors are errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from seekforge.errors import CheckpointError
+from seekforge.model.config import ModelConfig
+from seekforge.model.transformer import Transformer
+
+# transformers' submodule names -> ours (DeepSeek's inference code names)
+_HF_TO_OURS = {
+    "self_attn": "attn", "mlp": "ffn", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+    "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
+    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "e_score_correction_bias": "bias",
+}
+_OURS_TO_HF = {v: k for k, v in _HF_TO_OURS.items()}
+_EXPERT = re.compile(r"(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+_MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
+# copies of the shared embedding and head that V3 stores inside each MTP layer
+_MTP_SHARED = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+
+
+def hf_to_ours(key: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
+    """Our parameter name (and expert index for stacked experts) for an HF key; None if unknown."""
+    fixed = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "head.weight"}
+    if key in fixed:
+        return fixed[key], None
+    m = _LAYER.match(key)
+    if not m:
+        return None
+    layer, rest = int(m.group(1)), m.group(2)
+    if layer < cfg.n_layers:
+        prefix = f"layers.{layer}."
+    elif layer < cfg.n_layers + cfg.n_mtp_modules:
+        prefix = f"mtp.{layer - cfg.n_layers}."
+        if rest in _MTP_OWN:
+            return prefix + rest, None
+        if rest == "shared_head.norm.weight":
+            return prefix + "norm.weight", None
+        if rest in _MTP_SHARED:
+            return _MTP_SHARED[rest], -1  # -1: a duplicate of a shared tensor
+        prefix += "block."
+    else:
+        return None
+    expert = None
+    em = _EXPERT.match(rest)
+    if em:
+        rest, expert = f"{em.group(1)}.experts.{_HF_TO_OURS[em.group(3)]}", int(em.group(2))
+    parts = rest.split(".")
+    return prefix + ".".join(_HF_TO_OURS.get(p, p) for p in parts), expert
+
+
+def ours_to_hf(model: Transformer):
+    """Yield (HF key, tensor) for every tensor of the HF layout, experts unstacked, MTP as extra layers."""
+    cfg = model.cfg
+    for name, tensor in model.state_dict().items():
+        if name == "head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.startswith("mtp."):
+            _, j, rest = name.split(".", 2)
+            prefix = f"model.layers.{cfg.n_layers + int(j)}."
+            if rest in _MTP_OWN:
+                yield prefix + rest, tensor
+                continue
+            if rest == "norm.weight":
+                yield prefix + "shared_head.norm.weight", tensor
+                continue
+            rest = rest.removeprefix("block.")
+        elif name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            prefix = f"model.layers.{i}."
+        else:
+            yield {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                   "head.weight": "lm_head.weight"}[name], tensor
+            continue
+        parts = [_OURS_TO_HF.get(p, p) for p in rest.split(".")]
+        if parts[-1] == "e_score_correction_bias" and cfg.topk_method != "noaux_tc" and not tensor.any():
+            continue  # transformers' deepseek_v2 has no bias; a zero one carries no information
+        if len(parts) == 3 and parts[1] == "experts":  # mlp.experts.{gate,up,down}_proj stacked
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}mlp.experts.{e}.{parts[2]}.weight", tensor[e]
+            continue
+        yield prefix + ".".join(parts), tensor
+    for j in range(cfg.n_mtp_modules):
+        prefix = f"model.layers.{cfg.n_layers + j}."
+        yield prefix + "embed_tokens.weight", model.embed.weight.detach().clone()
+        yield prefix + "shared_head.head.weight", model.head.weight.detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err}); re-download it") from err
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files; a Hugging Face checkpoint directory holds "
+                              f"config.json and model*.safetensors")
+    return files
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _pick_dtype(path: Path, dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    raw = json.loads((path / "config.json").read_text())
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.bfloat16)
+
+
+def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _drop_absent_mtp(cfg: ModelConfig, files: list[Path]) -> ModelConfig:
+    """transformers writes num_nextn_predict_layers into config.json but never the MTP weights: a checkpoint
+    with none of them loads without MTP (with a warning); one with some of them must have all of them."""
+    if not cfg.n_mtp_modules:
+        return cfg
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError):
+            return cfg  # the main loop reports the broken file
+        for key in keys:
+            m = _LAYER.match(key)
+            if m and int(m.group(1)) >= cfg.n_layers:
+                return cfg
+    warnings.warn(f"config.json declares {cfg.n_mtp_modules} MTP module(s) but the checkpoint holds none of "
+                  f"their weights; loading without MTP (no speculative drafting)", stacklevel=3)
+    return cfg.replace(n_mtp_modules=0)
+
+
+def from_pretrained(path, dtype=None, device=None) -> Transformer:
+    """Load a DeepSeek-V2/V2-Lite/V3 checkpoint directory (config.json + safetensors, sharded or not)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory with config.json")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory holds config.json "
+                              f"and model*.safetensors")
+    cfg = ModelConfig.load(path)
+    files = _checkpoint_files(path)
+    cfg = _drop_absent_mtp(cfg, files)
+    raw_cfg = json.loads((path / "config.json").read_text())
+    quant = raw_cfg.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    dtype = _pick_dtype(path, dtype)
+    device = torch.device(device or "cpu")
+
+    with torch.device("meta"), _default_dtype(dtype):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.rope.reset_parameters()
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    pending = {name: (set(range(t.shape[0])) if name.endswith(("experts.w1", "experts.w2", "experts.w3")) else None)
+               for name, t in params.items() if name != "rope.inv_freq"}
+    if cfg.tie_word_embeddings:
+        pending.pop("head.weight", None)
+    optional = {n for n in pending if n.endswith("gate.bias") and cfg.topk_method != "noaux_tc"}
+    unexpected: list[str] = []
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: cannot read safetensors ({err}); the file is truncated or corrupt, "
+                                  f"re-download or re-save it") from err
+        with handle as f:
+            keys = set(f.keys())
+            for key in sorted(keys):
+                if key.endswith("weight_scale_inv"):
+                    if key.removesuffix("_scale_inv") not in keys:
+                        unexpected.append(f"{key} (in {file.name})")
+                    continue
+                target = hf_to_ours(key, cfg)
+                if target is None or target[0] not in params:
+                    unexpected.append(f"{key} (in {file.name})")
+                    continue
+                name, expert = target
+                if expert == -1:
+                    continue  # MTP's copy of the shared embedding / head
+                try:
+                    tensor = f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as err:
+                    raise CheckpointError(f"{file}: cannot read tensor {key} ({err}); the file is truncated or "
+                                          f"corrupt, re-download or re-save it") from err
+                if tensor.dtype == torch.float8_e4m3fn:
+                    scale_key = key + "_scale_inv"
+                    if scale_key not in keys:
+                        raise CheckpointError(f"{file}: fp8 tensor {key} has no {scale_key} beside it")
+                    tensor = _dequantize_fp8(tensor, f.get_tensor(scale_key), block)
+                dest = params[name] if expert is None else params[name][expert]
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)} but config.json "
+                                          f"implies {tuple(dest.shape)}; the checkpoint and its config disagree")
+                with torch.no_grad():
+                    dest.copy_(tensor)
+                if expert is None:
+                    pending.pop(name, None)
+                elif name in pending:
+                    pending[name].discard(expert)
+                    if not pending[name]:
+                        pending.pop(name)
+
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) that this config has no place for: "
+                              f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; check "
+                              f"num_hidden_layers / num_nextn_predict_layers / n_routed_experts in config.json")
+    missing = []
+    for name, experts in pending.items():
+        if name in optional:
+            continue
+        missing.append(name if experts is None else f"{name}[experts {sorted(experts)[:4]}...]")
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; the files are "
+                              f"incomplete or config.json describes a larger model")
+    for name in optional & set(pending):
+        params[name].zero_()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes) in HF's layout.
+    The directory appears whole or not at all: it is written beside the target and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.cfg.save(tmp / "config.json")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, tensor in ours_to_hf(model):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = tensor.detach().contiguous().cpu()
+            size += nbytes
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

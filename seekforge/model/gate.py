@@ -1,0 +1,45 @@
+"""The MoE router: scores, group-limited top-k selection with the balancing bias, and gate weights.
+
+The fp32 bias (e_score_correction_bias) only changes *which* experts are chosen; the weights always
+come from the unbiased scores. The trainer moves the bias after each step (auxiliary-loss-free
+balancing); no optimizer ever touches it, which is why it is a buffer and not a parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekforge.model.config import ModelConfig
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.topk_method = cfg.score_func, cfg.topk_method
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, dim] -> weights [n, k] (fp32), expert indices [n, k], scores [n, experts] (fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.bias
+        if self.n_groups > 1 and self.topk_method != "greedy":
+            grouped = choice.unflatten(-1, (self.n_groups, -1))
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores

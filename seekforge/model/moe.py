@@ -1,0 +1,92 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts.
+
+Routed experts run without a Python loop over experts and without a host synchronisation: the
+(token, slot) pairs are sorted by expert and every expert's SwiGLU runs as one grouped matmul over
+contiguous segments (torch._grouped_mm), with an exact gather-and-bmm fallback where grouped matmul
+is unavailable for the device or dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekforge.model.config import ModelConfig
+from seekforge.model.gate import Gate
+from seekforge.model.mlp import MLP
+
+
+def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.zeros(16, 16, device=x.device, dtype=x.dtype)
+                b = torch.zeros(2, 16, 16, device=x.device, dtype=x.dtype)
+                torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=x.device, dtype=torch.int32))
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+_GROUPED_MM_OK: dict = {}
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    """Rows of x [m, in] sorted by expert; w [experts, out, in]; offsets [experts] = cumulative row counts
+    (int32). Row i is multiplied by w[expert_of_row[i]]^T. Returns [m, out]."""
+    if _grouped_mm_works(x, w):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(-2, -1)).squeeze(1)
+
+
+class Experts(nn.Module):
+    """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate_proj
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32)."""
+        n, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        expert_of_row = flat[order]
+        counts = torch.zeros(self.n_experts, device=x.device, dtype=torch.int32)
+        counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        rows = x[order // k]
+        h = F.silu(grouped_linear(rows, self.w1, offsets, expert_of_row)) * grouped_linear(rows, self.w3, offsets, expert_of_row)
+        out_sorted = grouped_linear(h, self.w2, offsets, expert_of_row)
+        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(n, k, -1)
+        y = (out.float() * weights.unsqueeze(-1)).sum(dim=1)
+        return y.to(x.dtype), counts.float()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        # Filled by each forward for the trainer (balancing and its statistics); never part of a checkpoint.
+        self.load: torch.Tensor | None = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(x)
+        y, load = self.experts(x, weights, indices)
+        self.load = load
+        self.routing = (scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)) if torch.is_grad_enabled() else None
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

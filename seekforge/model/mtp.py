@@ -1,0 +1,31 @@
+"""Multi-token prediction (DeepSeek-V3): sequential modules that predict tokens further ahead.
+
+Module k (1-based) at position i combines the previous depth's hidden state h^{k-1}_i with the
+embedding of token t_{i+k}, runs one transformer block, and predicts t_{i+k+1} through the shared
+output head. Causality is kept at every depth, so at inference the modules draft tokens for
+speculative decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seekforge.model.block import Block
+from seekforge.model.config import ModelConfig
+from seekforge.model.norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, layer_id)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared_head.norm; the head itself is the model's
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None, absorb: bool = False):
+        """h_prev, emb_next [b, s, dim] -> this depth's hidden state [b, s, dim] (before self.norm)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block(h, cos, sin, mask, absorb)

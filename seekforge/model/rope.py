@@ -1,0 +1,68 @@
+"""Rotary position embedding with DeepSeek's interleaved pairs and YaRN context extension.
+
+Only the decoupled rotary part of queries and keys (qk_rope_head_dim wide) is rotated; pairs are
+adjacent elements (x0, x1), (x2, x3), ... as in DeepSeek's checkpoints. YaRN interpolates the
+frequencies between beta_fast and beta_slow rotations and scales cos/sin by the mscale ratio; the
+matching softmax temperature lives in ModelConfig.softmax_scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seekforge.model.config import ModelConfig, yarn_mscale
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [qk_rope_head_dim / 2] (fp32) and the factor applied to cos and sin."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_factor <= 1.0:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength fits `rotations` times into the original context
+        return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # high-frequency dims (ramp 0) keep their frequency, low-frequency ones (ramp 1) are interpolated
+    inv_freq = inv_freq / cfg.rope_factor * ramp + inv_freq * (1 - ramp)
+    if cfg.mscale and cfg.mscale_all_dim:
+        factor = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    else:
+        factor = yarn_mscale(cfg.rope_factor)
+    return inv_freq, factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        inv_freq, self.scale = rope_frequencies(self.cfg)
+        if not self.inv_freq.is_meta:
+            self.inv_freq.copy_(inv_freq)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., seq] (int) -> cos, sin of shape [..., seq, qk_rope_head_dim / 2] in fp32."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        return angles.cos() * self.scale, angles.sin() * self.scale
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [batch, seq, heads, rope_dim] by the angles of cos/sin [batch|1, seq, rope_dim/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

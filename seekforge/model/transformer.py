@@ -1,0 +1,145 @@
+"""The DeepSeek-V3 language model: embedding, MLA + MoE blocks, final norm, output head, MTP modules.
+
+Pure PyTorch: no parallelism, precision or caching policy lives here. The inference engine reuses the
+blocks' pieces (MLA.query / latent / attend_absorbed) over its own paged cache; trainers call `loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekforge.model.block import Block
+from seekforge.model.config import ModelConfig
+from seekforge.model.moe import MoE
+from seekforge.model.mtp import MTPModule
+from seekforge.model.norm import RMSNorm
+from seekforge.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelLoss:
+    loss: torch.Tensor  # main + mtp_weight * mtp + balance
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None  # mean over MTP depths
+    balance_loss: torch.Tensor | None  # sequence-wise balance loss (already times alpha)
+    expert_load: list[torch.Tensor]  # per MoE layer (main layers, then MTP blocks): tokens per expert
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp_modules))
+        self.rope = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.init_weights()
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix, ones for norms, zeros for gate biases; deterministic
+        under torch.manual_seed. Also (re)computes non-persistent buffers, e.g. after `to_empty`."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+        for moe in self.moe_layers():
+            nn.init.normal_(moe.gate.weight, 0.0, std)
+            moe.gate.bias.zero_()
+            for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+                nn.init.normal_(w, 0.0, std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (shared + k routed experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers():
+            per_expert = sum(w[0].numel() for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3))
+            inactive += (moe.experts.n_experts - self.cfg.n_activated_experts) * per_expert
+        mtp = sum(p.numel() for p in self.mtp.parameters())
+        return {"total": total, "active": total - inactive, "embedding": self.embed.weight.numel(), "mtp": mtp}
+
+    # ---------------------------------------------------------------- forward
+    def positions_like(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+
+    def hidden(self, tokens: torch.Tensor, positions=None, mask=None, absorb: bool = False) -> torch.Tensor:
+        """tokens [b, s] -> the last block's output [b, s, dim] (before the final norm)."""
+        cos, sin = self.rope(self.positions_like(tokens) if positions is None else positions)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, absorb)
+        return h
+
+    def forward(self, tokens: torch.Tensor, positions=None, mask=None, absorb: bool = False) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab]. mask: bool [b|1, s, t] (True = may attend), None = causal."""
+        return self.head(self.norm(self.hidden(tokens, positions, mask, absorb)))
+
+    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every MTP depth for a causal forward of `tokens` whose main hidden state is h.
+        Depth k returns [b, s - k, vocab]; its position i predicts token i + k + 1."""
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            s = tokens.shape[1] - k
+            if s <= 0:
+                break
+            cos, sin = self.rope(self.positions_like(tokens[:, :s]))
+            h = module(h[:, :s], self.embed(tokens[:, k:]), cos, sin)
+            out.append(self.head(module.norm(h)))
+        return out
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
+             balance_alpha: float = 0.0, ignore_index: int = -100) -> ModelLoss:
+        """Cross-entropy of next-token prediction; labels [b, s] are tokens shifted by one (ignore_index
+        where no target). MTP depth k is scored against labels[:, k:]."""
+        h = self.hidden(tokens)
+        logits = self.head(self.norm(h))
+        main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+        mtp = None
+        if self.cfg.n_mtp_modules and mtp_weight:
+            depths = self.mtp_logits(tokens, h)
+            losses = [F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=ignore_index)
+                      for k, lg in enumerate(depths, start=1)]
+            mtp = torch.stack(losses).mean() if losses else None
+        moes = self.moe_layers()
+        balance = None
+        if balance_alpha:
+            balance = balance_alpha * sum(sequence_balance_loss(m.routing[0], m.routing[1]) for m in moes
+                                          if m.routing is not None)
+        total = main
+        if mtp is not None:
+            total = total + mtp_weight * mtp
+        if balance is not None:
+            total = total + balance
+        return ModelLoss(total, main, mtp, balance, [m.load for m in moes if m.load is not None])
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from seekforge.hf import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
+    scores [b, s, experts] (affinities), indices [b, s, k] (chosen experts)."""
+    n_experts, k, s = scores.shape[-1], indices.shape[-1], indices.shape[1]
+    chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0).sum(dim=1)  # [b, experts]
+    f = chosen * n_experts / (k * s)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
