@@ -21,5 +21,6 @@ def run(args) -> int:
         model = Transformer(cfg)
     counts = model.num_parameters()
     print(json.dumps({"config": cfg.name or args.model, **counts,
-                      "cache_bytes_per_token_bf16": cfg.cache_bytes_per_token(2)}, indent=2))
+                      "cache_bytes_per_token_bf16": cfg.cache_bytes_per_token(2),
+                      "full_kv_bytes_per_token_bf16": cfg.full_kv_bytes_per_token(2)}, indent=2))
     return 0
