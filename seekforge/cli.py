@@ -15,6 +15,10 @@ from seekforge.errors import SeekforgeError
 
 COMMANDS = [
     "seekforge.commands.info",
+    "seekforge.commands.train",
+    "seekforge.commands.tokenizer",
+    "seekforge.commands.data",
+    "seekforge.commands.report",
 ]
 
 

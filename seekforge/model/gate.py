@@ -26,7 +26,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, dim] -> weights [n, k] (fp32), expert indices [n, k], scores [n, experts] (fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
         if self.n_groups > 1 and self.topk_method != "greedy":

@@ -56,6 +56,11 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32)."""
         n, k = indices.shape
+        dtype_in = x.dtype
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped matmul itself
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         expert_of_row = flat[order]
@@ -63,11 +68,11 @@ class Experts(nn.Module):
         counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
         offsets = counts.cumsum(0, dtype=torch.int32)
         rows = x[order // k]
-        h = F.silu(grouped_linear(rows, self.w1, offsets, expert_of_row)) * grouped_linear(rows, self.w3, offsets, expert_of_row)
-        out_sorted = grouped_linear(h, self.w2, offsets, expert_of_row)
+        h = F.silu(grouped_linear(rows, w1, offsets, expert_of_row)) * grouped_linear(rows, w3, offsets, expert_of_row)
+        out_sorted = grouped_linear(h, w2, offsets, expert_of_row)
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(n, k, -1)
         y = (out.float() * weights.unsqueeze(-1)).sum(dim=1)
-        return y.to(x.dtype), counts.float()
+        return y.to(dtype_in), counts.float()
 
 
 class MoE(nn.Module):

@@ -1,0 +1,27 @@
+"""`seekforge train --config FILE_OR_BUILTIN --out DIR [--resume] [key=value ...]`: pretraining."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from seekforge.train.pretrain import BUILTIN_CONFIGS
+
+    p = subparsers.add_parser("train", help="pretrain a DeepSeek-style model (MLA + MoE + MTP)",
+                              description=f"Built-in configs: {', '.join(BUILTIN_CONFIGS)}. Any field can be "
+                                          f"overridden as key=value (e.g. steps=200 lr=1e-3).")
+    p.add_argument("--config", default="tiny", help="a built-in config name or a .yaml/.toml file")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model, report)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from seekforge.train.pretrain import load_train_config, run as train
+
+    cfg = load_train_config(args.config, args.overrides)
+    last = train(cfg, args.out, resume=args.resume)
+    print(f"done: loss {last.get('loss', float('nan')):.4f}"
+          + (f", eval loss {last['eval_loss']:.4f}, {last['eval_bpb']:.3f} bits/byte" if "eval_loss" in last else "")
+          + f"; model in {args.out}/final, report in {args.out}/report.md")
+    return 0

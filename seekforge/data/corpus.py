@@ -1,0 +1,65 @@
+"""The built-in pretraining corpus: procedurally generated, verifiable math in the R1-Zero format.
+
+Every document is a task question framed by the R1-Zero template, its worked solution inside
+<think>...</think> and the gold answer inside <answer>...</answer>, so a model pretrained on it already
+writes the format the RL stage rewards. Documents come from the tasks' train split only; their val and
+test splits stay unseen for evaluation. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seekforge.configio import atomic_write_text
+from seekforge.errors import ConfigError
+from seekforge.tasks import BUILTIN_TASKS, Row, get_task, r1_zero_prompt
+
+
+def render_example(row: Row) -> str:
+    """One task row as a document: the R1-Zero prompt (which ends by opening <think>) continued by
+    the worked solution and the answer, exactly as a rewarded completion would continue it."""
+    return f"{r1_zero_prompt(row.prompt)}\n{row.solution}\n</think>\n<answer>{row.answer}</answer>"
+
+
+def generate_documents(n_docs: int, seed: int = 0, tasks: tuple[str, ...] = tuple(BUILTIN_TASKS)) -> list[str]:
+    """n_docs documents shared evenly among `tasks` (train split) and shuffled together."""
+    if n_docs < 1 or not tasks:
+        raise ConfigError(f"need n_docs >= 1 (got {n_docs}) and at least one task")
+    docs = []
+    for i, name in enumerate(tasks):
+        n = n_docs // len(tasks) + (i < n_docs % len(tasks))
+        if n:
+            docs.extend(render_example(row) for row in get_task(name).rows("train", n, seed))
+    order = np.random.default_rng(seed).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    data_dir: Path       # prepared shards (seekforge.data.loader reads it)
+    tokenizer_dir: Path  # the tokenizer the shards were made with
+    corpus: Path         # the documents as .jsonl, for inspection or re-preparing
+    meta: dict
+
+
+def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed: int = 0, vocab_size: int = 1024,
+                          tokenizer=None, val_fraction: float = 0.01,
+                          tasks: tuple[str, ...] = tuple(BUILTIN_TASKS), progress: bool = False) -> BuiltinDataset:
+    """Generate the corpus into out_dir/corpus.jsonl, train a tokenizer on it unless one is given,
+    and prepare train/val shards in out_dir."""
+    from seekforge.data.prepare import prepare
+    from seekforge.tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    docs = generate_documents(n_docs, seed, tasks)
+    corpus = out_dir / "corpus.jsonl"
+    atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(docs, vocab_size)
+    meta = prepare([corpus], tokenizer, out_dir, val_fraction=val_fraction, seed=seed, progress=progress)
+    return BuiltinDataset(out_dir, out_dir / meta["tokenizer_dir"], corpus, meta)

@@ -1,0 +1,151 @@
+"""Packed batches from a prepared data directory (see seekforge.data.prepare).
+
+The token stream of a split is cut into contiguous, non-overlapping windows of seq_len + 1 + extra_tokens
+tokens (the tail that does not fill a window is left out). Inputs are a window without its last token,
+labels the window without its first, so labels[t] = input_ids[t + 1]; the extra tokens let multi-token
+prediction modules see targets up to extra_tokens further ahead. Windows cross document boundaries (EOS
+marks them), as in standard packed pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seekforge.data.prepare import FORMAT_VERSION
+from seekforge.errors import ConfigError, DataError
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: {data_dir} is not a complete prepared data directory; "
+                        "run `seekforge data prepare` (or `seekforge data builtin`) to make one")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT_VERSION:
+        raise DataError(f"{path} has format {meta.get('format')}, this seekforge reads {FORMAT_VERSION}: "
+                        "prepare the data again")
+    return meta
+
+
+def open_tokens(data_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """The split's token ids as a read-only memory map (an empty array for an empty split)."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(meta['splits'])}")
+    info = meta["splits"][split]
+    path = Path(data_dir) / info["file"]
+    dtype = np.dtype(meta["dtype"])
+    if not path.is_file() or path.stat().st_size != info["tokens"] * dtype.itemsize:
+        raise DataError(f"{path} is missing or does not hold the {info['tokens']} tokens meta.json promises: "
+                        "prepare the data again")
+    if info["tokens"] == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def bits_per_byte(mean_loss_nats: float, data_dir: str | os.PathLike, split: str = "val") -> float:
+    """Convert a mean per-token loss on `split` to bits per UTF-8 byte, comparable across tokenizers."""
+    info = load_meta(data_dir)["splits"][split]
+    return mean_loss_nats / math.log(2) * info["tokens"] / info["bytes"]
+
+
+def _windows(tokens: np.ndarray, window: int, split: str) -> int:
+    n = len(tokens) // window
+    if n == 0:
+        raise DataError(f"the {split} split holds {len(tokens)} tokens, fewer than one window of {window} "
+                        f"(seq_len + 1 + extra_tokens): add data or lower seq_len")
+    return n
+
+
+def _batch(tokens: np.ndarray, starts: np.ndarray, window: int) -> dict[str, torch.Tensor]:
+    rows = np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)
+    t = torch.from_numpy(rows)
+    return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+class PackedLoader:
+    """An endless iterator of shuffled packed batches with an exactly resumable position.
+
+    The window order is a permutation drawn from (seed, epoch) each epoch; batches take the next
+    windows of the concatenated epochs, so every batch is full and may straddle an epoch boundary.
+    For data parallelism each step takes batch_size * world_size windows and rank r keeps the r-th slice.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 extra_tokens: int = 0, rank: int = 0, world_size: int = 1):
+        if seq_len < 1 or batch_size < 1 or extra_tokens < 0:
+            raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1 and "
+                              f"extra_tokens ({extra_tokens}) >= 0")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.data_dir, self.split = Path(data_dir), split
+        self.seq_len, self.batch_size, self.seed, self.extra_tokens = seq_len, batch_size, seed, extra_tokens
+        self.rank, self.world_size = rank, world_size
+        self.fingerprint = load_meta(data_dir)["tokenizer_fingerprint"]
+        self.tokens = open_tokens(data_dir, split)
+        self.window = seq_len + 1 + extra_tokens
+        self.windows_per_epoch = _windows(self.tokens, self.window, split)
+        self.epoch, self.index = 0, 0  # the next window is order(epoch)[index]
+        self._order_epoch, self._order = -1, None
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
+            self._order_epoch = epoch
+        return self._order
+
+    def _take(self, n: int) -> np.ndarray:
+        picked = []
+        while n:
+            order = self._order_of(self.epoch)
+            k = min(n, self.windows_per_epoch - self.index)
+            picked.append(order[self.index:self.index + k])
+            self.index += k
+            n -= k
+            if self.index == self.windows_per_epoch:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.concatenate(picked)
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        ids = self._take(self.batch_size * self.world_size)
+        mine = ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return _batch(self.tokens, mine * self.window, self.window)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "window": self.window,
+                "windows_per_epoch": self.windows_per_epoch, "split": self.split,
+                "tokenizer_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "window", "windows_per_epoch", "split", "tokenizer_fingerprint"):
+            if state.get(key) != mine[key]:
+                raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
+                                  f"{mine[key]!r}; resume with the same data directory, seed, seq_len and extra_tokens")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def eval_batches(data_dir: str | os.PathLike, seq_len: int, batch_size: int, max_batches: int | None = None,
+                 split: str = "val", extra_tokens: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """The split's windows in stream order, batch_size at a time (the last batch may be smaller),
+    stopping after max_batches: the same batches on every call."""
+    if seq_len < 1 or batch_size < 1 or extra_tokens < 0:
+        raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1 and "
+                          f"extra_tokens ({extra_tokens}) >= 0")
+    tokens = open_tokens(data_dir, split)
+    window = seq_len + 1 + extra_tokens
+    n = _windows(tokens, window, split)
+    starts = np.arange(n) * window
+    if max_batches is not None:
+        starts = starts[:max_batches * batch_size]
+    return (_batch(tokens, starts[i:i + batch_size], window) for i in range(0, len(starts), batch_size))

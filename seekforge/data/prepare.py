@@ -1,0 +1,287 @@
+"""Text files to token shards for pretraining.
+
+What counts as a document (each one ends with EOS in the token stream, marking the boundary):
+- .txt: the whole file is one document; a line holding only `<|doc|>` separates documents within a file.
+- .jsonl: one JSON object per line, with "text" (a string) or "messages" (a chat, rendered with the
+  tokenizer's chat template, no generation prompt). Blank lines are skipped.
+- .parquet: the "text" column, one document per row (needs pyarrow).
+
+Layout of the output directory:
+- train.bin, val.bin: the token ids, raw native-endian uint16 (vocabulary < 65536) or uint32; open with np.memmap.
+- train.docs.npy, val.docs.npy: int64 offsets; document k spans tokens [docs[k], docs[k+1]).
+- tokenizer/: the tokenizer that made the ids.
+- meta.json: written last, so its presence marks a complete directory (see seekforge.data.loader.load_meta).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from seekforge.configio import atomic_write_text, fsync_dir
+from seekforge.errors import ConfigError, DataError
+
+DOC_SEPARATOR = "<|doc|>"
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a (binary, streamed) file into; it replaces `path`
+    only if the block finishes. The text twin is seekforge.configio.atomic_write_text."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data from colleagues
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+def iter_documents(path: Path, chat: Callable[[list], str]) -> Iterator[str]:
+    """The non-empty documents of one input file; `chat` renders a jsonl row's "messages"."""
+    if not path.exists():
+        raise DataError(f"{path} not found: check the --input path")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: pass the files inside it (e.g. {path}/*.jsonl)")
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"{path} has unsupported extension {path.suffix!r}: use one of "
+                        f"{', '.join(EXTENSIONS)} (convert the file first)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty: fill it or leave it out of the inputs")
+    reader = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
+    count = 0
+    for doc in reader[path.suffix.lower()](path, chat):
+        if doc.strip():
+            count += 1
+            yield doc
+    if count == 0:
+        raise DataError(f"{path} holds no non-empty document: fill it or leave it out of the inputs")
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, failing with the byte offset of the first non-UTF-8 byte."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark
+            try:
+                yield lineno, raw[start:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                at = offset + start + err.start
+                raise DataError(f"{path} is not UTF-8: byte 0x{raw[start + err.start]:02x} at byte offset {at} "
+                                f"(line {lineno}) is invalid; re-encode the file as UTF-8 "
+                                f"(e.g. iconv -f latin1 -t utf-8)") from None
+            offset += len(raw)
+
+
+def _txt_documents(path: Path, chat) -> Iterator[str]:
+    lines = []
+    for _, line in _utf8_lines(path):
+        if line.strip() == DOC_SEPARATOR:
+            yield "".join(lines)
+            lines = []
+        else:
+            lines.append(line)
+    yield "".join(lines)
+
+
+def _jsonl_documents(path: Path, chat) -> Iterator[str]:
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where} is not valid JSON ({err.msg} at column {err.colno}): "
+                            "fix or remove the line (one JSON object per line)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where} is a JSON {type(row).__name__}, not an object: "
+                            'write one object per line, e.g. {"text": "..."}')
+        if "text" in row:
+            if not isinstance(row["text"], str):
+                raise DataError(f'{where}: "text" is a {type(row["text"]).__name__}, not a string: '
+                                "store the document as a string")
+            yield row["text"]
+        elif "messages" in row:
+            if not isinstance(row["messages"], list):
+                raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+            try:
+                yield chat(row["messages"])
+            except (ConfigError, AttributeError, KeyError, TypeError) as err:
+                raise DataError(f'{where}: cannot render "messages" ({err}): '
+                                'give each message a "role" (system/user/assistant) and a string "content"') from None
+        else:
+            raise DataError(f'{where} has no "text" field (keys: {", ".join(map(str, row)) or "none"}): '
+                            'give each line "text" (a string) or "messages" (a chat)')
+
+
+def _parquet_documents(path: Path, chat) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow "
+                        "(or convert the file to .jsonl)") from None
+    try:
+        pfile = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and friends for corrupt files
+        raise DataError(f"{path} is not a readable parquet file ({err}): re-export it") from None
+    columns = pfile.schema_arrow.names
+    if "text" not in columns:
+        raise DataError(f'{path} has no "text" column (columns: {", ".join(columns)}): '
+                        'rename the column holding the documents to "text"')
+    row = 0
+    for batch in pfile.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f'{path} row {row}: "text" is a {type(text).__name__}, not a string: '
+                                "store the documents as strings")
+            yield text
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+class _SplitWriter:
+    """Appends one split's tokens to a temporary .bin and keeps its document offsets and byte count."""
+
+    def __init__(self, out_dir: Path, name: str, dtype: np.dtype, stack: contextlib.ExitStack):
+        self.name, self.dtype = name, dtype
+        self.tmp = stack.enter_context(atomic_path(out_dir / f"{name}.bin"))
+        self.file = stack.enter_context(open(self.tmp, "wb"))
+        self.offsets = array("q", [0])
+        self.bytes = 0
+        self.last_doc_bytes = 0
+
+    def write(self, docs: list[list[int]], n_bytes: list[int]) -> None:
+        if not docs:
+            return
+        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype,
+                           count=sum(map(len, docs)))
+        self.file.write(flat.tobytes())
+        for ids in docs:
+            self.offsets.append(self.offsets[-1] + len(ids))
+        self.bytes += sum(n_bytes)
+        self.last_doc_bytes = n_bytes[-1]
+
+    def pop_last(self) -> tuple[np.ndarray, int]:
+        """Remove the last document (tokens, UTF-8 bytes) from this split."""
+        self.file.flush()
+        start, end = self.offsets[-2], self.offsets[-1]
+        tokens = np.fromfile(self.tmp, dtype=self.dtype, offset=start * self.dtype.itemsize, count=end - start)
+        self.file.seek(start * self.dtype.itemsize)
+        self.file.truncate()
+        self.offsets.pop()
+        self.bytes -= self.last_doc_bytes
+        return tokens, self.last_doc_bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def finish(self, out_dir: Path) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        with atomic_path(out_dir / f"{self.name}.docs.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.frombuffer(self.offsets, dtype=np.int64))
+        return {"tokens": self.tokens, "bytes": self.bytes, "docs": self.docs,
+                "file": f"{self.name}.bin", "doc_offsets": f"{self.name}.docs.npy"}
+
+
+def prepare(inputs: Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike,
+            val_fraction: float = 0.01, seed: int = 0, batch_docs: int = 512, progress: bool = True) -> dict:
+    """Tokenize `inputs` into train/val shards under `out_dir`; returns the meta.json contents.
+
+    Each document goes to val with probability `val_fraction`, drawn in input order from `seed`; when
+    that leaves val empty but train holds two or more documents, the last train document moves to val,
+    so a small corpus still has something to evaluate on.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction {val_fraction} is outside [0, 1): pass e.g. --val-fraction 0.01")
+    if not inputs:
+        raise ConfigError("no input files: pass at least one --input FILE")
+    paths = [Path(p) for p in inputs]
+    for p in paths:  # fail before any work on a typo in the last of many inputs
+        if not p.exists():
+            raise DataError(f"{p} not found: check the --input path")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = tokenizer.eos_id
+    rng = np.random.default_rng(seed)
+
+    def chat(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+
+    documents = itertools.chain.from_iterable(iter_documents(p, chat) for p in paths)
+    with contextlib.ExitStack() as stack:
+        train = _SplitWriter(out_dir, "train", dtype, stack)
+        val = _SplitWriter(out_dir, "val", dtype, stack)
+        bar = stack.enter_context(tqdm(desc="tokenizing", unit="doc", disable=not progress))
+        while batch := list(itertools.islice(documents, batch_docs)):
+            to_val = rng.random(len(batch)) < val_fraction
+            parts = {False: ([], []), True: ([], [])}
+            for text, ids, is_val in zip(batch, tokenizer.encode_batch(batch), to_val):
+                if not ids or ids[-1] != eos:  # a rendered chat already ends with EOS
+                    ids.append(eos)
+                parts[bool(is_val)][0].append(ids)
+                parts[bool(is_val)][1].append(len(text.encode("utf-8")))
+            train.write(*parts[False])
+            val.write(*parts[True])
+            bar.update(len(batch))
+            bar.set_postfix(tokens=train.tokens + val.tokens)
+        if val.docs == 0 and val_fraction > 0 and train.docs >= 2:
+            tokens, n_bytes = train.pop_last()
+            val.write([tokens.tolist()], [n_bytes])
+        if train.docs == 0:
+            raise DataError(f"every document went to the validation split: lower val_fraction "
+                            f"(now {val_fraction}) or add documents")
+        # Past this point old files get replaced one by one: until meta.json is rewritten, the directory
+        # reads as incomplete. A failure before it (a bad input, say) leaves the old directory untouched.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        splits = {"train": train.finish(out_dir), "val": val.finish(out_dir)}
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+    # Leaving the ExitStack closed the files and moved train.bin and val.bin into place.
+    meta = {
+        "format": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": eos,
+        "bos_id": tokenizer.bos_id,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer_dir": "tokenizer",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "inputs": [str(p) for p in paths],
+        "splits": splits,
+    }
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+    return meta

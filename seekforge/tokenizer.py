@@ -1,0 +1,298 @@
+"""A byte-level BPE tokenizer with DeepSeek's special tokens and chat template, over HF `tokenizers`.
+
+The files it writes (tokenizer.json + tokenizer_config.json) are the Hugging Face layout, so
+`transformers.AutoTokenizer` loads them and renders chats exactly as `apply_chat_template` does here;
+`from_pretrained` loads any such directory, DeepSeek's own included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from seekforge.configio import atomic_write_text
+from seekforge.errors import ConfigError
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)
+# Reasoning markers are added tokens (one id each) but ordinary text: skip_special_tokens keeps them,
+# because the R1 rewards read them from decoded completions.
+REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+_ADDED = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + REASONING_TOKENS)))
+
+# Conventions of other tokenizer families, tried in order when a config does not name the token.
+_BOS_FALLBACKS = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>", "<bos>")
+_EOS_FALLBACKS = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<eos>")
+
+# The same rendering as Tokenizer.apply_chat_template, for transformers' AutoTokenizer. System messages
+# come first (joined by a blank line), after BOS. Assistant turns before the last user message lose their
+# reasoning, as in DeepSeek-R1's template; turns after it keep it, so training data rendered with
+# add_generation_prompt=False still teaches the model to reason.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', last_user=-1) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}"
+    "{%- elif m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- elif m['role'] != 'assistant' -%}"
+    "{{- raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- bos_token + ns.system -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{- '" + USER + "' + m['content'] -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- set content = m['content'] -%}"
+    "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1] -%}"
+    "{%- endif -%}"
+    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '" + ASSISTANT + "' -}}"
+    "{%- if thinking is defined and thinking -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+class Tokenizer:
+    """An HF `tokenizers.Tokenizer` plus the special tokens and chat template seekforge needs."""
+
+    def __init__(self, hf: HFTokenizer, bos_token: str = BOS, eos_token: str = EOS,
+                 pad_token: str | None = None, chat_template: str = CHAT_TEMPLATE,
+                 model_max_length: int = 4096):
+        self.hf = hf
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token or eos_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.bos_id = self._required_id(bos_token, "bos_token")
+        self.eos_id = self._required_id(eos_token, "eos_token")
+        self.pad_id = self._required_id(self.pad_token, "pad_token")
+
+    def _required_id(self, token: str, role: str) -> int:
+        tid = self.hf.token_to_id(token)
+        if tid is None:
+            raise ConfigError(f"{role} {token!r} is not in the tokenizer's vocabulary: "
+                              f"set {role} in tokenizer_config.json to a token the vocabulary holds")
+        return tid
+
+    # ---- training --------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, files_or_texts: Iterable[str | os.PathLike], vocab_size: int, *,
+              min_frequency: int = 2, model_max_length: int = 4096, show_progress: bool = False) -> Tokenizer:
+        """Train a byte-level BPE of `vocab_size` ids, special and reasoning tokens included (fewer when
+        the texts offer fewer merges than that).
+
+        Items that are `os.PathLike` (e.g. `pathlib.Path`) are files, read document by document as
+        `seekforge.data.prepare` reads them (.txt, .jsonl, .parquet); plain `str` items are texts.
+        Digits are split one per token so that arithmetic stays learnable.
+        """
+        n_added = len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
+        floor = len(pre_tokenizers.ByteLevel.alphabet()) + n_added
+        if vocab_size < floor:
+            raise ConfigError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
+                              f"{floor} ids (256 bytes + {n_added} special tokens); pass --vocab-size >= {floor}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - len(REASONING_TOKENS),  # they are appended after training
+            min_frequency=min_frequency,
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        seen = [0]
+        hf.train_from_iterator(_batches(_texts(files_or_texts), seen), trainer=trainer)
+        if seen[0] == 0:
+            raise ConfigError("no text to train the tokenizer on: pass at least one non-empty file or text")
+        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+        return cls(hf, model_max_length=model_max_length)
+
+    # ---- encoding --------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self.hf.id_to_token(tid)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        # add_special_tokens=False: a foreign tokenizer.json's post-processor must not add BOS behind our back.
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        encs = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary, merges and special tokens: equal fingerprints tokenize alike."""
+        blob = self.hf.to_str() + json.dumps([self.bos_token, self.eos_token, self.pad_token])
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    # ---- chat ------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            thinking: bool = False) -> str:
+        return render_chat(messages, self.bos_token, self.eos_token, add_generation_prompt, thinking)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    thinking: bool = False) -> list[int]:
+        # The rendered text starts with the BOS token already.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, thinking))
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_text(directory / "tokenizer.json", self.hf.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Load a Hugging Face tokenizer directory (tokenizer.json, optional tokenizer_config.json)."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: point at a directory holding tokenizer.json "
+                              "(write one with `seekforge tokenizer train` or download a model's tokenizer)")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception for malformed files
+            raise ConfigError(f"{path} is not a valid tokenizer.json ({err}): re-save or re-download it") from err
+        config = {}
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{config_path} is not valid JSON ({err}): fix or delete it") from err
+        bos = _token_content(config.get("bos_token")) or _first_known(hf, _BOS_FALLBACKS)
+        eos = _token_content(config.get("eos_token")) or _first_known(hf, _EOS_FALLBACKS)
+        if bos is None or eos is None:
+            raise ConfigError(f"cannot tell the {'bos' if bos is None else 'eos'} token of {directory}: "
+                              "set bos_token and eos_token in its tokenizer_config.json")
+        kwargs = {}
+        max_len = config.get("model_max_length")
+        if isinstance(max_len, int) and max_len < 10**9:  # transformers writes 1e30 for "no limit"
+            kwargs["model_max_length"] = max_len
+        return cls(hf, bos_token=bos, eos_token=eos, pad_token=_token_content(config.get("pad_token")),
+                   chat_template=_chat_template(directory, config) or CHAT_TEMPLATE, **kwargs)
+
+
+def render_chat(messages: Sequence[dict], bos_token: str = BOS, eos_token: str = EOS,
+                add_generation_prompt: bool = True, thinking: bool = False) -> str:
+    """Render messages DeepSeek's way; identical to CHAT_TEMPLATE under transformers (see its comment)."""
+    last_user = -1
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise ConfigError(f"unsupported chat role {role!r} in message {i}: use system, user or assistant")
+        if not isinstance(content, str):
+            raise ConfigError(f"message {i} ({role}) has content of type {type(content).__name__}: "
+                              "content must be a string")
+        if role == "user":
+            last_user = i
+    system, turns = [], []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system":
+            system.append(content)
+        elif role == "user":
+            turns.append(USER + content)
+        else:
+            if i < last_user and "</think>" in content:
+                content = content.split("</think>")[-1]
+            turns.append(ASSISTANT + content + eos_token)
+    if add_generation_prompt:
+        turns.append(ASSISTANT + ("<think>\n" if thinking else ""))
+    return bos_token + "\n\n".join(system) + "".join(turns)
+
+
+def _token_content(value) -> str | None:
+    """A special token in tokenizer_config.json: a string or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _first_known(hf: HFTokenizer, candidates: Sequence[str]) -> str | None:
+    return next((t for t in candidates if hf.token_to_id(t) is not None), None)
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja = directory / "chat_template.jinja"  # where transformers >= 4.50 saves it
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template if isinstance(template, str) and template else None
+
+
+def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
+    for item in files_or_texts:
+        if isinstance(item, os.PathLike):
+            from seekforge.data.prepare import iter_documents
+
+            yield from iter_documents(Path(item), lambda msgs: render_chat(msgs, add_generation_prompt=False))
+        elif isinstance(item, str):
+            yield item
+        else:
+            raise ConfigError(f"cannot train on a {type(item).__name__}: pass texts (str) or files (pathlib.Path)")
+
+
+def _batches(texts: Iterator[str], seen: list[int], size: int = 1000) -> Iterator[list[str]]:
+    """Batches of training text, cut at special and reasoning tokens: encoding matches those before
+    BPE runs, so their spelling must not spend merges."""
+    batch = []
+    for text in texts:
+        pieces = [p for p in _ADDED.split(text) if p]
+        seen[0] += bool(pieces)
+        for piece in pieces:
+            batch.append(piece)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,337 @@
+"""Pretraining with the DeepSeek-V3 recipe: AdamW, the V3 LR schedule, MTP loss, auxiliary-loss-free
+balancing plus a small sequence-wise balance loss; resumable bit for bit, observable step by step.
+
+    seekforge train --config tiny --out runs/tiny                 # a built-in config
+    seekforge train --config my.yaml --out runs/x steps=2000 lr=1e-3
+    seekforge train --config my.yaml --out runs/x --resume        # continue exactly where it stopped
+
+DIR/metrics.jsonl gets one line per step, DIR/checkpoints the resumable state, DIR/final the model in
+Hugging Face layout with its tokenizer, DIR/report.md and DIR/plots a report card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from seekforge.configio import load_config, save_config, to_dict
+from seekforge.errors import ConfigError, SeekforgeError
+from seekforge.model.config import ModelConfig
+from seekforge.model.transformer import Transformer
+from seekforge.train.balance import update_expert_bias
+from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
+from seekforge.train.metrics import MetricsLogger, ProgressBar, Throughput, expert_load_stats
+from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
+from seekforge.train.schedule import LRSchedule
+
+
+class TrainingStopped(SeekforgeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the last good checkpoint stays."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = "tiny"  # preset name, config.json or checkpoint directory (its shape; weights via init_from)
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 4}
+    init_from: str | None = None  # a HF checkpoint directory to continue from
+    data: str = "builtin"  # a `seekforge data prepare` directory, or "builtin" (generated math, no download)
+    tokenizer: str | None = None  # tokenizer directory for `data` (the builtin data brings its own)
+    builtin_docs: int = 20000
+    builtin_vocab: int = 1024
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 1000
+    # optimizer and the V3 learning-rate schedule (hold at final_lr fills the steps left over)
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    constant_steps: int = 400
+    decay_steps: int = 500
+    final_lr: float = 3e-4
+    tail_steps: int = 0
+    tail_lr: float | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # DeepSeek-V3 specifics
+    mtp_weight: float = 0.3  # lambda, until mtp_switch_step
+    mtp_weight_late: float = 0.1  # lambda afterwards
+    mtp_switch_step: int | None = None  # default: 2/3 of the steps (V3: 10T of 14.8T tokens)
+    bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balancing
+    bias_freeze_step: int | None = None  # gamma = 0 from here on (V3: the last 500B tokens)
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight
+    # evaluation, checkpoints, logging
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 3
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every", "keep_last",
+                    "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup_steps + self.constant_steps + self.decay_steps + self.tail_steps > self.steps:
+            raise ConfigError(f"train config: warmup_steps + constant_steps + decay_steps + tail_steps "
+                              f"({self.warmup_steps + self.constant_steps + self.decay_steps + self.tail_steps}) "
+                              f"exceed steps ({self.steps}); shorten the phases or raise steps")
+
+    def schedule(self) -> LRSchedule:
+        hold = self.steps - self.warmup_steps - self.constant_steps - self.decay_steps - self.tail_steps
+        return LRSchedule(peak_lr=self.lr, warmup_steps=self.warmup_steps, constant_steps=self.constant_steps,
+                          decay_steps=self.decay_steps, final_lr=self.final_lr, hold_steps=hold,
+                          tail_steps=self.tail_steps, tail_lr=self.tail_lr)
+
+    def mtp_lambda(self, step: int) -> float:
+        switch = self.mtp_switch_step if self.mtp_switch_step is not None else (2 * self.steps) // 3
+        return self.mtp_weight if step < switch else self.mtp_weight_late
+
+    def gamma(self, step: int) -> float:
+        frozen = self.bias_freeze_step is not None and step >= self.bias_freeze_step
+        return 0.0 if frozen else self.bias_update_speed
+
+    def fingerprint(self) -> str:
+        """What must not change across a resume (cadence and presentation may)."""
+        free = {"eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps", "device", "progress",
+                "tensorboard"}
+        return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
+
+
+BUILTIN_CONFIGS: dict[str, dict] = {
+    # seconds on a CPU: tests and smoke runs
+    "tiny": dict(model="tiny", seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5, constant_steps=15,
+                 decay_steps=20, final_lr=3e-4, eval_every=20, eval_batches=2, save_every=20, builtin_docs=3000,
+                 builtin_vocab=512),
+    # the quickstart: a small MoE on the built-in math corpus, minutes on a 2-core CPU
+    "quickstart": dict(model="tiny", model_overrides=dict(dim=192, n_layers=4, inter_dim=512, moe_inter_dim=96,
+                                                          max_seq_len=512), seq_len=192, batch_size=16,
+                       steps=700, lr=3e-3, warmup_steps=30, constant_steps=370, decay_steps=300, final_lr=3e-4,
+                       eval_every=100, eval_batches=8, save_every=100, builtin_docs=20000, builtin_vocab=1024),
+    # about 100M parameters: a GPU run
+    "small": dict(model="small", seq_len=1024, batch_size=32, steps=5000, lr=1e-3, warmup_steps=200,
+                  constant_steps=2800, decay_steps=2000, final_lr=1e-4, eval_every=250, save_every=500,
+                  builtin_docs=200000, builtin_vocab=8192),
+}
+
+
+def load_train_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, name_or_path, BUILTIN_CONFIGS, list(overrides))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = pick_device(cfg.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
+        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, fingerprint=cfg.fingerprint())
+        if self.ckpt.latest_dir() is not None and not resume:
+            raise ConfigError(f"{self.out} already holds a training run; pass --resume to continue it or "
+                              f"choose a new --out directory")
+        if resume:
+            self.ckpt.verify_fingerprint(cfg.fingerprint())
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "train_config.yaml")
+        self.data_dir, self.tokenizer_dir = self._data()
+        self.model_cfg = self._model_config()
+        torch.manual_seed(cfg.seed)
+        self.model = self._build_model().to(self.device)
+        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.schedule = cfg.schedule()
+        from seekforge.data.loader import PackedLoader
+
+        self.loader = PackedLoader(self.data_dir, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        self.step = 0
+        loaded = self.ckpt.load_latest() if resume else None
+        if loaded is not None:
+            self._restore(loaded[1])
+        # records are logged under the 0-based update index, checkpoints under the count of updates
+        self.metrics = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
+                                     resume_step=self.step - 1 if loaded else None)
+
+    # ---------------------------------------------------------------- setup
+    def _data(self) -> tuple[Path, Path | None]:
+        cfg = self.cfg
+        if cfg.data != "builtin":
+            return Path(cfg.data), Path(cfg.tokenizer) if cfg.tokenizer else None
+        from seekforge.data.corpus import build_builtin_dataset
+        from seekforge.data.loader import load_meta
+
+        data_dir = self.out / "data"
+        if not (data_dir / "meta.json").is_file():
+            build_builtin_dataset(data_dir, n_docs=cfg.builtin_docs, seed=cfg.seed, vocab_size=cfg.builtin_vocab,
+                                  progress=cfg.progress)
+        load_meta(data_dir)
+        return data_dir, data_dir / "tokenizer"
+
+    def _model_config(self) -> ModelConfig:
+        from seekforge.data.loader import load_meta
+
+        base = ModelConfig.load(self.cfg.init_from or self.cfg.model)
+        vocab = load_meta(self.data_dir)["vocab_size"]
+        changes = dict(self.cfg.model_overrides)
+        if not self.cfg.init_from and "vocab_size" not in changes:
+            changes["vocab_size"] = vocab
+        unknown = set(changes) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"model_overrides: unknown ModelConfig field(s) {sorted(unknown)}; valid: "
+                              f"{', '.join(sorted(ModelConfig.__dataclass_fields__))}")
+        model_cfg = base.replace(**changes, name=self.cfg.model)
+        if model_cfg.vocab_size < vocab:
+            raise ConfigError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the data's "
+                              f"tokenizer ({vocab}); raise vocab_size or prepare the data with a smaller tokenizer")
+        if self.cfg.seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+        return model_cfg
+
+    def _build_model(self) -> Transformer:
+        if self.cfg.init_from:
+            from seekforge.hf import from_pretrained
+
+            return from_pretrained(self.cfg.init_from, dtype=torch.float32).train()
+        return Transformer(self.model_cfg).train()
+
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(), "rng": rng_state(), "step": self.step}
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    # ---------------------------------------------------------------- one step
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        lr = self.schedule.lr(self.step)
+        set_lr(self.optimizer, lr)
+        mtp_weight = cfg.mtp_lambda(self.step)
+        totals = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        loads = None
+        finite = True
+        for _ in range(cfg.grad_accum):
+            batch = next(self.loader)
+            tokens, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            with self._autocast():
+                out = model.loss(tokens, labels, mtp_weight=mtp_weight, balance_alpha=cfg.balance_alpha)
+            if not torch.isfinite(out.loss):
+                finite = False
+                break
+            (out.loss / cfg.grad_accum).backward()
+            for key in totals:
+                value = getattr(out, key)
+                if value is not None:
+                    totals[key] += float(value.detach()) / cfg.grad_accum
+            step_loads = [load.detach() for load in out.expert_load]
+            loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan
+        record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
+        if not (finite and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**record, "skipped": True, "loss": math.nan}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(model.moe_layers(), loads, cfg.gamma(self.step))
+        record.update(totals, skipped=False)
+        if loads:
+            stats = expert_load_stats(torch.stack(loads))
+            record["load_max_min"], record["load_cv"] = stats["max_min_ratio"], stats["cv"]
+            record["expert_load"] = [load.tolist() for load in loads]
+            record["expert_bias"] = [m.gate.bias.tolist() for m in model.moe_layers()]
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from seekforge.data.loader import bits_per_byte, eval_batches
+
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(self.data_dir, self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_batches):
+            tokens, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            with self._autocast():
+                out = self.model.loss(tokens, labels)
+            n = int((labels != -100).sum())
+            total += float(out.main_loss) * n
+            count += n
+        self.model.train()
+        if not count:
+            return {}
+        loss = total / count
+        return {"eval_loss": loss, "eval_bpb": bits_per_byte(loss, self.data_dir, "val")}
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        speed = Throughput()
+        bad = 0
+        last: dict = {}
+        with ProgressBar(cfg.steps, start_step=self.step, disable=not cfg.progress) as bar:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                record["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - start, 1e-9)
+                record["tokens_per_s_smooth"] = speed.update(tokens_per_step)
+                step = self.step
+                self.step += 1
+                if record["skipped"]:
+                    bad += 1
+                    bar.write(f"step {step}: non-finite loss or gradients, step skipped ({bad} in a row)")
+                    if bad >= cfg.max_bad_steps:
+                        self.metrics.log(step, record)
+                        raise TrainingStopped(
+                            f"{bad} non-finite steps in a row at step {step}; stopped. The last good checkpoint "
+                            f"in {self.ckpt.dir} is intact: lower lr or check the data, then resume")
+                else:
+                    bad = 0
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    record.update(self.evaluate())
+                self.metrics.log(step, record)
+                bar.update(self.step, loss=record.get("loss"), lr=record["lr"], tokens_per_s=record["tokens_per_s"])
+                last = record
+                due = self.step % cfg.save_every == 0 or self.step == cfg.steps
+                if due and not record["skipped"]:  # never checkpoint in the middle of a bad streak
+                    self.ckpt.save(self.step, self._state())
+        self.metrics.close()
+        return last
+
+    def export(self) -> Path:
+        """The final model in Hugging Face layout (with its tokenizer) under DIR/final."""
+        final = self.out / "final"
+        self.model.save_pretrained(final)
+        if self.tokenizer_dir is not None:
+            from seekforge.tokenizer import Tokenizer
+
+            Tokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(final)
+        return final
+
+
+def run(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
+    trainer = Trainer(cfg, out_dir, resume=resume)
+    last = trainer.train()
+    trainer.export()
+    if report:
+        from seekforge.report import write_report
+
+        write_report(out_dir)
+    return last

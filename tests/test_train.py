@@ -1,0 +1,128 @@
+"""Pretraining: exact resume after SIGKILL, loss falls, balancing evens out load, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekforge import ConfigError, ModelConfig
+from seekforge.errors import CheckpointError
+from seekforge.model.gate import Gate
+from seekforge.train.balance import update_expert_bias
+from seekforge.train.metrics import load_cv
+from seekforge.train.pretrain import TrainConfig, Trainer, TrainingStopped, load_train_config
+
+SMALL_RUN = ["seq_len=32", "batch_size=4", "steps=14", "warmup_steps=2", "constant_steps=6", "decay_steps=6",
+             "save_every=3", "eval_every=7", "eval_batches=1", "builtin_docs=400", "builtin_vocab=300",
+             "progress=false", "tensorboard=false"]
+
+
+def _train(out, *extra, resume=False):
+    cmd = [sys.executable, "-m", "seekforge.cli", "train", "--config", "tiny", "--out", str(out), *SMALL_RUN, *extra]
+    if resume:
+        cmd.append("--resume")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_sigkill_then_resume_gives_identical_losses(tmp_path):
+    full = _train(tmp_path / "full")
+    killed = _train(tmp_path / "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill at an arbitrary step past the first checkpoint
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _train(tmp_path / "killed", resume=True)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    full_out, full_err = full.communicate(timeout=300)
+    assert full.returncode == 0, full_err
+    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert sorted(got) == list(range(14))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(14))  # no step logged twice across the kill
+    assert got == want  # bit-identical, step by step
+    # and the loss falls on the built-in corpus
+    assert sum(want[s] for s in (11, 12, 13)) / 3 < want[0] - 1.5
+    assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "report.md").is_file()
+
+
+def test_resume_into_another_configs_directory_is_refused(tmp_path):
+    proc = _train(tmp_path / "run", "steps=3", "warmup_steps=1", "constant_steps=1", "decay_steps=1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    proc = _train(tmp_path / "run", "steps=3", "warmup_steps=1", "constant_steps=1", "decay_steps=1", "lr=1e-2",
+                  resume=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "fingerprint" in err and "Traceback" not in err
+    proc = _train(tmp_path / "run", "steps=3", "warmup_steps=1", "constant_steps=1", "decay_steps=1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "--resume" in err
+
+
+def test_wrong_config_key_and_type():
+    with pytest.raises(ConfigError, match="valid"):
+        load_train_config("tiny", ["learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_train_config("tiny", ["steps=many"])
+    with pytest.raises(ConfigError, match="exceed steps"):
+        load_train_config("tiny", ["steps=10"])
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    cfg = load_train_config("tiny", [*SMALL_RUN, "max_bad_steps=3"])
+    trainer = Trainer(cfg, tmp_path)
+    real_loss = trainer.model.loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "loss", flaky)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps"):
+        trainer.train()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False] * 4 + [True] * 3
+    assert trainer.ckpt.load_latest()[0] == 3  # the last good checkpoint survives
+
+
+def test_bias_balancing_evens_out_a_skewed_router():
+    cfg = ModelConfig.preset("tiny").replace(n_expert_groups=1, n_limited_groups=1)
+    torch.manual_seed(0)
+    x = torch.randn(1024, cfg.dim) + 0.5
+
+    def run(gamma, steps=600):
+        gate = Gate(cfg)
+        torch.nn.init.normal_(gate.weight, 0, 0.02)
+        with torch.no_grad():
+            gate.weight[:3] += 0.02  # experts 0-2 are favoured by every token
+        for _ in range(steps):
+            _, idx, _ = gate(x)
+            load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).float()
+            update_expert_bias([type("M", (), {"gate": gate})()], [load], gamma)
+        return float(load_cv(load))
+
+    skewed, balanced = run(0.0), run(0.001)
+    assert skewed > 0.8
+    assert balanced < skewed / 4
