@@ -45,7 +45,7 @@ def _measure(step, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def seekforge_step(cfg, tokens, labels, dtype, device):
+def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool):
     with torch.device(device):
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -53,6 +53,10 @@ def seekforge_step(cfg, tokens, labels, dtype, device):
             model = Transformer(cfg.replace(n_mtp_modules=0)).train()
         finally:
             torch.set_default_dtype(default)
+    if compile_:
+        from seekforge.train.compile import compile_blocks
+
+        compile_blocks(model)
 
     def step():
         model.loss(tokens, labels).loss.backward()
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--experts", default="grouped_mm", help="transformers' experts implementation")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile seekforge's blocks (as `compile=true` trains)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -105,7 +110,8 @@ def main() -> None:
               "dtype": str(dtype).removeprefix("torch."), "machine": machine(device),
               "ceilings": ceilings(device, dtype), "flops_per_token": flops_per_token}
     peak = result["ceilings"]["matmul_flops"]
-    sides = [("seekforge", lambda: seekforge_step(cfg, tokens, labels, dtype, device))]
+    name = "seekforge[compiled]" if args.compile else "seekforge"
+    sides = [(name, lambda: seekforge_step(cfg, tokens, labels, dtype, device, args.compile))]
     if not args.skip_transformers:
         sides.append((f"transformers[{args.experts}]",
                       lambda: transformers_step(cfg, tokens, labels, dtype, device, args.experts)))
@@ -123,7 +129,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if len(sides) == 2:
-        result["ratio"] = result["seekforge"]["tokens_per_s"] / result[sides[1][0]]["tokens_per_s"]
+        result["ratio"] = result[sides[0][0]]["tokens_per_s"] / result[sides[1][0]]["tokens_per_s"]
         print(f"seekforge / transformers: {result['ratio']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ from seekforge.errors import SeekforgeError
 COMMANDS = [
     "seekforge.commands.info",
     "seekforge.commands.train",
+    "seekforge.commands.quickstart",
     "seekforge.commands.tokenizer",
     "seekforge.commands.data",
     "seekforge.commands.report",

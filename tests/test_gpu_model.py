@@ -33,3 +33,15 @@ def test_cuda_training_step_runs_in_bf16():
         out = model.loss(tokens, torch.roll(tokens, -1, 1), mtp_weight=0.3, balance_alpha=1e-4)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.layers[1].ffn.experts.w1.grad.abs().sum() > 0
+
+
+def test_compiled_bf16_training_on_cuda_saves_plain_names(tmp_path):
+    from seekforge.train.pretrain import load_train_config, run
+
+    cfg = load_train_config("tiny", ["steps=6", "warmup_steps=1", "constant_steps=2", "decay_steps=3",
+                                     "builtin_docs=400", "builtin_vocab=300", "seq_len=32", "batch_size=4",
+                                     "compile=true", "device=cuda", "progress=false", "tensorboard=false"])
+    last = run(cfg, tmp_path, report=False)
+    assert last["loss"] == last["loss"]  # finite
+    back = seekforge.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    assert back.cfg.n_layers == 3

@@ -68,10 +68,11 @@ class Experts(nn.Module):
         counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
         offsets = counts.cumsum(0, dtype=torch.int32)
         rows = x[order // k]
+        # the gate weight scales the SwiGLU output before the (linear) down projection: the narrower tensor
+        gate_weight = weights.flatten()[order].unsqueeze(-1)
         h = F.silu(grouped_linear(rows, w1, offsets, expert_of_row)) * grouped_linear(rows, w3, offsets, expert_of_row)
-        out_sorted = grouped_linear(h, w2, offsets, expert_of_row)
-        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(n, k, -1)
-        y = (out.float() * weights.unsqueeze(-1)).sum(dim=1)
+        out_sorted = grouped_linear((h * gate_weight).to(h.dtype), w2, offsets, expert_of_row)
+        y = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(n, k, -1).sum(dim=1)
         return y.to(dtype_in), counts.float()
 
 

