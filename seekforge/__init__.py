@@ -13,4 +13,13 @@ def from_pretrained(path, dtype=None, device=None) -> Transformer:
     return _load(path, dtype=dtype, device=device)
 
 
+def __getattr__(name: str):
+    # The engine is imported on first use, so `import seekforge` stays light.
+    if name in ("LLM", "SamplingParams"):
+        from seekforge import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'seekforge' has no attribute {name!r}")
+
+
 __all__ = ["CheckpointError", "ConfigError", "ModelConfig", "SeekforgeError", "Transformer", "from_pretrained"]

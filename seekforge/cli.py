@@ -20,6 +20,9 @@ COMMANDS = [
     "seekforge.commands.tokenizer",
     "seekforge.commands.data",
     "seekforge.commands.report",
+    "seekforge.commands.generate",
+    "seekforge.commands.chat",
+    "seekforge.commands.serve",
 ]
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from seekforge.configio import fsync_dir
 from seekforge.errors import CheckpointError
 from seekforge.model.config import ModelConfig
 from seekforge.model.transformer import Transformer
@@ -304,6 +305,7 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30) 
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

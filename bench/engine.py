@@ -1,0 +1,236 @@
+"""Inference engine vs transformers' `generate`, side by side on the same weights, in one run.
+
+    python bench/engine.py                  # CPU defaults (the figures in docs/BENCHMARKS.md)
+    python bench/engine.py --device cuda --dtype bfloat16 --preset small
+
+Measures, for both, decode tokens/s at batch 1 and 32 (prompt 128 tokens; decode rate = tokens after
+the first over the time after the first), RL-style rollouts (16 prompts x 8 samples at temperature 1,
+generated tokens over wall time, prefill included), prefill tokens/s (one prompt, one new token), and for the
+engine alone MTP speculative decoding: a small model is trained briefly with its MTP module on
+synthetic text (a sparse Markov chain), then greedy decoding with and without drafts is timed, and the
+acceptance rate per draft position reported. Each figure is the best of --repeats runs, alternating
+the two implementations so that a busy machine penalises both alike. Greedy token agreement with
+transformers is printed too (a check, not a timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import warnings
+
+import torch
+
+from seekforge import LLM, SamplingParams
+from seekforge.model import ModelConfig, Transformer
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def hf_generate(hf, prompts: torch.Tensor, new: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)[:, prompts.shape[1]:]
+
+
+def engine_generate(llm: LLM, prompts: torch.Tensor, new: int) -> list[list[int]]:
+    llm.reset_prefix_cache()  # every repeat computes its prompt from scratch
+    outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def decode_rate(gen, prompts, new: int, repeats: int) -> float:
+    t_first = best_of(repeats, lambda: gen(prompts, 1))
+    t_all = best_of(repeats, lambda: gen(prompts, new))
+    return prompts.shape[0] * (new - 1) / max(t_all - t_first, 1e-9)
+
+
+def markov_corpus(vocab: int, length: int, seed: int) -> torch.Tensor:
+    """Text from a sparse Markov chain: each token has two successors, taken with probability 0.85 / 0.15."""
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randint(0, vocab, (vocab, 2), generator=g)
+    out = [0]
+    coins = torch.rand(length, generator=g)
+    for c in coins.tolist():
+        out.append(int(succ[out[-1], 0 if c < 0.85 else 1]))
+    return torch.tensor(out)
+
+
+def train_mtp_model(cfg: ModelConfig, steps: int, device, seed: int) -> tuple[Transformer, torch.Tensor, float]:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(device)
+    corpus = markov_corpus(cfg.vocab_size, 200_000, seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    seq, batch = 128, 16
+    model.train()
+    t = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, corpus.numel() - seq - 1, (batch,), device=device)
+        window = corpus[starts.unsqueeze(1) + torch.arange(seq + 1, device=device)]
+        out = model.loss(window[:, :-1], window[:, 1:], mtp_weight=0.3)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    print(f"trained {steps} steps in {time.perf_counter() - t:.1f}s: main loss {out.main_loss.item():.3f}, "
+          f"MTP loss {out.mtp_loss.item():.3f}")
+    return model, corpus, out.mtp_loss.item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", help="model shape preset (random weights)")
+    ap.add_argument("--layers", type=int, default=4, help="override n_layers (CPU-friendly default)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mtp-steps", type=int, default=150, help="training steps of the MTP model (0 = skip MTP)")
+    ap.add_argument("--spec-tokens", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable figures on a shared machine, where a second OpenMP thread "
+                         "that loses its core stalls every matmul)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (GPU, bf16)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg = ModelConfig.preset(args.preset).replace(n_layers=args.layers, n_mtp_modules=0, init_std=0.05,
+                                                  max_seq_len=max(4096, args.prefill_len + 8))
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
+    results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+               "model": f"{args.preset} with {args.layers} layers", "params": model.num_parameters(),
+               "transformers": transformers.__version__, "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    llm = LLM(model, max_num_seqs=max(128, *args.batches), max_model_len=cfg.max_seq_len,
+              max_num_batched_tokens=max(2048, args.prefill_len), cuda_graphs=args.cuda_graphs,
+              kv_cache_memory=8 << 30 if device.type == "cuda" else None)
+    print(f"model: {results['model']}, {results['params']['total'] / 1e6:.1f}M parameters "
+          f"({results['params']['active'] / 1e6:.1f}M active), {args.dtype} on {device}, {results['threads']} threads")
+    stats = llm.stats()
+    print(f"cache: {stats['cache_bytes_per_token']} bytes/token (absorbed latent) vs "
+          f"{stats['full_kv_bytes_per_token']} for a per-head K/V cache "
+          f"({stats['full_kv_bytes_per_token'] / stats['cache_bytes_per_token']:.1f}x)")
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for b in args.batches:
+        prompts = torch.randint(2, cfg.vocab_size, (b, args.prompt_len), generator=g).to(device)
+        ref = hf_generate(hf, prompts, args.new_tokens).tolist()
+        ours = engine_generate(llm, prompts, args.new_tokens)
+        same = sum(a == r for a, r in zip(ours, ref))
+        agree = sum(common_prefix(a, r) for a, r in zip(ours, ref)) / (b * args.new_tokens)
+        hf_rate, eng_rate = 0.0, 0.0
+        for _ in range(args.repeats):  # alternate, keep each side's best
+            hf_rate = max(hf_rate, decode_rate(lambda p, n: hf_generate(hf, p, n), prompts, args.new_tokens, 1))
+            eng_rate = max(eng_rate, decode_rate(lambda p, n: engine_generate(llm, p, n), prompts, args.new_tokens, 1))
+        rows.append((f"decode tok/s, batch {b}", hf_rate, eng_rate))
+        print(f"batch {b}: greedy outputs identical to transformers for {same}/{b} prompts "
+              f"({agree:.0%} of tokens before the first difference)")
+        results[f"decode_batch{b}"] = {"transformers": hf_rate, "engine": eng_rate, "identical": f"{same}/{b}",
+                                       "agreeing_prefix": agree}
+
+    # RL rollouts: many prompts, n samples each, temperature 1 (what GRPO asks of the engine)
+    prompts = torch.randint(2, cfg.vocab_size, (16, args.prompt_len), generator=g).to(device)
+    n, new = 8, args.new_tokens
+
+    def hf_rollout():
+        with torch.inference_mode():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=True, temperature=1.0, top_k=0, num_return_sequences=n, pad_token_id=0)
+
+    def engine_rollout():
+        llm.reset_prefix_cache()
+        llm.generate(prompts.tolist(), SamplingParams(temperature=1.0, max_tokens=new, n=n, ignore_eos=True))
+
+    hf_t = eng_t = float("inf")
+    for _ in range(args.repeats):
+        hf_t = min(hf_t, best_of(1, hf_rollout))
+        eng_t = min(eng_t, best_of(1, engine_rollout))
+    total = 16 * n * new
+    rows.append((f"rollout tok/s, 16 prompts x {n} samples, T=1", total / hf_t, total / eng_t))
+    results["rollout"] = {"transformers": total / hf_t, "engine": total / eng_t}
+
+    prompt = torch.randint(2, cfg.vocab_size, (1, args.prefill_len), generator=g).to(device)
+    hf_t = eng_t = float("inf")
+    for _ in range(args.repeats):
+        hf_t = min(hf_t, best_of(1, lambda: hf_generate(hf, prompt, 1)))
+        eng_t = min(eng_t, best_of(1, lambda: engine_generate(llm, prompt, 1)))
+    rows.append((f"prefill tok/s, 1 x {args.prefill_len}", args.prefill_len / hf_t, args.prefill_len / eng_t))
+    results["prefill"] = {"transformers": args.prefill_len / hf_t, "engine": args.prefill_len / eng_t}
+    del llm, hf
+
+    print("\n| measure | transformers generate | seekforge engine | ratio |\n|---|---|---|---|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+
+    if args.mtp_steps:
+        mcfg = ModelConfig.preset("tiny").replace(n_mtp_modules=1, vocab_size=256, max_seq_len=1024)
+        mtp_model, corpus, _ = train_mtp_model(mcfg, args.mtp_steps, device, seed=0)
+        mtp_model = mtp_model.to(dtype)
+        prompts = [corpus[i * 1000:i * 1000 + 32].tolist() for i in range(4)]
+        n_new = args.new_tokens * 2
+        print(f"\nMTP speculative decoding (tiny model trained {args.mtp_steps} steps on Markov text), batch 1, "
+              f"{n_new} new tokens x {len(prompts)} prompts")
+        print("| decoding | drafts | tok/s | speedup | acceptance per draft position | tokens per step | "
+              "identical to plain |\n|---|---|---|---|---|---|---|")
+        results["mtp"] = {}
+        for mode, params in (("greedy", SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)),
+                             ("T=1", SamplingParams(temperature=1.0, max_tokens=n_new, ignore_eos=True, seed=0))):
+            plain_llm = LLM(mtp_model, max_num_seqs=8)
+
+            def timed(llm_):
+                def run():
+                    llm_.reset_prefix_cache()
+                    for p in prompts:  # batch 1, one prompt after another
+                        llm_.generate(p, params)
+                return best_of(args.repeats, run)
+
+            base_out = [o.token_ids for o in plain_llm.generate(prompts, params)]
+            t_plain = timed(plain_llm)
+            n_tokens = len(prompts) * n_new
+            print(f"| {mode} | 0 (plain) | {n_tokens / t_plain:,.0f} | 1.00x | - | 1 | - |")
+            results["mtp"][mode] = {"plain_tok_s": n_tokens / t_plain}
+            for k in args.spec_tokens:
+                sl = LLM(mtp_model, max_num_seqs=8, num_speculative_tokens=k)
+                same = [o.token_ids for o in sl.generate(prompts, params)] == base_out
+                sl.proposer.stats = type(sl.proposer.stats).empty(k)
+                t = timed(sl)
+                st = sl.proposer.stats
+                acc = ", ".join(f"{a:.2f}" for a in st.acceptance_rate)
+                shown = same if mode == "greedy" else "n/a (sampled)"
+                print(f"| {mode} | {k} | {n_tokens / t:,.0f} | {t_plain / t:.2f}x | {acc} | "
+                      f"{st.mean_tokens_per_step:.2f} | {shown} |")
+                results["mtp"][mode][f"k{k}"] = {"tok_s": n_tokens / t, "speedup": t_plain / t, "identical": same,
+                                                 **st.as_dict()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`seekforge serve PATH`: serve a checkpoint to any OpenAI client (chat and completions, streamed or not).
+
+    seekforge serve runs/quickstart/base/final --port 8000 --api-key "$KEY" --served-model-name tiny
+
+The port opens at once; /health answers 503 until the model is loaded and has generated a token.
+The API key may also come from the SEEKFORGE_API_KEY environment variable (safer than argv, which
+other users of the machine can read). SIGTERM finishes the requests in flight, then exits.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers) -> None:
+    from seekforge.commands.generate import add_engine_args
+
+    p = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SEEKFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SEEKFORGE_API_KEY, else open)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients ask for (default: PATH as given)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step at most")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="sequences waiting for a slot at most; past it requests get 503 (default: 1024)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="paged latent cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from seekforge.errors import CheckpointError, ConfigError
+    from seekforge.server import ServerConfig, serve
+
+    path = Path(args.path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json): point at a directory "
+                              "written by save_pretrained or downloaded from the Hugging Face hub")
+    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
+        raise ConfigError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
+    config = ServerConfig(
+        model_path=args.path, served_model_names=args.served_model_name or [], host=args.host, port=args.port,
+        api_key=args.api_key or None, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting=args.max_waiting, num_speculative_tokens=args.speculative_tokens,
+        kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
+        log_level=args.log_level)
+    return serve(config)

@@ -1,0 +1,286 @@
+"""Runs the model over the paged latent cache: one packed forward per engine step.
+
+A step is a list of chunks, one per scheduled sequence: the positions [start, start + n) of its tokens
+(a prefill chunk, a recompute, or a decode token plus speculative drafts) and its block table. Every
+token is packed into one [N, dim] batch for the projections and experts; only attention looks at
+sequences, in groups:
+
+- short chunks (decode, draft verification: n <= 1 + draft tokens), grouped by n, run the absorbed
+  MLA straight over the cache blocks (`kernels.paged_mla_decode`): only latents and rotary keys are read;
+- longer chunks (prefill) run the explicit form (latents up-projected to per-head keys and values,
+  `kernels.dense_attention`) over their context, padded to one batch;
+  a fresh prefill (no cached context) attends to its own new latents without touching the cache.
+
+Each layer first writes the step's new latents into the cache, then attends, so a chunk sees its own
+tokens and everything computed before. The model object is used as is (its weights in place): an RL
+trainer that updates them sees the new policy on the next step. Decode steps can be replayed as CUDA
+graphs from static input buffers (`capture_cuda_graphs`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from seekforge.engine import kernels
+from seekforge.errors import ConfigError
+from seekforge.model.block import Block
+from seekforge.model.transformer import Transformer
+
+
+@dataclass
+class Chunk:
+    block_table: list[int]
+    start: int  # position of the first token
+    token_ids: list[int]
+
+
+@dataclass
+class AttentionGroup:
+    start: int  # packed token range [start, end)
+    end: int
+    absorbed: bool
+    batch: int
+    query_len: int  # padded length S
+    plan: kernels.PagedAttentionPlan | None  # None: a fresh prefill that attends to its own latents
+    index: torch.Tensor | None = None  # [b, S] packed token index (padding repeats a chunk's last token)
+    valid: torch.Tensor | None = None  # [b, S] bool, None = no padding
+    fresh_mask: torch.Tensor | None = None  # causal mask of a padded fresh prefill; None = plain causal
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N] cache slot of each token
+    groups: list[AttentionGroup]
+    offsets: list[int]  # packed offset of each chunk, in the caller's chunk order
+    order: list[int]  # chunk indices in packed order
+
+    def pack(self, per_chunk: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-chunk rows (given in the caller's order) in packed order."""
+        return torch.cat([per_chunk[i] for i in self.order])
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
+                 mtp: bool = False, max_absorbed_query: int = 1):
+        self.model = model
+        self.cfg = cfg = model.cfg
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.max_absorbed_query = max_absorbed_query
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # One extra block (id num_blocks) never handed out: padding rows write and read there.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, width)
+        self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
+        self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes the main model's cache holds per token (what `ModelConfig.cache_bytes_per_token` states)."""
+        c = self.kv_cache
+        return c.element_size() * c.shape[0] * c.shape[-1]
+
+    @property
+    def mtp_cache_bytes_per_token(self) -> int:
+        c = self.mtp_cache
+        return 0 if c is None else c.element_size() * c.shape[0] * c.shape[-1]
+
+    # ---------------------------------------------------------------- step input
+    def prepare(self, chunks: list[Chunk]) -> StepInput:
+        """Pack chunks: absorbed groups first (by query length), then the explicit (prefill) group."""
+        by_len: dict[int, list[int]] = defaultdict(list)
+        explicit = []
+        for i, ch in enumerate(chunks):
+            n = len(ch.token_ids)
+            (by_len[n] if n <= self.max_absorbed_query else explicit).append(i)
+        order = [i for n in sorted(by_len) for i in by_len[n]] + explicit
+        bs, dev = self.block_size, self.device
+        lens = [len(chunks[i].token_ids) for i in order]
+        starts = [chunks[i].start for i in order]
+        max_blocks = max(-(-(s + n) // bs) for s, n in zip(starts, lens))
+        tables, positions, slot_mapping, input_ids, cu = [], [], [], [], [0]
+        for i in order:
+            ch = chunks[i]
+            table = ch.block_table
+            tables.append(table[:max_blocks] + [self.scratch_block] * (max_blocks - len(table)))
+            span = range(ch.start, ch.start + len(ch.token_ids))
+            positions.extend(span)
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in span)
+            input_ids.extend(ch.token_ids)
+            cu.append(cu[-1] + len(ch.token_ids))
+        tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        input_ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
+
+        groups = []
+        c = 0
+        for n in sorted(by_len):
+            b = len(by_len[n])
+            lo, hi = cu[c], cu[c + b]
+            ctx = max(starts[c:c + b]) + n
+            plan = kernels.plan_paged_attention(tables[c:c + b, :-(-ctx // bs)], positions[lo:hi].view(b, n), bs, ctx)
+            groups.append(AttentionGroup(lo, hi, True, b, n, plan))
+            c += b
+        if explicit:
+            groups.append(self._explicit_group(c, cu, lens, starts, tables, positions))
+        offsets = [0] * len(chunks)
+        for k, i in enumerate(order):
+            offsets[i] = cu[k]
+        return StepInput(input_ids, positions, slot_mapping, groups, offsets, order)
+
+    def _explicit_group(self, c, cu, lens, starts, tables, positions) -> AttentionGroup:
+        b = len(lens) - c
+        lo, hi = cu[c], cu[-1]
+        lens, starts = lens[c:], starts[c:]
+        S = max(lens)
+        fresh = all(s == 0 for s in starts)
+        if b == 1:
+            qpos = positions[lo:hi].view(1, -1)
+            plan = (None if fresh else
+                    kernels.plan_paged_attention(tables[c:c + 1], qpos, self.block_size, starts[0] + S))
+            return AttentionGroup(lo, hi, False, 1, S, plan)
+        dev = self.device
+        ar = torch.arange(S, device=dev)
+        lens_t = torch.tensor(lens, device=dev).unsqueeze(1)
+        index = torch.tensor(cu[c:-1], device=dev).unsqueeze(1) + torch.minimum(ar.unsqueeze(0), lens_t - 1)
+        valid = ar.unsqueeze(0) < lens_t
+        qpos = positions[index]
+        if fresh:
+            return AttentionGroup(lo, hi, False, b, S, None, index, valid, ar.view(1, 1, -1) <= qpos.unsqueeze(-1))
+        ctx = max(s + n for s, n in zip(starts, lens))
+        plan = kernels.plan_paged_attention(tables[c:, :-(-ctx // self.block_size)], qpos, self.block_size, ctx)
+        return AttentionGroup(lo, hi, False, b, S, plan, index, valid)
+
+    # ---------------------------------------------------------------- forward
+    def run_blocks(self, h: torch.Tensor, step: StepInput, blocks: list[Block], cache: torch.Tensor) -> torch.Tensor:
+        """h [N, dim] -> [N, dim] through `blocks` (layer i caching into cache[i])."""
+        cos, sin = self.model.rope(step.positions.unsqueeze(0))
+        h = h.unsqueeze(0)
+        for i, block in enumerate(blocks):
+            attn = block.attn
+            x = block.attn_norm(h)
+            q_nope, q_pe = attn.query(x, cos, sin)
+            kv, k_pe = attn.latent(x, cos, sin)
+            kernels.store_latents(cache[i], step.slot_mapping, kv[0], k_pe[0])
+            out = self._attention(attn, cache[i], q_nope[0], q_pe[0], kv[0], k_pe[0], step.groups)
+            h = h + attn.wo(out).unsqueeze(0)
+            h = h + block.ffn(block.ffn_norm(h))
+        return h[0]
+
+    def _attention(self, attn, cache, q_nope, q_pe, kv, k_pe, groups: list[AttentionGroup]) -> torch.Tensor:
+        pieces = []
+        for g in groups:
+            qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
+            if g.absorbed:
+                wkv_b = attn.wkv_b.weight.unflatten(0, (attn.n_heads, -1))  # [h, d + d_v, c]
+                w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
+                q = torch.cat([torch.einsum("nhd,hdc->nhc", qn, w_uk), qp], dim=-1)
+                q = q.view(g.batch, g.query_len, attn.n_heads, -1)
+                latent = kernels.paged_mla_decode(q, cache, g.plan, attn.softmax_scale, attn.kv_lora_rank)
+                pieces.append(torch.einsum("bshc,hdc->bshd", latent, w_uv).flatten(0, 1).flatten(1))
+                continue
+            if g.index is None:
+                qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
+            else:
+                qn, qp = q_nope[g.index], q_pe[g.index]
+            if g.plan is None:  # fresh prefill: the context is the chunk itself
+                if g.index is None:
+                    ctx_kv, ctx_pe, mask = kv[g.start:g.end].unsqueeze(0), k_pe[g.start:g.end].unsqueeze(0), None
+                else:
+                    ctx_kv, ctx_pe, mask = kv[g.index], k_pe[g.index], g.fresh_mask
+            else:
+                ctx = kernels.gather_latents(cache, g.plan)
+                ctx_kv, ctx_pe, mask = ctx[..., :attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:], g.plan.mask
+            # up-project the context latents into per-head keys and values (MLA's explicit form)
+            k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
+            k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
+            out = kernels.dense_attention(torch.cat([qn, qp], dim=-1), k, v, mask, attn.softmax_scale).flatten(2)
+            pieces.append(out[0] if g.valid is None else out[g.valid])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Main model over the step's tokens: hidden states [N, dim] before the final norm."""
+        m = self.model
+        return self.run_blocks(m.embed(step.input_ids), step, list(m.layers), self.kv_cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.norm(hidden)).float()
+
+    def forward_mtp(self, h_prev: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """The first MTP module (the drafter; see spec_decode) at the step's positions: step.input_ids hold
+        the *next* tokens t_{p+1}, h_prev [N, dim] the hidden states at p. Returns its hidden [N, dim]."""
+        module = self.model.mtp[0]
+        x = module.eh_proj(torch.cat([module.enorm(self.model.embed(step.input_ids)), module.hnorm(h_prev)], dim=-1))
+        return self.run_blocks(x, step, [module.block], self.mtp_cache)
+
+    def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.mtp[0].norm(hidden)).float()
+
+    # ---------------------------------------------------------------- decode through CUDA graphs
+    def decode_logits(self, chunks: list[Chunk]) -> torch.Tensor | None:
+        """Logits [b, vocab] of a plain decode step replayed from a captured graph; None when the step does
+        not fit one (not captured, a chunk longer than one token, or too many sequences)."""
+        b = len(chunks)
+        size = next((s for s in sorted(self.graphs) if s >= b), None)
+        if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
+            return None
+        ids, pos, slots, tables = self._static
+        bs = self.block_size
+        ids[:b].copy_(torch.tensor([ch.token_ids[0] for ch in chunks]))
+        p = [ch.start for ch in chunks]
+        pos[:b].copy_(torch.tensor(p))
+        slots[:b].copy_(torch.tensor([ch.block_table[q // bs] * bs + q % bs for ch, q in zip(chunks, p)]))
+        width = tables.shape[1]
+        rows = [ch.block_table[:width] for ch in chunks]
+        tables[:b].copy_(torch.tensor([r + [self.scratch_block] * (width - len(r)) for r in rows]))
+        pos[b:size].zero_()
+        slots[b:size].fill_(self.scratch_block * bs)
+        tables[b:size].fill_(self.scratch_block)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:b]
+
+    def capture_cuda_graphs(self, max_batch: int) -> None:
+        """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch. The graphs
+        attend over the whole static block table (max_model_len); fused kernels make that cheap."""
+        if self.device.type != "cuda":
+            return
+        width = -(-self.max_model_len // self.block_size)
+        dev = self.device
+        self._static = (torch.zeros(max_batch, dtype=torch.long, device=dev),
+                        torch.zeros(max_batch, dtype=torch.long, device=dev),
+                        torch.full((max_batch,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
+                        torch.full((max_batch, width), self.scratch_block, dtype=torch.long, device=dev))
+        sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+        pool = None
+        for size in sorted(set(sizes), reverse=True):
+            self._graph_step(size)  # warm up (lazy initialisation must not happen during capture)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._graph_step(size)
+            except RuntimeError as err:
+                self.graphs.clear()
+                raise ConfigError(f"cannot capture the decode step as a CUDA graph in {self.dtype} ({err}); some "
+                                  f"operator synchronises with the host here (float32 grouped matmul does): use "
+                                  f"bfloat16, or cuda_graphs=False") from err
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+
+    def _graph_step(self, b: int) -> torch.Tensor:
+        ids, pos, slots, tables = self._static
+        t = tables.shape[1] * self.block_size
+        plan = kernels.plan_paged_attention(tables[:b], pos[:b].unsqueeze(1), self.block_size, t)
+        step = StepInput(ids[:b], pos[:b], slots[:b], [AttentionGroup(0, b, True, b, 1, plan)], [], [])
+        return self.logits(self.forward(step))

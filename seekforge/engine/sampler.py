@@ -1,0 +1,161 @@
+"""Turns logits into tokens for a batch of rows, each with its own SamplingParams, vectorised over rows.
+
+A row is one position that needs a token: a sequence's next token, or one position of a speculative
+verification (whose history includes the drafts before it). Steps, in transformers' order: penalties
+(repetition over prompt and output, presence and frequency over the output), temperature, top-k, top-p,
+min-p. Greedy rows take the argmax of the penalised logits. Random draws come from each sequence's own
+generator when its request has a seed (so the same seed gives the same completion whatever else is in
+the batch) and from torch's default generator otherwise; a token is drawn by the exponential race
+(argmax of p / E, E ~ Exp(1)), which needs one vector of draws per row and no cumulative sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seekforge.engine.sampling_params import SamplingParams
+from seekforge.engine.sequence import Logprob
+
+
+@dataclass
+class Row:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: list[int] | None = None  # only needed for penalties
+    output_ids: list[int] | None = None  # output so far, drafts before this position included
+
+
+@dataclass
+class SamplingBatch:
+    rows: list[Row]
+    greedy: torch.Tensor  # [R] bool
+    all_greedy: bool
+    temperature: torch.Tensor  # [R, 1]
+    top_k: torch.Tensor | None  # [R] (vocab where off) or None when no row uses it
+    top_p: torch.Tensor | None  # [R, 1]
+    min_p: torch.Tensor | None  # [R, 1]
+    penalties: tuple | None  # (repetition [R,1], presence [R,1], frequency [R,1]) when any row uses them
+    max_logprobs: int | None  # the largest `logprobs` asked for, None when no row asks
+
+
+def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> SamplingBatch:
+    ps = [r.params for r in rows]
+
+    def col(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+    greedy = [p.temperature == 0 for p in ps]
+    top_k = [p.top_k or vocab_size for p in ps]
+    asked = [p.logprobs for p in ps if p.logprobs is not None]
+    return SamplingBatch(
+        rows=rows,
+        greedy=torch.tensor(greedy, device=device),
+        all_greedy=all(greedy),
+        temperature=col([p.temperature or 1.0 for p in ps]),
+        top_k=torch.tensor(top_k, device=device) if any(k < vocab_size for k in top_k) else None,
+        top_p=col([p.top_p for p in ps]) if any(p.top_p < 1 for p in ps) else None,
+        min_p=col([p.min_p for p in ps]) if any(p.min_p > 0 for p in ps) else None,
+        penalties=(col([p.repetition_penalty for p in ps]), col([p.presence_penalty for p in ps]),
+                   col([p.frequency_penalty for p in ps])) if any(p.has_penalties for p in ps) else None,
+        max_logprobs=max(asked) if asked else None,
+    )
+
+
+def _padded(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(x) for x in lists))
+    ids = torch.zeros(len(lists), width, dtype=torch.long, device=device)
+    present = torch.zeros(len(lists), width, dtype=torch.bool, device=device)
+    for i, x in enumerate(lists):
+        if x:
+            ids[i, :len(x)] = torch.tensor(x, device=device)
+            present[i, :len(x)] = True
+    return ids, present
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    repetition, presence, frequency = batch.penalties
+    out_ids, out_present = _padded([r.output_ids or [] for r in batch.rows], logits.device)
+    counts = torch.zeros_like(logits).scatter_add_(1, out_ids, out_present.float())
+    prompt_ids, prompt_present = _padded([r.prompt_ids or [] for r in batch.rows], logits.device)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen.scatter_(1, prompt_ids, prompt_present).logical_or_(counts > 0)
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalised, logits)
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on rows [R, vocab]; excluded tokens get -inf."""
+    logits = logits / batch.temperature
+    if batch.top_k is not None or batch.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if batch.top_k is not None:
+            drop |= torch.arange(logits.shape[-1], device=logits.device) >= batch.top_k.unsqueeze(1)
+        if batch.top_p is not None:
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+            drop |= before >= batch.top_p  # keeps the smallest prefix reaching top_p (always >= 1 token)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < batch.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def target_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Penalised logits: what greedy rows argmax over and sampled rows filter."""
+    return apply_penalties(logits, batch) if batch.penalties is not None else logits
+
+
+def draw(shape_per_row: tuple[int, ...], rows: list[Row], device, kind: str) -> torch.Tensor:
+    """Random draws [R, *shape]: uniform or exponential, from each row's generator where it has one."""
+    out = torch.empty(len(rows), *shape_per_row, device=device)
+    seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+    if len(seeded) < len(rows):
+        out.uniform_() if kind == "uniform" else out.exponential_()
+    for i in seeded:
+        g = rows[i].generator
+        out[i].uniform_(generator=g) if kind == "uniform" else out[i].exponential_(generator=g)
+    return out
+
+
+def sample_from_probs(probs: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """One token per row of probs [R, vocab] by the exponential race."""
+    race = draw(probs.shape[1:], rows, probs.device, "exponential")
+    return (probs / race).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False):
+    """logits [R, vocab] (fp32) -> tokens [R], and the sampling distributions [R, vocab] when asked
+    (None when every row is greedy)."""
+    penalised = target_logits(logits, batch)
+    tokens = penalised.argmax(dim=-1)
+    if batch.all_greedy:
+        return tokens, None
+    probs = filter_logits(penalised, batch).softmax(dim=-1)
+    tokens = torch.where(batch.greedy, tokens, sample_from_probs(probs, batch.rows))
+    return tokens, (probs if want_probs else None)
+
+
+def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[Logprob | None]:
+    """Model log-probabilities (raw logits, before penalties and temperature) of the chosen tokens, and
+    the top-k of each row that asked; None for rows that did not ask."""
+    if batch.max_logprobs is None:
+        return [None] * len(batch.rows)
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    top_v, top_i = (logp.topk(batch.max_logprobs, dim=-1) if batch.max_logprobs else (None, None))
+    top_v = top_v.tolist() if top_v is not None else None
+    top_i = top_i.tolist() if top_i is not None else None
+    out = []
+    for i, (row, tok) in enumerate(zip(batch.rows, tokens.tolist())):
+        k = row.params.logprobs
+        if k is None:
+            out.append(None)
+            continue
+        top = dict(zip(top_i[i][:k], top_v[i][:k])) if k else {}
+        out.append(Logprob(tok, chosen[i], top))
+    return out

@@ -1,0 +1,101 @@
+"""A sequence (one completion being generated) and a request (a prompt and its n sequences).
+
+A sequence's state is its tokens (prompt then output) and how many of them have their latents in the
+paged cache (`num_computed`). Every engine step computes the tokens after `num_computed` (a prefill
+chunk, a recompute after preemption, or one decode token plus speculative drafts) and samples when it
+reaches the end. Nothing here touches tensors except the draft probabilities kept for verification.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from seekforge.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    """The log-probability of a generated token under the model (before sampling transforms), with the
+    `top` most likely tokens of that position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator | None):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index  # which of the request's n completions
+        self.params = request.params
+        self.generator = generator
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        # cache state
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks registered in (or taken from) the prefix cache
+        self.last_hash: int | None = None  # hash-chain value of block num_hashed_blocks - 1
+        self.num_cached_prompt_tokens = 0  # prefix-cache hits at the last admission (for statistics)
+        # speculative decoding: drafts for the next step and the distributions they were drawn from
+        self.drafts: list[int] = []
+        self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] or None when greedy
+        # outputs
+        self.logprobs: list[Logprob] = []
+        self.cumulative_logprob = 0.0
+        self.text = ""
+        self.text_final = False  # text is complete (finished, or cut at a stop string)
+        self.prefix_offset = 0  # incremental detokenisation window over the output ids
+        self.read_offset = 0
+        self.num_reported = 0  # output tokens already handed out as stream deltas
+        self.text_reported = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def leader(self) -> Sequence | None:
+        """Completions 1..n-1 of a request wait for completion 0 to prefill the prompt, then share its blocks."""
+        return self.request.seqs[0] if self.index else None
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed}, blocks={len(self.block_table)})")
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs: list[Sequence] = []
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

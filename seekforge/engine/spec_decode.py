@@ -1,0 +1,177 @@
+"""Speculative decoding with the model's own MTP module (DeepSeek-V3): draft, then verify in one forward.
+
+Drafting. MTP module 0 at position p reads the main model's hidden state h_p and the embedding of
+t_{p+1} and predicts t_{p+2}. After each step it catches up on every position whose next token became
+known (a prefill chunk, or the accepted part of a verification), caching its own latents in a paged
+cache layer beside the main ones; its output at the last position drafts d_1. Further drafts reuse the
+module autoregressively (its output hidden state stands in for the unknown h, as vLLM and EAGLE do):
+the second and later MTP modules of a checkpoint are not used. Blocks taken from the prefix cache carry
+the MTP latents computed with them; at a block's last position those saw whatever token followed it
+there, so the first drafts after a shared prefix can be a little worse. Outputs never depend on drafts.
+
+Verification. The next step feeds [last token, d_1..d_k] through the main model, which yields the
+target distribution at every draft position. Greedy rows accept drafts while they equal the argmax,
+then emit the argmax at the first mismatch (or after the last draft): exactly plain greedy decoding.
+Sampled rows use the standard rejection rule: accept d_j with probability min(1, p(d_j) / q(d_j));
+at the first rejection draw from normalise(max(p - q, 0)), after full acceptance draw from p, so the
+emitted tokens follow p exactly (Leviathan et al. 2023; Chen et al. 2023).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from seekforge.engine.model_runner import Chunk, ModelRunner
+from seekforge.engine.sampler import Row, SamplingBatch, draw, filter_logits, make_batch, sample, target_logits
+from seekforge.engine.sequence import Sequence
+
+
+@dataclass
+class SpecStats:
+    """Acceptance per draft position: accepted[j] / proposed[j] is how often draft j + 1 was kept."""
+
+    proposed: list[int]
+    accepted: list[int]
+    verify_steps: int = 0
+    emitted: int = 0  # tokens produced by verification steps (accepted drafts + one each)
+
+    @classmethod
+    def empty(cls, k: int) -> SpecStats:
+        return cls([0] * k, [0] * k)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        for j in range(num_drafts):
+            self.proposed[j] += 1
+            self.accepted[j] += j < num_accepted
+        self.verify_steps += 1
+        self.emitted += num_accepted + 1
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return self.emitted / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {"acceptance_rate": self.acceptance_rate, "proposed": list(self.proposed),
+                "accepted": list(self.accepted), "mean_tokens_per_step": self.mean_tokens_per_step}
+
+
+@dataclass
+class Catchup:
+    """Positions [start, start + len(next_ids)) of one sequence whose next tokens are now known."""
+
+    seq: Sequence
+    start: int
+    next_ids: list[int]
+    hidden: torch.Tensor  # main-model hidden states at those positions [m, dim]
+    draft: int  # how many tokens to draft after catching up (0: none)
+
+
+@dataclass
+class Verified:
+    tokens: list[int]  # accepted drafts then one target token
+    accepted: int
+    rows: list[int] = field(default_factory=list)  # logits row of each emitted token
+
+
+def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], seqs: list[Sequence]) -> list[Verified]:
+    """Verify each sequence's drafts against target logits and draw its next token (a sequence without
+    drafts is plain sampling). Sequence i owns rows first_rows[i] .. first_rows[i] + len(drafts); batch
+    describes every row of logits [R, vocab]."""
+    dev = logits.device
+    k = max(len(s.drafts) for s in seqs)
+    if k == 0:  # no drafts anywhere: plain sampling
+        tokens = sample(logits, batch)[0].tolist()
+        return [Verified([tokens[r]], 0, [r]) for r in first_rows]
+    n_drafts = torch.tensor([len(s.drafts) for s in seqs], device=dev)
+    j = torch.arange(k + 1, device=dev)
+    index = torch.tensor(first_rows, device=dev).unsqueeze(1) + torch.minimum(j.unsqueeze(0), n_drafts.unsqueeze(1))
+    drafts = torch.tensor([s.drafts + [0] * (k - len(s.drafts)) for s in seqs], dtype=torch.long, device=dev)
+    penalised = target_logits(logits, batch)
+    target = penalised.argmax(dim=-1)[index]  # [B, k + 1]
+    keep = drafts == target[:, :k]
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+    if not batch.all_greedy:
+        p = filter_logits(penalised, batch).softmax(dim=-1)[index]  # [B, k + 1, vocab]
+        q = torch.zeros(len(seqs), k, p.shape[-1], device=dev)
+        for i, s in enumerate(seqs):
+            if s.draft_probs is not None:
+                q[i, :len(s.drafts)] = s.draft_probs
+        seq_rows = [Row(s.params, s.generator) for s in seqs]
+        u = draw((k,), seq_rows, dev, "uniform")
+        p_d = p[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)
+        q_d = q.gather(2, drafts.unsqueeze(2)).squeeze(2)
+        keep = torch.where(greedy.unsqueeze(1), keep, u * q_d < p_d)
+    keep &= j[:k].unsqueeze(0) < n_drafts.unsqueeze(1)
+    accepted = keep.int().cumprod(dim=1).sum(dim=1)  # [B]
+    if not batch.all_greedy:
+        at = accepted.view(-1, 1, 1).expand(-1, 1, p.shape[-1])
+        p_a = p.gather(1, at).squeeze(1)
+        q_a = torch.cat([q, q.new_zeros(len(seqs), 1, q.shape[-1])], dim=1)  # q is 0 past the drafts
+        q_a = q_a.gather(1, at).squeeze(1)
+        residual = (p_a - q_a).clamp(min=0)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
+        race = draw(residual.shape[1:], seq_rows, dev, "exponential")
+        sampled = (residual / race).argmax(dim=-1)
+        final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
+    else:
+        final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    out = []
+    for s, a, tok, first in zip(seqs, accepted.tolist(), final.tolist(), first_rows):
+        out.append(Verified(s.drafts[:a] + [tok], a, list(range(first, first + a + 1))))
+    return out
+
+
+class MTPProposer:
+    def __init__(self, runner: ModelRunner, num_tokens: int):
+        self.runner = runner
+        self.k = num_tokens
+        self.stats = SpecStats.empty(num_tokens)
+
+    def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
+        """Drafts worth making for seq's next step: within the context and the token budget."""
+        left = seq.params.max_tokens - seq.num_output_tokens
+        return max(0, min(self.k, max_model_len - seq.num_tokens, left - 1))
+
+    def propose(self, items: list[Catchup]) -> None:
+        """Run MTP over every item's new positions, then set drafts (and their distributions) on the
+        sequences that asked for them."""
+        for it in items:
+            it.seq.drafts, it.seq.draft_probs = [], None
+        if not items:
+            return
+        runner = self.runner
+        step = runner.prepare([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items])
+        hidden = runner.forward_mtp(step.pack([it.hidden for it in items]), step)
+        drafting = [(it, step.offsets[i] + len(it.next_ids) - 1) for i, it in enumerate(items) if it.draft > 0]
+        if not drafting:
+            return
+        live = [it for it, _ in drafting]
+        h = hidden[[row for _, row in drafting]]
+        position = [it.start + len(it.next_ids) for it in live]  # where the next chain step sits
+        for depth in range(max(it.draft for it in live)):
+            logits = runner.mtp_logits(h)
+            rows = [Row(it.seq.params, it.seq.generator, it.seq.token_ids[:it.seq.num_prompt_tokens],
+                        it.seq.output_token_ids + it.seq.drafts) for it in live]
+            batch = make_batch(rows, logits.shape[-1], logits.device)
+            tokens, probs = sample(logits, batch, want_probs=True)
+            tokens = tokens.tolist()
+            for i, it in enumerate(live):
+                it.seq.drafts.append(tokens[i])
+                if probs is not None and not it.seq.params.greedy:
+                    p = probs[i:i + 1]
+                    it.seq.draft_probs = p if it.seq.draft_probs is None else torch.cat([it.seq.draft_probs, p])
+            keep = [i for i, it in enumerate(live) if it.draft > depth + 1]
+            if not keep:
+                break
+            live = [live[i] for i in keep]
+            h = h[keep]
+            position = [position[i] for i in keep]
+            chain = runner.prepare([Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)])
+            h = runner.forward_mtp(h, chain)  # one-token chunks keep their order when packed
+            position = [p + 1 for p in position]

@@ -1,0 +1,327 @@
+"""The two generation endpoints: OpenAI requests in, engine requests through the engine loop, OpenAI
+responses (whole, or as server-sent events) out.
+
+Prompts are rendered and tokenized here, off the event loop, so that the context check can name both
+numbers (prompt tokens and max_tokens) before anything is queued. Streams send one chunk per choice
+per engine step that changed it; concatenating a choice's deltas gives exactly the non-streamed
+message, reasoning split included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from seekforge.engine import Logprob, QueueFullError, RequestOutput, SamplingParams
+from seekforge.errors import ConfigError
+from seekforge.server.config import ServerConfig
+from seekforge.server.engine_loop import EngineFailure, EngineLoop, Generation
+from seekforge.server.protocol import (
+    APIError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
+    ChatLogprobs, ChatResponseMessage, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    PromptTokensDetails, TokenLogprob, TopLogprob, Usage, bad_request,
+)
+from seekforge.server.reasoning import ReasoningParser, prompt_opens_reasoning
+
+_MIN_LOGPROB = -9999.0  # what OpenAI reports for an impossible token; JSON has no -inf
+
+
+def engine_error(err: BaseException) -> APIError:
+    """The HTTP answer for an engine refusal or failure."""
+    if isinstance(err, QueueFullError):
+        return APIError(503, f"the server is at capacity: {err}", type="server_error", code="queue_full")
+    if isinstance(err, ConfigError):
+        return bad_request(str(err))
+    if isinstance(err, EngineFailure):
+        return APIError(500, str(err), type="server_error", code="engine_error")
+    raise err
+
+
+def json_response(model, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def sse(model) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: EngineLoop, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+
+    # ------------------------------------------------------------------ shared checks
+    def _check_model(self, name: str) -> None:
+        if name not in self.config.model_names:
+            served = ", ".join(f"`{n}`" for n in self.config.model_names)
+            raise APIError(404, f"The model `{name}` does not exist: this server serves {served} (see /v1/models)",
+                           param="model", code="model_not_found")
+
+    @property
+    def _tokenizer(self):
+        tok = self.engine.llm.tokenizer
+        if tok is None:
+            raise bad_request("this checkpoint has no tokenizer.json: only token-id prompts to /v1/completions "
+                              "can be served")
+        return tok
+
+    def _sampling(self, req, prompts: list[list[int]]) -> SamplingParams:
+        max_len = self.engine.llm.max_model_len
+        longest = max(len(p) for p in prompts)
+        asked = req.requested_max_tokens
+        name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        if asked is None:
+            if longest >= max_len:
+                raise bad_request(f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                                  f"{longest} tokens, leaving no room to generate: shorten the prompt", "messages"
+                                  if isinstance(req, ChatCompletionRequest) else "prompt")
+            asked = max_len - longest
+        elif longest + asked > max_len:
+            raise bad_request(f"This model's maximum context length is {max_len} tokens, but {longest + asked} were "
+                              f"requested ({longest} in the prompt + {asked} {name}): shorten the prompt or lower "
+                              f"{name}", name)
+        sequences = req.n * len(prompts)
+        if sequences > self.config.max_waiting:
+            raise bad_request(f"{sequences} sequences (n={req.n} x {len(prompts)} prompt(s)) are more than this "
+                              f"server queues at once (max_waiting={self.config.max_waiting})", "n")
+        kwargs = req.sampling_kwargs()
+        if kwargs.get("top_k", 0) >= self.engine.llm.cfg.vocab_size:
+            kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all
+        try:
+            return SamplingParams(**kwargs, max_tokens=asked, logprobs=req.logprobs_k)
+        except ConfigError as err:
+            raise bad_request(str(err)) from None
+
+    async def _admit(self, gen: Generation) -> None:
+        try:
+            await gen.admit()
+        except (QueueFullError, ConfigError) as err:
+            raise engine_error(err) from None
+
+    @staticmethod
+    def _usage(gen: Generation, finals: dict[int, RequestOutput]) -> Usage:
+        prompt = sum(len(p) for p in gen.prompts)
+        completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+        cached = sum(out.num_cached_tokens for out in finals.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def _token_text(self, token_id: int, as_id: bool) -> str:
+        tok = self.engine.llm.tokenizer
+        return f"token_id:{token_id}" if as_id or tok is None else tok.decode([token_id])
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, req: ChatCompletionRequest, arrival: float) -> Response:
+        req.check()
+        self._check_model(req.model)
+        tok = self._tokenizer
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        thinking = req.chat_template_kwargs.thinking if req.chat_template_kwargs else False
+
+        def render() -> tuple[str, list[int]]:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+            return text, tok.encode(text)
+
+        try:
+            text, ids = await run_in_threadpool(render)
+        except ConfigError as err:
+            raise bad_request(str(err), "messages") from None
+        opened = prompt_opens_reasoning(text)
+        params = self._sampling(req, [ids])
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = Generation(self.engine, [ids], params, prefix=rid, arrival=arrival)
+        created = int(time.time())
+        try:
+            await self._admit(gen)
+        except BaseException:
+            gen.close()
+            raise
+        if req.stream:
+            return GenerationStream(self._chat_stream(gen, req, rid, created, opened), gen)
+        try:
+            finals = await _collect(gen)
+        finally:
+            gen.close()
+        out = finals[0]
+        choices = []
+        as_ids = req.return_tokens_as_token_ids
+        for c in out.outputs:
+            parser = ReasoningParser(opened)
+            reasoning, content = parser.parse(c.text or "")
+            message = ChatResponseMessage(content=content if content or not parser.saw_reasoning else None,
+                                          reasoning_content=reasoning if parser.saw_reasoning else None)
+            logprobs = self._chat_logprobs(c.logprobs, as_ids) if c.logprobs is not None else None
+            choices.append(ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason, logprobs=logprobs))
+        return json_response(ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
+                                            usage=self._usage(gen, finals)))
+
+    def _chat_logprobs(self, logprobs: list[Logprob], as_ids: bool) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            text = self._token_text(token_id, as_ids)
+            return TopLogprob(token=text, logprob=max(logprob, _MIN_LOGPROB), bytes=list(text.encode("utf-8")))
+
+        content = []
+        for lp in logprobs:
+            chosen = top(lp.token_id, lp.logprob)
+            content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=[top(t, v) for t, v in lp.top.items()]))
+        return ChatLogprobs(content=content)
+
+    async def _chat_stream(self, gen: Generation, req: ChatCompletionRequest, rid: str, created: int,
+                           opened: bool) -> AsyncIterator[str]:
+        n = req.n
+
+        def chunk(index: int, delta: ChatDelta, finish: str | None = None, logprobs=None) -> str:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[ChatChunkChoice(
+                index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]))
+
+        parsers = [ReasoningParser(opened) for _ in range(n)]
+        sent_logprobs = [0] * n
+        finished = [False] * n
+        finals: dict[int, RequestOutput] = {}
+        try:
+            for i in range(n):
+                yield chunk(i, ChatDelta(role="assistant", content=""))
+            async for _, out in gen:
+                finals[0] = out
+                for c in out.outputs:
+                    if finished[c.index]:
+                        continue
+                    reasoning, content = parsers[c.index].feed(c.delta_text)
+                    if c.finish_reason is not None:
+                        r2, c2 = parsers[c.index].finish()
+                        reasoning, content = reasoning + r2, content + c2
+                        finished[c.index] = True
+                    logprobs = None
+                    if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
+                        logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
+                                                       req.return_tokens_as_token_ids)
+                        sent_logprobs[c.index] = len(c.logprobs)
+                    if reasoning or content or logprobs or c.finish_reason:
+                        yield chunk(c.index, ChatDelta(reasoning_content=reasoning or None, content=content or None),
+                                    c.finish_reason, logprobs)
+            if req.include_usage_chunk:
+                yield sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                              usage=self._usage(gen, finals)))
+            yield "data: [DONE]\n\n"
+        except EngineFailure as err:
+            yield _error_event(engine_error(err))
+        finally:
+            gen.close()
+
+    # ------------------------------------------------------------------ completions
+    async def completions(self, req: CompletionRequest, arrival: float) -> Response:
+        req.check()
+        self._check_model(req.model)
+        texts = [p for p in req.prompts if isinstance(p, str)]
+        tok = self._tokenizer if texts else None
+
+        def encode() -> list[list[int]]:
+            return [tok.encode(p, add_bos=not p.startswith(tok.bos_token)) if isinstance(p, str) else list(p)
+                    for p in req.prompts]
+
+        prompts = await run_in_threadpool(encode)
+        params = self._sampling(req, prompts)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        gen = Generation(self.engine, prompts, params, prefix=rid, arrival=arrival)
+        created = int(time.time())
+        try:
+            await self._admit(gen)
+        except BaseException:
+            gen.close()
+            raise
+        if req.stream:
+            return GenerationStream(self._completion_stream(gen, req, rid, created), gen)
+        try:
+            finals = await _collect(gen)
+        finally:
+            gen.close()
+        as_ids = req.return_tokens_as_token_ids
+        choices = [CompletionChoice(
+            index=tag * req.n + c.index, text=c.text or "", finish_reason=c.finish_reason,
+            logprobs=None if c.logprobs is None else self._completion_logprobs(c.logprobs, 0, as_ids))
+            for tag in sorted(finals) for c in finals[tag].outputs]
+        return json_response(Completion(id=rid, created=created, model=req.model, choices=choices,
+                                        usage=self._usage(gen, finals)))
+
+    def _completion_logprobs(self, logprobs: list[Logprob], offset: int, as_ids: bool) -> CompletionLogprobs:
+        tokens, offsets = [], []
+        for lp in logprobs:
+            tokens.append(self._token_text(lp.token_id, as_ids))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=[max(lp.logprob, _MIN_LOGPROB) for lp in logprobs],
+            top_logprobs=[{self._token_text(t, as_ids): max(v, _MIN_LOGPROB) for t, v in lp.top.items()}
+                          for lp in logprobs],
+            text_offset=offsets)
+
+    async def _completion_stream(self, gen: Generation, req: CompletionRequest, rid: str,
+                                 created: int) -> AsyncIterator[str]:
+        n = req.n
+        sent_logprobs: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        finished: set[int] = set()
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for tag, out in gen:
+                finals[tag] = out
+                for c in out.outputs:
+                    index = tag * n + c.index
+                    if index in finished:
+                        continue
+                    logprobs = None
+                    sent = sent_logprobs.get(index, 0)
+                    if c.logprobs is not None and len(c.logprobs) > sent:
+                        logprobs = self._completion_logprobs(c.logprobs[sent:], offsets.get(index, 0),
+                                                             req.return_tokens_as_token_ids)
+                        sent_logprobs[index] = len(c.logprobs)
+                        offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                    if c.finish_reason is not None:
+                        finished.add(index)
+                    if c.delta_text or logprobs or c.finish_reason:
+                        yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
+                            index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
+            if req.include_usage_chunk:
+                yield sse(Completion(id=rid, created=created, model=req.model, choices=[],
+                                     usage=self._usage(gen, finals)))
+            yield "data: [DONE]\n\n"
+        except EngineFailure as err:
+            yield _error_event(engine_error(err))
+        finally:
+            gen.close()
+
+
+async def _collect(gen: Generation) -> dict[int, RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for tag, out in gen:
+            finals[tag] = out
+    except EngineFailure as err:
+        raise engine_error(err) from None
+    return finals
+
+
+def _error_event(err: APIError) -> str:
+    return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+
+
+class GenerationStream(StreamingResponse):
+    """Server-sent events of one generation; however the response ends (done, client gone, never started),
+    what is left of the generation is aborted."""
+
+    def __init__(self, events: AsyncIterator[str], gen: Generation):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+

@@ -1,0 +1,264 @@
+"""The inference engine against transformers' greedy `generate`, and its scheduling, caching and API.
+
+References are random tiny checkpoints written by transformers itself (tests/hf_reference.py); every
+way of running the same prompts (batched, one by one, chunked, preempted, from the prefix cache) must
+give transformers' tokens exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import save_hf
+from seekforge import LLM, SamplingParams
+from seekforge.engine import QueueFullError
+from seekforge.engine.block_manager import BlockManager
+from seekforge.engine.sequence import Request, Sequence
+from seekforge.errors import ConfigError
+from seekforge.model import ModelConfig, Transformer
+
+NEW = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW)
+FULL = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)  # always NEW tokens: predictable cache use
+
+
+# transformers writes num_nextn_predict_layers but no MTP weights; the loader says so, rightly
+pytestmark = pytest.mark.filterwarnings("ignore:config.json declares")
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are bound by per-op overhead; a second OpenMP thread only adds contention on a busy host.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_prompts(lengths, vocab=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt, new=NEW, stop_at_eos=True):
+    """transformers' greedy continuation: cut after the first EOS as the engine stops there, or (for
+    ignore_eos) all `new` tokens, with an EOS id that never occurs so that nothing is stopped or masked."""
+    kwargs = {} if stop_at_eos else {"eos_token_id": 10**6}
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, **kwargs)
+    out = out[0, len(prompt):].tolist()
+    eos = hf.generation_config.eos_token_id
+    return out[:out.index(eos) + 1] if stop_at_eos and eos in out else out
+
+
+@pytest.fixture(scope="module", params=["v3_sigmoid_grouped_qlora", "v2_softmax_greedy", "v3_yarn_two_dense"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = save_hf(request.param, path)
+    prompts = make_prompts([1, 5, 19, 42])
+    return path, prompts, [hf_greedy(hf, p, stop_at_eos=False) for p in prompts]
+
+
+def test_greedy_matches_transformers_batched_and_one_by_one(checkpoint):
+    path, prompts, ref = checkpoint
+    llm = LLM(path, block_size=4)
+    assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
+    solo = LLM(path, block_size=4, enable_prefix_caching=False)
+    assert [solo.generate(p, FULL)[0].token_ids for p in prompts] == ref
+
+
+def test_chunked_prefill_preemption_and_prefix_hits_leave_outputs_unchanged(checkpoint):
+    path, prompts, ref = checkpoint
+    # 7-token budget: every prompt but the shortest is prefilled in chunks while others decode
+    chunked = LLM(path, block_size=4, max_num_batched_tokens=7)
+    assert [o.token_ids for o in chunked.generate(prompts, FULL)] == ref
+    # the second run takes every full prompt block from the prefix cache
+    again = chunked.generate(prompts, FULL)
+    assert [o.token_ids for o in again] == ref
+    assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 4 * 4 for p in prompts]
+    # 15 blocks of 4 slots hold the longest sequence alone, not the four at once (5 + 6 + 9 + 15 blocks)
+    tight = LLM(path, block_size=4, num_blocks=15)
+    assert [o.token_ids for o in tight.generate(prompts, FULL)] == ref
+    assert tight.stats()["preemptions"] > 0
+
+
+def test_shared_prefix_hits_and_n_completions(tmp_path):
+    hf = save_hf("v3_no_groups_plain_q", tmp_path)
+    stem = make_prompts([20], seed=3)[0]
+    prompts = [stem + tail for tail in make_prompts([3, 6, 1], seed=4)]
+    ref = [hf_greedy(hf, p) for p in prompts]
+    llm = LLM(tmp_path, block_size=8)
+    first = llm.generate(prompts[0], GREEDY)[0]
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert [first.token_ids] + [o.token_ids for o in rest] == ref
+    assert first.num_cached_tokens == 0 and [o.num_cached_tokens for o in rest] == [16, 16]
+    # n greedy completions of one prompt: the later ones share the first one's prompt blocks
+    out = llm.generate(prompts[1], SamplingParams(temperature=0, max_tokens=NEW, n=3))[0]
+    assert [c.token_ids for c in out.outputs] == [ref[1]] * 3
+
+
+def test_live_model_is_used_in_place_and_weight_updates_are_seen(tmp_path):
+    import seekforge
+
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    model = seekforge.from_pretrained(tmp_path)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    llm = LLM(model, block_size=4)
+    assert llm.model is model and [p.data_ptr() for p in model.parameters()] == ptrs
+    prompt = make_prompts([30])[0]
+    before = llm.generate(prompt, GREEDY)[0]
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 28  # cached while the weights stand still
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        for p in model.parameters():
+            p.mul_(1.3)
+    after = llm.generate(prompt, GREEDY)[0]
+    assert after.num_cached_tokens == 0  # the version counters moved: the prefix cache was dropped
+    fresh = LLM(seekforge.from_pretrained(tmp_path), block_size=4)
+    with torch.no_grad():
+        for p in fresh.model.parameters():
+            p.mul_(1.3)
+    assert after.token_ids == fresh.generate(prompt, GREEDY)[0].token_ids != before.token_ids
+    llm.reset_prefix_cache()
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_holds_latent_and_rotary_key_only(dtype):
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg).to(dtype)
+    llm = LLM(model, block_size=16, num_blocks=10)
+    elsize = torch.tensor([], dtype=dtype).element_size()
+    expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elsize * cfg.n_layers
+    assert llm.cache_bytes_per_token == cfg.cache_bytes_per_token(elsize) == expected
+    cache = llm.runner.kv_cache  # the blocks plus one scratch block for padding
+    assert cache.dtype == dtype and cache.numel() * cache.element_size() == expected * 11 * 16
+    stats = llm.stats()
+    assert stats["full_kv_bytes_per_token"] == cfg.full_kv_bytes_per_token(elsize) > expected
+
+
+def test_bad_requests_fail_before_any_work_and_never_disturb_others(tmp_path):
+    hf = save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    llm = LLM(tmp_path, block_size=4, max_model_len=64)
+    good = make_prompts([7, 12])
+    bad = [
+        ([], GREEDY, "empty prompt"),
+        ("hello", GREEDY, "no tokenizer"),
+        ([5] * 64, GREEDY, "context holds 64"),
+        ([5, 96], GREEDY, "outside the vocabulary"),
+        ([5, -1], GREEDY, "outside the vocabulary"),
+    ]
+    for prompt, params, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            llm.generate([good[0], prompt], params)
+        assert not llm.has_unfinished_requests()  # the good prompt was not started either
+    for kwargs, message in [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"),
+                            (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(n=0), "n must")]:
+        with pytest.raises(ConfigError, match=message):
+            SamplingParams(**kwargs)
+    # requests already queued keep going when a bad one is refused
+    ids = [llm.add_request(p, GREEDY) for p in good]
+    with pytest.raises(ConfigError):
+        llm.add_request([5, 1000], GREEDY)
+    outs = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                outs[out.request_id] = out.token_ids
+    assert [outs[i] for i in ids] == [hf_greedy(hf, p) for p in good]
+
+
+def test_waiting_queue_is_bounded_and_generate_feeds_it(tmp_path):
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    llm = LLM(tmp_path, block_size=4, max_waiting=2)
+    prompts = make_prompts([3, 4, 5, 6, 7])
+    llm.add_request(prompts[0], GREEDY)
+    llm.add_request(prompts[1], GREEDY)
+    with pytest.raises(QueueFullError):
+        llm.add_request(prompts[2], GREEDY)
+    while llm.has_unfinished_requests():
+        llm.step()
+    outs = llm.generate(prompts, GREEDY)
+    assert len(outs) == 5 and all(o.finished and len(o.token_ids) > 0 for o in outs)
+    solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
+    assert [o.token_ids for o in outs] == solo
+
+
+def test_streaming_deltas_add_up_and_abort(tmp_path):
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    llm = LLM(tmp_path, block_size=4)
+    prompts = make_prompts([4, 9])
+    final = llm.generate(prompts, GREEDY)
+    seen = {}
+    for out in llm.stream(prompts, GREEDY):
+        seen.setdefault(out.request_id, []).extend(out.outputs[0].delta_token_ids)
+        if out.finished:
+            assert seen[out.request_id] == out.token_ids
+    assert sorted(seen.values()) == sorted(o.token_ids for o in final)
+    rid = llm.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    llm.step()
+    llm.abort(rid)
+    assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_block_manager_hash_chain_refcounts_and_lru_eviction():
+    bm = BlockManager(num_blocks=4, block_size=2)
+
+    def seq(i, tokens):
+        return Sequence(i, Request(str(i), None, tokens, GREEDY), 0, None)
+
+    a = seq(0, [1, 2, 3, 4, 5])
+    assert bm.match_prefix(a) == []
+    bm.allocate(a, [], 5)
+    a.num_computed = 5
+    bm.register(a)
+    assert a.num_hashed_blocks == 2
+    b = seq(1, [1, 2, 3, 4, 9])  # same first two blocks
+    hits = bm.match_prefix(b)
+    assert hits == a.block_table[:2]
+    assert bm.match_prefix(seq(2, [9, 9, 3, 4, 5])) == []  # same block, different history: no hit
+    assert bm.match_prefix(seq(3, [1, 2, 3, 4])) == a.block_table[:1]  # never the whole sequence
+    bm.allocate(b, hits, 5)
+    assert [bm.blocks[i].ref_count for i in hits] == [2, 2] and b.num_computed == 4
+    tables = a.block_table[:], b.block_table[:]
+    bm.free_seq(a)
+    bm.free_seq(b)
+    a.block_table, b.block_table = tables  # kept only to name the blocks below
+    assert bm.num_free_blocks == 4
+    # freed cached blocks stay revivable until allocation reaches them; the tail goes first
+    assert list(bm.free) == [a.block_table[2], b.block_table[2], hits[1], hits[0]]
+    c = seq(4, [7] * 5)
+    bm.allocate(c, [], 5)  # takes three blocks from the front: hits[1] is evicted, hits[0] survives
+    assert bm.match_prefix(b) == hits[:1]
+    bm.reset_prefix_cache()
+    assert bm.match_prefix(b) == []
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_transformers(checkpoint):
+    path, prompts, ref = checkpoint
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16)
+    assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
+    assert [llm.generate(p, FULL)[0].token_ids for p in prompts] == ref
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager_decode(tmp_path):
+    from seekforge.engine.model_runner import Chunk
+
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    llm = LLM(tmp_path, device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=8, cuda_graphs=True)
+    assert sorted(llm.runner.graphs) == [1, 2, 4, 8]
+    for p in make_prompts([5, 30, 17]):
+        llm.add_request(p, FULL)
+    llm.step()  # prefill: the cache now holds the prompts
+    seqs = llm.scheduler.running
+    for batch in (seqs[:1], seqs):  # padded to graphs of 1 and 4
+        chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in batch]
+        with torch.inference_mode():
+            replayed = llm.runner.decode_logits(chunks).clone()
+            eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks)))
+        torch.testing.assert_close(replayed, eager, atol=0.02, rtol=0.02)
+    while llm.has_unfinished_requests():
+        llm.step()
+    outs = llm.generate(make_prompts([3, 9, 40, 2, 11]), FULL)
+    assert all(len(o.token_ids) == NEW for o in outs)

@@ -1,0 +1,107 @@
+"""Text in and out of the engine (tokenizer, stop strings, streamed text) and the `generate` / `chat` commands."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from seekforge import LLM, SamplingParams
+from seekforge.cli import main
+from seekforge.commands.chat import DIM, RESET, ThinkRenderer
+from seekforge.model import ModelConfig, Transformer
+from seekforge.tokenizer import Tokenizer
+
+TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, then rests." for i in range(200)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny model with a byte-level BPE tokenizer of the same vocabulary beside it."""
+    path = tmp_path_factory.mktemp("ckpt")
+    tok = Tokenizer.train(TEXTS, vocab_size=300)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=300, n_mtp_modules=0, bos_token_id=tok.bos_id,
+                                             eos_token_id=tok.eos_id, init_std=0.1)
+    torch.manual_seed(0)
+    Transformer(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_text_prompts_stop_strings_and_streamed_text(checkpoint):
+    llm = LLM(checkpoint)
+    assert llm.tokenizer is not None
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("the quick brown", params)[0]
+    assert full.text == llm.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    assert full.finish_reason == "length"
+    assert full.prompt_token_ids[0] == llm.tokenizer.bos_id  # plain text gets BOS
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    cut = llm.generate("the quick brown", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert full.token_ids[:len(cut.token_ids)] == cut.token_ids
+    streamed = "".join(o.outputs[0].delta_text for o in llm.stream("the quick brown", params))
+    assert streamed == full.text
+    held = "".join(o.outputs[0].delta_text for o in llm.stream("the quick brown", SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])))
+    assert held == cut.text  # text that might start a stop string is held back, never taken back
+
+
+def test_generate_command(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "the lazy", "--prompt", "a fox", "--max-tokens", "6",
+                 "--temperature", "0", "--ignore-eos", "--json", "--logprobs", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    llm = LLM(checkpoint)
+    ref = llm.generate(["the lazy", "a fox"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [r["token_ids"] for r in records] == [o.token_ids for o in ref]
+    assert [r["text"] for r in records] == [o.text for o in ref]
+    assert all(len(r["logprobs"]) == 6 and len(r["logprobs"][0]["top"]) == 2 for r in records)
+    assert main(["generate", str(checkpoint), "--token-ids", "5 6 7", "--max-tokens", "3", "--temperature", "0",
+                 "--ignore-eos", "--stream"]) == 0
+    ids = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert capsys.readouterr().out == ids.text + "\n"
+    assert main(["generate", str(checkpoint), "--max-tokens", "3"]) == 2
+    assert "nothing to generate" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_chat_command_streams_a_conversation(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/think on\nand again\n/reset\n/exit\nnever read\n"))
+    assert main(["chat", str(checkpoint), "--max-tokens", "5", "--temperature", "0", "--ignore-eos"]) == 0
+    llm = LLM(checkpoint)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    turn1 = [{"role": "user", "content": "hello there"}]
+    reply1 = llm.generate(llm.tokenizer.encode_chat(turn1), params)[0].text
+    turn2 = turn1 + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "and again"}]
+    reply2 = llm.generate(llm.tokenizer.encode_chat(turn2, thinking=True), params)[0].text
+    expected = io.StringIO()
+    for reply, thinking in ((reply1, False), (reply2, True)):
+        r = ThinkRenderer(expected, color=False, thinking=thinking)
+        r.feed(reply)
+        r.close()
+    assert capsys.readouterr().out == expected.getvalue()
+
+
+def test_think_renderer_dims_reasoning_and_hides_tags_split_across_deltas():
+    buf = io.StringIO()
+    r = ThinkRenderer(buf, color=True)
+    for delta in ["<th", "ink>let me ", "see</thi", "nk>\n\nThe answer", " is 4.<"]:
+        r.feed(delta)
+    r.close()
+    assert buf.getvalue() == f"{DIM}let me see{RESET}\n\nThe answer is 4.<\n"
+    plain = io.StringIO()
+    r = ThinkRenderer(plain, color=False, thinking=True)  # the prompt already opened <think>
+    r.feed("hmm</think>yes")
+    r.close()
+    assert plain.getvalue() == "hmm\n\nyes\n"

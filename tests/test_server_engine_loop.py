@@ -1,0 +1,60 @@
+"""The server's engine driver with a real engine in-process: a step that raises fails only the requests in
+flight, with an error they can report, and the loop goes on serving."""
+
+import asyncio
+
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client")
+
+import seekforge  # noqa: E402
+from seekforge.engine import LLM, QueueFullError, SamplingParams  # noqa: E402
+from seekforge.server.engine_loop import EngineFailure, EngineLoop, Generation  # noqa: E402
+from seekforge.server.metrics import ServerMetrics  # noqa: E402
+
+
+def make_llm() -> LLM:
+    torch.manual_seed(0)
+    llm = LLM(seekforge.Transformer(seekforge.ModelConfig.preset("tiny")), max_num_seqs=2, max_waiting=2,
+              kv_cache_memory=8 << 20)
+    real_step, calls = llm.step, [0]
+
+    def step():  # the first step after start-up raises, as a kernel or an out-of-memory error would
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    llm.step = step
+    return llm
+
+
+def test_failed_step_fails_requests_in_flight_and_the_loop_goes_on():
+    metrics = ServerMetrics("tiny")
+    loop = EngineLoop(make_llm, metrics)
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+    async def main():
+        loop.start(asyncio.get_running_loop())
+        assert await asyncio.to_thread(loop.wait_ready, 120) and loop.state == "ready"
+        doomed = Generation(loop, [[1, 2, 3], [4, 5]], greedy)
+        await doomed.admit()
+        with pytest.raises(EngineFailure, match="injected failure"):
+            async for _ in doomed:
+                pass
+        doomed.close()
+        after = Generation(loop, [[1, 2, 3]], greedy)
+        await after.admit()
+        outs = [out async for _, out in after]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
+        # a full waiting queue refuses at admission and admits nothing of the request
+        with pytest.raises(QueueFullError):
+            await Generation(loop, [[1]], SamplingParams(n=3, max_tokens=1)).admit()
+        await asyncio.to_thread(loop.stop)
+
+    asyncio.run(main())
+    value = metrics.registry.get_sample_value
+    assert value("seekforge_engine_errors_total") == 1
+    assert value("seekforge_request_finished_total", {"finish_reason": "error"}) == 2
+    assert value("seekforge_requests_running") == 0 and value("seekforge_requests_waiting") == 0
