@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,18 @@ def render_example(row: Row) -> str:
     return f"{r1_zero_prompt(row.prompt)}\n{row.solution}\n</think>\n<answer>{row.answer}</answer>"
 
 
-def generate_documents(n_docs: int, seed: int = 0, tasks: tuple[str, ...] = tuple(BUILTIN_TASKS)) -> list[str]:
-    """n_docs documents shared evenly among `tasks` (train split) and shuffled together."""
+def generate_documents(n_docs: int, seed: int = 0,
+                       tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS)) -> list[str]:
+    """n_docs documents shared evenly among `tasks` (train split) and shuffled together. `tasks` names
+    tasks (default difficulty) or maps names to difficulty knobs, e.g. {"chain_sum": {"max_value": 9}}."""
     if n_docs < 1 or not tasks:
         raise ConfigError(f"need n_docs >= 1 (got {n_docs}) and at least one task")
+    knobs = dict(tasks) if isinstance(tasks, Mapping) else {name: {} for name in tasks}
     docs = []
-    for i, name in enumerate(tasks):
-        n = n_docs // len(tasks) + (i < n_docs % len(tasks))
+    for i, (name, task_knobs) in enumerate(knobs.items()):
+        n = n_docs // len(knobs) + (i < n_docs % len(knobs))
         if n:
-            docs.extend(render_example(row) for row in get_task(name).rows("train", n, seed))
+            docs.extend(render_example(row) for row in get_task(name, **(task_knobs or {})).rows("train", n, seed))
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order]
 
@@ -49,7 +53,8 @@ class BuiltinDataset:
 
 def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed: int = 0, vocab_size: int = 1024,
                           tokenizer=None, val_fraction: float = 0.01,
-                          tasks: tuple[str, ...] = tuple(BUILTIN_TASKS), progress: bool = False) -> BuiltinDataset:
+                          tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS),
+                          progress: bool = False) -> BuiltinDataset:
     """Generate the corpus into out_dir/corpus.jsonl, train a tokenizer on it unless one is given,
     and prepare train/val shards in out_dir."""
     from seekforge.data.prepare import prepare

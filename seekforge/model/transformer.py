@@ -27,6 +27,7 @@ class ModelLoss:
     mtp_loss: torch.Tensor | None  # mean over MTP depths
     balance_loss: torch.Tensor | None  # sequence-wise balance loss (already times alpha)
     expert_load: list[torch.Tensor]  # per MoE layer (main layers, then MTP blocks): tokens per expert
+    logits: torch.Tensor | None = None  # the main head's [b, s, vocab], for losses built on top (distillation)
 
 
 class Transformer(nn.Module):
@@ -119,15 +120,15 @@ class Transformer(nn.Module):
             mtp = torch.stack(losses).mean() if losses else None
         moes = self.moe_layers()
         balance = None
-        if balance_alpha:
-            balance = balance_alpha * sum(sequence_balance_loss(m.routing[0], m.routing[1]) for m in moes
-                                          if m.routing is not None)
+        routed = [m.routing for m in moes if m.routing is not None]
+        if balance_alpha and routed:  # a dense model has nothing to balance
+            balance = balance_alpha * sum(sequence_balance_loss(scores, indices) for scores, indices in routed)
         total = main
         if mtp is not None:
             total = total + mtp_weight * mtp
         if balance is not None:
             total = total + balance
-        return ModelLoss(total, main, mtp, balance, [m.load for m in moes if m.load is not None])
+        return ModelLoss(total, main, mtp, balance, [m.load for m in moes if m.load is not None], logits)
 
     def save_pretrained(self, path, **kwargs) -> None:
         from seekforge.hf import save_pretrained

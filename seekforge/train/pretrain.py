@@ -45,6 +45,7 @@ class TrainConfig:
     tokenizer: str | None = None  # tokenizer directory for `data` (the builtin data brings its own)
     builtin_docs: int = 20000
     builtin_vocab: int = 1024
+    builtin_tasks: dict = field(default_factory=dict)  # task -> difficulty knobs for "builtin"; {} = all, default
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
@@ -109,6 +110,8 @@ class TrainConfig:
         """What must not change across a resume (cadence and presentation may)."""
         free = {"eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps", "device", "progress",
                 "tensorboard", "compile"}
+        if not self.builtin_tasks:  # absent before the field existed: runs made then still resume
+            free.add("builtin_tasks")
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
 
 
@@ -117,11 +120,13 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "tiny": dict(model="tiny", seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5, constant_steps=15,
                  decay_steps=20, final_lr=3e-4, eval_every=20, eval_batches=2, save_every=20, builtin_docs=3000,
                  builtin_vocab=512),
-    # the quickstart: a small MoE on the built-in math corpus, minutes on a 2-core CPU
-    "quickstart": dict(model="tiny", model_overrides=dict(dim=192, n_layers=4, inter_dim=512, moe_inter_dim=96,
+    # the quickstart: a small MLA + MoE + MTP model on generated chain sums (the task its RL stage trains),
+    # minutes on a 2-core CPU; the decay stops at a third of the peak learning rate (RL continues below it)
+    "quickstart": dict(model="tiny", model_overrides=dict(dim=128, n_layers=4, inter_dim=384, moe_inter_dim=64,
                                                           max_seq_len=512), seq_len=192, batch_size=16,
-                       steps=700, lr=3e-3, warmup_steps=30, constant_steps=370, decay_steps=300, final_lr=3e-4,
-                       eval_every=100, eval_batches=8, save_every=100, builtin_docs=20000, builtin_vocab=1024),
+                       steps=500, lr=3e-3, warmup_steps=20, constant_steps=280, decay_steps=200, final_lr=1e-3,
+                       eval_every=100, eval_batches=8, save_every=100, builtin_docs=8000, builtin_vocab=512,
+                       builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}}),
     # about 100M parameters: a GPU run
     "small": dict(model="small", seq_len=1024, batch_size=32, steps=5000, lr=1e-3, warmup_steps=200,
                   constant_steps=2800, decay_steps=2000, final_lr=1e-4, eval_every=250, save_every=500,
@@ -156,9 +161,7 @@ class Trainer:
             compile_blocks(self.model, self.amp)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule = cfg.schedule()
-        from seekforge.data.loader import PackedLoader
-
-        self.loader = PackedLoader(self.data_dir, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        self.loader = self._build_loader()
         self.step = 0
         loaded = self.ckpt.load_latest() if resume else None
         if loaded is not None:
@@ -178,7 +181,7 @@ class Trainer:
         data_dir = self.out / "data"
         if not (data_dir / "meta.json").is_file():
             build_builtin_dataset(data_dir, n_docs=cfg.builtin_docs, seed=cfg.seed, vocab_size=cfg.builtin_vocab,
-                                  progress=cfg.progress)
+                                  progress=cfg.progress, **({"tasks": cfg.builtin_tasks} if cfg.builtin_tasks else {}))
         load_meta(data_dir)
         return data_dir, data_dir / "tokenizer"
 
@@ -201,6 +204,12 @@ class Trainer:
         if self.cfg.seq_len > model_cfg.max_seq_len:
             raise ConfigError(f"seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         return model_cfg
+
+    def _build_loader(self):
+        """An endless iterator of {"input_ids", "labels"} batches with state_dict / load_state_dict."""
+        from seekforge.data.loader import PackedLoader
+
+        return PackedLoader(self.data_dir, "train", self.cfg.seq_len, self.cfg.batch_size, seed=self.cfg.seed)
 
     def _build_model(self) -> Transformer:
         if self.cfg.init_from:
@@ -238,7 +247,7 @@ class Trainer:
             batch = next(self.loader)
             tokens, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
             with self._autocast():
-                out = model.loss(tokens, labels, mtp_weight=mtp_weight, balance_alpha=cfg.balance_alpha)
+                out = self._loss(tokens, labels, mtp_weight)
             if not torch.isfinite(out.loss):
                 finite = False
                 break
@@ -264,6 +273,10 @@ class Trainer:
             record["expert_load"] = [load.tolist() for load in loads]
             record["expert_bias"] = [m.gate.bias.tolist() for m in model.moe_layers()]
         return record
+
+    def _loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float):
+        """The training objective of one micro-batch (a ModelLoss); subclasses add terms to it."""
+        return self.model.loss(tokens, labels, mtp_weight=mtp_weight, balance_alpha=self.cfg.balance_alpha)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

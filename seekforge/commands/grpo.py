@@ -1,0 +1,30 @@
+"""`seekforge grpo --from CKPT --task NAME --out DIR [--resume] [key=value ...]`: reasoning RL with GRPO."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grpo", help="GRPO with rule-based rewards (R1-Zero from a base checkpoint)",
+        description="Any GRPOConfig field can be set as key=value, e.g. steps=200 group_size=16 lr=1e-5 "
+                    "loss_type=dapo eps_high=0.28 dynamic_sampling=true beta=0.001 rewards=accuracy,format "
+                    "task_knobs.max_terms=3. Rollouts run on the inference engine with the policy's live weights.")
+    p.add_argument("--from", dest="init_from", required=True, metavar="CKPT",
+                   help="checkpoint directory in Hugging Face layout with its tokenizer")
+    p.add_argument("--task", required=True, help="task name (arithmetic, chain_sum, countdown, word_problem, rg:...)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model, report)")
+    p.add_argument("--config", help="a .yaml/.toml file of GRPOConfig fields (command-line values win)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from seekforge.train.grpo import load_grpo_config, run as grpo
+
+    cfg = load_grpo_config(args.config, [f"init_from={args.init_from}", f"task={args.task}", *args.overrides])
+    last = grpo(cfg, args.out, resume=args.resume)
+    eval_part = f", held-out accuracy {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""
+    print(f"done: reward {last.get('reward', float('nan')):.3f}{eval_part}; model in {args.out}/final, "
+          f"report in {args.out}/report.md")
+    return 0

@@ -1,0 +1,89 @@
+"""Held-out task accuracy (and pass@k) on the inference engine.
+
+    seekforge eval runs/rl/final --task chain_sum --n 500 --seed 0          # greedy accuracy
+    seekforge eval runs/rl/final --task chain_sum --n 500 --k 4 --samples 8  # plus unbiased pass@4
+
+Problems come from the task's test split, which no training split shares. Accuracy is the accuracy
+reward of the greedy completion (k = 1), or the mean over the sampled completions (k > 1); a completion
+the reward cannot judge (None, an error, a timeout) counts as wrong and is reported as unjudged.
+All problems go to the engine in one batched call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from seekforge.errors import ConfigError
+from seekforge.tasks import get_task
+from seekforge.train.sample import RewardSet, generate, pass_at_k
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    task_knobs: dict = field(default_factory=dict)
+    n: int = 500
+    seed: int = 0  # which test problems
+    split: str = "test"
+    k: int = 1  # pass@k; k = 1 with samples = 1 is greedy accuracy
+    samples: int | None = None  # completions per problem when sampling (>= k; default k)
+    temperature: float = 1.0  # for sampling (k > 1 or samples > 1)
+    max_tokens: int = 256
+    template: str = "r1_zero"
+    reward_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for key in ("n", "k", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval: {key} must be >= 1, got {getattr(self, key)}")
+        if self.samples is not None and self.samples < self.k:
+            raise ConfigError(f"eval: pass@{self.k} needs samples >= k, got samples={self.samples}")
+
+    @property
+    def n_samples(self) -> int:
+        return self.samples or self.k
+
+
+def evaluate(llm, cfg: EvalConfig) -> dict:
+    """Accuracy of `llm`'s model on cfg.n held-out problems; a JSON-ready dict."""
+    rows = get_task(cfg.task, **cfg.task_knobs).rows(cfg.split, cfg.n, cfg.seed)
+    m = cfg.n_samples
+    greedy = m == 1
+    rewards = RewardSet("accuracy,format", timeout_s=cfg.reward_timeout_s)
+    start = time.perf_counter()
+    try:
+        r = generate(llm, rows, n=m, temperature=0.0 if greedy else cfg.temperature, max_tokens=cfg.max_tokens,
+                     seed=None if greedy else cfg.seed, template=cfg.template, rewards=rewards)
+    finally:
+        rewards.close()
+    completions = [c for g in r.groups for c in g]
+    correct = [[c.rewards["accuracy"] == 1.0 for c in g] for g in r.groups]
+    out = {
+        "task": cfg.task, **({"task_knobs": cfg.task_knobs} if cfg.task_knobs else {}),
+        "split": cfg.split, "n": len(rows), "seed": cfg.seed,
+        "decoding": "greedy" if greedy else f"sampled, temperature {cfg.temperature}, {m} per problem",
+        "accuracy": sum(map(sum, correct)) / max(len(completions), 1),
+    }
+    if cfg.k > 1 or not greedy:
+        out[f"pass@{cfg.k}"] = sum(pass_at_k(m, sum(c), cfg.k) for c in correct) / max(len(rows), 1)
+    out.update({
+        "format": sum(c.rewards["format"] == 1.0 for c in completions) / max(len(completions), 1),
+        "unjudged": sum(c.rewards["accuracy"] is None for c in completions),
+        "completion_tokens": r.tokens / max(len(completions), 1),
+        "truncated": sum(c.truncated for c in completions) / max(len(completions), 1),
+        "seconds": round(time.perf_counter() - start, 3),
+        "tokens_per_s": round(r.tokens_per_s, 1),
+    })
+    return out
+
+
+def load_llm(checkpoint, device: str = "auto"):
+    """A checkpoint directory on the engine: fp32 on a CPU (bf16 matmuls are slow there), its own dtype elsewhere."""
+    import torch
+
+    from seekforge.engine import LLM
+    from seekforge.train.optim import pick_device
+
+    dev = pick_device(device)
+    return LLM(str(checkpoint), device=str(dev), dtype=torch.float32 if dev.type == "cpu" else None)

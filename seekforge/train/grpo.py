@@ -1,0 +1,550 @@
+"""GRPO with rule-based rewards (DeepSeek-R1), with the DAPO and Dr. GRPO fixes as options.
+
+    seekforge grpo --from runs/base/final --task chain_sum --out runs/rl                  # R1-Zero
+    seekforge grpo --from ckpt --task arithmetic --out runs/rl loss_type=dapo eps_high=0.28 dynamic_sampling=true
+
+One step: take `prompts_per_step` training problems, sample `group_size` completions of each on the
+inference engine, which runs the policy's own weights in place (no copy, no save/load round trip);
+score them with the reward functions (each behind a timeout and an exception barrier); turn rewards
+into group-relative advantages; then `mu` optimizer updates over the batch with the clipped objective
+of seekforge.train.rl_loss (optionally KL to the frozen initial model, k3 estimator). With dynamic
+sampling, groups whose rewards are all equal (no signal) are dropped and more problems are sampled to
+refill the batch. Completions cut off by max_tokens are left out of the loss (mask_truncated).
+
+The update packs each group into one row: the prompt once, then its completions, each attending to the
+prompt and to itself only (block mask, positions restarting after the prompt). The logits are those of
+separate sequences (tested), for a fraction of the tokens: with R1-Zero's long template the prompt is
+most of every sequence. Sequences whose advantage is 0 (all-equal groups) carry no gradient when
+beta = 0, so they are not run through the update at all; the loss normalisers still count them, so the
+result is the same.
+
+Checkpoints, resume, metrics.jsonl, TensorBoard and the report work as in pretraining. Metrics records
+carry step = number of updates done: step 0 is the held-out evaluation of the initial model.
+DIR/final holds the trained policy in Hugging Face layout with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from seekforge.configio import load_config, save_config, to_dict
+from seekforge.errors import ConfigError
+from seekforge.tasks import Row, get_task
+from seekforge.train.balance import update_expert_bias
+from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
+from seekforge.train.metrics import MetricsLogger, ProgressBar
+from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
+from seekforge.train.pretrain import TrainingStopped
+from seekforge.train.rl_loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal,
+                                     policy_loss, token_entropy, token_logprobs)
+from seekforge.train.sample import RewardSet, Rollouts, Template, generate
+from seekforge.train.schedule import LRSchedule
+
+
+@dataclass
+class GRPOConfig:
+    init_from: str = ""  # the starting checkpoint (HF layout with its tokenizer): a base model for R1-Zero
+    task: str = "chain_sum"
+    task_knobs: dict = field(default_factory=dict)
+    template: Template = "r1_zero"
+    # reward functions: names (accuracy, format, length, repetition), "file.py:function", or
+    # {name: ..., option: value}; a comma-separated string or a list
+    rewards: str | list = "accuracy,format"
+    reward_weights: list[float] | None = None
+    reward_timeout_s: float = 5.0
+    # rollouts
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8  # G
+    max_tokens: int = 256  # completion budget
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dynamic_sampling: bool = False  # DAPO: drop all-equal groups and refill
+    max_sampling_rounds: int = 4  # refills per step at most
+    mask_truncated: bool = True  # leave completions cut by max_tokens out of the loss
+    # objective
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO clip-higher: 0.28
+    beta: float = 0.0  # KL weight to the frozen initial model (R1: 0.001)
+    mu: int = 1  # optimizer updates per batch of rollouts
+    micro_batch_size: int = 64  # sequences per forward/backward
+    # optimizer: AdamW; warm-up, constant, optional cosine decay to final_lr
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    final_lr: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    bias_update_speed: float = 0.0  # auxiliary-loss-free balancing during RL (0: routing bias frozen)
+    # evaluation (greedy, held-out test split), checkpoints, logging
+    eval_every: int = 25
+    eval_n: int = 500
+    eval_seed: int = 0
+    eval_max_tokens: int | None = None  # default: max_tokens
+    save_every: int = 25
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    engine: dict = field(default_factory=dict)  # seekforge.LLM keyword arguments (max_num_seqs, ...)
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "prompts_per_step", "max_tokens", "max_sampling_rounds", "mu", "micro_batch_size",
+                    "eval_every", "eval_n", "save_every", "keep_last", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"grpo config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.group_size < 2:
+            raise ConfigError(f"grpo config: group_size must be >= 2 (advantages are relative to the group), "
+                              f"got {self.group_size}")
+        if self.loss_type not in LOSS_TYPES or self.scale_rewards not in SCALES:
+            raise ConfigError(f"grpo config: loss_type must be one of {LOSS_TYPES}, scale_rewards one of {SCALES}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ConfigError(f"grpo config: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.beta < 0 or self.temperature <= 0:
+            raise ConfigError("grpo config: beta must be >= 0 and temperature > 0 (rollouts are sampled)")
+        if self.warmup_steps + self.decay_steps > self.steps:
+            raise ConfigError(f"grpo config: warmup_steps + decay_steps ({self.warmup_steps + self.decay_steps}) "
+                              f"exceed steps ({self.steps})")
+
+    def schedule(self) -> LRSchedule:
+        final = self.final_lr if self.decay_steps else self.lr
+        return LRSchedule(peak_lr=self.lr, warmup_steps=self.warmup_steps,
+                          constant_steps=self.steps - self.warmup_steps - self.decay_steps,
+                          decay_steps=self.decay_steps, final_lr=final)
+
+    def fingerprint(self) -> str:
+        free = {"eval_every", "eval_n", "eval_seed", "eval_max_tokens", "save_every", "keep_last", "max_bad_steps",
+                "device", "progress", "tensorboard", "engine", "reward_timeout_s", "micro_batch_size"}
+        return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
+
+
+def load_grpo_config(name_or_path: str | None, overrides: list[str] = ()) -> GRPOConfig:
+    return load_config(GRPOConfig, name_or_path or "default", {"default": {}}, list(overrides))
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") % 2**62
+
+
+class PromptStream:
+    """An endless, seeded stream of training problems with a resumable cursor."""
+
+    CHUNK = 1024
+
+    def __init__(self, task, seed: int):
+        self.task, self.seed, self.cursor = task, seed, 0
+        self._chunk: tuple[int, list[Row]] | None = None
+
+    def _rows(self, chunk: int) -> list[Row]:
+        if self._chunk is None or self._chunk[0] != chunk:
+            self._chunk = (chunk, self.task.rows("train", self.CHUNK, _seed(self.seed, chunk)))
+        return self._chunk[1]
+
+    def take(self, n: int) -> list[Row]:
+        out = []
+        for _ in range(n):
+            out.append(self._rows(self.cursor // self.CHUNK)[self.cursor % self.CHUNK])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+
+@dataclass
+class Sequences:
+    """The batch the update trains on: one entry per completion, each pointing at its group's prompt."""
+
+    prompts: list[list[int]]  # one per group
+    group: list[int]  # group (prompt) of each completion
+    completions: list[list[int]]
+    advantages: torch.Tensor  # [N]
+    trained: torch.Tensor  # [N] bool: the completion enters the loss (not empty, not masked as truncated)
+
+
+@dataclass
+class PackedBatch:
+    """Groups packed one per row: the prompt once, then its completions, each attending to the prompt and
+    to itself only (block mask, positions restarting after the prompt). Identical logits to one sequence
+    per completion, for a fraction of the tokens: the prompt is computed once per group, not G times."""
+
+    index: list[int]  # the completions (indices into Sequences) of this micro-batch, in row order
+    tokens: torch.Tensor  # [b, L]
+    positions: torch.Tensor | None  # [b, L]; None: one completion per row, plain causal attention
+    mask: torch.Tensor | None  # [b, L, L] bool, True = may attend
+    source: torch.Tensor  # [n, T] flat index (row * L + position) of the hidden state predicting each token
+    targets: torch.Tensor  # [n, T] the completion tokens
+    target_mask: torch.Tensor  # [n, T] bool
+
+
+def pack_groups(seqs: Sequences, rows: list[list[int]], pad_id: int, device) -> PackedBatch:
+    """rows: per packed row, the completions (all of one group) it holds."""
+    lengths = [len(seqs.prompts[seqs.group[r[0]]]) + sum(len(seqs.completions[i]) for i in r) for r in rows]
+    L = max(lengths)
+    b = len(rows)
+    tokens = torch.full((b, L), pad_id, dtype=torch.long)
+    positions = torch.zeros(b, L, dtype=torch.long)
+    mask = torch.eye(L, dtype=torch.bool).repeat(b, 1, 1)  # padding attends to itself only
+    index = [i for r in rows for i in r]
+    T = max(len(seqs.completions[i]) for i in index)
+    source = torch.zeros(len(index), T, dtype=torch.long)
+    targets = torch.zeros(len(index), T, dtype=torch.long)
+    target_mask = torch.zeros(len(index), T, dtype=torch.bool)
+    n = 0
+    for row, members in enumerate(rows):
+        prompt = seqs.prompts[seqs.group[members[0]]]
+        P = len(prompt)
+        tokens[row, :P] = torch.tensor(prompt)
+        positions[row, :P] = torch.arange(P)
+        mask[row, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        offset = P
+        for i in members:
+            c = seqs.completions[i]
+            C = len(c)
+            span = slice(offset, offset + C)
+            tokens[row, span] = torch.tensor(c)
+            positions[row, span] = torch.arange(P, P + C)
+            mask[row, span, :P] = True
+            mask[row, span, span] = torch.ones(C, C, dtype=torch.bool).tril()
+            # token k of the completion is predicted at the prompt's last position (k = 0) or at token k - 1
+            source[n, :C] = row * L + torch.tensor([P - 1, *range(offset, offset + C - 1)])
+            targets[n, :C] = torch.tensor(c)
+            target_mask[n, :C] = True
+            offset += C
+            n += 1
+    if all(len(r) == 1 for r in rows):  # right-padded single sequences: causal attention needs no mask
+        positions = mask = None
+    return PackedBatch(index, tokens.to(device), None if positions is None else positions.to(device),
+                       None if mask is None else mask.to(device), source.to(device), targets.to(device),
+                       target_mask.to(device))
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
+        from seekforge.engine import LLM
+        from seekforge.hf import from_pretrained
+        from seekforge.tokenizer import Tokenizer
+
+        if not cfg.init_from:
+            raise ConfigError("grpo: say which checkpoint to start from (--from CKPT, a HF-layout directory)")
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = pick_device(cfg.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
+        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, fingerprint=cfg.fingerprint())
+        if self.ckpt.latest_dir() is not None and not resume:
+            raise ConfigError(f"{self.out} already holds a GRPO run; pass --resume to continue it or choose a new "
+                              f"--out directory")
+        if resume:
+            self.ckpt.verify_fingerprint(cfg.fingerprint())
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "grpo_config.yaml")
+        self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
+        self.task = get_task(cfg.task, **cfg.task_knobs)
+        torch.manual_seed(cfg.seed)
+        self.model = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train()
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
+        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.schedule = cfg.schedule()
+        self.prompts = PromptStream(self.task, cfg.seed)
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_weights, cfg.reward_timeout_s)
+        self.step = 0
+        loaded = self.ckpt.load_latest(map_location=self.device) if resume else None
+        if loaded is not None:
+            self._restore(loaded[1])
+        # the engine computes with self.model's own parameters: every update is live at the next rollout
+        engine = {"max_num_seqs": max(256, cfg.prompts_per_step * cfg.group_size), **cfg.engine}  # a step at once
+        self.llm = LLM(self.model, self.tokenizer, **engine)
+        self.metrics = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
+                                     resume_step=self.step if loaded is not None else -1)
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "prompts": self.prompts.state_dict(), "rng": rng_state(), "step": self.step}
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.prompts.load_state_dict(state["prompts"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    # ---------------------------------------------------------------- rollouts
+    def _totals(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-function rewards [B, G, F] (NaN = unjudged) and the combined totals [B, G]."""
+        names = self.rewards.names
+        per_fn = torch.tensor([[[math.nan if c.rewards[n] is None else c.rewards[n] for n in names] for c in group]
+                               for group in r.groups], dtype=torch.float64)
+        return per_fn, combine_rewards(per_fn, self.rewards.weights)
+
+    def rollout(self) -> tuple[list[tuple[Rollouts, torch.Tensor, torch.Tensor]], dict]:
+        """Sample and score this step's groups (refilling under dynamic sampling). Returns the kept parts
+        as (rollouts, per-function rewards, totals) and rollout statistics."""
+        cfg = self.cfg
+        kept, need = [], cfg.prompts_per_step
+        stats = {"groups_sampled": 0, "zero_std_groups": 0, "rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0,
+                 "sampling_rounds": 0}
+        for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            rows = self.prompts.take(need)
+            # a fresh prefix cache per call: rollouts then never depend on what an earlier call left
+            # there, so a resumed run repeats the uninterrupted one exactly
+            self.llm.reset_prefix_cache()
+            start = time.perf_counter()
+            r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
+            stats["rollout_s"] += r.seconds
+            stats["scoring_s"] += time.perf_counter() - start - r.seconds
+            stats["rollout_tokens"] += r.tokens
+            stats["sampling_rounds"] += 1
+            per_fn, totals = self._totals(r)
+            signal = groups_with_signal(totals)
+            stats["groups_sampled"] += len(rows)
+            stats["zero_std_groups"] += int((~signal).sum())
+            if cfg.dynamic_sampling:
+                keep = signal.nonzero().flatten().tolist()
+                if keep:
+                    kept.append((_subset(r, keep), per_fn[keep], totals[keep]))
+                need -= len(keep)
+                if need <= 0:
+                    break
+            else:
+                kept.append((r, per_fn, totals))
+        return kept, stats
+
+    def _sequences(self, parts) -> Sequences:
+        """Flatten the kept groups into training sequences with their advantages."""
+        cfg = self.cfg
+        totals = torch.cat([t for _, _, t in parts]) if parts else torch.zeros(0, cfg.group_size)
+        # one computation over every kept group, so that scale "batch" sees the whole step
+        adv = group_advantages(totals, cfg.scale_rewards)
+        prompts, group, completions, trained = [], [], [], []
+        for r, _, _ in parts:
+            for i, samples in enumerate(r.groups):
+                for c in samples:
+                    group.append(len(prompts))
+                    completions.append(c.token_ids)
+                    trained.append(bool(c.token_ids) and not (cfg.mask_truncated and c.truncated))
+                prompts.append(r.prompt_ids[i])
+        return Sequences(prompts, group, completions, adv.flatten().float(), torch.tensor(trained, dtype=torch.bool))
+
+    # ---------------------------------------------------------------- the update
+    def _logits(self, model, batch: PackedBatch) -> torch.Tensor:
+        """Logits [n, T, vocab] predicting every completion token of the batch."""
+        h = model.hidden(batch.tokens, batch.positions, batch.mask)
+        h = h.flatten(0, 1)[batch.source]
+        return model.head(model.norm(h))
+
+    def _micro_batches(self, seqs: Sequences, active: list[int]) -> list[PackedBatch]:
+        """Active completions in rows (longest first), about micro_batch_size completions per batch. A row
+        holds a whole group behind its prompt when prompts are at least as long as completions on average
+        (R1-Zero's template: the prompt is then computed once instead of G times); with long completions
+        the block-masked rows would cost more attention than they save, so each completion gets its own."""
+        by_group: dict[int, list[int]] = {}
+        for i in active:
+            by_group.setdefault(seqs.group[i], []).append(i)
+        prompt_len = sum(len(seqs.prompts[seqs.group[i]]) for i in active) / len(active)
+        completion_len = sum(len(seqs.completions[i]) for i in active) / len(active)
+        grouped = list(by_group.values()) if prompt_len >= completion_len else [[i] for i in active]
+        rows = sorted(grouped, key=lambda r: -sum(len(seqs.completions[i]) for i in r))
+        batches, current = [], []
+        for row in rows:
+            current.append(row)
+            if sum(map(len, current)) >= self.cfg.micro_batch_size:
+                batches.append(current)
+                current = []
+        if current:
+            batches.append(current)
+        return [pack_groups(seqs, b, self.tokenizer.pad_id, self.device) for b in batches]
+
+    def update(self, seqs: Sequences) -> dict:
+        cfg, model = self.cfg, self.model
+        n_seq = int(seqs.trained.sum())
+        n_tok = sum(len(c) for c, tr in zip(seqs.completions, seqs.trained.tolist()) if tr)
+        # sequences with A = 0 add nothing to the loss's gradient unless a KL term pulls on them
+        active = [i for i in range(len(seqs.completions))
+                  if seqs.trained[i] and (cfg.beta > 0 or seqs.advantages[i] != 0)]
+        record = {"sequences": len(seqs.completions), "trained_sequences": len(active)}
+        if not active:
+            return {**record, "skipped": True, "reason": "no sequence with a learning signal"}
+        batches = self._micro_batches(seqs, active)
+        old, ref = {}, {}
+        with torch.no_grad(), self._autocast():
+            for b, batch in enumerate(batches):
+                if cfg.mu > 1:
+                    old[b] = token_logprobs(self._logits(model, batch), batch.targets)
+                if self.ref is not None:
+                    ref[b] = token_logprobs(self._logits(self.ref, batch), batch.targets)
+        sums = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        grad_norm, lr = math.nan, self.schedule.lr(self.step)
+        set_lr(self.optimizer, lr)
+        for it in range(cfg.mu):
+            loads = None
+            finite = True
+            for b, batch in enumerate(batches):
+                with self._autocast():
+                    logits = self._logits(model, batch)
+                logp = token_logprobs(logits, batch.targets)
+                out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
+                                  batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+                                  eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref.get(b), max_tokens=cfg.max_tokens,
+                                  num_sequences=n_seq, num_tokens=n_tok)
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    break
+                out.loss.backward()
+                step_loads = [m.load.detach() for m in model.moe_layers() if m.load is not None]
+                loads = step_loads if loads is None else [a + c for a, c in zip(loads, step_loads)]
+                if it == cfg.mu - 1:  # statistics of the last pass
+                    with torch.no_grad():
+                        sums["entropy"] += float((token_entropy(logits.detach()) * batch.target_mask).sum())
+                    sums["loss"] += float(out.loss.detach())
+                    for key in ("clipped_low", "clipped_high", "kl", "tokens"):
+                        sums[key] += getattr(out, key)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan
+            if not (finite and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                return {**record, "skipped": True, "reason": "non-finite loss or gradients", "lr": lr}
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if loads:
+                update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
+        self.llm.reset_prefix_cache()  # cached prompt latents belong to the old weights
+        tokens = max(sums["tokens"], 1.0)
+        record.update(skipped=False, lr=lr, grad_norm=grad_norm, loss=sums["loss"],
+                      clip_low=sums["clipped_low"] / tokens, clip_high=sums["clipped_high"] / tokens,
+                      clip_fraction=(sums["clipped_low"] + sums["clipped_high"]) / tokens,
+                      entropy=sums["entropy"] / tokens)
+        if self.ref is not None:
+            record["kl"] = sums["kl"] / tokens
+        return record
+
+    # ---------------------------------------------------------------- the loop
+    def _reward_stats(self, parts) -> dict:
+        out: dict = {}
+        if not parts:
+            return out
+        per_fn = torch.cat([p for _, p, _ in parts])  # [B, G, F]
+        totals = torch.cat([t for _, _, t in parts])
+        valid = totals[~totals.isnan()]
+        out["reward"] = float(valid.mean()) if valid.numel() else math.nan
+        stds = [g[~g.isnan()].std() for g in totals if int((~g.isnan()).sum()) > 1]
+        out["std_reward"] = float(torch.stack(stds).mean()) if stds else math.nan  # within groups
+        for f, name in enumerate(self.rewards.names):
+            vals = per_fn[..., f][~per_fn[..., f].isnan()]
+            out[f"reward_{name}"] = float(vals.mean()) if vals.numel() else math.nan
+            out[f"std_reward_{name}"] = float(vals.std()) if vals.numel() > 1 else 0.0
+        if "accuracy" in self.rewards.names:
+            out["accuracy"] = out["reward_accuracy"]
+        lengths = [len(c.token_ids) for r, _, _ in parts for g in r.groups for c in g]
+        truncated = [c.truncated for r, _, _ in parts for g in r.groups for c in g]
+        out["completion_length"] = sum(lengths) / max(len(lengths), 1)
+        out["completion_length_max"] = max(lengths, default=0)
+        out["truncated"] = sum(truncated) / max(len(truncated), 1)
+        for name, counters in self.rewards.counters().items():
+            out[f"errors_{name}"] = counters["errors"] + counters["crashes"]
+            out[f"timeouts_{name}"] = counters["timeouts"]
+        return out
+
+    def evaluate(self) -> dict:
+        from seekforge.evaluate import EvalConfig, evaluate
+
+        cfg = self.cfg
+        result = evaluate(self.llm, EvalConfig(task=cfg.task, task_knobs=cfg.task_knobs, n=cfg.eval_n,
+                                               seed=cfg.eval_seed, max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
+                                               template=cfg.template, reward_timeout_s=cfg.reward_timeout_s))
+        keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")
+        return {k: result[k] for k in keep}
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        last: dict = {}
+        bad = 0
+        try:
+            if self.step == 0:
+                self.metrics.log(0, self.evaluate(), kind="eval")
+            with ProgressBar(cfg.steps, start_step=self.step, desc="grpo", disable=not cfg.progress) as bar:
+                while self.step < cfg.steps:
+                    start = time.perf_counter()
+                    parts, stats = self.rollout()
+                    seqs = self._sequences(parts)
+                    t_update = time.perf_counter()
+                    record = self.update(seqs)
+                    record["update_s"] = time.perf_counter() - t_update
+                    record.update(self._reward_stats(parts))
+                    record.update(rollout_s=stats["rollout_s"], scoring_s=stats["scoring_s"],
+                                  rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_s"], 1e-9),
+                                  zero_std_groups=stats["zero_std_groups"] / max(stats["groups_sampled"], 1),
+                                  groups=len(seqs.prompts), sampling_rounds=stats["sampling_rounds"],
+                                  step_s=time.perf_counter() - start)
+                    self.step += 1
+                    if record.get("skipped") and record.get("reason", "").startswith("non-finite"):
+                        bad += 1
+                        bar.write(f"step {self.step}: non-finite loss or gradients, update skipped ({bad} in a row)")
+                        if bad >= cfg.max_bad_steps:
+                            self.metrics.log(self.step, record)
+                            raise TrainingStopped(
+                                f"{bad} non-finite updates in a row at step {self.step}; stopped. The last good "
+                                f"checkpoint in {self.ckpt.dir} is intact: lower lr, then resume")
+                    else:
+                        bad = 0
+                    self.metrics.log(self.step, record)
+                    bar.update(self.step, loss=record.get("loss"), lr=record.get("lr"),
+                               tokens_per_s=record["rollout_tokens_per_s"])
+                    last = record
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        result = self.evaluate()
+                        self.metrics.log(self.step, result, kind="eval")
+                        last = {**record, "eval_accuracy": result["accuracy"]}
+                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                        self.ckpt.save(self.step, self._state())
+        finally:
+            self.metrics.close()
+            self.rewards.close()
+        return last
+
+    def export(self) -> Path:
+        final = self.out / "final"
+        self.model.save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+        return final
+
+
+def _subset(r: Rollouts, keep: list[int]) -> Rollouts:
+    return Rollouts([r.rows[i] for i in keep], [r.prompts[i] for i in keep], [r.prompt_ids[i] for i in keep],
+                    [r.groups[i] for i in keep], r.seconds, r.tokens)
+
+
+def run(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
+    trainer = GRPOTrainer(cfg, out_dir, resume=resume)
+    last = trainer.train()
+    trainer.export()
+    if report:
+        from seekforge.report import write_report
+
+        write_report(out_dir)
+    return last

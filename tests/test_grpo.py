@@ -1,0 +1,185 @@
+"""GRPO end to end on a tiny random model: rollouts on the engine, updates, checkpoints, exact resume,
+reward functions that raise or hang, dynamic sampling, KL, mu > 1, and the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekforge.errors import ConfigError
+from seekforge.model import ModelConfig, Transformer
+from seekforge.tasks import get_task, r1_zero_prompt
+from seekforge.tokenizer import Tokenizer
+from seekforge.train.grpo import GRPOTrainer, Sequences, load_grpo_config, pack_groups
+from seekforge.train.rl_loss import token_logprobs
+
+REWARDS_FILE = '''
+import os, time
+
+def digits(prompt, completion, **kw):
+    """A dense signal a random model can climb: the share of digits in the completion."""
+    return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
+
+def boom(prompt, completion, **kw):
+    raise RuntimeError("this reward always fails")
+
+def sleepy(prompt, completion, **kw):
+    flag = os.environ["SLEEPY_FLAG"]
+    if not os.path.exists(flag):  # hang once (the worker is killed and replaced), then answer at once
+        open(flag, "w").close()
+        time.sleep(30)
+    return 0.0
+'''
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random tiny MoE + MLA + MTP model with a tokenizer trained on the task's text."""
+    path = tmp_path_factory.mktemp("base")
+    rows = get_task("chain_sum").rows("train", 200, 0)
+    texts = [r1_zero_prompt(r.prompt) + "\n" + r.solution + "\n</think>\n<answer>" + r.answer + "</answer>"
+             for r in rows]
+    tok = Tokenizer.train(texts, 320)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
+                                             n_layers=2, max_seq_len=512)
+    Transformer(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _config(base, tmp_path, *extra):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARDS_FILE)
+    return load_grpo_config(None, [
+        f"init_from={base}", "task=chain_sum", "steps=4", "prompts_per_step=2", "group_size=4", "max_tokens=12",
+        "lr=1e-3", "mask_truncated=false", "eval_every=100", "eval_n=4", "save_every=1", "micro_batch_size=4",
+        f"rewards=[accuracy, format, {rewards}:digits]", "progress=false", "tensorboard=false", *extra])
+
+
+def _records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_runs_checkpoints_and_resumes_exactly(base, tmp_path):
+    cfg = _config(base, tmp_path)
+    full = GRPOTrainer(cfg, tmp_path / "full")
+    full.train()
+    want = _records(tmp_path / "full")
+
+    # the same run, interrupted after two updates, then resumed
+    first = GRPOTrainer(cfg, tmp_path / "cut")
+    real_update, calls = first.update, []
+
+    def update_then_stop(seqs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_update(seqs)
+
+    first.update = update_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = GRPOTrainer(cfg, tmp_path / "cut", resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    got = _records(tmp_path / "cut")
+
+    def view(records):
+        keys = ("reward", "reward_digits", "loss", "completion_length", "grad_norm")
+        return [(r["step"], r.get("kind", "train"), *(r.get(k) for k in keys)) for r in records]
+
+    assert view(got) == view(want)  # rollouts, rewards and updates repeat exactly across the resume
+    steps = [r["step"] for r in want]
+    assert steps == [0, 1, 2, 3, 4, 4] and want[0]["kind"] == "eval" and want[-1]["kind"] == "eval"
+    trained = [r for r in want if r.get("kind") != "eval"]
+    assert all(not r["skipped"] for r in trained), trained
+    for key in ("reward", "std_reward", "reward_accuracy", "std_reward_format", "reward_format", "reward_digits", "accuracy",
+                "zero_std_groups", "completion_length", "clip_fraction", "entropy", "rollout_tokens_per_s",
+                "rollout_s", "update_s", "grad_norm"):
+        assert key in trained[-1], key
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_reward_that_raises_or_hangs_does_not_stop_training(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLEEPY_FLAG", str(tmp_path / "slept"))
+    rewards = tmp_path / "my_rewards.py"
+    cfg = _config(base, tmp_path, "steps=2", "reward_timeout_s=1",
+                  f"rewards=[accuracy, {rewards}:digits, {rewards}:boom, {rewards}:sleepy]")
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    trainer.train()
+    last = [r for r in _records(tmp_path / "run") if r.get("kind") != "eval"][-1]
+    assert last["step"] == 2 and not last["skipped"]
+    assert last["errors_boom"] == 2 * 2 * 4  # every call of both steps failed, and was counted
+    assert last["timeouts_sleepy"] == 1
+
+
+def test_dynamic_sampling_kl_and_several_inner_iterations(base, tmp_path):
+    cfg = _config(base, tmp_path, "steps=2", "dynamic_sampling=true", "max_sampling_rounds=3", "loss_type=dapo",
+                  "eps_high=0.28", "beta=0.01", "mu=2", "scale_rewards=batch")
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    trainer.train()
+    trained = [r for r in _records(tmp_path / "run") if r.get("kind") != "eval"]
+    assert all(not r["skipped"] and r["kl"] >= 0 for r in trained)
+    assert all(r["sampling_rounds"] >= 1 and r["groups"] <= 2 for r in trained)
+    assert trained[-1]["kl"] > 0  # two updates moved the policy away from the reference
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_bad_configs_are_refused(base, tmp_path):
+    with pytest.raises(ConfigError, match="group_size"):
+        _config(base, tmp_path, "group_size=1")
+    with pytest.raises(ConfigError, match="loss_type"):
+        _config(base, tmp_path, "loss_type=ppo")
+    cfg = _config(base, tmp_path, "steps=1")
+    GRPOTrainer(cfg, tmp_path / "run").train()
+    with pytest.raises(ConfigError, match="--resume"):
+        GRPOTrainer(cfg, tmp_path / "run")
+
+
+def test_cli_grpo_then_eval(base, tmp_path, capsys):
+    from seekforge.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["grpo", "--from", str(base), "--task", "chain_sum", "--out", str(out), "steps=1", "prompts_per_step=2",
+                 "group_size=2", "max_tokens=8", "eval_n=2", "progress=false", "tensorboard=false"]) == 0
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert (out / "report.md").is_file() and (out / "plots" / "rewards.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out / "final"), "--task", "chain_sum", "--n", "3", "--k", "2", "--max-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 3 and 0 <= result["accuracy"] <= 1 and "pass@2" in result
+    assert main(["grpo", "--from", str(base), "--task", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
+    from seekforge.hf import from_pretrained
+
+    model = from_pretrained(base, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 11)]
+    completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (3, 1, 6, 4, 2)]
+    group = [0, 0, 0, 1, 1]
+    seqs = Sequences(prompts, group, completions, torch.zeros(5), torch.ones(5, dtype=torch.bool))
+    batch = pack_groups(seqs, [[3, 4], [0, 1, 2]], pad_id=0, device="cpu")
+    with torch.no_grad():
+        h = model.hidden(batch.tokens, batch.positions, batch.mask).flatten(0, 1)[batch.source]
+        packed = token_logprobs(model.head(model.norm(h)), batch.targets)
+        for row, i in enumerate(batch.index):
+            full = torch.tensor([prompts[group[i]] + completions[i]])
+            want = token_logprobs(model(full)[:, :-1], full[:, 1:])[0, -len(completions[i]):]
+            got = packed[row, :len(completions[i])]
+            assert torch.allclose(got, want, atol=1e-5), (i, got, want)
+    assert batch.target_mask.sum(-1).tolist() == [4, 2, 3, 1, 6]
+    # one completion per row: plain causal attention over right-padded rows, same logprobs
+    single = pack_groups(seqs, [[2], [0], [3]], pad_id=0, device="cpu")
+    assert single.mask is None and single.positions is None
+    with torch.no_grad():
+        h = model.hidden(single.tokens).flatten(0, 1)[single.source]
+        again = token_logprobs(model.head(model.norm(h)), single.targets)
+    for row, i in enumerate(single.index):
+        want = packed[batch.index.index(i), :len(completions[i])]
+        assert torch.allclose(again[row, :len(completions[i])], want, atol=1e-5)

@@ -1,0 +1,219 @@
+"""SFT: assistant-only loss masks, packing, exact resume of the data position, logit distillation,
+rejection sampling into SFT rows, and `seekforge sft` / `seekforge distill` end to end on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from seekforge.errors import ConfigError, DataError
+from seekforge.model import ModelConfig, Transformer
+from seekforge.tasks import get_task, r1_zero_prompt
+from seekforge.tokenizer import ASSISTANT, Tokenizer
+from seekforge.train.sample import SampleConfig, is_correct, rejection_sample
+from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, load_sft_config, pack, read_examples,
+                                 tokenize_row)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rows = get_task("chain_sum").rows("train", 200, 0)
+    texts = [r1_zero_prompt(r.prompt) + "\n" + r.solution + "\n</think>\n<answer>" + r.answer + "</answer>"
+             for r in rows]
+    return Tokenizer.train(texts, 320)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
+                                             n_layers=2, max_seq_len=512)
+    Transformer(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _targets(example, tok):
+    return tok.decode([t for t, keep in zip(example.ids, example.target) if keep])
+
+
+def test_prompt_completion_rows_train_on_the_completion_and_eos_only(tok):
+    ex = tokenize_row({"prompt": "What is 2 + 3?", "completion": " 5"}, tok)
+    assert ex.ids[0] == tok.bos_id and ex.ids[-1] == tok.eos_id
+    assert _targets(ex, tok) == " 5" + tok.eos_token
+    assert not any(ex.target[:len(tok.encode("What is 2 + 3?")) + 1])
+    every = tokenize_row({"prompt": "What is 2 + 3?", "completion": " 5"}, tok, completion_only=False)
+    assert all(every.target)
+
+
+def test_chat_rows_train_on_every_assistant_turn_only(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"},
+                {"role": "assistant", "content": "2"}, {"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "4"}]
+    ex = tokenize_row({"messages": messages}, tok)
+    assert _targets(ex, tok) == "2" + tok.eos_token + "4" + tok.eos_token
+    marker = tok.token_to_id(ASSISTANT)
+    assert sum(t == marker for t in ex.ids) == 2
+    with pytest.raises(DataError, match="no assistant turn"):
+        tokenize_row({"messages": messages[:2]}, tok)
+    with pytest.raises(DataError, match="prompt"):
+        tokenize_row({"text": "hello"}, tok)
+
+
+def test_first_fit_packing_by_hand():
+    # width 8: 5 + 3 fill the first row, 4 opens a second, 2 joins it, 9 is cut to a row of its own
+    assert pack([5, 3, 4, 2, 9], [0, 1, 2, 3, 4], 8) == [[0, 1], [2, 3], [4]]
+    assert pack([5, 3, 4, 2], [2, 0, 3, 1], 8) == [[2, 3], [0, 1]]
+
+
+def test_collate_shifts_labels_and_ignores_untrained_tokens():
+    from seekforge.train.sft import Example
+
+    a = Example([10, 11, 12, 13], [False, False, True, True])
+    b = Example([20, 21, 22], [False, True, True])
+    batch = collate([a, b], [[0, 1]], 8, pad_id=0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 20, 21, 22]]
+    # labels[t] = ids[t + 1] where token t + 1 is trained; the last position (padding) has none
+    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 21, 22, IGNORE]]
+    single = collate([a, b], [[0], [1]], None, pad_id=0)
+    assert single["input_ids"].shape == (2, 3) and single["labels"].tolist()[1] == [21, 22, IGNORE]
+
+
+def test_loader_resumes_exactly_across_epochs(tok):
+    rows = get_task("chain_sum").rows("train", 30, 1)
+    examples = [tokenize_row({"prompt": r1_zero_prompt(r.prompt), "completion": r.solution}, tok) for r in rows]
+    a = SFTLoader(examples, 300, 4, tok.pad_id, seed=3)
+    for _ in range(5):
+        next(a)
+    b = SFTLoader(examples, 300, 4, tok.pad_id, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(12):  # well past an epoch
+        x, y = next(a), next(b)
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    with pytest.raises(ConfigError, match="same --data"):
+        SFTLoader(examples[:-1], 300, 4, tok.pad_id, seed=3).load_state_dict(a.state_dict())
+
+
+def test_distillation_kl_by_hand():
+    t = torch.tensor([[[math.log(0.5), math.log(0.5)]]])
+    s = torch.tensor([[[math.log(0.25), math.log(0.75)]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert abs(float(distillation_kl(s, t, mask)) - want) < 1e-6
+    # temperature 2: both distributions flatten, scaled by T^2
+    pt = torch.softmax(t / 2, -1)[0, 0]
+    ps = torch.softmax(s / 2, -1)[0, 0]
+    want2 = 4 * float((pt * (pt / ps).log()).sum())
+    assert abs(float(distillation_kl(s, t, mask, 2.0)) - want2) < 1e-6
+    assert float(distillation_kl(t, t, mask)) == 0
+    assert float(distillation_kl(s, t, torch.zeros(1, 1, dtype=torch.bool))) == 0
+
+
+class ScriptedLLM:
+    """Stands in for the engine: answers every prompt with the scripted completions, in order."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts = tokenizer, texts
+
+    def generate(self, prompts, params):
+        from types import SimpleNamespace as NS
+
+        n = params[0].n if isinstance(params, list) else params.n
+        outs = []
+        for _ in prompts:
+            outs.append(NS(outputs=[NS(token_ids=self.tokenizer.encode(t), text=t, finish_reason="stop")
+                                    for t in self.texts[:n]]))
+        return outs
+
+
+def test_rejection_sampling_keeps_distinct_correct_answers(tok):
+    rows = get_task("chain_sum").rows("train", 3, 0)
+    right = f"\nok\n</think>\n<answer>{rows[0].answer}</answer>"
+    texts = [right, "\nno\n</think>\n<answer>-1</answer>", right, f"\nalso\n</think>\n<answer>{rows[0].answer}</answer>"]
+    cfg = SampleConfig(init_from="unused", task="chain_sum", n_prompts=1, n_per_prompt=4, max_per_prompt=0)
+    kept, stats = rejection_sample(ScriptedLLM(tok, texts), cfg)
+    assert [k["completion"] for k in kept] == [texts[0], texts[3]]  # the duplicate is dropped
+    assert stats["correct"] == 3 and stats["samples"] == 4 and stats["prompts_solved"] == 1
+    assert kept[0]["prompt"] == r1_zero_prompt(rows[0].prompt)
+    cfg = SampleConfig(init_from="unused", task="chain_sum", n_prompts=1, n_per_prompt=4)  # at most one
+    assert len(rejection_sample(ScriptedLLM(tok, texts), cfg)[0]) == 1
+    assert not is_correct({"accuracy": 1.0, "format": 0.0}) and not is_correct({"accuracy": None})
+
+
+def test_sft_end_to_end_resume_and_distillation(base, tmp_path):
+    from seekforge.cli import main
+    from seekforge.train.sft import SFTTrainer
+
+    rows = get_task("chain_sum").rows("train", 24, 0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution})
+                            + "\n" for r in rows))
+    common = ["seq_len=256", "batch_size=4", "steps=6", "warmup_steps=1", "constant_steps=3", "decay_steps=2",
+              "lr=3e-3", "save_every=3", "eval_every=3", "val_fraction=0.2", "progress=false", "tensorboard=false"]
+    assert main(["sft", "--from", str(base), "--data", str(data), "--out", str(tmp_path / "a"), *common]) == 0
+    assert (tmp_path / "a" / "final" / "tokenizer.json").is_file() and (tmp_path / "a" / "report.md").is_file()
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6)) and "eval_loss" in records[-1]
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    # stop after the step-3 checkpoint, resume: the same losses step by step
+    cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", *common])
+    trainer = SFTTrainer(cfg, tmp_path / "b")
+    real, calls = trainer.train_step, []
+
+    def stop_at_four():
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real()
+
+    trainer.train_step = stop_at_four
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    SFTTrainer(cfg, tmp_path / "b", resume=True).train()
+    again = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again] == [r["loss"] for r in records]
+
+    # logit distillation from the base itself into a smaller student trained from scratch
+    short = ["steps=2", "warmup_steps=1", "constant_steps=1", "decay_steps=0"]
+    assert main(["sft", "--from", str(base), "--data", str(data), "--out", str(tmp_path / "kd"), *common, *short,
+                 f"teacher={base}", "kd_weight=0.5", "kd_temperature=2.0"]) == 0
+    kd = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert kd[0]["loss"] != kd[0]["main_loss"]  # the KL term is part of the loss
+    with pytest.raises(ConfigError, match="teacher"):
+        load_sft_config(None, [f"data={data}", "kd_weight=0.5"])
+
+
+def test_distill_command_trains_and_evaluates_students(base, tmp_path, capsys, monkeypatch):
+    from seekforge.cli import main
+    from seekforge.train import distill
+
+    def fake_traces(cfg, llm, path):  # a random teacher solves nothing: feed gold solutions as its traces
+        rows = get_task(cfg.task).rows("train", 16, 0)
+        path.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution})
+                                + "\n" for r in rows))
+        return {"kept": len(rows)}
+
+    monkeypatch.setattr(distill, "sample_traces", fake_traces)
+    assert main(["distill", "--teacher", str(base), "--student-config", "tiny", "--student-config", "tiny",
+                 "--task", "chain_sum", "--out", str(tmp_path / "d"), "eval_n=3", "max_tokens=8", "progress=false",
+                 "student_overrides={dim: 32, n_layers: 1, n_dense_layers: 1, inter_dim: 64, n_mtp_modules: 0}",
+                 "train.steps=2", "train.warmup_steps=1", "train.constant_steps=1", "train.decay_steps=0",
+                 "train.seq_len=256", "train.batch_size=2", "train.tensorboard=false"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["students"]) == {"tiny", "tiny-2"}
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["students"]["tiny"]["parameters"] < summary["teacher_parameters"]
+    assert (tmp_path / "d" / "tiny-2" / "final" / "model.safetensors").is_file()
+    assert "accuracy" in summary["students"]["tiny"]["eval"]
+
+
+def test_read_examples_errors(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        read_examples(bad, tok)
+    with pytest.raises(DataError, match="not found"):
+        read_examples(tmp_path / "missing.jsonl", tok)
