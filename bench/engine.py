@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from seekforge import LLM, SamplingParams
-from seekforge.model import ModelConfig, Transformer
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+from ceilings import ceilings, machine  # noqa: E402
+
+from seekforge import LLM, SamplingParams  # noqa: E402
+from seekforge.model import ModelConfig, Transformer  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -58,6 +64,17 @@ def decode_rate(gen, prompts, new: int, repeats: int) -> float:
     t_first = best_of(repeats, lambda: gen(prompts, 1))
     t_all = best_of(repeats, lambda: gen(prompts, new))
     return prompts.shape[0] * (new - 1) / max(t_all - t_first, 1e-9)
+
+
+def decode_roofline(cfg: ModelConfig, copy_bytes_per_s: float, prompt: int, new: int, elsize: int) -> dict:
+    """Tokens/s at batch 1 if each step only read the active weights and the cache once, at the measured
+    device copy bandwidth (bytes read + written; on the H200 it matches read-only streaming, REFERENCE.md)."""
+    from seekforge.train.flops import active_matmul_params
+
+    weight_bytes = active_matmul_params(cfg) * elsize  # the head is read; the embedding row is negligible
+    cache_bytes = cfg.cache_bytes_per_token(elsize) * (prompt + new / 2)  # mean context over the generation
+    return {"active_weight_bytes": weight_bytes, "cache_bytes_per_step": cache_bytes,
+            "tokens_per_s": copy_bytes_per_s / (weight_bytes + cache_bytes)}
 
 
 def markov_corpus(vocab: int, length: int, seed: int) -> torch.Tensor:
@@ -109,6 +126,8 @@ def main() -> None:
                     help="torch CPU threads (1: stable figures on a shared machine, where a second OpenMP thread "
                          "that loses its core stalls every matmul)")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (GPU, bf16)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the captured decode step (with --cuda-graphs)")
+    ap.add_argument("--no-rollout", action="store_true", help="skip the RL-rollout figure")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -122,12 +141,15 @@ def main() -> None:
     model = Transformer(cfg).to(device=device, dtype=dtype).eval()
     results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                "model": f"{args.preset} with {args.layers} layers", "params": model.num_parameters(),
-               "transformers": transformers.__version__, "torch": torch.__version__}
+               "transformers": transformers.__version__, "torch": torch.__version__, "machine": machine(device),
+               "cuda_graphs": args.cuda_graphs, "compile": args.compile}
+    if device.type == "cuda":
+        results["ceilings"] = ceilings(device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     llm = LLM(model, max_num_seqs=max(128, *args.batches), max_model_len=cfg.max_seq_len,
-              max_num_batched_tokens=max(2048, args.prefill_len), cuda_graphs=args.cuda_graphs,
+              max_num_batched_tokens=max(2048, args.prefill_len), cuda_graphs=args.cuda_graphs, compile=args.compile,
               kv_cache_memory=8 << 30 if device.type == "cuda" else None)
     print(f"model: {results['model']}, {results['params']['total'] / 1e6:.1f}M parameters "
           f"({results['params']['active'] / 1e6:.1f}M active), {args.dtype} on {device}, {results['threads']} threads")
@@ -153,27 +175,34 @@ def main() -> None:
               f"({agree:.0%} of tokens before the first difference)")
         results[f"decode_batch{b}"] = {"transformers": hf_rate, "engine": eng_rate, "identical": f"{same}/{b}",
                                        "agreeing_prefix": agree}
+        if b == 1 and "ceilings" in results:
+            roof = decode_roofline(cfg, results["ceilings"]["copy_bytes_per_s"], args.prompt_len, args.new_tokens,
+                                   torch.finfo(dtype).bits // 8)
+            results["decode_batch1"]["roofline"] = {**roof, "engine_fraction": eng_rate / roof["tokens_per_s"]}
+            print(f"batch 1: {eng_rate:.1f} tok/s = {eng_rate / roof['tokens_per_s']:.1%} of the bandwidth roofline "
+                  f"({roof['tokens_per_s']:.0f} tok/s)")
 
     # RL rollouts: many prompts, n samples each, temperature 1 (what GRPO asks of the engine)
-    prompts = torch.randint(2, cfg.vocab_size, (16, args.prompt_len), generator=g).to(device)
-    n, new = 8, args.new_tokens
+    if not args.no_rollout:
+        prompts = torch.randint(2, cfg.vocab_size, (16, args.prompt_len), generator=g).to(device)
+        n, new = 8, args.new_tokens
 
-    def hf_rollout():
-        with torch.inference_mode():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=True, temperature=1.0, top_k=0, num_return_sequences=n, pad_token_id=0)
+        def hf_rollout():
+            with torch.inference_mode():
+                hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                            do_sample=True, temperature=1.0, top_k=0, num_return_sequences=n, pad_token_id=0)
 
-    def engine_rollout():
-        llm.reset_prefix_cache()
-        llm.generate(prompts.tolist(), SamplingParams(temperature=1.0, max_tokens=new, n=n, ignore_eos=True))
+        def engine_rollout():
+            llm.reset_prefix_cache()
+            llm.generate(prompts.tolist(), SamplingParams(temperature=1.0, max_tokens=new, n=n, ignore_eos=True))
 
-    hf_t = eng_t = float("inf")
-    for _ in range(args.repeats):
-        hf_t = min(hf_t, best_of(1, hf_rollout))
-        eng_t = min(eng_t, best_of(1, engine_rollout))
-    total = 16 * n * new
-    rows.append((f"rollout tok/s, 16 prompts x {n} samples, T=1", total / hf_t, total / eng_t))
-    results["rollout"] = {"transformers": total / hf_t, "engine": total / eng_t}
+        hf_t = eng_t = float("inf")
+        for _ in range(args.repeats):
+            hf_t = min(hf_t, best_of(1, hf_rollout))
+            eng_t = min(eng_t, best_of(1, engine_rollout))
+        total = 16 * n * new
+        rows.append((f"rollout tok/s, 16 prompts x {n} samples, T=1", total / hf_t, total / eng_t))
+        results["rollout"] = {"transformers": total / hf_t, "engine": total / eng_t}
 
     prompt = torch.randint(2, cfg.vocab_size, (1, args.prefill_len), generator=g).to(device)
     hf_t = eng_t = float("inf")

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 
-from seekforge.engine.kernels import paged_mla_decode, plan_paged_attention  # noqa: E402
+from seekforge.engine.kernels import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
 from seekforge.kernels.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
 
 C, R = 512, 64
@@ -125,7 +125,7 @@ def main() -> None:
         nbytes = (args.batch * args.context * (C + R) + q.numel() + q[..., :C].numel()) * q.element_size()
         flops = 2 * args.batch * args.queries * h * args.context * (2 * C + R)
         plan = plan_paged_attention(tables, pos, args.block_size, args.context)
-        ref = paged_mla_decode(q.float(), cache.float(), plan, SCALE, C)
+        ref = paged_mla_decode_reference(q.float(), cache.float(), plan, SCALE, C)
 
         def record(name, fn, cfg=None):
             try:
@@ -149,7 +149,7 @@ def main() -> None:
                                  device)
         entry = {"bytes": nbytes, "flops": flops}
         entry["triton"] = record("triton", lambda: paged_mla_decode_triton(q, cache, tables, pos, SCALE, C), default)
-        entry["reference"] = record("reference", lambda: paged_mla_decode(q, cache, plan, SCALE, C))
+        entry["reference"] = record("reference", lambda: paged_mla_decode_reference(q, cache, plan, SCALE, C))
         sweep = []
         for _, hh, cfg in jobs:
             if hh != h:

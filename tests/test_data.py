@@ -291,6 +291,25 @@ def test_render_example_continues_the_r1_zero_prompt():
         assert task.score(extract_answer(completion), row.answer, row.meta) == 1.0  # the RL reward's view
 
 
+def test_careless_documents_come_at_the_slip_rate():
+    import re
+
+    from seekforge.data.corpus import generate_documents
+    from seekforge.tasks.safe_eval import evaluate
+
+    tasks = {"chain_sum": {"max_value": 9}, "arithmetic": {}}
+    assert generate_documents(200, 0, tasks) == generate_documents(200, 0, tasks, slip_rate=0.0)
+    docs = generate_documents(2000, 0, tasks, slip_rate=0.4)
+    wrong = 0
+    for doc in docs:
+        if "\n= " in doc:  # a chain sum: is the answer the value of the question?
+            question = re.search(r"What is (.*)\?", doc).group(1)
+            wrong += evaluate(question) != int(re.findall(r"<answer>(.*?)</answer>", doc)[-1])
+    assert 0.35 * 1000 < wrong < 0.45 * 1000  # of the 1000 chain sums; arithmetic has no careless variant
+    with pytest.raises(ConfigError, match="slip_rate"):
+        generate_documents(10, 0, tasks, slip_rate=1.0)
+
+
 def test_builtin_dataset(tmp_path):
     from seekforge.data.corpus import build_builtin_dataset
 

@@ -234,19 +234,22 @@ def test_block_manager_hash_chain_refcounts_and_lru_eviction():
 
 
 @pytest.mark.gpu
-def test_cuda_engine_matches_transformers(checkpoint):
+@pytest.mark.parametrize("block_size", [16, None])  # None: the CUDA default (64), the kernel's one-block tiles
+def test_cuda_engine_matches_transformers(checkpoint, block_size):
     path, prompts, ref = checkpoint
-    llm = LLM(path, device="cuda", dtype="float32", block_size=16)
+    llm = LLM(path, device="cuda", dtype="float32", block_size=block_size)
     assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
     assert [llm.generate(p, FULL)[0].token_ids for p in prompts] == ref
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager_decode(tmp_path):
+@pytest.mark.parametrize("block_size, compile", [(16, False), (None, False), (None, True)])
+def test_cuda_graph_replay_matches_eager_decode(tmp_path, block_size, compile):
     from seekforge.engine.model_runner import Chunk
 
     save_hf("v3_sigmoid_grouped_qlora", tmp_path)
-    llm = LLM(tmp_path, device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=8, cuda_graphs=True)
+    llm = LLM(tmp_path, device="cuda", dtype="bfloat16", block_size=block_size, max_num_seqs=8, cuda_graphs=True,
+              compile=compile)
     assert sorted(llm.runner.graphs) == [1, 2, 4, 8]
     for p in make_prompts([5, 30, 17]):
         llm.add_request(p, FULL)
@@ -257,7 +260,9 @@ def test_cuda_graph_replay_matches_eager_decode(tmp_path):
         with torch.inference_mode():
             replayed = llm.runner.decode_logits(chunks).clone()
             eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks)))
-        torch.testing.assert_close(replayed, eager, atol=0.02, rtol=0.02)
+        # compiled kernels keep fp32 inside fused bf16 ops, so they round differently from eager ones
+        tol = 0.06 if compile else 0.02
+        torch.testing.assert_close(replayed, eager, atol=tol, rtol=tol)
     while llm.has_unfinished_requests():
         llm.step()
     outs = llm.generate(make_prompts([3, 9, 40, 2, 11]), FULL)

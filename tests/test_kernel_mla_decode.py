@@ -1,4 +1,4 @@
-"""The Triton MLA decode kernel against the PyTorch reference `seekforge.engine.kernels.paged_mla_decode`.
+"""The Triton MLA decode kernel against the PyTorch reference `seekforge.engine.kernels.paged_mla_decode_reference`.
 
 Without CUDA the kernel runs under Triton's interpreter on small shapes (the env var must be set before
 Triton is imported, and it then applies to every Triton kernel this process defines: on a CPU they could
@@ -16,7 +16,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from seekforge.engine.kernels import paged_mla_decode, plan_paged_attention  # noqa: E402
+from seekforge.engine.kernels import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
 
@@ -63,7 +63,7 @@ def _decode(q, cache, tables, pos, scale, c, **kw):
 def _reference(q, cache, tables, pos, scale, c):
     plan = plan_paged_attention(tables, pos, cache.shape[1], tables.shape[1] * cache.shape[1])
     wide = torch.float64 if q.numel() < 1 << 22 else torch.float32
-    return paged_mla_decode(q.to(wide), cache.to(wide), plan, scale, c)
+    return paged_mla_decode_reference(q.to(wide), cache.to(wide), plan, scale, c)
 
 
 def _rel_err(out, ref):

@@ -90,6 +90,15 @@ def test_knobs_change_difficulty():
 _EQUATION = re.compile(r"(?<![\d*/+-] )(-?\d+(?: [-+*/] \d+)+) = (-?\d+)")
 
 
+def _equations(solution: str) -> list[tuple[str, str]]:
+    """(expression, value) pairs the steps claim; chain sums rewrite the expression line by line, each
+    line ("= 9 + 7 + 8") equal to the first."""
+    lines = solution.splitlines()
+    if len(lines) > 2 and lines[1].startswith("= "):
+        return [(lines[0], str(evaluate(line[2:]))) for line in lines[1:-1]]
+    return _EQUATION.findall(solution)
+
+
 @pytest.mark.parametrize("name", BUILTINS)
 def test_gold_answers_and_worked_steps_are_right(name):
     rows = get_task(name).rows("train", 300, 0) + get_task(name).rows("test", 300, 0)
@@ -97,7 +106,7 @@ def test_gold_answers_and_worked_steps_are_right(name):
     for row in rows:
         assert row.solution.splitlines()[-1] == f"So the answer is {row.answer}."
         # Every equation written in the steps is true.
-        equations = _EQUATION.findall(row.solution)
+        equations = _equations(row.solution)
         assert equations
         for expression, value in equations:
             assert evaluate(expression) == int(value), (row.solution, expression, value)
@@ -107,6 +116,25 @@ def test_gold_answers_and_worked_steps_are_right(name):
         assert format_reward(prompt, completion, **row_fields(row)) == 1.0
         assert accuracy_reward(prompt, f"\\boxed{{{row.answer}}}", **row_fields(row)) == 1.0
         assert accuracy_reward(prompt, "<answer>-98765</answer>", **row_fields(row)) == 0.0
+
+
+def test_careless_chain_sum_makes_one_slip_and_carries_it_on():
+    import random
+
+    task = get_task("chain_sum", ops="+-")
+    rng = random.Random(0)
+    for row in task.rows("train", 200, 0):
+        slipped = task.careless(row, rng)
+        assert (slipped.prompt, slipped.meta) == (row.prompt, row.meta)
+        assert 1 <= abs(int(slipped.answer) - int(row.answer)) <= 2
+        assert slipped.solution.splitlines()[-1] == f"So the answer is {slipped.answer}."
+        old, new = row.solution.splitlines(), slipped.solution.splitlines()
+        first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+        assert old[:first] == new[:first] and first >= 1  # the question line is copied right
+        # the steps after the slip add up from the wrong total: every later line differs by the same error
+        diffs = {evaluate(n[2:]) - evaluate(o[2:]) for o, n in zip(old[first:-1], new[first:-1])}
+        assert diffs == {int(slipped.answer) - int(row.answer)}
+    assert get_task("arithmetic").careless(get_task("arithmetic").rows("train", 1, 0)[0], rng) is None
 
 
 def test_arithmetic_and_chain_sum_answers_match_an_independent_evaluation():

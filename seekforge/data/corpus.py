@@ -4,12 +4,17 @@ Every document is a task question framed by the R1-Zero template, its worked sol
 <think>...</think> and the gold answer inside <answer>...</answer>, so a model pretrained on it already
 writes the format the RL stage rewards. Documents come from the tasks' train split only; their val and
 test splits stay unseen for evaluation. Nothing is downloaded.
+
+`slip_rate` makes a share of the documents careless, as in web text: one slip in the worked steps,
+carried on to a wrong answer (`Task.careless`). A model pretrained on them samples such slips at about
+that rate while its most likely answer stays right: RL with a verifiable reward is what removes them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +33,25 @@ def render_example(row: Row) -> str:
 
 
 def generate_documents(n_docs: int, seed: int = 0,
-                       tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS)) -> list[str]:
+                       tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS),
+                       slip_rate: float = 0.0) -> list[str]:
     """n_docs documents shared evenly among `tasks` (train split) and shuffled together. `tasks` names
-    tasks (default difficulty) or maps names to difficulty knobs, e.g. {"chain_sum": {"max_value": 9}}."""
+    tasks (default difficulty) or maps names to difficulty knobs, e.g. {"chain_sum": {"max_value": 9}}.
+    A `slip_rate` share of the documents of tasks that have a careless variant make one slip."""
     if n_docs < 1 or not tasks:
         raise ConfigError(f"need n_docs >= 1 (got {n_docs}) and at least one task")
+    if not 0.0 <= slip_rate < 1.0:
+        raise ConfigError(f"slip_rate must be in [0, 1), got {slip_rate}")
     knobs = dict(tasks) if isinstance(tasks, Mapping) else {name: {} for name in tasks}
     docs = []
+    rng = random.Random(f"seekforge|slips|{seed}")
     for i, (name, task_knobs) in enumerate(knobs.items()):
         n = n_docs // len(knobs) + (i < n_docs % len(knobs))
-        if n:
-            docs.extend(render_example(row) for row in get_task(name, **(task_knobs or {})).rows("train", n, seed))
+        task = get_task(name, **(task_knobs or {}))
+        for row in task.rows("train", n, seed):
+            if slip_rate and rng.random() < slip_rate:
+                row = task.careless(row, rng) or row
+            docs.append(render_example(row))
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order]
 
@@ -54,14 +67,14 @@ class BuiltinDataset:
 def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed: int = 0, vocab_size: int = 1024,
                           tokenizer=None, val_fraction: float = 0.01,
                           tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS),
-                          progress: bool = False) -> BuiltinDataset:
+                          slip_rate: float = 0.0, progress: bool = False) -> BuiltinDataset:
     """Generate the corpus into out_dir/corpus.jsonl, train a tokenizer on it unless one is given,
     and prepare train/val shards in out_dir."""
     from seekforge.data.prepare import prepare
     from seekforge.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
-    docs = generate_documents(n_docs, seed, tasks)
+    docs = generate_documents(n_docs, seed, tasks, slip_rate)
     corpus = out_dir / "corpus.jsonl"
     atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
     if tokenizer is None:

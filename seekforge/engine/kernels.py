@@ -2,8 +2,8 @@
 
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
-below are the PyTorch reference; GPU kernels (Triton, FlashMLA-like) replace them behind the same
-signatures. Everything here is free of host synchronisation and, given a plan built from fixed-size
+below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
+`seekforge.kernels.mla_decode` behind the same signature (SEEKFORGE_TRITON=0 keeps the reference). Everything here is free of host synchronisation and, given a plan built from fixed-size
 tensors, of data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
 Shapes: b sequences, s queries per sequence, h heads, c kv_lora_rank, r rope dim, T context slots.
@@ -11,7 +11,10 @@ Shapes: b sequences, s queries per sequence, h heads, c kv_lora_rank, r rope dim
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -19,25 +22,40 @@ import torch.nn.functional as F
 
 @dataclass
 class PagedAttentionPlan:
-    """Per-step attention metadata, built once and read by every layer (FlashMLA's get_mla_metadata)."""
+    """Per-step attention metadata, built once and read by every layer (FlashMLA's get_mla_metadata).
+    Queries at `query_positions` attend causally over positions [0, max_context) of their sequences'
+    caches; the dense views below exist for the PyTorch reference and are built on first use only, so the
+    Triton path (which reads the block table itself) never pays for them."""
 
     block_tables: torch.Tensor  # [b, max_blocks] int64, unused entries point at any valid block
     query_positions: torch.Tensor  # [b, s] absolute position of each query; key t is visible iff t <= it
-    slots: torch.Tensor  # [b, T] flat cache slot of context position t (reference implementation)
-    mask: torch.Tensor  # [b, s, T] bool, True = may attend
-    bias: torch.Tensor  # [b, s, 1, T] 0 where visible, -inf elsewhere (the same mask, added to scores)
+    block_size: int
+    max_context: int
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """[b, T] flat cache slot of context position t."""
+        t = torch.arange(self.max_context, device=self.block_tables.device)
+        return self.block_tables.index_select(1, t // self.block_size) * self.block_size + t % self.block_size
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[b, s, T] bool, True = may attend."""
+        t = torch.arange(self.max_context, device=self.block_tables.device)
+        return t.view(1, 1, -1) <= self.query_positions.unsqueeze(-1)
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """[b, s, 1, T]: 0 where visible, -inf elsewhere (the mask, added to scores)."""
+        mask = self.mask
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(2)
 
 
 def plan_paged_attention(block_tables: torch.Tensor, query_positions: torch.Tensor, block_size: int,
                          max_context: int) -> PagedAttentionPlan:
     """Causal attention of queries at `query_positions` over positions [0, max_context) of their
     sequences' caches. Each sequence's context is every position up to its own last query."""
-    t = torch.arange(max_context, device=block_tables.device)
-    blocks = block_tables.index_select(1, t // block_size)  # [b, T]
-    slots = blocks * block_size + t % block_size
-    mask = t.view(1, 1, -1) <= query_positions.unsqueeze(-1)
-    bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(2)
-    return PagedAttentionPlan(block_tables, query_positions, slots, mask, bias)
+    return PagedAttentionPlan(block_tables, query_positions, block_size, max_context)
 
 
 def store_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
@@ -55,10 +73,32 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionP
                      kv_lora_rank: int) -> torch.Tensor:
     """Absorbed MLA over the paged cache. q [b, s, h, c + r] is the latent query (q_nope @ W_UK) followed
     by the rotated q_pe; returns the attention-weighted latent [b, s, h, c] (W_UV is applied after)."""
+    triton_decode = _triton_decode() if q.is_cuda else None
+    if triton_decode is not None:  # q may come out of autocast narrower than the cache: the kernel wants one dtype
+        return triton_decode(q.to(cache.dtype), cache, plan.block_tables, plan.query_positions, softmax_scale,
+                             kv_lora_rank)
+    return paged_mla_decode_reference(q, cache, plan, softmax_scale, kv_lora_rank)
+
+
+def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,
+                               softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """`paged_mla_decode` in PyTorch: gather the context densely, then two einsums."""
     ctx = gather_latents(cache, plan)  # [b, T, c + r]
     scores = torch.einsum("bshx,btx->bsht", q, ctx)
     probs = torch.add(plan.bias, scores, alpha=softmax_scale).softmax(dim=-1).to(ctx.dtype)
     return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
+
+
+@functools.cache
+def _triton_decode():
+    """The Triton decode kernel, or None where Triton is missing or turned off (SEEKFORGE_TRITON=0)."""
+    if os.environ.get("SEEKFORGE_TRITON", "1") == "0":
+        return None
+    try:
+        from seekforge.kernels.mla_decode import paged_mla_decode_triton
+    except ImportError:
+        return None
+    return paged_mla_decode_triton
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -79,10 +79,11 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: Transformer | str | os.PathLike, tokenizer=None, *, dtype=None, device=None,
-                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 block_size: int | None = None, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 4096, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, num_speculative_tokens: int = 0, cuda_graphs: bool = False):
+                 enable_chunked_prefill: bool = True, num_speculative_tokens: int = 0, cuda_graphs: bool = False,
+                 compile: bool = False):
         if isinstance(model, Transformer):
             if dtype is not None or device is not None:
                 raise ConfigError("LLM(model): dtype and device apply when loading from a path; a live model is "
@@ -101,6 +102,8 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         cfg = self.cfg = model.cfg
         self.max_model_len = max_model_len or cfg.max_seq_len
+        if block_size is None:  # the Triton decode kernel reads 64-token tiles from one block on the GPU
+            block_size = 64 if model.embed.weight.is_cuda else 16
         for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                  ("max_waiting", max_waiting, 1), ("max_model_len", self.max_model_len, 2),
@@ -116,6 +119,8 @@ class LLM:
         if cuda_graphs and num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
                               "or cuda_graphs")
+        if compile and not cuda_graphs:
+            raise ConfigError("LLM: compile applies to the decode step that cuda_graphs captures; turn on cuda_graphs")
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             raise ConfigError(f"LLM: without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must "
                               f"be at least max_model_len ({self.max_model_len}) or long prompts never run")
@@ -135,7 +140,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    max_waiting, num_lookahead=max(k - 1, 0), chunked_prefill=enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
-                                  mtp=bool(k), max_absorbed_query=1 + k)
+                                  mtp=bool(k), max_absorbed_query=1 + k, compile_decode=compile)
         self.proposer = MTPProposer(self.runner, k) if k else None
         self.eos_ids = {t for t in (cfg.eos_token_id, tokenizer.eos_id if tokenizer else None) if t is not None}
         self.requests: dict[str, Request] = {}

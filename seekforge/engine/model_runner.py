@@ -14,13 +14,16 @@ sequences, in groups:
 Each layer first writes the step's new latents into the cache, then attends, so a chunk sees its own
 tokens and everything computed before. The model object is used as is (its weights in place): an RL
 trainer that updates them sees the new policy on the next step. Decode steps can be replayed as CUDA
-graphs from static input buffers (`capture_cuda_graphs`).
+graphs from static input buffers (`capture_cuda_graphs`), optionally compiled first: torch.compile fuses
+the dozens of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals), which
+is what a batch-1 step is made of; the two cache kernels stay opaque to it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -66,7 +69,7 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
-                 mtp: bool = False, max_absorbed_query: int = 1):
+                 mtp: bool = False, max_absorbed_query: int = 1, compile_decode: bool = False):
         self.model = model
         self.cfg = cfg = model.cfg
         self.block_size = block_size
@@ -82,6 +85,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._decode_block = compiled_decode_block(self.device, self.dtype) if compile_decode else decode_block
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -166,15 +170,9 @@ class ModelRunner:
         """h [N, dim] -> [N, dim] through `blocks` (layer i caching into cache[i])."""
         cos, sin = self.model.rope(step.positions.unsqueeze(0))
         h = h.unsqueeze(0)
+        attention = partial(self._attention, groups=step.groups)
         for i, block in enumerate(blocks):
-            attn = block.attn
-            x = block.attn_norm(h)
-            q_nope, q_pe = attn.query(x, cos, sin)
-            kv, k_pe = attn.latent(x, cos, sin)
-            kernels.store_latents(cache[i], step.slot_mapping, kv[0], k_pe[0])
-            out = self._attention(attn, cache[i], q_nope[0], q_pe[0], kv[0], k_pe[0], step.groups)
-            h = h + attn.wo(out).unsqueeze(0)
-            h = h + block.ffn(block.ffn_norm(h))
+            h = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention)
         return h[0]
 
     def _attention(self, attn, cache, q_nope, q_pe, kv, k_pe, groups: list[AttentionGroup]) -> torch.Tensor:
@@ -182,12 +180,7 @@ class ModelRunner:
         for g in groups:
             qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
             if g.absorbed:
-                wkv_b = attn.wkv_b.weight.unflatten(0, (attn.n_heads, -1))  # [h, d + d_v, c]
-                w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
-                q = torch.cat([torch.einsum("nhd,hdc->nhc", qn, w_uk), qp], dim=-1)
-                q = q.view(g.batch, g.query_len, attn.n_heads, -1)
-                latent = kernels.paged_mla_decode(q, cache, g.plan, attn.softmax_scale, attn.kv_lora_rank)
-                pieces.append(torch.einsum("bshc,hdc->bshd", latent, w_uv).flatten(0, 1).flatten(1))
+                pieces.append(absorbed_attention(attn, cache, qn, qp, g.plan, g.query_len))
                 continue
             if g.index is None:
                 qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
@@ -280,7 +273,60 @@ class ModelRunner:
 
     def _graph_step(self, b: int) -> torch.Tensor:
         ids, pos, slots, tables = self._static
-        t = tables.shape[1] * self.block_size
-        plan = kernels.plan_paged_attention(tables[:b], pos[:b].unsqueeze(1), self.block_size, t)
-        step = StepInput(ids[:b], pos[:b], slots[:b], [AttentionGroup(0, b, True, b, 1, plan)], [], [])
-        return self.logits(self.forward(step))
+        plan = kernels.plan_paged_attention(tables[:b], pos[:b].unsqueeze(1), self.block_size,
+                                            tables.shape[1] * self.block_size)
+        cos, sin = self.model.rope(pos[:b].unsqueeze(0))
+        h = self.model.embed(ids[:b]).unsqueeze(0)
+        for i, block in enumerate(self.model.layers):
+            h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots[:b], plan)
+        return self.logits(h[0])
+
+
+def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, attention, store=kernels.store_latents) -> torch.Tensor:
+    """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
+    `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context)."""
+    attn = block.attn
+    x = block.attn_norm(h)
+    q_nope, q_pe = attn.query(x, cos, sin)
+    kv, k_pe = attn.latent(x, cos, sin)
+    store(cache, slot_mapping, kv[0], k_pe[0])
+    h = h + attn.wo(attention(attn, cache, q_nope[0], q_pe[0], kv[0], k_pe[0])).unsqueeze(0)
+    return h + block.ffn(block.ffn_norm(h))
+
+
+def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                       plan: kernels.PagedAttentionPlan, query_len: int, decode=kernels.paged_mla_decode) -> torch.Tensor:
+    """Absorbed MLA of b sequences' query_len queries each (packed [b * s, h, .]) over the paged cache:
+    W_UK folded into the query, W_UV applied to the attended latent. Returns [b * s, h * d_v]."""
+    wkv_b = attn.wkv_b.weight.unflatten(0, (attn.n_heads, -1))  # [h, d + d_v, c]
+    w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
+    q = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], dim=-1)
+    q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
+    latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)
+    return torch.einsum("bshc,hdc->bshd", latent, w_uv).flatten(0, 1).flatten(1)
+
+
+def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, plan: kernels.PagedAttentionPlan, store=kernels.store_latents,
+                 decode=kernels.paged_mla_decode) -> torch.Tensor:
+    """One block of a plain decode step (one query per sequence): what a captured graph runs."""
+    return block_forward(block, h, cos, sin, cache, slot_mapping,
+                         lambda attn, cache, q_nope, q_pe, kv, k_pe: absorbed_attention(attn, cache, q_nope, q_pe,
+                                                                                        plan, 1, decode), store)
+
+
+def compiled_decode_block(device: torch.device, dtype: torch.dtype):
+    """`decode_block` under torch.compile, compiled once for all blocks alike and every batch size (dynamic
+    shapes). The two cache kernels stay opaque to it (an in-place write into the whole cache that a graph
+    must not copy; a kernel of our own), so each block compiles to two fused pieces around them."""
+    from seekforge.model.moe import _grouped_mm_works
+
+    _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))  # settle the probe: never traced
+    store = torch.compiler.disable(kernels.store_latents)
+    decode = torch.compiler.disable(kernels.paged_mla_decode)
+
+    def block(block, h, cos, sin, cache, slot_mapping, plan):
+        return decode_block(block, h, cos, sin, cache, slot_mapping, plan, store, decode)
+
+    return torch.compile(block, dynamic=True)

@@ -74,6 +74,12 @@ class Task:
                 out.append(row)
         return out
 
+    def careless(self, row: Row, rng: random.Random) -> Row | None:
+        """The row as a careless writer would solve it: one slip in the worked steps, carried on to a wrong
+        answer (the built-in corpus mixes such documents in, as web text does). None: the task has no
+        such variant."""
+        return None
+
     def score(self, predicted: str | None, answer: str | None, meta: dict) -> float | None:
         """Reward for an extracted answer, None without the gold needed to judge; tasks with their
         own notion of correct override it."""

@@ -1,9 +1,13 @@
-"""Sums (and optionally differences) of several small numbers, solved with running totals."""
+"""Sums (and optionally differences) of several small numbers, solved with running totals.
+
+The worked solution rewrites the whole remaining expression after every step ("= 9 + 7 + 8"), so the next
+operand always sits right after the running total on the line above: a small model learns to copy it
+reliably, where picking the k-th term out of the question is a skill it acquires late and erratically."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from seekforge.errors import ConfigError
 from seekforge.tasks.base import Row, Task, check_int, final_line
@@ -30,17 +34,24 @@ class ChainSumTask(Task):
         terms = [rng.randint(1, self.max_value) for _ in range(rng.randint(self.min_terms, self.max_terms))]
         ops = [rng.choice(sorted(set(self.ops))) for _ in terms[1:]]
         expression = " ".join([str(terms[0]), *(f"{op} {t}" for op, t in zip(ops, terms[1:]))])
-        steps, total = [], terms[0]
-        for op, t in zip(ops, terms[1:]):
-            new = total + t if op == "+" else total - t
-            steps.append(f"{total} {op} {t} = {new}")
-            total = new
-        answer = str(total)
-        row = Row(
-            task=self.name,
-            prompt=f"What is {expression}?",
-            answer=answer,
-            solution="\n".join([*steps, final_line(answer)]),
-            meta={"terms": terms, "ops": ops},
-        )
+        solution, answer = _solve(terms, ops)
+        row = Row(task=self.name, prompt=f"What is {expression}?", answer=answer, solution=solution,
+                  meta={"terms": terms, "ops": ops})
         return expression, row
+
+    def careless(self, row: Row, rng: random.Random) -> Row:
+        """One running total off by 1 or 2, carried on to a wrong answer."""
+        terms, ops = row.meta["terms"], row.meta["ops"]
+        solution, answer = _solve(terms, ops, slip=(rng.randrange(len(ops)), rng.choice([-2, -1, 1, 2])))
+        return replace(row, solution=solution, answer=answer)
+
+
+def _solve(terms: list[int], ops: list[str], slip: tuple[int, int] | None = None) -> tuple[str, str]:
+    """The worked solution and its answer; `slip` = (step, error) adds `error` to that step's total."""
+    lines, total = [" ".join([str(terms[0]), *(f"{op} {t}" for op, t in zip(ops, terms[1:]))])], terms[0]
+    for i, (op, t) in enumerate(zip(ops, terms[1:])):
+        total = total + t if op == "+" else total - t
+        if slip is not None and slip[0] == i:
+            total += slip[1]
+        lines.append(" ".join([f"= {total}", *(f"{o} {x}" for o, x in zip(ops[i + 1:], terms[i + 2:]))]))
+    return "\n".join([*lines, final_line(str(total))]), str(total)

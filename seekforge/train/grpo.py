@@ -88,11 +88,13 @@ class GRPOConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     bias_update_speed: float = 0.0  # auxiliary-loss-free balancing during RL (0: routing bias frozen)
-    # evaluation (greedy, held-out test split), checkpoints, logging
+    # evaluation (held-out test split), checkpoints, logging
     eval_every: int = 25
     eval_n: int = 500
     eval_seed: int = 0
     eval_max_tokens: int | None = None  # default: max_tokens
+    eval_samples: int = 1  # 1: greedy accuracy; more: mean accuracy of that many samples per problem (R1's pass@1)
+    eval_temperature: float = 1.0  # for eval_samples > 1
     save_every: int = 25
     keep_last: int = 3
     max_bad_steps: int = 5
@@ -105,7 +107,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         for key in ("steps", "prompts_per_step", "max_tokens", "max_sampling_rounds", "mu", "micro_batch_size",
-                    "eval_every", "eval_n", "save_every", "keep_last", "max_bad_steps"):
+                    "eval_every", "eval_n", "eval_samples", "save_every", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"grpo config: {key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:
@@ -115,8 +117,8 @@ class GRPOConfig:
             raise ConfigError(f"grpo config: loss_type must be one of {LOSS_TYPES}, scale_rewards one of {SCALES}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ConfigError(f"grpo config: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if self.beta < 0 or self.temperature <= 0:
-            raise ConfigError("grpo config: beta must be >= 0 and temperature > 0 (rollouts are sampled)")
+        if self.beta < 0 or self.temperature <= 0 or self.eval_temperature <= 0:
+            raise ConfigError("grpo config: beta must be >= 0, temperature and eval_temperature > 0")
         if self.warmup_steps + self.decay_steps > self.steps:
             raise ConfigError(f"grpo config: warmup_steps + decay_steps ({self.warmup_steps + self.decay_steps}) "
                               f"exceed steps ({self.steps})")
@@ -127,9 +129,20 @@ class GRPOConfig:
                           constant_steps=self.steps - self.warmup_steps - self.decay_steps,
                           decay_steps=self.decay_steps, final_lr=final)
 
+    def eval_config(self, greedy: bool = False):
+        """The held-out evaluation of this run (`greedy` forces greedy decoding)."""
+        from seekforge.evaluate import EvalConfig
+
+        sampled = self.eval_samples > 1 and not greedy
+        return EvalConfig(task=self.task, task_knobs=self.task_knobs, n=self.eval_n, seed=self.eval_seed,
+                          samples=self.eval_samples if sampled else None, temperature=self.eval_temperature,
+                          max_tokens=self.eval_max_tokens or self.max_tokens, template=self.template,
+                          reward_timeout_s=self.reward_timeout_s)
+
     def fingerprint(self) -> str:
-        free = {"eval_every", "eval_n", "eval_seed", "eval_max_tokens", "save_every", "keep_last", "max_bad_steps",
-                "device", "progress", "tensorboard", "engine", "reward_timeout_s", "micro_batch_size"}
+        free = {"eval_every", "eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature", "save_every",
+                "keep_last", "max_bad_steps", "device", "progress", "tensorboard", "engine", "reward_timeout_s",
+                "micro_batch_size"}
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
 
 
@@ -315,8 +328,9 @@ class GRPOTrainer:
             # there, so a resumed run repeats the uninterrupted one exactly
             self.llm.reset_prefix_cache()
             start = time.perf_counter()
-            r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
+            with self._autocast():  # the fp32 master weights sample in the training precision (bf16 on GPUs)
+                r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
             stats["rollout_s"] += r.seconds
             stats["scoring_s"] += time.perf_counter() - start - r.seconds
             stats["rollout_tokens"] += r.tokens
@@ -471,12 +485,9 @@ class GRPOTrainer:
         return out
 
     def evaluate(self) -> dict:
-        from seekforge.evaluate import EvalConfig, evaluate
+        from seekforge.evaluate import evaluate
 
-        cfg = self.cfg
-        result = evaluate(self.llm, EvalConfig(task=cfg.task, task_knobs=cfg.task_knobs, n=cfg.eval_n,
-                                               seed=cfg.eval_seed, max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
-                                               template=cfg.template, reward_timeout_s=cfg.reward_timeout_s))
+        result = evaluate(self.llm, self.cfg.eval_config())
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")
         return {k: result[k] for k in keep}
 

@@ -46,6 +46,7 @@ class TrainConfig:
     builtin_docs: int = 20000
     builtin_vocab: int = 1024
     builtin_tasks: dict = field(default_factory=dict)  # task -> difficulty knobs for "builtin"; {} = all, default
+    builtin_slip_rate: float = 0.0  # share of careless "builtin" documents (one slip, a wrong answer)
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
@@ -87,6 +88,8 @@ class TrainConfig:
                     "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train config: {key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.builtin_slip_rate < 1.0:
+            raise ConfigError(f"train config: builtin_slip_rate must be in [0, 1), got {self.builtin_slip_rate}")
         if self.warmup_steps + self.constant_steps + self.decay_steps + self.tail_steps > self.steps:
             raise ConfigError(f"train config: warmup_steps + constant_steps + decay_steps + tail_steps "
                               f"({self.warmup_steps + self.constant_steps + self.decay_steps + self.tail_steps}) "
@@ -110,8 +113,9 @@ class TrainConfig:
         """What must not change across a resume (cadence and presentation may)."""
         free = {"eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps", "device", "progress",
                 "tensorboard", "compile"}
-        if not self.builtin_tasks:  # absent before the field existed: runs made then still resume
-            free.add("builtin_tasks")
+        for key in ("builtin_tasks", "builtin_slip_rate"):  # absent before the field existed: runs made then
+            if not getattr(self, key):                      # still resume
+                free.add(key)
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
 
 
@@ -120,13 +124,15 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "tiny": dict(model="tiny", seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5, constant_steps=15,
                  decay_steps=20, final_lr=3e-4, eval_every=20, eval_batches=2, save_every=20, builtin_docs=3000,
                  builtin_vocab=512),
-    # the quickstart: a small MLA + MoE + MTP model on generated chain sums (the task its RL stage trains),
-    # minutes on a 2-core CPU; the decay stops at a third of the peak learning rate (RL continues below it)
+    # the quickstart: a small MLA + MoE + MTP model on generated chain sums (the task its RL stage trains), 40% of
+    # them careless (what RL then removes), minutes on a 2-core CPU; the decay stops at a third of the peak
+    # learning rate (RL continues below it)
     "quickstart": dict(model="tiny", model_overrides=dict(dim=128, n_layers=4, inter_dim=384, moe_inter_dim=64,
                                                           max_seq_len=512), seq_len=192, batch_size=16,
-                       steps=500, lr=3e-3, warmup_steps=20, constant_steps=280, decay_steps=200, final_lr=1e-3,
-                       eval_every=100, eval_batches=8, save_every=100, builtin_docs=8000, builtin_vocab=512,
-                       builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}}),
+                       steps=1000, lr=3e-3, warmup_steps=20, constant_steps=780, decay_steps=200, final_lr=1e-3,
+                       eval_every=200, eval_batches=8, save_every=200, builtin_docs=8000, builtin_vocab=512,
+                       builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}},
+                       builtin_slip_rate=0.4),
     # about 100M parameters: a GPU run
     "small": dict(model="small", seq_len=1024, batch_size=32, steps=5000, lr=1e-3, warmup_steps=200,
                   constant_steps=2800, decay_steps=2000, final_lr=1e-4, eval_every=250, save_every=500,
@@ -181,7 +187,8 @@ class Trainer:
         data_dir = self.out / "data"
         if not (data_dir / "meta.json").is_file():
             build_builtin_dataset(data_dir, n_docs=cfg.builtin_docs, seed=cfg.seed, vocab_size=cfg.builtin_vocab,
-                                  progress=cfg.progress, **({"tasks": cfg.builtin_tasks} if cfg.builtin_tasks else {}))
+                                  slip_rate=cfg.builtin_slip_rate, progress=cfg.progress,
+                                  **({"tasks": cfg.builtin_tasks} if cfg.builtin_tasks else {}))
         load_meta(data_dir)
         return data_dir, data_dir / "tokenizer"
 
