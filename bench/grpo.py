@@ -5,12 +5,14 @@
 
 Both trainers start from the same checkpoint in Hugging Face layout (TRL loads it with transformers'
 DeepseekV3ForCausalLM, MTP layers ignored as transformers does), on the same task rows (R1-Zero prompts),
-with the same rewards (accuracy + format), group size, prompts per step, completion budget, temperature 1,
-learning rate, loss ("grpo": per-sequence token mean), clip 0.2, beta 0, one update per batch, truncated
-completions trained on (a random model is always truncated). A random --preset model also gets a dense
-reward (the share of digits it writes) on both sides, so that groups differ and every step really updates. seekforge generates on its inference engine with the live policy weights; TRL with
-transformers' `generate` (its default without vLLM). With --preset (random weights) no completion ends
-early, so both generate exactly prompts x group x max_tokens tokens per step.
+with the same rewards (accuracy + format), group size, prompts per step, completion budget, stop tokens (EOS
+and "</answer>"), temperature 1, learning rate, loss ("grpo": per-sequence token mean), clip 0.2, beta 0, one
+update per batch, truncated completions trained on. A random --preset model also gets a dense reward (the
+share of digits it writes) on both sides, so that groups differ and every step really updates; its
+completions end only at a stop token sampled by chance, so their lengths differ between the two sides from
+run to run: compare rollout tokens/s (step times follow the lengths). seekforge generates on its inference
+engine with the live policy weights (CUDA graphs on a GPU); TRL with transformers' `generate` (its default
+without vLLM).
 
 Measured per step (median over the steps after --warmup): wall time of a whole GRPO step (rollout, rewards,
 update), and rollout tokens/s = completion tokens / generation time (TRL: time inside `model.generate`).
@@ -86,6 +88,8 @@ def run_trl(args, ckpt: Path, out: Path) -> dict:
 
     from seekforge.rewards import accuracy_reward, format_reward
     from seekforge.tasks import get_task, r1_zero_prompt
+    from seekforge.tokenizer import Tokenizer
+    from seekforge.train.sample import answer_stop_ids
 
     n_rows = args.prompts * (args.steps + 1)
     rows = get_task(TASK, **KNOBS).rows("train", n_rows, 12345)
@@ -99,11 +103,12 @@ def run_trl(args, ckpt: Path, out: Path) -> dict:
 
     tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    eos = tok.eos_token_id
+    # the same stop tokens as seekforge's rollouts (EOS, and "</answer>" where it is one token): equal work
+    stops = torch.tensor([tok.eos_token_id, *answer_stop_ids(Tokenizer.from_pretrained(ckpt))])
     gen = {"seconds": 0.0, "tokens": 0, "calls": []}
     real_generate = model.generate
 
-    def timed_generate(*a, **kw):  # TRL's rollouts: count completion tokens up to and including EOS
+    def timed_generate(*a, **kw):  # TRL's rollouts: count completion tokens up to and including the stop
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -113,8 +118,9 @@ def run_trl(args, ckpt: Path, out: Path) -> dict:
         dt = time.perf_counter() - t
         prompt_len = kw["input_ids"].shape[1] if "input_ids" in kw else a[0].shape[1]
         new = ids[:, prompt_len:]
-        ended = (new == eos).int().cumsum(-1)
-        tokens = int(((ended == 0) | ((ended == 1) & (new == eos))).sum())
+        is_stop = torch.isin(new, stops.to(new.device))
+        ended = is_stop.int().cumsum(-1)
+        tokens = int(((ended == 0) | ((ended == 1) & is_stop)).sum())
         gen["calls"].append((dt, tokens))
         return ids
 
@@ -138,7 +144,7 @@ def run_trl(args, ckpt: Path, out: Path) -> dict:
         lr_scheduler_type="constant", max_steps=args.steps, loss_type="grpo", scale_rewards="group", epsilon=0.2,
         beta=0.0, mask_truncated_completions=False, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=not cuda, bf16=cuda and args.precision != "fp32", seed=0, shuffle_dataset=False,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, generation_kwargs={"eos_token_id": stops.tolist()})
     def digits(prompts, completions, **_):
         return [digit_share(p, c) for p, c in zip(prompts, completions)]
 

@@ -183,3 +183,33 @@ def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
     for row, i in enumerate(single.index):
         want = packed[batch.index.index(i), :len(completions[i])]
         assert torch.allclose(again[row, :len(completions[i])], want, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_rollouts_replay_graphs_that_see_every_update(base, tmp_path):
+    """On a GPU the trainer's engine replays CUDA graphs captured under bf16 autocast over the fp32 policy:
+    an in-place update must reach the very next rollout (no stale cast of the weights in the graphs)."""
+    from seekforge import SamplingParams
+
+    trainer = GRPOTrainer(_config(base, tmp_path, "device=cuda"), tmp_path / "run")
+    assert trainer.llm.runner.graphs  # plain decode steps replay captured graphs
+    prompt = trainer.tokenizer.encode(r1_zero_prompt("What is 1 + 2?"))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+
+    def rollout():
+        trainer.llm.reset_prefix_cache()
+        with trainer._autocast(rollout=True):
+            out = trainer.llm.generate(prompt, greedy)[0]
+        return out.token_ids, [lp.logprob for lp in out.logprobs]
+
+    before = rollout()
+    assert rollout() == before  # replays are deterministic
+    with torch.no_grad():
+        trainer.model.head.weight.mul_(-1.0)  # an in-place "update" that reverses every preference
+    after = rollout()
+    assert after[0] != before[0]
+    # the replayed decode steps agree with eager bf16 steps on the updated weights
+    trainer.llm.runner.graphs.clear()
+    eager = rollout()
+    assert eager[0] == after[0]
+    torch.testing.assert_close(torch.tensor(eager[1]), torch.tensor(after[1]), atol=0.05, rtol=0)

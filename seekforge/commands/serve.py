@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="paged latent cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the captured decode step (with --cuda-graphs)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -55,5 +56,6 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting, num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
         log_level=args.log_level)
     return serve(config)

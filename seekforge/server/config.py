@@ -21,6 +21,7 @@ class ServerConfig:
     num_speculative_tokens: int = 0
     kv_cache_memory: int | None = None  # bytes of paged cache; default: most of the free GPU memory, 1 GiB on CPU
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (GPU, bfloat16/float16)
+    compile: bool = False  # torch.compile the captured decode step (with cuda_graphs; ~1 min more at startup)
     health_timeout: float = 30.0  # seconds a /health generation may take before it reports 503
     log_level: str = "info"
 
@@ -32,4 +33,5 @@ class ServerConfig:
         return dict(dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
                     max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                     max_waiting=self.max_waiting, num_speculative_tokens=self.num_speculative_tokens,
-                    kv_cache_memory=self.kv_cache_memory, cuda_graphs=self.cuda_graphs)
+                    kv_cache_memory=self.kv_cache_memory, cuda_graphs=self.cuda_graphs,
+                    compile=self.compile)

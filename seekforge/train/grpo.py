@@ -285,8 +285,12 @@ class GRPOTrainer:
         if loaded is not None:
             self._restore(loaded[1])
         # the engine computes with self.model's own parameters: every update is live at the next rollout
-        engine = {"max_num_seqs": max(256, cfg.prompts_per_step * cfg.group_size), **cfg.engine}  # a step at once
-        self.llm = LLM(self.model, self.tokenizer, **engine)
+        # On a GPU its plain decode steps replay from CUDA graphs, captured under the training autocast: each replay
+        # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
+        engine = {"max_num_seqs": max(256, cfg.prompts_per_step * cfg.group_size),  # a whole step at once
+                  "cuda_graphs": self.device.type == "cuda" and self.amp is not None, **cfg.engine}
+        with self._autocast(rollout=True):
+            self.llm = LLM(self.model, self.tokenizer, **engine)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
                                      resume_step=self.step if loaded is not None else -1)
 
@@ -302,10 +306,12 @@ class GRPOTrainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 
-    def _autocast(self):
+    def _autocast(self, rollout: bool = False):
+        """The training precision; for the engine (`rollout`) without autocast's weight-cast cache, which would
+        keep a cast of the weights from before the latest update."""
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=not rollout)
 
     # ---------------------------------------------------------------- rollouts
     def _totals(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +334,7 @@ class GRPOTrainer:
             # there, so a resumed run repeats the uninterrupted one exactly
             self.llm.reset_prefix_cache()
             start = time.perf_counter()
-            with self._autocast():  # the fp32 master weights sample in the training precision (bf16 on GPUs)
+            with self._autocast(rollout=True):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
             stats["rollout_s"] += r.seconds
