@@ -21,7 +21,7 @@ from __future__ import annotations
 # Held-out accuracy is R1's pass@1: the mean accuracy of several samples per problem at the policy's own
 # temperature (greedy accuracy is reported beside it).
 EVAL = dict(eval_n=500, eval_seed=0, eval_samples=4, eval_temperature=1.0)
-GRPO = dict(steps=60, prompts_per_step=32, group_size=8, max_tokens=96, lr=1e-4, warmup_steps=10,
+GRPO = dict(steps=80, prompts_per_step=32, group_size=8, max_tokens=96, lr=1e-4, warmup_steps=10,
             loss_type="dr_grpo", scale_rewards="none", eval_every=20, save_every=20, **EVAL)
 # The student is the teacher cut down (half the routed experts of each MoE layer, the most used ones, and no
 # MTP module), then trained on the teacher's correct traces.

@@ -3,18 +3,18 @@
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature (SEEKFORGE_TRITON=0 keeps the reference). Everything here is free of host synchronisation and, given a plan built from fixed-size
-tensors, of data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
+`seekforge.kernels.mla_decode` behind the same signature (SEEKFORGE_TRITON=0 keeps the reference).
+Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
+data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
 Shapes: b sequences, s queries per sequence, h heads, c kv_lora_rank, r rope dim, T context slots.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: Paged
     return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
 
 
-@functools.cache
+@cache
 def _triton_decode():
     """The Triton decode kernel, or None where Triton is missing or turned off (SEEKFORGE_TRITON=0)."""
     if os.environ.get("SEEKFORGE_TRITON", "1") == "0":
