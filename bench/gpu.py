@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,14 +24,14 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
 
 def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
     cmd = [sys.executable, str(HERE / script), *args, "--json", str(out)]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, timeout=timeout, text=True, capture_output=True)
+    # the scripts import seekforge from this checkout whether or not it is pip-installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, timeout=timeout, text=True, capture_output=True, env=env)
     print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
     if proc.returncode or not out.is_file():
         return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:], "command": " ".join(cmd)}

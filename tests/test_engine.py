@@ -24,15 +24,7 @@ FULL = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)  # always 
 
 
 # transformers writes num_nextn_predict_layers but no MTP weights; the loader says so, rightly
-pytestmark = pytest.mark.filterwarnings("ignore:config.json declares")
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are bound by per-op overhead; a second OpenMP thread only adds contention on a busy host.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore:config.json declares"), pytest.mark.usefixtures("one_thread")]
 
 
 def make_prompts(lengths, vocab=96, seed=0):

@@ -16,13 +16,7 @@ from seekforge.tokenizer import Tokenizer
 
 TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, then rests." for i in range(200)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ CYCLE = [5, 9, 12, 33, 7, 21, 40, 2, 17, 50, 3]
 
 
 # transformers writes num_nextn_predict_layers but no MTP weights; the loader says so, rightly
-pytestmark = pytest.mark.filterwarnings("ignore:config.json declares")
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore:config.json declares"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,15 @@ import json
 
 import seekforge.train.sample as sample
 from seekforge.cli import main
+from seekforge.data.corpus import render_example
 from seekforge.tasks import get_task, r1_zero_prompt
 
 
 def gold_traces(llm, cfg, progress=False):
     rows = get_task(cfg.task, **cfg.task_knobs).rows("train", cfg.n_prompts, cfg.seed)
-    traces = [{"prompt": r1_zero_prompt(r.prompt), "completion": f"\n{r.solution}\n</think>\n<answer>{r.answer}</answer>",
-               "task": r.task, "answer": r.answer} for r in rows]
+    prompts = [r1_zero_prompt(r.prompt) for r in rows]
+    traces = [{"prompt": p, "completion": render_example(r)[len(p):], "task": r.task, "answer": r.answer}
+              for p, r in zip(prompts, rows)]
     return traces, {"prompts": len(rows), "kept": len(rows)}
 
 
@@ -33,7 +35,8 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert summary["held_out"]["n"] == 4 and summary["slip_rate"] == 0.4
     assert summary["parameters"]["student"] < summary["parameters"]["rl"]
     for stage in ("base", "rl", "student"):
-        assert (out / stage / "final" / "config.json").is_file() and (out / stage / "final" / "tokenizer.json").is_file()
+        final = out / stage / "final"
+        assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "greedy" in report and "Seeds:" in report
     # a second call with --resume finds every stage done and only re-evaluates

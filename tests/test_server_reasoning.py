@@ -2,7 +2,7 @@
 
 import pytest
 
-from seekforge.server.reasoning import ReasoningParser, prompt_opens_reasoning
+from seekforge.reasoning import ReasoningParser, prompt_opens_reasoning
 
 CASES = [
     # (opened by the template, output, reasoning, content, saw reasoning)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 
+from seekforge.reasoning import CLOSE, OPEN, partial_tag
+
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-OPEN, CLOSE = "<think>", "</think>"
 
 
 class ThinkRenderer:
@@ -46,7 +47,7 @@ class ThinkRenderer:
                     self.out.write("\n\n")
                     text = text.lstrip("\n")
                 continue
-            keep = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+            keep = partial_tag(text, tag)
             self.out.write(text[:len(text) - keep])
             self.pending = text[len(text) - keep:]
             break

@@ -26,7 +26,7 @@ from seekforge.server.protocol import (
     ChatLogprobs, ChatResponseMessage, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
     PromptTokensDetails, TokenLogprob, TopLogprob, Usage, bad_request,
 )
-from seekforge.server.reasoning import ReasoningParser, prompt_opens_reasoning
+from seekforge.reasoning import ReasoningParser, prompt_opens_reasoning
 
 _MIN_LOGPROB = -9999.0  # what OpenAI reports for an impossible token; JSON has no -inf
 

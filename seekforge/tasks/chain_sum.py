@@ -33,7 +33,7 @@ class ChainSumTask(Task):
     def problem(self, rng: random.Random) -> tuple[str, Row]:
         terms = [rng.randint(1, self.max_value) for _ in range(rng.randint(self.min_terms, self.max_terms))]
         ops = [rng.choice(sorted(set(self.ops))) for _ in terms[1:]]
-        expression = " ".join([str(terms[0]), *(f"{op} {t}" for op, t in zip(ops, terms[1:]))])
+        expression = _expression(terms, ops)
         solution, answer = _solve(terms, ops)
         row = Row(task=self.name, prompt=f"What is {expression}?", answer=answer, solution=solution,
                   meta={"terms": terms, "ops": ops})
@@ -46,12 +46,17 @@ class ChainSumTask(Task):
         return replace(row, solution=solution, answer=answer)
 
 
+def _expression(terms: list[int], ops: list[str]) -> str:
+    """"7 + 2 - 4": terms[0], then each operator with the term after it."""
+    return " ".join([str(terms[0]), *(f"{op} {t}" for op, t in zip(ops, terms[1:]))])
+
+
 def _solve(terms: list[int], ops: list[str], slip: tuple[int, int] | None = None) -> tuple[str, str]:
     """The worked solution and its answer; `slip` = (step, error) adds `error` to that step's total."""
-    lines, total = [" ".join([str(terms[0]), *(f"{op} {t}" for op, t in zip(ops, terms[1:]))])], terms[0]
+    lines, total = [_expression(terms, ops)], terms[0]
     for i, (op, t) in enumerate(zip(ops, terms[1:])):
         total = total + t if op == "+" else total - t
         if slip is not None and slip[0] == i:
             total += slip[1]
-        lines.append(" ".join([f"= {total}", *(f"{o} {x}" for o, x in zip(ops[i + 1:], terms[i + 2:]))]))
+        lines.append("= " + _expression([total, *terms[i + 2:]], ops[i + 1:]))
     return "\n".join([*lines, final_line(str(total))]), str(total)

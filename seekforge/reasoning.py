@@ -4,7 +4,8 @@ DeepSeek-R1 style: the answer may open with <think> (after optional whitespace),
 may already have opened it, in which case everything up to </think> is reasoning. The tags themselves
 belong to neither part. The parser is fed the text as it streams: a tag split across deltas is held
 back until it is complete (or proven not to be a tag), so concatenating the streamed parts gives
-exactly what parsing the whole text at once gives.
+exactly what parsing the whole text at once gives. The server's `reasoning_content` and the chat
+command's dimmed rendering both split here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ReasoningParser:
                     text = text[at + len(CLOSE):]
                     self.state = "answer"
                     continue
-                keep = _partial_tag(text, CLOSE)
+                keep = partial_tag(text, CLOSE)
                 reasoning.append(text[:len(text) - keep])
                 self.pending = text[len(text) - keep:]
                 break
@@ -70,6 +71,6 @@ class ReasoningParser:
         return r1 + r2, c1 + c2
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
