@@ -205,6 +205,7 @@ def main() -> None:
         results["rollout"] = {"transformers": total / hf_t, "engine": total / eng_t}
 
     prompt = torch.randint(2, cfg.vocab_size, (1, args.prefill_len), generator=g).to(device)
+    hf_generate(hf, prompt, 1), engine_generate(llm, prompt, 1)  # warm up: first-call planning at this length
     hf_t = eng_t = float("inf")
     for _ in range(args.repeats):
         hf_t = min(hf_t, best_of(1, lambda: hf_generate(hf, prompt, 1)))

@@ -59,6 +59,15 @@ def test_greedy_matches_transformers_batched_and_one_by_one(checkpoint):
     assert [solo.generate(p, FULL)[0].token_ids for p in prompts] == ref
 
 
+def test_compiled_blocks_match_transformers(checkpoint):
+    """compile=True runs prefill and mixed steps through compiled blocks (decode graphs need CUDA)."""
+    path, prompts, ref = checkpoint
+    if "yarn" not in str(path):  # one checkpoint is enough to cover the compiled path; compiling takes a while
+        pytest.skip("covered by the yarn checkpoint")
+    llm = LLM(path, block_size=4, max_num_batched_tokens=7, compile=True)
+    assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
+
+
 def test_chunked_prefill_preemption_and_prefix_hits_leave_outputs_unchanged(checkpoint):
     path, prompts, ref = checkpoint
     # 7-token budget: every prompt but the shortest is prefilled in chunks while others decode

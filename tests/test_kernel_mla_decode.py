@@ -1,43 +1,20 @@
 """The Triton MLA decode kernel against the PyTorch reference `seekforge.engine.kernels.paged_mla_decode_reference`.
 
-Without CUDA the kernel runs under Triton's interpreter on small shapes (the env var must be set before
-Triton is imported, and it then applies to every Triton kernel this process defines: on a CPU they could
-not run otherwise). With CUDA the same cases run natively, plus full-size bf16 shapes and a CUDA-graph
-replay that changes context lengths and block tables between replays.
+Without CUDA the kernel runs under Triton's interpreter on small shapes (tests/triton_setup.py). With CUDA
+the same cases run natively, plus full-size bf16 shapes and a CUDA-graph replay that changes context
+lengths and block tables between replays.
 """
-
-import os
 
 import pytest
 import torch
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
+patch_interpreter()
 
 from seekforge.engine.kernels import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-if not CUDA:
-    # Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which numpy >= 2.4
-    # refuses (triton-lang/triton#9171, fixed upstream): read the element instead.
-    from triton.runtime import interpreter as _interp
-
-    _patch_lang_tensor = getattr(_interp, "_patch_lang_tensor", None)
-
-    def _patch_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    if _patch_lang_tensor is not None:
-        _interp._patch_lang_tensor = _patch_index
-
-# The interpreter multiplies bf16 operands as their raw bits, so on the CPU fp16 stands in for bf16.
-HALF = torch.bfloat16 if CUDA else torch.float16
 
 
 def _problem(b, s, h, c, r, page, lens, dtype, seed):

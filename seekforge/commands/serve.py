@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="paged latent cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the captured decode step (with --cuda-graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks: prefill and the captured decode step")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 

@@ -1,9 +1,10 @@
-"""Attention kernels over the paged latent cache, behind one small interface.
+"""The engine's kernels behind one small interface: attention over the paged latent cache, routed experts.
 
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature (SEEKFORGE_TRITON=0 keeps the reference).
+`seekforge.kernels.mla_decode` behind the same signature, and `routed_experts` the fused MoE kernels of
+`seekforge.kernels.moe` for decode (SEEKFORGE_TRITON=0 keeps the references).
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
@@ -12,9 +13,10 @@ Shapes: b sequences, s queries per sequence, h heads, c kv_lora_rank, r rope dim
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +75,7 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionP
                      kv_lora_rank: int) -> torch.Tensor:
     """Absorbed MLA over the paged cache. q [b, s, h, c + r] is the latent query (q_nope @ W_UK) followed
     by the rotated q_pe; returns the attention-weighted latent [b, s, h, c] (W_UV is applied after)."""
-    triton_decode = _triton_decode() if q.is_cuda else None
+    triton_decode = _triton("mla_decode", "paged_mla_decode_triton") if q.is_cuda else None
     if triton_decode is not None:  # q may come out of autocast narrower than the cache: the kernel wants one dtype
         return triton_decode(q.to(cache.dtype), cache, plan.block_tables, plan.query_positions, softmax_scale,
                              kv_lora_rank)
@@ -89,16 +91,46 @@ def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: Paged
     return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
 
 
-@cache
-def _triton_decode():
-    """The Triton decode kernel, or None where Triton is missing or turned off (SEEKFORGE_TRITON=0)."""
-    if os.environ.get("SEEKFORGE_TRITON", "1") == "0":
-        return None
-    try:
-        from seekforge.kernels.mla_decode import paged_mla_decode_triton
-    except ImportError:
-        return None
-    return paged_mla_decode_triton
+def _triton(module: str, name: str):
+    """A Triton kernel of `seekforge.kernels`, or None where Triton is missing or turned off
+    (SEEKFORGE_TRITON=0). Loaded once into a plain dict, which torch.compile reads without a graph break
+    (`load_triton_kernels` fills it before anything is traced)."""
+    key = (module, name)
+    if key not in _TRITON:
+        kernel = None
+        if os.environ.get("SEEKFORGE_TRITON", "1") != "0":
+            try:
+                kernel = getattr(importlib.import_module(f"seekforge.kernels.{module}"), name)
+            except ImportError:
+                pass
+        _TRITON[key] = kernel
+    return _TRITON[key]
+
+
+_TRITON: dict[tuple[str, str], object] = {}
+
+
+def load_triton_kernels() -> None:
+    _triton("mla_decode", "paged_mla_decode_triton")
+    _triton("moe", "fused_experts")
+
+
+def routed_experts(experts, x: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE's routed experts (`seekforge.model.moe.Experts`) over x [n, dim] with gate weights and expert
+    indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32), as `Experts.forward`. On CUDA,
+    with weights stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode), the
+    fused Triton kernels of `seekforge.kernels.moe`; otherwise the model's grouped matmuls."""
+    fused = _triton("moe", "fused_experts") if x.is_cuda else None
+    if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
+            and indices.numel() <= FUSED_MOE_ROWS * experts.n_experts):
+        flat = indices.flatten()
+        load = torch.zeros(experts.n_experts, device=x.device).index_add_(0, flat, flat.new_ones(flat.shape).float())
+        return fused(x, experts.w1, experts.w2, experts.w3, weights, indices), load
+    return experts(x, weights, indices)
+
+
+FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py: 0.74x at 24 rows an expert)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

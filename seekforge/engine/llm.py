@@ -119,8 +119,6 @@ class LLM:
         if cuda_graphs and num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
                               "or cuda_graphs")
-        if compile and not cuda_graphs:
-            raise ConfigError("LLM: compile applies to the decode step that cuda_graphs captures; turn on cuda_graphs")
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             raise ConfigError(f"LLM: without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must "
                               f"be at least max_model_len ({self.max_model_len}) or long prompts never run")
@@ -140,7 +138,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    max_waiting, num_lookahead=max(k - 1, 0), chunked_prefill=enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
-                                  mtp=bool(k), max_absorbed_query=1 + k, compile_decode=compile)
+                                  mtp=bool(k), max_absorbed_query=1 + k, compile=compile)
         self.proposer = MTPProposer(self.runner, k) if k else None
         self.eos_ids = {t for t in (cfg.eos_token_id, tokenizer.eos_id if tokenizer else None) if t is not None}
         self.requests: dict[str, Request] = {}
@@ -238,10 +236,10 @@ class LLM:
         """Queue one request (checked first; raises ConfigError or QueueFullError and changes nothing)."""
         params = params or SamplingParams()
         text, ids = self._check_request(prompt, params)
+        self._check_weights()
         return self._add(text, ids, params, request_id)
 
     def _add(self, text, ids, params, request_id=None) -> str:
-        self._check_weights()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
@@ -459,6 +457,7 @@ class LLM:
     def _run(self, prompts, sampling_params, streaming: bool,
              order: list[str] | None = None) -> Iterator[RequestOutput]:
         pending = deque(self._normalise(prompts, sampling_params))
+        self._check_weights()  # once: reading every parameter's version costs milliseconds
         mine: set[str] = set()
         while pending or mine:
             while pending and self.scheduler.has_room(pending[0][2].n):

@@ -14,9 +14,11 @@ sequences, in groups:
 Each layer first writes the step's new latents into the cache, then attends, so a chunk sees its own
 tokens and everything computed before. The model object is used as is (its weights in place): an RL
 trainer that updates them sees the new policy on the next step. Decode steps can be replayed as CUDA
-graphs from static input buffers (`capture_cuda_graphs`), optionally compiled first: torch.compile fuses
-the dozens of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals), which
-is what a batch-1 step is made of; the two cache kernels stay opaque to it.
+graphs from static input buffers (`capture_cuda_graphs`). With `compile=True`, torch.compile fuses the dozens
+of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals): the captured decode
+block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
+attention (`attention_inputs`, `block_output`), attention itself running eagerly over its groups. The FFN of
+an MoE block goes through `kernels.routed_experts`: fused Triton kernels for decode's few rows per expert.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 from seekforge.engine import kernels
 from seekforge.errors import ConfigError
 from seekforge.model.block import Block
+from seekforge.model.mlp import MLP
+from seekforge.model.moe import MoE
 from seekforge.model.transformer import Transformer
 
 
@@ -69,7 +73,7 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
-                 mtp: bool = False, max_absorbed_query: int = 1, compile_decode: bool = False):
+                 mtp: bool = False, max_absorbed_query: int = 1, compile: bool = False):
         self.model = model
         self.cfg = cfg = model.cfg
         self.block_size = block_size
@@ -85,7 +89,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._decode_block = compiled_decode_block(self.device, self.dtype) if compile_decode else decode_block
+        self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
+        self._stages = compiled_stages(self.device, self.dtype) if compile else (attention_inputs, block_output)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -172,7 +177,7 @@ class ModelRunner:
         h = h.unsqueeze(0)
         attention = partial(self._attention, groups=step.groups)
         for i, block in enumerate(blocks):
-            h = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention)
+            h = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention, stages=self._stages)
         return h[0]
 
     def _attention(self, attn, cache, q_nope, q_pe, kv, k_pe, groups: list[AttentionGroup]) -> torch.Tensor:
@@ -282,17 +287,45 @@ class ModelRunner:
         return self.logits(h[0])
 
 
-def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, attention, store=kernels.store_latents) -> torch.Tensor:
-    """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
-    `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context)."""
+def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]."""
     attn = block.attn
     x = block.attn_norm(h)
     q_nope, q_pe = attn.query(x, cos, sin)
     kv, k_pe = attn.latent(x, cos, sin)
-    store(cache, slot_mapping, kv[0], k_pe[0])
-    h = h + attn.wo(attention(attn, cache, q_nope[0], q_pe[0], kv[0], k_pe[0])).unsqueeze(0)
-    return h + block.ffn(block.ffn_norm(h))
+    return q_nope[0], q_pe[0], kv[0], k_pe[0]
+
+
+def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """A block's work after attention: the output projection, the residuals and the FFN."""
+    h = h + block.attn.wo(attended).unsqueeze(0)
+    return h + feed_forward(block.ffn, block.ffn_norm(h))
+
+
+def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, attention, store=kernels.store_latents,
+                  stages=(attention_inputs, block_output)) -> torch.Tensor:
+    """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
+    `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context).
+    `stages` are the work around those two (compiled ones, with `compile=True`)."""
+    inputs, output = stages
+    q_nope, q_pe, kv, k_pe = inputs(block, h, cos, sin)
+    store(cache, slot_mapping, kv, k_pe)
+    return output(block, h, attention(block.attn, cache, q_nope, q_pe, kv, k_pe))
+
+
+def feed_forward(ffn: MoE | MLP, x: torch.Tensor) -> torch.Tensor:
+    """The block's FFN at inference: an MoE's routed experts run through `kernels.routed_experts` (fused
+    kernels for decode's few rows per expert); its `load` (tokens per expert, which the server's metrics
+    read) is kept as `MoE.forward` keeps it, the routing statistics of training are not."""
+    if not isinstance(ffn, MoE):
+        return ffn(x)
+    flat = x.reshape(-1, x.shape[-1])
+    weights, indices, _ = ffn.gate(flat)
+    y, ffn.load = kernels.routed_experts(ffn.experts, flat, weights, indices)
+    if ffn.shared_experts is not None:
+        y = y + ffn.shared_experts(flat)
+    return y.view(x.shape)
 
 
 def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
@@ -316,13 +349,28 @@ def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                                                                                         plan, 1, decode), store)
 
 
+def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
+    """What the blocks look up once (the model's grouped-matmul probe, a test call per device and dtype; the
+    Triton kernels, imported) happens here, never inside a trace, where it would break the graph."""
+    from seekforge.model.moe import _grouped_mm_works
+
+    _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))
+    if device.type == "cuda":
+        kernels.load_triton_kernels()
+
+
+def compiled_stages(device: torch.device, dtype: torch.dtype):
+    """`attention_inputs` and `block_output` under torch.compile (dynamic shapes), for the blocks of
+    prefill and mixed steps, whose attention (several kernels over variable groups) runs eagerly between."""
+    _settle_before_tracing(device, dtype)
+    return torch.compile(attention_inputs, dynamic=True), torch.compile(block_output, dynamic=True)
+
+
 def compiled_decode_block(device: torch.device, dtype: torch.dtype):
     """`decode_block` under torch.compile, compiled once for all blocks alike and every batch size (dynamic
     shapes). The two cache kernels stay opaque to it (an in-place write into the whole cache that a graph
     must not copy; a kernel of our own), so each block compiles to two fused pieces around them."""
-    from seekforge.model.moe import _grouped_mm_works
-
-    _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))  # settle the probe: never traced
+    _settle_before_tracing(device, dtype)
     store = torch.compiler.disable(kernels.store_latents)
     decode = torch.compiler.disable(kernels.paged_mla_decode)
 

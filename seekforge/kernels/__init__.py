@@ -4,4 +4,5 @@ Each module imports Triton itself, so `import seekforge.kernels` stays free of i
 have no Triton, keep to the references.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
+- `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`).
 """

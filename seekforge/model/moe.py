@@ -38,7 +38,8 @@ _GROUPED_MM_OK: dict = {}
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
     """Rows of x [m, in] sorted by expert; w [experts, out, in]; offsets [experts] = cumulative row counts
     (int32). Row i is multiplied by w[expert_of_row[i]]^T. Returns [m, out]."""
-    if _grouped_mm_works(x, w):
+    # torch.compile's shape rule for grouped matmul accepts bf16 only, though eager CPU kernels take fp32 too
+    if _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(-2, -1)).squeeze(1)
 

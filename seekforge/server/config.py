@@ -21,7 +21,7 @@ class ServerConfig:
     num_speculative_tokens: int = 0
     kv_cache_memory: int | None = None  # bytes of paged cache; default: most of the free GPU memory, 1 GiB on CPU
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (GPU, bfloat16/float16)
-    compile: bool = False  # torch.compile the captured decode step (with cuda_graphs; ~1 min more at startup)
+    compile: bool = False  # torch.compile the blocks (prefill and the captured decode step; ~1 min more at startup)
     health_timeout: float = 30.0  # seconds a /health generation may take before it reports 503
     log_level: str = "info"
 

@@ -1,0 +1,95 @@
+"""Routed experts at the 16b shape: the fused Triton MoE kernels against the model's grouped matmuls
+(`torch._grouped_mm`, what the model and transformers' "grouped_mm" experts run), in bytes per second beside
+the copy bandwidth measured in the same run.
+
+    python bench/moe.py                          # tokens 1 .. 4096, default tiles
+    python bench/moe.py --sweep 1 64 512 --json out.json  # also time candidate tiles at 3 sizes
+
+Each call is timed over CUDA-graph replays (triton's do_bench_cudagraph: how a captured decode step runs
+it). Bytes = the weights of every expert that some token chose, read once, plus the tokens in and out: the
+fewest any implementation must move. Routing is uniform at random (top-k of random scores), as a balanced
+model's is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceilings import copy_bandwidth, machine  # noqa: E402
+
+from seekforge.kernels.moe import MoEConfig, default_config, fused_experts  # noqa: E402
+from seekforge.model.moe import Experts  # noqa: E402
+
+
+def problem(n, experts, k, dim, inter, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        ex = Experts(experts, dim, inter).to(torch.bfloat16)
+        for p in ex.parameters():
+            torch.nn.init.normal_(p, std=dim ** -0.5)
+        x = torch.randn(n, dim, dtype=torch.bfloat16)
+        indices = torch.rand(n, experts).topk(k, dim=-1).indices
+        weights = torch.rand(n, k)
+    return ex, x, weights, indices
+
+
+def candidates() -> list[MoEConfig]:
+    """Tiles whose pipelined loads (stages x (rows + two weight tiles) x BLOCK_K, bf16) fit shared memory."""
+    return [MoEConfig(bm, bn, bk, 8 if bm * bn >= 64 * 128 else 4, st)
+            for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 5)
+            if st * (bm + 2 * bn) * bk * 2 <= 200 * 1024]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=6)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=1408)
+    ap.add_argument("--sweep", type=int, nargs="*", help="also time candidate tiles at these token counts")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for n in args.tokens:
+        ex, x, weights, indices = problem(n, args.experts, args.topk, args.dim, args.inter)
+        chosen = indices.unique().numel()
+        nbytes = chosen * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
+        fused = lambda cfg=None: fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg)  # noqa: E731
+        grouped = lambda: ex(x, weights, indices)  # noqa: E731
+        row = {"tokens": n, "experts_read": chosen, "bytes": nbytes,
+               "fused_us": do_bench_cudagraph(fused) * 1e3, "grouped_us": do_bench_cudagraph(grouped) * 1e3,
+               "default": asdict(default_config(n * args.topk, args.experts))}
+        if args.sweep and n in args.sweep:
+            timed = []
+            for cfg in candidates():
+                try:
+                    timed.append((do_bench_cudagraph(lambda c=cfg: fused(c)) * 1e3, cfg))
+                except Exception as err:  # noqa: BLE001 - a tile that does not fit this GPU is just skipped
+                    print(f"  skip {cfg}: {type(err).__name__}", flush=True)
+            timed.sort(key=lambda t: t[0])
+            row["best"] = [{"us": us, **asdict(cfg)} for us, cfg in timed[:5]]
+        for key in ("fused", "grouped"):
+            row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
+        print(f"tokens {n:5d}: experts read {chosen:2d}, fused {row['fused_us']:8.1f} us "
+              f"({row['fused_bw_share']:.1%} of copy BW), grouped {row['grouped_us']:8.1f} us "
+              f"({row['grouped_bw_share']:.1%}), {row['grouped_us'] / row['fused_us']:.2f}x"
+              + (f"; best {row['best'][:2]}" if "best" in row else ""), flush=True)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Routed experts for few tokens per expert, in Triton: the fused MoE of decode steps.
+
+A decode step sends each of its n tokens to k experts, a handful of rows per expert. What bounds it is
+reading the chosen experts' weights once; grouped GEMMs built for prefill (`torch._grouped_mm`) tile every
+expert in 64- or 128-row blocks and pay for setup and compute that a few rows do not need. Here the
+(token, slot) pairs are grouped by expert with each expert's rows padded to BLOCK_M, and one program per
+(row block, column block) reads its expert's weight tile once for all its rows. Two kernels:
+
+- gate_up: h = silu(x W1^T) * (x W3^T) per padded row, both weights' tiles in the same program;
+- down: out[pair] = gate weight * (h W2^T), written at the pair's own row; PyTorch sums the k rows.
+
+No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
+pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
+calls this can be captured as a CUDA graph, and the grouping (a few tensor ops) compiles with the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from seekforge.errors import ConfigError
+
+
+@triton.jit
+def _gate_up(x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, expert_ptr,
+             num_pairs, num_experts, K, N,
+             stride_xm, stride_we, stride_wn, stride_hm,
+             TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(expert_ptr + block).to(tl.int64)
+    if expert >= num_experts:  # past the last real row block
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(ids_ptr + rows)
+    row_ok = pair < num_pairs
+    token = (pair // TOPK).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_at = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    w_off = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of W^T
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w1 = tl.load(w1_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w3 = tl.load(w3_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)
+        acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
+    h = acc1 * tl.sigmoid(acc1) * acc3
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down(h_ptr, w2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
+          num_pairs, num_experts, K, N,
+          stride_hm, stride_we, stride_wn, stride_om,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(expert_ptr + block).to(tl.int64)
+    if expert >= num_experts:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(ids_ptr + rows)
+    row_ok = pair < num_pairs
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    h_at = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    w_off = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        h = tl.load(h_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w2 = tl.load(w2_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(h, w2, acc, input_precision=PRECISION)
+    gate = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
+    tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc * gate[:, None],
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tiles of both kernels: `block_m` rows (token slots) of one expert, `block_n` output columns and
+    `block_k` of the reduction per loop step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(num_pairs: int, num_experts: int, element_size: int = 2) -> MoEConfig:
+    """16 rows (the smallest MMA tile) while experts hold a few rows each, wider blocks once they hold more
+    (so each weight tile serves more rows), and as many pipeline stages as fit in shared memory (fp32 takes
+    twice the room of bf16)."""
+    per_expert = num_pairs / num_experts
+    if per_expert <= 16:
+        cfg = MoEConfig(16, 64, 128, num_warps=4, num_stages=5)
+    elif per_expert <= 64:
+        cfg = MoEConfig(32, 64, 128, num_warps=4, num_stages=4)
+    else:
+        cfg = MoEConfig(64, 128, 64, num_warps=8, num_stages=3)
+    stage_bytes = (cfg.block_m + 2 * cfg.block_n) * cfg.block_k * element_size
+    return replace(cfg, num_stages=max(1, min(cfg.num_stages, _SHARED_MEMORY // stage_bytes)))
+
+
+_SHARED_MEMORY = 192 * 1024  # of an H100/H200 SM's 227 KB, with room for the epilogue
+
+
+def group_by_expert(indices: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices [n, k] -> (pair ids [blocks * block_m] int32, expert of each row block [blocks] int32).
+    Pairs p = token * k + slot are laid out expert by expert, each expert's rows padded to whole blocks;
+    padding rows hold n * k. `blocks` is the bound pairs // block_m + min(experts, pairs), a function of
+    the shapes alone; blocks past the real ones belong to expert `num_experts` (none)."""
+    flat = indices.flatten()
+    pairs = flat.numel()
+    blocks = pairs // block_m + min(num_experts, pairs)
+    one_hot = F.one_hot(flat, num_experts)  # [pairs, experts]
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # earlier pairs of the same expert
+    per_expert = (one_hot.sum(0) + block_m - 1) // block_m  # row blocks of each expert
+    block_end = per_expert.cumsum(0)
+    dest = (block_end - per_expert)[flat] * block_m + rank
+    pair_ids = torch.full((blocks * block_m,), pairs, dtype=torch.int32, device=flat.device)
+    pair_ids.scatter_(0, dest, torch.arange(pairs, dtype=torch.int32, device=flat.device))
+    first_block = torch.arange(blocks, device=flat.device).unsqueeze(1)
+    block_expert = (first_block >= block_end.unsqueeze(0)).sum(1).to(torch.int32)
+    return pair_ids, block_expert
+
+
+def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
+                  indices: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
+    [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
+    in x's dtype. `config` replaces the tile heuristic (benchmarks)."""
+    n, dim = x.shape
+    num_experts, inter, _ = w1.shape
+    if (w1.shape != w3.shape or w2.shape != (num_experts, dim, inter) or w1.shape[2] != dim
+            or weights.shape != indices.shape or indices.shape[0] != n):
+        raise ConfigError(f"fused experts want x [n, dim], w1/w3 [experts, inter, dim], w2 [experts, dim, inter], "
+                          f"weights and indices [n, k]; got x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
+                          f"w2 {tuple(w2.shape)}, w3 {tuple(w3.shape)}, weights {tuple(weights.shape)}, "
+                          f"indices {tuple(indices.shape)}")
+    if not (x.dtype == w1.dtype == w2.dtype == w3.dtype):
+        raise ConfigError(f"x and the expert weights must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}, "
+                          f"{w3.dtype}")
+    if any(w.stride(-1) != 1 or w.stride(0) != w1.stride(0) or w.stride(1) != w1.stride(1) for w in (w1, w3)) \
+            or w2.stride(-1) != 1:
+        raise ConfigError("expert weights must be contiguous in their last dim (and w1, w3 alike)")
+    k = indices.shape[1]
+    pairs = n * k
+    if pairs == 0:
+        return x.new_zeros(n, dim)
+    x = x.contiguous()
+    cfg = config or default_config(pairs, num_experts, x.element_size())
+    pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
+    out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
+    _launch(x, w1, w2, w3, weights.float().contiguous(), pair_ids, block_expert, out, k, cfg)
+    return out.view(n, k, dim).sum(1).to(x.dtype)
+
+
+@torch.compiler.disable  # torch.compile fuses the grouping around it; it cannot trace launches with dynamic strides
+def _launch(x, w1, w2, w3, weights, pair_ids, block_expert, out, k, cfg: MoEConfig) -> None:
+    pairs, dim = out.shape
+    num_experts, inter, _ = w1.shape
+    blocks = block_expert.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
+    h = torch.empty(blocks * cfg.block_m, inter, device=x.device, dtype=x.dtype)
+    _gate_up[(blocks, triton.cdiv(inter, cfg.block_n))](
+        x, w1, w3, h, pair_ids, block_expert, pairs, num_experts, dim, inter,
+        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        TOPK=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _down[(blocks, triton.cdiv(dim, cfg.block_n))](
+        h, w2, out, pair_ids, block_expert, weights, pairs, num_experts, inter, dim,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert"]

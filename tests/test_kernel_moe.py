@@ -1,0 +1,132 @@
+"""The fused MoE kernels (`seekforge.kernels.moe`) against the model's own routed experts.
+
+Without CUDA the kernels run under Triton's interpreter on small shapes (tests/triton_setup.py). With
+CUDA the same cases run natively, plus the 16b shape in bf16 at decode batch sizes and a CUDA-graph
+replay with new routing between replays.
+"""
+
+import pytest
+import torch
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge.engine import kernels  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.kernels.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
+from seekforge.model.moe import Experts  # noqa: E402
+
+
+def _problem(n, k, experts, dim, inter, dtype, seed, skew=False):
+    """Random experts and routing; `skew` sends most tokens to expert 0 (rows past one block)."""
+    g = torch.Generator().manual_seed(seed)
+    ex = Experts(experts, dim, inter)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * dim ** -0.5)
+    x = torch.randn(n, dim, generator=g)
+    logits = torch.randn(n, experts, generator=g)
+    if skew:
+        logits[:, 0] += 10
+    indices = logits.topk(k, dim=-1).indices
+    weights = torch.rand(n, k, generator=g)
+    ref = ex(x, weights, indices)[0]  # fp32, grouped path (or its exact fallback)
+    ex = ex.to(DEVICE, dtype)
+    return ex, x.to(DEVICE, dtype), weights.to(DEVICE), indices.to(DEVICE), ref
+
+
+CASES = [  # n, k, experts, dim, inter, config
+    (1, 6, 64, 64, 48, None),  # decode batch 1: six experts of 64 read once each
+    (5, 2, 8, 32, 80, None),  # inter not a multiple of the tile
+    (40, 4, 8, 64, 32, MoEConfig(32, 32, 32, 4, 2)),  # experts with rows in several blocks
+    (300, 6, 8, 32, 16, None),  # over 16 rows an expert: wider blocks
+    (3, 1, 4, 16, 16, None),  # k = 1
+]
+
+
+@pytest.mark.parametrize("n,k,experts,dim,inter,config", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+def test_fused_experts_match_the_model(n, k, experts, dim, inter, config, dtype):
+    ex, x, weights, indices, ref = _problem(n, k, experts, dim, inter, dtype, seed=n)
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, config)
+    assert out.dtype == dtype and out.shape == (n, dim)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+def test_skewed_routing_fills_many_blocks_of_one_expert():
+    ex, x, weights, indices, ref = _problem(70, 2, 4, 32, 32, torch.float32, seed=3, skew=True)
+    assert (indices == 0).sum() == 70
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, MoEConfig(16, 32, 32, 4, 2))
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_grouping_covers_every_pair_once_in_its_experts_blocks():
+    g = torch.Generator().manual_seed(0)
+    n, k, experts, bm = 37, 3, 10, 4
+    indices = torch.rand(n, experts, generator=g).topk(k, dim=-1).indices
+    pair_ids, block_expert = group_by_expert(indices, experts, bm)
+    pairs = n * k
+    assert block_expert.numel() == pairs // bm + min(experts, pairs) and pair_ids.numel() == block_expert.numel() * bm
+    real = pair_ids[pair_ids < pairs]
+    assert sorted(real.tolist()) == list(range(pairs))
+    rows = pair_ids.view(-1, bm)
+    flat = indices.flatten()
+    for b, e in enumerate(block_expert.tolist()):
+        members = rows[b][rows[b] < pairs]
+        if e == experts:  # past the last real block: padding only
+            assert members.numel() == 0
+        else:
+            assert members.numel() > 0 and (flat[members.long()] == e).all()
+    assert block_expert.tolist() == sorted(block_expert.tolist())
+
+
+def test_bad_shapes_and_dtypes_are_named():
+    ex, x, weights, indices, _ = _problem(2, 2, 4, 16, 8, torch.float32, seed=0)
+    with pytest.raises(ConfigError, match="w1/w3"):
+        fused_experts(x, ex.w2, ex.w2, ex.w3, weights, indices)
+    with pytest.raises(ConfigError, match="one dtype"):
+        fused_experts(x.double(), ex.w1, ex.w2, ex.w3, weights, indices)
+    with pytest.raises(ConfigError, match="indices"):
+        fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices[:1])
+
+
+def test_routed_experts_keeps_the_model_path_off_cuda():
+    ex, x, weights, indices, ref = _problem(4, 2, 8, 16, 16, torch.float32, seed=1)
+    out, load = kernels.routed_experts(ex.cpu(), x.cpu(), weights.cpu(), indices.cpu())
+    torch.testing.assert_close(out, ref)
+    assert load.tolist() == torch.bincount(indices.flatten().cpu(), minlength=8).float().tolist()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n", [1, 4, 64, 512])
+def test_16b_shape_bf16_decode_batches(n):
+    ex, x, weights, indices, _ = _problem(n, 6, 64, 2048, 1408, torch.bfloat16, seed=n)
+    ref = ex.float()(x.float(), weights, indices)[0]
+    out = fused_experts(x, ex.w1.bfloat16(), ex.w2.bfloat16(), ex.w3.bfloat16(), weights, indices)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_replay_follows_new_routing():
+    ex, x, weights, indices, _ = _problem(8, 6, 64, 256, 128, torch.bfloat16, seed=2)
+    fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+    for seed in (3, 4):
+        _, x2, w2, i2, _ = _problem(8, 6, 64, 256, 128, torch.bfloat16, seed=seed)
+        x.copy_(x2), weights.copy_(w2), indices.copy_(i2)
+        graph.replay()
+        expect = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+        torch.testing.assert_close(out, expect, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_routed_experts_takes_the_fused_kernels_for_decode_and_counts_load():
+    ex, x, weights, indices, _ = _problem(4, 6, 64, 256, 128, torch.bfloat16, seed=5)
+    out, load = kernels.routed_experts(ex, x, weights, indices)
+    torch.testing.assert_close(out, fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices), atol=0, rtol=0)
+    assert load.tolist() == torch.bincount(indices.flatten(), minlength=64).float().tolist()
