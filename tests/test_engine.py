@@ -123,6 +123,26 @@ def test_live_model_is_used_in_place_and_weight_updates_are_seen(tmp_path):
     assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
 
 
+def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path):
+    """What a captured decode graph runs (`_graph_step` over the one static input buffer, padded to the
+    graph's size), run eagerly on the CPU, equals the packed forward of the same decode step."""
+    from seekforge.engine.model_runner import Chunk
+
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path)
+    llm = LLM(tmp_path, block_size=4, max_num_seqs=8)
+    for p in make_prompts([5, 30, 17]):
+        llm.add_request(p, FULL)
+    llm.step()  # prefill: the cache now holds the prompts
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in llm.scheduler.running]
+    runner = llm.runner
+    with torch.inference_mode():
+        runner._allocate_static(8)
+        runner._fill_static(chunks, 4)  # three sequences and one padding row
+        from_buffer = runner._graph_step(4)[:3]
+        packed = runner.logits(runner.forward(runner.prepare(chunks)))
+    torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_holds_latent_and_rotary_key_only(dtype):
     cfg = ModelConfig.preset("tiny")

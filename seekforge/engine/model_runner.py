@@ -17,7 +17,7 @@ trainer that updates them sees the new policy on the next step. Decode steps can
 graphs from static input buffers (`capture_cuda_graphs`). With `compile=True`, torch.compile fuses the dozens
 of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals): the captured decode
 block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
-attention (`attention_inputs`, `block_output`), attention itself running eagerly over its groups. The FFN of
+attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
 an MoE block goes through `kernels.routed_experts`: fused Triton kernels for decode's few rows per expert.
 """
 
@@ -90,7 +90,9 @@ class ModelRunner:
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
-        self._stages = compiled_stages(self.device, self.dtype) if compile else (attention_inputs, block_output)
+        plain = (attention_inputs, block_output, explicit_attention)
+        inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
+        self._stages = (inputs, output)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -199,10 +201,7 @@ class ModelRunner:
             else:
                 ctx = kernels.gather_latents(cache, g.plan)
                 ctx_kv, ctx_pe, mask = ctx[..., :attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:], g.plan.mask
-            # up-project the context latents into per-head keys and values (MLA's explicit form)
-            k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
-            k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
-            out = kernels.dense_attention(torch.cat([qn, qp], dim=-1), k, v, mask, attn.softmax_scale).flatten(2)
+            out = self._explicit_attention(attn, qn, qp, ctx_kv, ctx_pe, mask)
             pieces.append(out[0] if g.valid is None else out[g.valid])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -232,18 +231,7 @@ class ModelRunner:
         size = next((s for s in sorted(self.graphs) if s >= b), None)
         if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
             return None
-        ids, pos, slots, tables = self._static
-        bs = self.block_size
-        ids[:b].copy_(torch.tensor([ch.token_ids[0] for ch in chunks]))
-        p = [ch.start for ch in chunks]
-        pos[:b].copy_(torch.tensor(p))
-        slots[:b].copy_(torch.tensor([ch.block_table[q // bs] * bs + q % bs for ch, q in zip(chunks, p)]))
-        width = tables.shape[1]
-        rows = [ch.block_table[:width] for ch in chunks]
-        tables[:b].copy_(torch.tensor([r + [self.scratch_block] * (width - len(r)) for r in rows]))
-        pos[b:size].zero_()
-        slots[b:size].fill_(self.scratch_block * bs)
-        tables[b:size].fill_(self.scratch_block)
+        self._fill_static(chunks, size)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]
@@ -253,12 +241,7 @@ class ModelRunner:
         attend over the whole static block table (max_model_len); fused kernels make that cheap."""
         if self.device.type != "cuda":
             return
-        width = -(-self.max_model_len // self.block_size)
-        dev = self.device
-        self._static = (torch.zeros(max_batch, dtype=torch.long, device=dev),
-                        torch.zeros(max_batch, dtype=torch.long, device=dev),
-                        torch.full((max_batch,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
-                        torch.full((max_batch, width), self.scratch_block, dtype=torch.long, device=dev))
+        self._allocate_static(max_batch)
         sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         pool = None
         for size in sorted(set(sizes), reverse=True):
@@ -276,8 +259,25 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size] = (graph, logits)
 
+    def _allocate_static(self, max_batch: int) -> None:
+        """The graphs' input: one buffer, one row a sequence (token id, position, cache slot, then the block
+        table over max_model_len), so a step's inputs reach the device in one copy."""
+        width = -(-self.max_model_len // self.block_size)
+        self._static = torch.full((max_batch, 3 + width), self.scratch_block, dtype=torch.long, device=self.device)
+        self._static[:, :2] = 0
+        self._static[:, 2] = self.scratch_block * self.block_size
+
+    def _fill_static(self, chunks: list[Chunk], size: int) -> None:
+        """Rows for the decode chunks, then padding rows up to the graph's size (all in the scratch block)."""
+        bs, scratch = self.block_size, self.scratch_block
+        width = self._static.shape[1] - 3
+        rows = [[ch.token_ids[0], ch.start, ch.block_table[ch.start // bs] * bs + ch.start % bs]
+                + ch.block_table[:width] + [scratch] * (width - len(ch.block_table)) for ch in chunks]
+        rows += [[0, 0, scratch * bs] + [scratch] * width] * (size - len(chunks))
+        self._static[:size].copy_(torch.tensor(rows))
+
     def _graph_step(self, b: int) -> torch.Tensor:
-        ids, pos, slots, tables = self._static
+        ids, pos, slots, tables = self._static[:, 0], self._static[:, 1], self._static[:, 2], self._static[:, 3:]
         plan = kernels.plan_paged_attention(tables[:b], pos[:b].unsqueeze(1), self.block_size,
                                             tables.shape[1] * self.block_size)
         cos, sin = self.model.rope(pos[:b].unsqueeze(0))
@@ -328,6 +328,16 @@ def feed_forward(ffn: MoE | MLP, x: torch.Tensor) -> torch.Tensor:
     return y.view(x.shape)
 
 
+def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+    """MLA's explicit form for prefill: the context latents ctx_kv [b, t, c] up-projected into per-head keys
+    and values, the shared rotary keys ctx_pe [b, t, r] appended to every head's key; queries [b, s, h, .].
+    mask [b, s, t] (None: causal over s == t). Returns [b, s, h * d_v]."""
+    k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
+    k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
+    return kernels.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale).flatten(2)
+
+
 def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
                        plan: kernels.PagedAttentionPlan, query_len: int, decode=kernels.paged_mla_decode) -> torch.Tensor:
     """Absorbed MLA of b sequences' query_len queries each (packed [b * s, h, .]) over the paged cache:
@@ -360,10 +370,10 @@ def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def compiled_stages(device: torch.device, dtype: torch.dtype):
-    """`attention_inputs` and `block_output` under torch.compile (dynamic shapes), for the blocks of
-    prefill and mixed steps, whose attention (several kernels over variable groups) runs eagerly between."""
+    """`attention_inputs`, `block_output` and `explicit_attention` under torch.compile (dynamic shapes), for
+    the blocks of prefill and mixed steps; the dispatch over attention groups between them stays eager."""
     _settle_before_tracing(device, dtype)
-    return torch.compile(attention_inputs, dynamic=True), torch.compile(block_output, dynamic=True)
+    return tuple(torch.compile(f, dynamic=True) for f in (attention_inputs, block_output, explicit_attention))
 
 
 def compiled_decode_block(device: torch.device, dtype: torch.dtype):

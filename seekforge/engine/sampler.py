@@ -30,9 +30,9 @@ class Row:
 @dataclass
 class SamplingBatch:
     rows: list[Row]
-    greedy: torch.Tensor  # [R] bool
+    greedy: torch.Tensor | None  # [R] bool; None when every row is greedy (no host-to-device copy then)
     all_greedy: bool
-    temperature: torch.Tensor  # [R, 1]
+    temperature: torch.Tensor | None  # [R, 1]; None when every row is greedy
     top_k: torch.Tensor | None  # [R] (vocab where off) or None when no row uses it
     top_p: torch.Tensor | None  # [R, 1]
     min_p: torch.Tensor | None  # [R, 1]
@@ -47,13 +47,14 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
         return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
     greedy = [p.temperature == 0 for p in ps]
+    all_greedy = all(greedy)
     top_k = [p.top_k or vocab_size for p in ps]
     asked = [p.logprobs for p in ps if p.logprobs is not None]
     return SamplingBatch(
         rows=rows,
-        greedy=torch.tensor(greedy, device=device),
-        all_greedy=all(greedy),
-        temperature=col([p.temperature or 1.0 for p in ps]),
+        greedy=None if all_greedy else torch.tensor(greedy, device=device),
+        all_greedy=all_greedy,
+        temperature=None if all_greedy else col([p.temperature or 1.0 for p in ps]),
         top_k=torch.tensor(top_k, device=device) if any(k < vocab_size for k in top_k) else None,
         top_p=col([p.top_p for p in ps]) if any(p.top_p < 1 for p in ps) else None,
         min_p=col([p.min_p for p in ps]) if any(p.min_p > 0 for p in ps) else None,
