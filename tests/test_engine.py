@@ -14,7 +14,7 @@ from hf_reference import save_hf
 from seekforge import LLM, SamplingParams
 from seekforge.engine import QueueFullError
 from seekforge.engine.block_manager import BlockManager
-from seekforge.engine.sequence import Request, Sequence
+from seekforge.engine.sequence import PENDING, Request, Sequence
 from seekforge.errors import ConfigError
 from seekforge.model import ModelConfig, Transformer
 
@@ -51,11 +51,13 @@ def checkpoint(request, tmp_path_factory):
     return path, prompts, [hf_greedy(hf, p, stop_at_eos=False) for p in prompts]
 
 
-def test_greedy_matches_transformers_batched_and_one_by_one(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_greedy_matches_transformers_batched_and_one_by_one(checkpoint, async_scheduling):
     path, prompts, ref = checkpoint
-    llm = LLM(path, block_size=4)
+    llm = LLM(path, block_size=4, async_scheduling=async_scheduling)
     assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
-    solo = LLM(path, block_size=4, enable_prefix_caching=False)
+    assert (llm.stats()["async_steps"] > 0) == async_scheduling
+    solo = LLM(path, block_size=4, enable_prefix_caching=False, async_scheduling=async_scheduling)
     assert [solo.generate(p, FULL)[0].token_ids for p in prompts] == ref
 
 
@@ -68,17 +70,18 @@ def test_compiled_blocks_match_transformers(checkpoint):
     assert [o.token_ids for o in llm.generate(prompts, FULL)] == ref
 
 
-def test_chunked_prefill_preemption_and_prefix_hits_leave_outputs_unchanged(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_chunked_prefill_preemption_and_prefix_hits_leave_outputs_unchanged(checkpoint, async_scheduling):
     path, prompts, ref = checkpoint
     # 7-token budget: every prompt but the shortest is prefilled in chunks while others decode
-    chunked = LLM(path, block_size=4, max_num_batched_tokens=7)
+    chunked = LLM(path, block_size=4, max_num_batched_tokens=7, async_scheduling=async_scheduling)
     assert [o.token_ids for o in chunked.generate(prompts, FULL)] == ref
     # the second run takes every full prompt block from the prefix cache
     again = chunked.generate(prompts, FULL)
     assert [o.token_ids for o in again] == ref
     assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 4 * 4 for p in prompts]
     # 15 blocks of 4 slots hold the longest sequence alone, not the four at once (5 + 6 + 9 + 15 blocks)
-    tight = LLM(path, block_size=4, num_blocks=15)
+    tight = LLM(path, block_size=4, num_blocks=15, async_scheduling=async_scheduling)
     assert [o.token_ids for o in tight.generate(prompts, FULL)] == ref
     assert tight.stats()["preemptions"] > 0
 
@@ -204,9 +207,10 @@ def test_waiting_queue_is_bounded_and_generate_feeds_it(tmp_path):
     assert [o.token_ids for o in outs] == solo
 
 
-def test_streaming_deltas_add_up_and_abort(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_streaming_deltas_add_up_and_abort(tmp_path, async_scheduling):
     save_hf("v3_sigmoid_grouped_qlora", tmp_path)
-    llm = LLM(tmp_path, block_size=4)
+    llm = LLM(tmp_path, block_size=4, async_scheduling=async_scheduling)
     prompts = make_prompts([4, 9])
     final = llm.generate(prompts, GREEDY)
     seen = {}
@@ -219,6 +223,40 @@ def test_streaming_deltas_add_up_and_abort(tmp_path):
     llm.step()
     llm.abort(rid)
     assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_async_scheduling_equals_sync_through_stops_seeds_and_aborts():
+    """Async steps launch before the host knows the last step's tokens: sequences that stop on a token meanwhile
+    drop the token computed for them, seeded samples follow the same streams, and no output shows a token
+    the host does not know yet."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny").replace(n_mtp_modules=0, init_std=0.1)).eval()
+    prompts = make_prompts([5, 30, 17, 3])
+    stops = list(range(2, 60, 3))  # stop tokens: sequences end at different steps
+    cases = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=stops),
+             SamplingParams(temperature=1.0, max_tokens=20, seed=7, n=3, stop_token_ids=stops),
+             SamplingParams(temperature=1.0, top_p=0.9, max_tokens=9, seed=1, ignore_eos=True)]
+    for params in cases:
+        sync = LLM(model, block_size=4, async_scheduling=False).generate(prompts, params)
+        llm = LLM(model, block_size=4, async_scheduling=True)
+        outs = llm.generate(prompts, params)
+        key = [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in sync]
+        assert [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs] == key
+        assert llm.stats()["async_steps"] > 0
+        assert {c.finish_reason for o in outs for c in o.outputs} >= ({"stop", "length"} if params.stop_token_ids
+                                                                       else {"length"})
+        streamed = {}
+        for out in llm.stream(prompts, params):
+            for c in out.outputs:
+                assert PENDING not in c.delta_token_ids
+                streamed.setdefault((out.request_id, c.index), []).extend(c.delta_token_ids)
+        assert sorted(streamed.values()) == sorted(c.token_ids for o in sync for c in o.outputs)
+    rid = llm.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    llm.step(), llm.step(), llm.step()  # a prefill, then steps in flight
+    llm.abort(rid)
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
 def test_block_manager_hash_chain_refcounts_and_lru_eviction():

@@ -32,8 +32,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_text_prompts_stop_strings_and_streamed_text(checkpoint):
-    llm = LLM(checkpoint)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_text_prompts_stop_strings_and_streamed_text(checkpoint, async_scheduling):
+    llm = LLM(checkpoint, async_scheduling=async_scheduling)
     assert llm.tokenizer is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     full = llm.generate("the quick brown", params)[0]

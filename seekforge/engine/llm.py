@@ -12,6 +12,13 @@ One step: the scheduler picks sequences and token counts, the model runner compu
 forward over the paged latent cache, the sampler (through spec_decode.verify, which without drafts is
 plain sampling) picks tokens, stop conditions are applied, full blocks enter the prefix cache, and with
 MTP the proposer drafts the next step's tokens.
+
+Async scheduling (on by default on CUDA, vLLM's idea): a plain decode step is launched before the host
+knows the previous step's tokens. Those stay on the device and are fed to the new step from there, while
+the host settles the previous step (stop conditions, outputs, prefix cache) as the GPU runs the new one;
+each sequence carries its unknown tokens as PENDING placeholders meanwhile. A sequence that stopped drops
+the one token computed for it in the meantime. Steps that need every token on the host (prefill chunks,
+penalties, logprobs, drafts, preemption) settle the step in flight first.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from pathlib import Path
 import torch
 
 from seekforge.engine.block_manager import BlockManager
-from seekforge.engine.model_runner import Chunk, ModelRunner
-from seekforge.engine.sampler import Row, compute_logprobs, make_batch
+from seekforge.engine.device_copy import to_device
+from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
+from seekforge.engine.sampler import Row, compute_logprobs, make_batch, sample
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.scheduler import Scheduler
-from seekforge.engine.sequence import Logprob, Request, Sequence
+from seekforge.engine.sequence import PENDING, Logprob, Request, Sequence
 from seekforge.engine.spec_decode import Catchup, MTPProposer, verify
 from seekforge.errors import ConfigError
 from seekforge.model.transformer import Transformer
@@ -77,13 +85,33 @@ class RequestOutput:
         return self.outputs[0].logprobs
 
 
+class InFlight:
+    """A decode step launched before the host knew its tokens: the sampled ids stay on the device (the next
+    step's inputs) and are copied to the host without blocking it."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, row: dict[int, int]):
+        self.seqs, self.tokens, self.row = seqs, tokens, row
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = tokens, None
+
+    def host_tokens(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 class LLM:
     def __init__(self, model: Transformer | str | os.PathLike, tokenizer=None, *, dtype=None, device=None,
                  block_size: int | None = None, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 4096, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, num_speculative_tokens: int = 0, cuda_graphs: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, async_scheduling: bool | None = None):
         if isinstance(model, Transformer):
             if dtype is not None or device is not None:
                 raise ConfigError("LLM(model): dtype and device apply when loading from a path; a live model is "
@@ -145,6 +173,10 @@ class LLM:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._weights_key = self._weights_version()
+        # on by default where the device runs apart from the host; on a CPU it only delays outputs a step
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._in_flight: InFlight | None = None
+        self.num_async_steps = 0
         if cuda_graphs:
             with torch.inference_mode():
                 self.runner.capture_cuda_graphs(min(max_num_seqs, 256))
@@ -164,7 +196,7 @@ class LLM:
             "full_kv_bytes_per_token": self.cfg.full_kv_bytes_per_token(elsize),
             "num_blocks": bm.num_blocks, "block_size": bm.block_size, "free_blocks": bm.num_free_blocks,
             "prefix_cache_hit_rate": bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0,
-            "preemptions": self.scheduler.num_preemptions,
+            "preemptions": self.scheduler.num_preemptions, "async_steps": self.num_async_steps,
             "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
         }
         if self.proposer is not None:
@@ -269,6 +301,11 @@ class LLM:
         """One engine step; returns the ids of requests that got new tokens or finished."""
         plan = self.scheduler.schedule()
         touched = {seq.request.request_id for seq in plan.finished}
+        if plan.scheduled and self._can_pipeline(plan):
+            return touched | self._pipelined_step([seq for seq, _ in plan.scheduled])
+        if self._in_flight is not None:  # settle the step in flight first: this one needs every token known
+            touched |= self._resolve()
+            plan.scheduled = [(seq, n) for seq, n in plan.scheduled if not seq.is_finished]
         if not plan.scheduled:
             return touched
         chunks, sampling = [], []
@@ -340,6 +377,68 @@ class LLM:
                                         self.proposer.num_drafts(seq, self.max_model_len)))
         if self.proposer is not None:
             self.proposer.propose(catchups)
+        return touched
+
+    # ---------------------------------------------------------------- async scheduling
+    def _can_pipeline(self, plan) -> bool:
+        """Whether this step can run before the host knows the last step's tokens: plain decode (one token a
+        sequence, no drafts), nothing preempted, no request wanting its history on the host (penalties,
+        logprobs), and no sequence whose tokens in flight already complete it."""
+        if not self.async_scheduling or self.proposer is not None or plan.preempted:
+            return False
+        for seq, n in plan.scheduled:
+            p = seq.params
+            if (n != 1 or seq.num_computed != seq.num_tokens - 1 or p.has_penalties or p.logprobs is not None
+                    or seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+                return False
+        return True
+
+    def _pipelined_step(self, seqs: list[Sequence]) -> set[str]:
+        """Launch a decode step whose inputs may still be on the device (the step in flight samples them),
+        then settle the step in flight while this one runs: the host's bookkeeping overlaps the GPU."""
+        chunks = [Chunk(seq.block_table, seq.num_computed, [seq.token_ids[-1]]) for seq in seqs]
+        device_ids = None
+        if self._in_flight is not None:
+            prev = self._in_flight.row
+            waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
+            rows = to_device([prev[seqs[i].seq_id] for i in waiting], torch.long, self.device)
+            device_ids = DeviceIds(waiting, self._in_flight.tokens[rows])
+        batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
+        logits = self.runner.decode_logits(chunks, device_ids)
+        if logits is None:
+            logits = self.runner.logits(self.runner.forward(self.runner.prepare(chunks, device_ids)))
+        tokens, _ = sample(logits, batch)
+        for seq in seqs:
+            seq.num_computed = seq.num_tokens
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+        launched = InFlight(seqs, tokens, {seq.seq_id: i for i, seq in enumerate(seqs)})
+        self.num_async_steps += 1
+        touched = self._resolve() if self._in_flight is not None else set()
+        self._in_flight = launched
+        return touched
+
+    def _resolve(self) -> set[str]:
+        """Take the step in flight's tokens (waiting for the device) and apply them as `_step` does: stop
+        conditions, prefix-cache registration. A sequence finished or aborted meanwhile drops its token."""
+        f, self._in_flight = self._in_flight, None
+        touched = set()
+        for seq, token in zip(f.seqs, f.host_tokens()):
+            if seq.is_finished:
+                continue
+            touched.add(seq.request.request_id)
+            first = len(seq.token_ids) - seq.num_pending  # this step's token; later steps' follow it
+            later = seq.token_ids[first + 1:]
+            del seq.token_ids[first:]
+            seq.num_pending = 0
+            reason = self._append(seq, [token], [None])
+            seq.num_computed = min(seq.num_computed, seq.num_tokens)
+            self.block_manager.register(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            else:
+                seq.token_ids += later
+                seq.num_pending = len(later)
         return touched
 
     @staticmethod

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 
 from seekforge.engine import kernels
+from seekforge.engine.device_copy import copy_into, to_device
 from seekforge.errors import ConfigError
 from seekforge.model.block import Block
 from seekforge.model.mlp import MLP
@@ -55,6 +56,15 @@ class AttentionGroup:
     index: torch.Tensor | None = None  # [b, S] packed token index (padding repeats a chunk's last token)
     valid: torch.Tensor | None = None  # [b, S] bool, None = no padding
     fresh_mask: torch.Tensor | None = None  # causal mask of a padded fresh prefill; None = plain causal
+
+
+@dataclass
+class DeviceIds:
+    """Token ids the host does not know yet (async scheduling): chunk i of `chunks` (one token each) takes
+    `values[k]` for i = chunks[k], a slice of the previous step's samples, still on the device."""
+
+    chunks: list[int]
+    values: torch.Tensor
 
 
 @dataclass
@@ -106,8 +116,9 @@ class ModelRunner:
         return 0 if c is None else c.element_size() * c.shape[0] * c.shape[-1]
 
     # ---------------------------------------------------------------- step input
-    def prepare(self, chunks: list[Chunk]) -> StepInput:
-        """Pack chunks: absorbed groups first (by query length), then the explicit (prefill) group."""
+    def prepare(self, chunks: list[Chunk], device_ids: DeviceIds | None = None) -> StepInput:
+        """Pack chunks: absorbed groups first (by query length), then the explicit (prefill) group.
+        `device_ids` gives the token of some one-token chunks as device values (see DeviceIds)."""
         by_len: dict[int, list[int]] = defaultdict(list)
         explicit = []
         for i, ch in enumerate(chunks):
@@ -128,10 +139,10 @@ class ModelRunner:
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in span)
             input_ids.extend(ch.token_ids)
             cu.append(cu[-1] + len(ch.token_ids))
-        tables = torch.tensor(tables, dtype=torch.long, device=dev)
-        positions = torch.tensor(positions, dtype=torch.long, device=dev)
-        input_ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
+        tables = to_device(tables, torch.long, dev)
+        positions = to_device(positions, torch.long, dev)
+        input_ids = to_device(input_ids, torch.long, dev)
+        slot_mapping = to_device(slot_mapping, torch.long, dev)
 
         groups = []
         c = 0
@@ -147,6 +158,8 @@ class ModelRunner:
         offsets = [0] * len(chunks)
         for k, i in enumerate(order):
             offsets[i] = cu[k]
+        if device_ids is not None:
+            input_ids[to_device([offsets[i] for i in device_ids.chunks], torch.long, dev)] = device_ids.values
         return StepInput(input_ids, positions, slot_mapping, groups, offsets, order)
 
     def _explicit_group(self, c, cu, lens, starts, tables, positions) -> AttentionGroup:
@@ -224,7 +237,7 @@ class ModelRunner:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
 
     # ---------------------------------------------------------------- decode through CUDA graphs
-    def decode_logits(self, chunks: list[Chunk]) -> torch.Tensor | None:
+    def decode_logits(self, chunks: list[Chunk], device_ids: DeviceIds | None = None) -> torch.Tensor | None:
         """Logits [b, vocab] of a plain decode step replayed from a captured graph; None when the step does
         not fit one (not captured, a chunk longer than one token, or too many sequences)."""
         b = len(chunks)
@@ -232,6 +245,8 @@ class ModelRunner:
         if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
             return None
         self._fill_static(chunks, size)
+        if device_ids is not None:
+            self._static[to_device(device_ids.chunks, torch.long, self.device), 0] = device_ids.values
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]
@@ -274,7 +289,7 @@ class ModelRunner:
         rows = [[ch.token_ids[0], ch.start, ch.block_table[ch.start // bs] * bs + ch.start % bs]
                 + ch.block_table[:width] + [scratch] * (width - len(ch.block_table)) for ch in chunks]
         rows += [[0, 0, scratch * bs] + [scratch] * width] * (size - len(chunks))
-        self._static[:size].copy_(torch.tensor(rows))
+        copy_into(self._static[:size], rows)
 
     def _graph_step(self, b: int) -> torch.Tensor:
         ids, pos, slots, tables = self._static[:, 0], self._static[:, 1], self._static[:, 2], self._static[:, 3:]

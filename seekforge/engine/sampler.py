@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seekforge.engine.device_copy import to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
 
@@ -44,7 +45,7 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     ps = [r.params for r in rows]
 
     def col(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+        return to_device(values, dtype, device).unsqueeze(1)
 
     greedy = [p.temperature == 0 for p in ps]
     all_greedy = all(greedy)
@@ -52,10 +53,10 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     asked = [p.logprobs for p in ps if p.logprobs is not None]
     return SamplingBatch(
         rows=rows,
-        greedy=None if all_greedy else torch.tensor(greedy, device=device),
+        greedy=None if all_greedy else to_device(greedy, torch.bool, device),
         all_greedy=all_greedy,
         temperature=None if all_greedy else col([p.temperature or 1.0 for p in ps]),
-        top_k=torch.tensor(top_k, device=device) if any(k < vocab_size for k in top_k) else None,
+        top_k=to_device(top_k, torch.long, device) if any(k < vocab_size for k in top_k) else None,
         top_p=col([p.top_p for p in ps]) if any(p.top_p < 1 for p in ps) else None,
         min_p=col([p.min_p for p in ps]) if any(p.min_p > 0 for p in ps) else None,
         penalties=(col([p.repetition_penalty for p in ps]), col([p.presence_penalty for p in ps]),

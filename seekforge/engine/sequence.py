@@ -32,6 +32,9 @@ class Logprob:
     top: dict[int, float] = field(default_factory=dict)
 
 
+PENDING = -1  # a token id not yet known on the host (async scheduling)
+
+
 class Sequence:
     def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator | None):
         self.seq_id = seq_id
@@ -45,6 +48,9 @@ class Sequence:
         self.finish_reason: str | None = None
         # cache state
         self.num_computed = 0
+        # async scheduling: the last num_pending entries of token_ids are PENDING, tokens a step still in
+        # flight is sampling on the device (they count for scheduling, never for outputs)
+        self.num_pending = 0
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks registered in (or taken from) the prefix cache
         self.last_hash: int | None = None  # hash-chain value of block num_hashed_blocks - 1
@@ -68,7 +74,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
