@@ -33,13 +33,14 @@ class Gate(nn.Module):
         if self.n_groups > 1 and self.topk_method != "greedy":
             grouped = choice.unflatten(-1, (self.n_groups, -1))
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                group_scores = grouped.topk(2, dim=-1, sorted=False).values.sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
-            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            kept = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(self.topk, dim=-1).indices
+        # unsorted: the experts' outputs are summed, so their order is irrelevant, and sorting costs a kernel
+        indices = choice.topk(self.topk, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
