@@ -134,8 +134,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
+    # async scheduling as on a GPU (on a CPU it is off by default): the server's steps lag their tokens by one
     srv = Server(ckpt[0], "--served-model-name", NAME, "--api-key", KEY, "--dtype", "float32",
-                 "--max-model-len", str(CONTEXT), "--max-num-seqs", "4", "--max-waiting", "8")
+                 "--max-model-len", str(CONTEXT), "--max-num-seqs", "4", "--max-waiting", "8", "--async-scheduling", "on")
     yield srv
     srv.stop()
 
@@ -519,6 +520,7 @@ def test_metrics(server, client):
     assert m("seekforge_time_to_first_token_seconds_count") > 0
     assert m("seekforge_inter_token_latency_seconds_count") > 0
     assert m("seekforge_cache_blocks") > 0
+    assert m("seekforge_async_steps") > 0  # the server runs with --async-scheduling on
     names = {n for n, _ in server.metrics()}
     assert {"seekforge_requests_waiting", "seekforge_requests_running", "seekforge_cache_usage_ratio"} <= names
     wait_for(lambda: m("seekforge_expert_tokens_total") > 0, timeout=5)

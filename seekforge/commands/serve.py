@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                    help="paged latent cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks: prefill and the captured decode step")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="prepare each decode step while the previous one runs (auto: on CUDA)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -56,6 +58,6 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting, num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
-        compile=args.compile,
+        compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         log_level=args.log_level)
     return serve(config)

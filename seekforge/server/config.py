@@ -22,6 +22,7 @@ class ServerConfig:
     kv_cache_memory: int | None = None  # bytes of paged cache; default: most of the free GPU memory, 1 GiB on CPU
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (GPU, bfloat16/float16)
     compile: bool = False  # torch.compile the blocks (prefill and the captured decode step; ~1 min more at startup)
+    async_scheduling: bool | None = None  # prepare each decode step while the last runs; None: on CUDA
     health_timeout: float = 30.0  # seconds a /health generation may take before it reports 503
     log_level: str = "info"
 
@@ -34,4 +35,4 @@ class ServerConfig:
                     max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                     max_waiting=self.max_waiting, num_speculative_tokens=self.num_speculative_tokens,
                     kv_cache_memory=self.kv_cache_memory, cuda_graphs=self.cuda_graphs,
-                    compile=self.compile)
+                    compile=self.compile, async_scheduling=self.async_scheduling)

@@ -45,6 +45,8 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("seekforge_prefix_cache_hit_rate", "Prompt tokens found in the prefix "
                                      "cache over prompt tokens looked up, since start", registry=r)
         self.preemptions = Gauge("seekforge_preemptions", "Sequences preempted (recomputed) since start", registry=r)
+        self.async_steps = Gauge("seekforge_async_steps", "Decode steps launched before the last step's tokens "
+                                 "reached the host (async scheduling) since start", registry=r)
         self.spec_acceptance = Gauge("seekforge_spec_decode_acceptance_rate", "MTP speculative decoding: share "
                                      "of drafts kept, by draft position", ["position"], registry=r)
         self.spec_tokens_per_step = Gauge("seekforge_spec_decode_tokens_per_step", "MTP speculative decoding: "
@@ -61,12 +63,14 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def record_engine_stats(self, stats: dict) -> None:
-        """The figures of LLM.stats(): cache occupancy, prefix hits, preemptions, speculative acceptance."""
+        """The figures of LLM.stats(): cache occupancy, prefix hits, preemptions, async steps, speculative
+        acceptance."""
         total = stats["num_blocks"]
         self.cache_blocks.set(total)
         self.cache_usage.set((total - stats["free_blocks"]) / total if total else 0.0)
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
         self.preemptions.set(stats["preemptions"])
+        self.async_steps.set(stats["async_steps"])
         spec = stats.get("speculative")
         if spec:
             for j, rate in enumerate(spec["acceptance_rate"]):
