@@ -62,6 +62,13 @@ def test_skewed_routing_fills_many_blocks_of_one_expert():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_one_block_per_pair_reads_a_shared_expert_once_per_token():
+    ex, x, weights, indices, ref = _problem(2, 2, 4, 32, 32, torch.float32, seed=4, skew=True)
+    assert (indices == 0).sum() == 2  # both tokens chose expert 0: two blocks of it
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_grouping_covers_every_pair_once_in_its_experts_blocks():
     g = torch.Generator().manual_seed(0)
     n, k, experts, bm = 37, 3, 10, 4

@@ -137,6 +137,20 @@ def group_by_expert(indices: torch.Tensor, num_experts: int, block_m: int) -> tu
     return pair_ids, block_expert
 
 
+def one_block_per_pair(indices: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group_by_expert`'s layout without the grouping, for a handful of pairs (batch-1 decode): row block p
+    holds pair p alone. The pairs of one token never share an expert, so at one token nothing is read twice,
+    and the grouping's half-dozen small kernels, a fair share of a batch-1 step, are saved."""
+    flat = indices.flatten()
+    pairs = flat.numel()
+    rows = torch.arange(pairs * block_m, device=flat.device)
+    pair_ids = torch.where(rows % block_m == 0, rows // block_m, pairs).to(torch.int32)
+    return pair_ids, flat.to(torch.int32)
+
+
+ONE_BLOCK_PER_PAIR = 16  # pairs up to which one_block_per_pair replaces the grouping (two tokens at k = 6)
+
+
 def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
                   indices: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
@@ -162,7 +176,10 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
         return x.new_zeros(n, dim)
     x = x.contiguous()
     cfg = config or default_config(pairs, num_experts, x.element_size())
-    pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
+    if pairs <= ONE_BLOCK_PER_PAIR:
+        pair_ids, block_expert = one_block_per_pair(indices, cfg.block_m)
+    else:
+        pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
     _launch(x, w1, w2, w3, weights.float().contiguous(), pair_ids, block_expert, out, k, cfg)
     return out.view(n, k, dim).sum(1).to(x.dtype)
@@ -189,4 +206,4 @@ def _launch(x, w1, w2, w3, weights, pair_ids, block_expert, out, k, cfg: MoEConf
     )
 
 
-__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert"]
+__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert", "one_block_per_pair"]
