@@ -15,6 +15,7 @@ patch_interpreter()
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
+from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts  # noqa: E402
 
 
@@ -62,6 +63,20 @@ def test_skewed_routing_fills_many_blocks_of_one_expert():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n,num_shared", [(1, 2), (2, 1), (20, 2)])  # one block a pair, then grouped
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+def test_shared_experts_join_the_routed_ones(n, num_shared, dtype):
+    ex, x, weights, indices, routed = _problem(n, 3, 8, 32, 16, torch.float32, seed=n)
+    torch.manual_seed(n)
+    mlp = MLP(32, num_shared * 16)
+    ref = routed + mlp(x.cpu().float())
+    ex, mlp = ex.to(DEVICE, dtype), mlp.to(DEVICE, dtype)
+    out = fused_experts(x.to(dtype), ex.w1, ex.w2, ex.w3, weights, indices,
+                        shared=(mlp.w1.weight, mlp.w2.weight, mlp.w3.weight))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float().cpu(), ref.detach(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
 def test_one_block_per_pair_reads_a_shared_expert_once_per_token():
     ex, x, weights, indices, ref = _problem(2, 2, 4, 32, 32, torch.float32, seed=4, skew=True)
     assert (indices == 0).sum() == 2  # both tokens chose expert 0: two blocks of it
@@ -97,12 +112,15 @@ def test_bad_shapes_and_dtypes_are_named():
         fused_experts(x.double(), ex.w1, ex.w2, ex.w3, weights, indices)
     with pytest.raises(ConfigError, match="indices"):
         fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices[:1])
+    with pytest.raises(ConfigError, match="shared experts"):
+        fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=(ex.w1[0], ex.w2[0], ex.w1[0][:4]))
 
 
-def test_routed_experts_keeps_the_model_path_off_cuda():
+def test_moe_experts_keeps_the_model_path_off_cuda():
     ex, x, weights, indices, ref = _problem(4, 2, 8, 16, 16, torch.float32, seed=1)
-    out, load = kernels.routed_experts(ex.cpu(), x.cpu(), weights.cpu(), indices.cpu())
-    torch.testing.assert_close(out, ref)
+    mlp = MLP(16, 32)
+    out, load = kernels.moe_experts(ex.cpu(), mlp, x.cpu(), weights.cpu(), indices.cpu())
+    torch.testing.assert_close(out, ref + mlp(x.cpu()))
     assert load.tolist() == torch.bincount(indices.flatten().cpu(), minlength=8).float().tolist()
 
 
@@ -132,8 +150,11 @@ def test_cuda_graph_replay_follows_new_routing():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_routed_experts_takes_the_fused_kernels_for_decode_and_counts_load():
-    ex, x, weights, indices, _ = _problem(4, 6, 64, 256, 128, torch.bfloat16, seed=5)
-    out, load = kernels.routed_experts(ex, x, weights, indices)
-    torch.testing.assert_close(out, fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices), atol=0, rtol=0)
+@pytest.mark.parametrize("n", [4, 40])  # shared experts joined to the fused pass, then added apart
+def test_moe_experts_takes_the_fused_kernels_for_decode_and_counts_load(n):
+    ex, x, weights, indices, _ = _problem(n, 6, 64, 256, 128, torch.bfloat16, seed=5)
+    mlp = MLP(256, 2 * 128).to(DEVICE, torch.bfloat16)
+    out, load = kernels.moe_experts(ex, mlp, x, weights, indices)
+    ref = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices).float() + mlp(x).float()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
     assert load.tolist() == torch.bincount(indices.flatten(), minlength=64).float().tolist()

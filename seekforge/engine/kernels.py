@@ -3,7 +3,7 @@
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature, and `routed_experts` the fused MoE kernels of
+`seekforge.kernels.mla_decode` behind the same signature, and `moe_experts` the fused MoE kernels of
 `seekforge.kernels.moe` for decode (SEEKFORGE_TRITON=0 keeps the references).
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
@@ -115,22 +115,31 @@ def load_triton_kernels() -> None:
     _triton("moe", "fused_experts")
 
 
-def routed_experts(experts, x: torch.Tensor, weights: torch.Tensor,
-                   indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MoE's routed experts (`seekforge.model.moe.Experts`) over x [n, dim] with gate weights and expert
-    indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32), as `Experts.forward`. On CUDA,
-    with weights stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode), the
-    fused Triton kernels of `seekforge.kernels.moe`; otherwise the model's grouped matmuls."""
+def moe_experts(experts, shared, x: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE's experts over x [n, dim]: the routed ones (`seekforge.model.moe.Experts`, with gate weights and
+    expert indices [n, k]) plus the shared MLP (or None). Returns (output [n, dim], tokens per routed expert
+    [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
+    FUSED_MOE_ROWS rows per expert on average (decode), the fused Triton kernels of `seekforge.kernels.moe`,
+    which also take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block
+    each); otherwise the model's grouped matmuls."""
     fused = _triton("moe", "fused_experts") if x.is_cuda else None
     if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
             and indices.numel() <= FUSED_MOE_ROWS * experts.n_experts):
         flat = indices.flatten()
         load = torch.zeros(experts.n_experts, device=x.device).index_add_(0, flat, flat.new_ones(flat.shape).float())
-        return fused(x, experts.w1, experts.w2, experts.w3, weights, indices), load
-    return experts(x, weights, indices)
+        joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
+        y = fused(x, experts.w1, experts.w2, experts.w3, weights, indices,
+                  shared=(shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)
+        if shared is not None and not joined:
+            y = y + shared(x)
+        return y, load
+    y, load = experts(x, weights, indices)
+    return (y if shared is None else y + shared(x)), load
 
 
 FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py: 0.74x at 24 rows an expert)
+FUSED_SHARED_TOKENS = 16  # past one 16-row block a shared expert's weights would be read once a block
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -27,15 +27,23 @@ from seekforge.errors import ConfigError
 
 
 @triton.jit
-def _gate_up(x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, expert_ptr,
-             num_pairs, num_experts, K, N,
-             stride_xm, stride_we, stride_wn, stride_hm,
+def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr,
+             num_pairs, num_routed, num_experts, K, N,
+             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
              TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              PRECISION: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block).to(tl.int64)
     if expert >= num_experts:  # past the last real row block
         return
+    if expert < num_routed:
+        w1_at = w1_ptr + expert * stride_we
+        w3_at = w3_ptr + expert * stride_we
+        row_stride = stride_wn
+    else:  # a shared expert: a slice of the shared MLP's rows
+        w1_at = s1_ptr + (expert - num_routed) * stride_se
+        w3_at = s3_ptr + (expert - num_routed) * stride_se
+        row_stride = stride_sn
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(ids_ptr + rows)
     row_ok = pair < num_pairs
@@ -44,14 +52,14 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, expert_ptr,
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     x_at = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    w_off = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of W^T
+    w_off = offs_n[None, :] * row_stride + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of W^T
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w1 = tl.load(w1_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        w3 = tl.load(w3_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w1 = tl.load(w1_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w3 = tl.load(w3_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)
         acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
     h = acc1 * tl.sigmoid(acc1) * acc3
@@ -60,14 +68,20 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, expert_ptr,
 
 
 @triton.jit
-def _down(h_ptr, w2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
-          num_pairs, num_experts, K, N,
-          stride_hm, stride_we, stride_wn, stride_om,
+def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
+          num_pairs, num_routed, num_experts, K, N,
+          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block).to(tl.int64)
     if expert >= num_experts:
         return
+    if expert < num_routed:
+        w2_at = w2_ptr + expert * stride_we
+        row_stride = stride_wn
+    else:  # a shared expert: a slice of the shared MLP's columns
+        w2_at = s2_ptr + (expert - num_routed) * stride_se
+        row_stride = stride_sn
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(ids_ptr + rows)
     row_ok = pair < num_pairs
@@ -75,12 +89,12 @@ def _down(h_ptr, w2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     h_at = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    w_off = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_off = offs_n[None, :] * row_stride + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         h = tl.load(h_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w2 = tl.load(w2_ptr + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w2 = tl.load(w2_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=PRECISION)
     gate = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
     tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc * gate[:, None],
@@ -152,55 +166,71 @@ ONE_BLOCK_PER_PAIR = 16  # pairs up to which one_block_per_pair replaces the gro
 
 
 def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
-                  indices: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+                  indices: torch.Tensor, config: MoEConfig | None = None,
+                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
     [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
-    in x's dtype. `config` replaces the tile heuristic (benchmarks)."""
+    in x's dtype. `shared` = the shared experts' MLP weights (gate [S * inter, dim], down [dim, S * inter], up
+    [S * inter, dim]), added to the sum as S more experts of weight 1 that every token takes: one pass over
+    the weights for routed and shared alike. `config` replaces the tile heuristic (benchmarks)."""
     n, dim = x.shape
-    num_experts, inter, _ = w1.shape
-    if (w1.shape != w3.shape or w2.shape != (num_experts, dim, inter) or w1.shape[2] != dim
+    num_routed, inter, _ = w1.shape
+    if (w1.shape != w3.shape or w2.shape != (num_routed, dim, inter) or w1.shape[2] != dim
             or weights.shape != indices.shape or indices.shape[0] != n):
         raise ConfigError(f"fused experts want x [n, dim], w1/w3 [experts, inter, dim], w2 [experts, dim, inter], "
                           f"weights and indices [n, k]; got x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
                           f"w2 {tuple(w2.shape)}, w3 {tuple(w3.shape)}, weights {tuple(weights.shape)}, "
                           f"indices {tuple(indices.shape)}")
-    if not (x.dtype == w1.dtype == w2.dtype == w3.dtype):
-        raise ConfigError(f"x and the expert weights must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}, "
-                          f"{w3.dtype}")
-    if any(w.stride(-1) != 1 or w.stride(0) != w1.stride(0) or w.stride(1) != w1.stride(1) for w in (w1, w3)) \
-            or w2.stride(-1) != 1:
+    tensors = (x, w1, w2, w3, *(shared or ()))
+    if len({t.dtype for t in tensors}) != 1:
+        raise ConfigError(f"x and the expert weights must share one dtype, got {[t.dtype for t in tensors]}")
+    if any(w.stride(-1) != 1 for w in tensors[1:]) or w1.stride() != w3.stride():
         raise ConfigError("expert weights must be contiguous in their last dim (and w1, w3 alike)")
+    num_shared = 0
+    if shared is not None:
+        s1, s2, s3 = shared
+        num_shared = s1.shape[0] // inter
+        if (s1.shape != s3.shape or s1.shape != (num_shared * inter, dim) or s2.shape != (dim, num_shared * inter)
+                or s1.stride() != s3.stride()):
+            raise ConfigError(f"shared experts want gate/up [S * {inter}, {dim}] and down [{dim}, S * {inter}], got "
+                              f"{tuple(s1.shape)}, {tuple(s2.shape)}, {tuple(s3.shape)}")
+        always = torch.arange(num_routed, num_routed + num_shared, device=indices.device).expand(n, num_shared)
+        indices = torch.cat([indices, always], dim=1)
+        weights = torch.cat([weights.float(), weights.new_ones(n, num_shared, dtype=torch.float32)], dim=1)
     k = indices.shape[1]
     pairs = n * k
     if pairs == 0:
         return x.new_zeros(n, dim)
     x = x.contiguous()
-    cfg = config or default_config(pairs, num_experts, x.element_size())
+    cfg = config or default_config(pairs, num_routed + num_shared, x.element_size())
     if pairs <= ONE_BLOCK_PER_PAIR:
         pair_ids, block_expert = one_block_per_pair(indices, cfg.block_m)
     else:
-        pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
+        pair_ids, block_expert = group_by_expert(indices, num_routed + num_shared, cfg.block_m)
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
-    _launch(x, w1, w2, w3, weights.float().contiguous(), pair_ids, block_expert, out, k, cfg)
+    _launch(x, w1, w2, w3, shared, weights.float().contiguous(), pair_ids, block_expert, out, k, cfg)
     return out.view(n, k, dim).sum(1).to(x.dtype)
 
 
 @torch.compiler.disable  # torch.compile fuses the grouping around it; it cannot trace launches with dynamic strides
-def _launch(x, w1, w2, w3, weights, pair_ids, block_expert, out, k, cfg: MoEConfig) -> None:
+def _launch(x, w1, w2, w3, shared, weights, pair_ids, block_expert, out, k, cfg: MoEConfig) -> None:
     pairs, dim = out.shape
-    num_experts, inter, _ = w1.shape
+    num_routed, inter, _ = w1.shape
+    s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
+    num_experts = num_routed + (s1.shape[0] // inter if shared else 0)
     blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
     h = torch.empty(blocks * cfg.block_m, inter, device=x.device, dtype=x.dtype)
+    # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
     _gate_up[(blocks, triton.cdiv(inter, cfg.block_n))](
-        x, w1, w3, h, pair_ids, block_expert, pairs, num_experts, dim, inter,
-        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        x, w1, w3, s1, s3, h, pair_ids, block_expert, pairs, num_routed, num_experts, dim, inter,
+        x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
         TOPK=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _down[(blocks, triton.cdiv(dim, cfg.block_n))](
-        h, w2, out, pair_ids, block_expert, weights, pairs, num_experts, inter, dim,
-        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        h, w2, s2, out, pair_ids, block_expert, weights, pairs, num_routed, num_experts, inter, dim,
+        h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
