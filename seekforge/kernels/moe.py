@@ -1,4 +1,4 @@
-"""Routed experts for few tokens per expert, in Triton: the fused MoE of decode steps.
+"""Routed (and shared) experts for few tokens per expert, in Triton: the fused MoE of decode steps.
 
 A decode step sends each of its n tokens to k experts, a handful of rows per expert. What bounds it is
 reading the chosen experts' weights once; grouped GEMMs built for prefill (`torch._grouped_mm`) tile every
@@ -8,6 +8,10 @@ expert in 64- or 128-row blocks and pay for setup and compute that a few rows do
 
 - gate_up: h = silu(x W1^T) * (x W3^T) per padded row, both weights' tiles in the same program;
 - down: out[pair] = gate weight * (h W2^T), written at the pair's own row; PyTorch sums the k rows.
+
+With one or two tokens the grouping itself is skipped (one row block per pair), and the shared experts can
+join as extra experts of weight 1 (slices of the shared MLP's matrices), so one pass reads every weight the
+token needs.
 
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
