@@ -51,7 +51,8 @@ def _rel_err(out, ref):
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
 
 # (b, s, h, c, r, page, context lengths, num_splits, softmax_scale); lengths end mid-block, on a block
-# edge, inside the first block; more splits than tiles leaves some splits empty.
+# edge, inside the first block; more splits than tiles leaves some splits empty; 64 splits are combined a
+# column block at a time.
 CASES = {
     "one_head": (2, 1, 1, 32, 16, 16, [37, 5], None, 0.2),
     "mtp_pairs_three_splits": (3, 2, 4, 32, 16, 16, [50, 16, 2], 3, 0.2),
@@ -59,6 +60,7 @@ CASES = {
     "more_splits_than_tiles": (1, 1, 4, 32, 16, 16, [70], 6, 0.2),
     "padded_rank_48": (2, 1, 4, 48, 16, 16, [33, 20], 2, 0.2),
     "odd_dims_24_8": (2, 1, 3, 24, 8, 16, [33, 20], 2, 0.2),
+    "sixty_four_splits": (2, 1, 4, 32, 16, 16, [300, 40], 64, 0.2),  # combined in column blocks
 }
 
 

@@ -109,28 +109,25 @@ def _mla_decode_split(
 
 @triton.jit
 def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
-                        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+                        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
     """out[row] = sum_k w_k part[row, k] / sum_k w_k with w_k = 2^(lse_k - max lse), for ROWS of the flat
-    [b * s * h] rows (the layout of part, lse and out alike)."""
+    [b * s * h] rows (the layout of part, lse and out alike) and BLOCK_C of their C columns. Every split is
+    loaded at once (SPLITS >= num_splits, a power of two): two dependent loads, not one per split."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, SPLITS)
     row_ok = rows < num_rows
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    den = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
-    for k in range(num_splits):
-        lse = tl.load(lse_ptr + rows * num_splits + k, mask=row_ok, other=float("-inf"))
-        m_new = tl.maximum(m, lse)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.math.exp2(m - m_ref)
-        w = tl.math.exp2(lse - m_ref)
-        seen = lse > float("-inf")  # an empty split wrote nothing worth reading
-        part = tl.load(part_ptr + (rows * num_splits + k)[:, None] * C + offs_c[None, :],
-                       mask=seen[:, None] & (offs_c < C)[None, :], other=0.0)
-        acc = acc * rescale[:, None] + part * w[:, None]
-        den = den * rescale + w
-        m = m_new
-    den = tl.where(row_ok, den, 1.0)  # rows past the end saw no split
+    at = rows[:, None] * num_splits + offs_k[None, :]  # [ROWS, SPLITS]
+    lse = tl.load(lse_ptr + at, mask=row_ok[:, None] & (offs_k < num_splits)[None, :], other=float("-inf"))
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows past the end, or that saw nothing anywhere
+    w = tl.math.exp2(lse - m[:, None])  # 0 for empty splits, which wrote nothing worth reading
+    seen = lse > float("-inf")
+    part = tl.load(part_ptr + at[:, :, None] * C + offs_c[None, None, :],
+                   mask=seen[:, :, None] & (offs_c < C)[None, None, :], other=0.0)  # [ROWS, SPLITS, BLOCK_C]
+    den = tl.sum(w, axis=1)
+    den = tl.where(den > 0.0, den, 1.0)
+    acc = tl.sum(part * w[:, :, None], axis=1)
     tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (offs_c < C)[None, :])
 
@@ -245,8 +242,10 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
     )
     if split:
         rows = b * s * h
-        _mla_decode_combine[(triton.cdiv(rows, _COMBINE_ROWS),)](
-            part, lse, out, rows, cfg.num_splits, C=c, BLOCK_C=_padded(c), ROWS=_COMBINE_ROWS,
+        splits = triton.next_power_of_2(cfg.num_splits)
+        block_c = min(_padded(c), max(16, 4096 // (_COMBINE_ROWS * splits)))  # a tile of <= 4k fp32 values
+        _mla_decode_combine[(triton.cdiv(rows, _COMBINE_ROWS), triton.cdiv(c, block_c))](
+            part, lse, out, rows, cfg.num_splits, C=c, BLOCK_C=block_c, ROWS=_COMBINE_ROWS, SPLITS=splits,
             num_warps=4,
         )
     return out
