@@ -100,3 +100,8 @@ def test_think_renderer_dims_reasoning_and_hides_tags_split_across_deltas():
     r.feed("hmm</think>yes")
     r.close()
     assert plain.getvalue() == "hmm\n\nyes\n"
+    mid = io.StringIO()  # as the server splits: reasoning only where the reply opens with <think>
+    r = ThinkRenderer(mid, color=True)
+    r.feed("an answer that mentions <think> tags</think>")
+    r.close()
+    assert mid.getvalue() == "an answer that mentions <think> tags</think>\n"

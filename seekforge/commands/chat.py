@@ -10,53 +10,50 @@ from __future__ import annotations
 
 import sys
 
-from seekforge.reasoning import CLOSE, OPEN, partial_tag
+from seekforge.reasoning import OPEN, ReasoningParser
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 class ThinkRenderer:
-    """Writes streamed text, reasoning (inside <think>...</think>) dimmed, a blank line before the
-    answer, and the tags themselves hidden. Tags split across deltas are held back until complete."""
+    """Writes streamed text, reasoning dimmed, a blank line before the answer, and the tags themselves
+    hidden. The split is the server's (`seekforge.reasoning.ReasoningParser`): reasoning only where the
+    reply opens with <think> (or the prompt opened it), tags split across deltas held back until complete."""
 
     def __init__(self, out, color: bool, thinking: bool = False):
         self.out, self.color = out, color
-        self.thinking = thinking
-        self.pending = ""
-        if thinking:
+        self.parser = ReasoningParser(opened=thinking)
+        self.dimmed = False
+        self.answered = False  # </think> has come (and the blank line with it)
+        self.after_reasoning = False  # newlines right after </think> give way to the blank line
+
+    def feed(self, text: str) -> None:
+        self._write(*self.parser.feed(text))
+        self.out.flush()
+
+    def _write(self, reasoning: str, content: str) -> None:
+        if reasoning and not self.dimmed:
             self._style(True)
+        self.out.write(reasoning)
+        if self.parser.saw_reasoning and self.parser.state == "answer" and not self.answered:  # </think> came
+            self.answered = True
+            if self.dimmed:
+                self._style(False)
+            self.out.write("\n\n")
+            self.after_reasoning = True
+        if self.after_reasoning:
+            content = content.lstrip("\n")
+            self.after_reasoning = not content
+        self.out.write(content)
 
     def _style(self, dim: bool) -> None:
+        self.dimmed = dim
         if self.color:
             self.out.write(DIM if dim else RESET)
 
-    def feed(self, text: str) -> None:
-        text = self.pending + text
-        self.pending = ""
-        while text:
-            tag = CLOSE if self.thinking else OPEN
-            at = text.find(tag)
-            if at >= 0:
-                self.out.write(text[:at])
-                text = text[at + len(tag):]
-                self.thinking = not self.thinking
-                if self.thinking:
-                    self._style(True)
-                else:
-                    self._style(False)
-                    self.out.write("\n\n")
-                    text = text.lstrip("\n")
-                continue
-            keep = partial_tag(text, tag)
-            self.out.write(text[:len(text) - keep])
-            self.pending = text[len(text) - keep:]
-            break
-        self.out.flush()
-
     def close(self) -> None:
-        self.out.write(self.pending)
-        self.pending = ""
-        if self.thinking:
+        self._write(*self.parser.finish())
+        if self.dimmed:
             self._style(False)
         self.out.write("\n")
         self.out.flush()
