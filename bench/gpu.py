@@ -1,12 +1,13 @@
 """Every GPU figure of the performance issue in one command, as one JSON file.
 
-    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla]
+    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe]
 
 Runs, each side by side with its peer and with the machine's ceilings measured in the same run:
 training forward+backward at the 16b shape (bench/train.py, compiled, vs transformers), the engine's
 decode at batch 1 and 64 and prefill 1 x 4096 at the 16b shape (bench/engine.py, CUDA graphs and the
 compiled decode step, vs transformers' generate; its batch-1 roofline is (active weight bytes + cache
-bytes read per step) / measured copy bandwidth), and MLA decode attention alone (bench/mla_decode.py).
+bytes read per step) / measured copy bandwidth), MLA decode attention alone (bench/mla_decode.py) and the
+fused MoE kernels alone (bench/moe.py).
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
 merges their results into an existing --out file, so the parts can run as separate commands.
 """
@@ -44,8 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--parts", nargs="+", choices=["train", "mla_decode", "engine"],
-                    default=["train", "mla_decode", "engine"])
+    ap.add_argument("--parts", nargs="+", choices=["train", "mla_decode", "moe", "engine"],
+                    default=["train", "mla_decode", "moe", "engine"])
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py measures a CUDA GPU"
     tmp = Path(tempfile.mkdtemp())
@@ -54,6 +55,7 @@ def main() -> None:
         "train": lambda: run("train.py", ["--config", "16b", "--batch", "2", "--seq", "4096", "--iters", "5",
                                           "--compile"], tmp / "train.json", 900),
         "mla_decode": lambda: run("mla_decode.py", [], tmp / "mla.json", 600),
+        "moe": lambda: run("moe.py", [], tmp / "moe.json", 600),
         "engine": lambda: run("engine.py", ["--device", "cuda", "--dtype", "bfloat16", "--preset", "16b", "--layers",
                                             "27", "--batches", "1", "64", "--new-tokens", "128", "--prompt-len", "128",
                                             "--prefill-len", "4096", "--repeats", repeats, "--mtp-steps", "0",
