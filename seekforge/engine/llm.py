@@ -388,8 +388,9 @@ class LLM:
             return False
         for seq, n in plan.scheduled:
             p = seq.params
-            if (n != 1 or seq.num_computed != seq.num_tokens - 1 or p.has_penalties or p.logprobs is not None
-                    or seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            num_tokens = len(seq.token_ids)  # pending tokens included: they will be outputs too
+            if (n != 1 or seq.num_computed != num_tokens - 1 or p.has_penalties or p.logprobs is not None
+                    or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
                 return False
         return True
 
@@ -428,17 +429,16 @@ class LLM:
                 continue
             touched.add(seq.request.request_id)
             first = len(seq.token_ids) - seq.num_pending  # this step's token; later steps' follow it
-            later = seq.token_ids[first + 1:]
-            del seq.token_ids[first:]
-            seq.num_pending = 0
-            reason = self._append(seq, [token], [None])
-            seq.num_computed = min(seq.num_computed, seq.num_tokens)
+            seq.token_ids[first] = token
+            seq.num_pending -= 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:  # the tokens pending after it were computed for nothing
+                del seq.token_ids[first + 1:]
+                seq.num_pending = 0
+                seq.num_computed = min(seq.num_computed, seq.num_tokens)
             self.block_manager.register(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            else:
-                seq.token_ids += later
-                seq.num_pending = len(later)
         return touched
 
     @staticmethod
@@ -447,18 +447,25 @@ class LLM:
 
     def _append(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None]) -> str | None:
         """Append emitted tokens one by one until a stop condition; returns the finish reason, if any."""
-        p = seq.params
         for tok, lp in zip(tokens, logprobs):
             seq.token_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
                 seq.cumulative_logprob += lp.logprob
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                return "stop"
-            if p.stop and self._stop_string(seq):
-                return "stop"
-            if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-                return "length"
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                return reason
+        return None
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        """Whether seq stops at `tok`, its newest known token (tokens still pending after it do not count)."""
+        p = seq.params
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and self._stop_string(seq):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens - seq.num_pending >= self.max_model_len:
+            return "length"
         return None
 
     # ---------------------------------------------------------------- text

@@ -78,7 +78,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Output tokens known on the host (pending ones excluded)."""
+        return len(self.token_ids) - self.num_pending - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
