@@ -126,7 +126,9 @@ def main() -> None:
                     help="torch CPU threads (1: stable figures on a shared machine, where a second OpenMP thread "
                          "that loses its core stalls every matmul)")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (GPU, bf16)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the captured decode step (with --cuda-graphs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the blocks (prefill and the captured decode step)")
+    ap.add_argument("--sync", action="store_true",
+                    help="turn async scheduling off (on by default on CUDA): the host settles each step before the next")
     ap.add_argument("--no-rollout", action="store_true", help="skip the RL-rollout figure")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
     results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                "model": f"{args.preset} with {args.layers} layers", "params": model.num_parameters(),
                "transformers": transformers.__version__, "torch": torch.__version__, "machine": machine(device),
-               "cuda_graphs": args.cuda_graphs, "compile": args.compile}
+               "cuda_graphs": args.cuda_graphs, "compile": args.compile, "async_scheduling": not args.sync}
     if device.type == "cuda":
         results["ceilings"] = ceilings(device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,6 +152,7 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     llm = LLM(model, max_num_seqs=max(128, *args.batches), max_model_len=cfg.max_seq_len,
               max_num_batched_tokens=max(2048, args.prefill_len), cuda_graphs=args.cuda_graphs, compile=args.compile,
+              async_scheduling=False if args.sync else None,
               kv_cache_memory=8 << 30 if device.type == "cuda" else None)
     print(f"model: {results['model']}, {results['params']['total'] / 1e6:.1f}M parameters "
           f"({results['params']['active'] / 1e6:.1f}M active), {args.dtype} on {device}, {results['threads']} threads")
