@@ -382,11 +382,27 @@ def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
         kernels.load_triton_kernels()
 
 
+def _compile(fn):
+    """torch.compile with dynamic shapes, allowed more variants than dynamo's default of 8 per function: the
+    kernel choices by token count (one block a pair, shared experts joined, fused or grouped experts) and the
+    dense and MoE layers each make one, and past the limit dynamo would run the rest eagerly."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
+_RECOMPILE_LIMIT = 32
+
+
 def compiled_stages(device: torch.device, dtype: torch.dtype):
     """`attention_inputs`, `block_output` and `explicit_attention` under torch.compile (dynamic shapes), for
     the blocks of prefill and mixed steps; the dispatch over attention groups between them stays eager."""
     _settle_before_tracing(device, dtype)
-    return tuple(torch.compile(f, dynamic=True) for f in (attention_inputs, block_output, explicit_attention))
+    return tuple(_compile(f) for f in (attention_inputs, block_output, explicit_attention))
 
 
 def compiled_decode_block(device: torch.device, dtype: torch.dtype):
@@ -400,4 +416,4 @@ def compiled_decode_block(device: torch.device, dtype: torch.dtype):
     def block(block, h, cos, sin, cache, slot_mapping, plan):
         return decode_block(block, h, cos, sin, cache, slot_mapping, plan, store, decode)
 
-    return torch.compile(block, dynamic=True)
+    return _compile(block)
