@@ -21,6 +21,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from seekforge.model.moe import tokens_per_expert
+
 
 @dataclass
 class PagedAttentionPlan:
@@ -126,8 +128,7 @@ def moe_experts(experts, shared, x: torch.Tensor, weights: torch.Tensor,
     fused = _triton("moe", "fused_experts") if x.is_cuda else None
     if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
             and indices.numel() <= FUSED_MOE_ROWS * experts.n_experts):
-        flat = indices.flatten()
-        load = torch.zeros(experts.n_experts, device=x.device).index_add_(0, flat, flat.new_ones(flat.shape).float())
+        load = tokens_per_expert(indices, experts.n_experts).float()
         joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
         y = fused(x, experts.w1, experts.w2, experts.w3, weights, indices,
                   shared=(shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)

@@ -89,8 +89,9 @@ class InFlight:
     """A decode step launched before the host knew its tokens: the sampled ids stay on the device (the next
     step's inputs) and are copied to the host without blocking it."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, row: dict[int, int]):
-        self.seqs, self.tokens, self.row = seqs, tokens, row
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs, self.tokens = seqs, tokens
+        self.row = {seq.seq_id: i for i, seq in enumerate(seqs)}  # where each sequence's token sits in `tokens`
         if tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
@@ -413,7 +414,7 @@ class LLM:
             seq.num_computed = seq.num_tokens
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
-        launched = InFlight(seqs, tokens, {seq.seq_id: i for i, seq in enumerate(seqs)})
+        launched = InFlight(seqs, tokens)
         self.num_async_steps += 1
         touched = self._resolve() if self._in_flight is not None else set()
         self._in_flight = launched

@@ -69,7 +69,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
-        slots_per_block = self.bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             remaining = seq.num_tokens - seq.num_computed
@@ -77,11 +76,6 @@ class Scheduler:
                 self._trim_drafts(seq, budget - remaining)
             num_new = min(remaining + len(seq.drafts), budget)
             need = self._slots(seq, seq.num_computed, num_new)
-            if need <= len(seq.block_table) * slots_per_block:  # its blocks hold it (most decode steps)
-                out.scheduled.append((seq, num_new))
-                budget -= num_new
-                i += 1
-                continue
             if self.bm.blocks_for(need) > self.bm.num_blocks:
                 self.finish(seq, "length")  # could not fit even alone: the cache is too small for it
                 out.finished.append(seq)

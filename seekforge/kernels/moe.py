@@ -206,22 +206,22 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     if pairs == 0:
         return x.new_zeros(n, dim)
     x = x.contiguous()
-    cfg = config or default_config(pairs, num_routed + num_shared, x.element_size())
+    num_experts = num_routed + num_shared
+    cfg = config or default_config(pairs, num_experts, x.element_size())
     if pairs <= ONE_BLOCK_PER_PAIR:
         pair_ids, block_expert = one_block_per_pair(indices, cfg.block_m)
     else:
-        pair_ids, block_expert = group_by_expert(indices, num_routed + num_shared, cfg.block_m)
+        pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
-    _launch(x, w1, w2, w3, shared, weights.float().contiguous(), pair_ids, block_expert, out, k, cfg)
+    _launch(x, w1, w2, w3, shared, weights.float().contiguous(), pair_ids, block_expert, out, k, num_experts, cfg)
     return out.view(n, k, dim).sum(1).to(x.dtype)
 
 
 @torch.compiler.disable  # torch.compile fuses the grouping around it; it cannot trace launches with dynamic strides
-def _launch(x, w1, w2, w3, shared, weights, pair_ids, block_expert, out, k, cfg: MoEConfig) -> None:
+def _launch(x, w1, w2, w3, shared, weights, pair_ids, block_expert, out, k, num_experts, cfg: MoEConfig) -> None:
     pairs, dim = out.shape
     num_routed, inter, _ = w1.shape
     s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
-    num_experts = num_routed + (s1.shape[0] // inter if shared else 0)
     blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
     h = torch.empty(blocks * cfg.block_m, inter, device=x.device, dtype=x.dtype)

@@ -44,6 +44,13 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, expe
     return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(-2, -1)).squeeze(1)
 
 
+def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """indices [n, k] of chosen experts -> how many (token, slot) pairs each expert got, [experts] int32."""
+    flat = indices.flatten().to(torch.int64)
+    return torch.zeros(n_experts, device=indices.device, dtype=torch.int32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
 class Experts(nn.Module):
     """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter]."""
 
@@ -65,8 +72,7 @@ class Experts(nn.Module):
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         expert_of_row = flat[order]
-        counts = torch.zeros(self.n_experts, device=x.device, dtype=torch.int32)
-        counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
+        counts = tokens_per_expert(indices, self.n_experts)
         offsets = counts.cumsum(0, dtype=torch.int32)
         rows = x[order // k]
         # the gate weight scales the SwiGLU output before the (linear) down projection: the narrower tensor
