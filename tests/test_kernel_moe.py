@@ -77,6 +77,19 @@ def test_shared_experts_join_the_routed_ones(n, num_shared, dtype):
     torch.testing.assert_close(out.float().cpu(), ref.detach(), atol=tol * ref.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("n", [1, 20])  # one block a pair; grouped by expert
+def test_fused_experts_compile_as_one_graph(n):
+    """torch.compile traces the fused MoE whole (its launch is an opaque op): a graph break there split
+    every compiled block calling it, and prefill's compiled blocks reused those split variants."""
+    ex, x, weights, indices, _ = _problem(n, 3, 8, 32, 16, torch.float32, seed=n)
+    mlp = MLP(32, 16).to(DEVICE)
+    shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight)
+    compiled = torch.compile(fused_experts, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=shared),
+                                   fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=shared))
+
+
 def test_one_block_per_pair_reads_a_shared_expert_once_per_token():
     ex, x, weights, indices, ref = _problem(2, 2, 4, 32, 32, torch.float32, seed=4, skew=True)
     assert (indices == 0).sum() == 2  # both tokens chose expert 0: two blocks of it

@@ -213,31 +213,46 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     else:
         pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
-    _launch(x, w1, w2, w3, shared, weights.float().contiguous(), pair_ids, block_expert, out, k, num_experts, cfg)
+    s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
+    launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights.float().contiguous(), pair_ids, block_expert, out, k,
+                     num_experts, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     return out.view(n, k, dim).sum(1).to(x.dtype)
 
 
-@torch.compiler.disable  # torch.compile fuses the grouping around it; it cannot trace launches with dynamic strides
-def _launch(x, w1, w2, w3, shared, weights, pair_ids, block_expert, out, k, num_experts, cfg: MoEConfig) -> None:
+# An opaque op to torch.compile (it cannot trace launches with dynamic strides), which still compiles the grouping
+# around it into the same graph. A graph break here instead (torch.compiler.disable) split every block that calls
+# it, and dynamo keeps those split variants on the shared code objects, where prefill's compiled blocks found them.
+@torch.library.custom_op("seekforge::fused_moe", mutates_args=("out",))
+def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor,
+                     s2: torch.Tensor, s3: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor,
+                     block_expert: torch.Tensor, out: torch.Tensor, k: int, num_experts: int, block_m: int,
+                     block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
+    """Both kernels over the grouped pairs, into out [pairs, dim] fp32; s1/s2/s3 the shared experts'
+    matrices (or any tensors when there are none: no row block reads them)."""
     pairs, dim = out.shape
     num_routed, inter, _ = w1.shape
-    s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
     blocks = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
-    h = torch.empty(blocks * cfg.block_m, inter, device=x.device, dtype=x.dtype)
+    h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
     # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
-    _gate_up[(blocks, triton.cdiv(inter, cfg.block_n))](
+    _gate_up[(blocks, triton.cdiv(inter, block_n))](
         x, w1, w3, s1, s3, h, pair_ids, block_expert, pairs, num_routed, num_experts, dim, inter,
         x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
-        TOPK=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    _down[(blocks, triton.cdiv(dim, cfg.block_n))](
+    _down[(blocks, triton.cdiv(dim, block_n))](
         h, w2, s2, out, pair_ids, block_expert, weights, pairs, num_routed, num_experts, inter, dim,
         h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )
+
+
+@launch_fused_moe.register_fake
+def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, out, k, num_experts, block_m, block_n, block_k,
+      num_warps, num_stages) -> None:
+    return None
 
 
 __all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert", "one_block_per_pair"]
