@@ -10,7 +10,11 @@ it), cycling through --layers sets of weights so that, as in a model, no call fi
 (timing one set let them sit in the 50 MB L2 between replays: at one token the two kernels showed 19 + 9 us
 there against 27 + 16 us inside the engine's step). Bytes = the weights of every expert that some token chose,
 read once, plus the tokens in and out: the fewest any implementation must move. Routing is uniform at random (top-k of random scores), as a balanced
-model's is.
+model's is. `--shared 2` adds the 16b shape's two shared experts as the engine runs them: joined to the fused pass
+up to FUSED_SHARED_TOKENS tokens (a batch-1 decode step reads 8 experts in one pass), a separate MLP beyond,
+and always a separate MLP beside the grouped matmuls.
+
+    python bench/moe.py --tokens 1 --shared 2 --sweep 1   # the engine's batch-1 step, candidate tiles
 """
 
 from __future__ import annotations
@@ -27,23 +31,27 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 
+from seekforge.engine.kernels import FUSED_SHARED_TOKENS  # noqa: E402
 from seekforge.kernels.moe import MoEConfig, default_config, fused_experts  # noqa: E402
+from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts  # noqa: E402
 
 
-def problem(n, experts, k, dim, inter, layers, seed=0):
+def problem(n, experts, k, dim, inter, layers, shared=0, seed=0):
     """`layers` sets of expert weights (a model's layers), so the timed calls read weights the L2 cache does not
-    hold, as a decode step does; one token batch and routing for all."""
+    hold, as a decode step does, each with its shared experts' MLP (None without); one token batch and routing
+    for all."""
     torch.manual_seed(seed)
     with torch.device("cuda"):
         exs = [Experts(experts, dim, inter).to(torch.bfloat16) for _ in range(layers)]
-        for ex in exs:
-            for p in ex.parameters():
+        mlps = [MLP(dim, shared * inter).to(torch.bfloat16) if shared else None for _ in range(layers)]
+        for module in exs + [m for m in mlps if m is not None]:
+            for p in module.parameters():
                 torch.nn.init.normal_(p, std=dim ** -0.5)
         x = torch.randn(n, dim, dtype=torch.bfloat16)
         indices = torch.rand(n, experts).topk(k, dim=-1).indices
         weights = torch.rand(n, k)
-    return exs, x, weights, indices
+    return list(zip(exs, mlps)), x, weights, indices
 
 
 def candidates() -> list[MoEConfig]:
@@ -62,6 +70,7 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=1408)
     ap.add_argument("--layers", type=int, default=8,
                     help="distinct weight sets called in turn (default 8: 8.9 GB at the 16b shape, far past L2)")
+    ap.add_argument("--shared", type=int, default=0, help="shared experts (the 16b shape has 2), as the engine runs them")
     ap.add_argument("--sweep", type=int, nargs="*", help="also time candidate tiles at these token counts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -70,22 +79,30 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for n in args.tokens:
-        exs, x, weights, indices = problem(n, args.experts, args.topk, args.dim, args.inter, args.layers)
+        layers, x, weights, indices = problem(n, args.experts, args.topk, args.dim, args.inter, args.layers,
+                                              args.shared)
         chosen = indices.unique().numel()
-        nbytes = chosen * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
+        nbytes = (chosen + args.shared) * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
+        joined = args.shared and n <= FUSED_SHARED_TOKENS
 
         def fused(cfg=None):
-            for ex in exs:
-                fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg)
+            for ex, mlp in layers:
+                shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight) if joined else None
+                y = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg, shared)
+                if mlp is not None and not joined:
+                    y = y + mlp(x)
 
         def grouped():
-            for ex in exs:
-                ex(x, weights, indices)
+            for ex, mlp in layers:
+                y = ex(x, weights, indices)[0]
+                if mlp is not None:
+                    y = y + mlp(x)
 
         per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us per layer's call
-        row = {"tokens": n, "experts_read": chosen, "bytes": nbytes, "layers": args.layers,
+        row = {"tokens": n, "experts_read": chosen, "shared": args.shared, "bytes": nbytes, "layers": args.layers,
                "fused_us": per_call(fused), "grouped_us": per_call(grouped),
-               "default": asdict(default_config(n * args.topk, args.experts))}
+               "default": asdict(default_config(n * (args.topk + (args.shared if joined else 0)),
+                                                  args.experts + (args.shared if joined else 0)))}
         if args.sweep and n in args.sweep:
             timed = []
             for cfg in candidates():
