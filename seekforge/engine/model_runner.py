@@ -66,6 +66,10 @@ class DeviceIds:
     chunks: list[int]
     values: torch.Tensor
 
+    def write(self, ids: torch.Tensor, rows: list[int]) -> None:
+        """ids[rows[k]] = values[k]: rows[k] is where chunk chunks[k]'s token sits in ids."""
+        ids[to_device(rows, torch.long, ids.device)] = self.values
+
 
 @dataclass
 class StepInput:
@@ -159,7 +163,7 @@ class ModelRunner:
         for k, i in enumerate(order):
             offsets[i] = cu[k]
         if device_ids is not None:
-            input_ids[to_device([offsets[i] for i in device_ids.chunks], torch.long, dev)] = device_ids.values
+            device_ids.write(input_ids, [offsets[i] for i in device_ids.chunks])
         return StepInput(input_ids, positions, slot_mapping, groups, offsets, order)
 
     def _explicit_group(self, c, cu, lens, starts, tables, positions) -> AttentionGroup:
@@ -246,7 +250,7 @@ class ModelRunner:
             return None
         self._fill_static(chunks, size)
         if device_ids is not None:
-            self._static[to_device(device_ids.chunks, torch.long, self.device), 0] = device_ids.values
+            device_ids.write(self._static[:, 0], device_ids.chunks)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]
