@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
@@ -142,7 +142,13 @@ class OpenAIServing:
             gen.close()
             raise
         if req.stream:
-            return GenerationStream(self._chat_stream(gen, req, rid, created, opened), gen)
+            finals: dict[int, RequestOutput] = {}
+
+            def usage() -> str:
+                return sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                               usage=self._usage(gen, finals)))
+            return GenerationStream(self._chat_stream(gen, req, rid, created, opened, finals), gen,
+                                    usage if req.include_usage_chunk else None)
         try:
             finals = await _collect(gen)
         finally:
@@ -172,7 +178,7 @@ class OpenAIServing:
         return ChatLogprobs(content=content)
 
     async def _chat_stream(self, gen: Generation, req: ChatCompletionRequest, rid: str, created: int,
-                           opened: bool) -> AsyncIterator[str]:
+                           opened: bool, finals: dict[int, RequestOutput]) -> AsyncIterator[str]:
         n = req.n
 
         def chunk(index: int, delta: ChatDelta, finish: str | None = None, logprobs=None) -> str:
@@ -182,36 +188,26 @@ class OpenAIServing:
         parsers = [ReasoningParser(opened) for _ in range(n)]
         sent_logprobs = [0] * n
         finished = [False] * n
-        finals: dict[int, RequestOutput] = {}
-        try:
-            for i in range(n):
-                yield chunk(i, ChatDelta(role="assistant", content=""))
-            async for _, out in gen:
-                finals[0] = out
-                for c in out.outputs:
-                    if finished[c.index]:
-                        continue
-                    reasoning, content = parsers[c.index].feed(c.delta_text)
-                    if c.finish_reason is not None:
-                        r2, c2 = parsers[c.index].finish()
-                        reasoning, content = reasoning + r2, content + c2
-                        finished[c.index] = True
-                    logprobs = None
-                    if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
-                        logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
-                                                       req.return_tokens_as_token_ids)
-                        sent_logprobs[c.index] = len(c.logprobs)
-                    if reasoning or content or logprobs or c.finish_reason:
-                        yield chunk(c.index, ChatDelta(reasoning_content=reasoning or None, content=content or None),
-                                    c.finish_reason, logprobs)
-            if req.include_usage_chunk:
-                yield sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                              usage=self._usage(gen, finals)))
-            yield "data: [DONE]\n\n"
-        except EngineFailure as err:
-            yield _error_event(engine_error(err))
-        finally:
-            gen.close()
+        for i in range(n):
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        async for _, out in gen:
+            finals[0] = out
+            for c in out.outputs:
+                if finished[c.index]:
+                    continue
+                reasoning, content = parsers[c.index].feed(c.delta_text)
+                if c.finish_reason is not None:
+                    r2, c2 = parsers[c.index].finish()
+                    reasoning, content = reasoning + r2, content + c2
+                    finished[c.index] = True
+                logprobs = None
+                if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
+                    logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
+                                                   req.return_tokens_as_token_ids)
+                    sent_logprobs[c.index] = len(c.logprobs)
+                if reasoning or content or logprobs or c.finish_reason:
+                    yield chunk(c.index, ChatDelta(reasoning_content=reasoning or None, content=content or None),
+                                c.finish_reason, logprobs)
 
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, arrival: float) -> Response:
@@ -235,7 +231,13 @@ class OpenAIServing:
             gen.close()
             raise
         if req.stream:
-            return GenerationStream(self._completion_stream(gen, req, rid, created), gen)
+            finals: dict[int, RequestOutput] = {}
+
+            def usage() -> str:
+                return sse(Completion(id=rid, created=created, model=req.model, choices=[],
+                                      usage=self._usage(gen, finals)))
+            return GenerationStream(self._completion_stream(gen, req, rid, created, finals), gen,
+                                    usage if req.include_usage_chunk else None)
         try:
             finals = await _collect(gen)
         finally:
@@ -260,40 +262,30 @@ class OpenAIServing:
                           for lp in logprobs],
             text_offset=offsets)
 
-    async def _completion_stream(self, gen: Generation, req: CompletionRequest, rid: str,
-                                 created: int) -> AsyncIterator[str]:
+    async def _completion_stream(self, gen: Generation, req: CompletionRequest, rid: str, created: int,
+                                 finals: dict[int, RequestOutput]) -> AsyncIterator[str]:
         n = req.n
         sent_logprobs: dict[int, int] = {}
         offsets: dict[int, int] = {}
         finished: set[int] = set()
-        finals: dict[int, RequestOutput] = {}
-        try:
-            async for tag, out in gen:
-                finals[tag] = out
-                for c in out.outputs:
-                    index = tag * n + c.index
-                    if index in finished:
-                        continue
-                    logprobs = None
-                    sent = sent_logprobs.get(index, 0)
-                    if c.logprobs is not None and len(c.logprobs) > sent:
-                        logprobs = self._completion_logprobs(c.logprobs[sent:], offsets.get(index, 0),
-                                                             req.return_tokens_as_token_ids)
-                        sent_logprobs[index] = len(c.logprobs)
-                        offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-                    if c.finish_reason is not None:
-                        finished.add(index)
-                    if c.delta_text or logprobs or c.finish_reason:
-                        yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
-                            index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
-            if req.include_usage_chunk:
-                yield sse(Completion(id=rid, created=created, model=req.model, choices=[],
-                                     usage=self._usage(gen, finals)))
-            yield "data: [DONE]\n\n"
-        except EngineFailure as err:
-            yield _error_event(engine_error(err))
-        finally:
-            gen.close()
+        async for tag, out in gen:
+            finals[tag] = out
+            for c in out.outputs:
+                index = tag * n + c.index
+                if index in finished:
+                    continue
+                logprobs = None
+                sent = sent_logprobs.get(index, 0)
+                if c.logprobs is not None and len(c.logprobs) > sent:
+                    logprobs = self._completion_logprobs(c.logprobs[sent:], offsets.get(index, 0),
+                                                         req.return_tokens_as_token_ids)
+                    sent_logprobs[index] = len(c.logprobs)
+                    offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                if c.finish_reason is not None:
+                    finished.add(index)
+                if c.delta_text or logprobs or c.finish_reason:
+                    yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
+                        index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
 
 
 async def _collect(gen: Generation) -> dict[int, RequestOutput]:
@@ -311,13 +303,26 @@ def _error_event(err: APIError) -> str:
 
 
 class GenerationStream(StreamingResponse):
-    """Server-sent events of one generation; however the response ends (done, client gone, never started),
-    what is left of the generation is aborted."""
+    """Server-sent events of one generation: its content `events`, then the usage chunk (`usage()`, when
+    asked for) and [DONE]; an engine failure ends the stream with an error event. However the response ends
+    (done, client gone, never started), what is left of the generation is aborted."""
 
-    def __init__(self, events: AsyncIterator[str], gen: Generation):
-        super().__init__(events, media_type="text/event-stream",
+    def __init__(self, events: AsyncIterator[str], gen: Generation, usage: Callable[[], str] | None):
+        super().__init__(self._with_tail(events, usage), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.generation = gen
+
+    async def _with_tail(self, events: AsyncIterator[str], usage: Callable[[], str] | None) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+            if usage is not None:
+                yield usage()
+            yield "data: [DONE]\n\n"
+        except EngineFailure as err:
+            yield _error_event(engine_error(err))
+        finally:
+            self.generation.close()
 
     async def __call__(self, scope, receive, send) -> None:
         try:
