@@ -126,13 +126,18 @@ def test_live_model_is_used_in_place_and_weight_updates_are_seen(tmp_path):
     assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
 
 
-def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile):
     """What a captured decode graph runs (`_graph_step` over the one static input buffer, padded to the
-    graph's size), run eagerly on the CPU, equals the packed forward of the same decode step."""
+    graph's size), run on the CPU, equals the packed forward of the same decode step. Compiled, each block
+    is one graph: the cache kernels are opaque ops (a graph break there cut the block into pieces)."""
+    from torch._dynamo.utils import counters
+
     from seekforge.engine.model_runner import Chunk
 
     save_hf("v3_sigmoid_grouped_qlora", tmp_path)
-    llm = LLM(tmp_path, block_size=4, max_num_seqs=8)
+    counters.clear()
+    llm = LLM(tmp_path, block_size=4, max_num_seqs=8, compile=compile)
     for p in make_prompts([5, 30, 17]):
         llm.add_request(p, FULL)
     llm.step()  # prefill: the cache now holds the prompts
@@ -144,6 +149,7 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path):
         from_buffer = runner._graph_step(4)[:3]
         packed = runner.logits(runner.forward(runner.prepare(chunks)))
     torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
+    assert not counters["graph_break"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

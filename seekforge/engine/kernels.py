@@ -62,10 +62,9 @@ def plan_paged_attention(block_tables: torch.Tensor, query_positions: torch.Tens
     return PagedAttentionPlan(block_tables, query_positions, block_size, max_context)
 
 
-def store_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """Write kv [n, c] and k_pe [n, r] of n new tokens into their slots [n] of one layer's cache."""
-    flat = cache.view(-1, cache.shape[-1])
-    flat.index_copy_(0, slot_mapping, torch.cat([kv, k_pe], dim=-1).to(cache.dtype))
+def store_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, latents: torch.Tensor) -> None:
+    """Write the latents [n, c + r] (kv then k_pe) of n new tokens into their slots [n] of one layer's cache."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latents.to(cache.dtype))
 
 
 def gather_latents(cache: torch.Tensor, plan: PagedAttentionPlan) -> torch.Tensor:
@@ -82,6 +81,39 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionP
         return triton_decode(q.to(cache.dtype), cache, plan.block_tables, plan.query_positions, softmax_scale,
                              kv_lora_rank)
     return paged_mla_decode_reference(q, cache, plan, softmax_scale, kv_lora_rank)
+
+
+# The two cache kernels as ops opaque to torch.compile, for the compiled decode step: it cannot trace a Triton
+# launch, and a graph break there (torch.compiler.disable) cut each block into pieces the compiler could not fuse
+# across. Eager callers use the plain functions (a custom op costs some microseconds of dispatch).
+@torch.library.custom_op("seekforge::store_latents", mutates_args=("cache",))
+def store_latents_op(cache: torch.Tensor, slot_mapping: torch.Tensor, latents: torch.Tensor) -> None:
+    store_latents(cache, slot_mapping, latents)
+
+
+@store_latents_op.register_fake
+def _(cache, slot_mapping, latents) -> None:
+    return None
+
+
+@torch.library.custom_op("seekforge::paged_mla_decode", mutates_args=())
+def _paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                         query_positions: torch.Tensor, block_size: int, max_context: int, softmax_scale: float,
+                         kv_lora_rank: int) -> torch.Tensor:
+    plan = PagedAttentionPlan(block_tables, query_positions, block_size, max_context)
+    return paged_mla_decode(q, cache, plan, softmax_scale, kv_lora_rank).contiguous()  # as the fake promises
+
+
+@_paged_mla_decode_op.register_fake
+def _(q, cache, block_tables, query_positions, block_size, max_context, softmax_scale, kv_lora_rank):
+    return q.new_empty(*q.shape[:-1], kv_lora_rank, dtype=cache.dtype)
+
+
+def paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan, softmax_scale: float,
+                        kv_lora_rank: int) -> torch.Tensor:
+    """`paged_mla_decode` as one opaque op (see store_latents_op)."""
+    return _paged_mla_decode_op(q, cache, plan.block_tables, plan.query_positions, plan.block_size,
+                                plan.max_context, softmax_scale, kv_lora_rank)
 
 
 def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,

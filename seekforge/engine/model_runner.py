@@ -329,7 +329,7 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     `stages` are the work around those two (compiled ones, with `compile=True`)."""
     inputs, output = stages
     q_nope, q_pe, kv, k_pe = inputs(block, h, cos, sin)
-    store(cache, slot_mapping, kv, k_pe)
+    store(cache, slot_mapping, torch.cat([kv, k_pe], dim=-1))  # compiled, the cat joins the rotary kernel
     return output(block, h, attention(block.attn, cache, q_nope, q_pe, kv, k_pe))
 
 
@@ -411,11 +411,10 @@ def compiled_stages(device: torch.device, dtype: torch.dtype):
 
 def compiled_decode_block(device: torch.device, dtype: torch.dtype):
     """`decode_block` under torch.compile, compiled once for all blocks alike and every batch size (dynamic
-    shapes). The two cache kernels stay opaque to it (an in-place write into the whole cache that a graph
-    must not copy; a kernel of our own), so each block compiles to two fused pieces around them."""
+    shapes). The two cache kernels are opaque ops to it (`kernels.store_latents_op`, written in place into
+    the cache, which the graph never copies; `kernels.paged_mla_decode_op`), so each block is one graph."""
     _settle_before_tracing(device, dtype)
-    store = torch.compiler.disable(kernels.store_latents)
-    decode = torch.compiler.disable(kernels.paged_mla_decode)
+    store, decode = kernels.store_latents_op, kernels.paged_mla_decode_op
 
     def block(block, h, cos, sin, cache, slot_mapping, plan):
         return decode_block(block, h, cos, sin, cache, slot_mapping, plan, store, decode)
