@@ -71,7 +71,7 @@ class Experts(nn.Module):
             x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
         flat = indices.flatten()
         # sorted row -> (token, slot) pair; narrow keys make the GPU's radix sort one pass instead of eight
-        order = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int16).argsort(stable=True)
+        order = (flat.to(torch.uint8) if self.n_experts <= 256 else flat).argsort(stable=True)
         expert_of_row = flat[order]
         counts = tokens_per_expert(indices, self.n_experts)
         offsets = counts.cumsum(0, dtype=torch.int32)
