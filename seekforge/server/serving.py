@@ -97,11 +97,26 @@ class OpenAIServing:
         except ConfigError as err:
             raise bad_request(str(err)) from None
 
-    async def _admit(self, gen: Generation) -> None:
+    async def _start(self, prompts: list[list[int]], params: SamplingParams, rid: str,
+                     arrival: float) -> Generation:
+        """A generation admitted to the engine (a full queue or a request it refuses is the client's error)."""
+        gen = Generation(self.engine, prompts, params, prefix=rid, arrival=arrival)
         try:
             await gen.admit()
         except (QueueFullError, ConfigError) as err:
+            gen.close()
             raise engine_error(err) from None
+        except BaseException:
+            gen.close()
+            raise
+        return gen
+
+    def _stream(self, gen: Generation, events: AsyncIterator[str], finals: dict[int, RequestOutput], req,
+                chunk_type, rid: str, created: int) -> GenerationStream:
+        """`events` as server-sent events, then the usage chunk (a `chunk_type` without choices) if asked."""
+        def usage() -> str:
+            return sse(chunk_type(id=rid, created=created, model=req.model, choices=[], usage=self._usage(gen, finals)))
+        return GenerationStream(events, gen, usage if req.include_usage_chunk else None)
 
     @staticmethod
     def _usage(gen: Generation, finals: dict[int, RequestOutput]) -> Usage:
@@ -134,21 +149,12 @@ class OpenAIServing:
         opened = prompt_opens_reasoning(text)
         params = self._sampling(req, [ids])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = Generation(self.engine, [ids], params, prefix=rid, arrival=arrival)
+        gen = await self._start([ids], params, rid, arrival)
         created = int(time.time())
-        try:
-            await self._admit(gen)
-        except BaseException:
-            gen.close()
-            raise
         if req.stream:
             finals: dict[int, RequestOutput] = {}
-
-            def usage() -> str:
-                return sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                               usage=self._usage(gen, finals)))
-            return GenerationStream(self._chat_stream(gen, req, rid, created, opened, finals), gen,
-                                    usage if req.include_usage_chunk else None)
+            return self._stream(gen, self._chat_stream(gen, req, rid, created, opened, finals), finals, req,
+                                ChatCompletionChunk, rid, created)
         try:
             finals = await _collect(gen)
         finally:
@@ -223,21 +229,12 @@ class OpenAIServing:
         prompts = await run_in_threadpool(encode)
         params = self._sampling(req, prompts)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gen = Generation(self.engine, prompts, params, prefix=rid, arrival=arrival)
+        gen = await self._start(prompts, params, rid, arrival)
         created = int(time.time())
-        try:
-            await self._admit(gen)
-        except BaseException:
-            gen.close()
-            raise
         if req.stream:
             finals: dict[int, RequestOutput] = {}
-
-            def usage() -> str:
-                return sse(Completion(id=rid, created=created, model=req.model, choices=[],
-                                      usage=self._usage(gen, finals)))
-            return GenerationStream(self._completion_stream(gen, req, rid, created, finals), gen,
-                                    usage if req.include_usage_chunk else None)
+            return self._stream(gen, self._completion_stream(gen, req, rid, created, finals), finals, req,
+                                Completion, rid, created)
         try:
             finals = await _collect(gen)
         finally:
