@@ -78,12 +78,13 @@ def test_shared_experts_join_the_routed_ones(n, num_shared, dtype):
 
 
 @pytest.mark.parametrize("n", [1, 20])  # one block a pair; grouped by expert
-def test_fused_experts_compile_as_one_graph(n):
+@pytest.mark.parametrize("joined", [True, False], ids=["shared", "routed"])
+def test_fused_experts_compile_as_one_graph(n, joined):
     """torch.compile traces the fused MoE whole (its launch is an opaque op): a graph break there split
     every compiled block calling it, and prefill's compiled blocks reused those split variants."""
     ex, x, weights, indices, _ = _problem(n, 3, 8, 32, 16, torch.float32, seed=n)
     mlp = MLP(32, 16).to(DEVICE)
-    shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight)
+    shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight) if joined else None
     compiled = torch.compile(fused_experts, fullgraph=True, dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=shared),
