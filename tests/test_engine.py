@@ -12,7 +12,7 @@ import torch
 
 from hf_reference import save_hf
 from seekforge import LLM, SamplingParams
-from seekforge.engine import QueueFullError
+from seekforge.engine import QueueFullError, kernels
 from seekforge.engine.block_manager import BlockManager
 from seekforge.engine.sequence import PENDING, Request, Sequence
 from seekforge.errors import ConfigError
@@ -150,6 +150,26 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile):
         packed = runner.logits(runner.forward(runner.prepare(chunks)))
     torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_attention_with_narrow_values_padded_or_not(device, masked):
+    """MLA's values are narrower than its keys; padded or not (as `values_padded_for_sdpa` picks per device),
+    prefill's attention is plain softmax attention."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 9, 3, 24, generator=g) for _ in range(2))
+    v = torch.randn(2, 9, 3, 16, generator=g)
+    mask = torch.rand(2, 9, 9, generator=g) < 0.7 if masked else torch.ones(9, 9, dtype=torch.bool).tril()
+    mask |= torch.eye(9, dtype=torch.bool)  # every query sees something
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * 0.3
+    want = torch.einsum("bhst,bthd->bshd", scores.masked_fill(~mask.unsqueeze(-3), float("-inf")).softmax(-1), v)
+    args = [x.to(device) for x in (q, k, v)] + [mask.to(device) if masked else None, 0.3]
+    for pad in (True, False):
+        got = kernels.dense_attention(*args, pad_values=pad)
+        assert got.shape == (2, 9, 3, 16)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    assert kernels.values_padded_for_sdpa(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

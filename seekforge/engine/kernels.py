@@ -175,16 +175,22 @@ FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py: 0.74x at 24 row
 FUSED_SHARED_TOKENS = 16  # past one 16-row block a shared expert's weights would be read once a block
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                    softmax_scale: float) -> torch.Tensor:
-    """Explicit attention for prefill: q [b, s, h, d], k [b, t, h, d], v [b, t, h, d_v]; mask bool [b, s, t]
-    (True = may attend) or None for causal over s == t. Returns [b, s, h, d_v].
+def values_padded_for_sdpa(device: torch.device) -> bool:
+    """Whether `dense_attention` should zero-pad MLA's values (v_head_dim < qk_head_dim) to the key width: the
+    fused kernel scaled_dot_product_attention picks on the CPU and on GPUs before Hopper is flash attention,
+    which wants equal widths (unfused, 5x slower on the CPU at 1k tokens); from Hopper on it picks cuDNN's,
+    which takes narrower values: 185 us vs 256 us padded at 1 x 4096 tokens, 16 heads on an H200, and the pad
+    and the slice of the output cost two copies more."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0)
 
-    MLA's values are narrower than its keys (v_head_dim < qk_head_dim); zero-padding them to the key width
-    lets scaled_dot_product_attention pick its fused kernels (on the CPU: flash attention, about 5x the
-    unfused path at 1k tokens), and the padding is cut from the output."""
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    softmax_scale: float, pad_values: bool) -> torch.Tensor:
+    """Explicit attention for prefill: q [b, s, h, d], k [b, t, h, d], v [b, t, h, d_v]; mask bool [b, s, t]
+    (True = may attend) or None for causal over s == t. Returns [b, s, h, d_v]. `pad_values`: zero-pad v
+    to d and cut the padding from the output (`values_padded_for_sdpa` says where that pays)."""
     dv = v.shape[-1]
-    if q.shape[-1] > dv:
+    if pad_values and q.shape[-1] > dv:
         v = F.pad(v, (0, q.shape[-1] - dv))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=None if mask is None else mask.unsqueeze(1),

@@ -107,6 +107,7 @@ class ModelRunner:
         plain = (attention_inputs, block_output, explicit_attention)
         inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
         self._stages = (inputs, output)
+        self._pad_values = kernels.values_padded_for_sdpa(self.device)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -218,7 +219,7 @@ class ModelRunner:
             else:
                 ctx = kernels.gather_latents(cache, g.plan)
                 ctx_kv, ctx_pe, mask = ctx[..., :attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:], g.plan.mask
-            out = self._explicit_attention(attn, qn, qp, ctx_kv, ctx_pe, mask)
+            out = self._explicit_attention(attn, qn, qp, ctx_kv, ctx_pe, mask, self._pad_values)
             pieces.append(out[0] if g.valid is None else out[g.valid])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -346,13 +347,15 @@ def feed_forward(ffn: MoE | MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+                       mask: torch.Tensor | None, pad_values: bool) -> torch.Tensor:
     """MLA's explicit form for prefill: the context latents ctx_kv [b, t, c] up-projected into per-head keys
     and values, the shared rotary keys ctx_pe [b, t, r] appended to every head's key; queries [b, s, h, .].
-    mask [b, s, t] (None: causal over s == t). Returns [b, s, h * d_v]."""
+    mask [b, s, t] (None: causal over s == t); `pad_values` as `kernels.dense_attention` takes it. Returns
+    [b, s, h * d_v]."""
     k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
     k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
-    return kernels.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale).flatten(2)
+    return kernels.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale,
+                                   pad_values).flatten(2)
 
 
 def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
