@@ -35,6 +35,14 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
                                        {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                                        {"C": 512, "BLOCK_C": block_c, "ROWS": 4, "SPLITS": splits}, 4, 1)
        for splits, block_c in ((16, 64), (64, 16))},
+    "route_logits": ("route", "_logits", {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "load_ptr": "*fp32"},
+                     {"BLOCK_E": 2, "BLOCK_K": 512}, 4, 3),
+    **{f"route_select_{score}": ("route", "_select",
+                                 {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32",
+                                  "indices_ptr": "*i64", "load_ptr": "*fp32", "route_scale": "fp32"},
+                                 {"TOPK": 6, "TOPK_PAD": 8, "BLOCK_E": 64, "SIGMOID": score == "sigmoid",
+                                  "NORMALISE": score == "sigmoid"}, 1, 1)
+       for score in ("softmax", "sigmoid")},
 }
 
 

@@ -15,8 +15,9 @@ patch_interpreter()
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
+from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.mlp import MLP  # noqa: E402
-from seekforge.model.moe import Experts  # noqa: E402
+from seekforge.model.moe import Experts, MoE  # noqa: E402
 
 
 def _problem(n, k, experts, dim, inter, dtype, seed, skew=False):
@@ -130,12 +131,26 @@ def test_bad_shapes_and_dtypes_are_named():
         fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=(ex.w1[0], ex.w2[0], ex.w1[0][:4]))
 
 
-def test_moe_experts_keeps_the_model_path_off_cuda():
-    ex, x, weights, indices, ref = _problem(4, 2, 8, 16, 16, torch.float32, seed=1)
-    mlp = MLP(16, 32)
-    out, load = kernels.moe_experts(ex.cpu(), mlp, x.cpu(), weights.cpu(), indices.cpu())
-    torch.testing.assert_close(out, ref + mlp(x.cpu()))
-    assert load.tolist() == torch.bincount(indices.flatten().cpu(), minlength=8).float().tolist()
+def make_moe(dim, experts, k, inter, shared, dtype, seed):
+    """A model MoE block (greedy softmax routing over one group: what the Triton router takes), random weights."""
+    cfg = ModelConfig.preset("tiny").replace(dim=dim, n_routed_experts=experts, n_activated_experts=k,
+                                             moe_inter_dim=inter, n_shared_experts=shared, n_expert_groups=1,
+                                             n_limited_groups=1, topk_method="greedy", score_func="softmax")
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape) * dim ** -0.5)
+    return moe.to(DEVICE, dtype).eval()
+
+
+def test_moe_forward_keeps_the_model_path_off_cuda():
+    moe = make_moe(16, 8, 2, 16, 2, torch.float32, seed=1).cpu()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        out, load = kernels.moe_forward(moe, x)
+        torch.testing.assert_close(out, moe(x))
+    assert load.tolist() == moe.load.tolist()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -164,11 +179,12 @@ def test_cuda_graph_replay_follows_new_routing():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("n", [4, 40])  # shared experts joined to the fused pass, then added apart
-def test_moe_experts_takes_the_fused_kernels_for_decode_and_counts_load(n):
-    ex, x, weights, indices, _ = _problem(n, 6, 64, 256, 128, torch.bfloat16, seed=5)
-    mlp = MLP(256, 2 * 128).to(DEVICE, torch.bfloat16)
-    out, load = kernels.moe_experts(ex, mlp, x, weights, indices)
-    ref = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices).float() + mlp(x).float()
+@pytest.mark.parametrize("n", [1, 4, 40])  # shared experts joined to the fused pass, then added apart
+def test_moe_forward_takes_the_router_and_fused_kernels_for_decode_and_counts_load(n):
+    moe = make_moe(256, 64, 6, 128, 2, torch.bfloat16, seed=5)
+    x = torch.randn(n, 256, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, load = kernels.moe_forward(moe, x)
+        ref = moe.float()(x.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
-    assert load.tolist() == torch.bincount(indices.flatten(), minlength=64).float().tolist()
+    assert load.tolist() == moe.load.tolist()

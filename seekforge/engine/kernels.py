@@ -3,8 +3,8 @@
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature, and `moe_experts` the fused MoE kernels of
-`seekforge.kernels.moe` for decode (SEEKFORGE_TRITON=0 keeps the references).
+`seekforge.kernels.mla_decode` behind the same signature, and `moe_forward` the Triton router and fused MoE
+kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references).
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
@@ -147,26 +147,34 @@ _TRITON: dict[tuple[str, str], object] = {}
 def load_triton_kernels() -> None:
     _triton("mla_decode", "paged_mla_decode_triton")
     _triton("moe", "fused_experts")
+    _triton("route", "route")
+    _triton("route", "supports")
 
 
-def moe_experts(experts, shared, x: torch.Tensor, weights: torch.Tensor,
-                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MoE's experts over x [n, dim]: the routed ones (`seekforge.model.moe.Experts`, with gate weights and
-    expert indices [n, k]) plus the shared MLP (or None). Returns (output [n, dim], tokens per routed expert
+def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], tokens per routed expert
     [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
-    FUSED_MOE_ROWS rows per expert on average (decode), the fused Triton kernels of `seekforge.kernels.moe`,
-    which also take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block
-    each); otherwise the model's grouped matmuls."""
+    FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of `seekforge.kernels.route` (where
+    it makes the gate's choice) and the fused kernels of `seekforge.kernels.moe`, which also take the shared
+    experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate
+    and the model's grouped matmuls."""
+    experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     fused = _triton("moe", "fused_experts") if x.is_cuda else None
     if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
-            and indices.numel() <= FUSED_MOE_ROWS * experts.n_experts):
-        load = tokens_per_expert(indices, experts.n_experts).float()
+            and x.shape[0] * gate.topk <= FUSED_MOE_ROWS * experts.n_experts):
+        router = _triton("route", "route")
+        if router is not None and _triton("route", "supports")(gate):
+            weights, indices, load = router(gate, x)
+        else:
+            weights, indices, _ = gate(x)
+            load = tokens_per_expert(indices, experts.n_experts).float()
         joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
         y = fused(x, experts.w1, experts.w2, experts.w3, weights, indices,
                   shared=(shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)
         if shared is not None and not joined:
             y = y + shared(x)
         return y, load
+    weights, indices, _ = gate(x)
     y, load = experts(x, weights, indices)
     return (y if shared is None else y + shared(x)), load
 

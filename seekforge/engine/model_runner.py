@@ -18,7 +18,7 @@ graphs from static input buffers (`capture_cuda_graphs`). With `compile=True`, t
 of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals): the captured decode
 block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
 attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
-an MoE block goes through `kernels.moe_experts`: fused Triton kernels for decode's few rows per expert.
+an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
 """
 
 from __future__ import annotations
@@ -335,14 +335,12 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def feed_forward(ffn: MoE | MLP, x: torch.Tensor) -> torch.Tensor:
-    """The block's FFN at inference: an MoE's experts run through `kernels.moe_experts` (fused kernels for
-    decode's few rows per expert); its `load` (tokens per expert, which the server's metrics read) is kept
-    as `MoE.forward` keeps it, the routing statistics of training are not."""
+    """The block's FFN at inference: an MoE runs through `kernels.moe_forward` (Triton routing and fused
+    experts for decode's few rows per expert); its `load` (tokens per expert, which the server's metrics
+    read) is kept as `MoE.forward` keeps it, the routing statistics of training are not."""
     if not isinstance(ffn, MoE):
         return ffn(x)
-    flat = x.reshape(-1, x.shape[-1])
-    weights, indices, _ = ffn.gate(flat)
-    y, ffn.load = kernels.moe_experts(ffn.experts, ffn.shared_experts, flat, weights, indices)
+    y, ffn.load = kernels.moe_forward(ffn, x.reshape(-1, x.shape[-1]))
     return y.view(x.shape)
 
 

@@ -1,0 +1,105 @@
+"""The Triton MoE router (`seekforge.kernels.route`) against the model's `Gate` and `tokens_per_expert`.
+
+Without CUDA the kernels run under Triton's interpreter (tests/triton_setup.py); with CUDA natively, plus the
+16b shape in bf16 and a CUDA-graph replay with new tokens between replays.
+"""
+
+import pytest
+import torch
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge.kernels.route import route, supports  # noqa: E402
+from seekforge.model import ModelConfig  # noqa: E402
+from seekforge.model.gate import Gate  # noqa: E402
+from seekforge.model.moe import tokens_per_expert  # noqa: E402
+
+
+def make_gate(seed=0, dtype=torch.float32, **overrides):
+    cfg = ModelConfig.preset("tiny").replace(**{"n_expert_groups": 1, "n_limited_groups": 1, **overrides})
+    torch.manual_seed(seed)
+    gate = Gate(cfg).to(DEVICE)
+    torch.nn.init.normal_(gate.weight, std=cfg.dim ** -0.5)
+    gate.weight.data = gate.weight.data.to(dtype)
+    return gate, cfg
+
+
+def check(gate, x):
+    want_w, want_i, _ = gate(x)
+    got_w, got_i, load = route(gate, x)
+    # the same experts each with its weight; the order of a token's k slots is free (the outputs are summed)
+    order_got, order_want = got_i.sort(dim=1).indices, want_i.sort(dim=1).indices
+    torch.testing.assert_close(got_i.gather(1, order_got), want_i.gather(1, order_want), atol=0, rtol=0)
+    torch.testing.assert_close(got_w.gather(1, order_got), want_w.gather(1, order_want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load, tokens_per_expert(want_i, gate.weight.shape[0]).float(), atol=0, rtol=0)
+    assert got_w.dtype == torch.float32 and got_i.dtype == torch.int64
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(score_func="softmax", norm_topk_prob=False, route_scale=1.0),  # DeepSeek-V2(-Lite)
+    dict(score_func="sigmoid", norm_topk_prob=True, route_scale=2.5),   # V3's scoring, one group
+    dict(score_func="softmax", norm_topk_prob=True, route_scale=1.0, n_routed_experts=12, n_activated_experts=3),
+])
+@pytest.mark.parametrize("n", [1, 5])
+def test_matches_gate(overrides, n):
+    gate, cfg = make_gate(**overrides)
+    gate.bias.copy_(torch.randn(cfg.n_routed_experts, device=DEVICE) * 0.05)  # moves the choice, not the weights
+    assert supports(gate)
+    check(gate, torch.randn(n, cfg.dim, device=DEVICE))
+
+
+def test_half_precision_weights_and_tokens():
+    gate, cfg = make_gate(dtype=HALF)
+    check(gate, torch.randn(3, cfg.dim, device=DEVICE, dtype=HALF))
+
+
+def test_no_tokens():
+    gate, cfg = make_gate()
+    weights, indices, load = route(gate, torch.randn(0, cfg.dim, device=DEVICE))
+    assert weights.shape == indices.shape == (0, cfg.n_activated_experts) and load.tolist() == [0.0] * cfg.n_routed_experts
+
+
+def test_compiles_as_one_graph():
+    """torch.compile takes the launch as an opaque op, so a compiled decode block stays one graph."""
+    gate, cfg = make_gate()
+    x = torch.randn(3, cfg.dim, device=DEVICE)
+    compiled = torch.compile(route, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for got, want in zip(compiled(gate, x), route(gate, x)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_group_limited_routing_is_left_to_the_gate():
+    gate, _ = make_gate(n_expert_groups=2, n_limited_groups=1, topk_method="noaux_tc")
+    assert not supports(gate)
+    gate, _ = make_gate(n_expert_groups=2, n_limited_groups=1, topk_method="greedy")  # groups ignored
+    assert supports(gate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 2, 64])
+def test_16b_shape_bf16(n):
+    cfg = ModelConfig.preset("16b")
+    gate, _ = make_gate(dtype=torch.bfloat16, dim=cfg.dim, n_routed_experts=cfg.n_routed_experts,
+                        n_activated_experts=cfg.n_activated_experts, score_func=cfg.score_func,
+                        norm_topk_prob=cfg.norm_topk_prob, route_scale=cfg.route_scale)
+    check(gate, torch.randn(n, cfg.dim, device=DEVICE, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+def test_cuda_graph_replay_follows_new_tokens():
+    gate, cfg = make_gate()
+    x = torch.randn(2, cfg.dim, device=DEVICE)
+    route(gate, x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = route(gate, x)
+    for seed in range(3):
+        x.copy_(torch.randn(2, cfg.dim, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        want = route(gate, x)
+        for a, b in zip(out, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
