@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from seekforge.model.moe import tokens_per_expert
 
@@ -149,6 +150,8 @@ def load_triton_kernels() -> None:
     _triton("moe", "fused_experts")
     _triton("route", "route")
     _triton("route", "supports")
+    _triton("gemv", "gemv")
+    _triton("gemv", "GEMV_ROWS")
 
 
 def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +184,33 @@ def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py: 0.74x at 24 rows an expert)
 FUSED_SHARED_TOKENS = 16  # past one 16-row block a shared expert's weights would be read once a block
+
+
+class FewRowLinears(TorchFunctionMode):
+    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the
+    Triton GEMV of `seekforge.kernels.gemv` (cuBLAS's GEMMs read a small step's weights at a fraction of the
+    bandwidth); every other call as it was. The model's projections (wq, wkv_a, wo, dense MLPs) are plain
+    nn.Linear and stay so: the runner enters this around the blocks of the decode steps it captures as CUDA
+    graphs, and torch.compile traces the mode into the compiled block. (Under a mode dynamo inlines the
+    Python-level Tensor methods, and Tensor.unflatten's call to super() breaks the graph: code on the decode
+    path reshapes with view.) Triton kernels run on CUDA, elsewhere only under its interpreter (tests)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+        usable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        self.gemv = _triton("gemv", "gemv") if usable else None
+        self.rows = _triton("gemv", "GEMV_ROWS")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is F.linear and self.gemv is not None and not kwargs
+                and (len(args) == 2 or (len(args) == 3 and args[2] is None))):
+            x, weight = args[0], args[1]
+            if (x.device == self.device and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+                    and weight.dim() == 2 and x.numel() <= self.rows * x.shape[-1] and not torch.is_grad_enabled()):
+                return self.gemv(x, weight)
+        return func(*args, **kwargs)
 
 
 def values_padded_for_sdpa(device: torch.device) -> bool:

@@ -19,6 +19,7 @@ of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, re
 block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
 attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
 an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
+In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`).
 """
 
 from __future__ import annotations
@@ -302,8 +303,9 @@ class ModelRunner:
                                             tables.shape[1] * self.block_size)
         cos, sin = self.model.rope(pos[:b].unsqueeze(0))
         h = self.model.embed(ids[:b]).unsqueeze(0)
-        for i, block in enumerate(self.model.layers):
-            h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots[:b], plan)
+        with kernels.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
+            for i, block in enumerate(self.model.layers):
+                h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots[:b], plan)
         return self.logits(h[0])
 
 
@@ -360,7 +362,7 @@ def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: to
                        plan: kernels.PagedAttentionPlan, query_len: int, decode=kernels.paged_mla_decode) -> torch.Tensor:
     """Absorbed MLA of b sequences' query_len queries each (packed [b * s, h, .]) over the paged cache:
     W_UK folded into the query, W_UV applied to the attended latent. Returns [b * s, h * d_v]."""
-    wkv_b = attn.wkv_b.weight.unflatten(0, (attn.n_heads, -1))  # [h, d + d_v, c]
+    wkv_b = attn.wkv_b.weight.view(attn.n_heads, -1, attn.kv_lora_rank)  # [h, d + d_v, c]
     w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
     q = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], dim=-1)
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])

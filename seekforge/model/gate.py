@@ -31,7 +31,7 @@ class Gate(nn.Module):
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
         if self.n_groups > 1 and self.topk_method != "greedy":
-            grouped = choice.unflatten(-1, (self.n_groups, -1))
+            grouped = choice.view(*choice.shape[:-1], self.n_groups, -1)
             if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1, sorted=False).values.sum(dim=-1)
             else:

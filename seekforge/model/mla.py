@@ -45,7 +45,7 @@ class MLA(nn.Module):
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, s, dim] -> q_nope [b, s, h, d], q_pe [b, s, h, r] (rotated)."""
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q = q.unflatten(-1, (self.n_heads, -1))
+        q = q.view(*q.shape[:-1], self.n_heads, -1)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, cos, sin)
 

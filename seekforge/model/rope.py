@@ -61,7 +61,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x [batch, seq, heads, rope_dim] by the angles of cos/sin [batch|1, seq, rope_dim/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().view(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -1,0 +1,81 @@
+"""The dense projections of a small decode step at the 16b shape: the Triton GEMV (`seekforge.kernels.gemv`, what
+the engine's captured steps of up to 4 sequences run) against cuBLAS (F.linear, what they ran before), in bytes per
+second beside the copy bandwidth measured in the same run.
+
+    python bench/gemv.py                          # rows 1, 2, 4; the default tile
+    python bench/gemv.py --sweep --json out.json  # also time candidate tiles
+
+Each call is timed over CUDA-graph replays (triton's do_bench_cudagraph), cycling through --layers copies of the
+weight so that, as in a model, no call finds its weight in the 50 MB L2. Bytes = the weight plus x and y.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceilings import copy_bandwidth, machine  # noqa: E402
+
+from seekforge.kernels.gemv import GemvConfig, gemv  # noqa: E402
+
+SHAPES = {  # name: (N, K) at the 16b shape (DeepSeek-V2-Lite)
+    "wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048),
+    "dense w1/w3": (10944, 2048), "dense w2": (2048, 10944),
+}
+
+
+def candidates() -> list[GemvConfig]:
+    return [GemvConfig(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+            if bn * bk <= 8192]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--layers", type=int, default=16, help="weight copies called in turn (past L2)")
+    ap.add_argument("--sweep", action="store_true", help="also time candidate tiles")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    results = []
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(args.layers)]
+        for m in args.rows:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            nbytes = n * k * 2 + m * (n + k) * 2
+            per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us a call
+            row = {"name": name, "n": n, "k": k, "rows": m, "bytes": nbytes,
+                   "cublas_us": per_call(lambda: [F.linear(x, w) for w in weights]),
+                   "triton_us": per_call(lambda: [gemv(x, w) for w in weights]), "default": asdict(GemvConfig())}
+            if args.sweep:
+                timed = []
+                for cfg in candidates():
+                    try:
+                        timed.append((per_call(lambda c=cfg: [gemv(x, w, c) for w in weights]), cfg))
+                    except Exception as err:  # noqa: BLE001 - a tile this GPU cannot run is skipped
+                        print(f"  skip {cfg}: {type(err).__name__}", flush=True)
+                timed.sort(key=lambda t: t[0])
+                row["best"] = [{"us": us, **asdict(cfg)} for us, cfg in timed[:3]]
+            for key in ("cublas", "triton"):
+                row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
+            print(f"{name:12s} [{n:5d} x {k:5d}] rows {m}: cuBLAS {row['cublas_us']:6.1f} us ({row['cublas_bw_share']:.0%}),"
+                  f" Triton {row['triton_us']:6.1f} us ({row['triton_bw_share']:.0%}), "
+                  f"{row['cublas_us'] / row['triton_us']:.2f}x" + (f"; best {row['best'][:2]}" if "best" in row else ""),
+                  flush=True)
+            results.append(row)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

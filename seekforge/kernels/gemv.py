@@ -1,0 +1,85 @@
+"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps.
+
+At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernels for that case use too
+few programs to keep the H200's memory busy: at the 16b shape's decode step wq [3072, 2048] took 6.5 us
+(1.9 TB/s), wkv_a [576, 2048] 5.5 us (0.4 TB/s), wo [2048, 2048] 6.1 us (1.4 TB/s). Here each program
+reads BLOCK_N whole weight rows, one BLOCK_K slice after another, for all the rows of x at once, so the grid
+has thousands of programs with their loads in flight: 5.4, 2.5 and 4.7 us for the same three (a first tile
+sweep, weights cycled past L2, `bench/gemv.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from seekforge.errors import ConfigError
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)  # reduced once at the end: no sum per slice
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                    other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, axis=2)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+GEMV_ROWS = 4  # rows of x up to which `gemv` takes them in one pass over the weight
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Weight rows a program (BLOCK_N), the slice of K read at a time (BLOCK_K), warps a program."""
+    block_n: int = 2
+    block_k: int = 512
+    num_warps: int = 2
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] with at most GEMV_ROWS rows in all, weight [N, K] of x's dtype -> x W^T [..., N], accumulated
+    in fp32 (as F.linear without bias). `config` replaces the default tile (benchmarks)."""
+    *lead, k = x.shape
+    rows = x.numel() // k if k else 0
+    if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype or rows > GEMV_ROWS:
+        raise ConfigError(f"gemv wants x [..., K] with at most {GEMV_ROWS} rows and weight [N, K] of x's dtype; got "
+                          f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    y = x.new_empty(rows, weight.shape[0])
+    if y.numel():
+        x = x.reshape(rows, k)
+        cfg = config or GemvConfig()
+        launch_gemv(x if x.stride(1) == 1 else x.contiguous(), weight, y, cfg.block_n,
+                    min(cfg.block_k, triton.next_power_of_2(k)), cfg.num_warps)
+    return y.view(*lead, weight.shape[0])
+
+
+# An opaque op to torch.compile, as the MoE and cache kernels are: a compiled decode block stays one graph.
+@torch.library.custom_op("seekforge::gemv", mutates_args=("y",))
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int, block_k: int,
+                num_warps: int) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    _gemv[(triton.cdiv(n, block_n),)](
+        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+
+
+@launch_gemv.register_fake
+def _(x, weight, y, block_n, block_k, num_warps) -> None:
+    return None
+
+
+__all__ = ["GEMV_ROWS", "GemvConfig", "gemv"]

@@ -1,0 +1,132 @@
+"""The Triton GEMV (`seekforge.kernels.gemv`) against F.linear, and the mode that routes small decode steps'
+projections to it (`seekforge.engine.kernels.FewRowLinears`).
+
+Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge.engine import kernels  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.kernels.gemv import gemv  # noqa: E402
+
+
+@pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+def test_matches_linear(lead, n, k, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(*lead, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(DEVICE, dtype)
+    got = gemv(x, w)
+    want = F.linear(x.float(), w.float())
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_strided_rows_and_weight():
+    x = torch.randn(3, 64, device=DEVICE)[:, ::2]  # last dim strided: copied to rows
+    w = torch.randn(32, 10, device=DEVICE).t()  # a transposed weight: made contiguous by the launch
+    torch.testing.assert_close(gemv(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(5, 8, device=DEVICE)
+    with pytest.raises(ConfigError, match="at most 4 rows"):
+        gemv(x, torch.randn(3, 8, device=DEVICE))
+    with pytest.raises(ConfigError, match="weight"):
+        gemv(x[:2], torch.randn(3, 7, device=DEVICE))
+
+
+def test_compiles_as_one_graph():
+    x, w = torch.randn(2, 40, device=DEVICE), torch.randn(12, 40, device=DEVICE)
+    compiled = torch.compile(gemv, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, w), gemv(x, w), atol=0, rtol=0)
+
+
+def projections(dim=64, dtype=HALF):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(dim, 96, bias=False), torch.nn.SiLU(),
+                               torch.nn.Linear(96, dim, bias=False)).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
+def test_mode_routes_few_row_linears_only(rows, routed, monkeypatch):
+    calls = []
+    real = kernels._triton("gemv", "gemv")
+    monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: calls.append(x.shape) or real(x, w))
+    mlp = projections()
+    x = torch.randn(1, rows, 64, device=DEVICE, dtype=HALF)
+    with torch.no_grad():
+        want = mlp(x)
+        with kernels.FewRowLinears(DEVICE):
+            got = mlp(x)
+    assert len(calls) == (2 if routed else 0)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_mode_leaves_training_fp32_and_other_devices_alone(monkeypatch):
+    monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: pytest.fail("routed"))
+    with kernels.FewRowLinears(DEVICE):
+        projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF)).sum()  # grad enabled: training
+        with torch.no_grad():
+            projections(dtype=torch.float32)(torch.randn(1, 64, device=DEVICE))
+    with kernels.FewRowLinears(torch.device("meta")), torch.no_grad():
+        projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF))
+
+
+def test_compiled_block_traces_the_mode_into_one_graph():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    mlp = projections()
+    x = torch.randn(1, 2, 64, device=DEVICE, dtype=HALF)
+    compiled = torch.compile(lambda t: mlp(t) * 2, dynamic=True)
+    with torch.no_grad():
+        with kernels.FewRowLinears(DEVICE):
+            compiled(x)
+            with torch.profiler.profile() as prof:
+                got = compiled(x)
+        torch.testing.assert_close(got, mlp(x) * 2, atol=2e-3, rtol=2e-3)
+    assert not counters["graph_break"]
+    assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::gemv") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="16b shapes in bf16")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("n, k", [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944)])
+def test_16b_projections_bf16(rows, n, k):
+    x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
+    torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2)
+
+
+def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch):
+    """The runner's graph step (what a CUDA graph captures), compiled, in fp16: the projections go to the GEMV
+    with no graph break, and the logits are those of the step without the mode."""
+    from torch._dynamo.utils import counters
+
+    from seekforge import LLM
+    from seekforge.model import ModelConfig, Transformer
+
+    cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_layers=2)
+    torch.manual_seed(0)
+    runner = LLM(Transformer(cfg).to(DEVICE, HALF).eval(), max_num_seqs=2, max_model_len=64, compile=True).runner
+    runner._allocate_static(2)
+    runner._static[:2, 0] = torch.tensor([5, 9])
+    counters.clear()
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            routed = runner._graph_step(2).clone()
+        monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), None)  # the mode then passes everything through
+        plain = runner._graph_step(2)
+    assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::gemv") >= 3 * cfg.n_layers
+    assert not counters["graph_break"]
+    torch.testing.assert_close(routed, plain, atol=2e-2, rtol=2e-2)
