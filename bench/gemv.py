@@ -23,6 +23,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
+from tiles import fastest  # noqa: E402
 
 from seekforge.kernels.gemv import GemvConfig, gemv  # noqa: E402
 
@@ -58,18 +59,12 @@ def main() -> None:
                    "cublas_us": per_call(lambda: [F.linear(x, w) for w in weights]),
                    "triton_us": per_call(lambda: [gemv(x, w) for w in weights]), "default": asdict(GemvConfig())}
             if args.sweep:
-                timed = []
-                for cfg in candidates():
-                    try:
-                        timed.append((per_call(lambda c=cfg: [gemv(x, w, c) for w in weights]), cfg))
-                    except Exception as err:  # noqa: BLE001 - a tile this GPU cannot run is skipped
-                        print(f"  skip {cfg}: {type(err).__name__}", flush=True)
-                timed.sort(key=lambda t: t[0])
-                row["best"] = [{"us": us, **asdict(cfg)} for us, cfg in timed[:3]]
+                row["best"] = fastest(candidates(),
+                                      lambda cfg: per_call(lambda: [gemv(x, w, cfg) for w in weights]))
             for key in ("cublas", "triton"):
                 row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
-            print(f"{name:12s} [{n:5d} x {k:5d}] rows {m}: cuBLAS {row['cublas_us']:6.1f} us ({row['cublas_bw_share']:.0%}),"
-                  f" Triton {row['triton_us']:6.1f} us ({row['triton_bw_share']:.0%}), "
+            print(f"{name:12s} [{n:5d} x {k:5d}] rows {m}: cuBLAS {row['cublas_us']:6.1f} us "
+                  f"({row['cublas_bw_share']:.0%}), Triton {row['triton_us']:6.1f} us ({row['triton_bw_share']:.0%}), "
                   f"{row['cublas_us'] / row['triton_us']:.2f}x" + (f"; best {row['best'][:2]}" if "best" in row else ""),
                   flush=True)
             results.append(row)

@@ -30,6 +30,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
+from tiles import fastest  # noqa: E402
 
 from seekforge.engine.kernels import FUSED_SHARED_TOKENS  # noqa: E402
 from seekforge.kernels.moe import MoEConfig, default_config, fused_experts  # noqa: E402
@@ -104,14 +105,7 @@ def main() -> None:
                "default": asdict(default_config(n * (args.topk + (args.shared if joined else 0)),
                                                   args.experts + (args.shared if joined else 0)))}
         if args.sweep and n in args.sweep:
-            timed = []
-            for cfg in candidates():
-                try:
-                    timed.append((per_call(lambda c=cfg: fused(c)), cfg))
-                except Exception as err:  # noqa: BLE001 - a tile that does not fit this GPU is just skipped
-                    print(f"  skip {cfg}: {type(err).__name__}", flush=True)
-            timed.sort(key=lambda t: t[0])
-            row["best"] = [{"us": us, **asdict(cfg)} for us, cfg in timed[:5]]
+            row["best"] = fastest(candidates(), lambda cfg: per_call(lambda: fused(cfg)), keep=5)
         for key in ("fused", "grouped"):
             row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
         print(f"tokens {n:5d}: experts read {chosen:2d}, fused {row['fused_us']:8.1f} us "

@@ -58,7 +58,8 @@ def test_half_precision_weights_and_tokens():
 def test_no_tokens():
     gate, cfg = make_gate()
     weights, indices, load = route(gate, torch.randn(0, cfg.dim, device=DEVICE))
-    assert weights.shape == indices.shape == (0, cfg.n_activated_experts) and load.tolist() == [0.0] * cfg.n_routed_experts
+    assert weights.shape == indices.shape == (0, cfg.n_activated_experts)
+    assert load.tolist() == [0.0] * cfg.n_routed_experts
 
 
 def test_compiles_as_one_graph():
