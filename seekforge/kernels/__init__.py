@@ -5,4 +5,9 @@ have no Triton, keep to the references.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`).
+- `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`).
+- `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps
+  reach through `seekforge.engine.kernels.FewRowLinears`.
+
+Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.
 """
