@@ -4,8 +4,9 @@ At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernel
 few programs to keep the H200's memory busy: at the 16b shape's decode step wq [3072, 2048] took 6.5 us
 (1.9 TB/s), wkv_a [576, 2048] 5.5 us (0.4 TB/s), wo [2048, 2048] 6.1 us (1.4 TB/s). Here each program
 reads BLOCK_N whole weight rows, one BLOCK_K slice after another, for all the rows of x at once, so the grid
-has thousands of programs with their loads in flight: 5.4, 2.5 and 4.7 us for the same three (a first tile
-sweep, weights cycled past L2, `bench/gemv.py`).
+has thousands of programs with their loads in flight: 5.4, 2.5 and 4.7 us for the same three, measured with
+a one-row form of this kernel in a first tile sweep (weights cycled past L2); `bench/gemv.py` times this one
+against cuBLAS and sweeps its tiles.
 """
 
 from __future__ import annotations
