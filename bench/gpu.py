@@ -1,13 +1,14 @@
 """Every GPU figure of the performance issue in one command, as one JSON file.
 
-    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe]
+    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp]
 
 Runs, each side by side with its peer and with the machine's ceilings measured in the same run:
 training forward+backward at the 16b shape (bench/train.py, compiled, vs transformers), the engine's
 decode at batch 1 and 64 and prefill 1 x 4096 at the 16b shape (bench/engine.py, CUDA graphs and the
 compiled decode step, vs transformers' generate; its batch-1 roofline is (active weight bytes + cache
-bytes read per step) / measured copy bandwidth), MLA decode attention alone (bench/mla_decode.py) and the
-fused MoE kernels alone (bench/moe.py).
+bytes read per step) / measured copy bandwidth), MLA decode attention alone (bench/mla_decode.py), the
+fused MoE kernels alone (bench/moe.py), and MTP speculative decoding at batch 1 (bench/engine.py's MTP
+part: a small model trained with MTP for 150 steps, speedup and acceptance per draft position).
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
 merges their results into an existing --out file, so the parts can run as separate commands.
 """
@@ -45,8 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--parts", nargs="+", choices=["train", "mla_decode", "moe", "engine"],
-                    default=["train", "mla_decode", "moe", "engine"])
+    ap.add_argument("--parts", nargs="+", choices=["train", "mla_decode", "moe", "engine", "mtp"],
+                    default=["train", "mla_decode", "moe", "engine", "mtp"])
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py measures a CUDA GPU"
     tmp = Path(tempfile.mkdtemp())
@@ -60,6 +61,8 @@ def main() -> None:
                                             "27", "--batches", "1", "64", "--new-tokens", "128", "--prompt-len", "128",
                                             "--prefill-len", "4096", "--repeats", repeats, "--mtp-steps", "0",
                                             "--cuda-graphs", "--compile", "--no-rollout"], tmp / "engine.json", 1500),
+        "mtp": lambda: run("engine.py", ["--device", "cuda", "--dtype", "bfloat16", "--cuda-graphs", "--mtp-steps", "150",
+                                         "--repeats", repeats, "--no-rollout"], tmp / "mtp.json", 900),
     }
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
