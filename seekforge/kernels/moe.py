@@ -9,9 +9,9 @@ expert in 64- or 128-row blocks and pay for setup and compute that a few rows do
 - gate_up: h = silu(x W1^T) * (x W3^T) per padded row, both weights' tiles in the same program;
 - down: out[pair] = gate weight * (h W2^T), written at the pair's own row; PyTorch sums the k rows.
 
-With one or two tokens the grouping itself is skipped (one row block per pair), and the shared experts can
-join as extra experts of weight 1 (slices of the shared MLP's matrices), so one pass reads every weight the
-token needs.
+With one or two tokens the grouping itself is skipped (one row block per pair, the routing read as it is), and
+the shared experts can join as extra experts of weight 1 (slices of the shared MLP's matrices), so one pass
+reads every weight the token needs.
 
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
@@ -31,13 +31,32 @@ from seekforge.errors import ConfigError
 
 
 @triton.jit
-def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr,
-             num_pairs, num_routed, num_experts, K, N,
+def _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_routed,
+               TOPK: tl.constexpr, BLOCK_M: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """Row block `block` -> (its expert, its rows, the pair of each row: num_pairs for padding). ONE_BLOCK:
+    block p holds pair p = token * TOPK + slot alone, its expert read from the routed indices [n, k_routed]
+    (slots past k_routed: the shared experts), so no layout is built before the launch."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    if ONE_BLOCK:
+        slot = block % TOPK
+        routed = tl.load(idx_ptr + (block // TOPK) * k_routed + tl.minimum(slot, k_routed - 1)).to(tl.int64)
+        expert = tl.where(slot < k_routed, routed, num_routed + slot - k_routed)
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
+    else:
+        expert = tl.load(expert_ptr + block).to(tl.int64)
+        pair = tl.load(ids_ptr + rows)
+    return expert, rows, pair
+
+
+@triton.jit
+def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr, idx_ptr,
+             num_pairs, num_routed, num_experts, k_routed, K, N,
              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
              TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr):
     block = tl.program_id(0)
-    expert = tl.load(expert_ptr + block).to(tl.int64)
+    expert, rows, pair = _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_routed,
+                                    TOPK, BLOCK_M, ONE_BLOCK)
     if expert >= num_experts:  # past the last real row block
         return
     if expert < num_routed:
@@ -48,8 +67,6 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr,
         w1_at = s1_ptr + (expert - num_routed) * stride_se
         w3_at = s3_ptr + (expert - num_routed) * stride_se
         row_stride = stride_sn
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(ids_ptr + rows)
     row_ok = pair < num_pairs
     token = (pair // TOPK).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,12 +89,14 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr,
 
 
 @triton.jit
-def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
-          num_pairs, num_routed, num_experts, K, N,
+def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr,
+          num_pairs, num_routed, num_experts, k_routed, K, N,
           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+          TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr):
     block = tl.program_id(0)
-    expert = tl.load(expert_ptr + block).to(tl.int64)
+    expert, rows, pair = _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_routed,
+                                    TOPK, BLOCK_M, ONE_BLOCK)
     if expert >= num_experts:
         return
     if expert < num_routed:
@@ -86,8 +105,6 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
     else:  # a shared expert: a slice of the shared MLP's columns
         w2_at = s2_ptr + (expert - num_routed) * stride_se
         row_stride = stride_sn
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(ids_ptr + rows)
     row_ok = pair < num_pairs
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -100,7 +117,12 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, gate_ptr,
         h = tl.load(h_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w2 = tl.load(w2_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=PRECISION)
-    gate = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
+    if ONE_BLOCK:  # gate_ptr: the routed weights [n, k_routed]; a shared expert's weight is 1
+        slot = block % TOPK
+        weight = tl.load(gate_ptr + (block // TOPK) * k_routed + tl.minimum(slot, k_routed - 1))
+        gate = tl.where(row_ok, tl.where(slot < k_routed, weight, 1.0), 0.0)
+    else:  # gate_ptr: every pair's weight
+        gate = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
     tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc * gate[:, None],
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -157,18 +179,9 @@ def group_by_expert(indices: torch.Tensor, num_experts: int, block_m: int) -> tu
     return pair_ids, block_expert
 
 
-def one_block_per_pair(indices: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`group_by_expert`'s layout without the grouping, for a handful of pairs (batch-1 decode): row block p
-    holds pair p alone. The pairs of one token never share an expert, so at one token nothing is read twice,
-    and the grouping's half-dozen small kernels, a fair share of a batch-1 step, are saved."""
-    flat = indices.flatten()
-    pairs = flat.numel()
-    rows = torch.arange(pairs * block_m, device=flat.device)
-    pair_ids = torch.where(rows % block_m == 0, rows // block_m, pairs).to(torch.int32)
-    return pair_ids, flat.to(torch.int32)
-
-
-ONE_BLOCK_PER_PAIR = 16  # pairs up to which one_block_per_pair replaces the grouping (two tokens at k = 6)
+ONE_BLOCK_PER_PAIR = 16  # pairs up to which row block p holds pair p (two tokens at k = 6 with 2 shared experts)
+# The pairs of one token never share an expert, so at one token nothing is read twice; the kernels then read the
+# routing as the router wrote it, and the grouping's small kernels (a fair share of a batch-1 step) are saved.
 
 
 def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
@@ -200,24 +213,30 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
                 or s1.stride() != s3.stride()):
             raise ConfigError(f"shared experts want gate/up [S * {inter}, {dim}] and down [{dim}, S * {inter}], got "
                               f"{tuple(s1.shape)}, {tuple(s2.shape)}, {tuple(s3.shape)}")
-        always = torch.arange(num_routed, num_routed + num_shared, device=indices.device).expand(n, num_shared)
-        indices = torch.cat([indices, always], dim=1)
-        weights = torch.cat([weights.float(), weights.new_ones(n, num_shared, dtype=torch.float32)], dim=1)
-    k = indices.shape[1]
+    k_routed = indices.shape[1]
+    k = k_routed + num_shared
     pairs = n * k
     if pairs == 0:
         return x.new_zeros(n, dim)
     x = x.contiguous()
     num_experts = num_routed + num_shared
     cfg = config or default_config(pairs, num_experts, x.element_size())
-    if pairs <= ONE_BLOCK_PER_PAIR:
-        pair_ids, block_expert = one_block_per_pair(indices, cfg.block_m)
+    routed_indices, weights = indices.contiguous(), weights.float().contiguous()
+    one_block = pairs <= ONE_BLOCK_PER_PAIR
+    if one_block:  # the kernels read the routing as it is: row block p holds pair p
+        pair_ids = block_expert = routed_indices  # not read
+        blocks = pairs
     else:
+        if shared is not None:  # the shared experts as S more experts of weight 1 that every token takes
+            always = torch.arange(num_routed, num_experts, device=indices.device).expand(n, num_shared)
+            indices = torch.cat([indices, always], dim=1)
+            weights = torch.cat([weights, weights.new_ones(n, num_shared)], dim=1)
         pair_ids, block_expert = group_by_expert(indices, num_experts, cfg.block_m)
+        blocks = block_expert.shape[0]
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
     s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
-    launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights.float().contiguous(), pair_ids, block_expert, out, k,
-                     num_experts, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, k, blocks,
+                     num_experts, one_block, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     return out.view(n, k, dim).sum(1).to(x.dtype)
 
 
@@ -227,34 +246,37 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
 @torch.library.custom_op("seekforge::fused_moe", mutates_args=("out",))
 def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor,
                      s2: torch.Tensor, s3: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor,
-                     block_expert: torch.Tensor, out: torch.Tensor, k: int, num_experts: int, block_m: int,
-                     block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
-    """Both kernels over the grouped pairs, into out [pairs, dim] fp32; s1/s2/s3 the shared experts'
-    matrices (or any tensors when there are none: no row block reads them)."""
+                     block_expert: torch.Tensor, routed_indices: torch.Tensor, out: torch.Tensor, k: int, blocks: int,
+                     num_experts: int, one_block: bool, block_m: int, block_n: int, block_k: int, num_warps: int,
+                     num_stages: int) -> None:
+    """Both kernels over `blocks` row blocks, into out [pairs, dim] fp32; s1/s2/s3 the shared experts'
+    matrices (or any tensors when there are none: no row block reads them). `one_block`: row block p holds
+    pair p and the kernels read routed_indices [n, k_routed] and weights [n, k_routed] as they are; otherwise
+    the grouped layout (pair_ids, block_expert) and every pair's weight."""
     pairs, dim = out.shape
     num_routed, inter, _ = w1.shape
-    blocks = block_expert.shape[0]
+    k_routed = routed_indices.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
     h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
     # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
     _gate_up[(blocks, triton.cdiv(inter, block_n))](
-        x, w1, w3, s1, s3, h, pair_ids, block_expert, pairs, num_routed, num_experts, dim, inter,
-        x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
-        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        x, w1, w3, s1, s3, h, pair_ids, block_expert, routed_indices, pairs, num_routed, num_experts, k_routed,
+        dim, inter, x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
+        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
         num_warps=num_warps, num_stages=num_stages,
     )
     _down[(blocks, triton.cdiv(dim, block_n))](
-        h, w2, s2, out, pair_ids, block_expert, weights, pairs, num_routed, num_experts, inter, dim,
-        h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        h, w2, s2, out, pair_ids, block_expert, routed_indices, weights, pairs, num_routed, num_experts, k_routed,
+        inter, dim, h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
+        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
 @launch_fused_moe.register_fake
-def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, out, k, num_experts, block_m, block_n, block_k,
-      num_warps, num_stages) -> None:
+def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, k, blocks, num_experts,
+      one_block, block_m, block_n, block_k, num_warps, num_stages) -> None:
     return None
 
 
-__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert", "one_block_per_pair"]
+__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert"]
