@@ -14,7 +14,7 @@ patch_interpreter()
 
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.gemv import gemv  # noqa: E402
+from seekforge.kernels.gemv import gemv, head_gemv  # noqa: E402
 
 
 @pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
@@ -36,12 +36,33 @@ def test_strided_rows_and_weight():
     torch.testing.assert_close(gemv(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_head_gemv_is_mlas_absorbed_products(n, dtype):
+    """Both of absorbed MLA's per-head products, on slices of one wkv_b as the engine takes them: W_UK applied to
+    the query (N contiguous in the weight) and W_UV to the attended latent (K contiguous)."""
+    g = torch.Generator().manual_seed(n)
+    heads, d, dv, c = 3, 16, 8, 40
+    wkv_b = (torch.randn(heads, d + dv, c, generator=g) * c ** -0.5).to(DEVICE, dtype)
+    w_uk, w_uv = wkv_b[:, :d], wkv_b[:, d:]
+    q_nope = torch.randn(n, heads, d, generator=g).to(DEVICE, dtype)
+    latent = torch.randn(n, heads, c, generator=g).to(DEVICE, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for x, w, eq in ((q_nope, w_uk.transpose(1, 2), "nhd,hdc->nhc"), (latent, w_uv, "nhc,hdc->nhd")):
+        want = torch.einsum(eq, x.float(), (w_uk if eq[0:3] == "nhd" else w_uv).float())
+        got = head_gemv(x, w)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
 def test_bad_inputs_name_the_problem():
     x = torch.randn(5, 8, device=DEVICE)
     with pytest.raises(ConfigError, match="at most 4 rows"):
         gemv(x, torch.randn(3, 8, device=DEVICE))
     with pytest.raises(ConfigError, match="weight"):
         gemv(x[:2], torch.randn(3, 7, device=DEVICE))
+    with pytest.raises(ConfigError, match="head_gemv wants"):
+        head_gemv(torch.randn(2, 3, 8, device=DEVICE), torch.randn(4, 5, 8, device=DEVICE))
 
 
 def test_compiles_as_one_graph():
@@ -130,3 +151,17 @@ def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_b
     assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::gemv") >= 3 * cfg.n_layers
     assert not counters["graph_break"]
     torch.testing.assert_close(routed, plain, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="16b shapes in bf16")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_16b_absorbed_products_bf16(rows):
+    wkv_b = torch.randn(16, 256, 512, device=DEVICE, dtype=torch.bfloat16) * 512 ** -0.5
+    w_uk, w_uv = wkv_b[:, :128], wkv_b[:, 128:]
+    q_nope = torch.randn(rows, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    latent = torch.randn(rows, 16, 512, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(kernels.head_matmul(q_nope, w_uk.transpose(1, 2)).float(),
+                               torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(kernels.head_matmul(latent, w_uv).float(),
+                               torch.einsum("nhc,hdc->nhd", latent.float(), w_uv.float()), atol=2e-2, rtol=2e-2)

@@ -364,10 +364,10 @@ def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: to
     W_UK folded into the query, W_UV applied to the attended latent. Returns [b * s, h * d_v]."""
     wkv_b = attn.wkv_b.weight.view(attn.n_heads, -1, attn.kv_lora_rank)  # [h, d + d_v, c]
     w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
-    q = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], dim=-1)
+    q = torch.cat([kernels.head_matmul(q_nope, w_uk.transpose(1, 2)), q_pe], dim=-1)  # [b * s, h, c + r]
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
-    latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)
-    return torch.einsum("bshc,hdc->bshd", latent, w_uv).flatten(0, 1).flatten(1)
+    latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
+    return kernels.head_matmul(latent.flatten(0, 1), w_uv).flatten(1)
 
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
