@@ -1,6 +1,6 @@
-"""The dense projections of a small decode step at the 16b shape: the Triton GEMV (`seekforge.kernels.gemv`, what
-the engine's captured steps of up to 4 sequences run) against cuBLAS (F.linear, what they ran before), in bytes per
-second beside the copy bandwidth measured in the same run.
+"""The dense projections and MLA's absorbed per-head products of a small decode step at the 16b shape: the Triton
+GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
+the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run.
 
     python bench/gemv.py                          # rows 1, 2, 4; the default tile
     python bench/gemv.py --sweep --json out.json  # also time candidate tiles
@@ -25,16 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
-from seekforge.kernels.gemv import GemvConfig, gemv  # noqa: E402
+from seekforge.kernels.gemv import GemvConfig, default_config, gemv, head_gemv  # noqa: E402
 
-SHAPES = {  # name: (N, K) at the 16b shape (DeepSeek-V2-Lite)
+DENSE = {  # name: (N, K) of a projection at the 16b shape (DeepSeek-V2-Lite)
     "wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048),
     "dense w1/w3": (10944, 2048), "dense w2": (2048, 10944),
 }
+HEADS, NOPE, V_DIM, LATENT = 16, 128, 128, 512  # MLA's absorbed products: slices of wkv_b [h, d + d_v, c]
 
 
-def candidates() -> list[GemvConfig]:
-    return [GemvConfig(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+def cases(layers: int, dev: torch.device):
+    """name -> (weights, one per layer; x of m rows; Triton call; cuBLAS call (what ran before))."""
+    for name, (n, k) in DENSE.items():
+        yield (name, [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(layers)],
+               lambda m, k=k: torch.randn(m, k, device=dev, dtype=torch.bfloat16), gemv, F.linear)
+    wkv_b = [torch.randn(HEADS, NOPE + V_DIM, LATENT, device=dev, dtype=torch.bfloat16) * LATENT ** -0.5
+             for _ in range(layers)]
+    per_head = lambda x, w: torch.einsum("nhk,hjk->nhj", x, w)  # noqa: E731 - the engine's reference
+    yield ("W_UK (heads)", [w[:, :NOPE].transpose(1, 2) for w in wkv_b],
+           lambda m: torch.randn(m, HEADS, NOPE, device=dev, dtype=torch.bfloat16), head_gemv, per_head)
+    yield ("W_UV (heads)", [w[:, NOPE:] for w in wkv_b],
+           lambda m: torch.randn(m, HEADS, LATENT, device=dev, dtype=torch.bfloat16), head_gemv, per_head)
+
+
+def candidates(weight: torch.Tensor) -> list[GemvConfig]:
+    if weight.stride(-1) == 1:  # whole K-contiguous rows
+        return [GemvConfig(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+                if bn * bk <= 8192]
+    return [GemvConfig(bn, bk, w) for bn in (16, 32, 64, 128) for bk in (8, 16, 32, 64) for w in (1, 2, 4, 8)
             if bn * bk <= 8192]
 
 
@@ -49,21 +67,22 @@ def main() -> None:
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     results = []
-    for name, (n, k) in SHAPES.items():
-        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(args.layers)]
+    for name, weights, make_x, triton_fn, cublas_fn in cases(args.layers, dev):
         for m in args.rows:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            nbytes = n * k * 2 + m * (n + k) * 2
+            x = make_x(m)
+            y = cublas_fn(x, weights[0])
+            nbytes = weights[0].numel() * 2 + (x.numel() + y.numel()) * 2
             per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us a call
-            row = {"name": name, "n": n, "k": k, "rows": m, "bytes": nbytes,
-                   "cublas_us": per_call(lambda: [F.linear(x, w) for w in weights]),
-                   "triton_us": per_call(lambda: [gemv(x, w) for w in weights]), "default": asdict(GemvConfig())}
+            row = {"name": name, "weight": list(weights[0].shape), "rows": m, "bytes": nbytes,
+                   "cublas_us": per_call(lambda: [cublas_fn(x, w) for w in weights]),
+                   "triton_us": per_call(lambda: [triton_fn(x, w) for w in weights]),
+                   "default": asdict(default_config(weights[0]))}
             if args.sweep:
-                row["best"] = fastest(candidates(),
-                                      lambda cfg: per_call(lambda: [gemv(x, w, cfg) for w in weights]))
+                row["best"] = fastest(candidates(weights[0]),
+                                      lambda cfg: per_call(lambda: [triton_fn(x, w, cfg) for w in weights]))
             for key in ("cublas", "triton"):
                 row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
-            print(f"{name:12s} [{n:5d} x {k:5d}] rows {m}: cuBLAS {row['cublas_us']:6.1f} us "
+            print(f"{name:12s} {str(row['weight']):16s} rows {m}: cuBLAS {row['cublas_us']:6.1f} us "
                   f"({row['cublas_bw_share']:.0%}), Triton {row['triton_us']:6.1f} us ({row['triton_bw_share']:.0%}), "
                   f"{row['cublas_us'] / row['triton_us']:.2f}x" + (f"; best {row['best'][:2]}" if "best" in row else ""),
                   flush=True)
