@@ -53,8 +53,9 @@ class GemvConfig:
 
 def default_config(weight: torch.Tensor) -> GemvConfig:
     """Whole rows of K-contiguous weights, a few a program (the projections); where N is the contiguous dim
-    (MLA's W_UK applied to the query), wide column tiles so that each load reads whole lines."""
-    return GemvConfig() if weight.stride(-1) == 1 else GemvConfig(64, 32, 4)
+    (MLA's W_UK applied to the query), column tiles wide enough that each load reads whole lines and narrow
+    enough for two programs an SM at the 16b shape (16 heads x 512 / 32): a guess until bench/gemv.py sweeps it."""
+    return GemvConfig() if weight.stride(-1) == 1 else GemvConfig(32, 32, 2)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
