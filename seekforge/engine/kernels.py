@@ -201,17 +201,23 @@ class FewRowLinears(TorchFunctionMode):
         self.device = device
         usable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         self.gemv = _triton("gemv", "gemv") if usable else None
-        self.rows = _triton("gemv", "GEMV_ROWS")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func is F.linear and self.gemv is not None and not kwargs
                 and (len(args) == 2 or (len(args) == 3 and args[2] is None))):
             x, weight = args[0], args[1]
-            if (x.device == self.device and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-                    and weight.dim() == 2 and x.numel() <= self.rows * x.shape[-1] and not torch.is_grad_enabled()):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if (x.device == self.device and weight.dim() == 2 and _gemv_takes(x, weight, rows)
+                    and not torch.is_grad_enabled()):
                 return self.gemv(x, weight)
         return func(*args, **kwargs)
+
+
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Where the Triton GEMV applies: x and weight of one 16-bit dtype, at most GEMV_ROWS rows of x."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and rows <= _triton("gemv", "GEMV_ROWS"))
 
 
 def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -219,8 +225,7 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     absorbed products). On CUDA, for up to GEMV_ROWS rows of one 16-bit dtype, the Triton GEMV (cuBLAS's
     batched GEMM took 3.2 and 3.6 us for the two 2 MB products of a 16b batch-1 step on the H200)."""
     head_gemv = _triton("gemv", "head_gemv") if x.is_cuda else None
-    if (head_gemv is not None and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and x.shape[0] <= _triton("gemv", "GEMV_ROWS")):
+    if head_gemv is not None and _gemv_takes(x, weight, x.shape[0]):
         return head_gemv(x, weight)
     return torch.einsum("nhk,hjk->nhj", x, weight)
 
