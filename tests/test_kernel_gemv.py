@@ -71,6 +71,12 @@ def test_compiles_as_one_graph():
     torch.testing.assert_close(compiled(x, w), gemv(x, w), atol=0, rtol=0)
 
 
+@pytest.fixture
+def triton_here(monkeypatch):
+    """The engine's Triton paths on this device: on the CPU, under the interpreter."""
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+
+
 def projections(dim=64, dtype=HALF):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(dim, 96, bias=False), torch.nn.SiLU(),
@@ -78,7 +84,7 @@ def projections(dim=64, dtype=HALF):
 
 
 @pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
-def test_mode_routes_few_row_linears_only(rows, routed, monkeypatch):
+def test_mode_routes_few_row_linears_only(rows, routed, monkeypatch, triton_here):
     calls = []
     real = kernels._triton("gemv", "gemv")
     monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: calls.append(x.shape) or real(x, w))
@@ -92,7 +98,7 @@ def test_mode_routes_few_row_linears_only(rows, routed, monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
-def test_mode_leaves_training_fp32_and_other_devices_alone(monkeypatch):
+def test_mode_leaves_training_fp32_and_other_devices_alone(monkeypatch, triton_here):
     monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: pytest.fail("routed"))
     with kernels.FewRowLinears(DEVICE):
         projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF)).sum()  # grad enabled: training
@@ -102,7 +108,7 @@ def test_mode_leaves_training_fp32_and_other_devices_alone(monkeypatch):
         projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF))
 
 
-def test_compiled_block_traces_the_mode_into_one_graph():
+def test_compiled_block_traces_the_mode_into_one_graph(triton_here):
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -129,7 +135,7 @@ def test_16b_projections_bf16(rows, n, k):
     torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2)
 
 
-def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch):
+def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch, triton_here):
     """The runner's graph step (what a CUDA graph captures), compiled, in fp16: the projections go to the GEMV
     with no graph break, and the logits are those of the step without the mode."""
     from torch._dynamo.utils import counters

@@ -77,7 +77,7 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionP
                      kv_lora_rank: int) -> torch.Tensor:
     """Absorbed MLA over the paged cache. q [b, s, h, c + r] is the latent query (q_nope @ W_UK) followed
     by the rotated q_pe; returns the attention-weighted latent [b, s, h, c] (W_UV is applied after)."""
-    triton_decode = _triton("mla_decode", "paged_mla_decode_triton") if q.is_cuda else None
+    triton_decode = _triton("mla_decode", "paged_mla_decode_triton") if triton_runs_on(q.device) else None
     if triton_decode is not None:  # q may come out of autocast narrower than the cache: the kernel wants one dtype
         return triton_decode(q.to(cache.dtype), cache, plan.block_tables, plan.query_positions, softmax_scale,
                              kv_lora_rank)
@@ -143,6 +143,12 @@ def _triton(module: str, name: str):
 
 
 _TRITON: dict[tuple[str, str], object] = {}
+# Triton kernels run on CUDA; tests set this (under Triton's interpreter) to run the engine's CUDA paths on the CPU.
+TRITON_ON_CPU = False
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and TRITON_ON_CPU)
 
 
 def load_triton_kernels() -> None:
@@ -163,7 +169,7 @@ def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate
     and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
-    fused = _triton("moe", "fused_experts") if x.is_cuda else None
+    fused = _triton("moe", "fused_experts") if triton_runs_on(x.device) else None
     if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
             and x.shape[0] * gate.topk <= FUSED_MOE_ROWS * experts.n_experts):
         router = _triton("route", "route")
@@ -194,13 +200,12 @@ class FewRowLinears(TorchFunctionMode):
     nn.Linear and stay so: the runner enters this around the blocks of the decode steps it captures as CUDA
     graphs, and torch.compile traces the mode into the compiled block. (Under a mode dynamo inlines the
     Python-level Tensor methods, and Tensor.unflatten's call to super() breaks the graph: code on the decode
-    path reshapes with view.) Triton kernels run on CUDA, elsewhere only under its interpreter (tests)."""
+    path reshapes with view.)"""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
-        usable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        self.gemv = _triton("gemv", "gemv") if usable else None
+        self.gemv = _triton("gemv", "gemv") if triton_runs_on(device) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -224,7 +229,7 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per head: x [n, h, K], weight [h, N, K] (any strides) -> [n, h, N], torch.einsum("nhk,hjk->nhj") (MLA's
     absorbed products). On CUDA, for up to GEMV_ROWS rows of one 16-bit dtype, the Triton GEMV (cuBLAS's
     batched GEMM took 3.2 and 3.6 us for the two 2 MB products of a 16b batch-1 step on the H200)."""
-    head_gemv = _triton("gemv", "head_gemv") if x.is_cuda else None
+    head_gemv = _triton("gemv", "head_gemv") if triton_runs_on(x.device) else None
     if head_gemv is not None and _gemv_takes(x, weight, x.shape[0]):
         return head_gemv(x, weight)
     return torch.einsum("nhk,hjk->nhj", x, weight)

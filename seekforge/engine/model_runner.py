@@ -385,7 +385,7 @@ def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
     from seekforge.model.moe import _grouped_mm_works
 
     _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))
-    if device.type == "cuda":
+    if kernels.triton_runs_on(device):
         kernels.load_triton_kernels()
 
 
