@@ -11,7 +11,7 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.kernels.route import route, supports  # noqa: E402
+from seekforge.kernels.route import route  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.gate import Gate  # noqa: E402
 from seekforge.model.moe import tokens_per_expert  # noqa: E402
@@ -46,7 +46,7 @@ def check(gate, x):
 def test_matches_gate(overrides, n):
     gate, cfg = make_gate(**overrides)
     gate.bias.copy_(torch.randn(cfg.n_routed_experts, device=DEVICE) * 0.05)  # moves the choice, not the weights
-    assert supports(gate)
+    assert not gate.group_limited
     check(gate, torch.randn(n, cfg.dim, device=DEVICE))
 
 
@@ -74,9 +74,9 @@ def test_compiles_as_one_graph():
 
 def test_group_limited_routing_is_left_to_the_gate():
     gate, _ = make_gate(n_expert_groups=2, n_limited_groups=1, topk_method="noaux_tc")
-    assert not supports(gate)
+    assert gate.group_limited
     gate, _ = make_gate(n_expert_groups=2, n_limited_groups=1, topk_method="greedy")  # groups ignored
-    assert supports(gate)
+    assert not gate.group_limited
 
 
 @pytest.mark.gpu

@@ -155,7 +155,6 @@ def load_triton_kernels() -> None:
     _triton("mla_decode", "paged_mla_decode_triton")
     _triton("moe", "fused_experts")
     _triton("route", "route")
-    _triton("route", "supports")
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
     _triton("gemv", "GEMV_ROWS")
@@ -173,7 +172,7 @@ def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
             and x.shape[0] * gate.topk <= FUSED_MOE_ROWS * experts.n_experts):
         router = _triton("route", "route")
-        if router is not None and _triton("route", "supports")(gate):
+        if router is not None and not gate.group_limited:
             weights, indices, load = router(gate, x)
         else:
             weights, indices, _ = gate(x)

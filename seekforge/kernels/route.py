@@ -9,7 +9,7 @@ batch-1 step on the H200, each too small to use the GPU, most of them time spent
   the gate weights from the unbiased scores (normalised, scaled) and the token's count into the load.
 
 The same choice as `Gate` (ties aside: its fp32 sums run in another order) for greedy routing over one expert
-group; DeepSeek-V3's group-limited routing stays with `Gate` (`supports`). No host synchronisation: the
+group; DeepSeek-V3's group-limited routing stays with `Gate` (`Gate.group_limited`). No host synchronisation: the
 grids depend on the token and expert counts only, so a captured decode step can hold it.
 """
 
@@ -67,13 +67,8 @@ def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_s
     tl.atomic_add(load_ptr + indices, tl.full((TOPK_PAD,), 1.0, tl.float32), mask=slots < TOPK)
 
 
-def supports(gate) -> bool:
-    """Whether `route` makes `gate`'s choice: greedy top-k over all experts (no group limit)."""
-    return (gate.n_groups <= 1 or gate.topk_method == "greedy") and gate.score_func in ("softmax", "sigmoid")
-
-
 def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gate` (a `seekforge.model.gate.Gate` that `supports` takes) over x [n, dim] -> gate weights [n, k] fp32,
+    """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights [n, k] fp32,
     expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
     `seekforge.model.moe.tokens_per_expert` give them."""
     n = x.shape[0]
@@ -111,4 +106,4 @@ def _(x, gate_weight, bias, weights, indices, load, k, sigmoid, normalise, route
     return None
 
 
-__all__ = ["route", "supports"]
+__all__ = ["route"]

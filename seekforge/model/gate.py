@@ -24,13 +24,19 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    @property
+    def group_limited(self) -> bool:
+        """Whether the top-k is taken within the best expert groups (V3's noaux_tc, V2's group_limited_greedy)
+        rather than over all experts."""
+        return self.n_groups > 1 and self.topk_method != "greedy"
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, dim] -> weights [n, k] (fp32), expert indices [n, k], scores [n, experts] (fp32)."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
-        if self.n_groups > 1 and self.topk_method != "greedy":
+        if self.group_limited:
             grouped = choice.view(*choice.shape[:-1], self.n_groups, -1)
             if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1, sorted=False).values.sum(dim=-1)
