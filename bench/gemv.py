@@ -1,9 +1,10 @@
 """The dense projections and MLA's absorbed per-head products of a small decode step at the 16b shape: the Triton
 GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
-the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run.
+the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run;
+"runs" is what the engine then runs for the shape (the faster of the two on its first call).
 
-    python bench/gemv.py                          # rows 1, 2, 4; the default tile
-    python bench/gemv.py --sweep --json out.json  # also time candidate tiles
+    python bench/gemv.py                          # rows 1, 2, 4; each shape's tuned tile (what the engine runs)
+    python bench/gemv.py --sweep --json out.json  # also time candidate tiles beyond the tuned set
 
 Each call is timed over CUDA-graph replays (triton's do_bench_cudagraph), cycling through --layers copies of the
 weight so that, as in a model, no call finds its weight in the 50 MB L2. Bytes = the weight plus x and y.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
-from seekforge.kernels.gemv import GemvConfig, default_config, gemv, head_gemv  # noqa: E402
+from seekforge.kernels.gemv import GemvConfig, choice, gemv, head_gemv, last_tuned_tile  # noqa: E402
 
 DENSE = {  # name: (N, K) of a projection at the 16b shape (DeepSeek-V2-Lite)
     "wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048),
@@ -73,10 +74,12 @@ def main() -> None:
             y = cublas_fn(x, weights[0])
             nbytes = weights[0].numel() * 2 + (x.numel() + y.numel()) * 2
             per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us a call
+            triton_fn(x, weights[0])  # the shape's first call: its tile tuned, then weighed against cuBLAS
+            tuned = last_tuned_tile()
             row = {"name": name, "weight": list(weights[0].shape), "rows": m, "bytes": nbytes,
                    "cublas_us": per_call(lambda: [cublas_fn(x, w) for w in weights]),
-                   "triton_us": per_call(lambda: [triton_fn(x, w) for w in weights]),
-                   "default": asdict(default_config(weights[0]))}
+                   "triton_us": per_call(lambda: [triton_fn(x, w, tuned) for w in weights]),
+                   "tuned": asdict(tuned), "runs": choice(x, weights[0])}
             if args.sweep:
                 row["best"] = fastest(candidates(weights[0]),
                                       lambda cfg: per_call(lambda: [triton_fn(x, w, cfg) for w in weights]))
@@ -84,8 +87,8 @@ def main() -> None:
                 row[f"{key}_bw_share"] = nbytes / (row[f"{key}_us"] * 1e-6) / bw
             print(f"{name:12s} {str(row['weight']):16s} rows {m}: cuBLAS {row['cublas_us']:6.1f} us "
                   f"({row['cublas_bw_share']:.0%}), Triton {row['triton_us']:6.1f} us ({row['triton_bw_share']:.0%}), "
-                  f"{row['cublas_us'] / row['triton_us']:.2f}x" + (f"; best {row['best'][:2]}" if "best" in row else ""),
-                  flush=True)
+                  f"{row['cublas_us'] / row['triton_us']:.2f}x, tuned {tuple(row['tuned'].values())}, "
+                  f"runs {row['runs']}" + (f"; best {row['best'][:2]}" if "best" in row else ""), flush=True)
             results.append(row)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": results}, indent=1))

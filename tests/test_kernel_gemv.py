@@ -14,7 +14,8 @@ patch_interpreter()
 
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.gemv import gemv, head_gemv  # noqa: E402
+from seekforge.kernels.gemv import (K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES, GemvConfig, gemv, head_gemv,  # noqa: E402
+                                    last_tuned_tile)
 
 
 @pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
@@ -35,6 +36,71 @@ def test_strided_rows_and_weight():
     w = torch.randn(32, 10, device=DEVICE).t()  # a transposed weight: made contiguous by the launch
     torch.testing.assert_close(gemv(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("tile", [*K_CONTIGUOUS_TILES, GemvConfig(1, 16, 1)], ids=str)
+def test_every_tuning_candidate_matches(tile):
+    """Each tile the tuning may pick, over several K slices (K not a multiple of the slice) and 3 rows; the
+    narrow tile walks K in many slices."""
+    g = torch.Generator().manual_seed(1)
+    k = 2 * min(tile.block_k, 64) + 7
+    x = torch.randn(3, k, generator=g).to(DEVICE, HALF)
+    w = (torch.randn(5, k, generator=g) * k ** -0.5).to(DEVICE, HALF)
+    small = GemvConfig(tile.block_n, min(tile.block_k, 64), tile.num_warps)  # the interpreter's time stays short
+    torch.testing.assert_close(gemv(x, w, small).float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("winner", ["triton", "cublas"])
+def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cublas(winner, monkeypatch):
+    """The GPU's path (under the interpreter, with stand-in clocks): each candidate of the weight's layout, clipped
+    to K and deduplicated, is run once and timed; the fastest is then timed beside cuBLAS, and the faster of the
+    two is what the shape runs from then on, with nothing timed again."""
+    import seekforge.kernels.gemv as gemv_module
+
+    k = {"triton": 41, "cublas": 45}[winner]  # a shape of its own per case: every tile clips to 64 wide
+    fitting = list(dict.fromkeys((c.block_n, 64, c.num_warps) for c in K_CONTIGUOUS_TILES))
+    tiles_timed, weighed = [], []
+
+    def tile_clock(kernel_call, quantiles):
+        kernel_call()
+        tiles_timed.append(len(tiles_timed))
+        return [1.0 if len(tiles_timed) == 3 else 2.0] * len(quantiles)  # the third candidate is the fastest
+
+    def clock(fn, warmup, rep):
+        fn()
+        weighed.append(len(weighed))
+        return 1.0 if (len(weighed) % 2 == 1) == (winner == "triton") else 2.0  # a shape times its tile first
+
+    monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
+    monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", tile_clock)
+    monkeypatch.setattr(gemv_module.triton.testing, "do_bench", clock)
+    x = torch.randn(3, k, device=DEVICE, dtype=HALF)
+    w = torch.randn(7, k, device=DEVICE, dtype=HALF) * k ** -0.5
+    assert gemv_module.choice(x, w) is None
+    got = gemv(x, w)
+    assert len(tiles_timed) == len(fitting) and last_tuned_tile() == GemvConfig(*fitting[2])
+    assert len(weighed) == 2 and gemv_module.choice(x, w) == winner
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+    again = gemv(x, w)
+    assert len(tiles_timed) == len(fitting) and len(weighed) == 2
+    torch.testing.assert_close(again, got, atol=3e-3, rtol=3e-3)
+    # the per-head products: the op's output has the layout its fake promises either way (a compiled graph
+    # asserts it), here with N contiguous in the weight as W_UK's is
+    xh = torch.randn(2, 3, k, device=DEVICE, dtype=HALF)
+    wh = torch.randn(3, k, 24, device=DEVICE, dtype=HALF).transpose(1, 2)
+    torch.library.opcheck(gemv_module.launch_gemv, (xh, wh, None), test_utils=("test_faketensor",))
+    assert gemv_module.choice(xh, wh) == winner
+    torch.testing.assert_close(head_gemv(xh, wh).float(), torch.einsum("nhk,hjk->nhj", xh.float(), wh.float()),
+                               atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("tile", N_CONTIGUOUS_TILES, ids=str)
+def test_every_tuning_candidate_matches_n_contiguous(tile):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 70, generator=g).to(DEVICE, HALF)
+    w = (torch.randn(3, 70, 40, generator=g) * 70 ** -0.5).to(DEVICE, HALF)  # [h, K, N]: N contiguous
+    want = torch.einsum("nhk,hkj->nhj", x.float(), w.float())
+    torch.testing.assert_close(head_gemv(x, w.transpose(1, 2), tile).float(), want, atol=3e-3, rtol=3e-3)
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
 @pytest.mark.parametrize("n", [1, 3])
@@ -133,6 +199,8 @@ def test_16b_projections_bf16(rows, n, k):
     x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
     torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2)
+    tuned = last_tuned_tile()  # the shape's first call timed the candidates (clipped to K) and kept one
+    assert any(tuned == GemvConfig(c.block_n, min(c.block_k, k), c.num_warps) for c in K_CONTIGUOUS_TILES)
 
 
 def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch, triton_here):

@@ -203,6 +203,8 @@ class FewRowLinears(TorchFunctionMode):
 
     def __init__(self, device: torch.device):
         super().__init__()
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device: x says cuda:0
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.gemv = _triton("gemv", "gemv") if triton_runs_on(device) else None
 

@@ -5,9 +5,17 @@ At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernel
 few programs to keep the H200's memory busy: at the 16b shape's decode step wq [3072, 2048] took 6.5 us
 (1.9 TB/s), wkv_a [576, 2048] 5.5 us (0.4 TB/s), wo [2048, 2048] 6.1 us (1.4 TB/s). Here each program
 reads BLOCK_N whole weight rows, one BLOCK_K slice after another, for all the rows of x at once, so the grid
-has thousands of programs with their loads in flight: 5.4, 2.5 and 4.7 us for the same three, measured with
-a one-row form of this kernel in a first tile sweep (weights cycled past L2); `bench/gemv.py` times this one
-against cuBLAS and sweeps its tiles.
+has thousands of programs with their loads in flight: 5.2, 2.4 and 4.6 us for the same three at one row, with
+each shape's best tile (`bench/gemv.py --sweep`, weights cycled past L2). Not everywhere: cuBLAS reads the dense
+MLP's [10944, 2048] at 78% of the bandwidth, and kept up at four rows where this kernel slowed.
+
+No one tile is best: the sweep's winners range from (2 rows, 2048 wide, 4 warps) for wkv_a to (4, 256, 1) for
+the dense MLP's [10944, 2048], and a tile chosen for one row lost to cuBLAS at four (each program then walks K
+in more, latency-bound, slices). So on the GPU each shape (rows, N, K, weight layout) times a few candidate tiles
+on its first call (`triton.autotune`, L2 flushed between runs), then the fastest beside cuBLAS, and keeps the
+faster of the two (`choice`), as torch.compile's max-autotune weighs its templates against the library's GEMM.
+The engine makes that first call while warming up, before any CUDA graph is captured. Under Triton's interpreter
+(CPU tests) the first candidate runs, untimed.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
+import triton.testing
 import triton.language as tl
 
 from seekforge.errors import ConfigError
@@ -29,14 +39,13 @@ def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
     w_at = w_ptr + b * stride_wb + cols[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)  # reduced once at the end: no sum per slice
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # each slice reduced at once: registers do not grow with M
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    y = tl.sum(acc, axis=2)
-    tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
@@ -47,20 +56,56 @@ GEMV_ROWS = 4  # rows of x up to which one pass over the weight takes them all
 class GemvConfig:
     """Weight rows a program (BLOCK_N), the slice of K read at a time (BLOCK_K), warps a program."""
     block_n: int = 2
-    block_k: int = 512
+    block_k: int = 2048
     num_warps: int = 2
 
 
+# The tiles a shape's first call times: each one of the fastest in bench/gemv.py's sweep on the H200 for some
+# shape of the 16b model at 1, 2 or 4 rows. The first of each list is what runs untimed (the interpreter).
+K_CONTIGUOUS_TILES = [GemvConfig(2, 2048, 2), GemvConfig(2, 1024, 2), GemvConfig(2, 512, 1), GemvConfig(2, 256, 1),
+                      GemvConfig(4, 256, 1), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 4), GemvConfig(4, 1024, 4),
+                      GemvConfig(4, 512, 4)]
+N_CONTIGUOUS_TILES = [GemvConfig(16, 64, 4), GemvConfig(16, 64, 1), GemvConfig(16, 64, 8), GemvConfig(32, 32, 2),
+                      GemvConfig(16, 128, 4), GemvConfig(32, 64, 4)]
+
+
+_INTERPRETED = triton.knobs.runtime.interpret  # read once: torch.compile cannot trace the lookup
+
+
 def default_config(weight: torch.Tensor) -> GemvConfig:
-    """Whole rows of K-contiguous weights, a few a program (the projections); where N is the contiguous dim
-    (MLA's W_UK applied to the query), column tiles wide enough that each load reads whole lines and narrow
-    enough for two programs an SM at the 16b shape (16 heads x 512 / 32): a guess until bench/gemv.py sweeps it."""
-    return GemvConfig() if weight.stride(-1) == 1 else GemvConfig(32, 32, 2)
+    """The untimed tile for this weight's layout: whole rows of K-contiguous weights, a few a program (the
+    projections); where N is the contiguous dim (MLA's W_UK applied to the query), column tiles that read whole
+    lines."""
+    return (K_CONTIGUOUS_TILES if weight.stride(-1) == 1 else N_CONTIGUOUS_TILES)[0]
+
+
+def _fitting_tiles(configs, named_args, **kwargs):
+    """The candidates of the weight's layout, no wider than the weight's K (N-contiguous: N) needs."""
+    k_rows = named_args["stride_wk"] == 1
+    tiles, seen = [], set()
+    for cfg in K_CONTIGUOUS_TILES if k_rows else N_CONTIGUOUS_TILES:
+        block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(named_args["K"]))
+        if not k_rows:
+            block_n = min(block_n, triton.next_power_of_2(named_args["N"]))
+        if (block_n, block_k, cfg.num_warps) not in seen:
+            seen.add((block_n, block_k, cfg.num_warps))
+            tiles.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=cfg.num_warps))
+    return tiles
+
+
+_gemv_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
+             for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES],
+    key=["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"],
+    prune_configs_by={"early_config_prune": _fitting_tiles},
+    # ~20 ms a tile: a shape's tuning costs well under a second, once per process
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)(_gemv)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
     """x [..., K] with at most GEMV_ROWS rows in all, weight [N, K] of x's dtype -> x W^T [..., N], accumulated
-    in fp32 (as F.linear without bias). `config` replaces the default tile (benchmarks)."""
+    in fp32 (as F.linear without bias). `config` replaces the shape's tuned tile (benchmarks)."""
     *lead, k = x.shape
     rows = x.numel() // k if k else 0
     if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype or rows > GEMV_ROWS:
@@ -80,29 +125,78 @@ def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None =
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) -> torch.Tensor:
-    cfg = config or default_config(weight)
     if x.numel() == 0 or weight.shape[1] == 0:
         return x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
-    return launch_gemv(x, weight, cfg.block_n, min(cfg.block_k, triton.next_power_of_2(x.shape[2])), cfg.num_warps)
+    if config is None and _INTERPRETED:
+        config = default_config(weight)
+    tile = None if config is None else [config.block_n, min(config.block_k, triton.next_power_of_2(x.shape[2])),
+                                        config.num_warps]
+    return launch_gemv(x, weight, tile)
 
 
 # An opaque op to torch.compile, as the MoE and cache kernels are: a compiled decode block stays one graph.
 @torch.library.custom_op("seekforge::gemv", mutates_args=())
-def launch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
-    """x [M, B, K], weight [B, N, K], any strides -> y [M, B, N] with y[:, b] = x[:, b] weight[b]^T."""
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+    """x [M, B, K], weight [B, N, K], any strides -> y [M, B, N] with y[:, b] = x[:, b] weight[b]^T. tile:
+    [BLOCK_N, BLOCK_K, warps]; None: the shape's tuned tile, or cuBLAS where that was faster (`choice`)."""
+    if tile is not None:
+        return _run(x, weight, tile)
+    key = _shape_key(x, weight)
+    if key not in _CHOICE:  # the shape's first call: tune the tile, then time it beside cuBLAS
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20)  # noqa: E731 - L2 flushed each run
+        faster = bench(lambda: _run(x, weight, None)) <= bench(lambda: _cublas(x, weight))
+        _CHOICE[key] = "triton" if faster else "cublas"
+    return _run(x, weight, None) if _CHOICE[key] == "triton" else _cublas(x, weight)
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
     m, batch, k = x.shape
     n = weight.shape[1]
     y = x.new_empty(m, batch, n)
-    _gemv[(triton.cdiv(n, block_n), batch)](
-        x, weight, y, m, n, k, x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-        weight.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    args = (x, weight, y, m, n, k, x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+            weight.stride(2), y.stride(0), y.stride(1))
+    if tile is None:
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)](*args, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        block_n, block_k, num_warps = tile
+        _gemv[(triton.cdiv(n, block_n), batch)](*args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n,
+                                                 BLOCK_K=block_k, num_warps=num_warps)
     return y
 
 
+def _cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the model runs without this kernel: F.linear for one weight, the per-head einsum for a batch; laid out
+    as the op's fake says (contiguous), which the compiled graph around it asserts."""
+    if weight.shape[0] == 1:
+        return F.linear(x[:, 0], weight[0]).unsqueeze(1)
+    return torch.einsum("mbk,bnk->mbn", x, weight).contiguous()  # the batched GEMM writes [B, M, N]
+
+
+def _shape_key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return (*x.shape, *weight.shape[1:], x.dtype, *weight.stride(), x.device)
+
+
+_CHOICE: dict[tuple, str] = {}  # shape key -> "triton" or "cublas", the faster on the shape's first call
+
+
+def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """What `gemv(x, weight)` (weight 2-D) or `head_gemv(x, weight)` (3-D) runs for this shape, "triton" or
+    "cublas", once it has been called; None before."""
+    if weight.dim() == 2:
+        x, weight = x.reshape(-1, 1, x.shape[-1]), weight.unsqueeze(0)
+    return _CHOICE.get(_shape_key(x, weight))
+
+
+def last_tuned_tile() -> GemvConfig | None:
+    """The tile the latest tuned launch ran (benchmarks report it)."""
+    cfg = _gemv_tuned.best_config if hasattr(_gemv_tuned, "best_config") else None
+    return None if cfg is None else GemvConfig(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_warps)
+
+
 @launch_gemv.register_fake
-def _(x, weight, block_n, block_k, num_warps) -> torch.Tensor:
+def _(x, weight, tile) -> torch.Tensor:
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
 
 
-__all__ = ["GEMV_ROWS", "GemvConfig", "default_config", "gemv", "head_gemv"]
+__all__ = ["GEMV_ROWS", "K_CONTIGUOUS_TILES", "N_CONTIGUOUS_TILES", "GemvConfig", "choice", "default_config",
+           "gemv", "head_gemv", "last_tuned_tile"]
