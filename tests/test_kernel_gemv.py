@@ -94,6 +94,18 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
                                atol=3e-3, rtol=3e-3)
 
 
+def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypatch):
+    import seekforge.kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
+    monkeypatch.setattr(gemv_module, "_capturing", lambda: True)
+    monkeypatch.setattr(gemv_module.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed in a capture"))
+    monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
+    x = torch.randn(2, 52, device=DEVICE, dtype=HALF)
+    w = torch.randn(5, 52, device=DEVICE, dtype=HALF) * 52 ** -0.5
+    torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+    assert gemv_module.choice(x, w) is None  # still to be weighed outside a capture
+
 @pytest.mark.parametrize("tile", N_CONTIGUOUS_TILES, ids=str)
 def test_every_tuning_candidate_matches_n_contiguous(tile):
     g = torch.Generator().manual_seed(2)

@@ -14,7 +14,8 @@ the dense MLP's [10944, 2048], and a tile chosen for one row lost to cuBLAS at f
 in more, latency-bound, slices). So on the GPU each shape (rows, N, K, weight layout) times a few candidate tiles
 on its first call (`triton.autotune`, L2 flushed between runs), then the fastest beside cuBLAS, and keeps the
 faster of the two (`choice`), as torch.compile's max-autotune weighs its templates against the library's GEMM.
-The engine makes that first call while warming up, before any CUDA graph is captured. Under Triton's interpreter
+The engine makes that first call while warming up, before any CUDA graph is captured (a shape first met inside a
+capture runs the untimed tile). Under Triton's interpreter
 (CPU tests) the first candidate runs, untimed.
 """
 
@@ -129,9 +130,15 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) ->
         return x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
     if config is None and _INTERPRETED:
         config = default_config(weight)
-    tile = None if config is None else [config.block_n, min(config.block_k, triton.next_power_of_2(x.shape[2])),
-                                        config.num_warps]
-    return launch_gemv(x, weight, tile)
+    return launch_gemv(x, weight, None if config is None else _tile(config, x.shape[2]))
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tile(config: GemvConfig, k: int) -> list[int]:
+    return [config.block_n, min(config.block_k, triton.next_power_of_2(k)), config.num_warps]
 
 
 # An opaque op to torch.compile, as the MoE and cache kernels are: a compiled decode block stays one graph.
@@ -142,6 +149,8 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -
     if tile is not None:
         return _run(x, weight, tile)
     key = _shape_key(x, weight)
+    if key not in _CHOICE and _capturing():  # no timing inside a graph being captured
+        return _run(x, weight, _tile(default_config(weight), x.shape[2]))
     if key not in _CHOICE:  # the shape's first call: tune the tile, then time it beside cuBLAS
         bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20)  # noqa: E731 - L2 flushed each run
         faster = bench(lambda: _run(x, weight, None)) <= bench(lambda: _cublas(x, weight))
