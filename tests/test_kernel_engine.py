@@ -1,4 +1,5 @@
-"""The engine with its CUDA paths — the Triton MLA decode, router, fused MoE and GEMV kernels, each a custom op
+"""The engine with its CUDA paths — the Triton MLA decode, router, fused MoE and GEMV kernels (the input norm
+fused into one), each a custom op
 inside the compiled blocks — run on the CPU under Triton's interpreter (`kernels.TRITON_ON_CPU`), so that CI,
 which has no GPU, checks how they are wired: the plain engine's greedy tokens, every kernel called, no graph
 break in the compiled blocks.
@@ -39,6 +40,6 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
     with torch.profiler.profile() as prof:
         got = [o.token_ids for o in llm.generate(prompts, params)]
     ran = {e.key for e in prof.key_averages()}
-    assert {"seekforge::route", "seekforge::fused_moe", "seekforge::gemv"} <= ran and decodes
+    assert {"seekforge::route", "seekforge::fused_moe", "seekforge::gemv", "seekforge::norm_gemv"} <= ran and decodes
     assert not counters["graph_break"]
     assert got == plain

@@ -15,7 +15,8 @@ patch_interpreter()
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.gemv import (K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES, GemvConfig, gemv, head_gemv,  # noqa: E402
-                                    last_tuned_tile)
+                                    last_tuned_tile, norm_gemv)
+from seekforge.model.norm import RMSNorm  # noqa: E402
 
 
 @pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
@@ -149,6 +150,42 @@ def test_compiles_as_one_graph():
     torch.testing.assert_close(compiled(x, w), gemv(x, w), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("lead, k, tile", [((1, 1), 64, None), ((3,), 200, None), ((1, 4), 48, None),
+                                           ((2,), 200, GemvConfig(2, 64, 1))], ids=str)
+def test_norm_gemv_is_the_models_norm_then_two_projections(lead, k, tile, monkeypatch):
+    """A block's input norm and MLA's two input projections in one launch, against RMSNorm and F.linear; with a
+    narrow tile the norm's two passes over x take several slices each."""
+    import seekforge.kernels.gemv as gemv_module
+
+    if tile is not None:
+        monkeypatch.setattr(gemv_module, "default_config", lambda weight: tile)
+    g = torch.Generator().manual_seed(k)
+    norm = RMSNorm(k, eps=1e-5).to(DEVICE, HALF)
+    norm.weight.data = (torch.rand(k, generator=g) + 0.5).to(DEVICE, HALF)
+    x = (torch.randn(*lead, k, generator=g) * 3).to(DEVICE, HALF)
+    wa = (torch.randn(40, k, generator=g) * k ** -0.5).to(DEVICE, HALF)
+    wb = (torch.randn(9, k, generator=g) * k ** -0.5).to(DEVICE, HALF)
+    ya, yb = norm_gemv(x, norm.weight, norm.eps, wa, wb)
+    xn = norm(x).float()
+    assert ya.shape == (*lead, 40) and yb.shape == (*lead, 9) and ya.dtype == yb.dtype == HALF
+    torch.testing.assert_close(ya.float(), F.linear(xn, wa.float()), atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(yb.float(), F.linear(xn, wb.float()), atol=3e-3, rtol=3e-3)
+    compiled = torch.compile(norm_gemv, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for got, want in zip(compiled(x, norm.weight, norm.eps, wa, wb), (ya, yb)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_norm_gemv_bad_inputs_name_the_problem():
+    x, g, w = (torch.randn(1, 8, device=DEVICE, dtype=HALF), torch.ones(8, device=DEVICE, dtype=HALF),
+               torch.randn(3, 8, device=DEVICE, dtype=HALF))
+    with pytest.raises(ConfigError, match="at most 4 rows"):
+        norm_gemv(torch.randn(5, 8, device=DEVICE, dtype=HALF), g, 1e-6, w, w)
+    with pytest.raises(ConfigError, match="one dtype"):
+        norm_gemv(x, g.float(), 1e-6, w, w)
+    with pytest.raises(ConfigError, match="K contiguous"):
+        norm_gemv(x, g, 1e-6, w, torch.randn(8, 3, device=DEVICE, dtype=HALF).t())
+
 @pytest.fixture
 def triton_here(monkeypatch):
     """The engine's Triton paths on this device: on the CPU, under the interpreter."""
@@ -214,6 +251,20 @@ def test_16b_projections_bf16(rows, n, k):
     tuned = last_tuned_tile()  # the shape's first call timed the candidates (clipped to K) and kept one
     assert any(tuned == GemvConfig(c.block_n, min(c.block_k, k), c.num_warps) for c in K_CONTIGUOUS_TILES)
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="16b shapes in bf16")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_16b_input_norm_and_projections_bf16(rows):
+    x = torch.randn(rows, 2048, device=DEVICE, dtype=torch.bfloat16)
+    norm = RMSNorm(2048).to(DEVICE, torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    wq, wkv_a = (torch.randn(n, 2048, device=DEVICE, dtype=torch.bfloat16) * 2048 ** -0.5 for n in (3072, 576))
+    with torch.no_grad():
+        got = norm_gemv(x, norm.weight, norm.eps, wq, wkv_a)
+        xn = norm(x).float()
+    for y, w in zip(got, (wq, wkv_a)):
+        torch.testing.assert_close(y.float(), F.linear(xn, w.float()), atol=2e-2, rtol=2e-2)
 
 def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch, triton_here):
     """The runner's graph step (what a CUDA graph captures), compiled, in fp16: the projections go to the GEMV

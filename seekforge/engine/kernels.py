@@ -157,6 +157,7 @@ def load_triton_kernels() -> None:
     _triton("route", "route")
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
+    _triton("gemv", "norm_gemv")
     _triton("gemv", "GEMV_ROWS")
 
 
@@ -224,6 +225,19 @@ def _gemv_takes(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     """Where the Triton GEMV applies: x and weight of one 16-bit dtype, at most GEMV_ROWS rows of x."""
     return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and rows <= _triton("gemv", "GEMV_ROWS"))
+
+
+def normed_projections(h: torch.Tensor, norm, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h) wa^T, norm(h) wb^T) for an RMSNorm `norm` (`seekforge.model.norm.RMSNorm`): a block's input norm
+    and MLA's two input projections. On CUDA, for up to GEMV_ROWS rows of one 16-bit dtype, one Triton launch
+    (`seekforge.kernels.gemv.norm_gemv`) where the compiled block ran three (the norm, then a GEMV per weight)."""
+    fused = _triton("gemv", "norm_gemv") if triton_runs_on(h.device) else None
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if (fused is not None and _gemv_takes(h, wa, rows) and wb.dtype == h.dtype == norm.weight.dtype
+            and wa.stride(-1) == wb.stride(-1) == 1 and not torch.is_grad_enabled()):
+        return fused(h, norm.weight, norm.eps, wa, wb)
+    x = norm(h)
+    return F.linear(x, wa), F.linear(x, wb)
 
 
 def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, re
 block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
 attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
 an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
-In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`).
+In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`), and in any
+step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`).
 """
 
 from __future__ import annotations
@@ -310,11 +311,13 @@ class ModelRunner:
 
 
 def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]."""
+    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]. The input
+    norm and MLA's two input projections go through `kernels.normed_projections`: one launch for few rows."""
     attn = block.attn
-    x = block.attn_norm(h)
-    q_nope, q_pe = attn.query(x, cos, sin)
-    kv, k_pe = attn.latent(x, cos, sin)
+    first, wkv_a = attn.input_projections
+    q, kv_a = kernels.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
+    q_nope, q_pe = attn.query_from(q, cos, sin)
+    kv, k_pe = attn.latent_from(kv_a, cos, sin)
     return q_nope[0], q_pe[0], kv[0], k_pe[0]
 
 

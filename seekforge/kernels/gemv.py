@@ -196,6 +196,111 @@ def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return _CHOICE.get(_shape_key(x, weight))
 
 
+@triton.jit
+def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn, stride_ym, col0,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[:, col0 : col0 + BLOCK_N] = RMSNorm(x) W^T for one program, rounding as the model's RMSNorm does."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    x_at = x_ptr + rows[:, None] * stride_xm
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # x is a few KB, read again from L2 below
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
+        squares += tl.sum(x * x, axis=1)
+    rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+        xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+        xn = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                    other=0.0)
+        acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps, stride_xm, stride_wa, stride_wb,
+                stride_ya, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The programs of both weights in one grid: the first cdiv(NA, BLOCK_N) take wa's rows, the rest wb's."""
+    pid = tl.program_id(0)
+    programs_a = tl.cdiv(NA, BLOCK_N)
+    if pid < programs_a:
+        _normed_rows(x_ptr, g_ptr, wa_ptr, ya_ptr, M, NA, K, eps, stride_xm, stride_wa, stride_ya, pid * BLOCK_N,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _normed_rows(x_ptr, g_ptr, wb_ptr, yb_ptr, M, NB, K, eps, stride_xm, stride_wb, stride_yb,
+                     (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+_norm_gemv2_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
+             for c in K_CONTIGUOUS_TILES],
+    key=["M", "NA", "NB", "K"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _fitting_tiles(
+        configs, {**named_args, "stride_wk": 1})},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)(_norm_gemv2)
+
+
+def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor,
+              wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] with at most GEMV_ROWS rows -> (RMSNorm(x) wa^T, RMSNorm(x) wb^T), RMSNorm as
+    `seekforge.model.norm.RMSNorm` computes it (weight norm_weight, eps): a block's input norm and the two
+    projections that read its output (MLA's wq or wq_a, and wkv_a) in one launch, which reads x and the two
+    weights once. Weights [N, K] with K contiguous, all of x's dtype."""
+    *lead, k = x.shape
+    rows = x.numel() // k if k else 0
+    if (rows > GEMV_ROWS or norm_weight.shape != (k,) or any(w.dim() != 2 or w.shape[1] != k or w.stride(1) != 1
+                                                               for w in (wa, wb))
+            or len({x.dtype, norm_weight.dtype, wa.dtype, wb.dtype}) != 1):
+        raise ConfigError(f"norm_gemv wants x [..., K] with at most {GEMV_ROWS} rows, norm_weight [K] and weights "
+                          f"[N, K] (K contiguous), all of one dtype; got x {tuple(x.shape)} {x.dtype}, norm_weight "
+                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}, weights {tuple(wa.shape)} {wa.dtype} and "
+                          f"{tuple(wb.shape)} {wb.dtype}")
+    ya, yb = launch_norm_gemv(x.reshape(rows, k), norm_weight, eps, wa, wb,
+                              _tile(default_config(wa), k) if _INTERPRETED else None)
+    return ya.view(*lead, wa.shape[0]), yb.view(*lead, wb.shape[0])
+
+
+@torch.library.custom_op("seekforge::norm_gemv", mutates_args=())
+def launch_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor, wb: torch.Tensor,
+                     tile: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K contiguous) -> (y_a [M, NA], y_b [M, NB]); tile as `launch_gemv` takes it (None: tuned)."""
+    x = x.contiguous()  # a few KB: the kernel then needs one row stride
+    m, k = x.shape
+    ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
+    if m == 0 or k == 0:
+        return ya.zero_(), yb.zero_()
+    args = (x, norm_weight, wa, wb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
+            wb.stride(0), ya.stride(0), yb.stride(0))
+    key = (m, wa.shape[0], wb.shape[0], k, x.dtype, x.device)
+    if tile is None and key not in _NORM_TUNED and _capturing():  # no timing inside a graph being captured
+        tile = _tile(default_config(wa), k)
+    if tile is None:
+        _NORM_TUNED.add(key)
+        _norm_gemv2_tuned[lambda meta: (triton.cdiv(wa.shape[0], meta["BLOCK_N"])
+                                        + triton.cdiv(wb.shape[0], meta["BLOCK_N"]),)](
+            *args, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        block_n, block_k, num_warps = tile
+        _norm_gemv2[(triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),)](
+            *args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return ya, yb
+
+
+_NORM_TUNED: set[tuple] = set()  # shapes whose tile the autotuner has picked
+
+
+@launch_norm_gemv.register_fake
+def _(x, norm_weight, eps, wa, wb, tile):
+    return x.new_empty(x.shape[0], wa.shape[0]), x.new_empty(x.shape[0], wb.shape[0])
+
+
 def last_tuned_tile() -> GemvConfig | None:
     """The tile the latest tuned launch ran (benchmarks report it)."""
     cfg = _gemv_tuned.best_config if hasattr(_gemv_tuned, "best_config") else None
@@ -208,4 +313,4 @@ def _(x, weight, tile) -> torch.Tensor:
 
 
 __all__ = ["GEMV_ROWS", "K_CONTIGUOUS_TILES", "N_CONTIGUOUS_TILES", "GemvConfig", "choice", "default_config",
-           "gemv", "head_gemv", "last_tuned_tile"]
+           "gemv", "head_gemv", "last_tuned_tile", "norm_gemv"]

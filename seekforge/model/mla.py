@@ -42,16 +42,32 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
 
+    @property
+    def input_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The two projections of the block's normalised input: the query's first (wq, or wq_a with a query
+        LoRA) and wkv_a."""
+        return (self.wq_a if hasattr(self, "wq_a") else self.wq), self.wkv_a
+
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, s, dim] -> q_nope [b, s, h, d], q_pe [b, s, h, r] (rotated)."""
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        return self.query_from(self.input_projections[0](x), cos, sin)
+
+    def query_from(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`query` from the first projection of x (wq's output, or wq_a's)."""
+        if hasattr(self, "wq_a"):
+            q = self.wq_b(self.q_norm(q))
         q = q.view(*q.shape[:-1], self.n_heads, -1)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, cos, sin)
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, s, dim] -> what the cache holds: kv [b, s, c] (normalised latent), k_pe [b, s, r] (rotated)."""
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.latent_from(self.wkv_a(x), cos, sin)
+
+    def latent_from(self, kv_a: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`latent` from wkv_a's output."""
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_norm(kv), k_pe
 
