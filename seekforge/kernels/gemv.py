@@ -82,7 +82,7 @@ def default_config(weight: torch.Tensor) -> GemvConfig:
 
 def _fitting_tiles(configs, named_args, **kwargs):
     """The candidates of the weight's layout, no wider than the weight's K (N-contiguous: N) needs."""
-    k_rows = named_args["stride_wk"] == 1
+    k_rows = named_args.get("stride_wk", 1) == 1
     tiles, seen = [], set()
     for cfg in K_CONTIGUOUS_TILES if k_rows else N_CONTIGUOUS_TILES:
         block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(named_args["K"]))
@@ -94,14 +94,18 @@ def _fitting_tiles(configs, named_args, **kwargs):
     return tiles
 
 
-_gemv_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
-             for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES],
-    key=["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"],
-    prune_configs_by={"early_config_prune": _fitting_tiles},
-    # ~20 ms a tile: a shape's tuning costs well under a second, once per process
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
-)(_gemv)
+def _tuned(kernel, key: list[str]):
+    """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles on each key's first launch, each timed
+    for ~20 ms with L2 flushed between runs: well under a second a shape, once per process."""
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
+                 for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES],
+        key=key, prune_configs_by={"early_config_prune": _fitting_tiles},
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+    )(kernel)
+
+
+_gemv_tuned = _tuned(_gemv, ["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -237,14 +241,7 @@ def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps,
                      (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_norm_gemv2_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
-             for c in K_CONTIGUOUS_TILES],
-    key=["M", "NA", "NB", "K"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _fitting_tiles(
-        configs, {**named_args, "stride_wk": 1})},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
-)(_norm_gemv2)
+_norm_gemv2_tuned = _tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
 
 
 def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor,
