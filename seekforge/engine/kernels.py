@@ -68,6 +68,19 @@ def store_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, latents: torc
     cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latents.to(cache.dtype))
 
 
+def store_new_latents(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, store=store_latents) -> None:
+    """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent_from`
+    makes of it (the normalised latent, the rotary key turned by cos/sin [n, r / 2]). On CUDA one Triton launch
+    (`seekforge.kernels.latents`); otherwise the model's latents through `store` (`store_latents` or its op)."""
+    fused = _triton("latents", "store_new_latents") if triton_runs_on(cache.device) else None
+    if fused is not None and kv_a.dtype == cache.dtype == attn.kv_norm.weight.dtype:
+        fused(cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
+        return
+    kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    store(cache, slot_mapping, torch.cat([kv[0], k_pe[0]], dim=-1))
+
+
 def gather_latents(cache: torch.Tensor, plan: PagedAttentionPlan) -> torch.Tensor:
     """The context of every sequence in the plan as a dense [b, T, c + r] tensor."""
     return cache.view(-1, cache.shape[-1])[plan.slots]
@@ -158,6 +171,7 @@ def load_triton_kernels() -> None:
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
     _triton("gemv", "norm_gemv")
+    _triton("latents", "store_new_latents")
     _triton("gemv", "GEMV_ROWS")
 
 

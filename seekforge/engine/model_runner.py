@@ -20,7 +20,8 @@ block as a whole (the two cache kernels opaque to it), and in prefill and mixed 
 attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
 an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
 In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`), and in any
-step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`).
+step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`);
+captured steps write their new latents into the cache straight from wkv_a's output (`kernels.store_new_latents`).
 """
 
 from __future__ import annotations
@@ -310,14 +311,20 @@ class ModelRunner:
         return self.logits(h[0])
 
 
-def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]. The input
-    norm and MLA's two input projections go through `kernels.normed_projections`: one launch for few rows."""
+def projected_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The block's input norm and MLA's two input projections over h [1, N, dim] (one launch for few rows:
+    `kernels.normed_projections`): (q_nope, q_pe) as `MLA.query` gives them, and wkv_a's output [1, N, c + r]."""
     attn = block.attn
     first, wkv_a = attn.input_projections
     q, kv_a = kernels.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
     q_nope, q_pe = attn.query_from(q, cos, sin)
-    kv, k_pe = attn.latent_from(kv_a, cos, sin)
+    return q_nope, q_pe, kv_a
+
+
+def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]."""
+    q_nope, q_pe, kv_a = projected_inputs(block, h, cos, sin)
+    kv, k_pe = block.attn.latent_from(kv_a, cos, sin)
     return q_nope[0], q_pe[0], kv[0], k_pe[0]
 
 
@@ -376,10 +383,12 @@ def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: to
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                  slot_mapping: torch.Tensor, plan: kernels.PagedAttentionPlan, store=kernels.store_latents,
                  decode=kernels.paged_mla_decode) -> torch.Tensor:
-    """One block of a plain decode step (one query per sequence): what a captured graph runs."""
-    return block_forward(block, h, cos, sin, cache, slot_mapping,
-                         lambda attn, cache, q_nope, q_pe, kv, k_pe: absorbed_attention(attn, cache, q_nope, q_pe,
-                                                                                        plan, 1, decode), store)
+    """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
+    reads only the cache, so the new latents go from wkv_a's output straight into it (`kernels.store_new_latents`,
+    `store` where that has no kernel)."""
+    q_nope, q_pe, kv_a = projected_inputs(block, h, cos, sin)
+    kernels.store_new_latents(block.attn, cache, slot_mapping, kv_a[0], cos[0], sin[0], store)
+    return block_output(block, h, absorbed_attention(block.attn, cache, q_nope[0], q_pe[0], plan, 1, decode))
 
 
 def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:

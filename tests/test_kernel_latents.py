@@ -1,0 +1,80 @@
+"""The Triton store of a decode step's new latents (`seekforge.kernels.latents`) against the model's latent
+(`MLA.latent_from`: RMSNorm, rotary) written with `store_latents`.
+
+Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
+"""
+
+import pytest
+import torch
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge.engine import kernels  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.kernels.latents import store_new_latents  # noqa: E402
+from seekforge.model import ModelConfig  # noqa: E402
+from seekforge.model.mla import MLA  # noqa: E402
+from seekforge.model.rope import RotaryEmbedding  # noqa: E402
+
+
+def setup(cfg, n, seed=0):
+    torch.manual_seed(seed)
+    attn = MLA(cfg).to(DEVICE, HALF)
+    attn.kv_norm.weight.data.uniform_(0.5, 1.5)
+    rope = RotaryEmbedding(cfg).to(DEVICE)
+    positions = torch.randint(0, 500, (n,), device=DEVICE)
+    cos, sin = rope(positions.unsqueeze(0))
+    kv_a = (torch.randn(n, cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2).to(DEVICE, HALF)
+    cache = torch.randn(6, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim).to(DEVICE, HALF)
+    slots = torch.randperm(24, device=DEVICE)[:n]
+    return attn, cos[0], sin[0], kv_a, cache, slots
+
+
+@pytest.mark.parametrize("n, c, r", [(1, 32, 16), (5, 48, 8), (3, 512, 64)])
+def test_matches_the_models_latents_stored(n, c, r):
+    cfg = ModelConfig.preset("tiny").replace(kv_lora_rank=c, qk_rope_head_dim=r)
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
+    want = cache.clone()
+    kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    kernels.store_latents(want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
+    with torch.no_grad():
+        store_new_latents(cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
+    torch.testing.assert_close(cache, want, atol=2e-3, rtol=2e-3)  # other slots untouched, written ones as the model
+
+
+def test_the_engine_takes_it_on_triton_devices_and_the_models_latents_elsewhere(monkeypatch):
+    cfg = ModelConfig.preset("tiny")
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, 3)
+    stored = []
+    plain = cache.clone()
+    with torch.no_grad():
+        kernels.store_new_latents(attn, plain, slots, kv_a, cos, sin, lambda *args: stored.append(args) or
+                                  kernels.store_latents(*args))
+        assert len(stored) == 1
+        monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+        fused = cache.clone()
+        kernels.store_new_latents(attn, fused, slots, kv_a, cos, sin, lambda *args: pytest.fail("not fused"))
+    if not CUDA:
+        torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
+
+
+def test_compiles_as_one_graph_writing_the_cache_in_place():
+    cfg = ModelConfig.preset("tiny")
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, 2)
+    want = cache.clone()
+    with torch.no_grad():
+        store_new_latents(want, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
+        ptr = cache.data_ptr()
+        torch.compile(lambda c: store_new_latents(c, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin),
+                      fullgraph=True)(cache)
+    assert cache.data_ptr() == ptr
+    torch.testing.assert_close(cache, want, atol=0, rtol=0)
+
+
+def test_bad_cache_layout_is_named():
+    cfg = ModelConfig.preset("tiny")
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, 2)
+    with pytest.raises(ConfigError, match="contiguous rows"):
+        store_new_latents(cache[..., :-1], slots, kv_a[:, :-1], attn.kv_norm.weight, 1e-6, cos, sin)
