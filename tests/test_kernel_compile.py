@@ -19,6 +19,10 @@ MOE_TYPES = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "s1_ptr": "
              "ids_ptr": "*i32", "expert_ptr": "*i32", "idx_ptr": "*i64"}
 MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "stride_qh", "stride_cb", "stride_ct",
             "stride_tb", "stride_tn", "stride_pb", "stride_ps", "stride_ob", "stride_os", "stride_oh", "stride_ok"]
+# the GEMV's tuning candidates (seekforge.kernels.gemv: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
+# child process imports the kernels only under the compiler (test_the_candidates_are_the_kernels_own checks them)
+GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
+              (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
 CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), constexprs, num_warps, num_stages)
     **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}": (
         "moe", kernel, MOE_TYPES,
@@ -35,9 +39,18 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
                                        {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                                        {"C": 512, "BLOCK_C": block_c, "ROWS": 4, "SPLITS": splits}, 4, 1)
        for splits, block_c in ((16, 64), (64, 16))},
-    **{f"gemv_rows{m}_n{bn}": ("gemv", "_gemv", {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
-                               {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
-       for m in (1, 4) for bn, bk, warps in ((2, 512, 2), (32, 32, 2))},
+    **{f"gemv_rows{m}_tile{bn}x{bk}w{warps}": ("gemv", "_gemv",
+                                               {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
+                                               {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in GEMV_TILES},
+    **{f"norm_gemv_rows{m}_tile{bn}x{bk}w{warps}": (
+        "gemv", "_norm_gemv2", {**{f"{n}_ptr": "*bf16" for n in ("x", "g", "wa", "wb", "ya", "yb")}, "eps": "fp32"},
+        {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in GEMV_TILES[:3]},
+    "store_new_latents": ("latents", "_store_new_latents",
+                          {"kv_ptr": "*bf16", "g_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                           "slot_ptr": "*i64", "cache_ptr": "*bf16", "eps": "fp32"},
+                          {"BLOCK_C": 512, "BLOCK_P": 32}, 4, 1),
     "route_logits": ("route", "_logits",
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "load_ptr": "*fp32"},
                      {"BLOCK_E": 2, "BLOCK_K": 512}, 4, 3),
@@ -89,6 +102,13 @@ def test_kernel_lowers_for_hopper(compiled, case):
     shared = compiled[case]
     assert isinstance(shared, int), f"{case} does not compile for sm_90: {shared}"
     assert shared <= 227 * 1024, f"{case} needs {shared} bytes of shared memory, past an SM's 227 KB"
+
+
+def test_the_candidates_are_the_kernels_own():
+    pytest.importorskip("triton")
+    from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES
+
+    assert [(c.block_n, c.block_k, c.num_warps) for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES] == GEMV_TILES
 
 
 if __name__ == "__main__":
