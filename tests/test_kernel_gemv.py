@@ -15,8 +15,9 @@ patch_interpreter()
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.gemv import (K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES, GemvConfig, gemv, head_gemv,  # noqa: E402
-                                    last_tuned_tile, norm_gemv)
+                                    last_tuned_tile, latent_query, norm_gemv)
 from seekforge.model.norm import RMSNorm  # noqa: E402
+from seekforge.model.rope import apply_rotary  # noqa: E402
 
 
 @pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
@@ -186,6 +187,38 @@ def test_norm_gemv_bad_inputs_name_the_problem():
     with pytest.raises(ConfigError, match="K contiguous"):
         norm_gemv(x, g, 1e-6, w, torch.randn(8, 3, device=DEVICE, dtype=HALF).t())
 
+@pytest.mark.parametrize("n, heads, d, c, r", [(1, 3, 16, 40, 8), (4, 2, 24, 64, 16), (3, 16, 128, 512, 64)], ids=str)
+def test_latent_query_is_w_uk_beside_the_rotated_rope_part(n, heads, d, c, r):
+    """Absorbed MLA's latent query in one launch, on slices of one wkv_b and of one query projection as the
+    engine takes them, against the einsum and `apply_rotary`."""
+    g = torch.Generator().manual_seed(n)
+    wkv_b = (torch.randn(heads, d + 8, c, generator=g) * c ** -0.5).to(DEVICE, HALF)
+    w_uk = wkv_b[:, :d]  # [h, d, c]
+    q = torch.randn(n, heads, d + r, generator=g).to(DEVICE, HALF)
+    q_nope, q_pe = q.split([d, r], dim=-1)
+    angles = (torch.rand(n, r // 2, generator=g) * 6).to(DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    got = latent_query(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin)
+    assert got.shape == (n, heads, c + r) and got.dtype == HALF
+    torch.testing.assert_close(got[..., :c].float(), torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()),
+                               atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(got[..., c:], apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0],
+                               atol=1e-3, rtol=1e-3)
+    with torch.no_grad():
+        compiled = torch.compile(latent_query, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin), got, atol=0, rtol=0)
+
+
+def test_latent_query_bad_inputs_name_the_problem():
+    q_nope, q_pe = (torch.randn(1, 2, n, device=DEVICE, dtype=HALF) for n in (8, 4))
+    w_uk, angles = torch.randn(2, 16, 8, device=DEVICE, dtype=HALF), torch.zeros(1, 2, device=DEVICE)
+    with pytest.raises(ConfigError, match="latent_query wants"):
+        latent_query(q_nope.expand(5, 2, 8), q_pe.expand(5, 2, 4), w_uk, angles, angles)
+    with pytest.raises(ConfigError, match="latent_query wants"):
+        latent_query(q_nope, q_pe, w_uk.float(), angles, angles)
+    with pytest.raises(ConfigError, match="latent_query wants"):
+        latent_query(q_nope, q_pe, w_uk, angles[:, :1], angles[:, :1])
+
 @pytest.fixture
 def triton_here(monkeypatch):
     """The engine's Triton paths on this device: on the CPU, under the interpreter."""
@@ -286,8 +319,9 @@ def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_b
         monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), None)  # the mode then passes everything through
         plain = runner._graph_step(2)
     ran = {e.key: e.count for e in prof.key_averages()}
-    assert ran.get("seekforge::gemv", 0) >= 3 * cfg.n_layers  # wo and the two absorbed products
-    assert min(ran.get("seekforge::norm_gemv", 0), ran.get("seekforge::store_new_latents", 0)) >= cfg.n_layers
+    assert ran.get("seekforge::gemv", 0) >= 2 * cfg.n_layers  # wo and W_UV
+    fused = ("seekforge::norm_gemv", "seekforge::store_new_latents", "seekforge::latent_query")
+    assert min(ran.get(op, 0) for op in fused) >= cfg.n_layers
     assert not counters["graph_break"]
     torch.testing.assert_close(routed, plain, atol=2e-2, rtol=2e-2)
 

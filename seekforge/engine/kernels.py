@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from seekforge.model.moe import tokens_per_expert
+from seekforge.model.rope import apply_rotary
 
 
 @dataclass
@@ -171,6 +172,7 @@ def load_triton_kernels() -> None:
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
     _triton("gemv", "norm_gemv")
+    _triton("gemv", "latent_query")
     _triton("latents", "store_new_latents")
     _triton("gemv", "GEMV_ROWS")
 
@@ -262,6 +264,19 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if head_gemv is not None and _gemv_takes(x, weight, x.shape[0]):
         return head_gemv(x, weight)
     return torch.einsum("nhk,hjk->nhj", x, weight)
+
+
+def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA's query over the latent cache, [n, h, c + r]: q_nope [n, h, d] through W_UK (w_uk [h, d, c]),
+    then q_pe [n, h, r], rotated here by cos/sin [n, r / 2] when they are given. On CUDA, for up to GEMV_ROWS rows
+    of one 16-bit dtype with the rotation to do, one Triton launch (`seekforge.kernels.gemv.latent_query`)."""
+    fused = _triton("gemv", "latent_query") if cos is not None and triton_runs_on(q_nope.device) else None
+    if fused is not None and _gemv_takes(q_nope, w_uk, q_nope.shape[0]) and q_pe.dtype == q_nope.dtype:
+        return fused(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin)
+    if cos is not None:
+        q_pe = apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
+    return torch.cat([head_matmul(q_nope, w_uk.transpose(1, 2)), q_pe], dim=-1)
 
 
 def values_padded_for_sdpa(device: torch.device) -> bool:

@@ -21,7 +21,8 @@ attention (`attention_inputs`, `block_output`) and each group's explicit attenti
 an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
 In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`), and in any
 step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`);
-captured steps write their new latents into the cache straight from wkv_a's output (`kernels.store_new_latents`).
+captured steps write their new latents into the cache straight from wkv_a's output (`kernels.store_new_latents`)
+and rotate the query's rope part in the launch of W_UK's product (`kernels.latent_query`).
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ class ModelRunner:
         for g in groups:
             qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
             if g.absorbed:
-                pieces.append(absorbed_attention(attn, cache, qn, qp, g.plan, g.query_len))
+                q = kernels.latent_query(qn, qp, absorbed_weights(attn)[0])
+                pieces.append(absorbed_attention(attn, cache, q, g.plan, g.query_len))
                 continue
             if g.index is None:
                 qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
@@ -311,19 +313,17 @@ class ModelRunner:
         return self.logits(h[0])
 
 
-def projected_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The block's input norm and MLA's two input projections over h [1, N, dim] (one launch for few rows:
-    `kernels.normed_projections`): (q_nope, q_pe) as `MLA.query` gives them, and wkv_a's output [1, N, c + r]."""
-    attn = block.attn
-    first, wkv_a = attn.input_projections
-    q, kv_a = kernels.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
-    q_nope, q_pe = attn.query_from(q, cos, sin)
-    return q_nope, q_pe, kv_a
+def input_projections(block: Block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's input norm and MLA's two input projections over h [1, N, dim], in one launch for few rows
+    (`kernels.normed_projections`): the query's first projection and wkv_a's output."""
+    first, wkv_a = block.attn.input_projections
+    return kernels.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
 
 
 def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]."""
-    q_nope, q_pe, kv_a = projected_inputs(block, h, cos, sin)
+    q, kv_a = input_projections(block, h)
+    q_nope, q_pe = block.attn.query_from(q, cos, sin)
     kv, k_pe = block.attn.latent_from(kv_a, cos, sin)
     return q_nope[0], q_pe[0], kv[0], k_pe[0]
 
@@ -368,16 +368,20 @@ def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: t
                                    pad_values).flatten(2)
 
 
-def absorbed_attention(attn, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
-                       plan: kernels.PagedAttentionPlan, query_len: int, decode=kernels.paged_mla_decode) -> torch.Tensor:
-    """Absorbed MLA of b sequences' query_len queries each (packed [b * s, h, .]) over the paged cache:
-    W_UK folded into the query, W_UV applied to the attended latent. Returns [b * s, h * d_v]."""
-    wkv_b = attn.wkv_b.weight.view(attn.n_heads, -1, attn.kv_lora_rank)  # [h, d + d_v, c]
-    w_uk, w_uv = wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
-    q = torch.cat([kernels.head_matmul(q_nope, w_uk.transpose(1, 2)), q_pe], dim=-1)  # [b * s, h, c + r]
+def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: kernels.PagedAttentionPlan, query_len: int,
+                       decode=kernels.paged_mla_decode) -> torch.Tensor:
+    """Absorbed MLA of b sequences' query_len queries each over the paged cache, from their latent query
+    q [b * s, h, c + r] (`kernels.latent_query`: W_UK folded in); W_UV applied to the attended latent.
+    Returns [b * s, h * d_v]."""
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
     latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
-    return kernels.head_matmul(latent.flatten(0, 1), w_uv).flatten(1)
+    return kernels.head_matmul(latent.flatten(0, 1), absorbed_weights(attn)[1]).flatten(1)
+
+
+def absorbed_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK [h, d, c] and W_UV [h, d_v, c]: views of wkv_b."""
+    wkv_b = attn.wkv_b.weight.view(attn.n_heads, -1, attn.kv_lora_rank)  # [h, d + d_v, c]
+    return wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
 
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -386,9 +390,12 @@ def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
     reads only the cache, so the new latents go from wkv_a's output straight into it (`kernels.store_new_latents`,
     `store` where that has no kernel)."""
-    q_nope, q_pe, kv_a = projected_inputs(block, h, cos, sin)
-    kernels.store_new_latents(block.attn, cache, slot_mapping, kv_a[0], cos[0], sin[0], store)
-    return block_output(block, h, absorbed_attention(block.attn, cache, q_nope[0], q_pe[0], plan, 1, decode))
+    attn = block.attn
+    q, kv_a = input_projections(block, h)
+    kernels.store_new_latents(attn, cache, slot_mapping, kv_a[0], cos[0], sin[0], store)
+    q_nope, q_pe = attn.query_heads(q)  # rotated with W_UK's product (one launch for few rows)
+    q = kernels.latent_query(q_nope[0], q_pe[0], absorbed_weights(attn)[0], cos[0], sin[0])
+    return block_output(block, h, absorbed_attention(attn, cache, q, plan, 1, decode))
 
 
 def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:

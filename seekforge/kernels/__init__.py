@@ -8,7 +8,8 @@ have no Triton, keep to the references.
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`).
 - `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps
   reach through `seekforge.engine.kernels.FewRowLinears`; MLA's absorbed products (`head_gemv`); a block's
-  input norm with MLA's two input projections (`norm_gemv`).
+  input norm with MLA's two input projections (`norm_gemv`); W_UK's product with the rotary part of the query
+  beside it (`latent_query`).
 - `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch.
 
 Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.

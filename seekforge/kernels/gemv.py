@@ -33,11 +33,11 @@ from seekforge.errors import ConfigError
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk,
-          stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(1)
+def _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
+               stride_wk, stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[:, b, pid_n * BLOCK_N + (0 .. BLOCK_N)] = x[:, b] W[b]^T for those columns."""
     rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
     w_at = w_ptr + b * stride_wb + cols[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # each slice reduced at once: registers do not grow with M
@@ -48,6 +48,13 @@ def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk,
+          stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _gemv_tile(x_ptr, w_ptr, y_ptr, tl.program_id(1), tl.program_id(0), M, N, K, stride_xm, stride_xb, stride_xk,
+               stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 GEMV_ROWS = 4  # rows of x up to which one pass over the weight takes them all
@@ -298,6 +305,85 @@ def _(x, norm_weight, eps, wa, wb, tile):
     return x.new_empty(x.shape[0], wa.shape[0]), x.new_empty(x.shape[0], wb.shape[0])
 
 
+@triton.jit
+def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, M, N, K, R, stride_xm, stride_xb, stride_xk,
+                  stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, stride_pm, stride_pb, stride_angles,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per head b: y[:, b, :N] = x[:, b] W[b]^T (the GEMV's programs), y[:, b, N:N + R] = pe[:, b] rotated by
+    cos/sin (one more program a head), adjacent pairs as `apply_rotary` turns them, in fp32."""
+    b, pid = tl.program_id(1), tl.program_id(0)
+    if pid < tl.cdiv(N, BLOCK_N):
+        _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
+                   stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        rows = tl.arange(0, BLOCK_M)[:, None]
+        ps = tl.arange(0, BLOCK_P)[None, :]
+        ok = (rows < M) & (ps < R // 2)
+        pe = pe_ptr + b * stride_pb + rows * stride_pm + 2 * ps
+        x0 = tl.load(pe, mask=ok, other=0.0).to(tl.float32)
+        x1 = tl.load(pe + 1, mask=ok, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + rows * stride_angles + ps, mask=ok, other=0.0)
+        sin = tl.load(sin_ptr + rows * stride_angles + ps, mask=ok, other=0.0)
+        out = y_ptr + b * stride_yb + rows * stride_ym + N + 2 * ps
+        tl.store(out, (x0 * cos - x1 * sin).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + 1, (x0 * sin + x1 * cos).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_latent_query_tuned = _tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
+
+
+def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA's latent query of a small decode step in one launch: q_nope [n, h, d] through W_UK
+    (w_uk [h, c, d], any strides, as `head_gemv` takes it) beside q_pe [n, h, r] rotated by cos/sin [n, r / 2]
+    (fp32) -> [n, h, c + r], i.e. torch.cat([head_gemv(q_nope, w_uk), apply_rotary(q_pe, cos, sin)], -1),
+    without the rotation's and the concatenation's own kernels. n <= GEMV_ROWS."""
+    n, h, d = q_nope.shape
+    r = q_pe.shape[-1]
+    if (q_pe.shape[:2] != (n, h) or w_uk.dim() != 3 or w_uk.shape[0] != h or w_uk.shape[2] != d or n > GEMV_ROWS
+            or q_pe.stride(-1) != 1 or cos.shape != (n, r // 2) or sin.shape != cos.shape or r % 2
+            or len({q_nope.dtype, q_pe.dtype, w_uk.dtype}) != 1):
+        raise ConfigError(f"latent_query wants q_nope [n <= {GEMV_ROWS}, h, d], q_pe [n, h, r] (r even, contiguous "
+                          f"pairs), w_uk [h, c, d] of one dtype and cos/sin [n, r / 2]; got q_nope "
+                          f"{tuple(q_nope.shape)} {q_nope.dtype}, q_pe {tuple(q_pe.shape)} {q_pe.dtype}, w_uk "
+                          f"{tuple(w_uk.shape)} {w_uk.dtype}, cos {tuple(cos.shape)}")
+    return launch_latent_query(q_nope, q_pe, w_uk, cos.contiguous(), sin.contiguous(),
+                               _tile(default_config(w_uk), d) if _INTERPRETED else None)
+
+
+@torch.library.custom_op("seekforge::latent_query", mutates_args=())
+def launch_latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+    n, h, d = q_nope.shape
+    c, r = w_uk.shape[1], q_pe.shape[-1]
+    y = q_nope.new_empty(n, h, c + r)
+    if n == 0:
+        return y
+    args = (q_nope, w_uk, y, q_pe, cos, sin, n, c, d, r, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2),
+            w_uk.stride(0), w_uk.stride(1), w_uk.stride(2), y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1),
+            cos.stride(0))
+    meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1))}
+    key = (n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device)
+    if tile is None and key not in _QUERY_TUNED and _capturing():  # no timing inside a graph being captured
+        tile = _tile(default_config(w_uk), d)
+    if tile is None:
+        _QUERY_TUNED.add(key)
+        _latent_query_tuned[lambda m: (triton.cdiv(c, m["BLOCK_N"]) + 1, h)](*args, **meta)
+    else:
+        block_n, block_k, num_warps = tile
+        _latent_query[(triton.cdiv(c, block_n) + 1, h)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                         num_warps=num_warps)
+    return y
+
+
+_QUERY_TUNED: set[tuple] = set()  # shapes whose tile the autotuner has picked
+
+
+@launch_latent_query.register_fake
+def _(q_nope, q_pe, w_uk, cos, sin, tile):
+    return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uk.shape[1] + q_pe.shape[-1])
+
+
 def last_tuned_tile() -> GemvConfig | None:
     """The tile the latest tuned launch ran (benchmarks report it)."""
     cfg = _gemv_tuned.best_config if hasattr(_gemv_tuned, "best_config") else None
@@ -310,4 +396,4 @@ def _(x, weight, tile) -> torch.Tensor:
 
 
 __all__ = ["GEMV_ROWS", "K_CONTIGUOUS_TILES", "N_CONTIGUOUS_TILES", "GemvConfig", "choice", "default_config",
-           "gemv", "head_gemv", "last_tuned_tile", "norm_gemv"]
+           "gemv", "head_gemv", "last_tuned_tile", "latent_query", "norm_gemv"]

@@ -54,11 +54,15 @@ class MLA(nn.Module):
 
     def query_from(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`query` from the first projection of x (wq's output, or wq_a's)."""
+        q_nope, q_pe = self.query_heads(q)
+        return q_nope, apply_rotary(q_pe, cos, sin)
+
+    def query_heads(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first projection of x -> q_nope [b, s, h, d], q_pe [b, s, h, r] not yet rotated."""
         if hasattr(self, "wq_a"):
             q = self.wq_b(self.q_norm(q))
         q = q.view(*q.shape[:-1], self.n_heads, -1)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_pe, cos, sin)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, s, dim] -> what the cache holds: kv [b, s, c] (normalised latent), k_pe [b, s, r] (rotated)."""
