@@ -1,5 +1,7 @@
-"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps, and MLA's absorbed
-per-head products (`head_gemv`).
+"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps (`gemv`), MLA's absorbed
+per-head products (`head_gemv`), and two fused forms: a block's input norm with MLA's two input projections
+(`norm_gemv`), and W_UK's product beside the rotated rope part of the query (`latent_query`), each one launch
+where the compiled block ran three.
 
 At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernels for that case use too
 few programs to keep the H200's memory busy: at the 16b shape's decode step wq [3072, 2048] took 6.5 us
@@ -15,8 +17,8 @@ in more, latency-bound, slices). So on the GPU each shape (rows, N, K, weight la
 on its first call (`triton.autotune`, L2 flushed between runs), then the fastest beside cuBLAS, and keeps the
 faster of the two (`choice`), as torch.compile's max-autotune weighs its templates against the library's GEMM.
 The engine makes that first call while warming up, before any CUDA graph is captured (a shape first met inside a
-capture runs the untimed tile). Under Triton's interpreter
-(CPU tests) the first candidate runs, untimed.
+capture runs the untimed tile). Under Triton's interpreter (CPU tests) the first candidate runs, untimed. The
+fused forms tune their tile the same way; they have no library kernel to weigh against.
 """
 
 from __future__ import annotations
