@@ -1,7 +1,8 @@
 """The dense projections and MLA's absorbed per-head products of a small decode step at the 16b shape: the Triton
 GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
 the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run;
-"runs" is what the engine then runs for the shape (the faster of the two on its first call).
+"runs" is what the engine then runs for the shape (the faster of the two on its first call). Then the fused forms
+(`norm_gemv`, `latent_query`) against what the compiled decode block ran before them.
 
     python bench/gemv.py                          # rows 1, 2, 4; each shape's tuned tile (what the engine runs)
     python bench/gemv.py --sweep --json out.json  # also time candidate tiles beyond the tuned set
@@ -26,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
-from seekforge.kernels.gemv import GemvConfig, choice, gemv, head_gemv, last_tuned_tile  # noqa: E402
+from seekforge.kernels.gemv import (GemvConfig, choice, gemv, head_gemv, last_tuned_tile, latent_query,  # noqa: E402
+                                    norm_gemv)
+from seekforge.model.norm import RMSNorm  # noqa: E402
+from seekforge.model.rope import apply_rotary  # noqa: E402
 
 DENSE = {  # name: (N, K) of a projection at the 16b shape (DeepSeek-V2-Lite)
     "wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048),
@@ -90,8 +94,48 @@ def main() -> None:
                   f"{row['cublas_us'] / row['triton_us']:.2f}x, tuned {tuple(row['tuned'].values())}, "
                   f"runs {row['runs']}" + (f"; best {row['best'][:2]}" if "best" in row else ""), flush=True)
             results.append(row)
+    fused = [fused_row(name, m, args.layers, dev, bw, *case) for m in args.rows
+             for name, case in fused_cases(args.layers, m, dev).items()]
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": results,
+                                         "fused": fused}, indent=1))
+
+
+def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
+    """name -> (per-layer argument tuples, the fused kernel, what the compiled decode block ran before it)."""
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    norm = RMSNorm(2048).to(**bf16)
+    x = torch.randn(m, 2048, **bf16)
+    g = norm.weight.detach()
+    projections = [(x, g, norm.eps, torch.randn(3072, 2048, **bf16) * 0.02, torch.randn(576, 2048, **bf16) * 0.02)
+                   for _ in range(layers)]
+    q = torch.randn(m, HEADS, NOPE + 64, **bf16)
+    angles = torch.rand(m, 32, device=dev)
+    queries = [(q[..., :NOPE], q[..., NOPE:], w[:, :NOPE].transpose(1, 2), angles.cos(), angles.sin())
+               for w in (torch.randn(HEADS, NOPE + V_DIM, LATENT, **bf16) * 0.05 for _ in range(layers))]
+
+    def unfused_projections(x, g, eps, wa, wb):
+        h = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * g
+        return gemv(h, wa), gemv(h, wb)
+
+    def unfused_query(q_nope, q_pe, w_uk, cos, sin):
+        pe = apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
+        return torch.cat([head_gemv(q_nope, w_uk), pe], dim=-1)
+
+    return {"attn_norm + wq + wkv_a": (projections, norm_gemv, torch.compile(unfused_projections, dynamic=False)),
+            "W_UK + q rope + cat": (queries, latent_query, torch.compile(unfused_query, dynamic=False))}
+
+
+def fused_row(name, m, layers, dev, bw, per_layer, fused_fn, unfused_fn) -> dict:
+    """The fused kernel against what it replaced (compiled, with this module's tuned GEMVs), one call a layer."""
+    per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / layers  # noqa: E731 - us a call
+    for fn in (fused_fn, unfused_fn):
+        fn(*per_layer[0])  # tuning and compiling outside the graph
+    row = {"name": name, "rows": m, "fused_us": per_call(lambda: [fused_fn(*a) for a in per_layer]),
+           "before_us": per_call(lambda: [unfused_fn(*a) for a in per_layer])}
+    print(f"{name:24s} rows {m}: fused {row['fused_us']:6.1f} us, before {row['before_us']:6.1f} us "
+          f"({row['before_us'] / row['fused_us']:.2f}x)", flush=True)
+    return row
 
 
 if __name__ == "__main__":
