@@ -11,10 +11,11 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.kernels.route import route  # noqa: E402
+from seekforge.kernels.route import residual_route, route  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.gate import Gate  # noqa: E402
 from seekforge.model.moe import tokens_per_expert  # noqa: E402
+from seekforge.model.norm import RMSNorm  # noqa: E402
 
 
 def make_gate(seed=0, dtype=torch.float32, **overrides):
@@ -49,6 +50,24 @@ def test_matches_gate(overrides, n):
     assert not gate.group_limited
     check(gate, torch.randn(n, cfg.dim, device=DEVICE))
 
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n):
+    """The residual add and the FFN's input norm in the router's first kernel, in half precision as the engine
+    runs it: h + delta and RMSNorm(h + delta) as the model rounds them, and the gate's choice for the latter."""
+    gate, cfg = make_gate(dtype=HALF, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5)
+    norm = RMSNorm(cfg.dim, eps=1e-5).to(DEVICE, HALF)
+    norm.weight.data.uniform_(0.5, 1.5)
+    h, delta = (torch.randn(n, cfg.dim, device=DEVICE, dtype=HALF) * 2 for _ in range(2))
+    with torch.no_grad():
+        h_out, x, weights, indices, load = residual_route(gate, h, delta, norm.weight, norm.eps)
+        torch.testing.assert_close(h_out, h + delta, atol=0, rtol=0)
+        torch.testing.assert_close(x, norm(h + delta), atol=2e-3, rtol=2e-3)
+        for got, want in zip((weights, indices, load), route(gate, norm(h + delta))):
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        compiled = torch.compile(residual_route, fullgraph=True, dynamic=True)
+        for got, want in zip(compiled(gate, h, delta, norm.weight, norm.eps), (h_out, x, weights, indices, load)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 def test_half_precision_weights_and_tokens():
     gate, cfg = make_gate(dtype=HALF)

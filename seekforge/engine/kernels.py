@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from seekforge.model.moe import tokens_per_expert
+from seekforge.model.moe import MoE, tokens_per_expert
 from seekforge.model.rope import apply_rotary
 
 
@@ -169,6 +169,7 @@ def load_triton_kernels() -> None:
     _triton("mla_decode", "paged_mla_decode_triton")
     _triton("moe", "fused_experts")
     _triton("route", "route")
+    _triton("route", "residual_route")
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
     _triton("gemv", "norm_gemv")
@@ -177,26 +178,26 @@ def load_triton_kernels() -> None:
     _triton("gemv", "GEMV_ROWS")
 
 
-def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], tokens per routed expert
     [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
     FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of `seekforge.kernels.route` (where
-    it makes the gate's choice) and the fused kernels of `seekforge.kernels.moe`, which also take the shared
-    experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate
-    and the model's grouped matmuls."""
+    it makes the gate's choice; `routing`, its output for x, when `residual_norm` ran it already) and the fused
+    kernels of `seekforge.kernels.moe`, which also take the shared experts in the same pass for up to
+    FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
-    fused = _triton("moe", "fused_experts") if triton_runs_on(x.device) else None
-    if (fused is not None and x.dtype == experts.w1.dtype and not torch.is_autocast_enabled("cuda")
-            and x.shape[0] * gate.topk <= FUSED_MOE_ROWS * experts.n_experts):
-        router = _triton("route", "route")
-        if router is not None and not gate.group_limited:
+    if _fused_experts_take(moe, x):
+        router = _triton_router(moe, x)
+        if routing is not None:
+            weights, indices, load = routing
+        elif router is not None:
             weights, indices, load = router(gate, x)
         else:
             weights, indices, _ = gate(x)
             load = tokens_per_expert(indices, experts.n_experts).float()
         joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
-        y = fused(x, experts.w1, experts.w2, experts.w3, weights, indices,
-                  shared=(shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)
+        y = _triton("moe", "fused_experts")(x, experts.w1, experts.w2, experts.w3, weights, indices, shared=(
+            shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)
         if shared is not None and not joined:
             y = y + shared(x)
         return y, load
@@ -205,6 +206,35 @@ def moe_forward(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (y if shared is None else y + shared(x)), load
 
 
+def _fused_experts_take(moe, x: torch.Tensor) -> bool:
+    fused = _triton("moe", "fused_experts") if triton_runs_on(x.device) else None
+    return (fused is not None and x.dtype == moe.experts.w1.dtype and not torch.is_autocast_enabled("cuda")
+            and x.shape[0] * moe.gate.topk <= FUSED_MOE_ROWS * moe.experts.n_experts)
+
+
+def _triton_router(moe, x: torch.Tensor):
+    """The Triton router where `moe_forward` routes x with it (fused experts, the gate's choice not group-limited)."""
+    router = _triton("route", "route")
+    return router if router is not None and not moe.gate.group_limited and _fused_experts_take(moe, x) else None
+
+
+def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """A block's residual add and its FFN's input norm (`norm`, an RMSNorm): (h + delta, norm(h + delta), routing).
+    Where the FFN is an MoE that `moe_forward` routes with the Triton router, for up to RESIDUAL_ROUTE_TOKENS
+    tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_route`), and routing is its choice for x, to pass to `moe_forward`;
+    otherwise None."""
+    flat = h.reshape(-1, h.shape[-1])
+    if (isinstance(ffn, MoE) and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _triton_router(ffn, flat) is not None
+            and norm.weight.dtype == h.dtype == delta.dtype and _triton("route", "residual_route") is not None):
+        h, x, *routing = _triton("route", "residual_route")(ffn.gate, flat, delta.reshape(flat.shape), norm.weight,
+                                                            norm.eps)
+        return h.view(delta.shape), x.view(delta.shape), tuple(routing)
+    h = h + delta
+    return h, norm(h), None
+
+
+# Each of the router's programs norms its token's row again (from L2): worth a launch saved for a few tokens only.
+RESIDUAL_ROUTE_TOKENS = 4
 FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py: 0.74x at 24 rows an expert)
 FUSED_SHARED_TOKENS = 16  # past one 16-row block a shared expert's weights would be read once a block
 

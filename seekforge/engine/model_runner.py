@@ -329,9 +329,10 @@ def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """A block's work after attention: the output projection, the residuals and the FFN."""
-    h = h + block.attn.wo(attended).unsqueeze(0)
-    return h + feed_forward(block.ffn, block.ffn_norm(h))
+    """A block's work after attention: the output projection, the residuals and the FFN (the residual add and the
+    FFN's norm in the Triton router's first kernel where it runs: `kernels.residual_norm`)."""
+    h, x, routing = kernels.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
+    return h + feed_forward(block.ffn, x, routing)
 
 
 def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -346,13 +347,14 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return output(block, h, attention(block.attn, cache, q_nope, q_pe, kv, k_pe))
 
 
-def feed_forward(ffn: MoE | MLP, x: torch.Tensor) -> torch.Tensor:
+def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None) -> torch.Tensor:
     """The block's FFN at inference: an MoE runs through `kernels.moe_forward` (Triton routing and fused
-    experts for decode's few rows per expert); its `load` (tokens per expert, which the server's metrics
-    read) is kept as `MoE.forward` keeps it, the routing statistics of training are not."""
+    experts for decode's few rows per expert; `routing` where `kernels.residual_norm` made it); its `load`
+    (tokens per expert, which the server's metrics read) is kept as `MoE.forward` keeps it, the routing
+    statistics of training are not."""
     if not isinstance(ffn, MoE):
         return ffn(x)
-    y, ffn.load = kernels.moe_forward(ffn, x.reshape(-1, x.shape[-1]))
+    y, ffn.load = kernels.moe_forward(ffn, x.reshape(-1, x.shape[-1]), routing)
     return y.view(x.shape)
 
 

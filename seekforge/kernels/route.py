@@ -38,6 +38,38 @@ def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
 
 
 @triton.jit
+def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr, x_out_ptr, E, K, eps,
+                     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_logits` of x = RMSNorm(h + d) (weight g), rounding as the model's residual add and RMSNorm do; the
+    programs of the first experts also write h + d and x, which the experts and the residual read next."""
+    m = tl.program_id(0)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    squares = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # the row is a few KB: read again from L2 below
+        cols = k0 + tl.arange(0, BLOCK_K)
+        s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
+             + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0)).to(tl.float32)
+        squares += s * s
+    rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    acc = tl.zeros((BLOCK_E, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
+             + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0))
+        normed = (s.to(tl.float32) * rstd).to(s.dtype)
+        x = (normed.to(tl.float32) * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(s.dtype)
+        if tl.program_id(1) == 0:
+            tl.store(h_out_ptr + m * K + cols, s, mask=cols < K)
+            tl.store(x_out_ptr + m * K + cols, x, mask=cols < K)
+        w = tl.load(w_ptr + experts[:, None] * K + cols[None, :], mask=(experts[:, None] < E) & (cols[None, :] < K),
+                    other=0.0)
+        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+    tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
+    if m == 0:
+        tl.store(load_ptr + experts, tl.zeros((BLOCK_E,), tl.float32), mask=experts < E)
+
+
+@triton.jit
 def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_scale,
             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
             NORMALISE: tl.constexpr):
@@ -68,23 +100,46 @@ def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_s
 
 
 def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights [n, k] fp32,
-    expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
+    """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights
+    [n, k] fp32, expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
     `seekforge.model.moe.tokens_per_expert` give them."""
-    n = x.shape[0]
-    num_experts, k = gate.weight.shape[0], gate.topk
-    weights = torch.empty(n, k, device=x.device, dtype=torch.float32)
-    indices = torch.empty(n, k, device=x.device, dtype=torch.int64)
-    load = torch.empty(num_experts, device=x.device, dtype=torch.float32)
-    if n:
-        launch_route(x.contiguous(), gate.weight, gate.bias, weights, indices, load, k,
-                     gate.score_func == "sigmoid", gate.norm_topk_prob, float(gate.route_scale))
+    weights, indices, load = _outputs(gate, x)
+    if x.shape[0]:
+        launch_route(x.contiguous(), gate.weight, gate.bias, weights, indices, load, *_gate_args(gate))
     else:
         load.zero_()
     return weights, indices, load
 
 
-# An opaque op to torch.compile, as the fused MoE launch is (seekforge.kernels.moe): the step stays one graph.
+def residual_route(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float):
+    """`route` of x = RMSNorm(h + delta) (`seekforge.model.norm.RMSNorm`, norm_weight, eps) for h, delta [n, dim] of
+    one dtype, with the residual add and the norm in the router's first kernel (where a block ran them as a kernel
+    of their own): (h + delta, x, gate weights, expert indices, tokens per expert)."""
+    weights, indices, load = _outputs(gate, h)
+    h_out, x = torch.empty_like(h), torch.empty_like(h)
+    if h.shape[0]:
+        launch_residual_route(h.contiguous(), delta.contiguous(), norm_weight, eps, gate.weight, gate.bias, h_out, x,
+                              weights, indices, load, *_gate_args(gate))
+    else:
+        load.zero_()
+    return h_out, x, weights, indices, load
+
+
+def _outputs(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = x.shape[0], gate.topk
+    return (torch.empty(n, k, device=x.device, dtype=torch.float32),
+            torch.empty(n, k, device=x.device, dtype=torch.int64),
+            torch.empty(gate.weight.shape[0], device=x.device, dtype=torch.float32))
+
+
+def _gate_args(gate) -> tuple[int, bool, bool, float]:
+    return gate.topk, gate.score_func == "sigmoid", gate.norm_topk_prob, float(gate.route_scale)
+
+
+BLOCK_E = 2  # 32 programs a token at 64 experts: the GEMV's 256 KB (bf16) read across the SMs
+
+
+# Opaque ops to torch.compile, as the fused MoE launch is (seekforge.kernels.moe): the step stays one graph.
 @torch.library.custom_op("seekforge::route", mutates_args=("weights", "indices", "load"))
 def launch_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor,
                  indices: torch.Tensor, load: torch.Tensor, k: int, sigmoid: bool, normalise: bool,
@@ -92,13 +147,31 @@ def launch_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor,
     n, dim = x.shape
     num_experts = gate_weight.shape[0]
     logits = torch.empty(n, num_experts, device=x.device, dtype=torch.float32)
-    block_e = 2  # 32 programs a token at 64 experts: the GEMV's 256 KB (bf16) read across the SMs
-    _logits[(n, triton.cdiv(num_experts, block_e))](
+    _logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         x, gate_weight.contiguous(), logits, load, num_experts, dim, x.stride(0),
-        BLOCK_E=block_e, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
-    _select[(n,)](logits, bias, weights, indices, load, num_experts, route_scale,
-                  TOPK=k, TOPK_PAD=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(num_experts),
-                  SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1)
+        BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
+    _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale)
+
+
+@torch.library.custom_op("seekforge::residual_route", mutates_args=("h_out", "x", "weights", "indices", "load"))
+def launch_residual_route(h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                          gate_weight: torch.Tensor, bias: torch.Tensor, h_out: torch.Tensor, x: torch.Tensor,
+                          weights: torch.Tensor, indices: torch.Tensor, load: torch.Tensor, k: int, sigmoid: bool,
+                          normalise: bool, route_scale: float) -> None:
+    n, dim = h.shape
+    num_experts = gate_weight.shape[0]
+    logits = torch.empty(n, num_experts, device=h.device, dtype=torch.float32)
+    _residual_logits[(n, triton.cdiv(num_experts, BLOCK_E))](
+        h, delta, norm_weight, gate_weight.contiguous(), logits, load, h_out, x, num_experts, dim, eps,
+        BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
+    _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale)
+
+
+def _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale) -> None:
+    num_experts = logits.shape[1]
+    _select[(logits.shape[0],)](logits, bias, weights, indices, load, num_experts, route_scale,
+                                TOPK=k, TOPK_PAD=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(num_experts),
+                                SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1)
 
 
 @launch_route.register_fake
@@ -106,4 +179,10 @@ def _(x, gate_weight, bias, weights, indices, load, k, sigmoid, normalise, route
     return None
 
 
-__all__ = ["route"]
+@launch_residual_route.register_fake
+def _(h, delta, norm_weight, eps, gate_weight, bias, h_out, x, weights, indices, load, k, sigmoid, normalise,
+      route_scale) -> None:
+    return None
+
+
+__all__ = ["residual_route", "route"]
