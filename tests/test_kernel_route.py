@@ -58,7 +58,8 @@ def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n):
     gate, cfg = make_gate(dtype=HALF, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5)
     norm = RMSNorm(cfg.dim, eps=1e-5).to(DEVICE, HALF)
     norm.weight.data.uniform_(0.5, 1.5)
-    h, delta = (torch.randn(n, cfg.dim, device=DEVICE, dtype=HALF) * 2 for _ in range(2))
+    h = (torch.randn(cfg.dim, n, device=DEVICE, dtype=HALF) * 2).t()  # rows not dim apart
+    delta = torch.randn(n, cfg.dim, device=DEVICE, dtype=HALF) * 2
     with torch.no_grad():
         h_out, x, weights, indices, load = residual_route(gate, h, delta, norm.weight, norm.eps)
         torch.testing.assert_close(h_out, h + delta, atol=0, rtol=0)

@@ -115,11 +115,12 @@ def residual_route(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torc
     """`route` of x = RMSNorm(h + delta) (`seekforge.model.norm.RMSNorm`, norm_weight, eps) for h, delta [n, dim] of
     one dtype, with the residual add and the norm in the router's first kernel (where a block ran them as a kernel
     of their own): (h + delta, x, gate weights, expert indices, tokens per expert)."""
+    h, delta = h.contiguous(), delta.contiguous()  # the kernel reads and writes rows dim apart
     weights, indices, load = _outputs(gate, h)
     h_out, x = torch.empty_like(h), torch.empty_like(h)
     if h.shape[0]:
-        launch_residual_route(h.contiguous(), delta.contiguous(), norm_weight, eps, gate.weight, gate.bias, h_out, x,
-                              weights, indices, load, *_gate_args(gate))
+        launch_residual_route(h, delta, norm_weight, eps, gate.weight, gate.bias, h_out, x, weights, indices, load,
+                              *_gate_args(gate))
     else:
         load.zero_()
     return h_out, x, weights, indices, load
