@@ -4,7 +4,10 @@ The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_ro
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
 `seekforge.kernels.mla_decode` behind the same signature, and `moe_forward` the Triton router and fused MoE
-kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references).
+kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references). For the
+few rows of small decode steps, the projections run as GEMVs (`FewRowLinears`, `head_matmul`) and what the
+compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`,
+`residual_norm` (each with its PyTorch composition where no kernel applies).
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
@@ -187,11 +190,11 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None) -> tuple[tor
     FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     if _fused_experts_take(moe, x):
-        router = _triton_router(moe, x)
+        router = _triton_router(moe, x) if routing is None else None
+        if router is not None:
+            routing = router(gate, x)
         if routing is not None:
             weights, indices, load = routing
-        elif router is not None:
-            weights, indices, load = router(gate, x)
         else:
             weights, indices, _ = gate(x)
             load = tokens_per_expert(indices, experts.n_experts).float()
@@ -221,8 +224,8 @@ def _triton_router(moe, x: torch.Tensor):
 def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """A block's residual add and its FFN's input norm (`norm`, an RMSNorm): (h + delta, norm(h + delta), routing).
     Where the FFN is an MoE that `moe_forward` routes with the Triton router, for up to RESIDUAL_ROUTE_TOKENS
-    tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_route`), and routing is its choice for x, to pass to `moe_forward`;
-    otherwise None."""
+    tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_route`), and routing is
+    its choice for x, to pass to `moe_forward`; otherwise None."""
     flat = h.reshape(-1, h.shape[-1])
     if (isinstance(ffn, MoE) and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _triton_router(ffn, flat) is not None
             and norm.weight.dtype == h.dtype == delta.dtype and _triton("route", "residual_route") is not None):
