@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,6 +62,11 @@ def candidates(weight: torch.Tensor) -> list[GemvConfig]:
             if bn * bk <= 8192]
 
 
+def us_a_call(calls, layers: int) -> float:
+    """Microseconds a call of `calls` (one call a layer), replayed as a CUDA graph."""
+    return do_bench_cudagraph(calls) * 1e3 / layers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
@@ -72,12 +78,12 @@ def main() -> None:
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     results = []
+    per_call = partial(us_a_call, layers=args.layers)
     for name, weights, make_x, triton_fn, cublas_fn in cases(args.layers, dev):
         for m in args.rows:
             x = make_x(m)
             y = cublas_fn(x, weights[0])
             nbytes = weights[0].numel() * 2 + (x.numel() + y.numel()) * 2
-            per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us a call
             triton_fn(x, weights[0])  # the shape's first call: its tile tuned, then weighed against cuBLAS
             tuned = last_tuned_tile()
             row = {"name": name, "weight": list(weights[0].shape), "rows": m, "bytes": nbytes,
@@ -128,7 +134,7 @@ def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
 
 def fused_row(name, m, layers, dev, bw, per_layer, fused_fn, unfused_fn) -> dict:
     """The fused kernel against what it replaced (compiled, with this module's tuned GEMVs), one call a layer."""
-    per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / layers  # noqa: E731 - us a call
+    per_call = partial(us_a_call, layers=layers)
     for fn in (fused_fn, unfused_fn):
         fn(*per_layer[0])  # tuning and compiling outside the graph
     row = {"name": name, "rows": m, "fused_us": per_call(lambda: [fused_fn(*a) for a in per_layer]),

@@ -190,7 +190,7 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None) -> tuple[tor
     FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     if _fused_experts_take(moe, x):
-        router = _triton_router(moe, x) if routing is None else None
+        router = _triton_router(moe) if routing is None else None
         if router is not None:
             routing = router(gate, x)
         if routing is not None:
@@ -215,10 +215,10 @@ def _fused_experts_take(moe, x: torch.Tensor) -> bool:
             and x.shape[0] * moe.gate.topk <= FUSED_MOE_ROWS * moe.experts.n_experts)
 
 
-def _triton_router(moe, x: torch.Tensor):
-    """The Triton router where `moe_forward` routes x with it (fused experts, the gate's choice not group-limited)."""
-    router = _triton("route", "route")
-    return router if router is not None and not moe.gate.group_limited and _fused_experts_take(moe, x) else None
+def _triton_router(moe):
+    """The Triton router, where it makes this gate's choice (not group-limited); `moe_forward` takes it with the
+    fused experts."""
+    return None if moe.gate.group_limited else _triton("route", "route")
 
 
 def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
@@ -227,10 +227,10 @@ def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torc
     tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_route`), and routing is
     its choice for x, to pass to `moe_forward`; otherwise None."""
     flat = h.reshape(-1, h.shape[-1])
-    if (isinstance(ffn, MoE) and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _triton_router(ffn, flat) is not None
-            and norm.weight.dtype == h.dtype == delta.dtype and _triton("route", "residual_route") is not None):
-        h, x, *routing = _triton("route", "residual_route")(ffn.gate, flat, delta.reshape(flat.shape), norm.weight,
-                                                            norm.eps)
+    if (isinstance(ffn, MoE) and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _fused_experts_take(ffn, flat)
+            and _triton_router(ffn) is not None and norm.weight.dtype == h.dtype == delta.dtype
+            and (fused := _triton("route", "residual_route")) is not None):  # looked up where Triton runs only
+        h, x, *routing = fused(ffn.gate, flat, delta.reshape(flat.shape), norm.weight, norm.eps)
         return h.view(delta.shape), x.view(delta.shape), tuple(routing)
     h = h + delta
     return h, norm(h), None

@@ -209,7 +209,7 @@ class ModelRunner:
         for g in groups:
             qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
             if g.absorbed:
-                q = kernels.latent_query(qn, qp, absorbed_weights(attn)[0])
+                q = kernels.latent_query(qn, qp, attn.absorbed_weights()[0])
                 pieces.append(absorbed_attention(attn, cache, q, g.plan, g.query_len))
                 continue
             if g.index is None:
@@ -377,13 +377,7 @@ def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: kernels
     Returns [b * s, h * d_v]."""
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
     latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
-    return kernels.head_matmul(latent.flatten(0, 1), absorbed_weights(attn)[1]).flatten(1)
-
-
-def absorbed_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_UK [h, d, c] and W_UV [h, d_v, c]: views of wkv_b."""
-    wkv_b = attn.wkv_b.weight.view(attn.n_heads, -1, attn.kv_lora_rank)  # [h, d + d_v, c]
-    return wkv_b[:, :attn.nope_dim], wkv_b[:, attn.nope_dim:]
+    return kernels.head_matmul(latent.flatten(0, 1), attn.absorbed_weights()[1]).flatten(1)
 
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -396,7 +390,7 @@ def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     q, kv_a = input_projections(block, h)
     kernels.store_new_latents(attn, cache, slot_mapping, kv_a[0], cos[0], sin[0], store)
     q_nope, q_pe = attn.query_heads(q)  # rotated with W_UK's product (one launch for few rows)
-    q = kernels.latent_query(q_nope[0], q_pe[0], absorbed_weights(attn)[0], cos[0], sin[0])
+    q = kernels.latent_query(q_nope[0], q_pe[0], attn.absorbed_weights()[0], cos[0], sin[0])
     return block_output(block, h, absorbed_attention(attn, cache, q, plan, 1, decode))
 
 

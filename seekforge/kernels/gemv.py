@@ -154,6 +154,26 @@ def _tile(config: GemvConfig, k: int) -> list[int]:
     return [config.block_n, min(config.block_k, triton.next_power_of_2(k)), config.num_warps]
 
 
+def _launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] | None, key: tuple,
+                  untimed: list[int]) -> None:
+    """Launch `kernel` with `tile` ([BLOCK_N, BLOCK_K, warps]), or for None `tuned`, its autotuned form, with the
+    shape's tuned tile: timed on the shape's (`key`'s) first launch, except inside a graph being captured, where
+    nothing may be timed and the `untimed` tile runs. grid(BLOCK_N) -> the launch grid."""
+    if tile is None and key not in _TUNED:
+        if _capturing():
+            tile = untimed
+        else:
+            _TUNED.add(key)
+    if tile is None:
+        tuned[lambda m: grid(m["BLOCK_N"])](*args, **meta)
+    else:
+        block_n, block_k, num_warps = tile
+        kernel[grid(block_n)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+
+
+_TUNED: set[tuple] = set()  # (kernel, shape) keys whose tile the autotuner has picked
+
+
 # An opaque op to torch.compile, as the MoE and cache kernels are: a compiled decode block stays one graph.
 @torch.library.custom_op("seekforge::gemv", mutates_args=())
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
@@ -177,12 +197,9 @@ def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch
     y = x.new_empty(m, batch, n)
     args = (x, weight, y, m, n, k, x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
             weight.stride(2), y.stride(0), y.stride(1))
-    if tile is None:
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch)](*args, BLOCK_M=triton.next_power_of_2(m))
-    else:
-        block_n, block_k, num_warps = tile
-        _gemv[(triton.cdiv(n, block_n), batch)](*args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n,
-                                                 BLOCK_K=block_k, num_warps=num_warps)
+    _launch_tiled(_gemv, _gemv_tuned, lambda block_n: (triton.cdiv(n, block_n), batch), args,
+                  {"BLOCK_M": triton.next_power_of_2(m)}, tile, ("gemv", *_shape_key(x, weight)),
+                  _tile(default_config(weight), k))
     return y
 
 
@@ -284,22 +301,11 @@ def launch_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa:
         return ya.zero_(), yb.zero_()
     args = (x, norm_weight, wa, wb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
             wb.stride(0), ya.stride(0), yb.stride(0))
-    key = (m, wa.shape[0], wb.shape[0], k, x.dtype, x.device)
-    if tile is None and key not in _NORM_TUNED and _capturing():  # no timing inside a graph being captured
-        tile = _tile(default_config(wa), k)
-    if tile is None:
-        _NORM_TUNED.add(key)
-        _norm_gemv2_tuned[lambda meta: (triton.cdiv(wa.shape[0], meta["BLOCK_N"])
-                                        + triton.cdiv(wb.shape[0], meta["BLOCK_N"]),)](
-            *args, BLOCK_M=triton.next_power_of_2(m))
-    else:
-        block_n, block_k, num_warps = tile
-        _norm_gemv2[(triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),)](
-            *args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    _launch_tiled(_norm_gemv2, _norm_gemv2_tuned,
+                  lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
+                  {"BLOCK_M": triton.next_power_of_2(m)}, tile,
+                  ("norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), _tile(default_config(wa), k))
     return ya, yb
-
-
-_NORM_TUNED: set[tuple] = set()  # shapes whose tile the autotuner has picked
 
 
 @launch_norm_gemv.register_fake
@@ -365,20 +371,10 @@ def launch_latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Te
             w_uk.stride(0), w_uk.stride(1), w_uk.stride(2), y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1),
             cos.stride(0))
     meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1))}
-    key = (n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device)
-    if tile is None and key not in _QUERY_TUNED and _capturing():  # no timing inside a graph being captured
-        tile = _tile(default_config(w_uk), d)
-    if tile is None:
-        _QUERY_TUNED.add(key)
-        _latent_query_tuned[lambda m: (triton.cdiv(c, m["BLOCK_N"]) + 1, h)](*args, **meta)
-    else:
-        block_n, block_k, num_warps = tile
-        _latent_query[(triton.cdiv(c, block_n) + 1, h)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                         num_warps=num_warps)
+    _launch_tiled(_latent_query, _latent_query_tuned, lambda block_n: (triton.cdiv(c, block_n) + 1, h), args, meta,
+                  tile, ("latent_query", n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device),
+                  _tile(default_config(w_uk), d))
     return y
-
-
-_QUERY_TUNED: set[tuple] = set()  # shapes whose tile the autotuner has picked
 
 
 @launch_latent_query.register_fake

@@ -87,10 +87,14 @@ class MLA(nn.Module):
             is_causal=mask is None, scale=self.softmax_scale)
         return out.transpose(1, 2).flatten(2)
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [h, d, c] and W_UV [h, d_v, c]: views of wkv_b."""
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + d_v, c]
+        return wkv_b[:, :self.nope_dim], wkv_b[:, self.nope_dim:]
+
     def attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Absorbed path over the latent itself; same arguments and result as `attend`."""
-        wkv_b = self.wkv_b.weight.unflatten(0, (self.n_heads, -1))  # [h, d + d_v, c]
-        w_uk, w_uv = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim:]
+        w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         scores = (torch.einsum("bshc,btc->bsht", q_latent, kv)
                   + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
