@@ -68,21 +68,22 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
         tiles_timed.append(len(tiles_timed))
         return [1.0 if len(tiles_timed) == 3 else 2.0] * len(quantiles)  # the third candidate is the fastest
 
-    def clock(fn, warmup, rep):
-        fn()
+    def clock(call, weight):  # what the choice times: call(weight) replayed
+        call(weight)
         weighed.append(len(weighed))
         return 1.0 if (len(weighed) % 2 == 1) == (winner == "triton") else 2.0  # a shape times its tile first
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", tile_clock)
-    monkeypatch.setattr(gemv_module.triton.testing, "do_bench", clock)
+    monkeypatch.setattr(gemv_module, "_replayed_us", clock)
     x = torch.randn(3, k, device=DEVICE, dtype=HALF)
     w = torch.randn(7, k, device=DEVICE, dtype=HALF) * k ** -0.5
     assert gemv_module.choice(x, w) is None
     got = gemv(x, w)
     assert len(tiles_timed) == len(fitting) and last_tuned_tile() == GemvConfig(*fitting[2])
     assert len(weighed) == 2 and gemv_module.choice(x, w) == winner
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+    # cuBLAS's half-precision GEMM may reduce in half precision (PyTorch's default): a few units of the last place
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=1e-2, rtol=1e-2)
     again = gemv(x, w)
     assert len(tiles_timed) == len(fitting) and len(weighed) == 2
     torch.testing.assert_close(again, got, atol=3e-3, rtol=3e-3)
@@ -101,7 +102,7 @@ def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypa
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module, "_capturing", lambda: True)
-    monkeypatch.setattr(gemv_module.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed in a capture"))
+    monkeypatch.setattr(gemv_module, "_replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
     x = torch.randn(2, 52, device=DEVICE, dtype=HALF)
     w = torch.randn(5, 52, device=DEVICE, dtype=HALF) * 52 ** -0.5
