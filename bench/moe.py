@@ -8,7 +8,8 @@ the copy bandwidth measured in the same run.
 Each call is timed over CUDA-graph replays (triton's do_bench_cudagraph: how a captured decode step runs
 it), cycling through --layers sets of weights so that, as in a model, no call finds its weights in L2
 (timing one set let them sit in the 50 MB L2 between replays: at one token the two kernels showed 19 + 9 us
-there against 27 + 16 us inside the engine's step). Bytes = the weights of every expert that some token chose,
+there against 27 + 16 us inside the engine's step). At one or two tokens both forms are timed (the MMA tiles and
+the GEMVs), and the row says which one the engine keeps. Bytes = the weights of every expert that some token chose,
 read once, plus the tokens in and out: the fewest any implementation must move. Routing is uniform at random (top-k of random scores), as a balanced
 model's is. `--shared 2` adds the 16b shape's two shared experts as the engine runs them: joined to the fused pass
 up to FUSED_SHARED_TOKENS tokens (a batch-1 decode step reads 8 experts in one pass), a separate MLP beyond,
@@ -33,7 +34,8 @@ from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
 from seekforge.engine.kernels import FUSED_SHARED_TOKENS  # noqa: E402
-from seekforge.kernels.moe import MoEConfig, default_config, fused_experts  # noqa: E402
+from seekforge.kernels.moe import (ONE_BLOCK_PER_PAIR, MoEConfig, default_config, fused_experts,  # noqa: E402
+                                   rows_faster)
 from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts  # noqa: E402
 
@@ -86,10 +88,10 @@ def main() -> None:
         nbytes = (chosen + args.shared) * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
         joined = args.shared and n <= FUSED_SHARED_TOKENS
 
-        def fused(cfg=None):
+        def fused(cfg=None, rows=None):
             for ex, mlp in layers:
                 shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight) if joined else None
-                y = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg, shared)
+                y = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg, shared, rows)
                 if mlp is not None and not joined:
                     y = y + mlp(x)
 
@@ -104,6 +106,11 @@ def main() -> None:
                "fused_us": per_call(fused), "grouped_us": per_call(grouped),
                "default": asdict(default_config(n * (args.topk + (args.shared if joined else 0)),
                                                   args.experts + (args.shared if joined else 0)))}
+        pairs = n * (args.topk + (args.shared if joined else 0))
+        if pairs <= ONE_BLOCK_PER_PAIR:  # both forms of one or two tokens, and which one the engine keeps
+            row["tiles_us"], row["gemvs_us"] = per_call(lambda: fused(rows=False)), per_call(lambda: fused(rows=True))
+            row["runs"] = "gemvs" if rows_faster(x, layers[0][0].w1, pairs, args.topk + (args.shared if joined else 0),
+                                                 args.experts + (args.shared if joined else 0)) else "tiles"
         if args.sweep and n in args.sweep:
             row["best"] = fastest(candidates(), lambda cfg: per_call(lambda: fused(cfg)), keep=5)
         for key in ("fused", "grouped"):
@@ -111,6 +118,8 @@ def main() -> None:
         print(f"tokens {n:5d}: experts read {chosen:2d}, fused {row['fused_us']:8.1f} us "
               f"({row['fused_bw_share']:.1%} of copy BW), grouped {row['grouped_us']:8.1f} us "
               f"({row['grouped_bw_share']:.1%}), {row['grouped_us'] / row['fused_us']:.2f}x"
+              + (f"; MMA tiles {row['tiles_us']:.1f} us, GEMVs {row['gemvs_us']:.1f} us, runs {row['runs']}"
+                 if "runs" in row else "")
               + (f"; best {row['best'][:2]}" if "best" in row else ""), flush=True)
         rows.append(row)
     if args.json:

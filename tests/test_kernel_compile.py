@@ -28,6 +28,9 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
         "moe", kernel, MOE_TYPES,
         {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one}, 4, 4)
        for kernel in ("_gate_up", "_down") for bm, one in ((16, True), (16, False), (64, False))},
+    **{f"moe{kernel}_tile{bn}x{bk}w{warps}": ("moe", kernel, MOE_TYPES, {"TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk},
+                                              warps, 3)
+       for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]},  # K-contiguous tiles
     **{f"mla_split_rows{rows}": ("mla_decode", "_mla_decode_split",
                                  {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i64", "pos_ptr": "*i64",
                                   "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"},

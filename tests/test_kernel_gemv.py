@@ -101,7 +101,7 @@ def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypa
     import seekforge.kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
-    monkeypatch.setattr(gemv_module, "_capturing", lambda: True)
+    monkeypatch.setattr(gemv_module, "capturing", lambda: True)
     monkeypatch.setattr(gemv_module, "_replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
     x = torch.randn(2, 52, device=DEVICE, dtype=HALF)

@@ -64,16 +64,17 @@ def test_skewed_routing_fills_many_blocks_of_one_expert():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n,num_shared", [(1, 2), (2, 1), (20, 2)])  # one block a pair, then grouped
+@pytest.mark.parametrize("n,num_shared,rows", [(1, 2, False), (1, 2, True), (2, 1, False), (2, 1, True),
+                                              (20, 2, None)])  # one block a pair (MMA tiles or GEMVs), then grouped
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
-def test_shared_experts_join_the_routed_ones(n, num_shared, dtype):
+def test_shared_experts_join_the_routed_ones(n, num_shared, rows, dtype):
     ex, x, weights, indices, routed = _problem(n, 3, 8, 32, 16, torch.float32, seed=n)
     torch.manual_seed(n)
     mlp = MLP(32, num_shared * 16)
     ref = routed + mlp(x.cpu().float())
     ex, mlp = ex.to(DEVICE, dtype), mlp.to(DEVICE, dtype)
     out = fused_experts(x.to(dtype), ex.w1, ex.w2, ex.w3, weights, indices,
-                        shared=(mlp.w1.weight, mlp.w2.weight, mlp.w3.weight))
+                        shared=(mlp.w1.weight, mlp.w2.weight, mlp.w3.weight), rows=rows)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float().cpu(), ref.detach(), atol=tol * ref.abs().max().item(), rtol=tol)
 
@@ -92,11 +93,48 @@ def test_fused_experts_compile_as_one_graph(n, joined):
                                    fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=shared))
 
 
-def test_one_block_per_pair_reads_a_shared_expert_once_per_token():
+@pytest.mark.parametrize("rows", [False, True], ids=["tiles", "gemvs"])
+def test_one_block_per_pair_reads_a_shared_expert_once_per_token(rows):
     ex, x, weights, indices, ref = _problem(2, 2, 4, 32, 32, torch.float32, seed=4, skew=True)
     assert (indices == 0).sum() == 2  # both tokens chose expert 0: two blocks of it
-    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=rows)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,experts,dim,inter", [(1, 6, 64, 64, 48), (2, 3, 8, 40, 80), (1, 1, 4, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+def test_the_gemv_form_of_one_or_two_tokens_matches_the_model(n, k, experts, dim, inter, dtype):
+    """One row a pair as GEMVs (the row kernels), with K and N past and short of one tile."""
+    ex, x, weights, indices, ref = _problem(n, k, experts, dim, inter, dtype, seed=n + k)
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=True)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("winner", ["gemvs", "tiles"])
+def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
+    """A one-block shape's first call (on the GPU) times both forms replayed from CUDA graphs, GEMVs first, and
+    keeps the faster; later calls time nothing. Both give the model's experts."""
+    import seekforge.kernels.moe as moe_module
+
+    timed = []
+
+    def clock(fn):
+        fn()
+        timed.append(len(timed))
+        return 1.0 if (len(timed) % 2 == 1) == (winner == "gemvs") else 2.0
+
+    monkeypatch.setattr(moe_module, "_INTERPRETED", False)
+    monkeypatch.setattr(moe_module, "_ROWS_FASTER", {})
+    for tuned_kernel in (moe_module._gate_up_rows_tuned, moe_module._down_rows_tuned):  # tiles tuned, untimed
+        monkeypatch.setattr(tuned_kernel, "do_bench", lambda call, quantiles: call() or [1.0] * len(quantiles))
+    monkeypatch.setattr(moe_module.triton.testing, "do_bench_cudagraph", clock)
+    ex, x, weights, indices, ref = _problem(1, 2, 4, 24, 40, torch.float32, seed=9)
+    for _ in range(2):
+        out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    assert len(timed) == 2
+    assert moe_module.rows_faster(x, ex.w1, 2, 2, 4) == (winner == "gemvs") and len(moe_module._ROWS_FASTER) == 1
 
 
 def test_grouping_covers_every_pair_once_in_its_experts_blocks():

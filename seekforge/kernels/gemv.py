@@ -104,7 +104,7 @@ def _fitting_tiles(configs, named_args, **kwargs):
     return tiles
 
 
-def _tuned(kernel, key: list[str]):
+def tuned(kernel, key: list[str]):
     """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles on each key's first launch, each timed
     for ~20 ms with L2 flushed between runs: well under a second a shape, once per process."""
     return triton.autotune(
@@ -115,7 +115,7 @@ def _tuned(kernel, key: list[str]):
     )(kernel)
 
 
-_gemv_tuned = _tuned(_gemv, ["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"])
+_gemv_tuned = tuned(_gemv, ["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -147,7 +147,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) ->
     return launch_gemv(x, weight, None if config is None else _tile(config, x.shape[2]))
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -161,7 +161,7 @@ def _launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] 
     shape's tuned tile: timed on the shape's (`key`'s) first launch, except inside a graph being captured, where
     nothing may be timed and the `untimed` tile runs. grid(BLOCK_N) -> the launch grid."""
     if tile is None and key not in _TUNED:
-        if _capturing():
+        if capturing():
             tile = untimed
         else:
             _TUNED.add(key)
@@ -183,7 +183,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -
     if tile is not None:
         return _run(x, weight, tile)
     key = _shape_key(x, weight)
-    if key not in _CHOICE and _capturing():  # no timing inside a graph being captured
+    if key not in _CHOICE and capturing():  # no timing inside a graph being captured
         return _run(x, weight, _tile(default_config(weight), x.shape[2]))
     if key not in _CHOICE:  # the shape's first call: tune the tile, then time it beside cuBLAS
         _run(x, weight, None)
@@ -281,7 +281,7 @@ def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps,
                      (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_norm_gemv2_tuned = _tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
+_norm_gemv2_tuned = tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
 
 
 def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor,
@@ -351,7 +351,7 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, M, N, K, R, str
         tl.store(out + 1, (x0 * sin + x1 * cos).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_latent_query_tuned = _tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
+_latent_query_tuned = tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
 
 
 def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,

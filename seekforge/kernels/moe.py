@@ -11,7 +11,12 @@ expert in 64- or 128-row blocks and pay for setup and compute that a few rows do
 
 With one or two tokens the grouping itself is skipped (one row block per pair, the routing read as it is), and
 the shared experts can join as extra experts of weight 1 (slices of the shared MLP's matrices), so one pass
-reads every weight the token needs.
+reads every weight the token needs. There a pair is one row, and an MMA tile of 16 rows computes 15 of padding:
+the same two kernels as GEMVs (`_gate_up_rows`, `_down_rows`: a program per pair and a few weight rows, each
+row's whole K at once, as `seekforge.kernels.gemv` reads the dense projections) spread the read over ten times
+the programs. Which of the two forms a shape runs is timed on its first call, both replayed from CUDA graphs,
+as the GEMV weighs itself against cuBLAS: at the 16b shape's batch-1 step the MMA form read the 138 MB of eight
+experts at 66% of the copy bandwidth (2026-11-29), the largest gap left in that step.
 
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
@@ -26,8 +31,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+import triton.testing
 
 from seekforge.errors import ConfigError
+from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, tuned
 
 
 @triton.jit
@@ -38,14 +45,29 @@ def _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_rou
     (slots past k_routed: the shared experts), so no layout is built before the launch."""
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     if ONE_BLOCK:
-        slot = block % TOPK
-        routed = tl.load(idx_ptr + (block // TOPK) * k_routed + tl.minimum(slot, k_routed - 1)).to(tl.int64)
-        expert = tl.where(slot < k_routed, routed, num_routed + slot - k_routed)
+        expert = _pair_expert(block, idx_ptr, num_routed, k_routed, TOPK)
         pair = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
     else:
         expert = tl.load(expert_ptr + block).to(tl.int64)
         pair = tl.load(ids_ptr + rows)
     return expert, rows, pair
+
+
+@triton.jit
+def _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK: tl.constexpr):
+    """Pair p = token * TOPK + slot -> its expert: the routed index [n, k_routed] for slots < k_routed, the shared
+    experts (num_routed, num_routed + 1, ...) for the slots past them."""
+    slot = pair % TOPK
+    routed = tl.load(idx_ptr + (pair // TOPK) * k_routed + tl.minimum(slot, k_routed - 1)).to(tl.int64)
+    return tl.where(slot < k_routed, routed, num_routed + slot - k_routed)
+
+
+@triton.jit
+def _pair_gate(pair, gate_ptr, k_routed, TOPK: tl.constexpr):
+    """The routed weight [n, k_routed] of pair p's slot; 1 for a shared expert's."""
+    slot = pair % TOPK
+    weight = tl.load(gate_ptr + (pair // TOPK) * k_routed + tl.minimum(slot, k_routed - 1))
+    return tl.where(slot < k_routed, weight, 1.0)
 
 
 @triton.jit
@@ -118,13 +140,74 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr
         w2 = tl.load(w2_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=PRECISION)
     if ONE_BLOCK:  # gate_ptr: the routed weights [n, k_routed]; a shared expert's weight is 1
-        slot = block % TOPK
-        weight = tl.load(gate_ptr + (block // TOPK) * k_routed + tl.minimum(slot, k_routed - 1))
-        gate = tl.where(row_ok, tl.where(slot < k_routed, weight, 1.0), 0.0)
+        gate = tl.where(row_ok, _pair_gate(block, gate_ptr, k_routed, TOPK), 0.0)
     else:  # gate_ptr: every pair's weight
         gate = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
     tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc * gate[:, None],
              mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_routed, k_routed, K, N,
+                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                  TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_gate_up` for one row a pair, as a GEMV: program (j, p) computes h[p, j * BLOCK_N ...] from BLOCK_N rows of
+    its expert's W1 and W3, both read in the same slices of K."""
+    pair = tl.program_id(1)
+    expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
+    if expert < num_routed:
+        w1_at = w1_ptr + expert * stride_we
+        w3_at = w3_ptr + expert * stride_we
+        row_stride = stride_wn
+    else:
+        w1_at = s1_ptr + (expert - num_routed) * stride_se
+        w3_at = s3_ptr + (expert - num_routed) * stride_se
+        row_stride = stride_sn
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_at = x_ptr + (pair // TOPK).to(tl.int64) * stride_xm
+    acc1 = tl.zeros((BLOCK_N,), tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = (rows[:, None] < N) & (ks[None, :] < K)
+        w1 = tl.load(w1_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
+        w3 = tl.load(w3_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
+        x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        acc1 += tl.sum(w1.to(tl.float32) * x, axis=1)
+        acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
+    h = acc1 * tl.sigmoid(acc1) * acc3
+    tl.store(h_ptr + pair * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, num_routed, k_routed, K, N,
+               stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+               TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_down` for one row a pair, as a GEMV: out[p, j * BLOCK_N ...] = gate weight * (h[p] W2^T) for BLOCK_N rows
+    of its expert's W2."""
+    pair = tl.program_id(1)
+    expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
+    if expert < num_routed:
+        w2_at = w2_ptr + expert * stride_we
+        row_stride = stride_wn
+    else:
+        w2_at = s2_ptr + (expert - num_routed) * stride_se
+        row_stride = stride_sn
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_at = h_ptr + pair * stride_hm
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w2 = tl.load(w2_at + rows[:, None] * row_stride + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
+                     other=0.0)
+        h = tl.load(h_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        acc += tl.sum(w2.to(tl.float32) * h, axis=1)
+    gate = _pair_gate(pair, gate_ptr, k_routed, TOPK)
+    tl.store(out_ptr + pair * stride_om + rows, acc * gate, mask=rows < N)
+
+
+_gate_up_rows_tuned = tuned(_gate_up_rows, ["K", "N", "TOPK"])
+_down_rows_tuned = tuned(_down_rows, ["K", "N", "TOPK"])
 
 
 @dataclass(frozen=True)
@@ -186,12 +269,15 @@ ONE_BLOCK_PER_PAIR = 16  # pairs up to which row block p holds pair p (two token
 
 def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
                   indices: torch.Tensor, config: MoEConfig | None = None,
-                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  rows: bool | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
     [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
     in x's dtype. `shared` = the shared experts' MLP weights (gate [S * inter, dim], down [dim, S * inter], up
     [S * inter, dim]), added to the sum as S more experts of weight 1 that every token takes: one pass over
-    the weights for routed and shared alike. `config` replaces the tile heuristic (benchmarks)."""
+    the weights for routed and shared alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
+    two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed on the shape's
+    first call), the MMA tiles under the interpreter and wherever `config` is given."""
     n, dim = x.shape
     num_routed, inter, _ = w1.shape
     if (w1.shape != w3.shape or w2.shape != (num_routed, dim, inter) or w1.shape[2] != dim
@@ -236,7 +322,8 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
     s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
     launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, k, blocks,
-                     num_experts, one_block, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+                     num_experts, one_block, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                     False if config is not None and rows is None else rows)
     return out.view(n, k, dim).sum(1).to(x.dtype)
 
 
@@ -248,35 +335,88 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
                      s2: torch.Tensor, s3: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor,
                      block_expert: torch.Tensor, routed_indices: torch.Tensor, out: torch.Tensor, k: int, blocks: int,
                      num_experts: int, one_block: bool, block_m: int, block_n: int, block_k: int, num_warps: int,
-                     num_stages: int) -> None:
+                     num_stages: int, rows: bool | None) -> None:
     """Both kernels over `blocks` row blocks, into out [pairs, dim] fp32; s1/s2/s3 the shared experts'
     matrices (or any tensors when there are none: no row block reads them). `one_block`: row block p holds
     pair p and the kernels read routed_indices [n, k_routed] and weights [n, k_routed] as they are; otherwise
-    the grouped layout (pair_ids, block_expert) and every pair's weight."""
+    the grouped layout (pair_ids, block_expert) and every pair's weight; `rows` as `fused_experts` takes it."""
     pairs, dim = out.shape
     num_routed, inter, _ = w1.shape
     k_routed = routed_indices.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
-    h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
+
     # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
-    _gate_up[(blocks, triton.cdiv(inter, block_n))](
-        x, w1, w3, s1, s3, h, pair_ids, block_expert, routed_indices, pairs, num_routed, num_experts, k_routed,
-        dim, inter, x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
-        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _down[(blocks, triton.cdiv(dim, block_n))](
-        h, w2, s2, out, pair_ids, block_expert, routed_indices, weights, pairs, num_routed, num_experts, k_routed,
-        inter, dim, h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
-        TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    def tiles() -> None:
+        h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
+        _gate_up[(blocks, triton.cdiv(inter, block_n))](
+            x, w1, w3, s1, s3, h, pair_ids, block_expert, routed_indices, pairs, num_routed, num_experts, k_routed,
+            dim, inter, x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
+            TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        _down[(blocks, triton.cdiv(dim, block_n))](
+            h, w2, s2, out, pair_ids, block_expert, routed_indices, weights, pairs, num_routed, num_experts, k_routed,
+            inter, dim, h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
+            TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    def gemvs() -> None:
+        h = torch.empty(pairs, inter, device=x.device, dtype=x.dtype)
+        _launch_rows(_gate_up_rows, _gate_up_rows_tuned, inter, pairs, dim, k, (
+            x, w1, w3, s1, s3, h, routed_indices, num_routed, k_routed, dim, inter, x.stride(0), w1.stride(0),
+            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0)))
+        _launch_rows(_down_rows, _down_rows_tuned, dim, pairs, inter, k, (
+            h, w2, s2, out, routed_indices, weights, num_routed, k_routed, inter, dim, h.stride(0), w2.stride(0),
+            w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0)))
+
+    if one_block and rows is None:
+        rows = _rows_faster(_rows_key(x, w1, pairs, k, num_experts), tiles, gemvs)
+    (gemvs if one_block and rows else tiles)()
+
+
+def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple) -> None:
+    """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs: its tuned tile, or under the interpreter
+    the first candidate."""
+    if _INTERPRETED:
+        tile = K_CONTIGUOUS_TILES[0]
+        kernel[(triton.cdiv(n, tile.block_n), pairs)](*args, TOPK=topk, BLOCK_N=tile.block_n,
+                                                       BLOCK_K=min(tile.block_k, triton.next_power_of_2(k_dim)),
+                                                       num_warps=tile.num_warps)
+    else:
+        tuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), pairs)](*args, TOPK=topk)
+
+
+_INTERPRETED = triton.knobs.runtime.interpret
+_ROWS_FASTER: dict[tuple, bool] = {}  # one-block shape -> whether the GEMV form beat the MMA tiles
+
+
+def _rows_faster(key: tuple, tiles, gemvs) -> bool:
+    """Whether the GEMV form is the faster for this shape: timed on its first call, both replayed from CUDA graphs
+    (the routed experts of one step already pass the L2 cache: no weight copies needed). The MMA tiles under the
+    interpreter, and for a shape first met inside a graph capture (nothing may be timed there)."""
+    if key not in _ROWS_FASTER:
+        if _INTERPRETED or capturing():
+            return False
+        gemvs()  # the first call tunes the GEMV form's tiles, outside the timed graphs
+        _ROWS_FASTER[key] = triton.testing.do_bench_cudagraph(gemvs) <= triton.testing.do_bench_cudagraph(tiles)
+    return _ROWS_FASTER[key]
 
 
 @launch_fused_moe.register_fake
 def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, k, blocks, num_experts,
-      one_block, block_m, block_n, block_k, num_warps, num_stages) -> None:
+      one_block, block_m, block_n, block_k, num_warps, num_stages, rows) -> None:
     return None
 
 
-__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert"]
+def rows_faster(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_experts: int) -> bool | None:
+    """Whether a one-block call (x, the routed w1, `pairs` pairs, k a token over num_experts experts, shared ones
+    counted) runs the GEMV form, once its shape's first call has timed it; None before (benchmarks report it)."""
+    return _ROWS_FASTER.get(_rows_key(x, w1, pairs, k, num_experts))
+
+
+def _rows_key(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_experts: int) -> tuple:
+    return pairs, k, num_experts, *w1.shape[1:], x.dtype, x.device
+
+
+__all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert", "rows_faster"]
