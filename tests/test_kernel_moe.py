@@ -119,7 +119,7 @@ def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
 
     timed = []
 
-    def clock(fn):
+    def clock(fn, rep):
         fn()
         timed.append(len(timed))
         return 1.0 if (len(timed) % 2 == 1) == (winner == "gemvs") else 2.0
