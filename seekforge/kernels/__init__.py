@@ -4,7 +4,8 @@ Each module imports Triton itself, so `import seekforge.kernels` stays free of i
 have no Triton, keep to the references.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
-- `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`).
+- `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
+  or two tokens also as GEMVs, whichever form of the two timed faster for the shape.
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`);
   with the block's residual add and the FFN's norm in the first (`residual_route`).
 - `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps

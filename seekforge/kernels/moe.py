@@ -63,6 +63,19 @@ def _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _expert_matrix(expert, routed_ptr, shared_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn):
+    """(Where expert `expert`'s matrix starts, its row stride): a routed expert's own, or for expert num_routed + j
+    slice j of the shared experts' MLP matrix (gate/up: rows j * inter ..; down: columns j * inter ..)."""
+    if expert < num_routed:
+        at = routed_ptr + expert * stride_we
+        row_stride = stride_wn
+    else:
+        at = shared_ptr + (expert - num_routed) * stride_se
+        row_stride = stride_sn
+    return at, row_stride
+
+
+@triton.jit
 def _pair_gate(pair, gate_ptr, k_routed, TOPK: tl.constexpr):
     """The routed weight [n, k_routed] of pair p's slot; 1 for a shared expert's."""
     slot = pair % TOPK
@@ -81,14 +94,8 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr, 
                                     TOPK, BLOCK_M, ONE_BLOCK)
     if expert >= num_experts:  # past the last real row block
         return
-    if expert < num_routed:
-        w1_at = w1_ptr + expert * stride_we
-        w3_at = w3_ptr + expert * stride_we
-        row_stride = stride_wn
-    else:  # a shared expert: a slice of the shared MLP's rows
-        w1_at = s1_ptr + (expert - num_routed) * stride_se
-        w3_at = s3_ptr + (expert - num_routed) * stride_se
-        row_stride = stride_sn
+    w1_at, row_stride = _expert_matrix(expert, w1_ptr, s1_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
+    w3_at, _ = _expert_matrix(expert, w3_ptr, s3_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     row_ok = pair < num_pairs
     token = (pair // TOPK).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,12 +128,7 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr
                                     TOPK, BLOCK_M, ONE_BLOCK)
     if expert >= num_experts:
         return
-    if expert < num_routed:
-        w2_at = w2_ptr + expert * stride_we
-        row_stride = stride_wn
-    else:  # a shared expert: a slice of the shared MLP's columns
-        w2_at = s2_ptr + (expert - num_routed) * stride_se
-        row_stride = stride_sn
+    w2_at, row_stride = _expert_matrix(expert, w2_ptr, s2_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     row_ok = pair < num_pairs
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -155,14 +157,8 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
     its expert's W1 and W3, both read in the same slices of K."""
     pair = tl.program_id(1)
     expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
-    if expert < num_routed:
-        w1_at = w1_ptr + expert * stride_we
-        w3_at = w3_ptr + expert * stride_we
-        row_stride = stride_wn
-    else:
-        w1_at = s1_ptr + (expert - num_routed) * stride_se
-        w3_at = s3_ptr + (expert - num_routed) * stride_se
-        row_stride = stride_sn
+    w1_at, row_stride = _expert_matrix(expert, w1_ptr, s1_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
+    w3_at, _ = _expert_matrix(expert, w3_ptr, s3_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + (pair // TOPK).to(tl.int64) * stride_xm
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
@@ -187,12 +183,7 @@ def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, num_routed, k_
     of its expert's W2."""
     pair = tl.program_id(1)
     expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
-    if expert < num_routed:
-        w2_at = w2_ptr + expert * stride_we
-        row_stride = stride_wn
-    else:
-        w2_at = s2_ptr + (expert - num_routed) * stride_se
-        row_stride = stride_sn
+    w2_at, row_stride = _expert_matrix(expert, w2_ptr, s2_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     h_at = h_ptr + pair * stride_hm
     acc = tl.zeros((BLOCK_N,), tl.float32)
