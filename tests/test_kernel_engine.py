@@ -35,12 +35,20 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
     decodes = []  # without CUDA graphs decode steps call the MLA kernel outside any op: a spy counts the calls
     monkeypatch.setitem(kernels._TRITON, ("mla_decode", "paged_mla_decode_triton"),
                         lambda *args: decodes.append(1) or paged_mla_decode_triton(*args))
+    import seekforge.kernels.moe as moe_module
+
+    # decode's MoE (one block a pair) in its GEMV form, which the GPU keeps where it times faster (the MMA tiles,
+    # the interpreter's choice, have tests of their own)
+    monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: True)
+    gemv_form = []
+    launch_rows = moe_module._launch_rows
+    monkeypatch.setattr(moe_module, "_launch_rows", lambda *args: gemv_form.append(1) or launch_rows(*args))
     counters.clear()
     llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True)
     with torch.profiler.profile() as prof:
         got = [o.token_ids for o in llm.generate(prompts, params)]
     ran = {e.key for e in prof.key_averages()}
     assert {"seekforge::route", "seekforge::residual_route", "seekforge::fused_moe", "seekforge::gemv",
-            "seekforge::norm_gemv"} <= ran and decodes
+            "seekforge::norm_gemv"} <= ran and decodes and gemv_form
     assert not counters["graph_break"]
     assert got == plain
