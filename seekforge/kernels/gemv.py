@@ -144,18 +144,18 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) ->
         return x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
     if config is None and _INTERPRETED:
         config = default_config(weight)
-    return launch_gemv(x, weight, None if config is None else _tile(config, x.shape[2]))
+    return launch_gemv(x, weight, None if config is None else tile_of(config, x.shape[2]))
 
 
 def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _tile(config: GemvConfig, k: int) -> list[int]:
+def tile_of(config: GemvConfig, k: int) -> list[int]:
     return [config.block_n, min(config.block_k, triton.next_power_of_2(k)), config.num_warps]
 
 
-def _launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] | None, key: tuple,
+def launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] | None, key: tuple,
                   untimed: list[int]) -> None:
     """Launch `kernel` with `tile` ([BLOCK_N, BLOCK_K, warps]), or for None `tuned`, its autotuned form, with the
     shape's tuned tile: timed on the shape's (`key`'s) first launch, except inside a graph being captured, where
@@ -184,7 +184,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -
         return _run(x, weight, tile)
     key = _shape_key(x, weight)
     if key not in _CHOICE and capturing():  # no timing inside a graph being captured
-        return _run(x, weight, _tile(default_config(weight), x.shape[2]))
+        return _run(x, weight, tile_of(default_config(weight), x.shape[2]))
     if key not in _CHOICE:  # the shape's first call: tune the tile, then time it beside cuBLAS
         _run(x, weight, None)
         faster = _replayed_us(lambda w: _run(x, w, None), weight) <= _replayed_us(lambda w: _cublas(x, w), weight)
@@ -211,9 +211,9 @@ def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch
     y = x.new_empty(m, batch, n)
     args = (x, weight, y, m, n, k, x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
             weight.stride(2), y.stride(0), y.stride(1))
-    _launch_tiled(_gemv, _gemv_tuned, lambda block_n: (triton.cdiv(n, block_n), batch), args,
+    launch_tiled(_gemv, _gemv_tuned, lambda block_n: (triton.cdiv(n, block_n), batch), args,
                   {"BLOCK_M": triton.next_power_of_2(m)}, tile, ("gemv", *_shape_key(x, weight)),
-                  _tile(default_config(weight), k))
+                  tile_of(default_config(weight), k))
     return y
 
 
@@ -300,7 +300,7 @@ def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.
                           f"{tuple(norm_weight.shape)} {norm_weight.dtype}, weights {tuple(wa.shape)} {wa.dtype} and "
                           f"{tuple(wb.shape)} {wb.dtype}")
     ya, yb = launch_norm_gemv(x.reshape(rows, k), norm_weight, eps, wa, wb,
-                              _tile(default_config(wa), k) if _INTERPRETED else None)
+                              tile_of(default_config(wa), k) if _INTERPRETED else None)
     return ya.view(*lead, wa.shape[0]), yb.view(*lead, wb.shape[0])
 
 
@@ -315,10 +315,10 @@ def launch_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa:
         return ya.zero_(), yb.zero_()
     args = (x, norm_weight, wa, wb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
             wb.stride(0), ya.stride(0), yb.stride(0))
-    _launch_tiled(_norm_gemv2, _norm_gemv2_tuned,
+    launch_tiled(_norm_gemv2, _norm_gemv2_tuned,
                   lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
                   {"BLOCK_M": triton.next_power_of_2(m)}, tile,
-                  ("norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), _tile(default_config(wa), k))
+                  ("norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), tile_of(default_config(wa), k))
     return ya, yb
 
 
@@ -370,7 +370,7 @@ def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, c
                           f"{tuple(q_nope.shape)} {q_nope.dtype}, q_pe {tuple(q_pe.shape)} {q_pe.dtype}, w_uk "
                           f"{tuple(w_uk.shape)} {w_uk.dtype}, cos {tuple(cos.shape)}")
     return launch_latent_query(q_nope, q_pe, w_uk, cos.contiguous(), sin.contiguous(),
-                               _tile(default_config(w_uk), d) if _INTERPRETED else None)
+                               tile_of(default_config(w_uk), d) if _INTERPRETED else None)
 
 
 @torch.library.custom_op("seekforge::latent_query", mutates_args=())
@@ -385,9 +385,9 @@ def launch_latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Te
             w_uk.stride(0), w_uk.stride(1), w_uk.stride(2), y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1),
             cos.stride(0))
     meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1))}
-    _launch_tiled(_latent_query, _latent_query_tuned, lambda block_n: (triton.cdiv(c, block_n) + 1, h), args, meta,
+    launch_tiled(_latent_query, _latent_query_tuned, lambda block_n: (triton.cdiv(c, block_n) + 1, h), args, meta,
                   tile, ("latent_query", n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device),
-                  _tile(default_config(w_uk), d))
+                  tile_of(default_config(w_uk), d))
     return y
 
 

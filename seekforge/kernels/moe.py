@@ -34,7 +34,7 @@ import triton.language as tl
 import triton.testing
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, tuned
+from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, launch_tiled, tile_of, tuned
 
 
 @triton.jit
@@ -356,26 +356,23 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
         h = torch.empty(pairs, inter, device=x.device, dtype=x.dtype)
         _launch_rows(_gate_up_rows, _gate_up_rows_tuned, inter, pairs, dim, k, (
             x, w1, w3, s1, s3, h, routed_indices, num_routed, k_routed, dim, inter, x.stride(0), w1.stride(0),
-            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0)))
+            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0)), x)
         _launch_rows(_down_rows, _down_rows_tuned, dim, pairs, inter, k, (
             h, w2, s2, out, routed_indices, weights, num_routed, k_routed, inter, dim, h.stride(0), w2.stride(0),
-            w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0)))
+            w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0)), x)
 
     if one_block and rows is None:
         rows = _rows_faster(_rows_key(x, w1, pairs, k, num_experts), tiles, gemvs)
     (gemvs if one_block and rows else tiles)()
 
 
-def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple) -> None:
-    """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs: its tuned tile, or under the interpreter
-    the first candidate."""
-    if _INTERPRETED:
-        tile = K_CONTIGUOUS_TILES[0]
-        kernel[(triton.cdiv(n, tile.block_n), pairs)](*args, TOPK=topk, BLOCK_N=tile.block_n,
-                                                       BLOCK_K=min(tile.block_k, triton.next_power_of_2(k_dim)),
-                                                       num_warps=tile.num_warps)
-    else:
-        tuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), pairs)](*args, TOPK=topk)
+def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple,
+                 x: torch.Tensor) -> None:
+    """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs, launched as the GEMV's are
+    (`gemv.launch_tiled`): the shape's tuned tile, the first candidate under the interpreter or inside a capture."""
+    untimed = tile_of(K_CONTIGUOUS_TILES[0], k_dim)
+    launch_tiled(kernel, tuned_kernel, lambda block_n: (triton.cdiv(n, block_n), pairs), args, {"TOPK": topk},
+                 untimed if _INTERPRETED else None, (kernel.__name__, k_dim, n, topk, x.dtype, x.device), untimed)
 
 
 _INTERPRETED = triton.knobs.runtime.interpret
