@@ -87,6 +87,8 @@ def main() -> None:
         chosen = indices.unique().numel()
         nbytes = (chosen + args.shared) * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
         joined = args.shared and n <= FUSED_SHARED_TOKENS
+        k_all = args.topk + (args.shared if joined else 0)  # a token's pairs and the experts, joined shared ones too
+        experts_all = args.experts + (args.shared if joined else 0)
 
         def fused(cfg=None, rows=None):
             for ex, mlp in layers:
@@ -104,13 +106,10 @@ def main() -> None:
         per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us per layer's call
         row = {"tokens": n, "experts_read": chosen, "shared": args.shared, "bytes": nbytes, "layers": args.layers,
                "fused_us": per_call(fused), "grouped_us": per_call(grouped),
-               "default": asdict(default_config(n * (args.topk + (args.shared if joined else 0)),
-                                                  args.experts + (args.shared if joined else 0)))}
-        pairs = n * (args.topk + (args.shared if joined else 0))
-        if pairs <= ONE_BLOCK_PER_PAIR:  # both forms of one or two tokens, and which one the engine keeps
+               "default": asdict(default_config(n * k_all, experts_all))}
+        if n * k_all <= ONE_BLOCK_PER_PAIR:  # both forms of one or two tokens, and which one the engine keeps
             row["tiles_us"], row["gemvs_us"] = per_call(lambda: fused(rows=False)), per_call(lambda: fused(rows=True))
-            row["runs"] = "gemvs" if rows_faster(x, layers[0][0].w1, pairs, args.topk + (args.shared if joined else 0),
-                                                 args.experts + (args.shared if joined else 0)) else "tiles"
+            row["runs"] = "gemvs" if rows_faster(x, layers[0][0].w1, n * k_all, k_all, experts_all) else "tiles"
         if args.sweep and n in args.sweep:
             row["best"] = fastest(candidates(), lambda cfg: per_call(lambda: fused(cfg)), keep=5)
         for key in ("fused", "grouped"):
