@@ -82,8 +82,10 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
     got = gemv(x, w)
     assert len(tiles_timed) == len(fitting) and last_tuned_tile() == GemvConfig(*fitting[2])
     assert len(weighed) == 2 and gemv_module.choice(x, w) == winner
-    # cuBLAS's half-precision GEMM may reduce in half precision (PyTorch's default): a few units of the last place
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=1e-2, rtol=1e-2)
+    if winner == "triton":
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+    else:  # cuBLAS's own half-precision product, which may reduce in half precision (PyTorch's default)
+        torch.testing.assert_close(got, F.linear(x, w), atol=0, rtol=0)
     again = gemv(x, w)
     assert len(tiles_timed) == len(fitting) and len(weighed) == 2
     torch.testing.assert_close(again, got, atol=3e-3, rtol=3e-3)
