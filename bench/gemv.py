@@ -110,7 +110,7 @@ def main() -> None:
 def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
     """name -> (per-layer argument tuples, the fused kernel, what the compiled decode block ran before it)."""
     bf16 = dict(device=dev, dtype=torch.bfloat16)
-    norm = RMSNorm(2048).to(**bf16)
+    norm = RMSNorm(2048).to(**bf16).requires_grad_(False)  # else compile traces a backward through the GEMV op
     x = torch.randn(m, 2048, **bf16)
     g = norm.weight.detach()
     projections = [(x, g, norm.eps, torch.randn(3072, 2048, **bf16) * 0.02, torch.randn(576, 2048, **bf16) * 0.02)

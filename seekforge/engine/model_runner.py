@@ -407,11 +407,14 @@ def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
 def _compile(fn):
     """torch.compile with dynamic shapes, allowed more variants than dynamo's default of 8 per function: the
     kernel choices by token count (one block a pair, shared experts joined, fused or grouped experts) and the
-    dense and MoE layers each make one, and past the limit dynamo would run the rest eagerly."""
+    dense and MoE layers each make one, and past the limit dynamo would run the rest eagerly. Float constants
+    (norm eps, route scale) stay baked in: with dynamic shapes dynamo otherwise passes them as CPU scalar
+    tensors, and inductor builds CPU kernels for them inside GPU blocks (on the H200 one such build stalled a
+    test's compile for minutes)."""
     compiled = torch.compile(fn, dynamic=True)
 
     def run(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, specialize_float=True):
             return compiled(*args, **kwargs)
 
     return run
