@@ -2,7 +2,7 @@
 GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
 the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run;
 "runs" is what the engine then runs for the shape (the faster of the two on its first call). Then the fused forms
-(`norm_gemv`, `latent_query`) against what the compiled decode block ran before them.
+(`norm_gemv`, `latent_query`, that with the cache store) against what the decode block ran before them.
 
     python bench/gemv.py                          # rows 1, 2, 4; each shape's tuned tile (what the engine runs)
     python bench/gemv.py --sweep --json out.json  # also time candidate tiles beyond the tuned set
@@ -30,6 +30,7 @@ from tiles import fastest  # noqa: E402
 
 from seekforge.kernels.gemv import (GemvConfig, choice, gemv, head_gemv, last_tuned_tile, latent_query,  # noqa: E402
                                     norm_gemv)
+from seekforge.kernels.latents import store_new_latents  # noqa: E402
 from seekforge.model.norm import RMSNorm  # noqa: E402
 from seekforge.model.rope import apply_rotary  # noqa: E402
 
@@ -108,7 +109,7 @@ def main() -> None:
 
 
 def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
-    """name -> (per-layer argument tuples, the fused kernel, what the compiled decode block ran before it)."""
+    """name -> (per-layer argument tuples, the fused kernel, what the decode block ran before it)."""
     bf16 = dict(device=dev, dtype=torch.bfloat16)
     norm = RMSNorm(2048).to(**bf16).requires_grad_(False)  # else compile traces a backward through the GEMV op
     x = torch.randn(m, 2048, **bf16)
@@ -128,8 +129,19 @@ def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
         pe = apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
         return torch.cat([head_gemv(q_nope, w_uk), pe], dim=-1)
 
+    # the new latents' cache store in the latent query's launch vs its own (both Triton: the previous engine)
+    cache = torch.zeros(64, 64, LATENT + 64, **bf16)
+    slots = torch.randperm(64 * 64, device=dev)[:m]
+    kv_norm = torch.rand(LATENT, **bf16) + 0.5
+    stores = [(*query, (cache, slots, torch.randn(m, LATENT + 64, **bf16), kv_norm, 1e-6)) for query in queries]
+
+    def store_apart(q_nope, q_pe, w_uk, cos, sin, store):
+        store_new_latents(*store, cos, sin)
+        return latent_query(q_nope, q_pe, w_uk, cos, sin)
+
     return {"attn_norm + wq + wkv_a": (projections, norm_gemv, torch.compile(unfused_projections, dynamic=False)),
-            "W_UK + q rope + cat": (queries, latent_query, torch.compile(unfused_query, dynamic=False))}
+            "W_UK + q rope + cat": (queries, latent_query, torch.compile(unfused_query, dynamic=False)),
+            "latent query + store": (stores, latent_query, store_apart)}
 
 
 def fused_row(name, m, layers, dev, bw, per_layer, fused_fn, unfused_fn) -> dict:

@@ -50,11 +50,11 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
         "gemv", "_norm_gemv2", {**{f"{n}_ptr": "*bf16" for n in ("x", "g", "wa", "wb", "ya", "yb")}, "eps": "fp32"},
         {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
        for m in (1, 4) for bn, bk, warps in GEMV_TILES[:3]},
-    **{f"latent_query_rows{m}_tile{bn}x{bk}w{warps}": (
-        "gemv", "_latent_query", {f"{n}_ptr": "*bf16" for n in ("x", "w", "y", "pe")} | {"cos_ptr": "*fp32",
-                                                                                        "sin_ptr": "*fp32"},
-        {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_P": 32}, warps, 3)
-       for m in (1, 4) for bn, bk, warps in GEMV_TILES[9:]},
+    **{f"latent_query_rows{m}_tile{bn}x{bk}w{warps}{'_storing' if store else ''}": (
+        "gemv", "_latent_query", {f"{n}_ptr": "*bf16" for n in ("x", "w", "y", "pe", "kv", "g", "cache")}
+        | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"},
+        {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_P": 32, "STORE": store, "BLOCK_C": 512}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in GEMV_TILES[9:] for store in (False, True)},
     "store_new_latents": ("latents", "_store_new_latents",
                           {"kv_ptr": "*bf16", "g_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                            "slot_ptr": "*i64", "cache_ptr": "*bf16", "eps": "fp32"},

@@ -68,14 +68,15 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
         tiles_timed.append(len(tiles_timed))
         return [1.0 if len(tiles_timed) == 3 else 2.0] * len(quantiles)  # the third candidate is the fastest
 
-    def clock(call, weight):  # what the choice times: call(weight) replayed
-        call(weight)
+    def clock(run):  # what the choice times: the call over the weight's copies, replayed
+        run()
         weighed.append(len(weighed))
         return 1.0 if (len(weighed) % 2 == 1) == (winner == "triton") else 2.0  # a shape times its tile first
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", tile_clock)
-    monkeypatch.setattr(gemv_module, "_replayed_us", clock)
+    monkeypatch.setattr(gemv_module, "replayed_us", clock)
+    monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])  # stand-in clocks: one copy will do
     x = torch.randn(3, k, device=DEVICE, dtype=HALF)
     w = torch.randn(7, k, device=DEVICE, dtype=HALF) * k ** -0.5
     assert gemv_module.choice(x, w) is None
@@ -102,12 +103,25 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
         torch.testing.assert_close(head_gemv(xh, wh), torch.einsum("nhk,hjk->nhj", xh, wh), atol=0, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the L2 cache's size is CUDA's")
+def test_the_choice_times_weight_copies_that_pass_the_l2_cache():
+    from seekforge.kernels.gemv import weight_copies
+
+    l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
+    w_uk = torch.randn(16, 128, 512, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)  # 2 MB, N contiguous
+    copies = weight_copies(w_uk)
+    assert copies[0] is w_uk and len(copies) == min(16, -(-2 * l2 // (w_uk.numel() * 2)))
+    assert all(c.stride() == w_uk.stride() and torch.equal(c, w_uk) for c in copies)
+    assert len({c.data_ptr() for c in copies}) == len(copies)
+
+
 def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypatch):
     import seekforge.kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module, "capturing", lambda: True)
-    monkeypatch.setattr(gemv_module, "_replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
+    monkeypatch.setattr(gemv_module, "replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
     x = torch.randn(2, 52, device=DEVICE, dtype=HALF)
     w = torch.randn(5, 52, device=DEVICE, dtype=HALF) * 52 ** -0.5
@@ -326,7 +340,7 @@ def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_b
         plain = runner._graph_step(2)
     ran = {e.key: e.count for e in prof.key_averages()}
     assert ran.get("seekforge::gemv", 0) >= 2 * cfg.n_layers  # wo and W_UV
-    fused = ("seekforge::norm_gemv", "seekforge::store_new_latents", "seekforge::latent_query")
+    fused = ("seekforge::norm_gemv", "seekforge::latent_query_storing")
     assert min(ran.get(op, 0) for op in fused) >= cfg.n_layers
     assert not counters["graph_break"]
     torch.testing.assert_close(routed, plain, atol=2e-2, rtol=2e-2)

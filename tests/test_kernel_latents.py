@@ -78,3 +78,46 @@ def test_bad_cache_layout_is_named():
     attn, cos, sin, kv_a, cache, slots = setup(cfg, 2)
     with pytest.raises(ConfigError, match="contiguous rows"):
         store_new_latents(cache[..., :-1], slots, kv_a[:, :-1], attn.kv_norm.weight, 1e-6, cos, sin)
+
+
+@pytest.mark.parametrize("n, heads", [(1, 16), (3, 4), (4, 2)])  # (4, 2): a head's program stores two tokens
+def test_the_latent_querys_launch_stores_them_as_the_store_kernel_does(n, heads):
+    from seekforge.kernels.gemv import latent_query
+
+    cfg = ModelConfig.preset("tiny").replace(n_heads=heads)
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
+    q = torch.randn(n, heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
+    q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+    w_uk = attn.absorbed_weights()[0].detach().transpose(1, 2)
+    want = cache.clone()
+    with torch.no_grad():
+        store_new_latents(want, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
+        query = latent_query(q_nope, q_pe, w_uk, cos, sin)
+        ptr = cache.data_ptr()
+        store = (cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps)
+        got = torch.compile(latent_query, fullgraph=True)(q_nope, q_pe, w_uk, cos, sin, store)
+    assert cache.data_ptr() == ptr  # written in place, also compiled
+    torch.testing.assert_close(cache, want, atol=0, rtol=0)
+    torch.testing.assert_close(got, query, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="rotary width"):
+        narrow = cache[..., 2:].contiguous()  # a rope part 2 narrower than the query's
+        latent_query(q_nope, q_pe, w_uk, cos, sin, (narrow, slots, kv_a[:, 2:], attn.kv_norm.weight, 1e-6))
+
+
+def test_the_engine_stores_them_in_the_latent_querys_launch_where_triton_runs(monkeypatch):
+    cfg = ModelConfig.preset("tiny")
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, 3)
+    q = torch.randn(3, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
+    q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+    stored, plain, fused = [], cache.clone(), cache.clone()
+    with torch.no_grad():
+        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
+        want = kernels.store_and_query(attn, plain, slots, kv_a, q_nope, q_pe, cos, sin,
+                                       lambda *args: stored.append(args) or kernels.store_latents(*args))
+        assert len(stored) == 1
+        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
+        monkeypatch.setitem(kernels._TRITON, ("latents", "store_new_latents"), lambda *a: pytest.fail("not fused"))
+        got = kernels.store_and_query(attn, fused, slots, kv_a, q_nope, q_pe, cos, sin,
+                                      lambda *args: pytest.fail("not fused"))
+    torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

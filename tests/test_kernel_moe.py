@@ -115,12 +115,13 @@ def test_the_gemv_form_of_one_or_two_tokens_matches_the_model(n, k, experts, dim
 def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
     """A one-block shape's first call (on the GPU) times both forms replayed from CUDA graphs, GEMVs first, and
     keeps the faster; later calls time nothing. Both give the model's experts."""
+    import seekforge.kernels.gemv as gemv_module
     import seekforge.kernels.moe as moe_module
 
     timed = []
 
-    def clock(fn, rep):
-        fn()
+    def clock(run):
+        run()
         timed.append(len(timed))
         return 1.0 if (len(timed) % 2 == 1) == (winner == "gemvs") else 2.0
 
@@ -128,7 +129,7 @@ def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
     monkeypatch.setattr(moe_module, "_ROWS_FASTER", {})
     for tuned_kernel in (moe_module._gate_up_rows_tuned, moe_module._down_rows_tuned):  # tiles tuned, untimed
         monkeypatch.setattr(tuned_kernel, "do_bench", lambda call, quantiles: call() or [1.0] * len(quantiles))
-    monkeypatch.setattr(moe_module.triton.testing, "do_bench_cudagraph", clock)
+    monkeypatch.setattr(gemv_module, "replayed_us", clock)
     ex, x, weights, indices, ref = _problem(1, 2, 4, 24, 40, torch.float32, seed=9)
     for _ in range(2):
         out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)

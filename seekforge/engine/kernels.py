@@ -6,8 +6,8 @@ below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton ker
 `seekforge.kernels.mla_decode` behind the same signature, and `moe_forward` the Triton router and fused MoE
 kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references). For the
 few rows of small decode steps, the projections run as GEMVs (`FewRowLinears`, `head_matmul`) and what the
-compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`,
-`residual_norm` (each with its PyTorch composition where no kernel applies).
+compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`
+(the last two in one launch: `store_and_query`), `residual_norm` (each with its PyTorch composition where no kernel applies).
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
@@ -310,6 +310,21 @@ def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, c
     if cos is not None:
         q_pe = apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
     return torch.cat([head_matmul(q_nope, w_uk.transpose(1, 2)), q_pe], dim=-1)
+
+
+def store_and_query(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, q_nope: torch.Tensor,
+                    q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=store_latents) -> torch.Tensor:
+    """A decode step's new latents into the cache (`store_new_latents`) and its latent query (`latent_query`) from
+    the input projections: kv_a [n, c + r], q_nope [n, h, d], q_pe [n, h, r]. On CUDA, for up to GEMV_ROWS tokens of
+    one 16-bit dtype, both in one Triton launch, one fewer in the chain of small kernels of a batch-1 step."""
+    w_uk = attn.absorbed_weights()[0]
+    fused = _triton("gemv", "latent_query") if triton_runs_on(q_nope.device) else None
+    if (fused is not None and _gemv_takes(q_nope, w_uk, q_nope.shape[0]) and q_pe.dtype == q_nope.dtype
+            and kv_a.dtype == cache.dtype == attn.kv_norm.weight.dtype):
+        return fused(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin,
+                     (cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps))
+    store_new_latents(attn, cache, slot_mapping, kv_a, cos, sin, store)
+    return latent_query(q_nope, q_pe, w_uk, cos, sin)
 
 
 def values_padded_for_sdpa(device: torch.device) -> bool:

@@ -21,8 +21,8 @@ attention (`attention_inputs`, `block_output`) and each group's explicit attenti
 an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
 In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`), and in any
 step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`);
-captured steps write their new latents into the cache straight from wkv_a's output (`kernels.store_new_latents`)
-and rotate the query's rope part in the launch of W_UK's product (`kernels.latent_query`).
+captured steps write their new latents into the cache straight from wkv_a's output and rotate the query's rope part,
+both in the launch of W_UK's product (`kernels.store_and_query`).
 """
 
 from __future__ import annotations
@@ -384,13 +384,12 @@ def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                  slot_mapping: torch.Tensor, plan: kernels.PagedAttentionPlan, store=kernels.store_latents,
                  decode=kernels.paged_mla_decode) -> torch.Tensor:
     """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
-    reads only the cache, so the new latents go from wkv_a's output straight into it (`kernels.store_new_latents`,
-    `store` where that has no kernel)."""
+    reads only the cache, so the new latents go from wkv_a's output straight into it, beside the latent query's
+    W_UK product and rotation (`kernels.store_and_query`; `store` where the cache store has no kernel)."""
     attn = block.attn
     q, kv_a = input_projections(block, h)
-    kernels.store_new_latents(attn, cache, slot_mapping, kv_a[0], cos[0], sin[0], store)
-    q_nope, q_pe = attn.query_heads(q)  # rotated with W_UK's product (one launch for few rows)
-    q = kernels.latent_query(q_nope[0], q_pe[0], attn.absorbed_weights()[0], cos[0], sin[0])
+    q_nope, q_pe = attn.query_heads(q)
+    q = kernels.store_and_query(attn, cache, slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0], store)
     return block_output(block, h, absorbed_attention(attn, cache, q, plan, 1, decode))
 
 

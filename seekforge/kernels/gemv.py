@@ -33,6 +33,7 @@ import triton.testing
 import triton.language as tl
 
 from seekforge.errors import ConfigError
+from seekforge.kernels.latents import check_store, store_latent_row
 
 
 @triton.jit
@@ -185,24 +186,37 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -
     key = _shape_key(x, weight)
     if key not in _CHOICE and capturing():  # no timing inside a graph being captured
         return _run(x, weight, tile_of(default_config(weight), x.shape[2]))
-    if key not in _CHOICE:  # the shape's first call: tune the tile, then time it beside cuBLAS
-        _run(x, weight, None)
-        faster = _replayed_us(lambda w: _run(x, w, None), weight) <= _replayed_us(lambda w: _cublas(x, w), weight)
-        _CHOICE[key] = "triton" if faster else "cublas"
+    if key not in _CHOICE:  # the shape's first call: the tile tuned, then timed beside cuBLAS
+        copies = weight_copies(weight)
+        _CHOICE[key] = fastest({"triton": lambda: [_run(x, w, None) for w in copies],
+                                "cublas": lambda: [_cublas(x, w) for w in copies]})
     return _run(x, weight, None) if _CHOICE[key] == "triton" else _cublas(x, weight)
 
 
-def _replayed_us(call, weight: torch.Tensor) -> float:
-    """Microseconds a call(w) takes replayed from a CUDA graph, as a captured step runs it, cycling through copies of
-    the weight (same strides) that together pass twice the L2 cache, as a step's layers do: no call finds its weight
-    cached. Timed call by call instead (`do_bench`, L2 flushed before each), the choice went to cuBLAS at every shape
-    of bench/gemv.py's run of 2026-11-29, also where the replayed Triton kernel was 1.4x faster (W_UV, one row)."""
+def fastest(candidates: dict) -> str:
+    """The name of the fastest of `candidates` (name -> a call of no arguments; the first listed wins a tie): each
+    called once (which tunes its tiles), then timed replayed from a CUDA graph, as a captured step runs it. Timed
+    call by call instead (`do_bench`, L2 flushed before each), the GEMV's choice went to cuBLAS at every shape of
+    bench/gemv.py's run of 2026-11-29, also where the replayed Triton kernel was 1.4x faster (W_UV, one row)."""
+    for run in candidates.values():
+        run()
+    us = {name: replayed_us(run) for name, run in candidates.items()}
+    return min(us, key=us.get)
+
+
+def replayed_us(run) -> float:
+    return triton.testing.do_bench_cudagraph(run, rep=5) * 1e3
+
+
+def weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight and copies of it (same strides) that together pass twice the L2 cache, as a step's layers do: a
+    call cycling through them finds no weight cached."""
     span = 1 + sum((n - 1) * stride for n, stride in zip(weight.shape, weight.stride()))
     l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size
     copies = [weight]
     for _ in range(min(15, -(-2 * l2 // (span * weight.element_size())) - 1)):
         copies.append(weight.new_empty(span).as_strided(weight.shape, weight.stride()).copy_(weight))
-    return triton.testing.do_bench_cudagraph(lambda: [call(w) for w in copies], rep=5) * 1e3 / len(copies)
+    return copies
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
@@ -328,16 +342,21 @@ def _(x, norm_weight, eps, wa, wb, tile):
 
 
 @triton.jit
-def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, M, N, K, R, stride_xm, stride_xb, stride_xk,
-                  stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, stride_pm, stride_pb, stride_angles,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, slot_ptr, cache_ptr, eps, M, N, K, R,
+                  C_KV, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk, stride_ym, stride_yb,
+                  stride_pm, stride_pb, stride_angles, stride_kv, stride_slot, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, STORE: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     """Per head b: y[:, b, :N] = x[:, b] W[b]^T (the GEMV's programs), y[:, b, N:N + R] = pe[:, b] rotated by
-    cos/sin (one more program a head), adjacent pairs as `apply_rotary` turns them, in fp32."""
+    cos/sin (one more program a head), adjacent pairs as `apply_rotary` turns them, in fp32. STORE: one more
+    program a head puts the new tokens' latents (kv, C_KV + R wide) into their cache slots, as `store_new_latents`
+    does, tokens b, b + heads, ... (work that does not wait for the query: one launch fewer in the chain)."""
     b, pid = tl.program_id(1), tl.program_id(0)
-    if pid < tl.cdiv(N, BLOCK_N):
+    tiles = tl.cdiv(N, BLOCK_N)
+    if pid < tiles:
         _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
                    stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
+    elif pid == tiles:
         rows = tl.arange(0, BLOCK_M)[:, None]
         ps = tl.arange(0, BLOCK_P)[None, :]
         ok = (rows < M) & (ps < R // 2)
@@ -349,17 +368,23 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, M, N, K, R, str
         out = y_ptr + b * stride_yb + rows * stride_ym + N + 2 * ps
         tl.store(out, (x0 * cos - x1 * sin).to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(out + 1, (x0 * sin + x1 * cos).to(y_ptr.dtype.element_ty), mask=ok)
+    elif STORE:
+        for t in range(b, M, tl.num_programs(1)):
+            store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C_KV, R, stride_kv,
+                             stride_angles, stride_slot, BLOCK_C, BLOCK_P)
 
 
 _latent_query_tuned = tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
 
 
 def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> torch.Tensor:
+                 sin: torch.Tensor, store: tuple | None = None) -> torch.Tensor:
     """Absorbed MLA's latent query of a small decode step in one launch: q_nope [n, h, d] through W_UK
     (w_uk [h, c, d], any strides, as `head_gemv` takes it) beside q_pe [n, h, r] rotated by cos/sin [n, r / 2]
     (fp32) -> [n, h, c + r], i.e. torch.cat([head_gemv(q_nope, w_uk), apply_rotary(q_pe, cos, sin)], -1),
-    without the rotation's and the concatenation's own kernels. n <= GEMV_ROWS."""
+    without the rotation's and the concatenation's own kernels. n <= GEMV_ROWS. store: (cache, slot_mapping,
+    kv_a, norm_weight, eps), the arguments of `seekforge.kernels.latents.store_new_latents` for the same n tokens
+    (their rotary keys r wide, turned by the same cos/sin), done in the same launch."""
     n, h, d = q_nope.shape
     r = q_pe.shape[-1]
     if (q_pe.shape[:2] != (n, h) or w_uk.dim() != 3 or w_uk.shape[0] != h or w_uk.shape[2] != d or n > GEMV_ROWS
@@ -369,30 +394,61 @@ def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, c
                           f"pairs), w_uk [h, c, d] of one dtype and cos/sin [n, r / 2]; got q_nope "
                           f"{tuple(q_nope.shape)} {q_nope.dtype}, q_pe {tuple(q_pe.shape)} {q_pe.dtype}, w_uk "
                           f"{tuple(w_uk.shape)} {w_uk.dtype}, cos {tuple(cos.shape)}")
-    return launch_latent_query(q_nope, q_pe, w_uk, cos.contiguous(), sin.contiguous(),
-                               tile_of(default_config(w_uk), d) if _INTERPRETED else None)
+    tile = tile_of(default_config(w_uk), d) if _INTERPRETED else None
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if store is None:
+        return launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile)
+    cache, slot_mapping, kv_a, norm_weight, eps = store
+    check_store(cache, slot_mapping, kv_a)
+    if kv_a.shape != (n, norm_weight.shape[0] + r):
+        raise ConfigError(f"latent_query's store wants kv_a [n, c + r] = [{n}, {norm_weight.shape[0] + r}] for its "
+                          f"{n} tokens and rotary width {r}; got {tuple(kv_a.shape)}")
+    return launch_latent_query_storing(q_nope, q_pe, w_uk, cos, sin, cache, slot_mapping, kv_a.contiguous(),
+                                       norm_weight, eps, tile)
 
 
-@torch.library.custom_op("seekforge::latent_query", mutates_args=())
-def launch_latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
-                        sin: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+def _launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile, store: tuple | None) -> torch.Tensor:
     n, h, d = q_nope.shape
     c, r = w_uk.shape[1], q_pe.shape[-1]
     y = q_nope.new_empty(n, h, c + r)
     if n == 0:
         return y
-    args = (q_nope, w_uk, y, q_pe, cos, sin, n, c, d, r, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2),
-            w_uk.stride(0), w_uk.stride(1), w_uk.stride(2), y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1),
-            cos.stride(0))
-    meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1))}
-    launch_tiled(_latent_query, _latent_query_tuned, lambda block_n: (triton.cdiv(c, block_n) + 1, h), args, meta,
-                  tile, ("latent_query", n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device),
-                  tile_of(default_config(w_uk), d))
+    cache, slot_mapping, kv_a, norm_weight, eps = store or (y, y, y, y, 0.0)  # unread without STORE
+    c_kv = norm_weight.shape[0] if store else 0
+    args = (q_nope, w_uk, y, q_pe, cos, sin, kv_a, norm_weight, slot_mapping, cache, eps, n, c, d, r, c_kv,
+            q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), w_uk.stride(0), w_uk.stride(1), w_uk.stride(2),
+            y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), kv_a.stride(0), cache.shape[-1])
+    meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1)),
+            "STORE": store is not None, "BLOCK_C": triton.next_power_of_2(max(c_kv, 1))}
+    extra = 2 if store else 1
+    launch_tiled(_latent_query, _latent_query_tuned, lambda block_n: (triton.cdiv(c, block_n) + extra, h), args,
+                 meta, tile, ("latent_query", n, h, c, d, r, q_nope.dtype, w_uk.stride(), q_nope.device, extra),
+                 tile_of(default_config(w_uk), d))
     return y
+
+
+@torch.library.custom_op("seekforge::latent_query", mutates_args=())
+def launch_latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+    return _launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile, None)
 
 
 @launch_latent_query.register_fake
 def _(q_nope, q_pe, w_uk, cos, sin, tile):
+    return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uk.shape[1] + q_pe.shape[-1])
+
+
+# Writes the cache in place, as `store_new_latents` does: opaque to torch.compile, which never copies the cache.
+@torch.library.custom_op("seekforge::latent_query_storing", mutates_args=("cache",))
+def launch_latent_query_storing(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                tile: list[int] | None) -> torch.Tensor:
+    return _launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile, (cache, slot_mapping, kv_a, norm_weight, eps))
+
+
+@launch_latent_query_storing.register_fake
+def _(q_nope, q_pe, w_uk, cos, sin, cache, slot_mapping, kv_a, norm_weight, eps, tile):
     return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uk.shape[1] + q_pe.shape[-1])
 
 

@@ -18,9 +18,9 @@ from seekforge.errors import ConfigError
 
 
 @triton.jit
-def _store_new_latents(kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
-                       stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    t = tl.program_id(0)
+def store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
+                     stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Token t's latent into its cache slot (also a part of `seekforge.kernels.gemv.latent_query`'s launch)."""
     row = kv_ptr + t * stride_kv
     out = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * stride_slot
     cs = tl.arange(0, BLOCK_C)
@@ -39,6 +39,21 @@ def _store_new_latents(kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps
     tl.store(out + C + 2 * ps + 1, (x0 * sin + x1 * cos).to(cache_ptr.dtype.element_ty), mask=pairs)
 
 
+@triton.jit
+def _store_new_latents(kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
+                       stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    store_latent_row(tl.program_id(0), kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv,
+                     stride_angles, stride_slot, BLOCK_C, BLOCK_P)
+
+
+def check_store(cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor) -> None:
+    n, width = kv_a.shape
+    if cache.shape[-1] != width or cache.stride(-1) != 1 or cache.stride(-2) != width or slot_mapping.shape != (n,):
+        raise ConfigError(f"store_new_latents wants a cache [blocks, block_size, c + r] with contiguous rows, kv_a "
+                          f"[n, c + r] and slot_mapping [n]; got cache {tuple(cache.shape)} strides {cache.stride()}, "
+                          f"kv_a {tuple(kv_a.shape)}, slot_mapping {tuple(slot_mapping.shape)}")
+
+
 # Writes the cache in place: an op torch.compile keeps opaque, so the compiled block never copies the cache.
 @torch.library.custom_op("seekforge::store_new_latents", mutates_args=("cache",))
 def store_new_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, norm_weight: torch.Tensor,
@@ -48,10 +63,7 @@ def store_new_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: tor
     rotated by cos/sin [n, r / 2] (fp32)."""
     n, width = kv_a.shape
     c = norm_weight.shape[0]
-    if cache.shape[-1] != width or cache.stride(-1) != 1 or cache.stride(-2) != width or slot_mapping.shape != (n,):
-        raise ConfigError(f"store_new_latents wants a cache [blocks, block_size, c + r] with contiguous rows, kv_a "
-                          f"[n, c + r] and slot_mapping [n]; got cache {tuple(cache.shape)} strides {cache.stride()}, "
-                          f"kv_a {tuple(kv_a.shape)}, slot_mapping {tuple(slot_mapping.shape)}")
+    check_store(cache, slot_mapping, kv_a)
     if n == 0:
         return
     angles = cos.stride(0)

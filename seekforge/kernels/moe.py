@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-import triton.testing
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, launch_tiled, tile_of, tuned
+from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
 
 
 @triton.jit
@@ -386,9 +385,7 @@ def _rows_faster(key: tuple, tiles, gemvs) -> bool:
     if key not in _ROWS_FASTER:
         if _INTERPRETED or capturing():
             return False
-        gemvs()  # the first call tunes the GEMV form's tiles, outside the timed graphs
-        _ROWS_FASTER[key] = (triton.testing.do_bench_cudagraph(gemvs, rep=5)
-                             <= triton.testing.do_bench_cudagraph(tiles, rep=5))
+        _ROWS_FASTER[key] = fastest({"gemvs": gemvs, "tiles": tiles}) == "gemvs"
     return _ROWS_FASTER[key]
 
 
