@@ -77,12 +77,18 @@ def store_new_latents(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_
     """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent_from`
     makes of it (the normalised latent, the rotary key turned by cos/sin [n, r / 2]). On CUDA one Triton launch
     (`seekforge.kernels.latents`); otherwise the model's latents through `store` (`store_latents` or its op)."""
-    fused = _triton("latents", "store_new_latents") if triton_runs_on(cache.device) else None
-    if fused is not None and kv_a.dtype == cache.dtype == attn.kv_norm.weight.dtype:
-        fused(cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
+    if _fused_store_takes(attn, cache, kv_a):
+        _triton("latents", "store_new_latents")(cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps,
+                                                cos, sin)
         return
     kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     store(cache, slot_mapping, torch.cat([kv[0], k_pe[0]], dim=-1))
+
+
+def _fused_store_takes(attn, cache: torch.Tensor, kv_a: torch.Tensor) -> bool:
+    """Where the Triton cache store applies: wkv_a's output, the cache and kv_norm's weight of one dtype."""
+    return (triton_runs_on(cache.device) and _triton("latents", "store_new_latents") is not None
+            and kv_a.dtype == cache.dtype == attn.kv_norm.weight.dtype)
 
 
 def gather_latents(cache: torch.Tensor, plan: PagedAttentionPlan) -> torch.Tensor:
@@ -304,9 +310,8 @@ def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, c
     """Absorbed MLA's query over the latent cache, [n, h, c + r]: q_nope [n, h, d] through W_UK (w_uk [h, d, c]),
     then q_pe [n, h, r], rotated here by cos/sin [n, r / 2] when they are given. On CUDA, for up to GEMV_ROWS rows
     of one 16-bit dtype with the rotation to do, one Triton launch (`seekforge.kernels.gemv.latent_query`)."""
-    fused = _triton("gemv", "latent_query") if cos is not None and triton_runs_on(q_nope.device) else None
-    if fused is not None and _gemv_takes(q_nope, w_uk, q_nope.shape[0]) and q_pe.dtype == q_nope.dtype:
-        return fused(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin)
+    if cos is not None and _fused_query_takes(q_nope, q_pe, w_uk):
+        return _triton("gemv", "latent_query")(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin)
     if cos is not None:
         q_pe = apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
     return torch.cat([head_matmul(q_nope, w_uk.transpose(1, 2)), q_pe], dim=-1)
@@ -318,13 +323,17 @@ def store_and_query(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a:
     the input projections: kv_a [n, c + r], q_nope [n, h, d], q_pe [n, h, r]. On CUDA, for up to GEMV_ROWS tokens of
     one 16-bit dtype, both in one Triton launch, one fewer in the chain of small kernels of a batch-1 step."""
     w_uk = attn.absorbed_weights()[0]
-    fused = _triton("gemv", "latent_query") if triton_runs_on(q_nope.device) else None
-    if (fused is not None and _gemv_takes(q_nope, w_uk, q_nope.shape[0]) and q_pe.dtype == q_nope.dtype
-            and kv_a.dtype == cache.dtype == attn.kv_norm.weight.dtype):
-        return fused(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin,
-                     (cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps))
+    if _fused_query_takes(q_nope, q_pe, w_uk) and _fused_store_takes(attn, cache, kv_a):
+        return _triton("gemv", "latent_query")(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin,
+                                               (cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps))
     store_new_latents(attn, cache, slot_mapping, kv_a, cos, sin, store)
     return latent_query(q_nope, q_pe, w_uk, cos, sin)
+
+
+def _fused_query_takes(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor) -> bool:
+    """Where the Triton latent query applies: up to GEMV_ROWS rows of one 16-bit dtype."""
+    return (triton_runs_on(q_nope.device) and _triton("gemv", "latent_query") is not None
+            and _gemv_takes(q_nope, w_uk, q_nope.shape[0]) and q_pe.dtype == q_nope.dtype)
 
 
 def values_padded_for_sdpa(device: torch.device) -> bool:

@@ -33,7 +33,7 @@ import triton.testing
 import triton.language as tl
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.latents import check_store, store_latent_row
+from seekforge.kernels.latents import check_store, rotate_pairs, store_latent_row
 
 
 @triton.jit
@@ -359,15 +359,9 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
     elif pid == tiles:
         rows = tl.arange(0, BLOCK_M)[:, None]
         ps = tl.arange(0, BLOCK_P)[None, :]
-        ok = (rows < M) & (ps < R // 2)
-        pe = pe_ptr + b * stride_pb + rows * stride_pm + 2 * ps
-        x0 = tl.load(pe, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(pe + 1, mask=ok, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + rows * stride_angles + ps, mask=ok, other=0.0)
-        sin = tl.load(sin_ptr + rows * stride_angles + ps, mask=ok, other=0.0)
-        out = y_ptr + b * stride_yb + rows * stride_ym + N + 2 * ps
-        tl.store(out, (x0 * cos - x1 * sin).to(y_ptr.dtype.element_ty), mask=ok)
-        tl.store(out + 1, (x0 * sin + x1 * cos).to(y_ptr.dtype.element_ty), mask=ok)
+        rotate_pairs(pe_ptr + b * stride_pb + rows * stride_pm + 2 * ps, y_ptr + b * stride_yb + rows * stride_ym + N
+                     + 2 * ps, cos_ptr + rows * stride_angles + ps, sin_ptr + rows * stride_angles + ps,
+                     (rows < M) & (ps < R // 2))
     elif STORE:
         for t in range(b, M, tl.num_programs(1)):
             store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C_KV, R, stride_kv,

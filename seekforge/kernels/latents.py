@@ -18,6 +18,18 @@ from seekforge.errors import ConfigError
 
 
 @triton.jit
+def rotate_pairs(src, dst, cos_at, sin_at, mask):
+    """Adjacent pairs (src[2p], src[2p + 1]) turned by angle p (cos/sin at cos_at, sin_at: pointers of p's shape),
+    as `apply_rotary` turns them, in fp32, written to dst[2p], dst[2p + 1] in dst's dtype."""
+    x0 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_at, mask=mask, other=0.0)
+    sin = tl.load(sin_at, mask=mask, other=0.0)
+    tl.store(dst, (x0 * cos - x1 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + 1, (x0 * sin + x1 * cos).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
                      stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Token t's latent into its cache slot (also a part of `seekforge.kernels.gemv.latent_query`'s launch)."""
@@ -29,14 +41,9 @@ def store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, ep
     normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(kv.dtype)
     g = tl.load(g_ptr + cs, mask=cs < C, other=0.0)
     tl.store(out + cs, (normed.to(tl.float32) * g.to(tl.float32)).to(cache_ptr.dtype.element_ty), mask=cs < C)
-    ps = tl.arange(0, BLOCK_P)  # rotary pairs (x0, x1) at r offsets 2p, 2p + 1
-    pairs = ps < R // 2
-    x0 = tl.load(row + C + 2 * ps, mask=pairs, other=0.0).to(tl.float32)
-    x1 = tl.load(row + C + 2 * ps + 1, mask=pairs, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + t * stride_angles + ps, mask=pairs, other=0.0)
-    sin = tl.load(sin_ptr + t * stride_angles + ps, mask=pairs, other=0.0)
-    tl.store(out + C + 2 * ps, (x0 * cos - x1 * sin).to(cache_ptr.dtype.element_ty), mask=pairs)
-    tl.store(out + C + 2 * ps + 1, (x0 * sin + x1 * cos).to(cache_ptr.dtype.element_ty), mask=pairs)
+    ps = tl.arange(0, BLOCK_P)  # rotary pairs at r offsets 2p, 2p + 1
+    rotate_pairs(row + C + 2 * ps, out + C + 2 * ps, cos_ptr + t * stride_angles + ps,
+                 sin_ptr + t * stride_angles + ps, ps < R // 2)
 
 
 @triton.jit
