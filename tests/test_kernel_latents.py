@@ -104,20 +104,34 @@ def test_the_latent_querys_launch_stores_them_as_the_store_kernel_does(n, heads)
         latent_query(q_nope, q_pe, w_uk, cos, sin, (narrow, slots, kv_a[:, 2:], attn.kv_norm.weight, 1e-6))
 
 
-def test_the_engine_stores_them_in_the_latent_querys_launch_where_triton_runs(monkeypatch):
+@pytest.mark.parametrize("n", [kernels.STORE_IN_QUERY_TOKENS, kernels.STORE_IN_QUERY_TOKENS + 1])
+def test_the_engine_stores_them_in_the_latent_querys_launch_where_triton_runs(monkeypatch, n):
+    """Up to STORE_IN_QUERY_TOKENS tokens in one launch; past it (where one launch measured slower) two."""
     cfg = ModelConfig.preset("tiny")
-    attn, cos, sin, kv_a, cache, slots = setup(cfg, 3)
-    q = torch.randn(3, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
+    attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
+    q = torch.randn(n, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
     q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
     stored, plain, fused = [], cache.clone(), cache.clone()
+    joined = n <= kernels.STORE_IN_QUERY_TOKENS
     with torch.no_grad():
         monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
         want = kernels.store_and_query(attn, plain, slots, kv_a, q_nope, q_pe, cos, sin,
                                        lambda *args: stored.append(args) or kernels.store_latents(*args))
         assert len(stored) == 1
         monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
-        monkeypatch.setitem(kernels._TRITON, ("latents", "store_new_latents"), lambda *a: pytest.fail("not fused"))
+        if joined:
+            monkeypatch.setitem(kernels._TRITON, ("latents", "store_new_latents"), lambda *a: pytest.fail("not fused"))
+        else:
+            monkeypatch.setitem(kernels._TRITON, ("gemv", "latent_query"), _refusing_a_store(
+                kernels._triton("gemv", "latent_query")))
         got = kernels.store_and_query(attn, fused, slots, kv_a, q_nope, q_pe, cos, sin,
-                                      lambda *args: pytest.fail("not fused"))
+                                      lambda *args: pytest.fail("the Triton store applies"))
     torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def _refusing_a_store(latent_query):
+    def query(*args):
+        assert len(args) == 5, "stored in the latent query's launch past STORE_IN_QUERY_TOKENS"
+        return latent_query(*args)
+    return query

@@ -320,14 +320,21 @@ def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, c
 def store_and_query(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, q_nope: torch.Tensor,
                     q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=store_latents) -> torch.Tensor:
     """A decode step's new latents into the cache (`store_new_latents`) and its latent query (`latent_query`) from
-    the input projections: kv_a [n, c + r], q_nope [n, h, d], q_pe [n, h, r]. On CUDA, for up to GEMV_ROWS tokens of
-    one 16-bit dtype, both in one Triton launch, one fewer in the chain of small kernels of a batch-1 step."""
+    the input projections: kv_a [n, c + r], q_nope [n, h, d], q_pe [n, h, r]. On CUDA, for up to
+    STORE_IN_QUERY_TOKENS tokens of one 16-bit dtype, both in one Triton launch, one fewer in the chain of small
+    kernels of a batch-1 step."""
     w_uk = attn.absorbed_weights()[0]
-    if _fused_query_takes(q_nope, q_pe, w_uk) and _fused_store_takes(attn, cache, kv_a):
+    if (q_nope.shape[0] <= STORE_IN_QUERY_TOKENS and _fused_query_takes(q_nope, q_pe, w_uk)
+            and _fused_store_takes(attn, cache, kv_a)):
         return _triton("gemv", "latent_query")(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin,
                                                (cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps))
     store_new_latents(attn, cache, slot_mapping, kv_a, cos, sin, store)
     return latent_query(q_nope, q_pe, w_uk, cos, sin)
+
+
+# One launch against two on an H200 (bench/gemv.py, "latent query + store"): 3.6 vs 5.5 us at one token, 4.2 vs
+# 7.1 at two, 8.1 vs 7.2 at four.
+STORE_IN_QUERY_TOKENS = 2
 
 
 def _fused_query_takes(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor) -> bool:
