@@ -16,7 +16,8 @@ import pytest
 
 MOE_TYPES = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "s1_ptr": "*bf16", "s3_ptr": "*bf16",
              "h_ptr": "*bf16", "w2_ptr": "*bf16", "s2_ptr": "*bf16", "out_ptr": "*fp32", "gate_ptr": "*fp32",
-             "ids_ptr": "*i32", "expert_ptr": "*i32", "idx_ptr": "*i64"}
+             "ids_ptr": "*i32", "expert_ptr": "*i32", "idx_ptr": "*i64", "summed_ptr": "*bf16", "residual_ptr": "*bf16",
+             "counter_ptr": "*i32"}
 MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "stride_qh", "stride_cb", "stride_ct",
             "stride_tb", "stride_tn", "stride_pb", "stride_ps", "stride_ob", "stride_os", "stride_oh", "stride_ok"]
 # the GEMV's tuning candidates (seekforge.kernels.gemv: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
@@ -28,9 +29,10 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
         "moe", kernel, MOE_TYPES,
         {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one}, 4, 4)
        for kernel in ("_gate_up", "_down") for bm, one in ((16, True), (16, False), (64, False))},
-    **{f"moe{kernel}_tile{bn}x{bk}w{warps}": ("moe", kernel, MOE_TYPES, {"TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk},
-                                              warps, 3)
+    **{f"moe{kernel}_tile{bn}x{bk}w{warps}": ("moe", kernel, MOE_TYPES, {
+        "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, **({"RESIDUAL": True} if kernel == "_down_rows" else {})}, warps, 3)
        for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]},  # K-contiguous tiles
+    "moe_pair_sums": ("moe", "_pair_sums", MOE_TYPES, {"TOPK": 8, "BLOCK_N": 512, "RESIDUAL": True}, 4, 1),
     **{f"mla_split_rows{rows}": ("mla_decode", "_mla_decode_split",
                                  {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i64", "pos_ptr": "*i64",
                                   "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"},

@@ -42,7 +42,8 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
     monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: True)
     gemv_form = []
     launch_rows = moe_module._launch_rows
-    monkeypatch.setattr(moe_module, "_launch_rows", lambda *args: gemv_form.append(1) or launch_rows(*args))
+    monkeypatch.setattr(moe_module, "_launch_rows",
+                        lambda *args, **meta: gemv_form.append(1) or launch_rows(*args, **meta))
     counters.clear()
     llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True)
     with torch.profiler.profile() as prof:

@@ -111,6 +111,20 @@ def test_the_gemv_form_of_one_or_two_tokens_matches_the_model(n, k, experts, dim
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("n,rows", [(1, True), (2, True), (2, False), (20, None)])  # GEMVs, MMA tiles, grouped
+def test_the_residual_joins_the_sum_of_the_pairs(n, rows):
+    """The block's residual added to the experts' sum in the same launch (the GEMV form's last program of each
+    column slice sums that slice), in fp32 then rounded once: exactly what fp32 experts plus the residual give."""
+    ex, x, weights, indices, ref = _problem(n, 3, 8, 40, 24, torch.float32, seed=n)
+    residual = torch.randn(n, 40, device=DEVICE)
+    out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=rows, residual=residual)
+    torch.testing.assert_close(out.cpu(), ref + residual.cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=rows) + residual,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="residual"):
+        fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, residual=residual[:, :8])
+
+
 @pytest.mark.parametrize("winner", ["gemvs", "tiles"])
 def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
     """A one-block shape's first call (on the GPU) times both forms replayed from CUDA graphs, GEMVs first, and
@@ -185,10 +199,11 @@ def make_moe(dim, experts, k, inter, shared, dtype, seed):
 
 def test_moe_forward_keeps_the_model_path_off_cuda():
     moe = make_moe(16, 8, 2, 16, 2, torch.float32, seed=1).cpu()
-    x = torch.randn(4, 16)
+    x, residual = torch.randn(4, 16), torch.randn(4, 16)
     with torch.no_grad():
         out, load = kernels.moe_forward(moe, x)
         torch.testing.assert_close(out, moe(x))
+        torch.testing.assert_close(kernels.moe_forward(moe, x, residual=residual)[0], residual + moe(x))
     assert load.tolist() == moe.load.tolist()
 
 
@@ -215,6 +230,32 @@ def test_cuda_graph_replay_follows_new_routing():
         graph.replay()
         expect = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
         torch.testing.assert_close(out, expect, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_gemv_forms_last_programs_sum_the_pairs_in_graph_replays(n):
+    """The GEMV form's down kernel, replayed many times with new inputs: the arrival counters reset themselves,
+    and each column slice's last program sees every pair's rows (bit for bit what the eager launch gives)."""
+    ex, x, weights, indices, _ = _problem(n, 6, 64, 2048, 1408, torch.bfloat16, seed=7)
+    residual = torch.randn(n, 2048, device=DEVICE, dtype=torch.bfloat16)
+
+    def run():
+        return fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=True, residual=residual)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(40):
+        x.normal_(), weights.uniform_(), residual.normal_()
+        indices.copy_(torch.stack([torch.randperm(64, device=DEVICE)[:6] for _ in range(n)]))
+        graph.replay()
+        torch.testing.assert_close(out, run(), atol=0, rtol=0)
+    tiles = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, rows=False, residual=residual)
+    torch.testing.assert_close(out.float(), tiles.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

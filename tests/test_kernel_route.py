@@ -11,6 +11,7 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
+from seekforge.kernels import route as route_module  # noqa: E402
 from seekforge.kernels.route import residual_route, route  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.gate import Gate  # noqa: E402
@@ -51,10 +52,12 @@ def test_matches_gate(overrides, n):
     check(gate, torch.randn(n, cfg.dim, device=DEVICE))
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n):
+@pytest.mark.parametrize("n,slice_", [(1, None), (3, None), (2, 16)])  # the row in one slice; in several
+def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n, slice_, monkeypatch):
     """The residual add and the FFN's input norm in the router's first kernel, in half precision as the engine
     runs it: h + delta and RMSNorm(h + delta) as the model rounds them, and the gate's choice for the latter."""
+    if slice_ is not None:
+        monkeypatch.setattr(route_module, "RESIDUAL_SLICE", slice_)
     gate, cfg = make_gate(dtype=HALF, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5)
     norm = RMSNorm(cfg.dim, eps=1e-5).to(DEVICE, HALF)
     norm.weight.data.uniform_(0.5, 1.5)
@@ -69,6 +72,7 @@ def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n):
         compiled = torch.compile(residual_route, fullgraph=True, dynamic=True)
         for got, want in zip(compiled(gate, h, delta, norm.weight, norm.eps), (h_out, x, weights, indices, load)):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+
 
 def test_half_precision_weights_and_tokens():
     gate, cfg = make_gate(dtype=HALF)
@@ -107,6 +111,20 @@ def test_16b_shape_bf16(n):
                         n_activated_experts=cfg.n_activated_experts, score_func=cfg.score_func,
                         norm_topk_prob=cfg.norm_topk_prob, route_scale=cfg.route_scale)
     check(gate, torch.randn(n, cfg.dim, device=DEVICE, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="races show on the GPU only")
+def test_every_launch_chooses_as_the_gate_does():
+    """Over many launches of the 16b shape at 1 to 63 tokens, every one chooses what the gate does and counts the
+    load (atomics across the tokens' programs) exactly."""
+    cfg = ModelConfig.preset("16b")
+    gate, _ = make_gate(dtype=torch.bfloat16, dim=cfg.dim, n_routed_experts=cfg.n_routed_experts,
+                        n_activated_experts=cfg.n_activated_experts, score_func=cfg.score_func,
+                        norm_topk_prob=cfg.norm_topk_prob, route_scale=cfg.route_scale)
+    for seed in range(60):
+        torch.manual_seed(seed)
+        check(gate, torch.randn(1 + seed % 3 * 31, cfg.dim, device=DEVICE, dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -187,9 +187,10 @@ def load_triton_kernels() -> None:
     _triton("gemv", "GEMV_ROWS")
 
 
-def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], tokens per routed expert
-    [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
+def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
+    given, and tokens per routed expert [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
     FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of `seekforge.kernels.route` (where
     it makes the gate's choice; `routing`, its output for x, when `residual_norm` ran it already) and the fused
     kernels of `seekforge.kernels.moe`, which also take the shared experts in the same pass for up to
@@ -205,14 +206,17 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None) -> tuple[tor
             weights, indices, _ = gate(x)
             load = tokens_per_expert(indices, experts.n_experts).float()
         joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
+        added = residual is not None and residual.dtype == x.dtype
         y = _triton("moe", "fused_experts")(x, experts.w1, experts.w2, experts.w3, weights, indices, shared=(
-            shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None)
+            shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None,
+            residual=residual if added else None)
         if shared is not None and not joined:
             y = y + shared(x)
-        return y, load
+        return (y if residual is None or added else residual + y), load
     weights, indices, _ = gate(x)
     y, load = experts(x, weights, indices)
-    return (y if shared is None else y + shared(x)), load
+    y = y if shared is None else y + shared(x)
+    return (y if residual is None else residual + y), load
 
 
 def _fused_experts_take(moe, x: torch.Tensor) -> bool:

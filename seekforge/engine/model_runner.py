@@ -332,7 +332,7 @@ def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> torch
     """A block's work after attention: the output projection, the residuals and the FFN (the residual add and the
     FFN's norm in the Triton router's first kernel where it runs: `kernels.residual_norm`)."""
     h, x, routing = kernels.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
-    return h + feed_forward(block.ffn, x, routing)
+    return feed_forward(block.ffn, x, routing, residual=h)
 
 
 def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -347,14 +347,17 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return output(block, h, attention(block.attn, cache, q_nope, q_pe, kv, k_pe))
 
 
-def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None) -> torch.Tensor:
-    """The block's FFN at inference: an MoE runs through `kernels.moe_forward` (Triton routing and fused
-    experts for decode's few rows per expert; `routing` where `kernels.residual_norm` made it); its `load`
-    (tokens per expert, which the server's metrics read) is kept as `MoE.forward` keeps it, the routing
-    statistics of training are not."""
+def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's FFN at inference, plus `residual` (the block's stream, x's shape) where given: an MoE runs
+    through `kernels.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
+    added in their last kernel; `routing` where `kernels.residual_norm` made it); its `load` (tokens per expert,
+    which the server's metrics read) is kept as `MoE.forward` keeps it, the routing statistics of training are
+    not."""
     if not isinstance(ffn, MoE):
-        return ffn(x)
-    y, ffn.load = kernels.moe_forward(ffn, x.reshape(-1, x.shape[-1]), routing)
+        return ffn(x) if residual is None else residual + ffn(x)
+    flat = x.reshape(-1, x.shape[-1])
+    y, ffn.load = kernels.moe_forward(ffn, flat, routing, None if residual is None else residual.reshape(flat.shape))
     return y.view(x.shape)
 
 

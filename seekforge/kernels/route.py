@@ -41,9 +41,12 @@ def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
 def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr, x_out_ptr, E, K, eps,
                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """`_logits` of x = RMSNorm(h + d) (weight g), rounding as the model's residual add and RMSNorm do; the
-    programs of the first experts also write h + d and x, which the experts and the residual read next."""
+    programs of the first experts also write h + d and x, which the experts and the residual read next. The
+    weights' first slice is requested before the norm's statistics, so that (with the row in one slice) the
+    program waits on memory once rather than twice."""
     m = tl.program_id(0)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    w_first = _expert_slice(w_ptr, experts, 0, E, K, BLOCK_K)
     squares = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(0, K, BLOCK_K):  # the row is a few KB: read again from L2 below
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -51,22 +54,35 @@ def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr
              + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0)).to(tl.float32)
         squares += s * s
     rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    acc = tl.zeros((BLOCK_E, BLOCK_K), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
-             + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0))
-        normed = (s.to(tl.float32) * rstd).to(s.dtype)
-        x = (normed.to(tl.float32) * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(s.dtype)
-        if tl.program_id(1) == 0:
-            tl.store(h_out_ptr + m * K + cols, s, mask=cols < K)
-            tl.store(x_out_ptr + m * K + cols, x, mask=cols < K)
-        w = tl.load(w_ptr + experts[:, None] * K + cols[None, :], mask=(experts[:, None] < E) & (cols[None, :] < K),
-                    other=0.0)
-        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+    acc = _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr, w_first, m, 0, K, rstd, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr,
+                               _expert_slice(w_ptr, experts, k0, E, K, BLOCK_K), m, k0, K, rstd, BLOCK_K)
     tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
     if m == 0:
         tl.store(load_ptr + experts, tl.zeros((BLOCK_E,), tl.float32), mask=experts < E)
+
+
+@triton.jit
+def _expert_slice(w_ptr, experts, k0, E, K, BLOCK_K: tl.constexpr):
+    cols = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + experts[:, None] * K + cols[None, :], mask=(experts[:, None] < E) & (cols[None, :] < K),
+                   other=0.0)
+
+
+@triton.jit
+def _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr, w, m, k0, K, rstd, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of x = RMSNorm(h + d) times the experts' slice w: [BLOCK_E, BLOCK_K] in fp32
+    (and h + d, x written there by the programs of the first experts)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
+         + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0))
+    normed = (s.to(tl.float32) * rstd).to(s.dtype)
+    x = (normed.to(tl.float32) * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(s.dtype)
+    if tl.program_id(1) == 0:
+        tl.store(h_out_ptr + m * K + cols, s, mask=cols < K)
+        tl.store(x_out_ptr + m * K + cols, x, mask=cols < K)
+    return w.to(tl.float32) * x[None, :].to(tl.float32)
 
 
 @triton.jit
@@ -137,6 +153,7 @@ def _gate_args(gate) -> tuple[int, bool, bool, float]:
     return gate.topk, gate.score_func == "sigmoid", gate.norm_topk_prob, float(gate.route_scale)
 
 
+RESIDUAL_SLICE = 2048  # columns a step of `_residual_logits`: a 16b row (2048) at once
 BLOCK_E = 2  # 32 programs a token at 64 experts: the GEMV's 256 KB (bf16) read across the SMs
 
 
@@ -164,7 +181,7 @@ def launch_residual_route(h: torch.Tensor, delta: torch.Tensor, norm_weight: tor
     logits = torch.empty(n, num_experts, device=h.device, dtype=torch.float32)
     _residual_logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         h, delta, norm_weight, gate_weight.contiguous(), logits, load, h_out, x, num_experts, dim, eps,
-        BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
+        BLOCK_E=BLOCK_E, BLOCK_K=min(RESIDUAL_SLICE, triton.next_power_of_2(dim)), num_warps=4)
     _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale)
 
 
