@@ -28,10 +28,8 @@ def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
     acc = tl.zeros((BLOCK_E, BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + experts[:, None] * K + cols[None, :], mask=(experts[:, None] < E) & (cols[None, :] < K),
-                    other=0.0)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0)
-        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        acc += _expert_slice(w_ptr, experts, k0, E, K, BLOCK_K).to(tl.float32) * x[None, :].to(tl.float32)
     tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
     if m == 0:  # the load starts at zero here, so _select (next on the stream) only adds
         tl.store(load_ptr + experts, tl.zeros((BLOCK_E,), tl.float32), mask=experts < E)
