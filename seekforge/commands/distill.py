@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from seekforge.commands import add_run_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -13,10 +15,8 @@ def register(subparsers) -> None:
                    help="student shape: a preset name, a config.json or a checkpoint directory; repeat the flag "
                         "or separate with commas for several sizes")
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--out", required=True, help="output directory (traces.jsonl, one run directory per student)")
-    p.add_argument("--config", help="a .yaml/.toml file of DistillConfig fields (command-line values win)")
-    p.add_argument("--resume", action="store_true", help="reuse the traces and continue interrupted students")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_run_arguments(p, "DistillConfig", out_help="output directory (traces.jsonl, one run directory per student)",
+                      resume_help="reuse the traces and continue interrupted students")
     p.set_defaults(func=run)
 
 

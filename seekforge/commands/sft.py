@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from seekforge.commands import add_run_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -12,10 +14,7 @@ def register(subparsers) -> None:
                    help="checkpoint directory in Hugging Face layout with its tokenizer")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
                    help='rows {"prompt", "completion"} or {"messages": [...]} (e.g. from `seekforge sample`)')
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model, report)")
-    p.add_argument("--config", help="a .yaml/.toml file of SFTConfig fields (command-line values win)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_run_arguments(p, "SFTConfig")
     p.set_defaults(func=run)
 
 

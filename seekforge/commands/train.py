@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from seekforge.commands import add_run_arguments
+
 
 def register(subparsers) -> None:
     from seekforge.train.pretrain import BUILTIN_CONFIGS
@@ -10,9 +12,7 @@ def register(subparsers) -> None:
                               description=f"Built-in configs: {', '.join(BUILTIN_CONFIGS)}. Any field can be "
                                           f"overridden as key=value (e.g. steps=200 lr=1e-3).")
     p.add_argument("--config", default="tiny", help="a built-in config name or a .yaml/.toml file")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model, report)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_run_arguments(p, None)
     p.set_defaults(func=run)
 
 
