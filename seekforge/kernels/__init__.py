@@ -5,7 +5,8 @@ have no Triton, keep to the references.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
-  or two tokens also as GEMVs, whichever form of the two timed faster for the shape.
+  or two tokens also as GEMVs, whichever form of the two timed faster for the shape; each token's sum over its
+  experts with the block's residual added.
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`);
   with the block's residual add and the FFN's norm in the first (`residual_route`).
 - `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps
@@ -13,6 +14,7 @@ have no Triton, keep to the references.
   input norm with MLA's two input projections (`norm_gemv`); W_UK's product with the rotary part of the query
   beside it (`latent_query`).
 - `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch.
+- `arrivals`: self-resetting counters by which the last program of a launch to finish does its final step.
 
 Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.
 """
