@@ -32,6 +32,8 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
     **{f"moe{kernel}_tile{bn}x{bk}w{warps}": ("moe", kernel, MOE_TYPES, {
         "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, **({"RESIDUAL": True} if kernel == "_down_rows" else {})}, warps, 3)
        for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]},  # K-contiguous tiles
+    "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
+                                     "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "moe_pair_sums": ("moe", "_pair_sums", MOE_TYPES, {"TOPK": 8, "BLOCK_N": 512, "RESIDUAL": True}, 4, 1),
     **{f"mla_split_rows{rows}": ("mla_decode", "_mla_decode_split",
                                  {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i64", "pos_ptr": "*i64",

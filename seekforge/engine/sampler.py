@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seekforge.engine import kernels
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
@@ -134,7 +135,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False)
     """logits [R, vocab] (fp32) -> tokens [R], and the sampling distributions [R, vocab] when asked
     (None when every row is greedy)."""
     penalised = target_logits(logits, batch)
-    tokens = penalised.argmax(dim=-1)
+    tokens = kernels.argmax(penalised)
     if batch.all_greedy:
         return tokens, None
     probs = filter_logits(penalised, batch).softmax(dim=-1)

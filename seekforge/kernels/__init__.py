@@ -14,6 +14,7 @@ have no Triton, keep to the references.
   input norm with MLA's two input projections (`norm_gemv`); W_UK's product with the rotary part of the query
   beside it (`latent_query`).
 - `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch.
+- `argmax`: greedy decoding's argmax over the vocabulary, a slice a program, the last to finish choosing.
 - `arrivals`: self-resetting counters by which the last program of a launch to finish does its final step.
 
 Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.

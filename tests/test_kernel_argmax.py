@@ -1,0 +1,70 @@
+"""The Triton argmax of greedy decoding (`seekforge.kernels.argmax`) against torch.argmax.
+
+Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py).
+"""
+
+import pytest
+import torch
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge.engine import kernels  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.kernels import argmax as argmax_module  # noqa: E402
+from seekforge.kernels.argmax import argmax  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,vocab,block", [(1, 1000, 128), (3, 517, 64), (2, 64, 64), (1, 5, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+def test_first_index_of_each_rows_maximum(rows, vocab, block, dtype, monkeypatch):
+    """Rows over several slices (the last one partial), ties across and within slices (the first wins), a row
+    of -inf (index 0, as torch gives)."""
+    monkeypatch.setattr(argmax_module, "BLOCK", block)
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g).to(DEVICE, dtype)
+    top = x.max().item() + 1
+    x[0, vocab // 3] = x[0, vocab - 1] = x[0, vocab // 2] = top  # three-way tie in row 0
+    if rows > 1:
+        x[1] = float("-inf")
+    torch.testing.assert_close(argmax(x), x.argmax(dim=-1), atol=0, rtol=0)
+    sub = x[:, : vocab - 1]  # rows vocab apart
+    torch.testing.assert_close(argmax(sub), sub.argmax(dim=-1), atol=0, rtol=0)
+
+
+def test_repeated_calls_reset_their_counters():
+    x = torch.randn(2, 300, device=DEVICE)
+    for shift in range(3):
+        y = x.roll(shift * 7, dims=1)
+        torch.testing.assert_close(argmax(y), y.argmax(dim=-1), atol=0, rtol=0)
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ConfigError, match="rows, vocab"):
+        argmax(torch.randn(4, device=DEVICE))
+    with pytest.raises(ConfigError, match="empty vocabulary"):
+        argmax(torch.randn(2, 0, device=DEVICE))
+    assert argmax(torch.randn(0, 8, device=DEVICE)).shape == (0,)
+
+
+def test_the_sampler_takes_it_where_triton_runs(monkeypatch):
+    from seekforge.engine.sampler import Row, make_batch, sample
+    from seekforge.engine.sampling_params import SamplingParams
+
+    calls = []
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
+    monkeypatch.setitem(kernels._TRITON, ("argmax", "argmax"), lambda x: calls.append(x) or argmax(x))
+    logits = torch.randn(2, 50, device=DEVICE)
+    batch = make_batch([Row(SamplingParams(temperature=0), None)] * 2, 50, logits.device)
+    tokens, _ = sample(logits, batch)
+    assert calls and tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the 16b vocabulary on the GPU")
+def test_16b_vocabulary_many_launches():
+    x = torch.empty(4, 102400, device=DEVICE)
+    for seed in range(50):
+        x.normal_(generator=torch.Generator(DEVICE).manual_seed(seed))
+        torch.testing.assert_close(argmax(x[: 1 + seed % 4]), x[: 1 + seed % 4].argmax(dim=-1), atol=0, rtol=0)
