@@ -7,7 +7,8 @@ below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton ker
 kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references). For the
 few rows of small decode steps, the projections run as GEMVs (`FewRowLinears`, `head_matmul`) and what the
 compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`
-(the last two in one launch: `store_and_query`), `residual_norm` (each with its PyTorch composition where no kernel applies).
+(the last two in one launch: `store_and_query`), `residual_norm` (each with its PyTorch composition where no
+kernel applies); the sampler's greedy `argmax` too.
 Everything here is free of host synchronisation and, given a plan built from fixed-size tensors, of
 data-dependent shapes, so a decode step that calls them can be captured as a CUDA graph.
 
@@ -201,11 +202,12 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
-    given, and tokens per routed expert [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights stored in x's dtype and at most
-    FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of `seekforge.kernels.route` (where
-    it makes the gate's choice; `routing`, its output for x, when `residual_norm` ran it already) and the fused
-    kernels of `seekforge.kernels.moe`, which also take the shared experts in the same pass for up to
-    FUSED_SHARED_TOKENS tokens (one row block each); otherwise the gate and the model's grouped matmuls."""
+    given, and tokens per routed expert [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights
+    stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of
+    `seekforge.kernels.route` (where it makes the gate's choice; `routing`, its output for x, when `residual_norm`
+    ran it already) and the fused kernels of `seekforge.kernels.moe`, which also take the shared experts in the
+    same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add the residual in their last kernel;
+    otherwise the gate and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     if _fused_experts_take(moe, x):
         router = _triton_router(moe) if routing is None else None

@@ -292,9 +292,10 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
                   rows: bool | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
     [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
-    in x's dtype, plus `residual` [n, dim] (x's dtype) where given: summed in fp32 and rounded once. `shared` = the shared experts' MLP weights (gate [S * inter, dim], down [dim, S * inter], up
-    [S * inter, dim]), added to the sum as S more experts of weight 1 that every token takes: one pass over
-    the weights for routed and shared alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
+    in x's dtype, plus `residual` [n, dim] (x's dtype) where given: summed in fp32 and rounded once. `shared` =
+    the shared experts' MLP weights (gate [S * inter, dim], down [dim, S * inter], up [S * inter, dim]), added to
+    the sum as S more experts of weight 1 that every token takes: one pass over the weights for routed and shared
+    alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
     two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed on the shape's
     first call), the MMA tiles under the interpreter and wherever `config` is given."""
     n, dim = x.shape
