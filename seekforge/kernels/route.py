@@ -40,21 +40,20 @@ def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr
                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """`_logits` of x = RMSNorm(h + d) (weight g), rounding as the model's residual add and RMSNorm do; the
     programs of the first experts also write h + d and x, which the experts and the residual read next. The
-    weights' first slice is requested before the norm's statistics, so that (with the row in one slice) the
-    program waits on memory once rather than twice."""
+    first slices of the row and of the weights are requested together, before the norm's statistics: with the
+    row in one slice the program waits on memory once, and reads the row once."""
     m = tl.program_id(0)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     w_first = _expert_slice(w_ptr, experts, 0, E, K, BLOCK_K)
-    squares = tl.zeros((BLOCK_K,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # the row is a few KB: read again from L2 below
-        cols = k0 + tl.arange(0, BLOCK_K)
-        s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
-             + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0)).to(tl.float32)
+    s_first = _residual_sum(h_ptr, d_ptr, m, 0, K, BLOCK_K)
+    squares = s_first.to(tl.float32) * s_first.to(tl.float32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # the row is a few KB: read again from L2 below
+        s = _residual_sum(h_ptr, d_ptr, m, k0, K, BLOCK_K).to(tl.float32)
         squares += s * s
     rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    acc = _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr, w_first, m, 0, K, rstd, BLOCK_K)
+    acc = _residual_slice(s_first, g_ptr, h_out_ptr, x_out_ptr, w_first, m, 0, K, rstd, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc += _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr,
+        acc += _residual_slice(_residual_sum(h_ptr, d_ptr, m, k0, K, BLOCK_K), g_ptr, h_out_ptr, x_out_ptr,
                                _expert_slice(w_ptr, experts, k0, E, K, BLOCK_K), m, k0, K, rstd, BLOCK_K)
     tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
     if m == 0:
@@ -69,12 +68,18 @@ def _expert_slice(w_ptr, experts, k0, E, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _residual_slice(h_ptr, d_ptr, g_ptr, h_out_ptr, x_out_ptr, w, m, k0, K, rstd, BLOCK_K: tl.constexpr):
-    """Columns k0 .. k0 + BLOCK_K of x = RMSNorm(h + d) times the experts' slice w: [BLOCK_E, BLOCK_K] in fp32
-    (and h + d, x written there by the programs of the first experts)."""
+def _residual_sum(h_ptr, d_ptr, m, k0, K, BLOCK_K: tl.constexpr):
+    """h + d over columns k0 .. k0 + BLOCK_K of row m, in their dtype (as the model's residual add rounds)."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    s = (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
-         + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0))
+    return (tl.load(h_ptr + m * K + cols, mask=cols < K, other=0.0)
+            + tl.load(d_ptr + m * K + cols, mask=cols < K, other=0.0))
+
+
+@triton.jit
+def _residual_slice(s, g_ptr, h_out_ptr, x_out_ptr, w, m, k0, K, rstd, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of x = RMSNorm(s) (s = h + d) times the experts' slice w: [BLOCK_E, BLOCK_K] in
+    fp32 (and s, x written there by the programs of the first experts)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
     normed = (s.to(tl.float32) * rstd).to(s.dtype)
     x = (normed.to(tl.float32) * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(s.dtype)
     if tl.program_id(1) == 0:
