@@ -26,18 +26,23 @@ def digits_of(n: int) -> list[int]:
 
 def addition_steps(a: int, b: int) -> list[str]:
     da, db = digits_of(a), digits_of(b)
-    lines = [f"{a} + {b}: add the columns from the right, carrying into the next column."]
-    carry = 0
-    for i in range(max(len(da), len(db))):
-        x = da[i] if i < len(da) else 0
-        y = db[i] if i < len(db) else 0
-        total = x + y + carry
-        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+    width = max(len(da), len(db))
+    da, db = da + [0] * (width - len(da)), db + [0] * (width - len(db))
+    return [f"{a} + {b}: add the columns from the right, carrying into the next column.",
+            *_carried_columns([(x + y, f"{x} + {y}") for x, y in zip(da, db)]), f"{a} + {b} = {a + b}"]
+
+
+def _carried_columns(columns: list[tuple[int, str]]) -> list[str]:
+    """One line a column, from the right, for columns (value, terms) that carry into the next; then the last
+    carry as the leading digit."""
+    lines, carry = [], 0
+    for i, (value, terms) in enumerate(columns):
+        total = value + carry
+        terms += f" + {carry}" if carry else ""
         carry = total // 10
         lines.append(f"{column_name(i)}: {terms} = {total}, write {total % 10}" + (f" carry {carry}" if carry else ""))
     if carry:
         lines.append(f"the carry {carry} becomes the leading digit")
-    lines.append(f"{a} + {b} = {a + b}")
     return lines
 
 
@@ -61,17 +66,8 @@ def subtraction_steps(a: int, b: int) -> list[str]:
 
 
 def single_digit_product_steps(a: int, d: int) -> list[str]:
-    lines = [f"{a} * {d}: multiply each digit by {d} from the right, carrying."]
-    carry = 0
-    for i, x in enumerate(digits_of(a)):
-        total = x * d + carry
-        terms = f"{x} * {d}" + (f" + {carry}" if carry else "")
-        carry = total // 10
-        lines.append(f"{column_name(i)}: {terms} = {total}, write {total % 10}" + (f" carry {carry}" if carry else ""))
-    if carry:
-        lines.append(f"the carry {carry} becomes the leading digit")
-    lines.append(f"{a} * {d} = {a * d}")
-    return lines
+    return [f"{a} * {d}: multiply each digit by {d} from the right, carrying.",
+            *_carried_columns([(x * d, f"{x} * {d}") for x in digits_of(a)]), f"{a} * {d} = {a * d}"]
 
 
 def multiplication_steps(a: int, b: int) -> list[str]:
