@@ -263,7 +263,7 @@ def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn,
     rows = tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
     x_at = x_ptr + rows[:, None] * stride_xm
-    w_first = _weight_slice(w_ptr, cols, 0, N, K, stride_wn, BLOCK_K)
+    w_first = weight_slice(w_ptr, cols, 0, N, K, stride_wn, BLOCK_K)
     x_first = _row_slice(x_at, rows, 0, M, K, BLOCK_K)
     squares = tl.sum(x_first.to(tl.float32) * x_first.to(tl.float32), axis=1)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # x is a few KB, read again from L2 below
@@ -273,13 +273,14 @@ def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn,
     acc = _normed_slice(x_first, g_ptr, w_first, rstd, 0, K, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         acc += _normed_slice(_row_slice(x_at, rows, k0, M, K, BLOCK_K), g_ptr,
-                             _weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K), rstd, k0, K, BLOCK_K)
+                             weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K), rstd, k0, K, BLOCK_K)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
-def _weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
+def weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
+    """Rows `cols` (of N) of a weight [N, K] with K contiguous, columns k0 .. k0 + BLOCK_K; zeros past its edges."""
     ks = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
                    other=0.0)
