@@ -257,23 +257,26 @@ def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 @triton.jit
 def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn, stride_ym, col0,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[:, col0 : col0 + BLOCK_N] = RMSNorm(x) W^T for one program, rounding as the model's RMSNorm does. The first
-    slices of x and of the weight are requested together, before the norm's statistics: with K in one slice the
-    program waits on memory once, and reads x once (every program reads it: more bytes than its weight rows)."""
+    """y[:, col0 : col0 + BLOCK_N] = RMSNorm(x) W^T for one program, rounding as the model's RMSNorm does. (Requesting
+    the first weight slice before the norm's statistics, and reading x's slice once, measured slower: 7.7 vs 7.2 us.)"""
     rows = tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
     x_at = x_ptr + rows[:, None] * stride_xm
-    w_first = weight_slice(w_ptr, cols, 0, N, K, stride_wn, BLOCK_K)
-    x_first = _row_slice(x_at, rows, 0, M, K, BLOCK_K)
-    squares = tl.sum(x_first.to(tl.float32) * x_first.to(tl.float32), axis=1)
-    for k0 in range(BLOCK_K, K, BLOCK_K):  # x is a few KB, read again from L2 below
-        x = _row_slice(x_at, rows, k0, M, K, BLOCK_K).to(tl.float32)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # x is a few KB, read again from L2 below
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
         squares += tl.sum(x * x, axis=1)
     rstd = tl.rsqrt(squares / K + eps)
-    acc = _normed_slice(x_first, g_ptr, w_first, rstd, 0, K, BLOCK_K)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc += _normed_slice(_row_slice(x_at, rows, k0, M, K, BLOCK_K), g_ptr,
-                             weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K), rstd, k0, K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+        xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+        xn = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
+        w = weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K)
+        acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -284,23 +287,6 @@ def weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
     ks = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
                    other=0.0)
-
-
-@triton.jit
-def _row_slice(x_at, rows, k0, M, K, BLOCK_K: tl.constexpr):
-    ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-
-
-@triton.jit
-def _normed_slice(x, g_ptr, w, rstd, k0, K, BLOCK_K: tl.constexpr):
-    """RMSNorm of x's slice [BLOCK_M, BLOCK_K] (columns k0 ..) times the weight's slice w [BLOCK_N, BLOCK_K]:
-    [BLOCK_M, BLOCK_N] in fp32."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
-    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-    xn = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
-    return tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
