@@ -15,6 +15,7 @@ patch_interpreter()
 from seekforge.engine import kernels  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.kernels.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
+from seekforge.kernels.route import route, router_logits  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts, MoE  # noqa: E402
@@ -184,17 +185,40 @@ def test_bad_shapes_and_dtypes_are_named():
         fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, shared=(ex.w1[0], ex.w2[0], ex.w1[0][:4]))
 
 
-def make_moe(dim, experts, k, inter, shared, dtype, seed):
+def make_moe(dim, experts, k, inter, shared, dtype, seed, **overrides):
     """A model MoE block (greedy softmax routing over one group: what the Triton router takes), random weights."""
-    cfg = ModelConfig.preset("tiny").replace(dim=dim, n_routed_experts=experts, n_activated_experts=k,
-                                             moe_inter_dim=inter, n_shared_experts=shared, n_expert_groups=1,
-                                             n_limited_groups=1, topk_method="greedy", score_func="softmax")
+    cfg = ModelConfig.preset("tiny").replace(**{
+        "dim": dim, "n_routed_experts": experts, "n_activated_experts": k, "moe_inter_dim": inter,
+        "n_shared_experts": shared, "n_expert_groups": 1, "n_limited_groups": 1, "topk_method": "greedy",
+        "score_func": "softmax", **overrides})
     torch.manual_seed(seed)
     moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape) * dim ** -0.5)
     return moe.to(DEVICE, dtype).eval()
+
+
+@pytest.mark.parametrize("n,rows", [(1, True), (2, True), (1, False), (5, None)])  # GEMVs, MMA tiles, grouped
+@pytest.mark.parametrize("routing", [dict(score_func="softmax"),
+                                     dict(score_func="sigmoid", norm_topk_prob=True, route_scale=2.5)])
+def test_the_experts_choose_from_the_routers_logits(n, rows, routing):
+    """Given the router's logits instead of its choice, the experts (in the GEMV form's first kernel; by the select
+    kernel before the MMA tiles and the grouping) fill in the weights, indices and load that `route` gives, slot
+    for slot, and sum what that choice gives; the shared expert's programs choose nothing."""
+    moe = make_moe(40, 8, 3, 24, 1, torch.float32, seed=n, **routing)
+    with torch.no_grad():
+        moe.gate.bias.copy_(torch.randn(8, device=DEVICE) * 0.05)
+    x = torch.randn(n, 40, device=DEVICE)
+    shared = (moe.shared_experts.w1.weight, moe.shared_experts.w2.weight, moe.shared_experts.w3.weight)
+    chosen = route(moe.gate, x)
+    want = fused_experts(x, moe.experts.w1, moe.experts.w2, moe.experts.w3, *chosen[:2], rows=rows, shared=shared)
+    router = router_logits(moe.gate, x)
+    got = fused_experts(x, moe.experts.w1, moe.experts.w2, moe.experts.w3, None, None, rows=rows, shared=shared,
+                        router=router)
+    for filled, expected in zip((router.weights, router.indices, router.load), chosen):
+        torch.testing.assert_close(filled, expected, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_moe_forward_keeps_the_model_path_off_cuda():

@@ -178,8 +178,8 @@ def triton_runs_on(device: torch.device) -> bool:
 def load_triton_kernels() -> None:
     _triton("mla_decode", "paged_mla_decode_triton")
     _triton("moe", "fused_experts")
-    _triton("route", "route")
-    _triton("route", "residual_route")
+    _triton("route", "router_logits")
+    _triton("route", "residual_logits")
     _triton("gemv", "gemv")
     _triton("gemv", "head_gemv")
     _triton("gemv", "norm_gemv")
@@ -203,18 +203,19 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
     given, and tokens per routed expert [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights
-    stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router of
-    `seekforge.kernels.route` (where it makes the gate's choice; `routing`, its output for x, when `residual_norm`
-    ran it already) and the fused kernels of `seekforge.kernels.moe`, which also take the shared experts in the
-    same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add the residual in their last kernel;
-    otherwise the gate and the model's grouped matmuls."""
+    stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router's
+    logits (`seekforge.kernels.route`, where it makes the gate's choice; `routing`, its logits of x, when
+    `residual_norm` computed them already) and the fused kernels of `seekforge.kernels.moe`, which choose from them,
+    also take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add
+    the residual in their last kernel; otherwise the gate and the model's grouped matmuls."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     if _fused_experts_take(moe, x):
         router = _triton_router(moe) if routing is None else None
         if router is not None:
             routing = router(gate, x)
         if routing is not None:
-            weights, indices, load = routing
+            weights = indices = None
+            load = routing.load
         else:
             weights, indices, _ = gate(x)
             load = tokens_per_expert(indices, experts.n_experts).float()
@@ -222,7 +223,7 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
         added = residual is not None and residual.dtype == x.dtype
         y = _triton("moe", "fused_experts")(x, experts.w1, experts.w2, experts.w3, weights, indices, shared=(
             shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None,
-            residual=residual if added else None)
+            residual=residual if added else None, router=routing)
         if shared is not None and not joined:
             y = y + shared(x)
         return (y if residual is None or added else residual + y), load
@@ -239,22 +240,22 @@ def _fused_experts_take(moe, x: torch.Tensor) -> bool:
 
 
 def _triton_router(moe):
-    """The Triton router, where it makes this gate's choice (not group-limited); `moe_forward` takes it with the
-    fused experts."""
-    return None if moe.gate.group_limited else _triton("route", "route")
+    """The Triton router's logits, where it makes this gate's choice (not group-limited); `moe_forward` takes them
+    with the fused experts, which choose."""
+    return None if moe.gate.group_limited else _triton("route", "router_logits")
 
 
 def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """A block's residual add and its FFN's input norm (`norm`, an RMSNorm): (h + delta, norm(h + delta), routing).
     Where the FFN is an MoE that `moe_forward` routes with the Triton router, for up to RESIDUAL_ROUTE_TOKENS
-    tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_route`), and routing is
-    its choice for x, to pass to `moe_forward`; otherwise None."""
+    tokens, that router's first kernel computes both (`seekforge.kernels.route.residual_logits`), and routing is
+    its logits of x, to pass to `moe_forward`; otherwise None."""
     flat = h.reshape(-1, h.shape[-1])
     if (isinstance(ffn, MoE) and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _fused_experts_take(ffn, flat)
             and _triton_router(ffn) is not None and norm.weight.dtype == h.dtype == delta.dtype
-            and (fused := _triton("route", "residual_route")) is not None):  # looked up where Triton runs only
-        h, x, *routing = fused(ffn.gate, flat, delta.reshape(flat.shape), norm.weight, norm.eps)
-        return h.view(delta.shape), x.view(delta.shape), tuple(routing)
+            and (fused := _triton("route", "residual_logits")) is not None):  # looked up where Triton runs only
+        h, x, routing = fused(ffn.gate, flat, delta.reshape(flat.shape), norm.weight, norm.eps)
+        return h.view(delta.shape), x.view(delta.shape), routing
     h = h + delta
     return h, norm(h), None
 

@@ -5,10 +5,12 @@ have no Triton, keep to the references.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
-  or two tokens also as GEMVs, whichever form of the two timed faster for the shape; each token's sum over its
-  experts with the block's residual added.
+  or two tokens also as GEMVs, whichever form of the two timed faster for the shape, which then choose each
+  pair's expert from the router's logits themselves; each token's sum over its experts with the block's
+  residual added.
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`);
-  with the block's residual add and the FFN's norm in the first (`residual_route`).
+  with the block's residual add and the FFN's norm in the first (`residual_route`); the first alone
+  (`router_logits`, `residual_logits`) where the fused experts choose.
 - `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps
   reach through `seekforge.engine.kernels.FewRowLinears`; MLA's absorbed products (`head_gemv`); a block's
   input norm with MLA's two input projections (`norm_gemv`); W_UK's product with the rotary part of the query

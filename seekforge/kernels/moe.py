@@ -37,6 +37,7 @@ import triton.language as tl
 from seekforge.errors import ConfigError
 from seekforge.kernels.arrivals import arrive, counters
 from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
+from seekforge.kernels.route import RouterLogits, choose, launch_select, select
 
 
 @triton.jit
@@ -154,11 +155,19 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr
 @triton.jit
 def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_routed, k_routed, K, N,
                   stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                  TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  logits_ptr, bias_ptr, gate_ptr, load_ptr, route_scale,
+                  TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHOOSE: tl.constexpr,
+                  BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr):
     """`_gate_up` for one row a pair, as a GEMV: program (j, p) computes h[p, j * BLOCK_N ...] from BLOCK_N rows of
-    its expert's W1 and W3, both read in the same slices of K."""
+    its expert's W1 and W3, both read in the same slices of K. CHOOSE: the routing is still the router's logits
+    (`seekforge.kernels.route.RouterLogits`), and each program of a routed pair chooses its expert itself
+    (`_chosen_expert`), where the router's select kernel ran before this one."""
     pair = tl.program_id(1)
-    expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
+    if CHOOSE:
+        expert = _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_routed, k_routed,
+                                route_scale, TOPK, BLOCK_E, SIGMOID, NORMALISE)
+    else:
+        expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
     w1_at, row_stride = _expert_matrix(expert, w1_ptr, s1_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     w3_at, _ = _expert_matrix(expert, w3_ptr, s3_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,6 +184,28 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
         acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
     h = acc1 * tl.sigmoid(acc1) * acc3
     tl.store(h_ptr + pair * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_routed, k_routed, route_scale,
+                   TOPK: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr):
+    """`_pair_expert` from the router's logits [n, num_routed]: slot j of a token takes the expert ranked j
+    (`seekforge.kernels.route.choose`); the first program of each routed pair writes the choice where the down
+    kernel reads it (indices, gate weights [n, k_routed]) and counts it into the load. A shared expert's programs
+    choose nothing and start reading at once."""
+    token = pair // TOPK
+    slot = pair % TOPK
+    expert = (num_routed + slot - k_routed).to(tl.int64)
+    if slot < k_routed:
+        rank, weights = choose(logits_ptr, bias_ptr, token, num_routed, k_routed, route_scale, BLOCK_E, SIGMOID,
+                               NORMALISE)
+        mine = rank == slot
+        expert = tl.sum(tl.where(mine, tl.arange(0, BLOCK_E), 0), axis=0).to(tl.int64)
+        if tl.program_id(0) == 0:
+            tl.store(idx_ptr + token * k_routed + slot, expert)
+            tl.store(gate_ptr + token * k_routed + slot, tl.sum(tl.where(mine, weights, 0.0), axis=0))
+            tl.atomic_add(load_ptr + expert, 1.0)
+    return expert
 
 
 @triton.jit
@@ -286,10 +317,11 @@ ONE_BLOCK_PER_PAIR = 16  # pairs up to which row block p holds pair p (two token
 # routing as the router wrote it, and the grouping's small kernels (a fair share of a batch-1 step) are saved.
 
 
-def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, weights: torch.Tensor,
-                  indices: torch.Tensor, config: MoEConfig | None = None,
+def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                  weights: torch.Tensor | None, indices: torch.Tensor | None, config: MoEConfig | None = None,
                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  rows: bool | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  rows: bool | None = None, residual: torch.Tensor | None = None,
+                  router: RouterLogits | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
     [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
     in x's dtype, plus `residual` [n, dim] (x's dtype) where given: summed in fp32 and rounded once. `shared` =
@@ -297,7 +329,11 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     the sum as S more experts of weight 1 that every token takes: one pass over the weights for routed and shared
     alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
     two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed on the shape's
-    first call), the MMA tiles under the interpreter and wherever `config` is given."""
+    first call), the MMA tiles under the interpreter and wherever `config` is given. `router`: the router's logits
+    (`seekforge.kernels.route.RouterLogits`), weights and indices None: the choice fills its buffers, made in the
+    GEMV form's first kernel (one launch fewer), else by the router's select kernel first."""
+    if router is not None:
+        weights, indices = router.weights, router.indices
     n, dim = x.shape
     num_routed, inter, _ = w1.shape
     if (w1.shape != w3.shape or w2.shape != (num_routed, dim, inter) or w1.shape[2] != dim
@@ -332,6 +368,9 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     cfg = config or default_config(pairs, num_experts, x.element_size())
     routed_indices, weights = indices.contiguous(), weights.float().contiguous()
     one_block = pairs <= ONE_BLOCK_PER_PAIR
+    if router is not None and not one_block:  # the grouping reads the choice
+        select(router)
+        router = None
     if one_block:  # the kernels read the routing as it is: row block p holds pair p
         pair_ids = block_expert = routed_indices  # not read
         blocks = pairs
@@ -348,25 +387,30 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, summed,
                      None if residual is None else residual.contiguous(), k, blocks, num_experts, one_block,
                      cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                     False if config is not None and rows is None else rows)
+                     False if config is not None and rows is None else rows,
+                     *((None, None, None, False, False, 1.0) if router is None else (
+                         router.logits, router.bias, router.load, router.sigmoid, router.normalise, router.route_scale)))
     return summed
 
 
 # An opaque op to torch.compile (it cannot trace launches with dynamic strides), which still compiles the grouping
 # around it into the same graph. A graph break here instead (torch.compiler.disable) split every block that calls
 # it, and dynamo keeps those split variants on the shared code objects, where prefill's compiled blocks found them.
-@torch.library.custom_op("seekforge::fused_moe", mutates_args=("out", "summed"))
+@torch.library.custom_op("seekforge::fused_moe", mutates_args=("out", "summed", "weights", "routed_indices", "load"))
 def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor,
                      s2: torch.Tensor, s3: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor,
                      block_expert: torch.Tensor, routed_indices: torch.Tensor, out: torch.Tensor, summed: torch.Tensor,
                      residual: torch.Tensor | None, k: int, blocks: int, num_experts: int, one_block: bool,
                      block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-                     rows: bool | None) -> None:
+                     rows: bool | None, logits: torch.Tensor | None, bias: torch.Tensor | None,
+                     load: torch.Tensor | None, sigmoid: bool, normalise: bool, route_scale: float) -> None:
     """Both kernels over `blocks` row blocks, into out [pairs, dim] fp32, then each token's k pair rows summed (and
     the residual [n, dim] added, where given) into summed [n, dim]; s1/s2/s3 the shared experts' matrices (or any
     tensors when there are none: no row block reads them). `one_block`: row block p holds pair p and the kernels
     read routed_indices [n, k_routed] and weights [n, k_routed] as they are; otherwise the grouped layout
-    (pair_ids, block_expert) and every pair's weight; `rows` as `fused_experts` takes it."""
+    (pair_ids, block_expert) and every pair's weight; `rows` as `fused_experts` takes it. `logits` (one block a
+    pair only): the router's, with bias, load and the gate's settings (`RouterLogits`); weights and routed_indices
+    are then filled here, in the GEMV form's first kernel or by the router's select kernel before the tiles."""
     pairs, dim = out.shape
     num_routed, inter, _ = w1.shape
     k_routed = routed_indices.shape[1]
@@ -374,6 +418,8 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
 
     # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
     def tiles() -> None:
+        if logits is not None:
+            launch_select(logits, bias, weights, routed_indices, load, sigmoid, normalise, route_scale)
         h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
         _gate_up[(blocks, triton.cdiv(inter, block_n))](
             x, w1, w3, s1, s3, h, pair_ids, block_expert, routed_indices, pairs, num_routed, num_experts, k_routed,
@@ -395,14 +441,21 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
         h = torch.empty(pairs, inter, device=x.device, dtype=x.dtype)
         _launch_rows(_gate_up_rows, _gate_up_rows_tuned, inter, pairs, dim, k, (
             x, w1, w3, s1, s3, h, routed_indices, num_routed, k_routed, dim, inter, x.stride(0), w1.stride(0),
-            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0)), x)
+            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0), *choice), x, CHOOSE=logits is not None,
+            BLOCK_E=triton.next_power_of_2(num_routed), SIGMOID=sigmoid, NORMALISE=normalise)
         _launch_rows(_down_rows, _down_rows_tuned, dim, pairs, inter, k, (
             h, w2, s2, out, routed_indices, weights, summed, out if residual is None else residual,
             counters(x.device, dim), num_routed, k_routed, inter, dim, h.stride(0), w2.stride(0), w2.stride(1),
             inter * s2.stride(1), s2.stride(0), out.stride(0)), x, RESIDUAL=residual is not None)
 
+    # without a choice to make the kernel reads none of these
+    choice = (logits, bias, weights, load, route_scale) if logits is not None else (x, x, weights, weights, 1.0)
     if one_block and rows is None:
-        rows = _rows_faster(_rows_key(x, w1, pairs, k, num_experts), tiles, gemvs)
+        key = _rows_key(x, w1, pairs, k, num_experts)
+        timing = key not in _ROWS_FASTER
+        rows = _rows_faster(key, tiles, gemvs)
+        if timing and load is not None:  # the timed runs counted their tokens into it
+            load.zero_()
     (gemvs if one_block and rows else tiles)()
 
 
@@ -433,7 +486,8 @@ def _rows_faster(key: tuple, tiles, gemvs) -> bool:
 
 @launch_fused_moe.register_fake
 def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, summed, residual, k, blocks,
-      num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows) -> None:
+      num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows, logits, bias, load, sigmoid,
+      normalise, route_scale) -> None:
     return None
 
 

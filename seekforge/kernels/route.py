@@ -4,9 +4,13 @@
 softmax, top-k, the gather, two for the tokens-per-expert count): ~14 us of a 112 us layer of the 16b shape's
 batch-1 step on the H200, each too small to use the GPU, most of them time spent launching. Here:
 
-- _logits: x W^T in fp32, BLOCK_E experts a program, so the GEMV is spread over the SMs;
-- _select: one program a token: scores (softmax or sigmoid), the top-k of scores + bias by k rounds of max,
-  the gate weights from the unbiased scores (normalised, scaled) and the token's count into the load.
+- _logits: x W^T in fp32, BLOCK_E experts a program, so the GEMV is spread over the SMs (`_residual_logits`:
+  of RMSNorm(h + d), with the block's residual add and the FFN's norm in the same programs);
+- _select: one program a token: scores (softmax or sigmoid), each expert's rank in the order of scores + bias,
+  the gate weights of the top k from the unbiased scores (normalised, scaled) and the token's count into the load.
+
+For one or two tokens the fused experts (`seekforge.kernels.moe`) take the logits instead (`RouterLogits`) and
+choose in the programs of their first kernel (`choose`): one launch fewer in the chain of a decode step.
 
 The same choice as `Gate` (ties aside: its fp32 sums run in another order) for greedy routing over one expert
 group; DeepSeek-V3's group-limited routing stays with `Gate` (`Gate.group_limited`). No host synchronisation: the
@@ -14,6 +18,8 @@ grids depend on the token and expert counts only, so a captured decode step can 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -84,10 +90,12 @@ def _residual_slice(s, g_ptr, h_out_ptr, x_out_ptr, w, m, k0, K, rstd, BLOCK_K: 
 
 
 @triton.jit
-def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_scale,
-            TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-            NORMALISE: tl.constexpr):
-    m = tl.program_id(0)
+def choose(logits_ptr, bias_ptr, m, E, k, route_scale, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+           NORMALISE: tl.constexpr):
+    """Token m's choice among the E logits of its row: (each expert's rank in the order of score + bias, the lower
+    index first among ties, as k rounds of max would pick them; each expert's gate weight from its unbiased score,
+    normalised over the k chosen and scaled, 0 for the others), [BLOCK_E] each. The ranks come from one all-pairs
+    comparison: a few reductions where k rounds of max take 2k, so a kernel can choose before its first load."""
     experts = tl.arange(0, BLOCK_E)
     valid = experts < E
     logits = tl.load(logits_ptr + m * E + experts, mask=valid, other=float("-inf"))
@@ -97,58 +105,101 @@ def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_s
         e = tl.where(valid, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
         scores = e / tl.sum(e, axis=0)
     choice = tl.where(valid, scores + tl.load(bias_ptr + experts, mask=valid, other=0.0), float("-inf"))
-    slots = tl.arange(0, TOPK_PAD)
-    weights = tl.zeros((TOPK_PAD,), tl.float32)
-    indices = tl.zeros((TOPK_PAD,), tl.int64)
-    for j in tl.static_range(TOPK):
-        best = tl.max(choice, axis=0)
-        pick = tl.min(tl.where(choice == best, experts, BLOCK_E), axis=0)  # the lowest index among ties
-        weights = tl.where(slots == j, tl.sum(tl.where(experts == pick, scores, 0.0), axis=0), weights)
-        indices = tl.where(slots == j, pick.to(tl.int64), indices)
-        choice = tl.where(experts == pick, float("-inf"), choice)
+    other, own = choice[None, :], choice[:, None]
+    ahead = (other > own) | ((other == own) & (experts[None, :] < experts[:, None]))
+    rank = tl.sum(ahead.to(tl.int32), axis=1)
+    weights = tl.where((rank < k) & valid, scores, 0.0)
     if NORMALISE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
-    tl.store(weights_ptr + m * TOPK + slots, weights * route_scale, mask=slots < TOPK)
-    tl.store(indices_ptr + m * TOPK + slots, indices, mask=slots < TOPK)
-    tl.atomic_add(load_ptr + indices, tl.full((TOPK_PAD,), 1.0, tl.float32), mask=slots < TOPK)
+    return rank, weights * route_scale
+
+
+@triton.jit
+def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_scale,
+            TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+            NORMALISE: tl.constexpr):
+    """One program a token: its k experts (slot j: the expert ranked j) and gate weights, its count into the load."""
+    m = tl.program_id(0)
+    rank, weights = choose(logits_ptr, bias_ptr, m, E, TOPK, route_scale, BLOCK_E, SIGMOID, NORMALISE)
+    experts = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, TOPK_PAD)
+    ranked = rank[None, :] == slots[:, None]  # [TOPK_PAD, BLOCK_E]
+    tl.store(weights_ptr + m * TOPK + slots, tl.sum(tl.where(ranked, weights[None, :], 0.0), axis=1),
+             mask=slots < TOPK)
+    tl.store(indices_ptr + m * TOPK + slots, tl.sum(tl.where(ranked, experts[None, :], 0), axis=1).to(tl.int64),
+             mask=slots < TOPK)
+    tl.atomic_add(load_ptr + experts, tl.full((BLOCK_E,), 1.0, tl.float32), mask=(rank < TOPK) & (experts < E))
+
+
+class RouterLogits(NamedTuple):
+    """A router's logits for n tokens whose top-k is still to be chosen, by `select` or inside the first kernel of
+    the fused experts (`seekforge.kernels.moe`), whose programs then choose before their first weight load: the
+    buffers the choice fills and the gate's settings."""
+
+    logits: torch.Tensor  # [n, experts] fp32
+    bias: torch.Tensor  # [experts], added to the scores for the choice only
+    weights: torch.Tensor  # [n, k] fp32: gate weights, filled by the choice
+    indices: torch.Tensor  # [n, k] int64: experts, filled by the choice
+    load: torch.Tensor  # [experts] fp32: zeroed with the logits, the choice counts the tokens in
+    sigmoid: bool
+    normalise: bool
+    route_scale: float
 
 
 def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights
     [n, k] fp32, expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
     `seekforge.model.moe.tokens_per_expert` give them."""
-    weights, indices, load = _outputs(gate, x)
+    return select(router_logits(gate, x))
+
+
+def router_logits(gate, x: torch.Tensor) -> RouterLogits:
+    """`route`'s first kernel alone: the logits, the choice left to `select` or to the fused experts."""
+    chosen = _choice(gate, x)
     if x.shape[0]:
-        launch_route(x.contiguous(), gate.weight, gate.bias, weights, indices, load, *_gate_args(gate))
+        launch_logits(x.contiguous(), gate.weight, chosen.logits, chosen.load)
     else:
-        load.zero_()
-    return weights, indices, load
+        chosen.load.zero_()
+    return chosen
 
 
 def residual_route(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float):
     """`route` of x = RMSNorm(h + delta) (`seekforge.model.norm.RMSNorm`, norm_weight, eps) for h, delta [n, dim] of
     one dtype, with the residual add and the norm in the router's first kernel (where a block ran them as a kernel
     of their own): (h + delta, x, gate weights, expert indices, tokens per expert)."""
+    h_out, x, chosen = residual_logits(gate, h, delta, norm_weight, eps)
+    return h_out, x, *select(chosen)
+
+
+def residual_logits(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, RouterLogits]:
+    """`residual_route`'s first kernel alone: (h + delta, x, the logits of x), the choice left to `select` or to
+    the fused experts."""
     h, delta = h.contiguous(), delta.contiguous()  # the kernel reads and writes rows dim apart
-    weights, indices, load = _outputs(gate, h)
+    chosen = _choice(gate, h)
     h_out, x = torch.empty_like(h), torch.empty_like(h)
     if h.shape[0]:
-        launch_residual_route(h, delta, norm_weight, eps, gate.weight, gate.bias, h_out, x, weights, indices, load,
-                              *_gate_args(gate))
+        launch_residual_logits(h, delta, norm_weight, eps, gate.weight, h_out, x, chosen.logits, chosen.load)
     else:
-        load.zero_()
-    return h_out, x, weights, indices, load
+        chosen.load.zero_()
+    return h_out, x, chosen
 
 
-def _outputs(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, k = x.shape[0], gate.topk
-    return (torch.empty(n, k, device=x.device, dtype=torch.float32),
-            torch.empty(n, k, device=x.device, dtype=torch.int64),
-            torch.empty(gate.weight.shape[0], device=x.device, dtype=torch.float32))
+def select(chosen: RouterLogits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k of `router_logits` or `residual_logits`: (gate weights, expert indices, tokens per expert)."""
+    if chosen.logits.shape[0]:
+        launch_select(chosen.logits, chosen.bias, chosen.weights, chosen.indices, chosen.load, chosen.sigmoid,
+                      chosen.normalise, chosen.route_scale)
+    return chosen.weights, chosen.indices, chosen.load
 
 
-def _gate_args(gate) -> tuple[int, bool, bool, float]:
-    return gate.topk, gate.score_func == "sigmoid", gate.norm_topk_prob, float(gate.route_scale)
+def _choice(gate, x: torch.Tensor) -> RouterLogits:
+    n, k, num_experts = x.shape[0], gate.topk, gate.weight.shape[0]
+    return RouterLogits(torch.empty(n, num_experts, device=x.device, dtype=torch.float32), gate.bias,
+                        torch.empty(n, k, device=x.device, dtype=torch.float32),
+                        torch.empty(n, k, device=x.device, dtype=torch.int64),
+                        torch.empty(num_experts, device=x.device, dtype=torch.float32),
+                        gate.score_func == "sigmoid", gate.norm_topk_prob, float(gate.route_scale))
 
 
 RESIDUAL_SLICE = 2048  # columns a step of `_residual_logits`: a 16b row (2048) at once
@@ -156,49 +207,49 @@ BLOCK_E = 2  # 32 programs a token at 64 experts: the GEMV's 256 KB (bf16) read 
 
 
 # Opaque ops to torch.compile, as the fused MoE launch is (seekforge.kernels.moe): the step stays one graph.
-@torch.library.custom_op("seekforge::route", mutates_args=("weights", "indices", "load"))
-def launch_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor,
-                 indices: torch.Tensor, load: torch.Tensor, k: int, sigmoid: bool, normalise: bool,
-                 route_scale: float) -> None:
+@torch.library.custom_op("seekforge::router_logits", mutates_args=("logits", "load"))
+def launch_logits(x: torch.Tensor, gate_weight: torch.Tensor, logits: torch.Tensor, load: torch.Tensor) -> None:
     n, dim = x.shape
     num_experts = gate_weight.shape[0]
-    logits = torch.empty(n, num_experts, device=x.device, dtype=torch.float32)
     _logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         x, gate_weight.contiguous(), logits, load, num_experts, dim, x.stride(0),
         BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
-    _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale)
 
 
-@torch.library.custom_op("seekforge::residual_route", mutates_args=("h_out", "x", "weights", "indices", "load"))
-def launch_residual_route(h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                          gate_weight: torch.Tensor, bias: torch.Tensor, h_out: torch.Tensor, x: torch.Tensor,
-                          weights: torch.Tensor, indices: torch.Tensor, load: torch.Tensor, k: int, sigmoid: bool,
-                          normalise: bool, route_scale: float) -> None:
+@torch.library.custom_op("seekforge::residual_logits", mutates_args=("h_out", "x", "logits", "load"))
+def launch_residual_logits(h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           gate_weight: torch.Tensor, h_out: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
+                           load: torch.Tensor) -> None:
     n, dim = h.shape
     num_experts = gate_weight.shape[0]
-    logits = torch.empty(n, num_experts, device=h.device, dtype=torch.float32)
     _residual_logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         h, delta, norm_weight, gate_weight.contiguous(), logits, load, h_out, x, num_experts, dim, eps,
         BLOCK_E=BLOCK_E, BLOCK_K=min(RESIDUAL_SLICE, triton.next_power_of_2(dim)), num_warps=4)
-    _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale)
 
 
-def _launch_select(logits, bias, weights, indices, load, k, sigmoid, normalise, route_scale) -> None:
-    num_experts = logits.shape[1]
-    _select[(logits.shape[0],)](logits, bias, weights, indices, load, num_experts, route_scale,
-                                TOPK=k, TOPK_PAD=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(num_experts),
-                                SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1)
+@torch.library.custom_op("seekforge::select", mutates_args=("weights", "indices", "load"))
+def launch_select(logits: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  load: torch.Tensor, sigmoid: bool, normalise: bool, route_scale: float) -> None:
+    n, num_experts = logits.shape
+    k = indices.shape[1]
+    _select[(n,)](logits, bias, weights, indices, load, num_experts, route_scale,
+                  TOPK=k, TOPK_PAD=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(num_experts),
+                  SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1)
 
 
-@launch_route.register_fake
-def _(x, gate_weight, bias, weights, indices, load, k, sigmoid, normalise, route_scale) -> None:
+@launch_logits.register_fake
+def _(x, gate_weight, logits, load) -> None:
     return None
 
 
-@launch_residual_route.register_fake
-def _(h, delta, norm_weight, eps, gate_weight, bias, h_out, x, weights, indices, load, k, sigmoid, normalise,
-      route_scale) -> None:
+@launch_residual_logits.register_fake
+def _(h, delta, norm_weight, eps, gate_weight, h_out, x, logits, load) -> None:
     return None
 
 
-__all__ = ["residual_route", "route"]
+@launch_select.register_fake
+def _(logits, bias, weights, indices, load, sigmoid, normalise, route_scale) -> None:
+    return None
+
+
+__all__ = ["RouterLogits", "choose", "residual_logits", "residual_route", "route", "router_logits", "select"]
