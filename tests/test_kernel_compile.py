@@ -17,7 +17,8 @@ import pytest
 MOE_TYPES = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "s1_ptr": "*bf16", "s3_ptr": "*bf16",
              "h_ptr": "*bf16", "w2_ptr": "*bf16", "s2_ptr": "*bf16", "out_ptr": "*fp32", "gate_ptr": "*fp32",
              "ids_ptr": "*i32", "expert_ptr": "*i32", "idx_ptr": "*i64", "summed_ptr": "*bf16", "residual_ptr": "*bf16",
-             "counter_ptr": "*i32"}
+             "counter_ptr": "*i32", "logits_ptr": "*fp32", "bias_ptr": "*fp32", "load_ptr": "*fp32",
+             "route_scale": "fp32"}
 MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "stride_qh", "stride_cb", "stride_ct",
             "stride_tb", "stride_tn", "stride_pb", "stride_ps", "stride_ob", "stride_os", "stride_oh", "stride_ok"]
 # the GEMV's tuning candidates (seekforge.kernels.gemv: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
@@ -29,9 +30,11 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
         "moe", kernel, MOE_TYPES,
         {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one}, 4, 4)
        for kernel in ("_gate_up", "_down") for bm, one in ((16, True), (16, False), (64, False))},
-    **{f"moe{kernel}_tile{bn}x{bk}w{warps}": ("moe", kernel, MOE_TYPES, {
-        "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, **({"RESIDUAL": True} if kernel == "_down_rows" else {})}, warps, 3)
-       for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]},  # K-contiguous tiles
+    **{f"moe{kernel}_tile{bn}x{bk}w{warps}{'_choose' if choose else ''}": ("moe", kernel, MOE_TYPES, {
+        "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, **({"RESIDUAL": True} if kernel == "_down_rows" else {
+            "CHOOSE": choose, "BLOCK_E": 64, "SIGMOID": False, "NORMALISE": False})}, warps, 3)
+       for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]  # K-contiguous tiles
+       for choose in ((False, True) if kernel == "_gate_up_rows" else (False,))},
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "moe_pair_sums": ("moe", "_pair_sums", MOE_TYPES, {"TOPK": 8, "BLOCK_N": 512, "RESIDUAL": True}, 4, 1),

@@ -216,9 +216,11 @@ def test_the_experts_choose_from_the_routers_logits(n, rows, routing):
     router = router_logits(moe.gate, x)
     got = fused_experts(x, moe.experts.w1, moe.experts.w2, moe.experts.w3, None, None, rows=rows, shared=shared,
                         router=router)
-    for filled, expected in zip((router.weights, router.indices, router.load), chosen):
-        torch.testing.assert_close(filled, expected, atol=0, rtol=0)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(router.indices, chosen[1], atol=0, rtol=0)
+    torch.testing.assert_close(router.load, chosen[2], atol=0, rtol=0)
+    # on the GPU the two kernels' softmax sums may run in another order: weights a rounding apart
+    torch.testing.assert_close(router.weights, chosen[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_forward_keeps_the_model_path_off_cuda():
