@@ -110,7 +110,7 @@ def test_the_latent_through_w_uv_is_combined_in_the_projections_launch(b, s, spl
     the latent rounded to q's dtype as the two launches stored it."""
     h, c, r = 4, 32, 16
     q, cache, tables, pos = _problem(b, s, h, c, r, 16, [70, 33][:b], dtype, seed=splits)
-    w_uv = torch.randn(h, 24, c, device=DEVICE).to(dtype)
+    w_uv = torch.randn(h, 16 + 24, c, device=DEVICE).to(dtype)[:, 16:]  # a view of wkv_b [h, d + d_v, c], as MLA's
     latent = _decode(q, cache, tables, pos, 0.2, c, num_splits=splits)
     want = torch.einsum("bshc,hnc->bshn", latent.float(), w_uv.float())
     got = paged_mla_decode_triton(q, cache, tables, pos, 0.2, c, num_splits=splits, project=w_uv)
