@@ -3,8 +3,9 @@
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature, and `moe_forward` the Triton router and fused MoE
-kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references). For the
+`seekforge.kernels.mla_decode` behind the same signature (W_UV applied in the launch that combines a split
+context), and `moe_forward` the Triton router's logits and the fused MoE kernels of `seekforge.kernels.route` and
+`.moe` for decode, which choose the experts themselves (SEEKFORGE_TRITON=0 keeps the references). For the
 few rows of small decode steps, the projections run as GEMVs (`FewRowLinears`, `head_matmul`) and what the
 compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`
 (the last two in one launch: `store_and_query`), `residual_norm` (each with its PyTorch composition where no
