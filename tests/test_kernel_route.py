@@ -74,6 +74,20 @@ def test_residual_route_is_the_blocks_residual_add_norm_and_gate(n, slice_, monk
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_nan_tokens_still_choose_k_distinct_real_experts():
+    """A token whose hidden state went NaN gets garbage weights but never an index past the experts (which the
+    fused experts would read memory at); its neighbours' choice is untouched."""
+    gate, cfg = make_gate()
+    x = torch.randn(3, cfg.dim, device=DEVICE)
+    x[1, 5] = float("nan")
+    weights, indices, load = route(gate, x)
+    assert ((indices >= 0) & (indices < cfg.n_routed_experts)).all()
+    assert all(len(set(row)) == cfg.n_activated_experts for row in indices.tolist())
+    want = route(gate, x[[0, 2]])
+    torch.testing.assert_close(indices[[0, 2]], want[1], atol=0, rtol=0)
+    assert load.sum().item() == 3 * cfg.n_activated_experts
+
+
 def test_half_precision_weights_and_tokens():
     gate, cfg = make_gate(dtype=HALF)
     check(gate, torch.randn(3, cfg.dim, device=DEVICE, dtype=HALF))

@@ -104,7 +104,9 @@ def choose(logits_ptr, bias_ptr, m, E, k, route_scale, BLOCK_E: tl.constexpr, SI
     else:
         e = tl.where(valid, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
         scores = e / tl.sum(e, axis=0)
-    choice = tl.where(valid, scores + tl.load(bias_ptr + experts, mask=valid, other=0.0), float("-inf"))
+    choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0)
+    # NaN (a broken hidden state) ranks as -inf: the ranks stay a permutation, so the k chosen are real experts
+    choice = tl.where(valid & (choice == choice), choice, float("-inf"))
     other, own = choice[None, :], choice[:, None]
     ahead = (other > own) | ((other == own) & (experts[None, :] < experts[:, None]))
     rank = tl.sum(ahead.to(tl.int32), axis=1)
