@@ -111,6 +111,17 @@ def _mla_decode_split(
 
 
 @triton.jit
+def _split_weights(lse, AXIS: tl.constexpr):
+    """The splits' log-sum-exps (along AXIS) -> (each split's weight 2^(lse - max lse), 0 for a split that saw
+    nothing; their sum, 1 where it is 0: rows past the end, or that saw nothing anywhere)."""
+    m = tl.max(lse, axis=AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.math.exp2(lse - tl.expand_dims(m, AXIS))
+    den = tl.sum(weights, axis=AXIS)
+    return weights, tl.where(den > 0.0, den, 1.0)
+
+
+@triton.jit
 def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
                         C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
     """out[row] = sum_k w_k part[row, k] / sum_k w_k with w_k = 2^(lse_k - max lse), for ROWS of the flat
@@ -122,14 +133,10 @@ def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
     row_ok = rows < num_rows
     at = rows[:, None] * num_splits + offs_k[None, :]  # [ROWS, SPLITS]
     lse = tl.load(lse_ptr + at, mask=row_ok[:, None] & (offs_k < num_splits)[None, :], other=float("-inf"))
-    m = tl.max(lse, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows past the end, or that saw nothing anywhere
-    w = tl.math.exp2(lse - m[:, None])  # 0 for empty splits, which wrote nothing worth reading
+    w, den = _split_weights(lse, 1)
     seen = lse > float("-inf")
     part = tl.load(part_ptr + at[:, :, None] * C + offs_c[None, None, :],
                    mask=seen[:, :, None] & (offs_c < C)[None, None, :], other=0.0)  # [ROWS, SPLITS, BLOCK_C]
-    den = tl.sum(w, axis=1)
-    den = tl.where(den > 0.0, den, 1.0)
     acc = tl.sum(part * w[:, :, None], axis=1)
     tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (offs_c < C)[None, :])
@@ -147,11 +154,7 @@ def _combine_project(part_ptr, lse_ptr, w_ptr, y_ptr, num_heads, num_splits, N, 
     offs_k = tl.arange(0, SPLITS)
     at = row * num_splits + offs_k
     lse = tl.load(lse_ptr + at, mask=offs_k < num_splits, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.math.exp2(lse - m)  # 0 for a split that saw nothing
-    den = tl.sum(weights, axis=0)
-    den = tl.where(den > 0.0, den, 1.0)
+    weights, den = _split_weights(lse, 0)
     seen = lse > float("-inf")
     w_at = w_ptr + (row % num_heads) * stride_wh + cols[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N,), tl.float32)
