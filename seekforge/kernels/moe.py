@@ -37,7 +37,7 @@ import triton.language as tl
 from seekforge.errors import ConfigError
 from seekforge.kernels.arrivals import arrive, counters
 from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
-from seekforge.kernels.route import RouterLogits, choose, launch_select, select
+from seekforge.kernels.route import RouterLogits, choose, gate_weights, launch_select, select
 
 
 @triton.jit
@@ -197,11 +197,11 @@ def _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_
     slot = pair % TOPK
     expert = (num_routed + slot - k_routed).to(tl.int64)
     if slot < k_routed:
-        rank, weights = choose(logits_ptr, bias_ptr, token, num_routed, k_routed, route_scale, BLOCK_E, SIGMOID,
-                               NORMALISE)
+        rank, scores = choose(logits_ptr, bias_ptr, token, num_routed, BLOCK_E, SIGMOID)
         mine = rank == slot
         expert = tl.sum(tl.where(mine, tl.arange(0, BLOCK_E), 0), axis=0).to(tl.int64)
-        if tl.program_id(0) == 0:
+        if tl.program_id(0) == 0:  # the gate weights in this program only: the others need the expert alone
+            weights = gate_weights(rank, scores, num_routed, k_routed, route_scale, BLOCK_E, NORMALISE)
             tl.store(idx_ptr + token * k_routed + slot, expert)
             tl.store(gate_ptr + token * k_routed + slot, tl.sum(tl.where(mine, weights, 0.0), axis=0))
             tl.atomic_add(load_ptr + expert, 1.0)

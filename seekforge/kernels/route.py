@@ -90,12 +90,11 @@ def _residual_slice(s, g_ptr, h_out_ptr, x_out_ptr, w, m, k0, K, rstd, BLOCK_K: 
 
 
 @triton.jit
-def choose(logits_ptr, bias_ptr, m, E, k, route_scale, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-           NORMALISE: tl.constexpr):
+def choose(logits_ptr, bias_ptr, m, E, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr):
     """Token m's choice among the E logits of its row: (each expert's rank in the order of score + bias, the lower
-    index first among ties, as k rounds of max would pick them; each expert's gate weight from its unbiased score,
-    normalised over the k chosen and scaled, 0 for the others), [BLOCK_E] each. The ranks come from one all-pairs
-    comparison: a few reductions where k rounds of max take 2k, so a kernel can choose before its first load."""
+    index first among ties, as k rounds of max would pick them; each expert's unbiased score), [BLOCK_E] each. The
+    ranks come from one all-pairs comparison: one reduction where k rounds of max take 2k, so a kernel can choose
+    before its first load."""
     experts = tl.arange(0, BLOCK_E)
     valid = experts < E
     logits = tl.load(logits_ptr + m * E + experts, mask=valid, other=float("-inf"))
@@ -109,11 +108,17 @@ def choose(logits_ptr, bias_ptr, m, E, k, route_scale, BLOCK_E: tl.constexpr, SI
     choice = tl.where(valid & (choice == choice), choice, float("-inf"))
     other, own = choice[None, :], choice[:, None]
     ahead = (other > own) | ((other == own) & (experts[None, :] < experts[:, None]))
-    rank = tl.sum(ahead.to(tl.int32), axis=1)
-    weights = tl.where((rank < k) & valid, scores, 0.0)
+    return tl.sum(ahead.to(tl.int32), axis=1), scores
+
+
+@triton.jit
+def gate_weights(rank, scores, E, k, route_scale, BLOCK_E: tl.constexpr, NORMALISE: tl.constexpr):
+    """`choose`'s k chosen experts' gate weights from their unbiased scores, normalised over the k (NORMALISE) and
+    scaled; 0 for the others. [BLOCK_E]."""
+    weights = tl.where((rank < k) & (tl.arange(0, BLOCK_E) < E), scores, 0.0)
     if NORMALISE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
-    return rank, weights * route_scale
+    return weights * route_scale
 
 
 @triton.jit
@@ -122,7 +127,8 @@ def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_s
             NORMALISE: tl.constexpr):
     """One program a token: its k experts (slot j: the expert ranked j) and gate weights, its count into the load."""
     m = tl.program_id(0)
-    rank, weights = choose(logits_ptr, bias_ptr, m, E, TOPK, route_scale, BLOCK_E, SIGMOID, NORMALISE)
+    rank, scores = choose(logits_ptr, bias_ptr, m, E, BLOCK_E, SIGMOID)
+    weights = gate_weights(rank, scores, E, TOPK, route_scale, BLOCK_E, NORMALISE)
     experts = tl.arange(0, BLOCK_E)
     slots = tl.arange(0, TOPK_PAD)
     ranked = rank[None, :] == slots[:, None]  # [TOPK_PAD, BLOCK_E]
@@ -157,20 +163,20 @@ def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def router_logits(gate, x: torch.Tensor) -> RouterLogits:
     """`route`'s first kernel alone: the logits, the choice left to `select` or to the fused experts."""
-    chosen = _choice(gate, x)
+    router = _empty_router_logits(gate, x)
     if x.shape[0]:
-        launch_logits(x.contiguous(), gate.weight, chosen.logits, chosen.load)
+        launch_logits(x.contiguous(), gate.weight, router.logits, router.load)
     else:
-        chosen.load.zero_()
-    return chosen
+        router.load.zero_()
+    return router
 
 
 def residual_route(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float):
     """`route` of x = RMSNorm(h + delta) (`seekforge.model.norm.RMSNorm`, norm_weight, eps) for h, delta [n, dim] of
     one dtype, with the residual add and the norm in the router's first kernel (where a block ran them as a kernel
     of their own): (h + delta, x, gate weights, expert indices, tokens per expert)."""
-    h_out, x, chosen = residual_logits(gate, h, delta, norm_weight, eps)
-    return h_out, x, *select(chosen)
+    h_out, x, router = residual_logits(gate, h, delta, norm_weight, eps)
+    return h_out, x, *select(router)
 
 
 def residual_logits(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
@@ -178,24 +184,24 @@ def residual_logits(gate, h: torch.Tensor, delta: torch.Tensor, norm_weight: tor
     """`residual_route`'s first kernel alone: (h + delta, x, the logits of x), the choice left to `select` or to
     the fused experts."""
     h, delta = h.contiguous(), delta.contiguous()  # the kernel reads and writes rows dim apart
-    chosen = _choice(gate, h)
+    router = _empty_router_logits(gate, h)
     h_out, x = torch.empty_like(h), torch.empty_like(h)
     if h.shape[0]:
-        launch_residual_logits(h, delta, norm_weight, eps, gate.weight, h_out, x, chosen.logits, chosen.load)
+        launch_residual_logits(h, delta, norm_weight, eps, gate.weight, h_out, x, router.logits, router.load)
     else:
-        chosen.load.zero_()
-    return h_out, x, chosen
+        router.load.zero_()
+    return h_out, x, router
 
 
-def select(chosen: RouterLogits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select(router: RouterLogits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k of `router_logits` or `residual_logits`: (gate weights, expert indices, tokens per expert)."""
-    if chosen.logits.shape[0]:
-        launch_select(chosen.logits, chosen.bias, chosen.weights, chosen.indices, chosen.load, chosen.sigmoid,
-                      chosen.normalise, chosen.route_scale)
-    return chosen.weights, chosen.indices, chosen.load
+    if router.logits.shape[0]:
+        launch_select(router.logits, router.bias, router.weights, router.indices, router.load, router.sigmoid,
+                      router.normalise, router.route_scale)
+    return router.weights, router.indices, router.load
 
 
-def _choice(gate, x: torch.Tensor) -> RouterLogits:
+def _empty_router_logits(gate, x: torch.Tensor) -> RouterLogits:
     n, k, num_experts = x.shape[0], gate.topk, gate.weight.shape[0]
     return RouterLogits(torch.empty(n, num_experts, device=x.device, dtype=torch.float32), gate.bias,
                         torch.empty(n, k, device=x.device, dtype=torch.float32),
@@ -254,4 +260,4 @@ def _(logits, bias, weights, indices, load, sigmoid, normalise, route_scale) -> 
     return None
 
 
-__all__ = ["RouterLogits", "choose", "residual_logits", "residual_route", "route", "router_logits", "select"]
+__all__ = ["RouterLogits", "choose", "gate_weights", "residual_logits", "residual_route", "route", "router_logits", "select"]
