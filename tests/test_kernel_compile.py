@@ -37,12 +37,6 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
        for choose in ((False, True) if kernel == "_gate_up_rows" else (False,))},
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
-    **{f"mla_combine_project_splits{splits}": ("mla_decode", "_combine_project",
-                                               {"part_ptr": "*fp32", "lse_ptr": "*fp32", "w_ptr": "*bf16",
-                                                "y_ptr": "*bf16"},
-                                               {"C": 512, "BLOCK_C": min(512, 4096 // splits), "SPLITS": splits,
-                                                "BLOCK_N": 16}, 4, 1)
-       for splits in (2, 16, 64)},
     "moe_pair_sums": ("moe", "_pair_sums", MOE_TYPES, {"TOPK": 8, "BLOCK_N": 512, "RESIDUAL": True}, 4, 1),
     **{f"mla_split_rows{rows}": ("mla_decode", "_mla_decode_split",
                                  {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i64", "pos_ptr": "*i64",

@@ -34,8 +34,7 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
 
     decodes = []  # without CUDA graphs decode steps call the MLA kernel outside any op: a spy counts the calls
     monkeypatch.setitem(kernels._TRITON, ("mla_decode", "paged_mla_decode_triton"),
-                        lambda *args, **kw: decodes.append(kw.get("project") is not None)
-                        or paged_mla_decode_triton(*args, **kw))
+                        lambda *args: decodes.append(1) or paged_mla_decode_triton(*args))
     import seekforge.kernels.moe as moe_module
 
     # decode's MoE (one block a pair) in its GEMV form, which the GPU keeps where it times faster (the MMA tiles,
@@ -51,6 +50,6 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
         got = [o.token_ids for o in llm.generate(prompts, params)]
     ran = {e.key for e in prof.key_averages()}
     assert {"seekforge::residual_logits", "seekforge::fused_moe", "seekforge::gemv",
-            "seekforge::norm_gemv"} <= ran and any(decodes) and gemv_form
+            "seekforge::norm_gemv"} <= ran and decodes and gemv_form
     assert not counters["graph_break"]
     assert got == plain

@@ -102,25 +102,6 @@ def test_queries_see_only_their_past():
     assert not torch.allclose(after[:, 1], before[:, 1])
 
 
-@pytest.mark.parametrize("b,s,splits,dtype", [(1, 1, 4, torch.float32), (2, 2, 3, torch.float32), (1, 1, 1, HALF),
-                                               (1, 1, 64, HALF), (2, 1, 5, HALF)])
-def test_the_latent_through_w_uv_is_combined_in_the_projections_launch(b, s, splits, dtype):
-    """`project` (W_UV [h, N, c], N not a multiple of the program's rows): the split partials combined inside the
-    projection's launch (the unsplit output through the head GEMV) give what the latent through W_UV gives, with
-    the latent rounded to q's dtype as the two launches stored it."""
-    h, c, r = 4, 32, 16
-    q, cache, tables, pos = _problem(b, s, h, c, r, 16, [70, 33][:b], dtype, seed=splits)
-    w_uv = torch.randn(h, 16 + 24, c, device=DEVICE).to(dtype)[:, 16:]  # a view of wkv_b [h, d + d_v, c], as MLA's
-    latent = _decode(q, cache, tables, pos, 0.2, c, num_splits=splits)
-    want = torch.einsum("bshc,hnc->bshn", latent.float(), w_uv.float())
-    got = paged_mla_decode_triton(q, cache, tables, pos, 0.2, c, num_splits=splits, project=w_uv)
-    assert got.shape == (b, s, h, 24) and got.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
-    with pytest.raises(ConfigError, match="W_UV"):
-        paged_mla_decode_triton(q, cache, tables, pos, 0.2, c, project=w_uv[:, :, :8])
-
-
 def test_heuristic_splits_only_when_the_grid_is_small():
     few = default_config(4, 1, 16, 64, 4096, DEVICE)
     many = default_config(64, 1, 128, 64, 4096, DEVICE)

@@ -3,9 +3,8 @@
 The cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token
 the normalised KV latent followed by the rotary key (the only things absorbed MLA reads). The functions
 below are the PyTorch reference; on CUDA, `paged_mla_decode` runs the Triton kernel of
-`seekforge.kernels.mla_decode` behind the same signature (W_UV applied in the launch that combines a split
-context), and `moe_forward` the Triton router's logits and the fused MoE kernels of `seekforge.kernels.route` and
-`.moe` for decode, which choose the experts themselves (SEEKFORGE_TRITON=0 keeps the references). For the
+`seekforge.kernels.mla_decode` behind the same signature, and `moe_forward` the Triton router and fused MoE
+kernels of `seekforge.kernels.route` and `.moe` for decode (SEEKFORGE_TRITON=0 keeps the references). For the
 few rows of small decode steps, the projections run as GEMVs (`FewRowLinears`, `head_matmul`) and what the
 compiled block ran as several kernels runs as one: `normed_projections`, `latent_query`, `store_new_latents`
 (the last two in one launch: `store_and_query`), `residual_norm` (each with its PyTorch composition where no
@@ -99,23 +98,14 @@ def gather_latents(cache: torch.Tensor, plan: PagedAttentionPlan) -> torch.Tenso
 
 
 def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan, softmax_scale: float,
-                     kv_lora_rank: int, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_lora_rank: int) -> torch.Tensor:
     """Absorbed MLA over the paged cache. q [b, s, h, c + r] is the latent query (q_nope @ W_UK) followed
-    by the rotated q_pe; returns the attention-weighted latent [b, s, h, c], or with w_uv (W_UV [h, d_v, c]) that
-    latent through it, [b, s, h, d_v]. On CUDA, for up to GEMV_ROWS queries in all, the Triton kernel combines a
-    context split across programs inside W_UV's launch (one launch fewer a layer)."""
+    by the rotated q_pe; returns the attention-weighted latent [b, s, h, c] (W_UV is applied after)."""
     triton_decode = _triton("mla_decode", "paged_mla_decode_triton") if triton_runs_on(q.device) else None
     if triton_decode is not None:  # q may come out of autocast narrower than the cache: the kernel wants one dtype
-        q = q.to(cache.dtype)
-        if w_uv is not None and _gemv_takes(q, w_uv, q.shape[0] * q.shape[1]):
-            return triton_decode(q, cache, plan.block_tables, plan.query_positions, softmax_scale, kv_lora_rank,
-                                 project=w_uv)
-        latent = triton_decode(q, cache, plan.block_tables, plan.query_positions, softmax_scale, kv_lora_rank)
-    else:
-        latent = paged_mla_decode_reference(q, cache, plan, softmax_scale, kv_lora_rank)
-    if w_uv is None:
-        return latent
-    return head_matmul(latent.flatten(0, 1), w_uv).view(*latent.shape[:3], -1)
+        return triton_decode(q.to(cache.dtype), cache, plan.block_tables, plan.query_positions, softmax_scale,
+                             kv_lora_rank)
+    return paged_mla_decode_reference(q, cache, plan, softmax_scale, kv_lora_rank)
 
 
 # The two cache kernels as ops opaque to torch.compile, for the compiled decode step: it cannot trace a Triton
@@ -134,21 +124,21 @@ def _(cache, slot_mapping, latents) -> None:
 @torch.library.custom_op("seekforge::paged_mla_decode", mutates_args=())
 def _paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                          query_positions: torch.Tensor, block_size: int, max_context: int, softmax_scale: float,
-                         kv_lora_rank: int, w_uv: torch.Tensor | None) -> torch.Tensor:
+                         kv_lora_rank: int) -> torch.Tensor:
     plan = PagedAttentionPlan(block_tables, query_positions, block_size, max_context)
-    return paged_mla_decode(q, cache, plan, softmax_scale, kv_lora_rank, w_uv).contiguous()  # as the fake promises
+    return paged_mla_decode(q, cache, plan, softmax_scale, kv_lora_rank).contiguous()  # as the fake promises
 
 
 @_paged_mla_decode_op.register_fake
-def _(q, cache, block_tables, query_positions, block_size, max_context, softmax_scale, kv_lora_rank, w_uv):
-    return q.new_empty(*q.shape[:-1], kv_lora_rank if w_uv is None else w_uv.shape[1], dtype=cache.dtype)
+def _(q, cache, block_tables, query_positions, block_size, max_context, softmax_scale, kv_lora_rank):
+    return q.new_empty(*q.shape[:-1], kv_lora_rank, dtype=cache.dtype)
 
 
 def paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan, softmax_scale: float,
-                        kv_lora_rank: int, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+                        kv_lora_rank: int) -> torch.Tensor:
     """`paged_mla_decode` as one opaque op (see store_latents_op)."""
     return _paged_mla_decode_op(q, cache, plan.block_tables, plan.query_positions, plan.block_size,
-                                plan.max_context, softmax_scale, kv_lora_rank, w_uv)
+                                plan.max_context, softmax_scale, kv_lora_rank)
 
 
 def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,

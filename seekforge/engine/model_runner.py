@@ -376,11 +376,11 @@ def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: t
 def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: kernels.PagedAttentionPlan, query_len: int,
                        decode=kernels.paged_mla_decode) -> torch.Tensor:
     """Absorbed MLA of b sequences' query_len queries each over the paged cache, from their latent query
-    q [b * s, h, c + r] (`kernels.latent_query`: W_UK folded in); W_UV applied to the attended latent (by
-    `decode`, which may fold a split context's combine into it). Returns [b * s, h * d_v]."""
+    q [b * s, h, c + r] (`kernels.latent_query`: W_UK folded in); W_UV applied to the attended latent.
+    Returns [b * s, h * d_v]."""
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
-    attended = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank, attn.absorbed_weights()[1])
-    return attended.flatten(0, 1).flatten(1)  # [b, s, h, d_v] -> [b * s, h * d_v]
+    latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
+    return kernels.head_matmul(latent.flatten(0, 1), attn.absorbed_weights()[1]).flatten(1)
 
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,

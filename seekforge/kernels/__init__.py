@@ -3,8 +3,7 @@
 Each module imports Triton itself, so `import seekforge.kernels` stays free of it: CPU installs, which
 have no Triton, keep to the references.
 
-- `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`); for a
-  few queries with W_UV applied in the launch that combines the context's splits.
+- `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
   or two tokens also as GEMVs, whichever form of the two timed faster for the shape, which then choose each
   pair's expert from the router's logits themselves; each token's sum over its experts with the block's

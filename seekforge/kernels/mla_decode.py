@@ -5,9 +5,7 @@ the key (all c + r dims) and its first c dims the value. Attention over it is bo
 so every program loads each cache tile once for all the heads it holds: the rows of its dot products
 (M = queries x heads) are the (query, head) pairs of one sequence. When sequences x head groups are too
 few to fill the GPU, each sequence's context is cut into `num_splits` pieces (flash-decoding); each piece
-writes its normalised partial output and log-sum-exp, and a second small kernel combines them; for a few
-queries that second kernel can be MLA's W_UV product itself (`project`), which combines each row's partials as it
-reads them, one launch fewer in a decode step's chain.
+writes its normalised partial output and log-sum-exp, and a second small kernel combines them.
 
 No host synchronisation: the grid depends on shapes only; context lengths (the last query position + 1)
 are read on the device, and each split takes an equal share of its own sequence's tiles, so a plan over a
@@ -23,7 +21,6 @@ import triton
 import triton.language as tl
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.gemv import GEMV_ROWS, head_gemv
 
 _LOG2E = 1.4426950408889634
 _COMBINE_ROWS = 4  # output rows per combining program
@@ -111,17 +108,6 @@ def _mla_decode_split(
 
 
 @triton.jit
-def _split_weights(lse, AXIS: tl.constexpr):
-    """The splits' log-sum-exps (along AXIS) -> (each split's weight 2^(lse - max lse), 0 for a split that saw
-    nothing; their sum, 1 where it is 0: rows past the end, or that saw nothing anywhere)."""
-    m = tl.max(lse, axis=AXIS)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.math.exp2(lse - tl.expand_dims(m, AXIS))
-    den = tl.sum(weights, axis=AXIS)
-    return weights, tl.where(den > 0.0, den, 1.0)
-
-
-@triton.jit
 def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
                         C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
     """out[row] = sum_k w_k part[row, k] / sum_k w_k with w_k = 2^(lse_k - max lse), for ROWS of the flat
@@ -133,43 +119,17 @@ def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
     row_ok = rows < num_rows
     at = rows[:, None] * num_splits + offs_k[None, :]  # [ROWS, SPLITS]
     lse = tl.load(lse_ptr + at, mask=row_ok[:, None] & (offs_k < num_splits)[None, :], other=float("-inf"))
-    w, den = _split_weights(lse, 1)
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows past the end, or that saw nothing anywhere
+    w = tl.math.exp2(lse - m[:, None])  # 0 for empty splits, which wrote nothing worth reading
     seen = lse > float("-inf")
     part = tl.load(part_ptr + at[:, :, None] * C + offs_c[None, None, :],
                    mask=seen[:, :, None] & (offs_c < C)[None, None, :], other=0.0)  # [ROWS, SPLITS, BLOCK_C]
+    den = tl.sum(w, axis=1)
+    den = tl.where(den > 0.0, den, 1.0)
     acc = tl.sum(part * w[:, :, None], axis=1)
     tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (offs_c < C)[None, :])
-
-
-@triton.jit
-def _combine_project(part_ptr, lse_ptr, w_ptr, y_ptr, num_heads, num_splits, N, stride_wh, stride_wn, stride_wk,
-                     C: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[row, cols] = W[head] [cols, :C] . (row's splits combined as `_mla_decode_combine` does, rounded to W's dtype
-    as the latent is stored there) for BLOCK_N of W's N rows; row = (b, s, h) flat. Where the combine and the GEMV
-    after it were two launches; each program reads its row's partials (splits x C fp32) from L2, BLOCK_C columns
-    at a time beside the same columns of W."""
-    row = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, SPLITS)
-    at = row * num_splits + offs_k
-    lse = tl.load(lse_ptr + at, mask=offs_k < num_splits, other=float("-inf"))
-    weights, den = _split_weights(lse, 0)
-    seen = lse > float("-inf")
-    w_at = w_ptr + (row % num_heads) * stride_wh + cols[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for c0 in tl.static_range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        w = tl.load(w_at + offs_c[None, :] * stride_wk, mask=(cols[:, None] < N) & (offs_c[None, :] < C), other=0.0)
-        part = tl.load(part_ptr + at[:, None] * C + offs_c[None, :],
-                       mask=(offs_k < num_splits)[:, None] & (offs_c < C)[None, :], other=0.0)  # [SPLITS, BLOCK_C]
-        part = tl.where(seen[:, None], part, 0.0)  # not a mask of the load: it would wait on the lse first
-        latent = (tl.sum(part * weights[:, None], axis=0) / den).to(w.dtype).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * latent[None, :], axis=1)
-    tl.store(y_ptr + row * N + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < N)
-
-
-_PROJECT_ROWS = 16  # W rows a program of `_combine_project`: 128 programs for the 16b shape's W_UV at one token
 
 
 @dataclass(frozen=True)
@@ -242,17 +202,12 @@ def _check(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, que
 
 def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                             query_positions: torch.Tensor, softmax_scale: float, kv_lora_rank: int,
-                            num_splits: int | None = None, config: DecodeConfig | None = None,
-                            project: torch.Tensor | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
     """q [b, s, h, c + r], cache [num_blocks, block_size, c + r], block_tables [b, max_blocks] (int),
     query_positions [b, s] (key t visible to a query iff t <= its position; a sequence's context is its
     last query position + 1) -> latent [b, s, h, c] in q's dtype. `num_splits` overrides the heuristic's
-    context split; `config` replaces the whole heuristic (benchmarks). `project` (MLA's W_UV [h, N, c], q's
-    dtype; for up to `gemv.GEMV_ROWS` queries b x s in all) -> the latent through it, [b, s, h, N]: split
-    contexts are combined in the same launch (`_combine_project`), one launch fewer."""
+    context split; `config` replaces the whole heuristic (benchmarks)."""
     _check(q, cache, block_tables, query_positions, kv_lora_rank)
-    if project is not None:
-        _check_project(project, q, kv_lora_rank)
     b, s, h, width = q.shape
     c, r = kv_lora_rank, width - kv_lora_rank
     page, max_blocks = cache.shape[1], block_tables.shape[1]
@@ -267,7 +222,7 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
         raise ConfigError(f"num_splits must be >= 1, got {cfg.num_splits}")
     out = torch.empty(b, s, h, c, device=q.device, dtype=q.dtype)
     if b == 0:
-        return out if project is None else q.new_empty(0, s, h, project.shape[1])
+        return out
     split = cfg.num_splits > 1
     if split:
         part = torch.empty(b, s, h, cfg.num_splits, c, device=q.device, dtype=torch.float32)
@@ -285,10 +240,6 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if project is not None and split:
-        return _combined_through(part, lse, project, cfg.num_splits)
-    if project is not None:
-        return head_gemv(out.view(b * s, h, c), project).view(b, s, h, -1)
     if split:
         rows = b * s * h
         splits = triton.next_power_of_2(cfg.num_splits)
@@ -298,26 +249,6 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
             num_warps=4,
         )
     return out
-
-
-def _check_project(project: torch.Tensor, q: torch.Tensor, kv_lora_rank: int) -> None:
-    b, s, h, _ = q.shape
-    if (project.dim() != 3 or project.shape[0] != h or project.shape[2] != kv_lora_rank or project.dtype != q.dtype
-            or b * s > GEMV_ROWS):
-        raise ConfigError(f"project wants W_UV [h={h}, N, c={kv_lora_rank}] in q's dtype {q.dtype}, for up to "
-                          f"{GEMV_ROWS} queries; got {tuple(project.shape)} {project.dtype} for {b * s} queries")
-
-
-def _combined_through(part: torch.Tensor, lse: torch.Tensor, project: torch.Tensor, num_splits: int) -> torch.Tensor:
-    """The split partials part [b, s, h, splits, c] and their lse combined and put through W_UV (project [h, N, c])
-    in one launch: [b, s, h, N]."""
-    b, s, h, _, c = part.shape
-    y = torch.empty(b, s, h, project.shape[1], device=part.device, dtype=project.dtype)
-    splits = triton.next_power_of_2(num_splits)
-    _combine_project[(triton.cdiv(project.shape[1], _PROJECT_ROWS), b * s * h)](
-        part, lse, project, y, h, num_splits, project.shape[1], *project.stride(), C=c,
-        BLOCK_C=min(_padded(c), max(16, 4096 // splits)), SPLITS=splits, BLOCK_N=_PROJECT_ROWS, num_warps=4)
-    return y
 
 
 __all__ = ["DecodeConfig", "default_config", "paged_mla_decode_triton"]
