@@ -94,11 +94,14 @@ def compile_all() -> dict:
     out = {}
     for name, (module, kernel, types, constexprs, warps, stages) in CASES.items():
         fn = getattr(importlib.import_module(f"seekforge.kernels.{module}"), kernel)
+        if "PDL" in fn.arg_names:  # as Hopper launches them: programmatically dependent
+            constexprs = {**constexprs, "PDL": True}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                       target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": warps, "num_stages": stages})
+                                      options={"num_warps": warps, "num_stages": stages,
+                                               "launch_pdl": "PDL" in constexprs})
             out[name] = compiled.metadata.shared
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the kernel
             out[name] = f"{type(err).__name__}: {err}"

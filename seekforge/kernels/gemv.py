@@ -34,18 +34,25 @@ import triton.language as tl
 
 from seekforge.errors import ConfigError
 from seekforge.kernels.latents import check_store, rotate_pairs, store_latent_row
+from seekforge.kernels.pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
 def _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
-               stride_wk, stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[:, b, pid_n * BLOCK_N + (0 .. BLOCK_N)] = x[:, b] W[b]^T for those columns."""
+               stride_wk, stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PDL: tl.constexpr):
+    """y[:, b, pid_n * BLOCK_N + (0 .. BLOCK_N)] = x[:, b] W[b]^T for those columns. The first weight slice is
+    requested before waiting on the kernel that writes x (`seekforge.kernels.pdl`)."""
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
     w_at = w_ptr + b * stride_wb + cols[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # each slice reduced at once: registers do not grow with M
-    for k0 in range(0, K, BLOCK_K):
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+    wait_for_inputs(PDL)
+    x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+    acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # registers do not grow with M
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
@@ -56,9 +63,10 @@ def _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, str
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk,
-          stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PDL: tl.constexpr):
     _gemv_tile(x_ptr, w_ptr, y_ptr, tl.program_id(1), tl.program_id(0), M, N, K, stride_xm, stride_xb, stride_xk,
-               stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K)
+               stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
 
 
 GEMV_ROWS = 4  # rows of x up to which one pass over the weight takes them all
@@ -166,6 +174,7 @@ def launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] |
             tile = untimed
         else:
             _TUNED.add(key)
+    meta = {**meta, **launch_options(args[0].device)}
     if tile is None:
         tuned[lambda m: grid(m["BLOCK_N"])](*args, **meta)
     else:
@@ -256,12 +265,13 @@ def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 @triton.jit
 def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn, stride_ym, col0,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """y[:, col0 : col0 + BLOCK_N] = RMSNorm(x) W^T for one program, rounding as the model's RMSNorm does. (Requesting
     the first weight slice before the norm's statistics, and reading x's slice once, measured slower: 7.7 vs 7.2 us.)"""
     rows = tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
     x_at = x_ptr + rows[:, None] * stride_xm
+    wait_for_inputs(PDL)
     squares = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, K, BLOCK_K):  # x is a few KB, read again from L2 below
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -291,16 +301,17 @@ def weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps, stride_xm, stride_wa, stride_wb,
-                stride_ya, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                stride_ya, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr):
     """The programs of both weights in one grid: the first cdiv(NA, BLOCK_N) take wa's rows, the rest wb's."""
     pid = tl.program_id(0)
     programs_a = tl.cdiv(NA, BLOCK_N)
     if pid < programs_a:
         _normed_rows(x_ptr, g_ptr, wa_ptr, ya_ptr, M, NA, K, eps, stride_xm, stride_wa, stride_ya, pid * BLOCK_N,
-                     BLOCK_M, BLOCK_N, BLOCK_K)
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL)
     else:
         _normed_rows(x_ptr, g_ptr, wb_ptr, yb_ptr, M, NB, K, eps, stride_xm, stride_wb, stride_yb,
-                     (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)
+                     (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
 
 
 _norm_gemv2_tuned = tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
@@ -354,7 +365,7 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
                   C_KV, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk, stride_ym, stride_yb,
                   stride_pm, stride_pb, stride_angles, stride_kv, stride_slot, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, STORE: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """Per head b: y[:, b, :N] = x[:, b] W[b]^T (the GEMV's programs), y[:, b, N:N + R] = pe[:, b] rotated by
     cos/sin (one more program a head), adjacent pairs as `apply_rotary` turns them, in fp32. STORE: one more
     program a head puts the new tokens' latents (kv, C_KV + R wide) into their cache slots, as `store_new_latents`
@@ -363,17 +374,20 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
     tiles = tl.cdiv(N, BLOCK_N)
     if pid < tiles:
         _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
-                   stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K)
+                   stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
     elif pid == tiles:
+        wait_for_inputs(PDL)
         rows = tl.arange(0, BLOCK_M)[:, None]
         ps = tl.arange(0, BLOCK_P)[None, :]
         rotate_pairs(pe_ptr + b * stride_pb + rows * stride_pm + 2 * ps, y_ptr + b * stride_yb + rows * stride_ym + N
                      + 2 * ps, cos_ptr + rows * stride_angles + ps, sin_ptr + rows * stride_angles + ps,
                      (rows < M) & (ps < R // 2))
-    elif STORE:
-        for t in range(b, M, tl.num_programs(1)):
-            store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C_KV, R, stride_kv,
-                             stride_angles, stride_slot, BLOCK_C, BLOCK_P)
+    else:
+        wait_for_inputs(PDL)
+        if STORE:
+            for t in range(b, M, tl.num_programs(1)):
+                store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C_KV, R, stride_kv,
+                                 stride_angles, stride_slot, BLOCK_C, BLOCK_P)
 
 
 _latent_query_tuned = tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from seekforge.errors import ConfigError
+from seekforge.kernels.pdl import launch_options, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 _COMBINE_ROWS = 4  # output rows per combining program
@@ -38,8 +39,9 @@ def _mla_decode_split(
     stride_ob, stride_os, stride_oh, stride_ok,
     S: tl.constexpr, C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
     SQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)  # the query, and the newest latents in the cache, come from the kernel before
     head_block = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -109,10 +111,12 @@ def _mla_decode_split(
 
 @triton.jit
 def _mla_decode_combine(part_ptr, lse_ptr, out_ptr, num_rows, num_splits,
-                        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
+                        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr,
+                        PDL: tl.constexpr):
     """out[row] = sum_k w_k part[row, k] / sum_k w_k with w_k = 2^(lse_k - max lse), for ROWS of the flat
     [b * s * h] rows (the layout of part, lse and out alike) and BLOCK_C of their C columns. Every split is
     loaded at once (SPLITS >= num_splits, a power of two): two dependent loads, not one per split."""
+    wait_for_inputs(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, SPLITS)
@@ -238,7 +242,7 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
         S=s, C=c, R=r, PAGE=page, SQ=triton.next_power_of_2(s), BLOCK_H=cfg.block_h,
         BLOCK_C=_padded(c), BLOCK_R=_padded(r), BLOCK_N=cfg.block_n, SPLIT=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device),
     )
     if split:
         rows = b * s * h
@@ -246,7 +250,7 @@ def paged_mla_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_tables: 
         block_c = min(_padded(c), max(16, 4096 // (_COMBINE_ROWS * splits)))  # a tile of <= 4k fp32 values
         _mla_decode_combine[(triton.cdiv(rows, _COMBINE_ROWS), triton.cdiv(c, block_c))](
             part, lse, out, rows, cfg.num_splits, C=c, BLOCK_C=block_c, ROWS=_COMBINE_ROWS, SPLITS=splits,
-            num_warps=4,
+            num_warps=4, **launch_options(q.device),
         )
     return out
 

@@ -37,6 +37,7 @@ import triton.language as tl
 from seekforge.errors import ConfigError
 from seekforge.kernels.arrivals import arrive, counters
 from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
+from seekforge.kernels.pdl import wait_for_inputs
 from seekforge.kernels.route import RouterLogits, choose, gate_weights, launch_select, select
 
 
@@ -157,11 +158,12 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
                   stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                   logits_ptr, bias_ptr, gate_ptr, load_ptr, route_scale,
                   TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHOOSE: tl.constexpr,
-                  BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr):
+                  BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr, PDL: tl.constexpr):
     """`_gate_up` for one row a pair, as a GEMV: program (j, p) computes h[p, j * BLOCK_N ...] from BLOCK_N rows of
     its expert's W1 and W3, both read in the same slices of K. CHOOSE: the routing is still the router's logits
     (`seekforge.kernels.route.RouterLogits`), and each program of a routed pair chooses its expert itself
     (`_chosen_expert`), where the router's select kernel ran before this one."""
+    wait_for_inputs(PDL)
     pair = tl.program_id(1)
     if CHOOSE:
         expert = _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_routed, k_routed,
@@ -211,11 +213,13 @@ def _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_
 @triton.jit
 def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, residual_ptr, counter_ptr, num_routed,
                k_routed, K, N, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-               TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+               TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr,
+               PDL: tl.constexpr):
     """`_down` for one row a pair, as a GEMV: out[p, j * BLOCK_N ...] = gate weight * (h[p] W2^T) for BLOCK_N rows
     of its expert's W2; the last program of these rows to finish sums them over each token's pairs (`_sum_pairs`),
     where a kernel of its own did: 40.2 us for the experts with the sum and the residual against 44.6 us with the
     kernel after them, at the 16b shape's one token on an H200."""
+    wait_for_inputs(PDL)
     pair = tl.program_id(1)
     expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
     w2_at, row_stride = _expert_matrix(expert, w2_ptr, s2_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)

@@ -26,11 +26,13 @@ import triton
 import triton.language as tl
 
 from seekforge.kernels.gemv import weight_slice
+from seekforge.kernels.pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
 def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
-            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     acc = tl.zeros((BLOCK_E, BLOCK_K), tl.float32)
@@ -45,7 +47,7 @@ def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
 
 @triton.jit
 def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr, x_out_ptr, E, K, eps,
-                     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """`_logits` of x = RMSNorm(h + d) (weight g), rounding as the model's residual add and RMSNorm do; the
     programs of the first experts also write h + d and x, which the experts and the residual read next. The
     first slices of the row and of the weights are requested together, before the norm's statistics: with the
@@ -53,6 +55,7 @@ def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr
     m = tl.program_id(0)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     w_first = weight_slice(w_ptr, experts, 0, E, K, K, BLOCK_K)
+    wait_for_inputs(PDL)
     s_first = _residual_sum(h_ptr, d_ptr, m, 0, K, BLOCK_K)
     squares = s_first.to(tl.float32) * s_first.to(tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # the row is a few KB: read again from L2 below
@@ -124,8 +127,9 @@ def gate_weights(rank, scores, E, k, route_scale, BLOCK_E: tl.constexpr, NORMALI
 @triton.jit
 def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_scale,
             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
-            NORMALISE: tl.constexpr):
+            NORMALISE: tl.constexpr, PDL: tl.constexpr):
     """One program a token: its k experts (slot j: the expert ranked j) and gate weights, its count into the load."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     rank, scores = choose(logits_ptr, bias_ptr, m, E, BLOCK_E, SIGMOID)
     weights = gate_weights(rank, scores, E, TOPK, route_scale, BLOCK_E, NORMALISE)
@@ -221,7 +225,7 @@ def launch_logits(x: torch.Tensor, gate_weight: torch.Tensor, logits: torch.Tens
     num_experts = gate_weight.shape[0]
     _logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         x, gate_weight.contiguous(), logits, load, num_experts, dim, x.stride(0),
-        BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
+        BLOCK_E=BLOCK_E, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4, **launch_options(x.device))
 
 
 @torch.library.custom_op("seekforge::residual_logits", mutates_args=("h_out", "x", "logits", "load"))
@@ -232,7 +236,8 @@ def launch_residual_logits(h: torch.Tensor, delta: torch.Tensor, norm_weight: to
     num_experts = gate_weight.shape[0]
     _residual_logits[(n, triton.cdiv(num_experts, BLOCK_E))](
         h, delta, norm_weight, gate_weight.contiguous(), logits, load, h_out, x, num_experts, dim, eps,
-        BLOCK_E=BLOCK_E, BLOCK_K=min(RESIDUAL_SLICE, triton.next_power_of_2(dim)), num_warps=4)
+        BLOCK_E=BLOCK_E, BLOCK_K=min(RESIDUAL_SLICE, triton.next_power_of_2(dim)), num_warps=4,
+        **launch_options(h.device))
 
 
 @torch.library.custom_op("seekforge::select", mutates_args=("weights", "indices", "load"))
@@ -242,7 +247,7 @@ def launch_select(logits: torch.Tensor, bias: torch.Tensor, weights: torch.Tenso
     k = indices.shape[1]
     _select[(n,)](logits, bias, weights, indices, load, num_experts, route_scale,
                   TOPK=k, TOPK_PAD=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(num_experts),
-                  SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1)
+                  SIGMOID=sigmoid, NORMALISE=normalise, num_warps=1, **launch_options(logits.device))
 
 
 @launch_logits.register_fake
