@@ -18,6 +18,8 @@ have no Triton, keep to the references.
 - `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch.
 - `argmax`: greedy decoding's argmax over the vocabulary, a slice a program, the last to finish choosing.
 - `arrivals`: self-resetting counters by which the last program of a launch to finish does its final step.
+- `pdl`: programmatic dependent launch on Hopper, by which each kernel of a decode step's chain starts while the
+  one before it ends (the GEMVs requesting their first weight slice meanwhile).
 
 Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.
 """

@@ -47,18 +47,30 @@ def _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, str
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
     w_at = w_ptr + b * stride_wb + cols[:, None] * stride_wn
-    ks = tl.arange(0, BLOCK_K)
-    w = tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+    w = _columns_slice(w_at, cols, 0, N, K, stride_wk, BLOCK_K)
     wait_for_inputs(PDL)
-    x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-    acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # registers do not grow with M
+    acc = _times_x(w, x_at, rows, 0, M, K, stride_xk, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
-        x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc += _times_x(_columns_slice(w_at, cols, k0, N, K, stride_wk, BLOCK_K), x_at, rows, k0, M, K, stride_xk,
+                        BLOCK_K)
     tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _columns_slice(w_at, cols, k0, N, K, stride_wk, BLOCK_K: tl.constexpr):
+    """W's rows `cols` (their starts w_at [BLOCK_N, 1]), columns k0 .. k0 + BLOCK_K; zeros past its edges."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _times_x(w, x_at, rows, k0, M, K, stride_xk, BLOCK_K: tl.constexpr):
+    """x's rows (their starts x_at [BLOCK_M, 1]) over columns k0 .. k0 + BLOCK_K times the weight slice w
+    [BLOCK_N, BLOCK_K]: [BLOCK_M, BLOCK_N] in fp32, each slice reduced at once (registers do not grow with M)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
