@@ -46,22 +46,15 @@ def _gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, str
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
-    w_at = w_ptr + b * stride_wb + cols[:, None] * stride_wn
-    w = _columns_slice(w_at, cols, 0, N, K, stride_wk, BLOCK_K)
+    w_ptr += b * stride_wb
+    w = weight_slice(w_ptr, cols, 0, N, K, stride_wn, stride_wk, BLOCK_K)
     wait_for_inputs(PDL)
     acc = _times_x(w, x_at, rows, 0, M, K, stride_xk, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc += _times_x(_columns_slice(w_at, cols, k0, N, K, stride_wk, BLOCK_K), x_at, rows, k0, M, K, stride_xk,
-                        BLOCK_K)
+        acc += _times_x(weight_slice(w_ptr, cols, k0, N, K, stride_wn, stride_wk, BLOCK_K), x_at, rows, k0, M, K,
+                        stride_xk, BLOCK_K)
     tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.jit
-def _columns_slice(w_at, cols, k0, N, K, stride_wk, BLOCK_K: tl.constexpr):
-    """W's rows `cols` (their starts w_at [BLOCK_N, 1]), columns k0 .. k0 + BLOCK_K; zeros past its edges."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_at + ks[None, :] * stride_wk, mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -297,18 +290,18 @@ def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn,
         g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
         xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
         xn = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
-        w = weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K)
+        w = weight_slice(w_ptr, cols, k0, N, K, stride_wn, 1, BLOCK_K)
         acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
-def weight_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
-    """Rows `cols` (of N) of a weight [N, K] with K contiguous, columns k0 .. k0 + BLOCK_K; zeros past its edges."""
+def weight_slice(w_ptr, cols, k0, N, K, stride_wn, stride_wk, BLOCK_K: tl.constexpr):
+    """Rows `cols` (of N) of a weight [N, K], columns k0 .. k0 + BLOCK_K; zeros past its edges."""
     ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                   other=0.0)
+    return tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
+                   mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ def _logits(x_ptr, w_ptr, logits_ptr, load_ptr, E, K, stride_xm,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0)
-        acc += weight_slice(w_ptr, experts, k0, E, K, K, BLOCK_K).to(tl.float32) * x[None, :].to(tl.float32)
+        acc += weight_slice(w_ptr, experts, k0, E, K, K, 1, BLOCK_K).to(tl.float32) * x[None, :].to(tl.float32)
     tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
     if m == 0:  # the load starts at zero here, so _select (next on the stream) only adds
         tl.store(load_ptr + experts, tl.zeros((BLOCK_E,), tl.float32), mask=experts < E)
@@ -54,7 +54,7 @@ def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr
     row in one slice the program waits on memory once, and reads the row once."""
     m = tl.program_id(0)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    w_first = weight_slice(w_ptr, experts, 0, E, K, K, BLOCK_K)
+    w_first = weight_slice(w_ptr, experts, 0, E, K, K, 1, BLOCK_K)
     wait_for_inputs(PDL)
     s_first = _residual_sum(h_ptr, d_ptr, m, 0, K, BLOCK_K)
     squares = s_first.to(tl.float32) * s_first.to(tl.float32)
@@ -65,7 +65,7 @@ def _residual_logits(h_ptr, d_ptr, g_ptr, w_ptr, logits_ptr, load_ptr, h_out_ptr
     acc = _residual_slice(s_first, g_ptr, h_out_ptr, x_out_ptr, w_first, m, 0, K, rstd, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         acc += _residual_slice(_residual_sum(h_ptr, d_ptr, m, k0, K, BLOCK_K), g_ptr, h_out_ptr, x_out_ptr,
-                               weight_slice(w_ptr, experts, k0, E, K, K, BLOCK_K), m, k0, K, rstd, BLOCK_K)
+                               weight_slice(w_ptr, experts, k0, E, K, K, 1, BLOCK_K), m, k0, K, rstd, BLOCK_K)
     tl.store(logits_ptr + m * E + experts, tl.sum(acc, axis=1), mask=experts < E)
     if m == 0:
         tl.store(load_ptr + experts, tl.zeros((BLOCK_E,), tl.float32), mask=experts < E)
