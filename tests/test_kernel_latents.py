@@ -32,10 +32,15 @@ def setup(cfg, n, seed=0):
     return attn, cos[0], sin[0], kv_a, cache, slots
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["slots", "slot_column"])
 @pytest.mark.parametrize("n, c, r", [(1, 32, 16), (5, 48, 8), (3, 512, 64)])
-def test_matches_the_models_latents_stored(n, c, r):
+def test_matches_the_models_latents_stored(n, c, r, strided):
+    """strided: the slot mapping is a column of wider rows, as a captured step's static input holds it (a kernel
+    that read it as contiguous wrote a batch's later tokens into the slots the next columns name)."""
     cfg = ModelConfig.preset("tiny").replace(kv_lora_rank=c, qk_rope_head_dim=r)
     attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
+    if strided:
+        slots = torch.stack([slots, (slots + 1) % 24, (slots + 7) % 24], dim=1)[:, 0]
     want = cache.clone()
     kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     kernels.store_latents(want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
@@ -94,7 +99,8 @@ def test_the_latent_querys_launch_stores_them_as_the_store_kernel_does(n, heads)
         store_new_latents(want, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
         query = latent_query(q_nope, q_pe, w_uk, cos, sin)
         ptr = cache.data_ptr()
-        store = (cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps)
+        column = torch.stack([slots, (slots + 1) % 24], dim=1)[:, 0]  # as a captured step's static rows hold them
+        store = (cache, column, kv_a, attn.kv_norm.weight, attn.kv_norm.eps)
         got = torch.compile(latent_query, fullgraph=True)(q_nope, q_pe, w_uk, cos, sin, store)
     assert cache.data_ptr() == ptr  # written in place, also compiled
     torch.testing.assert_close(cache, want, atol=0, rtol=0)

@@ -368,7 +368,7 @@ def _(x, norm_weight, eps, wa, wb, tile):
 @triton.jit
 def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, slot_ptr, cache_ptr, eps, M, N, K, R,
                   C_KV, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk, stride_ym, stride_yb,
-                  stride_pm, stride_pb, stride_angles, stride_kv, stride_slot, BLOCK_M: tl.constexpr,
+                  stride_pm, stride_pb, stride_angles, stride_kv, stride_map, stride_slot, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, STORE: tl.constexpr,
                   BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """Per head b: y[:, b, :N] = x[:, b] W[b]^T (the GEMV's programs), y[:, b, N:N + R] = pe[:, b] rotated by
@@ -392,7 +392,7 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
         if STORE:
             for t in range(b, M, tl.num_programs(1)):
                 store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C_KV, R, stride_kv,
-                                 stride_angles, stride_slot, BLOCK_C, BLOCK_P)
+                                 stride_angles, stride_map, stride_slot, BLOCK_C, BLOCK_P)
 
 
 _latent_query_tuned = tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
@@ -438,7 +438,8 @@ def _launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile, store: tuple | None
     c_kv = norm_weight.shape[0] if store else 0
     args = (q_nope, w_uk, y, q_pe, cos, sin, kv_a, norm_weight, slot_mapping, cache, eps, n, c, d, r, c_kv,
             q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), w_uk.stride(0), w_uk.stride(1), w_uk.stride(2),
-            y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), kv_a.stride(0), cache.shape[-1])
+            y.stride(0), y.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), kv_a.stride(0),
+            slot_mapping.stride(0), cache.shape[-1])
     meta = {"BLOCK_M": triton.next_power_of_2(n), "BLOCK_P": triton.next_power_of_2(max(r // 2, 1)),
             "STORE": store is not None, "BLOCK_C": triton.next_power_of_2(max(c_kv, 1))}
     extra = 2 if store else 1

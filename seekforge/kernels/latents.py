@@ -31,10 +31,11 @@ def rotate_pairs(src, dst, cos_at, sin_at, mask):
 
 @triton.jit
 def store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
-                     stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Token t's latent into its cache slot (also a part of `seekforge.kernels.gemv.latent_query`'s launch)."""
+                     stride_map, stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Token t's latent into its cache slot (also a part of `seekforge.kernels.gemv.latent_query`'s launch). The slot
+    mapping is read at its stride: a captured step's is a column of its static input rows."""
     row = kv_ptr + t * stride_kv
-    out = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * stride_slot
+    out = cache_ptr + tl.load(slot_ptr + t * stride_map).to(tl.int64) * stride_slot
     cs = tl.arange(0, BLOCK_C)
     kv = tl.load(row + cs, mask=cs < C, other=0.0)
     x = kv.to(tl.float32)
@@ -48,9 +49,9 @@ def store_latent_row(t, kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, ep
 
 @triton.jit
 def _store_new_latents(kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv, stride_angles,
-                       stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                       stride_map, stride_slot, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     store_latent_row(tl.program_id(0), kv_ptr, g_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, eps, C, R, stride_kv,
-                     stride_angles, stride_slot, BLOCK_C, BLOCK_P)
+                     stride_angles, stride_map, stride_slot, BLOCK_C, BLOCK_P)
 
 
 def check_store(cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor) -> None:
@@ -78,7 +79,7 @@ def store_new_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: tor
         cos, sin, kv_a = cos.contiguous(), sin.contiguous(), kv_a.contiguous()
         angles = cos.stride(0)
     _store_new_latents[(n,)](kv_a, norm_weight, cos, sin, slot_mapping, cache, eps, c, width - c, kv_a.stride(0),
-                             angles, cache.shape[-1], BLOCK_C=triton.next_power_of_2(c),
+                             angles, slot_mapping.stride(0), cache.shape[-1], BLOCK_C=triton.next_power_of_2(c),
                              BLOCK_P=triton.next_power_of_2(max((width - c) // 2, 1)))
 
 
