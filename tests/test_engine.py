@@ -136,7 +136,7 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile, m
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
-    from seekforge.engine.model_runner import Chunk
+    from seekforge.engine.model_runner import Chunk, DeviceIds
 
     graph_inputs, torch_compile = [], torch.compile
 
@@ -158,7 +158,14 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile, m
         runner._fill_static(chunks, 4)  # three sequences and one padding row
         from_buffer = runner._graph_step(4)[:3]
         packed = runner.logits(runner.forward(runner.prepare(chunks)))
+        # tokens not yet on the host (async scheduling): the step reads them from the token buffer, by row
+        buffer, rows = runner.token_buffer(8), [5, 0, 2]
+        buffer[rows] = torch.tensor([ch.token_ids[0] for ch in chunks])
+        pending = [Chunk(ch.block_table, ch.start, [PENDING]) for ch in chunks]
+        runner._fill_static(pending, 4, DeviceIds([0, 1, 2], rows, buffer))
+        from_device = runner._graph_step(4)[:3]
     torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(from_device, from_buffer, atol=0, rtol=0)
     assert not counters["graph_break"]
     assert (len(graph_inputs) > 0) == compile
     assert not [t for t in graph_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
@@ -373,10 +380,13 @@ def test_cuda_graph_replay_matches_eager_decode(tmp_path, block_size, compile):
         chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in batch]
         with torch.inference_mode():
             replayed = llm.runner.decode_logits(chunks).clone()
+            stored = llm.runner.kv_cache.clone()
             eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks)))
         # compiled kernels keep fp32 inside fused bf16 ops, so they round differently from eager ones
         tol = 0.06 if compile else 0.02
         torch.testing.assert_close(replayed, eager, atol=tol, rtol=tol)
+        # the replay wrote each new latent where the eager step writes it (the static rows' slot column, strided)
+        torch.testing.assert_close(stored, llm.runner.kv_cache, atol=tol, rtol=tol)
     while llm.has_unfinished_requests():
         llm.step()
     outs = llm.generate(make_prompts([3, 9, 40, 2, 11]), FULL)

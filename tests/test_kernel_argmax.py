@@ -54,11 +54,24 @@ def test_the_sampler_takes_it_where_triton_runs(monkeypatch):
 
     calls = []
     monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
-    monkeypatch.setitem(kernels._TRITON, ("argmax", "argmax"), lambda x: calls.append(x) or argmax(x))
+    monkeypatch.setitem(kernels._TRITON, ("argmax", "argmax"), lambda x, out: calls.append(x) or argmax(x, out))
     logits = torch.randn(2, 50, device=DEVICE)
     batch = make_batch([Row(SamplingParams(temperature=0), None)] * 2, 50, logits.device)
     tokens, _ = sample(logits, batch)
     assert calls and tokens.tolist() == logits.argmax(dim=-1).tolist()
+    out = torch.full((2,), -1, dtype=torch.long, device=DEVICE)
+    assert sample(logits, batch, out=out)[0] is out and out.tolist() == tokens.tolist()
+
+
+def test_it_writes_into_a_given_tensor():
+    x = torch.randn(3, 70, device=DEVICE)
+    out = torch.full((5,), -1, dtype=torch.long, device=DEVICE)
+    assert argmax(x, out[1:4]).data_ptr() == out[1:].data_ptr()
+    assert out.tolist() == [-1, *x.argmax(dim=-1).tolist(), -1]
+    with pytest.raises(ConfigError, match="writes \\[3\\] int64"):
+        argmax(x, torch.empty(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ConfigError, match="strides"):
+        argmax(x, out[::2])
 
 
 @pytest.mark.gpu

@@ -189,14 +189,15 @@ def load_triton_kernels() -> None:
     _triton("argmax", "argmax")
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x [R, V] -> [R] int64: torch.argmax(x, dim=-1), the first index of each row's maximum (rows without NaN).
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, V] -> [R] int64: torch.argmax(x, dim=-1), the first index of each row's maximum (rows without NaN),
+    written into `out` [R] where given.
     On CUDA the Triton kernel of `seekforge.kernels.argmax` (torch's took 23 us for one row of the 16b model's
     vocabulary on an H200, on the critical path of a batch-1 step)."""
     fused = _triton("argmax", "argmax") if triton_runs_on(x.device) else None
     if fused is not None and x.dim() == 2 and x.shape[1] and x.stride(-1) == 1 and x.is_floating_point():
-        return fused(x)
-    return x.argmax(dim=-1)
+        return fused(x, out)
+    return x.argmax(dim=-1) if out is None else torch.argmax(x, dim=-1, out=out)
 
 
 def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from seekforge.engine.block_manager import BlockManager
-from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
 from seekforge.engine.sampler import Row, compute_logprobs, make_batch, sample
 from seekforge.engine.sampling_params import SamplingParams
@@ -403,13 +402,12 @@ class LLM:
         if self._in_flight is not None:
             prev = self._in_flight.row
             waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
-            rows = to_device([prev[seqs[i].seq_id] for i in waiting], torch.long, self.device)
-            device_ids = DeviceIds(waiting, self._in_flight.tokens[rows])
+            device_ids = DeviceIds(waiting, [prev[seqs[i].seq_id] for i in waiting], self._in_flight.tokens)
         batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
         logits = self.runner.decode_logits(chunks, device_ids)
         if logits is None:
             logits = self.runner.logits(self.runner.forward(self.runner.prepare(chunks, device_ids)))
-        tokens, _ = sample(logits, batch)
+        tokens, _ = sample(logits, batch, out=self.runner.token_buffer(len(seqs)))
         for seq in seqs:
             seq.num_computed = seq.num_tokens
             seq.token_ids.append(PENDING)

@@ -64,15 +64,17 @@ class AttentionGroup:
 
 @dataclass
 class DeviceIds:
-    """Token ids the host does not know yet (async scheduling): chunk i of `chunks` (one token each) takes
-    `values[k]` for i = chunks[k], a slice of the previous step's samples, still on the device."""
+    """Token ids the host does not know yet (async scheduling): chunk chunks[k] (one token) takes tokens[rows[k]],
+    the previous step's samples, still on the device."""
 
     chunks: list[int]
-    values: torch.Tensor
+    rows: list[int]
+    tokens: torch.Tensor
 
-    def write(self, ids: torch.Tensor, rows: list[int]) -> None:
-        """ids[rows[k]] = values[k]: rows[k] is where chunk chunks[k]'s token sits in ids."""
-        ids[to_device(rows, torch.long, ids.device)] = self.values
+    def write(self, ids: torch.Tensor, at: list[int]) -> None:
+        """ids[at[k]] = tokens[rows[k]]: at[k] is where chunk chunks[k]'s token sits in ids."""
+        index = to_device(at + self.rows, torch.long, ids.device)
+        ids[index[:len(at)]] = self.tokens[index[len(at):]]
 
 
 @dataclass
@@ -107,7 +109,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._sampled: torch.Tensor | None = None  # see token_buffer
         self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
+        self._step_embeddings = _compile(step_embeddings) if compile else step_embeddings
         plain = (attention_inputs, block_output, explicit_attention)
         inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
         self._stages = (inputs, output)
@@ -254,8 +258,9 @@ class ModelRunner:
         size = next((s for s in sorted(self.graphs) if s >= b), None)
         if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
             return None
-        self._fill_static(chunks, size)
-        if device_ids is not None:
+        in_buffer = device_ids is not None and device_ids.tokens.data_ptr() == self._sampled.data_ptr()
+        self._fill_static(chunks, size, device_ids if in_buffer else None)
+        if device_ids is not None and not in_buffer:
             device_ids.write(self._static[:, 0], device_ids.chunks)
         graph, logits = self.graphs[size]
         graph.replay()
@@ -284,33 +289,54 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size] = (graph, logits)
 
+    def token_buffer(self, n: int) -> torch.Tensor | None:
+        """Where a caller that samples a captured step's n tokens on the device should write them (None: anywhere):
+        a next captured step given them as DeviceIds reads them from here inside its graph, with no copy of its own."""
+        return None if self._sampled is None or n > len(self._sampled) else self._sampled[:n]
+
     def _allocate_static(self, max_batch: int) -> None:
-        """The graphs' input: one buffer, one row a sequence (token id, position, cache slot, then the block
-        table over max_model_len), so a step's inputs reach the device in one copy."""
+        """The graphs' input: one buffer, one row a sequence (token id, position, cache slot, the row of
+        `token_buffer` that holds its token instead or -1, then the block table over max_model_len), so a step's
+        inputs reach the device in one copy."""
         width = -(-self.max_model_len // self.block_size)
-        self._static = torch.full((max_batch, 3 + width), self.scratch_block, dtype=torch.long, device=self.device)
+        self._static = torch.full((max_batch, 4 + width), self.scratch_block, dtype=torch.long, device=self.device)
         self._static[:, :2] = 0
         self._static[:, 2] = self.scratch_block * self.block_size
+        self._static[:, 3] = -1
+        self._sampled = torch.zeros(max_batch, dtype=torch.long, device=self.device)
 
-    def _fill_static(self, chunks: list[Chunk], size: int) -> None:
-        """Rows for the decode chunks, then padding rows up to the graph's size (all in the scratch block)."""
+    def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None) -> None:
+        """Rows for the decode chunks, then padding rows up to the graph's size (all in the scratch block);
+        `device_ids` (tokens in `token_buffer`) give some chunks' tokens by their row there."""
         bs, scratch = self.block_size, self.scratch_block
-        width = self._static.shape[1] - 3
-        rows = [[ch.token_ids[0], ch.start, ch.block_table[ch.start // bs] * bs + ch.start % bs]
-                + ch.block_table[:width] + [scratch] * (width - len(ch.block_table)) for ch in chunks]
-        rows += [[0, 0, scratch * bs] + [scratch] * width] * (size - len(chunks))
+        width = self._static.shape[1] - 4
+        source = [-1] * len(chunks)
+        for chunk, row in zip(device_ids.chunks, device_ids.rows) if device_ids is not None else ():
+            source[chunk] = row
+        rows = [[ch.token_ids[0], ch.start, ch.block_table[ch.start // bs] * bs + ch.start % bs, src]
+                + ch.block_table[:width] + [scratch] * (width - len(ch.block_table)) for ch, src in zip(chunks, source)]
+        rows += [[0, 0, scratch * bs, -1] + [scratch] * width] * (size - len(chunks))
         copy_into(self._static[:size], rows)
 
     def _graph_step(self, b: int) -> torch.Tensor:
-        ids, pos, slots, tables = self._static[:, 0], self._static[:, 1], self._static[:, 2], self._static[:, 3:]
-        plan = kernels.plan_paged_attention(tables[:b], pos[:b].unsqueeze(1), self.block_size,
+        ids, pos, slots, source = (self._static[:b, i] for i in range(4))
+        tables = self._static[:, 4:]
+        plan = kernels.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
                                             tables.shape[1] * self.block_size)
-        cos, sin = self.model.rope(pos[:b].unsqueeze(0))
-        h = self.model.embed(ids[:b]).unsqueeze(0)
+        cos, sin = self.model.rope(pos.unsqueeze(0))
+        h = self._step_embeddings(self.model.embed, ids, source, self._sampled).unsqueeze(0)
         with kernels.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
-                h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots[:b], plan)
+                h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
         return self.logits(h[0])
+
+
+def step_embeddings(embed: torch.nn.Embedding, ids: torch.Tensor, source: torch.Tensor,
+                    sampled: torch.Tensor) -> torch.Tensor:
+    """A captured step's input embeddings [b, dim]: of ids [b], or of sampled[source] where source [b] >= 0 (the
+    last step's samples, still on the device). Compiled, it is one kernel, where writing the samples into the
+    step's input before the replay took two more copies to the device and two index kernels."""
+    return embed(torch.where(source >= 0, sampled[source.clamp(min=0)], ids))
 
 
 def input_projections(block: Block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

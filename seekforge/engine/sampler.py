@@ -131,16 +131,15 @@ def sample_from_probs(probs: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return (probs / race).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False):
-    """logits [R, vocab] (fp32) -> tokens [R], and the sampling distributions [R, vocab] when asked
-    (None when every row is greedy)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False, out: torch.Tensor | None = None):
+    """logits [R, vocab] (fp32) -> tokens [R] (written into `out` [R] int64 where given, and returned), and the
+    sampling distributions [R, vocab] when asked (None when every row is greedy)."""
     penalised = target_logits(logits, batch)
-    tokens = kernels.argmax(penalised)
     if batch.all_greedy:
-        return tokens, None
+        return kernels.argmax(penalised, out), None
     probs = filter_logits(penalised, batch).softmax(dim=-1)
-    tokens = torch.where(batch.greedy, tokens, sample_from_probs(probs, batch.rows))
-    return tokens, (probs if want_probs else None)
+    tokens = torch.where(batch.greedy, kernels.argmax(penalised), sample_from_probs(probs, batch.rows))
+    return (tokens if out is None else out.copy_(tokens)), (probs if want_probs else None)
 
 
 def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[Logprob | None]:

@@ -42,15 +42,20 @@ def _argmax(x_ptr, best_ptr, at_ptr, out_ptr, counter_ptr, V, stride_x, BLOCK: t
 BLOCK = 4096  # logits a program: 25 programs for the 16b vocabulary (102400)
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x [R, V] (float, last dim contiguous) -> [R] int64, the first index of each row's maximum."""
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, V] (float, last dim contiguous) -> [R] int64, the first index of each row's maximum; written into
+    `out` [R] (int64, contiguous) where given."""
     if x.dim() != 2 or not x.is_floating_point() or (x.shape[1] and x.stride(1) != 1):
         raise ConfigError(f"argmax wants floating logits [rows, vocab] with the vocab contiguous, got "
                           f"{tuple(x.shape)} {x.dtype} with strides {x.stride()}")
     rows, vocab = x.shape
     if vocab == 0:
         raise ConfigError("argmax over an empty vocabulary")
-    out = torch.empty(rows, device=x.device, dtype=torch.int64)
+    if out is None:
+        out = torch.empty(rows, device=x.device, dtype=torch.int64)
+    elif out.shape != (rows,) or out.dtype != torch.int64 or out.stride() != (1,) or out.device != x.device:
+        raise ConfigError(f"argmax writes [{rows}] int64 on {x.device}, got out {tuple(out.shape)} {out.dtype} on "
+                          f"{out.device} with strides {out.stride()}")
     if rows == 0:
         return out
     slices = triton.cdiv(vocab, BLOCK)
