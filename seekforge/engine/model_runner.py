@@ -334,8 +334,9 @@ class ModelRunner:
 def step_embeddings(embed: torch.nn.Embedding, ids: torch.Tensor, source: torch.Tensor,
                     sampled: torch.Tensor) -> torch.Tensor:
     """A captured step's input embeddings [b, dim]: of ids [b], or of sampled[source] where source [b] >= 0 (the
-    last step's samples, still on the device). Compiled, it is one kernel, where writing the samples into the
-    step's input before the replay took two more copies to the device and two index kernels."""
+    last step's samples, still on the device). Compiled, inductor fuses the gather, the choice and the lookup into
+    one kernel, where writing the samples into the step's input before the replay took two copies to the device
+    and two index kernels."""
     return embed(torch.where(source >= 0, sampled[source.clamp(min=0)], ids))
 
 
