@@ -111,7 +111,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
-        self._step_embeddings = _compile(step_embeddings) if compile else step_embeddings
+        self._step_inputs = _compile(step_inputs) if compile else step_inputs
+        self._logits = _compile(final_logits) if compile else final_logits
         plain = (attention_inputs, block_output, explicit_attention)
         inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
         self._stages = (inputs, output)
@@ -238,7 +239,7 @@ class ModelRunner:
         return self.run_blocks(m.embed(step.input_ids), step, list(m.layers), self.kv_cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.norm(hidden)).float()
+        return self._logits(self.model, hidden)
 
     def forward_mtp(self, h_prev: torch.Tensor, step: StepInput) -> torch.Tensor:
         """The first MTP module (the drafter; see spec_decode) at the step's positions: step.input_ids hold
@@ -323,12 +324,25 @@ class ModelRunner:
         tables = self._static[:, 4:]
         plan = kernels.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
                                             tables.shape[1] * self.block_size)
-        cos, sin = self.model.rope(pos.unsqueeze(0))
-        h = self._step_embeddings(self.model.embed, ids, source, self._sampled).unsqueeze(0)
+        h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
         with kernels.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
                 h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
-        return self.logits(h[0])
+            return self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`kernels.FewRowLinears`)
+
+
+def step_inputs(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, source: torch.Tensor,
+                sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A captured step's input embeddings [1, b, dim] (`step_embeddings`) and the rotary cos, sin of its positions
+    pos [b]: one compiled graph, where eager code launched a kernel an op."""
+    cos, sin = model.rope(pos.unsqueeze(0))
+    return step_embeddings(model.embed, ids, source, sampled).unsqueeze(0), cos, sin
+
+
+def final_logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [N, vocab] in fp32 of the last hidden states [N, dim]: the final norm, the head, the cast. Compiled, the
+    norm's ops fuse, where eager code launched a kernel an op."""
+    return model.head(model.norm(hidden)).float()
 
 
 def step_embeddings(embed: torch.nn.Embedding, ids: torch.Tensor, source: torch.Tensor,
