@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from seekforge.engine.block_manager import BlockManager
+from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
 from seekforge.engine.sampler import Row, compute_logprobs, make_batch, sample
 from seekforge.engine.sampling_params import SamplingParams
@@ -326,7 +327,8 @@ class LLM:
             hidden = self.runner.forward(step)
             first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
             rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
-            logits = self.runner.logits(hidden[rows_idx])
+            # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
+            logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
         # one sampling row per position: a sequence's history grows by its drafts along its rows
         rows, first_rows = [], []
         for i in sampling:
