@@ -51,6 +51,50 @@ def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
         0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
+def _to_rows(x: torch.Tensor, token_of_row: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, token_of_row)
+
+
+def _to_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor, k: int) -> torch.Tensor:
+    return rows.index_select(0, row_of_pair).view(-1, k, rows.shape[-1]).sum(dim=1)
+
+
+class _SortedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token_of_row, row_of_pair, k):
+        ctx.save_for_backward(row_of_pair)
+        ctx.k = k
+        return _to_rows(x, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_pairs(grad, ctx.saved_tensors[0], ctx.k), None, None, None
+
+
+class _PairSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, token_of_row, row_of_pair, k):
+        ctx.save_for_backward(token_of_row)
+        return _to_pairs(rows, row_of_pair, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_rows(grad, ctx.saved_tensors[0]), None, None, None
+
+
+def sorted_rows(x: torch.Tensor, token_of_row: torch.Tensor, row_of_pair: torch.Tensor, k: int) -> torch.Tensor:
+    """Tokens x [n, dim] -> the rows of their n * k (token, slot) pairs in sorted order, x[token_of_row], where
+    row_of_pair [n * k] places pair p (= token * k + slot) at its sorted row. The two gathers below are each
+    other's gradients, so backward gathers too, where indexing's gradient scatter-adds into a zeroed copy (atomics
+    on the GPU)."""
+    return _SortedRows.apply(x, token_of_row, row_of_pair, k)
+
+
+def pair_sums(rows: torch.Tensor, token_of_row: torch.Tensor, row_of_pair: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted pair rows [n * k, dim] -> each token's sum over its k pairs, [n, dim]: `sorted_rows`'s adjoint."""
+    return _PairSums.apply(rows, token_of_row, row_of_pair, k)
+
+
 class Experts(nn.Module):
     """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter]."""
 
@@ -72,17 +116,18 @@ class Experts(nn.Module):
         flat = indices.flatten()
         # sorted row -> (token, slot) pair; narrow keys make the GPU's radix sort one pass instead of eight
         order = (flat.to(torch.uint8) if self.n_experts <= 256 else flat).argsort(stable=True)
+        row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         expert_of_row = flat[order]
         counts = tokens_per_expert(indices, self.n_experts)
         offsets = counts.cumsum(0, dtype=torch.int32)
-        rows = x[order // k]
+        token_of_row = order // k
+        rows = sorted_rows(x, token_of_row, row_of_pair, k)
         # the gate weight scales the SwiGLU output before the (linear) down projection: the narrower tensor
         gate_weight = weights.flatten()[order].unsqueeze(-1)
         h = F.silu(grouped_linear(rows, w1, offsets, expert_of_row)) * grouped_linear(rows, w3, offsets, expert_of_row)
         out_sorted = grouped_linear((h * gate_weight).to(h.dtype), w2, offsets, expert_of_row)
         # each pair's row gathered back and summed over its k slots (one fused pass when compiled)
-        row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y = out_sorted.index_select(0, row_of_pair).view(n, k, -1).sum(dim=1)
+        y = pair_sums(out_sorted, token_of_row, row_of_pair, k)
         return y.to(dtype_in), counts.float()
 
 
