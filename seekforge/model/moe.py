@@ -84,9 +84,9 @@ class _PairSums(torch.autograd.Function):
 
 def sorted_rows(x: torch.Tensor, token_of_row: torch.Tensor, row_of_pair: torch.Tensor, k: int) -> torch.Tensor:
     """Tokens x [n, dim] -> the rows of their n * k (token, slot) pairs in sorted order, x[token_of_row], where
-    row_of_pair [n * k] places pair p (= token * k + slot) at its sorted row. The two gathers below are each
-    other's gradients, so backward gathers too, where indexing's gradient scatter-adds into a zeroed copy (atomics
-    on the GPU)."""
+    row_of_pair [n * k] places pair p (= token * k + slot) at its sorted row. This gather (`_to_rows`) and
+    `pair_sums`'s (`_to_pairs`) are each other's gradients, so backward gathers too, where indexing's gradient
+    scatter-adds into a zeroed copy (atomics on the GPU)."""
     return _SortedRows.apply(x, token_of_row, row_of_pair, k)
 
 
