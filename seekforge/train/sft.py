@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from seekforge.configio import load_config
 from seekforge.errors import ConfigError, DataError
-from seekforge.model.config import ModelConfig
 from seekforge.train.pretrain import Trainer, TrainConfig
 
 IGNORE = -100
@@ -250,22 +249,8 @@ class SFTTrainer(Trainer):
         self.train_examples = [examples[i] for i in order[n_val:]] or examples
         return Path(cfg.data), tok_dir
 
-    def _model_config(self) -> ModelConfig:
-        cfg = self.cfg
-        base = ModelConfig.load(cfg.init_from or cfg.model)
-        changes = dict(cfg.model_overrides)
-        if not cfg.init_from and "vocab_size" not in changes:
-            changes["vocab_size"] = self.tokenizer.vocab_size
-        unknown = set(changes) - set(ModelConfig.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"model_overrides: unknown ModelConfig field(s) {sorted(unknown)}")
-        model_cfg = base.replace(**changes, name=base.name or cfg.model)
-        if model_cfg.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than its tokenizer's "
-                              f"({self.tokenizer.vocab_size}); raise vocab_size")
-        if cfg.seq_len > model_cfg.max_seq_len:
-            raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-        return model_cfg
+    def _vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
     def _build_loader(self) -> SFTLoader:
         cfg = self.cfg
