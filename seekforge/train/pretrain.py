@@ -240,10 +240,9 @@ class Trainer:
         loads = None
         finite = True
         for _ in range(cfg.grad_accum):
-            batch = next(self.loader)
-            tokens, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
             with self._autocast():
-                out = self._loss(tokens, labels, mtp_weight)
+                out = self._loss(batch, mtp_weight)
             if not torch.isfinite(out.loss):
                 finite = False
                 break
@@ -270,9 +269,15 @@ class Trainer:
             record["expert_bias"] = [m.gate.bias.tolist() for m in model.moe_layers()]
         return record
 
-    def _loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float):
+    def _attention(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Transformer.loss's positions and mask for a batch; none: causal over whole rows (pretraining lets
+        packed documents see each other, as V3 does)."""
+        return {}
+
+    def _loss(self, batch: dict[str, torch.Tensor], mtp_weight: float):
         """The training objective of one micro-batch (a ModelLoss); subclasses add terms to it."""
-        return self.model.loss(tokens, labels, mtp_weight=mtp_weight, balance_alpha=self.cfg.balance_alpha)
+        return self.model.loss(batch["input_ids"], batch["labels"], mtp_weight=mtp_weight,
+                               balance_alpha=self.cfg.balance_alpha, **self._attention(batch))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
