@@ -177,8 +177,10 @@ def _drop_absent_mtp(cfg: ModelConfig, files: list[Path]) -> ModelConfig:
     return cfg.replace(n_mtp_modules=0)
 
 
-def from_pretrained(path, dtype=None, device=None) -> Transformer:
-    """Load a DeepSeek-V2/V2-Lite/V3 checkpoint directory (config.json + safetensors, sharded or not)."""
+def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) -> Transformer:
+    """Load a DeepSeek-V2/V2-Lite/V3 checkpoint directory (config.json + safetensors, sharded or not).
+    `changes`: ModelConfig fields to set over config.json's (e.g. YaRN's rope_factor and max_seq_len to extend
+    the context); they must leave every tensor's shape as it is, or the checkpoint does not load."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory with config.json")
@@ -186,6 +188,8 @@ def from_pretrained(path, dtype=None, device=None) -> Transformer:
         raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory holds config.json "
                               f"and model*.safetensors")
     cfg = ModelConfig.load(path)
+    if changes:
+        cfg = cfg.replace(**changes)
     files = _checkpoint_files(path)
     cfg = _drop_absent_mtp(cfg, files)
     raw_cfg = json.loads((path / "config.json").read_text())

@@ -12,8 +12,8 @@ from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import ASSISTANT, Tokenizer
 from seekforge.train.sample import SampleConfig, is_correct, rejection_sample
-from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, load_sft_config, pack, read_examples,
-                                 tokenize_row)
+from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, document_mask, load_sft_config, pack,
+                                 read_examples, tokenize_row)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,46 @@ def test_collate_shifts_labels_and_ignores_untrained_tokens():
     assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 21, 22, IGNORE]]
     single = collate([a, b], [[0], [1]], None, pad_id=0)
     assert single["input_ids"].shape == (2, 3) and single["labels"].tolist()[1] == [21, 22, IGNORE]
+    # every token trained: still no label from a's last token to b's first; positions restart per example,
+    # and the padding is a segment of its own
+    every = collate([Example(a.ids, [True] * 4), Example(b.ids, [True] * 3)], [[0, 1]], 9, pad_id=0)
+    assert every["labels"].tolist() == [[11, 12, 13, IGNORE, 21, 22, IGNORE, IGNORE]]
+    assert every["positions"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]
+    assert document_mask(every["positions"]).int().tolist() == [[
+        [1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]]
+
+
+def test_packed_examples_train_exactly_as_one_by_one(base, tok, tmp_path):
+    from seekforge.model.mtp import depth_targets
+    from seekforge.train.sft import SFTTrainer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution}) + "\n"
+                            for r in get_task("chain_sum").rows("train", 3, 5)))
+    cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", "completion_only_loss=false", "val_fraction=0",
+                                 "precision=fp32", "progress=false", "tensorboard=false"])
+    trainer = SFTTrainer(cfg, tmp_path / "run")
+    examples, pad = trainer.train_examples, tok.pad_id
+    lengths = [len(e.ids) for e in examples]
+    packed = collate(examples, [[0, 1, 2]], sum(lengths) + 4, pad)  # one row, then padding
+    singles = [collate(examples, [[i]], None, pad) for i in range(3)]
+    with torch.no_grad():  # the trainer's own loss, MTP included
+        out = trainer._loss(packed, mtp_weight=0.3)
+        alone = [trainer._loss(b, mtp_weight=0.3) for b in singles]
+    per_token = torch.nn.functional.cross_entropy(out.logits[0], packed["labels"][0], reduction="none")
+    start = 0
+    for n, b, o in zip(lengths, singles, alone):
+        torch.testing.assert_close(out.logits[0, start:start + n - 1], o.logits[0], atol=1e-5, rtol=1e-5)
+        want = torch.nn.functional.cross_entropy(o.logits[0], b["labels"][0], reduction="none")
+        torch.testing.assert_close(per_token[start:start + n - 1], want, atol=1e-5, rtol=1e-5)
+        start += n
+    counts = [int((b["labels"] != IGNORE).sum()) for b in singles]
+    assert out.main_loss.item() == pytest.approx(sum(o.main_loss.item() * c for o, c in zip(alone, counts))
+                                                 / sum(counts), rel=1e-5)
+    mtp_counts = [int((depth_targets(b["labels"], 1) != IGNORE).sum()) for b in singles]
+    assert out.mtp_loss.item() == pytest.approx(sum(o.mtp_loss.item() * c for o, c in zip(alone, mtp_counts))
+                                                / sum(mtp_counts), rel=1e-5)
 
 
 def test_loader_resumes_exactly_across_epochs(tok):

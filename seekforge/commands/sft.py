@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sft", help="supervised fine-tuning on prompt/completion or chat rows (loss on the answers only)",
         description="Any SFTConfig field can be set as key=value, e.g. steps=500 lr=5e-5 seq_len=1024 "
-                    "packing=false teacher=CKPT kd_weight=0.5.")
+                    "packing=false teacher=CKPT kd_weight=0.5. Packed examples (packing=true, the default) share "
+                    "rows but never see each other: each attends to itself only, from position 0.")
     p.add_argument("--from", dest="init_from", required=True, metavar="CKPT",
                    help="checkpoint directory in Hugging Face layout with its tokenizer")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",

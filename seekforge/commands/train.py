@@ -10,7 +10,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("train", help="pretrain a DeepSeek-style model (MLA + MoE + MTP)",
                               description=f"Built-in configs: {', '.join(BUILTIN_CONFIGS)}. Any field can be "
-                                          f"overridden as key=value (e.g. steps=200 lr=1e-3).")
+                                          f"overridden as key=value (e.g. steps=200 lr=1e-3). To continue from "
+                                          f"a checkpoint with a longer context (YaRN): init_from=CKPT "
+                                          f"model_overrides.rope_factor=4 model_overrides.original_seq_len=1024 "
+                                          f"model_overrides.max_seq_len=4096 seq_len=4096; over a checkpoint, "
+                                          f"model_overrides may change anything but the weights' shapes.")
     p.add_argument("--config", default="tiny", help="a built-in config name or a .yaml/.toml file")
     add_run_arguments(p, None)
     p.set_defaults(func=run)

@@ -29,3 +29,15 @@ class MTPModule(nn.Module):
         """h_prev, emb_next [b, s, dim] -> this depth's hidden state [b, s, dim] (before self.norm)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin, mask, absorb)
+
+
+def depth_targets(labels: torch.Tensor, k: int, positions: torch.Tensor | None = None,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Depth k's targets, labels[:, k:] [b, s - k]: position i predicts what labels[:, i + k] holds. With
+    positions [b|1, s], a target is ignored where positions[i + k] != positions[i] + k: token i + k is then
+    in another document (positions restart at 0 for each), which position i must not see."""
+    targets = labels[:, k:]
+    if positions is None:
+        return targets
+    same_document = positions[:, k:] == positions[:, :-k] + k
+    return targets.masked_fill(~same_document, ignore_index)

@@ -15,7 +15,7 @@ from torch import nn
 from seekforge.model.block import Block
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import MoE
-from seekforge.model.mtp import MTPModule
+from seekforge.model.mtp import MTPModule, depth_targets
 from seekforge.model.norm import RMSNorm
 from seekforge.model.rope import RotaryEmbedding
 
@@ -92,30 +92,33 @@ class Transformer(nn.Module):
         """tokens [b, s] -> logits [b, s, vocab]. mask: bool [b|1, s, t] (True = may attend), None = causal."""
         return self.head(self.norm(self.hidden(tokens, positions, mask, absorb)))
 
-    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every MTP depth for a causal forward of `tokens` whose main hidden state is h.
-        Depth k returns [b, s - k, vocab]; its position i predicts token i + k + 1."""
+    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, positions=None, mask=None) -> list[torch.Tensor]:
+        """Logits of every MTP depth for a forward of `tokens` (with `positions`/`mask` as given to `hidden`)
+        whose main hidden state is h. Depth k returns [b, s - k, vocab]; its position i predicts token i + k + 1."""
         out = []
         for k, module in enumerate(self.mtp, start=1):
             s = tokens.shape[1] - k
             if s <= 0:
                 break
-            cos, sin = self.rope(self.positions_like(tokens[:, :s]))
-            h = module(h[:, :s], self.embed(tokens[:, k:]), cos, sin)
+            cos, sin = self.rope(self.positions_like(tokens[:, :s]) if positions is None else positions[:, :s])
+            h = module(h[:, :s], self.embed(tokens[:, k:]), cos, sin, None if mask is None else mask[:, :s, :s])
             out.append(self.head(module.norm(h)))
         return out
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
-             balance_alpha: float = 0.0, ignore_index: int = -100) -> ModelLoss:
+             balance_alpha: float = 0.0, ignore_index: int = -100, positions=None, mask=None) -> ModelLoss:
         """Cross-entropy of next-token prediction; labels [b, s] are tokens shifted by one (ignore_index
-        where no target). MTP depth k is scored against labels[:, k:]."""
-        h = self.hidden(tokens)
+        where no target). MTP depth k is scored against labels[:, k:]. positions and mask as in `forward`
+        (packed documents: positions restart at 0 for each, mask keeps them apart); where positions do not
+        run on for k steps, depth k's target lies in another document and is ignored."""
+        h = self.hidden(tokens, positions, mask)
         logits = self.head(self.norm(h))
         main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
         mtp = None
         if self.cfg.n_mtp_modules and mtp_weight:
-            depths = self.mtp_logits(tokens, h)
-            losses = [F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=ignore_index)
+            depths = self.mtp_logits(tokens, h, positions, mask)
+            losses = [F.cross_entropy(lg.flatten(0, 1).float(), depth_targets(labels, k, positions, ignore_index)
+                                      .flatten(), ignore_index=ignore_index)
                       for k, lg in enumerate(depths, start=1)]
             mtp = torch.stack(losses).mean() if losses else None
         moes = self.moe_layers()

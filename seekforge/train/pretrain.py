@@ -4,6 +4,8 @@ balancing plus a small sequence-wise balance loss; resumable bit for bit, observ
     seekforge train --config tiny --out runs/tiny                 # a built-in config
     seekforge train --config my.yaml --out runs/x steps=2000 lr=1e-3
     seekforge train --config my.yaml --out runs/x --resume        # continue exactly where it stopped
+    seekforge train --out runs/long init_from=runs/tiny/final seq_len=4096 model_overrides.rope_factor=4 \
+        model_overrides.original_seq_len=1024 model_overrides.max_seq_len=4096  # YaRN context extension
 
 DIR/metrics.jsonl gets one line per step, DIR/checkpoints the resumable state, DIR/final the model in
 Hugging Face layout with its tokenizer, DIR/report.md and DIR/plots a report card.
@@ -26,6 +28,7 @@ from seekforge.model.config import ModelConfig
 from seekforge.model.transformer import Transformer
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
+from seekforge.train.init_from import build_model, model_config
 from seekforge.train.metrics import MetricsLogger, ProgressBar, Throughput, expert_load_stats
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.train.schedule import LRSchedule
@@ -39,8 +42,8 @@ class TrainingStopped(SeekforgeError):
 class TrainConfig:
     # what to train, on what
     model: str = "tiny"  # preset name, config.json or checkpoint directory (its shape; weights via init_from)
-    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 4}
-    init_from: str | None = None  # a HF checkpoint directory to continue from
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 4}; over init_from
+    init_from: str | None = None  # a HF checkpoint directory to continue from (overrides keeping shapes apply)
     data: str = "builtin"  # a `seekforge data prepare` directory, or "builtin" (generated math, no download)
     tokenizer: str | None = None  # tokenizer directory for `data` (the builtin data brings its own)
     builtin_docs: int = 20000
@@ -192,25 +195,15 @@ class Trainer:
         load_meta(data_dir)
         return data_dir, data_dir / "tokenizer"
 
-    def _model_config(self) -> ModelConfig:
+    def _vocab_size(self) -> int:
+        """The tokenizer's vocabulary, which the model's must cover."""
         from seekforge.data.loader import load_meta
 
-        base = ModelConfig.load(self.cfg.init_from or self.cfg.model)
-        vocab = load_meta(self.data_dir)["vocab_size"]
-        changes = dict(self.cfg.model_overrides)
-        if not self.cfg.init_from and "vocab_size" not in changes:
-            changes["vocab_size"] = vocab
-        unknown = set(changes) - set(ModelConfig.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"model_overrides: unknown ModelConfig field(s) {sorted(unknown)}; valid: "
-                              f"{', '.join(sorted(ModelConfig.__dataclass_fields__))}")
-        model_cfg = base.replace(**changes, name=self.cfg.model)
-        if model_cfg.vocab_size < vocab:
-            raise ConfigError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the data's "
-                              f"tokenizer ({vocab}); raise vocab_size or prepare the data with a smaller tokenizer")
-        if self.cfg.seq_len > model_cfg.max_seq_len:
-            raise ConfigError(f"seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-        return model_cfg
+        return load_meta(self.data_dir)["vocab_size"]
+
+    def _model_config(self) -> ModelConfig:
+        cfg = self.cfg
+        return model_config(cfg.model, cfg.init_from, cfg.model_overrides, self._vocab_size(), cfg.seq_len)
 
     def _build_loader(self):
         """An endless iterator of {"input_ids", "labels"} batches with state_dict / load_state_dict."""
@@ -219,11 +212,7 @@ class Trainer:
         return PackedLoader(self.data_dir, "train", self.cfg.seq_len, self.cfg.batch_size, seed=self.cfg.seed)
 
     def _build_model(self) -> Transformer:
-        if self.cfg.init_from:
-            from seekforge.hf import from_pretrained
-
-            return from_pretrained(self.cfg.init_from, dtype=torch.float32).train()
-        return Transformer(self.model_cfg).train()
+        return build_model(self.model_cfg, self.cfg.init_from, self.cfg.model_overrides)
 
     def _state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -251,10 +240,9 @@ class Trainer:
         loads = None
         finite = True
         for _ in range(cfg.grad_accum):
-            batch = next(self.loader)
-            tokens, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
             with self._autocast():
-                out = self._loss(tokens, labels, mtp_weight)
+                out = self._loss(batch, mtp_weight)
             if not torch.isfinite(out.loss):
                 finite = False
                 break
@@ -281,9 +269,15 @@ class Trainer:
             record["expert_bias"] = [m.gate.bias.tolist() for m in model.moe_layers()]
         return record
 
-    def _loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float):
+    def _attention(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Transformer.loss's positions and mask for a batch; none: causal over whole rows (pretraining lets
+        packed documents see each other, as V3 does)."""
+        return {}
+
+    def _loss(self, batch: dict[str, torch.Tensor], mtp_weight: float):
         """The training objective of one micro-batch (a ModelLoss); subclasses add terms to it."""
-        return self.model.loss(tokens, labels, mtp_weight=mtp_weight, balance_alpha=self.cfg.balance_alpha)
+        return self.model.loss(batch["input_ids"], batch["labels"], mtp_weight=mtp_weight,
+                               balance_alpha=self.cfg.balance_alpha, **self._attention(batch))
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -1,18 +1,18 @@
-"""Step-indexed schedules: the DeepSeek-V3 learning rate, and piecewise-constant scalars (MTP λ, bias γ).
+"""The DeepSeek-V3 learning-rate schedule, indexed by optimizer step.
 
-Convention for every schedule here: `step` is the number of optimizer updates already taken, so the
-first update uses `lr(0)`. Schedules hold no state; a resumed run recomputes them from its step.
+Convention: `step` is the number of optimizer updates already taken, so the first update uses `lr(0)`.
+The schedule holds no state; a resumed run recomputes it from its step. (The MTP weight and the bias
+update speed are two-piece constants: TrainConfig.mtp_lambda and TrainConfig.gamma.)
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from seekforge.errors import ConfigError
 
-__all__ = ["LRSchedule", "StepSchedule", "PiecewiseConstant"]
+__all__ = ["LRSchedule"]
 
 
 def _check_steps(owner: str, **steps: int) -> None:
@@ -95,45 +95,3 @@ class LRSchedule:
             return self.final_lr
         return self.tail_lr
 
-    __call__ = lr
-
-    def apply(self, optimizer, step: int) -> float:
-        """Set every parameter group of a torch optimizer to `lr(step)`; returns it for logging."""
-        value = self.lr(step)
-        for group in optimizer.param_groups:
-            group["lr"] = value
-        return value
-
-
-@dataclass
-class StepSchedule:
-    """A piecewise-constant scalar: `values[i]` from `boundaries[i-1]` (inclusive) to `boundaries[i]`.
-
-    `StepSchedule(values=[0.3, 0.1], boundaries=[N])` is V3's MTP weight λ (0.3, then 0.1 from update
-    N on); `StepSchedule(values=[0.001, 0.0], boundaries=[M])` is its bias update speed γ.
-    """
-
-    values: list[float]
-    boundaries: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.values = list(self.values)
-        self.boundaries = list(self.boundaries)
-        if len(self.values) != len(self.boundaries) + 1:
-            raise ConfigError(
-                f"StepSchedule: needs one more value than boundaries, got {len(self.values)} values "
-                f"and {len(self.boundaries)} boundaries"
-            )
-        _check_steps("StepSchedule", **{f"boundaries[{i}]": b for i, b in enumerate(self.boundaries)})
-        if any(later <= earlier for earlier, later in zip(self.boundaries, self.boundaries[1:])):
-            raise ConfigError(f"StepSchedule: boundaries must increase strictly, got {self.boundaries}")
-
-    def value(self, step: int) -> float:
-        """The value in force for update number `step` (0-based)."""
-        _check_step(step)
-        return self.values[bisect.bisect_right(self.boundaries, step)]
-
-    __call__ = value
-
-
-PiecewiseConstant = StepSchedule
