@@ -131,11 +131,31 @@ def test_dynamic_sampling_kl_and_several_inner_iterations(base, tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
-def test_bad_configs_are_refused(base, tmp_path):
+def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
+    import seekforge.engine
+
     with pytest.raises(ConfigError, match="group_size"):
         _config(base, tmp_path, "group_size=1")
     with pytest.raises(ConfigError, match="loss_type"):
         _config(base, tmp_path, "loss_type=ppo")
+    for bad in ("top_p=0", "top_p=1.5", "top_k=-1"):
+        with pytest.raises(ConfigError, match="top_p"):
+            _config(base, tmp_path, bad)
+    for bad in ("gpu_memory_utilization=0", "gpu_memory_utilization=1.5"):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+            _config(base, tmp_path, bad)
+    # the rollout engine gets the run's cache share unless engine settings say otherwise
+    engines = []
+
+    class LLM(seekforge.engine.LLM):
+        def __init__(self, *args, **kwargs):
+            engines.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(seekforge.engine, "LLM", LLM)
+    GRPOTrainer(_config(base, tmp_path, "gpu_memory_utilization=0.25"), tmp_path / "share")
+    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}"), tmp_path / "bytes")
+    assert engines[0]["gpu_memory_utilization"] == 0.25 and engines[1]["kv_cache_memory"] == 4_000_000
     cfg = _config(base, tmp_path, "steps=1")
     GRPOTrainer(cfg, tmp_path / "run").train()
     with pytest.raises(ConfigError, match="--resume"):

@@ -193,7 +193,8 @@ def _parameters_by_hand(c: ModelConfig) -> int:
            + d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
            + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim) + h * c.v_head_dim * d)
     dense = 3 * d * c.inter_dim
-    moe = c.n_routed_experts * d + 3 * c.n_routed_experts * c.moe_inter_dim * d + 3 * d * c.n_shared_experts * c.moe_inter_dim
+    moe = (c.n_routed_experts * d + 3 * c.n_routed_experts * c.moe_inter_dim * d  # router, routed experts
+           + 3 * d * c.n_shared_experts * c.moe_inter_dim)  # shared experts
     block = 2 * d + mla  # two norms and attention, then the dense MLP or the MoE
     layers = sum(block + (moe if i >= c.n_dense_layers else dense) for i in range(c.n_layers))
     mtp = c.n_mtp_modules * (3 * d + 2 * d * d + block + moe)  # norms, eh_proj, one MoE block (shared head)
@@ -247,7 +248,8 @@ def test_distill_command_trains_and_evaluates_students(base, tok, tmp_path, caps
         entry = summary["students"][label]
         assert entry["parameters"] == out["students"][label]["parameters"] == counts[label], label
         assert entry["eval"]["accuracy"] == accuracy[counts[label]]
-        assert abs(entry["retention"] - retention) < 1e-12 and abs(out["students"][label]["retention"] - retention) < 1e-12
+        assert abs(entry["retention"] - retention) < 1e-12
+        assert abs(out["students"][label]["retention"] - retention) < 1e-12
         assert (tmp_path / "d" / label / "final" / "model.safetensors").is_file()
 
 

@@ -363,7 +363,8 @@ class GRPOTrainer:
             start = time.perf_counter()
             with self._autocast(rollout=True):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
+                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=None, template=cfg.template,
+                             rewards=self.rewards)
             stats["rollout_s"] += r.seconds
             stats["scoring_s"] += time.perf_counter() - start - r.seconds
             stats["rollout_tokens"] += r.tokens
