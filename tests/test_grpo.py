@@ -289,8 +289,11 @@ def test_update_logprobs_are_those_of_the_sampling_distribution(base, tmp_path, 
             want = torch.tensor([_sampled_logprob(logits[k], t, temperature, top_k, top_p)
                                  for k, t in enumerate(completion)], dtype=torch.float64)
             n = len(completion)
-            for got in (logp, old, ref):
-                torch.testing.assert_close(got[row, :n].double(), want, atol=1e-4, rtol=0)
+            ones = torch.ones(n, dtype=torch.float64)
+            # the ratio to the distribution sampled from, and to the old policy; the reference sees the same
+            torch.testing.assert_close(torch.exp(logp[row, :n].double() - want), ones, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.exp(logp[row, :n] - old[row, :n]).double(), ones, atol=1e-6, rtol=0)
+            torch.testing.assert_close(ref[row, :n].double(), want, atol=1e-4, rtol=0)
             checked += n
     assert checked > 10
 

@@ -69,7 +69,8 @@ class GRPOConfig:
     max_tokens: int = 256  # completion budget
     # how rollouts are sampled; the update takes every log-probability (policy, old policy, reference) under
     # the same distribution, the engine sampler's logits / temperature then top-k / top-p, so that the
-    # importance ratio is that of the distribution the completions were drawn from
+    # importance ratio is that of the distribution the completions were drawn from. top_p / top_k sort the
+    # vocabulary at every completion token of the update (memory: lower micro_batch_size if it runs out)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
