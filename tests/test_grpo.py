@@ -11,8 +11,11 @@ from seekforge.errors import ConfigError
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
+from seekforge.train import grpo
 from seekforge.train.grpo import GRPOTrainer, Sequences, load_grpo_config, pack_groups
 from seekforge.train.rl_loss import token_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REWARDS_FILE = '''
 import os, time
@@ -128,11 +131,31 @@ def test_dynamic_sampling_kl_and_several_inner_iterations(base, tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
-def test_bad_configs_are_refused(base, tmp_path):
+def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
+    import seekforge.engine
+
     with pytest.raises(ConfigError, match="group_size"):
         _config(base, tmp_path, "group_size=1")
     with pytest.raises(ConfigError, match="loss_type"):
         _config(base, tmp_path, "loss_type=ppo")
+    for bad in ("top_p=0", "top_p=1.5", "top_k=-1"):
+        with pytest.raises(ConfigError, match="top_p"):
+            _config(base, tmp_path, bad)
+    for bad in ("gpu_memory_utilization=0", "gpu_memory_utilization=1.5"):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+            _config(base, tmp_path, bad)
+    # the rollout engine gets the run's cache share unless engine settings say otherwise
+    engines = []
+
+    class LLM(seekforge.engine.LLM):
+        def __init__(self, *args, **kwargs):
+            engines.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(seekforge.engine, "LLM", LLM)
+    GRPOTrainer(_config(base, tmp_path, "gpu_memory_utilization=0.25"), tmp_path / "share")
+    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}"), tmp_path / "bytes")
+    assert engines[0]["gpu_memory_utilization"] == 0.25 and engines[1]["kv_cache_memory"] == 4_000_000
     cfg = _config(base, tmp_path, "steps=1")
     GRPOTrainer(cfg, tmp_path / "run").train()
     with pytest.raises(ConfigError, match="--resume"):
@@ -213,3 +236,122 @@ def test_cuda_rollouts_replay_graphs_that_see_every_update(base, tmp_path):
     eager = rollout()
     assert eager[0] == after[0]
     torch.testing.assert_close(torch.tensor(eager[1]), torch.tensor(after[1]), atol=0.05, rtol=0)
+
+
+def _sampled_logprob(logits: torch.Tensor, token: int, temperature: float, top_k: int, top_p: float) -> float:
+    """log p(token) under the distribution sampled with these settings, by hand: logits / temperature, keep the
+    top_k largest, then the smallest prefix of those (by falling probability, renormalised) whose mass reaches
+    top_p; renormalise over what is kept."""
+    scaled = logits.double() / temperature
+    order = scaled.argsort(descending=True)[:top_k].tolist()
+    probs = torch.softmax(scaled[order], dim=0).tolist()
+    kept, mass = [], 0.0
+    for t, p in zip(order, probs):
+        kept.append(t)
+        mass += p
+        if mass >= top_p:
+            break
+    assert token in kept, "the engine drew a token outside the filtered distribution"
+    return float(scaled[token] - torch.logsumexp(scaled[kept], dim=0))
+
+
+def test_update_logprobs_are_those_of_the_sampling_distribution(base, tmp_path, monkeypatch):
+    """Temperature 0.6 with top-k and top-p: the update's log-probabilities (new, old with mu = 2, reference)
+    are those of the distribution the engine drew the completions from, worked out by hand from a plain
+    forward of each sequence, so the importance ratio is 1 on the first inner step and the KL term 0."""
+    from seekforge.hf import from_pretrained
+
+    temperature, top_k, top_p = 0.6, 40, 0.9
+    cfg = _config(base, tmp_path, "steps=1", f"temperature={temperature}", f"top_k={top_k}", f"top_p={top_p}",
+                  "mu=2", "beta=0.01")
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    seen = {}
+    real_batches, real_loss = trainer._micro_batches, grpo.policy_loss
+
+    def batches(seqs, active):
+        seen["seqs"], seen["batches"] = seqs, real_batches(seqs, active)
+        return seen["batches"]
+
+    def loss(logp, old_logp, advantages, mask, **kw):
+        seen.setdefault("calls", []).append((logp.detach(), old_logp, kw["ref_logp"]))
+        return real_loss(logp, old_logp, advantages, mask, **kw)
+
+    trainer._micro_batches = batches
+    monkeypatch.setattr(grpo, "policy_loss", loss)
+    trainer.train()
+    model = from_pretrained(base, dtype=torch.float32)  # the policy before the update
+    seqs, checked = seen["seqs"], 0
+    for batch, (logp, old, ref) in zip(seen["batches"], seen["calls"]):  # the first inner step's calls
+        for row, i in enumerate(batch.index):
+            prompt, completion = seqs.prompts[seqs.group[i]], seqs.completions[i]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1]
+            want = torch.tensor([_sampled_logprob(logits[k], t, temperature, top_k, top_p)
+                                 for k, t in enumerate(completion)], dtype=torch.float64)
+            n = len(completion)
+            ones = torch.ones(n, dtype=torch.float64)
+            # the ratio to the distribution sampled from, and to the old policy; the reference sees the same
+            torch.testing.assert_close(torch.exp(logp[row, :n].double() - want), ones, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.exp(logp[row, :n] - old[row, :n]).double(), ones, atol=1e-6, rtol=0)
+            torch.testing.assert_close(ref[row, :n].double(), want, atol=1e-4, rtol=0)
+            checked += n
+    assert checked > 10
+
+
+def test_bnpo_update_averages_the_token_means_of_its_micro_batches(base, tmp_path):
+    """One update at ratio 1 (mu = 1, beta = 0): every token's loss is -A. Two groups, each its own micro-batch:
+    bnpo is the mean of their token means, counting the tokens of the A = 0 sequence; dapo one token mean."""
+    prompts = [list(range(10, 15)), list(range(20, 26))]
+    completions = [[30, 31, 32], [33], [34, 35], [36, 37, 38, 39]]
+    seqs = Sequences(prompts, [0, 0, 1, 1], completions, torch.tensor([1.0, -1.0, 0.0, 0.5]),
+                     torch.ones(4, dtype=torch.bool))
+    # micro-batch 1: (-1 * 3 + 1 * 1) / 4 = -0.5; micro-batch 2: (0 * 2 - 0.5 * 4) / 6 = -1/3
+    for loss_type, want in (("bnpo", (-0.5 - 1 / 3) / 2), ("dapo", (-3 + 1 + 0 - 2) / 10)):
+        cfg = _config(base, tmp_path, f"loss_type={loss_type}", "micro_batch_size=1", "eval_n=1")
+        record = GRPOTrainer(cfg, tmp_path / loss_type).update(seqs)
+        assert not record["skipped"]
+        assert abs(record["loss"] - want) < 1e-6, (loss_type, record["loss"], want)
+
+
+HAS_DIGIT = '''
+def has_digit(prompt, completion, **kw):
+    return float(any(ch.isdigit() for ch in completion))
+'''
+
+
+def test_grpo_raises_the_reward_and_learning_rate_zero_does_not(base, tmp_path):
+    """A one-token task: reward 1 for a token with a digit in it. The expected reward of the policy on held-out
+    prompts, exactly (its next-token distribution times each token's reward), rises under GRPO and stays put,
+    to the bit, at learning rate 0 (the schedule's own checks refuse a peak of 0, so that run's schedule is
+    replaced); the two runs are otherwise the same (seed, first rollouts)."""
+    from types import SimpleNamespace
+
+    from seekforge.train.sample import render_prompt
+
+    (tmp_path / "digit.py").write_text(HAS_DIGIT)
+    tok = Tokenizer.from_pretrained(base)
+    reward = torch.tensor([float(any(ch.isdigit() for ch in tok.decode([t], skip_special_tokens=True)))
+                           for t in range(tok.vocab_size)])
+    prompts = [tok.encode(render_prompt(r.prompt, "r1_zero"), add_bos=True)
+               for r in get_task("chain_sum").rows("test", 8, 0)]
+
+    @torch.no_grad()
+    def expected_reward(model) -> float:
+        return sum(float(model(torch.tensor([p]))[0, -1].softmax(-1) @ reward) for p in prompts) / len(prompts)
+
+    runs = {}
+    cfg = _config(base, tmp_path, "steps=8", "prompts_per_step=4", "group_size=8", "max_tokens=1", "lr=3e-2",
+                  f"rewards={tmp_path / 'digit.py'}:has_digit", "save_every=100", "eval_n=1", "seed=3")
+    for lr in ("3e-2", "0"):
+        trainer = GRPOTrainer(cfg, tmp_path / lr)
+        if lr == "0":
+            trainer.schedule = SimpleNamespace(lr=lambda step: 0.0)
+        before = expected_reward(trainer.model)
+        trainer.train()
+        runs[lr] = (before, expected_reward(trainer.model), [r["reward"] for r in _records(tmp_path / lr)
+                                                              if r.get("kind") != "eval"])
+    (start, trained, rewards), (start0, frozen, rewards0) = runs["3e-2"], runs["0"]
+    assert start == start0 and rewards[0] == rewards0[0]  # the same policy and the same first rollouts
+    assert frozen == start  # lr = 0 changes nothing
+    assert trained > start + 0.3, (start, trained)
+    assert sum(rewards[-3:]) / 3 > rewards[0] + 0.2, rewards

@@ -10,6 +10,7 @@ from seekforge.train.rl_loss import (combine_rewards, group_advantages, groups_w
                                      token_entropy, token_logprobs)
 
 nan = math.nan
+CPU = torch.device("cpu")
 
 
 def close(got, want, tol=1e-5):
@@ -94,10 +95,23 @@ def test_dapo_loss_is_a_token_mean():
     close(_loss("dapo").loss, (sum(SEQ0) + sum(SEQ1)) / 5)
 
 
+def test_bnpo_loss_is_a_token_mean_of_the_local_batch():
+    # the whole batch: 5 real tokens (the padding of sequence 1 does not count)
+    close(_loss("bnpo").loss, (sum(SEQ0) + sum(SEQ1)) / 5)
+    # each sequence as its own micro-batch: its own token mean, whatever the full batch's counts say
+    # (-1.10517 - 0.60653 - 1.28) / 3 = -0.99723 and (2 + 1.6) / 2 = 1.8
+    for i, want in ((0, -0.997234), (1, 1.8)):
+        got = policy_loss(LOGP[i:i + 1], OLD[i:i + 1], ADV[i:i + 1], MASK[i:i + 1], loss_type="bnpo", eps_low=0.2,
+                          eps_high=0.28, num_sequences=2, num_tokens=5).loss
+        close(got, want)
+
+
 def test_dr_grpo_loss_divides_by_a_constant():
     close(_loss("dr_grpo", max_tokens=4).loss, (sum(SEQ0) + sum(SEQ1)) / (2 * 4))
     with pytest.raises(ValueError, match="max_tokens"):
         _loss("dr_grpo")
+    with pytest.raises(ConfigError, match="grpo, bnpo, dapo, dr_grpo"):
+        _loss("ppo")
 
 
 def test_clipped_tokens_get_no_gradient():
@@ -157,3 +171,35 @@ def test_token_logprobs_and_entropy_match_torch():
     dist = torch.distributions.Categorical(logits=logits)
     close(token_logprobs(logits, targets), dist.log_prob(targets))
     close(token_entropy(logits), dist.entropy())
+
+
+def test_token_logprobs_under_the_sampling_distribution_by_hand():
+    from seekforge.engine import SamplingParams
+    from seekforge.engine.sampler import broadcast_batch
+
+    # one position, vocabulary of 5, temperature 0.5: scaled logits [4, 2, 1, 0, -2]
+    logits = torch.tensor([[[2.0, 1.0, 0.5, 0.0, -1.0]]])
+    z = [4.0, 2.0, 1.0, 0.0, -2.0]
+
+    def logp(token, **params):
+        sampling = broadcast_batch(SamplingParams(temperature=0.5, **params), 5, CPU)
+        return float(token_logprobs(logits, torch.tensor([[token]]), sampling))
+
+    close(logp(1), 2 - math.log(sum(math.exp(v) for v in z)))  # temperature alone: softmax of logits / 0.5
+    close(logp(2, top_k=3), 1 - math.log(math.exp(4) + math.exp(2) + math.exp(1)))
+    # top-p 0.9: p0 = e^4 / (e^4 + e^2 + e^1 + 1 + e^-2) = 0.8292 is short of 0.9, p0 + p1 = 0.9415 is not:
+    # the kept set is {0, 1}
+    close(logp(1, top_p=0.9), 2 - math.log(math.exp(4) + math.exp(2)))
+    # top-p 0.84 keeps {0, 1} too; after top-k 3 the renormalised p0 = e^4 / (e^4 + e^2 + e^1) = 0.8438
+    # reaches 0.84 alone: {0}
+    close(logp(0, top_p=0.84), 4 - math.log(math.exp(4) + math.exp(2)))
+    close(logp(0, top_p=0.84, top_k=3), 0.0)
+    # a target outside the kept set keeps its own mass: log(e^1 / (e^4 + e^2 + e^1)), not -inf
+    close(logp(2, top_p=0.9), 1 - math.log(math.exp(4) + math.exp(2) + math.exp(1)))
+    # gradients reach the logits through the processed distribution
+    # (dropped tokens get none): d/dx of z1 - log(e^z0 + e^z1) with z = x / 0.5 is (-(1 - q), 1 - q) / 0.5
+    x = logits.clone().requires_grad_(True)
+    sampling = broadcast_batch(SamplingParams(temperature=0.5, top_p=0.9), 5, CPU)
+    token_logprobs(x, torch.tensor([[1]]), sampling).sum().backward()
+    q = math.exp(2) / (math.exp(4) + math.exp(2))
+    close(x.grad, [[[-(1 - q) / 0.5, (1 - q) / 0.5, 0.0, 0.0, 0.0]]])

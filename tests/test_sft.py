@@ -226,7 +226,25 @@ def test_sft_end_to_end_resume_and_distillation(base, tmp_path):
         load_sft_config(None, [f"data={data}", "kd_weight=0.5"])
 
 
-def test_distill_command_trains_and_evaluates_students(base, tmp_path, capsys, monkeypatch):
+def _parameters_by_hand(c: ModelConfig) -> int:
+    """Parameters of a seekforge model of config c from the architecture's formula (untied head, no biases)."""
+    d, h = c.dim, c.n_heads
+    mla = (d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+           + d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+           + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim) + h * c.v_head_dim * d)
+    dense = 3 * d * c.inter_dim
+    moe = (c.n_routed_experts * d + 3 * c.n_routed_experts * c.moe_inter_dim * d  # router, routed experts
+           + 3 * d * c.n_shared_experts * c.moe_inter_dim)  # shared experts
+    block = 2 * d + mla  # two norms and attention, then the dense MLP or the MoE
+    layers = sum(block + (moe if i >= c.n_dense_layers else dense) for i in range(c.n_layers))
+    mtp = c.n_mtp_modules * (3 * d + 2 * d * d + block + moe)  # norms, eh_proj, one MoE block (shared head)
+    return 2 * c.vocab_size * d + d + layers + mtp
+
+
+def test_distill_command_trains_and_evaluates_students(base, tok, tmp_path, capsys, monkeypatch):
+    """Two students of different sizes (depth, experts, width): each one's parameter count against the
+    architecture's formula, and its retention = its accuracy / the teacher's."""
+    import seekforge.evaluate
     from seekforge.cli import main
     from seekforge.train import distill
 
@@ -236,18 +254,43 @@ def test_distill_command_trains_and_evaluates_students(base, tmp_path, capsys, m
                                 + "\n" for r in rows))
         return {"kept": len(rows)}
 
+    small = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_dense_layers=1,
+                                               inter_dim=64, n_mtp_modules=0)  # one dense block
+    wide = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_dense_layers=1,
+                                              inter_dim=96, moe_inter_dim=24, n_routed_experts=4,
+                                              n_mtp_modules=0)  # a dense block, then 4 routed experts
+    small.save(tmp_path / "small.json")
+    wide.save(tmp_path / "wide.json")
+    teacher = ModelConfig.load(base)
+    counts = {"teacher": _parameters_by_hand(teacher), "small": _parameters_by_hand(small),
+              "wide": _parameters_by_hand(wide)}
+    assert len(set(counts.values())) == 3
+    # A random teacher scores 0 and retention would be undefined: each model's accuracy is set by its size
+    # (the rest of the evaluation is real), so retention must pair each student with its own accuracy.
+    accuracy = {counts["teacher"]: 0.5, counts["small"]: 0.2, counts["wide"]: 0.4}
+    real_evaluate = seekforge.evaluate.evaluate
+
+    def evaluate(llm, cfg):
+        return {**real_evaluate(llm, cfg), "accuracy": accuracy[llm.model.num_parameters()["total"]]}
+
     monkeypatch.setattr(distill, "sample_traces", fake_traces)
-    assert main(["distill", "--teacher", str(base), "--student-config", "tiny", "--student-config", "tiny",
-                 "--task", "chain_sum", "--out", str(tmp_path / "d"), "eval_n=3", "max_tokens=8", "progress=false",
-                 "student_overrides={dim: 32, n_layers: 1, n_dense_layers: 1, inter_dim: 64, n_mtp_modules: 0}",
-                 "train.steps=2", "train.warmup_steps=1", "train.constant_steps=1", "train.decay_steps=0",
-                 "train.seq_len=256", "train.batch_size=2", "train.tensorboard=false"]) == 0
+    monkeypatch.setattr(seekforge.evaluate, "evaluate", evaluate)
+    assert main(["distill", "--teacher", str(base), "--student-config", str(tmp_path / "small.json"),
+                 "--student-config", str(tmp_path / "wide.json"), "--task", "chain_sum", "--out", str(tmp_path / "d"),
+                 "eval_n=3", "max_tokens=8", "progress=false", "train.steps=2", "train.warmup_steps=1",
+                 "train.constant_steps=1", "train.decay_steps=0", "train.seq_len=256", "train.batch_size=2",
+                 "train.tensorboard=false"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["students"]) == {"tiny", "tiny-2"}
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["students"]["tiny"]["parameters"] < summary["teacher_parameters"]
-    assert (tmp_path / "d" / "tiny-2" / "final" / "model.safetensors").is_file()
-    assert "accuracy" in summary["students"]["tiny"]["eval"]
+    assert summary["teacher_parameters"] == counts["teacher"]
+    assert set(out["students"]) == set(summary["students"]) == {"small", "wide"}
+    for label, retention in (("small", 0.2 / 0.5), ("wide", 0.4 / 0.5)):
+        entry = summary["students"][label]
+        assert entry["parameters"] == out["students"][label]["parameters"] == counts[label], label
+        assert entry["eval"]["accuracy"] == accuracy[counts[label]]
+        assert abs(entry["retention"] - retention) < 1e-12
+        assert abs(out["students"][label]["retention"] - retention) < 1e-12
+        assert (tmp_path / "d" / label / "final" / "model.safetensors").is_file()
 
 
 def test_read_examples_errors(tmp_path, tok):

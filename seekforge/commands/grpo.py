@@ -10,7 +10,12 @@ def register(subparsers) -> None:
         "grpo", help="GRPO with rule-based rewards (R1-Zero from a base checkpoint)",
         description="Any GRPOConfig field can be set as key=value, e.g. steps=200 group_size=16 lr=1e-5 "
                     "loss_type=dapo eps_high=0.28 dynamic_sampling=true beta=0.001 rewards=accuracy,format "
-                    "task_knobs.max_terms=3. Rollouts run on the inference engine with the policy's live weights.")
+                    "task_knobs.max_terms=3. Rollouts run on the inference engine with the policy's live weights. "
+                    "loss_type: grpo (mean of sequence means), bnpo (token mean of each micro-batch), dapo (token "
+                    "mean of the batch) or dr_grpo (token sum / (sequences x max_tokens)). temperature, top_p and "
+                    "top_k shape the rollouts and the update's log-probabilities alike. On a GPU the rollout "
+                    "engine's KV cache takes gpu_memory_utilization (default 0.4) of the GPU's total memory less "
+                    "what is in use; lower it if the update runs out of memory.")
     p.add_argument("--from", dest="init_from", required=True, metavar="CKPT",
                    help="checkpoint directory in Hugging Face layout with its tokenizer")
     p.add_argument("--task", required=True, help="task name (arithmetic, chain_sum, countdown, word_problem, rg:...)")

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="sequences waiting for a slot at most; past it requests get 503 (default: 1024)")
     p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="paged latent cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
+                   help="paged latent cache size in GiB (default: 90%% of the GPU's total memory less what is "
+                        "already in use; 1 GiB on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks: prefill and the captured decode step")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from seekforge.engine.block_manager import BlockManager
+from seekforge.engine.cache_size import cache_blocks, cache_budget
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
 from seekforge.engine.sampler import Row, compute_logprobs, make_batch, sample
@@ -155,14 +156,15 @@ class LLM:
         self.device = model.embed.weight.device
         elsize = model.embed.weight.element_size()
         per_token = cfg.cache_bytes_per_token(elsize) * (cfg.n_layers + (1 if k else 0)) // cfg.n_layers
+        # the cache: num_blocks outright, else kv_cache_memory bytes, else on a GPU gpu_memory_utilization of its total
+        # memory less what is in use already (vLLM's meaning; seekforge.engine.cache_size)
         if num_blocks is None:
-            if kv_cache_memory is None:
-                if self.device.type == "cuda":
-                    kv_cache_memory = int(torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization)
-                else:
-                    kv_cache_memory = 1 << 30
-            tokens = min(kv_cache_memory // per_token, max_num_seqs * (self.max_model_len + 2 * k))
-            num_blocks = max(1, tokens // block_size)
+            gpu_memory = None
+            if self.device.type == "cuda" and kv_cache_memory is None:
+                torch.cuda.empty_cache()  # memory the allocator caches but no tensor holds is not in use
+                gpu_memory = torch.cuda.mem_get_info(self.device)
+            budget, source = cache_budget(kv_cache_memory, gpu_memory_utilization, gpu_memory)
+            num_blocks = cache_blocks(budget, source, per_token, block_size, self.max_model_len, max_num_seqs, 2 * k)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    max_waiting, num_lookahead=max(k - 1, 0), chunked_prefill=enable_chunked_prefill)

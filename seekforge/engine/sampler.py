@@ -66,6 +66,15 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     )
 
 
+def broadcast_batch(params: SamplingParams, vocab_size: int, device) -> SamplingBatch:
+    """`params`' temperature, top-k, top-p and min-p as a one-row batch whose tensors broadcast over any
+    number of rows in `filter_logits`: how a trainer recomputes the distribution the engine sampled from
+    (GRPO's log-probabilities). Penalties depend on each row's history and have no such form."""
+    if params.greedy or params.has_penalties:
+        raise ValueError("broadcast_batch: a sampled distribution (temperature > 0) without penalties only")
+    return make_batch([Row(params, None)], vocab_size, device)
+
+
 def _padded(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max(len(x) for x in lists))
     ids = torch.zeros(len(lists), width, dtype=torch.long, device=device)

@@ -19,7 +19,8 @@ class ServerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024  # sequences waiting for a slot; past it requests get 503
     num_speculative_tokens: int = 0
-    kv_cache_memory: int | None = None  # bytes of paged cache; default: most of the free GPU memory, 1 GiB on CPU
+    # bytes of paged cache; default: 90% of the GPU's total memory less what is in use, 1 GiB on CPU
+    kv_cache_memory: int | None = None
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (GPU, bfloat16/float16)
     compile: bool = False  # torch.compile the blocks (prefill and the captured decode step; ~1 min more at startup)
     async_scheduling: bool | None = None  # prepare each decode step while the last runs; None: on CUDA

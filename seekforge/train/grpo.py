@@ -7,7 +7,9 @@ One step: take `prompts_per_step` training problems, sample `group_size` complet
 inference engine, which runs the policy's own weights in place (no copy, no save/load round trip);
 score them with the reward functions (each behind a timeout and an exception barrier); turn rewards
 into group-relative advantages; then `mu` optimizer updates over the batch with the clipped objective
-of seekforge.train.rl_loss (optionally KL to the frozen initial model, k3 estimator). With dynamic
+of seekforge.train.rl_loss (optionally KL to the frozen initial model, k3 estimator). Every log-probability
+of the update is taken under the distribution the rollouts were drawn from (logits / temperature, then the
+engine sampler's own top-k / top-p filter), so the importance ratio compares like with like. With dynamic
 sampling, groups whose rewards are all equal (no signal) are dropped and more problems are sampled to
 refill the batch. Completions cut off by max_tokens are left out of the loss (mask_truncated).
 
@@ -16,7 +18,7 @@ prompt and to itself only (block mask, positions restarting after the prompt). T
 separate sequences (tested), for a fraction of the tokens: with R1-Zero's long template the prompt is
 most of every sequence. Sequences whose advantage is 0 (all-equal groups) carry no gradient when
 beta = 0, so they are not run through the update at all; the loss normalisers still count them, so the
-result is the same.
+result is the same (except under bnpo, whose normaliser is each micro-batch's own tokens: there they run).
 
 Checkpoints, resume, metrics.jsonl, TensorBoard and the report work as in pretraining. Metrics records
 carry step = number of updates done: step 0 is the held-out evaluation of the initial model.
@@ -65,13 +67,20 @@ class GRPOConfig:
     prompts_per_step: int = 16
     group_size: int = 8  # G
     max_tokens: int = 256  # completion budget
+    # how rollouts are sampled; the update takes every log-probability (policy, old policy, reference) under
+    # the same distribution, the engine sampler's logits / temperature then top-k / top-p, so that the
+    # importance ratio is that of the distribution the completions were drawn from. top_p / top_k sort the
+    # vocabulary at every completion token of the update (memory: lower micro_batch_size if it runs out)
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     dynamic_sampling: bool = False  # DAPO: drop all-equal groups and refill
     max_sampling_rounds: int = 4  # refills per step at most
     mask_truncated: bool = True  # leave completions cut by max_tokens out of the loss
     # objective
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    # aggregation over tokens (seekforge.train.rl_loss): grpo, bnpo, dapo, dr_grpo; bnpo normalises by each
+    # micro-batch's own tokens, so with it micro_batch_size changes the result
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO clip-higher: 0.28
@@ -101,6 +110,12 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # The rollout engine shares the GPU with training. Its KV cache takes gpu_memory_utilization of the GPU's
+    # total memory less what is in use when it is made (the policy, the reference model, other processes),
+    # vLLM's meaning; the update's gradients, AdamW state (3x the fp32 weights) and activations come later
+    # and need the rest. Lower it if the update runs out of memory, raise it for more rollouts in flight;
+    # engine.kv_cache_memory (bytes) or engine.num_blocks set the cache size outright.
+    gpu_memory_utilization: float = 0.4
     engine: dict = field(default_factory=dict)  # seekforge.LLM keyword arguments (max_num_seqs, ...)
     progress: bool = True
     tensorboard: bool = True
@@ -119,6 +134,12 @@ class GRPOConfig:
             raise ConfigError(f"grpo config: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.beta < 0 or self.temperature <= 0 or self.eval_temperature <= 0:
             raise ConfigError("grpo config: beta must be >= 0, temperature and eval_temperature > 0")
+        if not (0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ConfigError(f"grpo config: need 0 < top_p <= 1 (1: off) and top_k >= 0 (0: off), got {self.top_p}, "
+                              f"{self.top_k}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"grpo config: gpu_memory_utilization is a share of the GPU's memory in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
         if self.warmup_steps + self.decay_steps > self.steps:
             raise ConfigError(f"grpo config: warmup_steps + decay_steps ({self.warmup_steps + self.decay_steps}) "
                               f"exceed steps ({self.steps})")
@@ -142,7 +163,9 @@ class GRPOConfig:
     def fingerprint(self) -> str:
         free = {"eval_every", "eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature", "save_every",
                 "keep_last", "max_bad_steps", "device", "progress", "tensorboard", "engine", "reward_timeout_s",
-                "micro_batch_size"}
+                "gpu_memory_utilization", "micro_batch_size"}
+        if self.loss_type == "bnpo":  # its normaliser is the micro-batch's
+            free.discard("micro_batch_size")
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
 
 
@@ -252,7 +275,8 @@ def pack_groups(seqs: Sequences, rows: list[list[int]], pad_id: int, device) -> 
 
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
-        from seekforge.engine import LLM
+        from seekforge.engine import LLM, SamplingParams
+        from seekforge.engine.sampler import broadcast_batch
         from seekforge.hf import from_pretrained
         from seekforge.tokenizer import Tokenizer
 
@@ -276,6 +300,9 @@ class GRPOTrainer:
         self.ref = None
         if cfg.beta > 0:
             self.ref = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
+        # the distribution rollouts are drawn from, for the update's log-probabilities
+        self.sampling = broadcast_batch(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k),
+                                        self.model.cfg.vocab_size, self.device)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule = cfg.schedule()
         self.prompts = PromptStream(self.task, cfg.seed)
@@ -288,6 +315,7 @@ class GRPOTrainer:
         # On a GPU its plain decode steps replay from CUDA graphs, captured under the training autocast: each replay
         # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
         engine = {"max_num_seqs": max(256, cfg.prompts_per_step * cfg.group_size),  # a whole step at once
+                  "gpu_memory_utilization": cfg.gpu_memory_utilization,
                   "cuda_graphs": self.device.type == "cuda" and self.amp is not None, **cfg.engine}
         with self._autocast(rollout=True):
             self.llm = LLM(self.model, self.tokenizer, **engine)
@@ -336,7 +364,8 @@ class GRPOTrainer:
             start = time.perf_counter()
             with self._autocast(rollout=True):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=cfg.max_tokens, seed=None, template=cfg.template, rewards=self.rewards)
+                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=None, template=cfg.template,
+                             rewards=self.rewards)
             stats["rollout_s"] += r.seconds
             stats["scoring_s"] += time.perf_counter() - start - r.seconds
             stats["rollout_tokens"] += r.tokens
@@ -405,20 +434,25 @@ class GRPOTrainer:
         cfg, model = self.cfg, self.model
         n_seq = int(seqs.trained.sum())
         n_tok = sum(len(c) for c, tr in zip(seqs.completions, seqs.trained.tolist()) if tr)
-        # sequences with A = 0 add nothing to the loss's gradient unless a KL term pulls on them
+        # sequences with A = 0 add nothing to the loss's gradient unless a KL term pulls on them, or (bnpo) their
+        # tokens count in their micro-batch's normaliser
         active = [i for i in range(len(seqs.completions))
-                  if seqs.trained[i] and (cfg.beta > 0 or seqs.advantages[i] != 0)]
+                  if seqs.trained[i] and (cfg.beta > 0 or cfg.loss_type == "bnpo" or seqs.advantages[i] != 0)]
         record = {"sequences": len(seqs.completions), "trained_sequences": len(active)}
         if not active:
             return {**record, "skipped": True, "reason": "no sequence with a learning signal"}
         batches = self._micro_batches(seqs, active)
+        # The reference's log-probabilities are of the same processed distribution as the policy's (TRL and verl
+        # take both of logits / temperature): k3 estimates KL(pi || ref) from tokens drawn from pi, the processed
+        # policy, and with ref processed alike the term is 0 at the start and measures how far the model itself
+        # moved, not the gap a temperature or top-p opens between a processed policy and a raw reference.
         old, ref = {}, {}
         with torch.no_grad(), self._autocast():
             for b, batch in enumerate(batches):
                 if cfg.mu > 1:
-                    old[b] = token_logprobs(self._logits(model, batch), batch.targets)
+                    old[b] = token_logprobs(self._logits(model, batch), batch.targets, self.sampling)
                 if self.ref is not None:
-                    ref[b] = token_logprobs(self._logits(self.ref, batch), batch.targets)
+                    ref[b] = token_logprobs(self._logits(self.ref, batch), batch.targets, self.sampling)
         sums = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         grad_norm, lr = math.nan, self.schedule.lr(self.step)
         set_lr(self.optimizer, lr)
@@ -428,7 +462,7 @@ class GRPOTrainer:
             for b, batch in enumerate(batches):
                 with self._autocast():
                     logits = self._logits(model, batch)
-                logp = token_logprobs(logits, batch.targets)
+                logp = token_logprobs(logits, batch.targets, self.sampling)
                 out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
                                   batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref.get(b), max_tokens=cfg.max_tokens,
@@ -436,13 +470,15 @@ class GRPOTrainer:
                 if not torch.isfinite(out.loss):
                     finite = False
                     break
-                out.loss.backward()
+                # bnpo's micro-batch losses are token means of their own: the batch's is their mean
+                loss = out.loss / len(batches) if cfg.loss_type == "bnpo" else out.loss
+                loss.backward()
                 step_loads = [m.load.detach() for m in model.moe_layers() if m.load is not None]
                 loads = step_loads if loads is None else [a + c for a, c in zip(loads, step_loads)]
                 if it == cfg.mu - 1:  # statistics of the last pass
                     with torch.no_grad():
                         sums["entropy"] += float((token_entropy(logits.detach()) * batch.target_mask).sum())
-                    sums["loss"] += float(out.loss.detach())
+                    sums["loss"] += float(loss.detach())
                     for key in ("clipped_low", "clipped_high", "kl", "tokens"):
                         sums[key] += getattr(out, key)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan

@@ -19,24 +19,29 @@ KL(pi || ref), unbiased and never negative). eps_high > eps_low is DAPO's clip-h
 
 Aggregation (`loss_type`):
 - "grpo": mean over each sequence's tokens, then mean over sequences (the R1 paper's 1/|o_i|);
-- "dapo": sum over all tokens / number of tokens in the batch (token-level, DAPO);
+- "bnpo": sum over all tokens / number of tokens in the local batch, the tensors passed in (TRL's bnpo:
+  with gradient accumulation each micro-batch is its own token mean and the trainer averages them);
+- "dapo": sum over all tokens / number of tokens in the whole batch (token-level, DAPO);
 - "dr_grpo": sum over all tokens / (number of sequences * max_tokens), a constant (Dr. GRPO).
 With gradient accumulation, pass the whole batch's `num_sequences` / `num_tokens` so that micro-batches
-add up to exactly the full batch's loss.
+add up to exactly the full batch's loss (bnpo ignores them: its normaliser is local by definition).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from seekforge.errors import ConfigError
 
-LossType = Literal["grpo", "dapo", "dr_grpo"]
+if TYPE_CHECKING:
+    from seekforge.engine.sampler import SamplingBatch
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none"]
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALES = ("group", "batch", "none")
 
 
@@ -105,7 +110,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """logp, old_logp, ref_logp, mask [N, T]; advantages [N]. See the module doc for the formula.
 
     num_sequences / num_tokens: the normalisers of the full batch when this is a micro-batch (default:
-    this batch's own: sequences with at least one masked-in token, and masked-in tokens)."""
+    this batch's own: sequences with at least one masked-in token, and masked-in tokens); bnpo always
+    uses this batch's own token count."""
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     if beta and ref_logp is None:
@@ -125,6 +131,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         seq = (per_token * mask).sum(-1) / lengths.clamp(min=1)
         n = num_sequences if num_sequences is not None else int((lengths > 0).sum())
         loss = seq.sum() / max(n, 1)
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / max(int(mask.sum()), 1)
     elif loss_type == "dapo":
         n = num_tokens if num_tokens is not None else int(mask.sum())
         loss = (per_token * mask).sum() / max(n, 1)
@@ -141,10 +149,26 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return PolicyLoss(loss, **stats)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position: logits [N, T, V], targets [N, T] -> [N, T] (in fp32)."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingBatch | None = None) -> torch.Tensor:
+    """log p(target) per position: logits [N, T, V], targets [N, T] -> [N, T] (in fp32).
+
+    p is the model's own distribution, or with `sampling` (seekforge.engine.sampler.broadcast_batch) the one the
+    engine draws from under those parameters: the sampler's own `filter_logits` (logits / temperature, then
+    top-k, top-p, min-p), renormalised over the tokens it keeps. The target stays in that support: the sampler
+    kept it when it drew it, and where rounding (bf16 rollouts) or an update since puts it just outside the
+    kept set here, its own mass joins the normaliser, so its log-probability stays finite (-inf would make
+    the importance ratio NaN)."""
     logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if sampling is None:
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    from seekforge.engine.sampler import filter_logits
+
+    rows, index = logits.flatten(0, -2), targets.reshape(-1, 1)
+    target = rows.gather(1, index) / sampling.temperature
+    kept = filter_logits(rows, sampling)
+    if sampling.top_k is not None or sampling.top_p is not None or sampling.min_p is not None:
+        kept = kept.scatter(1, index, target)
+    return (target - kept.logsumexp(-1, keepdim=True)).view_as(targets)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,8 @@ def _accepts(fn, name: str) -> bool:
 
 
 def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens: int, seed: int | None,
-             template: str = "r1_zero", top_p: float = 1.0, rewards: RewardSet | None = None) -> Rollouts:
+             template: str = "r1_zero", top_p: float = 1.0, top_k: int = 0,
+             rewards: RewardSet | None = None) -> Rollouts:
     """n completions of every row's question in one batched engine call (greedy when temperature is 0),
     scored by `rewards` when given."""
     from seekforge.engine import SamplingParams
@@ -121,10 +122,11 @@ def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens
     prompt_ids = [tokenizer.encode(p, add_bos=not p.startswith(tokenizer.bos_token)) for p in prompts]
     stop = answer_stop_ids(tokenizer)
     if seed is None:  # torch's global generator: reproducible when the caller seeds (and checkpoints) it
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stop)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                stop_token_ids=stop)
     else:  # one seed per prompt, so that prompts do not share random draws
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stop,
-                                 seed=(seed + 7919 * i) % 2**62) for i in range(len(prompts))]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                 stop_token_ids=stop, seed=(seed + 7919 * i) % 2**62) for i in range(len(prompts))]
     start = time.perf_counter()
     outs = llm.generate(prompt_ids, params) if prompt_ids else []
     seconds = time.perf_counter() - start
