@@ -3,8 +3,9 @@
     seekforge sft --from runs/base/final --data traces.jsonl --out runs/sft [key=value ...]
 
 Rows of the .jsonl file, one of:
-- {"prompt": str, "completion": str}: the prompt (BOS first, as the engine encodes it) then the
-  completion and EOS; the loss covers the completion and EOS.
+- {"prompt": str, "completion": str}: the prompt (encoded as the engine encodes it: BOS first where the
+  tokenizer adds BOS to a text, as DeepSeek's and seekforge's do) then the completion and EOS; the loss
+  covers the completion and EOS.
 - {"messages": [{"role": ..., "content": ...}, ...]}: a chat rendered with the tokenizer's chat template;
   the loss covers every assistant turn (the tokens after each assistant marker, through its EOS).
 Other keys (task, answer, rewards: what `seekforge sample` writes) are ignored.
@@ -106,7 +107,7 @@ def tokenize_row(row: dict, tokenizer, completion_only: bool = True, where: str 
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}, "
                         f"got keys {sorted(row)}")
-    p = tokenizer.encode(prompt, add_bos=not prompt.startswith(tokenizer.bos_token))
+    p = tokenizer.encode_prompt(prompt)
     c = tokenizer.encode(completion) + [tokenizer.eos_id]
     return Example(p + c, [not completion_only] * len(p) + [True] * len(c))
 
