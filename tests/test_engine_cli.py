@@ -139,6 +139,37 @@ def test_chat_command_streams_a_conversation(checkpoint, capsys, monkeypatch):
     assert capsys.readouterr().out == expected.getvalue()
 
 
+def test_chat_command_renders_the_checkpoint_template_and_its_opened_think(checkpoint, tmp_path, capsys, monkeypatch):
+    """A checkpoint trained on R1-Zero's template carries it: `seekforge chat` poses the question in it (as
+    transformers renders it), and the answer, which starts inside the <think> the template opened, is shown
+    with its reasoning apart; the next turn's history holds the answer as written, "<think>" included."""
+    from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_pretrained(checkpoint)
+    tok.chat_template = R1_ZERO_CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    reply = " 2 + 2 = 4\n</think>\n<answer>4</answer>"
+    prompts = []
+
+    class Scripted:  # the engine's streaming interface, answering every prompt with `reply` in two pieces
+        tokenizer = Tokenizer.from_pretrained(tmp_path)
+
+        def stream(self, batch, params):
+            prompts.append(batch[0])
+            for piece in (reply[:9], reply[9:]):
+                yield type("Out", (), {"outputs": [type("C", (), {"delta_text": piece})]})
+
+    monkeypatch.setattr("seekforge.commands.generate.engine_from_args", lambda args: Scripted())
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 2?\nand 3 + 3?\n"))
+    assert main(["chat", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (" 2 + 2 = 4\n" + "\n\n" + "<answer>4</answer>\n") * 2
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    turn1 = [{"role": "user", "content": "What is 2 + 2?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "<think>" + reply}, {"role": "user", "content": "and 3 + 3?"}]
+    assert prompts == [hf.apply_chat_template(t, add_generation_prompt=True, return_dict=False) for t in (turn1, turn2)]
+
+
 def test_think_renderer_dims_reasoning_and_hides_tags_split_across_deltas():
     buf = io.StringIO()
     r = ThinkRenderer(buf, color=True)
