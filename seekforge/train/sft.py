@@ -93,6 +93,10 @@ def tokenize_row(row: dict, tokenizer, completion_only: bool = True, where: str 
         if marker is None:
             raise ConfigError(f"{where}: the tokenizer has no {ASSISTANT} token, so assistant turns cannot be "
                               f"found; write prompt/completion rows instead")
+        if marker not in ids and any(m["role"] == "assistant" for m in row["messages"]):
+            raise ConfigError(f"{where}: the tokenizer's chat template writes no {ASSISTANT} marker (it is not "
+                              f"DeepSeek's format, e.g. R1-Zero's), so assistant turns cannot be found; write "
+                              f"prompt/completion rows instead")
         target, inside = [], False
         for tid in ids:
             target.append(inside or not completion_only)
