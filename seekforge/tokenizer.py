@@ -1,8 +1,10 @@
 """A byte-level BPE tokenizer with DeepSeek's special tokens and chat template, over HF `tokenizers`.
 
 The files it writes (tokenizer.json + tokenizer_config.json) are the Hugging Face layout, so
-`transformers.AutoTokenizer` loads them and renders chats exactly as `apply_chat_template` does here;
-`from_pretrained` loads any such directory, DeepSeek's own included.
+`transformers.AutoTokenizer` loads them, encodes text and renders chats exactly as this class does;
+`from_pretrained` loads any such directory, DeepSeek's own included, with the checkpoint's own chat
+template (seekforge's built-in DeepSeek template only where it has none) and its own rule for special
+tokens around a text prompt (the post-processor of its tokenizer.json, which is what transformers 5 follows).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from seekforge.chat_template import compile_template, render
 from seekforge.configio import atomic_write_text
 from seekforge.errors import ConfigError
 
@@ -33,14 +36,20 @@ _ADDED = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + REASONING_TOKENS)))
 # Conventions of other tokenizer families, tried in order when a config does not name the token.
 _BOS_FALLBACKS = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>", "<bos>")
 _EOS_FALLBACKS = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<eos>")
+# The other special tokens a tokenizer_config.json may name; chat templates see them as variables.
+_OTHER_SPECIAL = ("unk_token", "sep_token", "cls_token", "mask_token")
 
-# The same rendering as Tokenizer.apply_chat_template, for transformers' AutoTokenizer. System messages
+# seekforge's built-in chat template, DeepSeek's format, for checkpoints that bring none. System messages
 # come first (joined by a blank line), after BOS. Assistant turns before the last user message lose their
 # reasoning, as in DeepSeek-R1's template; turns after it keep it, so training data rendered with
 # add_generation_prompt=False still teaches the model to reason.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='', last_user=-1) -%}"
     "{%- for m in messages -%}"
+    "{%- if m['content'] is not string -%}"
+    "{{- raise_exception('message ' ~ loop.index0 ~ ' (' ~ m['role'] ~ ') has no string content: '"
+    " ~ 'content must be a string') -}}"
+    "{%- endif -%}"
     "{%- if m['role'] == 'system' -%}"
     "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}"
     "{%- elif m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
@@ -71,16 +80,26 @@ class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the special tokens and chat template seekforge needs."""
 
     def __init__(self, hf: HFTokenizer, bos_token: str = BOS, eos_token: str = EOS,
-                 pad_token: str | None = None, chat_template: str = CHAT_TEMPLATE,
-                 model_max_length: int = 4096):
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 model_max_length: int = 4096, special_tokens: dict[str, str] | None = None):
         self.hf = hf
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token or eos_token
-        self.chat_template = chat_template
+        self.chat_template = chat_template or CHAT_TEMPLATE
         self.model_max_length = model_max_length
+        self.special_tokens = dict(special_tokens or {})  # unk/sep/cls/mask tokens the config names
         self.bos_id = self._required_id(bos_token, "bos_token")
         self.eos_id = self._required_id(eos_token, "eos_token")
         self.pad_id = self._required_id(self.pad_token, "pad_token")
+
+    @property
+    def chat_template(self) -> str:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, source: str) -> None:
+        compile_template(source)  # a template that does not compile fails here, not at the first chat
+        self._chat_template = source
 
     def _required_id(self, token: str, role: str) -> int:
         tid = self.hf.token_to_id(token)
@@ -124,6 +143,10 @@ class Tokenizer:
         if seen[0] == 0:
             raise ConfigError("no text to train the tokenizer on: pass at least one non-empty file or text")
         hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+        # A text prompt starts with BOS, as DeepSeek's tokenizer.json has it: transformers then encodes a
+        # text as the engine does, and the saved config says add_bos_token for older transformers.
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, hf.token_to_id(BOS))])
         return cls(hf, model_max_length=model_max_length)
 
     # ---- encoding --------------------------------------------------------------------------------
@@ -138,14 +161,28 @@ class Tokenizer:
     def id_to_token(self, tid: int) -> str | None:
         return self.hf.id_to_token(tid)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        # add_special_tokens=False: a foreign tokenizer.json's post-processor must not add BOS behind our back.
-        ids = self.hf.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The ids of `text`. With add_special_tokens, the tokens the tokenizer.json's post-processor adds
+        around a text (BOS for DeepSeek's and seekforge's), as transformers' `tokenizer(text)` adds them."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        encs = self.hf.encode_batch(list(texts), add_special_tokens=False)
-        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encs]
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt as the model is fed it: what transformers' `AutoTokenizer(dir)(text).input_ids` gives,
+        except that a text already opening with BOS (a rendered chat, say) gets no second one."""
+        return self.encode(text, add_special_tokens=not text.startswith(self.bos_token))
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether a text prompt gets BOS in front (the post-processor's rule)."""
+        return self.encode("", add_special_tokens=True)[:1] == [self.bos_id]
+
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether a text prompt gets EOS after it (the post-processor's rule; rare)."""
+        return self.encode("", add_special_tokens=True)[-1:] == [self.eos_id]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -158,13 +195,23 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens a chat template sees as variables (bos_token, eos_token, ...)."""
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                **self.special_tokens}
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                             thinking: bool = False) -> str:
-        return render_chat(messages, self.bos_token, self.eos_token, add_generation_prompt, thinking)
+        """The conversation as text, rendered by the checkpoint's chat template. `thinking` is passed (only when
+        true, as transformers passes a keyword given) for DeepSeek's templates, which then open the answer
+        with <think>; templates that do not read it are unaffected."""
+        return render(self.chat_template, messages, add_generation_prompt, **self.special_tokens_map,
+                      **({"thinking": True} if thinking else {}))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     thinking: bool = False) -> list[int]:
-        # The rendered text starts with the BOS token already.
+        # No special tokens: templates write BOS themselves, as transformers' apply_chat_template assumes.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, thinking))
 
     # ---- files -----------------------------------------------------------------------------------
@@ -177,14 +224,17 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "add_bos_token": False,
-            "add_eos_token": False,
+            **self.special_tokens,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
             "clean_up_tokenization_spaces": False,
             "model_max_length": self.model_max_length,
             "chat_template": self.chat_template,
         }
         atomic_write_text(directory / "tokenizer.json", self.hf.to_str(pretty=True))
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        # A chat_template.jinja left from an earlier save would take precedence over the template just written.
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -215,37 +265,9 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         if isinstance(max_len, int) and max_len < 10**9:  # transformers writes 1e30 for "no limit"
             kwargs["model_max_length"] = max_len
+        special = {k: v for k in _OTHER_SPECIAL if (v := _token_content(config.get(k)))}
         return cls(hf, bos_token=bos, eos_token=eos, pad_token=_token_content(config.get("pad_token")),
-                   chat_template=_chat_template(directory, config) or CHAT_TEMPLATE, **kwargs)
-
-
-def render_chat(messages: Sequence[dict], bos_token: str = BOS, eos_token: str = EOS,
-                add_generation_prompt: bool = True, thinking: bool = False) -> str:
-    """Render messages DeepSeek's way; identical to CHAT_TEMPLATE under transformers (see its comment)."""
-    last_user = -1
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ConfigError(f"unsupported chat role {role!r} in message {i}: use system, user or assistant")
-        if not isinstance(content, str):
-            raise ConfigError(f"message {i} ({role}) has content of type {type(content).__name__}: "
-                              "content must be a string")
-        if role == "user":
-            last_user = i
-    system, turns = [], []
-    for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if role == "system":
-            system.append(content)
-        elif role == "user":
-            turns.append(USER + content)
-        else:
-            if i < last_user and "</think>" in content:
-                content = content.split("</think>")[-1]
-            turns.append(ASSISTANT + content + eos_token)
-    if add_generation_prompt:
-        turns.append(ASSISTANT + ("<think>\n" if thinking else ""))
-    return bos_token + "\n\n".join(system) + "".join(turns)
+                   chat_template=_chat_template(directory, config), special_tokens=special, **kwargs)
 
 
 def _token_content(value) -> str | None:
@@ -260,13 +282,23 @@ def _first_known(hf: HFTokenizer, candidates: Sequence[str]) -> str | None:
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    jinja = directory / "chat_template.jinja"  # where transformers >= 4.50 saves it
-    if not template and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    """The checkpoint's chat template, found where transformers looks: template files first (chat_template.jinja,
+    additional_chat_templates/NAME.jinja), then tokenizer_config.json's entry (a string, or a list of
+    {"name", "template"}); of named templates, the one named "default"."""
+    files = {}
+    if (directory / "chat_template.jinja").is_file():
+        files["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir():
+        files.update({f.name.removesuffix(".jinja"): f.read_text(encoding="utf-8") for f in extra.glob("*.jinja")})
+    template = files or config.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        if "default" not in template:
+            raise ConfigError(f"{directory} has chat templates named {sorted(map(str, template))} but none named "
+                              f"'default', the one chats use: name one of them default")
+        template = template["default"]
     return template if isinstance(template, str) and template else None
 
 
@@ -275,7 +307,8 @@ def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
         if isinstance(item, os.PathLike):
             from seekforge.data.prepare import iter_documents
 
-            yield from iter_documents(Path(item), lambda msgs: render_chat(msgs, add_generation_prompt=False))
+            yield from iter_documents(Path(item), lambda msgs: render(CHAT_TEMPLATE, msgs, False, bos_token=BOS,
+                                                                      eos_token=EOS))
         elif isinstance(item, str):
             yield item
         else:

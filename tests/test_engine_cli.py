@@ -11,6 +11,7 @@ import torch
 from seekforge import LLM, SamplingParams
 from seekforge.cli import main
 from seekforge.commands.chat import DIM, RESET, ThinkRenderer
+from seekforge.hf import from_pretrained
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tokenizer import Tokenizer
 
@@ -52,6 +53,56 @@ def test_text_prompts_stop_strings_and_streamed_text(checkpoint, async_schedulin
     assert held == cut.text  # text that might start a stop string is held back, never taken back
 
 
+def _deepseek_style(path):
+    """DeepSeek's tokenizer layout: tokenizer_config.json as DeepSeek-V3/R1 ship it (LlamaTokenizerFast,
+    add_bos_token, AddedToken dicts), tokenizer.json whose post-processor puts BOS in front of a text."""
+    tok = Tokenizer.from_pretrained(path)
+    added = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": {**added, "content": tok.bos_token},
+              "eos_token": {**added, "content": tok.eos_token}, "pad_token": {**added, "content": tok.eos_token},
+              "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384,
+              "sp_model_kwargs": {}, "unk_token": None, "tokenizer_class": "LlamaTokenizerFast",
+              "chat_template": tok.chat_template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    bos = {"SpecialToken": {"id": tok.bos_token, "type_id": 0}}
+    data["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {tok.bos_token: {"id": tok.bos_token, "ids": [tok.bos_id], "tokens": [tok.bos_token]}}}]}
+    (path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+def _without_bos(path):
+    """A tokenizer that adds nothing to a text (no post-processor), as many non-DeepSeek tokenizers."""
+    data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = None
+    (path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+@pytest.mark.parametrize("layout", [None, _deepseek_style, _without_bos], ids=["seekforge", "deepseek", "no-bos"])
+def test_engine_feeds_a_text_as_transformers_encodes_it(checkpoint, tmp_path, layout):
+    """The engine follows the checkpoint's tokenizer on BOS, as transformers' AutoTokenizer does; a rendered chat
+    (which opens with BOS) gets no second one, as transformers' apply_chat_template encodes it."""
+    transformers = pytest.importorskip("transformers")
+    Tokenizer.from_pretrained(checkpoint).save_pretrained(tmp_path)
+    if layout is not None:
+        layout(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    llm = LLM(from_pretrained(checkpoint), tokenizer=tmp_path)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    for text in ("the quick brown", " fox 12, jumps", "<think>x"):
+        assert llm.generate(text, params)[0].prompt_token_ids == hf(text).input_ids, text
+    assert (hf("x").input_ids[0] == llm.tokenizer.bos_id) == (layout is not _without_bos)
+    chat = [{"role": "user", "content": "the lazy dog"}]
+    rendered = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    want = hf.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert want[0] == llm.tokenizer.bos_id and want[1] != llm.tokenizer.bos_id
+    assert llm.generate(rendered, params)[0].prompt_token_ids == want
+    assert llm.tokenizer.encode_chat(chat) == want
+
+
 def test_generate_command(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--prompt", "the lazy", "--prompt", "a fox", "--max-tokens", "6",
                  "--temperature", "0", "--ignore-eos", "--json", "--logprobs", "2"]) == 0
@@ -82,10 +133,41 @@ def test_chat_command_streams_a_conversation(checkpoint, capsys, monkeypatch):
     reply2 = llm.generate(llm.tokenizer.encode_chat(turn2, thinking=True), params)[0].text
     expected = io.StringIO()
     for reply, thinking in ((reply1, False), (reply2, True)):
-        r = ThinkRenderer(expected, color=False, thinking=thinking)
+        r = ThinkRenderer(expected, color=False, opened=thinking)
         r.feed(reply)
         r.close()
     assert capsys.readouterr().out == expected.getvalue()
+
+
+def test_chat_command_renders_the_checkpoint_template_and_its_opened_think(checkpoint, tmp_path, capsys, monkeypatch):
+    """A checkpoint trained on R1-Zero's template carries it: `seekforge chat` poses the question in it (as
+    transformers renders it), and the answer, which starts inside the <think> the template opened, is shown
+    with its reasoning apart; the next turn's history holds the answer as written, "<think>" included."""
+    from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_pretrained(checkpoint)
+    tok.chat_template = R1_ZERO_CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    reply = " 2 + 2 = 4\n</think>\n<answer>4</answer>"
+    prompts = []
+
+    class Scripted:  # the engine's streaming interface, answering every prompt with `reply` in two pieces
+        tokenizer = Tokenizer.from_pretrained(tmp_path)
+
+        def stream(self, batch, params):
+            prompts.append(batch[0])
+            for piece in (reply[:9], reply[9:]):
+                yield type("Out", (), {"outputs": [type("C", (), {"delta_text": piece})]})
+
+    monkeypatch.setattr("seekforge.commands.generate.engine_from_args", lambda args: Scripted())
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 2?\nand 3 + 3?\n"))
+    assert main(["chat", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (" 2 + 2 = 4\n" + "\n\n" + "<answer>4</answer>\n") * 2
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    turn1 = [{"role": "user", "content": "What is 2 + 2?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "<think>" + reply}, {"role": "user", "content": "and 3 + 3?"}]
+    assert prompts == [hf.apply_chat_template(t, add_generation_prompt=True, return_dict=False) for t in (turn1, turn2)]
 
 
 def test_think_renderer_dims_reasoning_and_hides_tags_split_across_deltas():
@@ -96,7 +178,7 @@ def test_think_renderer_dims_reasoning_and_hides_tags_split_across_deltas():
     r.close()
     assert buf.getvalue() == f"{DIM}let me see{RESET}\n\nThe answer is 4.<\n"
     plain = io.StringIO()
-    r = ThinkRenderer(plain, color=False, thinking=True)  # the prompt already opened <think>
+    r = ThinkRenderer(plain, color=False, opened=True)  # the prompt already opened <think>
     r.feed("hmm</think>yes")
     r.close()
     assert plain.getvalue() == "hmm\n\nyes\n"

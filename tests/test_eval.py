@@ -66,7 +66,7 @@ def test_greedy_accuracy_format_and_truncation_bookkeeping(tok):
     assert result["n"] == 4 and result["decoding"] == "greedy" and "pass@1" not in result
     prompts, params = llm.calls[0]
     assert params.temperature == 0 and params.n == 1
-    assert prompts[0] == tok.encode(r1_zero_prompt(rows[0].prompt), add_bos=True)  # held-out test problems
+    assert prompts[0] == [tok.bos_id, *tok.encode(r1_zero_prompt(rows[0].prompt))]  # held-out test problems
 
 
 def test_pass_at_k_over_samples(tok):

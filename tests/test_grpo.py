@@ -162,13 +162,26 @@ def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
         GRPOTrainer(cfg, tmp_path / "run")
 
 
-def test_cli_grpo_then_eval(base, tmp_path, capsys):
+def test_cli_grpo_then_eval(base, tmp_path, capsys, monkeypatch):
+    import seekforge.train.grpo as grpo
     from seekforge.cli import main
 
+    rollouts = []
+    real_generate = grpo.generate
+    monkeypatch.setattr(grpo, "generate", lambda *a, **kw: rollouts.append(real_generate(*a, **kw)) or rollouts[-1])
     out = tmp_path / "cli"
     assert main(["grpo", "--from", str(base), "--task", "chain_sum", "--out", str(out), "steps=1", "prompts_per_step=2",
                  "group_size=2", "max_tokens=8", "eval_n=2", "progress=false", "tensorboard=false"]) == 0
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    # The saved chat template poses a question as the trainer did: chat and serve render what RL trained on.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(out / "final")
+    assert "chat_template" in json.loads((out / "final" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    trained = rollouts[0]
+    for row, prompt, ids in zip(trained.rows, trained.prompts, trained.prompt_ids):
+        chat = [{"role": "user", "content": row.prompt}]
+        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == hf.bos_token + prompt
+        assert hf.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == ids
     assert (out / "report.md").is_file() and (out / "plots" / "rewards.png").is_file()
     capsys.readouterr()
     assert main(["eval", str(out / "final"), "--task", "chain_sum", "--n", "3", "--k", "2", "--max-tokens", "8"]) == 0

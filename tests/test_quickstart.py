@@ -4,6 +4,8 @@ A toy teacher solves nothing, so its rejection sampling is replaced by the gold 
 
 import json
 
+import pytest
+
 import seekforge.train.sample as sample
 from seekforge.cli import main
 from seekforge.data.corpus import render_example
@@ -34,9 +36,15 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert set(summary["accuracy"]) == set(summary["greedy_accuracy"]) == {"base", "rl", "student"}
     assert summary["held_out"]["n"] == 4 and summary["slip_rate"] == 0.4
     assert summary["parameters"]["student"] < summary["parameters"]["rl"]
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    question = "What is 3 + 4?"
     for stage in ("base", "rl", "student"):
         final = out / stage / "final"
         assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+        # each model carries R1-Zero's template, the format it learned: chat and serve pose questions in it
+        hf = AutoTokenizer.from_pretrained(final)
+        assert hf.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                      add_generation_prompt=True) == hf.bos_token + r1_zero_prompt(question), stage
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "greedy" in report and "Seeds:" in report
     # a second call with --resume finds every stage done and only re-evaluates

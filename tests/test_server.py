@@ -254,7 +254,7 @@ def test_completions_greedy_against_reference(client, tok, reference):
                                   extra_body={"return_tokens_as_token_ids": True})
     c = r.choices[0]
     want_ids = [int(t.split(":")[1]) for t in c.logprobs.tokens]
-    ref = reference(tok.encode(prompt, add_bos=True), want_ids)
+    ref = reference([tok.bos_id, *tok.encode(prompt)], want_ids)  # a text prompt: BOS first, as DeepSeek's
     assert ref.argmax(-1).tolist() == want_ids, "greedy: each token is the reference's most likely"
     assert c.logprobs.token_logprobs == pytest.approx(ref.max(-1).values.tolist(), abs=2e-3)
     assert all(len(top) == 3 and max(top.values()) == pytest.approx(lp, abs=1e-5)  # greedy: the chosen is the top
@@ -271,7 +271,7 @@ def test_completions_greedy_against_reference(client, tok, reference):
 
 
 def test_token_id_prompts(client, tok, reference):
-    ids = tok.encode("What is 12 + 30?", add_bos=True)
+    ids = [tok.bos_id, *tok.encode("What is 12 + 30?")]
     r = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, logprobs=0,
                                   extra_body={"return_tokens_as_token_ids": True})
     got = [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]

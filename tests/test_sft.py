@@ -62,6 +62,16 @@ def test_chat_rows_train_on_every_assistant_turn_only(tok):
         tokenize_row({"text": "hello"}, tok)
 
 
+def test_chat_rows_need_a_template_that_marks_assistant_turns(tok, tmp_path):
+    from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
+
+    r1_zero = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path))
+    r1_zero.chat_template = R1_ZERO_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "<think>1+1</think>2"}]
+    with pytest.raises(ConfigError, match="writes no .* marker"):
+        tokenize_row({"messages": messages}, r1_zero)
+
+
 def test_first_fit_packing_by_hand():
     # width 8: 5 + 3 fill the first row, 4 opens a second, 2 joins it, 9 is cut to a row of its own
     assert pack([5, 3, 4, 2, 9], [0, 1, 2, 3, 4], 8) == [[0, 1], [2, 3], [4]]

@@ -1,5 +1,5 @@
-"""The tokenizer: round trips, special and reasoning tokens, digit splitting, chat template parity with
-transformers, save/load in the HF layout (DeepSeek's config style included), and the CLI."""
+"""The tokenizer: round trips, special and reasoning tokens, digit splitting, BOS and chat template parity
+with transformers, save/load in the HF layout (DeepSeek's config style included), and the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers import models, pre_tokenizers, processors
 
 from seekforge.cli import main
 from seekforge.errors import ConfigError
-from seekforge.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, render_chat
+from seekforge.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer
 
 SYLLABLES = "al be ga de ep ze th la si om an sw er th in ks um to pl us mi no re ko".split()
 
@@ -54,8 +54,8 @@ ROUND_TRIP = [
 @pytest.mark.parametrize("text", ROUND_TRIP)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
-    ids = tok.encode(text, add_bos=True)
-    assert ids[0] == tok.bos_id and tok.decode(ids) == BOS + text
+    ids = tok.encode(text, add_special_tokens=True)  # a text prompt: BOS first, as DeepSeek's tokenizer adds it
+    assert ids == [tok.bos_id, *tok.encode(text)] and tok.decode(ids) == BOS + text
 
 
 def test_special_and_reasoning_tokens_are_single_ids(tok):
@@ -69,7 +69,7 @@ def test_special_and_reasoning_tokens_are_single_ids(tok):
 
 def test_skip_special_tokens_keeps_reasoning_tags(tok):
     text = f"{USER}q{ASSISTANT}<think>\nr\n</think>\n<answer>7</answer>{EOS}"
-    assert tok.decode(tok.encode(text, add_bos=True), skip_special_tokens=True) == \
+    assert tok.decode(tok.encode(text, add_special_tokens=True), skip_special_tokens=True) == \
         "q<think>\nr\n</think>\n<answer>7</answer>"
 
 
@@ -146,10 +146,13 @@ def test_encode_chat_starts_with_one_bos(tok):
 
 
 def test_chat_rejects_unknown_roles_and_non_string_content(tok):
-    with pytest.raises(ConfigError, match="unsupported chat role 'tool'"):
+    with pytest.raises(ConfigError, match="unsupported chat role tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    with pytest.raises(ConfigError, match="content must be a string"):
-        render_chat([{"role": "user", "content": None}])
+    for content in (None, ["a", "b"], 5):
+        with pytest.raises(ConfigError, match="content must be a string"):
+            tok.apply_chat_template([{"role": "user", "content": content}])
+    with pytest.raises(ConfigError, match="list of messages"):
+        tok.apply_chat_template("hello")
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def test_deepseek_style_config_with_dict_tokens(tok, tmp_path):
     assert loaded.chat_template == "{{ bos_token }}"
 
 
-def test_foreign_tokenizer_falls_back_and_ignores_its_post_processor(tmp_path):
+def test_foreign_tokenizer_falls_back_and_follows_its_post_processor(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
     hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -196,10 +199,11 @@ def test_foreign_tokenizer_falls_back_and_ignores_its_post_processor(tmp_path):
     hf.save(str(tmp_path / "tokenizer.json"))
     loaded = Tokenizer.from_pretrained(tmp_path)  # no tokenizer_config.json at all
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (1, 2, 2)
-    assert loaded.encode("hello world") == [3, 4] and loaded.encode("hello", add_bos=True) == [1, 3]
-    # transformers' newer layout keeps the template beside the config
-    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
-    assert Tokenizer.from_pretrained(tmp_path).chat_template == "{{ messages[0]['content'] }}"
+    assert loaded.encode("hello world") == [3, 4]
+    assert loaded.encode_prompt("hello world") == [1, 3, 4] and loaded.add_bos_token
+    hf.post_processor = None
+    hf.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_pretrained(tmp_path).encode_prompt("hello world") == [3, 4]
 
 
 def test_load_errors_are_clear(tok, tmp_path):

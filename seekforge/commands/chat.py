@@ -1,16 +1,17 @@
 """`seekforge chat PATH`: an interactive conversation through the chat template, streamed.
 
-Each turn renders the whole conversation with the tokenizer's chat template (earlier answers lose
-their reasoning, as DeepSeek-R1's template does), streams the reply, and shows the reasoning inside
-<think>...</think> dimmed and apart from the answer. Commands: /reset (forget the conversation),
-/think on|off (open answers with <think>), /exit.
+Each turn renders the whole conversation with the checkpoint's chat template (a seekforge-trained model's
+is the one it was trained with, e.g. R1-Zero's for the quickstart models; DeepSeek's drops the reasoning
+of earlier answers), streams the reply, and shows the reasoning inside <think>...</think> dimmed and apart
+from the answer, also where the template itself opened <think>. Commands: /reset (forget the
+conversation), /think on|off (ask DeepSeek-style templates to open answers with <think>), /exit.
 """
 
 from __future__ import annotations
 
 import sys
 
-from seekforge.reasoning import OPEN, ReasoningParser
+from seekforge.reasoning import OPEN, ReasoningParser, prompt_opens_reasoning
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -20,9 +21,9 @@ class ThinkRenderer:
     hidden. The split is the server's (`seekforge.reasoning.ReasoningParser`): reasoning only where the
     reply opens with <think> (or the prompt opened it), tags split across deltas held back until complete."""
 
-    def __init__(self, out, color: bool, thinking: bool = False):
+    def __init__(self, out, color: bool, opened: bool = False):
         self.out, self.color = out, color
-        self.parser = ReasoningParser(opened=thinking)
+        self.parser = ReasoningParser(opened=opened)
         self.dimmed = False
         self.answered = False  # </think> has come (and the blank line with it)
         self.after_reasoning = False  # newlines right after </think> give way to the blank line
@@ -65,7 +66,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="talk to a model interactively (chat template, streamed)")
     add_engine_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--thinking", action="store_true", help="open every answer with <think> (R1-style reasoning)")
+    p.add_argument("--thinking", action="store_true",
+                   help="open every answer with <think> (R1-style reasoning; DeepSeek-style chat templates)")
     add_sampling_args(p, temperature=0.6, top_p=0.95, max_tokens=2048)
     p.set_defaults(func=run)
 
@@ -105,8 +107,10 @@ def run(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            ids = tok.encode_chat(messages, add_generation_prompt=True, thinking=thinking)
-            renderer = ThinkRenderer(sys.stdout, color, thinking)
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+            opened = prompt_opens_reasoning(prompt)
+            ids = tok.encode(prompt)  # no special tokens: the template wrote BOS where it wants one
+            renderer = ThinkRenderer(sys.stdout, color, opened)
             reply = ""
             for out in llm.stream([ids], params):
                 delta = out.outputs[0].delta_text
@@ -117,5 +121,6 @@ def run(args) -> int:
             messages.pop()
             print(f"error: {err} (/reset starts over)", file=sys.stderr)
             continue
-        messages.append({"role": "assistant", "content": (OPEN + "\n" if thinking else "") + reply})
+        # the answer as written, the part of it the template opened (e.g. "<think>\n") included
+        messages.append({"role": "assistant", "content": (prompt[prompt.rindex(OPEN):] if opened else "") + reply})
     return 0

@@ -1,6 +1,7 @@
 """`seekforge generate PATH --prompt TEXT`: complete prompts with the inference engine.
 
-Prompts are text (needs tokenizer.json beside the checkpoint) or token ids (--token-ids "1 2 3").
+Prompts are text (needs tokenizer.json beside the checkpoint; encoded as transformers' AutoTokenizer
+encodes it, BOS first where the checkpoint's tokenizer adds one) or token ids (--token-ids "1 2 3").
 Prints each completion's text (or token ids without a tokenizer); --json prints one JSON object per
 completion; --stream prints a single completion as it is generated. The engine and sampling flags
 are shared with `seekforge chat`.
@@ -85,13 +86,11 @@ def run(args) -> int:
         raise ConfigError("nothing to generate: pass --prompt TEXT or --token-ids \"1 2 3\"")
     params = sampling_from_args(args, n=args.n, logprobs=args.logprobs)
     llm = engine_from_args(args)
-    prompts: list = []
-    for text in args.prompt:
-        if args.chat:
-            if llm.tokenizer is None:
-                raise ConfigError("--chat needs a tokenizer (tokenizer.json beside the checkpoint)")
-            text = llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], thinking=args.thinking)
-        prompts.append(text)
+    if args.chat and llm.tokenizer is None:
+        raise ConfigError("--chat needs a tokenizer (tokenizer.json beside the checkpoint)")
+    # a chat is encoded as transformers encodes a rendered chat: the template wrote BOS where it wants one
+    prompts: list = [llm.tokenizer.encode_chat([{"role": "user", "content": text}], thinking=args.thinking)
+                     if args.chat else text for text in args.prompt]
     prompts += [_parse_ids(t) for t in args.token_ids]
     if args.stream:
         if len(prompts) != 1 or args.n != 1:

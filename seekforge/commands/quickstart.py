@@ -10,9 +10,10 @@
 Greedy accuracy of all three is reported beside.
 
 Each of DIR/base, DIR/rl, DIR/student is a run directory: final/ (Hugging Face layout with the
-tokenizer), metrics.jsonl, report.md and plots/. DIR/report.md puts the numbers side by side with the
-seeds and the time of every stage; DIR/summary.json holds the same. --resume continues where an
-interrupted quickstart stopped (finished stages are kept).
+tokenizer, whose chat template is R1-Zero's, the format the models learned, so that `seekforge chat
+DIR/rl/final` and `seekforge serve` pose questions that way), metrics.jsonl, report.md and plots/.
+DIR/report.md puts the numbers side by side with the seeds and the time of every stage; DIR/summary.json
+holds the same. --resume continues where an interrupted quickstart stopped (finished stages are kept).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def run(args) -> int:
     atomic_write_text(out / "report.md", _report(summary, g_cfg, d_cfg))
     print(f"[3/3] distilled in {_minutes(times['distillation'])}: student accuracy {student_eval['accuracy']:.3f} "
           f"({'n/a' if retention is None else f'{100 * retention:.0f}%'} of the teacher's)")
-    print(f"done in {_minutes(times['total'])}: report in {out / 'report.md'}")
+    print(f"done in {_minutes(times['total'])}: report in {out / 'report.md'}; talk to the RL model with "
+          f"`seekforge chat {rl_dir / 'final'}`")
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from seekforge.configio import atomic_write_text
 from seekforge.errors import ConfigError
 from seekforge.tasks import BUILTIN_TASKS, Row, get_task, r1_zero_prompt
+from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
 
 
 def render_example(row: Row) -> str:
@@ -69,7 +70,8 @@ def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed
                           tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS),
                           slip_rate: float = 0.0, progress: bool = False) -> BuiltinDataset:
     """Generate the corpus into out_dir/corpus.jsonl, train a tokenizer on it unless one is given,
-    and prepare train/val shards in out_dir."""
+    and prepare train/val shards in out_dir. The tokenizer (trained or given) gets R1-Zero's chat template,
+    the corpus's format, so that models pretrained on it are chatted with and served in it."""
     from seekforge.data.prepare import prepare
     from seekforge.tokenizer import Tokenizer
 
@@ -79,5 +81,6 @@ def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed
     atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
     if tokenizer is None:
         tokenizer = Tokenizer.train(docs, vocab_size)
+    tokenizer.chat_template = R1_ZERO_CHAT_TEMPLATE
     meta = prepare([corpus], tokenizer, out_dir, val_fraction=val_fraction, seed=seed, progress=progress)
     return BuiltinDataset(out_dir, out_dir / meta["tokenizer_dir"], corpus, meta)

@@ -229,8 +229,7 @@ class LLM:
                                   "checkpoint): pass token ids, or LLM(..., tokenizer=DIR)")
             if not prompt:
                 raise ConfigError("empty prompt: give at least one character or token")
-            bos = self.tokenizer.bos_token
-            return prompt, self.tokenizer.encode(prompt, add_bos=not prompt.startswith(bos))
+            return prompt, self.tokenizer.encode_prompt(prompt)  # the checkpoint's tokenizer decides on BOS
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or not all(

@@ -223,8 +223,7 @@ class OpenAIServing:
         tok = self._tokenizer if texts else None
 
         def encode() -> list[list[int]]:
-            return [tok.encode(p, add_bos=not p.startswith(tok.bos_token)) if isinstance(p, str) else list(p)
-                    for p in req.prompts]
+            return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in req.prompts]
 
         prompts = await run_in_threadpool(encode)
         params = self._sampling(req, prompts)

@@ -22,7 +22,8 @@ result is the same (except under bnpo, whose normaliser is each micro-batch's ow
 
 Checkpoints, resume, metrics.jsonl, TensorBoard and the report work as in pretraining. Metrics records
 carry step = number of updates done: step 0 is the held-out evaluation of the initial model.
-DIR/final holds the trained policy in Hugging Face layout with its tokenizer.
+DIR/final holds the trained policy in Hugging Face layout with its tokenizer, whose chat template is the
+prompt format trained on (with template=r1_zero, R1-Zero's, so `seekforge chat` and the server pose it).
 """
 
 from __future__ import annotations
@@ -581,8 +582,12 @@ class GRPOTrainer:
         return last
 
     def export(self) -> Path:
+        from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
+
         final = self.out / "final"
         self.model.save_pretrained(final)
+        if self.cfg.template == "r1_zero":  # the policy learned R1-Zero's prompt: chat and serve pose it that way
+            self.tokenizer.chat_template = R1_ZERO_CHAT_TEMPLATE
         self.tokenizer.save_pretrained(final)
         return final
 

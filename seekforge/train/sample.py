@@ -119,7 +119,8 @@ def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens
     if tokenizer is None:
         raise ConfigError("sampling from a task needs the checkpoint's tokenizer (tokenizer.json beside it)")
     prompts = [render_prompt(row.prompt, template, tokenizer) for row in rows]
-    prompt_ids = [tokenizer.encode(p, add_bos=not p.startswith(tokenizer.bos_token)) for p in prompts]
+    # a text prompt is encoded as the engine encodes one; a rendered chat as transformers does (the template wrote BOS)
+    prompt_ids = [tokenizer.encode(p) if template == "chat" else tokenizer.encode_prompt(p) for p in prompts]
     stop = answer_stop_ids(tokenizer)
     if seed is None:  # torch's global generator: reproducible when the caller seeds (and checkpoints) it
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,

@@ -3,8 +3,9 @@
     seekforge sft --from runs/base/final --data traces.jsonl --out runs/sft [key=value ...]
 
 Rows of the .jsonl file, one of:
-- {"prompt": str, "completion": str}: the prompt (BOS first, as the engine encodes it) then the
-  completion and EOS; the loss covers the completion and EOS.
+- {"prompt": str, "completion": str}: the prompt (encoded as the engine encodes it: BOS first where the
+  tokenizer adds BOS to a text, as DeepSeek's and seekforge's do) then the completion and EOS; the loss
+  covers the completion and EOS.
 - {"messages": [{"role": ..., "content": ...}, ...]}: a chat rendered with the tokenizer's chat template;
   the loss covers every assistant turn (the tokens after each assistant marker, through its EOS).
 Other keys (task, answer, rewards: what `seekforge sample` writes) are ignored.
@@ -94,6 +95,10 @@ def tokenize_row(row: dict, tokenizer, completion_only: bool = True, where: str 
         if marker is None:
             raise ConfigError(f"{where}: the tokenizer has no {ASSISTANT} token, so assistant turns cannot be "
                               f"found; write prompt/completion rows instead")
+        if marker not in ids and any(m["role"] == "assistant" for m in row["messages"]):
+            raise ConfigError(f"{where}: the tokenizer's chat template writes no {ASSISTANT} marker (it is not "
+                              f"DeepSeek's format, e.g. R1-Zero's), so assistant turns cannot be found; write "
+                              f"prompt/completion rows instead")
         target, inside = [], False
         for tid in ids:
             target.append(inside or not completion_only)
@@ -108,7 +113,7 @@ def tokenize_row(row: dict, tokenizer, completion_only: bool = True, where: str 
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}, "
                         f"got keys {sorted(row)}")
-    p = tokenizer.encode(prompt, add_bos=not prompt.startswith(tokenizer.bos_token))
+    p = tokenizer.encode_prompt(prompt)
     c = tokenizer.encode(completion) + [tokenizer.eos_id]
     return Example(p + c, [not completion_only] * len(p) + [True] * len(c))
 
