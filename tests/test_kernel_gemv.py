@@ -335,9 +335,9 @@ def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_b
     counters.clear()
     with torch.inference_mode():
         with torch.profiler.profile() as prof:
-            routed = runner._graph_step(2).clone()
+            routed = runner._graph_step(2)[0].clone()
         monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), None)  # the mode then passes everything through
-        plain = runner._graph_step(2)
+        plain = runner._graph_step(2)[0]
     ran = {e.key: e.count for e in prof.key_averages()}
     assert ran.get("seekforge::gemv", 0) >= 2 * cfg.n_layers  # wo and W_UV
     fused = ("seekforge::norm_gemv", "seekforge::latent_query_storing")
