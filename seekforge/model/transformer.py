@@ -64,8 +64,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, 0.0, std)
 
     def moe_layers(self) -> dict[int, MoE]:
-        """Every MoE by the layer id of its block: main layers 0 .. n_layers - 1, then MTP block k at n_layers + k,
-        the ids `hidden` and `mtp_logits` report routing under."""
+        """Every MoE by the layer id of its block: main layers 0 .. n_layers - 1, then the MTP modules' blocks from
+        n_layers on; the ids `hidden` and `mtp_logits` report routing under."""
         blocks = [*self.layers, *(m.block for m in self.mtp)]
         return {b.layer_id: b.ffn for b in blocks if isinstance(b.ffn, MoE)}
 
