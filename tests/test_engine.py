@@ -156,19 +156,50 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile, m
     with torch.inference_mode():
         runner._allocate_static(8)
         runner._fill_static(chunks, 4)  # three sequences and one padding row
-        from_buffer = runner._graph_step(4)[:3]
-        packed = runner.logits(runner.forward(runner.prepare(chunks)))
+        from_buffer, graph_loads = runner._graph_step(4)
+        from_buffer = from_buffer[:3]
+        packed, packed_loads = runner.forward(runner.prepare(chunks))
+        packed = runner.logits(packed)
         # tokens not yet on the host (async scheduling): the step reads them from the token buffer, by row
         buffer, rows = runner.token_buffer(8), [5, 0, 2]
         buffer[rows] = torch.tensor([ch.token_ids[0] for ch in chunks])
         pending = [Chunk(ch.block_table, ch.start, [PENDING]) for ch in chunks]
         runner._fill_static(pending, 4, DeviceIds([0, 1, 2], rows, buffer))
-        from_device = runner._graph_step(4)[:3]
+        from_device = runner._graph_step(4)[0][:3]
     torch.testing.assert_close(from_buffer, packed, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(from_device, from_buffer, atol=0, rtol=0)
+    # the padding row is routed too, but is no token of the step: the load counts the three sequences'
+    assert {k: v.tolist() for k, v in graph_loads.items()} == {k: v.tolist() for k, v in packed_loads.items()}
+    assert all(load.sum() == 3 * llm.cfg.n_activated_experts for load in graph_loads.values())
     assert not counters["graph_break"]
     assert (len(graph_inputs) > 0) == compile
     assert not [t for t in graph_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
+
+
+@pytest.mark.parametrize("speculative", [0, 1], ids=["plain", "mtp-drafts"])
+def test_each_step_reports_the_expert_load_of_its_forward(speculative):
+    """`LLM.expert_load` after a step: per main MoE layer, the tokens the gates routed to each expert in that
+    step's forward (counted by hooks on the gates), through chunked prefill, decode and draft verification; the
+    MTP drafter's routing is not part of it, and a step without a forward reports none."""
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    chosen = {}
+    for block in model.layers:
+        if block.layer_id >= cfg.n_dense_layers:
+            def count(gate, args, out, layer=block.layer_id):
+                chosen[layer] = chosen.get(layer, 0) + torch.bincount(out[1].flatten(), minlength=gate.bias.numel())
+            block.ffn.gate.register_forward_hook(count)
+    llm = LLM(model, max_num_batched_tokens=16, num_speculative_tokens=speculative, max_model_len=128)
+    for p in make_prompts([5, 30, 12]):
+        llm.add_request(p, FULL)
+    steps = 0
+    while llm.has_unfinished_requests():
+        chosen.clear()
+        llm.step()
+        steps += 1
+        assert {k: v.tolist() for k, v in llm.expert_load.items()} == {k: v.tolist() for k, v in chosen.items()}
+    assert steps > 3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -379,9 +410,14 @@ def test_cuda_graph_replay_matches_eager_decode(tmp_path, block_size, compile):
     for batch in (seqs[:1], seqs):  # padded to graphs of 1 and 4
         chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in batch]
         with torch.inference_mode():
-            replayed = llm.runner.decode_logits(chunks).clone()
+            replayed, loads = llm.runner.decode_logits(chunks)
+            replayed, loads = replayed.clone(), {layer: load.clone() for layer, load in loads.items()}
             stored = llm.runner.kv_cache.clone()
-            eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks)))
+            eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks))[0])
+        # the graph's padding rows (3 sequences in the graph of 4) are no routed tokens
+        moe_layers = list(range(llm.cfg.n_dense_layers, llm.cfg.n_layers))
+        assert list(loads) == moe_layers
+        assert all(load.sum().item() == len(batch) * llm.cfg.n_activated_experts for load in loads.values())
         # compiled kernels keep fp32 inside fused bf16 ops, so they round differently from eager ones
         tol = 0.06 if compile else 0.02
         torch.testing.assert_close(replayed, eager, atol=tol, rtol=tol)

@@ -9,6 +9,7 @@ import torch
 
 from seekforge.errors import ConfigError
 from seekforge.model import ModelConfig, Transformer
+from seekforge.model.moe import MoE
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
 from seekforge.train import grpo
@@ -131,6 +132,21 @@ def test_dynamic_sampling_kl_and_several_inner_iterations(base, tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
+def test_bias_updates_move_the_layers_that_ran_on_a_model_with_mtp(base, tmp_path):
+    """The policy's forward runs the main layers only: with bias_update_speed > 0 the update moves their gate
+    bias and leaves the MTP block's as it was."""
+    cfg = _config(base, tmp_path, "steps=1", "bias_update_speed=0.01", "save_every=100")
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    model = trainer.model
+    assert model.cfg.n_mtp_modules
+    gates = {b.layer_id: b.ffn.gate for b in [*model.layers, *(m.block for m in model.mtp)] if isinstance(b.ffn, MoE)}
+    before = {layer: gate.bias.clone() for layer, gate in gates.items()}
+    trainer.train()
+    assert not [r for r in _records(tmp_path / "run") if r.get("kind") != "eval"][-1]["skipped"]
+    moved = {layer for layer, gate in gates.items() if not torch.equal(gate.bias, before[layer])}
+    assert moved == {b.layer_id for b in model.layers if isinstance(b.ffn, MoE)}
+
+
 def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
     import seekforge.engine
 
@@ -202,7 +218,7 @@ def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
     seqs = Sequences(prompts, group, completions, torch.zeros(5), torch.ones(5, dtype=torch.bool))
     batch = pack_groups(seqs, [[3, 4], [0, 1, 2]], pad_id=0, device="cpu")
     with torch.no_grad():
-        h = model.hidden(batch.tokens, batch.positions, batch.mask).flatten(0, 1)[batch.source]
+        h = model.hidden(batch.tokens, batch.positions, batch.mask)[0].flatten(0, 1)[batch.source]
         packed = token_logprobs(model.head(model.norm(h)), batch.targets)
         for row, i in enumerate(batch.index):
             full = torch.tensor([prompts[group[i]] + completions[i]])
@@ -214,7 +230,7 @@ def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
     single = pack_groups(seqs, [[2], [0], [3]], pad_id=0, device="cpu")
     assert single.mask is None and single.positions is None
     with torch.no_grad():
-        h = model.hidden(single.tokens).flatten(0, 1)[single.source]
+        h = model.hidden(single.tokens)[0].flatten(0, 1)[single.source]
         again = token_logprobs(model.head(model.norm(h)), single.targets)
     for row, i in enumerate(single.index):
         want = packed[batch.index.index(i), :len(completions[i])]

@@ -53,3 +53,34 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
             "seekforge::norm_gemv"} <= ran and decodes and gemv_form
     assert not counters["graph_break"]
     assert got == plain
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
+def test_the_captured_steps_load_counts_the_kernels_choice_for_the_sequences_rows(monkeypatch):
+    """What a decode graph captures (`_graph_step`, on the CPU) with the Triton router and fused MoE: the load it
+    returns per MoE layer counts the experts chosen for the sequences' rows, not for the graph's padding rows, as
+    the gates choose them in the plain packed forward of the same step."""
+    from seekforge.engine.model_runner import Chunk
+
+    cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_expert_groups=1, n_limited_groups=1,
+                                             topk_method="greedy", n_layers=2)
+    torch.manual_seed(0)
+    llm = LLM(Transformer(cfg).to(HALF).eval(), max_num_seqs=4, max_model_len=32)
+    for n in (5, 9, 3):
+        llm.add_request(torch.randint(2, cfg.vocab_size, (n,)).tolist(), SamplingParams(temperature=0, max_tokens=4))
+    llm.step()  # prefill: the cache now holds the prompts
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in llm.scheduler.running]
+    runner = llm.runner
+    with torch.inference_mode():
+        plain = runner.forward(runner.prepare(chunks))[1]
+        monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+        for key in (("gemv", "gemv"), ("gemv", "head_gemv"), ("gemv", "norm_gemv"), ("gemv", "latent_query"),
+                    ("latents", "store_new_latents"), ("mla_decode", "paged_mla_decode_triton")):
+            monkeypatch.setitem(kernels._TRITON, key, None)  # the routing kernels only: the rest is slow here
+        runner._allocate_static(4)
+        runner._fill_static(chunks, 4)  # three sequences and one padding row
+        with torch.profiler.profile() as prof:
+            loads = runner._graph_step(4)[1]
+    assert "seekforge::fused_moe" in {e.key for e in prof.key_averages()}
+    assert {k: v.tolist() for k, v in loads.items()} == {k: v.tolist() for k, v in plain.items()}
+    assert all(load.sum() == 3 * cfg.n_activated_experts for load in loads.values())

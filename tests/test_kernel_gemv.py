@@ -136,6 +136,117 @@ def test_every_tuning_candidate_matches_n_contiguous(tile):
     want = torch.einsum("nhk,hkj->nhj", x.float(), w.float())
     torch.testing.assert_close(head_gemv(x, w.transpose(1, 2), tile).float(), want, atol=3e-3, rtol=3e-3)
 
+
+@pytest.fixture
+def tuner_picks(monkeypatch):
+    """pick(i): from then on the first call of every tuned kernel at a shape takes the i-th (mod their number) of
+    the tiles its tuner would time there (`_fitting_tiles`); pick.tiles maps each (kernel, tuning key) to the
+    tiles it took. The GEMV is weighed against cuBLAS as on the GPU and kept. A tuning choice changes a step's
+    speed, never its result: these are the choices the GPU's timing could make, tried on the CPU as well."""
+    import seekforge.kernels.gemv as gemv_module
+    import seekforge.kernels.moe as moe_module
+
+    tuners = {"gemv": gemv_module._gemv_tuned, "norm_gemv": gemv_module._norm_gemv2_tuned,
+              "latent_query": gemv_module._latent_query_tuned, "gate_up_rows": moe_module._gate_up_rows_tuned,
+              "down_rows": moe_module._down_rows_tuned}
+    for module in (gemv_module, moe_module):
+        monkeypatch.setattr(module, "_INTERPRETED", False)
+    monkeypatch.setattr(gemv_module, "replayed_us", lambda run: 1.0)  # a tie: the first listed, the Triton tile
+    monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])
+
+    def pick(i):
+        monkeypatch.setattr(gemv_module, "_TUNED", set())
+        monkeypatch.setattr(gemv_module, "_CHOICE", {})
+        for name, tuner in tuners.items():
+            def one(configs, named_args, name=name, keys=tuner.keys, **kwargs):
+                tiles = gemv_module._fitting_tiles(configs, named_args, **kwargs)
+                tile = tiles[i % len(tiles)]
+                shape = (name, *({**named_args, **kwargs}[key] for key in keys))
+                pick.tiles.setdefault(shape, set()).add((tile.kwargs["BLOCK_N"], tile.kwargs["BLOCK_K"], tile.num_warps))
+                pick.count[shape] = len(tiles)
+                return [tile]
+
+            monkeypatch.setattr(tuner, "cache", {})
+            monkeypatch.setattr(tuner, "early_config_prune", one)
+            monkeypatch.setattr(tuner, "do_bench", lambda fn, quantiles: [1.0] * len(quantiles))
+
+    pick.tiles, pick.count = {}, {}
+    return pick
+
+
+def test_every_tile_the_tuner_can_pick_gives_the_reference(tuner_picks):
+    """Each tuned kernel at a shape where its candidate tiles differ (K past the widest slice, several slices for
+    most): the GEMV over K-contiguous and N-contiguous weights, the input norm with its two projections, the
+    latent query storing the new latents, and the MoE's two GEMV-form kernels, each against its reference."""
+    from seekforge.kernels.moe import fused_experts
+    from seekforge.model import ModelConfig
+    from seekforge.model.mla import MLA
+    from seekforge.model.moe import Experts
+
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, HALF)
+
+    k = 2 * 2048 + 7
+    x, w = rand(2, k), rand(3, k, scale=k ** -0.5)
+    xh, wh = rand(2, 3, 70), rand(3, 70, 40, scale=70 ** -0.5)  # [h, K, N]: N contiguous
+    norm = RMSNorm(600).to(DEVICE, HALF)
+    norm.weight.data = (torch.rand(600, generator=g) + 0.5).to(DEVICE, HALF)
+    xn, wa, wb = rand(2, 600, scale=3.0), rand(6, 600, scale=600 ** -0.5), rand(3, 600, scale=600 ** -0.5)
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(3)
+    attn = MLA(cfg).to(DEVICE, HALF)
+    w_uk = attn.absorbed_weights()[0]  # [h, d, c]
+    q_nope, q_pe = rand(2, cfg.n_heads, cfg.qk_nope_head_dim), rand(2, cfg.n_heads, cfg.qk_rope_head_dim)
+    angles = (torch.rand(2, cfg.qk_rope_head_dim // 2, generator=g) * 6).to(DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    kv_a = rand(2, cfg.kv_lora_rank + cfg.qk_rope_head_dim, scale=2.0)
+    slots = torch.tensor([5, 2], device=DEVICE)
+    with torch.no_grad():
+        kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    cache_want = torch.zeros(3, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=DEVICE, dtype=HALF)
+    kernels.store_latents(cache_want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
+    query_want = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()),
+                            apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0].float()], -1)
+    experts = Experts(4, 32, 24)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 32 ** -0.5)
+    xe, residual, weights, indices = (torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g),
+                                      torch.rand(1, 2, generator=g), torch.tensor([[3, 1]]))
+    moe_want = experts(xe, weights, indices)[0] + residual
+    experts = experts.to(DEVICE, HALF)
+
+    def latent_query_storing():
+        cache = torch.zeros_like(cache_want)
+        query = latent_query(q_nope, q_pe, w_uk.transpose(1, 2), cos, sin,
+                             (cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps))
+        return torch.cat([query.flatten().float(), cache.flatten().float()])
+
+    cases = {  # name: (what the kernel computes, its reference, tolerance)
+        "gemv": (lambda: gemv(x, w), F.linear(x.float(), w.float()), 3e-3),
+        "head_gemv": (lambda: head_gemv(xh, wh.transpose(1, 2)),
+                      torch.einsum("nhk,hkj->nhj", xh.float(), wh.float()), 3e-3),
+        "norm_gemv": (lambda: torch.cat(norm_gemv(xn, norm.weight, norm.eps, wa, wb), -1),
+                      F.linear(norm(xn).float(), torch.cat([wa, wb]).float()), 3e-3),
+        "latent_query": (latent_query_storing, torch.cat([query_want.flatten(), cache_want.flatten().float()]), 3e-3),
+        "moe_rows": (lambda: fused_experts(xe.to(DEVICE, HALF), experts.w1, experts.w2, experts.w3, weights.to(DEVICE),
+                                           indices.to(DEVICE), rows=True, residual=residual.to(DEVICE, HALF)).cpu(),
+                     moe_want, 3e-2),
+    }
+    for name, (run, want, tol) in cases.items():
+        i, before = 0, set(tuner_picks.count)
+        while i == 0 or i < max(n for shape, n in tuner_picks.count.items() if shape not in before):
+            tuner_picks(i)
+            with torch.no_grad():
+                got = run()
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}, pick {i}: {m}")
+            i += 1
+    assert all(len(tuner_picks.tiles[shape]) == n for shape, n in tuner_picks.count.items())  # each tile ran
+    assert sorted(n for n in tuner_picks.count.values()) == [5, 5, 5, 6, 7, 9]  # the candidates of each shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_head_gemv_is_mlas_absorbed_products(n, dtype):
@@ -321,29 +432,37 @@ def test_16b_input_norm_and_projections_bf16(rows):
 
 def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch, triton_here):
     """The runner's graph step (what a CUDA graph captures), compiled, in fp16: the projections go to the GEMV
-    with no graph break, and the logits are those of the step without the mode."""
+    with no graph break, and the logits are those of the step without the mode and of the model's own forward.
+    Each sequence has its own cache slot, as `_fill_static` gives them: two rows writing one slot (the padding
+    rows' scratch slot) race inside the store, and both then read the winner's latent (on an H100 the winner
+    changed between the two steps: logits apart by up to 0.92)."""
     from torch._dynamo.utils import counters
 
     from seekforge import LLM
+    from seekforge.engine.model_runner import Chunk
     from seekforge.model import ModelConfig, Transformer
 
     cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_layers=2)
     torch.manual_seed(0)
-    runner = LLM(Transformer(cfg).to(DEVICE, HALF).eval(), max_num_seqs=2, max_model_len=64, compile=True).runner
+    model = Transformer(cfg).to(DEVICE, HALF).eval()
+    runner = LLM(model, max_num_seqs=2, max_model_len=64, compile=True).runner
     runner._allocate_static(2)
-    runner._static[:2, 0] = torch.tensor([5, 9])
+    runner._fill_static([Chunk([0], 0, [5]), Chunk([1], 0, [9])], 2)  # first tokens, in blocks 0 and 1
+    with torch.no_grad():
+        own = model(torch.tensor([[5], [9]], device=DEVICE))[:, 0].float()
     counters.clear()
     with torch.inference_mode():
         with torch.profiler.profile() as prof:
-            routed = runner._graph_step(2).clone()
+            routed = runner._graph_step(2)[0].clone()
         monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), None)  # the mode then passes everything through
-        plain = runner._graph_step(2)
+        plain = runner._graph_step(2)[0]
     ran = {e.key: e.count for e in prof.key_averages()}
     assert ran.get("seekforge::gemv", 0) >= 2 * cfg.n_layers  # wo and W_UV
     fused = ("seekforge::norm_gemv", "seekforge::latent_query_storing")
     assert min(ran.get(op, 0) for op in fused) >= cfg.n_layers
     assert not counters["graph_break"]
     torch.testing.assert_close(routed, plain, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(routed, own, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -227,10 +227,29 @@ def test_moe_forward_keeps_the_model_path_off_cuda():
     moe = make_moe(16, 8, 2, 16, 2, torch.float32, seed=1).cpu()
     x, residual = torch.randn(4, 16), torch.randn(4, 16)
     with torch.no_grad():
-        out, load = kernels.moe_forward(moe, x)
-        torch.testing.assert_close(out, moe(x))
-        torch.testing.assert_close(kernels.moe_forward(moe, x, residual=residual)[0], residual + moe(x))
-    assert load.tolist() == moe.load.tolist()
+        out, indices, load = kernels.moe_forward(moe, x)
+        want, routing = moe(x)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(kernels.moe_forward(moe, x, residual=residual)[0], residual + want)
+    assert indices.tolist() == routing.indices.tolist() and load.tolist() == routing.load.tolist()
+
+
+@pytest.mark.parametrize("n,gemv", [(1, True), (2, True), (2, False), (5, False)])
+def test_moe_forward_returns_the_choice_of_its_kernels(n, gemv, monkeypatch):
+    """The CUDA path of `moe_forward` (on the CPU under Triton's interpreter): the experts it returns are the gate's
+    choice (a set per token: the kernels' top-k is unsorted) and the load counts them, whichever kernel chose (the
+    GEMV form's first kernel, or the router's select kernel before the MMA tiles)."""
+    import seekforge.kernels.moe as moe_module
+
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: gemv)
+    moe = make_moe(32, 8, 2, 16, 1, HALF, seed=n)
+    x = torch.randn(n, 32, device=DEVICE, dtype=HALF)
+    with torch.no_grad():
+        out, indices, load = kernels.moe_forward(moe, x)
+        _, want, _ = moe.gate(x)
+    assert indices.sort(-1).values.tolist() == want.sort(-1).values.tolist()
+    assert load.tolist() == torch.bincount(want.flatten(), minlength=8).tolist()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -290,7 +309,9 @@ def test_moe_forward_takes_the_router_and_fused_kernels_for_decode_and_counts_lo
     moe = make_moe(256, 64, 6, 128, 2, torch.bfloat16, seed=5)
     x = torch.randn(n, 256, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
-        out, load = kernels.moe_forward(moe, x)
-        ref = moe.float()(x.float())
+        out, indices, load = kernels.moe_forward(moe, x)
+        ref, routing = moe.float()(x.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
-    assert load.tolist() == moe.load.tolist()
+    assert load.tolist() == routing.load.tolist()
+    # the kernels' choice as the gate's (as a set per token: the router's top-k is unsorted)
+    assert indices.sort(-1).values.tolist() == routing.indices.sort(-1).values.tolist()

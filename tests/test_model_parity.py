@@ -78,13 +78,13 @@ def test_mtp_logits_predict_shifted_targets():
     labels = torch.roll(tokens, -1, dims=1)
     labels[:, -1] = -100
     with torch.no_grad():
-        h = model.hidden(tokens)
-        depths = model.mtp_logits(tokens, h)
+        h = model.hidden(tokens)[0]
+        depths = model.mtp_logits(tokens, h)[0]
         assert [d.shape[1] for d in depths] == [11, 10]
         # depth 1 at position i is computed from h_i and the embedding of token i+1 only (causal)
         i = 4
         h1 = model.mtp[0](h[:, : i + 1], model.embed(tokens[:, 1 : i + 2]),
-                          *model.rope(torch.arange(i + 1).unsqueeze(0)))
+                          *model.rope(torch.arange(i + 1).unsqueeze(0)))[0]
         torch.testing.assert_close(model.head(model.mtp[0].norm(h1))[:, i], depths[0][:, i], atol=1e-5, rtol=0)
         out = model.loss(tokens, labels, mtp_weight=0.5)
         ce = torch.nn.functional.cross_entropy
@@ -96,7 +96,7 @@ def test_mtp_logits_predict_shifted_targets():
     tokens2 = tokens.clone()
     tokens2[:, 7] = (tokens2[:, 7] + 1) % cfg.vocab_size
     with torch.no_grad():
-        d2 = model.mtp_logits(tokens2, model.hidden(tokens2))
+        d2 = model.mtp_logits(tokens2, model.hidden(tokens2)[0])[0]
     torch.testing.assert_close(d2[0][:, :6], depths[0][:, :6], atol=1e-5, rtol=0)
     assert not torch.allclose(d2[0][:, 6], depths[0][:, 6])
 
@@ -106,10 +106,10 @@ def test_expert_load_counts_every_routed_token():
     model = seekforge.Transformer(cfg)
     tokens = _tokens(5, batch=3, seq=10, vocab=cfg.vocab_size)
     out = model.loss(tokens, torch.roll(tokens, -1, 1), mtp_weight=0.3)
-    # main MoE layers plus the MTP block's MoE
-    assert len(out.expert_load) == cfg.n_moe_layers + cfg.n_mtp_modules
-    assert int(out.expert_load[0].sum()) == 3 * 10 * cfg.n_activated_experts
-    assert int(out.expert_load[-1].sum()) == 3 * 9 * cfg.n_activated_experts
+    # main MoE layers plus the MTP block's MoE, by layer id
+    assert list(out.expert_load) == [*range(cfg.n_dense_layers, cfg.n_layers), cfg.n_layers]
+    assert int(out.expert_load[cfg.n_dense_layers].sum()) == 3 * 10 * cfg.n_activated_experts
+    assert int(out.expert_load[cfg.n_layers].sum()) == 3 * 9 * cfg.n_activated_experts
     out.loss.backward()
     assert model.layers[1].ffn.experts.w1.grad is not None
     assert model.layers[1].ffn.gate.bias.grad is None  # a buffer: no optimizer can move it

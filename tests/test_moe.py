@@ -33,29 +33,32 @@ def _naive(m: MoE, x):
 def test_grouped_experts_match_naive_loop():
     m = _moe()
     x = torch.randn(23, 128)
-    torch.testing.assert_close(m(x), _naive(m, x), atol=1e-5, rtol=1e-5)
-    assert int(m.load.sum()) == 23 * 2
+    y, routing = m(x)
+    torch.testing.assert_close(y, _naive(m, x), atol=1e-5, rtol=1e-5)
+    _, indices, scores = m.gate(x)
+    assert torch.equal(routing.indices, indices) and torch.equal(routing.scores, scores)
+    assert routing.load.tolist() == torch.bincount(indices.flatten(), minlength=m.experts.n_experts).tolist()
 
 
 def test_fallback_path_matches_grouped_mm(monkeypatch):
     m = _moe(1)
     x = torch.randn(2, 9, 128)
-    want = m(x)
+    want = m(x)[0]
     monkeypatch.setattr(moe_mod, "_grouped_mm_works", lambda *a: False)
-    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x)[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_to_routed_and_gate_weights():
     m = _moe(2)
     x = torch.randn(17, 128, requires_grad=True)
-    m(x).square().sum().backward()
+    m(x)[0].square().sum().backward()
     assert m.experts.w1.grad.abs().sum() > 0 and m.gate.weight.grad.abs().sum() > 0 and x.grad is not None
 
 
 def test_gradients_match_naive_loop():
     """Backward through the sorted rows (their gathers' adjoint gathers) equals autograd through the naive loop."""
     grads = []
-    for forward in (lambda m, x: m(x), _naive):
+    for forward in (lambda m, x: m(x)[0], _naive):
         m = _moe(3)
         x = torch.randn(19, 128, dtype=torch.float64, requires_grad=True)
         m.double()

@@ -2,6 +2,8 @@
 flight, with an error they can report, and the loop goes on serving."""
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ pytest.importorskip("prometheus_client")
 
 import seekforge  # noqa: E402
 from seekforge.engine import LLM, QueueFullError, SamplingParams  # noqa: E402
+from seekforge.model.moe import MoE  # noqa: E402
 from seekforge.server.engine_loop import EngineFailure, EngineLoop, Generation  # noqa: E402
 from seekforge.server.metrics import ServerMetrics  # noqa: E402
 
@@ -58,3 +61,44 @@ def test_failed_step_fails_requests_in_flight_and_the_loop_goes_on():
     assert value("seekforge_engine_errors_total") == 1
     assert value("seekforge_request_finished_total", {"finish_reason": "error"}) == 2
     assert value("seekforge_requests_running") == 0 and value("seekforge_requests_waiting") == 0
+
+
+def test_expert_load_metric_counts_every_choice_of_the_gates():
+    """The server's tokens per expert, summed from the load each step returns, equal a count of the experts the
+    gates chose while serving (hooks on the gates, the same inputs). Async scheduling on: the step that settles
+    the last one in flight runs no forward of its own and must add nothing."""
+    torch.manual_seed(0)
+    model = seekforge.Transformer(seekforge.ModelConfig.preset("tiny"))
+    n_experts, counting, chosen = model.cfg.n_routed_experts, threading.Event(), {}
+    for layer, block in enumerate(model.layers):
+        if isinstance(block.ffn, MoE):
+            def count(gate, args, out, layer=layer):
+                if counting.is_set():
+                    chosen[layer] = chosen.get(layer, 0) + torch.bincount(out[1].flatten(), minlength=n_experts)
+            block.ffn.gate.register_forward_hook(count)
+    metrics = ServerMetrics("tiny")
+    loop = EngineLoop(lambda: LLM(model, max_num_seqs=4, kv_cache_memory=8 << 20, async_scheduling=True), metrics)
+
+    def served() -> dict[int, list[float]]:
+        value = metrics.registry.get_sample_value
+        return {layer: [value("seekforge_expert_tokens_total", {"layer": str(layer), "expert": str(e)}) or 0.0
+                        for e in range(n_experts)] for layer in chosen}
+
+    async def main():
+        loop.start(asyncio.get_running_loop())
+        assert await asyncio.to_thread(loop.wait_ready, 120) and loop.state == "ready"
+        counting.set()  # from here on: the warm-up generation before readiness is no served traffic
+        gen = Generation(loop, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]],
+                         SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        await gen.admit()
+        assert [out async for _, out in gen][-1].finished
+        want = {layer: c.tolist() for layer, c in chosen.items()}
+        deadline = time.monotonic() + 10  # the idle loop publishes its sums within a second
+        while served() != want and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(loop.stop)
+        return want
+
+    want = asyncio.run(main())
+    assert sorted(want) == list(range(model.cfg.n_dense_layers, model.cfg.n_layers))
+    assert served() == want

@@ -14,6 +14,7 @@ import torch
 from seekforge import ConfigError, ModelConfig
 from seekforge.errors import CheckpointError
 from seekforge.model.gate import Gate
+from seekforge.model.moe import MoE
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.metrics import load_cv
 from seekforge.train.pretrain import TrainConfig, Trainer, TrainingStopped, load_train_config
@@ -107,6 +108,37 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch)
     assert trainer.ckpt.load_latest()[0] == 3  # the last good checkpoint survives
 
 
+@pytest.mark.parametrize("switch", [0, 1], ids=["mtp-never-runs", "mtp-stops-after-a-step"])
+def test_mtp_weight_zero_trains_and_moves_only_the_biases_of_layers_that_ran(tmp_path, switch):
+    """MTP's weight 0 from `switch` on (its modules skip the forward): every step trains, with the sequence-wise
+    balance loss on; the bias update moves the main MoE layers' gate bias every step, the MTP block's only in the
+    steps it ran, and the step's record has no load for a layer that did not run."""
+    cfg = load_train_config("tiny", [*SMALL_RUN, "steps=3", "warmup_steps=1", "constant_steps=1", "decay_steps=1",
+                                     "mtp_weight=0.3", "mtp_weight_late=0", f"mtp_switch_step={switch}",
+                                     "bias_update_speed=0.01", "balance_alpha=0.01", "eval_every=100",
+                                     "save_every=100"])
+    trainer = Trainer(cfg, tmp_path)
+    model = trainer.model
+    mtp_layer = model.cfg.n_layers  # the MTP block's MoE comes after the main layers'
+    moes = {b.layer_id: b.ffn for b in [*model.layers, model.mtp[0].block] if isinstance(b.ffn, MoE)}
+    main_layers = [layer for layer in moes if layer != mtp_layer]
+    assert mtp_layer in moes and main_layers
+    for step in range(cfg.steps):
+        before = {layer: moe.gate.bias.clone() for layer, moe in moes.items()}
+        record = trainer.train_step()
+        trainer.step += 1
+        assert not record["skipped"] and record["balance_loss"] > 0
+        ran = step < switch
+        assert (record["mtp_loss"] > 0) == ran
+        for layer, moe in moes.items():
+            moved = not torch.equal(moe.gate.bias, before[layer])
+            assert moved == (layer in main_layers or ran), (step, layer)
+        rows = dict(zip(moes, record["expert_load"]))
+        assert (rows[mtp_layer] != []) == ran
+        assert all(sum(rows[layer]) == cfg.batch_size * cfg.seq_len * model.cfg.n_activated_experts
+                   for layer in main_layers)
+
+
 def test_bias_balancing_evens_out_a_skewed_router():
     cfg = ModelConfig.preset("tiny").replace(n_expert_groups=1, n_limited_groups=1)
     torch.manual_seed(0)
@@ -120,7 +152,7 @@ def test_bias_balancing_evens_out_a_skewed_router():
         for _ in range(steps):
             _, idx, _ = gate(x)
             load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).float()
-            update_expert_bias([type("M", (), {"gate": gate})()], [load], gamma)
+            update_expert_bias({0: type("M", (), {"gate": gate})()}, {0: load}, gamma)
         return float(load_cv(load))
 
     skewed, balanced = run(0.0), run(0.001)

@@ -201,9 +201,10 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
-    given, and tokens per routed expert [experts] as fp32), as `MoE.forward` computes them. On CUDA, with weights
+    given; the chosen experts [n, k]; tokens per routed expert [experts] as fp32), as `MoE.forward` computes them
+    (its routing's indices and load). On CUDA, with weights
     stored in x's dtype and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router's
     logits (`seekforge.kernels.route`, where it makes the gate's choice; `routing`, its logits of x, when
     `residual_norm` computed them already) and the fused kernels of `seekforge.kernels.moe`, which choose from them,
@@ -227,11 +228,13 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
             residual=residual if added else None, router=routing)
         if shared is not None and not joined:
             y = y + shared(x)
-        return (y if residual is None or added else residual + y), load
+        if routing is not None:  # the fused kernels (or the router's select kernel) filled its choice
+            indices = routing.indices
+        return (y if residual is None or added else residual + y), indices, load
     weights, indices, _ = gate(x)
     y, load = experts(x, weights, indices)
     y = y if shared is None else y + shared(x)
-    return (y if residual is None else residual + y), load
+    return (y if residual is None else residual + y), indices, load
 
 
 def _fused_experts_take(moe, x: torch.Tensor) -> bool:

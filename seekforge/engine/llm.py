@@ -180,6 +180,10 @@ class LLM:
         self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
         self._in_flight: InFlight | None = None
         self.num_async_steps = 0
+        # Tokens per expert [experts] fp32 of each main-model MoE layer (by layer id) in the last step's forward;
+        # empty when it ran none. A captured step's are its graph's output buffers, which the next step
+        # overwrites: copy or add them up before stepping again (`seekforge.model.moe.add_load`).
+        self.expert_load: dict[int, torch.Tensor] = {}
         if cuda_graphs:
             with torch.inference_mode():
                 self.runner.capture_cuda_graphs(min(max_num_seqs, 256))
@@ -301,6 +305,7 @@ class LLM:
     @torch.inference_mode()
     def _step(self) -> set[str]:
         """One engine step; returns the ids of requests that got new tokens or finished."""
+        self.expert_load = {}
         plan = self.scheduler.schedule()
         touched = {seq.request.request_id for seq in plan.finished}
         if plan.scheduled and self._can_pipeline(plan):
@@ -320,12 +325,14 @@ class LLM:
             if start + n >= seq.num_tokens:
                 sampling.append(i)
         seqs = [seq for seq, _ in plan.scheduled]
-        logits = hidden = None
+        replayed = hidden = None
         if self.proposer is None and len(sampling) == len(chunks):
-            logits = self.runner.decode_logits(chunks)
-        if logits is None:
+            replayed = self.runner.decode_logits(chunks)
+        if replayed is not None:
+            logits, self.expert_load = replayed
+        else:
             step = self.runner.prepare(chunks)
-            hidden = self.runner.forward(step)
+            hidden, self.expert_load = self.runner.forward(step)
             first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
             rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
             # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
@@ -407,9 +414,12 @@ class LLM:
             waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
             device_ids = DeviceIds(waiting, [prev[seqs[i].seq_id] for i in waiting], self._in_flight.tokens)
         batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
-        logits = self.runner.decode_logits(chunks, device_ids)
-        if logits is None:
-            logits = self.runner.logits(self.runner.forward(self.runner.prepare(chunks, device_ids)))
+        replayed = self.runner.decode_logits(chunks, device_ids)
+        if replayed is not None:
+            logits, self.expert_load = replayed
+        else:
+            hidden, self.expert_load = self.runner.forward(self.runner.prepare(chunks, device_ids))
+            logits = self.runner.logits(hidden)
         tokens, _ = sample(logits, batch, out=self.runner.token_buffer(len(seqs)))
         for seq in seqs:
             seq.num_computed = seq.num_tokens

@@ -108,7 +108,7 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, width)
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
         self._step_inputs = _compile(step_inputs) if compile else step_inputs
@@ -200,14 +200,19 @@ class ModelRunner:
         return AttentionGroup(lo, hi, False, b, S, plan, index, valid)
 
     # ---------------------------------------------------------------- forward
-    def run_blocks(self, h: torch.Tensor, step: StepInput, blocks: list[Block], cache: torch.Tensor) -> torch.Tensor:
-        """h [N, dim] -> [N, dim] through `blocks` (layer i caching into cache[i])."""
+    def run_blocks(self, h: torch.Tensor, step: StepInput, blocks: list[Block],
+                   cache: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """h [N, dim] -> ([N, dim] through `blocks` (block i caching into cache[i]), the tokens per expert [experts]
+        of each MoE block by layer id)."""
         cos, sin = self.model.rope(step.positions.unsqueeze(0))
         h = h.unsqueeze(0)
         attention = partial(self._attention, groups=step.groups)
+        loads = {}
         for i, block in enumerate(blocks):
-            h = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention, stages=self._stages)
-        return h[0]
+            h, routed = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention, stages=self._stages)
+            if routed is not None:
+                loads[block.layer_id] = routed[1]
+        return h[0], loads
 
     def _attention(self, attn, cache, q_nope, q_pe, kv, k_pe, groups: list[AttentionGroup]) -> torch.Tensor:
         pieces = []
@@ -233,8 +238,9 @@ class ModelRunner:
             pieces.append(out[0] if g.valid is None else out[g.valid])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Main model over the step's tokens: hidden states [N, dim] before the final norm."""
+    def forward(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Main model over the step's tokens: (hidden states [N, dim] before the final norm, the tokens per expert
+        [experts] fp32 of each MoE layer by layer id)."""
         m = self.model
         return self.run_blocks(m.embed(step.input_ids), step, list(m.layers), self.kv_cache)
 
@@ -246,15 +252,17 @@ class ModelRunner:
         the *next* tokens t_{p+1}, h_prev [N, dim] the hidden states at p. Returns its hidden [N, dim]."""
         module = self.model.mtp[0]
         x = module.eh_proj(torch.cat([module.enorm(self.model.embed(step.input_ids)), module.hnorm(h_prev)], dim=-1))
-        return self.run_blocks(x, step, [module.block], self.mtp_cache)
+        return self.run_blocks(x, step, [module.block], self.mtp_cache)[0]  # the drafter's load: no metric reads it
 
     def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
 
     # ---------------------------------------------------------------- decode through CUDA graphs
-    def decode_logits(self, chunks: list[Chunk], device_ids: DeviceIds | None = None) -> torch.Tensor | None:
-        """Logits [b, vocab] of a plain decode step replayed from a captured graph; None when the step does
-        not fit one (not captured, a chunk longer than one token, or too many sequences)."""
+    def decode_logits(self, chunks: list[Chunk],
+                      device_ids: DeviceIds | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+        """(Logits [b, vocab], tokens per expert of each MoE layer by layer id) of a plain decode step replayed from
+        a captured graph; None when the step does not fit one (not captured, a chunk longer than one token, or too
+        many sequences). Both are the graph's output buffers: the next replay of any graph overwrites them."""
         b = len(chunks)
         size = next((s for s in sorted(self.graphs) if s >= b), None)
         if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
@@ -263,9 +271,9 @@ class ModelRunner:
         self._fill_static(chunks, size, device_ids if in_buffer else None)
         if device_ids is not None and not in_buffer:
             device_ids.write(self._static[:, 0], device_ids.chunks)
-        graph, logits = self.graphs[size]
+        graph, logits, loads = self.graphs[size]
         graph.replay()
-        return logits[:b]
+        return logits[:b], loads
 
     def capture_cuda_graphs(self, max_batch: int) -> None:
         """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch. The graphs
@@ -281,14 +289,14 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._graph_step(size)
+                    logits, loads = self._graph_step(size)
             except RuntimeError as err:
                 self.graphs.clear()
                 raise ConfigError(f"cannot capture the decode step as a CUDA graph in {self.dtype} ({err}); some "
                                   f"operator synchronises with the host here (float32 grouped matmul does): use "
                                   f"bfloat16, or cuda_graphs=False") from err
             pool = graph.pool()
-            self.graphs[size] = (graph, logits)
+            self.graphs[size] = (graph, logits, loads)
 
     def token_buffer(self, n: int) -> torch.Tensor | None:
         """Where a caller that samples a captured step's n tokens on the device should write them (None: anywhere):
@@ -319,16 +327,24 @@ class ModelRunner:
         rows += [[0, 0, scratch * bs, -1] + [scratch] * width] * (size - len(chunks))
         copy_into(self._static[:size], rows)
 
-    def _graph_step(self, b: int) -> torch.Tensor:
+    def _graph_step(self, b: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decode step a graph of size b captures: (logits [b, vocab], tokens per expert of each MoE layer by
+        layer id, counting the sequences' rows only, not the padding rows up to b)."""
         ids, pos, slots, source = (self._static[:b, i] for i in range(4))
         tables = self._static[:, 4:]
         plan = kernels.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
                                             tables.shape[1] * self.block_size)
         h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
+        chosen = {}
         with kernels.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
-                h = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
-            return self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`kernels.FewRowLinears`)
+                h, routed = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
+                if routed is not None:
+                    chosen[block.layer_id] = routed[0]
+            logits = self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`kernels.FewRowLinears`)
+        # padding rows write into the scratch block, which no sequence's row does
+        real = slots < self.scratch_block * self.block_size
+        return logits, rows_load(chosen, real, self.cfg.n_routed_experts)
 
 
 def step_inputs(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, source: torch.Tensor,
@@ -369,19 +385,21 @@ def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torc
     return q_nope[0], q_pe[0], kv[0], k_pe[0]
 
 
-def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
     """A block's work after attention: the output projection, the residuals and the FFN (the residual add and the
-    FFN's norm in the Triton router's first kernel where it runs: `kernels.residual_norm`)."""
+    FFN's norm in the Triton router's first kernel where it runs: `kernels.residual_norm`); with the MoE's
+    (indices, load) as `feed_forward` returns them."""
     h, x, routing = kernels.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
     return feed_forward(block.ffn, x, routing, residual=h)
 
 
 def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                   slot_mapping: torch.Tensor, attention, store=kernels.store_latents,
-                  stages=(attention_inputs, block_output)) -> torch.Tensor:
+                  stages=(attention_inputs, block_output)) -> tuple[torch.Tensor, tuple | None]:
     """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
     `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context).
-    `stages` are the work around those two (compiled ones, with `compile=True`)."""
+    `stages` are the work around those two (compiled ones, with `compile=True`). Returns the block's output and
+    its MoE's (indices, load) as `feed_forward` gives them."""
     inputs, output = stages
     q_nope, q_pe, kv, k_pe = inputs(block, h, cos, sin)
     store(cache, slot_mapping, torch.cat([kv, k_pe], dim=-1))  # compiled, the cat joins the rotary kernel
@@ -389,17 +407,28 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
     """The block's FFN at inference, plus `residual` (the block's stream, x's shape) where given: an MoE runs
     through `kernels.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
-    added in their last kernel; `routing` where `kernels.residual_norm` made it); its `load` (tokens per expert,
-    which the server's metrics read) is kept as `MoE.forward` keeps it, the routing statistics of training are
-    not."""
+    added in their last kernel; `routing` where `kernels.residual_norm` made it). Returns the output and, for an
+    MoE, its choice: (experts [n, k] of each of the n tokens, tokens per expert [experts] fp32); None for an MLP."""
     if not isinstance(ffn, MoE):
-        return ffn(x) if residual is None else residual + ffn(x)
+        return (ffn(x) if residual is None else residual + ffn(x)), None
     flat = x.reshape(-1, x.shape[-1])
-    y, ffn.load = kernels.moe_forward(ffn, flat, routing, None if residual is None else residual.reshape(flat.shape))
-    return y.view(x.shape)
+    y, indices, load = kernels.moe_forward(ffn, flat, routing,
+                                           None if residual is None else residual.reshape(flat.shape))
+    return y.view(x.shape), (indices, load)
+
+
+def rows_load(chosen: dict[int, torch.Tensor], real: torch.Tensor, n_experts: int) -> dict[int, torch.Tensor]:
+    """Tokens per expert [n_experts] fp32 of each layer (chosen: experts [b, k] by layer id) over the rows where
+    real [b] is True; one count for all layers (a captured step's padding rows route too, and must not count)."""
+    if not chosen:
+        return {}
+    experts = torch.stack(list(chosen.values())).flatten(1)  # [layers, b * k]
+    weight = real.to(torch.float32).repeat_interleave(experts.shape[1] // real.shape[0]).expand_as(experts)
+    counts = torch.zeros(len(chosen), n_experts, device=real.device, dtype=torch.float32)
+    return dict(zip(chosen, counts.scatter_add_(1, experts, weight).unbind(0)))
 
 
 def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
@@ -426,10 +455,11 @@ def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: kernels
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                  slot_mapping: torch.Tensor, plan: kernels.PagedAttentionPlan, store=kernels.store_latents,
-                 decode=kernels.paged_mla_decode) -> torch.Tensor:
+                 decode=kernels.paged_mla_decode) -> tuple[torch.Tensor, tuple | None]:
     """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
     reads only the cache, so the new latents go from wkv_a's output straight into it, beside the latent query's
-    W_UK product and rotation (`kernels.store_and_query`; `store` where the cache store has no kernel)."""
+    W_UK product and rotation (`kernels.store_and_query`; `store` where the cache store has no kernel). Returns
+    as `block_output` does."""
     attn = block.attn
     q, kv_a = input_projections(block, h)
     q_nope, q_pe = attn.query_heads(q)

@@ -8,7 +8,7 @@ from torch import nn
 from seekforge.model.config import ModelConfig
 from seekforge.model.mla import MLA
 from seekforge.model.mlp import MLP
-from seekforge.model.moe import MoE
+from seekforge.model.moe import MoE, Routing
 from seekforge.model.norm import RMSNorm
 
 
@@ -21,6 +21,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask=None, absorb: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, mask=None,
+                absorb: bool = False) -> tuple[torch.Tensor, Routing | None]:
+        """x [b, s, dim] -> (output [b, s, dim], the MoE's routing; None for a dense FFN)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, absorb)
-        return x + self.ffn(self.ffn_norm(x))
+        if not isinstance(self.ffn, MoE):
+            return x + self.ffn(self.ffn_norm(x)), None
+        y, routing = self.ffn(self.ffn_norm(x))
+        return x + y, routing

@@ -8,6 +8,8 @@ is unavailable for the device or dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,16 @@ def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     flat = indices.flatten().to(torch.int64)
     return torch.zeros(n_experts, device=indices.device, dtype=torch.int32).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
+def add_load(totals: dict[int, torch.Tensor], loads: dict[int, torch.Tensor]) -> None:
+    """Adds each layer's tokens per expert (`loads`, by layer id) into `totals`. `totals` owns its tensors: the
+    first load of a layer is copied, since a load may be a buffer its producer overwrites (a CUDA graph's output)."""
+    for layer, load in loads.items():
+        if layer in totals:
+            totals[layer].add_(load.detach())
+        else:
+            totals[layer] = load.detach().clone()
 
 
 def _to_rows(x: torch.Tensor, token_of_row: torch.Tensor) -> torch.Tensor:
@@ -131,23 +143,28 @@ class Experts(nn.Module):
         return y.to(dtype_in), counts.float()
 
 
+@dataclass
+class Routing:
+    """What one MoE forward chose, for the trainer's balancing and its statistics."""
+
+    scores: torch.Tensor  # [..., experts] fp32 affinities (the sequence-wise balance loss's P)
+    indices: torch.Tensor  # [..., k] chosen experts
+    load: torch.Tensor  # [experts] fp32: tokens per expert
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Gate(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
-        # Filled by each forward for the trainer (balancing and its statistics); never part of a checkpoint.
-        self.load: torch.Tensor | None = None
-        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [..., dim] -> (output [..., dim], this forward's routing, scores and indices in x's leading shape)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
         y, load = self.experts(x, weights, indices)
-        self.load = load
-        self.routing = (scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)) if torch.is_grad_enabled() else None
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view(shape), Routing(scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1), load)

@@ -26,7 +26,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared_head.norm; the head itself is the model's
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None, absorb: bool = False):
-        """h_prev, emb_next [b, s, dim] -> this depth's hidden state [b, s, dim] (before self.norm)."""
+        """h_prev, emb_next [b, s, dim] -> (this depth's hidden state [b, s, dim] before self.norm, its block's
+        routing as `Block.forward` gives it)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin, mask, absorb)
 

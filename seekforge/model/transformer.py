@@ -14,7 +14,7 @@ from torch import nn
 
 from seekforge.model.block import Block
 from seekforge.model.config import ModelConfig
-from seekforge.model.moe import MoE
+from seekforge.model.moe import MoE, Routing
 from seekforge.model.mtp import MTPModule, depth_targets
 from seekforge.model.norm import RMSNorm
 from seekforge.model.rope import RotaryEmbedding
@@ -26,7 +26,7 @@ class ModelLoss:
     main_loss: torch.Tensor
     mtp_loss: torch.Tensor | None  # mean over MTP depths
     balance_loss: torch.Tensor | None  # sequence-wise balance loss (already times alpha)
-    expert_load: list[torch.Tensor]  # per MoE layer (main layers, then MTP blocks): tokens per expert
+    expert_load: dict[int, torch.Tensor]  # tokens per expert of each MoE layer that ran, by layer id
     logits: torch.Tensor | None = None  # the main head's [b, s, vocab], for losses built on top (distillation)
 
 
@@ -57,20 +57,23 @@ class Transformer(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, RotaryEmbedding):
                 module.reset_parameters()
-        for moe in self.moe_layers():
+        for moe in self.moe_layers().values():
             nn.init.normal_(moe.gate.weight, 0.0, std)
             moe.gate.bias.zero_()
             for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
                 nn.init.normal_(w, 0.0, std)
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self) -> dict[int, MoE]:
+        """Every MoE by the layer id of its block: main layers 0 .. n_layers - 1, then the MTP modules' blocks from
+        n_layers on; the ids `hidden` and `mtp_logits` report routing under."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return {b.layer_id: b.ffn for b in blocks if isinstance(b.ffn, MoE)}
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters, and those active for one token (shared + k routed experts per MoE layer)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
-        for moe in self.moe_layers():
+        for moe in self.moe_layers().values():
             per_expert = sum(w[0].numel() for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3))
             inactive += (moe.experts.n_experts - self.cfg.n_activated_experts) * per_expert
         mtp = sum(p.numel() for p in self.mtp.parameters())
@@ -80,58 +83,67 @@ class Transformer(nn.Module):
     def positions_like(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
 
-    def hidden(self, tokens: torch.Tensor, positions=None, mask=None, absorb: bool = False) -> torch.Tensor:
-        """tokens [b, s] -> the last block's output [b, s, dim] (before the final norm)."""
+    def hidden(self, tokens: torch.Tensor, positions=None, mask=None,
+               absorb: bool = False) -> tuple[torch.Tensor, dict[int, Routing]]:
+        """tokens [b, s] -> (the last block's output [b, s, dim] before the final norm, the routing of every MoE
+        layer by layer id)."""
         cos, sin = self.rope(self.positions_like(tokens) if positions is None else positions)
         h = self.embed(tokens)
+        routing = {}
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, absorb)
-        return h
+            h, routed = layer(h, cos, sin, mask, absorb)
+            if routed is not None:
+                routing[layer.layer_id] = routed
+        return h, routing
 
     def forward(self, tokens: torch.Tensor, positions=None, mask=None, absorb: bool = False) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab]. mask: bool [b|1, s, t] (True = may attend), None = causal."""
-        return self.head(self.norm(self.hidden(tokens, positions, mask, absorb)))
+        return self.head(self.norm(self.hidden(tokens, positions, mask, absorb)[0]))
 
-    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, positions=None, mask=None) -> list[torch.Tensor]:
+    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, positions=None,
+                   mask=None) -> tuple[list[torch.Tensor], dict[int, Routing]]:
         """Logits of every MTP depth for a forward of `tokens` (with `positions`/`mask` as given to `hidden`)
-        whose main hidden state is h. Depth k returns [b, s - k, vocab]; its position i predicts token i + k + 1."""
-        out = []
+        whose main hidden state is h, and the routing of the MTP blocks that ran, by layer id. Depth k returns
+        [b, s - k, vocab]; its position i predicts token i + k + 1."""
+        out, routing = [], {}
         for k, module in enumerate(self.mtp, start=1):
             s = tokens.shape[1] - k
             if s <= 0:
                 break
             cos, sin = self.rope(self.positions_like(tokens[:, :s]) if positions is None else positions[:, :s])
-            h = module(h[:, :s], self.embed(tokens[:, k:]), cos, sin, None if mask is None else mask[:, :s, :s])
+            h, routed = module(h[:, :s], self.embed(tokens[:, k:]), cos, sin, None if mask is None else mask[:, :s, :s])
+            if routed is not None:
+                routing[module.block.layer_id] = routed
             out.append(self.head(module.norm(h)))
-        return out
+        return out, routing
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
              balance_alpha: float = 0.0, ignore_index: int = -100, positions=None, mask=None) -> ModelLoss:
         """Cross-entropy of next-token prediction; labels [b, s] are tokens shifted by one (ignore_index
         where no target). MTP depth k is scored against labels[:, k:]. positions and mask as in `forward`
         (packed documents: positions restart at 0 for each, mask keeps them apart); where positions do not
-        run on for k steps, depth k's target lies in another document and is ignored."""
-        h = self.hidden(tokens, positions, mask)
+        run on for k steps, depth k's target lies in another document and is ignored. The balance loss and the
+        expert load cover the MoE layers of this forward: the MTP blocks only where they ran (mtp_weight > 0)."""
+        h, routing = self.hidden(tokens, positions, mask)
         logits = self.head(self.norm(h))
         main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
         mtp = None
         if self.cfg.n_mtp_modules and mtp_weight:
-            depths = self.mtp_logits(tokens, h, positions, mask)
+            depths, mtp_routing = self.mtp_logits(tokens, h, positions, mask)
+            routing.update(mtp_routing)
             losses = [F.cross_entropy(lg.flatten(0, 1).float(), depth_targets(labels, k, positions, ignore_index)
                                       .flatten(), ignore_index=ignore_index)
                       for k, lg in enumerate(depths, start=1)]
             mtp = torch.stack(losses).mean() if losses else None
-        moes = self.moe_layers()
         balance = None
-        routed = [m.routing for m in moes if m.routing is not None]
-        if balance_alpha and routed:  # a dense model has nothing to balance
-            balance = balance_alpha * sum(sequence_balance_loss(scores, indices) for scores, indices in routed)
+        if balance_alpha and routing:  # a dense model has nothing to balance
+            balance = balance_alpha * sum(sequence_balance_loss(r.scores, r.indices) for r in routing.values())
         total = main
         if mtp is not None:
             total = total + mtp_weight * mtp
         if balance is not None:
             total = total + balance
-        return ModelLoss(total, main, mtp, balance, [m.load for m in moes if m.load is not None], logits)
+        return ModelLoss(total, main, mtp, balance, {layer: r.load for layer, r in routing.items()}, logits)
 
     def save_pretrained(self, path, **kwargs) -> None:
         from seekforge.hf import save_pretrained

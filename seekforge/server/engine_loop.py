@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from seekforge.engine import LLM, RequestOutput, SamplingParams
 from seekforge.errors import SeekforgeError
+from seekforge.model.moe import add_load
 from seekforge.server.metrics import ServerMetrics
 
 log = logging.getLogger("seekforge.server")
@@ -75,8 +76,7 @@ class EngineLoop:
         self.state = "starting"  # -> "ready" | "failed" -> "stopped"
         self.error: str | None = None
         self._ready = threading.Event()
-        self._experts: list[tuple[int, object]] = []
-        self._expert_sums: dict[int, object] = {}
+        self._expert_sums: dict[int, object] = {}  # tokens per expert by MoE layer id, since the last publish
         self._last_publish = 0.0
         self._waiting = 0
 
@@ -117,7 +117,6 @@ class EngineLoop:
             self.llm = self._make_llm()
             # one real generation before declaring readiness: the first request should not pay for warm-up
             self.llm.generate([[self.probe_token()]], SamplingParams(max_tokens=1, temperature=0))
-            self._experts = _moe_layers(self.llm)
         except Exception as err:  # noqa: BLE001 - any failure to load ends the server, with its reason
             if isinstance(err, SeekforgeError):  # the user's input: the message says it all
                 log.error("seekforge: the engine failed to start: %s", err)
@@ -173,7 +172,8 @@ class EngineLoop:
             try:
                 outs = llm.step()
                 self._dispatch(outs)
-                self._accumulate_expert_load(bool(outs))
+                # the step's tokens per expert, summed before the next step overwrites a captured graph's
+                add_load(self._expert_sums, llm.expert_load)
                 self._publish()
             except Exception as err:  # noqa: BLE001 - a failed step must not take the server down
                 log.exception("seekforge: engine step failed; failing the requests in flight")
@@ -266,15 +266,6 @@ class EngineLoop:
         if batch:
             self._aloop.call_soon_threadsafe(_put_all, batch)
 
-    def _accumulate_expert_load(self, ran: bool) -> None:
-        if not ran:
-            return
-        for i, moe in self._experts:
-            load = moe.load
-            if load is not None:
-                acc = self._expert_sums.get(i)
-                self._expert_sums[i] = load.detach().clone() if acc is None else acc.add_(load)
-
     def _publish(self, force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self._last_publish < _PUBLISH_EVERY:
@@ -290,12 +281,6 @@ def _put_all(batch: list) -> None:
     for sink, item in batch:
         sink.put_nowait(item)
 
-
-def _moe_layers(llm: LLM) -> list[tuple[int, object]]:
-    """The main model's MoE layers, whose `load` (tokens per expert of the last forward) we sum."""
-    from seekforge.model.moe import MoE
-
-    return [(i, layer.ffn) for i, layer in enumerate(llm.model.layers) if isinstance(layer.ffn, MoE)]
 
 
 class Generation:

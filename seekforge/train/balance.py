@@ -11,10 +11,15 @@ from seekforge.model.moe import MoE
 
 
 @torch.no_grad()
-def update_expert_bias(moe_layers: list[MoE], loads: list[torch.Tensor], gamma: float) -> None:
-    """loads: tokens per expert for each layer, summed over the step's micro-batches (and ranks)."""
+def update_expert_bias(moe_layers: dict[int, MoE], loads: dict[int, torch.Tensor], gamma: float) -> None:
+    """moe_layers: the model's MoE layers by layer id (`Transformer.moe_layers`); loads: tokens per expert of
+    the layers that ran in the step, by the same ids, summed over its micro-batches (and ranks). A layer
+    without a load (an MTP block that did not run) keeps its bias."""
     if not gamma:
         return
-    for moe, load in zip(moe_layers, loads, strict=True):
+    unknown = sorted(set(loads) - set(moe_layers))
+    if unknown:
+        raise ValueError(f"expert loads for layers {unknown}, which hold no MoE (MoE layers: {sorted(moe_layers)})")
+    for layer, load in loads.items():
         load = load.float()
-        moe.gate.bias.add_(gamma * torch.sign(load.mean() - load))
+        moe_layers[layer].gate.bias.add_(gamma * torch.sign(load.mean() - load))

@@ -126,19 +126,19 @@ SHARED_SHAPE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_heads", "q
 @torch.no_grad()
 def expert_usage(teacher, sequences: list[list[int]], chunk: int) -> dict[str, torch.Tensor]:
     """Tokens routed to each expert of every MoE layer (by module name) over `sequences`, laid end to end."""
+    from seekforge.model.moe import add_load
+
     stream = [t for s in sequences for t in s]
-    names = [name for name, m in teacher.named_modules() if m in set(teacher.moe_layers())]
-    totals: dict[str, torch.Tensor] = {}
+    totals: dict[int, torch.Tensor] = {}  # by layer id
     for lo in range(0, max(len(stream) - 1, 1), chunk):
         window = torch.tensor(stream[lo:lo + chunk + 1]).unsqueeze(0)
         if window.shape[1] < 2:
             break
-        teacher.loss(window[:, :-1], window[:, 1:], mtp_weight=1.0 if teacher.cfg.n_mtp_modules else 0.0)
-        for name in names:
-            load = teacher.get_submodule(name).load
-            if load is not None:
-                totals[name] = totals.get(name, 0) + load.float()
-    return totals
+        out = teacher.loss(window[:, :-1], window[:, 1:], mtp_weight=1.0 if teacher.cfg.n_mtp_modules else 0.0)
+        add_load(totals, out.expert_load)
+    name_of = {m: name for name, m in teacher.named_modules()}
+    moes = teacher.moe_layers()
+    return {name_of[moes[layer]]: load for layer, load in totals.items()}
 
 
 def init_from_teacher(teacher, student_cfg, sequences: list[list[int]]):

@@ -40,6 +40,7 @@ import torch
 
 from seekforge.configio import load_config, save_config, to_dict
 from seekforge.errors import ConfigError
+from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
@@ -403,11 +404,12 @@ class GRPOTrainer:
         return Sequences(prompts, group, completions, adv.flatten().float(), torch.tensor(trained, dtype=torch.bool))
 
     # ---------------------------------------------------------------- the update
-    def _logits(self, model, batch: PackedBatch) -> torch.Tensor:
-        """Logits [n, T, vocab] predicting every completion token of the batch."""
-        h = model.hidden(batch.tokens, batch.positions, batch.mask)
+    def _logits(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits [n, T, vocab] predicting every completion token of the batch, and the tokens per expert of
+        each MoE layer that ran, by layer id (the main layers: the MTP modules predict nothing here)."""
+        h, routing = model.hidden(batch.tokens, batch.positions, batch.mask)
         h = h.flatten(0, 1)[batch.source]
-        return model.head(model.norm(h))
+        return model.head(model.norm(h)), {layer: r.load for layer, r in routing.items()}
 
     def _micro_batches(self, seqs: Sequences, active: list[int]) -> list[PackedBatch]:
         """Active completions in rows (longest first), about micro_batch_size completions per batch. A row
@@ -451,18 +453,18 @@ class GRPOTrainer:
         with torch.no_grad(), self._autocast():
             for b, batch in enumerate(batches):
                 if cfg.mu > 1:
-                    old[b] = token_logprobs(self._logits(model, batch), batch.targets, self.sampling)
+                    old[b] = token_logprobs(self._logits(model, batch)[0], batch.targets, self.sampling)
                 if self.ref is not None:
-                    ref[b] = token_logprobs(self._logits(self.ref, batch), batch.targets, self.sampling)
+                    ref[b] = token_logprobs(self._logits(self.ref, batch)[0], batch.targets, self.sampling)
         sums = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         grad_norm, lr = math.nan, self.schedule.lr(self.step)
         set_lr(self.optimizer, lr)
         for it in range(cfg.mu):
-            loads = None
+            loads: dict[int, torch.Tensor] = {}
             finite = True
             for b, batch in enumerate(batches):
                 with self._autocast():
-                    logits = self._logits(model, batch)
+                    logits, batch_loads = self._logits(model, batch)
                 logp = token_logprobs(logits, batch.targets, self.sampling)
                 out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
                                   batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
@@ -474,8 +476,7 @@ class GRPOTrainer:
                 # bnpo's micro-batch losses are token means of their own: the batch's is their mean
                 loss = out.loss / len(batches) if cfg.loss_type == "bnpo" else out.loss
                 loss.backward()
-                step_loads = [m.load.detach() for m in model.moe_layers() if m.load is not None]
-                loads = step_loads if loads is None else [a + c for a, c in zip(loads, step_loads)]
+                add_load(loads, batch_loads)
                 if it == cfg.mu - 1:  # statistics of the last pass
                     with torch.no_grad():
                         sums["entropy"] += float((token_entropy(logits.detach()) * batch.target_mask).sum())
@@ -488,8 +489,7 @@ class GRPOTrainer:
                 return {**record, "skipped": True, "reason": "non-finite loss or gradients", "lr": lr}
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if loads:
-                update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
+            update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
         self.llm.reset_prefix_cache()  # cached prompt latents belong to the old weights
         tokens = max(sums["tokens"], 1.0)
         record.update(skipped=False, lr=lr, grad_norm=grad_norm, loss=sums["loss"],

@@ -25,6 +25,7 @@ import torch
 from seekforge.configio import load_config, save_config, to_dict
 from seekforge.errors import ConfigError, SeekforgeError
 from seekforge.model.config import ModelConfig
+from seekforge.model.moe import add_load
 from seekforge.model.transformer import Transformer
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
@@ -237,7 +238,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         mtp_weight = cfg.mtp_lambda(self.step)
         totals = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        loads = None
+        loads: dict[int, torch.Tensor] = {}  # by MoE layer id: the layers that ran (MTP blocks only with mtp_weight)
         finite = True
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
@@ -251,8 +252,7 @@ class Trainer:
                 value = getattr(out, key)
                 if value is not None:
                     totals[key] += float(value.detach()) / cfg.grad_accum
-            step_loads = [load.detach() for load in out.expert_load]
-            loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+            add_load(loads, out.expert_load)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan
         record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
         if not (finite and math.isfinite(grad_norm)):
@@ -263,10 +263,13 @@ class Trainer:
         update_expert_bias(model.moe_layers(), loads, cfg.gamma(self.step))
         record.update(totals, skipped=False)
         if loads:
-            stats = expert_load_stats(torch.stack(loads))
+            moes = model.moe_layers()
+            # in the model's layer order: the main layers (which always run), then the MTP blocks that ran
+            stats = expert_load_stats(torch.stack([loads[layer] for layer in moes if layer in loads]))
             record["load_max_min"], record["load_cv"] = stats["max_min_ratio"], stats["cv"]
-            record["expert_load"] = [load.tolist() for load in loads]
-            record["expert_bias"] = [m.gate.bias.tolist() for m in model.moe_layers()]
+            # one row per MoE layer; empty for a layer that did not run this step
+            record["expert_load"] = [loads[layer].tolist() if layer in loads else [] for layer in moes]
+            record["expert_bias"] = [m.gate.bias.tolist() for m in moes.values()]
         return record
 
     def _attention(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
