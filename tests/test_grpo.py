@@ -361,7 +361,7 @@ def test_grpo_raises_the_reward_and_learning_rate_zero_does_not(base, tmp_path):
     tok = Tokenizer.from_pretrained(base)
     reward = torch.tensor([float(any(ch.isdigit() for ch in tok.decode([t], skip_special_tokens=True)))
                            for t in range(tok.vocab_size)])
-    prompts = [tok.encode(render_prompt(r.prompt, "r1_zero"), add_bos=True)
+    prompts = [tok.encode_prompt(render_prompt(r.prompt, "r1_zero"))
                for r in get_task("chain_sum").rows("test", 8, 0)]
 
     @torch.no_grad()

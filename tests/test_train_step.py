@@ -66,7 +66,7 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(tmp_path, data):
     # rounding in gradients near eps, so the parameters after it are no sharper a check)
     for g_whole, g_halves in zip(seen_whole[0], seen_halves[0], strict=True):
         torch.testing.assert_close(g_halves, g_whole, rtol=1e-4, atol=1e-7)
-    for a, b in zip(whole.model.moe_layers(), halves.model.moe_layers()):
+    for a, b in zip(whole.model.moe_layers().values(), halves.model.moe_layers().values()):
         assert torch.equal(a.gate.bias, b.gate.bias)  # the bias moved by the same summed load
 
 
@@ -105,7 +105,7 @@ def test_mtp_weight_schedule_and_bias_freeze_in_a_short_run(tmp_path, data):
     bias = [r["expert_bias"] for r in rows]  # after each step's update
     assert bias[0] != [[0.0] * len(b) for b in bias[0]] and bias[1] != bias[0]  # moving while gamma > 0
     assert bias[3] == bias[2] == bias[1]  # frozen from step 2 on
-    assert [m.gate.bias.tolist() for m in trainer.model.moe_layers()] == bias[1]
+    assert [m.gate.bias.tolist() for m in trainer.model.moe_layers().values()] == bias[1]
 
 
 def test_mtp_weight_switches_at_two_thirds_by_default():
