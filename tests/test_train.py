@@ -17,7 +17,8 @@ from seekforge.model.gate import Gate
 from seekforge.model.moe import MoE
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.metrics import load_cv
-from seekforge.train.pretrain import TrainConfig, Trainer, TrainingStopped, load_train_config
+from seekforge.train.loop import TrainingStopped
+from seekforge.train.pretrain import TrainConfig, Trainer, load_train_config
 
 SMALL_RUN = ["seq_len=32", "batch_size=4", "steps=14", "warmup_steps=2", "constant_steps=6", "decay_steps=6",
              "save_every=3", "eval_every=7", "eval_batches=1", "builtin_docs=400", "builtin_vocab=300",

@@ -22,21 +22,18 @@ from typing import Literal
 
 import torch
 
-from seekforge.configio import load_config, save_config, to_dict
-from seekforge.errors import ConfigError, SeekforgeError
+from seekforge.configio import load_config, to_dict
+from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import add_load
 from seekforge.model.transformer import Transformer
 from seekforge.train.balance import update_expert_bias
-from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
+from seekforge.train.checkpoint import config_fingerprint
 from seekforge.train.init_from import build_model, model_config
-from seekforge.train.metrics import MetricsLogger, ProgressBar, Throughput, expert_load_stats
+from seekforge.train.loop import NON_FINITE, Loop, train_and_export
+from seekforge.train.metrics import Throughput, expert_load_stats
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.train.schedule import LRSchedule
-
-
-class TrainingStopped(SeekforgeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the last good checkpoint stays."""
 
 
 @dataclass
@@ -153,14 +150,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = pick_device(cfg.device)
         self.amp = autocast_dtype(self.device, cfg.precision)
-        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, fingerprint=cfg.fingerprint())
-        if self.ckpt.latest_dir() is not None and not resume:
-            raise ConfigError(f"{self.out} already holds a training run; pass --resume to continue it or "
-                              f"choose a new --out directory")
-        if resume:
-            self.ckpt.verify_fingerprint(cfg.fingerprint())
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "train_config.yaml")
+        self.loop = Loop(cfg, self.out, "train_config.yaml", resume=resume)
+        self.ckpt = self.loop.ckpt
         self.data_dir, self.tokenizer_dir = self._data()
         self.model_cfg = self._model_config()
         torch.manual_seed(cfg.seed)
@@ -172,13 +163,17 @@ class Trainer:
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule = cfg.schedule()
         self.loader = self._build_loader()
-        self.step = 0
-        loaded = self.ckpt.load_latest() if resume else None
-        if loaded is not None:
-            self._restore(loaded[1])
-        # records are logged under the 0-based update index, checkpoints under the count of updates
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
-                                     resume_step=self.step - 1 if loaded else None)
+        self.speed = Throughput()
+        self.loop.start(self)
+
+    @property
+    def step(self) -> int:
+        """Updates done so far (the loop's count)."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
 
     # ---------------------------------------------------------------- setup
     def _data(self) -> tuple[Path, Path | None]:
@@ -215,16 +210,14 @@ class Trainer:
     def _build_model(self) -> Transformer:
         return build_model(self.model_cfg, self.cfg.init_from, self.cfg.model_overrides)
 
-    def _state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state(), "step": self.step}
+                "loader": self.loader.state_dict()}
 
-    def _restore(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
 
     # ---------------------------------------------------------------- one step
     def _autocast(self):
@@ -233,6 +226,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def train_step(self) -> dict:
+        """One optimizer update (grad_accum micro-batches) at step self.step; its metrics record."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        record = self._update()
+        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        record["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+        record["tokens_per_s_smooth"] = self.speed.update(tokens)
+        return record
+
+    def _update(self) -> dict:
         cfg, model = self.cfg, self.model
         lr = self.schedule.lr(self.step)
         set_lr(self.optimizer, lr)
@@ -257,7 +260,7 @@ class Trainer:
         record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
         if not (finite and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            return {**record, "skipped": True, "loss": math.nan}
+            return {**record, "skipped": True, "reason": NON_FINITE, "loss": math.nan}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_expert_bias(model.moe_layers(), loads, cfg.gamma(self.step))
@@ -301,41 +304,9 @@ class Trainer:
         loss = total / count
         return {"eval_loss": loss, "eval_bpb": bits_per_byte(loss, self.data_dir, "val")}
 
-    # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
-        cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        speed = Throughput()
-        bad = 0
-        last: dict = {}
-        with ProgressBar(cfg.steps, start_step=self.step, disable=not cfg.progress) as bar:
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                record = self.train_step()
-                record["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - start, 1e-9)
-                record["tokens_per_s_smooth"] = speed.update(tokens_per_step)
-                step = self.step
-                self.step += 1
-                if record["skipped"]:
-                    bad += 1
-                    bar.write(f"step {step}: non-finite loss or gradients, step skipped ({bad} in a row)")
-                    if bad >= cfg.max_bad_steps:
-                        self.metrics.log(step, record)
-                        raise TrainingStopped(
-                            f"{bad} non-finite steps in a row at step {step}; stopped. The last good checkpoint "
-                            f"in {self.ckpt.dir} is intact: lower lr or check the data, then resume")
-                else:
-                    bad = 0
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    record.update(self.evaluate())
-                self.metrics.log(step, record)
-                bar.update(self.step, loss=record.get("loss"), lr=record["lr"], tokens_per_s=record["tokens_per_s"])
-                last = record
-                due = self.step % cfg.save_every == 0 or self.step == cfg.steps
-                if due and not record["skipped"]:  # never checkpoint in the middle of a bad streak
-                    self.ckpt.save(self.step, self._state())
-        self.metrics.close()
-        return last
+        """Train to cfg.steps (seekforge.train.loop); returns the last step's record."""
+        return self.loop.run(self)
 
     def export(self) -> Path:
         """The final model in Hugging Face layout (with its tokenizer) under DIR/final."""
@@ -349,11 +320,4 @@ class Trainer:
 
 
 def run(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
-    trainer = Trainer(cfg, out_dir, resume=resume)
-    last = trainer.train()
-    trainer.export()
-    if report:
-        from seekforge.report import write_report
-
-        write_report(out_dir)
-    return last
+    return train_and_export(Trainer(cfg, out_dir, resume=resume), out_dir, report)

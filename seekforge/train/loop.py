@@ -1,0 +1,150 @@
+"""The training loop every trainer runs (pretraining, SFT and distillation's students, GRPO).
+
+A trainer is a `Task`: it supplies one step (its batches and its loss; for GRPO, rollout + update), its
+evaluation, its resumable state and its export. The loop owns the rest, the same for all of them: the run
+directory (refusing to overwrite a run unless resuming, the config's fingerprint), step counting, exact
+resume from the latest checkpoint, metrics.jsonl / TensorBoard, the progress bar, periodic evaluation and
+checkpoints, and the bad-step guard: a step whose loss or gradients are not finite is skipped (the task
+drops its gradients and returns a record with `skipped` and `reason` = NON_FINITE), counted, never
+checkpointed, and `max_bad_steps` of them in a row stop training with TrainingStopped, the last good
+checkpoint intact.
+
+`Loop.step` is the number of updates done (what checkpoints are saved under); the step a task is asked
+for is that count before the update, so step k (0-based) is the (k+1)-th update. Records are labelled in
+one of two layouts, which readers of existing runs rely on:
+- "index": a step's record carries its 0-based index, with its evaluation merged into it (pretraining, SFT);
+- "count": a step's record carries the number of updates done; evaluations are records of their own
+  (kind "eval"), step 0 the initial model's (GRPO).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from seekforge.configio import save_config
+from seekforge.errors import ConfigError, SeekforgeError
+from seekforge.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from seekforge.train.metrics import MetricsLogger, ProgressBar
+
+NON_FINITE = "non-finite loss or gradients"  # the `reason` of a step the bad-step guard counts
+
+
+class TrainingStopped(SeekforgeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the last good checkpoint stays."""
+
+
+class Task(Protocol):
+    """What a trainer supplies to the loop."""
+
+    step: int  # updates done so far: the loop's count (a property reading Loop.step)
+
+    def train_step(self) -> dict:
+        """One update (the one at 0-based index `step`); its metrics record (`skipped`, with `reason`, when
+        none was made)."""
+
+    def evaluate(self) -> dict:
+        """Held-out metrics of the current model."""
+
+    def state_dict(self) -> dict:
+        """Everything exact resume needs besides the step and the RNG state (model, optimizer, data position)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def export(self) -> Path:
+        """The final model (Hugging Face layout, with its tokenizer) under DIR/final."""
+
+
+class Loop:
+    """The run directory, checkpoints, metrics and the step loop of one run (see the module doc).
+
+    `cfg` gives steps, eval_every, save_every, keep_last, max_bad_steps, progress, tensorboard and fingerprint();
+    it is saved as DIR/`config_file`.
+    """
+
+    def __init__(self, cfg: Any, out_dir: str | Path, config_file: str, resume: bool = False,
+                 records: Literal["index", "count"] = "index", desc: str = "train"):
+        self.cfg, self.out, self.records, self.desc = cfg, Path(out_dir), records, desc
+        self.resume = resume
+        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, fingerprint=cfg.fingerprint())
+        if self.ckpt.latest_dir() is not None and not resume:
+            raise ConfigError(f"{self.out} already holds a training run; pass --resume to continue it or "
+                              f"choose a new --out directory")
+        if resume:
+            self.ckpt.verify_fingerprint(cfg.fingerprint())
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / config_file)
+        self.step = 0
+        self.metrics: MetricsLogger | None = None
+
+    def _label(self, done: int) -> int:
+        """The record step of the update that brought the count to `done`."""
+        return done - 1 if self.records == "index" else done
+
+    def start(self, task: Task, map_location=None) -> None:
+        """Restore the latest checkpoint when resuming, then open the metrics log (dropping records a killed run
+        wrote after that checkpoint). Call once the task's model, optimizer and data are built."""
+        loaded = self.ckpt.load_latest(map_location=map_location) if self.resume else None
+        if loaded is not None:
+            state = loaded[1]
+            task.load_state_dict(state)
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+        # a fresh start (no checkpoint) drops whatever a run killed before its first checkpoint logged
+        self.metrics = MetricsLogger(self.out, tensorboard=self.cfg.tensorboard,
+                                     resume_step=self._label(self.step) if loaded is not None else -1)
+
+    def save(self, task: Task) -> None:
+        self.ckpt.save(self.step, {**task.state_dict(), "rng": rng_state(), "step": self.step})
+
+    def run(self, task: Task) -> dict:
+        """Train until cfg.steps updates are done; returns the last step's record (with its evaluation)."""
+        cfg, metrics = self.cfg, self.metrics
+        last: dict = {}
+        bad = 0
+        try:
+            if self.records == "count" and self.step == 0:
+                metrics.log(0, task.evaluate(), kind="eval")
+            with ProgressBar(cfg.steps, start_step=self.step, desc=self.desc, disable=not cfg.progress) as bar:
+                while self.step < cfg.steps:
+                    record = task.train_step()
+                    self.step += 1
+                    label = self._label(self.step)
+                    failed = record.get("skipped") and record.get("reason") == NON_FINITE
+                    bad = bad + 1 if failed else 0
+                    if failed:
+                        bar.write(f"step {label}: {NON_FINITE}, step skipped ({bad} in a row)")
+                        if bad >= cfg.max_bad_steps:
+                            metrics.log(label, record)
+                            raise TrainingStopped(
+                                f"{bad} non-finite steps in a row at step {label}; stopped. The last good checkpoint "
+                                f"in {self.ckpt.dir} is intact: lower lr or check the data, then resume")
+                    due_eval = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                    evaluation = task.evaluate() if due_eval else {}
+                    if self.records == "index":
+                        record.update(evaluation)
+                        last = record
+                    metrics.log(label, record)
+                    if self.records == "count":
+                        last = record
+                        if due_eval:
+                            metrics.log(label, evaluation, kind="eval")
+                            last = {**record, **{f"eval_{k}": v for k, v in evaluation.items()}}
+                    bar.update(self.step, loss=record.get("loss"), lr=record.get("lr"),
+                               tokens_per_s=record.get("tokens_per_s", record.get("rollout_tokens_per_s")))
+                    if (self.step % cfg.save_every == 0 or self.step == cfg.steps) and not failed:
+                        self.save(task)  # never in the middle of a bad streak
+        finally:
+            metrics.close()
+        return last
+
+
+def train_and_export(trainer, out_dir: str | Path, report: bool = True) -> dict:
+    """Run a built trainer to the end, export DIR/final and (with `report`) write the report card."""
+    last = trainer.train()
+    trainer.export()
+    if report:
+        from seekforge.report import write_report
+
+        write_report(out_dir)
+    return last
