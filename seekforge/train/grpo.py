@@ -38,15 +38,14 @@ from typing import Literal
 
 import torch
 
-from seekforge.configio import load_config, save_config, to_dict
+from seekforge.configio import load_config, to_dict
 from seekforge.errors import ConfigError
 from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
-from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
-from seekforge.train.metrics import MetricsLogger, ProgressBar
+from seekforge.train.checkpoint import config_fingerprint
+from seekforge.train.loop import NON_FINITE, Loop, train_and_export
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
-from seekforge.train.pretrain import TrainingStopped
 from seekforge.train.rl_loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal,
                                      policy_loss, token_entropy, token_logprobs)
 from seekforge.train.sample import RewardSet, Rollouts, Template, generate
@@ -287,14 +286,8 @@ class GRPOTrainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = pick_device(cfg.device)
         self.amp = autocast_dtype(self.device, cfg.precision)
-        self.ckpt = CheckpointManager(self.out, keep_last=cfg.keep_last, fingerprint=cfg.fingerprint())
-        if self.ckpt.latest_dir() is not None and not resume:
-            raise ConfigError(f"{self.out} already holds a GRPO run; pass --resume to continue it or choose a new "
-                              f"--out directory")
-        if resume:
-            self.ckpt.verify_fingerprint(cfg.fingerprint())
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "grpo_config.yaml")
+        self.loop = Loop(cfg, self.out, "grpo_config.yaml", resume=resume, records="count", desc="grpo")
+        self.ckpt = self.loop.ckpt
         self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
         self.task = get_task(cfg.task, **cfg.task_knobs)
         torch.manual_seed(cfg.seed)
@@ -309,10 +302,7 @@ class GRPOTrainer:
         self.schedule = cfg.schedule()
         self.prompts = PromptStream(self.task, cfg.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.reward_weights, cfg.reward_timeout_s)
-        self.step = 0
-        loaded = self.ckpt.load_latest(map_location=self.device) if resume else None
-        if loaded is not None:
-            self._restore(loaded[1])
+        self.loop.start(self, map_location=self.device)
         # the engine computes with self.model's own parameters: every update is live at the next rollout
         # On a GPU its plain decode steps replay from CUDA graphs, captured under the training autocast: each replay
         # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
@@ -321,20 +311,25 @@ class GRPOTrainer:
                   "cuda_graphs": self.device.type == "cuda" and self.amp is not None, **cfg.engine}
         with self._autocast(rollout=True):
             self.llm = LLM(self.model, self.tokenizer, **engine)
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
-                                     resume_step=self.step if loaded is not None else -1)
 
     # ---------------------------------------------------------------- state
-    def _state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "prompts": self.prompts.state_dict(), "rng": rng_state(), "step": self.step}
+    @property
+    def step(self) -> int:
+        """Updates done so far (the loop's count)."""
+        return self.loop.step
 
-    def _restore(self, state: dict) -> None:
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.prompts.load_state_dict(state["prompts"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
 
     def _autocast(self, rollout: bool = False):
         """The training precision; for the engine (`rollout`) without autocast's weight-cast cache, which would
@@ -486,7 +481,7 @@ class GRPOTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan
             if not (finite and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
-                return {**record, "skipped": True, "reason": "non-finite loss or gradients", "lr": lr}
+                return {**record, "skipped": True, "reason": NON_FINITE, "lr": lr}
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
@@ -534,52 +529,28 @@ class GRPOTrainer:
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")
         return {k: result[k] for k in keep}
 
+    def train_step(self) -> dict:
+        """One step: sample and score this step's groups, then update on them; its metrics record."""
+        start = time.perf_counter()
+        parts, stats = self.rollout()
+        seqs = self._sequences(parts)
+        t_update = time.perf_counter()
+        record = self.update(seqs)
+        record["update_s"] = time.perf_counter() - t_update
+        record.update(self._reward_stats(parts))
+        record.update(rollout_s=stats["rollout_s"], scoring_s=stats["scoring_s"],
+                      rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_s"], 1e-9),
+                      zero_std_groups=stats["zero_std_groups"] / max(stats["groups_sampled"], 1),
+                      groups=len(seqs.prompts), sampling_rounds=stats["sampling_rounds"],
+                      step_s=time.perf_counter() - start)
+        return record
+
     def train(self) -> dict:
-        cfg = self.cfg
-        last: dict = {}
-        bad = 0
+        """Train to cfg.steps (seekforge.train.loop); returns the last step's record."""
         try:
-            if self.step == 0:
-                self.metrics.log(0, self.evaluate(), kind="eval")
-            with ProgressBar(cfg.steps, start_step=self.step, desc="grpo", disable=not cfg.progress) as bar:
-                while self.step < cfg.steps:
-                    start = time.perf_counter()
-                    parts, stats = self.rollout()
-                    seqs = self._sequences(parts)
-                    t_update = time.perf_counter()
-                    record = self.update(seqs)
-                    record["update_s"] = time.perf_counter() - t_update
-                    record.update(self._reward_stats(parts))
-                    record.update(rollout_s=stats["rollout_s"], scoring_s=stats["scoring_s"],
-                                  rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_s"], 1e-9),
-                                  zero_std_groups=stats["zero_std_groups"] / max(stats["groups_sampled"], 1),
-                                  groups=len(seqs.prompts), sampling_rounds=stats["sampling_rounds"],
-                                  step_s=time.perf_counter() - start)
-                    self.step += 1
-                    if record.get("skipped") and record.get("reason", "").startswith("non-finite"):
-                        bad += 1
-                        bar.write(f"step {self.step}: non-finite loss or gradients, update skipped ({bad} in a row)")
-                        if bad >= cfg.max_bad_steps:
-                            self.metrics.log(self.step, record)
-                            raise TrainingStopped(
-                                f"{bad} non-finite updates in a row at step {self.step}; stopped. The last good "
-                                f"checkpoint in {self.ckpt.dir} is intact: lower lr, then resume")
-                    else:
-                        bad = 0
-                    self.metrics.log(self.step, record)
-                    bar.update(self.step, loss=record.get("loss"), lr=record.get("lr"),
-                               tokens_per_s=record["rollout_tokens_per_s"])
-                    last = record
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        result = self.evaluate()
-                        self.metrics.log(self.step, result, kind="eval")
-                        last = {**record, "eval_accuracy": result["accuracy"]}
-                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                        self.ckpt.save(self.step, self._state())
+            return self.loop.run(self)
         finally:
-            self.metrics.close()
             self.rewards.close()
-        return last
 
     def export(self) -> Path:
         from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
@@ -598,11 +569,4 @@ def _subset(r: Rollouts, keep: list[int]) -> Rollouts:
 
 
 def run(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
-    trainer = GRPOTrainer(cfg, out_dir, resume=resume)
-    last = trainer.train()
-    trainer.export()
-    if report:
-        from seekforge.report import write_report
-
-        write_report(out_dir)
-    return last
+    return train_and_export(GRPOTrainer(cfg, out_dir, resume=resume), out_dir, report)
