@@ -59,7 +59,7 @@ def make_checkpoint(args, where: Path) -> Path:
 
 
 def run_seekforge(args, ckpt: Path, out: Path) -> dict:
-    from seekforge.train.grpo import GRPOTrainer, load_grpo_config
+    from seekforge.rl.grpo import GRPOTrainer, load_grpo_config
 
     cfg = load_grpo_config(None, [
         f"init_from={ckpt}", f"task={TASK}", f"task_knobs={json.dumps(KNOBS)}", f"steps={args.steps}",
@@ -89,7 +89,7 @@ def run_trl(args, ckpt: Path, out: Path) -> dict:
     from seekforge.rewards import accuracy_reward, format_reward
     from seekforge.tasks import get_task, r1_zero_prompt
     from seekforge.tokenizer import Tokenizer
-    from seekforge.train.sample import answer_stop_ids
+    from seekforge.rl.rollout import answer_stop_ids
 
     n_rows = args.prompts * (args.steps + 1)
     rows = get_task(TASK, **KNOBS).rows("train", n_rows, 12345)

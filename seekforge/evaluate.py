@@ -11,12 +11,23 @@ All problems go to the engine in one batched call.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 from seekforge.errors import ConfigError
 from seekforge.tasks import get_task
-from seekforge.train.sample import RewardSet, generate, pass_at_k
+from seekforge.rewards import RewardSet
+from seekforge.rl.rollout import generate
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ConfigError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from seekforge.evaluate import EvalConfig, evaluate
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
-from seekforge.train.sample import pass_at_k
+from seekforge.evaluate import pass_at_k
 
 
 def test_pass_at_k_by_hand():

@@ -12,9 +12,9 @@ from seekforge.model import ModelConfig, Transformer
 from seekforge.model.moe import MoE
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
-from seekforge.train import grpo
-from seekforge.train.grpo import GRPOTrainer, Sequences, load_grpo_config, pack_groups
-from seekforge.train.rl_loss import token_logprobs
+from seekforge.rl import grpo
+from seekforge.rl.grpo import GRPOTrainer, Sequences, load_grpo_config, pack_groups
+from seekforge.rl.loss import token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,7 +179,7 @@ def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
 
 
 def test_cli_grpo_then_eval(base, tmp_path, capsys, monkeypatch):
-    import seekforge.train.grpo as grpo
+    import seekforge.rl.grpo as grpo
     from seekforge.cli import main
 
     rollouts = []
@@ -355,7 +355,7 @@ def test_grpo_raises_the_reward_and_learning_rate_zero_does_not(base, tmp_path):
     replaced); the two runs are otherwise the same (seed, first rollouts)."""
     from types import SimpleNamespace
 
-    from seekforge.train.sample import render_prompt
+    from seekforge.rl.rollout import render_prompt
 
     (tmp_path / "digit.py").write_text(HAS_DIGIT)
     tok = Tokenizer.from_pretrained(base)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import seekforge.train.sample as sample
+import seekforge.rl.rejection as sample
 from seekforge.cli import main
 from seekforge.data.corpus import render_example
 from seekforge.tasks import get_task, r1_zero_prompt

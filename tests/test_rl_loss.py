@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError
-from seekforge.train.rl_loss import (combine_rewards, group_advantages, groups_with_signal, k3_kl, policy_loss,
+from seekforge.rl.loss import (combine_rewards, group_advantages, groups_with_signal, k3_kl, policy_loss,
                                      token_entropy, token_logprobs)
 
 nan = math.nan

@@ -11,7 +11,7 @@ from seekforge.errors import ConfigError, DataError
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import ASSISTANT, Tokenizer
-from seekforge.train.sample import SampleConfig, is_correct, rejection_sample
+from seekforge.rl.rejection import SampleConfig, is_correct, rejection_sample
 from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, document_mask, load_sft_config, pack,
                                  read_examples, tokenize_row)
 

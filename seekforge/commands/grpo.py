@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from seekforge.train.grpo import load_grpo_config, run as grpo
+    from seekforge.rl.grpo import load_grpo_config, run as grpo
 
     cfg = load_grpo_config(args.config, [f"init_from={args.init_from}", f"task={args.task}", *args.overrides])
     last = grpo(cfg, args.out, resume=args.resume)

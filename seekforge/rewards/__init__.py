@@ -5,6 +5,7 @@
 """
 
 from seekforge.rewards.loading import REWARDS, load_reward_functions, row_fields
+from seekforge.rewards.reward_set import RewardSet
 from seekforge.rewards.rules import accuracy_reward, format_reward
 from seekforge.rewards.safe import RewardCounters, SafeReward, safe_reward
 from seekforge.rewards.shaping import length_penalty, repetition_penalty
@@ -12,6 +13,6 @@ from seekforge.tasks.answers import extract_answer
 from seekforge.tasks.templates import r1_zero_prompt
 
 __all__ = [
-    "REWARDS", "RewardCounters", "SafeReward", "accuracy_reward", "extract_answer", "format_reward",
+    "REWARDS", "RewardCounters", "RewardSet", "SafeReward", "accuracy_reward", "extract_answer", "format_reward",
     "length_penalty", "load_reward_functions", "r1_zero_prompt", "repetition_penalty", "row_fields", "safe_reward",
 ]

@@ -3,7 +3,7 @@
     seekforge distill --teacher runs/rl/final --student-config tiny --task chain_sum --out runs/distill
     seekforge distill --teacher T --student-config tiny,student.json --task arithmetic --out D kd_weight=0.5
 
-1. Rejection sampling (seekforge.train.sample): the teacher answers `n_prompts` training problems,
+1. Rejection sampling (seekforge.rl.rejection): the teacher answers `n_prompts` training problems,
    `n_per_prompt` times each (greedy when temperature is 0); completions the accuracy reward scores 1
    are kept, at most one per problem, in DIR/traces.jsonl.
 2. Each student is trained from scratch on those traces by SFT (seekforge.train.sft: loss on the
@@ -104,7 +104,7 @@ def student_specs(cfg: DistillConfig) -> list[tuple[str, str, dict]]:
 
 def sample_traces(cfg: DistillConfig, llm, path: Path) -> dict:
     """Rejection-sample the teacher into `path` (SFT rows); returns the sampling statistics."""
-    from seekforge.train.sample import SampleConfig, rejection_sample, write_jsonl
+    from seekforge.rl.rejection import SampleConfig, rejection_sample, write_jsonl
 
     scfg = SampleConfig(init_from=cfg.teacher, task=cfg.task, task_knobs=cfg.task_knobs, out=str(path),
                         n_prompts=cfg.n_prompts, n_per_prompt=cfg.n_per_prompt, keep_correct=True, max_per_prompt=1,

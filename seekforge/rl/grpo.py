@@ -7,7 +7,7 @@ One step: take `prompts_per_step` training problems, sample `group_size` complet
 inference engine, which runs the policy's own weights in place (no copy, no save/load round trip);
 score them with the reward functions (each behind a timeout and an exception barrier); turn rewards
 into group-relative advantages; then `mu` optimizer updates over the batch with the clipped objective
-of seekforge.train.rl_loss (optionally KL to the frozen initial model, k3 estimator). Every log-probability
+of seekforge.rl.loss (optionally KL to the frozen initial model, k3 estimator). Every log-probability
 of the update is taken under the distribution the rollouts were drawn from (logits / temperature, then the
 engine sampler's own top-k / top-p filter), so the importance ratio compares like with like. With dynamic
 sampling, groups whose rewards are all equal (no signal) are dropped and more problems are sampled to
@@ -46,9 +46,10 @@ from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import config_fingerprint
 from seekforge.train.loop import NON_FINITE, Loop, train_and_export
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
-from seekforge.train.rl_loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal,
-                                     policy_loss, token_entropy, token_logprobs)
-from seekforge.train.sample import RewardSet, Rollouts, Template, generate
+from seekforge.rewards import RewardSet
+from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal, policy_loss,
+                               token_entropy, token_logprobs)
+from seekforge.rl.rollout import Rollouts, Template, generate
 from seekforge.train.schedule import LRSchedule
 
 
@@ -79,7 +80,7 @@ class GRPOConfig:
     max_sampling_rounds: int = 4  # refills per step at most
     mask_truncated: bool = True  # leave completions cut by max_tokens out of the loss
     # objective
-    # aggregation over tokens (seekforge.train.rl_loss): grpo, bnpo, dapo, dr_grpo; bnpo normalises by each
+    # aggregation over tokens (seekforge.rl.loss): grpo, bnpo, dapo, dr_grpo; bnpo normalises by each
     # micro-batch's own tokens, so with it micro_batch_size changes the result
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
