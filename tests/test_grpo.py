@@ -15,6 +15,7 @@ from seekforge.tokenizer import Tokenizer
 from seekforge.rl import grpo
 from seekforge.rl.grpo import GRPOTrainer, Sequences, load_grpo_config, pack_groups
 from seekforge.rl.loss import token_logprobs
+from seekforge.train.loop import TrainingStopped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +119,28 @@ def test_a_reward_that_raises_or_hangs_does_not_stop_training(base, tmp_path, mo
     assert last["step"] == 2 and not last["skipped"]
     assert last["errors_boom"] == 2 * 2 * 4  # every call of both steps failed, and was counted
     assert last["timeouts_sleepy"] == 1
+
+
+def test_non_finite_updates_are_skipped_then_training_stops(base, tmp_path, monkeypatch):
+    """The training loop's guard, as in pretraining: a non-finite update is skipped and never checkpointed, and
+    max_bad_steps of them in a row stop the run with the last good checkpoint intact."""
+    cfg = _config(base, tmp_path, "steps=6", "max_bad_steps=2")
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    real_loss, calls = grpo.policy_loss, []
+
+    def nan_after_the_first_update(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls.append(trainer.step)
+        if trainer.step >= 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(grpo, "policy_loss", nan_after_the_first_update)
+    with pytest.raises(TrainingStopped, match="2 non-finite steps in a row"):
+        trainer.train()
+    trained = [r for r in _records(tmp_path / "run") if r.get("kind") != "eval"]
+    assert [(r["step"], r["skipped"]) for r in trained] == [(1, False), (2, True), (3, True)]
+    assert trainer.ckpt.load_latest()[0] == 1
 
 
 def test_dynamic_sampling_kl_and_several_inner_iterations(base, tmp_path):

@@ -109,6 +109,15 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch)
     assert trainer.ckpt.load_latest()[0] == 3  # the last good checkpoint survives
 
 
+def test_a_fresh_start_drops_the_records_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    """The directory holds records but no checkpoint: starting again replaces them, it does not append."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 99.0}\n{"step": 1, "loss": 98.0}\n{"step": 2, "lo')
+    cfg = load_train_config("tiny", [*SMALL_RUN, "steps=2", "warmup_steps=1", "constant_steps=1", "decay_steps=0"])
+    Trainer(cfg, tmp_path).train()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["loss"] < 90 for r in rows)
+
+
 @pytest.mark.parametrize("switch", [0, 1], ids=["mtp-never-runs", "mtp-stops-after-a-step"])
 def test_mtp_weight_zero_trains_and_moves_only_the_biases_of_layers_that_ran(tmp_path, switch):
     """MTP's weight 0 from `switch` on (its modules skip the forward): every step trains, with the sequence-wise
