@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -44,7 +44,7 @@ from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import config_fingerprint
-from seekforge.train.loop import NON_FINITE, Loop, train_and_export
+from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, train_and_export
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.rewards import RewardSet
 from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal, policy_loss,
@@ -54,7 +54,8 @@ from seekforge.train.schedule import LRSchedule
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LoopConfig):
+    NAME: ClassVar[str] = "grpo"
     init_from: str = ""  # the starting checkpoint (HF layout with its tokenizer): a base model for R1-Zero
     task: str = "chain_sum"
     task_knobs: dict = field(default_factory=dict)
@@ -107,11 +108,6 @@ class GRPOConfig:
     eval_samples: int = 1  # 1: greedy accuracy; more: mean accuracy of that many samples per problem (R1's pass@1)
     eval_temperature: float = 1.0  # for eval_samples > 1
     save_every: int = 25
-    keep_last: int = 3
-    max_bad_steps: int = 5
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The rollout engine shares the GPU with training. Its KV cache takes gpu_memory_utilization of the GPU's
     # total memory less what is in use when it is made (the policy, the reference model, other processes),
     # vLLM's meaning; the update's gradients, AdamW state (3x the fp32 weights) and activations come later
@@ -119,12 +115,11 @@ class GRPOConfig:
     # engine.kv_cache_memory (bytes) or engine.num_blocks set the cache size outright.
     gpu_memory_utilization: float = 0.4
     engine: dict = field(default_factory=dict)  # seekforge.LLM keyword arguments (max_num_seqs, ...)
-    progress: bool = True
-    tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("steps", "prompts_per_step", "max_tokens", "max_sampling_rounds", "mu", "micro_batch_size",
-                    "eval_every", "eval_n", "eval_samples", "save_every", "keep_last", "max_bad_steps"):
+        super().__post_init__()
+        for key in ("prompts_per_step", "max_tokens", "max_sampling_rounds", "mu", "micro_batch_size", "eval_n",
+                    "eval_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"grpo config: {key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:
@@ -163,9 +158,8 @@ class GRPOConfig:
                           reward_timeout_s=self.reward_timeout_s)
 
     def fingerprint(self) -> str:
-        free = {"eval_every", "eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature", "save_every",
-                "keep_last", "max_bad_steps", "device", "progress", "tensorboard", "engine", "reward_timeout_s",
-                "gpu_memory_utilization", "micro_batch_size"}
+        free = set(self.RESUME_FREE) | {"eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature",
+                                        "engine", "reward_timeout_s", "gpu_memory_utilization", "micro_batch_size"}
         if self.loss_type == "bnpo":  # its normaliser is the micro-batch's
             free.discard("micro_batch_size")
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})

@@ -19,8 +19,9 @@ one of two layouts, which readers of existing runs rely on:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from seekforge.configio import save_config
 from seekforge.errors import ConfigError, SeekforgeError
@@ -32,6 +33,32 @@ NON_FINITE = "non-finite loss or gradients"  # the `reason` of a step the bad-st
 
 class TrainingStopped(SeekforgeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the last good checkpoint stays."""
+
+
+@dataclass
+class LoopConfig:
+    """The loop's settings, the base of every trainer's config; a trainer's config may set other defaults."""
+
+    NAME: ClassVar[str] = "train"  # how errors name the config
+    # what may change across a resume (cadence, presentation, where it runs); the rest is fingerprinted
+    RESUME_FREE: ClassVar[frozenset] = frozenset({"eval_every", "save_every", "keep_last", "max_bad_steps", "device",
+                                                  "progress", "tensorboard"})
+
+    steps: int = 1000  # optimizer updates (GRPO: rollout + update steps)
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 3  # checkpoints kept
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "eval_every", "save_every", "keep_last", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{self.NAME} config: {key} must be >= 1, got {getattr(self, key)}")
 
 
 class Task(Protocol):
@@ -58,11 +85,10 @@ class Task(Protocol):
 class Loop:
     """The run directory, checkpoints, metrics and the step loop of one run (see the module doc).
 
-    `cfg` gives steps, eval_every, save_every, keep_last, max_bad_steps, progress, tensorboard and fingerprint();
-    it is saved as DIR/`config_file`.
+    `cfg` is a LoopConfig with a fingerprint() (what a resume must match); it is saved as DIR/`config_file`.
     """
 
-    def __init__(self, cfg: Any, out_dir: str | Path, config_file: str, resume: bool = False,
+    def __init__(self, cfg: LoopConfig, out_dir: str | Path, config_file: str, resume: bool = False,
                  records: Literal["index", "count"] = "index", desc: str = "train"):
         self.cfg, self.out, self.records, self.desc = cfg, Path(out_dir), records, desc
         self.resume = resume

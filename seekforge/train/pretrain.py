@@ -18,7 +18,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -30,14 +29,15 @@ from seekforge.model.transformer import Transformer
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import config_fingerprint
 from seekforge.train.init_from import build_model, model_config
-from seekforge.train.loop import NON_FINITE, Loop, train_and_export
+from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, train_and_export
 from seekforge.train.metrics import Throughput, expert_load_stats
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.train.schedule import LRSchedule
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
+    # steps, evaluation and checkpoint cadence, seed, device, precision, logging: LoopConfig's
     # what to train, on what
     model: str = "tiny"  # preset name, config.json or checkpoint directory (its shape; weights via init_from)
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 4}; over init_from
@@ -51,7 +51,6 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
-    steps: int = 1000
     # optimizer and the V3 learning-rate schedule (hold at final_lr fills the steps left over)
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -71,22 +70,12 @@ class TrainConfig:
     bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balancing
     bias_freeze_step: int | None = None  # gamma = 0 from here on (V3: the last 500B tokens)
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight
-    # evaluation, checkpoints, logging
-    eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 100
-    keep_last: int = 3
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False  # torch.compile each block (CUDA; 1.35x faster training at the 16b shape on an H200)
-    progress: bool = True
-    tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every", "keep_last",
-                    "max_bad_steps"):
+        super().__post_init__()
+        for key in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train config: {key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.builtin_slip_rate < 1.0:
@@ -112,8 +101,7 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """What must not change across a resume (cadence and presentation may)."""
-        free = {"eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps", "device", "progress",
-                "tensorboard", "compile"}
+        free = set(self.RESUME_FREE) | {"eval_batches", "compile"}
         for key in ("builtin_tasks", "builtin_slip_rate"):  # absent before the field existed: runs made then
             if not getattr(self, key):                      # still resume
                 free.add(key)

@@ -43,10 +43,9 @@ IGNORE = -100
 
 @dataclass
 class SFTConfig(TrainConfig):
-    model: str = "tiny"  # the shape when training from scratch (a student); init_from takes precedence
+    # model: the shape when training from scratch (a student); init_from takes precedence
     data: str = ""  # the .jsonl file
     seq_len: int = 512
-    batch_size: int = 16
     steps: int = 200
     lr: float = 1e-4
     warmup_steps: int = 10
