@@ -20,8 +20,9 @@ most of every sequence. Sequences whose advantage is 0 (all-equal groups) carry 
 beta = 0, so they are not run through the update at all; the loss normalisers still count them, so the
 result is the same (except under bnpo, whose normaliser is each micro-batch's own tokens: there they run).
 
-Checkpoints, resume, metrics.jsonl, TensorBoard and the report work as in pretraining. Metrics records
-carry step = number of updates done: step 0 is the held-out evaluation of the initial model.
+Checkpoints, resume, metrics.jsonl, TensorBoard, the bad-step guard and the report are the training loop's
+(seekforge.train.loop), as in pretraining. Metrics records carry step = number of updates done: step 0 is the
+held-out evaluation of the initial model.
 DIR/final holds the trained policy in Hugging Face layout with its tokenizer, whose chat template is the
 prompt format trained on (with template=r1_zero, R1-Zero's, so `seekforge chat` and the server pose it).
 """

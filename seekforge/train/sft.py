@@ -16,8 +16,8 @@ examples stay mutually invisible (DeepSeek-V3's sample masking): each attends on
 positions start at 0, and no label or MTP target reaches into the next, so a packed row trains exactly as
 its examples would one by one.
 Without packing a batch holds one example per row, padded to its longest. The trainer is pretraining's
-(seekforge.train.pretrain.Trainer: the same checkpoints, exact resume, metrics, report, auxiliary-loss-free
-balancing of a MoE student); only the data and, with a teacher, the loss differ. Logit distillation
+(seekforge.train.pretrain.Trainer on the training loop: the same checkpoints, exact resume, metrics, report,
+auxiliary-loss-free balancing of a MoE student); only the data and, with a teacher, the loss differ. Logit distillation
 (kd_weight > 0) adds the KL divergence from the teacher's next-token distribution to the student's, at
 temperature kd_temperature, on the trained tokens:
 loss = (1 - kd_weight) * cross-entropy (+ MTP, balance) + kd_weight * T^2 * KL(p_teacher^T || p_student^T).
