@@ -107,7 +107,7 @@ class Loop:
         """The record step of the update that brought the count to `done`."""
         return done - 1 if self.records == "index" else done
 
-    def start(self, task: Task, map_location=None) -> None:
+    def start(self, task: Task, map_location="cpu") -> None:
         """Restore the latest checkpoint when resuming, then open the metrics log (dropping records a killed run
         wrote after that checkpoint). Call once the task's model, optimizer and data are built."""
         loaded = self.ckpt.load_latest(map_location=map_location) if self.resume else None
