@@ -15,7 +15,7 @@ def from_pretrained(path, dtype=None, device=None) -> Transformer:
 
 def __getattr__(name: str):
     # The engine is imported on first use, so `import seekforge` stays light.
-    if name in ("LLM", "SamplingParams"):
+    if name in ("LLM", "EngineConfig", "SamplingParams"):
         from seekforge import engine
 
         return getattr(engine, name)

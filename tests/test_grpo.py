@@ -157,21 +157,30 @@ def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
     for bad in ("top_p=0", "top_p=1.5", "top_k=-1"):
         with pytest.raises(ConfigError, match="top_p"):
             _config(base, tmp_path, bad)
-    for bad in ("gpu_memory_utilization=0", "gpu_memory_utilization=1.5"):
+    for bad in ("engine.gpu_memory_utilization=0", "engine.gpu_memory_utilization=1.5"):
         with pytest.raises(ConfigError, match="gpu_memory_utilization"):
             _config(base, tmp_path, bad)
-    # the rollout engine gets the run's cache share unless engine settings say otherwise
+    # the engine section is checked key by key, like the rest of the config
+    with pytest.raises(ConfigError, match="unknown key 'engine.max_num_seq'.*did you mean 'engine.max_num_seqs'"):
+        _config(base, tmp_path, "engine.max_num_seq=8")
+    with pytest.raises(ConfigError, match="engine.*max_waiting"):
+        _config(base, tmp_path, "engine={max_waiting: 0}")
+    # the rollout engine gets GRPO's cache share (0.4) and a whole step's sequences unless engine settings say otherwise
     engines = []
 
     class LLM(seekforge.engine.LLM):
-        def __init__(self, *args, **kwargs):
-            engines.append(kwargs)
-            super().__init__(*args, **kwargs)
+        def __init__(self, model, config, **kwargs):
+            super().__init__(model, config, **kwargs)
+            engines.append((config, self))
 
     monkeypatch.setattr(seekforge.engine, "LLM", LLM)
-    GRPOTrainer(_config(base, tmp_path, "gpu_memory_utilization=0.25"), tmp_path / "share")
-    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}"), tmp_path / "bytes")
-    assert engines[0]["gpu_memory_utilization"] == 0.25 and engines[1]["kv_cache_memory"] == 4_000_000
+    GRPOTrainer(_config(base, tmp_path), tmp_path / "default")
+    GRPOTrainer(_config(base, tmp_path, "engine.gpu_memory_utilization=0.25"), tmp_path / "share")
+    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}", "engine.max_num_seqs=3"), tmp_path / "bytes")
+    (default, _), (share, _), (sized, llm) = engines
+    assert default.gpu_memory_utilization == 0.4 and default.max_num_seqs == 256
+    assert share.gpu_memory_utilization == 0.25 and sized.kv_cache_memory == 4_000_000
+    assert llm.scheduler.max_num_seqs == 3
     cfg = _config(base, tmp_path, "steps=1")
     GRPOTrainer(cfg, tmp_path / "run").train()
     with pytest.raises(ConfigError, match="--resume"):

@@ -25,6 +25,7 @@ import torch
 from seekforge.engine.async_step import AsyncStep, InFlight
 from seekforge.engine.block_manager import BlockManager
 from seekforge.engine.cache_size import cache_blocks, cache_budget
+from seekforge.engine.config import EngineConfig, engine_config
 from seekforge.engine.inputs import Prompt, RequestChecks
 from seekforge.engine.model_runner import ModelRunner
 from seekforge.engine.outputs import CompletionOutput, Outputs, RequestOutput
@@ -40,21 +41,20 @@ __all__ = ["LLM", "CompletionOutput", "RequestOutput", "Prompt"]
 
 
 class LLM(Step, AsyncStep, Outputs, RequestChecks):
-    def __init__(self, model: Transformer | str | os.PathLike, tokenizer=None, *, dtype=None, device=None,
-                 block_size: int | None = None, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_waiting: int = 4096, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, num_speculative_tokens: int = 0, cuda_graphs: bool = False,
-                 compile: bool = False, async_scheduling: bool | None = None):
+    def __init__(self, model: Transformer | str | os.PathLike, config: EngineConfig | None = None, tokenizer=None,
+                 **settings):
+        """`config` holds the engine's settings (seekforge.engine.config); keyword `settings` (max_num_seqs=64, ...)
+        are set over it."""
+        config = self.config = engine_config(config, settings)
         if isinstance(model, Transformer):
-            if dtype is not None or device is not None:
+            if config.dtype is not None or config.device is not None:
                 raise ConfigError("LLM(model): dtype and device apply when loading from a path; a live model is "
                                   "used where it is, in place (move it first)")
         else:
             from seekforge.hf import from_pretrained
 
             path = Path(model)
-            model = from_pretrained(path, dtype=dtype, device=device)
+            model = from_pretrained(path, dtype=config.dtype, device=config.device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -63,28 +63,20 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
             tokenizer = Tokenizer.from_pretrained(tokenizer)
         self.model, self.tokenizer = model, tokenizer
         cfg = self.cfg = model.cfg
-        self.max_model_len = max_model_len or cfg.max_seq_len
+        self.max_model_len = config.max_model_len or cfg.max_seq_len
+        block_size, num_blocks = config.block_size, config.num_blocks
         if block_size is None:  # the Triton decode kernel reads 64-token tiles from one block on the GPU
             block_size = 64 if model.embed.weight.is_cuda else 16
-        for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
-                                 ("max_num_batched_tokens", max_num_batched_tokens, 1),
-                                 ("max_waiting", max_waiting, 1), ("max_model_len", self.max_model_len, 2),
-                                 ("num_speculative_tokens", num_speculative_tokens, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"LLM: {name} must be an integer >= {low}, got {value!r}")
         if self.max_model_len > cfg.max_seq_len:
             raise ConfigError(f"LLM: max_model_len {self.max_model_len} exceeds the model's max_seq_len "
                               f"{cfg.max_seq_len} (max_position_embeddings)")
-        if num_speculative_tokens and not cfg.n_mtp_modules:
+        if config.num_speculative_tokens and not cfg.n_mtp_modules:
             raise ConfigError("LLM: num_speculative_tokens needs a checkpoint with MTP modules "
                               "(num_nextn_predict_layers > 0); this one has none")
-        if cuda_graphs and num_speculative_tokens:
-            raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
-                              "or cuda_graphs")
-        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
-            raise ConfigError(f"LLM: without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must "
-                              f"be at least max_model_len ({self.max_model_len}) or long prompts never run")
-        k = num_speculative_tokens
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(f"LLM: without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                              f"must be at least max_model_len ({self.max_model_len}) or long prompts never run")
+        k = config.num_speculative_tokens
         self.device = model.embed.weight.device
         elsize = model.embed.weight.element_size()
         per_token = cfg.cache_bytes_per_token(elsize) * (cfg.n_layers + (1 if k else 0)) // cfg.n_layers
@@ -92,16 +84,18 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         # memory less what is in use already (vLLM's meaning; seekforge.engine.cache_size)
         if num_blocks is None:
             gpu_memory = None
-            if self.device.type == "cuda" and kv_cache_memory is None:
+            if self.device.type == "cuda" and config.kv_cache_memory is None:
                 torch.cuda.empty_cache()  # memory the allocator caches but no tensor holds is not in use
                 gpu_memory = torch.cuda.mem_get_info(self.device)
-            budget, source = cache_budget(kv_cache_memory, gpu_memory_utilization, gpu_memory)
-            num_blocks = cache_blocks(budget, source, per_token, block_size, self.max_model_len, max_num_seqs, 2 * k)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len,
-                                   max_waiting, num_lookahead=max(k - 1, 0), chunked_prefill=enable_chunked_prefill)
+            budget, source = cache_budget(config.kv_cache_memory, config.gpu_memory_utilization, gpu_memory)
+            num_blocks = cache_blocks(budget, source, per_token, block_size, self.max_model_len, config.max_num_seqs,
+                                      2 * k)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.max_waiting, num_lookahead=max(k - 1, 0),
+                                   chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
-                                  mtp=bool(k), max_absorbed_query=1 + k, compile=compile)
+                                  mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile)
         self.proposer = MTPProposer(self.runner, k) if k else None
         self.eos_ids = {t for t in (cfg.eos_token_id, tokenizer.eos_id if tokenizer else None) if t is not None}
         self.requests: dict[str, Request] = {}
@@ -109,16 +103,17 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self._seq_ids = itertools.count()
         self._weights_key = self._weights_version()
         # on by default where the device runs apart from the host; on a CPU it only delays outputs a step
-        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
         self._in_flight: InFlight | None = None
         self.num_async_steps = 0
         # Tokens per expert [experts] fp32 of each main-model MoE layer (by layer id) in the last step's forward;
         # empty when it ran none. A captured step's are its graph's output buffers, which the next step
         # overwrites: copy or add them up before stepping again (`seekforge.model.moe.add_load`).
         self.expert_load: dict[int, torch.Tensor] = {}
-        if cuda_graphs:
+        if config.cuda_graphs:
             with torch.inference_mode():
-                self.runner.capture_cuda_graphs(min(max_num_seqs, 256))
+                self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256))
 
     # ---------------------------------------------------------------- facts
     @property
