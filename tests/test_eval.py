@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError
-from seekforge.evaluate import EvalConfig, evaluate
+from seekforge.train.evaluate import EvalConfig, evaluate
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer

@@ -217,7 +217,7 @@ def test_cli_grpo_then_eval(base, tmp_path, capsys, monkeypatch):
 
 
 def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
 
     model = from_pretrained(base, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -297,7 +297,7 @@ def test_update_logprobs_are_those_of_the_sampling_distribution(base, tmp_path, 
     """Temperature 0.6 with top-k and top-p: the update's log-probabilities (new, old with mu = 2, reference)
     are those of the distribution the engine drew the completions from, worked out by hand from a plain
     forward of each sequence, so the importance ratio is 1 on the first inner step and the KL term 0."""
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
 
     temperature, top_k, top_p = 0.6, 40, 0.9
     cfg = _config(base, tmp_path, "steps=1", f"temperature={temperature}", f"top_k={top_k}", f"top_p={top_p}",

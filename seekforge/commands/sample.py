@@ -28,7 +28,7 @@ def run(args) -> int:
     import json
 
     from seekforge.commands.eval import parse_knobs
-    from seekforge.evaluate import load_llm
+    from seekforge.train.evaluate import load_llm
     from seekforge.train.sample import SampleConfig, rejection_sample, write_jsonl
 
     cfg = SampleConfig(init_from=args.init_from, task=args.task, task_knobs=parse_knobs(args.knobs), out=args.out,

@@ -51,7 +51,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
                 raise ConfigError("LLM(model): dtype and device apply when loading from a path; a live model is "
                                   "used where it is, in place (move it first)")
         else:
-            from seekforge.hf import from_pretrained
+            from seekforge.model.hf import from_pretrained
 
             path = Path(model)
             model = from_pretrained(path, dtype=config.dtype, device=config.device)

@@ -172,7 +172,7 @@ class GRPOConfig:
 
     def eval_config(self, greedy: bool = False):
         """The held-out evaluation of this run (`greedy` forces greedy decoding)."""
-        from seekforge.evaluate import EvalConfig
+        from seekforge.train.evaluate import EvalConfig
 
         sampled = self.eval_samples > 1 and not greedy
         return EvalConfig(task=self.task, task_knobs=self.task_knobs, n=self.eval_n, seed=self.eval_seed,
@@ -297,7 +297,7 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
         from seekforge.engine import LLM, SamplingParams
         from seekforge.engine.sampler import broadcast_batch
-        from seekforge.hf import from_pretrained
+        from seekforge.model.hf import from_pretrained
         from seekforge.tokenizer import Tokenizer
 
         if not cfg.init_from:
@@ -545,7 +545,7 @@ class GRPOTrainer:
         return out
 
     def evaluate(self) -> dict:
-        from seekforge.evaluate import evaluate
+        from seekforge.train.evaluate import evaluate
 
         result = evaluate(self.llm, self.cfg.eval_config())
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")
