@@ -19,7 +19,8 @@ class Step:
 
     @torch.inference_mode()
     def _step(self) -> set[str]:
-        """One engine step; returns the ids of requests that got new tokens or finished."""
+        """One engine step: schedule, run, sample, apply; returns the ids of requests that got new tokens or
+        finished."""
         self.expert_load = {}
         plan = self.scheduler.schedule()
         touched = {seq.request.request_id for seq in plan.finished}
@@ -30,8 +31,18 @@ class Step:
             plan.scheduled = [(seq, n) for seq, n in plan.scheduled if not seq.is_finished]
         if not plan.scheduled:
             return touched
+        chunks, sampling = self._chunks(plan.scheduled)
+        seqs = [seq for seq, _ in plan.scheduled]
+        logits, hidden, step = self._forward(chunks, sampling, seqs)
+        outcome, logprobs = self._sample(logits, sampling, seqs)
+        return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, step)
+
+    @staticmethod
+    def _chunks(scheduled) -> tuple[list[Chunk], list[int]]:
+        """Each scheduled sequence's tokens to compute (drafts after its known tokens), and which of them
+        reach the end of their sequence, so get sampled."""
         chunks, sampling = [], []
-        for i, (seq, n) in enumerate(plan.scheduled):
+        for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed
             tokens = seq.token_ids[start:start + n]
             if len(tokens) < n:
@@ -39,8 +50,12 @@ class Step:
             chunks.append(Chunk(seq.block_table, start, tokens))
             if start + n >= seq.num_tokens:
                 sampling.append(i)
-        seqs = [seq for seq, _ in plan.scheduled]
-        replayed = hidden = None
+        return chunks, sampling
+
+    def _forward(self, chunks, sampling, seqs):
+        """(logits of the sampled positions, hidden states, packed step); a decode step replayed from a CUDA
+        graph gives its logits only (hidden and step None)."""
+        replayed = hidden = step = None
         if self.proposer is None and len(sampling) == len(chunks):
             replayed = self.runner.decode_logits(chunks)
         if replayed is not None:
@@ -52,6 +67,10 @@ class Step:
             rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
             # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
             logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
+        return logits, hidden, step
+
+    def _sample(self, logits, sampling, seqs):
+        """({index in the step: its verified tokens}, an iterator over the emitted tokens' logprobs)."""
         # one sampling row per position: a sequence's history grows by its drafts along its rows
         rows, first_rows = [], []
         for i in sampling:
@@ -62,19 +81,24 @@ class Step:
             for j in range(1 + len(seq.drafts)):
                 rows.append(Row(seq.params, seq.generator, prompt,
                                 seq.output_token_ids + seq.drafts[:j] if penalties else None))
-        catchups = []
-        if sampling:
-            batch = make_batch(rows, self.cfg.vocab_size, logits.device)
-            verified = verify(logits, batch, first_rows, [seqs[i] for i in sampling])
-            if batch.max_logprobs is not None:
-                emitted_rows = [r for v in verified for r in v.rows]
-                tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)
-                sub = make_batch([rows[r] for r in emitted_rows], self.cfg.vocab_size, logits.device)
-                logprobs = iter(compute_logprobs(logits[emitted_rows], tokens, sub))
-            else:
-                logprobs = itertools.repeat(None)
-        outcome = dict(zip(sampling, verified)) if sampling else {}
-        for i, (seq, n) in enumerate(plan.scheduled):
+        if not sampling:
+            return {}, None
+        batch = make_batch(rows, self.cfg.vocab_size, logits.device)
+        verified = verify(logits, batch, first_rows, [seqs[i] for i in sampling])
+        if batch.max_logprobs is not None:
+            emitted_rows = [r for v in verified for r in v.rows]
+            tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)
+            sub = make_batch([rows[r] for r in emitted_rows], self.cfg.vocab_size, logits.device)
+            logprobs = iter(compute_logprobs(logits[emitted_rows], tokens, sub))
+        else:
+            logprobs = itertools.repeat(None)
+        return dict(zip(sampling, verified)), logprobs
+
+    def _apply(self, scheduled, outcome, logprobs, hidden, step) -> set[str]:
+        """Apply the step to each sequence (tokens, stop conditions, prefix cache); with MTP, draft the next
+        step's tokens. Returns the ids of the requests touched."""
+        touched, catchups = set(), []
+        for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed
             touched.add(seq.request.request_id)
             v = outcome.get(i)
