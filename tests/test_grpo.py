@@ -176,7 +176,8 @@ def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
     monkeypatch.setattr(seekforge.engine, "LLM", LLM)
     GRPOTrainer(_config(base, tmp_path), tmp_path / "default")
     GRPOTrainer(_config(base, tmp_path, "engine.gpu_memory_utilization=0.25"), tmp_path / "share")
-    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}", "engine.max_num_seqs=3"), tmp_path / "bytes")
+    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}", "engine.max_num_seqs=3"),
+                tmp_path / "bytes")
     (default, _), (share, _), (sized, llm) = engines
     assert default.gpu_memory_utilization == 0.4 and default.max_num_seqs == 256
     assert share.gpu_memory_utilization == 0.25 and sized.kv_cache_memory == 4_000_000
