@@ -36,7 +36,6 @@ class InFlight:
         return self._host.tolist()
 
 
-
 class AsyncStep:
     """LLM's pipelined step (a mixin over the same state as seekforge.engine.step.Step)."""
 

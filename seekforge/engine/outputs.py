@@ -47,7 +47,6 @@ class RequestOutput:
         return self.outputs[0].logprobs
 
 
-
 class Outputs:
     """LLM's stop conditions and outputs (a mixin: reads the LLM's tokenizer, eos_ids and max_model_len)."""
 
