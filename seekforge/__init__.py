@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 
 def from_pretrained(path, dtype=None, device=None) -> Transformer:
     """Load a Hugging Face DeepSeek-V2 / V2-Lite / V3 checkpoint directory as a seekforge Transformer."""
-    from seekforge.hf import from_pretrained as _load
+    from seekforge.model.hf import from_pretrained as _load
 
     return _load(path, dtype=dtype, device=device)
 
 
 def __getattr__(name: str):
     # The engine is imported on first use, so `import seekforge` stays light.
-    if name in ("LLM", "SamplingParams"):
+    if name in ("LLM", "EngineConfig", "SamplingParams"):
         from seekforge import engine
 
         return getattr(engine, name)

@@ -117,7 +117,7 @@ class Tokenizer:
         the texts offer fewer merges than that).
 
         Items that are `os.PathLike` (e.g. `pathlib.Path`) are files, read document by document as
-        `seekforge.data.prepare` reads them (.txt, .jsonl, .parquet); plain `str` items are texts.
+        `seekforge.documents` reads them (.txt, .jsonl, .parquet); plain `str` items are texts.
         Digits are split one per token so that arithmetic stays learnable.
         """
         n_added = len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
@@ -305,7 +305,7 @@ def _chat_template(directory: Path, config: dict) -> str | None:
 def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
     for item in files_or_texts:
         if isinstance(item, os.PathLike):
-            from seekforge.data.prepare import iter_documents
+            from seekforge.documents import iter_documents
 
             yield from iter_documents(Path(item), lambda msgs: render(CHAT_TEMPLATE, msgs, False, bos_token=BOS,
                                                                       eos_token=EOS))

@@ -12,7 +12,8 @@ import torch
 
 from seekforge.cli import main
 from seekforge.data.loader import PackedLoader, bits_per_byte, eval_batches, load_meta, open_tokens
-from seekforge.data.prepare import iter_documents, prepare, token_dtype
+from seekforge.data.prepare import prepare, token_dtype
+from seekforge.documents import iter_documents
 from seekforge.errors import ConfigError, DataError
 from seekforge.tokenizer import EOS, Tokenizer
 

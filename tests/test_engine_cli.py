@@ -11,7 +11,7 @@ import torch
 from seekforge import LLM, SamplingParams
 from seekforge.cli import main
 from seekforge.commands.chat import DIM, RESET, ThinkRenderer
-from seekforge.hf import from_pretrained
+from seekforge.model.hf import from_pretrained
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tokenizer import Tokenizer
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError
-from seekforge.evaluate import EvalConfig, evaluate
+from seekforge.train.evaluate import EvalConfig, evaluate
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
-from seekforge.evaluate import pass_at_k
+from seekforge.train.evaluate import pass_at_k
 
 
 def test_pass_at_k_by_hand():
@@ -90,7 +90,7 @@ def test_engine_evaluation_is_deterministic_and_uses_the_live_model(tok):
     cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
                                              n_layers=2, max_seq_len=512)
     model = Transformer(cfg).eval()
-    llm = LLM(model, tok)
+    llm = LLM(model, tokenizer=tok)
     ecfg = EvalConfig(task="chain_sum", n=6, seed=1, max_tokens=6)
     first, second = evaluate(llm, ecfg), evaluate(llm, ecfg)
     keep = ("accuracy", "format", "completion_tokens", "truncated")

@@ -180,21 +180,31 @@ def test_bad_configs_are_refused(base, tmp_path, monkeypatch):
     for bad in ("top_p=0", "top_p=1.5", "top_k=-1"):
         with pytest.raises(ConfigError, match="top_p"):
             _config(base, tmp_path, bad)
-    for bad in ("gpu_memory_utilization=0", "gpu_memory_utilization=1.5"):
+    for bad in ("engine.gpu_memory_utilization=0", "engine.gpu_memory_utilization=1.5"):
         with pytest.raises(ConfigError, match="gpu_memory_utilization"):
             _config(base, tmp_path, bad)
-    # the rollout engine gets the run's cache share unless engine settings say otherwise
+    # the engine section is checked key by key, like the rest of the config
+    with pytest.raises(ConfigError, match="unknown key 'engine.max_num_seq'.*did you mean 'engine.max_num_seqs'"):
+        _config(base, tmp_path, "engine.max_num_seq=8")
+    with pytest.raises(ConfigError, match="engine.*max_waiting"):
+        _config(base, tmp_path, "engine={max_waiting: 0}")
+    # the rollout engine gets GRPO's cache share (0.4) and a whole step's sequences unless engine settings say otherwise
     engines = []
 
     class LLM(seekforge.engine.LLM):
-        def __init__(self, *args, **kwargs):
-            engines.append(kwargs)
-            super().__init__(*args, **kwargs)
+        def __init__(self, model, config, **kwargs):
+            super().__init__(model, config, **kwargs)
+            engines.append((config, self))
 
     monkeypatch.setattr(seekforge.engine, "LLM", LLM)
-    GRPOTrainer(_config(base, tmp_path, "gpu_memory_utilization=0.25"), tmp_path / "share")
-    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}"), tmp_path / "bytes")
-    assert engines[0]["gpu_memory_utilization"] == 0.25 and engines[1]["kv_cache_memory"] == 4_000_000
+    GRPOTrainer(_config(base, tmp_path), tmp_path / "default")
+    GRPOTrainer(_config(base, tmp_path, "engine.gpu_memory_utilization=0.25"), tmp_path / "share")
+    GRPOTrainer(_config(base, tmp_path, "engine={kv_cache_memory: 4000000}", "engine.max_num_seqs=3"),
+                tmp_path / "bytes")
+    (default, _), (share, _), (sized, llm) = engines
+    assert default.gpu_memory_utilization == 0.4 and default.max_num_seqs == 256
+    assert share.gpu_memory_utilization == 0.25 and sized.kv_cache_memory == 4_000_000
+    assert llm.scheduler.max_num_seqs == 3
     cfg = _config(base, tmp_path, "steps=1")
     GRPOTrainer(cfg, tmp_path / "run").train()
     with pytest.raises(ConfigError, match="--resume"):
@@ -231,7 +241,7 @@ def test_cli_grpo_then_eval(base, tmp_path, capsys, monkeypatch):
 
 
 def test_shared_prompt_packing_gives_the_logprobs_of_separate_sequences(base):
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
 
     model = from_pretrained(base, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -311,7 +321,7 @@ def test_update_logprobs_are_those_of_the_sampling_distribution(base, tmp_path, 
     """Temperature 0.6 with top-k and top-p: the update's log-probabilities (new, old with mu = 2, reference)
     are those of the distribution the engine drew the completions from, worked out by hand from a plain
     forward of each sequence, so the importance ratio is 1 on the first inner step and the KL term 0."""
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
 
     temperature, top_k, top_p = 0.6, 40, 0.9
     cfg = _config(base, tmp_path, "steps=1", f"temperature={temperature}", f"top_k={top_k}", f"top_p={top_p}",

@@ -88,7 +88,7 @@ def test_truncated_file(ckpt):
 
 def test_sharded_checkpoint_with_index(ckpt, tmp_path):
     path, model = ckpt
-    seekforge.hf.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=200_000)
+    seekforge.model.hf.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=200_000)
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 3
     back = seekforge.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
@@ -129,7 +129,7 @@ def test_save_is_atomic_over_an_existing_checkpoint(ckpt, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(seekforge.hf, "save_file", boom)
+    monkeypatch.setattr(seekforge.model.hf, "save_file", boom)
     with pytest.raises(OSError):
         model.save_pretrained(path)
     assert (path / "model.safetensors").read_bytes() == before

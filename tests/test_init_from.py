@@ -10,7 +10,7 @@ import torch
 
 from hf_reference import BASE, CASES, save_hf
 from seekforge.errors import ConfigError
-from seekforge.hf import from_pretrained
+from seekforge.model.hf import from_pretrained
 from seekforge.model import ModelConfig, Transformer
 from seekforge.train.init_from import build_model, model_config
 from seekforge.train.pretrain import Trainer, load_train_config

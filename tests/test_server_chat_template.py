@@ -12,6 +12,7 @@ import json
 import time
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
@@ -20,6 +21,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from test_chat_template import R1_STYLE  # noqa: E402
 from test_server import ANSWER, build_checkpoint, collect_chat  # noqa: E402
 
+from seekforge.engine import EngineConfig  # noqa: E402
 from seekforge.server import ServerConfig  # noqa: E402
 from seekforge.server.app import create_app  # noqa: E402
 
@@ -36,8 +38,8 @@ def served(tmp_path_factory):
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config_path.write_text(json.dumps({**config, "chat_template": TEMPLATE}), encoding="utf-8")
-    app = create_app(ServerConfig(str(path), served_model_names=[NAME], dtype="float32", max_model_len=256,
-                                  max_num_seqs=4, kv_cache_memory=8 << 20))
+    engine = EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=4, kv_cache_memory=8 << 20)
+    app = create_app(ServerConfig(str(path), served_model_names=[NAME], engine=engine))
     with TestClient(app) as http:
         deadline = time.time() + 120
         while http.get("/health").status_code != 200:
@@ -70,3 +72,28 @@ def test_a_template_refusing_the_conversation_is_a_400(served):
         client.chat.completions.create(model=NAME, messages=[{"role": "assistant", "content": "x"}], stream=True)
     assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
                                           temperature=0).choices[0].message.content == ANSWER
+
+
+def test_the_engine_settings_reach_the_llm(served):
+    _, http, _ = served
+    llm = http.app.state.engine.llm
+    assert llm.max_model_len == 256 and llm.scheduler.max_num_seqs == 4
+    assert llm.model.embed.weight.dtype == torch.float32
+    per_block = llm.cache_bytes_per_token * llm.block_manager.block_size
+    assert llm.block_manager.num_blocks == min((8 << 20) // per_block - 1, 4 * -(-256 // llm.block_manager.block_size))
+
+
+def test_serve_flags_fill_the_engine_config(served, monkeypatch):
+    import seekforge.server
+    from seekforge.cli import main
+
+    path = served[0]
+    configs = []
+    monkeypatch.setattr(seekforge.server, "serve", lambda config: configs.append(config) or 0)
+    assert main(["serve", str(path), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "3",
+                 "--max-num-batched-tokens", "64", "--max-waiting", "7", "--kv-cache-gib", "0.5", "--cuda-graphs",
+                 "--compile", "--async-scheduling", "off"]) == 0
+    assert configs[0].engine == EngineConfig(
+        dtype="float32", max_model_len=128, max_num_seqs=3, max_num_batched_tokens=64, max_waiting=7,
+        kv_cache_memory=2**29, cuda_graphs=True, compile=True, async_scheduling=False)
+    assert main(["serve", str(path)]) == 0 and configs[1].engine.max_waiting == 1024  # the server's queue bound

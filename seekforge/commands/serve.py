@@ -41,6 +41,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from seekforge.engine.config import EngineConfig
     from seekforge.errors import CheckpointError, ConfigError
     from seekforge.server import ServerConfig, serve
 
@@ -53,12 +54,12 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ConfigError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
-    config = ServerConfig(
-        model_path=args.path, served_model_names=args.served_model_name or [], host=args.host, port=args.port,
-        api_key=args.api_key or None, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting=args.max_waiting, num_speculative_tokens=args.speculative_tokens,
+    engine = EngineConfig(
+        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+        num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
-        compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-        log_level=args.log_level)
+        compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
+    config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,
+                          port=args.port, api_key=args.api_key or None, engine=engine, log_level=args.log_level)
     return serve(config)

@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         return ModelLoss(total, main, mtp, balance, {layer: r.load for layer, r in routing.items()}, logits)
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from seekforge.hf import save_pretrained
+        from seekforge.model.hf import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 

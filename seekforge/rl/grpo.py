@@ -30,6 +30,7 @@ prompt format trained on (with template=r1_zero, R1-Zero's, so `seekforge chat` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -40,6 +41,7 @@ from typing import ClassVar, Literal
 import torch
 
 from seekforge.configio import load_config, to_dict
+from seekforge.engine.config import EngineConfig
 from seekforge.errors import ConfigError
 from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
@@ -52,6 +54,31 @@ from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advant
                                token_entropy, token_logprobs)
 from seekforge.rl.rollout import Rollouts, Template, generate
 from seekforge.train.schedule import LRSchedule
+
+
+@dataclass
+class RolloutEngineConfig(EngineConfig):
+    """GRPO's rollout engine: EngineConfig's settings with the trainer's defaults.
+
+    The engine shares the GPU with training. Its KV cache takes gpu_memory_utilization of the GPU's total
+    memory less what is in use when it is made (the policy, the reference model, other processes), vLLM's
+    meaning; the update's gradients, AdamW state (3x the fp32 weights) and activations come later and need the
+    rest. Lower it if the update runs out of memory, raise it for more rollouts in flight; kv_cache_memory
+    (bytes) or num_blocks set the cache size outright."""
+
+    gpu_memory_utilization: float = 0.4
+    max_num_seqs: int | None = None  # None: a whole step's sequences at once (at least 256)
+    cuda_graphs: bool | None = None  # None: on a GPU training in bf16
+
+    def __post_init__(self) -> None:
+        self.resolve(max_num_seqs=1, cuda_graphs=False)  # checks every setting now, before the run starts
+
+    def resolve(self, max_num_seqs: int, cuda_graphs: bool) -> EngineConfig:
+        """The engine's settings; `max_num_seqs` and `cuda_graphs` where this config leaves them to the trainer."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+        settings["max_num_seqs"] = max_num_seqs if self.max_num_seqs is None else self.max_num_seqs
+        settings["cuda_graphs"] = cuda_graphs if self.cuda_graphs is None else self.cuda_graphs
+        return EngineConfig(**settings)
 
 
 @dataclass
@@ -109,13 +136,7 @@ class GRPOConfig(LoopConfig):
     eval_samples: int = 1  # 1: greedy accuracy; more: mean accuracy of that many samples per problem (R1's pass@1)
     eval_temperature: float = 1.0  # for eval_samples > 1
     save_every: int = 25
-    # The rollout engine shares the GPU with training. Its KV cache takes gpu_memory_utilization of the GPU's
-    # total memory less what is in use when it is made (the policy, the reference model, other processes),
-    # vLLM's meaning; the update's gradients, AdamW state (3x the fp32 weights) and activations come later
-    # and need the rest. Lower it if the update runs out of memory, raise it for more rollouts in flight;
-    # engine.kv_cache_memory (bytes) or engine.num_blocks set the cache size outright.
-    gpu_memory_utilization: float = 0.4
-    engine: dict = field(default_factory=dict)  # seekforge.LLM keyword arguments (max_num_seqs, ...)
+    engine: RolloutEngineConfig = field(default_factory=RolloutEngineConfig)  # the rollout engine's settings
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,9 +156,6 @@ class GRPOConfig(LoopConfig):
         if not (0 < self.top_p <= 1 and self.top_k >= 0):
             raise ConfigError(f"grpo config: need 0 < top_p <= 1 (1: off) and top_k >= 0 (0: off), got {self.top_p}, "
                               f"{self.top_k}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"grpo config: gpu_memory_utilization is a share of the GPU's memory in (0, 1], got "
-                              f"{self.gpu_memory_utilization}")
         if self.warmup_steps + self.decay_steps > self.steps:
             raise ConfigError(f"grpo config: warmup_steps + decay_steps ({self.warmup_steps + self.decay_steps}) "
                               f"exceed steps ({self.steps})")
@@ -150,7 +168,7 @@ class GRPOConfig(LoopConfig):
 
     def eval_config(self, greedy: bool = False):
         """The held-out evaluation of this run (`greedy` forces greedy decoding)."""
-        from seekforge.evaluate import EvalConfig
+        from seekforge.train.evaluate import EvalConfig
 
         sampled = self.eval_samples > 1 and not greedy
         return EvalConfig(task=self.task, task_knobs=self.task_knobs, n=self.eval_n, seed=self.eval_seed,
@@ -160,7 +178,7 @@ class GRPOConfig(LoopConfig):
 
     def fingerprint(self) -> str:
         free = set(self.RESUME_FREE) | {"eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature",
-                                        "engine", "reward_timeout_s", "gpu_memory_utilization", "micro_batch_size"}
+                                        "engine", "reward_timeout_s", "micro_batch_size"}
         if self.loss_type == "bnpo":  # its normaliser is the micro-batch's
             free.discard("micro_batch_size")
         return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
@@ -274,7 +292,7 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
         from seekforge.engine import LLM, SamplingParams
         from seekforge.engine.sampler import broadcast_batch
-        from seekforge.hf import from_pretrained
+        from seekforge.model.hf import from_pretrained
         from seekforge.tokenizer import Tokenizer
 
         if not cfg.init_from:
@@ -302,11 +320,10 @@ class GRPOTrainer:
         # the engine computes with self.model's own parameters: every update is live at the next rollout
         # On a GPU its plain decode steps replay from CUDA graphs, captured under the training autocast: each replay
         # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
-        engine = {"max_num_seqs": max(256, cfg.prompts_per_step * cfg.group_size),  # a whole step at once
-                  "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                  "cuda_graphs": self.device.type == "cuda" and self.amp is not None, **cfg.engine}
+        engine = cfg.engine.resolve(max_num_seqs=max(256, cfg.prompts_per_step * cfg.group_size),  # a step at once
+                                    cuda_graphs=self.device.type == "cuda" and self.amp is not None)
         with self._autocast(rollout=True):
-            self.llm = LLM(self.model, self.tokenizer, **engine)
+            self.llm = LLM(self.model, engine, tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- state
     @property
@@ -519,7 +536,7 @@ class GRPOTrainer:
         return out
 
     def evaluate(self) -> dict:
-        from seekforge.evaluate import evaluate
+        from seekforge.train.evaluate import evaluate
 
         result = evaluate(self.llm, self.cfg.eval_config())
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")

@@ -59,7 +59,7 @@ def _streamed(model, chunk: str) -> dict[int | str, dict[str, Any]]:
 def create_app(config: ServerConfig) -> FastAPI:
     """The app; the checkpoint loads in the engine thread once the app starts (its lifespan)."""
     metrics = ServerMetrics(config.model_names[0])
-    engine = EngineLoop(lambda: LLM(config.model_path, **config.engine_kwargs()), metrics,
+    engine = EngineLoop(lambda: LLM(config.model_path, config.engine), metrics,
                         on_fatal=lambda: app.state.on_fatal())
     serving = OpenAIServing(engine, config)
 

@@ -86,9 +86,9 @@ class OpenAIServing:
                               f"requested ({longest} in the prompt + {asked} {name}): shorten the prompt or lower "
                               f"{name}", name)
         sequences = req.n * len(prompts)
-        if sequences > self.config.max_waiting:
+        if sequences > self.config.engine.max_waiting:
             raise bad_request(f"{sequences} sequences (n={req.n} x {len(prompts)} prompt(s)) are more than this "
-                              f"server queues at once (max_waiting={self.config.max_waiting})", "n")
+                              f"server queues at once (max_waiting={self.config.engine.max_waiting})", "n")
         kwargs = req.sampling_kwargs()
         if kwargs.get("top_k", 0) >= self.engine.llm.cfg.vocab_size:
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all

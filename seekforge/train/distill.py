@@ -223,7 +223,7 @@ def train_student(cfg: DistillConfig, model: str, overrides: dict, traces: Path,
 
 def _write_pruned_student(cfg: DistillConfig, scfg, traces: Path, path: Path) -> None:
     """The student cut from the teacher, saved (HF layout with the tokenizer) for SFT to start from."""
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
     from seekforge.model.config import ModelConfig
     from seekforge.tokenizer import Tokenizer
     from seekforge.train.sft import read_examples
@@ -239,7 +239,7 @@ def _write_pruned_student(cfg: DistillConfig, scfg, traces: Path, path: Path) ->
 
 def run(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Traces, then every student; returns the summary (also written to DIR/summary.json)."""
-    from seekforge.evaluate import EvalConfig, evaluate, load_llm
+    from seekforge.train.evaluate import EvalConfig, evaluate, load_llm
 
     if not cfg.teacher:
         raise ConfigError("distill: say which checkpoint teaches (--teacher CKPT)")

@@ -46,7 +46,7 @@ def build_model(cfg: ModelConfig, init_from: str | None, overrides: dict) -> Tra
     its config.json changed by `overrides` (which `model_config` has checked)."""
     if not init_from:
         return Transformer(cfg).train()
-    from seekforge.hf import from_pretrained
+    from seekforge.model.hf import from_pretrained
 
     return from_pretrained(init_from, dtype=torch.float32, changes=dict(overrides)).train()
 

@@ -281,7 +281,7 @@ class SFTTrainer(Trainer):
         cfg = self.cfg
         self.teacher = None
         if cfg.kd_weight:
-            from seekforge.hf import from_pretrained
+            from seekforge.model.hf import from_pretrained
 
             self.teacher = from_pretrained(cfg.teacher, dtype=torch.float32, device=self.device).eval()
             self.teacher.requires_grad_(False)

@@ -1,0 +1,76 @@
+"""EngineConfig: every setting of the inference engine, in one place, with its default and its check.
+
+    LLM(model, EngineConfig(max_num_seqs=64, kv_cache_memory=2 << 30))
+    LLM(model, max_num_seqs=64)                # the same: keyword arguments fill an EngineConfig
+
+The server (`seekforge serve`, ServerConfig.engine) and GRPO's rollout engine (GRPOConfig.engine) embed it,
+so seekforge.configio checks their `engine.KEY=VALUE` overrides against these fields. Checks that need the
+model (max_model_len against its context, MTP modules for drafts) are the LLM's, when it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from seekforge.engine.cache_size import cache_budget
+from seekforge.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    # loading a checkpoint from a path (a live model is used where it is)
+    dtype: str | torch.dtype | None = None  # "float32", "bfloat16", "float16"; None: the checkpoint's
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cpu
+    # the paged latent cache: num_blocks outright, else kv_cache_memory bytes, else on a GPU
+    # gpu_memory_utilization of its total memory less what is in use already (seekforge.engine.cache_size)
+    block_size: int | None = None  # tokens per block; None: 64 on a GPU (the decode kernel's tile), else 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None  # None: 1 GiB off a GPU
+    gpu_memory_utilization: float = 0.9
+    # scheduling
+    max_model_len: int | None = None  # None: the model's max_seq_len
+    max_num_seqs: int = 256  # sequences decoded together at most
+    max_num_batched_tokens: int = 2048  # tokens per step at most
+    max_waiting: int = 4096  # sequences waiting for a slot at most; past it add_request raises QueueFullError
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_speculative_tokens: int = 0  # MTP drafts per step (needs a checkpoint with MTP modules)
+    # speed on a GPU
+    cuda_graphs: bool = False  # replay plain decode steps as CUDA graphs
+    compile: bool = False  # torch.compile the blocks (prefill and the captured decode step)
+    async_scheduling: bool | None = None  # launch a decode step before the last one's tokens are known; None: on CUDA
+
+    def __post_init__(self) -> None:
+        for name, low in (("block_size", 1), ("num_blocks", 1), ("max_model_len", 2), ("max_num_seqs", 1),
+                          ("max_num_batched_tokens", 1), ("max_waiting", 1), ("num_speculative_tokens", 0)):
+            value = getattr(self, name)
+            if value is None and name in ("block_size", "num_blocks", "max_model_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"LLM: {name} must be an integer >= {low}, got {value!r}; set engine {name} "
+                                  f"to one")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LLM: {name} is true or false, got {getattr(self, name)!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"LLM: async_scheduling is true, false or None (on CUDA), got {self.async_scheduling!r}")
+        cache_budget(self.kv_cache_memory, self.gpu_memory_utilization, None)  # checks both
+        if self.cuda_graphs and self.num_speculative_tokens:
+            raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
+                              "or cuda_graphs")
+
+
+def engine_config(config: EngineConfig | None, settings: dict) -> EngineConfig:
+    """`config` (default: EngineConfig()) with the keyword `settings` set over it."""
+    if config is not None and not isinstance(config, EngineConfig):
+        raise ConfigError(f"LLM(model, config): config must be an EngineConfig, got {type(config).__name__}; pass a "
+                          f"tokenizer as tokenizer=...")
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ConfigError(f"LLM: unknown engine setting(s) {', '.join(unknown)}; the settings are "
+                          f"{', '.join(sorted(names))}")
+    return dataclasses.replace(config or EngineConfig(), **settings)

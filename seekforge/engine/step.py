@@ -1,0 +1,133 @@
+"""One engine step: schedule, run the model over the packed chunks, sample (through spec_decode.verify, which
+without drafts is plain sampling), apply the tokens (stop conditions, prefix cache), and with MTP draft the
+next step's tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from seekforge.engine.device_copy import to_device
+from seekforge.engine.model_runner import Chunk
+from seekforge.engine.sampler import Row, compute_logprobs, make_batch
+from seekforge.engine.spec_decode import Catchup, verify
+
+
+class Step:
+    """LLM's step (a mixin over the LLM's scheduler, runner, sampler state, proposer and block manager)."""
+
+    @torch.inference_mode()
+    def _step(self) -> set[str]:
+        """One engine step: schedule, run, sample, apply; returns the ids of requests that got new tokens or
+        finished."""
+        self.expert_load = {}
+        plan = self.scheduler.schedule()
+        touched = {seq.request.request_id for seq in plan.finished}
+        if plan.scheduled and self._can_pipeline(plan):
+            return touched | self._pipelined_step([seq for seq, _ in plan.scheduled])
+        if self._in_flight is not None:  # settle the step in flight first: this one needs every token known
+            touched |= self._resolve()
+            plan.scheduled = [(seq, n) for seq, n in plan.scheduled if not seq.is_finished]
+        if not plan.scheduled:
+            return touched
+        chunks, sampling = self._chunks(plan.scheduled)
+        seqs = [seq for seq, _ in plan.scheduled]
+        logits, hidden, step = self._forward(chunks, sampling, seqs)
+        outcome, logprobs = self._sample(logits, sampling, seqs)
+        return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, step)
+
+    @staticmethod
+    def _chunks(scheduled) -> tuple[list[Chunk], list[int]]:
+        """Each scheduled sequence's tokens to compute (drafts after its known tokens), and which of them
+        reach the end of their sequence, so get sampled."""
+        chunks, sampling = [], []
+        for i, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed
+            tokens = seq.token_ids[start:start + n]
+            if len(tokens) < n:
+                tokens = tokens + seq.drafts[:n - len(tokens)]
+            chunks.append(Chunk(seq.block_table, start, tokens))
+            if start + n >= seq.num_tokens:
+                sampling.append(i)
+        return chunks, sampling
+
+    def _forward(self, chunks, sampling, seqs):
+        """(logits of the sampled positions, hidden states, packed step); a decode step replayed from a CUDA
+        graph gives its logits only (hidden and step None)."""
+        replayed = hidden = step = None
+        if self.proposer is None and len(sampling) == len(chunks):
+            replayed = self.runner.decode_logits(chunks)
+        if replayed is not None:
+            logits, self.expert_load = replayed
+        else:
+            step = self.runner.prepare(chunks)
+            hidden, self.expert_load = self.runner.forward(step)
+            first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
+            rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
+            # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
+            logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
+        return logits, hidden, step
+
+    def _sample(self, logits, sampling, seqs):
+        """({index in the step: its verified tokens}, an iterator over the emitted tokens' logprobs)."""
+        # one sampling row per position: a sequence's history grows by its drafts along its rows
+        rows, first_rows = [], []
+        for i in sampling:
+            seq = seqs[i]
+            first_rows.append(len(rows))
+            penalties = seq.params.has_penalties
+            prompt = seq.token_ids[:seq.num_prompt_tokens] if penalties else None
+            for j in range(1 + len(seq.drafts)):
+                rows.append(Row(seq.params, seq.generator, prompt,
+                                seq.output_token_ids + seq.drafts[:j] if penalties else None))
+        if not sampling:
+            return {}, None
+        batch = make_batch(rows, self.cfg.vocab_size, logits.device)
+        verified = verify(logits, batch, first_rows, [seqs[i] for i in sampling])
+        if batch.max_logprobs is not None:
+            emitted_rows = [r for v in verified for r in v.rows]
+            tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)
+            sub = make_batch([rows[r] for r in emitted_rows], self.cfg.vocab_size, logits.device)
+            logprobs = iter(compute_logprobs(logits[emitted_rows], tokens, sub))
+        else:
+            logprobs = itertools.repeat(None)
+        return dict(zip(sampling, verified)), logprobs
+
+    def _apply(self, scheduled, outcome, logprobs, hidden, step) -> set[str]:
+        """Apply the step to each sequence (tokens, stop conditions, prefix cache); with MTP, draft the next
+        step's tokens. Returns the ids of the requests touched."""
+        touched, catchups = set(), []
+        for i, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed
+            touched.add(seq.request.request_id)
+            v = outcome.get(i)
+            if v is None:  # a prefill chunk that does not reach the end of the prompt
+                seq.num_computed = start + n
+                self.block_manager.register(seq)
+                if self.proposer is not None:
+                    catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + n + 1],
+                                            self._rows(hidden, step, i, n), 0))
+                continue
+            had_drafts = len(seq.drafts)
+            if self.proposer is not None and had_drafts:
+                self.proposer.stats.record(had_drafts, v.accepted)
+            computed = seq.num_tokens + v.accepted  # positions whose latents are now valid
+            reason = self._append(seq, v.tokens, [next(logprobs) for _ in v.tokens])
+            seq.num_computed = min(computed, seq.num_tokens)
+            self.block_manager.register(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                continue
+            if self.proposer is not None:
+                m = seq.num_computed - start
+                catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + m + 1],
+                                        self._rows(hidden, step, i, m),
+                                        self.proposer.num_drafts(seq, self.max_model_len)))
+        if self.proposer is not None:
+            self.proposer.propose(catchups)
+        return touched
+
+    @staticmethod
+    def _rows(hidden, step, i, m):
+        return hidden[step.offsets[i]:step.offsets[i] + m]
