@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError
-from seekforge.train.evaluate import EvalConfig, evaluate
+from seekforge.rl.evaluate import EvalConfig, evaluate
 from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
-from seekforge.train.evaluate import pass_at_k
+from seekforge.rl.evaluate import pass_at_k
 
 
 def test_pass_at_k_by_hand():

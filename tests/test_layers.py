@@ -17,7 +17,7 @@ ROOT = Path(seekforge.__file__).parent
 
 # Each part, with the parts below it that it may import. The order is the layering, lowest first: model
 # -> nothing of seekforge but the config and error helpers; engine -> model; train -> model, engine;
-# server -> engine; commands -> everything.
+# rl -> train (its loop) and engine (rollouts); server -> engine; commands -> everything.
 BASE = {"errors", "configio"}
 ALLOWED = {
     "errors": set(),
@@ -34,6 +34,7 @@ ALLOWED = {
     "engine": BASE | {"kernels", "model", "tokenizer"},
     "report": BASE | {"train"},  # train.metrics: the metrics file it reads (see CYCLES_LEFT)
     "train": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report"},
+    "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},
     "cli": BASE | {"commands"},

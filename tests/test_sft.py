@@ -254,9 +254,9 @@ def _parameters_by_hand(c: ModelConfig) -> int:
 def test_distill_command_trains_and_evaluates_students(base, tok, tmp_path, capsys, monkeypatch):
     """Two students of different sizes (depth, experts, width): each one's parameter count against the
     architecture's formula, and its retention = its accuracy / the teacher's."""
-    import seekforge.train.evaluate
+    import seekforge.rl.evaluate
     from seekforge.cli import main
-    from seekforge.train import distill
+    from seekforge.rl import distill
 
     def fake_traces(cfg, llm, path):  # a random teacher solves nothing: feed gold solutions as its traces
         rows = get_task(cfg.task).rows("train", 16, 0)
@@ -278,13 +278,13 @@ def test_distill_command_trains_and_evaluates_students(base, tok, tmp_path, caps
     # A random teacher scores 0 and retention would be undefined: each model's accuracy is set by its size
     # (the rest of the evaluation is real), so retention must pair each student with its own accuracy.
     accuracy = {counts["teacher"]: 0.5, counts["small"]: 0.2, counts["wide"]: 0.4}
-    real_evaluate = seekforge.train.evaluate.evaluate
+    real_evaluate = seekforge.rl.evaluate.evaluate
 
     def evaluate(llm, cfg):
         return {**real_evaluate(llm, cfg), "accuracy": accuracy[llm.model.num_parameters()["total"]]}
 
     monkeypatch.setattr(distill, "sample_traces", fake_traces)
-    monkeypatch.setattr(seekforge.train.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(seekforge.rl.evaluate, "evaluate", evaluate)
     assert main(["distill", "--teacher", str(base), "--student-config", str(tmp_path / "small.json"),
                  "--student-config", str(tmp_path / "wide.json"), "--task", "chain_sum", "--out", str(tmp_path / "d"),
                  "eval_n=3", "max_tokens=8", "progress=false", "train.steps=2", "train.warmup_steps=1",

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from seekforge.train.distill import load_distill_config, run as distill
+    from seekforge.rl.distill import load_distill_config, run as distill
 
     students = [s.strip() for item in args.student_config for s in item.split(",") if s.strip()]
     cfg = load_distill_config(args.config, [f"teacher={args.teacher}", f"task={args.task}", *args.overrides])

@@ -38,7 +38,7 @@ def parse_knobs(items: list[str]) -> dict:
 def run(args) -> int:
     import json
 
-    from seekforge.train.evaluate import EvalConfig, evaluate, load_llm
+    from seekforge.rl.evaluate import EvalConfig, evaluate, load_llm
 
     cfg = EvalConfig(task=args.task, task_knobs=parse_knobs(args.knobs), n=args.n, seed=args.seed, split=args.split,
                      k=args.k, samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens,

@@ -59,9 +59,8 @@ def run(args) -> int:
     import torch
 
     from seekforge.configio import apply_overrides, atomic_write_text, from_dict
-    from seekforge.rl import grpo
-    from seekforge.train import distill
-    from seekforge.train.evaluate import evaluate, load_llm
+    from seekforge.rl import distill, grpo
+    from seekforge.rl.evaluate import evaluate, load_llm
     from seekforge.train.pretrain import load_train_config, run as pretrain
 
     out = Path(args.out)

@@ -29,7 +29,7 @@ def run(args) -> int:
 
     from seekforge.commands.eval import parse_knobs
     from seekforge.rl.rejection import SampleConfig, rejection_sample, write_jsonl
-    from seekforge.train.evaluate import load_llm
+    from seekforge.rl.evaluate import load_llm
 
     cfg = SampleConfig(init_from=args.init_from, task=args.task, task_knobs=parse_knobs(args.knobs), out=args.out,
                        n_prompts=args.n_prompts, n_per_prompt=args.n_per_prompt, keep_correct=args.keep_correct,

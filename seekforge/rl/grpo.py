@@ -168,7 +168,7 @@ class GRPOConfig(LoopConfig):
 
     def eval_config(self, greedy: bool = False):
         """The held-out evaluation of this run (`greedy` forces greedy decoding)."""
-        from seekforge.train.evaluate import EvalConfig
+        from seekforge.rl.evaluate import EvalConfig
 
         sampled = self.eval_samples > 1 and not greedy
         return EvalConfig(task=self.task, task_knobs=self.task_knobs, n=self.eval_n, seed=self.eval_seed,
@@ -536,7 +536,7 @@ class GRPOTrainer:
         return out
 
     def evaluate(self) -> dict:
-        from seekforge.train.evaluate import evaluate
+        from seekforge.rl.evaluate import evaluate
 
         result = evaluate(self.llm, self.cfg.eval_config())
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")

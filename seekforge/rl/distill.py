@@ -239,7 +239,7 @@ def _write_pruned_student(cfg: DistillConfig, scfg, traces: Path, path: Path) ->
 
 def run(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Traces, then every student; returns the summary (also written to DIR/summary.json)."""
-    from seekforge.train.evaluate import EvalConfig, evaluate, load_llm
+    from seekforge.rl.evaluate import EvalConfig, evaluate, load_llm
 
     if not cfg.teacher:
         raise ConfigError("distill: say which checkpoint teaches (--teacher CKPT)")
