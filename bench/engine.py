@@ -9,8 +9,16 @@ generated tokens over wall time, prefill included), prefill tokens/s (one prompt
 engine alone MTP speculative decoding: a small model is trained briefly with its MTP module on
 synthetic text (a sparse Markov chain), then greedy decoding with and without drafts is timed, and the
 acceptance rate per draft position reported. Each figure is the best of --repeats runs, alternating
-the two implementations so that a busy machine penalises both alike. Greedy token agreement with
-transformers is printed too (a check, not a timing).
+the two implementations so that a busy machine penalises both alike.
+
+Before any timing, the engine's logits are checked (`logit_gate`), and the run stops with a non-zero exit where
+they fail: for --gate-prompts prompts, the engine's and transformers' logits along transformers' greedy tokens
+are each compared with transformers' in fp32 (its weights upcast: the same model), and the engine's error must
+be at most --gate-factor times transformers' (in fp32, where there is no higher precision to compare with, at
+most --gate-floor). The engine steps the prompts in groups of 1, 1, 2, 4 and the rest, so each captured batch
+size's kernels are checked. The JSON records the check beside the speed figures ("logit_parity"). Greedy text
+identical to transformers' is printed too, as information: in bf16 with random weights near-ties in the logits
+flip and the texts part within a few tokens, from either side.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from ceilings import ceilings, machine  # noqa: E402
 
 from seekforge import LLM, SamplingParams  # noqa: E402
+from seekforge.engine.parity import FACTOR, forced_logits, logit_parity  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -54,6 +63,42 @@ def engine_generate(llm: LLM, prompts: torch.Tensor, new: int) -> list[list[int]
     llm.reset_prefix_cache()  # every repeat computes its prompt from scratch
     outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
     return [o.token_ids for o in outs]
+
+
+def hf_forced(hf, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T, vocab] fp32: transformers' logits for the token after each prompt and after each of tokens[:, :T - 1]
+    (teacher-forced, one forward)."""
+    with torch.inference_mode():
+        return hf(torch.cat([prompts, tokens[:, :-1]], dim=1), logits_to_keep=tokens.shape[1]).logits.float()
+
+
+def gate_reference(hf, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's tokens (transformers' greedy continuation of the prompts) and the reference logits along them:
+    transformers' own in fp32, its 16-bit weights upcast in place for the forward and cast back after."""
+    tokens = hf_generate(hf, prompts, new)
+    params = list(hf.parameters())
+    dtype = params[0].dtype
+    for p in params:
+        p.data = p.data.float()
+    reference = hf_forced(hf, prompts, tokens)
+    for p in params:
+        p.data = p.data.to(dtype)
+    return tokens, reference
+
+
+def logit_gate(llm: LLM, hf, prompts: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor, factor: float,
+               floor: float) -> dict:
+    """`logit_parity` of the engine's logits (prompts stepped in groups of 1, 1, 2, 4 and the rest) and
+    transformers' (none where it is the reference itself: fp32) against the reference, along `tokens`."""
+    groups, left = [], prompts.shape[0]
+    for n in (1, 1, 2, 4):
+        if n <= left:
+            groups.append(n)
+            left -= n
+    groups += [left] if left else []
+    engine = forced_logits(llm, prompts.tolist(), tokens.tolist(), groups)
+    peer = None if next(hf.parameters()).dtype == torch.float32 else hf_forced(hf, prompts, tokens)
+    return {**logit_parity(reference, engine, peer, factor, floor), "groups": groups}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -130,6 +175,12 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true",
                     help="turn async scheduling off (on by default on CUDA): the host settles each step before the next")
     ap.add_argument("--no-rollout", action="store_true", help="skip the RL-rollout figure")
+    ap.add_argument("--gate-prompts", type=int, default=16, help="prompts of the logit check (prompt-len long)")
+    ap.add_argument("--gate-tokens", type=int, default=32, help="tokens each prompt is teacher-forced along")
+    ap.add_argument("--gate-factor", type=float, default=FACTOR,
+                    help="the engine's error against fp32 may be this many times transformers'")
+    ap.add_argument("--gate-floor", type=float, default=1e-4,
+                    help="the error that passes whatever transformers' (fp32 runs: transformers is the reference)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -140,7 +191,7 @@ def main() -> None:
     cfg = ModelConfig.preset(args.preset).replace(n_layers=args.layers, n_mtp_modules=0, init_std=0.05,
                                                   max_seq_len=max(4096, args.prefill_len + 8))
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
+    model = Transformer(cfg).to(dtype=dtype).eval()  # on the CPU until the gate's fp32 reference is done
     results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                "model": f"{args.preset} with {args.layers} layers", "params": model.num_parameters(),
                "transformers": transformers.__version__, "torch": torch.__version__, "machine": machine(device),
@@ -150,10 +201,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    gate_prompts = torch.randint(2, cfg.vocab_size, (args.gate_prompts, args.prompt_len),
+                                 generator=torch.Generator().manual_seed(2)).to(device)
+    gate_tokens, reference = gate_reference(hf, gate_prompts, args.gate_tokens)
+    model = model.to(device)
     llm = LLM(model, max_num_seqs=max(128, *args.batches), max_model_len=cfg.max_seq_len,
               max_num_batched_tokens=max(2048, args.prefill_len), cuda_graphs=args.cuda_graphs, compile=args.compile,
               async_scheduling=False if args.sync else None,
               kv_cache_memory=8 << 30 if device.type == "cuda" else None)
+    gate = results["logit_parity"] = logit_gate(llm, hf, gate_prompts, gate_tokens, reference, args.gate_factor,
+                                                args.gate_floor)
+    del reference
+    print(f"logit check, {gate['rows']} steps against transformers in fp32: engine error {gate['engine_error']:.4g}, "
+          f"transformers {gate['peer_error']:.4g} (ratio {gate['ratio']:.3f}, allowed {gate['factor']}, floor "
+          f"{gate['floor']}); argmax as fp32's: engine {gate['engine_argmax_agreement']:.1%}, transformers "
+          f"{gate['peer_argmax_agreement']:.1%}: {'passed' if gate['passed'] else 'FAILED'}")
+    if not gate["passed"]:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        sys.exit("bench/engine.py: the engine's logits failed the check against fp32; no speed figure is taken")
     print(f"model: {results['model']}, {results['params']['total'] / 1e6:.1f}M parameters "
           f"({results['params']['active'] / 1e6:.1f}M active), {args.dtype} on {device}, {results['threads']} threads")
     stats = llm.stats()

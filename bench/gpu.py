@@ -8,7 +8,9 @@ decode at batch 1 and 64 and prefill 1 x 4096 at the 16b shape (bench/engine.py,
 compiled decode step, vs transformers' generate; its batch-1 roofline is (active weight bytes + cache
 bytes read per step) / measured copy bandwidth), MLA decode attention alone (bench/mla_decode.py), the
 fused MoE kernels alone (bench/moe.py), and MTP speculative decoding at batch 1 (bench/engine.py's MTP
-part: a small model trained with MTP for 150 steps, speedup and acceptance per draft position).
+part: a small model trained with MTP for 150 steps, speedup and acceptance per draft position). The engine's
+parts first check its bf16 logits against transformers' in fp32 (bench/engine.py's "logit_parity"); a part
+that fails its check or its run is recorded with an "error", and the command exits non-zero.
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
 merges their results into an existing --out file, so the parts can run as separate commands.
 """
@@ -35,9 +37,9 @@ def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, timeout=timeout, text=True, capture_output=True, env=env)
     print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
-    if proc.returncode or not out.is_file():
-        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:], "command": " ".join(cmd)}
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text()) if out.is_file() else {}  # a failed check still writes its numbers
+    if proc.returncode or not result:
+        result.update({"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]})
     result["command"] = " ".join(cmd[1:])
     return result
 
@@ -70,7 +72,10 @@ def main() -> None:
         results[name] = parts[name]()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v.get("error", "ok") if isinstance(v, dict) else v for k, v in results.items()}))
+    status = {k: v.get("error", "ok") if isinstance(v, dict) else v for k, v in results.items()}
+    print(json.dumps(status))
+    if any(state != "ok" for name, state in status.items() if name in args.parts):
+        sys.exit("bench/gpu.py: a part failed (its check or its run): see its entry in " + str(out))
 
 
 if __name__ == "__main__":

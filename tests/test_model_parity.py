@@ -29,6 +29,23 @@ def test_from_pretrained_matches_transformers(case, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_bf16_models_keep_fp32_rotary_frequencies(tmp_path):
+    """Loaded in bf16 or cast to it, the model's rotary angles are those of fp32 frequencies (transformers keeps
+    them so): hand-computed in float64 at positions up to 4,000, within fp32's rounding. Frequencies rounded to
+    bf16 (0.1 becomes 0.10009765625) turned the second pair's angle at position 4,000 by 0.39 rad."""
+    save_hf("v2_softmax_greedy", tmp_path)  # no YaRN: inv_freq_i = theta^(-2i / r)
+    loaded = seekforge.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    cast = seekforge.from_pretrained(tmp_path, dtype=torch.float32).to(torch.bfloat16)
+    positions = torch.tensor([[0, 1, 17, 1000, 2500, 4000]])
+    r = loaded.cfg.qk_rope_head_dim
+    angles = positions.double().unsqueeze(-1) * loaded.cfg.rope_theta ** (-torch.arange(0, r, 2).double() / r)
+    for model in (loaded, cast):
+        assert model.embed.weight.dtype == torch.bfloat16
+        cos, sin = model.rope(positions)
+        torch.testing.assert_close(cos.double(), angles.cos(), atol=1e-3, rtol=0)
+        torch.testing.assert_close(sin.double(), angles.sin(), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_absorbed_path_equals_explicit(case, tmp_path):
     save_hf(case, tmp_path)
