@@ -120,11 +120,11 @@ def engine_layers(llm, model, prompts, tokens) -> dict[str, torch.Tensor]:
     index = {id(layer): i for i, layer in enumerate(model.layers)}
 
     def block_forward(block, *args, **kwargs):
-        h = real(block, *args, **kwargs)
+        h, routed = real(block, *args, **kwargs)
         flat = h.reshape(-1, h.shape[-1])
         if flat.shape[0] == b:
             store.setdefault(f"block{index[id(block)]}", []).append(flat.float().clone())
-        return h
+        return h, routed
 
     model_runner.block_forward = block_forward
     try:

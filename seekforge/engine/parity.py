@@ -59,9 +59,8 @@ def forced_logits(llm, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequen
             out[start:start + size, 0] = _step_logits(runner, chunks, [len(prompts[i]) - 1 for i in seqs])
             for t in range(steps - 1):
                 chunks = [Chunk(table, len(prompts[i]) + t, [tokens[i][t]]) for table, i in zip(tables, seqs)]
-                logits = runner.decode_logits(chunks)
-                if logits is None:
-                    logits = _step_logits(runner, chunks, [0] * size)
+                replayed = runner.decode_logits(chunks)
+                logits = _step_logits(runner, chunks, [0] * size) if replayed is None else replayed[0]
                 out[start:start + size, t + 1] = logits  # a copy: a graph's logits are its static output
     llm.reset_prefix_cache()
     return out
@@ -74,7 +73,7 @@ def _starts(sizes: list[int]) -> list[int]:
 def _step_logits(runner, chunks, rows_in_chunk: list[int]) -> torch.Tensor:
     """The logits of one row of each chunk (its index within the chunk) after an uncaptured step over them."""
     step = runner.prepare(chunks)
-    hidden = runner.forward(step)
+    hidden, _ = runner.forward(step)
     rows = torch.tensor([step.offsets[i] + r for i, r in enumerate(rows_in_chunk)], device=hidden.device)
     return runner.logits(hidden.index_select(0, rows))
 
