@@ -118,13 +118,15 @@ def _fitting_tiles(configs, named_args, **kwargs):
     return tiles
 
 
-def tuned(kernel, key: list[str]):
+def tuned(kernel, key: list[str], restore_value: tuple[str, ...] = ()):
     """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles on each key's first launch, each timed
-    for ~20 ms with L2 flushed between runs: well under a second a shape, once per process."""
+    for ~20 ms with L2 flushed between runs: well under a second a shape, once per process. `restore_value` names
+    the arguments a run accumulates into (atomic counts): each timed run gets them back as they were, so the
+    launch that tunes counts once, as every later launch does."""
     return triton.autotune(
         configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
                  for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES],
-        key=key, prune_configs_by={"early_config_prune": _fitting_tiles},
+        key=key, prune_configs_by={"early_config_prune": _fitting_tiles}, restore_value=list(restore_value),
         do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
     )(kernel)
 

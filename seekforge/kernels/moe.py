@@ -260,7 +260,7 @@ def _pair_sums(out_ptr, summed_ptr, residual_ptr, N, stride_om, TOPK: tl.constex
     _sum_pairs(out_ptr, summed_ptr, residual_ptr, tl.program_id(1), rows, N, stride_om, TOPK, RESIDUAL)
 
 
-_gate_up_rows_tuned = tuned(_gate_up_rows, ["K", "N", "TOPK"])
+_gate_up_rows_tuned = tuned(_gate_up_rows, ["K", "N", "TOPK"], restore_value=("load_ptr",))  # the choice counts load
 _down_rows_tuned = tuned(_down_rows, ["K", "N", "TOPK"])
 
 
