@@ -143,9 +143,10 @@ def paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttenti
 
 def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,
                                softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
-    """`paged_mla_decode` in PyTorch: gather the context densely, then two einsums."""
+    """`paged_mla_decode` in PyTorch: gather the context densely, then two einsums. The scores are computed in fp32
+    (as the Triton kernel accumulates them): a 16-bit einsum rounds each score before the softmax."""
     ctx = gather_latents(cache, plan)  # [b, T, c + r]
-    scores = torch.einsum("bshx,btx->bsht", q, ctx)
+    scores = torch.einsum("bshx,btx->bsht", q.float(), ctx.float())
     probs = torch.add(plan.bias, scores, alpha=softmax_scale).softmax(dim=-1).to(ctx.dtype)
     return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
 

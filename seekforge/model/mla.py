@@ -96,8 +96,8 @@ class MLA(nn.Module):
         """Absorbed path over the latent itself; same arguments and result as `attend`."""
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        scores = (torch.einsum("bshc,btc->bsht", q_latent, kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
+        scores = (torch.einsum("bshc,btc->bsht", q_latent.float(), kv.float())  # fp32, as attention kernels keep
+                  + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * self.softmax_scale  # scores
         if mask is None:
             s, t = scores.shape[1], scores.shape[3]
             mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s).unsqueeze(0)
