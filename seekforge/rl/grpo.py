@@ -47,7 +47,7 @@ from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import config_fingerprint
-from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, train_and_export
+from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, LoopStep, train_and_export
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.rewards import RewardSet
 from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal, policy_loss,
@@ -288,7 +288,7 @@ def pack_groups(seqs: Sequences, rows: list[list[int]], pad_id: int, device) -> 
                        target_mask.to(device))
 
 
-class GRPOTrainer:
+class GRPOTrainer(LoopStep):
     def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
         from seekforge.engine import LLM, SamplingParams
         from seekforge.engine.sampler import broadcast_batch
@@ -326,15 +326,6 @@ class GRPOTrainer:
             self.llm = LLM(self.model, engine, tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- state
-    @property
-    def step(self) -> int:
-        """Updates done so far (the loop's count)."""
-        return self.loop.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loop.step = value
-
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "prompts": self.prompts.state_dict()}

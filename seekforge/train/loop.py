@@ -82,6 +82,20 @@ class Task(Protocol):
         """The final model (Hugging Face layout, with its tokenizer) under DIR/final."""
 
 
+class LoopStep:
+    """A trainer's `step`: the count of updates its loop (`self.loop`) has done, read and set through the loop."""
+
+    loop: Loop
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+
 class Loop:
     """The run directory, checkpoints, metrics and the step loop of one run (see the module doc).
 

@@ -29,7 +29,7 @@ from seekforge.model.transformer import Transformer
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.checkpoint import config_fingerprint
 from seekforge.train.init_from import build_model, model_config
-from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, train_and_export
+from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, LoopStep, train_and_export
 from seekforge.train.metrics import Throughput, expert_load_stats
 from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
 from seekforge.train.schedule import LRSchedule
@@ -133,7 +133,7 @@ def load_train_config(name_or_path: str, overrides: list[str] = ()) -> TrainConf
     return load_config(TrainConfig, name_or_path, BUILTIN_CONFIGS, list(overrides))
 
 
-class Trainer:
+class Trainer(LoopStep):
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False):
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = pick_device(cfg.device)
@@ -153,15 +153,6 @@ class Trainer:
         self.loader = self._build_loader()
         self.speed = Throughput()
         self.loop.start(self)
-
-    @property
-    def step(self) -> int:
-        """Updates done so far (the loop's count)."""
-        return self.loop.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loop.step = value
 
     # ---------------------------------------------------------------- setup
     def _data(self) -> tuple[Path, Path | None]:
