@@ -13,7 +13,7 @@ from seekforge.errors import ConfigError
 from seekforge.model.hf import from_pretrained
 from seekforge.model import ModelConfig, Transformer
 from seekforge.train.init_from import build_model, model_config
-from seekforge.train.pretrain import Trainer, load_train_config
+from seekforge.train.pretrain import build_trainer, load_train_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:config.json declares")]
 
@@ -59,7 +59,7 @@ def test_context_extension_run_loads_weights_and_saves_v3_rope_scaling(tmp_path)
                                      "steps=2", "warmup_steps=1", "constant_steps=1", "decay_steps=0",
                                      f"data={data}", f"tokenizer={data / 'tokenizer'}", "precision=fp32",
                                      "progress=false", "tensorboard=false"])
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     loaded = from_pretrained(tmp_path / "base", dtype=torch.float32).state_dict()
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, loaded[name]), name
@@ -98,7 +98,7 @@ def test_overrides_that_reshape_a_checkpoint_are_refused_by_name(tmp_path, overr
 
 def test_sft_applies_the_same_overrides(tmp_path):
     from seekforge.tokenizer import Tokenizer
-    from seekforge.train.sft import SFTTrainer, load_sft_config
+    from seekforge.train.sft import build_trainer as sft_trainer, load_sft_config
 
     tok = Tokenizer.train(["What is 1 + 2? 3", "What is 4 + 5? 9"] * 20, 300)
     torch.manual_seed(0)
@@ -109,8 +109,8 @@ def test_sft_applies_the_same_overrides(tmp_path):
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "What is 1 + 2?", "completion": " 3"}) + "\n")
     common = [f"init_from={tmp_path / 'base'}", f"data={tmp_path / 'data.jsonl'}", "progress=false",
               "tensorboard=false", "seq_len=256"]
-    trainer = SFTTrainer(load_sft_config(None, [*common, "model_overrides={rope_factor: 4, max_seq_len: 256}"]),
+    trainer = sft_trainer(load_sft_config(None, [*common, "model_overrides={rope_factor: 4, max_seq_len: 256}"]),
                          tmp_path / "sft")
     assert (trainer.model.cfg.rope_factor, trainer.model.cfg.max_seq_len) == (4.0, 256)
     with pytest.raises(ConfigError, match="model_overrides dim would change the shape"):
-        SFTTrainer(load_sft_config(None, [*common, "model_overrides={dim: 96, max_seq_len: 256}"]), tmp_path / "x")
+        sft_trainer(load_sft_config(None, [*common, "model_overrides={dim: 96, max_seq_len: 256}"]), tmp_path / "x")

@@ -10,7 +10,7 @@ import torch
 
 from seekforge.cli import main
 from seekforge.errors import SeekforgeError
-from seekforge.report import write_report
+from seekforge.train.report import write_report
 from seekforge.train.metrics import (
     MetricsLogger,
     ProgressBar,

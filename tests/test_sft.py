@@ -12,7 +12,8 @@ from seekforge.model import ModelConfig, Transformer
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import ASSISTANT, Tokenizer
 from seekforge.rl.rejection import SampleConfig, is_correct, rejection_sample
-from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, document_mask, load_sft_config, pack,
+from seekforge.train.lm import document_mask
+from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, load_sft_config, pack,
                                  read_examples, tokenize_row)
 
 
@@ -101,21 +102,21 @@ def test_collate_shifts_labels_and_ignores_untrained_tokens():
 
 def test_packed_examples_train_exactly_as_one_by_one(base, tok, tmp_path):
     from seekforge.model.mtp import depth_targets
-    from seekforge.train.sft import SFTTrainer
+    from seekforge.train.sft import build_trainer
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution}) + "\n"
                             for r in get_task("chain_sum").rows("train", 3, 5)))
     cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", "completion_only_loss=false", "val_fraction=0",
                                  "precision=fp32", "progress=false", "tensorboard=false"])
-    trainer = SFTTrainer(cfg, tmp_path / "run")
-    examples, pad = trainer.train_examples, tok.pad_id
+    trainer = build_trainer(cfg, tmp_path / "run")
+    examples, pad = trainer.data.train_examples, tok.pad_id
     lengths = [len(e.ids) for e in examples]
     packed = collate(examples, [[0, 1, 2]], sum(lengths) + 4, pad)  # one row, then padding
     singles = [collate(examples, [[i]], None, pad) for i in range(3)]
     with torch.no_grad():  # the trainer's own loss, MTP included
-        out = trainer._loss(packed, mtp_weight=0.3)
-        alone = [trainer._loss(b, mtp_weight=0.3) for b in singles]
+        out = trainer.loss(packed, mtp_weight=0.3)
+        alone = [trainer.loss(b, mtp_weight=0.3) for b in singles]
     per_token = torch.nn.functional.cross_entropy(out.logits[0], packed["labels"][0], reduction="none")
     start = 0
     for n, b, o in zip(lengths, singles, alone):
@@ -194,7 +195,7 @@ def test_rejection_sampling_keeps_distinct_correct_answers(tok):
 
 def test_sft_end_to_end_resume_and_distillation(base, tmp_path):
     from seekforge.cli import main
-    from seekforge.train.sft import SFTTrainer
+    from seekforge.train.sft import build_trainer
 
     rows = get_task("chain_sum").rows("train", 24, 0)
     data = tmp_path / "data.jsonl"
@@ -210,7 +211,7 @@ def test_sft_end_to_end_resume_and_distillation(base, tmp_path):
 
     # stop after the step-3 checkpoint, resume: the same losses step by step
     cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", *common])
-    trainer = SFTTrainer(cfg, tmp_path / "b")
+    trainer = build_trainer(cfg, tmp_path / "b")
     real, calls = trainer.train_step, []
 
     def stop_at_four():
@@ -222,7 +223,7 @@ def test_sft_end_to_end_resume_and_distillation(base, tmp_path):
     trainer.train_step = stop_at_four
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    SFTTrainer(cfg, tmp_path / "b", resume=True).train()
+    build_trainer(cfg, tmp_path / "b", resume=True).train()
     again = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in again] == [r["loss"] for r in records]
 

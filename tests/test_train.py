@@ -18,7 +18,7 @@ from seekforge.model.moe import MoE
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.metrics import load_cv
 from seekforge.train.loop import TrainingStopped
-from seekforge.train.pretrain import TrainConfig, Trainer, load_train_config
+from seekforge.train.pretrain import TrainConfig, build_trainer, load_train_config
 
 SMALL_RUN = ["seq_len=32", "batch_size=4", "steps=14", "warmup_steps=2", "constant_steps=6", "decay_steps=6",
              "save_every=3", "eval_every=7", "eval_batches=1", "builtin_docs=400", "builtin_vocab=300",
@@ -90,7 +90,7 @@ def test_wrong_config_key_and_type():
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
     cfg = load_train_config("tiny", [*SMALL_RUN, "max_bad_steps=3"])
-    trainer = Trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     real_loss = trainer.model.loss
     calls = {"n": 0}
 
@@ -113,7 +113,7 @@ def test_a_fresh_start_drops_the_records_of_a_run_killed_before_its_first_checkp
     """The directory holds records but no checkpoint: starting again replaces them, it does not append."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 99.0}\n{"step": 1, "loss": 98.0}\n{"step": 2, "lo')
     cfg = load_train_config("tiny", [*SMALL_RUN, "steps=2", "warmup_steps=1", "constant_steps=1", "decay_steps=0"])
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and all(r["loss"] < 90 for r in rows)
 
@@ -127,7 +127,7 @@ def test_mtp_weight_zero_trains_and_moves_only_the_biases_of_layers_that_ran(tmp
                                      "mtp_weight=0.3", "mtp_weight_late=0", f"mtp_switch_step={switch}",
                                      "bias_update_speed=0.01", "balance_alpha=0.01", "eval_every=100",
                                      "save_every=100"])
-    trainer = Trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     model = trainer.model
     mtp_layer = model.cfg.n_layers  # the MTP block's MoE comes after the main layers'
     moes = {b.layer_id: b.ffn for b in [*model.layers, model.mtp[0].block] if isinstance(b.ffn, MoE)}

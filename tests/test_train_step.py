@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from seekforge.model.transformer import sequence_balance_loss
-from seekforge.train.pretrain import TrainConfig, Trainer, load_train_config
+from seekforge.train.lm import LMTrainer
+from seekforge.train.pretrain import TrainConfig, build_trainer, load_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,12 +26,12 @@ def data(tmp_path_factory):
     return path
 
 
-def _trainer(out, data, *extra) -> Trainer:
+def _trainer(out, data, *extra) -> LMTrainer:
     cfg = load_train_config("tiny", [*SMALL, f"data={data}", f"tokenizer={data / 'tokenizer'}", *extra])
-    return Trainer(cfg, out)
+    return build_trainer(cfg, out)
 
 
-def _record_grads(trainer: Trainer) -> list[list[torch.Tensor]]:
+def _record_grads(trainer: LMTrainer) -> list[list[torch.Tensor]]:
     """What the optimizer sees on each step (after accumulation and clipping), with the update itself done."""
     seen, step = [], trainer.optimizer.step
 

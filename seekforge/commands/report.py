@@ -10,7 +10,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from seekforge.report import write_report
+    from seekforge.train.report import write_report
 
     print(write_report(args.run_dir))
     return 0

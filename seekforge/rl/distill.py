@@ -33,10 +33,10 @@ import torch
 from seekforge.configio import atomic_write_text, from_dict, load_config
 from seekforge.errors import ConfigError
 
-# How a student trains from scratch unless DistillConfig.train says otherwise.
+# How a student trains from scratch (where it differs from SFTConfig's fine-tuning defaults) unless
+# DistillConfig.train says otherwise.
 STUDENT_TRAINING = dict(lr=3e-3, final_lr=3e-4, steps=300, warmup_steps=20, constant_steps=130, decay_steps=150,
-                        seq_len=256, batch_size=16, mtp_weight=0.3, mtp_weight_late=0.1, eval_every=100,
-                        save_every=100)
+                        seq_len=256, mtp_weight=0.3, eval_every=100)
 
 
 @dataclass
@@ -205,8 +205,7 @@ def parameter_count(path) -> int:
 def train_student(cfg: DistillConfig, model: str, overrides: dict, traces: Path, run_dir: Path,
                   resume: bool = False) -> tuple[Path, dict]:
     """SFT one student on the traces in `run_dir`; returns (its final/ directory, the last training record)."""
-    from seekforge.report import write_report
-    from seekforge.train.sft import SFTTrainer
+    from seekforge.train.sft import run as sft
 
     scfg = student_config(cfg, model, overrides, traces)
     if cfg.student_init == "teacher":
@@ -214,11 +213,8 @@ def train_student(cfg: DistillConfig, model: str, overrides: dict, traces: Path,
         if not (init / "config.json").is_file():
             _write_pruned_student(cfg, scfg, traces, init)
         scfg = student_config(cfg, str(init), {}, traces, init_from=str(init))
-    trainer = SFTTrainer(scfg, run_dir, resume=resume and (run_dir / "checkpoints").is_dir())
-    last = trainer.train()
-    final = trainer.export()
-    write_report(run_dir)
-    return final, last
+    last = sft(scfg, run_dir, resume=resume and (run_dir / "checkpoints").is_dir())
+    return run_dir / "final", last
 
 
 def _write_pruned_student(cfg: DistillConfig, scfg, traces: Path, path: Path) -> None:

@@ -29,7 +29,6 @@ prompt format trained on (with template=r1_zero, R1-Zero's, so `seekforge chat` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -40,15 +39,14 @@ from typing import ClassVar, Literal
 
 import torch
 
-from seekforge.configio import load_config, to_dict
+from seekforge.configio import load_config
 from seekforge.engine.config import EngineConfig
 from seekforge.errors import ConfigError
 from seekforge.model.moe import add_load
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
-from seekforge.train.checkpoint import config_fingerprint
-from seekforge.train.loop import NON_FINITE, Loop, LoopConfig, LoopStep, train_and_export
-from seekforge.train.optim import autocast_dtype, build_adamw, pick_device, set_lr
+from seekforge.train.loop import NON_FINITE, LoopConfig, Trainer
+from seekforge.train.optim import set_lr
 from seekforge.rewards import RewardSet
 from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal, policy_loss,
                                token_entropy, token_logprobs)
@@ -176,12 +174,12 @@ class GRPOConfig(LoopConfig):
                           max_tokens=self.eval_max_tokens or self.max_tokens, template=self.template,
                           reward_timeout_s=self.reward_timeout_s)
 
-    def fingerprint(self) -> str:
-        free = set(self.RESUME_FREE) | {"eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature",
+    def resume_free(self) -> set[str]:
+        free = super().resume_free() | {"eval_n", "eval_seed", "eval_max_tokens", "eval_samples", "eval_temperature",
                                         "engine", "reward_timeout_s", "micro_batch_size"}
         if self.loss_type == "bnpo":  # its normaliser is the micro-batch's
             free.discard("micro_batch_size")
-        return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
+        return free
 
 
 def load_grpo_config(name_or_path: str | None, overrides: list[str] = ()) -> GRPOConfig:
@@ -288,7 +286,11 @@ def pack_groups(seqs: Sequences, rows: list[list[int]], pad_id: int, device) -> 
                        target_mask.to(device))
 
 
-class GRPOTrainer(LoopStep):
+class GRPOTrainer(Trainer):
+    """The loop's task for GRPO: a step samples and scores its batch of rollouts, then updates on it."""
+
+    cfg: GRPOConfig
+
     def __init__(self, cfg: GRPOConfig, out_dir: str | Path, resume: bool = False):
         from seekforge.engine import LLM, SamplingParams
         from seekforge.engine.sampler import broadcast_batch
@@ -297,23 +299,17 @@ class GRPOTrainer(LoopStep):
 
         if not cfg.init_from:
             raise ConfigError("grpo: say which checkpoint to start from (--from CKPT, a HF-layout directory)")
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.device = pick_device(cfg.device)
-        self.amp = autocast_dtype(self.device, cfg.precision)
-        self.loop = Loop(cfg, self.out, "grpo_config.yaml", resume=resume, records="count", desc="grpo")
-        self.ckpt = self.loop.ckpt
+        super().__init__(cfg, out_dir, "grpo_config.yaml", resume=resume, records="count", desc="grpo")
         self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
         self.task = get_task(cfg.task, **cfg.task_knobs)
         torch.manual_seed(cfg.seed)
-        self.model = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train()
+        self.optimize(from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train())
         self.ref = None
         if cfg.beta > 0:
             self.ref = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
         # the distribution rollouts are drawn from, for the update's log-probabilities
         self.sampling = broadcast_batch(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k),
                                         self.model.cfg.vocab_size, self.device)
-        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        self.schedule = cfg.schedule()
         self.prompts = PromptStream(self.task, cfg.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.reward_weights, cfg.reward_timeout_s)
         self.loop.start(self, map_location=self.device)
@@ -322,7 +318,7 @@ class GRPOTrainer(LoopStep):
         # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
         engine = cfg.engine.resolve(max_num_seqs=max(256, cfg.prompts_per_step * cfg.group_size),  # a step at once
                                     cuda_graphs=self.device.type == "cuda" and self.amp is not None)
-        with self._autocast(rollout=True):
+        with self.autocast(cache=False):
             self.llm = LLM(self.model, engine, tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- state
@@ -334,13 +330,6 @@ class GRPOTrainer(LoopStep):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.prompts.load_state_dict(state["prompts"])
-
-    def _autocast(self, rollout: bool = False):
-        """The training precision; for the engine (`rollout`) without autocast's weight-cast cache, which would
-        keep a cast of the weights from before the latest update."""
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=not rollout)
 
     # ---------------------------------------------------------------- rollouts
     def _totals(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +352,7 @@ class GRPOTrainer(LoopStep):
             # there, so a resumed run repeats the uninterrupted one exactly
             self.llm.reset_prefix_cache()
             start = time.perf_counter()
-            with self._autocast(rollout=True):  # the fp32 master weights sample in the training precision
+            with self.autocast(cache=False):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                              top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=None, template=cfg.template,
                              rewards=self.rewards)
@@ -449,45 +438,41 @@ class GRPOTrainer(LoopStep):
         # policy, and with ref processed alike the term is 0 at the start and measures how far the model itself
         # moved, not the gap a temperature or top-p opens between a processed policy and a raw reference.
         old, ref = {}, {}
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             for b, batch in enumerate(batches):
                 if cfg.mu > 1:
                     old[b] = token_logprobs(self._logits(model, batch)[0], batch.targets, self.sampling)
                 if self.ref is not None:
                     ref[b] = token_logprobs(self._logits(self.ref, batch)[0], batch.targets, self.sampling)
         sums = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
-        grad_norm, lr = math.nan, self.schedule.lr(self.step)
+        lr = self.schedule.lr(self.step)
         set_lr(self.optimizer, lr)
         for it in range(cfg.mu):
             loads: dict[int, torch.Tensor] = {}
-            finite = True
-            for b, batch in enumerate(batches):
-                with self._autocast():
-                    logits, batch_loads = self._logits(model, batch)
-                logp = token_logprobs(logits, batch.targets, self.sampling)
-                out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
-                                  batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
-                                  eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref.get(b), max_tokens=cfg.max_tokens,
-                                  num_sequences=n_seq, num_tokens=n_tok)
-                if not torch.isfinite(out.loss):
-                    finite = False
-                    break
-                # bnpo's micro-batch losses are token means of their own: the batch's is their mean
-                loss = out.loss / len(batches) if cfg.loss_type == "bnpo" else out.loss
-                loss.backward()
-                add_load(loads, batch_loads)
-                if it == cfg.mu - 1:  # statistics of the last pass
-                    with torch.no_grad():
-                        sums["entropy"] += float((token_entropy(logits.detach()) * batch.target_mask).sum())
-                    sums["loss"] += float(loss.detach())
-                    for key in ("clipped_low", "clipped_high", "kl", "tokens"):
-                        sums[key] += getattr(out, key)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if finite else math.nan
-            if not (finite and math.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
+
+            def losses():
+                for b, batch in enumerate(batches):
+                    with self.autocast():
+                        logits, batch_loads = self._logits(model, batch)
+                    logp = token_logprobs(logits, batch.targets, self.sampling)
+                    out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
+                                      batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+                                      eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref.get(b),
+                                      max_tokens=cfg.max_tokens, num_sequences=n_seq, num_tokens=n_tok)
+                    # bnpo's micro-batch losses are token means of their own: the batch's is their mean
+                    loss = out.loss / len(batches) if cfg.loss_type == "bnpo" else out.loss
+                    yield loss
+                    add_load(loads, batch_loads)
+                    if it == cfg.mu - 1:  # statistics of the last pass
+                        with torch.no_grad():
+                            sums["entropy"] += float((token_entropy(logits.detach()) * batch.target_mask).sum())
+                        sums["loss"] += float(loss.detach())
+                        for key in ("clipped_low", "clipped_high", "kl", "tokens"):
+                            sums[key] += getattr(out, key)
+
+            grad_norm = self.apply_update(losses())
+            if math.isnan(grad_norm):
                 return {**record, "skipped": True, "reason": NON_FINITE, "lr": lr}
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
         self.llm.reset_prefix_cache()  # cached prompt latents belong to the old weights
         tokens = max(sums["tokens"], 1.0)
@@ -550,9 +535,8 @@ class GRPOTrainer(LoopStep):
         return record
 
     def train(self) -> dict:
-        """Train to cfg.steps (seekforge.train.loop); returns the last step's record."""
         try:
-            return self.loop.run(self)
+            return super().train()
         finally:
             self.rewards.close()
 
@@ -573,4 +557,4 @@ def _subset(r: Rollouts, keep: list[int]) -> Rollouts:
 
 
 def run(cfg: GRPOConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
-    return train_and_export(GRPOTrainer(cfg, out_dir, resume=resume), out_dir, report)
+    return GRPOTrainer(cfg, out_dir, resume=resume).run(report)

@@ -1,11 +1,13 @@
 """The training loop every trainer runs (pretraining, SFT and distillation's students, GRPO).
 
-A trainer is a `Task`: it supplies one step (its batches and its loss; for GRPO, rollout + update), its
-evaluation, its resumable state and its export. The loop owns the rest, the same for all of them: the run
-directory (refusing to overwrite a run unless resuming, the config's fingerprint), step counting, exact
-resume from the latest checkpoint, metrics.jsonl / TensorBoard, the progress bar, periodic evaluation and
-checkpoints, and the bad-step guard: a step whose loss or gradients are not finite is skipped (the task
-drops its gradients and returns a record with `skipped` and `reason` = NON_FINITE), counted, never
+A trainer supplies its batches and its loss: it is a `Trainer` (this module's base) whose `train_step` makes
+one update from its own data (for GRPO, rollout + update) through `Trainer.apply_update`, and whose
+`evaluate`, `state_dict` and `export` say how to measure, resume and ship it. The rest is here, the same for
+all of them: device and precision, the run directory (refusing to overwrite a run unless resuming, the
+config's fingerprint), the AdamW optimizer and learning-rate schedule, step counting, exact resume from the
+latest checkpoint, metrics.jsonl / TensorBoard, the progress bar, periodic evaluation and checkpoints, and
+the bad-step guard: an update whose loss or gradients are not finite is dropped (`apply_update` zeroes the
+gradients and takes no step; the record says `skipped` with `reason` = NON_FINITE), counted, never
 checkpointed, and `max_bad_steps` of them in a row stop training with TrainingStopped, the last good
 checkpoint intact.
 
@@ -19,14 +21,20 @@ one of two layouts, which readers of existing runs rely on:
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
-from seekforge.configio import save_config
+import torch
+
+from seekforge.configio import save_config, to_dict
 from seekforge.errors import ConfigError, SeekforgeError
-from seekforge.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from seekforge.train.checkpoint import CheckpointManager, config_fingerprint, rng_state, set_rng_state
 from seekforge.train.metrics import MetricsLogger, ProgressBar
+from seekforge.train.optim import autocast_dtype, build_adamw, pick_device
 
 NON_FINITE = "non-finite loss or gradients"  # the `reason` of a step the bad-step guard counts
 
@@ -60,6 +68,15 @@ class LoopConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{self.NAME} config: {key} must be >= 1, got {getattr(self, key)}")
 
+    def resume_free(self) -> set[str]:
+        """The fields a resume may change (RESUME_FREE, plus what a trainer's config adds)."""
+        return set(self.RESUME_FREE)
+
+    def fingerprint(self) -> str:
+        """What must not change across a resume: every field but `resume_free()`."""
+        free = self.resume_free()
+        return config_fingerprint({k: v for k, v in to_dict(self).items() if k not in free})
+
 
 class Task(Protocol):
     """What a trainer supplies to the loop."""
@@ -80,20 +97,6 @@ class Task(Protocol):
 
     def export(self) -> Path:
         """The final model (Hugging Face layout, with its tokenizer) under DIR/final."""
-
-
-class LoopStep:
-    """A trainer's `step`: the count of updates its loop (`self.loop`) has done, read and set through the loop."""
-
-    loop: Loop
-
-    @property
-    def step(self) -> int:
-        return self.loop.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loop.step = value
 
 
 class Loop:
@@ -179,12 +182,76 @@ class Loop:
         return last
 
 
-def train_and_export(trainer, out_dir: str | Path, report: bool = True) -> dict:
-    """Run a built trainer to the end, export DIR/final and (with `report`) write the report card."""
-    last = trainer.train()
-    trainer.export()
-    if report:
-        from seekforge.report import write_report
+class Trainer:
+    """What every trainer shares around its loop (see the module doc). A subclass builds its data and model,
+    hands the model to `optimize`, then calls `self.loop.start(self)`; its `train_step` makes one update
+    through `apply_update`."""
 
-        write_report(out_dir)
-    return last
+    cfg: LoopConfig  # with the optimizer's fields: lr, weight_decay, beta1, beta2, grad_clip, and schedule()
+    model: torch.nn.Module
+
+    def __init__(self, cfg: LoopConfig, out_dir: str | Path, config_file: str, resume: bool = False,
+                 records: Literal["index", "count"] = "index", desc: str = "train"):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = pick_device(cfg.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
+        self.loop = Loop(cfg, self.out, config_file, resume=resume, records=records, desc=desc)
+        self.ckpt = self.loop.ckpt
+
+    @property
+    def step(self) -> int:
+        """Updates done so far: the loop's count."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    def optimize(self, model: torch.nn.Module) -> None:
+        """Train `model`: AdamW over it and the config's learning-rate schedule."""
+        cfg = self.cfg
+        self.model = model
+        self.optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.schedule = cfg.schedule()
+
+    def autocast(self, cache: bool = True):
+        """The training precision (autocast, or nothing in fp32); `cache=False` without autocast's weight-cast
+        cache, which would keep a cast of the weights from before the latest update."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=cache)
+
+    def apply_update(self, losses: Iterable[torch.Tensor]) -> float:
+        """One optimizer update: backward each loss `losses` yields (a generator may read its statistics after
+        the yield, once the backward ran), clip the gradients to cfg.grad_clip, step. Returns the gradient norm
+        before clipping; NaN when the update was dropped by the bad-step guard: a non-finite loss (the losses
+        after it are not run) or gradient norm zeroes the gradients and takes no step, and the trainer returns
+        a record with `skipped` and `reason` = NON_FINITE."""
+        finite = True
+        for loss in losses:
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)) if finite \
+            else math.nan
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train(self) -> dict:
+        """Train to cfg.steps; returns the last step's record."""
+        return self.loop.run(self)
+
+    def run(self, report: bool = True) -> dict:
+        """Train to the end, export DIR/final and (with `report`) write the report card; the last record."""
+        last = self.train()
+        self.export()
+        if report:
+            from seekforge.train.report import write_report
+
+            write_report(self.out)
+        return last

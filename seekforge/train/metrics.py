@@ -1,7 +1,7 @@
 """Training metrics: a crash-proof JSON-lines log mirrored to TensorBoard, a progress bar, MoE load stats.
 
 `DIR/metrics.jsonl` holds one JSON object per line: {"step": int, "time": unix seconds, ...values}.
-A record may carry "kind" (default "train"; evaluations use "eval", see seekforge.report for the
+A record may carry "kind" (default "train"; evaluations use "eval", see seekforge.train.report for the
 conventions the report reads). Values are numbers, strings, or (nested) lists of numbers such as
 per-layer expert loads; tensors and numpy values are converted on the way in. Non-finite floats are
 written as JSON's common extensions NaN/Infinity, which Python's json reads back.

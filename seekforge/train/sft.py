@@ -16,8 +16,8 @@ examples stay mutually invisible (DeepSeek-V3's sample masking): each attends on
 positions start at 0, and no label or MTP target reaches into the next, so a packed row trains exactly as
 its examples would one by one.
 Without packing a batch holds one example per row, padded to its longest. The trainer is pretraining's
-(seekforge.train.pretrain.Trainer on the training loop: the same checkpoints, exact resume, metrics, report,
-auxiliary-loss-free balancing of a MoE student); only the data and, with a teacher, the loss differ. Logit distillation
+(seekforge.train.lm on the training loop: the same checkpoints, exact resume, metrics, report,
+auxiliary-loss-free balancing of a MoE student); SFT supplies the data and, with a teacher, a loss term. Logit distillation
 (kd_weight > 0) adds the KL divergence from the teacher's next-token distribution to the student's, at
 temperature kd_temperature, on the trained tokens:
 loss = (1 - kd_weight) * cross-entropy (+ MTP, balance) + kd_weight * T^2 * KL(p_teacher^T || p_student^T).
@@ -29,6 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,15 +37,18 @@ import torch.nn.functional as F
 
 from seekforge.configio import load_config
 from seekforge.errors import ConfigError, DataError
-from seekforge.train.pretrain import Trainer, TrainConfig
-
-IGNORE = -100
+from seekforge.model.transformer import ModelLoss
+from seekforge.train.lm import IGNORE, LMConfig, LMTrainer
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    # model: the shape when training from scratch (a student); init_from takes precedence
+class SFTConfig(LMConfig):
+    """LMConfig's settings (model: the shape when training from scratch, a student; init_from takes precedence),
+    with fine-tuning's defaults where they differ from pretraining's, and SFT's own."""
+
+    NAME: ClassVar[str] = "sft"
     data: str = ""  # the .jsonl file
+    # fine-tuning's defaults
     seq_len: int = 512
     steps: int = 200
     lr: float = 1e-4
@@ -53,9 +57,8 @@ class SFTConfig(TrainConfig):
     decay_steps: int = 100
     final_lr: float = 1e-5
     mtp_weight: float = 0.1
-    mtp_weight_late: float = 0.1
     eval_every: int = 50
-    save_every: int = 100
+    # SFT's own
     packing: bool = True
     completion_only_loss: bool = True  # False: every token is a target (prompt and chat markers too)
     val_fraction: float = 0.02  # examples held out for the eval loss
@@ -185,16 +188,6 @@ def collate(examples: list[Example], rows: list[list[int]], width: int | None, p
             "positions": positions[:, :-1].contiguous()}
 
 
-def document_mask(positions: torch.Tensor) -> torch.Tensor:
-    """Per-document positions [b, s] (0 where a document starts) -> the causal attention mask within each
-    document, bool [b, s, s] (True = may attend). Dense: b * s^2 bytes (4 MiB at batch 16 x 512 tokens,
-    256 MiB at 16 x 4096), small beside the activations at SFT lengths."""
-    doc = (positions == 0).cumsum(dim=1)
-    s = positions.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=positions.device).tril()
-    return (doc.unsqueeze(2) == doc.unsqueeze(1)) & causal
-
-
 class SFTLoader:
     """Endless shuffled batches of SFT examples (packed or one per row), exactly resumable."""
 
@@ -250,89 +243,74 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-class SFTTrainer(Trainer):
-    """Pretraining's trainer over SFT examples, with optional logit distillation from a teacher."""
+class SFTData:
+    """SFT's data (LMData): the .jsonl examples, split into training and held-out ones."""
 
-    cfg: SFTConfig
-
-    def _data(self) -> tuple[Path, Path | None]:
+    def __init__(self, cfg: SFTConfig):
         from seekforge.tokenizer import Tokenizer
 
-        cfg = self.cfg
         if not cfg.data:
             raise ConfigError("sft: pass the training examples with --data FILE.jsonl")
         candidates = [cfg.tokenizer, cfg.init_from, cfg.teacher]
-        tok_dir = next((Path(c) for c in candidates if c and (Path(c) / "tokenizer.json").is_file()), None)
-        if tok_dir is None:
+        self.tokenizer_dir = next((Path(c) for c in candidates if c and (Path(c) / "tokenizer.json").is_file()), None)
+        if self.tokenizer_dir is None:
             raise ConfigError("sft: no tokenizer: start from a checkpoint holding tokenizer.json (--from), or set "
                               "tokenizer=DIR")
-        self.tokenizer = Tokenizer.from_pretrained(tok_dir)
+        self.cfg = cfg
+        self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
+        self.vocab_size = self.tokenizer.vocab_size
         examples = read_examples(cfg.data, self.tokenizer, cfg.completion_only_loss)
         order = np.random.default_rng([cfg.seed, 1 << 20]).permutation(len(examples)).tolist()
         n_val = int(len(examples) * cfg.val_fraction)
         self.val_examples = [examples[i] for i in order[:n_val]]
         self.train_examples = [examples[i] for i in order[n_val:]] or examples
-        return Path(cfg.data), tok_dir
 
-    def _vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    def _build_loader(self) -> SFTLoader:
+    def batches(self) -> SFTLoader:
         cfg = self.cfg
-        self.teacher = None
-        if cfg.kd_weight:
-            from seekforge.model.hf import from_pretrained
-
-            self.teacher = from_pretrained(cfg.teacher, dtype=torch.float32, device=self.device).eval()
-            self.teacher.requires_grad_(False)
-            if self.teacher.cfg.vocab_size != self.model_cfg.vocab_size:
-                raise ConfigError(f"logit distillation needs one vocabulary: the teacher has "
-                                  f"{self.teacher.cfg.vocab_size} ids, the student {self.model_cfg.vocab_size}")
         return SFTLoader(self.train_examples, cfg.seq_len, cfg.batch_size, self.tokenizer.pad_id, cfg.seed,
                          cfg.packing)
 
-    def _attention(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"positions": batch["positions"], "mask": document_mask(batch["positions"])}
-
-    def _loss(self, batch: dict[str, torch.Tensor], mtp_weight: float):
-        out = super()._loss(batch, mtp_weight)
-        if self.teacher is None:
-            return out
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch["input_ids"], **self._attention(batch))
-        kd = distillation_kl(out.logits, teacher_logits, batch["labels"] != IGNORE, self.cfg.kd_temperature)
-        out.loss = (1 - self.cfg.kd_weight) * out.loss + self.cfg.kd_weight * kd
-        return out
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        if not self.val_examples:
-            return {}
-        self.model.eval()
+    def eval_batches(self):
         cfg = self.cfg
         lengths = [len(e.ids) for e in self.val_examples]
         order = list(range(len(self.val_examples)))
         rows = pack(lengths, order, cfg.seq_len + 1) if cfg.packing else [[i] for i in order]
-        total, count = 0.0, 0
         for lo in range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-            batch = collate(self.val_examples, rows[lo:lo + cfg.batch_size],
-                            cfg.seq_len + 1 if cfg.packing else None, self.tokenizer.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
-                out = self.model.loss(batch["input_ids"], batch["labels"], **self._attention(batch))
-            n = int((batch["labels"] != IGNORE).sum())
-            total += float(out.main_loss) * n
-            count += n
-        self.model.train()
-        return {"eval_loss": total / count} if count else {}
+            yield collate(self.val_examples, rows[lo:lo + cfg.batch_size], cfg.seq_len + 1 if cfg.packing else None,
+                          self.tokenizer.pad_id)
+
+    def eval_metrics(self, loss: float) -> dict:
+        return {"eval_loss": loss}
+
+
+class LogitDistillation:
+    """The loss term of logit distillation (an Objective): loss = (1 - kd_weight) * loss + kd_weight * the KL
+    from the teacher's next-token distribution to the student's on the trained tokens (`distillation_kl`)."""
+
+    def __init__(self, trainer: LMTrainer):
+        from seekforge.model.hf import from_pretrained
+
+        cfg = trainer.cfg
+        self.weight, self.temperature = cfg.kd_weight, cfg.kd_temperature
+        self.teacher = from_pretrained(cfg.teacher, dtype=torch.float32, device=trainer.device).eval()
+        self.teacher.requires_grad_(False)
+        if self.teacher.cfg.vocab_size != trainer.model_cfg.vocab_size:
+            raise ConfigError(f"logit distillation needs one vocabulary: the teacher has "
+                              f"{self.teacher.cfg.vocab_size} ids, the student {trainer.model_cfg.vocab_size}")
+
+    def __call__(self, out: ModelLoss, batch: dict[str, torch.Tensor], attention: dict[str, torch.Tensor]) -> ModelLoss:
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch["input_ids"], **attention)
+        kd = distillation_kl(out.logits, teacher_logits, batch["labels"] != IGNORE, self.temperature)
+        out.loss = (1 - self.weight) * out.loss + self.weight * kd
+        return out
+
+
+def build_trainer(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> LMTrainer:
+    """An SFT run in `out_dir`, built and (with `resume`) restored, ready to train()."""
+    return LMTrainer(cfg, out_dir, lambda out: SFTData(cfg), resume=resume,
+                     objective=LogitDistillation if cfg.kd_weight else None)
 
 
 def run(cfg: SFTConfig, out_dir: str | Path, resume: bool = False, report: bool = True) -> dict:
-    trainer = SFTTrainer(cfg, out_dir, resume=resume)
-    last = trainer.train()
-    trainer.export()
-    if report:
-        from seekforge.report import write_report
-
-        write_report(out_dir)
-    return last
+    return build_trainer(cfg, out_dir, resume).run(report)
