@@ -1,6 +1,6 @@
 """Inference engine vs transformers' `generate`, side by side on the same weights, in one run.
 
-    python bench/engine.py                  # CPU defaults (the figures in docs/BENCHMARKS.md)
+    python bench/engine.py                  # CPU defaults
     python bench/engine.py --device cuda --dtype bfloat16 --preset small
 
 Measures, for both, decode tokens/s at batch 1 and 32 (prompt 128 tokens; decode rate = tokens after

@@ -1,8 +1,8 @@
 """The dense projections and MLA's absorbed per-head products of a small decode step at the 16b shape: the Triton
 GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
-the batched einsum, what they ran before), in bytes per second beside the copy bandwidth measured in the same run;
+the batched einsum, the PyTorch path), in bytes per second beside the copy bandwidth measured in the same run;
 "runs" is what the engine then runs for the shape (the faster of the two on its first call). Then the fused forms
-(`norm_gemv`, `latent_query`, that with the cache store) against what the decode block ran before them.
+(`norm_gemv`, `latent_query`, that with the cache store) against the same steps unfused ("before_us").
 
     python bench/gemv.py                          # rows 1, 2, 4; each shape's tuned tile (what the engine runs)
     python bench/gemv.py --sweep --json out.json  # also time candidate tiles beyond the tuned set
@@ -42,7 +42,7 @@ HEADS, NOPE, V_DIM, LATENT = 16, 128, 128, 512  # MLA's absorbed products: slice
 
 
 def cases(layers: int, dev: torch.device):
-    """name -> (weights, one per layer; x of m rows; Triton call; cuBLAS call (what ran before))."""
+    """name -> (weights, one per layer; x of m rows; Triton call; cuBLAS call (the PyTorch path))."""
     for name, (n, k) in DENSE.items():
         yield (name, [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(layers)],
                lambda m, k=k: torch.randn(m, k, device=dev, dtype=torch.bfloat16), gemv, F.linear)
@@ -145,13 +145,13 @@ def fused_cases(layers: int, m: int, dev: torch.device) -> dict:
 
 
 def fused_row(name, m, layers, dev, bw, per_layer, fused_fn, unfused_fn) -> dict:
-    """The fused kernel against what it replaced (compiled, with this module's tuned GEMVs), one call a layer."""
+    """The fused kernel against the same steps unfused (compiled, with this module's tuned GEMVs), one call a layer."""
     per_call = partial(us_a_call, layers=layers)
     for fn in (fused_fn, unfused_fn):
         fn(*per_layer[0])  # tuning and compiling outside the graph
     row = {"name": name, "rows": m, "fused_us": per_call(lambda: [fused_fn(*a) for a in per_layer]),
            "before_us": per_call(lambda: [unfused_fn(*a) for a in per_layer])}
-    print(f"{name:24s} rows {m}: fused {row['fused_us']:6.1f} us, before {row['before_us']:6.1f} us "
+    print(f"{name:24s} rows {m}: fused {row['fused_us']:6.1f} us, unfused {row['before_us']:6.1f} us "
           f"({row['before_us'] / row['fused_us']:.2f}x)", flush=True)
     return row
 

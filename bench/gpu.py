@@ -1,4 +1,4 @@
-"""Every GPU figure of the performance issue in one command, as one JSON file.
+"""The GPU figures of docs/BENCHMARKS.md in one command, as one JSON file.
 
     python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp]
 

@@ -8,7 +8,7 @@ Each call is timed twice: with CUDA events around single calls after an L2 flush
 also counts any gap while the host launches the kernels) and over CUDA-graph replays of back-to-back calls
 (triton's do_bench_cudagraph: how the engine's captured decode step runs it). Bytes = every sequence's
 cached latents (c + r values a token) read once + q read once + the output written once: the fewest any
-implementation must move. FLOPs = 2 * rows * tokens * (c + r + c). The issue's target is bytes / time >=
+implementation must move. FLOPs = 2 * rows * tokens * (c + r + c). The target is bytes / time >=
 70% of the copy bandwidth. Inputs are random (never zeros); the cache blocks of each sequence are scattered
 at random over the pool, as paging leaves them.
 """

@@ -11,7 +11,7 @@ that checkpoint (exact upcasts of the same weights). For a batch of prompts it m
   argmax is fp32's, and the mean KL(fp32 || bf16);
 - the same error layer by layer, of each block's output and of its attention's output (after wo), for
   transformers, seekforge's model and the engine decoding eagerly;
-- free-running, as the issue measured it: each side's own greedy tokens judged by fp32 teacher-forced along
+- free-running: each side's own greedy tokens judged by fp32 teacher-forced along
   them (how often its pick was fp32's argmax).
 """
 

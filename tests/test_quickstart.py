@@ -1,5 +1,5 @@
 """`seekforge quickstart` end to end at a toy size: every stage runs, hands its model to the next, and the
-summary and report state the accuracies, seeds and times (the real run's figures are in BENCHMARKS.md).
+summary and report state the accuracies, seeds and times.
 A toy teacher solves nothing, so its rejection sampling is replaced by the gold solutions."""
 
 import json
