@@ -1,4 +1,11 @@
-"""seekforge: the DeepSeek-V3/R1 system end to end, in Python and PyTorch."""
+"""seekforge: the DeepSeek-V3/R1 system end to end, in Python and PyTorch.
+
+This front door re-exports the model (`Transformer`, `ModelConfig`, `from_pretrained`), the errors and, on
+first use, the engine (`LLM`, `EngineConfig`, `SamplingParams`); it may import seekforge.errors, configio,
+model and engine only. The parts below it, lowest first (tests/test_layers.py enforces that none imports a
+higher one and that no two import each other): errors and configio; ops (kernels), model, tasks, documents,
+chat_template, reasoning; rewards, tokenizer, data; engine; train; rl; server; commands and cli on top.
+"""
 
 from seekforge.errors import CheckpointError, ConfigError, SeekforgeError
 from seekforge.model import ModelConfig, Transformer

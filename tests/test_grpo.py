@@ -283,7 +283,7 @@ def test_cuda_rollouts_replay_graphs_that_see_every_update(base, tmp_path):
 
     def rollout():
         trainer.llm.reset_prefix_cache()
-        with trainer._autocast(rollout=True):
+        with trainer.autocast(cache=False):
             out = trainer.llm.generate(prompt, greedy)[0]
         return out.token_ids, [lp.logprob for lp in out.logprobs]
 

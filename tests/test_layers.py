@@ -15,9 +15,10 @@ import seekforge
 
 ROOT = Path(seekforge.__file__).parent
 
-# Each part, with the parts below it that it may import. The order is the layering, lowest first: model
-# -> nothing of seekforge but the config and error helpers; engine -> model; train -> model, engine;
-# rl -> train (its loop) and engine (rollouts); server -> engine; commands -> everything.
+# Each part, with the parts below it that it may import (each package's __init__ docstring says the same).
+# The order is the layering, lowest first: model -> nothing of seekforge but the config and error helpers;
+# engine -> model; train -> model and data, never the engine; rl -> train (its loop) and engine (rollouts);
+# server -> engine; commands -> everything.
 BASE = {"errors", "configio"}
 ALLOWED = {
     "errors": set(),
@@ -32,7 +33,7 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"kernels", "model", "tokenizer"},
-    "train": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards"},
+    "train": BASE | {"model", "tokenizer", "data"},
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},

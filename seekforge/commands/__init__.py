@@ -1,4 +1,8 @@
-"""The `seekforge` subcommands, one module each (`register` adds its parser, `run` runs it)."""
+"""The `seekforge` subcommands, one module each (`register` adds its parser, `run` runs it).
+
+The top layer: may import any part of seekforge, the heavy ones (torch, the engine, the trainers) inside the
+functions that use them, so that `seekforge --help` and the commands that do not train or serve start fast.
+Nothing but seekforge.cli imports this package."""
 
 from __future__ import annotations
 

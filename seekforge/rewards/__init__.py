@@ -2,6 +2,12 @@
 
     rewards = {name: safe_reward(fn, timeout_s=5) for name, fn in load_reward_functions("accuracy,format").items()}
     r = rewards["accuracy"](r1_zero_prompt(row.prompt), completion, **row_fields(row))
+
+rules.py (accuracy, format), shaping.py (length and repetition penalties), safe.py (each call behind a
+timeout and an exception barrier, with counters), loading.py (rewards by name or file.py:function),
+reward_set.py (a run's weighted set).
+
+May import seekforge.errors, configio and tasks (answers, the task rows' fields); the RL stages use it.
 """
 
 from seekforge.rewards.loading import REWARDS, load_reward_functions, row_fields

@@ -1,4 +1,9 @@
-"""Reinforcement learning on rule-based rewards (DeepSeek-R1): rollouts on the inference engine (rollout.py),
-the GRPO objective as pure tensor functions (loss.py), the GRPO trainer (grpo.py), rejection sampling into
-SFT data (rejection.py), distillation into students by SFT on a teacher's traces (distill.py) and held-out
-accuracy by rollouts (evaluate.py). Built on the training loop (seekforge.train), never imported by it. The reward functions themselves are seekforge.rewards. Import submodules directly."""
+"""Reinforcement learning on rule-based rewards (DeepSeek-R1), and what builds on it.
+
+rollout.py (rollouts on the inference engine), loss.py (the GRPO objective as pure tensor functions),
+grpo.py (the GRPO trainer, on the training loop of seekforge.train), rejection.py (rejection sampling into
+SFT data), distill.py (students trained by SFT on a teacher's traces), evaluate.py (held-out accuracy by
+rollouts). The reward functions themselves are seekforge.rewards.
+
+May import seekforge.errors, configio, model, engine, tokenizer, data, tasks, rewards and train; nothing
+below it imports this package. Import submodules directly."""

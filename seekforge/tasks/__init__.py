@@ -2,6 +2,12 @@
 
     from seekforge.tasks import get_task
     rows = get_task("arithmetic", digits=3).rows("train", n=1000, seed=0)
+
+base.py (Row, Task), registry.py (the built-in tasks by name), one module per task (arithmetic, chain_sum,
+countdown, word_problems; gym.py wraps reasoning-gym), answers.py (answer extraction and comparison),
+safe_eval.py (bounded arithmetic evaluation), templates.py (the R1-Zero prompt and chat template).
+
+May import seekforge.errors and configio only: the data, rewards and RL layers build on it.
 """
 
 from seekforge.tasks.base import Row, Task

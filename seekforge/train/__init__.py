@@ -1,3 +1,13 @@
-"""Training: the one training loop (loop.py) and the pieces every trainer shares (schedules, optimizer,
-balancing, checkpoints, metrics), with pretraining and SFT on them; the R1 stages are seekforge.rl. Import
-submodules directly; this package imports nothing so that `seekforge` commands which do not train start fast."""
+"""Training: the one training loop (loop.py) that every trainer runs, and what trainers share.
+
+- loop.py: `LoopConfig` (steps, cadence, bad-step limit, seed, device, precision, logging, the resume
+  fingerprint) and `Trainer`, the base every trainer subclasses: run directory, AdamW and LR schedule, the
+  guarded update (bad-step guard), exact resume, metrics, evaluation and checkpoint cadence, export, report;
+- lm.py: a language model under the DeepSeek-V3 recipe (MTP, balancing), given its data and loss: the trainer
+  of pretraining (pretrain.py: the corpus) and SFT (sft.py: .jsonl examples, packing, logit distillation);
+- the pieces: checkpoint.py, metrics.py, report.py (the run's plots and report.md), schedule.py, optim.py,
+  balance.py, init_from.py, compile.py, flops.py.
+
+May import seekforge.errors, configio, model, tokenizer and data; never the engine, the RL stages
+(seekforge.rl builds on this package) or the commands. Import submodules directly; this package imports
+nothing, so that `seekforge` commands which do not train start fast."""
