@@ -168,3 +168,34 @@ def test_bias_balancing_evens_out_a_skewed_router():
     skewed, balanced = run(0.0), run(0.001)
     assert skewed > 0.8
     assert balanced < skewed / 4
+
+
+def test_trainer_configs_declare_each_default_once():
+    """A trainer's config extends the shared ones (LoopConfig, LMConfig) with its own fields; a field it declares
+    again must set another default (fine-tuning's, GRPO's), never repeat the one it inherits."""
+    import dataclasses
+
+    from seekforge.rl.grpo import GRPOConfig
+    from seekforge.train.lm import LMConfig
+    from seekforge.train.loop import LoopConfig
+    from seekforge.train.sft import SFTConfig
+
+    def default(f):
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    for cls in (LMConfig, TrainConfig, SFTConfig, GRPOConfig):
+        base = cls.__mro__[1]
+        inherited = {f.name: default(f) for f in dataclasses.fields(base)}
+        repeated = [name for name in cls.__dict__.get("__annotations__", {})
+                    if name in inherited and default(cls.__dataclass_fields__[name]) == inherited[name]]
+        assert not repeated, f"{cls.__name__} repeats {base.__name__}'s defaults of {repeated}"
+    assert issubclass(SFTConfig, LMConfig) and not issubclass(SFTConfig, TrainConfig)  # no pretraining data fields
+    assert LoopConfig in TrainConfig.__mro__ and LoopConfig in GRPOConfig.__mro__
+
+
+def test_sft_names_the_pretraining_keys_it_does_not_take(tmp_path):
+    """builtin_* describe pretraining's generated corpus; SFT reads its examples from --data."""
+    from seekforge.train.sft import load_sft_config
+
+    with pytest.raises(ConfigError, match="builtin_docs"):
+        load_sft_config(None, ["builtin_docs=400"])
