@@ -81,7 +81,7 @@ class LoopConfig:
 class Task(Protocol):
     """What a trainer supplies to the loop."""
 
-    step: int  # updates done so far: the loop's count (a property reading Loop.step)
+    step: int  # updates done so far: the loop's count (Trainer.step reads Loop.step)
 
     def train_step(self) -> dict:
         """One update (the one at 0-based index `step`); its metrics record (`skipped`, with `reason`, when
