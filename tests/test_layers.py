@@ -15,15 +15,15 @@ import seekforge
 
 ROOT = Path(seekforge.__file__).parent
 
-# Each part, with the parts below it that it may import. The order is the layering, lowest first: model
-# -> nothing of seekforge but the config and error helpers; engine -> model; train -> model, engine;
+# Each part, with the parts below it that it may import. The order is the layering, lowest first: ops -> nothing
+# of seekforge but the config and error helpers; model -> ops; engine -> ops, model; train -> model, engine;
 # rl -> train (its loop) and engine (rollouts); server -> engine; commands -> everything.
 BASE = {"errors", "configio"}
 ALLOWED = {
     "errors": set(),
     "configio": {"errors"},
-    "kernels": BASE,
-    "model": BASE,
+    "ops": BASE,
+    "model": BASE | {"ops"},
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,
@@ -31,7 +31,7 @@ ALLOWED = {
     "documents": BASE,
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
-    "engine": BASE | {"kernels", "model", "tokenizer"},
+    "engine": BASE | {"ops", "model", "tokenizer"},
     "report": BASE | {"train"},  # train.metrics: the metrics file it reads (see CYCLES_LEFT)
     "train": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report"},
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report", "train"},
