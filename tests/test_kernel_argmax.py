@@ -84,3 +84,22 @@ def test_16b_vocabulary_many_launches():
     for seed in range(50):
         x.normal_(generator=torch.Generator(DEVICE).manual_seed(seed))
         torch.testing.assert_close(argmax(x[: 1 + seed % 4]), x[: 1 + seed % 4].argmax(dim=-1), atol=0, rtol=0)
+
+
+def test_the_engine_samples_with_the_kernels_it_was_given_whatever_encloses_it(monkeypatch):
+    """LLM(kernels="torch") steps with torch's argmax inside a `backend("triton")`; LLM(kernels="triton") on the
+    CPU is refused without the interpreter."""
+    from seekforge import LLM, SamplingParams
+    from seekforge.model import ModelConfig, Transformer
+
+    cfg = ModelConfig.preset("tiny").replace(n_layers=1, n_mtp_modules=0)
+    llm = LLM(Transformer(cfg).eval(), kernels="torch", max_num_seqs=1, max_model_len=32)
+    calls = []
+    monkeypatch.setattr(argmax_module, "argmax", lambda x, out=None: calls.append(x) or argmax(x, out))
+    with ops.backend("triton"):
+        got = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=2))[0].token_ids
+    assert not calls and len(got) == 2
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+            LLM(Transformer(cfg).eval(), kernels="triton", max_num_seqs=1, max_model_len=32)

@@ -10,7 +10,7 @@ One file an op, holding the function, its reference and the registration of its 
 - `argmax`: greedy decoding's argmax;
 - `attention`: explicit attention for prefill (`dense_attention`);
 - `rotary`: the rotary embedding's rotation (`apply_rotary`).
-The Triton kernels live in `seekforge.ops.triton`, the only part that imports Triton, loaded where an op runs them;
+The Triton kernels live in `seekforge.ops.triton`, whose modules import Triton and are loaded where an op runs them;
 `import seekforge.ops` needs torch alone.
 
 Which implementation runs is chosen explicitly (`dispatch.py`): `with ops.backend("torch"):`, `"triton"` or

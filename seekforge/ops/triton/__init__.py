@@ -1,4 +1,5 @@
-"""The Triton kernels of seekforge.ops, one module an op, each importing Triton: nothing outside this package does.
+"""The Triton kernels of seekforge.ops, one module an op, each importing Triton at its top (no module
+outside this package does).
 
 An op in `seekforge.ops` imports its module here only where it runs Triton (`seekforge.ops.dispatch`), so CPU
 installs without Triton keep to the PyTorch references, and under Triton's interpreter (TRITON_INTERPRET=1, set
