@@ -211,7 +211,7 @@ def test_reference_decode_keeps_bf16_scores_in_fp32():
     cache = (torch.randn(6, block_size, c + 16, generator=g) * 2).bfloat16()
     q = (torch.randn(2, 1, 4, c + 16, generator=g) * 2).bfloat16()
     plan = ops.plan_paged_attention(torch.tensor([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]]),
-                                        torch.tensor([[context - 1], [context - 3]]), block_size, context)
+                                    torch.tensor([[context - 1], [context - 3]]), block_size, context)
     want = ops.paged_mla_decode_reference(q.double(), cache.double(), plan, 1.0, c)
     got = ops.paged_mla_decode_reference(q, cache, plan, 1.0, c)
     assert got.dtype == torch.bfloat16

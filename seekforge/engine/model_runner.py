@@ -333,7 +333,7 @@ class ModelRunner:
         ids, pos, slots, source = (self._static[:b, i] for i in range(4))
         tables = self._static[:, 4:]
         plan = ops.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
-                                            tables.shape[1] * self.block_size)
+                                        tables.shape[1] * self.block_size)
         h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
         chosen = {}
         with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
@@ -416,7 +416,7 @@ def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
         return (ffn(x) if residual is None else residual + ffn(x)), None
     flat = x.reshape(-1, x.shape[-1])
     y, indices, load = ops.moe_forward(ffn, flat, routing,
-                                           None if residual is None else residual.reshape(flat.shape))
+                                       None if residual is None else residual.reshape(flat.shape))
     return y.view(x.shape), (indices, load)
 
 
@@ -440,7 +440,7 @@ def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: t
     k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
     k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
     return ops.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale,
-                                   pad_values).flatten(2)
+                               pad_values).flatten(2)
 
 
 def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: ops.PagedAttentionPlan, query_len: int,

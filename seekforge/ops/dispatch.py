@@ -52,6 +52,7 @@ class Backend(str, Enum):
 _NOWHERE: tuple[str, ...] = ()
 _CUDA = ("cuda",)
 _CUDA_AND_CPU = ("cuda", "cpu")
+_TRITON_OFF = os.environ.get("SEEKFORGE_TRITON", "1") == "0"
 
 
 class TritonOp:
@@ -81,8 +82,7 @@ class TritonOp:
         return self.module() if device.type in self.devices else None
 
 
-_OPS: dict[str, TritonOp] = {}
-_TRITON_OFF = os.environ.get("SEEKFORGE_TRITON", "1") == "0"
+_OPS: dict[str, TritonOp] = {}  # by name
 
 
 @contextmanager

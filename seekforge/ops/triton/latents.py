@@ -108,7 +108,7 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
     tiles = tl.cdiv(N, BLOCK_N)
     if pid < tiles:
         gemv_tile(x_ptr, w_ptr, y_ptr, b, pid, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
-                   stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
+                  stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
     elif pid == tiles:
         wait_for_inputs(PDL)
         rows = tl.arange(0, BLOCK_M)[:, None]

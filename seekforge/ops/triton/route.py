@@ -161,7 +161,7 @@ class RouterLogits(NamedTuple):
 def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights
     [n, k] fp32, expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
-    `seekforge.model.moe.tokens_per_expert` give them."""
+    `seekforge.ops.tokens_per_expert` give them."""
     return select(router_logits(gate, x))
 
 
