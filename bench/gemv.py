@@ -1,5 +1,5 @@
 """The dense projections and MLA's absorbed per-head products of a small decode step at the 16b shape: the Triton
-GEMV (`seekforge.kernels.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
+GEMV (`seekforge.ops.triton.gemv`, what the engine's steps of up to 4 sequences run) against cuBLAS (F.linear and
 the batched einsum, the PyTorch path), in bytes per second beside the copy bandwidth measured in the same run;
 "runs" is what the engine then runs for the shape (the faster of the two on its first call). Then the fused forms
 (`norm_gemv`, `latent_query`, that with the cache store) against the same steps unfused ("before_us").
@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
-from seekforge.kernels.gemv import (GemvConfig, choice, gemv, head_gemv, last_tuned_tile, latent_query,  # noqa: E402
-                                    norm_gemv)
-from seekforge.kernels.latents import store_new_latents  # noqa: E402
 from seekforge.model.norm import RMSNorm  # noqa: E402
-from seekforge.model.rope import apply_rotary  # noqa: E402
+from seekforge.ops import apply_rotary  # noqa: E402
+from seekforge.ops.triton.gemv import choice, gemv, head_gemv, last_tuned_tile, norm_gemv  # noqa: E402
+from seekforge.ops.triton.latents import latent_query_kernel as latent_query  # noqa: E402
+from seekforge.ops.triton.latents import store_new_latents_kernel as store_new_latents  # noqa: E402
+from seekforge.ops.triton.tuning import GemvConfig  # noqa: E402
 
 DENSE = {  # name: (N, K) of a projection at the 16b shape (DeepSeek-V2-Lite)
     "wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048),

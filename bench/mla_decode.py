@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 
-from seekforge.engine.kernels import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
-from seekforge.kernels.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
+from seekforge.ops import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
+from seekforge.ops.triton.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
 
 C, R = 512, 64
 SCALE = 192 ** -0.5  # DeepSeek-V3: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
-from seekforge.engine.kernels import FUSED_SHARED_TOKENS  # noqa: E402
-from seekforge.kernels.moe import (ONE_BLOCK_PER_PAIR, MoEConfig, default_config, fused_experts,  # noqa: E402
-                                   rows_faster)
 from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts  # noqa: E402
+from seekforge.ops import FUSED_SHARED_TOKENS  # noqa: E402
+from seekforge.ops.triton.moe import (ONE_BLOCK_PER_PAIR, MoEConfig, default_config, fused_experts,  # noqa: E402
+                                      rows_faster)
 
 
 def problem(n, experts, k, dim, inter, layers, shared=0, seed=0):

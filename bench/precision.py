@@ -6,7 +6,7 @@ Random weights (as bench/engine.py makes them), saved in bf16; the reference is 
 that checkpoint (exact upcasts of the same weights). For a batch of prompts it measures:
 - teacher-forced along the reference's own greedy tokens, for each way of computing the bf16 logits
   (transformers in one forward and decoding with its cache; seekforge's model in one forward, explicit and
-  absorbed MLA; the engine eager, eager with SEEKFORGE_TRITON=0, and replaying CUDA graphs, --compile'd or not):
+  absorbed MLA; the engine eager, eager with kernels="torch", and replaying CUDA graphs, --compile'd or not):
   the mean relative error of the logits against fp32 (`seekforge.engine.parity.logit_error`), how often the
   argmax is fp32's, and the mean KL(fp32 || bf16);
 - the same error layer by layer, of each block's output and of its attention's output (after wo), for
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from engine import hf_forced  # noqa: E402
 
 from seekforge import LLM, SamplingParams  # noqa: E402
-from seekforge.engine import kernels, model_runner  # noqa: E402
+from seekforge.engine import model_runner  # noqa: E402
 from seekforge.engine.parity import forced_logits, logit_error  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
 
@@ -211,13 +210,9 @@ def main() -> None:
     del llm
     print(json.dumps(results["layers"], indent=1), flush=True)
 
-    os.environ["SEEKFORGE_TRITON"] = "0"
-    kernels._TRITON.clear()
-    llm = LLM(model, **common)
-    forced["engine eager, SEEKFORGE_TRITON=0"] = summary(ref, forced_logits(llm, prompts.tolist(), tokens.tolist()))
+    llm = LLM(model, **common, kernels="torch")
+    forced["engine eager, kernels=torch"] = summary(ref, forced_logits(llm, prompts.tolist(), tokens.tolist()))
     del llm
-    os.environ.pop("SEEKFORGE_TRITON")
-    kernels._TRITON.clear()
     if not args.no_graphs and device.type == "cuda":
         llm = LLM(model, **common, cuda_graphs=True, compile=args.compile)
         groups = [1, 1, 2, 4, b - 8] if b > 8 else [b]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hf_reference import save_hf
-from seekforge import LLM, SamplingParams
-from seekforge.engine import QueueFullError, kernels
+from seekforge import LLM, SamplingParams, ops
+from seekforge.engine import QueueFullError
 from seekforge.engine.block_manager import BlockManager
 from seekforge.engine.sequence import PENDING, Request, Sequence
 from seekforge.errors import ConfigError
@@ -210,10 +210,10 @@ def test_reference_decode_keeps_bf16_scores_in_fp32():
     c, block_size, context = 48, 8, 40
     cache = (torch.randn(6, block_size, c + 16, generator=g) * 2).bfloat16()
     q = (torch.randn(2, 1, 4, c + 16, generator=g) * 2).bfloat16()
-    plan = kernels.plan_paged_attention(torch.tensor([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]]),
-                                        torch.tensor([[context - 1], [context - 3]]), block_size, context)
-    want = kernels.paged_mla_decode_reference(q.double(), cache.double(), plan, 1.0, c)
-    got = kernels.paged_mla_decode_reference(q, cache, plan, 1.0, c)
+    plan = ops.plan_paged_attention(torch.tensor([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]]),
+                                    torch.tensor([[context - 1], [context - 3]]), block_size, context)
+    want = ops.paged_mla_decode_reference(q.double(), cache.double(), plan, 1.0, c)
+    got = ops.paged_mla_decode_reference(q, cache, plan, 1.0, c)
     assert got.dtype == torch.bfloat16
     assert ((got.double() - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.01
 
@@ -232,10 +232,10 @@ def test_dense_attention_with_narrow_values_padded_or_not(device, masked):
     want = torch.einsum("bhst,bthd->bshd", scores.masked_fill(~mask.unsqueeze(-3), float("-inf")).softmax(-1), v)
     args = [x.to(device) for x in (q, k, v)] + [mask.to(device) if masked else None, 0.3]
     for pad in (True, False):
-        got = kernels.dense_attention(*args, pad_values=pad)
+        got = ops.dense_attention(*args, pad_values=pad)
         assert got.shape == (2, 9, 3, 16)
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
-    assert kernels.values_padded_for_sdpa(torch.device("cpu"))
+    assert ops.values_padded_for_sdpa(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

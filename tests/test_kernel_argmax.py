@@ -1,4 +1,4 @@
-"""The Triton argmax of greedy decoding (`seekforge.kernels.argmax`) against torch.argmax.
+"""The Triton argmax of greedy decoding (`seekforge.ops.triton.argmax`) against torch.argmax.
 
 Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py).
 """
@@ -10,10 +10,10 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.engine import kernels  # noqa: E402
+from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels import argmax as argmax_module  # noqa: E402
-from seekforge.kernels.argmax import argmax  # noqa: E402
+from seekforge.ops.triton import argmax as argmax_module  # noqa: E402
+from seekforge.ops.triton.argmax import argmax  # noqa: E402
 
 
 @pytest.mark.parametrize("rows,vocab,block", [(1, 1000, 128), (3, 517, 64), (2, 64, 64), (1, 5, 4096)])
@@ -52,15 +52,18 @@ def test_the_sampler_takes_it_where_triton_runs(monkeypatch):
     from seekforge.engine.sampler import Row, make_batch, sample
     from seekforge.engine.sampling_params import SamplingParams
 
-    calls = []
-    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
-    monkeypatch.setitem(kernels._TRITON, ("argmax", "argmax"), lambda x, out: calls.append(x) or argmax(x, out))
+    calls = []  # a spy on the kernel the op calls
+    monkeypatch.setattr(argmax_module, "argmax", lambda x, out: calls.append(x) or argmax(x, out))
     logits = torch.randn(2, 50, device=DEVICE)
     batch = make_batch([Row(SamplingParams(temperature=0), None)] * 2, 50, logits.device)
-    tokens, _ = sample(logits, batch)
-    assert calls and tokens.tolist() == logits.argmax(dim=-1).tolist()
-    out = torch.full((2,), -1, dtype=torch.long, device=DEVICE)
-    assert sample(logits, batch, out=out)[0] is out and out.tolist() == tokens.tolist()
+    with ops.backend("torch"):
+        tokens, _ = sample(logits, batch)
+    assert not calls and tokens.tolist() == logits.argmax(dim=-1).tolist()
+    with ops.backend("triton"):
+        tokens, _ = sample(logits, batch)
+        assert calls and tokens.tolist() == logits.argmax(dim=-1).tolist()
+        out = torch.full((2,), -1, dtype=torch.long, device=DEVICE)
+        assert sample(logits, batch, out=out)[0] is out and out.tolist() == tokens.tolist()
 
 
 def test_it_writes_into_a_given_tensor():
@@ -81,3 +84,22 @@ def test_16b_vocabulary_many_launches():
     for seed in range(50):
         x.normal_(generator=torch.Generator(DEVICE).manual_seed(seed))
         torch.testing.assert_close(argmax(x[: 1 + seed % 4]), x[: 1 + seed % 4].argmax(dim=-1), atol=0, rtol=0)
+
+
+def test_the_engine_samples_with_the_kernels_it_was_given_whatever_encloses_it(monkeypatch):
+    """LLM(kernels="torch") steps with torch's argmax inside a `backend("triton")`; LLM(kernels="triton") on the
+    CPU is refused without the interpreter."""
+    from seekforge import LLM, SamplingParams
+    from seekforge.model import ModelConfig, Transformer
+
+    cfg = ModelConfig.preset("tiny").replace(n_layers=1, n_mtp_modules=0)
+    llm = LLM(Transformer(cfg).eval(), kernels="torch", max_num_seqs=1, max_model_len=32)
+    calls = []
+    monkeypatch.setattr(argmax_module, "argmax", lambda x, out=None: calls.append(x) or argmax(x, out))
+    with ops.backend("triton"):
+        got = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=2))[0].token_ids
+    assert not calls and len(got) == 2
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+            LLM(Transformer(cfg).eval(), kernels="triton", max_num_seqs=1, max_model_len=32)

@@ -21,7 +21,7 @@ MOE_TYPES = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "s1_ptr": "
              "route_scale": "fp32"}
 MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "stride_qh", "stride_cb", "stride_ct",
             "stride_tb", "stride_tn", "stride_pb", "stride_ps", "stride_ob", "stride_os", "stride_oh", "stride_ok"]
-# the GEMV's tuning candidates (seekforge.kernels.gemv: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
+# the GEMV's tuning candidates (seekforge.ops.triton.tuning: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
 # child process imports the kernels only under the compiler (test_the_candidates_are_the_kernels_own checks them)
 GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
               (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
@@ -58,7 +58,7 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
         {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
        for m in (1, 4) for bn, bk, warps in GEMV_TILES[:3]},
     **{f"latent_query_rows{m}_tile{bn}x{bk}w{warps}{'_storing' if store else ''}": (
-        "gemv", "_latent_query", {f"{n}_ptr": "*bf16" for n in ("x", "w", "y", "pe", "kv", "g", "cache")}
+        "latents", "_latent_query", {f"{n}_ptr": "*bf16" for n in ("x", "w", "y", "pe", "kv", "g", "cache")}
         | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64", "eps": "fp32"},
         {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_P": 32, "STORE": store, "BLOCK_C": 512}, warps, 3)
        for m in (1, 4) for bn, bk, warps in GEMV_TILES[9:] for store in (False, True)},
@@ -93,7 +93,7 @@ def compile_all() -> dict:
 
     out = {}
     for name, (module, kernel, types, constexprs, warps, stages) in CASES.items():
-        fn = getattr(importlib.import_module(f"seekforge.kernels.{module}"), kernel)
+        fn = getattr(importlib.import_module(f"seekforge.ops.triton.{module}"), kernel)
         if "PDL" in fn.arg_names:  # as Hopper launches them: programmatically dependent
             constexprs = {**constexprs, "PDL": True}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -129,7 +129,7 @@ def test_kernel_lowers_for_hopper(compiled, case):
 
 def test_the_candidates_are_the_kernels_own():
     pytest.importorskip("triton")
-    from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES
+    from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES
 
     assert [(c.block_n, c.block_k, c.num_warps) for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES] == GEMV_TILES
 

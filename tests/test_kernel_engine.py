@@ -1,8 +1,7 @@
-"""The engine with its CUDA paths — the Triton MLA decode, router, fused MoE and GEMV kernels (the input norm
-fused into one), each a custom op
-inside the compiled blocks — run on the CPU under Triton's interpreter (`kernels.TRITON_ON_CPU`), so that CI,
-which has no GPU, checks how they are wired: the plain engine's greedy tokens, every kernel called, no graph
-break in the compiled blocks.
+"""The engine with its Triton kernels — the MLA decode, router, fused MoE and GEMV kernels (the input norm fused
+into one), each a custom op inside the compiled blocks — run on the CPU under Triton's interpreter (the engine's
+`kernels="triton"`, `seekforge.ops.backend`), so that CI, which has no GPU, checks how they are wired: the plain
+engine's greedy tokens, every kernel called, no graph break in the compiled blocks.
 """
 
 import pytest
@@ -13,8 +12,10 @@ pytest.importorskip("triton")
 patch_interpreter()
 
 from seekforge import LLM, SamplingParams  # noqa: E402
-from seekforge.engine import kernels  # noqa: E402
+from seekforge import ops  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
+from seekforge.ops.triton import mla_decode as mla_decode_module  # noqa: E402
+from seekforge.ops.triton import moe as moe_module  # noqa: E402
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
@@ -28,15 +29,12 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
     model = Transformer(cfg).to(HALF).eval()
     prompts = [torch.randint(2, cfg.vocab_size, (n,)).tolist() for n in (20, 25)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    plain = [o.token_ids for o in LLM(model, max_num_seqs=4, max_model_len=256).generate(prompts, params)]
-    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
-    from seekforge.kernels.mla_decode import paged_mla_decode_triton
-
+    plain = [o.token_ids for o in LLM(model, max_num_seqs=4, max_model_len=256, kernels="torch").generate(prompts,
+                                                                                                           params)]
     decodes = []  # without CUDA graphs decode steps call the MLA kernel outside any op: a spy counts the calls
-    monkeypatch.setitem(kernels._TRITON, ("mla_decode", "paged_mla_decode_triton"),
-                        lambda *args: decodes.append(1) or paged_mla_decode_triton(*args))
-    import seekforge.kernels.moe as moe_module
-
+    kernel = mla_decode_module.paged_mla_decode_triton
+    monkeypatch.setattr(mla_decode_module, "paged_mla_decode_triton",
+                        lambda *args: decodes.append(1) or kernel(*args))
     # decode's MoE (one block a pair) in its GEMV form, which the GPU keeps where it times faster (the MMA tiles,
     # the interpreter's choice, have tests of their own)
     monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: True)
@@ -45,7 +43,7 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
     monkeypatch.setattr(moe_module, "_launch_rows",
                         lambda *args, **meta: gemv_form.append(1) or launch_rows(*args, **meta))
     counters.clear()
-    llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True)
+    llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True, kernels="triton")
     with torch.profiler.profile() as prof:
         got = [o.token_ids for o in llm.generate(prompts, params)]
     ran = {e.key for e in prof.key_averages()}
@@ -56,7 +54,7 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
-def test_the_captured_steps_load_counts_the_kernels_choice_for_the_sequences_rows(monkeypatch):
+def test_the_captured_steps_load_counts_the_kernels_choice_for_the_sequences_rows():
     """What a decode graph captures (`_graph_step`, on the CPU) with the Triton router and fused MoE: the load it
     returns per MoE layer counts the experts chosen for the sequences' rows, not for the graph's padding rows, as
     the gates choose them in the plain packed forward of the same step."""
@@ -73,13 +71,10 @@ def test_the_captured_steps_load_counts_the_kernels_choice_for_the_sequences_row
     runner = llm.runner
     with torch.inference_mode():
         plain = runner.forward(runner.prepare(chunks))[1]
-        monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
-        for key in (("gemv", "gemv"), ("gemv", "head_gemv"), ("gemv", "norm_gemv"), ("gemv", "latent_query"),
-                    ("latents", "store_new_latents"), ("mla_decode", "paged_mla_decode_triton")):
-            monkeypatch.setitem(kernels._TRITON, key, None)  # the routing kernels only: the rest is slow here
         runner._allocate_static(4)
         runner._fill_static(chunks, 4)  # three sequences and one padding row
-        with torch.profiler.profile() as prof:
+        # the routing kernels only: the rest is slow here
+        with torch.profiler.profile() as prof, ops.backend("triton", ops=["route", "moe"]):
             loads = runner._graph_step(4)[1]
     assert "seekforge::fused_moe" in {e.key for e in prof.key_averages()}
     assert {k: v.tolist() for k, v in loads.items()} == {k: v.tolist() for k, v in plain.items()}

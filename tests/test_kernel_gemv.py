@@ -1,5 +1,5 @@
-"""The Triton GEMV (`seekforge.kernels.gemv`) against F.linear, and the mode that routes small decode steps'
-projections to it (`seekforge.engine.kernels.FewRowLinears`).
+"""The Triton GEMV (`seekforge.ops.triton.gemv`) against F.linear, and the mode that routes small decode steps'
+projections to it (`seekforge.ops.FewRowLinears`).
 
 Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
 """
@@ -12,12 +12,15 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.engine import kernels  # noqa: E402
+from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.gemv import (K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES, GemvConfig, gemv, head_gemv,  # noqa: E402
-                                    last_tuned_tile, latent_query, norm_gemv)
 from seekforge.model.norm import RMSNorm  # noqa: E402
-from seekforge.model.rope import apply_rotary  # noqa: E402
+from seekforge.ops import apply_rotary  # noqa: E402
+from seekforge.ops.triton import gemv as gemv_module  # noqa: E402
+from seekforge.ops.triton import tuning  # noqa: E402
+from seekforge.ops.triton.gemv import gemv, head_gemv, last_tuned_tile, norm_gemv  # noqa: E402
+from seekforge.ops.triton.latents import latent_query_kernel as latent_query  # noqa: E402
+from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES, GemvConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("lead, n, k", [((1,), 6, 48), ((2,), 33, 600), ((1, 3), 5, 1024), ((4,), 2, 16)])
@@ -57,8 +60,6 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
     """The GPU's path (under the interpreter, with stand-in clocks): each candidate of the weight's layout, clipped
     to K and deduplicated, is run once and timed; the fastest is then timed beside cuBLAS, and the faster of the
     two is what the shape runs from then on, with nothing timed again."""
-    import seekforge.kernels.gemv as gemv_module
-
     k = {"triton": 41, "cublas": 45}[winner]  # a shape of its own per case: every tile clips to 64 wide
     fitting = list(dict.fromkeys((c.block_n, 64, c.num_warps) for c in K_CONTIGUOUS_TILES))
     tiles_timed, weighed = [], []
@@ -75,7 +76,7 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
 
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", tile_clock)
-    monkeypatch.setattr(gemv_module, "replayed_us", clock)
+    monkeypatch.setattr(tuning, "replayed_us", clock)
     monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])  # stand-in clocks: one copy will do
     x = torch.randn(3, k, device=DEVICE, dtype=HALF)
     w = torch.randn(7, k, device=DEVICE, dtype=HALF) * k ** -0.5
@@ -106,7 +107,7 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the L2 cache's size is CUDA's")
 def test_the_choice_times_weight_copies_that_pass_the_l2_cache():
-    from seekforge.kernels.gemv import weight_copies
+    from seekforge.ops.triton.tuning import weight_copies
 
     l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
     w_uk = torch.randn(16, 128, 512, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)  # 2 MB, N contiguous
@@ -117,11 +118,9 @@ def test_the_choice_times_weight_copies_that_pass_the_l2_cache():
 
 
 def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypatch):
-    import seekforge.kernels.gemv as gemv_module
-
     monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
     monkeypatch.setattr(gemv_module, "capturing", lambda: True)
-    monkeypatch.setattr(gemv_module, "replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
+    monkeypatch.setattr(tuning, "replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
     monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
     x = torch.randn(2, 52, device=DEVICE, dtype=HALF)
     w = torch.randn(5, 52, device=DEVICE, dtype=HALF) * 52 ** -0.5
@@ -143,23 +142,23 @@ def tuner_picks(monkeypatch):
     the tiles its tuner would time there (`_fitting_tiles`); pick.tiles maps each (kernel, tuning key) to the
     tiles it took. The GEMV is weighed against cuBLAS as on the GPU and kept. A tuning choice changes a step's
     speed, never its result: these are the choices the GPU's timing could make, tried on the CPU as well."""
-    import seekforge.kernels.gemv as gemv_module
-    import seekforge.kernels.moe as moe_module
+    import seekforge.ops.triton.latents as latents_module
+    import seekforge.ops.triton.moe as moe_module
 
     tuners = {"gemv": gemv_module._gemv_tuned, "norm_gemv": gemv_module._norm_gemv2_tuned,
-              "latent_query": gemv_module._latent_query_tuned, "gate_up_rows": moe_module._gate_up_rows_tuned,
+              "latent_query": latents_module._latent_query_tuned, "gate_up_rows": moe_module._gate_up_rows_tuned,
               "down_rows": moe_module._down_rows_tuned}
-    for module in (gemv_module, moe_module):
+    for module in (gemv_module, latents_module, moe_module):
         monkeypatch.setattr(module, "_INTERPRETED", False)
-    monkeypatch.setattr(gemv_module, "replayed_us", lambda run: 1.0)  # a tie: the first listed, the Triton tile
+    monkeypatch.setattr(tuning, "replayed_us", lambda run: 1.0)  # a tie: the first listed, the Triton tile
     monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])
 
     def pick(i):
-        monkeypatch.setattr(gemv_module, "_TUNED", set())
+        monkeypatch.setattr(tuning, "_TUNED", set())
         monkeypatch.setattr(gemv_module, "_CHOICE", {})
         for name, tuner in tuners.items():
             def one(configs, named_args, name=name, keys=tuner.keys, **kwargs):
-                tiles = gemv_module._fitting_tiles(configs, named_args, **kwargs)
+                tiles = tuning._fitting_tiles(configs, named_args, **kwargs)
                 tile = tiles[i % len(tiles)]
                 shape = (name, *({**named_args, **kwargs}[key] for key in keys))
                 pick.tiles.setdefault(shape, set()).add((tile.kwargs["BLOCK_N"], tile.kwargs["BLOCK_K"], tile.num_warps))
@@ -178,7 +177,7 @@ def test_every_tile_the_tuner_can_pick_gives_the_reference(tuner_picks):
     """Each tuned kernel at a shape where its candidate tiles differ (K past the widest slice, several slices for
     most): the GEMV over K-contiguous and N-contiguous weights, the input norm with its two projections, the
     latent query storing the new latents, and the MoE's two GEMV-form kernels, each against its reference."""
-    from seekforge.kernels.moe import fused_experts
+    from seekforge.ops.triton.moe import fused_experts
     from seekforge.model import ModelConfig
     from seekforge.model.mla import MLA
     from seekforge.model.moe import Experts
@@ -206,7 +205,7 @@ def test_every_tile_the_tuner_can_pick_gives_the_reference(tuner_picks):
     with torch.no_grad():
         kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     cache_want = torch.zeros(3, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=DEVICE, dtype=HALF)
-    kernels.store_latents(cache_want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
+    ops.store_latents(cache_want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
     query_want = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()),
                             apply_rotary(q_pe.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0].float()], -1)
     experts = Experts(4, 32, 24)
@@ -287,8 +286,6 @@ def test_compiles_as_one_graph():
 def test_norm_gemv_is_the_models_norm_then_two_projections(lead, k, tile, monkeypatch):
     """A block's input norm and MLA's two input projections in one launch, against RMSNorm and F.linear; with a
     narrow tile the norm's two passes over x take several slices each."""
-    import seekforge.kernels.gemv as gemv_module
-
     if tile is not None:
         monkeypatch.setattr(gemv_module, "default_config", lambda weight: tile)
     g = torch.Generator().manual_seed(k)
@@ -351,9 +348,10 @@ def test_latent_query_bad_inputs_name_the_problem():
         latent_query(q_nope, q_pe, w_uk, angles[:, :1], angles[:, :1])
 
 @pytest.fixture
-def triton_here(monkeypatch):
-    """The engine's Triton paths on this device: on the CPU, under the interpreter."""
-    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+def triton_here():
+    """The ops' Triton paths on this device: on the CPU, under the interpreter."""
+    with ops.backend("triton"):
+        yield
 
 
 def projections(dim=64, dtype=HALF):
@@ -364,26 +362,25 @@ def projections(dim=64, dtype=HALF):
 
 @pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
 def test_mode_routes_few_row_linears_only(rows, routed, monkeypatch, triton_here):
-    calls = []
-    real = kernels._triton("gemv", "gemv")
-    monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: calls.append(x.shape) or real(x, w))
+    calls = []  # a spy on the kernel the mode calls
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, w: calls.append(x.shape) or gemv(x, w))
     mlp = projections()
     x = torch.randn(1, rows, 64, device=DEVICE, dtype=HALF)
     with torch.no_grad():
         want = mlp(x)
-        with kernels.FewRowLinears(DEVICE):
+        with ops.FewRowLinears(DEVICE):
             got = mlp(x)
     assert len(calls) == (2 if routed else 0)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
 def test_mode_leaves_training_fp32_and_other_devices_alone(monkeypatch, triton_here):
-    monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), lambda x, w: pytest.fail("routed"))
-    with kernels.FewRowLinears(DEVICE):
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, w: pytest.fail("routed"))
+    with ops.FewRowLinears(DEVICE):
         projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF)).sum()  # grad enabled: training
         with torch.no_grad():
             projections(dtype=torch.float32)(torch.randn(1, 64, device=DEVICE))
-    with kernels.FewRowLinears(torch.device("meta")), torch.no_grad():
+    with ops.FewRowLinears(torch.device("meta")), torch.no_grad():
         projections()(torch.randn(1, 64, device=DEVICE, dtype=HALF))
 
 
@@ -395,7 +392,7 @@ def test_compiled_block_traces_the_mode_into_one_graph(triton_here):
     x = torch.randn(1, 2, 64, device=DEVICE, dtype=HALF)
     compiled = torch.compile(lambda t: mlp(t) * 2, dynamic=True)
     with torch.no_grad():
-        with kernels.FewRowLinears(DEVICE):
+        with ops.FewRowLinears(DEVICE):
             compiled(x)
             with torch.profiler.profile() as prof:
                 got = compiled(x)
@@ -430,7 +427,7 @@ def test_16b_input_norm_and_projections_bf16(rows):
     for y, w in zip(got, (wq, wkv_a)):
         torch.testing.assert_close(y.float(), F.linear(xn, w.float()), atol=2e-2, rtol=2e-2)
 
-def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(monkeypatch, triton_here):
+def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_block(triton_here):
     """The runner's graph step (what a CUDA graph captures), compiled, in fp16: the projections go to the GEMV
     with no graph break, and the logits are those of the step without the mode and of the model's own forward.
     Each sequence has its own cache slot, as `_fill_static` gives them: two rows writing one slot (the padding
@@ -454,8 +451,8 @@ def test_captured_decode_step_routes_its_projections_in_one_compiled_graph_per_b
     with torch.inference_mode():
         with torch.profiler.profile() as prof:
             routed = runner._graph_step(2)[0].clone()
-        monkeypatch.setitem(kernels._TRITON, ("gemv", "gemv"), None)  # the mode then passes everything through
-        plain = runner._graph_step(2)[0]
+        with ops.backend("torch", ops=["gemv"]):  # the mode then passes everything through
+            plain = runner._graph_step(2)[0]
     ran = {e.key: e.count for e in prof.key_averages()}
     assert ran.get("seekforge::gemv", 0) >= 2 * cfg.n_layers  # wo and W_UV
     fused = ("seekforge::norm_gemv", "seekforge::latent_query_storing")
@@ -473,7 +470,7 @@ def test_16b_absorbed_products_bf16(rows):
     w_uk, w_uv = wkv_b[:, :128], wkv_b[:, 128:]
     q_nope = torch.randn(rows, 16, 128, device=DEVICE, dtype=torch.bfloat16)
     latent = torch.randn(rows, 16, 512, device=DEVICE, dtype=torch.bfloat16)
-    torch.testing.assert_close(kernels.head_matmul(q_nope, w_uk.transpose(1, 2)).float(),
+    torch.testing.assert_close(ops.head_matmul(q_nope, w_uk.transpose(1, 2)).float(),
                                torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(kernels.head_matmul(latent, w_uv).float(),
+    torch.testing.assert_close(ops.head_matmul(latent, w_uv).float(),
                                torch.einsum("nhc,hdc->nhd", latent.float(), w_uv.float()), atol=2e-2, rtol=2e-2)

@@ -1,4 +1,4 @@
-"""The Triton store of a decode step's new latents (`seekforge.kernels.latents`) against the model's latent
+"""The Triton store of a decode step's new latents (`seekforge.ops.triton.latents`) against the model's latent
 (`MLA.latent_from`: RMSNorm, rotary) written with `store_latents`.
 
 Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
@@ -11,9 +11,11 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.engine import kernels  # noqa: E402
+from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.latents import store_new_latents  # noqa: E402
+from seekforge.ops.triton import latents as latents_module  # noqa: E402
+from seekforge.ops.triton.latents import latent_query_kernel as latent_query  # noqa: E402
+from seekforge.ops.triton.latents import store_new_latents_kernel as store_new_latents  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.mla import MLA  # noqa: E402
 from seekforge.model.rope import RotaryEmbedding  # noqa: E402
@@ -43,25 +45,25 @@ def test_matches_the_models_latents_stored(n, c, r, strided):
         slots = torch.stack([slots, (slots + 1) % 24, (slots + 7) % 24], dim=1)[:, 0]
     want = cache.clone()
     kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
-    kernels.store_latents(want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
+    ops.store_latents(want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
     with torch.no_grad():
         store_new_latents(cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
     torch.testing.assert_close(cache, want, atol=2e-3, rtol=2e-3)  # other slots untouched, written ones as the model
 
 
-def test_the_engine_takes_it_on_triton_devices_and_the_models_latents_elsewhere(monkeypatch):
+def test_the_op_takes_it_with_triton_and_the_models_latents_with_torch():
     cfg = ModelConfig.preset("tiny")
     attn, cos, sin, kv_a, cache, slots = setup(cfg, 3)
     stored = []
     plain = cache.clone()
     with torch.no_grad():
-        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
-        kernels.store_new_latents(attn, plain, slots, kv_a, cos, sin, lambda *args: stored.append(args) or
-                                  kernels.store_latents(*args))
+        with ops.backend("torch"):
+            ops.store_new_latents(attn, plain, slots, kv_a, cos, sin, lambda *args: stored.append(args) or
+                                  ops.store_latents(*args))
         assert len(stored) == 1
-        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
         fused = cache.clone()
-        kernels.store_new_latents(attn, fused, slots, kv_a, cos, sin, lambda *args: pytest.fail("not fused"))
+        with ops.backend("triton"):
+            ops.store_new_latents(attn, fused, slots, kv_a, cos, sin, lambda *args: pytest.fail("not fused"))
     torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
 
 
@@ -87,8 +89,6 @@ def test_bad_cache_layout_is_named():
 
 @pytest.mark.parametrize("n, heads", [(1, 16), (3, 4), (4, 2)])  # (4, 2): a head's program stores two tokens
 def test_the_latent_querys_launch_stores_them_as_the_store_kernel_does(n, heads):
-    from seekforge.kernels.gemv import latent_query
-
     cfg = ModelConfig.preset("tiny").replace(n_heads=heads)
     attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
     q = torch.randn(n, heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
@@ -110,27 +110,26 @@ def test_the_latent_querys_launch_stores_them_as_the_store_kernel_does(n, heads)
         latent_query(q_nope, q_pe, w_uk, cos, sin, (narrow, slots, kv_a[:, 2:], attn.kv_norm.weight, 1e-6))
 
 
-@pytest.mark.parametrize("n", [kernels.STORE_IN_QUERY_TOKENS, kernels.STORE_IN_QUERY_TOKENS + 1])
-def test_the_engine_stores_them_in_the_latent_querys_launch_where_triton_runs(monkeypatch, n):
+@pytest.mark.parametrize("n", [ops.STORE_IN_QUERY_TOKENS, ops.STORE_IN_QUERY_TOKENS + 1])
+def test_the_op_stores_them_in_the_latent_querys_launch_with_triton(monkeypatch, n):
     """Up to STORE_IN_QUERY_TOKENS tokens in one launch; past it (where one launch measured slower) two."""
     cfg = ModelConfig.preset("tiny")
     attn, cos, sin, kv_a, cache, slots = setup(cfg, n)
     q = torch.randn(n, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).to(DEVICE, HALF)
     q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
     stored, plain, fused = [], cache.clone(), cache.clone()
-    joined = n <= kernels.STORE_IN_QUERY_TOKENS
+    joined = n <= ops.STORE_IN_QUERY_TOKENS
     with torch.no_grad():
-        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
-        want = kernels.store_and_query(attn, plain, slots, kv_a, q_nope, q_pe, cos, sin,
-                                       lambda *args: stored.append(args) or kernels.store_latents(*args))
+        with ops.backend("torch"):
+            want = ops.store_and_query(attn, plain, slots, kv_a, q_nope, q_pe, cos, sin,
+                                       lambda *args: stored.append(args) or ops.store_latents(*args))
         assert len(stored) == 1
-        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
-        if joined:
-            monkeypatch.setitem(kernels._TRITON, ("latents", "store_new_latents"), lambda *a: pytest.fail("not fused"))
+        if joined:  # spies on the kernels the op calls
+            monkeypatch.setattr(latents_module, "store_new_latents_kernel", lambda *a: pytest.fail("not fused"))
         else:
-            monkeypatch.setitem(kernels._TRITON, ("gemv", "latent_query"), _refusing_a_store(
-                kernels._triton("gemv", "latent_query")))
-        got = kernels.store_and_query(attn, fused, slots, kv_a, q_nope, q_pe, cos, sin,
+            monkeypatch.setattr(latents_module, "latent_query_kernel", _refusing_a_store(latent_query))
+        with ops.backend("triton"):
+            got = ops.store_and_query(attn, fused, slots, kv_a, q_nope, q_pe, cos, sin,
                                       lambda *args: pytest.fail("the Triton store applies"))
     torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

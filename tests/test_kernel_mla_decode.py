@@ -1,4 +1,4 @@
-"""The Triton MLA decode kernel against the PyTorch reference `seekforge.engine.kernels.paged_mla_decode_reference`.
+"""The Triton MLA decode kernel against the PyTorch reference `seekforge.ops.paged_mla_decode_reference`.
 
 Without CUDA the kernel runs under Triton's interpreter on small shapes (tests/triton_setup.py). With CUDA
 the same cases run natively, plus full-size bf16 shapes and a CUDA-graph replay that changes context
@@ -12,9 +12,9 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.engine.kernels import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
+from seekforge.ops import paged_mla_decode_reference, plan_paged_attention  # noqa: E402
+from seekforge.ops.triton.mla_decode import DecodeConfig, default_config, paged_mla_decode_triton  # noqa: E402
 
 
 def _problem(b, s, h, c, r, page, lens, dtype, seed):

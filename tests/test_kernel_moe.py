@@ -1,4 +1,4 @@
-"""The fused MoE kernels (`seekforge.kernels.moe`) against the model's own routed experts.
+"""The fused MoE kernels (`seekforge.ops.triton.moe`) against the model's own routed experts.
 
 Without CUDA the kernels run under Triton's interpreter on small shapes (tests/triton_setup.py). With
 CUDA the same cases run natively, plus the 16b shape in bf16 at decode batch sizes and a CUDA-graph
@@ -12,10 +12,10 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.engine import kernels  # noqa: E402
+from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.kernels.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
-from seekforge.kernels.route import route, router_logits  # noqa: E402
+from seekforge.ops.triton.moe import MoEConfig, fused_experts, group_by_expert  # noqa: E402
+from seekforge.ops.triton.route import route, router_logits  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts, MoE  # noqa: E402
@@ -130,8 +130,8 @@ def test_the_residual_joins_the_sum_of_the_pairs(n, rows):
 def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
     """A one-block shape's first call (on the GPU) times both forms replayed from CUDA graphs, GEMVs first, and
     keeps the faster; later calls time nothing. Both give the model's experts."""
-    import seekforge.kernels.gemv as gemv_module
-    import seekforge.kernels.moe as moe_module
+    import seekforge.ops.triton.moe as moe_module
+    import seekforge.ops.triton.tuning as tuning
 
     timed = []
 
@@ -144,7 +144,7 @@ def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
     monkeypatch.setattr(moe_module, "_ROWS_FASTER", {})
     for tuned_kernel in (moe_module._gate_up_rows_tuned, moe_module._down_rows_tuned):  # tiles tuned, untimed
         monkeypatch.setattr(tuned_kernel, "do_bench", lambda call, quantiles: call() or [1.0] * len(quantiles))
-    monkeypatch.setattr(gemv_module, "replayed_us", clock)
+    monkeypatch.setattr(tuning, "replayed_us", clock)
     ex, x, weights, indices, ref = _problem(1, 2, 4, 24, 40, torch.float32, seed=9)
     for _ in range(2):
         out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
@@ -223,30 +223,29 @@ def test_the_experts_choose_from_the_routers_logits(n, rows, routing):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_forward_keeps_the_model_path_off_cuda():
+def test_moe_forward_keeps_the_model_path_where_the_backend_is_torch():
     moe = make_moe(16, 8, 2, 16, 2, torch.float32, seed=1).cpu()
     x, residual = torch.randn(4, 16), torch.randn(4, 16)
-    with torch.no_grad():
-        out, indices, load = kernels.moe_forward(moe, x)
+    with torch.no_grad(), ops.backend("torch"):
+        out, indices, load = ops.moe_forward(moe, x)
         want, routing = moe(x)
         torch.testing.assert_close(out, want)
-        torch.testing.assert_close(kernels.moe_forward(moe, x, residual=residual)[0], residual + want)
+        torch.testing.assert_close(ops.moe_forward(moe, x, residual=residual)[0], residual + want)
     assert indices.tolist() == routing.indices.tolist() and load.tolist() == routing.load.tolist()
 
 
 @pytest.mark.parametrize("n,gemv", [(1, True), (2, True), (2, False), (5, False)])
 def test_moe_forward_returns_the_choice_of_its_kernels(n, gemv, monkeypatch):
-    """The CUDA path of `moe_forward` (on the CPU under Triton's interpreter): the experts it returns are the gate's
+    """The Triton path of `moe_forward` (on the CPU under Triton's interpreter): the experts it returns are the gate's
     choice (a set per token: the kernels' top-k is unsorted) and the load counts them, whichever kernel chose (the
     GEMV form's first kernel, or the router's select kernel before the MMA tiles)."""
-    import seekforge.kernels.moe as moe_module
+    import seekforge.ops.triton.moe as moe_module
 
-    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
     monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: gemv)
     moe = make_moe(32, 8, 2, 16, 1, HALF, seed=n)
     x = torch.randn(n, 32, device=DEVICE, dtype=HALF)
-    with torch.no_grad():
-        out, indices, load = kernels.moe_forward(moe, x)
+    with torch.no_grad(), ops.backend("triton"):
+        out, indices, load = ops.moe_forward(moe, x)
         _, want, _ = moe.gate(x)
     assert indices.sort(-1).values.tolist() == want.sort(-1).values.tolist()
     assert load.tolist() == torch.bincount(want.flatten(), minlength=8).tolist()
@@ -309,7 +308,7 @@ def test_moe_forward_takes_the_router_and_fused_kernels_for_decode_and_counts_lo
     moe = make_moe(256, 64, 6, 128, 2, torch.bfloat16, seed=5)
     x = torch.randn(n, 256, device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():
-        out, indices, load = kernels.moe_forward(moe, x)
+        out, indices, load = ops.moe_forward(moe, x)
         ref, routing = moe.float()(x.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
     assert load.tolist() == routing.load.tolist()

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (`seekforge.kernels.pdl`): off wherever it cannot run, and on a Hopper GPU the
+"""Programmatic dependent launch (`seekforge.ops.triton.pdl`): off wherever it cannot run, and on a Hopper GPU the
 batch-1 layer chain of Triton kernels, replayed from a CUDA graph, gives bit for bit what it gives without it."""
 
 import pytest
@@ -8,7 +8,7 @@ from triton_setup import CUDA, patch_interpreter
 pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.kernels import pdl  # noqa: E402
+from seekforge.ops.triton import pdl  # noqa: E402
 
 
 def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
@@ -23,9 +23,10 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="PDL needs a Hopper GPU or newer")
 def test_the_layer_chain_gives_the_same_bits_with_and_without_it(monkeypatch):
-    from seekforge.kernels import moe, route
-    from seekforge.kernels.gemv import gemv, head_gemv, latent_query, norm_gemv
-    from seekforge.kernels.mla_decode import paged_mla_decode_triton
+    from seekforge.ops.triton import moe, route
+    from seekforge.ops.triton.gemv import gemv, head_gemv, norm_gemv
+    from seekforge.ops.triton.latents import latent_query_kernel
+    from seekforge.ops.triton.mla_decode import paged_mla_decode_triton
     from seekforge.model import ModelConfig
     from seekforge.model.gate import Gate
 
@@ -58,8 +59,8 @@ def test_the_layer_chain_gives_the_same_bits_with_and_without_it(monkeypatch):
         for layer in layers:
             q, kv = norm_gemv(h, layer["g1"], 1e-6, layer["wq"], layer["wkv"])
             q = q.view(1, heads, nope + r)
-            query = latent_query(q[..., :nope], q[..., nope:], layer["w_uk"], cos, sin,
-                                 store=(cache, slot, kv, layer["kv_norm"], 1e-6))
+            query = latent_query_kernel(q[..., :nope], q[..., nope:], layer["w_uk"], cos, sin,
+                                        store=(cache, slot, kv, layer["kv_norm"], 1e-6))
             latent = paged_mla_decode_triton(query.view(1, 1, heads, c + r), cache, tables, pos, 0.1, c)
             delta = gemv(head_gemv(latent.view(1, heads, c), layer["w_uv"]).view(1, heads * v), layer["wo"])
             h_out, x, logits = route.residual_logits(gate, h, delta, layer["g2"], 1e-6)

@@ -1,4 +1,4 @@
-"""The Triton MoE router (`seekforge.kernels.route`) against the model's `Gate` and `tokens_per_expert`.
+"""The Triton MoE router (`seekforge.ops.triton.route`) against the model's `Gate` and `tokens_per_expert`.
 
 Without CUDA the kernels run under Triton's interpreter (tests/triton_setup.py); with CUDA natively, plus the
 16b shape in bf16 and a CUDA-graph replay with new tokens between replays.
@@ -11,12 +11,12 @@ from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 triton = pytest.importorskip("triton")
 patch_interpreter()
 
-from seekforge.kernels import route as route_module  # noqa: E402
-from seekforge.kernels.route import residual_route, route  # noqa: E402
 from seekforge.model import ModelConfig  # noqa: E402
 from seekforge.model.gate import Gate  # noqa: E402
-from seekforge.model.moe import tokens_per_expert  # noqa: E402
 from seekforge.model.norm import RMSNorm  # noqa: E402
+from seekforge.ops import tokens_per_expert  # noqa: E402
+from seekforge.ops.triton import route as route_module  # noqa: E402
+from seekforge.ops.triton.route import residual_route, route  # noqa: E402
 
 
 def make_gate(seed=0, dtype=torch.float32, **overrides):

@@ -16,15 +16,15 @@ import seekforge
 ROOT = Path(seekforge.__file__).parent
 
 # Each part, with the parts below it that it may import (each package's __init__ docstring says the same).
-# The order is the layering, lowest first: model -> nothing of seekforge but the config and error helpers;
-# engine -> model; train -> model and data, never the engine; rl -> train (its loop) and engine (rollouts);
-# server -> engine; commands -> everything.
+# The order is the layering, lowest first: ops -> nothing of seekforge but the config and error helpers;
+# model -> ops; engine -> ops, model; train -> model and data, never the engine; rl -> train (its loop) and
+# engine (rollouts); server -> engine; commands -> everything.
 BASE = {"errors", "configio"}
 ALLOWED = {
     "errors": set(),
     "configio": {"errors"},
-    "kernels": BASE,
-    "model": BASE,
+    "ops": BASE,
+    "model": BASE | {"ops"},
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,
@@ -32,7 +32,7 @@ ALLOWED = {
     "documents": BASE,
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
-    "engine": BASE | {"kernels", "model", "tokenizer"},
+    "engine": BASE | {"ops", "model", "tokenizer"},
     "train": BASE | {"model", "tokenizer", "data"},
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},

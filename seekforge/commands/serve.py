@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks: prefill and the captured decode step")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="prepare each decode step while the previous one runs (auto: on CUDA)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="the ops' implementations: Triton's kernels on CUDA (auto), PyTorch's everywhere (torch), or "
+                        "Triton's, on the CPU too under TRITON_INTERPRET=1 (triton)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -59,7 +62,8 @@ def run(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
         num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
-        compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
+        compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        kernels=args.kernels)
     config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,
                           port=args.port, api_key=args.api_key or None, engine=engine, log_level=args.log_level)
     return serve(config)

@@ -17,6 +17,7 @@ import torch
 
 from seekforge.engine.cache_size import cache_budget
 from seekforge.errors import ConfigError
+from seekforge.ops import Backend
 
 
 @dataclass
@@ -42,6 +43,9 @@ class EngineConfig:
     cuda_graphs: bool = False  # replay plain decode steps as CUDA graphs
     compile: bool = False  # torch.compile the blocks (prefill and the captured decode step)
     async_scheduling: bool | None = None  # launch a decode step before the last one's tokens are known; None: on CUDA
+    # "auto": the Triton kernels on CUDA, PyTorch elsewhere; "torch": PyTorch's everywhere; "triton": Triton's on
+    # CUDA, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1) (seekforge.ops.dispatch)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name, low in (("block_size", 1), ("num_blocks", 1), ("max_model_len", 2), ("max_num_seqs", 1),
@@ -58,6 +62,7 @@ class EngineConfig:
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ConfigError(f"LLM: async_scheduling is true, false or None (on CUDA), got {self.async_scheduling!r}")
         cache_budget(self.kv_cache_memory, self.gpu_memory_utilization, None)  # checks both
+        Backend.of(self.kernels)
         if self.cuda_graphs and self.num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
                               "or cuda_graphs")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from seekforge import ops
 from seekforge.engine.async_step import AsyncStep, InFlight
 from seekforge.engine.block_manager import BlockManager
 from seekforge.engine.cache_size import cache_blocks, cache_budget
@@ -94,8 +95,12 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.max_waiting, num_lookahead=max(k - 1, 0),
                                    chunked_prefill=config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
-                                  mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile)
+        # the kernels every step runs (seekforge.ops.dispatch): chosen around each step, and here, where compile
+        # loads them before anything is traced
+        self.kernels = ops.check_device(config.kernels, self.device)
+        with ops.backend(self.kernels):
+            self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
+                                      mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile)
         self.proposer = MTPProposer(self.runner, k) if k else None
         self.eos_ids = {t for t in (cfg.eos_token_id, tokenizer.eos_id if tokenizer else None) if t is not None}
         self.requests: dict[str, Request] = {}
@@ -112,7 +117,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         # overwrites: copy or add them up before stepping again (`seekforge.model.moe.add_load`).
         self.expert_load: dict[int, torch.Tensor] = {}
         if config.cuda_graphs:
-            with torch.inference_mode():
+            with torch.inference_mode(), ops.backend(self.kernels):
                 self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256))
 
     # ---------------------------------------------------------------- facts
@@ -189,7 +194,9 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         """Run one step; outputs (with deltas) for every request that changed. Finished requests are
         reported once and then forgotten."""
         outs = []
-        for rid in self._step():
+        with ops.backend(self.kernels):
+            touched = self._step()
+        for rid in touched:
             req = self.requests.get(rid)
             if req is None:
                 continue
@@ -209,7 +216,8 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
                 mine.add(rid)
                 if order is not None:
                     order.append(rid)
-            touched = self._step()
+            with ops.backend(self.kernels):
+                touched = self._step()
             if not touched and not self.scheduler.running and self.scheduler.waiting:
                 raise RuntimeError("engine stalled: waiting requests cannot be scheduled")
             for rid in touched & mine:

@@ -6,9 +6,9 @@ token is packed into one [N, dim] batch for the projections and experts; only at
 sequences, in groups:
 
 - short chunks (decode, draft verification: n <= 1 + draft tokens), grouped by n, run the absorbed
-  MLA straight over the cache blocks (`kernels.paged_mla_decode`): only latents and rotary keys are read;
+  MLA straight over the cache blocks (`ops.paged_mla_decode`): only latents and rotary keys are read;
 - longer chunks (prefill) run the explicit form (latents up-projected to per-head keys and values,
-  `kernels.dense_attention`) over their context, padded to one batch;
+  `ops.dense_attention`) over their context, padded to one batch;
   a fresh prefill (no cached context) attends to its own new latents without touching the cache.
 
 Each layer first writes the step's new latents into the cache, then attends, so a chunk sees its own
@@ -18,11 +18,11 @@ graphs from static input buffers (`capture_cuda_graphs`). With `compile=True`, t
 of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals): the captured decode
 block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
 attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
-an MoE block goes through `kernels.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
-In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`kernels.FewRowLinears`), and in any
-step of up to 4 tokens a block's input norm and MLA's two input projections are one (`kernels.normed_projections`);
+an MoE block goes through `ops.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
+In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`ops.FewRowLinears`), and in any
+step of up to 4 tokens a block's input norm and MLA's two input projections are one (`ops.normed_projections`);
 captured steps write their new latents into the cache straight from wkv_a's output and rotate the query's rope part,
-both in the launch of W_UK's product (`kernels.store_and_query`).
+both in the launch of W_UK's product (`ops.store_and_query`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from seekforge.engine import kernels
+from seekforge import ops
 from seekforge.engine.device_copy import copy_into, to_device
 from seekforge.errors import ConfigError
 from seekforge.model.block import Block
@@ -56,7 +56,7 @@ class AttentionGroup:
     absorbed: bool
     batch: int
     query_len: int  # padded length S
-    plan: kernels.PagedAttentionPlan | None  # None: a fresh prefill that attends to its own latents
+    plan: ops.PagedAttentionPlan | None  # None: a fresh prefill that attends to its own latents
     index: torch.Tensor | None = None  # [b, S] packed token index (padding repeats a chunk's last token)
     valid: torch.Tensor | None = None  # [b, S] bool, None = no padding
     fresh_mask: torch.Tensor | None = None  # causal mask of a padded fresh prefill; None = plain causal
@@ -116,7 +116,7 @@ class ModelRunner:
         plain = (attention_inputs, block_output, explicit_attention)
         inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
         self._stages = (inputs, output)
-        self._pad_values = kernels.values_padded_for_sdpa(self.device)
+        self._pad_values = ops.values_padded_for_sdpa(self.device)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -164,7 +164,7 @@ class ModelRunner:
             b = len(by_len[n])
             lo, hi = cu[c], cu[c + b]
             ctx = max(starts[c:c + b]) + n
-            plan = kernels.plan_paged_attention(tables[c:c + b, :-(-ctx // bs)], positions[lo:hi].view(b, n), bs, ctx)
+            plan = ops.plan_paged_attention(tables[c:c + b, :-(-ctx // bs)], positions[lo:hi].view(b, n), bs, ctx)
             groups.append(AttentionGroup(lo, hi, True, b, n, plan))
             c += b
         if explicit:
@@ -185,7 +185,7 @@ class ModelRunner:
         if b == 1:
             qpos = positions[lo:hi].view(1, -1)
             plan = (None if fresh else
-                    kernels.plan_paged_attention(tables[c:c + 1], qpos, self.block_size, starts[0] + S))
+                    ops.plan_paged_attention(tables[c:c + 1], qpos, self.block_size, starts[0] + S))
             return AttentionGroup(lo, hi, False, 1, S, plan)
         dev = self.device
         ar = torch.arange(S, device=dev)
@@ -196,7 +196,7 @@ class ModelRunner:
         if fresh:
             return AttentionGroup(lo, hi, False, b, S, None, index, valid, ar.view(1, 1, -1) <= qpos.unsqueeze(-1))
         ctx = max(s + n for s, n in zip(starts, lens))
-        plan = kernels.plan_paged_attention(tables[c:, :-(-ctx // self.block_size)], qpos, self.block_size, ctx)
+        plan = ops.plan_paged_attention(tables[c:, :-(-ctx // self.block_size)], qpos, self.block_size, ctx)
         return AttentionGroup(lo, hi, False, b, S, plan, index, valid)
 
     # ---------------------------------------------------------------- forward
@@ -219,7 +219,7 @@ class ModelRunner:
         for g in groups:
             qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
             if g.absorbed:
-                q = kernels.latent_query(qn, qp, attn.absorbed_weights()[0])
+                q = ops.latent_query(qn, qp, attn.absorbed_weights()[0])
                 pieces.append(absorbed_attention(attn, cache, q, g.plan, g.query_len))
                 continue
             if g.index is None:
@@ -232,7 +232,7 @@ class ModelRunner:
                 else:
                     ctx_kv, ctx_pe, mask = kv[g.index], k_pe[g.index], g.fresh_mask
             else:
-                ctx = kernels.gather_latents(cache, g.plan)
+                ctx = ops.gather_latents(cache, g.plan)
                 ctx_kv, ctx_pe, mask = ctx[..., :attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:], g.plan.mask
             out = self._explicit_attention(attn, qn, qp, ctx_kv, ctx_pe, mask, self._pad_values)
             pieces.append(out[0] if g.valid is None else out[g.valid])
@@ -332,16 +332,16 @@ class ModelRunner:
         layer id, counting the sequences' rows only, not the padding rows up to b)."""
         ids, pos, slots, source = (self._static[:b, i] for i in range(4))
         tables = self._static[:, 4:]
-        plan = kernels.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
-                                            tables.shape[1] * self.block_size)
+        plan = ops.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
+                                        tables.shape[1] * self.block_size)
         h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
         chosen = {}
-        with kernels.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
+        with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
                 h, routed = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
                 if routed is not None:
                     chosen[block.layer_id] = routed[0]
-            logits = self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`kernels.FewRowLinears`)
+            logits = self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`ops.FewRowLinears`)
         # padding rows write into the scratch block, which no sequence's row does
         real = slots < self.scratch_block * self.block_size
         return logits, rows_load(chosen, real, self.cfg.n_routed_experts)
@@ -372,9 +372,9 @@ def step_embeddings(embed: torch.nn.Embedding, ids: torch.Tensor, source: torch.
 
 def input_projections(block: Block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's input norm and MLA's two input projections over h [1, N, dim], in one launch for few rows
-    (`kernels.normed_projections`): the query's first projection and wkv_a's output."""
+    (`ops.normed_projections`): the query's first projection and wkv_a's output."""
     first, wkv_a = block.attn.input_projections
-    return kernels.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
+    return ops.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
 
 
 def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -387,14 +387,14 @@ def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torc
 
 def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
     """A block's work after attention: the output projection, the residuals and the FFN (the residual add and the
-    FFN's norm in the Triton router's first kernel where it runs: `kernels.residual_norm`); with the MoE's
+    FFN's norm in the Triton router's first kernel where it runs: `ops.residual_norm`); with the MoE's
     (indices, load) as `feed_forward` returns them."""
-    h, x, routing = kernels.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
+    h, x, routing = ops.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
     return feed_forward(block.ffn, x, routing, residual=h)
 
 
 def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, attention, store=kernels.store_latents,
+                  slot_mapping: torch.Tensor, attention, store=ops.store_latents,
                   stages=(attention_inputs, block_output)) -> tuple[torch.Tensor, tuple | None]:
     """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
     `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context).
@@ -409,14 +409,14 @@ def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
     """The block's FFN at inference, plus `residual` (the block's stream, x's shape) where given: an MoE runs
-    through `kernels.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
-    added in their last kernel; `routing` where `kernels.residual_norm` made it). Returns the output and, for an
+    through `ops.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
+    added in their last kernel; `routing` where `ops.residual_norm` made it). Returns the output and, for an
     MoE, its choice: (experts [n, k] of each of the n tokens, tokens per expert [experts] fp32); None for an MLP."""
     if not isinstance(ffn, MoE):
         return (ffn(x) if residual is None else residual + ffn(x)), None
     flat = x.reshape(-1, x.shape[-1])
-    y, indices, load = kernels.moe_forward(ffn, flat, routing,
-                                           None if residual is None else residual.reshape(flat.shape))
+    y, indices, load = ops.moe_forward(ffn, flat, routing,
+                                       None if residual is None else residual.reshape(flat.shape))
     return y.view(x.shape), (indices, load)
 
 
@@ -435,35 +435,35 @@ def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: t
                        mask: torch.Tensor | None, pad_values: bool) -> torch.Tensor:
     """MLA's explicit form for prefill: the context latents ctx_kv [b, t, c] up-projected into per-head keys
     and values, the shared rotary keys ctx_pe [b, t, r] appended to every head's key; queries [b, s, h, .].
-    mask [b, s, t] (None: causal over s == t); `pad_values` as `kernels.dense_attention` takes it. Returns
+    mask [b, s, t] (None: causal over s == t); `pad_values` as `ops.dense_attention` takes it. Returns
     [b, s, h * d_v]."""
     k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
     k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
-    return kernels.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale,
-                                   pad_values).flatten(2)
+    return ops.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale,
+                               pad_values).flatten(2)
 
 
-def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: kernels.PagedAttentionPlan, query_len: int,
-                       decode=kernels.paged_mla_decode) -> torch.Tensor:
+def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: ops.PagedAttentionPlan, query_len: int,
+                       decode=ops.paged_mla_decode) -> torch.Tensor:
     """Absorbed MLA of b sequences' query_len queries each over the paged cache, from their latent query
-    q [b * s, h, c + r] (`kernels.latent_query`: W_UK folded in); W_UV applied to the attended latent.
+    q [b * s, h, c + r] (`ops.latent_query`: W_UK folded in); W_UV applied to the attended latent.
     Returns [b * s, h * d_v]."""
     q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
     latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
-    return kernels.head_matmul(latent.flatten(0, 1), attn.absorbed_weights()[1]).flatten(1)
+    return ops.head_matmul(latent.flatten(0, 1), attn.absorbed_weights()[1]).flatten(1)
 
 
 def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, plan: kernels.PagedAttentionPlan, store=kernels.store_latents,
-                 decode=kernels.paged_mla_decode) -> tuple[torch.Tensor, tuple | None]:
+                 slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan, store=ops.store_latents,
+                 decode=ops.paged_mla_decode) -> tuple[torch.Tensor, tuple | None]:
     """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
     reads only the cache, so the new latents go from wkv_a's output straight into it, beside the latent query's
-    W_UK product and rotation (`kernels.store_and_query`; `store` where the cache store has no kernel). Returns
+    W_UK product and rotation (`ops.store_and_query`; `store` where the cache store has no kernel). Returns
     as `block_output` does."""
     attn = block.attn
     q, kv_a = input_projections(block, h)
     q_nope, q_pe = attn.query_heads(q)
-    q = kernels.store_and_query(attn, cache, slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0], store)
+    q = ops.store_and_query(attn, cache, slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0], store)
     return block_output(block, h, absorbed_attention(attn, cache, q, plan, 1, decode))
 
 
@@ -473,8 +473,8 @@ def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
     from seekforge.model.moe import _grouped_mm_works
 
     _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))
-    if kernels.triton_runs_on(device):
-        kernels.load_triton_kernels()
+    if ops.triton_runs_on(device):
+        ops.load_triton_kernels()
 
 
 def _compile(fn):
@@ -505,10 +505,10 @@ def compiled_stages(device: torch.device, dtype: torch.dtype):
 
 def compiled_decode_block(device: torch.device, dtype: torch.dtype):
     """`decode_block` under torch.compile, compiled once for all blocks alike and every batch size (dynamic
-    shapes). The two cache kernels are opaque ops to it (`kernels.store_latents_op`, written in place into
-    the cache, which the graph never copies; `kernels.paged_mla_decode_op`), so each block is one graph."""
+    shapes). The two cache kernels are opaque ops to it (`ops.store_latents_op`, written in place into
+    the cache, which the graph never copies; `ops.paged_mla_decode_op`), so each block is one graph."""
     _settle_before_tracing(device, dtype)
-    store, decode = kernels.store_latents_op, kernels.paged_mla_decode_op
+    store, decode = ops.store_latents_op, ops.paged_mla_decode_op
 
     def block(block, h, cos, sin, cache, slot_mapping, plan):
         return decode_block(block, h, cos, sin, cache, slot_mapping, plan, store, decode)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from seekforge import ops
 from seekforge.errors import ConfigError
 
 # How many times transformers' error (in the same dtype, against fp32) the engine's may be: see docs/BENCHMARKS.md.
@@ -47,7 +48,7 @@ def forced_logits(llm, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequen
         raise ConfigError(f"forced_logits needs {need} cache blocks for its largest group, the engine has "
                           f"{runner.num_blocks}: use smaller groups or shorter prompts")
     out = torch.empty(len(prompts), steps, llm.cfg.vocab_size, dtype=torch.float32, device=runner.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), ops.backend(llm.kernels):
         for start, size in zip(_starts(sizes), sizes):
             seqs = range(start, start + size)
             tables, first = [], 0

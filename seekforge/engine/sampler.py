@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seekforge.engine import kernels
+from seekforge import ops
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
@@ -145,9 +145,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False,
     sampling distributions [R, vocab] when asked (None when every row is greedy)."""
     penalised = target_logits(logits, batch)
     if batch.all_greedy:
-        return kernels.argmax(penalised, out), None
+        return ops.argmax(penalised, out), None
     probs = filter_logits(penalised, batch).softmax(dim=-1)
-    tokens = torch.where(batch.greedy, kernels.argmax(penalised), sample_from_probs(probs, batch.rows))
+    tokens = torch.where(batch.greedy, ops.argmax(penalised), sample_from_probs(probs, batch.rows))
     return (tokens if out is None else out.copy_(tokens)), (probs if want_probs else None)
 
 

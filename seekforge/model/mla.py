@@ -20,7 +20,7 @@ from torch import nn
 
 from seekforge.model.config import ModelConfig
 from seekforge.model.norm import RMSNorm
-from seekforge.model.rope import apply_rotary
+from seekforge.ops.rotary import apply_rotary
 
 
 class MLA(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 from seekforge.model.config import ModelConfig
 from seekforge.model.gate import Gate
 from seekforge.model.mlp import MLP
+from seekforge.ops.moe import tokens_per_expert
 
 
 def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -44,13 +45,6 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, expe
     if _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(-2, -1)).squeeze(1)
-
-
-def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """indices [n, k] of chosen experts -> how many (token, slot) pairs each expert got, [experts] int32."""
-    flat = indices.flatten().to(torch.int64)
-    return torch.zeros(n_experts, device=indices.device, dtype=torch.int32).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 def add_load(totals: dict[int, torch.Tensor], loads: dict[int, torch.Tensor]) -> None:

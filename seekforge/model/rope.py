@@ -71,12 +71,3 @@ class RotaryEmbedding(nn.Module):
         """positions [..., seq] (int) -> cos, sin of shape [..., seq, qk_rope_head_dim / 2] in fp32."""
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
         return angles.cos() * self.scale, angles.sin() * self.scale
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x [batch, seq, heads, rope_dim] by the angles of cos/sin [batch|1, seq, rope_dim/2]."""
-    pairs = x.float().view(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)

@@ -1,7 +1,9 @@
-"""Triton kernels behind the PyTorch references in `seekforge.engine.kernels` and the model.
+"""The Triton kernels of seekforge.ops, one module an op, each importing Triton at its top (no module
+outside this package does).
 
-Each module imports Triton itself, so `import seekforge.kernels` stays free of it: CPU installs, which
-have no Triton, keep to the references.
+An op in `seekforge.ops` imports its module here only where it runs Triton (`seekforge.ops.dispatch`), so CPU
+installs without Triton keep to the PyTorch references, and under Triton's interpreter (TRITON_INTERPRET=1, set
+before these modules are imported) the kernels run on the CPU.
 
 - `mla_decode`: absorbed-MLA decode attention over the paged latent cache (`paged_mla_decode_triton`).
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
@@ -12,14 +14,18 @@ have no Triton, keep to the references.
   with the block's residual add and the FFN's norm in the first (`residual_route`); the first alone
   (`router_logits`, `residual_logits`) where the fused experts choose.
 - `gemv`: the dense projections of steps of up to four rows (`gemv`), which the engine's captured steps
-  reach through `seekforge.engine.kernels.FewRowLinears`; MLA's absorbed products (`head_gemv`); a block's
-  input norm with MLA's two input projections (`norm_gemv`); W_UK's product with the rotary part of the query
-  beside it (`latent_query`).
-- `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch.
+  reach through `seekforge.ops.FewRowLinears`; MLA's absorbed products (`head_gemv`); a block's input norm with
+  MLA's two input projections (`norm_gemv`).
+- `latents`: a decode step's new latents normalised, rotated and written into the paged cache in one launch
+  (`store_new_latents_kernel`); W_UK's product with the rotary part of the query beside it, optionally with that
+  store in the same launch (`latent_query_kernel`).
 - `argmax`: greedy decoding's argmax over the vocabulary, a slice a program, the last to finish choosing.
+- `tuning`: the candidate tiles of the few-row kernels, timed on a shape's first launch, and the choice between a
+  kernel and its library counterpart.
 - `arrivals`: self-resetting counters by which the last program of a launch to finish does its final step.
 - `pdl`: programmatic dependent launch on Hopper, by which each kernel of a decode step's chain starts while the
   one before it ends (the GEMVs requesting their first weight slice meanwhile).
 
-Every launch is a torch.library custom op, so torch.compile keeps a block that calls one as one graph.
+The launches a compiled block makes are torch.library custom ops (the MLA decode's: `seekforge.ops.mla_decode`), so
+torch.compile keeps a block that calls one as one graph.
 """

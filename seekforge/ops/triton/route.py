@@ -1,15 +1,15 @@
 """The MoE router of decode's few tokens, in Triton: logits, top-k, gate weights and the load in two kernels.
 
 `seekforge.model.gate.Gate` at one token is seven small kernels (the weight cast to fp32, a split GEMV,
-softmax, top-k, the gather, two for the tokens-per-expert count): ~14 us of a 112 us layer of the 16b shape's
-batch-1 step on the H200, each too small to use the GPU, most of them time spent launching. Here:
+softmax, top-k, the gather, two for the tokens-per-expert count), each too small to use the GPU, most of their
+time spent launching. Here:
 
 - _logits: x W^T in fp32, BLOCK_E experts a program, so the GEMV is spread over the SMs (`_residual_logits`:
   of RMSNorm(h + d), with the block's residual add and the FFN's norm in the same programs);
 - _select: one program a token: scores (softmax or sigmoid), each expert's rank in the order of scores + bias,
   the gate weights of the top k from the unbiased scores (normalised, scaled) and the token's count into the load.
 
-For one or two tokens the fused experts (`seekforge.kernels.moe`) take the logits instead (`RouterLogits`) and
+For one or two tokens the fused experts (`seekforge.ops.triton.moe`) take the logits instead (`RouterLogits`) and
 choose in the programs of their first kernel (`choose`): one launch fewer in the chain of a decode step.
 
 The same choice as `Gate` (ties aside: its fp32 sums run in another order) for greedy routing over one expert
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from seekforge.kernels.gemv import weight_slice
-from seekforge.kernels.pdl import launch_options, wait_for_inputs
+from seekforge.ops.triton.gemv import weight_slice
+from seekforge.ops.triton.pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def _select(logits_ptr, bias_ptr, weights_ptr, indices_ptr, load_ptr, E, route_s
 
 class RouterLogits(NamedTuple):
     """A router's logits for n tokens whose top-k is still to be chosen, by `select` or inside the first kernel of
-    the fused experts (`seekforge.kernels.moe`), whose programs then choose before their first weight load: the
+    the fused experts (`seekforge.ops.triton.moe`), whose programs then choose before their first weight load: the
     buffers the choice fills and the gate's settings."""
 
     logits: torch.Tensor  # [n, experts] fp32
@@ -161,7 +161,7 @@ class RouterLogits(NamedTuple):
 def route(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gate` (a `seekforge.model.gate.Gate` without `group_limited` routing) over x [n, dim] -> gate weights
     [n, k] fp32, expert indices [n, k] int64 and tokens per expert [experts] fp32, as Gate.forward and
-    `seekforge.model.moe.tokens_per_expert` give them."""
+    `seekforge.ops.tokens_per_expert` give them."""
     return select(router_logits(gate, x))
 
 
@@ -218,7 +218,7 @@ RESIDUAL_SLICE = 2048  # columns a step of `_residual_logits`: a 16b row (2048) 
 BLOCK_E = 2  # 32 programs a token at 64 experts: the GEMV's 256 KB (bf16) read across the SMs
 
 
-# Opaque ops to torch.compile, as the fused MoE launch is (seekforge.kernels.moe): the step stays one graph.
+# Opaque ops to torch.compile, as the fused MoE launch is (seekforge.ops.triton.moe): the step stays one graph.
 @torch.library.custom_op("seekforge::router_logits", mutates_args=("logits", "load"))
 def launch_logits(x: torch.Tensor, gate_weight: torch.Tensor, logits: torch.Tensor, load: torch.Tensor) -> None:
     n, dim = x.shape

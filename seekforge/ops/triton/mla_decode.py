@@ -1,6 +1,6 @@
 """Absorbed-MLA decode attention over the paged latent cache, in Triton (FlashMLA-like).
 
-The same function as `seekforge.engine.kernels.paged_mla_decode`: each cached token's latent [c + r] is
+The same function as `seekforge.ops.mla_decode.paged_mla_decode`: each cached token's latent [c + r] is
 the key (all c + r dims) and its first c dims the value. Attention over it is bound by reading the cache,
 so every program loads each cache tile once for all the heads it holds: the rows of its dot products
 (M = queries x heads) are the (query, head) pairs of one sequence. When sequences x head groups are too
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.pdl import launch_options, wait_for_inputs
+from seekforge.ops.triton.pdl import launch_options, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 _COMBINE_ROWS = 4  # output rows per combining program

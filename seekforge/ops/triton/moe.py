@@ -9,16 +9,15 @@ expert in 64- or 128-row blocks and pay for setup and compute that a few rows do
 - gate_up: h = silu(x W1^T) * (x W3^T) per padded row, both weights' tiles in the same program;
 - down: out[pair] = gate weight * (h W2^T), written at the pair's own row; then each token's k rows are summed,
   with the block's residual where given (in the GEMV form below by the last program of each column slice to
-  finish, `seekforge.kernels.arrivals`; after the MMA tiles by a small kernel, `_pair_sums`).
+  finish, `seekforge.ops.triton.arrivals`; after the MMA tiles by a small kernel, `_pair_sums`).
 
 With one or two tokens the grouping itself is skipped (one row block per pair, the routing read as it is), and
 the shared experts can join as extra experts of weight 1 (slices of the shared MLP's matrices), so one pass
 reads every weight the token needs. There a pair is one row, and an MMA tile of 16 rows computes 15 of padding:
 the same two kernels as GEMVs (`_gate_up_rows`, `_down_rows`: a program per pair and a few weight rows, each
-row's whole K at once, as `seekforge.kernels.gemv` reads the dense projections) spread the read over ten times
+row's whole K at once, as `seekforge.ops.triton.gemv` reads the dense projections) spread the read over ten times
 the programs. Which of the two forms a shape runs is timed on its first call, both replayed from CUDA graphs,
-as the GEMV weighs itself against cuBLAS: at the 16b shape's batch-1 step the MMA form read the 138 MB of eight
-experts at 66% of the copy bandwidth (2026-11-29), the largest gap left in that step.
+as the GEMV weighs itself against cuBLAS (`seekforge.ops.triton.tuning`).
 
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
@@ -35,10 +34,10 @@ import triton
 import triton.language as tl
 
 from seekforge.errors import ConfigError
-from seekforge.kernels.arrivals import arrive, counters
-from seekforge.kernels.gemv import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
-from seekforge.kernels.pdl import wait_for_inputs
-from seekforge.kernels.route import RouterLogits, choose, gate_weights, launch_select, select
+from seekforge.ops.triton.arrivals import arrive, counters
+from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
+from seekforge.ops.triton.pdl import wait_for_inputs
+from seekforge.ops.triton.route import RouterLogits, choose, gate_weights, launch_select, select
 
 
 @triton.jit
@@ -161,7 +160,7 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
                   BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr, PDL: tl.constexpr):
     """`_gate_up` for one row a pair, as a GEMV: program (j, p) computes h[p, j * BLOCK_N ...] from BLOCK_N rows of
     its expert's W1 and W3, both read in the same slices of K. CHOOSE: the routing is still the router's logits
-    (`seekforge.kernels.route.RouterLogits`), and each program of a routed pair chooses its expert itself
+    (`seekforge.ops.triton.route.RouterLogits`), and each program of a routed pair chooses its expert itself
     (`_chosen_expert`), where the router's select kernel ran before this one."""
     wait_for_inputs(PDL)
     pair = tl.program_id(1)
@@ -192,7 +191,7 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
 def _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_routed, k_routed, route_scale,
                    TOPK: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr):
     """`_pair_expert` from the router's logits [n, num_routed]: slot j of a token takes the expert ranked j
-    (`seekforge.kernels.route.choose`); the first program of each routed pair writes the choice where the down
+    (`seekforge.ops.triton.route.choose`); the first program of each routed pair writes the choice where the down
     kernel reads it (indices, gate weights [n, k_routed]) and counts it into the load. A shared expert's programs
     choose nothing and start reading at once."""
     token = pair // TOPK
@@ -216,9 +215,8 @@ def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, re
                TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr,
                PDL: tl.constexpr):
     """`_down` for one row a pair, as a GEMV: out[p, j * BLOCK_N ...] = gate weight * (h[p] W2^T) for BLOCK_N rows
-    of its expert's W2; the last program of these rows to finish sums them over each token's pairs (`_sum_pairs`),
-    where a kernel of its own did: 40.2 us for the experts with the sum and the residual against 44.6 us with the
-    kernel after them, at the 16b shape's one token on an H200."""
+    of its expert's W2; the last program of these rows to finish sums them over each token's pairs (`_sum_pairs`):
+    one launch fewer than a kernel of its own after them."""
     wait_for_inputs(PDL)
     pair = tl.program_id(1)
     expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
@@ -281,7 +279,7 @@ def default_config(num_pairs: int, num_experts: int, element_size: int = 2) -> M
     (so each weight tile serves more rows), and as many pipeline stages as fit in shared memory (fp32 takes
     twice the room of bf16)."""
     per_expert = num_pairs / num_experts
-    if num_pairs <= ONE_BLOCK_PER_PAIR:  # one or two tokens: 62.8 vs 66.0 us at one token (bench/moe.py sweep, H200)
+    if num_pairs <= ONE_BLOCK_PER_PAIR:  # one or two tokens: the narrower tile measured faster (bench/moe.py --sweep)
         cfg = MoEConfig(16, 32, 128, num_warps=4, num_stages=3)
     elif per_expert <= 16:
         cfg = MoEConfig(16, 64, 128, num_warps=4, num_stages=5)
@@ -334,7 +332,7 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
     two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed on the shape's
     first call), the MMA tiles under the interpreter and wherever `config` is given. `router`: the router's logits
-    (`seekforge.kernels.route.RouterLogits`), weights and indices None: the choice fills its buffers, made in the
+    (`seekforge.ops.triton.route.RouterLogits`), weights and indices None: the choice fills its buffers, made in the
     GEMV form's first kernel (one launch fewer), else by the router's select kernel first."""
     if router is not None:
         weights, indices = router.weights, router.indices

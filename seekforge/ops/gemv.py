@@ -1,0 +1,79 @@
+"""The projections of small decode steps as GEMVs: y = x W^T for a few rows of x.
+
+cuBLAS's GEMMs read a small step's weights at a fraction of the memory bandwidth; where the backend takes Triton,
+`FewRowLinears` (the dense projections), `head_matmul` (MLA's absorbed per-head products) and `normed_projections`
+(a block's input norm with MLA's two input projections, one launch) run the GEMV kernels of
+`seekforge.ops.triton.gemv` for up to GEMV_ROWS rows of one 16-bit dtype, and their PyTorch form otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from seekforge.ops.dispatch import TritonOp
+
+
+def _load():
+    from seekforge.ops.triton import gemv
+
+    return gemv
+
+
+GEMV = TritonOp("gemv", _load)
+
+
+class FewRowLinears(TorchFunctionMode):
+    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the
+    Triton GEMV, where the backend takes Triton on `device` when the mode is entered; every other call as it was.
+    The model's projections (wq, wkv_a, wo, dense MLPs) are plain nn.Linear and stay so: the runner enters this
+    around the blocks of the decode steps it captures as CUDA graphs, and torch.compile traces the mode into the
+    compiled block. (Under a mode dynamo inlines the Python-level Tensor methods, and Tensor.unflatten's call to
+    super() breaks the graph: code on the decode path reshapes with view.)"""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device: x says cuda:0
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.kernel = GEMV.on(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is F.linear and self.kernel is not None and not kwargs
+                and (len(args) == 2 or (len(args) == 3 and args[2] is None))):
+            x, weight = args[0], args[1]
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if (x.device == self.device and weight.dim() == 2 and fits_gemv(x, weight, rows, self.kernel.GEMV_ROWS)
+                    and not torch.is_grad_enabled()):
+                return self.kernel.gemv(x, weight)
+        return func(*args, **kwargs)
+
+
+def fits_gemv(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int) -> bool:
+    """Where a Triton GEMV applies: x and weight of one 16-bit dtype, at most `max_rows` (GEMV_ROWS) rows of x."""
+    return x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and rows <= max_rows
+
+
+def normed_projections(h: torch.Tensor, norm, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h) wa^T, norm(h) wb^T) for an RMSNorm `norm` (its `weight`, `eps`, and called as the norm): a block's
+    input norm and MLA's two input projections. With Triton, for up to GEMV_ROWS rows of one 16-bit dtype, one
+    launch (`norm_gemv`) where the compiled block ran three (the norm, then a GEMV per weight)."""
+    kernel = GEMV.on(h.device)
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if (kernel is not None and fits_gemv(h, wa, rows, kernel.GEMV_ROWS) and wb.dtype == h.dtype == norm.weight.dtype
+            and wa.stride(-1) == wb.stride(-1) == 1 and not torch.is_grad_enabled()):
+        return kernel.norm_gemv(h, norm.weight, norm.eps, wa, wb)
+    x = norm(h)
+    return F.linear(x, wa), F.linear(x, wb)
+
+
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per head: x [n, h, K], weight [h, N, K] (any strides) -> [n, h, N], torch.einsum("nhk,hjk->nhj") (MLA's
+    absorbed products). With Triton, for up to GEMV_ROWS rows of one 16-bit dtype, the GEMV (`head_gemv`), which
+    reads the weights at more of the bandwidth than cuBLAS's batched GEMM at a few rows."""
+    kernel = GEMV.on(x.device)
+    if kernel is not None and fits_gemv(x, weight, x.shape[0], kernel.GEMV_ROWS):
+        return kernel.head_gemv(x, weight)
+    return torch.einsum("nhk,hjk->nhj", x, weight)

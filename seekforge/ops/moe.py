@@ -1,0 +1,109 @@
+"""An MoE block's routing and experts for the engine: `moe_forward`, and `residual_norm` before it.
+
+The module is the model's MoE taken by its attributes (`gate`, `experts`, `shared_experts`), so this file needs
+nothing of seekforge.model. Where the backend takes Triton, decode's few rows an expert run the Triton router
+(`seekforge.ops.triton.route`, op "route") and the fused experts (`seekforge.ops.triton.moe`, op "moe"), which
+choose from the router's logits themselves and add the shared experts and the block's residual in the same pass;
+otherwise the gate and the model's grouped matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seekforge.ops.dispatch import TritonOp
+
+
+def _load_moe():
+    from seekforge.ops.triton import moe
+
+    return moe
+
+
+def _load_route():
+    from seekforge.ops.triton import route
+
+    return route
+
+
+MOE = TritonOp("moe", _load_moe)
+ROUTE = TritonOp("route", _load_route)
+
+
+def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """indices [n, k] of chosen experts -> how many (token, slot) pairs each expert got, [experts] int32."""
+    flat = indices.flatten().to(torch.int64)
+    return torch.zeros(n_experts, device=indices.device, dtype=torch.int32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
+def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
+    given; the chosen experts [n, k]; tokens per routed expert [experts] as fp32), as `MoE.forward` computes them
+    (its routing's indices and load). With Triton, with weights stored in x's dtype and at most FUSED_MOE_ROWS rows
+    per expert on average (decode): the Triton router's logits (where it makes the gate's choice; `routing`, its
+    logits of x, when `residual_norm` computed them already) and the fused kernels, which choose from them, also
+    take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add the
+    residual in their last kernel; otherwise the gate and the model's grouped matmuls."""
+    experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
+    kernel = _fused_experts(moe, x)
+    if kernel is not None:
+        router = _router(moe, x) if routing is None else None
+        if router is not None:
+            routing = router.router_logits(gate, x)
+        if routing is not None:
+            weights = indices = None
+            load = routing.load
+        else:
+            weights, indices, _ = gate(x)
+            load = tokens_per_expert(indices, experts.n_experts).float()
+        joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
+        added = residual is not None and residual.dtype == x.dtype
+        y = kernel.fused_experts(x, experts.w1, experts.w2, experts.w3, weights, indices, shared=(
+            shared.w1.weight, shared.w2.weight, shared.w3.weight) if joined else None,
+            residual=residual if added else None, router=routing)
+        if shared is not None and not joined:
+            y = y + shared(x)
+        if routing is not None:  # the fused kernels (or the router's select kernel) filled its choice
+            indices = routing.indices
+        return (y if residual is None or added else residual + y), indices, load
+    weights, indices, _ = gate(x)
+    y, load = experts(x, weights, indices)
+    y = y if shared is None else y + shared(x)
+    return (y if residual is None else residual + y), indices, load
+
+
+def _fused_experts(moe, x: torch.Tensor):
+    """The Triton module of the fused experts where they take x: weights in x's dtype, no autocast, decode's rows."""
+    kernel = MOE.on(x.device)
+    if (kernel is not None and x.dtype == moe.experts.w1.dtype and not torch.is_autocast_enabled("cuda")
+            and x.shape[0] * moe.gate.topk <= FUSED_MOE_ROWS * moe.experts.n_experts):
+        return kernel
+    return None
+
+
+def _router(moe, x: torch.Tensor):
+    """The Triton router's module, where it makes this gate's choice (not group-limited); `moe_forward` takes its
+    logits with the fused experts, which choose."""
+    return None if moe.gate.group_limited else ROUTE.on(x.device)
+
+
+def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """A block's residual add and its FFN's input norm (`norm`, an RMSNorm): (h + delta, norm(h + delta), routing).
+    Where the FFN is an MoE (it has `experts`) that `moe_forward` routes with the Triton router, for up to
+    RESIDUAL_ROUTE_TOKENS tokens, that router's first kernel computes both (`residual_logits`), and routing is its
+    logits of x, to pass to `moe_forward`; otherwise None."""
+    flat = h.reshape(-1, h.shape[-1])
+    if (hasattr(ffn, "experts") and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _fused_experts(ffn, flat) is not None
+            and (router := _router(ffn, flat)) is not None and norm.weight.dtype == h.dtype == delta.dtype):
+        h, x, routing = router.residual_logits(ffn.gate, flat, delta.reshape(flat.shape), norm.weight, norm.eps)
+        return h.view(delta.shape), x.view(delta.shape), routing
+    h = h + delta
+    return h, norm(h), None
+
+
+# Each of the router's programs norms its token's row again (from L2): worth a launch saved for a few tokens only.
+RESIDUAL_ROUTE_TOKENS = 4
+FUSED_MOE_ROWS = 16  # above it grouped GEMMs win (bench/moe.py)
+FUSED_SHARED_TOKENS = 16  # past one 16-row block a shared expert's weights would be read once a block

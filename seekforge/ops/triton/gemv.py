@@ -1,0 +1,264 @@
+"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps (`gemv`), MLA's absorbed
+per-head products (`head_gemv`), and a block's input norm with MLA's two input projections in one launch
+(`norm_gemv`).
+
+At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernels for that case use too few programs
+to keep the GPU's memory busy. Here each program reads BLOCK_N whole weight rows, one BLOCK_K slice after another,
+for all the rows of x at once, so the grid has thousands of programs with their loads in flight. Not everywhere:
+cuBLAS reads some shapes (the dense MLP's) as fast, so each shape keeps the faster of its tuned tile and cuBLAS
+(`seekforge.ops.triton.tuning`; `choice` says which). `norm_gemv` tunes its tile the same way; it has no library
+kernel to weigh against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+import triton.language as tl
+
+from seekforge.errors import ConfigError
+from seekforge.ops.triton.pdl import wait_for_inputs
+from seekforge.ops.triton.tuning import (GemvConfig, capturing, default_config, fastest, launch_tiled, tile_of, tuned,
+                                         weight_copies)
+
+
+@triton.jit
+def gemv_tile(x_ptr, w_ptr, y_ptr, b, pid_n, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn,
+              stride_wk, stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PDL: tl.constexpr):
+    """y[:, b, pid_n * BLOCK_N + (0 .. BLOCK_N)] = x[:, b] W[b]^T for those columns. The first weight slice is
+    requested before waiting on the kernel that writes x (`seekforge.ops.triton.pdl`)."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_at = x_ptr + b * stride_xb + rows[:, None] * stride_xm
+    w_ptr += b * stride_wb
+    w = weight_slice(w_ptr, cols, 0, N, K, stride_wn, stride_wk, BLOCK_K)
+    wait_for_inputs(PDL)
+    acc = _times_x(w, x_at, rows, 0, M, K, stride_xk, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _times_x(weight_slice(w_ptr, cols, k0, N, K, stride_wn, stride_wk, BLOCK_K), x_at, rows, k0, M, K,
+                        stride_xk, BLOCK_K)
+    tl.store(y_ptr + b * stride_yb + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _times_x(w, x_at, rows, k0, M, K, stride_xk, BLOCK_K: tl.constexpr):
+    """x's rows (their starts x_at [BLOCK_M, 1]) over columns k0 .. k0 + BLOCK_K times the weight slice w
+    [BLOCK_N, BLOCK_K]: [BLOCK_M, BLOCK_N] in fp32, each slice reduced at once (registers do not grow with M)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_at + ks[None, :] * stride_xk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_wb, stride_wn, stride_wk,
+          stride_ym, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PDL: tl.constexpr):
+    gemv_tile(x_ptr, w_ptr, y_ptr, tl.program_id(1), tl.program_id(0), M, N, K, stride_xm, stride_xb, stride_xk,
+              stride_wb, stride_wn, stride_wk, stride_ym, stride_yb, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
+
+
+GEMV_ROWS = 4  # rows of x up to which one pass over the weight takes them all
+_INTERPRETED = triton.knobs.runtime.interpret  # read once: torch.compile cannot trace the lookup
+
+
+_gemv_tuned = tuned(_gemv, ["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] with at most GEMV_ROWS rows in all, weight [N, K] of x's dtype -> x W^T [..., N], accumulated
+    in fp32 (as F.linear without bias). `config` replaces the shape's tuned tile (benchmarks)."""
+    *lead, k = x.shape
+    rows = x.numel() // k if k else 0
+    if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype or rows > GEMV_ROWS:
+        raise ConfigError(f"gemv wants x [..., K] with at most {GEMV_ROWS} rows and weight [N, K] of x's dtype; got "
+                          f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    return _launch(x.reshape(rows, 1, k), weight.unsqueeze(0), config).view(*lead, weight.shape[0])
+
+
+def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """Per head: x [n, h, K] with n <= GEMV_ROWS, weight [h, N, K] of x's dtype, any strides -> [n, h, N],
+    torch.einsum("nhk,hjk->nhj", x, weight) (MLA's absorbed products of a small decode step)."""
+    if (x.dim() != 3 or weight.dim() != 3 or x.shape[0] > GEMV_ROWS or weight.shape[0] != x.shape[1]
+            or weight.shape[2] != x.shape[2] or weight.dtype != x.dtype):
+        raise ConfigError(f"head_gemv wants x [n <= {GEMV_ROWS}, h, K] and weight [h, N, K] of x's dtype; got "
+                          f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    return _launch(x, weight, config)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) -> torch.Tensor:
+    if x.numel() == 0 or weight.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
+    if config is None and _INTERPRETED:
+        config = default_config(weight)
+    return launch_gemv(x, weight, None if config is None else tile_of(config, x.shape[2]))
+
+
+
+# An opaque op to torch.compile, as the MoE and cache kernels are: a compiled decode block stays one graph.
+@torch.library.custom_op("seekforge::gemv", mutates_args=())
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+    """x [M, B, K], weight [B, N, K], any strides -> y [M, B, N] with y[:, b] = x[:, b] weight[b]^T. tile:
+    [BLOCK_N, BLOCK_K, warps]; None: the shape's tuned tile, or cuBLAS where that was faster (`choice`)."""
+    if tile is not None:
+        return _run(x, weight, tile)
+    key = _shape_key(x, weight)
+    if key not in _CHOICE and capturing():  # no timing inside a graph being captured
+        return _run(x, weight, tile_of(default_config(weight), x.shape[2]))
+    if key not in _CHOICE:  # the shape's first call: the tile tuned, then timed beside cuBLAS
+        copies = weight_copies(weight)
+        _CHOICE[key] = fastest({"triton": lambda: [_run(x, w, None) for w in copies],
+                                "cublas": lambda: [_cublas(x, w) for w in copies]})
+    return _run(x, weight, None) if _CHOICE[key] == "triton" else _cublas(x, weight)
+
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
+    m, batch, k = x.shape
+    n = weight.shape[1]
+    y = x.new_empty(m, batch, n)
+    args = (x, weight, y, m, n, k, x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+            weight.stride(2), y.stride(0), y.stride(1))
+    launch_tiled(_gemv, _gemv_tuned, lambda block_n: (triton.cdiv(n, block_n), batch), args,
+                  {"BLOCK_M": triton.next_power_of_2(m)}, tile, ("gemv", *_shape_key(x, weight)),
+                  tile_of(default_config(weight), k))
+    return y
+
+
+def _cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the model runs without this kernel: F.linear for one weight, the per-head einsum for a batch; laid out
+    as the op's fake says (contiguous), which the compiled graph around it asserts."""
+    if weight.shape[0] == 1:
+        return F.linear(x[:, 0], weight[0]).unsqueeze(1)
+    return torch.einsum("mbk,bnk->mbn", x, weight).contiguous()  # the batched GEMM writes [B, M, N]
+
+
+def _shape_key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return (*x.shape, *weight.shape[1:], x.dtype, *weight.stride(), x.device)
+
+
+_CHOICE: dict[tuple, str] = {}  # shape key -> "triton" or "cublas", the faster on the shape's first call
+
+
+def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """What `gemv(x, weight)` (weight 2-D) or `head_gemv(x, weight)` (3-D) runs for this shape, "triton" or
+    "cublas", once it has been called; None before."""
+    if weight.dim() == 2:
+        x, weight = x.reshape(-1, 1, x.shape[-1]), weight.unsqueeze(0)
+    return _CHOICE.get(_shape_key(x, weight))
+
+
+@triton.jit
+def _normed_rows(x_ptr, g_ptr, w_ptr, y_ptr, M, N, K, eps, stride_xm, stride_wn, stride_ym, col0,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y[:, col0 : col0 + BLOCK_N] = RMSNorm(x) W^T for one program, rounding as the model's RMSNorm does. (Requesting
+    the first weight slice before the norm's statistics, and reading x's slice once, measured slower.)"""
+    rows = tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    x_at = x_ptr + rows[:, None] * stride_xm
+    wait_for_inputs(PDL)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # x is a few KB, read again from L2 below
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
+        squares += tl.sum(x * x, axis=1)
+    rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_at + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+        xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+        xn = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
+        w = weight_slice(w_ptr, cols, k0, N, K, stride_wn, 1, BLOCK_K)
+        acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def weight_slice(w_ptr, cols, k0, N, K, stride_wn, stride_wk, BLOCK_K: tl.constexpr):
+    """Rows `cols` (of N) of a weight [N, K], columns k0 .. k0 + BLOCK_K; zeros past its edges."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
+                   mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps, stride_xm, stride_wa, stride_wb,
+                stride_ya, stride_yb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr):
+    """The programs of both weights in one grid: the first cdiv(NA, BLOCK_N) take wa's rows, the rest wb's."""
+    pid = tl.program_id(0)
+    programs_a = tl.cdiv(NA, BLOCK_N)
+    if pid < programs_a:
+        _normed_rows(x_ptr, g_ptr, wa_ptr, ya_ptr, M, NA, K, eps, stride_xm, stride_wa, stride_ya, pid * BLOCK_N,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL)
+    else:
+        _normed_rows(x_ptr, g_ptr, wb_ptr, yb_ptr, M, NB, K, eps, stride_xm, stride_wb, stride_yb,
+                     (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
+
+
+_norm_gemv2_tuned = tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
+
+
+def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor,
+              wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] with at most GEMV_ROWS rows -> (RMSNorm(x) wa^T, RMSNorm(x) wb^T), RMSNorm as
+    `seekforge.model.norm.RMSNorm` computes it (weight norm_weight, eps): a block's input norm and the two
+    projections that read its output (MLA's wq or wq_a, and wkv_a) in one launch, which reads x and the two
+    weights once. Weights [N, K] with K contiguous, all of x's dtype."""
+    *lead, k = x.shape
+    rows = x.numel() // k if k else 0
+    if (rows > GEMV_ROWS or norm_weight.shape != (k,) or any(w.dim() != 2 or w.shape[1] != k or w.stride(1) != 1
+                                                               for w in (wa, wb))
+            or len({x.dtype, norm_weight.dtype, wa.dtype, wb.dtype}) != 1):
+        raise ConfigError(f"norm_gemv wants x [..., K] with at most {GEMV_ROWS} rows, norm_weight [K] and weights "
+                          f"[N, K] (K contiguous), all of one dtype; got x {tuple(x.shape)} {x.dtype}, norm_weight "
+                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}, weights {tuple(wa.shape)} {wa.dtype} and "
+                          f"{tuple(wb.shape)} {wb.dtype}")
+    ya, yb = launch_norm_gemv(x.reshape(rows, k), norm_weight, eps, wa, wb,
+                              tile_of(default_config(wa), k) if _INTERPRETED else None)
+    return ya.view(*lead, wa.shape[0]), yb.view(*lead, wb.shape[0])
+
+
+@torch.library.custom_op("seekforge::norm_gemv", mutates_args=())
+def launch_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor, wb: torch.Tensor,
+                     tile: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K contiguous) -> (y_a [M, NA], y_b [M, NB]); tile as `launch_gemv` takes it (None: tuned)."""
+    x = x.contiguous()  # a few KB: the kernel then needs one row stride
+    m, k = x.shape
+    ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
+    if m == 0 or k == 0:
+        return ya.zero_(), yb.zero_()
+    args = (x, norm_weight, wa, wb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
+            wb.stride(0), ya.stride(0), yb.stride(0))
+    launch_tiled(_norm_gemv2, _norm_gemv2_tuned,
+                  lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
+                  {"BLOCK_M": triton.next_power_of_2(m)}, tile,
+                  ("norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), tile_of(default_config(wa), k))
+    return ya, yb
+
+
+@launch_norm_gemv.register_fake
+def _(x, norm_weight, eps, wa, wb, tile):
+    return x.new_empty(x.shape[0], wa.shape[0]), x.new_empty(x.shape[0], wb.shape[0])
+
+
+
+
+def last_tuned_tile() -> GemvConfig | None:
+    """The tile the latest tuned launch ran (benchmarks report it)."""
+    cfg = _gemv_tuned.best_config if hasattr(_gemv_tuned, "best_config") else None
+    return None if cfg is None else GemvConfig(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_warps)
+
+
+@launch_gemv.register_fake
+def _(x, weight, tile) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
+
+
+__all__ = ["GEMV_ROWS", "choice", "gemv", "gemv_tile", "head_gemv", "last_tuned_tile", "norm_gemv", "weight_slice"]
