@@ -57,6 +57,8 @@ class Outputs:
             if lp is not None:
                 seq.logprobs.append(lp)
                 seq.cumulative_logprob += lp.logprob
+            if seq.matcher is not None:
+                seq.matcher.accept(tok)
             reason = self._stop_reason(seq, tok)
             if reason is not None:
                 return reason
@@ -66,6 +68,8 @@ class Outputs:
         """Whether seq stops at `tok`, its newest known token (tokens still pending after it do not count)."""
         p = seq.params
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.finished:
             return "stop"
         if p.stop and self._stop_string(seq):
             return "stop"

@@ -58,6 +58,8 @@ class Sequence:
         # speculative decoding: drafts for the next step and the distributions they were drawn from
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] or None when greedy
+        # this sequence's state under its request's constraint (None: unconstrained)
+        self.matcher = request.params.constraint.start() if request.params.constraint is not None else None
         # outputs
         self.logprobs: list[Logprob] = []
         self.cumulative_logprob = 0.0

@@ -8,6 +8,7 @@ import itertools
 
 import torch
 
+from seekforge.engine.constraint import mask_rows
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk
 from seekforge.engine.sampler import Row, compute_logprobs, make_batch
@@ -84,7 +85,9 @@ class Step:
         if not sampling:
             return {}, None
         batch = make_batch(rows, self.cfg.vocab_size, logits.device)
-        verified = verify(logits, batch, first_rows, [seqs[i] for i in sampling])
+        constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
+        masked = mask_rows(logits, *map(list, zip(*constrained))) if constrained else logits
+        verified = verify(masked, batch, first_rows, [seqs[i] for i in sampling])
         if batch.max_logprobs is not None:
             emitted_rows = [r for v in verified for r in v.rows]
             tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)

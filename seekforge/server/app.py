@@ -215,7 +215,7 @@ def _validation_error(errors: list[dict]) -> APIError:
     return APIError(400, "invalid request: " + "; ".join(parts[:3]), param=_param(first["loc"]) or None)
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _param(loc) -> str:

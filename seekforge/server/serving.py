@@ -24,8 +24,10 @@ from seekforge.server.engine_loop import EngineFailure, EngineLoop, Generation
 from seekforge.server.protocol import (
     APIError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
     ChatLogprobs, ChatResponseMessage, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    PromptTokensDetails, TokenLogprob, TopLogprob, Usage, bad_request,
+    DeltaFunctionCall, DeltaToolCall, NamedToolChoice, PromptTokensDetails, ResponseFunctionCall, ResponseToolCall,
+    TokenLogprob, TopLogprob, Usage, bad_request,
 )
+from seekforge.server.tool_calls import CallDelta, ToolCallParser, forced_call_tag
 from seekforge.reasoning import ReasoningParser, prompt_opens_reasoning
 
 _MIN_LOGPROB = -9999.0  # what OpenAI reports for an impossible token; JSON has no -inf
@@ -54,6 +56,17 @@ class OpenAIServing:
     def __init__(self, engine: EngineLoop, config: ServerConfig):
         self.engine = engine
         self.config = config
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The grammar compiler of the served model (seekforge.engine.grammar), made on first use."""
+        if self._grammars is None:
+            from seekforge.engine.grammar import Grammars
+
+            llm = self.engine.llm
+            self._grammars = Grammars(llm.tokenizer, llm.cfg.vocab_size, llm.eos_ids)
+        return self._grammars
 
     # ------------------------------------------------------------------ shared checks
     def _check_model(self, name: str) -> None:
@@ -70,7 +83,7 @@ class OpenAIServing:
                               "can be served")
         return tok
 
-    def _sampling(self, req, prompts: list[list[int]]) -> SamplingParams:
+    def _sampling(self, req, prompts: list[list[int]], constraint=None) -> SamplingParams:
         max_len = self.engine.llm.max_model_len
         longest = max(len(p) for p in prompts)
         asked = req.requested_max_tokens
@@ -93,7 +106,7 @@ class OpenAIServing:
         if kwargs.get("top_k", 0) >= self.engine.llm.cfg.vocab_size:
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all
         try:
-            return SamplingParams(**kwargs, max_tokens=asked, logprobs=req.logprobs_k)
+            return SamplingParams(**kwargs, max_tokens=asked, logprobs=req.logprobs_k, constraint=constraint)
         except ConfigError as err:
             raise bad_request(str(err)) from None
 
@@ -135,11 +148,12 @@ class OpenAIServing:
         req.check()
         self._check_model(req.model)
         tok = self._tokenizer
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        messages = [_template_message(m) for m in req.messages]
         thinking = req.chat_template_kwargs.thinking if req.chat_template_kwargs else False
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.calls_tools else None
 
         def render() -> tuple[str, list[int]]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking, tools=tools)
             return text, tok.encode(text)
 
         try:
@@ -147,7 +161,7 @@ class OpenAIServing:
         except ConfigError as err:
             raise bad_request(str(err), "messages") from None
         opened = prompt_opens_reasoning(text)
-        params = self._sampling(req, [ids])
+        params = self._sampling(req, [ids], await self._chat_constraint(req))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await self._start([ids], params, rid, arrival)
         created = int(time.time())
@@ -165,12 +179,36 @@ class OpenAIServing:
         for c in out.outputs:
             parser = ReasoningParser(opened)
             reasoning, content = parser.parse(c.text or "")
-            message = ChatResponseMessage(content=content if content or not parser.saw_reasoning else None,
-                                          reasoning_content=reasoning if parser.saw_reasoning else None)
+            calls = []
+            if req.calls_tools:
+                content, calls = ToolCallParser().parse(content)
+            message = ChatResponseMessage(
+                content=content if content or not (parser.saw_reasoning or calls) else None,
+                reasoning_content=reasoning if parser.saw_reasoning else None,
+                tool_calls=[ResponseToolCall(id=call.id, function=ResponseFunctionCall(
+                    name=call.name, arguments=call.arguments)) for call in calls] or None)
             logprobs = self._chat_logprobs(c.logprobs, as_ids) if c.logprobs is not None else None
-            choices.append(ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason, logprobs=logprobs))
+            choices.append(ChatChoice(index=c.index, message=message, finish_reason=_finish(c.finish_reason, calls),
+                                      logprobs=logprobs))
         return json_response(ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
                                             usage=self._usage(gen, finals)))
+
+    async def _chat_constraint(self, req: ChatCompletionRequest):
+        """The grammar a chat request decodes under: a forced tool call (tool_choice required or naming a
+        function), else none. Compiled off the event loop."""
+        if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            if isinstance(req.tool_choice, NamedToolChoice):
+                tools = [t for t in tools if t["function"]["name"] == req.tool_choice.function.name]
+            tag = forced_call_tag(tools, parallel=req.parallel_tool_calls and req.tool_choice == "required")
+            return await self._compile(lambda: self.grammars.structural_tag(tag), "tools")
+        return None
+
+    async def _compile(self, make, param: str):
+        try:
+            return await run_in_threadpool(make)
+        except ConfigError as err:
+            raise bad_request(str(err), param) from None
 
     def _chat_logprobs(self, logprobs: list[Logprob], as_ids: bool) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
@@ -192,6 +230,7 @@ class OpenAIServing:
                 index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]))
 
         parsers = [ReasoningParser(opened) for _ in range(n)]
+        tool_parsers = [ToolCallParser() for _ in range(n)]
         sent_logprobs = [0] * n
         finished = [False] * n
         for i in range(n):
@@ -206,14 +245,24 @@ class OpenAIServing:
                     r2, c2 = parsers[c.index].finish()
                     reasoning, content = reasoning + r2, content + c2
                     finished[c.index] = True
+                calls: list[CallDelta] = []
+                if req.calls_tools:
+                    tools = tool_parsers[c.index]
+                    content, calls = tools.feed(content)
+                    if c.finish_reason is not None:
+                        c2, calls2 = tools.finish()
+                        content, calls = content + c2, calls + calls2
                 logprobs = None
                 if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
                     logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
                                                    req.return_tokens_as_token_ids)
                     sent_logprobs[c.index] = len(c.logprobs)
-                if reasoning or content or logprobs or c.finish_reason:
-                    yield chunk(c.index, ChatDelta(reasoning_content=reasoning or None, content=content or None),
-                                c.finish_reason, logprobs)
+                if reasoning or content or calls or logprobs or c.finish_reason:
+                    delta = ChatDelta(reasoning_content=reasoning or None, content=content or None, tool_calls=[
+                        DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                      function=DeltaFunctionCall(name=d.name, arguments=d.arguments))
+                        for d in calls] or None)
+                    yield chunk(c.index, delta, _finish(c.finish_reason, tool_parsers[c.index].calls), logprobs)
 
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, arrival: float) -> Response:
@@ -282,6 +331,24 @@ class OpenAIServing:
                 if c.delta_text or logprobs or c.finish_reason:
                     yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
                         index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
+
+
+def _template_message(m) -> dict:
+    """A request message as the chat template reads it (OpenAI's field names; content None on a turn that
+    only calls tools)."""
+    out = {"role": "system" if m.role == "developer" else m.role,
+           "content": None if m.role == "assistant" and m.content is None and m.tool_calls else m.text}
+    if m.role == "assistant" and m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _finish(reason: str | None, calls: list) -> str | None:
+    """OpenAI's finish reason: an answer that ended by itself after calling tools ends with "tool_calls"."""
+    return "tool_calls" if reason == "stop" and calls else reason
 
 
 async def _collect(gen: Generation) -> dict[int, RequestOutput]:
