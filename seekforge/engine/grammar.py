@@ -83,7 +83,7 @@ class Grammars:
     def json_schema(self, schema: dict[str, Any]) -> GrammarConstraint:
         """Output that is one JSON value matching `schema` (JSON Schema), written compactly."""
         try:
-            compiled = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            compiled = self.compiler.compile_json_schema(json.dumps(_strict_strings(schema)), any_whitespace=False)
         except (RuntimeError, ValueError) as err:  # xgrammar names what it cannot handle
             raise ConfigError(f"the JSON schema cannot be compiled into a grammar ({_first_line(err)}): "
                               f"simplify the schema") from None
@@ -101,6 +101,26 @@ class Grammars:
             raise ConfigError(f"the tools' parameters cannot be compiled into a grammar ({_first_line(err)}): "
                               f"simplify their JSON schemas") from None
         return GrammarConstraint(compiled)
+
+
+# xgrammar writes a string with minLength/maxLength as any characters but quote, backslash and newlines, raw
+# control characters included, which JSON forbids; as a pattern of plain characters it stays valid JSON.
+_PLAIN = '[^\\x00-\\x1f"\\\\]'
+
+
+def _strict_strings(schema):
+    """`schema` with each length-bounded string (no pattern or format of its own) written as a pattern of
+    characters that JSON allows unescaped, which keeps the bounds."""
+    if isinstance(schema, list):
+        return [_strict_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict_strings(v) for k, v in schema.items()}
+    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
+            and "pattern" not in out and "format" not in out):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_PLAIN}{{{low},{high}}}$"
+    return out
 
 
 def _first_line(err: Exception) -> str:

@@ -65,8 +65,28 @@ TokenId = Annotated[Int, Field(ge=0)]
 Nothing = Annotated[list[Any], Field(max_length=0)]  # the neutral value of a list field we cannot honour
 
 
-class ResponseFormat(_Request):
+class TextFormat(_Request):
     type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchema(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+# structured output: json_object and json_schema constrain decoding so that the answer parses (and validates)
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
 
 
 class StreamOptions(_Request):
@@ -220,6 +240,9 @@ class ChatCompletionRequest(_SamplingFields):
                               f"among the tools ({', '.join(names)})", "tool_choice")
         if len(set(names)) < len(names):
             raise bad_request("two tools have the same function name: give each its own", "tools")
+        if self.forces_tool_call and self.response_format is not None and self.response_format.type != "text":
+            raise bad_request("a forced tool call (tool_choice required or a named function) and a JSON "
+                              "response_format cannot both shape the answer: give one of them", "response_format")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
             raise bad_request(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
@@ -234,6 +257,10 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def calls_tools(self) -> bool:

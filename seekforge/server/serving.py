@@ -195,8 +195,13 @@ class OpenAIServing:
 
     async def _chat_constraint(self, req: ChatCompletionRequest):
         """The grammar a chat request decodes under: a forced tool call (tool_choice required or naming a
-        function), else none. Compiled off the event loop."""
-        if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+        function), JSON (response_format json_object or json_schema), else none. Compiled off the event loop."""
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            return await self._compile(lambda: self.grammars.json_schema(fmt.json_schema.schema_), "response_format")
+        if fmt is not None and fmt.type == "json_object":
+            return await self._compile(self.grammars.json_object, "response_format")
+        if req.forces_tool_call:
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
             if isinstance(req.tool_choice, NamedToolChoice):
                 tools = [t for t in tools if t["function"]["name"] == req.tool_choice.function.name]
