@@ -403,7 +403,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 3}, 400, "max_waiting"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop": ""}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stop_token_ids": [100000]}, 400, "stop_token_ids"),

@@ -28,6 +28,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first completion)
+    prompt_logprobs: list[Logprob | None] | None = None  # per prompt token (the first None), when asked for
 
     # The first completion's fields, for the common n = 1 case.
     @property
@@ -125,4 +126,4 @@ class Outputs:
             outs.append(CompletionOutput(seq.index, ids, text, seq.finish_reason, list(seq.logprobs) if want else None,
                                          seq.cumulative_logprob if want else None, delta_ids, delta_text or ""))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_prompt_tokens)
+                             req.seqs[0].num_cached_prompt_tokens, req.prompt_logprobs)

@@ -33,6 +33,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1 = off
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus the top k
     skip_special_tokens: bool = True
     # which tokens each sequence may take next (structured output, forced tool calls; seekforge.engine.constraint)
     constraint: Constraint | None = None
@@ -76,6 +77,8 @@ class SamplingParams:
             raise ConfigError(f"sampling: seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None:
             integer("logprobs", 0)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", 0)
         if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
             raise ConfigError(f"sampling: constraint must have a start() method giving each sequence its state "
                               f"(seekforge.engine.constraint), got {type(self.constraint).__name__}")

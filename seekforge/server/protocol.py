@@ -275,9 +275,9 @@ Prompt = NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | \
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: Int | None = Field(default=16, ge=1)
+    max_tokens: Int | None = Field(default=16, ge=0)  # 0 (with echo): score the prompt, generate nothing
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt opens each choice's text (and its logprobs, with the prompt tokens')
     suffix: Annotated[str, Field(max_length=0)] | None = None
     best_of: Int | None = Field(default=None, ge=1)
 
@@ -285,6 +285,10 @@ class CompletionRequest(_SamplingFields):
         super().check()
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"best_of ({self.best_of}) different from n ({self.n}) is not supported", "best_of")
+        if self.echo and self.stream:
+            raise bad_request("echo is not supported with stream: send stream false", "echo")
+        if self.max_tokens == 0 and self.stream:
+            raise bad_request("max_tokens 0 generates nothing to stream: send stream false", "max_tokens")
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -400,8 +404,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

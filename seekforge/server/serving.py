@@ -84,6 +84,8 @@ class OpenAIServing:
         return tok
 
     def _sampling(self, req, prompts: list[list[int]], constraint=None) -> SamplingParams:
+        """The engine's parameters; max_tokens 0 (scoring an echoed prompt) runs one token, which the
+        answer leaves out."""
         max_len = self.engine.llm.max_model_len
         longest = max(len(p) for p in prompts)
         asked = req.requested_max_tokens
@@ -105,8 +107,10 @@ class OpenAIServing:
         kwargs = req.sampling_kwargs()
         if kwargs.get("top_k", 0) >= self.engine.llm.cfg.vocab_size:
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all
+        echo_k = req.logprobs if getattr(req, "echo", False) else None
         try:
-            return SamplingParams(**kwargs, max_tokens=asked, logprobs=req.logprobs_k, constraint=constraint)
+            return SamplingParams(**kwargs, max_tokens=max(asked, 1), logprobs=req.logprobs_k, constraint=constraint,
+                                  prompt_logprobs=echo_k)
         except ConfigError as err:
             raise bad_request(str(err)) from None
 
@@ -132,9 +136,9 @@ class OpenAIServing:
         return GenerationStream(events, gen, usage if req.include_usage_chunk else None)
 
     @staticmethod
-    def _usage(gen: Generation, finals: dict[int, RequestOutput]) -> Usage:
+    def _usage(gen: Generation, finals: dict[int, RequestOutput], generated: bool = True) -> Usage:
         prompt = sum(len(p) for p in gen.prompts)
-        completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+        completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs) if generated else 0
         cached = sum(out.num_cached_tokens for out in finals.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
@@ -293,23 +297,39 @@ class OpenAIServing:
         finally:
             gen.close()
         as_ids = req.return_tokens_as_token_ids
-        choices = [CompletionChoice(
-            index=tag * req.n + c.index, text=c.text or "", finish_reason=c.finish_reason,
-            logprobs=None if c.logprobs is None else self._completion_logprobs(c.logprobs, 0, as_ids))
-            for tag in sorted(finals) for c in finals[tag].outputs]
+        generated = req.max_tokens != 0
+        choices = []
+        for tag in sorted(finals):
+            out = finals[tag]
+            echoed = self._echo(req.prompts[tag], out) if req.echo else ("", [])
+            for c in out.outputs:
+                entries = echoed[1] + ([(lp.token_id, lp) for lp in c.logprobs or []] if generated else [])
+                choices.append(CompletionChoice(
+                    index=tag * req.n + c.index, text=echoed[0] + (c.text or "" if generated else ""),
+                    finish_reason=c.finish_reason if generated else "length",
+                    logprobs=None if c.logprobs is None else self._completion_logprobs(entries, 0, as_ids)))
         return json_response(Completion(id=rid, created=created, model=req.model, choices=choices,
-                                        usage=self._usage(gen, finals)))
+                                        usage=self._usage(gen, finals, generated)))
 
-    def _completion_logprobs(self, logprobs: list[Logprob], offset: int, as_ids: bool) -> CompletionLogprobs:
+    def _echo(self, prompt: str | list[int], out: RequestOutput) -> tuple[str, list[tuple[int, Logprob | None]]]:
+        """An echoed prompt: its text (as sent, or decoded from ids) and its tokens with their logprobs."""
+        tok = self.engine.llm.tokenizer
+        text = prompt if isinstance(prompt, str) else tok.decode(prompt) if tok is not None else ""
+        logprobs = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return text, list(zip(out.prompt_token_ids, logprobs))
+
+    def _completion_logprobs(self, entries: list[tuple[int, Logprob | None]], offset: int,
+                             as_ids: bool) -> CompletionLogprobs:
+        """Logprobs of (token, Logprob) entries; a None Logprob (an echoed prompt's first token) has none."""
         tokens, offsets = [], []
-        for lp in logprobs:
-            tokens.append(self._token_text(lp.token_id, as_ids))
+        for token_id, _ in entries:
+            tokens.append(self._token_text(token_id, as_ids))
             offsets.append(offset)
             offset += len(tokens[-1])
         return CompletionLogprobs(
-            tokens=tokens, token_logprobs=[max(lp.logprob, _MIN_LOGPROB) for lp in logprobs],
-            top_logprobs=[{self._token_text(t, as_ids): max(v, _MIN_LOGPROB) for t, v in lp.top.items()}
-                          for lp in logprobs],
+            tokens=tokens, token_logprobs=[None if lp is None else max(lp.logprob, _MIN_LOGPROB) for _, lp in entries],
+            top_logprobs=[None if lp is None else {self._token_text(t, as_ids): max(v, _MIN_LOGPROB)
+                                                   for t, v in lp.top.items()} for _, lp in entries],
             text_offset=offsets)
 
     async def _completion_stream(self, gen: Generation, req: CompletionRequest, rid: str, created: int,
@@ -327,7 +347,8 @@ class OpenAIServing:
                 logprobs = None
                 sent = sent_logprobs.get(index, 0)
                 if c.logprobs is not None and len(c.logprobs) > sent:
-                    logprobs = self._completion_logprobs(c.logprobs[sent:], offsets.get(index, 0),
+                    logprobs = self._completion_logprobs([(lp.token_id, lp) for lp in c.logprobs[sent:]],
+                                                         offsets.get(index, 0),
                                                          req.return_tokens_as_token_ids)
                     sent_logprobs[index] = len(c.logprobs)
                     offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
