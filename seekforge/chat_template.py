@@ -87,15 +87,21 @@ def compile_template(source: str) -> jinja2.Template:
                           f"use seekforge's built-in DeepSeek template") from None
 
 
-def render(source: str, messages: Sequence[Mapping], add_generation_prompt: bool, **variables) -> str:
-    """`messages` rendered by the template `source`; `variables` are the special tokens and extra keywords."""
+def render(source: str, messages: Sequence[Mapping], add_generation_prompt: bool,
+           tools: Sequence[Mapping] | None = None, **variables) -> str:
+    """`messages` rendered by the template `source`; `tools` are OpenAI tool dicts (None: no tools);
+    `variables` are the special tokens and extra keywords."""
     if isinstance(messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in messages):
         raise ConfigError("a conversation is a list of messages, each a dict with 'role' and 'content'")
-    # As in transformers, a field that is None is absent (an OpenAI assistant turn may carry content=None).
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    # As in transformers, a field that is None is absent (an OpenAI assistant turn may carry content=None),
+    # except the content of a turn that calls tools: DeepSeek-V3's template tells such a turn by
+    # `content is none`, and an absent field would make it fail.
+    messages = [{k: v for k, v in m.items() if v is not None or (k == "content" and m.get("tool_calls"))}
+                for m in messages]
     try:
-        return compile_template(source).render(messages=messages, tools=None, documents=None,
-                                               add_generation_prompt=add_generation_prompt, **variables)
+        return compile_template(source).render(messages=messages, tools=list(tools) if tools else None,
+                                               documents=None, add_generation_prompt=add_generation_prompt,
+                                               **variables)
     except jinja2.TemplateError as err:  # raise_exception, an undefined field, a sandbox refusal
         raise ConfigError(f"the chat template refused the conversation: {err}") from None
     except TypeError as err:  # e.g. it joins a string with content that is a list or a number

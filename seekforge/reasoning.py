@@ -48,7 +48,7 @@ class ReasoningParser:
                     text = text[at + len(CLOSE):]
                     self.state = "answer"
                     continue
-                keep = _partial_tag(text, CLOSE)
+                keep = partial_tag(text, CLOSE)
                 reasoning.append(text[:len(text) - keep])
                 self.pending = text[len(text) - keep:]
                 break
@@ -71,6 +71,6 @@ class ReasoningParser:
         return r1 + r2, c1 + c2
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)

@@ -39,38 +39,79 @@ _EOS_FALLBACKS = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>",
 # The other special tokens a tokenizer_config.json may name; chat templates see them as variables.
 _OTHER_SPECIAL = ("unk_token", "sep_token", "cls_token", "mask_token")
 
+# DeepSeek-V3's tool-call markers (added tokens in its vocabulary; plain text in seekforge's own tokenizers)
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+
 # seekforge's built-in chat template, DeepSeek's format, for checkpoints that bring none. System messages
 # come first (joined by a blank line), after BOS. Assistant turns before the last user message lose their
 # reasoning, as in DeepSeek-R1's template; turns after it keep it, so training data rendered with
 # add_generation_prompt=False still teaches the model to reason.
+# Tools follow DeepSeek-V3: an assistant turn's calls are written in its tool-call format, a run of tool
+# results goes between <｜tool▁outputs▁begin｜> and <｜tool▁outputs▁end｜>, and the answer after them follows
+# without a new assistant tag. V3's own template leaves describing the tools to the system prompt; this one
+# appends the tools (name, description, parameters as JSON) and the call format to it.
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='', last_user=-1) -%}"
+    "{%- set ns = namespace(system='', last_user=-1, in_tools=false) -%}"
     "{%- for m in messages -%}"
-    "{%- if m['content'] is not string -%}"
+    "{%- if not (m['content'] is string or (m['role'] == 'assistant' and m['tool_calls'] is defined"
+    " and (m['content'] is not defined or m['content'] is none))) -%}"
     "{{- raise_exception('message ' ~ loop.index0 ~ ' (' ~ m['role'] ~ ') has no string content: '"
     " ~ 'content must be a string') -}}"
     "{%- endif -%}"
     "{%- if m['role'] == 'system' -%}"
     "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}"
     "{%- elif m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
-    "{%- elif m['role'] != 'assistant' -%}"
-    "{{- raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system, user or assistant') -}}"
+    "{%- elif m['role'] not in ('assistant', 'tool') -%}"
+    "{{- raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system, user, assistant or tool') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + '## Tools\\nYou have access to the "
+    "following tools:\\n' -%}"
+    "{%- for t in tools -%}{%- set f = t['function'] if t['function'] is defined else t -%}"
+    "{%- set ns.system = ns.system + '\\n### ' + f['name'] + '\\nDescription: ' + (f['description'] or '')"
+    " + '\\n\\nParameters: ' + (f['parameters'] | tojson) + '\\n' -%}"
+    "{%- endfor -%}"
+    "{%- set ns.system = ns.system + '\\nTo call tools, answer in this format:\\n" + TOOL_CALLS_BEGIN
+    + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "NAME\\n```json\\nARGUMENTS\\n```" + TOOL_CALL_END
+    + "\\n(more calls the same way, one a line)" + TOOL_CALLS_END + "' -%}"
+    "{%- endif -%}"
     "{{- bos_token + ns.system -}}"
     "{%- for m in messages -%}"
+    "{%- if m['role'] == 'tool' -%}"
+    "{{- ('\\n' if ns.in_tools else '" + TOOL_OUTPUTS_BEGIN + "') + '" + TOOL_OUTPUT_BEGIN + "' + m['content'] + '"
+    + TOOL_OUTPUT_END + "' -}}"
+    "{%- set ns.in_tools = true -%}"
+    "{%- elif m['role'] != 'system' -%}"
+    "{%- if ns.in_tools -%}{{- '" + TOOL_OUTPUTS_END + "' -}}{%- endif -%}"
     "{%- if m['role'] == 'user' -%}"
     "{{- '" + USER + "' + m['content'] -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{%- set content = m['content'] -%}"
+    "{%- else -%}"
+    "{%- set content = m['content'] if m['content'] is string else '' -%}"
     "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
     "{%- set content = content.split('</think>')[-1] -%}"
     "{%- endif -%}"
-    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
+    "{{- ('' if ns.in_tools else '" + ASSISTANT + "') + content -}}"
+    "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}"
+    "{{- '" + TOOL_CALLS_BEGIN + "' -}}"
+    "{%- for c in m['tool_calls'] -%}"
+    "{%- set args = c['function']['arguments'] -%}"
+    "{{- ('' if loop.first else '\\n') + '" + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "' + c['function']['name']"
+    " + '\\n```json\\n' + (args if args is string else args | tojson) + '\\n```" + TOOL_CALL_END + "' -}}"
+    "{%- endfor -%}"
+    "{{- '" + TOOL_CALLS_END + "' -}}"
+    "{%- endif -%}"
+    "{{- eos_token -}}"
+    "{%- endif -%}"
+    "{%- set ns.in_tools = false -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if ns.in_tools -%}{{- '" + TOOL_OUTPUTS_END + "' -}}{%- endif -%}"
     "{%- if add_generation_prompt -%}"
-    "{{- '" + ASSISTANT + "' -}}"
+    "{{- '' if ns.in_tools else '" + ASSISTANT + "' -}}"
     "{%- if thinking is defined and thinking -%}{{- '<think>\\n' -}}{%- endif -%}"
     "{%- endif -%}"
 )
@@ -202,11 +243,12 @@ class Tokenizer:
                 **self.special_tokens}
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                            thinking: bool = False) -> str:
+                            thinking: bool = False, tools: Sequence[dict] | None = None) -> str:
         """The conversation as text, rendered by the checkpoint's chat template. `thinking` is passed (only when
         true, as transformers passes a keyword given) for DeepSeek's templates, which then open the answer
-        with <think>; templates that do not read it are unaffected."""
-        return render(self.chat_template, messages, add_generation_prompt, **self.special_tokens_map,
+        with <think>; templates that do not read it are unaffected. `tools` (OpenAI tool dicts) reach the
+        template as its `tools` variable."""
+        return render(self.chat_template, messages, add_generation_prompt, tools=tools, **self.special_tokens_map,
                       **({"thinking": True} if thinking else {}))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,

@@ -30,15 +30,16 @@ CASES = {
 }
 
 
-def hf_model(case: str, seed: int = 0):
-    """A transformers model for `case`, randomly initialised (gate biases randomised too), in float32."""
+def hf_model(case: str, seed: int = 0, **config):
+    """A transformers model for `case` (`config` over its settings), randomly initialised (gate biases
+    randomised too), in float32."""
     import transformers
 
     model_type, overrides = CASES[case]
     cls_cfg = transformers.DeepseekV3Config if model_type == "deepseek_v3" else transformers.DeepseekV2Config
     cls_model = (transformers.DeepseekV3ForCausalLM if model_type == "deepseek_v3"
                  else transformers.DeepseekV2ForCausalLM)
-    config = cls_cfg(**{**BASE, **overrides})
+    config = cls_cfg(**{**BASE, **overrides, **config})
     torch.manual_seed(seed)
     model = cls_model(config).float().eval()
     with torch.no_grad():
@@ -48,7 +49,7 @@ def hf_model(case: str, seed: int = 0):
     return model
 
 
-def save_hf(case: str, path, seed: int = 0):
-    model = hf_model(case, seed)
+def save_hf(case: str, path, seed: int = 0, **config):
+    model = hf_model(case, seed, **config)
     model.save_pretrained(path)
     return model

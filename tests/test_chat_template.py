@@ -121,6 +121,44 @@ def test_r1_template_opens_reasoning_and_drops_earlier_reasoning(base, tmp_path)
     assert prompt_opens_reasoning(text)
 
 
+# A template that reads `tools`, assistant `tool_calls` and tool results (content may be absent or None on a
+# turn that only calls tools, so transformers and seekforge render it alike)
+TOOLS_STYLE = (
+    "{{ bos_token }}{% if tools %}TOOLS:{% for t in tools %} {{ t['function']['name'] }}={{ t['function']['parameters']"
+    " | tojson }}{% endfor %}\n{% endif %}"
+    "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] or '' }}"
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}<call {{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] }}>{% endfor %}{% endif %}"
+    "{% if m['role'] == 'tool' %}<for {{ m['tool_call_id'] }}>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+def test_checkpoint_template_receives_tools_as_transformers_passes_them(base, tmp_path):
+    path = save_with(base, tmp_path, chat_template=TOOLS_STYLE)
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    text = theirs.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(TOOL_CHAT, tools=TOOLS) == text
+    assert "get_weather=" in text and "<call get_weather" in text and "<for c1>" in text
+    assert ours.apply_chat_template(TOOL_CHAT) == theirs.apply_chat_template(TOOL_CHAT, tokenize=False,
+                                                                            add_generation_prompt=True)
+
+
+def test_a_turn_that_only_calls_tools_has_content_none(base, tmp_path):
+    """DeepSeek-V3's template tells a turn that calls tools by `content is none`: the field stays, as None."""
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and m['content'] is none %}CALLS"
+                "{% elif m['role'] == 'assistant' %}TEXT{% endif %}{% endfor %}")
+    tok = Tokenizer.from_pretrained(save_with(base, tmp_path, chat_template=template))
+    assert tok.apply_chat_template(TOOL_CHAT + [{"role": "assistant", "content": "ok"}],
+                                   add_generation_prompt=False) == "CALLSTEXT"
+
+
 def test_raise_exception_is_a_config_error(base, tmp_path):
     path = save_with(base, tmp_path, chat_template=CHATML_STYLE)
     msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

@@ -140,14 +140,27 @@ def test_chat_template_matches_transformers(tok, saved, msgs, gen, thinking):
     assert hf.encode(theirs, add_special_tokens=False) == tok.encode_chat(msgs, gen, thinking)
 
 
+def test_builtin_template_renders_tools_as_transformers(tok, saved):
+    """Tools, a turn that calls them and their results: transformers renders the saved template alike."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat_template import TOOL_CHAT, TOOLS
+
+    hf = transformers.AutoTokenizer.from_pretrained(saved)
+    chat = TOOL_CHAT + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    for msgs in (TOOL_CHAT, chat):
+        theirs = hf.apply_chat_template(msgs, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert theirs == tok.apply_chat_template(msgs, tools=TOOLS)
+    assert "<｜Assistant｜><｜tool▁calls▁begin｜>" in theirs and "<｜tool▁outputs▁end｜>Sunny.<｜end▁of▁sentence｜>" in theirs
+
+
 def test_encode_chat_starts_with_one_bos(tok):
     ids = tok.encode_chat(CHATS[0])
     assert ids[0] == tok.bos_id and ids[1] != tok.bos_id and ids[-1] == tok.token_to_id(ASSISTANT)
 
 
 def test_chat_rejects_unknown_roles_and_non_string_content(tok):
-    with pytest.raises(ConfigError, match="unsupported chat role tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ConfigError, match="unsupported chat role function"):
+        tok.apply_chat_template([{"role": "function", "content": "x"}])
     for content in (None, ["a", "b"], 5):
         with pytest.raises(ConfigError, match="content must be a string"):
             tok.apply_chat_template([{"role": "user", "content": content}])

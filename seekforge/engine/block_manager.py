@@ -55,8 +55,9 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering the longest prefix of seq's tokens (full blocks only, and never the
-        whole sequence: its last token must be computed to produce logits)."""
-        if not self.enable_prefix_caching:
+        whole sequence: its last token must be computed to produce logits). None for a sequence whose
+        prompt logprobs are still to compute."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         hits, prev = [], None
         bs = self.block_size

@@ -28,6 +28,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first completion)
+    prompt_logprobs: list[Logprob | None] | None = None  # per prompt token (the first None), when asked for
 
     # The first completion's fields, for the common n = 1 case.
     @property
@@ -57,6 +58,8 @@ class Outputs:
             if lp is not None:
                 seq.logprobs.append(lp)
                 seq.cumulative_logprob += lp.logprob
+            if seq.matcher is not None:
+                seq.matcher.accept(tok)
             reason = self._stop_reason(seq, tok)
             if reason is not None:
                 return reason
@@ -66,6 +69,8 @@ class Outputs:
         """Whether seq stops at `tok`, its newest known token (tokens still pending after it do not count)."""
         p = seq.params
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.finished:
             return "stop"
         if p.stop and self._stop_string(seq):
             return "stop"
@@ -121,4 +126,4 @@ class Outputs:
             outs.append(CompletionOutput(seq.index, ids, text, seq.finish_reason, list(seq.logprobs) if want else None,
                                          seq.cumulative_logprob if want else None, delta_ids, delta_text or ""))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_prompt_tokens)
+                             req.seqs[0].num_cached_prompt_tokens, req.prompt_logprobs)

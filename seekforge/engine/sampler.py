@@ -151,22 +151,23 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False,
     return (tokens if out is None else out.copy_(tokens)), (probs if want_probs else None)
 
 
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[Logprob]:
+    """Log-probabilities under logits [R, vocab] of tokens [R], with each row's top k."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+    top_v = top_v.tolist() if k else None
+    top_i = top_i.tolist() if k else None
+    return [Logprob(tok, chosen[i], dict(zip(top_i[i], top_v[i])) if k else {}) for i, tok in enumerate(tokens.tolist())]
+
+
 def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[Logprob | None]:
     """Model log-probabilities (raw logits, before penalties and temperature) of the chosen tokens, and
     the top-k of each row that asked; None for rows that did not ask."""
     if batch.max_logprobs is None:
         return [None] * len(batch.rows)
-    logp = logits.log_softmax(dim=-1)
-    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-    top_v, top_i = (logp.topk(batch.max_logprobs, dim=-1) if batch.max_logprobs else (None, None))
-    top_v = top_v.tolist() if top_v is not None else None
-    top_i = top_i.tolist() if top_i is not None else None
     out = []
-    for i, (row, tok) in enumerate(zip(batch.rows, tokens.tolist())):
+    for row, lp in zip(batch.rows, logprobs_of(logits, tokens, batch.max_logprobs)):
         k = row.params.logprobs
-        if k is None:
-            out.append(None)
-            continue
-        top = dict(zip(top_i[i][:k], top_v[i][:k])) if k else {}
-        out.append(Logprob(tok, chosen[i], top))
+        out.append(None if k is None else Logprob(lp.token_id, lp.logprob, dict(list(lp.top.items())[:k])))
     return out

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from seekforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from seekforge.engine.constraint import Constraint
 
 
 @dataclass
@@ -29,7 +33,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1 = off
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus the top k
     skip_special_tokens: bool = True
+    # which tokens each sequence may take next (structured output, forced tool calls; seekforge.engine.constraint)
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +77,11 @@ class SamplingParams:
             raise ConfigError(f"sampling: seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None:
             integer("logprobs", 0)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", 0)
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            raise ConfigError(f"sampling: constraint must have a start() method giving each sequence its state "
+                              f"(seekforge.engine.constraint), got {type(self.constraint).__name__}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"sampling: stop must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

@@ -58,6 +58,8 @@ class Sequence:
         # speculative decoding: drafts for the next step and the distributions they were drawn from
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] or None when greedy
+        # this sequence's state under its request's constraint (None: unconstrained)
+        self.matcher = request.params.constraint.start() if request.params.constraint is not None else None
         # outputs
         self.logprobs: list[Logprob] = []
         self.cumulative_logprob = 0.0
@@ -86,6 +88,14 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether this sequence's prefill must still compute its request's prompt logprobs (then it takes
+        nothing from the prefix cache: every prompt position's logits are needed)."""
+        req = self.request
+        return self.index == 0 and req.prompt_logprobs is not None and req.num_prompt_logprobs < len(
+            req.prompt_token_ids)
+
+    @property
     def leader(self) -> Sequence | None:
         """Completions 1..n-1 of a request wait for completion 0 to prefill the prompt, then share its blocks."""
         return self.request.seqs[0] if self.index else None
@@ -102,6 +112,10 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seqs: list[Sequence] = []
+        # each prompt token's Logprob under the tokens before it (the first has none), when asked for
+        self.prompt_logprobs: list[Logprob | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
+        self.num_prompt_logprobs = 1  # positions filled (the first never is)
 
     @property
     def finished(self) -> bool:

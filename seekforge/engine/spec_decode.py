@@ -134,7 +134,10 @@ class MTPProposer:
         self.stats = SpecStats.empty(num_tokens)
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
-        """Drafts worth making for seq's next step: within the context and the token budget."""
+        """Drafts worth making for seq's next step: within the context and the token budget; none for a
+        constrained sequence (its mask is known for the next position only)."""
+        if seq.matcher is not None:
+            return 0
         left = seq.params.max_tokens - seq.num_output_tokens
         return max(0, min(self.k, max_model_len - seq.num_tokens, left - 1))
 

@@ -8,9 +8,10 @@ import itertools
 
 import torch
 
+from seekforge.engine.constraint import mask_rows
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk
-from seekforge.engine.sampler import Row, compute_logprobs, make_batch
+from seekforge.engine.sampler import Row, compute_logprobs, logprobs_of, make_batch
 from seekforge.engine.spec_decode import Catchup, verify
 
 
@@ -56,7 +57,8 @@ class Step:
         """(logits of the sampled positions, hidden states, packed step); a decode step replayed from a CUDA
         graph gives its logits only (hidden and step None)."""
         replayed = hidden = step = None
-        if self.proposer is None and len(sampling) == len(chunks):
+        prompt = [i for i, seq in enumerate(seqs) if seq.needs_prompt_logprobs]
+        if self.proposer is None and len(sampling) == len(chunks) and not prompt:
             replayed = self.runner.decode_logits(chunks)
         if replayed is not None:
             logits, self.expert_load = replayed
@@ -67,7 +69,22 @@ class Step:
             rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
             # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
             logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
+            for i in prompt:
+                self._prompt_logprobs(seqs[i], chunks[i], hidden[step.offsets[i]:step.offsets[i] + len(chunks[i].token_ids)])
         return logits, hidden, step
+
+    def _prompt_logprobs(self, seq, chunk, hidden) -> None:
+        """Record the logprobs of the prompt tokens this prefill chunk predicts: position p's logits score the
+        token at p + 1 (a recomputed chunk fills nothing twice)."""
+        req = seq.request
+        first = max(chunk.start + 1, req.num_prompt_logprobs)  # the first prompt position still to fill
+        last = min(chunk.start + len(chunk.token_ids) + 1, len(req.prompt_token_ids))  # one past the last
+        if first >= last:
+            return
+        rows = hidden[first - 1 - chunk.start:last - 1 - chunk.start]
+        targets = torch.tensor(req.prompt_token_ids[first:last], device=hidden.device)
+        req.prompt_logprobs[first:last] = logprobs_of(self.runner.logits(rows), targets, seq.params.prompt_logprobs)
+        req.num_prompt_logprobs = last
 
     def _sample(self, logits, sampling, seqs):
         """({index in the step: its verified tokens}, an iterator over the emitted tokens' logprobs)."""
@@ -84,7 +101,9 @@ class Step:
         if not sampling:
             return {}, None
         batch = make_batch(rows, self.cfg.vocab_size, logits.device)
-        verified = verify(logits, batch, first_rows, [seqs[i] for i in sampling])
+        constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
+        masked = mask_rows(logits, *map(list, zip(*constrained))) if constrained else logits
+        verified = verify(masked, batch, first_rows, [seqs[i] for i in sampling])
         if batch.max_logprobs is not None:
             emitted_rows = [r for v in verified for r in v.rows]
             tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)

@@ -215,18 +215,19 @@ def _validation_error(errors: list[dict]) -> APIError:
     return APIError(400, "invalid request: " + "; ".join(parts[:3]), param=_param(first["loc"]) or None)
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_FORMATS = ("text", "json_object", "json_schema")  # the response_format union's tags
 
 
 def _param(loc) -> str:
     """('body', 'messages', 0, 'user', 'content', 'str') -> 'messages[0].content': pydantic's union tags (type
-    names, and the message role that picks the message model) dropped."""
+    names, the message role that picks the message model, the response_format type) dropped."""
     out, previous = "", None
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif any(c in part for c in "[]-") or part in ("str", "int", "float", "bool", "none", "list", "dict") or (
-                isinstance(previous, int) and part in _ROLES):
+                isinstance(previous, int) and part in _ROLES) or (previous == "response_format" and part in _FORMATS):
             pass
         else:
             out += f".{part}" if out else part

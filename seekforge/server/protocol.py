@@ -3,7 +3,7 @@
 Requests are validated strictly (a string is not a number, a float is not an integer, NaN is not a
 number) so that a wrong type is a 400 naming the field rather than a silent coercion. Unknown fields
 are ignored, as vLLM does, so clients that send newer OpenAI fields keep working; OpenAI fields whose
-meaning we cannot honour (tools, JSON mode, logit_bias, echo, suffix) accept only their neutral value,
+meaning we cannot honour (the legacy functions, logit_bias, suffix) accept only their neutral value,
 in the schema too, and anything else is a 400 saying so (see UNSUPPORTED). Combinations that cannot be
 served are checked in `check()` methods, still as 400s.
 """
@@ -17,9 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; also the completions API's logprobs limit here
 MAX_N = 128  # OpenAI's limit for n
 # OpenAI fields this server cannot honour -> what they are for (the 400 names it)
-UNSUPPORTED = {"tools": "function calling", "tool_choice": "function calling", "functions": "function calling",
-               "function_call": "function calling", "response_format": "structured output: only type text",
-               "logit_bias": "logit bias", "echo": "echoing the prompt", "suffix": "fill-in-the-middle"}
+UNSUPPORTED = {"functions": "the legacy function calling: send tools", "function_call": "the legacy function calling: "
+               "send tool_choice", "logit_bias": "logit bias", "suffix": "fill-in-the-middle"}
 
 
 class APIError(Exception):
@@ -66,8 +65,28 @@ TokenId = Annotated[Int, Field(ge=0)]
 Nothing = Annotated[list[Any], Field(max_length=0)]  # the neutral value of a list field we cannot honour
 
 
-class ResponseFormat(_Request):
+class TextFormat(_Request):
     type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchema(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+# structured output: json_object and json_schema constrain decoding so that the answer parses (and validates)
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
 
 
 class StreamOptions(_Request):
@@ -77,6 +96,17 @@ class StreamOptions(_Request):
 class TextPart(_Request):
     type: Literal["text"]
     text: str
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # the arguments as a JSON text, as the model wrote them
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class _Message(_Request):
@@ -104,9 +134,37 @@ class UserMessage(_Message):
 class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None  # earlier answers; their reasoning is dropped by the template
+    tool_calls: list[ToolCall] | None = None
 
 
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str | list[TextPart]  # a tool's result, for the template to render
+    tool_call_id: str
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatTemplateKwargs(_Request):
@@ -165,14 +223,26 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    tools: Nothing | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
     functions: Nothing | None = None
     function_call: Literal["none"] | None = None
     response_format: ResponseFormat | None = None
 
     def check(self) -> None:
         super().check()
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise bad_request("tool_choice requires a tool: send tools, or leave tool_choice out", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise bad_request(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
+                              f"among the tools ({', '.join(names)})", "tool_choice")
+        if len(set(names)) < len(names):
+            raise bad_request("two tools have the same function name: give each its own", "tools")
+        if self.forces_tool_call and self.response_format is not None and self.response_format.type != "text":
+            raise bad_request("a forced tool call (tool_choice required or a named function) and a JSON "
+                              "response_format cannot both shape the answer: give one of them", "response_format")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
             raise bad_request(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
@@ -188,6 +258,15 @@ class ChatCompletionRequest(_SamplingFields):
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may call the tools (and its output is parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
 
 Prompt = NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | \
     Annotated[list[TokenId], Field(min_length=1)] | \
@@ -196,9 +275,9 @@ Prompt = NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | \
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: Int | None = Field(default=16, ge=1)
+    max_tokens: Int | None = Field(default=16, ge=0)  # 0 (with echo): score the prompt, generate nothing
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt opens each choice's text (and its logprobs, with the prompt tokens')
     suffix: Annotated[str, Field(max_length=0)] | None = None
     best_of: Int | None = Field(default=None, ge=1)
 
@@ -206,6 +285,10 @@ class CompletionRequest(_SamplingFields):
         super().check()
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"best_of ({self.best_of}) different from n ({self.n}) is not supported", "best_of")
+        if self.echo and self.stream:
+            raise bad_request("echo is not supported with stream: send stream false", "echo")
+        if self.max_tokens == 0 and self.stream:
+            raise bad_request("max_tokens 0 generates nothing to stream: send stream false", "max_tokens")
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -250,10 +333,34 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int  # which call of the message; its first delta carries id, type and name
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -276,6 +383,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -296,8 +404,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

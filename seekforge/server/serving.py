@@ -24,8 +24,10 @@ from seekforge.server.engine_loop import EngineFailure, EngineLoop, Generation
 from seekforge.server.protocol import (
     APIError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
     ChatLogprobs, ChatResponseMessage, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    PromptTokensDetails, TokenLogprob, TopLogprob, Usage, bad_request,
+    DeltaFunctionCall, DeltaToolCall, NamedToolChoice, PromptTokensDetails, ResponseFunctionCall, ResponseToolCall,
+    TokenLogprob, TopLogprob, Usage, bad_request,
 )
+from seekforge.server.tool_calls import CallDelta, ToolCallParser, forced_call_tag
 from seekforge.reasoning import ReasoningParser, prompt_opens_reasoning
 
 _MIN_LOGPROB = -9999.0  # what OpenAI reports for an impossible token; JSON has no -inf
@@ -54,6 +56,17 @@ class OpenAIServing:
     def __init__(self, engine: EngineLoop, config: ServerConfig):
         self.engine = engine
         self.config = config
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The grammar compiler of the served model (seekforge.engine.grammar), made on first use."""
+        if self._grammars is None:
+            from seekforge.engine.grammar import Grammars
+
+            llm = self.engine.llm
+            self._grammars = Grammars(llm.tokenizer, llm.cfg.vocab_size, llm.eos_ids)
+        return self._grammars
 
     # ------------------------------------------------------------------ shared checks
     def _check_model(self, name: str) -> None:
@@ -70,7 +83,9 @@ class OpenAIServing:
                               "can be served")
         return tok
 
-    def _sampling(self, req, prompts: list[list[int]]) -> SamplingParams:
+    def _sampling(self, req, prompts: list[list[int]], constraint=None) -> SamplingParams:
+        """The engine's parameters; max_tokens 0 (scoring an echoed prompt) runs one token, which the
+        answer leaves out."""
         max_len = self.engine.llm.max_model_len
         longest = max(len(p) for p in prompts)
         asked = req.requested_max_tokens
@@ -92,8 +107,10 @@ class OpenAIServing:
         kwargs = req.sampling_kwargs()
         if kwargs.get("top_k", 0) >= self.engine.llm.cfg.vocab_size:
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all
+        echo_k = req.logprobs if getattr(req, "echo", False) else None
         try:
-            return SamplingParams(**kwargs, max_tokens=asked, logprobs=req.logprobs_k)
+            return SamplingParams(**kwargs, max_tokens=max(asked, 1), logprobs=req.logprobs_k, constraint=constraint,
+                                  prompt_logprobs=echo_k)
         except ConfigError as err:
             raise bad_request(str(err)) from None
 
@@ -119,9 +136,9 @@ class OpenAIServing:
         return GenerationStream(events, gen, usage if req.include_usage_chunk else None)
 
     @staticmethod
-    def _usage(gen: Generation, finals: dict[int, RequestOutput]) -> Usage:
+    def _usage(gen: Generation, finals: dict[int, RequestOutput], generated: bool = True) -> Usage:
         prompt = sum(len(p) for p in gen.prompts)
-        completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+        completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs) if generated else 0
         cached = sum(out.num_cached_tokens for out in finals.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
@@ -135,11 +152,12 @@ class OpenAIServing:
         req.check()
         self._check_model(req.model)
         tok = self._tokenizer
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        messages = [_template_message(m) for m in req.messages]
         thinking = req.chat_template_kwargs.thinking if req.chat_template_kwargs else False
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.calls_tools else None
 
         def render() -> tuple[str, list[int]]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking, tools=tools)
             return text, tok.encode(text)
 
         try:
@@ -147,7 +165,7 @@ class OpenAIServing:
         except ConfigError as err:
             raise bad_request(str(err), "messages") from None
         opened = prompt_opens_reasoning(text)
-        params = self._sampling(req, [ids])
+        params = self._sampling(req, [ids], await self._chat_constraint(req))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await self._start([ids], params, rid, arrival)
         created = int(time.time())
@@ -165,12 +183,41 @@ class OpenAIServing:
         for c in out.outputs:
             parser = ReasoningParser(opened)
             reasoning, content = parser.parse(c.text or "")
-            message = ChatResponseMessage(content=content if content or not parser.saw_reasoning else None,
-                                          reasoning_content=reasoning if parser.saw_reasoning else None)
+            calls = []
+            if req.calls_tools:
+                content, calls = ToolCallParser().parse(content)
+            message = ChatResponseMessage(
+                content=content if content or not (parser.saw_reasoning or calls) else None,
+                reasoning_content=reasoning if parser.saw_reasoning else None,
+                tool_calls=[ResponseToolCall(id=call.id, function=ResponseFunctionCall(
+                    name=call.name, arguments=call.arguments)) for call in calls] or None)
             logprobs = self._chat_logprobs(c.logprobs, as_ids) if c.logprobs is not None else None
-            choices.append(ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason, logprobs=logprobs))
+            choices.append(ChatChoice(index=c.index, message=message, finish_reason=_finish(c.finish_reason, calls),
+                                      logprobs=logprobs))
         return json_response(ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
                                             usage=self._usage(gen, finals)))
+
+    async def _chat_constraint(self, req: ChatCompletionRequest):
+        """The grammar a chat request decodes under: a forced tool call (tool_choice required or naming a
+        function), JSON (response_format json_object or json_schema), else none. Compiled off the event loop."""
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            return await self._compile(lambda: self.grammars.json_schema(fmt.json_schema.schema_), "response_format")
+        if fmt is not None and fmt.type == "json_object":
+            return await self._compile(self.grammars.json_object, "response_format")
+        if req.forces_tool_call:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            if isinstance(req.tool_choice, NamedToolChoice):
+                tools = [t for t in tools if t["function"]["name"] == req.tool_choice.function.name]
+            tag = forced_call_tag(tools, parallel=req.parallel_tool_calls and req.tool_choice == "required")
+            return await self._compile(lambda: self.grammars.structural_tag(tag), "tools")
+        return None
+
+    async def _compile(self, make, param: str):
+        try:
+            return await run_in_threadpool(make)
+        except ConfigError as err:
+            raise bad_request(str(err), param) from None
 
     def _chat_logprobs(self, logprobs: list[Logprob], as_ids: bool) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
@@ -192,6 +239,7 @@ class OpenAIServing:
                 index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]))
 
         parsers = [ReasoningParser(opened) for _ in range(n)]
+        tool_parsers = [ToolCallParser() for _ in range(n)]
         sent_logprobs = [0] * n
         finished = [False] * n
         for i in range(n):
@@ -206,14 +254,24 @@ class OpenAIServing:
                     r2, c2 = parsers[c.index].finish()
                     reasoning, content = reasoning + r2, content + c2
                     finished[c.index] = True
+                calls: list[CallDelta] = []
+                if req.calls_tools:
+                    tools = tool_parsers[c.index]
+                    content, calls = tools.feed(content)
+                    if c.finish_reason is not None:
+                        c2, calls2 = tools.finish()
+                        content, calls = content + c2, calls + calls2
                 logprobs = None
                 if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
                     logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
                                                    req.return_tokens_as_token_ids)
                     sent_logprobs[c.index] = len(c.logprobs)
-                if reasoning or content or logprobs or c.finish_reason:
-                    yield chunk(c.index, ChatDelta(reasoning_content=reasoning or None, content=content or None),
-                                c.finish_reason, logprobs)
+                if reasoning or content or calls or logprobs or c.finish_reason:
+                    delta = ChatDelta(reasoning_content=reasoning or None, content=content or None, tool_calls=[
+                        DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                      function=DeltaFunctionCall(name=d.name, arguments=d.arguments))
+                        for d in calls] or None)
+                    yield chunk(c.index, delta, _finish(c.finish_reason, tool_parsers[c.index].calls), logprobs)
 
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, arrival: float) -> Response:
@@ -239,23 +297,39 @@ class OpenAIServing:
         finally:
             gen.close()
         as_ids = req.return_tokens_as_token_ids
-        choices = [CompletionChoice(
-            index=tag * req.n + c.index, text=c.text or "", finish_reason=c.finish_reason,
-            logprobs=None if c.logprobs is None else self._completion_logprobs(c.logprobs, 0, as_ids))
-            for tag in sorted(finals) for c in finals[tag].outputs]
+        generated = req.max_tokens != 0
+        choices = []
+        for tag in sorted(finals):
+            out = finals[tag]
+            echoed = self._echo(req.prompts[tag], out) if req.echo else ("", [])
+            for c in out.outputs:
+                entries = echoed[1] + ([(lp.token_id, lp) for lp in c.logprobs or []] if generated else [])
+                choices.append(CompletionChoice(
+                    index=tag * req.n + c.index, text=echoed[0] + (c.text or "" if generated else ""),
+                    finish_reason=c.finish_reason if generated else "length",
+                    logprobs=None if c.logprobs is None else self._completion_logprobs(entries, 0, as_ids)))
         return json_response(Completion(id=rid, created=created, model=req.model, choices=choices,
-                                        usage=self._usage(gen, finals)))
+                                        usage=self._usage(gen, finals, generated)))
 
-    def _completion_logprobs(self, logprobs: list[Logprob], offset: int, as_ids: bool) -> CompletionLogprobs:
+    def _echo(self, prompt: str | list[int], out: RequestOutput) -> tuple[str, list[tuple[int, Logprob | None]]]:
+        """An echoed prompt: its text (as sent, or decoded from ids) and its tokens with their logprobs."""
+        tok = self.engine.llm.tokenizer
+        text = prompt if isinstance(prompt, str) else tok.decode(prompt) if tok is not None else ""
+        logprobs = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return text, list(zip(out.prompt_token_ids, logprobs))
+
+    def _completion_logprobs(self, entries: list[tuple[int, Logprob | None]], offset: int,
+                             as_ids: bool) -> CompletionLogprobs:
+        """Logprobs of (token, Logprob) entries; a None Logprob (an echoed prompt's first token) has none."""
         tokens, offsets = [], []
-        for lp in logprobs:
-            tokens.append(self._token_text(lp.token_id, as_ids))
+        for token_id, _ in entries:
+            tokens.append(self._token_text(token_id, as_ids))
             offsets.append(offset)
             offset += len(tokens[-1])
         return CompletionLogprobs(
-            tokens=tokens, token_logprobs=[max(lp.logprob, _MIN_LOGPROB) for lp in logprobs],
-            top_logprobs=[{self._token_text(t, as_ids): max(v, _MIN_LOGPROB) for t, v in lp.top.items()}
-                          for lp in logprobs],
+            tokens=tokens, token_logprobs=[None if lp is None else max(lp.logprob, _MIN_LOGPROB) for _, lp in entries],
+            top_logprobs=[None if lp is None else {self._token_text(t, as_ids): max(v, _MIN_LOGPROB)
+                                                   for t, v in lp.top.items()} for _, lp in entries],
             text_offset=offsets)
 
     async def _completion_stream(self, gen: Generation, req: CompletionRequest, rid: str, created: int,
@@ -273,7 +347,8 @@ class OpenAIServing:
                 logprobs = None
                 sent = sent_logprobs.get(index, 0)
                 if c.logprobs is not None and len(c.logprobs) > sent:
-                    logprobs = self._completion_logprobs(c.logprobs[sent:], offsets.get(index, 0),
+                    logprobs = self._completion_logprobs([(lp.token_id, lp) for lp in c.logprobs[sent:]],
+                                                         offsets.get(index, 0),
                                                          req.return_tokens_as_token_ids)
                     sent_logprobs[index] = len(c.logprobs)
                     offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
@@ -282,6 +357,24 @@ class OpenAIServing:
                 if c.delta_text or logprobs or c.finish_reason:
                     yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
                         index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
+
+
+def _template_message(m) -> dict:
+    """A request message as the chat template reads it (OpenAI's field names; content None on a turn that
+    only calls tools)."""
+    out = {"role": "system" if m.role == "developer" else m.role,
+           "content": None if m.role == "assistant" and m.content is None and m.tool_calls else m.text}
+    if m.role == "assistant" and m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _finish(reason: str | None, calls: list) -> str | None:
+    """OpenAI's finish reason: an answer that ended by itself after calling tools ends with "tool_calls"."""
+    return "tool_calls" if reason == "stop" and calls else reason
 
 
 async def _collect(gen: Generation) -> dict[int, RequestOutput]:
