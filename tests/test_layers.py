@@ -24,6 +24,7 @@ ALLOWED = {
     "configio": {"errors"},
     "kernels": BASE,
     "model": BASE,
+    "fp8": BASE | {"model"},  # FP8 training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,
@@ -33,7 +34,7 @@ ALLOWED = {
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"kernels", "model", "tokenizer"},
     "report": BASE | {"train"},  # train.metrics: the metrics file it reads (see CYCLES_LEFT)
-    "train": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report"},
+    "train": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report", "fp8"},
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "report", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},
