@@ -83,8 +83,8 @@ def quantise_row_tiles(x: torch.Tensor, tile_of_row: torch.Tensor,
     scale per column. -> (q [m, k] e4m3, scale [n_tiles, k] fp32; scale 1 for a tile without rows).
     `grouped_row_tiles` gives tile_of_row for rows grouped by expert, whose tiles never straddle two experts."""
     xf = x.float()
-    amax = torch.zeros(n_tiles, x.shape[-1], device=x.device).index_reduce_(
-        0, tile_of_row, xf.abs(), "amax", include_self=True)
+    amax = torch.zeros(n_tiles, x.shape[-1], device=x.device).scatter_reduce_(
+        0, tile_of_row.unsqueeze(1).expand_as(xf), xf.abs(), "amax")
     scale = _scale_of(amax)
     return _to_fp8(xf, scale.index_select(0, tile_of_row)), scale
 
