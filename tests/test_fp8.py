@@ -273,3 +273,28 @@ def test_train_config_fp8(tmp_path):
     assert load_train_config("tiny", ["fp8=blockwise"]).fp8 == "blockwise"
     base = load_train_config("tiny")
     assert load_train_config("tiny", ["fp8=blockwise"]).fingerprint() == base.fingerprint()  # a resume may switch
+
+
+@pytest.mark.slow  # two short training runs: about 20 s on a busy 2-core CPU
+def test_bench_parity_runs_on_a_cpu_and_writes_its_json_and_plot(tmp_path):
+    """bench/fp8.py's CPU mode at a tiny size: both runs train on the same batches, and the reported differences
+    are those of the curves it records."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "fp8.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = {"dim": 64, "inter_dim": 64, "moe_inter_dim": 32, "n_layers": 2, "n_mtp_modules": 0}
+    out = tmp_path / "fp8.json"
+    result = bench.main(["parity", "--steps", "3", "--docs", "60", "--batch", "2", "--seq", "16", "--device", "cpu",
+                         "--model-overrides", json.dumps(model), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert (tmp_path / saved["plot"]).stat().st_size > 0
+    base, fp8 = (saved["curves"][r]["main_loss"] for r in ("none", "blockwise"))
+    assert len(base) == len(fp8) == 3
+    assert base[0] == pytest.approx(fp8[0], rel=0.02) and base != fp8  # one initialisation, one batch; FP8 differs
+    assert saved["final_rel_diff"] == pytest.approx((fp8[-1] - base[-1]) / base[-1])
+    assert result["late_mean_rel_diff"] == saved["late_mean_rel_diff"]
