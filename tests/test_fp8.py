@@ -70,6 +70,16 @@ def test_blocks_scale_each_128x128_block_of_each_matrix():
     assert torch.equal(qt.float(), q[0].t().float()) and torch.equal(st, scale[0].t())
 
 
+def test_block_scales_are_deepseek_checkpoints_weight_scale_inv():
+    """DeepSeek's FP8 checkpoints store q and weight_scale_inv with weight = q * scale_inv per 128x128 block: the
+    checkpoint loader's dequantisation (model/hf.py) reads our blocks back as ours does."""
+    from seekforge.model.hf import _dequantize_fp8
+
+    torch.manual_seed(7)
+    q, scale = quantise_blocks(torch.randn(300, 130))
+    assert torch.equal(_dequantize_fp8(q, scale, (128, 128)), dequantise_blocks(q, scale))
+
+
 def test_grouped_row_tiles_restart_at_each_expert():
     """Rows sorted by expert, counts 3, 0, 130: expert 0's rows are one tile, expert 2's 128 then 2 rows."""
     offsets = torch.tensor([3, 3, 133], dtype=torch.int32)

@@ -97,7 +97,7 @@ def _probe(device: torch.device, b_blocks: bool) -> str | None:
     for layout in (("kn",) if b_blocks else ("nk", "kn")):
         try:
             got = _scaled_mm(a, sa, b, sb, b_blocks, torch.float32, layout)
-        except (RuntimeError, NotImplementedError, TypeError) as e:
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
             errors.append(f"{layout}: {str(e).splitlines()[0]}")
             continue
         if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
