@@ -25,6 +25,7 @@ ALLOWED = {
     "configio": {"errors"},
     "ops": BASE,
     "model": BASE | {"ops"},
+    "fp8": BASE | {"model"},  # FP8 training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,
@@ -33,7 +34,7 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},
-    "train": BASE | {"model", "tokenizer", "data"},
+    "train": BASE | {"model", "tokenizer", "data", "fp8"},
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},

@@ -111,6 +111,11 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
 
+    def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+               expert_of_row: torch.Tensor) -> torch.Tensor:
+        """The grouped matmul of the three projections (`grouped_linear`); the FP8 converter replaces it."""
+        return grouped_linear(x, w, offsets, expert_of_row)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32)."""
         n, k = indices.shape
@@ -130,8 +135,8 @@ class Experts(nn.Module):
         rows = sorted_rows(x, token_of_row, row_of_pair, k)
         # the gate weight scales the SwiGLU output before the (linear) down projection: the narrower tensor
         gate_weight = weights.flatten()[order].unsqueeze(-1)
-        h = F.silu(grouped_linear(rows, w1, offsets, expert_of_row)) * grouped_linear(rows, w3, offsets, expert_of_row)
-        out_sorted = grouped_linear((h * gate_weight).to(h.dtype), w2, offsets, expert_of_row)
+        h = F.silu(self.matmul(rows, w1, offsets, expert_of_row)) * self.matmul(rows, w3, offsets, expert_of_row)
+        out_sorted = self.matmul((h * gate_weight).to(h.dtype), w2, offsets, expert_of_row)
         # each pair's row gathered back and summed over its k slots (one fused pass when compiled)
         y = pair_sums(out_sorted, token_of_row, row_of_pair, k)
         return y.to(dtype_in), counts.float()

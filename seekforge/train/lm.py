@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from seekforge.errors import ConfigError
+from seekforge.fp8.convert import check_recipe, convert_to_fp8
 from seekforge.model.moe import add_load
 from seekforge.model.transformer import ModelLoss
 from seekforge.train.balance import update_expert_bias
@@ -65,9 +66,11 @@ class LMConfig(LoopConfig):
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight
     eval_batches: int = 8
     compile: bool = False  # torch.compile each block (CUDA; see docs/BENCHMARKS.md for its training speed)
+    fp8: str = "none"  # "blockwise": the blocks' GEMMs in FP8 as DeepSeek-V3 trains (seekforge.fp8; simulated on CPU)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_recipe(self.fp8)
         for key in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{self.NAME} config: {key} must be >= 1, got {getattr(self, key)}")
@@ -77,7 +80,7 @@ class LMConfig(LoopConfig):
                               f"({phases}) exceed steps ({self.steps}); shorten the phases or raise steps")
 
     def resume_free(self) -> set[str]:
-        return super().resume_free() | {"eval_batches", "compile"}
+        return super().resume_free() | {"eval_batches", "compile", "fp8"}  # fp8: how GEMMs run, not what is stored
 
     def schedule(self) -> LRSchedule:
         hold = self.steps - self.warmup_steps - self.constant_steps - self.decay_steps - self.tail_steps
@@ -160,6 +163,7 @@ class LMTrainer(Trainer):
                                       cfg.seq_len)
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg, cfg.init_from, cfg.model_overrides).to(self.device)
+        model = convert_to_fp8(model, cfg.fp8)
         if cfg.compile:
             from seekforge.train.compile import compile_blocks
 

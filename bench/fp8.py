@@ -1,0 +1,217 @@
+"""DeepSeek-V3's blockwise FP8 training (seekforge.fp8): loss parity, and speed on a GPU.
+
+    python bench/fp8.py parity --json docs/benchmarks/fp8-parity-cpu.json   # CPU: fp32 vs simulated FP8
+    python bench/fp8.py speed --config 16b --batch 2 --seq 4096 --json out.json  # one GPU: bf16 vs FP8, compiled
+
+parity: pretraining (seekforge's trainer, the built-in data) run twice from one seed on the same batches, once
+with fp8=none and once with fp8=blockwise; reports the relative difference of the final and of the averaged late
+main loss (the last quarter of the steps), V3's claim being below 0.25%, and plots both curves (a PNG next to
+the JSON). On a CPU the baseline is fp32 and FP8 runs the simulated path (quantise, dequantise, fp32 matmul);
+on CUDA the baseline is bf16 autocast.
+
+speed: forward+backward tokens/s of the model in bf16 and with its blocks converted to FP8, both compiled
+(as bench/train.py measures, without MTP or the optimizer step), with MFU against the bf16 matmul ceiling and
+against the blockwise FP8 GEMM's ceiling, both measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceilings import ceilings, machine  # noqa: E402
+from train import _measure  # noqa: E402
+
+from seekforge.configio import atomic_write_text  # noqa: E402
+from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
+from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
+from seekforge.fp8.quant import quantise_blocks, quantise_tiles  # noqa: E402
+from seekforge.model.config import ModelConfig  # noqa: E402
+from seekforge.model.transformer import Transformer  # noqa: E402
+from seekforge.train.flops import training_flops_per_token  # noqa: E402
+
+# a model whose GEMM dimensions are multiples of 128 (whole tiles, as at scale), minutes on a 2-core CPU
+PARITY_MODEL = {"dim": 128, "inter_dim": 256, "moe_inter_dim": 128, "n_layers": 2, "n_heads": 2,
+                "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
+                "v_head_dim": 32}
+
+
+# ---------------------------------------------------------------- loss parity
+def _losses(run_dir: Path) -> list[float]:
+    from seekforge.train.metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "main_loss" in r and not r.get("skipped")]
+    return [float(r["main_loss"]) for r in sorted(records, key=lambda r: r["step"])]
+
+
+def parity(args) -> dict:
+    from seekforge.train.pretrain import load_train_config, run
+
+    steps = args.steps
+    overrides = [f"steps={steps}", f"seq_len={args.seq}", f"batch_size={args.batch}", f"lr={args.lr}",
+                 f"warmup_steps={max(1, steps // 20)}", f"constant_steps={steps // 2}",
+                 f"decay_steps={steps - max(1, steps // 20) - steps // 2}", f"final_lr={args.lr / 10}",
+                 f"eval_every={steps}", f"save_every={steps}", "eval_batches=1", "progress=false",
+                 "tensorboard=false", f"builtin_docs={args.docs}", f"device={args.device}",
+                 "model_overrides=" + json.dumps(json.loads(args.model_overrides))]
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        for recipe in ("none", "blockwise"):
+            cfg = load_train_config(args.config, [*overrides, f"fp8={recipe}"])
+            if recipe == "none":
+                from seekforge.data.corpus import build_builtin_dataset
+
+                build_builtin_dataset(data, n_docs=cfg.builtin_docs, seed=cfg.seed, vocab_size=cfg.builtin_vocab,
+                                      progress=False)
+            cfg = load_train_config(args.config, [*overrides, f"fp8={recipe}", f"data={data}",
+                                                  f"tokenizer={data / 'tokenizer'}"])
+            start = time.perf_counter()
+            run(cfg, Path(tmp) / recipe, report=False)
+            curves[recipe] = {"main_loss": _losses(Path(tmp) / recipe), "seconds": time.perf_counter() - start}
+            print(f"{recipe:10s} final main loss {curves[recipe]['main_loss'][-1]:.4f} "
+                  f"({curves[recipe]['seconds']:.0f} s)", flush=True)
+    base, fp8 = curves["none"]["main_loss"], curves["blockwise"]["main_loss"]
+    late = max(1, len(base) // 4)
+    result = {"bench": "fp8_parity", "config": args.config, "model_overrides": json.loads(args.model_overrides),
+              "steps": steps, "seq": args.seq, "batch": args.batch, "lr": args.lr, "machine": machine(
+                  torch.device(args.device if args.device != "auto" else "cpu")),
+              "baseline": "fp32" if args.device == "cpu" else "bf16 autocast (precision=auto)",
+              "late_steps": late, "curves": curves,
+              "final_rel_diff": (fp8[-1] - base[-1]) / base[-1],
+              "late_mean_rel_diff": (sum(fp8[-late:]) - sum(base[-late:])) / sum(base[-late:])}
+    print(f"relative difference FP8 vs baseline: final {result['final_rel_diff']:+.3%}, "
+          f"mean of the last {late} steps {result['late_mean_rel_diff']:+.3%} (V3: below 0.25%)")
+    return result
+
+
+def plot(result: dict, path: Path) -> Path:
+    from seekforge.report import _plot_lines
+
+    lines = []
+    for recipe, label, style in (("none", result["baseline"], "-"), ("blockwise", "FP8 blockwise", "-")):
+        losses = result["curves"][recipe]["main_loss"]
+        lines.append((label, list(range(len(losses))), losses, style))
+    return _plot_lines(path, f"main loss, {result['steps']} steps: final {result['final_rel_diff']:+.2%}, "
+                             f"late mean {result['late_mean_rel_diff']:+.2%}", "main loss", lines)
+
+
+# ---------------------------------------------------------------- speed (GPU)
+def fp8_matmul_flops(device: torch.device) -> float | None:
+    """The blockwise FP8 GEMM (1x128 tiles times 128x128 blocks) at 8192^3, FLOP/s; None where torch._scaled_mm
+    does not run it."""
+    if scaled_mm_layout(device, True) is None:
+        return None
+    n = 8192
+    a, sa = quantise_tiles(torch.randn(n, n, device=device))
+    b, sb = quantise_blocks(torch.randn(n, n, device=device))
+    from ceilings import _timed
+
+    return 2 * n**3 / _timed(lambda: blockwise_mm(a, sa, b, sb, True, torch.bfloat16), device, 10)
+
+
+def speed(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else "cuda")
+    cfg = ModelConfig.load(args.config).replace(n_mtp_modules=0)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    labels = torch.roll(tokens, -1, dims=1)
+    flops_per_token = training_flops_per_token(cfg, args.seq)
+    result = {"bench": "fp8_speed", "config": args.config, "batch": args.batch, "seq": args.seq,
+              "machine": machine(device), "ceilings": ceilings(device, torch.bfloat16),
+              "fp8_matmul_flops": fp8_matmul_flops(device), "flops_per_token": flops_per_token}
+    for recipe in ("none", "blockwise"):
+        with torch.device(device):
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                model = Transformer(cfg).train()
+            finally:
+                torch.set_default_dtype(default)
+        convert_to_fp8(model, recipe)
+        if not args.eager:
+            from seekforge.train.compile import compile_blocks
+
+            compile_blocks(model)
+
+        def step():
+            model.loss(tokens, labels).loss.backward()
+            for p in model.parameters():
+                p.grad = None
+
+        seconds = _measure(step, device, args.warmup, args.iters)
+        tps = args.batch * args.seq / seconds
+        entry = {"tokens_per_s": tps, "step_s": seconds,
+                 "mfu_bf16_ceiling": tps * flops_per_token / result["ceilings"]["matmul_flops"]}
+        if result["fp8_matmul_flops"]:
+            entry["mfu_fp8_ceiling"] = tps * flops_per_token / result["fp8_matmul_flops"]
+        if device.type == "cuda":
+            entry["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            torch.cuda.reset_peak_memory_stats()
+        result[recipe] = entry
+        print(f"fp8={recipe:10s} {tps:12.1f} tok/s  MFU {entry['mfu_bf16_ceiling']:.1%} of bf16's ceiling", flush=True)
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["speedup"] = result["blockwise"]["tokens_per_s"] / result["none"]["tokens_per_s"]
+    print(f"FP8 / bf16: {result['speedup']:.2f}x")
+    return result
+
+
+def _commit() -> str | None:
+    """The commit measured, dirty or not, where this is a git checkout."""
+    try:
+        git = ["git", "-C", str(Path(__file__).resolve().parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["parity", "speed"])
+    ap.add_argument("--config", default=None, help="parity: a train config (default tiny); speed: a model preset "
+                                                    "(default 16b)")
+    ap.add_argument("--model-overrides", default=json.dumps(PARITY_MODEL), help="parity: ModelConfig fields, JSON")
+    ap.add_argument("--steps", type=int, default=200, help="parity: optimizer steps per run")
+    ap.add_argument("--docs", type=int, default=3000, help="parity: built-in documents")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 (parity), 2 (speed)")
+    ap.add_argument("--seq", type=int, default=None, help="default: 64 (parity), 4096 (speed)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--eager", action="store_true", help="speed: without torch.compile")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write the result here (parity: and its plot, .png)")
+    args = ap.parse_args(argv)
+    is_parity = args.mode == "parity"
+    args.config = args.config or ("tiny" if is_parity else "16b")
+    args.batch = args.batch or (8 if is_parity else 2)
+    args.seq = args.seq or (64 if is_parity else 4096)
+    if is_parity and args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {**(parity(args) if is_parity else speed(args)), "commit": _commit(),
+              "command": "python bench/fp8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.json:
+        path = Path(args.json)
+        if is_parity:
+            result["plot"] = plot(result, path.with_suffix(".png")).name
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

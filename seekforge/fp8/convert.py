@@ -1,0 +1,65 @@
+"""FP8 training applied from outside the model: `convert_to_fp8` swaps the GEMMs of the transformer blocks.
+
+What DeepSeek-V3 computes in FP8 (its report, section 3.3): the linear layers of the blocks, which are MLA's
+projections (wq or wq_a/wq_b, wkv_a, wkv_b, wo), the dense and shared-expert SwiGLUs and the routed experts'
+grouped GEMMs. What it keeps in higher precision, and so does this: the embedding, the output head, every
+norm, the MoE router (its fp32 gate), attention itself (scores, softmax, values) and, outside the blocks, the
+MTP modules' eh_proj. MLA's absorbed path, which reads wkv_b's weight directly, is inference's and stays in
+the weight's precision.
+
+Only compute changes: a converted module keeps its parameters (the same tensors, fp32 masters and all), their
+names and its state dict, so checkpoints, the optimizer and Hugging Face export see no difference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seekforge.errors import ConfigError
+from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, scaled_mm_layout
+from seekforge.model.moe import Experts
+from seekforge.model.transformer import Transformer
+
+RECIPES = ("none", "blockwise")
+
+
+class FP8Linear(nn.Linear):
+    """An nn.Linear (no bias) whose forward, input-gradient and weight-gradient GEMMs run in FP8."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight)
+
+
+class FP8Experts(Experts):
+    """Routed experts whose three grouped GEMMs run in FP8."""
+
+    def matmul(self, x, w, offsets, expert_of_row):
+        return fp8_grouped_linear(x, w, offsets, expert_of_row)
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ConfigError(f"fp8 must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
+
+def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer:
+    """Converts the GEMMs of every main and MTP block in place (see the module docstring); returns the model.
+    recipe "none" leaves it as it is. Call it after moving the model to its device and before torch.compile:
+    on CUDA it settles there whether torch._scaled_mm runs the block scalings (with a warning where not)."""
+    check_recipe(recipe)
+    if recipe == "none":
+        return model
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        for module in block.modules():
+            if type(module) is nn.Linear:
+                if module.bias is not None:
+                    raise ConfigError("fp8: a linear layer with a bias cannot be converted (the blockwise recipe "
+                                      "covers bias-free layers, as DeepSeek-V3's are)")
+                module.__class__ = FP8Linear
+            elif type(module) is Experts:
+                module.__class__ = FP8Experts
+    device = next(model.parameters()).device
+    for blocks in (True, False):
+        scaled_mm_layout(device, blocks)
+    return model

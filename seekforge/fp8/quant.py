@@ -1,0 +1,110 @@
+"""DeepSeek-V3's fine-grained FP8 quantisation: e4m3 values with one fp32 scale per tile or block.
+
+- Activations and gradients: 1x128 tiles, one scale per row and 128 consecutive elements of the contracted
+  dimension (`quantise_tiles`); for the weight-gradient GEMM, whose contraction runs over the rows, 128x1
+  tiles (`quantise_row_tiles`), 128 rows of one column per scale.
+- Weights: 128x128 blocks (`quantise_blocks`), the layout of DeepSeek's checkpoints, whose
+  `weight_scale_inv` is this scale.
+
+A scale is amax / 448 (448 = e4m3's largest finite value), so a tile's largest magnitude maps onto 448 and
+value = q * scale. A tile of zeros gets scale 1 (its values are exact zeros whatever the scale). Shapes that
+are not multiples of 128 get a padded scale grid: the last tile or block is partial and its scale covers the
+elements that exist.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+BLOCK = 128
+
+
+def cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (scale broadcast to x), saturated to e4m3's range, as float8_e4m3fn."""
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _pad_last(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """x zero-padded so that its last `dims` dimensions are multiples of BLOCK."""
+    pad = []
+    for size in reversed(x.shape[-dims:]):
+        pad += [0, cdiv(size, BLOCK) * BLOCK - size]
+    return F.pad(x, pad) if any(pad) else x
+
+
+def quantise_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 tiles along the last dimension: x [..., k] -> (q [..., k] e4m3, scale [..., ceil(k / 128)] fp32)."""
+    k = x.shape[-1]
+    tiles = _pad_last(x.float(), 1).unflatten(-1, (-1, BLOCK))  # [..., k / 128, 128]
+    scale = _scale_of(tiles.abs().amax(dim=-1))
+    q = _to_fp8(tiles, scale.unsqueeze(-1)).flatten(-2)[..., :k]
+    return q, scale
+
+
+def dequantise_tiles(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`quantise_tiles`'s inverse: q [..., k] * its tile's scale, as `dtype`."""
+    k = q.shape[-1]
+    return (q.float() * scale.repeat_interleave(BLOCK, dim=-1)[..., :k]).to(dtype)
+
+
+def quantise_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks over the last two dimensions: w [..., n, k] -> (q [..., n, k] e4m3,
+    scale [..., ceil(n / 128), ceil(k / 128)] fp32). A leading dimension (experts) quantises each matrix
+    on its own."""
+    n, k = w.shape[-2:]
+    padded = _pad_last(w.float(), 2)
+    blocks = padded.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK))  # [..., n/128, 128, k/128, 128]
+    scale = _scale_of(blocks.abs().amax(dim=(-3, -1)))  # [..., n/128, k/128]
+    q = _to_fp8(blocks, scale.unsqueeze(-1).unsqueeze(-3)).flatten(-2).flatten(-3, -2)
+    return q[..., :n, :k], scale
+
+
+def dequantise_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`quantise_blocks`'s inverse: q [..., n, k] * its block's scale, as `dtype`."""
+    n, k = q.shape[-2:]
+    full = scale.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)[..., :n, :k]
+    return (q.float() * full).to(dtype)
+
+
+def quantise_row_tiles(x: torch.Tensor, tile_of_row: torch.Tensor,
+                       n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x1 tiles down the rows of x [m, k]: rows with the same tile_of_row [m] (values < n_tiles) share one
+    scale per column. -> (q [m, k] e4m3, scale [n_tiles, k] fp32; scale 1 for a tile without rows).
+    `grouped_row_tiles` gives tile_of_row for rows grouped by expert, whose tiles never straddle two experts."""
+    xf = x.float()
+    amax = torch.zeros(n_tiles, x.shape[-1], device=x.device).scatter_reduce_(
+        0, tile_of_row.unsqueeze(1).expand_as(xf), xf.abs(), "amax")
+    scale = _scale_of(amax)
+    return _to_fp8(xf, scale.index_select(0, tile_of_row)), scale
+
+
+def dequantise_row_tiles(q: torch.Tensor, scale: torch.Tensor, tile_of_row: torch.Tensor,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`quantise_row_tiles`'s inverse."""
+    return (q.float() * scale.index_select(0, tile_of_row)).to(dtype)
+
+
+def grouped_row_tiles(offsets: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """tile_of_row for rows sorted by expert (offsets [experts] = cumulative row counts): 128 consecutive rows of
+    one expert per tile, the last tile of each expert partial. The number of tiles returned is the bound
+    ceil(m / 128) + experts, which needs no host synchronisation; tiles past the used ones stay empty."""
+    m, n_experts = expert_of_row.numel(), offsets.numel()
+    offsets = offsets.long()
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    tiles = (counts + BLOCK - 1) // BLOCK
+    first_tile = tiles.cumsum(0) - tiles
+    start = offsets - counts
+    rows = torch.arange(m, device=expert_of_row.device)
+    tile_of_row = first_tile[expert_of_row] + (rows - start[expert_of_row]) // BLOCK
+    return tile_of_row, cdiv(m, BLOCK) + n_experts

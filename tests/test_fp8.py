@@ -1,0 +1,354 @@
+"""DeepSeek-V3's blockwise FP8 (seekforge.fp8): quantisation against hand-made values, the FP8 linear and grouped
+expert GEMMs with their gradients against a reference written here (dequantise, multiply in fp64), and a converted
+model's training step against the same reference patched into the model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekforge.errors import ConfigError
+from seekforge.fp8.convert import FP8Experts, FP8Linear, convert_to_fp8
+from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
+from seekforge.fp8.quant import (FP8, dequantise_blocks, dequantise_row_tiles, dequantise_tiles, grouped_row_tiles,
+                                 quantise_blocks, quantise_row_tiles, quantise_tiles)
+from seekforge.model.config import ModelConfig
+from seekforge.model.moe import Experts
+from seekforge.model.norm import RMSNorm
+from seekforge.model.transformer import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------- quantisation
+def test_tiles_round_trip_exactly_where_values_are_e4m3_times_the_scale():
+    """A row of 300 = 128 + 128 + 44: three tiles, the last partial. Each tile holds e4m3 values (whole numbers up
+    to 16, and 448 once) times a power of two, so its scale is amax / 448 = that power and the round trip is exact;
+    an all-zero tile gets scale 1."""
+    grid = torch.arange(300) % 17 - 8.0  # -8 .. 8, all e4m3 values
+    grid[5], grid[200], grid[290] = 448.0, -448.0, 448.0
+    powers = torch.tensor([0.25, 4.0, 2.0 ** -10])
+    x = (grid * powers.repeat_interleave(128)[:300]).unsqueeze(0)
+    q, scale = quantise_tiles(x)
+    assert q.dtype == FP8 and q.shape == (1, 300) and scale.shape == (1, 3)
+    assert torch.equal(scale[0], powers)
+    assert torch.equal(dequantise_tiles(q, scale), x)
+    q0, s0 = quantise_tiles(torch.zeros(2, 130))
+    assert torch.equal(s0, torch.ones(2, 2)) and torch.equal(q0.float(), torch.zeros(2, 130))
+
+
+def test_tile_scale_is_amax_over_448_and_the_error_is_e4m3_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(5, 257) * torch.logspace(-3, 3, 257)  # magnitudes spread within tiles
+    q, scale = quantise_tiles(x)
+    for t, (lo, hi) in enumerate([(0, 128), (128, 256), (256, 257)]):
+        assert torch.allclose(scale[:, t], x[:, lo:hi].abs().amax(dim=1) / 448, rtol=1e-6, atol=0)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((5,), 448.0))  # each row's largest maps to 448
+    err = (dequantise_tiles(q, scale) - x).abs()
+    tile_scale = scale.repeat_interleave(128, dim=1)[:, :257]
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative for normal values, 2^-10 absolute below 2^-6
+    assert (err <= torch.maximum(x.abs() * 2 ** -4, tile_scale * 2 ** -10) * (1 + 1e-6)).all()
+
+
+def test_blocks_scale_each_128x128_block_of_each_matrix():
+    torch.manual_seed(1)
+    w = torch.randn(2, 200, 300)
+    w[1, 130:, 260:] *= 1000  # one corner block of the second matrix much larger
+    q, scale = quantise_blocks(w)
+    assert q.shape == w.shape and scale.shape == (2, 2, 3)
+    for e in range(2):
+        for i, (r0, r1) in enumerate([(0, 128), (128, 200)]):
+            for j, (c0, c1) in enumerate([(0, 128), (128, 256), (256, 300)]):
+                block = w[e, r0:r1, c0:c1]
+                assert scale[e, i, j] == pytest.approx(float(block.abs().max()) / 448, rel=1e-6)
+                assert float(q[e, r0:r1, c0:c1].float().abs().max()) == 448.0
+    back = dequantise_blocks(q, scale)
+    assert ((back - w).abs() <= w.abs() * 2 ** -4 + scale.repeat_interleave(128, 1).repeat_interleave(128, 2)
+            [:, :200, :300] * 2 ** -10).all()
+    # a transposed matrix has the transposed blocks: the input-gradient GEMM reuses them
+    qt, st = quantise_blocks(w[0].t())
+    assert torch.equal(qt.float(), q[0].t().float()) and torch.equal(st, scale[0].t())
+
+
+def test_block_scales_are_deepseek_checkpoints_weight_scale_inv():
+    """DeepSeek's FP8 checkpoints store q and weight_scale_inv with weight = q * scale_inv per 128x128 block: the
+    checkpoint loader's dequantisation (model/hf.py) reads our blocks back as ours does."""
+    from seekforge.model.hf import _dequantize_fp8
+
+    torch.manual_seed(7)
+    q, scale = quantise_blocks(torch.randn(300, 130))
+    assert torch.equal(_dequantize_fp8(q, scale, (128, 128)), dequantise_blocks(q, scale))
+
+
+def test_grouped_row_tiles_restart_at_each_expert():
+    """Rows sorted by expert, counts 3, 0, 130: expert 0's rows are one tile, expert 2's 128 then 2 rows."""
+    offsets = torch.tensor([3, 3, 133], dtype=torch.int32)
+    expert_of_row = torch.tensor([0] * 3 + [2] * 130)
+    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+    assert torch.equal(tile_of_row, torch.tensor([0] * 3 + [1] * 128 + [2] * 2))
+    assert n_tiles >= 3
+    x = torch.randn(133, 5)
+    x[131, 4] = 100.0
+    q, scale = quantise_row_tiles(x, tile_of_row, n_tiles)
+    assert scale.shape == (n_tiles, 5)
+    assert torch.allclose(scale[0], x[:3].abs().amax(0) / 448)
+    assert torch.allclose(scale[1], x[3:131].abs().amax(0) / 448)
+    assert scale[2, 4] == 100.0 / 448
+    assert torch.equal(scale[3:], torch.ones(n_tiles - 3, 5))
+    err = (dequantise_row_tiles(q, scale, tile_of_row) - x).abs()
+    assert (err <= x.abs() * 2 ** -4 + scale.index_select(0, tile_of_row) * 2 ** -10).all()
+
+
+# ---------------------------------------------------------------- the reference GEMMs, written here
+def _q_tiles(x):
+    """x quantised in 1x128 tiles and dequantised, fp64."""
+    return dequantise_tiles(*quantise_tiles(x)).double()
+
+
+def _q_blocks(w):
+    return dequantise_blocks(*quantise_blocks(w)).double()
+
+
+def _reference_linear(x, w, dy):
+    """y, dx, dW of y = x W^T with V3's quantisation: x and dy in 1x128 tiles, W in 128x128 blocks, and for dW
+    dy and x in 128x1 tiles (1x128 tiles of their transposes)."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    y = _q_tiles(x2) @ _q_blocks(w).t()
+    dx = _q_tiles(dy2) @ _q_blocks(w)
+    dw = _q_tiles(dy2.t()) @ _q_tiles(x2.t()).t()
+    return y.view(*x.shape[:-1], w.shape[0]), dx.view(x.shape), dw
+
+
+def _reference_grouped(x, w, counts, dy):
+    """The same for routed experts, one expert at a time: rows [start, start + count) are expert e's."""
+    ys, dxs, dws, start = [], [], [], 0
+    for e, count in enumerate(counts):
+        y, dx, dw = _reference_linear(x[start:start + count], w[e], dy[start:start + count])
+        ys.append(y), dxs.append(dx), dws.append(dw)
+        start += count
+    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 300, 200), (1, 130, 128, 64)])
+def test_fp8_linear_forward_and_gradients_match_the_reference(shape):
+    *lead, k, n = shape
+    torch.manual_seed(2)
+    x = torch.randn(*lead, k, requires_grad=True)
+    w = (torch.randn(n, k) * 0.05).requires_grad_()
+    dy = torch.randn(*lead, n)
+    y = fp8_linear(x, w)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference_linear(x.detach(), w.detach(), dy)
+    for got, want in ((y, y_ref), (x.grad, dx_ref), (w.grad, dw_ref)):
+        assert got.dtype == torch.float32
+        assert _rel(got, want) < 1e-6
+    # and against the unquantised GEMMs: FP8's error, a few percent, not zero
+    y_hp = x.detach() @ w.detach().t()
+    dx_hp, dw_hp = dy @ w.detach(), dy.reshape(-1, n).t() @ x.detach().reshape(-1, k)
+    for got, want in ((y, y_hp), (x.grad, dx_hp), (w.grad, dw_hp)):
+        assert 1e-3 < _rel(got, want) < 0.06
+
+
+def test_fp8_linear_under_bf16_autocast_returns_bf16_as_nn_linear_does():
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 256, requires_grad=True), torch.randn(64, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x, w)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    y_ref, _, _ = _reference_linear(x.detach(), w.detach(), torch.ones(4, 64))
+    assert _rel(y.float(), y_ref) < 1e-2  # the reference, rounded to bf16
+
+
+def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
+    torch.manual_seed(4)
+    counts = [150, 0, 5, 140]  # an empty expert, partial row tiles, one expert over a tile boundary
+    m, k, n = sum(counts), 136, 132  # rows of 16 bytes, as torch._grouped_mm needs
+    x = torch.randn(m, k, requires_grad=True)
+    w = (torch.randn(len(counts), n, k) * 0.05).requires_grad_()
+    dy = torch.randn(m, n)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    y = fp8_grouped_linear(x, w, offsets, expert_of_row)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference_grouped(x.detach(), w.detach(), counts, dy)
+    for got, want in ((y, y_ref), (x.grad, dx_ref), (w.grad, dw_ref)):
+        assert _rel(got, want) < 1e-6
+    assert torch.equal(w.grad[1], torch.zeros(n, k))
+
+
+# ---------------------------------------------------------------- the converter
+def _tiny() -> Transformer:
+    torch.manual_seed(5)
+    cfg = ModelConfig.preset("tiny").replace(dim=192, inter_dim=160, moe_inter_dim=136, n_layers=2, vocab_size=64)
+    return Transformer(cfg)
+
+
+def test_converter_swaps_the_blocks_gemms_and_keeps_the_rest():
+    model = _tiny()
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    convert_to_fp8(model)
+    assert dict(model.named_parameters()) == params and list(model.state_dict()) == keys  # the same tensors
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    assert kinds["embed"] is nn.Embedding and kinds["head"] is nn.Linear
+    assert kinds["mtp.0.eh_proj"] is nn.Linear
+    for block in ("layers.0", "layers.1", "mtp.0.block"):
+        for proj in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
+            assert kinds[f"{block}.attn.{proj}"] is FP8Linear
+    for proj in ("w1", "w2", "w3"):
+        assert kinds[f"layers.0.ffn.{proj}"] is FP8Linear  # dense
+        assert kinds[f"layers.1.ffn.shared_experts.{proj}"] is FP8Linear
+    assert kinds["layers.1.ffn.experts"] is FP8Experts
+    assert all(kinds[n] is RMSNorm for n in kinds if n.endswith("norm"))
+    assert type(model.layers[1].ffn.gate).__name__ == "Gate"
+    assert convert_to_fp8(_tiny(), "none").layers[0].attn.wo.__class__ is nn.Linear
+
+
+def test_converter_errors():
+    with pytest.raises(ConfigError, match="fp8 must be one of none, blockwise"):
+        convert_to_fp8(_tiny(), "e5m2")
+    model = _tiny()
+    model.layers[0].attn.wo = nn.Linear(64, 192, bias=True)
+    with pytest.raises(ConfigError, match="bias"):
+        convert_to_fp8(model)
+
+
+class _ReferenceLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _reference_linear(x, w, torch.zeros(*x.shape[:-1], w.shape[0]))[0].float()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        _, dx, dw = _reference_linear(x, w, dy)
+        return dx.float(), dw.float()
+
+
+class _ReferenceGrouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        return _reference_grouped(x, w, counts, torch.zeros(x.shape[0], w.shape[1]))[0].float()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        _, dx, dw = _reference_grouped(x, w, ctx.counts, dy)
+        return dx.float(), dw.float(), None
+
+
+def test_a_converted_models_training_step_matches_the_reference(monkeypatch):
+    """Loss and every gradient of a converted model against the same model with the reference GEMMs above patched
+    into exactly the layers V3 runs in FP8; and within FP8's error of the unconverted model."""
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(6))
+    labels = tokens.roll(-1, 1)
+
+    def step(model):
+        out = model.loss(tokens, labels, mtp_weight=0.3, balance_alpha=1e-4)
+        out.loss.backward()
+        return float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_fp8, grads_fp8 = step(convert_to_fp8(_tiny()))
+    loss_hp, grads_hp = step(_tiny())
+    monkeypatch.setattr(FP8Linear, "forward", lambda self, x: _ReferenceLinear.apply(x, self.weight))
+    monkeypatch.setattr(FP8Experts, "matmul", lambda self, x, w, offsets, rows: _ReferenceGrouped.apply(x, w, offsets))
+    loss_ref, grads_ref = step(convert_to_fp8(_tiny()))
+    assert grads_fp8.keys() == grads_ref.keys() == grads_hp.keys()
+    assert loss_fp8 == pytest.approx(loss_ref, rel=1e-6)
+    # fp32 against the reference's fp64 differs by ~1e-7, except where such a difference moves a value across an
+    # e4m3 rounding boundary (a 1/16 jump in one element), which downstream gradients carry at ~1e-4
+    rels = sorted(_rel(grads_fp8[name], grads_ref[name]) for name in grads_ref)
+    assert rels[-1] < 3e-3 and rels[int(0.9 * len(rels))] < 1e-5, rels
+    assert loss_fp8 != loss_hp and loss_fp8 == pytest.approx(loss_hp, rel=1e-2)
+    for name in ("layers.0.attn.wkv_b.weight", "layers.1.ffn.experts.w2", "embed.weight", "head.weight"):
+        assert 0 < _rel(grads_fp8[name], grads_hp[name]) < 0.1, name
+
+
+def test_train_config_fp8(tmp_path):
+    from seekforge.train.pretrain import load_train_config
+
+    with pytest.raises(ConfigError, match="fp8 must be one of"):
+        load_train_config("tiny", ["fp8=fp16"])
+    assert load_train_config("tiny", ["fp8=blockwise"]).fp8 == "blockwise"
+    base = load_train_config("tiny")
+    assert load_train_config("tiny", ["fp8=blockwise"]).fingerprint() == base.fingerprint()  # a resume may switch
+
+
+@pytest.mark.slow  # two short training runs: about 20 s on a busy 2-core CPU
+def test_bench_parity_runs_on_a_cpu_and_writes_its_json_and_plot(tmp_path):
+    """bench/fp8.py's CPU mode at a tiny size: both runs train on the same batches, and the reported differences
+    are those of the curves it records."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "fp8.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = {"dim": 64, "inter_dim": 64, "moe_inter_dim": 32, "n_layers": 2, "n_mtp_modules": 0}
+    out = tmp_path / "fp8.json"
+    result = bench.main(["parity", "--steps", "3", "--docs", "60", "--batch", "2", "--seq", "16", "--device", "cpu",
+                         "--model-overrides", json.dumps(model), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert (tmp_path / saved["plot"]).stat().st_size > 0
+    base, fp8 = (saved["curves"][r]["main_loss"] for r in ("none", "blockwise"))
+    assert len(base) == len(fp8) == 3
+    assert base[0] == pytest.approx(fp8[0], rel=0.02) and base != fp8  # one initialisation, one batch; FP8 differs
+    assert saved["final_rel_diff"] == pytest.approx((fp8[-1] - base[-1]) / base[-1])
+    assert result["late_mean_rel_diff"] == saved["late_mean_rel_diff"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b_blocks", [True, False])
+def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
+    """On an sm90 GPU with a CUDA 12.9+ torch, the blockwise GEMM runs on torch._scaled_mm (shapes that need its
+    padding included) and agrees with dequantise-and-multiply; elsewhere the probe says why not."""
+    from seekforge.fp8.gemm import blockwise_mm, reference_mm, scaled_mm_layout
+
+    device = torch.device("cuda")
+    if scaled_mm_layout(device, b_blocks) is None:
+        pytest.skip("torch._scaled_mm does not run block scales here (the probe warned why)")
+    torch.manual_seed(8)
+    for m, k, n in [(4096, 2048, 1408), (37, 1408, 2048), (300, 200, 130)]:
+        a, sa = quantise_tiles(torch.randn(m, k, device=device))
+        b, sb = quantise_blocks(torch.randn(n, k, device=device)) if b_blocks else quantise_tiles(
+            torch.randn(n, k, device=device))
+        got = blockwise_mm(a, sa, b, sb, b_blocks, torch.float32)
+        assert _rel(got, reference_mm(a, sa, b, sb, b_blocks, torch.float32)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
+    torch.manual_seed(9)
+    x, w, dy = torch.randn(256, 512), torch.randn(384, 512) * 0.05, torch.randn(256, 384)
+    y_ref, dx_ref, dw_ref = _reference_linear(x, w, dy)
+    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    fp8_linear(xc, wc).backward(dy.cuda())
+    y = fp8_linear(x.cuda(), w.cuda())
+    for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+        assert _rel(got.cpu(), want) < 1e-4
+    counts = [300, 0, 212]
+    xg, wg, dyg = torch.randn(512, 256), torch.randn(3, 128, 256) * 0.05, torch.randn(512, 128)
+    y_ref, dx_ref, dw_ref = _reference_grouped(xg, wg, counts, dyg)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(counts)).cuda()
+    xc = xg.cuda().bfloat16().requires_grad_()
+    wc = wg.cuda().bfloat16().requires_grad_()
+    out = fp8_grouped_linear(xc, wc, offsets, rows)
+    out.backward(dyg.cuda().bfloat16())
+    # bf16 inputs and outputs, dequantised values rounded to bf16: bf16's error on top of FP8's
+    for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+        assert _rel(got.float().cpu(), want) < 2e-2
+    assert torch.equal(wc.grad[1].float().cpu(), torch.zeros(128, 256))  # an expert without rows
