@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from seekforge.model.mla import attend_latents, dot_product_attention
 from seekforge.model.moe import MoE, tokens_per_expert
 from seekforge.model.rope import apply_rotary
 
@@ -54,12 +55,6 @@ class PagedAttentionPlan:
         t = torch.arange(self.max_context, device=self.block_tables.device)
         return t.view(1, 1, -1) <= self.query_positions.unsqueeze(-1)
 
-    @cached_property
-    def bias(self) -> torch.Tensor:
-        """[b, s, 1, T]: 0 where visible, -inf elsewhere (the mask, added to scores)."""
-        mask = self.mask
-        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(2)
-
 
 def plan_paged_attention(block_tables: torch.Tensor, query_positions: torch.Tensor, block_size: int,
                          max_context: int) -> PagedAttentionPlan:
@@ -75,14 +70,14 @@ def store_latents(cache: torch.Tensor, slot_mapping: torch.Tensor, latents: torc
 
 def store_new_latents(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, store=store_latents) -> None:
-    """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent_from`
-    makes of it (the normalised latent, the rotary key turned by cos/sin [n, r / 2]). On CUDA one Triton launch
+    """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent` makes
+    of it (the normalised latent, the rotary key turned by cos/sin [n, r / 2]). On CUDA one Triton launch
     (`seekforge.kernels.latents`); otherwise the model's latents through `store` (`store_latents` or its op)."""
     if _fused_store_takes(attn, cache, kv_a):
         _triton("latents", "store_new_latents")(cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps,
                                                 cos, sin)
         return
-    kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    kv, k_pe = attn.latent(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     store(cache, slot_mapping, torch.cat([kv[0], k_pe[0]], dim=-1))
 
 
@@ -143,12 +138,10 @@ def paged_mla_decode_op(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttenti
 
 def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,
                                softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
-    """`paged_mla_decode` in PyTorch: gather the context densely, then two einsums. The scores are computed in fp32
-    (as the Triton kernel accumulates them): a 16-bit einsum rounds each score before the softmax."""
+    """`paged_mla_decode` in PyTorch: the context gathered densely, then the model's `attend_latents` over it."""
     ctx = gather_latents(cache, plan)  # [b, T, c + r]
-    scores = torch.einsum("bshx,btx->bsht", q.float(), ctx.float())
-    probs = torch.add(plan.bias, scores, alpha=softmax_scale).softmax(dim=-1).to(ctx.dtype)
-    return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
+    return attend_latents(q[..., :kv_lora_rank], q[..., kv_lora_rank:], ctx[..., :kv_lora_rank],
+                          ctx[..., kv_lora_rank:], plan.mask, softmax_scale)
 
 
 def _triton(module: str, name: str):
@@ -210,7 +203,7 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
     logits (`seekforge.kernels.route`, where it makes the gate's choice; `routing`, its logits of x, when
     `residual_norm` computed them already) and the fused kernels of `seekforge.kernels.moe`, which choose from them,
     also take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add
-    the residual in their last kernel; otherwise the gate and the model's grouped matmuls."""
+    the residual in their last kernel; otherwise `MoE.forward` itself."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
     if _fused_experts_take(moe, x):
         router = _triton_router(moe) if routing is None else None
@@ -232,10 +225,8 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
         if routing is not None:  # the fused kernels (or the router's select kernel) filled its choice
             indices = routing.indices
         return (y if residual is None or added else residual + y), indices, load
-    weights, indices, _ = gate(x)
-    y, load = experts(x, weights, indices)
-    y = y if shared is None else y + shared(x)
-    return (y if residual is None else residual + y), indices, load
+    y, chosen = moe(x)
+    return (y if residual is None else residual + y), chosen.indices, chosen.load
 
 
 def _fused_experts_take(moe, x: torch.Tensor) -> bool:
@@ -383,7 +374,4 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     dv = v.shape[-1]
     if pad_values and q.shape[-1] > dv:
         v = F.pad(v, (0, q.shape[-1] - dv))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=None if mask is None else mask.unsqueeze(1),
-                                         is_causal=mask is None, scale=softmax_scale)
-    return out.transpose(1, 2)[..., :dv]
+    return dot_product_attention(q, k, v, mask, softmax_scale)[..., :dv]
