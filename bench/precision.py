@@ -11,7 +11,7 @@ that checkpoint (exact upcasts of the same weights). For a batch of prompts it m
   argmax is fp32's, and the mean KL(fp32 || bf16);
 - the same error layer by layer, of each block's output and of its attention's output (after wo), for
   transformers, seekforge's model and the engine decoding eagerly;
-- free-running: each side's own greedy tokens judged by fp32 teacher-forced along
+- free-running, as the issue measured it: each side's own greedy tokens judged by fp32 teacher-forced along
   them (how often its pick was fp32's argmax).
 """
 
@@ -33,9 +33,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from engine import hf_forced  # noqa: E402
 
 from seekforge import LLM, SamplingParams  # noqa: E402
-from seekforge.engine import model_runner  # noqa: E402
 from seekforge.engine.parity import forced_logits, logit_error  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
+from seekforge.model.backend import Backend  # noqa: E402
 
 
 def hf_incremental(hf, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -50,10 +50,10 @@ def hf_incremental(hf, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     return torch.stack(rows, dim=1)
 
 
-def model_forced(model: Transformer, prompts: torch.Tensor, tokens: torch.Tensor, absorb: bool) -> torch.Tensor:
+def model_forced(model: Transformer, prompts: torch.Tensor, tokens: torch.Tensor, absorbed: bool) -> torch.Tensor:
     ids = torch.cat([prompts, tokens[:, :-1]], dim=1)
     with torch.inference_mode():
-        return model(ids, absorb=absorb)[:, -tokens.shape[1]:].float()
+        return model(ids, backend=Backend(absorbed))[:, -tokens.shape[1]:].float()
 
 
 def summary(ref: torch.Tensor, logits: torch.Tensor) -> dict:
@@ -100,12 +100,16 @@ def hf_layers(hf, prompts, tokens) -> dict[str, torch.Tensor]:
     return {k: v[0].view(b, -1, v[0].shape[-1])[:, -t:].transpose(0, 1) for k, v in store.items()}
 
 
-def model_layers(model, prompts, tokens) -> dict[str, torch.Tensor]:
-    mods = {**{f"block{i}": layer for i, layer in enumerate(model.layers)},
+def layer_modules(model: Transformer) -> dict[str, torch.nn.Module]:
+    """Each block, and its attention's output projection (wo), by the names the layer table uses."""
+    return {**{f"block{i}": layer for i, layer in enumerate(model.layers)},
             **{f"attn{i}": layer.attn.wo for i, layer in enumerate(model.layers)}}
+
+
+def model_layers(model, prompts, tokens) -> dict[str, torch.Tensor]:
     store: dict[str, list] = {}
-    with hooks(mods, store):
-        model_forced(model, prompts, tokens, absorb=False)
+    with hooks(layer_modules(model), store):
+        model_forced(model, prompts, tokens, absorbed=False)
     b, t = tokens.shape
     return {k: v[0].view(b, -1, v[0].shape[-1])[:, -t:].transpose(0, 1) for k, v in store.items()}
 
@@ -113,24 +117,9 @@ def model_layers(model, prompts, tokens) -> dict[str, torch.Tensor]:
 def engine_layers(llm, model, prompts, tokens) -> dict[str, torch.Tensor]:
     """The engine decoding eagerly (one group): each block's output and wo's, at decode steps 1 .. T - 1 (step 0 is
     the prefill, left out): [T - 1, B, dim]."""
-    b = tokens.shape[0]
     store: dict[str, list] = {}
-    real = model_runner.block_forward
-    index = {id(layer): i for i, layer in enumerate(model.layers)}
-
-    def block_forward(block, *args, **kwargs):
-        h, routed = real(block, *args, **kwargs)
-        flat = h.reshape(-1, h.shape[-1])
-        if flat.shape[0] == b:
-            store.setdefault(f"block{index[id(block)]}", []).append(flat.float().clone())
-        return h, routed
-
-    model_runner.block_forward = block_forward
-    try:
-        with hooks({f"attn{i}": layer.attn.wo for i, layer in enumerate(model.layers)}, store, rows=b):
-            forced_logits(llm, prompts.tolist(), tokens.tolist())
-    finally:
-        model_runner.block_forward = real
+    with hooks(layer_modules(model), store, rows=tokens.shape[0]):
+        forced_logits(llm, prompts.tolist(), tokens.tolist())
     return {k: torch.stack(v) for k, v in store.items()}
 
 
@@ -191,8 +180,8 @@ def main() -> None:
     forced = results["forced"]
     forced["transformers bf16, one forward"] = summary(ref, hf_forced(hf16, prompts, tokens))
     forced["transformers bf16, decoding with its cache"] = summary(ref, hf_incremental(hf16, prompts, tokens))
-    forced["seekforge model bf16, explicit MLA"] = summary(ref, model_forced(model, prompts, tokens, absorb=False))
-    forced["seekforge model bf16, absorbed MLA"] = summary(ref, model_forced(model, prompts, tokens, absorb=True))
+    forced["seekforge model bf16, explicit MLA"] = summary(ref, model_forced(model, prompts, tokens, absorbed=False))
+    forced["seekforge model bf16, absorbed MLA"] = summary(ref, model_forced(model, prompts, tokens, absorbed=True))
     results["own"]["transformers bf16"] = own_choices(hf32, prompts, hf16_own)
     print(json.dumps(forced, indent=1), flush=True)
 

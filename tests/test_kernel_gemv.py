@@ -203,7 +203,7 @@ def test_every_tile_the_tuner_can_pick_gives_the_reference(tuner_picks):
     kv_a = rand(2, cfg.kv_lora_rank + cfg.qk_rope_head_dim, scale=2.0)
     slots = torch.tensor([5, 2], device=DEVICE)
     with torch.no_grad():
-        kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+        kv, k_pe = attn.latent(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     cache_want = torch.zeros(3, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=DEVICE, dtype=HALF)
     ops.store_latents(cache_want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
     query_want = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope.float(), w_uk.float()),

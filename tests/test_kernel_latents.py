@@ -1,5 +1,5 @@
 """The Triton store of a decode step's new latents (`seekforge.ops.triton.latents`) against the model's latent
-(`MLA.latent_from`: RMSNorm, rotary) written with `store_latents`.
+(`MLA.latent`: RMSNorm, rotary) written with `store_latents`.
 
 Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
 """
@@ -44,7 +44,7 @@ def test_matches_the_models_latents_stored(n, c, r, strided):
     if strided:
         slots = torch.stack([slots, (slots + 1) % 24, (slots + 7) % 24], dim=1)[:, 0]
     want = cache.clone()
-    kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    kv, k_pe = attn.latent(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     ops.store_latents(want, slots, torch.cat([kv[0], k_pe[0]], dim=-1))
     with torch.no_grad():
         store_new_latents(cache, slots, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)

@@ -5,6 +5,7 @@ import torch
 
 import seekforge
 from hf_reference import CASES, hf_model, save_hf
+from seekforge.model.backend import Backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,8 +66,8 @@ def test_bf16_absorbed_attention_is_as_precise_as_explicit():
     with torch.no_grad():
         want = attn.double()(x.double(), cos.double(), sin.double())
         attn = attn.bfloat16()
-        error = {absorb: ((attn(x, cos, sin, absorb=absorb).double() - want).norm(dim=-1) / want.norm(dim=-1)).mean()
-                 for absorb in (False, True)}
+        error = {absorbed: ((attn(x, cos, sin, backend=Backend(absorbed)).double() - want).norm(dim=-1)
+                            / want.norm(dim=-1)).mean() for absorbed in (False, True)}
     assert error[True] < 1.1 * error[False]
 
 
@@ -76,7 +77,7 @@ def test_absorbed_path_equals_explicit(case, tmp_path):
     ours = seekforge.from_pretrained(tmp_path, dtype=torch.float32)
     tokens = _tokens(1)
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens, absorb=True), ours(tokens), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(tokens, backend=Backend(absorbed=True)), ours(tokens), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["v3_sigmoid_grouped_qlora", "v2_group_limited_yarn"])

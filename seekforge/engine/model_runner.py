@@ -11,34 +11,30 @@ sequences, in groups:
   `ops.dense_attention`) over their context, padded to one batch;
   a fresh prefill (no cached context) attends to its own new latents without touching the cache.
 
-Each layer first writes the step's new latents into the cache, then attends, so a chunk sees its own
-tokens and everything computed before. The model object is used as is (its weights in place): an RL
-trainer that updates them sees the new policy on the next step. Decode steps can be replayed as CUDA
-graphs from static input buffers (`capture_cuda_graphs`). With `compile=True`, torch.compile fuses the dozens
-of small kernels around each block's matmuls (norms, rotary, routing, SwiGLU, residuals): the captured decode
-block as a whole (the two cache kernels opaque to it), and in prefill and mixed steps the work before and after
-attention (`attention_inputs`, `block_output`) and each group's explicit attention (`explicit_attention`). The FFN of
-an MoE block goes through `ops.moe_forward`: Triton routing and fused experts for decode's few rows an expert.
-In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`ops.FewRowLinears`), and in any
-step of up to 4 tokens a block's input norm and MLA's two input projections are one (`ops.normed_projections`);
-captured steps write their new latents into the cache straight from wkv_a's output and rotate the query's rope part,
-both in the launch of W_UK's product (`ops.store_and_query`).
+The blocks are the model's own (`Block.forward`, `MTPModule.forward` for the drafter); what only the engine
+knows, the cache, each token's slot, the groups and the kernels, reaches them through the backend object they
+take (`seekforge.engine.paged_backend`: `StepBackend` for a packed step, `DecodeBackend` for a plain decode step).
+The model object is used as is (its weights in place): an RL trainer that updates them sees the new policy on the
+next step. Decode steps can be replayed as CUDA graphs from static input buffers (`capture_cuda_graphs`). With
+`compile=True`, torch.compile fuses the dozens of small kernels around each block's matmuls (norms, rotary,
+routing, SwiGLU, residuals): the captured decode block as a whole (the two cache kernels opaque to it), and in
+prefill and mixed steps the work before and after the dispatch over attention groups (`paged_backend.Stages`).
+In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`ops.FewRowLinears`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from seekforge import ops
 from seekforge.engine.device_copy import copy_into, to_device
+from seekforge.engine.paged_backend import (AttentionGroup, DecodeBackend, Stages, StepBackend, attention_inputs,
+                                            explicit_attention, run_block, second_half)
 from seekforge.errors import ConfigError
 from seekforge.model.block import Block
-from seekforge.model.mlp import MLP
-from seekforge.model.moe import MoE
 from seekforge.model.transformer import Transformer
 
 
@@ -47,19 +43,6 @@ class Chunk:
     block_table: list[int]
     start: int  # position of the first token
     token_ids: list[int]
-
-
-@dataclass
-class AttentionGroup:
-    start: int  # packed token range [start, end)
-    end: int
-    absorbed: bool
-    batch: int
-    query_len: int  # padded length S
-    plan: ops.PagedAttentionPlan | None  # None: a fresh prefill that attends to its own latents
-    index: torch.Tensor | None = None  # [b, S] packed token index (padding repeats a chunk's last token)
-    valid: torch.Tensor | None = None  # [b, S] bool, None = no padding
-    fresh_mask: torch.Tensor | None = None  # causal mask of a padded fresh prefill; None = plain causal
 
 
 @dataclass
@@ -110,13 +93,18 @@ class ModelRunner:
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
-        self._decode_block = compiled_decode_block(self.device, self.dtype) if compile else decode_block
+        if compile:
+            _settle_before_tracing(self.device, self.dtype)
+        # the decode block compiled once for all blocks alike and every batch size; the cache kernels are opaque
+        # ops to it (written in place into the cache, which the graph never copies), so each block is one graph
+        self._decode_block = _compile(run_block) if compile else run_block
+        self._cache_ops = ((ops.store_latents_op, ops.paged_mla_decode_op) if compile
+                           else (ops.store_latents, ops.paged_mla_decode))
         self._step_inputs = _compile(step_inputs) if compile else step_inputs
         self._logits = _compile(final_logits) if compile else final_logits
-        plain = (attention_inputs, block_output, explicit_attention)
-        inputs, output, self._explicit_attention = compiled_stages(self.device, self.dtype) if compile else plain
-        self._stages = (inputs, output)
-        self._pad_values = ops.values_padded_for_sdpa(self.device)
+        stages = (attention_inputs, second_half, explicit_attention)
+        self._stages = Stages(*(map(_compile, stages) if compile else stages),
+                              ops.values_padded_for_sdpa(self.device))
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -206,37 +194,16 @@ class ModelRunner:
         of each MoE block by layer id)."""
         cos, sin = self.model.rope(step.positions.unsqueeze(0))
         h = h.unsqueeze(0)
-        attention = partial(self._attention, groups=step.groups)
         loads = {}
         for i, block in enumerate(blocks):
-            h, routed = block_forward(block, h, cos, sin, cache[i], step.slot_mapping, attention, stages=self._stages)
+            h, routed = block(h, cos, sin, None, self._backend(cache[i], step))
             if routed is not None:
                 loads[block.layer_id] = routed[1]
         return h[0], loads
 
-    def _attention(self, attn, cache, q_nope, q_pe, kv, k_pe, groups: list[AttentionGroup]) -> torch.Tensor:
-        pieces = []
-        for g in groups:
-            qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
-            if g.absorbed:
-                q = ops.latent_query(qn, qp, attn.absorbed_weights()[0])
-                pieces.append(absorbed_attention(attn, cache, q, g.plan, g.query_len))
-                continue
-            if g.index is None:
-                qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
-            else:
-                qn, qp = q_nope[g.index], q_pe[g.index]
-            if g.plan is None:  # fresh prefill: the context is the chunk itself
-                if g.index is None:
-                    ctx_kv, ctx_pe, mask = kv[g.start:g.end].unsqueeze(0), k_pe[g.start:g.end].unsqueeze(0), None
-                else:
-                    ctx_kv, ctx_pe, mask = kv[g.index], k_pe[g.index], g.fresh_mask
-            else:
-                ctx = ops.gather_latents(cache, g.plan)
-                ctx_kv, ctx_pe, mask = ctx[..., :attn.kv_lora_rank], ctx[..., attn.kv_lora_rank:], g.plan.mask
-            out = self._explicit_attention(attn, qn, qp, ctx_kv, ctx_pe, mask, self._pad_values)
-            pieces.append(out[0] if g.valid is None else out[g.valid])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    def _backend(self, cache: torch.Tensor, step: StepInput) -> StepBackend:
+        """The blocks' backend for one layer's cache in a packed step."""
+        return StepBackend(cache, step.slot_mapping, step.groups, self._stages)
 
     def forward(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Main model over the step's tokens: (hidden states [N, dim] before the final norm, the tokens per expert
@@ -250,9 +217,11 @@ class ModelRunner:
     def forward_mtp(self, h_prev: torch.Tensor, step: StepInput) -> torch.Tensor:
         """The first MTP module (the drafter; see spec_decode) at the step's positions: step.input_ids hold
         the *next* tokens t_{p+1}, h_prev [N, dim] the hidden states at p. Returns its hidden [N, dim]."""
-        module = self.model.mtp[0]
-        x = module.eh_proj(torch.cat([module.enorm(self.model.embed(step.input_ids)), module.hnorm(h_prev)], dim=-1))
-        return self.run_blocks(x, step, [module.block], self.mtp_cache)[0]  # the drafter's load: no metric reads it
+        cos, sin = self.model.rope(step.positions.unsqueeze(0))
+        emb = self.model.embed(step.input_ids)
+        h, _ = self.model.mtp[0](h_prev.unsqueeze(0), emb.unsqueeze(0), cos, sin, None,
+                                 self._backend(self.mtp_cache[0], step))
+        return h[0]  # the drafter's load: no metric reads it
 
     def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
@@ -333,12 +302,13 @@ class ModelRunner:
         ids, pos, slots, source = (self._static[:b, i] for i in range(4))
         tables = self._static[:, 4:]
         plan = ops.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
-                                        tables.shape[1] * self.block_size)
+                                            tables.shape[1] * self.block_size)
         h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
         chosen = {}
         with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
-                h, routed = self._decode_block(block, h, cos, sin, self.kv_cache[i], slots, plan)
+                backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops)
+                h, routed = self._decode_block(block, h, cos, sin, backend)
                 if routed is not None:
                     chosen[block.layer_id] = routed[0]
             logits = self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`ops.FewRowLinears`)
@@ -370,56 +340,6 @@ def step_embeddings(embed: torch.nn.Embedding, ids: torch.Tensor, source: torch.
     return embed(torch.where(source >= 0, sampled[source.clamp(min=0)], ids))
 
 
-def input_projections(block: Block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's input norm and MLA's two input projections over h [1, N, dim], in one launch for few rows
-    (`ops.normed_projections`): the query's first projection and wkv_a's output."""
-    first, wkv_a = block.attn.input_projections
-    return ops.normed_projections(h, block.attn_norm, first.weight, wkv_a.weight)
-
-
-def attention_inputs(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A block's work before attention over h [1, N, dim]: (q_nope, q_pe, kv, k_pe), each [N, ...]."""
-    q, kv_a = input_projections(block, h)
-    q_nope, q_pe = block.attn.query_from(q, cos, sin)
-    kv, k_pe = block.attn.latent_from(kv_a, cos, sin)
-    return q_nope[0], q_pe[0], kv[0], k_pe[0]
-
-
-def block_output(block: Block, h: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-    """A block's work after attention: the output projection, the residuals and the FFN (the residual add and the
-    FFN's norm in the Triton router's first kernel where it runs: `ops.residual_norm`); with the MoE's
-    (indices, load) as `feed_forward` returns them."""
-    h, x, routing = ops.residual_norm(block.ffn, block.ffn_norm, h, block.attn.wo(attended).unsqueeze(0))
-    return feed_forward(block.ffn, x, routing, residual=h)
-
-
-def block_forward(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, attention, store=ops.store_latents,
-                  stages=(attention_inputs, block_output)) -> tuple[torch.Tensor, tuple | None]:
-    """One block over the packed tokens h [1, N, dim]: their latents go into the cache first (`store`), then
-    `attention(attn, cache, q_nope, q_pe, kv, k_pe) -> [N, h * d_v]` (every token's view of its context).
-    `stages` are the work around those two (compiled ones, with `compile=True`). Returns the block's output and
-    its MoE's (indices, load) as `feed_forward` gives them."""
-    inputs, output = stages
-    q_nope, q_pe, kv, k_pe = inputs(block, h, cos, sin)
-    store(cache, slot_mapping, torch.cat([kv, k_pe], dim=-1))  # compiled, the cat joins the rotary kernel
-    return output(block, h, attention(block.attn, cache, q_nope, q_pe, kv, k_pe))
-
-
-def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
-    """The block's FFN at inference, plus `residual` (the block's stream, x's shape) where given: an MoE runs
-    through `ops.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
-    added in their last kernel; `routing` where `ops.residual_norm` made it). Returns the output and, for an
-    MoE, its choice: (experts [n, k] of each of the n tokens, tokens per expert [experts] fp32); None for an MLP."""
-    if not isinstance(ffn, MoE):
-        return (ffn(x) if residual is None else residual + ffn(x)), None
-    flat = x.reshape(-1, x.shape[-1])
-    y, indices, load = ops.moe_forward(ffn, flat, routing,
-                                       None if residual is None else residual.reshape(flat.shape))
-    return y.view(x.shape), (indices, load)
-
-
 def rows_load(chosen: dict[int, torch.Tensor], real: torch.Tensor, n_experts: int) -> dict[int, torch.Tensor]:
     """Tokens per expert [n_experts] fp32 of each layer (chosen: experts [b, k] by layer id) over the rows where
     real [b] is True; one count for all layers (a captured step's padding rows route too, and must not count)."""
@@ -429,42 +349,6 @@ def rows_load(chosen: dict[int, torch.Tensor], real: torch.Tensor, n_experts: in
     weight = real.to(torch.float32).repeat_interleave(experts.shape[1] // real.shape[0]).expand_as(experts)
     counts = torch.zeros(len(chosen), n_experts, device=real.device, dtype=torch.float32)
     return dict(zip(chosen, counts.scatter_add_(1, experts, weight).unbind(0)))
-
-
-def explicit_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
-                       mask: torch.Tensor | None, pad_values: bool) -> torch.Tensor:
-    """MLA's explicit form for prefill: the context latents ctx_kv [b, t, c] up-projected into per-head keys
-    and values, the shared rotary keys ctx_pe [b, t, r] appended to every head's key; queries [b, s, h, .].
-    mask [b, s, t] (None: causal over s == t); `pad_values` as `ops.dense_attention` takes it. Returns
-    [b, s, h * d_v]."""
-    k_nope, v = attn.wkv_b(ctx_kv).unflatten(-1, (attn.n_heads, -1)).split([attn.nope_dim, attn.v_dim], dim=-1)
-    k = torch.cat([k_nope, ctx_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1)
-    return ops.dense_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, attn.softmax_scale,
-                               pad_values).flatten(2)
-
-
-def absorbed_attention(attn, cache: torch.Tensor, q: torch.Tensor, plan: ops.PagedAttentionPlan, query_len: int,
-                       decode=ops.paged_mla_decode) -> torch.Tensor:
-    """Absorbed MLA of b sequences' query_len queries each over the paged cache, from their latent query
-    q [b * s, h, c + r] (`ops.latent_query`: W_UK folded in); W_UV applied to the attended latent.
-    Returns [b * s, h * d_v]."""
-    q = q.view(-1, query_len, attn.n_heads, q.shape[-1])
-    latent = decode(q, cache, plan, attn.softmax_scale, attn.kv_lora_rank)  # [b, s, h, c]
-    return ops.head_matmul(latent.flatten(0, 1), attn.absorbed_weights()[1]).flatten(1)
-
-
-def decode_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan, store=ops.store_latents,
-                 decode=ops.paged_mla_decode) -> tuple[torch.Tensor, tuple | None]:
-    """One block of a plain decode step (one query per sequence): what a captured graph runs. Absorbed attention
-    reads only the cache, so the new latents go from wkv_a's output straight into it, beside the latent query's
-    W_UK product and rotation (`ops.store_and_query`; `store` where the cache store has no kernel). Returns
-    as `block_output` does."""
-    attn = block.attn
-    q, kv_a = input_projections(block, h)
-    q_nope, q_pe = attn.query_heads(q)
-    q = ops.store_and_query(attn, cache, slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0], store)
-    return block_output(block, h, absorbed_attention(attn, cache, q, plan, 1, decode))
 
 
 def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
@@ -494,23 +378,3 @@ def _compile(fn):
 
 
 _RECOMPILE_LIMIT = 32
-
-
-def compiled_stages(device: torch.device, dtype: torch.dtype):
-    """`attention_inputs`, `block_output` and `explicit_attention` under torch.compile (dynamic shapes), for
-    the blocks of prefill and mixed steps; the dispatch over attention groups between them stays eager."""
-    _settle_before_tracing(device, dtype)
-    return tuple(_compile(f) for f in (attention_inputs, block_output, explicit_attention))
-
-
-def compiled_decode_block(device: torch.device, dtype: torch.dtype):
-    """`decode_block` under torch.compile, compiled once for all blocks alike and every batch size (dynamic
-    shapes). The two cache kernels are opaque ops to it (`ops.store_latents_op`, written in place into
-    the cache, which the graph never copies; `ops.paged_mla_decode_op`), so each block is one graph."""
-    _settle_before_tracing(device, dtype)
-    store, decode = ops.store_latents_op, ops.paged_mla_decode_op
-
-    def block(block, h, cos, sin, cache, slot_mapping, plan):
-        return decode_block(block, h, cos, sin, cache, slot_mapping, plan, store, decode)
-
-    return _compile(block)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seekforge.model.backend import EXPLICIT, Backend
 from seekforge.model.config import ModelConfig
 from seekforge.model.mla import MLA
 from seekforge.model.mlp import MLP
@@ -22,10 +23,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, cos, sin, mask=None,
-                absorb: bool = False) -> tuple[torch.Tensor, Routing | None]:
-        """x [b, s, dim] -> (output [b, s, dim], the MoE's routing; None for a dense FFN)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, absorb)
-        if not isinstance(self.ffn, MoE):
-            return x + self.ffn(self.ffn_norm(x)), None
-        y, routing = self.ffn(self.ffn_norm(x))
-        return x + y, routing
+                backend: Backend = EXPLICIT) -> tuple[torch.Tensor, Routing | None]:
+        """x [b, s, dim] -> (h + ffn(ffn_norm(h)) where h = x + attn(attn_norm(x)), the MoE's routing as the
+        backend reports it; None for a dense FFN). The backend runs each half (`seekforge.model.backend`)."""
+        delta = self.attn(x, cos, sin, mask, backend, norm=self.attn_norm)
+        return backend.feed_forward(self.ffn_norm, self.ffn, x, delta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seekforge.model.backend import EXPLICIT, Backend
 from seekforge.model.block import Block
 from seekforge.model.config import ModelConfig
 from seekforge.model.norm import RMSNorm
@@ -25,11 +26,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared_head.norm; the head itself is the model's
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None, absorb: bool = False):
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None, backend: Backend = EXPLICIT):
         """h_prev, emb_next [b, s, dim] -> (this depth's hidden state [b, s, dim] before self.norm, its block's
         routing as `Block.forward` gives it)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, mask, absorb)
+        return self.block(h, cos, sin, mask, backend)
 
 
 def depth_targets(labels: torch.Tensor, k: int, positions: torch.Tensor | None = None,

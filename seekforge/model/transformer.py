@@ -1,7 +1,9 @@
 """The DeepSeek-V3 language model: embedding, MLA + MoE blocks, final norm, output head, MTP modules.
 
-Pure PyTorch: no parallelism, precision or caching policy lives here. The inference engine reuses the
-blocks' pieces (MLA.query / latent / attend_absorbed) over its own paged cache; trainers call `loss`.
+Pure PyTorch: no parallelism, precision or caching policy lives here. Trainers call `loss`. How the blocks attend
+and which kernels run them is the backend's (`seekforge.model.backend`): by default the model's own math, explicit
+MLA over the forward's tokens; the inference engine runs the same blocks (and the first MTP module, its drafter)
+with its own backend, over its paged latent cache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekforge.model.backend import EXPLICIT, Backend
 from seekforge.model.block import Block
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import MoE, Routing
@@ -84,21 +87,22 @@ class Transformer(nn.Module):
         return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
 
     def hidden(self, tokens: torch.Tensor, positions=None, mask=None,
-               absorb: bool = False) -> tuple[torch.Tensor, dict[int, Routing]]:
+               backend: Backend = EXPLICIT) -> tuple[torch.Tensor, dict[int, Routing]]:
         """tokens [b, s] -> (the last block's output [b, s, dim] before the final norm, the routing of every MoE
-        layer by layer id)."""
+        layer by layer id). `backend` runs the blocks (`Backend(absorbed=True)`: absorbed MLA)."""
         cos, sin = self.rope(self.positions_like(tokens) if positions is None else positions)
         h = self.embed(tokens)
         routing = {}
         for layer in self.layers:
-            h, routed = layer(h, cos, sin, mask, absorb)
+            h, routed = layer(h, cos, sin, mask, backend)
             if routed is not None:
                 routing[layer.layer_id] = routed
         return h, routing
 
-    def forward(self, tokens: torch.Tensor, positions=None, mask=None, absorb: bool = False) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, vocab]. mask: bool [b|1, s, t] (True = may attend), None = causal."""
-        return self.head(self.norm(self.hidden(tokens, positions, mask, absorb)[0]))
+    def forward(self, tokens: torch.Tensor, positions=None, mask=None, backend: Backend = EXPLICIT) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab]. mask: bool [b|1, s, t] (True = may attend), None = causal;
+        backend as `hidden` takes it."""
+        return self.head(self.norm(self.hidden(tokens, positions, mask, backend)[0]))
 
     def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, positions=None,
                    mask=None) -> tuple[list[torch.Tensor], dict[int, Routing]]:

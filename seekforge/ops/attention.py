@@ -22,7 +22,14 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     dv = v.shape[-1]
     if pad_values and q.shape[-1] > dv:
         v = F.pad(v, (0, q.shape[-1] - dv))
+    return dot_product_attention(q, k, v, mask, softmax_scale)[..., :dv]
+
+
+def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          softmax_scale: float) -> torch.Tensor:
+    """q [b, s, h, d], k [b, t, h, d], v [b, t, h, d_v]; mask bool [b|1, s, t] (True = may attend) or None for
+    causal over s == t -> [b, s, h, d_v], through F.scaled_dot_product_attention."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=None if mask is None else mask.unsqueeze(1),
                                          is_causal=mask is None, scale=softmax_scale)
-    return out.transpose(1, 2)[..., :dv]
+    return out.transpose(1, 2)

@@ -1,7 +1,7 @@
 """The paged latent cache's writes, and absorbed MLA's latent query.
 
 `store_latents` writes finished latents into their slots; `store_new_latents` makes them from wkv_a's output first
-(the model's `MLA.latent_from`); `latent_query` is the query absorbed MLA reads the cache with; `store_and_query`
+(the model's `MLA.latent`); `latent_query` is the query absorbed MLA reads the cache with; `store_and_query`
 does the last two for a decode step. Where the backend takes Triton (`seekforge.ops.triton.latents`) and the inputs
 fit, each is one launch, and for a few tokens both are one; otherwise their PyTorch composition runs.
 """
@@ -43,15 +43,15 @@ def _(cache, slot_mapping, latents) -> None:
 
 def store_new_latents(attn, cache: torch.Tensor, slot_mapping: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, store=store_latents) -> None:
-    """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent_from`
+    """New tokens' latents into their cache slots [n] from wkv_a's output kv_a [n, c + r]: what `MLA.latent`
     makes of it (the normalised latent, the rotary key turned by cos/sin [n, r / 2]). `attn` is the layer's MLA
-    (its `kv_norm` and `latent_from`). With Triton one launch (`store_new_latents_kernel`); otherwise the model's
+    (its `kv_norm` and `latent`). With Triton one launch (`store_new_latents_kernel`); otherwise the model's
     latents through `store` (`store_latents` or its op)."""
     kernel = _fused_store(attn, cache, kv_a)
     if kernel is not None:
         kernel.store_new_latents_kernel(cache, slot_mapping, kv_a, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)
         return
-    kv, k_pe = attn.latent_from(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
+    kv, k_pe = attn.latent(kv_a.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))
     store(cache, slot_mapping, torch.cat([kv[0], k_pe[0]], dim=-1))
 
 

@@ -52,11 +52,6 @@ class PagedAttentionPlan:
         t = torch.arange(self.max_context, device=self.block_tables.device)
         return t.view(1, 1, -1) <= self.query_positions.unsqueeze(-1)
 
-    @cached_property
-    def bias(self) -> torch.Tensor:
-        """[b, s, 1, T]: 0 where visible, -inf elsewhere (the mask, added to scores)."""
-        mask = self.mask
-        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(2)
 
 
 def plan_paged_attention(block_tables: torch.Tensor, query_positions: torch.Tensor, block_size: int,
@@ -84,12 +79,26 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionP
 
 def paged_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, plan: PagedAttentionPlan,
                                softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
-    """`paged_mla_decode` in PyTorch: gather the context densely, then two einsums. The scores are computed in fp32
-    (as the Triton kernel accumulates them): a 16-bit einsum rounds each score before the softmax."""
+    """`paged_mla_decode` in PyTorch: the context gathered densely, then `attend_latents` over it."""
     ctx = gather_latents(cache, plan)  # [b, T, c + r]
-    scores = torch.einsum("bshx,btx->bsht", q.float(), ctx.float())
-    probs = torch.add(plan.bias, scores, alpha=softmax_scale).softmax(dim=-1).to(ctx.dtype)
-    return torch.einsum("bsht,btc->bshc", probs, ctx[..., :kv_lora_rank])
+    return attend_latents(q[..., :kv_lora_rank], q[..., kv_lora_rank:], ctx[..., :kv_lora_rank],
+                          ctx[..., kv_lora_rank:], plan.mask, softmax_scale)
+
+
+def attend_latents(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                   mask: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+    """The middle of absorbed MLA: queries q_latent [b, s, h, c] (W_UK folded in) and q_pe [b, s, h, r] over the
+    latents kv [b, t, c] and rotary keys k_pe [b, t, r] -> the attention-weighted latent [b, s, h, c] in kv's dtype
+    (W_UV is applied after). mask as `MLA.attend` takes it. Scores in fp32, as attention kernels keep them: a
+    16-bit einsum rounds each score before the softmax."""
+    scores = (torch.einsum("bshc,btc->bsht", q_latent.float(), kv.float())
+              + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * softmax_scale
+    if mask is None:
+        s, t = scores.shape[1], scores.shape[3]
+        mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s).unsqueeze(0)
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv.dtype)
+    return torch.einsum("bsht,btc->bshc", probs, kv)
 
 
 # `paged_mla_decode` as an op opaque to torch.compile, for the compiled decode step: it cannot trace a Triton launch,

@@ -68,10 +68,8 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
         if routing is not None:  # the fused kernels (or the router's select kernel) filled its choice
             indices = routing.indices
         return (y if residual is None or added else residual + y), indices, load
-    weights, indices, _ = gate(x)
-    y, load = experts(x, weights, indices)
-    y = y if shared is None else y + shared(x)
-    return (y if residual is None else residual + y), indices, load
+    y, chosen = moe(x)
+    return (y if residual is None else residual + y), chosen.indices, chosen.load
 
 
 def _fused_experts(moe, x: torch.Tensor):
