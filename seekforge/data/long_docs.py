@@ -41,13 +41,13 @@ def join_related(docs: Iterable[tuple[str, str]], min_chars: int) -> list[str]:
 
 
 def passkey_filler(tokenizer, length: int, digits: int = 5) -> int:
-    """The most filler sentences a passkey document may hold and stay within `length` tokens (prompt, key)."""
+    """Filler sentences that make a passkey document (prompt and key) about `length` tokens long."""
     from seekforge.tasks.passkey import FILLER, PasskeyTask, probe_prefix
 
     bare = PasskeyTask(min_filler=0, max_filler=0, digits=digits).rows("test", 1, 0)[0]
     overhead = len(tokenizer.encode_prompt(probe_prefix(bare))) + digits + 1
-    per_sentence = max(len(tokenizer.encode(" " + s)) for s in FILLER)
-    return max(0, (length - overhead) // per_sentence)
+    per_sentence = sum(len(tokenizer.encode(" " + s)) for s in FILLER) / len(FILLER)
+    return max(0, round((length - overhead) / per_sentence))
 
 
 def _chars_per_token(tokenizer, texts: Sequence[str]) -> float:

@@ -23,13 +23,12 @@ FILLER = (
     "The river runs to the sea.", "Birds sing in the morning.", "The road goes on.", "Snow falls in winter.",
     "The wind is cold.", "Stars shine at night.", "The hills are far away.",
 )
-INTRO = "Some important information is hidden in the text below. Find it and remember it."
 QUESTION = "What is the pass key?"
 ANSWER_LEAD = "The pass key is "  # what the answer follows, in the question's reply and in corpus_text
 
 
 def key_sentence(key: str) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+    return f"The pass key is {key}. Remember it."
 
 
 @dataclass
@@ -56,7 +55,7 @@ class PasskeyTask(Task):
         before = rng.randint(0, n) if self.depth == -1 else round(self.depth * n)
         key = str(rng.randint(10 ** (self.digits - 1), 10**self.digits - 1))
         filler = [rng.choice(FILLER) for _ in range(n)]
-        text = " ".join([INTRO, *filler[:before], key_sentence(key), *filler[before:], QUESTION])
+        text = " ".join([*filler[:before], key_sentence(key), *filler[before:], QUESTION])
         row = Row(task=self.name, prompt=text, answer=key, solution=f"{ANSWER_LEAD}{key}.\n{final_line(key)}",
                   meta={"filler": n, "before": before, "depth": before / n if n else 0.0})
         return f"{key}|{n}|{before}", row

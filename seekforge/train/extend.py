@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seekforge.configio import atomic_write_text, from_dict, load_config, save_config, to_dict
+from seekforge.configio import atomic_write_text, from_dict, load_config, save_config
 from seekforge.errors import ConfigError
 
 
@@ -126,7 +126,7 @@ def run(cfg: ExtendConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Every stage (finished ones kept under resume), then the evaluation; returns the summary."""
     from seekforge.data.long_docs import build_long_dataset
     from seekforge.tokenizer import Tokenizer
-    from seekforge.train import pretrain
+    from seekforge.train import long_eval, pretrain
 
     if not cfg.init_from:
         raise ConfigError("extend: give the checkpoint to extend (--from DIR or init_from=DIR)")
@@ -156,32 +156,12 @@ def run(cfg: ExtendConfig, out_dir: str | Path, resume: bool = False) -> dict:
     if cfg.eval:
         models = {"base": (base, None), "base + YaRN, untrained": (base, cfg.yarn(original))}
         models.update({f"stage {s['stage']} ({s['multiple']:g}x)": (Path(s["checkpoint"]), None) for s in stages})
-        summary["long_context"] = evaluate_models(models, out / f"data-{stages[-1]['seq_len']}", original, cfg, out)
+        summary["long_context"] = long_eval.evaluate_models(
+            models, out / f"data-{stages[-1]['seq_len']}", original, cfg.eval_multiples, cfg.eval_depths,
+            cfg.eval_samples, cfg.eval_windows, cfg.seed, cfg.device, out)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", _report(summary, cfg, out))
     return summary
-
-
-def evaluate_models(models: dict, data_dir: Path, original: int, cfg: ExtendConfig, out: Path) -> dict:
-    """long_eval of every (checkpoint, changes) by label on data_dir's held-out split, into out/long_context.json."""
-    import numpy as np
-
-    from seekforge.data.loader import open_tokens
-    from seekforge.train import long_eval
-    from seekforge.train.optim import pick_device
-
-    val = np.asarray(open_tokens(data_dir, "val"))
-    device = str(pick_device(cfg.device))
-    results = {"original_seq_len": original, "data": str(data_dir), "digits": 5, "models": {}}
-    for label, (checkpoint, changes) in models.items():
-        model, tokenizer = long_eval.load(checkpoint, changes, device)
-        r = long_eval.evaluate_long(model, tokenizer, val, original, cfg.eval_multiples, cfg.eval_depths,
-                                    cfg.eval_samples, cfg.eval_windows, cfg.seed)
-        results["models"][label] = {"checkpoint": str(checkpoint), "changes": changes, **r, "rise": long_eval.rise(r)}
-        print(f"[eval] {label}: ppl " + ", ".join(f"{p['length']}: {p['ppl']:.3f}" for p in r["perplexity"]),
-              flush=True)
-    atomic_write_text(out / long_eval.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    return results
 
 
 def _report(summary: dict, cfg: ExtendConfig, out: Path) -> str:
@@ -194,14 +174,12 @@ def _report(summary: dict, cfg: ExtendConfig, out: Path) -> str:
           f"{yarn['mscale']:g}, mscale_all_dim {yarn['mscale_all_dim']:g}; model context {yarn['max_seq_len']}.", "",
           "| stage | length | steps | tokens / step | lr | time | run |", "|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:
+        name = f"stage{s['stage']}"
         md.append(f"| {s['stage']} | {s['seq_len']} ({s['multiple']:g}x) | {cfg.steps} | "
                   f"{max(1, cfg.tokens_per_step // s['seq_len']) * s['seq_len']} | {cfg.lr:g} | "
-                  f"{summary['seconds'][f'stage{s['stage']}'] / 60:.1f} min | [stage{s['stage']}](stage{s['stage']}/report.md) |")
+                  f"{summary['seconds'][name] / 60:.1f} min | [{name}]({name}/report.md) |")
     md.append("")
     if "long_context" in summary:
         md += long_eval.section(out)
     return "\n".join(md)
 
-
-def describe(cfg: ExtendConfig) -> dict:
-    return to_dict(cfg)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seekforge.configio import atomic_write_bytes
+from seekforge.configio import atomic_write_bytes, atomic_write_text
 from seekforge.errors import ConfigError, DataError
 
 RESULTS_FILE = "long_context.json"
@@ -70,13 +70,11 @@ def perplexity_by_length(model, tokens: np.ndarray, lengths: list[int], windows:
 
 
 def passkey_rows(tokenizer, length: int, depth: float, n: int, seed: int, digits: int = 5) -> list:
-    """n passkey rows of about `length` tokens (prompt and answer; never more) with the key at `depth`."""
-    from seekforge.tasks.passkey import FILLER, PasskeyTask, probe_prefix
+    """n passkey rows of about `length` tokens (prompt and answer) with the key at `depth`."""
+    from seekforge.data.long_docs import passkey_filler
+    from seekforge.tasks.passkey import PasskeyTask
 
-    bare = PasskeyTask(min_filler=0, max_filler=0, digits=digits).rows("test", 1, seed)[0]
-    overhead = len(tokenizer.encode_prompt(probe_prefix(bare))) + digits
-    per_sentence = max(len(tokenizer.encode(" " + s)) for s in FILLER)
-    filler = max(0, (length - overhead) // per_sentence)
+    filler = passkey_filler(tokenizer, length, digits)
     return PasskeyTask(min_filler=filler, max_filler=filler, depth=depth, digits=digits).rows("test", n, seed)
 
 
@@ -134,6 +132,28 @@ def evaluate_long(model, tokenizer, val_tokens: np.ndarray, original: int, multi
     lengths = [max(1, round(m * original)) for m in multiples]
     return {"perplexity": perplexity_by_length(model, val_tokens, lengths, windows),
             "passkey": passkey_grid(model, tokenizer, lengths, depths, samples, seed)}
+
+
+def evaluate_models(models: dict, data_dir: str | os.PathLike, original: int, multiples: list[float],
+                    depths: list[float], samples: int, windows: int, seed: int, device: str,
+                    out: str | os.PathLike) -> dict:
+    """evaluate_long of every (checkpoint, ModelConfig changes or None) by label on data_dir's held-out split;
+    the results, also written to out/long_context.json."""
+    from seekforge.data.loader import open_tokens
+    from seekforge.train.optim import pick_device
+
+    val = np.asarray(open_tokens(data_dir, "val"))
+    results = {"original_seq_len": original, "data": str(data_dir), "digits": 5, "models": {}}
+    for label, (checkpoint, changes) in models.items():
+        model, tokenizer = load(checkpoint, changes, str(pick_device(device)))
+        r = evaluate_long(model, tokenizer, val, original, multiples, depths, samples, windows, seed)
+        results["models"][label] = {"checkpoint": str(checkpoint), "changes": changes, **r, "rise": rise(r)}
+        print(f"[eval] {label}: perplexity " + ", ".join(f"{p['length']}: {p['ppl']:.3f}" for p in r["perplexity"])
+              + "; passkey " + ", ".join(f"{n}: {a:.2f}" for n, a in
+                                         zip(r["passkey"]["lengths"], np.mean(r["passkey"]["accuracy"], axis=0))),
+              flush=True)
+    atomic_write_text(Path(out) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def rise(result: dict) -> dict:
