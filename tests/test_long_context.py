@@ -161,12 +161,12 @@ def test_extend_end_to_end_lowers_perplexity_past_the_original_context(tmp_path,
     transformers = pytest.importorskip("transformers")
     base = tmp_path / "base"
     assert main(["train", "--config", "passkey", "--out", str(base), "seq_len=32", "model_overrides.max_seq_len=32",
-                 "steps=120", "warmup_steps=10", "constant_steps=80", "decay_steps=30", "batch_size=16",
-                 "builtin_docs=1500", "builtin_vocab=320", "builtin_tasks.passkey.max_filler=2", "eval_every=120",
-                 "save_every=120", "progress=false", "tensorboard=false"]) == 0
+                 "steps=60", "warmup_steps=10", "constant_steps=30", "decay_steps=20", "batch_size=8",
+                 "builtin_docs=500", "builtin_vocab=320", "builtin_tasks.passkey.max_filler=2", "eval_every=60",
+                 "save_every=60", "progress=false", "tensorboard=false"]) == 0
     out = tmp_path / "long"
     assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
-                 "steps=40", "warmup_steps=4", "tokens_per_step=1024", "lr=2e-3", "eval_multiples=[1, 4]",
+                 "steps=20", "warmup_steps=3", "tokens_per_step=1024", "lr=2e-3", "eval_multiples=[1, 4]",
                  "eval_depths=[0.5]", "eval_samples=2", "eval_windows=4", "progress=false",
                  "tensorboard=false"]) == 0
     hf = transformers.DeepseekV3Config.from_pretrained(out / "stage1" / "final")

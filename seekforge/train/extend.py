@@ -36,10 +36,10 @@ class ExtendConfig:
     mscale_all_dim: float = 1.0
     stages: list[float] = field(default_factory=lambda: [4.0, 16.0])  # training lengths / original_seq_len
     # training in each stage: constant learning rate after a short warm-up, the same tokens per step
-    steps: int = 150
+    steps: int = 60
     lr: float = 1e-3
     warmup_steps: int = 10
-    tokens_per_step: int = 8192
+    tokens_per_step: int = 4096
     train: dict = field(default_factory=dict)  # any other pretraining field for every stage, e.g. {grad_accum: 4}
     # long documents: input files (as `seekforge data prepare` reads them), else the built-in tasks
     data: list[str] = field(default_factory=list)
