@@ -236,8 +236,8 @@ def markdown(results: dict, plots: list[tuple[str, Path]], run_dir: str | os.Pat
         by_length = np.array(r["passkey"]["accuracy"]).mean(axis=0)
         md.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in by_length) + " |")
     md.append("")
-    md += [f"![{title}]({path.relative_to(run_dir).as_posix()})" for title, path in plots]
-    md.append("")
+    for title, path in plots:
+        md += [f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
     return md
 
 
