@@ -2,7 +2,8 @@
 
 Every document is a task question framed by the R1-Zero template, its worked solution inside
 <think>...</think> and the gold answer inside <answer>...</answer>, so a model pretrained on it already
-writes the format the RL stage rewards. Documents come from the tasks' train split only; their val and
+writes the format the RL stage rewards. (A probe task such as passkey retrieval, named in `tasks`, writes its
+documents in its own plain form, `Task.corpus_text`.) Documents come from the tasks' train split only; their val and
 test splits stay unseen for evaluation. Nothing is downloaded.
 
 `slip_rate` makes a share of the documents careless, as in web text: one slip in the worked steps,
@@ -52,7 +53,7 @@ def generate_documents(n_docs: int, seed: int = 0,
         for row in task.rows("train", n, seed):
             if slip_rate and rng.random() < slip_rate:
                 row = task.careless(row, rng) or row
-            docs.append(render_example(row))
+            docs.append(task.corpus_text(row) or render_example(row))
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order]
 

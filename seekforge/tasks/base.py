@@ -80,6 +80,11 @@ class Task:
         such variant."""
         return None
 
+    def corpus_text(self, row: Row) -> str | None:
+        """The row as a pretraining document where it is not the R1-Zero rendering of the built-in corpus
+        (seekforge.data.corpus.render_example); None: that rendering."""
+        return None
+
     def score(self, predicted: str | None, answer: str | None, meta: dict) -> float | None:
         """Reward for an extracted answer, None without the gold needed to judge; tasks with their
         own notion of correct override it."""

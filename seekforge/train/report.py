@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from seekforge.configio import atomic_write_bytes, atomic_write_text
 from seekforge.errors import SeekforgeError
+from seekforge.train import long_eval
 from seekforge.train.metrics import METRICS_FILE, load_cv, max_min_ratio, read_metrics
 
 __all__ = ["write_report"]
@@ -265,6 +266,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         md.append("")
         plots.append(("rewards and accuracy", _plot_lines(plots_dir / "rewards.png", "rewards and accuracy", "value", lines)))
 
+    md += long_eval.section(run_dir)  # a run evaluated by `seekforge eval-long --out` it
     if plots:
         md += ["## Plots", ""]
         md += [f"![{title}]({path.relative_to(run_dir).as_posix()})" for title, path in plots]
