@@ -34,7 +34,7 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},
-    "train": BASE | {"model", "tokenizer", "data", "fp8"},
+    "train": BASE | {"model", "tokenizer", "data", "fp8", "tasks"},  # tasks: long_eval's passkey probe
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},
