@@ -95,13 +95,13 @@ def parity(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> Path:
-    from seekforge.report import _plot_lines
+    from seekforge.train.report import plot_lines
 
     lines = []
     for recipe, label, style in (("none", result["baseline"], "-"), ("blockwise", "FP8 blockwise", "-")):
         losses = result["curves"][recipe]["main_loss"]
         lines.append((label, list(range(len(losses))), losses, style))
-    return _plot_lines(path, f"main loss, {result['steps']} steps: final {result['final_rel_diff']:+.2%}, "
+    return plot_lines(path, f"main loss, {result['steps']} steps: final {result['final_rel_diff']:+.2%}, "
                              f"late mean {result['late_mean_rel_diff']:+.2%}", "main loss", lines)
 
 

@@ -59,7 +59,7 @@ def run(args) -> int:
                                         _floats(args.depths, "--depths"), args.samples, args.windows, args.seed,
                                         args.device, out)
     if (out / METRICS_FILE).is_file():
-        from seekforge.report import write_report
+        from seekforge.train.report import write_report
 
         write_report(out)
     else:

@@ -102,7 +102,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def _plot_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float], str]]) -> Path:
+def plot_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float], str]]) -> Path:
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     for label, steps, values, style in lines:
@@ -203,7 +203,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if evals:
         lines.append(("eval loss", [p["step"] for p in evals], [p["loss"] for p in evals], "o-"))
     if lines:
-        plots.append(("loss", _plot_lines(plots_dir / "loss.png", "loss", "nats / token", lines)))
+        plots.append(("loss", plot_lines(plots_dir / "loss.png", "loss", "nats / token", lines)))
 
     if loss or mtp or evals:
         md += ["## Loss", "", "| series | first | last | best (step) |", "|---|---|---|---|"]
@@ -222,7 +222,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
     lr_steps, lr = _series(train, "lr")
     if lr:
-        plots.append(("learning rate", _plot_lines(plots_dir / "lr.png", "learning rate", "lr", [("lr", lr_steps, lr, "-")])))
+        plots.append(("learning rate", plot_lines(plots_dir / "lr.png", "learning rate", "lr", [("lr", lr_steps, lr, "-")])))
         md += [f"Learning rate: peak {_fmt(max(lr))}, last {_fmt(lr[-1])}.", ""]
 
     _, tps = _series(train, "tokens_per_s")
@@ -264,7 +264,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                     best_text = f"{_fmt(best[1])} ({best[0]})" if best else "–"
                     md.append(f"| {label} | {_fmt(values[-1])} | {best_text} |")
         md.append("")
-        plots.append(("rewards and accuracy", _plot_lines(plots_dir / "rewards.png", "rewards and accuracy", "value", lines)))
+        plots.append(("rewards and accuracy", plot_lines(plots_dir / "rewards.png", "rewards and accuracy", "value", lines)))
 
     md += long_eval.section(run_dir)  # a run evaluated by `seekforge eval-long --out` it
     if plots:
