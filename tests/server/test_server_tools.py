@@ -65,12 +65,12 @@ class ScriptState:
 def answer(served, monkeypatch):
     """answer(text): the model's next chat answers are `text` (then EOS)."""
     tok = served[0]
-    real = OpenAIServing._chat_constraint
+    real = OpenAIServing.chat_constraint
 
     def scripted(text):
         async def constraint(self, req):
             return await real(self, req) or Script(tok.encode(text) + [tok.eos_id])
-        monkeypatch.setattr(OpenAIServing, "_chat_constraint", constraint)
+        monkeypatch.setattr(OpenAIServing, "chat_constraint", constraint)
 
     return scripted
 
