@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from chat_templates import R1_STYLE, TOOL_CHAT, TOOLS
 
 from seekforge.errors import ConfigError
 from seekforge.reasoning import prompt_opens_reasoning
@@ -17,26 +18,6 @@ from seekforge.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [f"The quick brown fox {i} asks: what is {i} + {2 * i}? Think, then answer." for i in range(100)]
-
-# DeepSeek-R1's style of template (as in its tokenizer_config.json): system prompts joined after BOS, the
-# reasoning of earlier answers dropped, and a generation prompt that opens the think block.
-R1_STYLE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
-    "{% set ns.is_first_sp = false %}"
-    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}"
-    "{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
 
 # A multi-line ChatML-style template: indentation and newlines around blocks matter (trim_blocks,
 # lstrip_blocks), and it uses loop controls, tojson, a generation block, strftime_now and raise_exception.
@@ -132,12 +113,6 @@ TOOLS_STYLE = (
     "{% if m['role'] == 'tool' %}<for {{ m['tool_call_id'] }}>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}[assistant]{% endif %}"
 )
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
-             {"role": "assistant", "content": None, "tool_calls": [
-                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
 
 
 def test_checkpoint_template_receives_tools_as_transformers_passes_them(base, tmp_path):

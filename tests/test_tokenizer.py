@@ -143,7 +143,7 @@ def test_chat_template_matches_transformers(tok, saved, msgs, gen, thinking):
 def test_builtin_template_renders_tools_as_transformers(tok, saved):
     """Tools, a turn that calls them and their results: transformers renders the saved template alike."""
     transformers = pytest.importorskip("transformers")
-    from test_chat_template import TOOL_CHAT, TOOLS
+    from chat_templates import TOOL_CHAT, TOOLS
 
     hf = transformers.AutoTokenizer.from_pretrained(saved)
     chat = TOOL_CHAT + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]

@@ -44,6 +44,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, expe
     # torch.compile's shape rule for grouped matmul accepts bf16 only, though eager CPU kernels take fp32 too
     if _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    return looped_linear(x, w, expert_of_row)
+
+
+def looped_linear(x: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    """`grouped_linear` where torch._grouped_mm is missing or refuses the dtype: one small matmul a row, each
+    with its expert's gathered weight. Returns [m, out]."""
     return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(-2, -1)).squeeze(1)
 
 

@@ -165,7 +165,7 @@ class OpenAIServing:
         except ConfigError as err:
             raise bad_request(str(err), "messages") from None
         opened = prompt_opens_reasoning(text)
-        params = self._sampling(req, [ids], await self._chat_constraint(req))
+        params = self._sampling(req, [ids], await self.chat_constraint(req))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await self._start([ids], params, rid, arrival)
         created = int(time.time())
@@ -197,9 +197,10 @@ class OpenAIServing:
         return json_response(ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
                                             usage=self._usage(gen, finals)))
 
-    async def _chat_constraint(self, req: ChatCompletionRequest):
+    async def chat_constraint(self, req: ChatCompletionRequest):
         """The grammar a chat request decodes under: a forced tool call (tool_choice required or naming a
-        function), JSON (response_format json_object or json_schema), else none. Compiled off the event loop."""
+        function), JSON (response_format json_object or json_schema), else none. Compiled off the event loop. A
+        subclass may override it to add a constraint of its own (any object with the engine's constraint interface)."""
         fmt = req.response_format
         if fmt is not None and fmt.type == "json_schema":
             return await self._compile(lambda: self.grammars.json_schema(fmt.json_schema.schema_), "response_format")

@@ -96,21 +96,15 @@ def test_overrides_that_reshape_a_checkpoint_are_refused_by_name(tmp_path, overr
     assert (kept.rope_factor, kept.max_seq_len, kept.route_scale, kept.dim) == (2.0, 2048, 1.0, 64)
 
 
-def test_sft_applies_the_same_overrides(tmp_path):
-    from seekforge.tokenizer import Tokenizer
+def test_sft_applies_the_same_overrides(tmp_path, tiny_checkpoint):
     from seekforge.train.sft import build_trainer as sft_trainer, load_sft_config
 
-    tok = Tokenizer.train(["What is 1 + 2? 3", "What is 4 + 5? 9"] * 20, 300)
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128,
-                                                   moe_inter_dim=32, n_layers=2, max_seq_len=64)
-                ).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    base = tiny_checkpoint()  # max_seq_len 512: the overrides extend it four times
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "What is 1 + 2?", "completion": " 3"}) + "\n")
-    common = [f"init_from={tmp_path / 'base'}", f"data={tmp_path / 'data.jsonl'}", "progress=false",
+    common = [f"init_from={base}", f"data={tmp_path / 'data.jsonl'}", "progress=false",
               "tensorboard=false", "seq_len=256"]
-    trainer = sft_trainer(load_sft_config(None, [*common, "model_overrides={rope_factor: 4, max_seq_len: 256}"]),
+    trainer = sft_trainer(load_sft_config(None, [*common, "model_overrides={rope_factor: 4, max_seq_len: 2048}"]),
                          tmp_path / "sft")
-    assert (trainer.model.cfg.rope_factor, trainer.model.cfg.max_seq_len) == (4.0, 256)
+    assert (trainer.model.cfg.rope_factor, trainer.model.cfg.max_seq_len) == (4.0, 2048)
     with pytest.raises(ConfigError, match="model_overrides dim would change the shape"):
-        sft_trainer(load_sft_config(None, [*common, "model_overrides={dim: 96, max_seq_len: 256}"]), tmp_path / "x")
+        sft_trainer(load_sft_config(None, [*common, "model_overrides={dim: 96, max_seq_len: 2048}"]), tmp_path / "x")

@@ -293,7 +293,7 @@ def test_bench_parity_runs_on_a_cpu_and_writes_its_json_and_plot(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "fp8.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "fp8.py"
     spec = importlib.util.spec_from_file_location("bench_fp8", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -7,9 +7,8 @@ import torch
 
 from seekforge.errors import ConfigError
 from seekforge.rl.evaluate import EvalConfig, evaluate
-from seekforge.model import ModelConfig, Transformer
+from seekforge.model.hf import from_pretrained
 from seekforge.tasks import get_task, r1_zero_prompt
-from seekforge.tokenizer import Tokenizer
 from seekforge.rl.evaluate import pass_at_k
 
 
@@ -22,9 +21,8 @@ def test_pass_at_k_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    rows = get_task("chain_sum").rows("train", 200, 0)
-    return Tokenizer.train([r1_zero_prompt(r.prompt) + "\n" + r.solution for r in rows], 320)
+def tok(task_tokenizer):
+    return task_tokenizer
 
 
 class Scripted:
@@ -83,13 +81,10 @@ def test_pass_at_k_over_samples(tok):
         EvalConfig(task="chain_sum", k=4, samples=2)
 
 
-def test_engine_evaluation_is_deterministic_and_uses_the_live_model(tok):
+def test_engine_evaluation_is_deterministic_and_uses_the_live_model(tok, tiny_checkpoint):
     from seekforge.engine import LLM
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
-                                             n_layers=2, max_seq_len=512)
-    model = Transformer(cfg).eval()
+    model = from_pretrained(tiny_checkpoint(), dtype=torch.float32).eval()
     llm = LLM(model, tokenizer=tok)
     ecfg = EvalConfig(task="chain_sum", n=6, seed=1, max_tokens=6)
     first, second = evaluate(llm, ecfg), evaluate(llm, ecfg)

@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from test_server import KEY, NAME, Server, build_checkpoint  # noqa: E402
+from server_harness import KEY, NAME, Server, build_checkpoint  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

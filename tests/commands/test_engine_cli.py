@@ -6,31 +6,21 @@ import io
 import json
 
 import pytest
-import torch
 
 from seekforge import LLM, SamplingParams
 from seekforge.cli import main
 from seekforge.commands.chat import DIM, RESET, ThinkRenderer
 from seekforge.model.hf import from_pretrained
-from seekforge.model import ModelConfig, Transformer
 from seekforge.tokenizer import Tokenizer
-
-TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, then rests." for i in range(200)]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random tiny model with a byte-level BPE tokenizer of the same vocabulary beside it."""
-    path = tmp_path_factory.mktemp("ckpt")
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=300, n_mtp_modules=0, bos_token_id=tok.bos_id,
-                                             eos_token_id=tok.eos_id, init_std=0.1)
-    torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def checkpoint(tiny_checkpoint):
+    """The shared tiny model and its byte-level BPE tokenizer, without MTP, its weights drawn wider (init_std 0.1)
+    so that greedy text varies."""
+    return tiny_checkpoint(n_mtp_modules=0, init_std=0.1)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])

@@ -18,8 +18,8 @@ openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 from starlette.testclient import TestClient  # noqa: E402
-from test_chat_template import R1_STYLE  # noqa: E402
-from test_server import ANSWER, build_checkpoint, collect_chat  # noqa: E402
+from chat_templates import R1_STYLE  # noqa: E402
+from server_harness import ANSWER, build_checkpoint, collect_chat  # noqa: E402
 
 from seekforge.engine import EngineConfig  # noqa: E402
 from seekforge.server import ServerConfig  # noqa: E402

@@ -3,14 +3,13 @@ calls in DeepSeek-V3's format come back as `tool_calls` (whole, and streamed as 
 client's stream helper assembles), and tool_choice "required" or a named function makes even a random
 model call a tool, with arguments valid under the function's schema.
 
-The app runs in-process over test_server's tiny checkpoint. Where the model must write a given answer, a
+The app runs in-process over server_harness's tiny checkpoint (the `served` fixture). Where the model must write a given answer, a
 logits constraint (the engine's per-request mask) allows only the next token of that answer's encoding.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -18,15 +17,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
-from starlette.testclient import TestClient  # noqa: E402
-from test_server import build_checkpoint  # noqa: E402
+from server_harness import IN_PROCESS_NAME as NAME  # noqa: E402
 
-from seekforge.engine import EngineConfig  # noqa: E402
-from seekforge.server import ServerConfig  # noqa: E402
-from seekforge.server.app import create_app  # noqa: E402
 from seekforge.server.serving import OpenAIServing  # noqa: E402
 
-NAME = "tiny-tools"
 CITY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
         "required": ["city"], "additionalProperties": False}
 TIME = {"type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}
@@ -67,30 +61,16 @@ class ScriptState:
         return False  # the script ends with EOS, which stops the sequence
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = tmp_path_factory.mktemp("server") / "tiny-tools"
-    tok, _ = build_checkpoint(path)
-    engine = EngineConfig(dtype="float32", max_model_len=1024, max_num_seqs=4, kv_cache_memory=16 << 20)
-    app = create_app(ServerConfig(str(path), served_model_names=[NAME], engine=engine))
-    with TestClient(app) as http:
-        deadline = time.time() + 120
-        while http.get("/health").status_code != 200:
-            assert time.time() < deadline, "the engine did not get ready"
-            time.sleep(0.05)
-        yield tok, http, openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http, max_retries=0)
-
-
 @pytest.fixture
 def answer(served, monkeypatch):
     """answer(text): the model's next chat answers are `text` (then EOS)."""
     tok = served[0]
-    real = OpenAIServing._chat_constraint
+    real = OpenAIServing.chat_constraint
 
     def scripted(text):
         async def constraint(self, req):
             return await real(self, req) or Script(tok.encode(text) + [tok.eos_id])
-        monkeypatch.setattr(OpenAIServing, "_chat_constraint", constraint)
+        monkeypatch.setattr(OpenAIServing, "chat_constraint", constraint)
 
     return scripted
 

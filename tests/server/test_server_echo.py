@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
-from test_server import TEXTS, Server  # noqa: E402
+from server_harness import TEXTS, Server  # noqa: E402
 
 import seekforge  # noqa: E402
 from seekforge.engine import EngineConfig  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
-from test_server_tools import NAME, served  # noqa: E402,F401  (the in-process server)
+from server_harness import IN_PROCESS_NAME as NAME  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 8},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError, DataError
-from seekforge.model import ModelConfig, Transformer
+from seekforge.model import ModelConfig
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import ASSISTANT, Tokenizer
 from seekforge.rl.rejection import SampleConfig, is_correct, rejection_sample
@@ -18,22 +18,13 @@ from seekforge.train.sft import (IGNORE, SFTLoader, collate, distillation_kl, lo
 
 
 @pytest.fixture(scope="module")
-def tok():
-    rows = get_task("chain_sum").rows("train", 200, 0)
-    texts = [r1_zero_prompt(r.prompt) + "\n" + r.solution + "\n</think>\n<answer>" + r.answer + "</answer>"
-             for r in rows]
-    return Tokenizer.train(texts, 320)
+def tok(task_tokenizer):
+    return task_tokenizer
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tok):
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
-                                             n_layers=2, max_seq_len=512)
-    Transformer(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def base(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
 def _targets(example, tok):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from seekforge.errors import ConfigError
-from seekforge.model import ModelConfig, Transformer
 from seekforge.model.moe import MoE
 from seekforge.tasks import get_task, r1_zero_prompt
 from seekforge.tokenizer import Tokenizer
@@ -39,19 +38,9 @@ def sleepy(prompt, completion, **kw):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A random tiny MoE + MLA + MTP model with a tokenizer trained on the task's text."""
-    path = tmp_path_factory.mktemp("base")
-    rows = get_task("chain_sum").rows("train", 200, 0)
-    texts = [r1_zero_prompt(r.prompt) + "\n" + r.solution + "\n</think>\n<answer>" + r.answer + "</answer>"
-             for r in rows]
-    tok = Tokenizer.train(texts, 320)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, dim=64, inter_dim=128, moe_inter_dim=32,
-                                             n_layers=2, max_seq_len=512)
-    Transformer(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def base(tiny_checkpoint):
+    """The shared tiny MoE + MLA + MTP checkpoint, its tokenizer trained on the task's text."""
+    return tiny_checkpoint()
 
 
 def _config(base, tmp_path, *extra):
