@@ -3,13 +3,14 @@
     app = create_app(ServerConfig("path/to/checkpoint"))     # or serve(config): runs uvicorn until SIGTERM
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (a real
-one-token generation; 503 while loading or shutting down), GET /metrics (Prometheus).
+one-token generation; 503 while loading or shutting down), GET /metrics (Prometheus), and GET / (a chat
+page in the browser, static/chat.html, that calls the /v1 endpoints with the key the user types in).
 
 The HTTP port opens at once and the model loads in the engine thread meanwhile (/health answers 503
 until it is ready). Every error is the OpenAI envelope {"error": {message, type, param, code}}: invalid
 JSON, wrong types and impossible combinations are 400 (FastAPI's 422 is turned into 400), an unknown
-model 404, a missing or wrong API key 401 (compared in constant time; /health, /metrics and the schema
-stay open), a full queue 503. A client that goes away mid-request has its generation aborted. On
+model 404, a missing or wrong API key 401 (compared in constant time; /health, /metrics, the schema and
+the page at / stay open), a full queue 503. A client that goes away mid-request has its generation aborted. On
 SIGTERM (or Ctrl-C) the server stops admitting (new connections are refused, requests on open ones get
 503), lets the requests in flight finish, then stops the engine and exits.
 """
@@ -21,13 +22,14 @@ import contextlib
 import hmac
 import logging
 import time
+from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from seekforge.engine import LLM, QueueFullError, SamplingParams
 from seekforge.server.config import ServerConfig
@@ -41,7 +43,7 @@ from seekforge.server.serving import OpenAIServing, json_response
 
 log = logging.getLogger("seekforge.server")
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
 _CLIENT_GONE = 499  # nginx's code for "client closed the request": only ever seen in metrics
 
 
@@ -62,6 +64,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     engine = EngineLoop(lambda: LLM(config.model_path, config.engine), metrics,
                         on_fatal=lambda: app.state.on_fatal())
     serving = OpenAIServing(engine, config)
+    chat_page = (resources.files("seekforge.server") / "static" / "chat.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -134,6 +137,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             gen.close()
         return json_response(Health(status="ok"))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> Response:
+        return HTMLResponse(chat_page)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
