@@ -15,7 +15,8 @@ import os
 def register(subparsers) -> None:
     from seekforge.commands.generate import add_engine_args
 
-    p = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API (and a chat page at /)")
+    p = subparsers.add_parser("serve",
+                              help="serve a checkpoint behind an OpenAI-compatible HTTP API (and a chat page at /)")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
