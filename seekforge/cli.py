@@ -15,6 +15,7 @@ from seekforge.errors import SeekforgeError
 
 COMMANDS = [
     "seekforge.commands.info",
+    "seekforge.commands.plan",
     "seekforge.commands.train",
     "seekforge.commands.quickstart",
     "seekforge.commands.tokenizer",
