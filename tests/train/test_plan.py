@@ -1,0 +1,71 @@
+"""The planner's arithmetic against hand-computed values, the model's own count, and DeepSeek-V3's layout."""
+
+import pytest
+import torch
+
+from seekforge.cli import main
+from seekforge.errors import ConfigError
+from seekforge.model.config import ModelConfig
+from seekforge.model.transformer import Transformer
+from seekforge.train.plan import GB, Parallel, PlanConfig, Precision, all_to_all_bytes, plan, total_params
+
+
+@pytest.mark.parametrize("preset", ["tiny", "16b", "671b"])
+def test_analytic_count_matches_the_model(preset):
+    cfg = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        assert total_params(cfg) == Transformer(cfg).num_parameters()["total"]
+
+
+def test_tiny_by_hand():
+    cfg = ModelConfig.preset("tiny")
+    # attention: wq_a 128*64 + q_norm 64 + wq_b 64*4*32 + wkv_a 128*48 + kv_norm 32 + wkv_b 32*4*32 + wo 64*128
+    attn = 8192 + 64 + 8192 + 6144 + 32 + 4096 + 8192
+    dense_block = 256 + attn + 3 * 128 * 384
+    moe_block = 256 + attn + 8 * 128 + 3 * 128 * 64 + 8 * 3 * 128 * 64
+    mtp = 3 * 128 + 2 * 128 * 128 + moe_block
+    assert total_params(cfg) == 2 * 512 * 128 + 128 + dense_block + 2 * moe_block + mtp
+    # one GPU, ZeRO-3 over 1 rank, fp32 master + fp32 m, v: 12 bytes a parameter
+    out = plan(cfg, PlanConfig(), 1)
+    assert out["heaviest"].memory["optimizer"] == 12 * total_params(cfg)
+    assert plan(cfg, PlanConfig(precision=Precision(moments="bf16")), 1)["heaviest"].memory["optimizer"] == \
+        8 * total_params(cfg)
+    # one dispatch over ep=4: 4096 tokens x top-2 x 128 wide x 2 bytes, 3/4 of it leaves the rank
+    assert all_to_all_bytes(cfg, 4096, 4) == 4096 * 2 * 128 * 2 * 3 / 4 == 1572864
+
+
+def test_deepseek_v3_layout_fits_80gb():
+    """671B on 2048 GPUs: PP16, EP64, ZeRO-1 data parallelism, bf16 moments, recomputation."""
+    config = PlanConfig(parallel=Parallel(pp=16, ep=64), zero=1, precision=Precision(moments="bf16"),
+                        activation_checkpointing=True)
+    out = plan(ModelConfig.preset("671b"), config, 2048)
+    assert out["parallel"].dp_shard == 128
+    assert 0 < sum(out["heaviest"].memory.values()) / GB < 80
+    # without sharding anything over 2048 GPUs, the optimizer alone (12 B x 671B) could not fit
+    assert 12 * out["total_params"] / GB > 80
+
+
+@pytest.mark.parametrize("parallel, match", [
+    (Parallel(dp_shard=3, pp=16), "must equal the world size"),
+    (Parallel(pp=16, ep=63), "does not divide the 256 routed experts"),
+    (Parallel(pp=1024, ep=4), "does not divide dp_shard"),
+])
+def test_degree_errors(parallel, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(ModelConfig.preset("671b"), PlanConfig(parallel=parallel), 2048)
+
+
+def test_tp_must_divide_heads():
+    with pytest.raises(ConfigError, match="attention heads"):
+        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=Parallel(tp=3)), 3)
+
+
+def test_pp_larger_than_blocks():
+    with pytest.raises(ConfigError, match="every stage"):
+        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=Parallel(pp=8)), 8)
+
+
+def test_command(capsys):
+    assert main(["plan", "16b", "parallel.ep=8", "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert "not a measurement" in capsys.readouterr().out
+    assert main(["plan", "16b", "parallel.ep=3", "--gpus", "8", "--gpu-memory", "80"]) == 2
