@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import torch
@@ -61,6 +63,23 @@ def build_checkpoint(path: Path) -> tuple[Tokenizer, seekforge.Transformer]:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return tok, model
+
+
+@contextmanager
+def in_process(path: Path, name: str, engine) -> Iterator:
+    """A starlette TestClient of the app serving the checkpoint at `path` as `name` with `engine` (an EngineConfig),
+    in this process, once its engine answers /health."""
+    from starlette.testclient import TestClient
+
+    from seekforge.server import ServerConfig
+    from seekforge.server.app import create_app
+
+    with TestClient(create_app(ServerConfig(str(path), served_model_names=[name], engine=engine))) as http:
+        deadline = time.time() + 120
+        while http.get("/health").status_code != 200:
+            assert time.time() < deadline, "the engine did not get ready"
+            time.sleep(0.05)
+        yield http
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ test_server's scripted checkpoint: after "<think>\\n" the model writes " quick f
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -17,13 +16,10 @@ import torch
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
-from starlette.testclient import TestClient  # noqa: E402
 from chat_templates import R1_STYLE  # noqa: E402
-from server_harness import ANSWER, build_checkpoint, collect_chat  # noqa: E402
+from server_harness import ANSWER, build_checkpoint, collect_chat, in_process  # noqa: E402
 
 from seekforge.engine import EngineConfig  # noqa: E402
-from seekforge.server import ServerConfig  # noqa: E402
-from seekforge.server.app import create_app  # noqa: E402
 
 NAME = "r1-style"
 # R1's template, refusing a conversation that opens with an answer (as templates refuse what they cannot render)
@@ -39,12 +35,7 @@ def served(tmp_path_factory):
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config_path.write_text(json.dumps({**config, "chat_template": TEMPLATE}), encoding="utf-8")
     engine = EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=4, kv_cache_memory=8 << 20)
-    app = create_app(ServerConfig(str(path), served_model_names=[NAME], engine=engine))
-    with TestClient(app) as http:
-        deadline = time.time() + 120
-        while http.get("/health").status_code != 200:
-            assert time.time() < deadline, "the engine did not get ready"
-            time.sleep(0.05)
+    with in_process(path, NAME, engine) as http:
         yield path, http, openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http,
                                         max_retries=0)
 

@@ -6,20 +6,16 @@ defined in a local file as its own Hugging Face backend scores it on the same ch
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from starlette.testclient import TestClient  # noqa: E402
-from server_harness import TEXTS, Server  # noqa: E402
+from server_harness import TEXTS, Server, in_process  # noqa: E402
 
 import seekforge  # noqa: E402
 from seekforge.engine import EngineConfig  # noqa: E402
-from seekforge.server import ServerConfig  # noqa: E402
-from seekforge.server.app import create_app  # noqa: E402
 from seekforge.tokenizer import Tokenizer  # noqa: E402
 
 NAME = "tiny-echo"
@@ -46,11 +42,7 @@ def ckpt(tmp_path_factory):
 def http(ckpt):
     engine = EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=4, kv_cache_memory=8 << 20,
                           max_num_batched_tokens=8)  # prompts prefill in several chunks
-    with TestClient(create_app(ServerConfig(str(ckpt[0]), served_model_names=[NAME], engine=engine))) as client:
-        deadline = time.time() + 120
-        while client.get("/health").status_code != 200:
-            assert time.time() < deadline, "the engine did not get ready"
-            time.sleep(0.05)
+    with in_process(ckpt[0], NAME, engine) as client:
         yield client
 
 
