@@ -15,7 +15,7 @@ from seekforge import LLM, SamplingParams  # noqa: E402
 from seekforge import ops  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
 from seekforge.ops.triton import mla_decode as mla_decode_module  # noqa: E402
-from seekforge.ops.triton import moe as moe_module  # noqa: E402
+from seekforge.ops.triton import tuning  # noqa: E402
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
@@ -37,18 +37,15 @@ def test_cuda_paths_on_the_cpu_give_the_plain_engines_tokens(monkeypatch):
                         lambda *args: decodes.append(1) or kernel(*args))
     # decode's MoE (one block a pair) in its GEMV form, which the GPU keeps where it times faster (the MMA tiles,
     # the interpreter's choice, have tests of their own)
-    monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: True)
-    gemv_form = []
-    launch_rows = moe_module._launch_rows
-    monkeypatch.setattr(moe_module, "_launch_rows",
-                        lambda *args, **meta: gemv_form.append(1) or launch_rows(*args, **meta))
     counters.clear()
-    llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True, kernels="triton")
-    with torch.profiler.profile() as prof:
-        got = [o.token_ids for o in llm.generate(prompts, params)]
+    with tuning.tuning(forced={"moe_form": "gemvs"}) as chosen:
+        llm = LLM(model, max_num_seqs=4, max_model_len=256, compile=True, kernels="triton")
+        with torch.profiler.profile() as prof:
+            got = [o.token_ids for o in llm.generate(prompts, params)]
     ran = {e.key for e in prof.key_averages()}
     assert {"seekforge::residual_logits", "seekforge::fused_moe", "seekforge::gemv",
-            "seekforge::norm_gemv"} <= ran and decodes and gemv_form
+            "seekforge::norm_gemv"} <= ran and decodes
+    assert chosen.choices["moe_form"]  # decode's one-block MoE calls ran the GEMV form
     assert not counters["graph_break"]
     assert got == plain
 

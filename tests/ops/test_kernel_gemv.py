@@ -4,6 +4,8 @@ projections to it (`seekforge.ops.FewRowLinears`).
 Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,10 +76,12 @@ def test_first_call_of_a_shape_tunes_the_tile_then_keeps_the_faster_of_it_and_cu
         weighed.append(len(weighed))
         return 1.0 if (len(weighed) % 2 == 1) == (winner == "triton") else 2.0  # a shape times its tile first
 
-    monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
-    monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", tile_clock)
-    monkeypatch.setattr(tuning, "replayed_us", clock)
-    monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])  # stand-in clocks: one copy will do
+    # stand-in clocks: one weight copy will do
+    with tuning.tuning(timed=True, tile_clock=tile_clock, clock=clock, copies=lambda weight: [weight]):
+        _tunes_then_keeps_the_faster(winner, k, fitting, tiles_timed, weighed)
+
+
+def _tunes_then_keeps_the_faster(winner, k, fitting, tiles_timed, weighed):
     x = torch.randn(3, k, device=DEVICE, dtype=HALF)
     w = torch.randn(7, k, device=DEVICE, dtype=HALF) * k ** -0.5
     assert gemv_module.choice(x, w) is None
@@ -117,15 +121,13 @@ def test_the_choice_times_weight_copies_that_pass_the_l2_cache():
     assert len({c.data_ptr() for c in copies}) == len(copies)
 
 
-def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile(monkeypatch):
-    monkeypatch.setattr(gemv_module, "_INTERPRETED", False)
-    monkeypatch.setattr(gemv_module, "capturing", lambda: True)
-    monkeypatch.setattr(tuning, "replayed_us", lambda *a, **k: pytest.fail("timed in a capture"))
-    monkeypatch.setattr(gemv_module._gemv_tuned, "do_bench", lambda *a, **k: pytest.fail("tuned in a capture"))
+def test_a_shape_first_met_inside_a_graph_capture_runs_the_untimed_tile():
     x = torch.randn(2, 52, device=DEVICE, dtype=HALF)
     w = torch.randn(5, 52, device=DEVICE, dtype=HALF) * 52 ** -0.5
-    torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
-    assert gemv_module.choice(x, w) is None  # still to be weighed outside a capture
+    with tuning.tuning(timed=True, capturing=lambda: True, clock=lambda *a, **k: pytest.fail("timed in a capture"),
+                       tile_clock=lambda *a, **k: pytest.fail("tuned in a capture")):
+        torch.testing.assert_close(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=3e-3, rtol=3e-3)
+        assert gemv_module.choice(x, w) is None  # still to be weighed outside a capture
 
 @pytest.mark.parametrize("tile", N_CONTIGUOUS_TILES, ids=str)
 def test_every_tuning_candidate_matches_n_contiguous(tile):
@@ -137,40 +139,29 @@ def test_every_tuning_candidate_matches_n_contiguous(tile):
 
 
 @pytest.fixture
-def tuner_picks(monkeypatch):
+def tuner_picks():
     """pick(i): from then on the first call of every tuned kernel at a shape takes the i-th (mod their number) of
-    the tiles its tuner would time there (`_fitting_tiles`); pick.tiles maps each (kernel, tuning key) to the
-    tiles it took. The GEMV is weighed against cuBLAS as on the GPU and kept. A tuning choice changes a step's
-    speed, never its result: these are the choices the GPU's timing could make, tried on the CPU as well."""
-    import seekforge.ops.triton.latents as latents_module
-    import seekforge.ops.triton.moe as moe_module
-
-    tuners = {"gemv": gemv_module._gemv_tuned, "norm_gemv": gemv_module._norm_gemv2_tuned,
-              "latent_query": latents_module._latent_query_tuned, "gate_up_rows": moe_module._gate_up_rows_tuned,
-              "down_rows": moe_module._down_rows_tuned}
-    for module in (gemv_module, latents_module, moe_module):
-        monkeypatch.setattr(module, "_INTERPRETED", False)
-    monkeypatch.setattr(tuning, "replayed_us", lambda run: 1.0)  # a tie: the first listed, the Triton tile
-    monkeypatch.setattr(gemv_module, "weight_copies", lambda weight: [weight])
+    the tiles its tuner would time there; pick.tiles maps each (kernel, tuning key) to the tiles it took. The GEMV
+    is weighed against cuBLAS as on the GPU and kept. A tuning choice changes a step's speed, never its result:
+    these are the choices the GPU's timing could make, tried on the CPU as well."""
+    stack = contextlib.ExitStack()
 
     def pick(i):
-        monkeypatch.setattr(tuning, "_TUNED", set())
-        monkeypatch.setattr(gemv_module, "_CHOICE", {})
-        for name, tuner in tuners.items():
-            def one(configs, named_args, name=name, keys=tuner.keys, **kwargs):
-                tiles = tuning._fitting_tiles(configs, named_args, **kwargs)
-                tile = tiles[i % len(tiles)]
-                shape = (name, *({**named_args, **kwargs}[key] for key in keys))
-                pick.tiles.setdefault(shape, set()).add((tile.kwargs["BLOCK_N"], tile.kwargs["BLOCK_K"], tile.num_warps))
-                pick.count[shape] = len(tiles)
-                return [tile]
+        def one(kernel, key, tiles):
+            tile = tiles[i % len(tiles)]
+            shape = (kernel, *key)
+            pick.tiles.setdefault(shape, set()).add((tile.kwargs["BLOCK_N"], tile.kwargs["BLOCK_K"], tile.num_warps))
+            pick.count[shape] = len(tiles)
+            return [tile]
 
-            monkeypatch.setattr(tuner, "cache", {})
-            monkeypatch.setattr(tuner, "early_config_prune", one)
-            monkeypatch.setattr(tuner, "do_bench", lambda fn, quantiles: [1.0] * len(quantiles))
+        stack.close()  # each pick starts over: no tile or choice kept from the last
+        # a tie everywhere: the first listed, the Triton tile, wins the choice beside cuBLAS
+        stack.enter_context(tuning.tuning(timed=True, prune=one, tile_clock=lambda fn, quantiles: [1.0] * len(quantiles),
+                                          clock=lambda run: 1.0, copies=lambda weight: [weight]))
 
     pick.tiles, pick.count = {}, {}
-    return pick
+    with stack:
+        yield pick
 
 
 def test_every_tile_the_tuner_can_pick_gives_the_reference(tuner_picks):

@@ -127,7 +127,7 @@ def test_the_residual_joins_the_sum_of_the_pairs(n, rows):
 
 
 @pytest.mark.parametrize("winner", ["gemvs", "tiles"])
-def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
+def test_the_faster_form_is_timed_once_a_shape_and_kept(winner):
     """A one-block shape's first call (on the GPU) times both forms replayed from CUDA graphs, GEMVs first, and
     keeps the faster; later calls time nothing. Both give the model's experts."""
     import seekforge.ops.triton.moe as moe_module
@@ -140,17 +140,15 @@ def test_the_faster_form_is_timed_once_a_shape_and_kept(winner, monkeypatch):
         timed.append(len(timed))
         return 1.0 if (len(timed) % 2 == 1) == (winner == "gemvs") else 2.0
 
-    monkeypatch.setattr(moe_module, "_INTERPRETED", False)
-    monkeypatch.setattr(moe_module, "_ROWS_FASTER", {})
-    for tuned_kernel in (moe_module._gate_up_rows_tuned, moe_module._down_rows_tuned):  # tiles tuned, untimed
-        monkeypatch.setattr(tuned_kernel, "do_bench", lambda call, quantiles: call() or [1.0] * len(quantiles))
-    monkeypatch.setattr(tuning, "replayed_us", clock)
     ex, x, weights, indices, ref = _problem(1, 2, 4, 24, 40, torch.float32, seed=9)
-    for _ in range(2):
-        out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
-        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
-    assert len(timed) == 2
-    assert moe_module.rows_faster(x, ex.w1, 2, 2, 4) == (winner == "gemvs") and len(moe_module._ROWS_FASTER) == 1
+    # the tiles tuned untimed (every candidate ties)
+    with tuning.tuning(timed=True, clock=clock, tile_clock=lambda call, quantiles: call() or [1.0] * len(quantiles)):
+        for _ in range(2):
+            out = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices)
+            torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+        assert len(timed) == 2
+        assert moe_module.rows_faster(x, ex.w1, 2, 2, 4) == (winner == "gemvs")
+        assert len(tuning.current().choices["moe_form"]) == 1
 
 
 def test_grouping_covers_every_pair_once_in_its_experts_blocks():
@@ -235,16 +233,15 @@ def test_moe_forward_keeps_the_model_path_where_the_backend_is_torch():
 
 
 @pytest.mark.parametrize("n,gemv", [(1, True), (2, True), (2, False), (5, False)])
-def test_moe_forward_returns_the_choice_of_its_kernels(n, gemv, monkeypatch):
+def test_moe_forward_returns_the_choice_of_its_kernels(n, gemv):
     """The Triton path of `moe_forward` (on the CPU under Triton's interpreter): the experts it returns are the gate's
     choice (a set per token: the kernels' top-k is unsorted) and the load counts them, whichever kernel chose (the
     GEMV form's first kernel, or the router's select kernel before the MMA tiles)."""
-    import seekforge.ops.triton.moe as moe_module
+    from seekforge.ops.triton import tuning
 
-    monkeypatch.setattr(moe_module, "_rows_faster", lambda key, tiles, gemvs: gemv)
     moe = make_moe(32, 8, 2, 16, 1, HALF, seed=n)
     x = torch.randn(n, 32, device=DEVICE, dtype=HALF)
-    with torch.no_grad(), ops.backend("triton"):
+    with torch.no_grad(), ops.backend("triton"), tuning.tuning(forced={"moe_form": "gemvs" if gemv else "tiles"}):
         out, indices, load = ops.moe_forward(moe, x)
         _, want, _ = moe.gate(x)
     assert indices.sort(-1).values.tolist() == want.sort(-1).values.tolist()

@@ -20,8 +20,7 @@ import triton.language as tl
 
 from seekforge.errors import ConfigError
 from seekforge.ops.triton.pdl import wait_for_inputs
-from seekforge.ops.triton.tuning import (GemvConfig, capturing, default_config, fastest, launch_tiled, tile_of, tuned,
-                                         weight_copies)
+from seekforge.ops.triton.tuning import GemvConfig, choose, chosen, current, default_config, launch_tiled, tile_of, tuned
 
 
 @triton.jit
@@ -62,7 +61,6 @@ def _gemv(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xb, stride_xk, stride_
 
 
 GEMV_ROWS = 4  # rows of x up to which one pass over the weight takes them all
-_INTERPRETED = triton.knobs.runtime.interpret  # read once: torch.compile cannot trace the lookup
 
 
 _gemv_tuned = tuned(_gemv, ["M", "N", "K", "stride_wb", "stride_wn", "stride_wk"])
@@ -92,8 +90,6 @@ def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None =
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None) -> torch.Tensor:
     if x.numel() == 0 or weight.shape[1] == 0:
         return x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
-    if config is None and _INTERPRETED:
-        config = default_config(weight)
     return launch_gemv(x, weight, None if config is None else tile_of(config, x.shape[2]))
 
 
@@ -105,15 +101,16 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -
     [BLOCK_N, BLOCK_K, warps]; None: the shape's tuned tile, or cuBLAS where that was faster (`choice`)."""
     if tile is not None:
         return _run(x, weight, tile)
-    key = _shape_key(x, weight)
-    if key not in _CHOICE and capturing():  # no timing inside a graph being captured
-        return _run(x, weight, tile_of(default_config(weight), x.shape[2]))
-    if key not in _CHOICE:  # the shape's first call: the tile tuned, then timed beside cuBLAS
-        copies = weight_copies(weight)
-        _CHOICE[key] = fastest({"triton": lambda: [_run(x, w, None) for w in copies],
-                                "cublas": lambda: [_cublas(x, w) for w in copies]})
-    return _run(x, weight, None) if _CHOICE[key] == "triton" else _cublas(x, weight)
 
+    def candidates() -> dict:  # the shape's first call: the tile tuned, then timed beside cuBLAS
+        copies = current().copies(weight)
+        return {"triton": lambda: [_run(x, w, None) for w in copies],
+                "cublas": lambda: [_cublas(x, w) for w in copies]}
+
+    picked = choose("gemv", _shape_key(x, weight), candidates, untimed="untimed")
+    if picked == "untimed":
+        return _run(x, weight, tile_of(default_config(weight), x.shape[2]))
+    return _run(x, weight, None) if picked == "triton" else _cublas(x, weight)
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, tile: list[int] | None) -> torch.Tensor:
@@ -140,15 +137,12 @@ def _shape_key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
     return (*x.shape, *weight.shape[1:], x.dtype, *weight.stride(), x.device)
 
 
-_CHOICE: dict[tuple, str] = {}  # shape key -> "triton" or "cublas", the faster on the shape's first call
-
-
 def choice(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """What `gemv(x, weight)` (weight 2-D) or `head_gemv(x, weight)` (3-D) runs for this shape, "triton" or
     "cublas", once it has been called; None before."""
     if weight.dim() == 2:
         x, weight = x.reshape(-1, 1, x.shape[-1]), weight.unsqueeze(0)
-    return _CHOICE.get(_shape_key(x, weight))
+    return chosen("gemv", _shape_key(x, weight))
 
 
 @triton.jit
@@ -220,8 +214,7 @@ def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.
                           f"[N, K] (K contiguous), all of one dtype; got x {tuple(x.shape)} {x.dtype}, norm_weight "
                           f"{tuple(norm_weight.shape)} {norm_weight.dtype}, weights {tuple(wa.shape)} {wa.dtype} and "
                           f"{tuple(wb.shape)} {wb.dtype}")
-    ya, yb = launch_norm_gemv(x.reshape(rows, k), norm_weight, eps, wa, wb,
-                              tile_of(default_config(wa), k) if _INTERPRETED else None)
+    ya, yb = launch_norm_gemv(x.reshape(rows, k), norm_weight, eps, wa, wb, None)
     return ya.view(*lead, wa.shape[0]), yb.view(*lead, wb.shape[0])
 
 

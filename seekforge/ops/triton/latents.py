@@ -124,7 +124,6 @@ def _latent_query(x_ptr, w_ptr, y_ptr, pe_ptr, cos_ptr, sin_ptr, kv_ptr, g_ptr, 
                                  stride_angles, stride_map, stride_slot, BLOCK_C, BLOCK_P)
 
 
-_INTERPRETED = triton.knobs.runtime.interpret  # read once: torch.compile cannot trace the lookup
 _latent_query_tuned = tuned(_latent_query, ["M", "N", "K", "R", "stride_wb", "stride_wn", "stride_wk"])
 
 
@@ -145,17 +144,16 @@ def latent_query_kernel(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Te
                           f"pairs), w_uk [h, c, d] of one dtype and cos/sin [n, r / 2]; got q_nope "
                           f"{tuple(q_nope.shape)} {q_nope.dtype}, q_pe {tuple(q_pe.shape)} {q_pe.dtype}, w_uk "
                           f"{tuple(w_uk.shape)} {w_uk.dtype}, cos {tuple(cos.shape)}")
-    tile = tile_of(default_config(w_uk), d) if _INTERPRETED else None
     cos, sin = cos.contiguous(), sin.contiguous()
     if store is None:
-        return launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile)
+        return launch_latent_query(q_nope, q_pe, w_uk, cos, sin, None)  # the shape's tuned tile
     cache, slot_mapping, kv_a, norm_weight, eps = store
     check_store(cache, slot_mapping, kv_a)
     if kv_a.shape != (n, norm_weight.shape[0] + r):
         raise ConfigError(f"latent_query's store wants kv_a [n, c + r] = [{n}, {norm_weight.shape[0] + r}] for its "
                           f"{n} tokens and rotary width {r}; got {tuple(kv_a.shape)}")
     return launch_latent_query_storing(q_nope, q_pe, w_uk, cos, sin, cache, slot_mapping, kv_a.contiguous(),
-                                       norm_weight, eps, tile)
+                                       norm_weight, eps, None)
 
 
 def _launch_latent_query(q_nope, q_pe, w_uk, cos, sin, tile, store: tuple | None) -> torch.Tensor:

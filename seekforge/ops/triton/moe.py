@@ -35,7 +35,8 @@ import triton.language as tl
 
 from seekforge.errors import ConfigError
 from seekforge.ops.triton.arrivals import arrive, counters
-from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, capturing, fastest, launch_tiled, tile_of, tuned
+from seekforge.ops.triton import tuning
+from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, launch_tiled, tile_of, tuned
 from seekforge.ops.triton.pdl import wait_for_inputs
 from seekforge.ops.triton.route import RouterLogits, choose, gate_weights, launch_select, select
 
@@ -453,10 +454,16 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
     # without a choice to make the kernel reads none of these
     choice = (logits, bias, weights, load, route_scale) if logits is not None else (x, x, weights, weights, 1.0)
     if one_block and rows is None:
-        key = _rows_key(x, w1, pairs, k, num_experts)
-        timing = key not in _ROWS_FASTER
-        rows = _rows_faster(key, tiles, gemvs)
-        if timing and load is not None:  # the timed runs counted their tokens into it
+        timed = []
+
+        def forms() -> dict:
+            timed.append(True)
+            return {"gemvs": gemvs, "tiles": tiles}
+
+        # the GEMV form against the MMA tiles, both replayed from CUDA graphs (the routed experts of one step
+        # already pass the L2 cache: no weight copies needed); the tiles where nothing is timed
+        rows = tuning.choose("moe_form", _rows_key(x, w1, pairs, k, num_experts), forms, untimed="tiles") == "gemvs"
+        if timed and load is not None:  # the timed runs counted their tokens into it
             load.zero_()
     (gemvs if one_block and rows else tiles)()
 
@@ -467,23 +474,10 @@ def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int
     (`gemv.launch_tiled`): the shape's tuned tile, the first candidate under the interpreter or inside a capture."""
     untimed = tile_of(K_CONTIGUOUS_TILES[0], k_dim)
     launch_tiled(kernel, tuned_kernel, lambda block_n: (triton.cdiv(n, block_n), pairs), args, {"TOPK": topk, **meta},
-                 untimed if _INTERPRETED else None, (kernel.__name__, k_dim, n, topk, x.dtype, x.device), untimed)
+                 None, (kernel.__name__, k_dim, n, topk, x.dtype, x.device), untimed)
 
 
-_INTERPRETED = triton.knobs.runtime.interpret
 _SUM_BLOCK = 512  # columns a program of `_pair_sums`
-_ROWS_FASTER: dict[tuple, bool] = {}  # one-block shape -> whether the GEMV form beat the MMA tiles
-
-
-def _rows_faster(key: tuple, tiles, gemvs) -> bool:
-    """Whether the GEMV form is the faster for this shape: timed on its first call, both replayed from CUDA graphs
-    (the routed experts of one step already pass the L2 cache: no weight copies needed). The MMA tiles under the
-    interpreter, and for a shape first met inside a graph capture (nothing may be timed there)."""
-    if key not in _ROWS_FASTER:
-        if _INTERPRETED or capturing():
-            return False
-        _ROWS_FASTER[key] = fastest({"gemvs": gemvs, "tiles": tiles}) == "gemvs"
-    return _ROWS_FASTER[key]
 
 
 @launch_fused_moe.register_fake
@@ -496,7 +490,8 @@ def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices
 def rows_faster(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_experts: int) -> bool | None:
     """Whether a one-block call (x, the routed w1, `pairs` pairs, k a token over num_experts experts, shared ones
     counted) runs the GEMV form, once its shape's first call has timed it; None before (benchmarks report it)."""
-    return _ROWS_FASTER.get(_rows_key(x, w1, pairs, k, num_experts))
+    form = tuning.chosen("moe_form", _rows_key(x, w1, pairs, k, num_experts))
+    return None if form is None else form == "gemvs"
 
 
 def _rows_key(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_experts: int) -> tuple:

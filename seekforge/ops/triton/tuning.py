@@ -6,15 +6,20 @@ No one tile is best: the winners of `bench/gemv.py --sweep` range from (2 rows, 
 (4, 256, 1) for the dense MLP's [10944, 2048], and a tile chosen for one row loses to cuBLAS at four (each program
 then walks K in more, latency-bound, slices). So on the GPU each shape times the candidate tiles on its first launch
 (`tuned`: `triton.autotune`, L2 flushed between runs), and where a kernel has a library counterpart the fastest tile
-is timed beside it, both replayed from CUDA graphs (`fastest`), as torch.compile's max-autotune weighs its templates
+is timed beside it, both replayed from CUDA graphs (`choose`), as torch.compile's max-autotune weighs its templates
 against the library's GEMM. The engine makes that first launch while warming up, before any CUDA graph is captured;
 a shape first met inside a capture runs the untimed tile, and under Triton's interpreter the first candidate runs,
 untimed.
+
+What was chosen, and how choosing times, is one `Tuning` per process (`current()`); `tuning(...)` swaps in another
+with fresh choices for a block of code: tests stand in clocks or force a form there, a benchmark may re-time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -63,15 +68,31 @@ def _fitting_tiles(configs, named_args, **kwargs):
 
 def tuned(kernel, key: list[str], restore_value: tuple[str, ...] = ()):
     """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles on each key's first launch, each timed
-    for ~20 ms with L2 flushed between runs: well under a second a shape, once per process. `restore_value` names
-    the arguments a run accumulates into (atomic counts): each timed run gets them back as they were, so the
-    launch that tunes counts once, as every later launch does."""
-    return triton.autotune(
+    for ~20 ms with L2 flushed between runs (`Tuning.tile_clock`): well under a second a shape, once per process.
+    `restore_value` names the arguments a run accumulates into (atomic counts): each timed run gets them back as
+    they were, so the launch that tunes counts once, as every later launch does."""
+    name = kernel.__name__.lstrip("_")
+
+    def prune(configs, named_args, **kwargs):
+        tiles = _fitting_tiles(configs, named_args, **kwargs)
+        pick = current().prune
+        return tiles if pick is None else pick(name, tuple({**named_args, **kwargs}[k] for k in key), tiles)
+
+    autotuner = triton.autotune(
         configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
                  for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES],
-        key=key, prune_configs_by={"early_config_prune": _fitting_tiles}, restore_value=list(restore_value),
-        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+        key=key, prune_configs_by={"early_config_prune": prune}, restore_value=list(restore_value),
+        do_bench=lambda fn, quantiles: current().tile_clock(fn, quantiles),
     )(kernel)
+    _AUTOTUNERS.append(autotuner)
+    return autotuner
+
+
+_AUTOTUNERS: list = []  # every `tuned` kernel: their per-key picks belong to the Tuning that made them
+
+
+def bench_tile(fn, quantiles) -> list[float]:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def capturing() -> bool:
@@ -85,13 +106,14 @@ def tile_of(config: GemvConfig, k: int) -> list[int]:
 def launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] | None, key: tuple,
                   untimed: list[int]) -> None:
     """Launch `kernel` with `tile` ([BLOCK_N, BLOCK_K, warps]), or for None `tuned`, its autotuned form, with the
-    shape's tuned tile: timed on the shape's (`key`'s) first launch, except inside a graph being captured, where
-    nothing may be timed and the `untimed` tile runs. grid(BLOCK_N) -> the launch grid."""
-    if tile is None and key not in _TUNED:
-        if capturing():
+    shape's tuned tile: timed on the shape's (`key`'s) first launch, except where nothing is timed (the interpreter,
+    a graph being captured), where the `untimed` tile runs. grid(BLOCK_N) -> the launch grid."""
+    state = current()
+    if tile is None and key not in state.tuned:
+        if not state.timed or state.capturing():
             tile = untimed
         else:
-            _TUNED.add(key)
+            state.tuned.add(key)
     meta = {**meta, **launch_options(args[0].device)}
     if tile is None:
         tuned[lambda m: grid(m["BLOCK_N"])](*args, **meta)
@@ -100,17 +122,32 @@ def launch_tiled(kernel, tuned, grid, args: tuple, meta: dict, tile: list[int] |
         kernel[grid(block_n)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
 
 
-_TUNED: set[tuple] = set()  # (kernel, shape) keys whose tile the autotuner has picked
+def choose(table: str, key: tuple, candidates: Callable[[], dict], untimed: str) -> str:
+    """Which implementation a shape (`key`) of `table` runs: on its first call the fastest of `candidates()` (name ->
+    a call of no arguments; the first listed wins a tie), each called once (which tunes its tiles), then timed
+    replayed from a CUDA graph, as a captured step runs it (`Tuning.clock`): timed call by call, launch overheads
+    that a graph does not pay would decide the choice. The choice is kept (`chosen`). Where nothing may be timed
+    (the interpreter, a graph being captured) `untimed` runs and nothing is kept; a form `Tuning.forced` names for
+    the table is kept untimed."""
+    state = current()
+    made = state.choices.setdefault(table, {})
+    if key not in made:
+        if table in state.forced:
+            made[key] = state.forced[table]
+        elif not state.timed or state.capturing():
+            return untimed
+        else:
+            runs = candidates()
+            for run in runs.values():
+                run()
+            us = {name: state.clock(run) for name, run in runs.items()}
+            made[key] = min(us, key=us.get)
+    return made[key]
 
 
-def fastest(candidates: dict) -> str:
-    """The name of the fastest of `candidates` (name -> a call of no arguments; the first listed wins a tie): each
-    called once (which tunes its tiles), then timed replayed from a CUDA graph, as a captured step runs it: timed call
-    by call (`do_bench`, L2 flushed before each), launch overheads that a graph does not pay decide the choice."""
-    for run in candidates.values():
-        run()
-    us = {name: replayed_us(run) for name, run in candidates.items()}
-    return min(us, key=us.get)
+def chosen(table: str, key: tuple) -> str | None:
+    """What `choose` keeps for this shape of `table`; None before its first timed (or forced) call."""
+    return current().choices.get(table, {}).get(key)
 
 
 def replayed_us(run) -> float:
@@ -126,3 +163,46 @@ def weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     for _ in range(min(15, -(-2 * l2 // (span * weight.element_size())) - 1)):
         copies.append(weight.new_empty(span).as_strided(weight.shape, weight.stride()).copy_(weight))
     return copies
+
+
+INTERPRETED = triton.knobs.runtime.interpret  # Triton's interpreter runs the kernels: nothing to time
+
+
+@dataclass
+class Tuning:
+    """How the kernels choose tiles and implementations, and what they chose (the module doc)."""
+
+    timed: bool = not INTERPRETED  # time on a shape's first call; False: the first candidate tile, untimed
+    tile_clock: Callable = bench_tile  # (call, quantiles) -> ms at each quantile: one candidate tile
+    clock: Callable = replayed_us  # (call) -> microseconds: one implementation, as a graph replays it
+    copies: Callable = weight_copies  # weight -> copies a timed GEMV cycles through (no weight left in L2)
+    capturing: Callable = capturing  # () -> whether a CUDA graph is being captured (nothing may be timed)
+    prune: Callable | None = None  # (kernel, key values, fitting tiles) -> the tiles its tuner may time
+    forced: dict = field(default_factory=dict)  # table -> the implementation every shape of it runs, untimed
+    tuned: set = field(default_factory=set)  # launch keys whose tile the autotuner has picked
+    choices: dict = field(default_factory=dict)  # table -> {shape key: implementation}
+
+
+_CURRENT = Tuning()
+
+
+def current() -> Tuning:
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def tuning(**settings) -> Iterator[Tuning]:
+    """Run a block of code under a fresh Tuning (no tile or implementation chosen yet, the autotuners' picks
+    cleared), with `settings` (Tuning's fields) changed; the previous Tuning and its picks come back afterwards."""
+    global _CURRENT
+    previous, caches = _CURRENT, [dict(t.cache) for t in _AUTOTUNERS]
+    _CURRENT = replace(Tuning(), **settings)
+    for t in _AUTOTUNERS:
+        t.cache.clear()
+    try:
+        yield _CURRENT
+    finally:
+        _CURRENT = previous
+        for t, cache in zip(_AUTOTUNERS, caches):
+            t.cache.clear()
+            t.cache.update(cache)
