@@ -310,6 +310,12 @@ def test_bench_parity_runs_on_a_cpu_and_writes_its_json_and_plot(tmp_path):
     assert result["late_mean_rel_diff"] == saved["late_mean_rel_diff"]
 
 
+# Hopper's FP8 tensor cores sum a 128-wide k block keeping about 14 bits (DeepSeek-V3, section 3.3.2) before the
+# scaled fp32 accumulation across blocks: an H100 measures 1.27e-4 relative against the fp32 product of the same
+# FP8 values, where an fp32 accumulation would give ~1e-7.
+FP8_TENSOR_CORES = 4e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b_blocks", [True, False])
 def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
@@ -326,7 +332,7 @@ def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
         b, sb = quantise_blocks(torch.randn(n, k, device=device)) if b_blocks else quantise_tiles(
             torch.randn(n, k, device=device))
         got = blockwise_mm(a, sa, b, sb, b_blocks, torch.float32)
-        assert _rel(got, reference_mm(a, sa, b, sb, b_blocks, torch.float32)) < 1e-5
+        assert _rel(got, reference_mm(a, sa, b, sb, b_blocks, torch.float32)) < FP8_TENSOR_CORES
 
 
 @pytest.mark.gpu
@@ -338,7 +344,7 @@ def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
     fp8_linear(xc, wc).backward(dy.cuda())
     y = fp8_linear(x.cuda(), w.cuda())
     for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
-        assert _rel(got.cpu(), want) < 1e-4
+        assert _rel(got.cpu(), want) < FP8_TENSOR_CORES
     counts = [300, 0, 212]
     xg, wg, dyg = torch.randn(512, 256), torch.randn(3, 128, 256) * 0.05, torch.randn(512, 128)
     y_ref, dx_ref, dw_ref = _reference_grouped(xg, wg, counts, dyg)
