@@ -68,6 +68,7 @@ class _CalculatorState:
         self.tokenizer = tokenizer
         self.ids: list[int] = []  # the tail of the current line, as token ids
         self.calls = 0  # insertions made
+        self.inserting = 0  # tokens of the last insertion still to come back through accept
 
     def accept(self, token: int) -> list[int]:
         self.ids.append(token)
@@ -78,8 +79,13 @@ class _CalculatorState:
             while len(self.ids) > 1 and "\n" in self.tokenizer.decode(self.ids[1:], skip_special_tokens=True):
                 del self.ids[0]
             text = text[text.rfind("\n") + 1:]
+        if self.inserting:  # a token of our own insertion: read, never answered (" 42" passes "= " on the way)
+            self.inserting -= 1
+            return []
         insert = insertion_for(text)
         if insert is None:
             return []
         self.calls += 1
-        return self.tokenizer.encode(insert)
+        tokens = self.tokenizer.encode(insert)
+        self.inserting = len(tokens)
+        return tokens
