@@ -57,7 +57,7 @@ def test_a_solver_that_would_hang_is_cut_off(rules, question):
     timeouts = rules.counters.timeouts
     start = time.perf_counter()
     assert rules.solve(question) is None
-    assert time.perf_counter() - start < 1.0 + 1.5  # the timeout, and a fresh worker's start
+    assert time.perf_counter() - start < 1.0 + 3.0  # the timeout, a fresh worker's start, a busy host
     assert rules.counters.timeouts == timeouts + 1
     assert rules.solve("What is 2 + 2?").answer == "4"  # the chain goes on with a new worker
 
