@@ -66,15 +66,15 @@ def build_checkpoint(path: Path) -> tuple[Tokenizer, seekforge.Transformer]:
 
 
 @contextmanager
-def in_process(path: Path, name: str, engine) -> Iterator:
-    """A starlette TestClient of the app serving the checkpoint at `path` as `name` with `engine` (an EngineConfig),
-    in this process, once its engine answers /health."""
+def in_process(path: Path, name: str, engine, **config) -> Iterator:
+    """A starlette TestClient of the app serving the checkpoint at `path` as `name` with `engine` (an EngineConfig)
+    and the other ServerConfig fields in `config`, in this process, once its engine answers /health."""
     from starlette.testclient import TestClient
 
     from seekforge.server import ServerConfig
     from seekforge.server.app import create_app
 
-    with TestClient(create_app(ServerConfig(str(path), served_model_names=[name], engine=engine))) as http:
+    with TestClient(create_app(ServerConfig(str(path), served_model_names=[name], engine=engine, **config))) as http:
         deadline = time.time() + 120
         while http.get("/health").status_code != 200:
             assert time.time() < deadline, "the engine did not get ready"

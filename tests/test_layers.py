@@ -30,6 +30,7 @@ ALLOWED = {
     "reasoning": BASE,
     "tasks": BASE,
     "rewards": BASE | {"tasks"},
+    "dual_chain": BASE | {"tasks", "rewards"},  # the engine and server take a DualChain; they import none of it
     "documents": BASE,
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},

@@ -5,6 +5,8 @@ is the one it was trained with, e.g. R1-Zero's for the quickstart models; DeepSe
 of earlier answers), streams the reply, and shows the reasoning inside <think>...</think> dimmed and apart
 from the answer, also where the template itself opened <think>. Commands: /reset (forget the
 conversation), /think on|off (ask DeepSeek-style templates to open answers with <think>), /exit.
+--dual-chain computes the expressions the model writes exactly as it streams, and prints the rule
+chain's decision after each reply.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class ThinkRenderer:
 
 
 def register(subparsers) -> None:
-    from seekforge.commands.generate import add_engine_args, add_sampling_args
+    from seekforge.commands.generate import add_dual_chain_args, add_engine_args, add_sampling_args
 
     p = subparsers.add_parser("chat", help="talk to a model interactively (chat template, streamed)")
     add_engine_args(p)
@@ -69,19 +71,24 @@ def register(subparsers) -> None:
     p.add_argument("--thinking", action="store_true",
                    help="open every answer with <think> (R1-style reasoning; DeepSeek-style chat templates)")
     add_sampling_args(p, temperature=0.6, top_p=0.95, max_tokens=2048)
+    add_dual_chain_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from seekforge.commands.generate import engine_from_args, sampling_from_args
+    from seekforge.commands.generate import (describe_decision, dual_chain_from_args, engine_from_args,
+                                             sampling_from_args)
     from seekforge.errors import ConfigError
 
     params = sampling_from_args(args)
+    dual = dual_chain_from_args(args)
     llm = engine_from_args(args)
     tok = llm.tokenizer
     if tok is None:
         raise ConfigError(f"{args.path} has no tokenizer.json: chat needs a tokenizer (use `seekforge generate "
                           f"--token-ids` for token ids)")
+    if dual is not None:
+        params = dual.sampling_params(params, tok)
     interactive = sys.stdin.isatty()
     color = sys.stdout.isatty()
     thinking = args.thinking
@@ -117,6 +124,8 @@ def run(args) -> int:
                 reply += delta
                 renderer.feed(delta)
             renderer.close()
+            if dual is not None:  # the reply streamed as the model wrote it; the decision follows
+                print(describe_decision(dual.decide(out, tok, question=line)))
         except ConfigError as err:  # e.g. the conversation outgrew the context: keep the session alive
             messages.pop()
             print(f"error: {err} (/reset starts over)", file=sys.stderr)

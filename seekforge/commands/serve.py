@@ -5,6 +5,8 @@
 The port opens at once; /health answers 503 until the model is loaded and has generated a token.
 The API key may also come from the SEEKFORGE_API_KEY environment variable (safer than argv, which
 other users of the machine can read). SIGTERM finishes the requests in flight, then exits.
+--dual-chain runs the rule chain beside the model on text requests: responses carry its decision in a
+`dual_chain` field (which chain answered, the answer, the model's confidence), which OpenAI's client ignores.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 
 
 def register(subparsers) -> None:
-    from seekforge.commands.generate import add_engine_args
+    from seekforge.commands.generate import add_dual_chain_args, add_engine_args
 
     p = subparsers.add_parser("serve",
                               help="serve a checkpoint behind an OpenAI-compatible HTTP API (and a chat page at /)")
@@ -39,6 +41,7 @@ def register(subparsers) -> None:
                    help="the ops' implementations: Triton's kernels on CUDA (auto), PyTorch's everywhere (torch), or "
                         "Triton's, on the CPU too under TRITON_INTERPRET=1 (triton)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_dual_chain_args(p)
     p.set_defaults(func=run)
 
 
@@ -65,6 +68,9 @@ def run(args) -> int:
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
         compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kernels=args.kernels)
+    from seekforge.commands.generate import dual_chain_from_args
+
     config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,
-                          port=args.port, api_key=args.api_key or None, engine=engine, log_level=args.log_level)
+                          port=args.port, api_key=args.api_key or None, engine=engine, log_level=args.log_level,
+                          dual_chain=dual_chain_from_args(args))
     return serve(config)

@@ -42,14 +42,15 @@ class AsyncStep:
     def _can_pipeline(self, plan) -> bool:
         """Whether this step can run before the host knows the last step's tokens: plain decode (one token a
         sequence, no drafts), nothing preempted, no request wanting its history on the host (penalties,
-        logprobs, a constraint), and no sequence whose tokens in flight already complete it."""
+        logprobs, a constraint, an in-chain tool that may insert tokens), and no sequence whose tokens in flight
+        already complete it."""
         if not self.async_scheduling or self.proposer is not None or plan.preempted:
             return False
         for seq, n in plan.scheduled:
             p = seq.params
             num_tokens = len(seq.token_ids)  # pending tokens included: they will be outputs too
             if (n != 1 or seq.num_computed != num_tokens - 1 or p.has_penalties or p.logprobs is not None
-                    or seq.matcher is not None
+                    or seq.matcher is not None or seq.inserter is not None
                     or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
                 return False
         return True

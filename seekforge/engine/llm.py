@@ -230,9 +230,19 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, dual_chain=None) -> list[RequestOutput]:
         """Complete every prompt (strings, or lists of token ids); one RequestOutput per prompt, in order.
-        All prompts are checked before any work starts."""
+        All prompts are checked before any work starts.
+
+        `dual_chain` (a seekforge.dual_chain.DualChain): run the rule chain beside the model. Its calculator
+        inserts exact results into the generation (in chain), the requests record token logprobs (logprobs=0
+        where none were asked for), and each RequestOutput's `dual_chain` holds its decision: which chain
+        answered, the answer, the model's confidence."""
+        if dual_chain is not None:
+            if isinstance(sampling_params, (list, tuple)):
+                sampling_params = [dual_chain.sampling_params(p, self.tokenizer) for p in sampling_params]
+            else:
+                sampling_params = dual_chain.sampling_params(sampling_params or SamplingParams(), self.tokenizer)
         results, order = {}, []
         bar = None
         if use_tqdm:
@@ -245,7 +255,11 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return [results[rid] for rid in order]
+        outs = [results[rid] for rid in order]
+        if dual_chain is not None:
+            for out in outs:
+                out.dual_chain = dual_chain.decide(out, self.tokenizer)
+        return outs
 
     def stream(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:

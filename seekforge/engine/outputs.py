@@ -4,6 +4,7 @@ incremental detokenising that stop strings and streamed text need."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from seekforge.engine.sequence import Logprob, Request, Sequence
 
@@ -18,6 +19,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     delta_token_ids: list[int] = field(default_factory=list)  # new since the previous output (streaming)
     delta_text: str = ""
+    num_inserted_tokens: int = 0  # of token_ids, those an in-chain tool inserted (SamplingParams.inserter)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first completion)
     prompt_logprobs: list[Logprob | None] | None = None  # per prompt token (the first None), when asked for
+    dual_chain: Any = None  # LLM.generate(..., dual_chain=...): which chain answered, and how sure (its decide())
 
     # The first completion's fields, for the common n = 1 case.
     @property
@@ -51,19 +54,34 @@ class RequestOutput:
 class Outputs:
     """LLM's stop conditions and outputs (a mixin: reads the LLM's tokenizer, eos_ids and max_model_len)."""
 
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None]) -> str | None:
-        """Append emitted tokens one by one until a stop condition; returns the finish reason, if any."""
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None]) -> tuple[str | None, int]:
+        """Append emitted tokens one by one until a stop condition, or until the sequence's in-chain tool inserts
+        tokens after one (seekforge.engine.insertion: the emitted tokens after it are dropped). Returns the finish
+        reason, if any, and the sequence's length before the inserted tokens (those still need computing)."""
         for tok, lp in zip(tokens, logprobs):
-            seq.token_ids.append(tok)
-            if lp is not None:
-                seq.logprobs.append(lp)
-                seq.cumulative_logprob += lp.logprob
-            if seq.matcher is not None:
-                seq.matcher.accept(tok)
-            reason = self._stop_reason(seq, tok)
+            reason = self._take(seq, tok, lp)
             if reason is not None:
-                return reason
-        return None
+                return reason, seq.num_tokens
+            inserted = seq.inserter.accept(tok) if seq.inserter is not None else None
+            if inserted:
+                kept = seq.num_tokens
+                for extra in inserted:
+                    seq.num_inserted += 1
+                    reason = self._take(seq, extra, Logprob(extra, 0.0) if seq.params.logprobs is not None else None)
+                    if reason is not None:
+                        return reason, kept
+                    seq.inserter.accept(extra)  # the state sees the text; insertions do not nest
+                return None, kept
+        return None, seq.num_tokens
+
+    def _take(self, seq: Sequence, tok: int, lp: Logprob | None) -> str | None:
+        seq.token_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp.logprob
+        if seq.matcher is not None:
+            seq.matcher.accept(tok)
+        return self._stop_reason(seq, tok)
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         """Whether seq stops at `tok`, its newest known token (tokens still pending after it do not count)."""
@@ -124,6 +142,7 @@ class Outputs:
             seq.num_reported = len(ids)
             want = seq.params.logprobs is not None
             outs.append(CompletionOutput(seq.index, ids, text, seq.finish_reason, list(seq.logprobs) if want else None,
-                                         seq.cumulative_logprob if want else None, delta_ids, delta_text or ""))
+                                         seq.cumulative_logprob if want else None, delta_ids, delta_text or "",
+                                         seq.num_inserted))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
                              req.seqs[0].num_cached_prompt_tokens, req.prompt_logprobs)

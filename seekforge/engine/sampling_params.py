@@ -15,6 +15,7 @@ from seekforge.errors import ConfigError
 
 if TYPE_CHECKING:
     from seekforge.engine.constraint import Constraint
+    from seekforge.engine.insertion import Inserter
 
 
 @dataclass
@@ -37,6 +38,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # which tokens each sequence may take next (structured output, forced tool calls; seekforge.engine.constraint)
     constraint: Constraint | None = None
+    # tokens a rule inserts into each sequence as it generates (in-chain tools; seekforge.engine.insertion)
+    inserter: Inserter | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +85,12 @@ class SamplingParams:
         if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
             raise ConfigError(f"sampling: constraint must have a start() method giving each sequence its state "
                               f"(seekforge.engine.constraint), got {type(self.constraint).__name__}")
+        if self.inserter is not None and not callable(getattr(self.inserter, "start", None)):
+            raise ConfigError(f"sampling: inserter must have a start() method giving each sequence its state "
+                              f"(seekforge.engine.insertion), got {type(self.inserter).__name__}")
+        if self.inserter is not None and self.constraint is not None:
+            raise ConfigError("sampling: an inserter and a constraint cannot share a request (inserted tokens "
+                              "would bypass the constraint's grammar); use one of them")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"sampling: stop must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

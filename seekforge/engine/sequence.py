@@ -60,6 +60,9 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] or None when greedy
         # this sequence's state under its request's constraint (None: unconstrained)
         self.matcher = request.params.constraint.start() if request.params.constraint is not None else None
+        # this sequence's in-chain tool state (None: none); how many output tokens it inserted
+        self.inserter = request.params.inserter.start() if request.params.inserter is not None else None
+        self.num_inserted = 0
         # outputs
         self.logprobs: list[Logprob] = []
         self.cumulative_logprob = 0.0

@@ -135,8 +135,9 @@ class MTPProposer:
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth making for seq's next step: within the context and the token budget; none for a
-        constrained sequence (its mask is known for the next position only)."""
-        if seq.matcher is not None:
+        constrained sequence (its mask is known for the next position only), nor for one whose next tokens an
+        in-chain tool already inserted (drafts follow the last token; the inserted ones are computed first)."""
+        if seq.matcher is not None or seq.num_tokens - seq.num_computed > 1:
             return 0
         left = seq.params.max_tokens - seq.num_output_tokens
         return max(0, min(self.k, max_model_len - seq.num_tokens, left - 1))

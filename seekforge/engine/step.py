@@ -132,8 +132,8 @@ class Step:
             if self.proposer is not None and had_drafts:
                 self.proposer.stats.record(had_drafts, v.accepted)
             computed = seq.num_tokens + v.accepted  # positions whose latents are now valid
-            reason = self._append(seq, v.tokens, [next(logprobs) for _ in v.tokens])
-            seq.num_computed = min(computed, seq.num_tokens)
+            reason, kept = self._append(seq, v.tokens, [next(logprobs) for _ in v.tokens])
+            seq.num_computed = min(computed, kept)  # tokens an in-chain tool inserted after `kept` are not computed
             self.block_manager.register(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)

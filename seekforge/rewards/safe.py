@@ -10,6 +10,10 @@ Where fork is unavailable (Windows), or with isolation="thread" (for a reward th
 in a forked child, e.g. one using CUDA), each call runs in a daemon thread instead. A thread
 cannot be killed: a hung call returns None on time but keeps its thread busy until the
 process exits.
+
+The pool is not only for rewards: `result` checks what a call returns (by default a finite number or
+None), so other untrusted computations (the dual chain's solvers) run behind the same barrier, and
+`max_memory_mb` caps each worker's address space beyond what it had when forked.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import resource
 import signal
 import threading
 import time
@@ -54,29 +59,50 @@ def _coerce(value: Any) -> float | None:
     return number
 
 
-def _serve(fn: RewardFn, conn) -> None:
+def _address_space() -> int | None:
+    """This process's virtual memory size in bytes (Linux), None where /proc does not tell."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _limit_memory(max_memory_mb: int | None) -> None:
+    """Cap the address space at what the forked worker already maps plus max_memory_mb: an allocation past
+    it raises MemoryError in the worker (the parent's mappings, CUDA's included, are counted as they are)."""
+    size = _address_space() if max_memory_mb is not None else None
+    if size is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = size + max_memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def _serve(fn: RewardFn, result: Callable[[Any], Any], max_memory_mb: int | None, conn) -> None:
     """Worker loop: answer (args, kwargs) with ("ok", value) or ("error", message)."""
     # Ctrl-C is for the trainer, which then kills us; and a forked copy of the trainer's own
     # SIGTERM handler (say, save a checkpoint) must not run here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _limit_memory(max_memory_mb)
     while True:
         try:
             args, kwargs = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            reply = ("ok", _coerce(fn(*args, **kwargs)))
-        except Exception as e:
+            reply = ("ok", result(fn(*args, **kwargs)))
+        except Exception as e:  # MemoryError too: the worker survives an allocation its cap refused
             reply = ("error", f"{type(e).__name__}: {e}")
         conn.send(reply)
 
 
 class _Worker:
-    def __init__(self, fn: RewardFn):
+    def __init__(self, fn: RewardFn, result: Callable[[Any], Any], max_memory_mb: int | None):
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(fn, child), daemon=True, name="seekforge-reward")
+        self.proc = ctx.Process(target=_serve, args=(fn, result, max_memory_mb, child), daemon=True,
+                                name="seekforge-reward")
         self.proc.start()
         child.close()
 
@@ -103,13 +129,18 @@ class SafeReward:
     """`fn` behind a timeout and an exception barrier; call it like `fn`. Thread-safe."""
 
     def __init__(self, fn: RewardFn, timeout_s: float = 5.0, *, isolation: str = "auto",
-                 max_workers: int | None = None, name: str | None = None):
+                 max_workers: int | None = None, name: str | None = None,
+                 result: Callable[[Any], Any] = _coerce, max_memory_mb: int | None = None):
+        """`result` checks and converts what `fn` returns (raising TypeError or ValueError for what it
+        refuses); `max_memory_mb` caps each worker process's new memory (process isolation only)."""
         if not callable(fn):
             raise ConfigError(f"safe_reward needs a callable, got {type(fn).__name__}")
         if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
             raise ConfigError(f"max_workers must be a positive integer, got {max_workers!r}")
+        if max_memory_mb is not None and (not isinstance(max_memory_mb, int) or max_memory_mb < 1):
+            raise ConfigError(f"max_memory_mb must be a positive integer, got {max_memory_mb!r}")
         if isolation not in ISOLATIONS:
             raise ConfigError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
         if isolation == "auto":
@@ -117,6 +148,8 @@ class SafeReward:
         elif isolation == "process" and "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("isolation='process' needs os.fork; use isolation='thread' on this platform")
         self.fn = fn
+        self.result = result
+        self.max_memory_mb = max_memory_mb
         self.timeout_s = float(timeout_s)
         self.isolation = isolation
         self.max_workers = max_workers or min(4, os.cpu_count() or 1)
@@ -160,7 +193,7 @@ class SafeReward:
 
         def run() -> None:
             try:
-                box["ok"] = _coerce(self.fn(*args, **kwargs))
+                box["ok"] = self.result(self.fn(*args, **kwargs))
             except Exception as e:
                 box["error"] = f"{type(e).__name__}: {e}"
 
@@ -196,7 +229,7 @@ class SafeReward:
                 return self._idle.pop()
             self._live += 1
         try:
-            return _Worker(self.fn)
+            return _Worker(self.fn, self.result, self.max_memory_mb)
         except BaseException:
             with self._cond:
                 self._live -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from seekforge.engine.config import EngineConfig
 
@@ -18,6 +19,9 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_waiting=1024))
     health_timeout: float = 30.0  # seconds a /health generation may take before it reports 503
     log_level: str = "info"
+    # a seekforge.dual_chain.DualChain (`seekforge serve --dual-chain`): the rule chain beside the model on every
+    # text request; each non-streamed response says which chain answered in its `dual_chain` field
+    dual_chain: Any = None
 
     @property
     def model_names(self) -> list[str]:

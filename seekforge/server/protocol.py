@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_serializer
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; also the completions API's logprobs limit here
 MAX_N = 128  # OpenAI's limit for n
@@ -370,7 +370,22 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletion(BaseModel):
+class _DualChainExtension(BaseModel):
+    """seekforge's extension field of a response under `seekforge serve --dual-chain`: which chain answered
+    (generative or rule), the answer, the model's confidence and the rule chain's derivation. Left out of the
+    JSON where the server runs without it; OpenAI's client keeps unknown fields aside (`model_extra`)."""
+
+    dual_chain: dict | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_when_unset(self, handler):
+        data = handler(self)
+        if data.get("dual_chain") is None:
+            data.pop("dual_chain", None)
+        return data
+
+
+class ChatCompletion(_DualChainExtension):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -393,7 +408,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_DualChainExtension):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -416,7 +431,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class Completion(BaseModel):
+class Completion(_DualChainExtension):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

@@ -109,10 +109,24 @@ class OpenAIServing:
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no top-k at all
         echo_k = req.logprobs if getattr(req, "echo", False) else None
         try:
-            return SamplingParams(**kwargs, max_tokens=max(asked, 1), logprobs=req.logprobs_k, constraint=constraint,
-                                  prompt_logprobs=echo_k)
+            params = SamplingParams(**kwargs, max_tokens=max(asked, 1), logprobs=req.logprobs_k,
+                                    constraint=constraint, prompt_logprobs=echo_k)
+            if self._dual_chain_applies(constraint):
+                params = self.config.dual_chain.sampling_params(params, self.engine.llm.tokenizer)
+            return params
         except ConfigError as err:
             raise bad_request(str(err)) from None
+
+    def _dual_chain_applies(self, constraint=None) -> bool:
+        """Whether the rule chain runs beside this request: the server has one, the model a tokenizer, and the
+        request no grammar (whose tokens an insertion would bypass)."""
+        return self.config.dual_chain is not None and self.engine.llm.tokenizer is not None and constraint is None
+
+    async def _decide(self, out: RequestOutput, question: str | None) -> dict:
+        """The dual chain's decision on a finished request, as the response's extension field (the rule chain
+        may take up to its timeout: off the event loop)."""
+        decision = await run_in_threadpool(self.config.dual_chain.decide, out, self.engine.llm.tokenizer, question)
+        return decision.as_dict()
 
     async def _start(self, prompts: list[list[int]], params: SamplingParams, rid: str,
                      arrival: float) -> Generation:
@@ -178,6 +192,10 @@ class OpenAIServing:
         finally:
             gen.close()
         out = finals[0]
+        decision = None
+        if self._dual_chain_applies(params.constraint) and not req.calls_tools:
+            users = [m.text for m in req.messages if m.role == "user"]
+            decision = await self._decide(out, users[-1] if users else None)
         choices = []
         as_ids = req.return_tokens_as_token_ids
         for c in out.outputs:
@@ -186,16 +204,19 @@ class OpenAIServing:
             calls = []
             if req.calls_tools:
                 content, calls = ToolCallParser().parse(content)
+            if decision is not None and decision["chain"] == "rule":  # the rule chain's answer is the one used
+                content = decision["answer"]
             message = ChatResponseMessage(
                 content=content if content or not (parser.saw_reasoning or calls) else None,
                 reasoning_content=reasoning if parser.saw_reasoning else None,
                 tool_calls=[ResponseToolCall(id=call.id, function=ResponseFunctionCall(
                     name=call.name, arguments=call.arguments)) for call in calls] or None)
-            logprobs = self._chat_logprobs(c.logprobs, as_ids) if c.logprobs is not None else None
+            asked = c.logprobs is not None and req.logprobs_k is not None  # the dual chain asks for them too
+            logprobs = self._chat_logprobs(c.logprobs, as_ids) if asked else None
             choices.append(ChatChoice(index=c.index, message=message, finish_reason=_finish(c.finish_reason, calls),
                                       logprobs=logprobs))
         return json_response(ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
-                                            usage=self._usage(gen, finals)))
+                                            usage=self._usage(gen, finals), dual_chain=decision))
 
     async def chat_constraint(self, req: ChatCompletionRequest):
         """The grammar a chat request decodes under: a forced tool call (tool_choice required or naming a
@@ -263,7 +284,7 @@ class OpenAIServing:
                         c2, calls2 = tools.finish()
                         content, calls = content + c2, calls + calls2
                 logprobs = None
-                if c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
+                if req.logprobs_k is not None and c.logprobs is not None and len(c.logprobs) > sent_logprobs[c.index]:
                     logprobs = self._chat_logprobs(c.logprobs[sent_logprobs[c.index]:],
                                                    req.return_tokens_as_token_ids)
                     sent_logprobs[c.index] = len(c.logprobs)
@@ -273,6 +294,11 @@ class OpenAIServing:
                                       function=DeltaFunctionCall(name=d.name, arguments=d.arguments))
                         for d in calls] or None)
                     yield chunk(c.index, delta, _finish(c.finish_reason, tool_parsers[c.index].calls), logprobs)
+        if finals and self._dual_chain_applies(gen.params.constraint) and not req.calls_tools:
+            # the content streamed as the model wrote it; the decision follows in a chunk without choices
+            users = [m.text for m in req.messages if m.role == "user"]
+            decision = await self._decide(finals[0], users[-1] if users else None)
+            yield sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], dual_chain=decision))
 
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, arrival: float) -> Response:
@@ -299,18 +325,23 @@ class OpenAIServing:
             gen.close()
         as_ids = req.return_tokens_as_token_ids
         generated = req.max_tokens != 0
+        # one decision a prompt, in the order of the prompts (the text of the choices is the model's)
+        decisions = ([await self._decide(finals[tag], None) for tag in sorted(finals)]
+                     if generated and self._dual_chain_applies() else None)
         choices = []
         for tag in sorted(finals):
             out = finals[tag]
             echoed = self._echo(req.prompts[tag], out) if req.echo else ("", [])
             for c in out.outputs:
                 entries = echoed[1] + ([(lp.token_id, lp) for lp in c.logprobs or []] if generated else [])
+                asked = c.logprobs is not None and req.logprobs_k is not None  # the dual chain asks for them too
                 choices.append(CompletionChoice(
                     index=tag * req.n + c.index, text=echoed[0] + (c.text or "" if generated else ""),
                     finish_reason=c.finish_reason if generated else "length",
-                    logprobs=None if c.logprobs is None else self._completion_logprobs(entries, 0, as_ids)))
+                    logprobs=self._completion_logprobs(entries, 0, as_ids) if asked else None))
         return json_response(Completion(id=rid, created=created, model=req.model, choices=choices,
-                                        usage=self._usage(gen, finals, generated)))
+                                        usage=self._usage(gen, finals, generated),
+                                        dual_chain={"prompts": decisions} if decisions is not None else None))
 
     def _echo(self, prompt: str | list[int], out: RequestOutput) -> tuple[str, list[tuple[int, Logprob | None]]]:
         """An echoed prompt: its text (as sent, or decoded from ids) and its tokens with their logprobs."""
@@ -347,7 +378,7 @@ class OpenAIServing:
                     continue
                 logprobs = None
                 sent = sent_logprobs.get(index, 0)
-                if c.logprobs is not None and len(c.logprobs) > sent:
+                if req.logprobs_k is not None and c.logprobs is not None and len(c.logprobs) > sent:
                     logprobs = self._completion_logprobs([(lp.token_id, lp) for lp in c.logprobs[sent:]],
                                                          offsets.get(index, 0),
                                                          req.return_tokens_as_token_ids)
@@ -358,6 +389,10 @@ class OpenAIServing:
                 if c.delta_text or logprobs or c.finish_reason:
                     yield sse(Completion(id=rid, created=created, model=req.model, choices=[CompletionChoice(
                         index=index, text=c.delta_text, logprobs=logprobs, finish_reason=c.finish_reason)]))
+        if finals and req.max_tokens != 0 and self._dual_chain_applies():
+            decisions = [await self._decide(finals[tag], None) for tag in sorted(finals)]
+            yield sse(Completion(id=rid, created=created, model=req.model, choices=[],
+                                 dual_chain={"prompts": decisions}))
 
 
 def _template_message(m) -> dict:
