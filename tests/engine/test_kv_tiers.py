@@ -324,16 +324,17 @@ def test_disk_tier_keeps_its_capacity_across_restarts(tmp_path):
 
 
 def test_tier_settings_are_checked(path, tmp_path):
+    small = dict(dtype="float32", block_size=BS, num_blocks=8)
     with pytest.raises(ConfigError, match="kv_cpu_gb > 0"):
-        LLM(path, kv_disk=str(tmp_path))
+        LLM(path, **small, kv_disk=str(tmp_path))
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
-        LLM(path, kv_cpu_gb=1.0, enable_prefix_caching=False)
+        LLM(path, **small, kv_cpu_gb=BIG_CPU, enable_prefix_caching=False)
     with pytest.raises(ConfigError, match="kv_cpu_gb is a number"):
-        LLM(path, kv_cpu_gb=-1)
+        LLM(path, **small, kv_cpu_gb=-1)
     with pytest.raises(ConfigError, match="holds no block"):
-        LLM(path, kv_cpu_gb=1e-9)
+        LLM(path, **small, kv_cpu_gb=1e-9)
     with pytest.raises(ConfigError, match="holds no block"):
-        LLM(path, kv_cpu_gb=1.0, kv_disk=str(tmp_path), kv_disk_gb=1e-9)
+        LLM(path, **small, kv_cpu_gb=BIG_CPU, kv_disk=str(tmp_path), kv_disk_gb=1e-9)
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="directory"):
-        LLM(path, kv_cpu_gb=1.0, kv_disk=str(tmp_path / "file"))
+        LLM(path, **small, kv_cpu_gb=BIG_CPU, kv_disk=str(tmp_path / "file"))
