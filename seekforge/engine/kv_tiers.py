@@ -18,7 +18,10 @@ modification time, which a hit refreshes) and evicts across every identity in it
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import math
 import os
 import struct
 import threading
@@ -40,13 +43,19 @@ log = logging.getLogger("seekforge.engine")
 class HostTier:
     def __init__(self, capacity: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool):
         self.capacity = capacity
-        self.slots = _pool(capacity, block_shape, dtype, pin)
-        self.slot_bytes = self.slots[0].numel() * self.slots[0].element_size()
+        self._chunks = _pool(capacity, block_shape, dtype, pin)
+        self._starts = list(itertools.accumulate((len(c) for c in self._chunks[:-1]), initial=0))
+        self.slot_bytes = self._chunks[0][0].numel() * self._chunks[0].element_size()
         self.entries: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()  # key -> (slot, tokens), LRU first
         self._key_of: list[bytes | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._holds = [0] * capacity
         self._pending: list[tuple[Callable[[], bool], int]] = []  # (work done?, slot) held until the work is done
+
+    def slot(self, i: int) -> torch.Tensor:
+        """Slot i's memory, [layers, block_size, width]."""
+        c = bisect.bisect_right(self._starts, i) - 1
+        return self._chunks[c][i - self._starts[c]]
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.entries
@@ -114,16 +123,16 @@ class HostTier:
 
 
 def _pool(capacity: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
-    """`capacity` slots of block_shape, in chunks whose sizes sit just under powers of two: the pinned-memory
-    allocator rounds each allocation up to one, which would waste up to half of one large pool."""
-    slot_bytes = int(np.prod(block_shape)) * torch.empty(0, dtype=dtype).element_size()
-    slots, left = [], capacity
+    """`capacity` slots of block_shape, in chunks [slots, *block_shape] whose sizes sit just under powers of two:
+    the pinned-memory allocator rounds each allocation up to one, which would waste up to half of one large pool."""
+    slot_bytes = math.prod(block_shape) * torch.empty(0, dtype=dtype).element_size()
+    chunks, left = [], capacity
     while left:
         want = min(left * slot_bytes, 1 << 30)
         n = min(left, max(1, (1 << (want.bit_length() - 1)) // slot_bytes))
-        slots.extend(torch.empty((n, *block_shape), dtype=dtype, pin_memory=pin).unbind(0))
+        chunks.append(torch.empty((n, *block_shape), dtype=dtype, pin_memory=pin))
         left -= n
-    return slots
+    return chunks
 
 
 _MAGIC = b"SFKVBLK1"
@@ -198,6 +207,7 @@ class DiskTier:
         self._writer.submit(lambda: None).result()
 
     def close(self) -> None:
+        """Wait for every queued write and read, then stop the threads (again: a no-op)."""
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 

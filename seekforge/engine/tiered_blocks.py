@@ -194,13 +194,13 @@ class TieredBlockManager(BlockManager):
             filed.append((key, tokens))
         if not blocks:
             return
-        event = self.copier.to_host(blocks, [self.host.slots[s] for s in slots])
+        event = self.copier.to_host(blocks, [self.host.slot(s) for s in slots])
         done = event.query if event is not None else None
         for block_id, slot, (key, tokens) in zip(blocks, slots, filed):
             if event is not None:
                 self._stored[block_id] = event
             if self.disk is not None:
-                job = self.disk.write(key, tokens, self.host.slots[slot], event.synchronize if event else None)
+                job = self.disk.write(key, tokens, self.host.slot(slot), event.synchronize if event else None)
                 if job is not None:
                     self.host.hold(slot)
                     self.host.release(slot, when=lambda job=job: job.copied)
@@ -290,12 +290,12 @@ class TieredBlockManager(BlockManager):
         load = _Load(seq.seq_id, self.epoch, hits + [p.block for p in parts], parts)
         up = [p for p in parts if p.source == "cpu"]
         if up:
-            load.event = self.copier.to_device([self.host.slots[p.slot] for p in up], [p.block for p in up])
+            load.event = self.copier.to_device([self.host.slot(p.slot) for p in up], [p.block for p in up])
             for p in up:
                 self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         down = [p for p in parts if p.source == "disk"]
         if down:
-            load.reads = self.disk.read([(p.key, p.tokens, self.host.slots[p.slot]) for p in down])
+            load.reads = self.disk.read([(p.key, p.tokens, self.host.slot(p.slot)) for p in down])
         for p in parts:
             if p.source != "gpu":
                 self._incoming[p.hash] = load
@@ -325,7 +325,7 @@ class TieredBlockManager(BlockManager):
                 for p in read:
                     if p.key not in self.host:
                         self.host.add(p.key, p.tokens, p.slot)
-                load.event = self.copier.to_device([self.host.slots[p.slot] for p in read], [p.block for p in read])
+                load.event = self.copier.to_device([self.host.slot(p.slot) for p in read], [p.block for p in read])
                 for p in read:
                     self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         if load.event is not None and not load.event.query():
@@ -429,12 +429,11 @@ class TieredBlockManager(BlockManager):
         return out
 
     def close(self) -> None:
-        """Finish every copy and disk write (after which nothing else may run on this manager)."""
+        """Finish every copy and disk write (after which nothing else may run on this manager; again: a no-op)."""
         self.flush()
         self._poll(wait=True)
         self.copier.synchronize()
         if self.disk is not None:
-            self.disk.flush()
             self.disk.close()
 
 
