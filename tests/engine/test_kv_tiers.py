@@ -76,7 +76,7 @@ def replies(turns) -> list:
     return [r for _, r in turns]
 
 
-def computed_with_every_block_back(turns) -> int:
+def computed_with_every_block_back(turns, bs: int = BS) -> int:
     """Prefill tokens when each block computed before comes back: a turn's prompt hits the blocks its conversation
     filled in the turn before (the prompt and the reply but its last token, never computed), and the first turns
     after the first conversation's hit the system prompt's blocks."""
@@ -84,12 +84,17 @@ def computed_with_every_block_back(turns) -> int:
     for t, (prompts, _) in enumerate(turns):
         for c, p in enumerate(prompts):
             if t == 0:
-                hit = 0 if c == 0 else SYSTEM // BS * BS
+                hit = 0 if c == 0 else SYSTEM // bs * bs
             else:
                 before = len(turns[t - 1][0][c]) + REPLY - 1
-                hit = min(before // BS, (len(p) - 1) // BS) * BS
+                hit = min(before // bs, (len(p) - 1) // bs) * bs
             total += len(p) - hit
     return total
+
+
+def last_blocks(prompts, bs: int = BS) -> int:
+    """Prefill tokens of prompts whose full blocks all come back: each computes its last, partial block."""
+    return sum(len(p) - (len(p) - 1) // bs * bs for p in prompts)
 
 
 def tiers(llm: LLM) -> dict:
@@ -171,7 +176,7 @@ def test_a_restart_reads_what_the_last_process_wrote(path, reference, written, t
     llm = LLM(path, **ONE_AT_A_TIME, kv_cpu_gb=BIG_CPU, kv_disk=str(where))
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference[-1][1]
     # every full block of the prompts was computed (and written) before: each prompt computes its last partial block
-    assert llm.stats()["prefill_tokens_computed"] == sum(len(p) - (len(p) - 1) // BS * BS for p in prompts)
+    assert llm.stats()["prefill_tokens_computed"] == last_blocks(prompts)
     assert llm.stats()["prefill_tokens_computed"] < cold_prefill(prompts) / 5
     assert tiers(llm)["disk"]["hit_tokens"] >= (len(prompts[0]) - 1) // BS * BS
     assert tiers(llm)["disk"]["corrupt_blocks"] == 0
@@ -198,9 +203,8 @@ def test_corrupt_and_torn_blocks_are_recomputed_never_served(path, reference, wr
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference[-1][1]
     assert tiers(llm)["disk"]["corrupt_blocks"] == 2
     # the first chat recomputes from its block 7 on, the second from its block 9; the others their last partial block
-    partial = [len(p) - (len(p) - 1) // BS * BS for p in prompts]
-    assert llm.stats()["prefill_tokens_computed"] == (len(prompts[0]) - 7 * BS) + (len(prompts[1]) - 9 * BS) + sum(
-        partial[2:])
+    assert llm.stats()["prefill_tokens_computed"] == (len(prompts[0]) - 7 * BS) + (len(prompts[1]) - 9 * BS) + (
+        last_blocks(prompts[2:]))
     llm.close()
     # recomputed, and written anew
     cfg = llm.cfg
@@ -258,12 +262,12 @@ def test_weight_updates_start_a_new_identity(path, reference):
 # ---------------------------------------------------------------------------------------------- capacities
 
 
-def block_bytes(path) -> int:
-    """Bytes of one block of the tiny model in fp32, without drafts: its layers' BS latents and rotary keys."""
+def block_bytes(path, bs: int = BS, element_size: int = 4) -> int:
+    """Bytes of one block of the tiny model without drafts: its layers' bs latents and rotary keys."""
     from seekforge.model import ModelConfig
 
     cfg = ModelConfig.load(path)
-    return cfg.n_layers * BS * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    return cfg.n_layers * bs * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * element_size
 
 
 def block_key(identity: bytes, prompt: list[int], i: int) -> bytes:
@@ -338,3 +342,47 @@ def test_tier_settings_are_checked(path, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="directory"):
         LLM(path, **small, kv_cpu_gb=BIG_CPU, kv_disk=str(tmp_path / "file"))
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_cuda_tiers_match_transformers(path, reference, tmp_path, async_scheduling):
+    """Loads on the side stream, events polled while other chats step, pinned slots, the disk's thread: one chat
+    at a time, a restart, then all at once on a cache that holds barely one (preemptions while blocks come up)."""
+    bs = 16  # the decode kernel's tested block sizes are 16 and 64
+    cuda = dict(dtype="float32", device="cuda", block_size=bs, num_blocks=5, max_num_seqs=1,
+                async_scheduling=async_scheduling, kv_cpu_gb=BIG_CPU)
+    on = LLM(path, **cuda, kv_disk=str(tmp_path / "a"))
+    assert replies(chat(on)) == replies(reference)
+    assert on.stats()["prefill_tokens_computed"] == computed_with_every_block_back(reference, bs)
+    assert tiers(on)["cpu"]["hit_tokens"] > 0
+    on.close()
+    again = LLM(path, **cuda, kv_disk=str(tmp_path / "a"))  # a restart: from the disk
+    prompts = last_turn(reference)
+    assert [o.token_ids for o in again.generate(prompts, GREEDY)] == reference[-1][1]
+    assert again.stats()["prefill_tokens_computed"] == last_blocks(prompts, bs)
+    assert tiers(again)["disk"]["hit_tokens"] > 0
+    again.close()
+    storm = LLM(path, **{**cuda, "max_num_seqs": 4}, max_num_batched_tokens=12, kv_disk=str(tmp_path / "b"),
+                kv_disk_gb=20 * block_bytes(path, bs) / 2**30)
+    assert replies(chat(storm)) == replies(reference)
+    assert storm.stats()["preemptions"] > 0 and tiers(storm)["cpu"]["hit_tokens"] > 0
+    storm.close()
+
+
+@pytest.mark.gpu
+def test_cuda_blocks_come_back_bit_exact_under_graphs(path, tmp_path):
+    """bf16, CUDA graphs, async scheduling: one chat at a time, so that the steps are the same whether a history
+    stays in a GPU cache big enough for all of them or comes back from the CPU tier or the disk; the copies are
+    bit-exact, so the replies are too."""
+    gpu = dict(dtype="bfloat16", device="cuda", block_size=16, max_num_seqs=1, cuda_graphs=True)
+    big = chat(LLM(path, **gpu, num_blocks=200))
+    small_cpu = 4.5 * block_bytes(path, 16, 2) / 2**30  # stages the disk's blocks, holds few
+    for kv, tier in ((dict(kv_cpu_gb=BIG_CPU), "cpu"), (dict(kv_cpu_gb=small_cpu, kv_disk=str(tmp_path)), "disk")):
+        llm = LLM(path, **gpu, num_blocks=6, **kv)
+        assert replies(chat(llm)) == replies(big)
+        assert tiers(llm)[tier]["hit_tokens"] > 0
+        llm.close()
