@@ -155,7 +155,9 @@ class TieredBlockManager(BlockManager):
                                   f"({err}); give a writable directory") from None
             if not os.access(path, os.W_OK):
                 raise ConfigError(f"LLM: kv_disk={config.kv_disk!r} is not writable; give a writable directory")
-            disk = DiskTier(path, int(config.kv_disk_gb * GiB), slot_bytes, block_size, root)
+            # blocks queued for the disk hold their CPU slots: a quarter of them may wait for the writer
+            disk = DiskTier(path, int(config.kv_disk_gb * GiB), slot_bytes, block_size, root,
+                            max_queued=max(64, slots // 4))
             if disk.file_bytes > disk.capacity_bytes:
                 raise ConfigError(f"LLM: kv_disk_gb={config.kv_disk_gb} holds no block ({disk.file_bytes} bytes "
                                   f"each); raise it")
@@ -323,7 +325,7 @@ class TieredBlockManager(BlockManager):
             read = down[:got]
             if read:
                 for p in read:
-                    if p.key not in self.host:
+                    if load.epoch == self.epoch and p.key not in self.host:  # into the CPU tier too
                         self.host.add(p.key, p.tokens, p.slot)
                 load.event = self.copier.to_device([self.host.slot(p.slot) for p in read], [p.block for p in read])
                 for p in read:
