@@ -192,7 +192,8 @@ def test_corrupt_and_torn_blocks_are_recomputed_never_served(path, reference, wr
               (block_key(identity, prompts[1], 9), tuple(prompts[1][9 * BS:10 * BS]))]
     flipped, torn = (where / identity.hex() / key.hex()[:2] / f"{key.hex()}.kvb" for key, _ in blocks)
     data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    mid = len(data) // 2  # in the payload: served, these latents would change the replies
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
     flipped.write_bytes(bytes(data))
     torn.write_bytes(torn.read_bytes()[:-100])
     stale = flipped.parent / f".{flipped.name}.left-by-a-crash.tmp"  # a writer that died before its rename
