@@ -44,7 +44,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from ceilings import machine  # noqa: E402
+from ceilings import commit, machine  # noqa: E402
 
 from seekforge import LLM, SamplingParams  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
@@ -195,7 +195,7 @@ def main() -> int:
                     max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_num_batched_tokens,
                     cuda_graphs=args.cuda_graphs)
     results = {"preset": args.preset, "layers": cfg.n_layers, "params": model.num_parameters(), "dtype": args.dtype,
-               "machine": machine(device), "command": " ".join(sys.argv),
+               "machine": machine(device), "commit": commit(), "command": " ".join(sys.argv),
                "workload": {k: getattr(args, k) for k in ("conversations", "turns", "concurrency", "system_tokens",
                                                            "user_tokens", "reply_tokens")},
                "gpu_cache_tokens": settings["num_blocks"] * block_size, "block_size": block_size,
