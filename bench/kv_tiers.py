@@ -78,7 +78,8 @@ def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) ->
             active[llm.add_request(prompt, params)] = [c, turn[c], time.perf_counter(), False]
         outs = llm.step()
         now = time.perf_counter()
-        for out in outs:
+        # in admission order: step() gives a set's order, which string hashing makes differ between processes
+        for out in sorted(outs, key=lambda o: int(o.request_id.rpartition("-")[2])):
             c, t, arrival, seen = active[out.request_id]
             if not seen and out.outputs[0].token_ids:
                 active[out.request_id][3] = True
