@@ -1,8 +1,11 @@
-"""The machine's ceilings, measured in the same run as every benchmark figure they qualify."""
+"""The machine's ceilings, measured in the same run as every benchmark figure they qualify, and the facts of the
+run (machine, commit)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +49,18 @@ def machine(device: torch.device) -> dict:
         info["cpu"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
     return info
+
+
+def commit() -> str | None:
+    """The commit measured, dirty or not, where this is a git checkout."""
+    try:
+        git = ["git", "-C", str(Path(__file__).resolve().parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def ceilings(device: torch.device, dtype: torch.dtype) -> dict:

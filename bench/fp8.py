@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ceilings import ceilings, machine  # noqa: E402
+from ceilings import ceilings, commit, machine  # noqa: E402
 from train import _measure  # noqa: E402
 
 from seekforge.configio import atomic_write_text  # noqa: E402
@@ -168,18 +167,6 @@ def speed(args) -> dict:
     return result
 
 
-def _commit() -> str | None:
-    """The commit measured, dirty or not, where this is a git checkout."""
-    try:
-        git = ["git", "-C", str(Path(__file__).resolve().parent)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["parity", "speed"])
@@ -203,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.seq = args.seq or (64 if is_parity else 4096)
     if is_parity and args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {**(parity(args) if is_parity else speed(args)), "commit": _commit(),
+    result = {**(parity(args) if is_parity else speed(args)), "commit": commit(),
               "command": "python bench/fp8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         path = Path(args.json)

@@ -3,6 +3,7 @@
     seekforge serve runs/quickstart/base/final --port 8000 --api-key "$KEY" --served-model-name tiny
 
 The port opens at once; /health answers 503 until the model is loaded and has generated a token.
+With --kv-cpu-gb (and --kv-disk DIR) prefix-cache blocks also live in CPU memory (and on disk, across restarts).
 The API key may also come from the SEEKFORGE_API_KEY environment variable (safer than argv, which
 other users of the machine can read). SIGTERM finishes the requests in flight, then exits.
 --dual-chain runs the rule chain beside the model on text requests: responses carry its decision in a
@@ -33,6 +34,16 @@ def register(subparsers) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="paged latent cache size in GiB (default: 90%% of the GPU's total memory less what is "
                         "already in use; 1 GiB on CPU)")
+    p.add_argument("--kv-cpu-gb", type=float, default=0.0, metavar="GIB",
+                   help="a KV tier in CPU memory (pinned on a GPU), in GiB: every prefix-cache block is copied there, "
+                        "and a prompt whose prefix the GPU cache evicted gets it back from there instead of "
+                        "recomputing it (default: 0, no tiers)")
+    p.add_argument("--kv-disk", default=None, metavar="DIR",
+                   help="a KV tier on disk under the CPU one (needs --kv-cpu-gb): blocks entering the CPU tier are "
+                        "written to DIR too, and a restarted server with the same model (same weights, dtype and "
+                        "block size) reuses them; another model's blocks there are never read")
+    p.add_argument("--kv-disk-gb", type=float, default=16.0, metavar="GIB",
+                   help="GiB of DIR the disk tier may fill; least recently used blocks go first (default: 16)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks: prefill and the captured decode step")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
@@ -61,13 +72,18 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ConfigError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
+    if args.kv_cpu_gb < 0 or args.kv_disk_gb <= 0:
+        raise ConfigError(f"--kv-cpu-gb must be at least 0 and --kv-disk-gb positive, got {args.kv_cpu_gb} and "
+                          f"{args.kv_disk_gb}")
+    if args.kv_disk is not None and not args.kv_cpu_gb:
+        raise ConfigError("--kv-disk needs --kv-cpu-gb: the disk tier reads and writes through the CPU tier")
     engine = EngineConfig(
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
         num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
         compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-        kernels=args.kernels)
+        kernels=args.kernels, kv_cpu_gb=args.kv_cpu_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb)
     from seekforge.commands.generate import dual_chain_from_args
 
     config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,

@@ -1,4 +1,5 @@
-"""The inference engine: paged latent cache, continuous batching, prefix caching, MTP speculative decoding."""
+"""The inference engine: paged latent cache, continuous batching, prefix caching (over GPU, CPU and disk tiers), MTP
+speculative decoding."""
 
 from seekforge.engine.config import EngineConfig
 from seekforge.engine.llm import LLM, CompletionOutput, RequestOutput

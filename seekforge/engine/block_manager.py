@@ -41,6 +41,7 @@ class BlockManager:
         self._seq_epoch: dict[int, int] = {}
         self.query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found
+        self.prefill_tokens = 0  # tokens admitted sequences had to compute (prompts and recomputes, less hits)
 
     @property
     def num_free_blocks(self) -> int:
@@ -118,6 +119,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += seq.num_computed
+        self.prefill_tokens += seq.num_tokens - seq.num_computed
         self.grow(seq, num_tokens)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -126,14 +128,23 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Append fresh blocks until seq has at least num_tokens slots (the caller checked can_grow)."""
         while len(seq.block_table) * self.block_size < num_tokens:
-            block_id, _ = self.free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict the least recently freed cached block
-                if self.hash_to_block.get(block.hash) == block_id:
-                    del self.hash_to_block[block.hash]
-                block.hash, block.token_ids = None, ()
+            block = self._pop_free()
             block.ref_count = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(block.block_id)
+
+    def _pop_free(self) -> Block:
+        """The least recently freed block, its cached prefix (if it holds one) evicted."""
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            self._evict(block)
+        return block
+
+    def _evict(self, block: Block) -> None:
+        """Drop a free block's cached prefix before the block is reused."""
+        if self.hash_to_block.get(block.hash) == block.block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = None, ()
 
     def free_seq(self, seq: Sequence) -> None:
         # Last blocks first, so a prefix outlives its continuation under LRU eviction.

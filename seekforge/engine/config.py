@@ -11,6 +11,7 @@ model (max_model_len against its context, MTP modules for drafts) are the LLM's,
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step at most
     max_waiting: int = 4096  # sequences waiting for a slot at most; past it add_request raises QueueFullError
     enable_prefix_caching: bool = True
+    # tiers under the prefix cache (seekforge.engine.tiered_blocks): cached blocks the GPU cache evicts live on in CPU
+    # memory and on disk and are copied back instead of recomputed; the disk's outlive the process
+    kv_cpu_gb: float = 0.0  # GiB of host memory (pinned on a GPU) for the CPU tier; 0: no lower tiers
+    kv_disk: str | None = None  # directory of the disk tier (needs the CPU tier); None: no disk tier
+    kv_disk_gb: float = 16.0  # GiB the disk tier may fill in kv_disk (least recently used blocks go first)
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0  # MTP drafts per step (needs a checkpoint with MTP modules)
     # speed on a GPU
@@ -62,6 +68,20 @@ class EngineConfig:
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ConfigError(f"LLM: async_scheduling is true, false or None (on CUDA), got {self.async_scheduling!r}")
         cache_budget(self.kv_cache_memory, self.gpu_memory_utilization, None)  # checks both
+        for name in ("kv_cpu_gb", "kv_disk_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"LLM: {name} is a number of GiB >= 0, got {value!r}")
+        if isinstance(self.kv_disk, os.PathLike):
+            self.kv_disk = os.fspath(self.kv_disk)
+        if self.kv_disk is not None and not (isinstance(self.kv_disk, str) and self.kv_disk):
+            raise ConfigError(f"LLM: kv_disk is a directory path, got {self.kv_disk!r}")
+        if self.kv_disk is not None and not self.kv_cpu_gb:
+            raise ConfigError("LLM: the disk tier (kv_disk) reads and writes through the CPU tier; set kv_cpu_gb > 0 "
+                              "too")
+        if self.kv_cpu_gb and not self.enable_prefix_caching:
+            raise ConfigError("LLM: the KV tiers (kv_cpu_gb, kv_disk) sit under the prefix cache; turn "
+                              "enable_prefix_caching on or set kv_cpu_gb to 0")
         Backend.of(self.kernels)
         if self.cuda_graphs and self.num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "

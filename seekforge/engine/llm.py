@@ -35,6 +35,7 @@ from seekforge.engine.scheduler import Scheduler
 from seekforge.engine.sequence import Request, Sequence
 from seekforge.engine.spec_decode import MTPProposer
 from seekforge.engine.step import Step
+from seekforge.engine.tiered_blocks import TieredBlockManager, TieredScheduler
 from seekforge.errors import ConfigError
 from seekforge.model.transformer import Transformer
 
@@ -91,16 +92,22 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
             budget, source = cache_budget(config.kv_cache_memory, config.gpu_memory_utilization, gpu_memory)
             num_blocks = cache_blocks(budget, source, per_token, block_size, self.max_model_len, config.max_num_seqs,
                                       2 * k)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, config.max_waiting, num_lookahead=max(k - 1, 0),
-                                   chunked_prefill=config.enable_chunked_prefill)
         # the kernels every step runs (seekforge.ops.dispatch): chosen around each step, and here, where compile
         # loads them before anything is traced
         self.kernels = ops.check_device(config.kernels, self.device)
         with ops.backend(self.kernels):
             self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
                                       mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile)
+        scheduler = Scheduler
+        if config.kv_cpu_gb:  # lower tiers under the prefix cache (without them, the plain GPU-only manager)
+            caches = [c for c in (self.runner.kv_cache, self.runner.mtp_cache) if c is not None]
+            self.block_manager = TieredBlockManager.build(config, model, caches, num_blocks, block_size)
+            scheduler = TieredScheduler
+        else:
+            self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.max_waiting, num_lookahead=max(k - 1, 0),
+                                   chunked_prefill=config.enable_chunked_prefill)
         self.proposer = MTPProposer(self.runner, k) if k else None
         self.eos_ids = {t for t in (cfg.eos_token_id, tokenizer.eos_id if tokenizer else None) if t is not None}
         self.requests: dict[str, Request] = {}
@@ -135,12 +142,20 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
             "full_kv_bytes_per_token": self.cfg.full_kv_bytes_per_token(elsize),
             "num_blocks": bm.num_blocks, "block_size": bm.block_size, "free_blocks": bm.num_free_blocks,
             "prefix_cache_hit_rate": bm.hit_tokens / bm.query_tokens if bm.query_tokens else 0.0,
+            "prefill_tokens_computed": bm.prefill_tokens,
             "preemptions": self.scheduler.num_preemptions, "async_steps": self.num_async_steps,
             "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
         }
         if self.proposer is not None:
             out["speculative"] = self.proposer.stats.as_dict()
+        if isinstance(bm, TieredBlockManager):
+            out["kv_tiers"] = bm.tier_stats()
         return out
+
+    def close(self) -> None:
+        """Finish the KV tiers' copies and disk writes (a no-op without tiers); the LLM takes no requests after."""
+        if isinstance(self.block_manager, TieredBlockManager):
+            self.block_manager.close()
 
     # ---------------------------------------------------------------- weights
     def _weights_version(self) -> tuple:

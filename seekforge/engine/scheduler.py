@@ -102,6 +102,9 @@ class Scheduler:
                 i += 1
                 continue
             hits = self.bm.match_prefix(seq)
+            if hits is None:  # its cached prefix is still on its way up from a lower tier (engine.tiered_blocks)
+                i += 1
+                continue
             start = len(hits) * self.bm.block_size
             remaining = seq.num_tokens - start
             if remaining > budget and not self.chunked_prefill:

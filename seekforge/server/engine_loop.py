@@ -141,6 +141,10 @@ class EngineLoop:
         finally:
             for live in list(self._live.values()):
                 self._abort(live.request_id, "abort")
+            try:
+                self.llm.close()  # the disk KV tier's queued writes land before the process ends
+            except Exception:  # noqa: BLE001 - shutting down: log it, lose nothing else
+                log.exception("seekforge: closing the engine failed")
 
     def probe_token(self) -> int:
         """The one-token prompt of warm-up and health probes."""

@@ -45,6 +45,17 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("seekforge_prefix_cache_hit_rate", "Prompt tokens found in the prefix "
                                      "cache over prompt tokens looked up, since start", registry=r)
         self.preemptions = Gauge("seekforge_preemptions", "Sequences preempted (recomputed) since start", registry=r)
+        self.prefill_tokens = Gauge("seekforge_prefill_tokens_computed", "Tokens prefilled (prompts and recomputes, "
+                                    "less what the prefix cache's tiers held) since start", registry=r)
+        self.kv_tier_used = Gauge("seekforge_kv_tier_used_bytes", "Bytes the KV tiers under the prefix cache hold, "
+                                  "by tier (cpu, disk)", ["tier"], registry=r)
+        self.kv_tier_capacity = Gauge("seekforge_kv_tier_capacity_bytes", "Bytes each KV tier under the prefix "
+                                      "cache may hold, by tier (cpu, disk)", ["tier"], registry=r)
+        self.kv_tier_hit_rate = Gauge("seekforge_kv_tier_hit_rate", "Prompt tokens a KV tier supplied over the prompt "
+                                      "tokens the tiers above it did not hold, since start, by tier (gpu, cpu, disk)",
+                                      ["tier"], registry=r)
+        self.kv_disk_corrupt = Gauge("seekforge_kv_disk_corrupt_blocks", "Disk-tier blocks found torn or corrupt "
+                                     "(deleted and recomputed) since start", registry=r)
         self.async_steps = Gauge("seekforge_async_steps", "Decode steps launched before the last step's tokens "
                                  "reached the host (async scheduling) since start", registry=r)
         self.spec_acceptance = Gauge("seekforge_spec_decode_acceptance_rate", "MTP speculative decoding: share "
@@ -63,13 +74,21 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def record_engine_stats(self, stats: dict) -> None:
-        """The figures of LLM.stats(): cache occupancy, prefix hits, preemptions, async steps, speculative
-        acceptance."""
+        """The figures of LLM.stats(): cache occupancy, prefix hits, prefill tokens, preemptions, async steps,
+        speculative acceptance, and the KV tiers' use and hits."""
         total = stats["num_blocks"]
         self.cache_blocks.set(total)
         self.cache_usage.set((total - stats["free_blocks"]) / total if total else 0.0)
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
         self.preemptions.set(stats["preemptions"])
+        self.prefill_tokens.set(stats["prefill_tokens_computed"])
+        for tier, figures in stats.get("kv_tiers", {}).items():
+            self.kv_tier_hit_rate.labels(tier=tier).set(figures["hit_rate"])
+            if tier != "gpu":
+                self.kv_tier_used.labels(tier=tier).set(figures["used_bytes"])
+                self.kv_tier_capacity.labels(tier=tier).set(figures["capacity_bytes"])
+            if tier == "disk":
+                self.kv_disk_corrupt.set(figures["corrupt_blocks"])
         self.async_steps.set(stats["async_steps"])
         spec = stats.get("speculative")
         if spec:
