@@ -54,7 +54,7 @@ def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool):
         finally:
             torch.set_default_dtype(default)
     if compile_:
-        from seekforge.train.compile import compile_blocks
+        from seekforge.parallel.compile import compile_blocks
 
         compile_blocks(model)
 
