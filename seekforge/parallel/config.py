@@ -31,7 +31,8 @@ class ParallelConfig:
         """Data-parallel ranks: those that see different data (dp_replicate x dp_shard, ep included)."""
         return self.dp_replicate * self.dp_shard
 
-    def resolve(self, world: int, model: ModelConfig | None = None, world_name: str = "the world size") -> ParallelConfig:
+    def resolve(self, world: int, model: ModelConfig | None = None,
+                world_name: str = "the world size") -> ParallelConfig:
         """The layout with dp_shard filled in, checked against `world` ranks (named `world_name` in errors) and,
         when given, the model's shapes."""
         if world < 1:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from seekforge.errors import SeekforgeError
 from seekforge.parallel.config import ParallelConfig
 
 SPARSE_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
@@ -48,6 +49,36 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_main(fn, error: type[SeekforgeError] = SeekforgeError):
+    """fn() on rank 0 (or the only process), its result (picklable) handed to every rank. A failure there
+    raises on rank 0 and `error` naming it on the others, so that no rank waits for a failed one."""
+    if not dist.is_initialized():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as err:
+            box[0] = ("error", f"{type(err).__name__}: {err}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise error(f"rank 0 failed: {value}")
+    return value
+
+
+def main_first(fn):
+    """fn() on rank 0, then on the other ranks, which so find what rank 0 made (a generated dataset); fn's
+    result on each rank."""
+    if not dist.is_initialized():
+        return fn()
+    made = []
+    on_main(lambda: made.append(fn()))
+    return made[0] if made else fn()
 
 
 def init_distributed(device: torch.device) -> torch.device:
@@ -99,6 +130,11 @@ class Mesh:
         """Sum `tensor` over the data-parallel ranks, in place; returns it."""
         dist.all_reduce(tensor, group=self.dp.get_group())
         return tensor
+
+    def rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of a global batch: the dp_rank-th of dp_size near-equal slices (empty where the batch
+        has fewer rows than ranks)."""
+        return {k: v.tensor_split(self.dp_size)[self.dp_rank] for k, v in batch.items()}
 
     def all_true(self, flag: bool, device: torch.device) -> bool:
         """Whether `flag` holds on every rank (so that all ranks take the same branch)."""

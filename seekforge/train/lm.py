@@ -22,6 +22,8 @@ from seekforge.errors import ConfigError
 from seekforge.fp8.convert import check_recipe, convert_to_fp8
 from seekforge.model.moe import add_load
 from seekforge.model.transformer import ModelLoss
+from seekforge.parallel.mesh import barrier, main_first
+from seekforge.parallel.parallelize import gathered
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.init_from import build_model, model_config
 from seekforge.train.loop import NON_FINITE, LoopConfig, Trainer
@@ -158,30 +160,37 @@ class LMTrainer(Trainer):
     def __init__(self, cfg: LMConfig, out_dir: str | Path, data: Callable[[Path], LMData], resume: bool = False,
                  objective: Callable[[LMTrainer], Objective] | None = None):
         super().__init__(cfg, out_dir, "train_config.yaml", resume=resume)
-        self.data = data(self.out)
+        dp = self.layout.dp
+        if cfg.batch_size % dp:
+            raise ConfigError(f"{cfg.NAME} config: batch_size {cfg.batch_size} (the global batch) does not divide by "
+                              f"the {dp} data-parallel ranks (parallel.dp_replicate x dp_shard); choose a multiple "
+                              f"of {dp}")
+        self.data = main_first(lambda: data(self.out))
         self.model_cfg = model_config(cfg.model, cfg.init_from, cfg.model_overrides, self.data.vocab_size,
                                       cfg.seq_len)
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg, cfg.init_from, cfg.model_overrides).to(self.device)
-        model = convert_to_fp8(model, cfg.fp8)
-        if cfg.compile:
-            from seekforge.train.compile import compile_blocks
-
-            compile_blocks(model, self.amp)
-        self.optimize(model)
+        self.optimize(convert_to_fp8(model, cfg.fp8), compile=cfg.compile)
         self.loader = self.data.batches()
         self.objective = objective(self) if objective is not None else None
         self.speed = Throughput()
         self.loop.start(self)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict()}
+        return {"loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
+
+    def my_rows(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's rows of a global batch, and the weight of its loss: its share of the batch's trained tokens
+        times the data-parallel degree (1 in a single process), so that FSDP2's average of the ranks' gradients
+        is the gradient of the batch's mean over its tokens (see the module doc)."""
+        if self.mesh is None:
+            return batch, 1.0
+        mine = self.mesh.rows(batch)
+        total = int((batch["labels"] != IGNORE).sum())
+        return mine, int((mine["labels"] != IGNORE).sum()) * self.mesh.dp_size / total if total else 1.0
 
     def loss(self, batch: dict[str, torch.Tensor], mtp_weight: float) -> ModelLoss:
         """The training objective of one micro-batch."""
@@ -210,20 +219,28 @@ class LMTrainer(Trainer):
 
         def losses() -> Iterator[torch.Tensor]:
             for _ in range(cfg.grad_accum):
-                batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
+                batch, weight = self.my_rows(next(self.loader))
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.autocast():
                     out = self.loss(batch, mtp_weight)
-                yield out.loss / cfg.grad_accum
+                yield out.loss * weight / cfg.grad_accum
                 for key in totals:
                     value = getattr(out, key)
                     if value is not None:
-                        totals[key] += float(value.detach()) / cfg.grad_accum
+                        totals[key] += float(value.detach()) * weight / cfg.grad_accum
                 add_load(loads, out.expert_load)
 
         grad_norm = self.apply_update(losses())
         record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
         if math.isnan(grad_norm):
             return {**record, "skipped": True, "reason": NON_FINITE, "loss": math.nan}
+        if self.mesh is not None:  # the global means and the global expert load: one bias update on every rank
+            means = self.mesh.dp_sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device))
+            totals = dict(zip(totals, (means / self.mesh.dp_size).tolist()))
+            if loads:
+                layers = sorted(loads)
+                summed = self.mesh.dp_sum(torch.stack([loads[layer] for layer in layers]))
+                loads = dict(zip(layers, summed))
         update_expert_bias(model.moe_layers(), loads, cfg.gamma(self.step))
         record.update(totals, skipped=False)
         if loads:
@@ -240,22 +257,32 @@ class LMTrainer(Trainer):
     def evaluate(self) -> dict:
         self.model.eval()
         total, count = 0.0, 0
-        for batch in self.data.eval_batches():
+        for whole in self.data.eval_batches():
+            batch, _ = self.my_rows(whole)
+            n = int((batch["labels"] != IGNORE).sum())
+            if not n:  # no row or no target here: a forward all the same (FSDP2's collectives), not counted
+                batch = {k: v[:1] for k, v in whole.items()}
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
                 out = self.model.loss(batch["input_ids"], batch["labels"], **attention(batch))
-            n = int((batch["labels"] != IGNORE).sum())
-            total += float(out.main_loss) * n
-            count += n
+            if n:
+                total += float(out.main_loss) * n
+                count += n
         self.model.train()
+        if self.mesh is not None:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            total, count = self.mesh.dp_sum(sums).tolist()
         return self.data.eval_metrics(total / count) if count else {}
 
     def export(self) -> Path:
         """The final model in Hugging Face layout (with its tokenizer) under DIR/final."""
         final = self.out / "final"
-        self.model.save_pretrained(final)
-        if self.data.tokenizer_dir is not None:
-            from seekforge.tokenizer import Tokenizer
+        model = gathered(self.model, self.mesh)  # None on ranks other than 0
+        if model is not None:
+            model.save_pretrained(final)
+            if self.data.tokenizer_dir is not None:
+                from seekforge.tokenizer import Tokenizer
 
-            Tokenizer.from_pretrained(self.data.tokenizer_dir).save_pretrained(final)
+                Tokenizer.from_pretrained(self.data.tokenizer_dir).save_pretrained(final)
+        barrier()
         return final
