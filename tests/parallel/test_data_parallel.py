@@ -127,3 +127,38 @@ def test_the_global_batch_must_divide_by_the_data_parallel_ranks(data, tmp_path)
 def test_tensor_parallelism_is_not_wired_yet(data, tmp_path):
     with pytest.raises(AssertionError, match="parallel.tp=2: tp is not wired into training yet"):
         run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["parallel.tp=2"])
+
+
+def _sft(out, data, base, overrides):
+    """An SFT run (logit distillation from `base` included) on this rank; its per-step records (rank 0's)."""
+    from seekforge.train.sft import build_trainer, load_sft_config
+
+    cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", "seq_len=256", "batch_size=4", "steps=4",
+                                 "warmup_steps=1", "constant_steps=1", "decay_steps=2", "lr=3e-3", "precision=fp32",
+                                 "eval_every=2", "save_every=4", "val_fraction=0.2", "progress=false",
+                                 "tensorboard=false", f"teacher={base}", "kd_weight=0.5", *overrides])
+    trainer = build_trainer(cfg, out)
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()] if trainer.main else []
+    return rows
+
+
+def test_sft_with_distillation_matches_one_process(tiny_checkpoint, tmp_path):
+    """SFT trains on completions only: the ranks' rows hold different numbers of trained tokens (and of MTP
+    targets), which each term's weight accounts for."""
+    from seekforge.tasks import get_task, r1_zero_prompt
+
+    rows = get_task("chain_sum").rows("train", 24, 0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution})
+                            + "\n" for r in rows))
+    base = tiny_checkpoint()
+    want = _sft(tmp_path / "one", data, base, [])
+    got = run_ranks(_sft, 2, out=tmp_path / "two", data=data, base=base, overrides=["parallel.dp_shard=2"])[0]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
+    for a, b in zip(got, want):
+        assert not a["skipped"]
+        for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm", "eval_loss"):
+            assert (key in a) == (key in b)
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key)
