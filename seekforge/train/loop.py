@@ -11,6 +11,12 @@ gradients and takes no step; the record says `skipped` with `reason` = NON_FINIT
 checkpointed, and `max_bad_steps` of them in a row stop training with TrainingStopped, the last good
 checkpoint intact.
 
+Under torchrun the same loop runs on every rank (`LoopConfig.parallel`, seekforge.parallel): the trainer's model
+is sharded (FSDP2) in `optimize`, the bad-step guard and the gradient norm are global so that all ranks step or
+skip together, checkpoints are written by every rank (torch.distributed.checkpoint shards: a run resumes under
+any layout, one process included), and rank 0 alone writes the config, metrics, progress bar and report. With
+one process none of this runs.
+
 `Loop.step` is the number of updates done (what checkpoints are saved under); the step a task is asked
 for is that count before the update, so step k (0-based) is the (k+1)-th update. Records are labelled in
 one of two layouts, which readers of existing runs rely on:

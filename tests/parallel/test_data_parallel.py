@@ -162,3 +162,14 @@ def test_sft_with_distillation_matches_one_process(tiny_checkpoint, tmp_path):
             assert (key in a) == (key in b)
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key)
+
+
+def _grpo(out):
+    from seekforge.rl.grpo import GRPOConfig, GRPOTrainer
+
+    GRPOTrainer(GRPOConfig(init_from="unused", progress=False, tensorboard=False), out)
+
+
+def test_grpo_under_torchrun_is_refused_clearly(tmp_path):
+    with pytest.raises(AssertionError, match="grpo runs in one process"):
+        run_ranks(_grpo, 2, out=tmp_path / "run")
