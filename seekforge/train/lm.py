@@ -290,7 +290,7 @@ class LMTrainer(Trainer):
         self.model.eval()
         total, count = 0.0, 0
         for whole in self.data.eval_batches():
-            batch, _ = self.my_rows(whole)
+            batch = whole if self.mesh is None else self.mesh.rows(whole)
             n = int((batch["labels"] != IGNORE).sum())
             if not n:  # no row or no target here: a forward all the same (FSDP2's collectives), not counted
                 batch = {k: v[:1] for k, v in whole.items()}
