@@ -84,10 +84,10 @@ def _assert_close(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("world, layout", [
-    (2, ["parallel.dp_shard=2"]),
+    (2, ["parallel.dp_shard=2", "parallel.activation_checkpointing=true"]),
     pytest.param(4, ["parallel.dp_shard=4"], marks=pytest.mark.slow),
     pytest.param(4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], marks=pytest.mark.slow),
-], ids=["fsdp2", "fsdp4", "hsdp2x2"])
+], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2"])
 def test_data_parallel_training_matches_one_process(data, single, tmp_path, world, layout):
     ranks = run_ranks(_train, world, out=tmp_path / "run", data=data, overrides=layout)
     _assert_close(ranks[0], single)
