@@ -173,3 +173,23 @@ def _grpo(out):
 def test_grpo_under_torchrun_is_refused_clearly(tmp_path):
     with pytest.raises(AssertionError, match="grpo runs in one process"):
         run_ranks(_grpo, 2, out=tmp_path / "run")
+
+
+def test_torchrun_command_line(data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m seekforge train ...` on gloo: one report of the run, from rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_harness import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "seekforge", "train", "--config", "tiny", "--out", str(tmp_path / "run"), *SMALL, "steps=2",
+           "warmup_steps=1", "constant_steps=1", "decay_steps=0", f"data={data}", f"tokenizer={data / 'tokenizer'}",
+           "parallel.dp_shard=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done: loss") == 1
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file() and (tmp_path / "run" / "report.md").is_file()
