@@ -332,6 +332,14 @@ class CheckpointManager:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 
+    def shard_keys(self) -> set[str]:
+        """The keys the committed checkpoint's shards hold, flattened as torch.distributed.checkpoint stores them
+        ("model.embed.weight", "optimizer.state.embed.weight.exp_avg", ...)."""
+        path = self.latest_dir()
+        if path is None or not (path / SHARDS_DIR).is_dir():
+            raise CheckpointError(f"{self.dir}: the latest checkpoint holds no sharded state to load")
+        return set(dcp.FileSystemReader(path / SHARDS_DIR).read_metadata().state_dict_metadata)
+
     def load_shards(self, target: dict) -> None:
         """Read the committed checkpoint's `shards/` into `target` in place (torch.distributed.checkpoint: any
         layout saved, any layout loading, one process included). Every rank calls it."""

@@ -36,7 +36,7 @@ from typing import ClassVar, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from seekforge.configio import save_config, to_dict
 from seekforge.errors import CheckpointError, ConfigError, SeekforgeError
@@ -113,8 +113,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    def shards(self) -> dict:
-        """The model's and the optimizer's state, sharded as the run holds them (`Trainer.shards`)."""
+    def shards(self, saved: set[str] | None = None) -> dict:
+        """The model's and the optimizer's state, sharded as the run holds them (`Trainer.shards`); with `saved`,
+        the keys of a checkpoint about to be loaded into it."""
 
     def load_shards(self, shards: dict) -> None: ...
 
@@ -164,7 +165,7 @@ class Loop:
                 task.model.load_state_dict(state["model"])
                 task.optimizer.load_state_dict(state["optimizer"])
             else:
-                shards = task.shards()
+                shards = task.shards(saved=self.ckpt.shard_keys())
                 self.ckpt.load_shards(shards)
                 task.load_shards(shards)
             task.load_state_dict(state)
@@ -281,15 +282,23 @@ class Trainer:
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule = cfg.schedule()
 
-    def shards(self) -> dict:
+    def shards(self, saved: set[str] | None = None) -> dict:
         """The model's and the optimizer's state as torch.distributed.checkpoint saves it (parameter names for
-        keys, DTensors where sharded), for checkpoints that any layout resumes."""
+        keys, DTensors where sharded), for checkpoints that any layout resumes. To load a checkpoint holding the
+        keys `saved`: a parameter the optimizer had no state for when it was saved (it had no gradient yet, e.g.
+        MTP's under mtp_weight 0) is left without one, as in the run that saved it."""
         model, optimizer = get_state_dict(self.model, self.optimizer)
+        if saved is not None:
+            stateful = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optimizer.state.")}
+            optimizer["state"] = {name: value for name, value in optimizer["state"].items()
+                                  if f"optimizer.state.{name}" in stateful}
         return {"model": model, "optimizer": optimizer}
 
     def load_shards(self, shards: dict) -> None:
+        # not strict: parameters without optimizer state stay so (`shards`); the model's keys are all there, as
+        # torch.distributed.checkpoint refuses a checkpoint that lacks one of them
         set_state_dict(self.model, self.optimizer, model_state_dict=shards["model"],
-                       optim_state_dict=shards["optimizer"])
+                       optim_state_dict=shards["optimizer"], options=StateDictOptions(strict=False))
 
     def autocast(self, cache: bool = True):
         """The training precision (autocast, or nothing in fp32); `cache=False` without autocast's weight-cast
