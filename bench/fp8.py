@@ -138,7 +138,7 @@ def speed(args) -> dict:
                 torch.set_default_dtype(default)
         convert_to_fp8(model, recipe)
         if not args.eager:
-            from seekforge.train.compile import compile_blocks
+            from seekforge.parallel.compile import compile_blocks
 
             compile_blocks(model)
 

@@ -20,11 +20,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from seekforge.parallel.mesh import is_main
     from seekforge.train.sft import load_sft_config, run as sft
 
     cfg = load_sft_config(args.config, [f"init_from={args.init_from}", f"data={args.data}", *args.overrides])
     last = sft(cfg, args.out, resume=args.resume)
-    print(f"done: loss {last.get('loss', float('nan')):.4f}"
-          + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
-          + f"; model in {args.out}/final, report in {args.out}/report.md")
+    if is_main():  # under torchrun: rank 0 speaks for the run
+        print(f"done: loss {last.get('loss', float('nan')):.4f}"
+              + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+              + f"; model in {args.out}/final, report in {args.out}/report.md")
     return 0

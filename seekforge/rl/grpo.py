@@ -300,6 +300,9 @@ class GRPOTrainer(Trainer):
         if not cfg.init_from:
             raise ConfigError("grpo: say which checkpoint to start from (--from CKPT, a HF-layout directory)")
         super().__init__(cfg, out_dir, "grpo_config.yaml", resume=resume, records="count", desc="grpo")
+        if self.mesh is not None:
+            raise ConfigError("grpo runs in one process: its rollouts compute with the policy's whole parameters, "
+                              "which data parallelism shards; launch it without torchrun")
         self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
         self.task = get_task(cfg.task, **cfg.task_knobs)
         torch.manual_seed(cfg.seed)
@@ -323,12 +326,9 @@ class GRPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "prompts": self.prompts.state_dict()}
+        return {"prompts": self.prompts.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.prompts.load_state_dict(state["prompts"])
 
     # ---------------------------------------------------------------- rollouts

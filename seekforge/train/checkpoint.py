@@ -2,14 +2,19 @@
 
 Layout under `out_dir`:
 
-    checkpoints/step_00001000/state.pt   torch.save of the caller's dict (model, optimizer, ...)
+    checkpoints/step_00001000/state.pt   torch.save of the caller's dict (data position, RNG, step, ...)
+    checkpoints/step_00001000/shards/    the model and optimizer by torch.distributed.checkpoint (format 2)
     checkpoints/step_00001000/meta.json  {"step", "time", "unix_time", "fingerprint", "format"}
     checkpoints/latest                   "step_00001000": the committed checkpoint
 
-A checkpoint is written into a hidden temporary sibling directory, fsynced, renamed into place, and
-only then committed by atomically replacing `latest`. A crash or a full disk at any point leaves the
-previously committed checkpoint whole; `save` removes its partial directory on an exception and the
-next `save` sweeps what a hard kill left behind.
+The shards hold each tensor under its global name and shape, so a checkpoint saved by one layout of ranks
+loads into another (resharding), a single process included. Format 1 (no shards/: the model and optimizer
+inside state.pt) is what single-process runs wrote before; it still loads.
+
+A checkpoint is written into a hidden temporary sibling directory (by every rank, for the shards), fsynced,
+renamed into place by rank 0 once all ranks wrote, and only then committed by atomically replacing `latest`.
+A crash or a full disk at any point leaves the previously committed checkpoint whole; `save` removes its
+partial directory on an exception and the next `save` sweeps what a hard kill left behind.
 
 State files are loaded with `torch.load(weights_only=True)`: store tensors and plain Python values
 (dicts, lists, tuples, numbers, strings) only. `rng_state()` returns such values.
@@ -28,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -35,16 +41,21 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from seekforge.configio import atomic_write_text, fsync_dir, to_dict
 from seekforge.errors import CheckpointError
+from seekforge.parallel.mesh import is_main, on_main
 
 __all__ = ["CheckpointManager", "config_fingerprint", "rng_state", "set_rng_state"]
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDS_DIR = "shards"
 LATEST_FILE = "latest"
-FORMAT = 1
+FORMAT = 1  # state.pt holds everything
+FORMAT_SHARDED = 2  # model and optimizer in shards/ (torch.distributed.checkpoint), the rest in state.pt
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TEMP_PREFIX = ".tmp-"
 _ASIDE_PREFIX = ".old-"
@@ -62,7 +73,8 @@ def config_fingerprint(config: Mapping | Any) -> str:
 
 
 def rng_state() -> dict:
-    """The global generators of Python `random`, numpy (`np.random`) and torch (CPU, and CUDA if present).
+    """The global generators of Python `random`, numpy (`np.random`) and torch (CPU, and CUDA if present: every
+    visible device's, or in a distributed run the rank's own device's, so that no rank touches another's GPU).
 
     numpy `Generator` objects made by `default_rng` are not global and are not captured: a data
     pipeline using one must checkpoint it itself.
@@ -75,7 +87,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [torch.cuda.get_rng_state()] if dist.is_initialized() else torch.cuda.get_rng_state_all()
     return state
 
 
@@ -88,6 +100,9 @@ def set_rng_state(state: Mapping) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
+        if dist.is_initialized() or len(cuda) == 1:  # one device's: the current one's
+            torch.cuda.set_rng_state(cuda[0])
+            return
         if len(cuda) != torch.cuda.device_count():
             raise CheckpointError(
                 f"the checkpoint holds CUDA RNG states for {len(cuda)} devices but {torch.cuda.device_count()} "
@@ -120,7 +135,18 @@ def _write_json(path: Path, data: Mapping) -> None:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and (path / META_FILE).is_file()
+    shards = path / SHARDS_DIR
+    return ((path / STATE_FILE).is_file() and (path / META_FILE).is_file()
+            and (not shards.exists() or (shards / ".metadata").is_file()))
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Silences torch.distributed.checkpoint's warning that it serves a single process (no process group): here
+    that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class CheckpointManager:
@@ -128,8 +154,9 @@ class CheckpointManager:
 
     `fingerprint` (from `config_fingerprint`) is recorded in each checkpoint's meta.json so that
     `verify_fingerprint` can refuse to resume a run into a directory made by another config.
-    `keep_last=None` keeps every checkpoint. One process writes a directory (rank 0 of a distributed
-    run); the others may read it.
+    `keep_last=None` keeps every checkpoint. In a distributed run (torch.distributed initialised) every
+    rank calls `save` and `load_shards`; rank 0 alone manages the directories. The directory must be one
+    file system that every rank sees.
     """
 
     def __init__(self, out_dir: str | os.PathLike, keep_last: int | None = 3, fingerprint: str | None = None):
@@ -224,20 +251,55 @@ class CheckpointManager:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def save(self, step: int, state: Mapping) -> Path:
-        """Write `state` as the checkpoint of `step` and commit it; returns its directory.
+    def save(self, step: int, state: Mapping, shards: Mapping | None = None) -> Path:
+        """Write `state` (and `shards`) as the checkpoint of `step` and commit it; returns its directory.
 
-        On any failure the previous checkpoint stays committed and the partial directory is removed;
-        an OSError (a full disk, say) is raised as CheckpointError.
+        `shards`: a state dict of (possibly sharded) tensors, model and optimizer, written with
+        torch.distributed.checkpoint by every rank into the checkpoint's `shards/`; `state`, the rest, is rank
+        0's. In a distributed run every rank calls save; rank 0 makes the directory, commits it once all ranks
+        wrote their shards, and prunes. On any failure the previous checkpoint stays committed and the partial
+        directory is removed; an OSError (a full disk, say) is raised as CheckpointError.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
         final = self.dir / _step_name(step)
-        tmp = aside = None
+        tmp = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._sweep()
-            tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{final.name}-", dir=self.dir))
+            tmp = Path(on_main(lambda: self._begin(final), CheckpointError))
+            if shards is not None:
+                with _single_process_quiet():
+                    dcp.save(dict(shards), checkpoint_id=tmp / SHARDS_DIR, no_dist=not dist.is_initialized())
+            on_main(lambda: self._commit(step, state, tmp, final, sharded=shards is not None), CheckpointError)
+        except BaseException as err:
+            if tmp is not None and is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, (OSError, dcp.CheckpointException)):
+                reason = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else (
+                    getattr(err, "strerror", None) or str(err))
+                try:
+                    newest = self.latest_dir()
+                except OSError:
+                    newest = None
+                kept = f"the newest whole checkpoint is {newest.name}" if newest else "there is no checkpoint yet"
+                raise CheckpointError(
+                    f"could not save checkpoint step {step} in {self.dir}: {reason}; {kept}; "
+                    "free space (or lower keep_last) and resume, or pass another --out"
+                ) from err
+            raise
+        if is_main():
+            self._prune(step)
+        return final
+
+    def _begin(self, final: Path) -> str:
+        """Sweep what an interrupted save left and make the temporary directory `final` is written into."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+        return tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{final.name}-", dir=self.dir)
+
+    def _commit(self, step: int, state: Mapping, tmp: Path, final: Path, sharded: bool) -> None:
+        """Write the state and meta beside the shards, rename `tmp` into place and point `latest` at it."""
+        aside = None
+        try:
             _write_state(tmp / STATE_FILE, state)
             now = time.time()
             _write_json(tmp / META_FILE, {
@@ -245,7 +307,7 @@ class CheckpointManager:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
                 "unix_time": now,
                 "fingerprint": self.fingerprint,
-                "format": FORMAT,
+                "format": FORMAT_SHARDED if sharded else FORMAT,
             })
             fsync_dir(tmp)
             if final.exists():
@@ -258,9 +320,7 @@ class CheckpointManager:
             os.rename(tmp, final)
             fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST_FILE, final.name + "\n")
-        except BaseException as err:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             if aside is not None:
                 with contextlib.suppress(OSError):
                     if _is_complete(final):
@@ -268,22 +328,30 @@ class CheckpointManager:
                     else:
                         shutil.rmtree(final, ignore_errors=True)
                         os.rename(aside, final)
-            if isinstance(err, OSError):
-                reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-                try:
-                    newest = self.latest_dir()
-                except OSError:
-                    newest = None
-                kept = f"the newest whole checkpoint is {newest.name}" if newest else "there is no checkpoint yet"
-                raise CheckpointError(
-                    f"could not save checkpoint step {step} in {self.dir}: {reason}; {kept}; "
-                    "free space (or lower keep_last) and resume, or pass another --out"
-                ) from err
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-        self._prune(step)
-        return final
+
+    def shard_keys(self) -> set[str]:
+        """The keys the committed checkpoint's shards hold, flattened as torch.distributed.checkpoint stores them
+        ("model.embed.weight", "optimizer.state.embed.weight.exp_avg", ...)."""
+        path = self.latest_dir()
+        if path is None or not (path / SHARDS_DIR).is_dir():
+            raise CheckpointError(f"{self.dir}: the latest checkpoint holds no sharded state to load")
+        return set(dcp.FileSystemReader(path / SHARDS_DIR).read_metadata().state_dict_metadata)
+
+    def load_shards(self, target: dict) -> None:
+        """Read the committed checkpoint's `shards/` into `target` in place (torch.distributed.checkpoint: any
+        layout saved, any layout loading, one process included). Every rank calls it."""
+        path = self.latest_dir()
+        if path is None or not (path / SHARDS_DIR).is_dir():
+            raise CheckpointError(f"{self.dir}: the latest checkpoint holds no sharded state to load")
+        try:
+            with _single_process_quiet():
+                dcp.load(target, checkpoint_id=path / SHARDS_DIR, no_dist=not dist.is_initialized())
+        except dcp.CheckpointException as err:
+            raise CheckpointError(f"{path / SHARDS_DIR}: cannot be read ({err}); delete {path} to resume from the "
+                                  f"previous checkpoint") from err
 
     def _sweep(self) -> None:
         """Remove what an interrupted save left: temp dirs, and aside copies no longer needed."""

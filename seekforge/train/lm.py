@@ -6,6 +6,17 @@ One update: grad_accum micro-batches of next-token loss plus the MTP loss (weigh
 sequence-wise balance loss (balance_alpha); AdamW under the V3 learning-rate schedule; then the
 auxiliary-loss-free balancing moves each MoE gate's bias by the step's expert load (gamma). A batch that
 carries "positions" holds packed documents kept apart: each attends only to itself (`document_mask`).
+
+Data parallelism (under torchrun, `seekforge.parallel`): `batch_size` is the global batch, which every rank
+reads whole from its loader (so the data position is the same on every rank and layout) and of which it
+trains its dp_rank-th slice of rows. FSDP2 averages the ranks' gradients, and a rank's terms are means over
+its own tokens, so each term is weighted by the rank's share of the batch's tokens of that term (times the
+data-parallel degree): the next-token loss (and distillation's KL, over the same tokens) by the share of
+trained labels, the MTP loss by the share of MTP targets (pooled over depths: exact with one MTP module, V3's
+number), the sequence-wise balance loss by 1 (every rank holds as many rows). The gradient is then the one
+process's gradient of that global batch, also where SFT's masked labels leave the ranks unequal token counts;
+the logged losses are the global means. Micro-batches of gradient accumulation stay equal-weighted, as in one
+process. A rank whose rows hold no trained token makes the step non-finite (the bad-step guard drops it).
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ import torch
 from seekforge.errors import ConfigError
 from seekforge.fp8.convert import check_recipe, convert_to_fp8
 from seekforge.model.moe import add_load
+from seekforge.model.mtp import depth_targets
 from seekforge.model.transformer import ModelLoss
+from seekforge.parallel.mesh import barrier, main_first
+from seekforge.parallel.parallelize import gathered
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.init_from import build_model, model_config
 from seekforge.train.loop import NON_FINITE, LoopConfig, Trainer
@@ -30,6 +44,7 @@ from seekforge.train.optim import set_lr
 from seekforge.train.schedule import LRSchedule
 
 IGNORE = -100  # the label of a position that is not trained
+SINGLE = {"main_loss": 1.0, "mtp_loss": 1.0, "balance_loss": 1.0}  # the loss terms' weights in one process
 
 
 @dataclass
@@ -158,36 +173,61 @@ class LMTrainer(Trainer):
     def __init__(self, cfg: LMConfig, out_dir: str | Path, data: Callable[[Path], LMData], resume: bool = False,
                  objective: Callable[[LMTrainer], Objective] | None = None):
         super().__init__(cfg, out_dir, "train_config.yaml", resume=resume)
-        self.data = data(self.out)
+        dp = self.layout.dp
+        if cfg.batch_size % dp:
+            raise ConfigError(f"{cfg.NAME} config: batch_size {cfg.batch_size} (the global batch) does not divide by "
+                              f"the {dp} data-parallel ranks (parallel.dp_replicate x dp_shard); choose a multiple "
+                              f"of {dp}")
+        self.data = main_first(lambda: data(self.out))
         self.model_cfg = model_config(cfg.model, cfg.init_from, cfg.model_overrides, self.data.vocab_size,
                                       cfg.seq_len)
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg, cfg.init_from, cfg.model_overrides).to(self.device)
-        model = convert_to_fp8(model, cfg.fp8)
-        if cfg.compile:
-            from seekforge.train.compile import compile_blocks
-
-            compile_blocks(model, self.amp)
-        self.optimize(model)
+        self.optimize(convert_to_fp8(model, cfg.fp8), compile=cfg.compile)
         self.loader = self.data.batches()
         self.objective = objective(self) if objective is not None else None
         self.speed = Throughput()
         self.loop.start(self)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict()}
+        return {"loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
 
-    def loss(self, batch: dict[str, torch.Tensor], mtp_weight: float) -> ModelLoss:
-        """The training objective of one micro-batch."""
+    def my_rows(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """This rank's rows of a global batch, and the weights of its loss terms by ModelLoss field: the rank's
+        share of the batch's tokens of each term times the data-parallel degree (see the module doc); all 1 in a
+        single process."""
+        if self.mesh is None:
+            return batch, dict(SINGLE)
+        mine = self.mesh.rows(batch)
+
+        def share(count) -> float:
+            total = count(batch)
+            return count(mine) * self.mesh.dp_size / total if total else 1.0
+
+        def mtp_targets(b: dict[str, torch.Tensor]) -> int:
+            depths = range(1, min(self.model_cfg.n_mtp_modules + 1, b["labels"].shape[1]))
+            return sum(int((depth_targets(b["labels"], k, b.get("positions"), IGNORE) != IGNORE).sum()) for k in depths)
+
+        return mine, {"main_loss": share(lambda b: int((b["labels"] != IGNORE).sum())), "mtp_loss": share(mtp_targets),
+                      "balance_loss": 1.0}
+
+    def loss(self, batch: dict[str, torch.Tensor], mtp_weight: float,
+             weights: dict[str, float] = SINGLE) -> ModelLoss:
+        """The training objective of one micro-batch; with a data-parallel rank's term `weights` (`my_rows`), its
+        `loss` times weights["main_loss"] is the rank's share of the global batch's (the objective is linear in
+        the model's loss)."""
         mask = attention(batch)
         out = self.model.loss(batch["input_ids"], batch["labels"], mtp_weight=mtp_weight,
                               balance_alpha=self.cfg.balance_alpha, **mask)
+        main = weights["main_loss"]
+        if main and weights != SINGLE:  # the other terms' weights, relative to the main term's
+            if out.mtp_loss is not None:
+                out.loss = out.loss + mtp_weight * (weights["mtp_loss"] / main - 1) * out.mtp_loss
+            if out.balance_loss is not None:
+                out.loss = out.loss + (weights["balance_loss"] / main - 1) * out.balance_loss
         return out if self.objective is None else self.objective(out, batch, mask)
 
     def train_step(self) -> dict:
@@ -210,20 +250,29 @@ class LMTrainer(Trainer):
 
         def losses() -> Iterator[torch.Tensor]:
             for _ in range(cfg.grad_accum):
-                batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
+                batch, weights = self.my_rows(next(self.loader))
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.autocast():
-                    out = self.loss(batch, mtp_weight)
-                yield out.loss / cfg.grad_accum
+                    out = self.loss(batch, mtp_weight, weights)
+                weights["loss"] = weights["main_loss"]
+                yield out.loss * weights["loss"] / cfg.grad_accum
                 for key in totals:
                     value = getattr(out, key)
                     if value is not None:
-                        totals[key] += float(value.detach()) / cfg.grad_accum
+                        totals[key] += float(value.detach()) * weights[key] / cfg.grad_accum
                 add_load(loads, out.expert_load)
 
         grad_norm = self.apply_update(losses())
         record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
         if math.isnan(grad_norm):
             return {**record, "skipped": True, "reason": NON_FINITE, "loss": math.nan}
+        if self.mesh is not None:  # the global means and the global expert load: one bias update on every rank
+            means = self.mesh.dp_sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device))
+            totals = dict(zip(totals, (means / self.mesh.dp_size).tolist()))
+            if loads:
+                layers = sorted(loads)
+                summed = self.mesh.dp_sum(torch.stack([loads[layer] for layer in layers]))
+                loads = dict(zip(layers, summed))
         update_expert_bias(model.moe_layers(), loads, cfg.gamma(self.step))
         record.update(totals, skipped=False)
         if loads:
@@ -240,22 +289,32 @@ class LMTrainer(Trainer):
     def evaluate(self) -> dict:
         self.model.eval()
         total, count = 0.0, 0
-        for batch in self.data.eval_batches():
+        for whole in self.data.eval_batches():
+            batch = whole if self.mesh is None else self.mesh.rows(whole)
+            n = int((batch["labels"] != IGNORE).sum())
+            if not n:  # no row or no target here: a forward all the same (FSDP2's collectives), not counted
+                batch = {k: v[:1] for k, v in whole.items()}
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
                 out = self.model.loss(batch["input_ids"], batch["labels"], **attention(batch))
-            n = int((batch["labels"] != IGNORE).sum())
-            total += float(out.main_loss) * n
-            count += n
+            if n:
+                total += float(out.main_loss) * n
+                count += n
         self.model.train()
+        if self.mesh is not None:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            total, count = self.mesh.dp_sum(sums).tolist()
         return self.data.eval_metrics(total / count) if count else {}
 
     def export(self) -> Path:
         """The final model in Hugging Face layout (with its tokenizer) under DIR/final."""
         final = self.out / "final"
-        self.model.save_pretrained(final)
-        if self.data.tokenizer_dir is not None:
-            from seekforge.tokenizer import Tokenizer
+        model = gathered(self.model, self.mesh)  # None on ranks other than 0
+        if model is not None:
+            model.save_pretrained(final)
+            if self.data.tokenizer_dir is not None:
+                from seekforge.tokenizer import Tokenizer
 
-            Tokenizer.from_pretrained(self.data.tokenizer_dir).save_pretrained(final)
+                Tokenizer.from_pretrained(self.data.tokenizer_dir).save_pretrained(final)
+        barrier()
         return final

@@ -1,10 +1,11 @@
 """Sizing a distributed training run on paper: per-GPU memory and per-step communication of a parallel layout.
 
 Arithmetic, not measurement. The layout follows PyTorch's stack: the world is dp_replicate x dp_shard x tp x pp
-ranks; expert parallelism (ep) is carved out of the dp_shard x tp ranks of one pipeline stage (each routed expert
-lives on one of ep ranks and is data-parallel over the other dp_shard*tp/ep). Memory is counted for the heaviest
-pipeline stage; communication is what one GPU sends per optimizer step (ring collectives: an all-gather or a
-reduce-scatter of N bytes over g ranks sends N*(g-1)/g per rank, an all-reduce twice that).
+ranks; expert parallelism (ep) is carved out of dp_shard (`seekforge.parallel.config`: each routed expert lives
+on one of ep ranks, is sharded over the dp_shard/ep ranks holding the same experts and replicated over tp), the
+layout training runs. Memory is counted for the heaviest pipeline stage; communication is what one GPU sends per
+optimizer step (ring collectives: an all-gather or a reduce-scatter of N bytes over g ranks sends N*(g-1)/g per
+rank, an all-reduce twice that).
 
 Precisions are choices (`Precision`). DeepSeek-V3 trained with a bf16 compute copy (FP8 GEMMs cast on the fly),
 fp32 gradients, fp32 master weights and bf16 AdamW moments, and ZeRO-1 data parallelism (optimizer states
@@ -18,19 +19,11 @@ from typing import Literal
 
 from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
+from seekforge.parallel.config import ParallelConfig
 
 Dtype = Literal["fp32", "bf16"]
 BYTES = {"fp32": 4, "bf16": 2}
 GB = 1e9
-
-
-@dataclass
-class Parallel:
-    dp_shard: int = -1  # -1: the world size left over by the other degrees
-    dp_replicate: int = 1
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
 
 
 @dataclass
@@ -43,13 +36,12 @@ class Precision:
 
 @dataclass
 class PlanConfig:
-    parallel: Parallel = field(default_factory=Parallel)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # activation_checkpointing included
     precision: Precision = field(default_factory=Precision)
     zero: int = 3  # 3: FSDP2 fully_shard (params, grads, optimizer sharded); 2: grads+optimizer; 1: optimizer
     seq_len: int = 4096
     micro_batch: int = 1  # sequences per micro-batch per data-parallel rank
     micro_batches: int = 0  # micro-batches per step per data-parallel rank (0: pp, the fewest a schedule fills)
-    activation_checkpointing: bool = False
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -94,42 +86,15 @@ def stage_split(n_units: int, pp: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- validation
-def resolve(cfg: ModelConfig, plan: PlanConfig, gpus: int) -> Parallel:
-    """The degrees with dp_shard filled in, checked against the world size and the model."""
-    p = plan.parallel
-    if gpus < 1:
-        raise ConfigError(f"--gpus must be positive, got {gpus}")
-    for key in ("dp_replicate", "tp", "ep", "pp"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
-    rest = p.dp_replicate * p.tp * p.pp
-    dp_shard = p.dp_shard
-    if dp_shard == -1:
-        if gpus % rest:
-            raise ConfigError(f"dp_replicate*tp*pp = {rest} does not divide --gpus {gpus}; choose degrees whose "
-                              f"product divides the world size")
-        dp_shard = gpus // rest
-    if dp_shard < 1 or dp_shard * rest != gpus:
-        raise ConfigError(f"dp_replicate*dp_shard*tp*pp = {p.dp_replicate}*{dp_shard}*{p.tp}*{p.pp} = "
-                          f"{dp_shard * rest} but --gpus is {gpus}; the product must equal the world size "
-                          f"(ep is carved out of dp_shard*tp and is not a factor)")
-    if cfg.n_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} does not divide the {cfg.n_heads} attention heads")
-    if p.ep > 1 and cfg.n_routed_experts % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide the {cfg.n_routed_experts} routed experts; "
-                          f"choose ep dividing n_routed_experts")
-    if (dp_shard * p.tp) % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide dp_shard*tp = {dp_shard * p.tp}, the ranks of one "
-                          f"stage that experts are spread over; raise dp_shard or lower ep")
-    units = cfg.n_layers + cfg.n_mtp_modules
-    if p.pp > units:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds the {units} blocks (layers + MTP modules); every stage "
-                          f"needs one")
+def resolve(cfg: ModelConfig, plan: PlanConfig, gpus: int) -> ParallelConfig:
+    """The degrees with dp_shard filled in, checked against the world size and the model (the checks training
+    makes, `ParallelConfig.resolve`), and the plan's own settings."""
+    par = plan.parallel.resolve(gpus, cfg, world_name="--gpus")
     if plan.zero not in (1, 2, 3):
         raise ConfigError(f"zero must be 1, 2 or 3, got {plan.zero}")
     if plan.seq_len < 1 or plan.micro_batch < 1 or plan.micro_batches < 0:
         raise ConfigError("seq_len and micro_batch must be positive and micro_batches >= 0")
-    return Parallel(dp_shard=dp_shard, dp_replicate=p.dp_replicate, tp=p.tp, ep=p.ep, pp=p.pp)
+    return par
 
 
 # ---------------------------------------------------------------- activations
@@ -171,7 +136,7 @@ def plan(cfg: ModelConfig, config: PlanConfig, gpus: int) -> dict:
     n_micro = config.micro_batches or par.pp
     units = _units(cfg)
     split = stage_split(len(units), par.pp)
-    dense_dp, expert_dp = par.dp_shard, par.dp_shard * par.tp // par.ep
+    dense_dp, expert_dp = par.dp_shard, par.dp_shard // par.ep
     act_bytes = 2  # bf16 activations
     stages, start = [], 0
     for s, n in enumerate(split):
@@ -191,7 +156,7 @@ def plan(cfg: ModelConfig, config: PlanConfig, gpus: int) -> dict:
             mem["parameters"] += pb * max(units[i][0] / par.tp + units[i][1] / par.ep for i in ids)
         per_block = [block_activation_elements(cfg, i, tokens, par.tp) for i in ids]
         in_flight = min(par.pp - s, n_micro)  # 1F1B: stage s holds pp - s micro-batches' activations
-        if config.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
+        if par.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
             held = in_flight * n * tokens * cfg.dim + max(per_block)
         else:
             held = in_flight * sum(per_block)

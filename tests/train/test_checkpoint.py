@@ -282,3 +282,30 @@ def test_resumed_cpu_run_is_bit_identical(tmp_path):
     set_rng_state(state["rng"])
     _train(model, opt, 3, step)
     assert all(torch.equal(a, b) for a, b in zip(straight, model.parameters()))
+
+
+def test_sharded_state_round_trip_and_a_failed_shard_write_keeps_the_previous(tmp_path, monkeypatch):
+    """Shards (torch.distributed.checkpoint) beside state.pt; a save that fails while writing them leaves the
+    previous checkpoint committed and no partial directory."""
+    m = CheckpointManager(tmp_path)
+    path = m.save(1, {"data": {"pos": 1}}, shards={"model": {"w": torch.full((4, 4), 1.0)}})
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "shards", "state.pt"]
+    assert json.loads((path / "meta.json").read_text())["format"] == 2
+    target = {"model": {"w": torch.zeros(4, 4)}}
+    m.load_shards(target)
+    assert torch.equal(target["model"]["w"], torch.full((4, 4), 1.0)) and m.load_latest()[1] == {"data": {"pos": 1}}
+    real = ckpt_mod.dcp.save
+
+    def fill_disk(state, checkpoint_id, **kwargs):
+        real(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards reach the disk, then the space runs out
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", fill_disk)
+    with pytest.raises(CheckpointError, match=r"step 2.*disk is full.*newest whole checkpoint is step_00000001"):
+        m.save(2, {"data": {"pos": 2}}, shards={"model": {"w": torch.full((4, 4), 2.0)}})
+    monkeypatch.undo()
+    assert m.steps() == [1] and _leftovers(m) == []
+    m.load_shards(target)
+    assert torch.equal(target["model"]["w"], torch.full((4, 4), 1.0))
+    (path / "shards" / ".metadata").unlink()  # shards without their index are not a checkpoint
+    assert m.steps() == []

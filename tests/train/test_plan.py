@@ -7,7 +7,8 @@ from seekforge.cli import main
 from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
 from seekforge.model.transformer import Transformer
-from seekforge.train.plan import GB, Parallel, PlanConfig, Precision, all_to_all_bytes, plan, total_params
+from seekforge.parallel.config import ParallelConfig
+from seekforge.train.plan import GB, PlanConfig, Precision, all_to_all_bytes, plan, total_params
 
 
 @pytest.mark.parametrize("preset", ["tiny", "16b", "671b"])
@@ -36,8 +37,8 @@ def test_tiny_by_hand():
 
 def test_deepseek_v3_layout_fits_80gb():
     """671B on 2048 GPUs: PP16, EP64, ZeRO-1 data parallelism, bf16 moments, recomputation."""
-    config = PlanConfig(parallel=Parallel(pp=16, ep=64), zero=1, precision=Precision(moments="bf16"),
-                        activation_checkpointing=True)
+    config = PlanConfig(parallel=ParallelConfig(pp=16, ep=64, activation_checkpointing=True), zero=1,
+                        precision=Precision(moments="bf16"))
     out = plan(ModelConfig.preset("671b"), config, 2048)
     assert out["parallel"].dp_shard == 128
     assert 0 < sum(out["heaviest"].memory.values()) / GB < 80
@@ -45,24 +46,26 @@ def test_deepseek_v3_layout_fits_80gb():
     assert 12 * out["total_params"] / GB > 80
 
 
-@pytest.mark.parametrize("parallel, match", [
-    (Parallel(dp_shard=3, pp=16), "must equal the world size"),
-    (Parallel(pp=16, ep=63), "does not divide the 256 routed experts"),
-    (Parallel(pp=1024, ep=4), "does not divide dp_shard"),
+@pytest.mark.parametrize("layout, match", [
+    (ParallelConfig(dp_shard=3, pp=16), "must equal the world size"),
+    (ParallelConfig(pp=16, ep=63), "does not divide the 256 routed experts"),
+    (ParallelConfig(pp=1024, ep=4), "does not divide dp_shard"),
+    # training carves ep out of dp_shard alone (not dp_shard*tp): 2048 / (tp 2 * pp 16) = 64 ranks for ep 128
+    (ParallelConfig(tp=2, pp=16, ep=128), "does not divide dp_shard = 64"),
 ])
-def test_degree_errors(parallel, match):
+def test_degree_errors(layout, match):
     with pytest.raises(ConfigError, match=match):
-        plan(ModelConfig.preset("671b"), PlanConfig(parallel=parallel), 2048)
+        plan(ModelConfig.preset("671b"), PlanConfig(parallel=layout), 2048)
 
 
 def test_tp_must_divide_heads():
     with pytest.raises(ConfigError, match="attention heads"):
-        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=Parallel(tp=3)), 3)
+        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=ParallelConfig(tp=3)), 3)
 
 
 def test_pp_larger_than_blocks():
     with pytest.raises(ConfigError, match="every stage"):
-        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=Parallel(pp=8)), 8)
+        plan(ModelConfig.preset("tiny"), PlanConfig(parallel=ParallelConfig(pp=8)), 8)
 
 
 def test_command(capsys):

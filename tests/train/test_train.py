@@ -1,5 +1,6 @@
 """Pretraining: exact resume after SIGKILL, loss falls, balancing evens out load, clear errors."""
 
+import copy
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from seekforge.model.gate import Gate
 from seekforge.model.moe import MoE
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.metrics import load_cv
+from seekforge.train.checkpoint import CheckpointManager, rng_state
 from seekforge.train.loop import TrainingStopped
 from seekforge.train.pretrain import TrainConfig, build_trainer, load_train_config
 
@@ -77,6 +79,27 @@ def test_resume_into_another_configs_directory_is_refused(tmp_path):
     proc = _train(tmp_path / "run", "steps=3", "warmup_steps=1", "constant_steps=1", "decay_steps=1")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "--resume" in err
+
+
+def test_a_checkpoint_with_the_model_inside_state_pt_still_resumes(tmp_path):
+    """Format 1 (the model and optimizer in state.pt, what single-process runs wrote before sharded checkpoints):
+    a run resumed from it continues with the losses of the run that never stopped."""
+    cfg = load_train_config("tiny", [*SMALL_RUN, "steps=4", "warmup_steps=1", "constant_steps=1", "decay_steps=2",
+                                     "save_every=100"])
+    build_trainer(cfg, tmp_path / "straight").train()
+    first = build_trainer(cfg, tmp_path / "first")
+    first.loop.cfg = copy.copy(cfg)  # the loop stops after two updates; the schedule stays the run's
+    first.loop.cfg.steps = 2
+    first.train()
+    CheckpointManager(tmp_path / "old", fingerprint=cfg.fingerprint()).save(2, {
+        "model": first.model.state_dict(), "optimizer": first.optimizer.state_dict(),
+        "loader": first.loader.state_dict(), "rng": rng_state(), "step": 2})
+    resumed = build_trainer(cfg, tmp_path / "old", resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    want = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x)["loss"] for x in (tmp_path / "old" / "metrics.jsonl").read_text().splitlines()]
+    assert got == want[2:]
 
 
 def test_wrong_config_key_and_type():

@@ -1,0 +1,85 @@
+"""Parallelism applied to a model from outside it (torchtitan's order): tensor and expert parallelism, then
+activation checkpointing, then torch.compile, then FSDP2. The model's code knows none of it; parameter names
+(checkpoints, Hugging Face export) stay as they are.
+
+FSDP2 units: each main block, each MTP module's block, and the root (embedding, final norm, head and the MTP
+modules' own norms and projection, which `Transformer.mtp_logits` uses outside the MTP module's forward).
+`Transformer.loss` is registered as a forward method, so the root's parameters are gathered for it as for
+`forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the parameters are
+gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps them; in fp32
+everything is fp32 and the result is the single-process one up to the order of summation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.utils.checkpoint import checkpoint
+
+from seekforge.errors import ConfigError
+from seekforge.model.moe import MoE
+from seekforge.model.transformer import Transformer
+from seekforge.parallel.compile import compile_blocks
+from seekforge.parallel.config import ParallelConfig
+from seekforge.parallel.mesh import Mesh
+
+
+def blocks(model: Transformer) -> list[torch.nn.Module]:
+    """The transformer blocks: the main layers, then each MTP module's block."""
+    return [*model.layers, *(m.block for m in model.mtp)]
+
+
+def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, compute_dtype: torch.dtype | None = None,
+                compile: bool = False) -> Transformer:
+    """Apply `layout` to `model` in place (FP8 conversion, when wanted, comes before): activation checkpointing per
+    block, torch.compile per block (`compile`), FSDP2 over the mesh's data-parallel ranks (`mesh` None: a single
+    process, nothing to shard). `compute_dtype`: bf16 when training under bf16 autocast, else None. Returns the
+    model."""
+    for key in ("tp", "ep", "pp"):
+        if getattr(layout, key) > 1:
+            raise ConfigError(f"parallel.{key}={getattr(layout, key)}: {key} is not wired into training yet; "
+                              f"use data parallelism (parallel.dp_shard, parallel.dp_replicate) for now")
+    if layout.activation_checkpointing:
+        checkpoint_blocks(model)
+    if compile:
+        compile_blocks(model, compute_dtype)
+    if mesh is not None:
+        shard(model, mesh, compute_dtype)
+    return model
+
+
+def checkpoint_blocks(model: Transformer) -> None:
+    """Each block keeps only its inputs for the backward and recomputes the rest there (torch.utils.checkpoint,
+    non-reentrant). The block's forward is wrapped in place, so its parameters keep their names."""
+    for block in blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(model: Transformer, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 (`fully_shard`) over `mesh.fsdp`: each block, then the root (see the module doc)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for block in blocks(model):
+        if compute_dtype is not None and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.gate, mesh=mesh.fsdp, mp_policy=router)
+        fully_shard(block, mesh=mesh.fsdp, mp_policy=policy)
+    fully_shard(model, mesh=mesh.fsdp, mp_policy=policy)
+    register_fsdp_forward_method(model, "loss")
+
+
+def gathered(model: Transformer, mesh: Mesh | None) -> Transformer | None:
+    """The whole model on one process, for export: `model` itself in a single process; in a distributed run (a
+    collective: every rank calls it) a plain copy on rank 0's CPU, None on the other ranks."""
+    if mesh is None:
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return None
+    with torch.device("meta"):
+        whole = Transformer(model.cfg)
+    whole.load_state_dict(state, assign=True)
+    whole.rope.to_empty(device="cpu").reset_parameters()  # non-persistent: not in the state dict
+    return whole

@@ -1,0 +1,195 @@
+"""Data parallelism (FSDP2, HSDP) through the real pretraining trainer on gloo ranks, against one process on the same
+global batch: per-step losses, evaluation, final weights and balancing biases; resharded resume; layout errors."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from seekforge.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 10
+SMALL = ["seq_len=32", "batch_size=8", f"steps={STEPS}", "warmup_steps=2", "constant_steps=4", "decay_steps=4",
+         "precision=fp32", "progress=false", "tensorboard=false", "eval_every=5", "save_every=5", "eval_batches=1",
+         "model_overrides={dim: 64, inter_dim: 128, moe_inter_dim: 32, n_layers: 2}"]
+RTOL = 1e-5
+
+
+def _config(data, *extra):
+    from seekforge.train.pretrain import load_train_config
+
+    return load_train_config("tiny", [*SMALL, f"data={data}", f"tokenizer={Path(data) / 'tokenizer'}", *extra])
+
+
+def _result(trainer, out) -> dict:
+    """What a run ends with (on every rank; the weights whole on rank 0 only): losses by step, evaluations, the final
+    weights and each rank's balancing biases."""
+    from seekforge.parallel.parallelize import gathered
+
+    model = gathered(trainer.model, trainer.mesh)
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()] if trainer.main else []
+    return {"losses": {r["step"]: r["loss"] for r in rows}, "evals": {r["step"]: r["eval_loss"] for r in rows
+                                                                      if "eval_loss" in r},
+            "weights": None if model is None else {k: v.clone() for k, v in model.state_dict().items()},
+            "bias": [m.gate.bias.clone() for m in trainer.model.moe_layers().values()]}
+
+
+def _train(out, data, overrides, resume=False, stop=None):
+    """A pretraining run on this rank, exported to DIR/final; with `stop`, the loop ends after that many updates
+    (as a run killed right after its checkpoint there)."""
+    from seekforge.train.pretrain import build_trainer
+
+    trainer = build_trainer(_config(data, *overrides), out, resume=resume)
+    if stop is None:
+        trainer.run(report=False)
+    else:
+        trainer.loop.cfg = copy.copy(trainer.cfg)  # the loop's count only: the schedule stays the run's
+        trainer.loop.cfg.steps = stop
+        trainer.train()
+    return _result(trainer, out)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from seekforge.data.corpus import build_builtin_dataset
+
+    path = tmp_path_factory.mktemp("data")
+    build_builtin_dataset(path, n_docs=300, seed=0, vocab_size=300, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory):
+    """The reference: one process, no torchrun."""
+    return _train(tmp_path_factory.mktemp("single"), data, [])
+
+
+def _assert_close(got: dict, want: dict) -> None:
+    assert sorted(got["losses"]) == list(range(STEPS))
+    for step, loss in want["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=RTOL), f"step {step}"
+    assert got["evals"] == pytest.approx(want["evals"], rel=RTOL)
+    assert got["weights"].keys() == want["weights"].keys()
+    for name, w in want["weights"].items():
+        err = float((got["weights"][name] - w).norm() / w.norm().clamp(min=1e-12))
+        assert err < RTOL, f"{name}: relative error {err:.2e}"
+    for got_bias, bias in zip(got["bias"], want["bias"]):
+        assert torch.equal(got_bias, bias)
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, ["parallel.dp_shard=2", "parallel.activation_checkpointing=true"]),
+    pytest.param(4, ["parallel.dp_shard=4"], marks=pytest.mark.slow),
+    pytest.param(4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], marks=pytest.mark.slow),
+], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2"])
+def test_data_parallel_training_matches_one_process(data, single, tmp_path, world, layout):
+    ranks = run_ranks(_train, world, out=tmp_path / "run", data=data, overrides=layout)
+    _assert_close(ranks[0], single)
+    for other in ranks[1:]:  # every rank balanced with the global load: one bias everywhere
+        for a, b in zip(other["bias"], ranks[0]["bias"]):
+            assert torch.equal(a, b)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000010" / "shards" / ".metadata").is_file()
+    from transformers import AutoModelForCausalLM  # the export, gathered from the shards, loads in transformers
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").num_parameters() > 0
+
+
+@pytest.mark.slow
+def test_resume_at_other_layouts_continues_the_losses(data, single, tmp_path):
+    """Saved at 4 ranks (dp_shard=4) after 5 steps, resumed at 2 ranks and at 1 process."""
+    run_ranks(_train, 4, out=tmp_path / "four", data=data, overrides=["parallel.dp_shard=4"], stop=5)
+    assert json.loads((tmp_path / "four" / "checkpoints" / "step_00000005" / "meta.json").read_text())["format"] == 2
+    for name in ("two", "one"):
+        shutil.copytree(tmp_path / "four", tmp_path / name)
+    two = run_ranks(_train, 2, out=tmp_path / "two", data=data, overrides=["parallel.dp_shard=2"], resume=True)[0]
+    one = _train(tmp_path / "one", data, [], resume=True)
+    for resumed in (two, one):
+        _assert_close(resumed, single)
+
+
+def test_degrees_must_multiply_to_the_world_size(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"dp_replicate\*dp_shard\*tp\*pp = 1\*2\*1\*1 = 2 but the world size "
+                                          r"\(torchrun's WORLD_SIZE; 1 without torchrun\) is 1"):
+        _train(tmp_path / "run", data, ["parallel.dp_shard=2"])
+
+
+def test_the_global_batch_must_divide_by_the_data_parallel_ranks(data, tmp_path):
+    with pytest.raises(AssertionError, match="batch_size 3 .* does not divide by the 2 data-parallel ranks"):
+        run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["batch_size=3"])
+
+
+def test_tensor_parallelism_is_not_wired_yet(data, tmp_path):
+    with pytest.raises(AssertionError, match="parallel.tp=2: tp is not wired into training yet"):
+        run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["parallel.tp=2"])
+
+
+def _sft(out, data, base, overrides):
+    """An SFT run (logit distillation from `base` included) on this rank; its per-step records (rank 0's)."""
+    from seekforge.train.sft import build_trainer, load_sft_config
+
+    cfg = load_sft_config(None, [f"init_from={base}", f"data={data}", "seq_len=256", "batch_size=4", "steps=4",
+                                 "warmup_steps=1", "constant_steps=1", "decay_steps=2", "lr=3e-3", "precision=fp32",
+                                 "eval_every=2", "save_every=4", "val_fraction=0.2", "progress=false",
+                                 "tensorboard=false", f"teacher={base}", "kd_weight=0.5", *overrides])
+    trainer = build_trainer(cfg, out)
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()] if trainer.main else []
+    return rows
+
+
+def test_sft_with_distillation_matches_one_process(tiny_checkpoint, tmp_path):
+    """SFT trains on completions only: the ranks' rows hold different numbers of trained tokens (and of MTP
+    targets), which each term's weight accounts for."""
+    from seekforge.tasks import get_task, r1_zero_prompt
+
+    rows = get_task("chain_sum").rows("train", 24, 0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r1_zero_prompt(r.prompt), "completion": "\n" + r.solution})
+                            + "\n" for r in rows))
+    base = tiny_checkpoint()
+    want = _sft(tmp_path / "one", data, base, [])
+    got = run_ranks(_sft, 2, out=tmp_path / "two", data=data, base=base, overrides=["parallel.dp_shard=2"])[0]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
+    for a, b in zip(got, want):
+        assert not a["skipped"]
+        for key in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm", "eval_loss"):
+            assert (key in a) == (key in b)
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key)
+
+
+def _grpo(out):
+    from seekforge.rl.grpo import GRPOConfig, GRPOTrainer
+
+    GRPOTrainer(GRPOConfig(init_from="unused", progress=False, tensorboard=False), out)
+
+
+def test_grpo_under_torchrun_is_refused_clearly(tmp_path):
+    with pytest.raises(AssertionError, match="grpo runs in one process"):
+        run_ranks(_grpo, 2, out=tmp_path / "run")
+
+
+def test_torchrun_command_line(data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m seekforge train ...` on gloo: one report of the run, from rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_harness import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "seekforge", "train", "--config", "tiny", "--out", str(tmp_path / "run"), *SMALL, "steps=2",
+           "warmup_steps=1", "constant_steps=1", "decay_steps=0", f"data={data}", f"tokenizer={data / 'tokenizer'}",
+           "parallel.dp_shard=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done: loss") == 1
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file() and (tmp_path / "run" / "report.md").is_file()
