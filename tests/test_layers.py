@@ -26,6 +26,7 @@ ALLOWED = {
     "ops": BASE,
     "model": BASE | {"ops"},
     "fp8": BASE | {"model"},  # FP8 training applied to the model from outside
+    "parallel": BASE | {"model"},  # distributed training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,

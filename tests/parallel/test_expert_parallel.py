@@ -1,0 +1,233 @@
+"""Expert parallelism (seekforge.parallel.expert) on 2 and 4 gloo ranks against one process on the same tokens.
+
+Every rank builds the same seeded model and takes its own slice of the same seeded batch; the test process runs
+the unsharded model on the whole batch. The gradient rule under test: dense gradients averaged over the ranks by
+hand, expert gradients as the ranks hold them, equal one process's gradients of the mean of the ranks' losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from seekforge.errors import ConfigError
+from seekforge.model.config import ModelConfig
+from seekforge.model.moe import MoE
+from seekforge.model.transformer import Transformer
+from seekforge.train.balance import update_expert_bias
+
+CFG = ModelConfig.preset("tiny").replace(n_layers=2, max_seq_len=64)  # one dense block, one MoE block, an MTP block
+STEPS, BATCH, SEQ, LR, GAMMA, MTP, ALPHA = 10, 2, 16, 3e-3, 1e-3, 0.3, 1e-2
+# AdamW's eps: with the default 1e-8 a gradient element that cancels to about zero steps by +-lr on the sign of its
+# rounding noise (the gradients agree to 1e-6, the weights after a step to only 1e-3); at 1e-3, below the median
+# gradient, the step stays a smooth function of the gradient and the comparison tests the gradients
+EPS = 1e-3
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal within 1e-5 of want's largest magnitude."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+    assert got.shape == want.shape and err <= 1e-5 * max(scale, 1e-12), f"{what}: off by {err:.3g} (scale {scale:.3g})"
+
+
+# ---------------------------------------------------------------- what every rank and the test process build
+def _moe(ep: int, skewed: bool) -> MoE:
+    torch.manual_seed(0)
+    m = MoE(CFG)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1)
+    if skewed:  # every token picks experts of rank 0 only: the other ranks and most experts receive nothing
+        m.gate.bias[:CFG.n_routed_experts // ep] = 10.0
+    return m
+
+
+def _layer_inputs(ep: int) -> list[torch.Tensor]:
+    """Each rank's tokens, uneven counts."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(5 + 3 * r, CFG.dim, generator=g) for r in range(ep)]
+
+
+def _probe() -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, CFG.dim)
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG)
+
+
+def _batch(step: int, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    data = torch.randint(0, CFG.vocab_size, (ep * BATCH, SEQ + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+# ---------------------------------------------------------------- the ranks
+def _on_ranks(ep: int, checkpoint: str) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
+    out = {"layer": _layer_rank(mesh, skewed=False), "skewed": _layer_rank(mesh, skewed=True),
+           "training": _train_rank(mesh, checkpoint)}
+    from seekforge.parallel.expert import apply_expert_parallel
+
+    try:
+        apply_expert_parallel(MoE(CFG.replace(n_routed_experts=2 * ep + 1, n_expert_groups=1, n_limited_groups=1)),
+                              mesh)
+    except ConfigError as e:
+        out["error"] = str(e)
+    return out
+
+
+def _layer_rank(mesh, skewed: bool) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from seekforge.parallel.expert import apply_expert_parallel
+
+    ep, rank = mesh.size(), dist.get_rank()
+    m = _moe(ep, skewed)
+    keys = list(m.state_dict())
+    apply_expert_parallel(m, mesh)
+    events = []  # the order of the forward's all-to-alls and the shared experts
+    launch = dist.all_to_all_single
+
+    def logged(*args, **kwargs):
+        events.append("all_to_all")
+        return launch(*args, **kwargs)
+
+    dist.all_to_all_single = logged
+    m.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+    x = _layer_inputs(ep)[rank].requires_grad_()
+    y, routing = m(x)
+    dist.all_to_all_single = launch
+    (y * _probe()).sum().backward()
+    grads = {name: p.grad for name, p in m.named_parameters()}
+    full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))  # a collective
+    return {"y": y.detach(), "scores": routing.scores, "indices": routing.indices, "load": routing.load,
+            "x_grad": x.grad, "events": events, "keys": list(m.state_dict()) == keys,
+            "dense": {n: g for n, g in grads.items() if not isinstance(g, DTensor)},
+            "experts": {n: g.to_local() for n, g in grads.items() if isinstance(g, DTensor)},
+            "full": full if rank == 0 else None}
+
+
+def _train_rank(mesh, checkpoint: str) -> dict:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from seekforge.parallel.expert import apply_expert_parallel
+
+    ep, rank = mesh.size(), dist.get_rank()
+    model = apply_expert_parallel(_model(), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        tokens, labels = _batch(step, ep)
+        mine = slice(rank * BATCH, (rank + 1) * BATCH)
+        out = model.loss(tokens[mine], labels[mine], mtp_weight=MTP, balance_alpha=ALPHA)
+        out.loss.backward()
+        for p in model.parameters():  # dense gradients: the mean over the (data-parallel) ep ranks
+            if not isinstance(p, DTensor):
+                dist.all_reduce(p.grad)
+                p.grad /= ep
+        opt.step()
+        opt.zero_grad()
+        loads = {layer: load.clone() for layer, load in out.expert_load.items()}
+        for load in loads.values():
+            dist.all_reduce(load)
+        update_expert_bias(model.moe_layers(), loads, GAMMA)
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / ep)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    dcp.save(model.state_dict(), checkpoint_id=checkpoint)
+    return {"losses": losses, "full": full if rank == 0 else None}
+
+
+# ---------------------------------------------------------------- the test process
+@pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep4"])
+def ranks(request, tmp_path_factory):
+    ep = request.param
+    checkpoint = str(tmp_path_factory.mktemp(f"ep{ep}"))
+    return ep, run_ranks(_on_ranks, ep, timeout=120, ep=ep, checkpoint=checkpoint), checkpoint
+
+
+def _check_layer(ep: int, got: list[dict], skewed: bool) -> None:
+    m = _moe(ep, skewed)
+    xs = _layer_inputs(ep)
+    x = torch.cat(xs).requires_grad_()
+    y, routing = m(x)
+    ((y * _probe()).sum() / ep).backward()  # the mean over ranks of each rank's loss
+    _close(torch.cat([r["y"] for r in got]), y.detach(), "output")
+    _close(torch.cat([r["scores"] for r in got]), routing.scores, "scores")
+    assert torch.equal(torch.cat([r["indices"] for r in got]).sort(-1).values, routing.indices.sort(-1).values)
+    for r, xr in zip(got, xs):  # each rank's load: tokens per expert over its own tokens
+        want = torch.bincount(m.gate(xr)[1].flatten(), minlength=CFG.n_routed_experts).float()
+        assert torch.equal(r["load"], want)
+    _close(torch.cat([r["x_grad"] for r in got]) / ep, x.grad, "input gradient")
+    for name, p in m.named_parameters():
+        if name.startswith("experts."):  # each rank holds its experts' gradients, already the ranks' mean
+            _close(torch.cat([r["experts"][name] for r in got]), p.grad, name)
+        else:
+            _close(sum(r["dense"][name] for r in got) / ep, p.grad, name)
+    assert all(r["keys"] for r in got)
+    full = got[0]["full"]
+    assert full.keys() == m.state_dict().keys()
+    for name, value in m.state_dict().items():  # the full state dict gathers the experts back to [E, out, in]
+        assert torch.equal(full[name], value), name
+
+
+def test_moe_layer_matches_one_process(ranks):
+    ep, got, _ = ranks
+    _check_layer(ep, [r["layer"] for r in got], skewed=False)
+    # counts, then the dispatch, the shared experts while it is in flight, then the combine
+    assert got[0]["layer"]["events"] == ["all_to_all", "all_to_all", "shared", "all_to_all"]
+
+
+def test_skewed_routing_with_idle_ranks_and_experts(ranks):
+    ep, got, _ = ranks
+    loads = sum(r["skewed"]["load"] for r in got)
+    assert loads[CFG.n_routed_experts // ep:].sum() == 0
+    _check_layer(ep, [r["skewed"] for r in got], skewed=True)
+    for r in got[1:]:  # ranks that received no token still hold (zero) gradients for their experts
+        assert all(g.abs().sum() == 0 for g in r["skewed"]["experts"].values())
+
+
+def test_training_matches_one_process(ranks):
+    ep, got, checkpoint = ranks
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        out = model.loss(*_batch(step, ep), mtp_weight=MTP, balance_alpha=ALPHA)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        update_expert_bias(model.moe_layers(), out.expert_load, GAMMA)
+        losses.append(out.loss.item())
+    for r in got:
+        assert r["training"]["losses"] == pytest.approx(losses, rel=1e-5)
+    full = got[0]["training"]["full"]
+    want = model.state_dict()
+    assert full.keys() == want.keys()
+    for name, value in want.items():
+        _close(full[name], value, name)
+    # the checkpoint saved at ep ranks loads into one process: torch.distributed.checkpoint reshards the experts
+    import torch.distributed.checkpoint as dcp
+
+    resumed = _model().state_dict()
+    dcp.load(resumed, checkpoint_id=checkpoint)
+    for name, value in want.items():
+        _close(resumed[name], value, name)
+
+
+def test_experts_must_divide_by_ep(ranks):
+    ep, got, _ = ranks
+    assert f"parallel.ep={ep} does not divide n_routed_experts={2 * ep + 1}" in got[0]["error"]
