@@ -97,9 +97,18 @@ def _layer_rank(mesh, skewed: bool) -> dict:
     events = []  # the order of the forward's all-to-alls and the shared experts
     launch = dist.all_to_all_single
 
+    class Logged:  # an asynchronous exchange's work, logging its wait
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
     def logged(*args, **kwargs):
         events.append("all_to_all")
-        return launch(*args, **kwargs)
+        work = launch(*args, **kwargs)
+        return Logged(work) if kwargs.get("async_op") else work
 
     dist.all_to_all_single = logged
     m.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
@@ -151,6 +160,33 @@ def _train_rank(mesh, checkpoint: str) -> dict:
     return {"losses": losses, "full": full if rank == 0 else None}
 
 
+def _with_fsdp() -> dict:
+    """4 ranks, dp_shard=4 with ep=2 inside it: FSDP2 shards the dense weights over all 4 ranks and each expert
+    slice over the 2 ranks that hold it (dp_shard_mod_ep), both with FSDP2's default mean; one step's gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from seekforge.parallel.expert import apply_expert_parallel
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard_mod_ep", "ep"))
+    dense = init_device_mesh("cpu", (4,), mesh_dim_names=("dp_shard",))
+    model = apply_expert_parallel(_model(), mesh["ep"])
+    for moe in model.moe_layers().values():  # before the blocks, which then leave the experts' weights alone
+        fully_shard(moe.experts, mesh=mesh["dp_shard_mod_ep"])
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        fully_shard(block, mesh=dense)
+    fully_shard(model, mesh=dense)
+    register_fsdp_forward_method(model, "loss")
+    rank = dist.get_rank()
+    tokens, labels = _batch(0, 4)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    model.loss(tokens[mine], labels[mine], mtp_weight=MTP, balance_alpha=ALPHA).loss.backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # a collective
+    return grads if rank == 0 else None
+
+
 # ---------------------------------------------------------------- the test process
 @pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep4"])
 def ranks(request, tmp_path_factory):
@@ -188,7 +224,7 @@ def test_moe_layer_matches_one_process(ranks):
     ep, got, _ = ranks
     _check_layer(ep, [r["layer"] for r in got], skewed=False)
     # counts, then the dispatch, the shared experts while it is in flight, then the combine
-    assert got[0]["layer"]["events"] == ["all_to_all", "all_to_all", "shared", "all_to_all"]
+    assert got[0]["layer"]["events"] == ["all_to_all", "wait", "all_to_all", "shared", "wait", "all_to_all", "wait"]
 
 
 def test_skewed_routing_with_idle_ranks_and_experts(ranks):
@@ -200,6 +236,7 @@ def test_skewed_routing_with_idle_ranks_and_experts(ranks):
         assert all(g.abs().sum() == 0 for g in r["skewed"]["experts"].values())
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load in one process, as meant
 def test_training_matches_one_process(ranks):
     ep, got, checkpoint = ranks
     model = _model()
@@ -231,3 +268,12 @@ def test_training_matches_one_process(ranks):
 def test_experts_must_divide_by_ep(ranks):
     ep, got, _ = ranks
     assert f"parallel.ep={ep} does not divide n_routed_experts={2 * ep + 1}" in got[0]["error"]
+
+
+def test_fsdp2_default_mean_completes_the_expert_gradients():
+    """The rule, composed with FSDP2 as the trainer applies it: no divide factor, no reduction over ep."""
+    got = run_ranks(_with_fsdp, 4, timeout=120)[0]
+    model = _model()
+    model.loss(*_batch(0, 4), mtp_weight=MTP, balance_alpha=ALPHA).loss.backward()
+    for name, p in model.named_parameters():
+        _close(got[name], p.grad, name)
