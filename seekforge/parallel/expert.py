@@ -142,24 +142,29 @@ def _parallel_class(cls: type) -> type:
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     """Places the routed experts of every MoE in `model` (a Transformer, a pipeline stage, a bare MoE) across
     the ranks of the 1-D `ep_mesh`, in place; returns the model. Every rank must hold the same weights (or meta
-    tensors) when it is called: rank r keeps its slice, as a DTensor sharded on dim 0 over `ep_mesh`. Call it
-    after convert_to_fp8 and before fully_shard and before building the optimizer. A mesh of one rank leaves the
-    model as it is. Raises ConfigError where the experts do not divide by the mesh's size."""
+    tensors) when it is called: rank r keeps its slice, as a DTensor sharded on dim 0 over `ep_mesh`. Order:
+    after convert_to_fp8 (its Experts subclass keeps its matmul here); then, with FSDP2, `fully_shard` each
+    `moe.experts` over the data-parallel ranks that hold the same experts (dp_shard_mod_ep, sliced from the same
+    root mesh as `ep_mesh`, default mean) before the blocks that contain them; then the optimizer. Gradients as
+    the module docstring says. A mesh of one rank leaves the model as it is. Raises ConfigError where the
+    experts do not divide by the mesh's size."""
     if ep_mesh.ndim != 1:
         raise ConfigError(f"expert parallelism needs a 1-D ep mesh, got {ep_mesh.ndim} dimensions: pass the ep "
                           "dimension of the device mesh (mesh['ep'])")
     ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
     if ep == 1:
         return model
-    for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
+    moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+    for name, moe in moes.items():  # every layer checked before any changes
+        if isinstance(moe.experts, ExpertParallel) or isinstance(moe.experts.w1, DTensor):
+            raise ConfigError(f"{name + '.' if name else ''}experts are sharded already: apply expert parallelism "
+                              "once, before fully_shard")
+        n = moe.experts.n_experts
+        if n % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide n_routed_experts={n}: every ep rank holds the same "
+                              f"number of experts; choose ep among {[d for d in range(1, n + 1) if n % d == 0]}")
+    for moe in moes.values():
         experts = moe.experts
-        if isinstance(experts, ExpertParallel) or isinstance(experts.w1, DTensor):
-            raise ConfigError(f"{name}.experts is sharded already: apply expert parallelism once, before "
-                              "fully_shard")
-        if experts.n_experts % ep:
-            divisors = [d for d in range(1, experts.n_experts + 1) if experts.n_experts % d == 0]
-            raise ConfigError(f"parallel.ep={ep} does not divide n_routed_experts={experts.n_experts}: every ep "
-                              f"rank holds the same number of experts; choose ep among {divisors}")
         per_rank = experts.n_experts // ep
         for w in ("w1", "w2", "w3"):
             param = getattr(experts, w)

@@ -75,11 +75,13 @@ def _on_ranks(ep: int, checkpoint: str) -> dict:
            "training": _train_rank(mesh, checkpoint)}
     from seekforge.parallel.expert import apply_expert_parallel
 
-    try:
-        apply_expert_parallel(MoE(CFG.replace(n_routed_experts=2 * ep + 1, n_expert_groups=1, n_limited_groups=1)),
-                              mesh)
-    except ConfigError as e:
-        out["error"] = str(e)
+    out["errors"] = []
+    for bad in (lambda: MoE(CFG.replace(n_routed_experts=2 * ep + 1, n_expert_groups=1, n_limited_groups=1)),
+                lambda: apply_expert_parallel(MoE(CFG), mesh)):  # experts that do not divide; sharded already
+        try:
+            apply_expert_parallel(bad(), mesh)
+        except ConfigError as e:
+            out["errors"].append(str(e))
     return out
 
 
@@ -265,9 +267,11 @@ def test_training_matches_one_process(ranks):
         _close(resumed[name], value, name)
 
 
-def test_experts_must_divide_by_ep(ranks):
+def test_errors_name_the_problem(ranks):
     ep, got, _ = ranks
-    assert f"parallel.ep={ep} does not divide n_routed_experts={2 * ep + 1}" in got[0]["error"]
+    indivisible, twice = got[0]["errors"]
+    assert f"parallel.ep={ep} does not divide n_routed_experts={2 * ep + 1}" in indivisible
+    assert "experts are sharded already: apply expert parallelism once" in twice
 
 
 def test_fsdp2_default_mean_completes_the_expert_gradients():
