@@ -23,13 +23,15 @@ STEPS, BATCH, SEQ, LR, GAMMA, MTP, ALPHA = 10, 2, 16, 3e-3, 1e-3, 0.3, 1e-2
 # rounding noise (the gradients agree to 1e-6, the weights after a step to only 1e-3); at 1e-3, below the median
 # gradient, the step stays a smooth function of the gradient and the comparison tests the gradients
 EPS = 1e-3
+BF16_TOL = 3e-2  # a few bf16 steps: under autocast, rounding differs where the gate weight scales a row
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Equal within 1e-5 of want's largest magnitude."""
+def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    """Equal within tol of want's largest magnitude."""
+    got, want = got.float().cpu(), want.float().cpu()
     scale = want.abs().max().item() if want.numel() else 0.0
-    err = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
-    assert got.shape == want.shape and err <= 1e-5 * max(scale, 1e-12), f"{what}: off by {err:.3g} (scale {scale:.3g})"
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert got.shape == want.shape and err <= tol * max(scale, 1e-12), f"{what}: off by {err:.3g} (scale {scale:.3g})"
 
 
 # ---------------------------------------------------------------- what every rank and the test process build
@@ -72,7 +74,7 @@ def _on_ranks(ep: int, checkpoint: str) -> dict:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
     out = {"layer": _layer_rank(mesh, skewed=False), "skewed": _layer_rank(mesh, skewed=True),
-           "training": _train_rank(mesh, checkpoint)}
+           "bf16": _layer_rank(mesh, skewed=False, bf16=True), "training": _train_rank(mesh, checkpoint)}
     from seekforge.parallel.expert import apply_expert_parallel
 
     out["errors"] = []
@@ -85,7 +87,9 @@ def _on_ranks(ep: int, checkpoint: str) -> dict:
     return out
 
 
-def _layer_rank(mesh, skewed: bool) -> dict:
+def _layer_rank(mesh, skewed: bool, device: str = "cpu", bf16: bool = False) -> dict:
+    """One forward and backward of this rank's tokens through the expert-parallel layer (under bf16 autocast
+    where asked); its results on the CPU."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
@@ -93,7 +97,7 @@ def _layer_rank(mesh, skewed: bool) -> dict:
     from seekforge.parallel.expert import apply_expert_parallel
 
     ep, rank = mesh.size(), dist.get_rank()
-    m = _moe(ep, skewed)
+    m = _moe(ep, skewed).to(device)
     keys = list(m.state_dict())
     apply_expert_parallel(m, mesh)
     events = []  # the order of the forward's all-to-alls and the shared experts
@@ -114,17 +118,27 @@ def _layer_rank(mesh, skewed: bool) -> dict:
 
     dist.all_to_all_single = logged
     m.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
-    x = _layer_inputs(ep)[rank].requires_grad_()
-    y, routing = m(x)
+    x = _layer_inputs(ep)[rank].to(device).requires_grad_()
+    with torch.autocast(device, torch.bfloat16, enabled=bf16):
+        y, routing = m(x)
     dist.all_to_all_single = launch
-    (y * _probe()).sum().backward()
+    (y.float() * _probe().to(device)).sum().backward()
     grads = {name: p.grad for name, p in m.named_parameters()}
     full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))  # a collective
-    return {"y": y.detach(), "scores": routing.scores, "indices": routing.indices, "load": routing.load,
-            "x_grad": x.grad, "events": events, "keys": list(m.state_dict()) == keys,
-            "dense": {n: g for n, g in grads.items() if not isinstance(g, DTensor)},
-            "experts": {n: g.to_local() for n, g in grads.items() if isinstance(g, DTensor)},
-            "full": full if rank == 0 else None}
+    out = {"y": y.detach(), "scores": routing.scores, "indices": routing.indices, "load": routing.load,
+           "x_grad": x.grad, "events": events, "keys": list(m.state_dict()) == keys,
+           "dense": {n: g for n, g in grads.items() if not isinstance(g, DTensor)},
+           "experts": {n: g.to_local() for n, g in grads.items() if isinstance(g, DTensor)},
+           "full": full if rank == 0 else None}
+    return _to_cpu(out)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def _train_rank(mesh, checkpoint: str) -> dict:
@@ -197,29 +211,32 @@ def ranks(request, tmp_path_factory):
     return ep, run_ranks(_on_ranks, ep, timeout=120, ep=ep, checkpoint=checkpoint), checkpoint
 
 
-def _check_layer(ep: int, got: list[dict], skewed: bool) -> None:
-    m = _moe(ep, skewed)
-    xs = _layer_inputs(ep)
+def _check_layer(ep: int, got: list[dict], skewed: bool, device: str = "cpu", bf16: bool = False,
+                 tol: float = 1e-5) -> None:
+    m = _moe(ep, skewed).to(device)
+    xs = [x.to(device) for x in _layer_inputs(ep)]
     x = torch.cat(xs).requires_grad_()
-    y, routing = m(x)
-    ((y * _probe()).sum() / ep).backward()  # the mean over ranks of each rank's loss
-    _close(torch.cat([r["y"] for r in got]), y.detach(), "output")
-    _close(torch.cat([r["scores"] for r in got]), routing.scores, "scores")
-    assert torch.equal(torch.cat([r["indices"] for r in got]).sort(-1).values, routing.indices.sort(-1).values)
+    with torch.autocast(device, torch.bfloat16, enabled=bf16):
+        y, routing = m(x)
+    ((y.float() * _probe().to(device)).sum() / ep).backward()  # the mean over ranks of each rank's loss
+    _close(torch.cat([r["y"] for r in got]), y.detach(), "output", tol)
+    _close(torch.cat([r["scores"] for r in got]), routing.scores, "scores", tol)
+    assert torch.equal(torch.cat([r["indices"] for r in got]).sort(-1).values,
+                       routing.indices.sort(-1).values.cpu())
     for r, xr in zip(got, xs):  # each rank's load: tokens per expert over its own tokens
         want = torch.bincount(m.gate(xr)[1].flatten(), minlength=CFG.n_routed_experts).float()
-        assert torch.equal(r["load"], want)
-    _close(torch.cat([r["x_grad"] for r in got]) / ep, x.grad, "input gradient")
+        assert torch.equal(r["load"], want.cpu())
+    _close(torch.cat([r["x_grad"] for r in got]) / ep, x.grad, "input gradient", tol)
     for name, p in m.named_parameters():
         if name.startswith("experts."):  # each rank holds its experts' gradients, already the ranks' mean
-            _close(torch.cat([r["experts"][name] for r in got]), p.grad, name)
+            _close(torch.cat([r["experts"][name] for r in got]), p.grad, name, tol)
         else:
-            _close(sum(r["dense"][name] for r in got) / ep, p.grad, name)
+            _close(sum(r["dense"][name] for r in got) / ep, p.grad, name, tol)
     assert all(r["keys"] for r in got)
     full = got[0]["full"]
     assert full.keys() == m.state_dict().keys()
     for name, value in m.state_dict().items():  # the full state dict gathers the experts back to [E, out, in]
-        assert torch.equal(full[name], value), name
+        assert torch.equal(full[name], value.cpu()), name
 
 
 def test_moe_layer_matches_one_process(ranks):
@@ -227,6 +244,11 @@ def test_moe_layer_matches_one_process(ranks):
     _check_layer(ep, [r["layer"] for r in got], skewed=False)
     # counts, then the dispatch, the shared experts while it is in flight, then the combine
     assert got[0]["layer"]["events"] == ["all_to_all", "wait", "all_to_all", "shared", "wait", "all_to_all", "wait"]
+
+
+def test_bf16_autocast(ranks):
+    ep, got, _ = ranks
+    _check_layer(ep, [r["bf16"] for r in got], skewed=False, bf16=True, tol=BF16_TOL)
 
 
 def test_skewed_routing_with_idle_ranks_and_experts(ranks):
@@ -281,3 +303,30 @@ def test_fsdp2_default_mean_completes_the_expert_gradients():
     model.loss(*_batch(0, 4), mtp_weight=MTP, balance_alpha=ALPHA).loss.backward()
     for name, p in model.named_parameters():
         _close(got[name], p.grad, name)
+
+
+def _on_gpus(ep: int) -> dict:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    mesh = init_device_mesh("cuda", (ep,))
+    return {"fp32": _layer_rank(mesh, skewed=False, device="cuda"),
+            "skewed": _layer_rank(mesh, skewed=True, device="cuda"),
+            "bf16": _layer_rank(mesh, skewed=False, device="cuda", bf16=True)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL expert parallelism needs two GPUs")
+def test_nccl_on_two_gpus():
+    """The same layer checks over NCCL, in fp32 and under bf16 autocast."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+    got = run_ranks(_on_gpus, 2, timeout=300, env={"CUDA_VISIBLE_DEVICES": visible}, ep=2)
+    _check_layer(2, [r["fp32"] for r in got], skewed=False, device="cuda")
+    _check_layer(2, [r["skewed"] for r in got], skewed=True, device="cuda")
+    _check_layer(2, [r["bf16"] for r in got], skewed=False, device="cuda", bf16=True, tol=BF16_TOL)
