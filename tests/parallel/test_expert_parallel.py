@@ -7,14 +7,23 @@ hand, expert gradients as the ranks hold them, equal one process's gradients of 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from dist_harness import run_ranks
 from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import MoE
 from seekforge.model.transformer import Transformer
+from seekforge.parallel.expert import apply_expert_parallel
 from seekforge.train.balance import update_expert_bias
 
 CFG = ModelConfig.preset("tiny").replace(n_layers=2, max_seq_len=64)  # one dense block, one MoE block, an MTP block
@@ -68,15 +77,10 @@ def _batch(step: int, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- the ranks
 def _on_ranks(ep: int, checkpoint: str) -> dict:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
     out = {"layer": _layer_rank(mesh, skewed=False), "skewed": _layer_rank(mesh, skewed=True),
            "bf16": _layer_rank(mesh, skewed=False, bf16=True), "training": _train_rank(mesh, checkpoint)}
-    from seekforge.parallel.expert import apply_expert_parallel
-
     out["errors"] = []
     for bad in (lambda: MoE(CFG.replace(n_routed_experts=2 * ep + 1, n_expert_groups=1, n_limited_groups=1)),
                 lambda: apply_expert_parallel(MoE(CFG), mesh)):  # experts that do not divide; sharded already
@@ -90,12 +94,6 @@ def _on_ranks(ep: int, checkpoint: str) -> dict:
 def _layer_rank(mesh, skewed: bool, device: str = "cpu", bf16: bool = False) -> dict:
     """One forward and backward of this rank's tokens through the expert-parallel layer (under bf16 autocast
     where asked); its results on the CPU."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from seekforge.parallel.expert import apply_expert_parallel
-
     ep, rank = mesh.size(), dist.get_rank()
     m = _moe(ep, skewed).to(device)
     keys = list(m.state_dict())
@@ -142,13 +140,6 @@ def _to_cpu(value):
 
 
 def _train_rank(mesh, checkpoint: str) -> dict:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from seekforge.parallel.expert import apply_expert_parallel
-
     ep, rank = mesh.size(), dist.get_rank()
     model = apply_expert_parallel(_model(), mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.1)
@@ -179,12 +170,6 @@ def _train_rank(mesh, checkpoint: str) -> dict:
 def _with_fsdp() -> dict:
     """4 ranks, dp_shard=4 with ep=2 inside it: FSDP2 shards the dense weights over all 4 ranks and each expert
     slice over the 2 ranks that hold it (dp_shard_mod_ep), both with FSDP2's default mean; one step's gradients."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    from seekforge.parallel.expert import apply_expert_parallel
-
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard_mod_ep", "ep"))
     dense = init_device_mesh("cpu", (4,), mesh_dim_names=("dp_shard",))
@@ -204,6 +189,16 @@ def _with_fsdp() -> dict:
 
 
 # ---------------------------------------------------------------- the test process
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The single-process references are tiny: one thread, as each rank runs (OMP_NUM_THREADS=1), costs a tenth of
+    the CPU time of several threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep4"])
 def ranks(request, tmp_path_factory):
     ep = request.param
@@ -281,8 +276,6 @@ def test_training_matches_one_process(ranks):
     for name, value in want.items():
         _close(full[name], value, name)
     # the checkpoint saved at ep ranks loads into one process: torch.distributed.checkpoint reshards the experts
-    import torch.distributed.checkpoint as dcp
-
     resumed = _model().state_dict()
     dcp.load(resumed, checkpoint_id=checkpoint)
     for name, value in want.items():
@@ -306,11 +299,6 @@ def test_fsdp2_default_mean_completes_the_expert_gradients():
 
 
 def _on_gpus(ep: int) -> dict:
-    import os
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     mesh = init_device_mesh("cuda", (ep,))
@@ -323,8 +311,6 @@ def _on_gpus(ep: int) -> dict:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL expert parallelism needs two GPUs")
 def test_nccl_on_two_gpus():
     """The same layer checks over NCCL, in fp32 and under bf16 autocast."""
-    import os
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
     got = run_ranks(_on_gpus, 2, timeout=300, env={"CUDA_VISIBLE_DEVICES": visible}, ep=2)
     _check_layer(2, [r["fp32"] for r in got], skewed=False, device="cuda")
