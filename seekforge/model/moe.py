@@ -9,6 +9,7 @@ is unavailable for the device or dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,47 @@ def pair_sums(rows: torch.Tensor, token_of_row: torch.Tensor, row_of_pair: torch
     return _PairSums.apply(rows, token_of_row, row_of_pair, k)
 
 
+class SortedPairs(NamedTuple):
+    """The (token, slot) pairs of a routing sorted by expert (stably), as `sort_pairs` returns them."""
+
+    order: torch.Tensor  # [n * k] sorted row -> pair (= token * k + slot)
+    row_of_pair: torch.Tensor  # [n * k] pair -> sorted row
+    token_of_row: torch.Tensor  # [n * k]
+    expert_of_row: torch.Tensor  # [n * k]
+    counts: torch.Tensor  # [experts] int32: pairs per expert
+    offsets: torch.Tensor  # [experts] int32: cumulative counts, grouped matmul's segment ends
+
+
+def sort_pairs(indices: torch.Tensor, n_experts: int) -> SortedPairs:
+    """indices [n, k] of chosen experts -> their pairs sorted by expert, without a host synchronisation."""
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    # narrow keys make the GPU's radix sort one pass instead of eight
+    order = (flat.to(torch.uint8) if n_experts <= 256 else flat).argsort(stable=True)
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    counts = tokens_per_expert(indices, n_experts)
+    return SortedPairs(order, row_of_pair, order // k, flat[order], counts, counts.cumsum(0, dtype=torch.int32))
+
+
+def swiglu(matmul, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, offsets: torch.Tensor,
+           expert_of_row: torch.Tensor, gate_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Every routed expert's SwiGLU over its segment of `rows` [m, dim] (sorted by expert, segment ends
+    `offsets`), through `matmul` (`Experts.matmul`'s signature); `gate_weight` [m, 1], where given, scales each
+    row's SwiGLU output before the (linear) down projection: the narrower tensor. Returns [m, dim]."""
+    h = F.silu(matmul(rows, w1, offsets, expert_of_row)) * matmul(rows, w3, offsets, expert_of_row)
+    if gate_weight is not None:
+        h = (h * gate_weight).to(h.dtype)
+    return matmul(h, w2, offsets, expert_of_row)
+
+
+def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x and the expert weights in autocast's dtype where autocast is on (it does not cover grouped matmul)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) for t in (x, *weights))
+
+
 class Experts(nn.Module):
     """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter]."""
 
@@ -122,30 +164,20 @@ class Experts(nn.Module):
         """The grouped matmul of the three projections (`grouped_linear`); the FP8 converter replaces it."""
         return grouped_linear(x, w, offsets, expert_of_row)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32)."""
-        n, k = indices.shape
-        dtype_in = x.dtype
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped matmul itself
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
-        flat = indices.flatten()
-        # sorted row -> (token, slot) pair; narrow keys make the GPU's radix sort one pass instead of eight
-        order = (flat.to(torch.uint8) if self.n_experts <= 256 else flat).argsort(stable=True)
-        row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        expert_of_row = flat[order]
-        counts = tokens_per_expert(indices, self.n_experts)
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        token_of_row = order // k
-        rows = sorted_rows(x, token_of_row, row_of_pair, k)
-        # the gate weight scales the SwiGLU output before the (linear) down projection: the narrower tensor
-        gate_weight = weights.flatten()[order].unsqueeze(-1)
-        h = F.silu(self.matmul(rows, w1, offsets, expert_of_row)) * self.matmul(rows, w3, offsets, expert_of_row)
-        out_sorted = self.matmul((h * gate_weight).to(h.dtype), w2, offsets, expert_of_row)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                shared: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32). The
+        output includes `shared(x)` where given (the always-on experts): taken here so that an expert-parallel
+        version (`seekforge.parallel.expert`) can run them while the routed tokens are in flight."""
+        k = indices.shape[-1]
+        xc, w1, w2, w3 = autocast_operands(x, self.w1, self.w2, self.w3)
+        pairs = sort_pairs(indices, self.n_experts)
+        rows = sorted_rows(xc, pairs.token_of_row, pairs.row_of_pair, k)
+        gate_weight = weights.flatten()[pairs.order].unsqueeze(-1)
+        out_sorted = swiglu(self.matmul, rows, w1, w2, w3, pairs.offsets, pairs.expert_of_row, gate_weight)
         # each pair's row gathered back and summed over its k slots (one fused pass when compiled)
-        y = pair_sums(out_sorted, token_of_row, row_of_pair, k)
-        return y.to(dtype_in), counts.float()
+        y = pair_sums(out_sorted, pairs.token_of_row, pairs.row_of_pair, k).to(x.dtype)
+        return (y if shared is None else y + shared(x)), pairs.counts.float()
 
 
 @dataclass
@@ -169,7 +201,5 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
-        y, load = self.experts(x, weights, indices)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        y, load = self.experts(x, weights, indices, self.shared_experts)
         return y.view(shape), Routing(scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1), load)
