@@ -34,6 +34,7 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},
+    "parallel": BASE | {"model"},  # parallelism applied to the model from outside
     "train": BASE | {"model", "tokenizer", "data", "fp8", "tasks"},  # tasks: long_eval's passkey probe
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
