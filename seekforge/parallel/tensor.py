@@ -16,14 +16,19 @@ balance loss; the routed experts are many and narrow, and their cut is expert pa
 expert's width.
 
 Between modules flow plain tensors, replicated over the tp ranks, except inside attention (the rank's heads) and
-inside an MLP (the rank's share of its width). Forward all-reduces once a sublayer (wo's or w2's output); backward
-once at each column-wise input (the query LoRA's and the latent's widths, an MLP's dim, w1 and w3 reduced together)
-and once for MLA's rotary key: the one key every head shares (MLA.latent) gets from each rank's heads only their
-part of its gradient, so that part is summed over the tp ranks before it reaches wkv_a.
+inside an MLP (the rank's share of its width). Each block all-reduces twice in forward, a [tokens, dim] sum of
+partial outputs (wo's, and w2's of its MLP or shared experts), and four times in backward, each a gradient at
+the input of a column-wise split: the query's (q_lora_rank wide, or dim without a query LoRA), the latent's
+(kv_lora_rank), the MLP's (dim; w1 and w3 reduced together) and the rotary key's (qk_rope_head_dim). The last
+one is MLA's own: the one rotary key every head shares (`MLA.latent`) gets from each rank's heads only their part
+of its gradient, summed over the tp ranks before it reaches wkv_a (`SumRopeKeyGrad`).
 
 Parameters keep their names: the split projections' weights become DTensors on tp_mesh (Shard(0) column-wise,
 Shard(1) row-wise), which torch.distributed.checkpoint saves as shards and reshards on load; every other
 parameter stays a plain tensor, the same on every tp rank since every rank computes the same gradient for it.
+Such a mix of kinds is refused by AdamW's foreach and fused steps (one list of DTensors and tensors) until
+fully_shard makes every parameter a DTensor, and clip_grad_norm_ refuses norms of DTensors on different meshes
+(dp x tp and dp after fully_shard): sum the squared norms of each mesh's gradients apart.
 
 Training only: MLA's absorbed path (`Backend(absorbed=True)`, the inference engine's) reads wkv_b's weight whole
 and raises a ConfigError on a tensor-parallel model.
@@ -123,18 +128,19 @@ def _refuse_absorbed(mla: MLA, args: tuple, kwargs: dict) -> None:
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> Transformer:
-    """Splits `model` in place over the 1-D mesh `tp_mesh` (see the module docstring) and returns it; a mesh of
+    """Splits every block of `model` (main and MTP, wherever it sits: a pipeline stage's part of the model, a block
+    wrapped for activation checkpointing) in place over the 1-D mesh `tp_mesh` and returns the model; a mesh of
     one rank leaves it as it is. Every rank of the mesh must pass the same model (same seed, or the same
     checkpoint): the split weights are cut from the mesh's first rank's, the whole ones stay each rank's own.
-    Apply it before activation checkpointing, torch.compile and fully_shard (on a 2-D dp x tp mesh, FSDP2
-    shards the DTensors along dp), and not to a model converted to FP8, whose GEMMs take no DTensors."""
+    Apply it before torch.compile and fully_shard (on a 2-D dp x tp mesh, FSDP2 shards the DTensors along dp), and
+    not to a model converted to FP8, whose GEMMs take no DTensors."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel takes the 1-D tp mesh, got a {tp_mesh.ndim}-D mesh; pass mesh['tp']")
     tp = tp_mesh.size()
     check_tensor_parallel(model.cfg, tp)
     if tp == 1:
         return model
-    for block in [*model.layers, *(m.block for m in model.mtp)]:
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
         plan = block_plan(block)
         for name in plan:
             module = block.get_submodule(name)
