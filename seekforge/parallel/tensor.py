@@ -140,14 +140,15 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> Transforme
     check_tensor_parallel(model.cfg, tp)
     if tp == 1:
         return model
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        plan = block_plan(block)
+    plans = {block: block_plan(block) for block in model.modules() if isinstance(block, Block)}
+    for block, plan in plans.items():  # all checked before any is split
         for name in plan:
             module = block.get_submodule(name)
             if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
                 raise ConfigError(f"tensor parallelism splits plain linear layers, but {name} of layer "
                                   f"{block.layer_id} is a {type(module).__name__}: fp8 and parallel.tp > 1 do not "
                                   f"combine; set fp8=none or parallel.tp=1")
+    for block, plan in plans.items():
         parallelize_module(block, tp_mesh, plan)
         block.attn.register_forward_pre_hook(_refuse_absorbed, with_kwargs=True)
     return model

@@ -2,10 +2,12 @@
 
 The reference is the unsplit model run here, in the test's own process, on the same tokens: the loss (main, MTP,
 balance), the expert load, every parameter's gradient (a split one gathered with full_tensor), then ten AdamW
-steps with the auxiliary-loss-free bias update must match it within 1e-5 relative (a tensor's error norm
-over its norm). The ranks also report what
-the plan split (so a plan that split nothing cannot pass), save their weights with torch.distributed.checkpoint
-(loaded back here, unsplit), and the errors for a degree that does not divide the heads and for absorbed MLA.
+steps with the auxiliary-loss-free bias update must match it within 1e-5 relative (a tensor's error norm over its
+norm; the final weights land about 2e-6 off at tp=2 and 5e-6 at tp=4, where one process on one thread and on two
+differ by 1e-6: rounding, which AdamW magnifies where gradients are tiny). The ranks also report what the plan split (so a plan that split nothing cannot pass), save their weights with
+torch.distributed.checkpoint (loaded back here, unsplit), and the errors for a degree that does not divide the
+heads, for absorbed MLA and for an FP8 model. The slow tests: tp=4, and tensor parallelism under fully_shard on a
+dp_shard x tp mesh.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from seekforge.model.config import ModelConfig
 from seekforge.parallel.tensor import check_tensor_parallel
 
 STEPS = 10
-GAMMA = 0.01  # bias update speed, large enough that the routing moves within ten steps
+GAMMA = 0.01  # bias update speed: ten times V3's, so that ten steps move the bias by up to 0.1
 TINY = dict(n_layers=2, n_dense_layers=1, n_mtp_modules=1)  # one dense block, one MoE block, one MTP (MoE) block
 NO_QUERY_LORA = dict(TINY, q_lora_rank=0)
 
@@ -81,7 +83,7 @@ def _tp_rank(runs: dict, checkpoint: str) -> dict:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    out = {}
+    out = {"absorbed_error": None, "degree_error": None, "fp8_error": None}
     for name, overrides in runs.items():
         out[name], model = _train(overrides, mesh)
         out[name]["split"] = {n: (p.placements, tuple(p.to_local().shape))
@@ -117,6 +119,7 @@ def _dp_tp_rank(overrides: dict) -> dict:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+    mesh_error = None
     try:
         apply_tensor_parallel(Transformer(ModelConfig.preset("tiny").replace(**overrides)), mesh)
     except ValueError as err:
@@ -203,9 +206,9 @@ def _check_ranks(tp: int, runs: dict, reference: dict, checkpoint) -> None:
             _check_against_one_process(result[name], reference[name])
             _split_as_planned(result[name]["split"], tp, ModelConfig.preset("tiny").replace(**overrides))
             assert result[name]["names"] == list(reference[name]["grads"])  # names unchanged
-        assert "absorbed MLA" in result["absorbed_error"] and "explicit path" in result["absorbed_error"]
-        assert f"parallel.tp={tp} does not divide the model's n_heads=3" in result["degree_error"]
-        assert "fp8 and parallel.tp > 1 do not combine" in result["fp8_error"]
+        assert "absorbed MLA" in str(result["absorbed_error"]) and "explicit path" in str(result["absorbed_error"])
+        assert f"parallel.tp={tp} does not divide the model's n_heads=3" in str(result["degree_error"])
+        assert "fp8 and parallel.tp > 1 do not combine" in str(result["fp8_error"])
     # the DCP checkpoint of the last run's split model loads, unsplit, into one process: the weights the ranks hold
     last = list(runs)[-1]
     fresh = Transformer(ModelConfig.preset("tiny").replace(**runs[last]))
@@ -241,7 +244,7 @@ def test_degree_must_divide_heads_and_split_widths():
 def test_composes_with_fully_shard_on_a_dp_tp_mesh(reference):
     ref = reference["query LoRA"]
     for result in run_ranks(_dp_tp_rank, 4, overrides=TINY):
-        assert "takes the 1-D tp mesh, got a 2-D mesh; pass mesh['tp']" in result["mesh_error"]
+        assert "takes the 1-D tp mesh, got a 2-D mesh; pass mesh['tp']" in str(result["mesh_error"])
         _close(result["loss"], ref["parts"]["loss"], "loss")
         assert result["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():
