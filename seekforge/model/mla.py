@@ -16,7 +16,8 @@ Which way, and over what context, is the backend's choice (`seekforge.model.back
 explicitly over the forward's own tokens; the engine's over its paged cache.
 
 Shapes: b batch, s query positions, t key positions, h heads, d nope/value head dim, r rope dim,
-c kv_lora_rank.
+c kv_lora_rank. The explicit path takes h from the projections' outputs, not from the config, so it runs as well
+on projections that hold a subset of the heads.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MLA(nn.Module):
         """The query's first projection -> q_nope [b, s, h, d], q_pe [b, s, h, r], not yet rotated."""
         if hasattr(self, "wq_a"):
             q = self.wq_b(self.q_norm(q))
-        q = q.view(*q.shape[:-1], self.n_heads, -1)
+        q = q.view(*q.shape[:-1], -1, self.nope_dim + self.rope_dim)  # the heads wq_b's output holds
         return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
     def query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +92,9 @@ class MLA(nn.Module):
         """Explicit path. mask: bool [b|1, s, t], True = may attend; None = causal over s == t. `sdpa` (q, k, v,
         mask, scale) -> [b, s, h, d_v] runs the attention itself: `dot_product_attention` where not given.
         Returns [b, s, h * d_v]."""
-        k_nope, v = self.wkv_b(kv).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        heads = self.wkv_b(kv).unflatten(-1, (-1, self.nope_dim + self.v_dim))  # the heads wkv_b's output holds
+        k_nope, v = heads.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         return (sdpa or dot_product_attention)(q, k, v, mask, self.softmax_scale).flatten(2)
 
