@@ -17,8 +17,8 @@ ROOT = Path(seekforge.__file__).parent
 
 # Each part, with the parts below it that it may import (each package's __init__ docstring says the same).
 # The order is the layering, lowest first: ops -> nothing of seekforge but the config and error helpers;
-# model -> ops; engine -> ops, model; train -> model and data, never the engine; rl -> train (its loop) and
-# engine (rollouts); server -> engine; commands -> everything.
+# model -> ops; engine -> ops, model; parallel -> model; train -> model, data and parallel, never the engine;
+# rl -> train (its loop) and engine (rollouts); server -> engine; commands -> everything.
 BASE = {"errors", "configio"}
 ALLOWED = {
     "errors": set(),
@@ -26,6 +26,7 @@ ALLOWED = {
     "ops": BASE,
     "model": BASE | {"ops"},
     "fp8": BASE | {"model"},  # FP8 training applied to the model from outside
+    "parallel": BASE | {"model"},  # distributed training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,
     "tasks": BASE,
@@ -34,8 +35,8 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},
-    "train": BASE | {"model", "tokenizer", "data", "fp8", "tasks"},  # tasks: long_eval's passkey probe
-    "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train"},
+    "train": BASE | {"model", "tokenizer", "data", "fp8", "parallel", "tasks"},  # tasks: long_eval's passkey probe
+    "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train", "parallel"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},
     "cli": BASE | {"commands"},

@@ -9,6 +9,7 @@
   balance.py, init_from.py, compile.py, flops.py;
 - context extension: extend.py (two-stage YaRN) and long_eval.py (perplexity by length, passkey retrieval).
 
-May import seekforge.errors, configio, fp8, model, tokenizer, data and tasks (long_eval's passkey probe); never the engine, the RL stages
-(seekforge.rl builds on this package) or the commands. Import submodules directly; this package imports
-nothing, so that `seekforge` commands which do not train start fast."""
+May import seekforge.errors, configio, fp8, model, parallel (distributed training), tokenizer, data and tasks
+(long_eval's passkey probe); never the engine, the RL stages (seekforge.rl builds on this package) or the
+commands. Import submodules directly; this package imports nothing, so that `seekforge` commands which do not
+train start fast."""
