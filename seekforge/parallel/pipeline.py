@@ -249,9 +249,6 @@ class PipelineModel(nn.Module):
         key = schedule.lower()
         if key not in SCHEDULES:
             raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        self.schedule = key
-        self.group = pp_mesh.get_group() if hasattr(pp_mesh, "get_group") else pp_mesh
-        self.pp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         need = 1 if key in SINGLE_STAGE else 2
         exact = key in SINGLE_STAGE + FOLDED  # the others take `need` or more
         per_rank = stages_per_rank or need
@@ -261,6 +258,9 @@ class PipelineModel(nn.Module):
         if model.cfg.tie_word_embeddings:
             raise ConfigError("pipeline parallelism with tie_word_embeddings: the embedding (first stage) and the "
                               "head (last stage) sit on different ranks; untie them or train with parallel.pp=1")
+        self.schedule = key
+        self.group = pp_mesh.get_group() if hasattr(pp_mesh, "get_group") else pp_mesh
+        self.pp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.n_microbatches = n_microbatches or self.pp * per_rank
         self.dtype = dtype or model.embed.weight.dtype
         self.device = device or model.embed.weight.device
