@@ -153,7 +153,11 @@ class ModelStage(nn.Module):
             balance = self._record(routing)
             if balance is not None:
                 h = _AddGradient.apply(h, balance, scale)
-            return (h, emb) if self.relay else h
+            if not self.relay:
+                return h
+            # passed on as a new tensor: torch may detach a stage's outputs in place after their backward
+            # (zero-bubble schedules), which must not reach the input buffer it reuses next step
+            return h, (emb if self.first else emb.clone())
         main = _cross_entropy(self.head(self.norm(h)), labels)
         total = main
         depths = self._mtp(h, emb, routing) if self.settings.mtp_weight else []
