@@ -41,6 +41,7 @@ extra shape-inference forward whose routing would count in the loads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,10 @@ SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b
              "zbv_zero_bubble": "ScheduleZBVZeroBubble", "dualpipev": "ScheduleDualPipeV"}
 SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per rank; the others run several (interleaved, looped, V)
 FOLDED = ("zbv_zero_bubble", "dualpipev")  # V schedules: rank r holds stages r and 2 pp - 1 - r
+IGNORE = -100  # the label of a position without a target (Transformer.loss's ignore_index)
+# what a stage sums over a step's micro-batches: the losses' micro-batch means, the main loss times the
+# micro-batch's targets, and the targets (an evaluation's mean over tokens)
+RECORDS = ("main_loss", "mtp_loss", "balance_loss", "main_nll", "targets")
 
 
 def stage_split(n_units: int, pp: int) -> list[int]:
@@ -123,10 +128,11 @@ class ModelStage(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """Clears what the stage records over a step: sums over its micro-batches."""
+        """Clears what the stage records over a step: sums over its micro-batches (detached tensors, read once
+        the step is over, so that no micro-batch waits for the host)."""
         self.forwards = 0
         self.loads: dict[int, torch.Tensor] = {}  # tokens per expert by layer id
-        self.sums = {"main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        self.sums = dict.fromkeys(RECORDS, 0.0)
         self.ran = {"mtp_loss": False, "balance_loss": False}  # whether an MTP depth / a balance loss ran
 
     def blocks(self) -> list[nn.Module]:
@@ -164,11 +170,14 @@ class ModelStage(nn.Module):
         if depths:
             mtp = torch.stack([_cross_entropy(lg, depth_targets(labels, k)) for k, lg in enumerate(depths, 1)]).mean()
             total = total + self.settings.mtp_weight * mtp
-            self.sums["mtp_loss"] += float(mtp.detach())
+            self.sums["mtp_loss"] += mtp.detach()
             self.ran["mtp_loss"] = True
         elif emb is not None:  # the embeddings' gradient is zero where no MTP depth read them
             total = _AddGradient.apply(total, emb, 0.0)
-        self.sums["main_loss"] += float(main.detach())
+        targets = (labels != IGNORE).sum()
+        self.sums["main_loss"] += main.detach()
+        self.sums["main_nll"] += main.detach() * targets
+        self.sums["targets"] += targets
         balance = self._record(routing)
         if balance is not None:
             total = total + balance
@@ -201,7 +210,7 @@ class ModelStage(nn.Module):
         if not (alpha and routing):
             return None
         balance = alpha * sum(sequence_balance_loss(r.scores, r.indices) for r in routing.values())
-        self.sums["balance_loss"] += float(balance.detach())
+        self.sums["balance_loss"] += balance.detach()
         self.ran["balance_loss"] = True
         return balance
 
@@ -282,8 +291,7 @@ class PipelineModel(nn.Module):
             self.norm, self.head, self.mtp = model.norm, model.head, nn.ModuleDict(
                 {str(k): m for k, m in enumerate(model.mtp)})
         self.rope = model.rope
-        self._schedule = None
-        self._shape: tuple[int, int] | None = None
+        self._schedules: dict[tuple[int, int, bool], object] = {}  # by (micro-batch rows, seq, training)
 
     @property
     def has_first_stage(self) -> bool:
@@ -297,13 +305,25 @@ class PipelineModel(nn.Module):
         """This rank's MoE layers by layer id (as `Transformer.moe_layers` numbers them)."""
         return {b.layer_id: b.ffn for s in self.stages for b in s.blocks() if isinstance(b.ffn, MoE)}
 
-    def _build(self, micro: int, seq: int) -> None:
-        """Torch's stages, with static metadata for a micro-batch of [micro, seq], and the schedule."""
+    def _schedule(self, tokens: torch.Tensor, labels: torch.Tensor, training: bool):
+        """The schedule for batches of tokens' shape: torch's stages, with static metadata for its micro-batches,
+        made on first use. Training and evaluation keep apart, as torch's stages set up their buffers for one."""
+        if tokens.shape != labels.shape or tokens.dim() != 2:
+            raise ConfigError(f"pipeline: tokens and labels must both be [batch, seq], got {tuple(tokens.shape)} "
+                              f"and {tuple(labels.shape)}")
+        b, seq = tokens.shape
+        if b % self.n_microbatches:
+            raise ConfigError(f"a batch of {b} rows does not split into {self.n_microbatches} micro-batches; make "
+                              f"the batch a multiple of the micro-batch count")
+        micro = b // self.n_microbatches
+        key = (micro, seq, training)
+        if key in self._schedules:
+            return self._schedules[key]
         from torch.distributed import pipelining
 
         n_stages = self.pp * len(self.stages)
         # requires_grad: the gradients of what a stage sends come back (torch derives the backward's buffers)
-        hidden = torch.empty(micro, seq, self.cfg.dim, dtype=self.dtype, device="meta", requires_grad=True)
+        hidden = torch.empty(micro, seq, self.cfg.dim, dtype=self.dtype, device="meta", requires_grad=training)
         carried = (hidden, hidden) if self.cfg.n_mtp_modules else (hidden,)
         stages = []
         for s in self.stages:
@@ -313,31 +333,19 @@ class PipelineModel(nn.Module):
                                                    output_args=outputs, group=self.group))
         schedule = getattr(pipelining, SCHEDULES[self.schedule])
         try:  # the loss is divided by the micro-batch count in the stage (scale_grads=False)
-            self._schedule = schedule(stages[0] if self.schedule in SINGLE_STAGE else stages,
-                                      n_microbatches=self.n_microbatches, loss_fn=_stage_loss, scale_grads=False)
+            self._schedules[key] = schedule(stages[0] if self.schedule in SINGLE_STAGE else stages,
+                                            n_microbatches=self.n_microbatches, loss_fn=_stage_loss,
+                                            scale_grads=False)
         except ValueError as e:  # torch's own checks (micro-batches against stages)
             raise ConfigError(f"pipeline schedule {self.schedule!r} with {self.n_microbatches} micro-batches over "
                               f"{n_stages} stages on {self.pp} ranks: {e}") from e
-        self._shape = (micro, seq)
+        return self._schedules[key]
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
-             balance_alpha: float = 0.0) -> tuple[dict[str, float | None], dict[int, torch.Tensor]]:
-        """Forward and backward of one optimizer step over the batch tokens/labels [b, s] (every pp rank passes
-        the same: stage 0 reads tokens, the last stage labels; -100 marks a position without a target),
-        accumulating into this rank's .grad.
-
-        Returns ({"loss", "main_loss", "mtp_loss", "balance_loss"}: means over micro-batches, equal on every pp
-        rank; mtp_loss None where no MTP depth ran, balance_loss None without one (as `Transformer.loss`)), and
-        the tokens per expert of this rank's MoE layers that ran, by layer id, summed over the micro-batches."""
-        if tokens.shape != labels.shape or tokens.dim() != 2:
-            raise ConfigError(f"pipeline step: tokens and labels must both be [batch, seq], got "
-                              f"{tuple(tokens.shape)} and {tuple(labels.shape)}")
-        b, seq = tokens.shape
-        if b % self.n_microbatches:
-            raise ConfigError(f"a batch of {b} rows does not split into {self.n_microbatches} micro-batches; make "
-                              f"the batch a multiple of the micro-batch count")
-        if self._shape != (b // self.n_microbatches, seq):
-            self._build(b // self.n_microbatches, seq)
+    def _run(self, tokens: torch.Tensor, labels: torch.Tensor, training: bool, mtp_weight: float,
+             balance_alpha: float) -> dict[str, torch.Tensor]:
+        """One pass of the schedule over the batch; the stages' RECORDS and whether MTP and a balance loss ran,
+        summed over this rank's stages and then over the pp ranks."""
+        schedule = self._schedule(tokens, labels, training)
         self.settings.mtp_weight, self.settings.balance_alpha = mtp_weight, balance_alpha
         self.settings.n_microbatches = self.n_microbatches
         for s in self.stages:
@@ -346,26 +354,49 @@ class PipelineModel(nn.Module):
         args = (tokens.to(self.device).contiguous(),) if self.has_first_stage else ()
         target = labels.to(self.device).contiguous() if self.has_last_stage else None
         kwargs = {"labels": target} if self.has_last_stage else {}
-        self._schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        if training:
+            schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        else:
+            with torch.no_grad():
+                schedule.eval(*args, target=target, return_outputs=False, **kwargs)
         for s in self.stages:
             if s.forwards != self.n_microbatches:
                 raise RuntimeError(f"pipeline stage {s.index} ran {s.forwards} forwards for {self.n_microbatches} "
                                    f"micro-batches; its loads and balance loss would be wrong")
-        keys = ("main_loss", "mtp_loss", "balance_loss")
-        sums = torch.tensor([sum(s.sums[k] for s in self.stages) for k in keys]
-                            + [float(any(s.ran[k] for s in self.stages)) for k in keys[1:]],
-                            dtype=torch.float64, device=self.device)
+        values = [sum(torch.as_tensor(s.sums[k], dtype=torch.float64, device=self.device) for s in self.stages)
+                  for k in RECORDS]
+        values += [torch.tensor(float(any(s.ran[k] for s in self.stages)), dtype=torch.float64, device=self.device)
+                   for k in ("mtp_loss", "balance_loss")]
+        sums = torch.stack(values)
         dist.all_reduce(sums, group=self.group)
-        losses = {k: float(v) / self.n_microbatches for k, v in zip(keys, sums)}
-        for k, ran in zip(keys[1:], sums[3:]):
-            if not ran:
-                losses[k] = None
+        return dict(zip([*RECORDS, "ran_mtp", "ran_balance"], sums.tolist()))
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
+             balance_alpha: float = 0.0) -> tuple[dict[str, float | None], dict[int, torch.Tensor]]:
+        """Forward and backward of one optimizer step over the batch tokens/labels [b, s] (every pp rank passes
+        the same: stage 0 reads tokens, the last stage labels; -100 marks a position without a target),
+        accumulating into this rank's .grad. Attention is causal over whole rows (pretraining's batches).
+
+        Returns ({"loss", "main_loss", "mtp_loss", "balance_loss"}: means over micro-batches, equal on every pp
+        rank; mtp_loss None where no MTP depth ran, balance_loss None without one, as `Transformer.loss`), and
+        the tokens per expert of this rank's MoE layers that ran, by layer id, summed over the micro-batches."""
+        sums = self._run(tokens, labels, True, mtp_weight, balance_alpha)
+        n = self.n_microbatches
+        losses = {"main_loss": sums["main_loss"] / n,
+                  "mtp_loss": sums["mtp_loss"] / n if sums["ran_mtp"] else None,
+                  "balance_loss": sums["balance_loss"] / n if sums["ran_balance"] else None}
         losses["loss"] = (losses["main_loss"] + mtp_weight * (losses["mtp_loss"] or 0.0)
                           + (losses["balance_loss"] or 0.0))
         loads: dict[int, torch.Tensor] = {}
         for s in self.stages:
             add_load(loads, s.loads)
         return losses, loads
+
+    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+        """The main loss of the batch without gradients (`Transformer.loss(...).main_loss` on the whole batch):
+        the mean over its targets, on every pp rank."""
+        sums = self._run(tokens, labels, False, 0.0, 0.0)
+        return sums["main_nll"] / sums["targets"] if sums["targets"] else math.nan
 
 
 def _stage_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -374,4 +405,4 @@ def _stage_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

@@ -32,6 +32,15 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
+def _eval_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches' rows (another shape than training's), the first 5 positions of half the rows untrained: the
+    loss is a mean over targets, not over micro-batches."""
+    (t0, l0), (t1, l1) = _batches()[:2]
+    labels = torch.cat([l0, l1]).clone()
+    labels[::2, :5] = -100
+    return torch.cat([t0, t1]), labels
+
+
 def _mtp_weight(step: int) -> float:
     return 0.3 if step < STEPS - 2 else 0.0  # the last steps without MTP: its embeddings get a zero gradient
 
@@ -67,12 +76,13 @@ def _train_pipeline(pp: int, schedule: str, n_micro: int, per_rank: int | None, 
         refused = None
     except ConfigError as e:
         refused = str(e)
+    evaluated = model.evaluate(*_eval_batch())
     if ckpt is not None:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(model.state_dict(), checkpoint_id=ckpt)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    return {"losses": losses, "grads": grads, "state": state, "refused": refused,
+    return {"losses": losses, "grads": grads, "state": state, "refused": refused, "evaluated": evaluated,
             "moe_layers": sorted(model.moe_layers())}
 
 
@@ -107,7 +117,9 @@ def _train_reference():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_expert_bias(model.moe_layers(), loads, GAMMA)
-    return {"first": first, "losses": losses, "state": model.state_dict()}
+    with torch.no_grad():
+        evaluated = float(model.loss(*_eval_batch()).main_loss)
+    return {"first": first, "losses": losses, "state": model.state_dict(), "evaluated": evaluated}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,7 @@ def _check(results, reference) -> None:
         for step, (got, want) in enumerate(zip(rank_result["losses"], reference["losses"])):
             assert _same_losses(got, want), f"step {step}: {got} != {want}"
         assert "does not split into" in rank_result["refused"]
+        assert rank_result["evaluated"] == pytest.approx(reference["evaluated"], rel=TOL)
     want = reference["state"]
     assert sorted(k for r in results for k in r["state"]) == sorted(want), \
         "every parameter on exactly one rank, under its name"
