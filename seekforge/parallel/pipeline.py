@@ -2,41 +2,40 @@
 
 `PipelineModel(model, pp_mesh, schedule=..., n_microbatches=...)` splits a `Transformer` from outside into
 stages, runs them under one of torch's schedules (`SCHEDULES`: GPipe, 1F1B, interleaved 1F1B, looped BFS,
-zero-bubble V) and gives the trainer one call per optimizer step, `step(tokens, labels, mtp_weight,
+interleaved zero-bubble) and gives the trainer one call per optimizer step, `step(tokens, labels, mtp_weight,
 balance_alpha)`, whose loss and gradients equal `Transformer.loss` on the whole batch (the mean over equal
-micro-batches: equal-length rows, every label a token, as in pretraining).
+micro-batches: equal-length rows, every label a target, as in pretraining), and `evaluate(tokens, labels)`.
 
-The split. The model's units are its main blocks and then its MTP modules (the units of the planner,
+The split. The model's units are its main blocks and then its MTP modules (the planner's units,
 `stage_split`): n_stages = pp * stages_per_rank consecutive runs of them, as even as `stage_split` makes them.
 Stage 0 also holds the embedding; the last stage the final norm, the output head and every MTP module. Each
 stage (`ModelStage`) holds the model's own module objects, not copies, under the model's names ("layers.7...",
-"mtp.0...", "head.weight"), and runs them as `Transformer.loss` does; single-stage schedules place stage i on pp
-rank i, multi-stage ones loop (rank r holds r, r + pp, ...) or, for the V schedules, fold (rank r holds r and
-2 pp - 1 - r).
+"mtp.0...", "head.weight"), and runs them as `Transformer.loss` does. Stage i runs on pp rank i % pp (rank r
+holds r, r + pp, ... under the multi-stage schedules).
 
 MTP's embeddings. MTP depth k reads the embeddings of tokens k.., which only stage 0 holds, and shares the
 head with the main model. The head lives on the last stage, beside the MTP modules. The embeddings travel: stage
 0 sends its embedding output beside the hidden state, every stage passes it on, and the last stage slices
 depth k's inputs from it. Their gradient comes back the same way and stage 0's embedding backward sums it with
-the main path's, exactly as the one-process model's two embedding lookups accumulate into one weight. So every
+the main path's, as the one-process model's two embedding lookups accumulate into one weight. So every
 parameter lives on exactly one rank (the optimizer, the gradient norm and checkpoints need no shared-weight
-bookkeeping), at the cost of a second [micro-batch, seq, dim] tensor on each stage boundary (each way); a stage
-holds it for its in-flight micro-batches. Tied embeddings (head = embedding) across ranks are refused.
+bookkeeping), at the cost of a second [micro-batch, seq, dim] tensor on each stage boundary (each way), held by
+a stage for its in-flight micro-batches. Tied embeddings (head = embedding) are refused.
 
 The balance loss. Each stage computes the sequence-wise balance loss of its own MoE layers (balance_alpha
 times the sum over layers, as `Transformer.loss`) and attaches it to its output through `_AddGradient`: the
-forward passes the output on unchanged, the backward gives the balance loss the gradient it has in the total
-loss (1 / n_microbatches), as Megatron's MoE aux-loss scaler does. Nothing extra crosses a stage boundary.
+forward passes the output on, the backward gives the balance loss the gradient it has in the total loss
+(1 / n_microbatches), as Megatron's MoE aux-loss scaler does. Nothing extra crosses a stage boundary.
 
-Micro-batches. The batch [b, s] is cut into n_microbatches rows of b / n_microbatches each. The loss of a
-micro-batch is main + mtp_weight * mtp + balance, divided by n_microbatches, and the schedule sums the
-gradients (`scale_grads=False`), so they are those of the mean over micro-batches. A step returns the step's
-losses (means over micro-batches, summed over the pp ranks, so every rank has them) and the expert load of this
-rank's MoE layers by layer id, for `update_expert_bias` over `moe_layers()`; the data-parallel all-reduce of
-the loads is the caller's.
+Micro-batches. The batch [b, s] is cut into n_microbatches of b / n_microbatches rows. The loss of a
+micro-batch is main + mtp_weight * mtp + balance, divided by n_microbatches in the last stage, and the schedule
+sums the gradients (`scale_grads=False`), so they are those of the mean over micro-batches. A step returns the
+step's losses (means over micro-batches, summed over the pp ranks, so every rank has them) and the expert load
+of this rank's MoE layers by layer id, for `update_expert_bias` over `moe_layers()`; the data-parallel
+all-reduce of the loads is the caller's.
 
-Stage metadata is given to torch statically (shapes from the step's batch, dtype `dtype`), so torch runs no
-extra shape-inference forward whose routing would count in the loads.
+Stage metadata is given to torch statically (shapes from the batch, dtype `dtype`), so torch runs no extra
+shape-inference forward whose routing would count in the loads.
 """
 
 from __future__ import annotations
@@ -55,12 +54,12 @@ from seekforge.model.mtp import depth_targets
 from seekforge.model.transformer import Transformer, sequence_balance_loss
 
 # torch's schedule classes by our names; torch.distributed.pipelining loads on first use (seconds), so that the
-# planner (seekforge.train.plan), which imports stage_split from here, starts fast
+# planner (seekforge.train.plan), which imports stage_split from here, starts fast. The V schedules (ZBV,
+# DualPipeV: rank r holds stages r and 2 pp - 1 - r) are left out: torch's forward-only run of them (evaluation)
+# fails, and torch 2.11 on gloo cannot start them.
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
-             "looped_bfs": "ScheduleLoopedBFS", "interleaved_zero_bubble": "ScheduleInterleavedZeroBubble",
-             "zbv_zero_bubble": "ScheduleZBVZeroBubble", "dualpipev": "ScheduleDualPipeV"}
-SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per rank; the others run several (interleaved, looped, V)
-FOLDED = ("zbv_zero_bubble", "dualpipev")  # V schedules: rank r holds stages r and 2 pp - 1 - r
+             "looped_bfs": "ScheduleLoopedBFS", "interleaved_zero_bubble": "ScheduleInterleavedZeroBubble"}
+SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per rank; the others run two or more, stage i on rank i % pp
 IGNORE = -100  # the label of a position without a target (Transformer.loss's ignore_index)
 # what a stage sums over a step's micro-batches: the losses' micro-batch means, the main loss times the
 # micro-batch's targets, and the targets (an evaluation's mean over tokens)
@@ -232,23 +231,16 @@ def stage_layers(model: Transformer, n_stages: int) -> list[range]:
     return [range(min(a, cfg.n_layers), min(b, cfg.n_layers)) for a, b in zip(bounds, bounds[1:])]
 
 
-def stage_ranks(schedule: str, pp: int, stages_per_rank: int) -> list[int]:
-    """The pp rank of each stage under `schedule` (a key of SCHEDULES): looped, stage i on rank i % pp, or
-    folded for the V schedules."""
-    n = pp * stages_per_rank
-    if schedule in FOLDED:
-        return [i if i < pp else n - 1 - i for i in range(n)]
-    return [i % pp for i in range(n)]
-
-
 class PipelineModel(nn.Module):
     """This pp rank's part of a Transformer and the schedule that trains it with the other ranks.
 
     model: the whole model, built identically on every pp rank (the stages keep references to their modules;
     the rest may be dropped after construction). pp_mesh: a 1-D DeviceMesh over the pipeline ranks (or a
-    ProcessGroup). schedule: a key of SCHEDULES. stages_per_rank: stages each rank holds, 1 for GPipe and 1F1B,
-    >= 2 for the others (V schedules: 2). dtype: the dtype of the activations between stages (default the
-    embedding's: fp32 parameters keep an fp32 residual stream under autocast).
+    ProcessGroup). schedule: a key of SCHEDULES. n_microbatches: micro-batches a step's batch is cut into
+    (default: the stage count). stages_per_rank: stages each rank holds, 1 for GPipe and 1F1B, >= 2 (default 2)
+    for the others. dtype: the dtype of the activations between stages (default the embedding's: fp32 parameters
+    keep an fp32 residual stream under autocast; FSDP's bf16 parameters make it bf16). device: where the stages
+    run (default the embedding's; pass it where the model was built on the meta device).
 
     As a module it holds this rank's parameters under the model's names: `state_dict()` keys are the model's
     (a checkpoint saved at one pp degree loads at another, pp=1 included), `parameters()` are what this rank's
@@ -262,12 +254,13 @@ class PipelineModel(nn.Module):
         key = schedule.lower()
         if key not in SCHEDULES:
             raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        need = 1 if key in SINGLE_STAGE else 2
-        exact = key in SINGLE_STAGE + FOLDED  # the others take `need` or more
-        per_rank = stages_per_rank or need
-        if per_rank < need or exact and per_rank != need:
-            raise ConfigError(f"pipeline schedule {schedule!r} runs {need}{'' if exact else ' or more'} stages per "
-                              f"rank, got stages_per_rank={per_rank}")
+        single = key in SINGLE_STAGE
+        per_rank = stages_per_rank or (1 if single else 2)
+        if single and per_rank != 1 or not single and per_rank < 2:
+            raise ConfigError(f"pipeline schedule {schedule!r} runs {'one stage' if single else 'two or more stages'} "
+                              f"per rank, got stages_per_rank={per_rank}")
+        if n_microbatches is not None and n_microbatches < 1:
+            raise ConfigError(f"n_microbatches must be >= 1, got {n_microbatches}")
         if model.cfg.tie_word_embeddings:
             raise ConfigError("pipeline parallelism with tie_word_embeddings: the embedding (first stage) and the "
                               "head (last stage) sit on different ranks; untie them or train with parallel.pp=1")
@@ -279,10 +272,9 @@ class PipelineModel(nn.Module):
         self.device = device or model.embed.weight.device
         self.cfg = model.cfg
         n_stages = self.pp * per_rank
-        ranks = stage_ranks(key, self.pp, per_rank)
         self.settings = _StepSettings()
-        self.stages = [ModelStage(model, i, n_stages, layers, self.settings, self.dtype)
-                       for i, layers in enumerate(stage_layers(model, n_stages)) if ranks[i] == self.rank]
+        self.stages = [ModelStage(model, i, n_stages, layers, self.settings, self.dtype)  # looped: i on rank i % pp
+                       for i, layers in enumerate(stage_layers(model, n_stages)) if i % self.pp == self.rank]
         # this rank's modules under the model's names
         if self.has_first_stage:
             self.embed = model.embed
