@@ -334,7 +334,7 @@ class PipelineModel(nn.Module):
         return self._schedules[key]
 
     def _run(self, tokens: torch.Tensor, labels: torch.Tensor, training: bool, mtp_weight: float,
-             balance_alpha: float) -> dict[str, torch.Tensor]:
+             balance_alpha: float) -> dict[str, float]:
         """One pass of the schedule over the batch; the stages' RECORDS and whether MTP and a balance loss ran,
         summed over this rank's stages and then over the pp ranks."""
         schedule = self._schedule(tokens, labels, training)
@@ -365,9 +365,10 @@ class PipelineModel(nn.Module):
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
              balance_alpha: float = 0.0) -> tuple[dict[str, float | None], dict[int, torch.Tensor]]:
-        """Forward and backward of one optimizer step over the batch tokens/labels [b, s] (every pp rank passes
-        the same: stage 0 reads tokens, the last stage labels; -100 marks a position without a target),
-        accumulating into this rank's .grad. Attention is causal over whole rows (pretraining's batches).
+        """Forward and backward of one optimizer step over the batch tokens/labels [b, s] (the pp ranks of one
+        data-parallel coordinate pass the same rows: stage 0 reads tokens, the last stage labels; -100 marks a
+        position without a target), accumulating into this rank's .grad. Attention is causal over whole rows
+        (pretraining's batches; packed documents with their own positions and mask are not supported here).
 
         Returns ({"loss", "main_loss", "mtp_loss", "balance_loss"}: means over micro-batches, equal on every pp
         rank; mtp_loss None where no MTP depth ran, balance_loss None without one, as `Transformer.loss`), and

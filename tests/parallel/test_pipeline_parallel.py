@@ -191,6 +191,7 @@ def test_two_ranks_1f1b_and_interleaved_equal_one_process(reference, tmp_path):
     assert optimizer_keys == sorted(k for k, _ in fresh.named_parameters())
 
 
+@pytest.mark.slow
 def test_four_ranks_gpipe_equal_one_process(reference):
     # 4 layers + 1 MTP module over 4 stages: [2, 1, 1, 1] units, the last stage holding only the MTP module
     _check([rank[0] for rank in run_ranks(_train_pipeline, 4, pp=4, runs=[("gpipe", None)], ckpt=None)], reference)
