@@ -204,6 +204,39 @@ def test_looped_bfs_and_zero_bubble_schedules_equal_one_process(reference):
         _check(run, reference)
 
 
+def _fsdp_pipeline_gradients() -> tuple[float, dict[str, torch.Tensor]]:
+    """Runs on each of 4 ranks, pp=2 x dp=2: FSDP2 over dp on each block and each stage (the stage's root
+    parameters: embedding, norms, head, MTP projections), each dp rank a half of the batch; this rank's loss and
+    its parameters' whole gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    model = PipelineModel(_model(), mesh["pp"], schedule="1f1b", n_microbatches=2)
+    for stage in model.stages:
+        for block in stage.blocks():
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(stage, mesh=mesh["dp"])
+    tokens, labels = _batches()[0]
+    rows = slice(mesh["dp"].get_local_rank() * BATCH // 2, (mesh["dp"].get_local_rank() + 1) * BATCH // 2)
+    losses, _ = model.step(tokens[rows], labels[rows], mtp_weight=_mtp_weight(0), balance_alpha=ALPHA)
+    return losses["loss"], {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_fsdp_on_each_stage_composes_with_the_pipeline(reference):
+    results = run_ranks(_fsdp_pipeline_gradients, 4)
+    first_losses, first_grads = reference["first"]
+    # each dp rank's loss is its rows' (the mean over dp ranks is the batch's); FSDP averages the gradients
+    assert sum(loss for loss, _ in results) / 4 == pytest.approx(first_losses["loss"], rel=TOL)
+    grads = {k: g for _, rank_grads in results for k, g in rank_grads.items()}
+    assert grads.keys() == first_grads.keys()
+    bad = [k for k in first_grads if not _close(grads[k], first_grads[k])]
+    assert not bad, f"gradients differ from the whole batch's: {bad}"
+
+
 # ---------------------------------------------------------------- the split, by hand
 def test_stage_split_is_balanced_with_the_remainder_first():
     assert stage_split(5, 2) == [3, 2]
