@@ -20,6 +20,7 @@ from typing import Literal
 from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
 from seekforge.parallel.config import ParallelConfig
+from seekforge.parallel.pipeline import stage_split
 
 Dtype = Literal["fp32", "bf16"]
 BYTES = {"fp32": 4, "bf16": 2}
@@ -77,12 +78,6 @@ def _units(cfg: ModelConfig) -> list[tuple[int, int]]:
     units[0][0] += cfg.vocab_size * cfg.dim
     units[cfg.n_layers - 1][0] += cfg.dim + (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim)
     return [tuple(u) for u in units]
-
-
-def stage_split(n_units: int, pp: int) -> list[int]:
-    """Units per pipeline stage, as even as possible, the first stages taking the remainder."""
-    base, extra = divmod(n_units, pp)
-    return [base + (s < extra) for s in range(pp)]
 
 
 # ---------------------------------------------------------------- validation
