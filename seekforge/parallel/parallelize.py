@@ -1,8 +1,12 @@
-"""Parallelism applied to a model from outside it (torchtitan's order): tensor and expert parallelism, then
+"""Parallelism applied to a model from outside it (torchtitan's order): tensor parallelism (seekforge.parallel.tensor,
+over the dense mesh's "tp"), then expert parallelism (seekforge.parallel.expert, over the sparse mesh's "ep"), then
 activation checkpointing, then torch.compile, then FSDP2. The model's code knows none of it; parameter names
-(checkpoints, Hugging Face export) stay as they are.
+(checkpoints, Hugging Face export) stay as they are. Pipeline parallelism is not applied here: a pipelined run's
+stages are built by seekforge.parallel.pipeline.
 
-FSDP2 units: each main block, each MTP module's block, and the root (embedding, final norm, head and the MTP
+FSDP2 units: with expert parallelism, each MoE's routed experts over the ranks that hold the same experts
+(`Mesh.expert_fsdp`, FSDP2's default mean: expert.py's gradient rule, no extra factor); each main block, each MTP
+module's block, and the root (embedding, final norm, head and the MTP
 modules' own norms and projection, which `Transformer.mtp_logits` uses outside the MTP module's forward).
 `Transformer.loss` is registered as a forward method, so the root's parameters are gathered for it as for
 `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the parameters are
@@ -24,7 +28,9 @@ from seekforge.model.moe import MoE
 from seekforge.model.transformer import Transformer
 from seekforge.parallel.compile import compile_blocks
 from seekforge.parallel.config import ParallelConfig
+from seekforge.parallel.expert import ExpertParallel, apply_expert_parallel
 from seekforge.parallel.mesh import Mesh
+from seekforge.parallel.tensor import apply_tensor_parallel
 
 
 def blocks(model: Transformer) -> list[torch.nn.Module]:
@@ -34,14 +40,17 @@ def blocks(model: Transformer) -> list[torch.nn.Module]:
 
 def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, compute_dtype: torch.dtype | None = None,
                 compile: bool = False) -> Transformer:
-    """Apply `layout` to `model` in place (FP8 conversion, when wanted, comes before): activation checkpointing per
-    block, torch.compile per block (`compile`), FSDP2 over the mesh's data-parallel ranks (`mesh` None: a single
-    process, nothing to shard). `compute_dtype`: bf16 when training under bf16 autocast, else None. Returns the
-    model."""
-    for key in ("tp", "ep", "pp"):
-        if getattr(layout, key) > 1:
-            raise ConfigError(f"parallel.{key}={getattr(layout, key)}: {key} is not wired into training yet; "
-                              f"use data parallelism (parallel.dp_shard, parallel.dp_replicate) for now")
+    """Apply `layout` to `model` in place (FP8 conversion, when wanted, comes before; it does not combine with tp):
+    tensor parallelism, expert parallelism, activation checkpointing per block, torch.compile per block
+    (`compile`), FSDP2 over the mesh's data-parallel ranks (`mesh` None: a single process, nothing to split or
+    shard). `compute_dtype`: bf16 when training under bf16 autocast, else None. Returns the model."""
+    if layout.pp > 1:
+        raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism is not wired into the trainer yet "
+                          f"(seekforge.parallel.pipeline.PipelineModel runs it outside the trainer); set "
+                          f"parallel.pp=1 and use dp_shard, dp_replicate, tp and ep")
+    if mesh is not None:
+        apply_tensor_parallel(model, mesh.dense["tp"])
+        apply_expert_parallel(model, mesh.sparse["ep"])
     if layout.activation_checkpointing:
         checkpoint_blocks(model)
     if compile:
@@ -59,10 +68,13 @@ def checkpoint_blocks(model: Transformer) -> None:
 
 
 def shard(model: Transformer, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
-    """FSDP2 (`fully_shard`) over `mesh.fsdp`: each block, then the root (see the module doc)."""
+    """FSDP2 (`fully_shard`): expert-parallel experts over `mesh.expert_fsdp`, then each block and the root over
+    `mesh.fsdp` (see the module doc)."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in blocks(model):
+        if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallel):
+            fully_shard(block.ffn.experts, mesh=mesh.expert_fsdp, mp_policy=policy)
         if compute_dtype is not None and isinstance(block.ffn, MoE):
             fully_shard(block.ffn.gate, mesh=mesh.fsdp, mp_policy=router)
         fully_shard(block, mesh=mesh.fsdp, mp_policy=policy)

@@ -1,5 +1,6 @@
-"""Data parallelism (FSDP2, HSDP) through the real pretraining trainer on gloo ranks, against one process on the same
-global batch: per-step losses, evaluation, final weights and balancing biases; resharded resume; layout errors."""
+"""Data, expert and tensor parallelism (FSDP2, HSDP, ep, tp and their combinations) through the real pretraining
+trainer on gloo ranks, against one process on the same global batch: per-step losses, evaluation, final weights and
+balancing biases; resharded resume; layout errors."""
 
 import copy
 import json
@@ -87,8 +88,11 @@ def _assert_close(got: dict, want: dict) -> None:
     (2, ["parallel.dp_shard=2", "parallel.activation_checkpointing=true"]),
     pytest.param(4, ["parallel.dp_shard=4"], marks=pytest.mark.slow),
     pytest.param(4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], marks=pytest.mark.slow),
-], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2"])
-def test_data_parallel_training_matches_one_process(data, single, tmp_path, world, layout):
+    (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+    (2, ["parallel.tp=2"]),
+    pytest.param(4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.ep=2"], marks=pytest.mark.slow),
+], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2", "fsdp2-ep2", "tp2", "fsdp2-tp2-ep2"])
+def test_parallel_training_matches_one_process(data, single, tmp_path, world, layout):
     ranks = run_ranks(_train, world, out=tmp_path / "run", data=data, overrides=layout)
     _assert_close(ranks[0], single)
     for other in ranks[1:]:  # every rank balanced with the global load: one bias everywhere
@@ -124,9 +128,9 @@ def test_the_global_batch_must_divide_by_the_data_parallel_ranks(data, tmp_path)
         run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["batch_size=3"])
 
 
-def test_tensor_parallelism_is_not_wired_yet(data, tmp_path):
-    with pytest.raises(AssertionError, match="parallel.tp=2: tp is not wired into training yet"):
-        run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["parallel.tp=2"])
+def test_pipeline_parallelism_is_not_wired_yet(data, tmp_path):
+    with pytest.raises(AssertionError, match="parallel.pp=2: pipeline parallelism is not wired into the trainer"):
+        run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["parallel.pp=2"])
 
 
 def _sft(out, data, base, overrides):
