@@ -106,14 +106,19 @@ def test_parallel_training_matches_one_process(data, single, tmp_path, world, la
 
 @pytest.mark.slow
 def test_resume_at_other_layouts_continues_the_losses(data, single, tmp_path):
-    """Saved at 4 ranks (dp_shard=4) after 5 steps, resumed at 2 ranks and at 1 process."""
-    run_ranks(_train, 4, out=tmp_path / "four", data=data, overrides=["parallel.dp_shard=4"], stop=5)
+    """Saved at 4 ranks after 5 steps with expert parallelism (dp_shard=4, ep=2: ep is carved out of dp_shard, so
+    on 4 ranks without tp or pp this is the layout with ep=2; each expert slice is FSDP-sharded over 2 ranks),
+    resumed at 2 ranks with ep (dp_shard=2, ep=2: the experts' shards regrouped), at 2 ranks without ep (dp_shard=2:
+    every expert sharded by FSDP2 alone) and at 1 process."""
+    run_ranks(_train, 4, out=tmp_path / "four", data=data, overrides=["parallel.dp_shard=4", "parallel.ep=2"], stop=5)
     assert json.loads((tmp_path / "four" / "checkpoints" / "step_00000005" / "meta.json").read_text())["format"] == 2
-    for name in ("two", "one"):
+    resumes = {"two_ep": ["parallel.dp_shard=2", "parallel.ep=2"], "two": ["parallel.dp_shard=2"], "one": None}
+    for name, layout in resumes.items():
         shutil.copytree(tmp_path / "four", tmp_path / name)
-    two = run_ranks(_train, 2, out=tmp_path / "two", data=data, overrides=["parallel.dp_shard=2"], resume=True)[0]
-    one = _train(tmp_path / "one", data, [], resume=True)
-    for resumed in (two, one):
+        if layout is None:
+            resumed = _train(tmp_path / name, data, [], resume=True)
+        else:
+            resumed = run_ranks(_train, 2, out=tmp_path / name, data=data, overrides=layout, resume=True)[0]
         _assert_close(resumed, single)
 
 
