@@ -1,10 +1,12 @@
 """Parallelism applied to a model from outside it (torchtitan's order): tensor parallelism (seekforge.parallel.tensor,
 over the dense mesh's "tp"), then expert parallelism (seekforge.parallel.expert, over the sparse mesh's "ep"), then
 activation checkpointing, then torch.compile, then FSDP2. The model's code knows none of it; parameter names
-(checkpoints, Hugging Face export) stay as they are. Pipeline parallelism is not applied here: a pipelined run's
-stages are built by seekforge.parallel.pipeline.
+(checkpoints, Hugging Face export) stay as they are. With parallel.pp > 1 the model is then cut into pipeline
+stages (seekforge.parallel.pipeline.PipelineModel, 1F1B, one micro-batch per stage) and what follows applies to
+this rank's stages; `parallelize` returns the PipelineModel, whose parameters and state dict are this rank's under
+the model's names.
 
-FSDP2 units: with expert parallelism, each MoE's routed experts over the ranks that hold the same experts
+FSDP2 units (per pipeline stage when pipelined, the stage taking the root's part): with expert parallelism, each MoE's routed experts over the ranks that hold the same experts
 (`Mesh.expert_fsdp`, FSDP2's default mean: expert.py's gradient rule, no extra factor); each main block, each MTP
 module's block, and the root (embedding, final norm, head and the MTP
 modules' own norms and projection, which `Transformer.mtp_logits` uses outside the MTP module's forward).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
@@ -30,27 +33,32 @@ from seekforge.parallel.compile import compile_blocks
 from seekforge.parallel.config import ParallelConfig
 from seekforge.parallel.expert import ExpertParallel, apply_expert_parallel
 from seekforge.parallel.mesh import Mesh
+from seekforge.parallel.pipeline import PipelineModel
 from seekforge.parallel.tensor import apply_tensor_parallel
 
 
-def blocks(model: Transformer) -> list[torch.nn.Module]:
-    """The transformer blocks: the main layers, then each MTP module's block."""
+def blocks(model: Transformer | PipelineModel) -> list[torch.nn.Module]:
+    """The transformer blocks: the main layers, then each MTP module's block (a PipelineModel: its stages')."""
+    if isinstance(model, PipelineModel):
+        return [b for stage in model.stages for b in stage.blocks()]
     return [*model.layers, *(m.block for m in model.mtp)]
 
 
 def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, compute_dtype: torch.dtype | None = None,
-                compile: bool = False) -> Transformer:
+                compile: bool = False) -> Transformer | PipelineModel:
     """Apply `layout` to `model` in place (FP8 conversion, when wanted, comes before; it does not combine with tp):
     tensor parallelism, expert parallelism, activation checkpointing per block, torch.compile per block
     (`compile`), FSDP2 over the mesh's data-parallel ranks (`mesh` None: a single process, nothing to split or
-    shard). `compute_dtype`: bf16 when training under bf16 autocast, else None. Returns the model."""
-    if layout.pp > 1:
-        raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism is not wired into the trainer yet "
-                          f"(seekforge.parallel.pipeline.PipelineModel runs it outside the trainer); set "
-                          f"parallel.pp=1 and use dp_shard, dp_replicate, tp and ep")
+    shard). `compute_dtype`: bf16 when training under bf16 autocast, else None. Returns the model, or with
+    parallel.pp > 1 this rank's PipelineModel."""
     if mesh is not None:
         apply_tensor_parallel(model, mesh.dense["tp"])
         apply_expert_parallel(model, mesh.sparse["ep"])
+    if layout.pp > 1:
+        if compile:
+            raise ConfigError("compile=true with parallel.pp > 1: torch.compile of pipeline stages is not wired; "
+                              "set compile=false or parallel.pp=1")
+        model = PipelineModel(model, mesh.dense["pp"], schedule="1f1b")
     if layout.activation_checkpointing:
         checkpoint_blocks(model)
     if compile:
@@ -60,14 +68,14 @@ def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, c
     return model
 
 
-def checkpoint_blocks(model: Transformer) -> None:
+def checkpoint_blocks(model: Transformer | PipelineModel) -> None:
     """Each block keeps only its inputs for the backward and recomputes the rest there (torch.utils.checkpoint,
     non-reentrant). The block's forward is wrapped in place, so its parameters keep their names."""
     for block in blocks(model):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def shard(model: Transformer, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
+def shard(model: Transformer | PipelineModel, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
     """FSDP2 (`fully_shard`): expert-parallel experts over `mesh.expert_fsdp`, then each block and the root over
     `mesh.fsdp` (see the module doc)."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -78,16 +86,27 @@ def shard(model: Transformer, mesh: Mesh, compute_dtype: torch.dtype | None = No
         if compute_dtype is not None and isinstance(block.ffn, MoE):
             fully_shard(block.ffn.gate, mesh=mesh.fsdp, mp_policy=router)
         fully_shard(block, mesh=mesh.fsdp, mp_policy=policy)
+    if isinstance(model, PipelineModel):
+        for stage in model.stages:
+            fully_shard(stage, mesh=mesh.fsdp, mp_policy=policy)
+        return
     fully_shard(model, mesh=mesh.fsdp, mp_policy=policy)
     register_fsdp_forward_method(model, "loss")
 
 
-def gathered(model: Transformer, mesh: Mesh | None) -> Transformer | None:
+def gathered(model: Transformer | PipelineModel, mesh: Mesh | None) -> Transformer | None:
     """The whole model on one process, for export: `model` itself in a single process; in a distributed run (a
-    collective: every rank calls it) a plain copy on rank 0's CPU, None on the other ranks."""
+    collective: every rank calls it) a plain copy on rank 0's CPU, None on the other ranks. A PipelineModel's
+    stages are gathered whole on their ranks, then their parts sent to rank 0."""
     if mesh is None:
         return model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if isinstance(model, PipelineModel):
+        mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object({k: v.cpu() for k, v in mine.items()}, parts, dst=0)
+        state = {k: v for part in parts or () for k, v in part.items()}
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not state:
         return None
     with torch.device("meta"):

@@ -186,6 +186,9 @@ class LMTrainer(Trainer):
         self.optimize(convert_to_fp8(model, cfg.fp8), compile=cfg.compile)
         self.loader = self.data.batches()
         self.objective = objective(self) if objective is not None else None
+        if self.objective is not None and self.layout.pp > 1:
+            raise ConfigError(f"{cfg.NAME}: a loss term beside the model's (distillation) with parallel.pp > 1: the "
+                              f"pipeline computes the model's loss in its last stage only; set parallel.pp=1")
         self.speed = Throughput()
         self.loop.start(self)
 
@@ -262,7 +265,8 @@ class LMTrainer(Trainer):
                         totals[key] += float(value.detach()) * weights[key] / cfg.grad_accum
                 add_load(loads, out.expert_load)
 
-        grad_norm = self.apply_update(losses())
+        grad_norm = self._pipeline_update(mtp_weight, totals, loads) if self.layout.pp > 1 else \
+            self.apply_update(losses())
         record = {"lr": lr, "mtp_weight": mtp_weight, "grad_norm": grad_norm}
         if math.isnan(grad_norm):
             return {**record, "skipped": True, "reason": NON_FINITE, "loss": math.nan}
@@ -285,6 +289,36 @@ class LMTrainer(Trainer):
             record["expert_bias"] = [m.gate.bias.tolist() for m in moes.values()]
         return record
 
+    def _pipeline_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch for the pipeline, which trains rows that all hold the same
+        number of targets and attend causally over whole rows (pretraining's batches)."""
+        batch, weights = self.my_rows(next(self.loader))
+        if "positions" in batch or any(w != 1.0 for w in weights.values()):
+            raise ConfigError(f"{self.cfg.NAME}: parallel.pp > 1 trains batches of whole causal rows with every "
+                              f"label a target (pretraining's); these rows hold packed documents or masked labels: "
+                              f"train them with parallel.pp=1")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _pipeline_update(self, mtp_weight: float, totals: dict[str, float], loads: dict[int, torch.Tensor]) -> float:
+        """One update through the PipelineModel (forward and backward of each micro-batch by its schedule): adds
+        the losses (equal on every pp rank) to `totals` and this rank's MoE layers' loads to `loads`; returns
+        the gradient norm (NaN when the bad-step guard drops the update)."""
+        cfg, finite = self.cfg, True
+        for _ in range(cfg.grad_accum):
+            batch = self._pipeline_batch()
+            with self.autocast():
+                out, step_loads = self.model.step(batch["input_ids"], batch["labels"], mtp_weight, cfg.balance_alpha)
+            finite = self.all_finite(torch.tensor(out["loss"])) and finite
+            for key in totals:
+                if out[key] is not None:
+                    totals[key] += out[key] / cfg.grad_accum
+            add_load(loads, step_loads)
+        if cfg.grad_accum > 1:  # the schedule sums each step's gradients: the mean over the micro-batches' steps
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(cfg.grad_accum)
+        return self.finish_update(finite)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
@@ -296,9 +330,12 @@ class LMTrainer(Trainer):
                 batch = {k: v[:1] for k, v in whole.items()}
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
-                out = self.model.loss(batch["input_ids"], batch["labels"], **attention(batch))
+                if self.layout.pp > 1:
+                    loss = self.model.evaluate(batch["input_ids"], batch["labels"])
+                else:
+                    loss = float(self.model.loss(batch["input_ids"], batch["labels"], **attention(batch)).main_loss)
             if n:
-                total += float(out.main_loss) * n
+                total += loss * n
                 count += n
         self.model.train()
         if self.mesh is not None:

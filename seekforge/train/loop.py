@@ -326,7 +326,15 @@ class Trainer:
                 finite = False
                 break
             loss.backward()
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip) if finite else math.nan
+        return self.finish_update(finite)
+
+    def finish_update(self, finite: bool) -> float:
+        """The end of an update whose backward ran (`finite`: its losses were finite on every rank): clip the
+        gradients to cfg.grad_clip (the norm over every rank's parameters, pipeline stages included) and step, or
+        drop the update as `apply_update` says. Returns the gradient norm before clipping, NaN when dropped."""
+        pp = self.mesh.dense["pp"].get_group() if self.layout.pp > 1 else None
+        grad_norm = (clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, group=pp, device=self.device)
+                     if finite else math.nan)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return math.nan

@@ -1,6 +1,6 @@
 """parallelize on one process: activation checkpointing recomputes each block in the backward, keeps far fewer
-tensors for it, and changes neither the gradients nor the parameter names; pipeline parallelism (not wired into the
-trainer) is refused."""
+tensors for it, and changes neither the gradients nor the parameter names; torch.compile of pipeline stages (not wired) is
+refused."""
 
 import pytest
 import torch
@@ -37,7 +37,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
 
 
-def test_pipeline_parallelism_is_refused():
+def test_compiled_pipeline_stages_are_refused():
     layout = ParallelConfig(dp_shard=1, pp=2)  # as resolved on two ranks
-    with pytest.raises(ConfigError, match="parallel.pp=2: pipeline parallelism is not wired into the trainer"):
-        parallelize(Transformer(ModelConfig.preset("tiny")), None, layout)
+    with pytest.raises(ConfigError, match="compile=true with parallel.pp > 1: torch.compile of pipeline stages"):
+        parallelize(Transformer(ModelConfig.preset("tiny")), None, layout, compile=True)
