@@ -35,7 +35,8 @@ def _result(trainer, out) -> dict:
 
     model = gathered(trainer.model, trainer.mesh)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()] if trainer.main else []
-    return {"losses": {r["step"]: r["loss"] for r in rows}, "evals": {r["step"]: r["eval_loss"] for r in rows
+    return {"losses": {r["step"]: r["loss"] for r in rows}, "grad_norms": {r["step"]: r["grad_norm"] for r in rows},
+            "evals": {r["step"]: r["eval_loss"] for r in rows
                                                                       if "eval_loss" in r},
             "weights": None if model is None else {k: v.clone() for k, v in model.state_dict().items()},
             "bias": {layer: m.gate.bias.clone() for layer, m in trainer.model.moe_layers().items()}}
@@ -75,6 +76,7 @@ def _assert_close(got: dict, want: dict) -> None:
     assert sorted(got["losses"]) == list(range(STEPS))
     for step, loss in want["losses"].items():
         assert got["losses"][step] == pytest.approx(loss, rel=RTOL), f"step {step}"
+        assert got["grad_norms"][step] == pytest.approx(want["grad_norms"][step], rel=RTOL), f"step {step}"
     assert got["evals"] == pytest.approx(want["evals"], rel=RTOL)
     assert got["weights"].keys() == want["weights"].keys()
     for name, w in want["weights"].items():
@@ -125,6 +127,13 @@ def test_resume_at_other_layouts_continues_the_losses(data, single, tmp_path):
         else:
             resumed = run_ranks(_train, 2, out=tmp_path / name, data=data, overrides=layout, resume=True)[0]
         _assert_close(resumed, single)
+
+
+def test_pipelined_run_resumes_in_one_process(data, single, tmp_path):
+    """Saved at pp=2 after 5 steps (each rank its stage's parameters and optimizer state under the model's names),
+    resumed by one process."""
+    run_ranks(_train, 2, out=tmp_path / "run", data=data, overrides=["parallel.pp=2"], stop=5)
+    _assert_close(_train(tmp_path / "run", data, [], resume=True), single)
 
 
 def test_degrees_must_multiply_to_the_world_size(data, tmp_path):

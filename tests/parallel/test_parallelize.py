@@ -1,6 +1,6 @@
 """parallelize on one process: activation checkpointing recomputes each block in the backward, keeps far fewer
-tensors for it, and changes neither the gradients nor the parameter names; torch.compile of pipeline stages (not wired) is
-refused."""
+tensors for it, and changes neither the gradients nor the parameter names; torch.compile of pipeline stages (not
+wired) is refused."""
 
 import pytest
 import torch
