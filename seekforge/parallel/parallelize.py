@@ -1,16 +1,16 @@
 """Parallelism applied to a model from outside it (torchtitan's order): tensor parallelism (seekforge.parallel.tensor,
 over the dense mesh's "tp"), then expert parallelism (seekforge.parallel.expert, over the sparse mesh's "ep"), then
 activation checkpointing, then torch.compile, then FSDP2. The model's code knows none of it; parameter names
-(checkpoints, Hugging Face export) stay as they are. With parallel.pp > 1 the model is then cut into pipeline
-stages (seekforge.parallel.pipeline.PipelineModel, 1F1B, one micro-batch per stage) and what follows applies to
-this rank's stages; `parallelize` returns the PipelineModel, whose parameters and state dict are this rank's under
-the model's names.
+(checkpoints, Hugging Face export) stay as they are. With parallel.pp > 1 the model is cut into pipeline stages
+after tensor and expert parallelism (seekforge.parallel.pipeline.PipelineModel: 1F1B, as many micro-batches as
+stages) and what follows applies to this rank's stages; `parallelize` returns the PipelineModel, whose parameters
+and state dict are this rank's, under the model's names.
 
-FSDP2 units (per pipeline stage when pipelined, the stage taking the root's part): with expert parallelism, each MoE's routed experts over the ranks that hold the same experts
-(`Mesh.expert_fsdp`, FSDP2's default mean: expert.py's gradient rule, no extra factor); each main block, each MTP
-module's block, and the root (embedding, final norm, head and the MTP
-modules' own norms and projection, which `Transformer.mtp_logits` uses outside the MTP module's forward).
-`Transformer.loss` is registered as a forward method, so the root's parameters are gathered for it as for
+FSDP2 units (per pipeline stage when pipelined, the stage taking the root's part): with expert parallelism, each
+MoE's routed experts over the ranks that hold the same experts (`Mesh.expert_fsdp`, FSDP2's default mean:
+expert.py's gradient rule, no extra factor); each main block, each MTP module's block, and the root (embedding,
+final norm, head and the MTP modules' own norms and projection, which `Transformer.mtp_logits` uses outside the
+MTP module's forward). `Transformer.loss` is registered as a forward method, so the root's parameters are gathered for it as for
 `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the parameters are
 gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps them; in fp32
 everything is fp32 and the result is the single-process one up to the order of summation.
