@@ -99,7 +99,8 @@ def _assert_same_bias(got: dict, want: dict) -> None:
     (2, ["parallel.tp=2"]),
     pytest.param(4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.ep=2"], marks=pytest.mark.slow),
     (2, ["parallel.pp=2"]),
-], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2", "fsdp2-ep2", "tp2", "fsdp2-tp2-ep2", "pp2"])
+    pytest.param(4, ["parallel.dp_shard=2", "parallel.pp=2", "parallel.ep=2"], marks=pytest.mark.slow),
+], ids=["fsdp2-checkpointed", "fsdp4", "hsdp2x2", "fsdp2-ep2", "tp2", "fsdp2-tp2-ep2", "pp2", "fsdp2-pp2-ep2"])
 def test_parallel_training_matches_one_process(data, single, tmp_path, world, layout):
     ranks = run_ranks(_train, world, out=tmp_path / "run", data=data, overrides=layout)
     _assert_close(ranks[0], single)
