@@ -11,9 +11,9 @@ MoE's routed experts over the ranks that hold the same experts (`Mesh.expert_fsd
 expert.py's gradient rule, no extra factor); each main block, each MTP module's block, and the root (embedding,
 final norm, head and the MTP modules' own norms and projection, which `Transformer.mtp_logits` uses outside the
 MTP module's forward). `Transformer.loss` is registered as a forward method, so the root's parameters are gathered
-for it as for `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the parameters are
-gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps them; in fp32
-everything is fp32 and the result is the single-process one up to the order of summation.
+for it as for `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the
+parameters are gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps
+them; in fp32 everything is fp32 and the result is the single-process one up to the order of summation.
 """
 
 from __future__ import annotations
