@@ -5,8 +5,8 @@ torch.distributed.checkpoint), applied to the model from outside it.
   checks against the world size and the model: one definition for training (`LoopConfig.parallel`) and the
   planner (seekforge.train.plan);
 - mesh.py: the process group from torchrun's environment and the device meshes with their named dims;
-- parallelize.py: `parallelize(model, mesh, layout)`: tensor and expert parallelism, activation checkpointing,
-  torch.compile and FSDP2 in torchtitan's order, and the model gathered for export;
+- parallelize.py: `parallelize(model, mesh, layout)`: tensor and expert parallelism, pipeline stages, activation
+  checkpointing, torch.compile and FSDP2 in torchtitan's order, and the model gathered for export;
 - tensor.py: tensor parallelism (MLA split by heads, dense and shared-expert MLPs column/row-wise);
 - expert.py: expert parallelism (routed experts placed across the ep ranks, tokens exchanged with all-to-all,
   the shared experts run during the dispatch);

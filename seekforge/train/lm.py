@@ -17,6 +17,12 @@ number), the sequence-wise balance loss by 1 (every rank holds as many rows). Th
 process's gradient of that global batch, also where SFT's masked labels leave the ranks unequal token counts;
 the logged losses are the global means. Micro-batches of gradient accumulation stay equal-weighted, as in one
 process. A rank whose rows hold no trained token makes the step non-finite (the bad-step guard drops it).
+
+Pipeline parallelism (parallel.pp > 1): the model is this rank's stages (`PipelineModel`) and each micro-batch
+of the update is one `PipelineModel.step` (forward and backward of its micro-batches by the schedule), whose
+losses (the same on every pp rank) and this stage's expert loads take the place of the model's; evaluation
+runs its forward-only schedule. It trains rows that are whole causal sequences with every label a target
+(pretraining's); packed documents, masked labels and an extra loss term (distillation) are refused.
 """
 
 from __future__ import annotations
