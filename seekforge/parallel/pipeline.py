@@ -40,7 +40,9 @@ shape-inference forward whose routing would count in the loads.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,11 +93,12 @@ class _AddGradient(torch.autograd.Function):
 
 @dataclass
 class _StepSettings:
-    """What the stages read during a step: the loss weights and the micro-batch count."""
+    """What the stages read during a step: the loss weights, the micro-batch count, the forward's context."""
 
     mtp_weight: float = 0.0
     balance_alpha: float = 0.0
     n_microbatches: int = 1
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class ModelStage(nn.Module):
@@ -139,6 +142,10 @@ class ModelStage(nn.Module):
         return [*self.layers.values(), *((m.block for m in self.mtp.values()) if self.last else ())]
 
     def forward(self, *inputs: torch.Tensor, labels: torch.Tensor | None = None):
+        with self.settings.autocast():
+            return self._forward(*inputs, labels=labels)
+
+    def _forward(self, *inputs: torch.Tensor, labels: torch.Tensor | None = None):
         if self.first:
             h = self.embed(inputs[0])
             emb = h if self.relay else None
@@ -240,7 +247,9 @@ class PipelineModel(nn.Module):
     (default: the stage count). stages_per_rank: stages each rank holds, 1 for GPipe and 1F1B, >= 2 (default 2)
     for the others. dtype: the dtype of the activations between stages (default the embedding's: fp32 parameters
     keep an fp32 residual stream under autocast; FSDP's bf16 parameters make it bf16). device: where the stages
-    run (default the embedding's; pass it where the model was built on the meta device).
+    run (default the embedding's; pass it where the model was built on the meta device). autocast: a context
+    each stage's forward runs under (the trainer's `autocast`): torch's schedule runs forwards and backwards in
+    turn, and autocast belongs to the forwards only, so call `step` outside any autocast.
 
     As a module it holds this rank's parameters under the model's names: `state_dict()` keys are the model's
     (a checkpoint saved at one pp degree loads at another, pp=1 included), `parameters()` are what this rank's
@@ -249,7 +258,8 @@ class PipelineModel(nn.Module):
 
     def __init__(self, model: Transformer, pp_mesh, schedule: str = "1f1b", n_microbatches: int | None = None,
                  stages_per_rank: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
         super().__init__()
         key = schedule.lower()
         if key not in SCHEDULES:
@@ -272,7 +282,7 @@ class PipelineModel(nn.Module):
         self.device = device or model.embed.weight.device
         self.cfg = model.cfg
         n_stages = self.pp * per_rank
-        self.settings = _StepSettings()
+        self.settings = _StepSettings(autocast=autocast or contextlib.nullcontext)
         self.stages = [ModelStage(model, i, n_stages, layers, self.settings, self.dtype)  # looped: i on rank i % pp
                        for i, layers in enumerate(stage_layers(model, n_stages)) if i % self.pp == self.rank]
         # this rank's modules under the model's names

@@ -51,10 +51,15 @@ def _optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
     return build_adamw(module, LR, 0.1, (0.9, 0.95))
 
 
-def _train_pipeline(pp: int, runs: list[tuple[str, int | None]], ckpt: str | None):
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _train_pipeline(pp: int, runs: list[tuple[str, int | None]], ckpt: str | None, autocast: bool = False):
     """Runs on each of pp ranks: for each (schedule, stages per rank) of `runs`, 10 steps of the pipeline from the
     same start; per run, this rank's losses, first gradients, final weights, evaluation. The first run's model and
-    optimizer state go to `ckpt` (torch.distributed.checkpoint)."""
+    optimizer state go to `ckpt` (torch.distributed.checkpoint). With `autocast`, last, one step's losses under
+    bf16 autocast."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -73,6 +78,9 @@ def _train_pipeline(pp: int, runs: list[tuple[str, int | None]], ckpt: str | Non
             results[-1]["optimizer_keys"] = sorted(optimizer_state["state"])
             dcp.save({"model": state, "optimizer": optimizer_state}, checkpoint_id=ckpt)
         results[-1].pop("optimizer", None)
+    if autocast:
+        model = PipelineModel(_model(), mesh["pp"], schedule="1f1b", n_microbatches=N_MICRO, autocast=_bf16)
+        results.append(model.step(*_batches()[0], mtp_weight=_mtp_weight(0), balance_alpha=ALPHA)[0])
     return results
 
 
@@ -132,7 +140,17 @@ def _train_reference():
         update_expert_bias(model.moe_layers(), loads, GAMMA)
     with torch.no_grad():
         evaluated = float(model.loss(*_eval_batch()).main_loss)
-    return {"first": first, "losses": losses, "state": model.state_dict(), "evaluated": evaluated}
+    return {"first": first, "losses": losses, "state": model.state_dict(), "evaluated": evaluated,
+            "autocast": _autocast_reference()}
+
+
+def _autocast_reference() -> float:
+    """The first step's loss under bf16 autocast, in one process over the pipeline's micro-batches (the same
+    shapes, so the same bf16 rounding)."""
+    model = _model()
+    with torch.no_grad(), _bf16():
+        return sum(float(model.loss(*rows, mtp_weight=_mtp_weight(0), balance_alpha=ALPHA).loss)
+                   for rows in zip(*(t.chunk(N_MICRO) for t in _batches()[0]))) / N_MICRO
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +192,14 @@ def _check(results, reference) -> None:
 def test_two_ranks_1f1b_and_interleaved_equal_one_process(reference, tmp_path):
     # 1F1B: 2 stages, 4 micro-batches; interleaved 1F1B: 4 stages, 2 a rank
     runs = run_ranks(_train_pipeline, 2, pp=2, runs=[("1f1b", None), ("interleaved_1f1b", 2)],
-                     ckpt=str(tmp_path / "ckpt"))
-    for run in zip(*runs):
+                     ckpt=str(tmp_path / "ckpt"), autocast=True)
+    for run in zip(*(rank[:2] for rank in runs)):
         _check(run, reference)
+    # the stages' forwards ran under the autocast they were given: bf16's loss (same shapes: 6e-8 apart), not
+    # fp32's (2.4e-5 apart)
+    for rank in runs:
+        assert rank[2]["loss"] == pytest.approx(reference["autocast"], rel=1e-6)
+        assert rank[2]["loss"] != pytest.approx(reference["first"][0]["loss"], rel=TOL)
     one_f_one_b = {k: v for rank in runs for k, v in rank[0]["state"].items()}
     # the pp=2 checkpoint holds the model's own names: it resumes the unsplit model (pp=1), optimizer included
     import torch.distributed.checkpoint as dcp
