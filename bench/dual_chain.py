@@ -198,7 +198,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("ms per problem (batched greedy generation + rule chain; log scale)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("dual chain: accuracy vs latency (threshold annotated)")
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 

@@ -1,6 +1,6 @@
 """Dual-chain inference: an exact rule chain beside the generative chain, with a confidence switch.
 
-    from seekforge.dual_chain import DualChain, RuleChain, TableSolver
+    from seekforge.dual_chain import DualChain, RuleChain, TableSolver, default_solvers
     rules = RuleChain([*default_solvers(), TableSolver.from_file("capitals.csv")])
     llm.generate(prompts, params, dual_chain=DualChain(rules, threshold=0.5))
 

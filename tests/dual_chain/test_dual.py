@@ -47,3 +47,14 @@ def test_generate_command_prints_the_decision(tiny_checkpoint, capsys):
     assert "[dual chain] answer: 42 (from the rule chain" in capsys.readouterr().out
     assert main(["generate", path, "--prompt", "hi", "--rule-table", "t.csv"]) == 2
     assert "add --dual-chain" in capsys.readouterr().err
+
+
+def test_chat_command_prints_the_decision_after_each_reply(tiny_checkpoint, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3 * 4?\nTell me a story\n/exit\n"))
+    assert main(["chat", str(tiny_checkpoint()), "--max-tokens", "4", "--temperature", "0", "--dual-chain"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dual chain]")]
+    assert len(lines) == 2
+    assert lines[0].startswith("[dual chain] answer: 14 (from the rule chain") and "2 + 3 * 4 = 14" in lines[0]
+    assert "from the generative chain" in lines[1] and "no solver applies" in lines[1]

@@ -386,3 +386,25 @@ def test_safe_reward_rejects_bad_arguments():
         safe_reward(_raises, isolation="docker")
     with pytest.raises(ConfigError, match="max_workers"):
         safe_reward(_raises, max_workers=0)
+    with pytest.raises(ConfigError, match="max_memory_mb"):
+        safe_reward(_raises, max_memory_mb=0)
+
+
+def _allocate(mib):
+    return len(bytearray(mib * 2**20))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_safe_reward_checks_results_its_own_way_and_caps_memory(isolation):
+    """`result` replaces the number check (other untrusted computations use the same barrier); `max_memory_mb`
+    caps what a worker process may allocate beyond what it had when forked."""
+    words = safe_reward(lambda text: text.split(), result=list, isolation=isolation)
+    assert words("a b") == ["a", "b"]
+    picky = safe_reward(lambda text: text, result=lambda v: int(v), isolation=isolation)
+    assert picky("7") == 7 and picky("seven") is None and picky.counters.errors == 1
+    if isolation == "process":
+        capped = safe_reward(_allocate, timeout_s=30, max_memory_mb=128, isolation="process")
+        assert capped(16) == 16 * 2**20  # within the cap
+        assert capped(2048) is None and "MemoryError" in capped.counters.last_error
+        assert capped(16) == 16 * 2**20  # the worker survives a refused allocation
+        capped.close()
