@@ -92,3 +92,44 @@ def test_layouts_other_than_data_parallel_are_refused(base, tmp_path, overrides,
     with pytest.raises(AssertionError, match=rf"ConfigError: grpo under torchrun runs data parallelism only "
                                              rf"\(parallel.dp_shard, parallel.dp_replicate.*\); got {named}: set it"):
         run_ranks(_refused, 2, out=tmp_path / "run", base=base, overrides=overrides)
+
+
+def test_torchrun_command_line_and_resume_in_one_process(base, tmp_path):
+    """`torchrun --nproc-per-node 2 -m seekforge grpo ...` on gloo: one report of the run, from rank 0. Its
+    checkpoint after step 1 (the ranks' shards) resumes in one process, whose step 2 is the 2-rank run's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from dist_harness import free_port
+
+    (tmp_path / "digits.py").write_text(DIGITS)
+    run = tmp_path / "run"
+    args = ["-m", "seekforge", "grpo", "--from", str(base), "--task", "chain_sum", "--out", str(run),
+            f"rewards={tmp_path / 'digits.py'}:digits", "steps=2", "prompts_per_step=3", "group_size=3",
+            "max_tokens=8", "mask_truncated=false", "lr=1e-2", "eval_n=2", "save_every=1", "progress=false",
+            "tensorboard=false", "precision=fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    proc = subprocess.run([*torchrun, *args, "parallel.dp_shard=2"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done: reward") == 1
+
+    def records():
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    two = records()
+    assert [(r["step"], r.get("kind")) for r in two] == [(0, "eval"), (1, None), (2, None), (2, "eval")]
+    assert all(r["groups"] == 3 and not r["skipped"] for r in two[1:3])
+    assert (run / "final" / "model.safetensors").is_file() and (run / "report.md").is_file()
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    (run / "checkpoints" / "latest").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = records()
+    assert [(r["step"], r.get("kind")) for r in one] == [(r["step"], r.get("kind")) for r in two]
+    for key in ("loss", "grad_norm", "reward", "completion_length"):
+        assert one[2][key] == pytest.approx(two[2][key], rel=RTOL, abs=1e-7), key  # the loss at ratio 1 is ~0
