@@ -4,7 +4,7 @@
     seekforge grpo --from ckpt --task arithmetic --out runs/rl loss_type=dapo eps_high=0.28 dynamic_sampling=true
 
 One step: take `prompts_per_step` training problems, sample `group_size` completions of each on the
-inference engine, which runs the policy's own weights in place (no copy, no save/load round trip);
+inference engine, which runs the policy's own weights in place in one process (no copy, no save/load round trip);
 score them with the reward functions (each behind a timeout and an exception barrier); turn rewards
 into group-relative advantages; then `mu` optimizer updates over the batch with the clipped objective
 of seekforge.rl.loss (optionally KL to the frozen initial model, k3 estimator). Every log-probability
@@ -19,6 +19,14 @@ separate sequences (tested), for a fraction of the tokens: with R1-Zero's long t
 most of every sequence. Sequences whose advantage is 0 (all-equal groups) carry no gradient when
 beta = 0, so they are not run through the update at all; the loss normalisers still count them, so the
 result is the same (except under bnpo, whose normaliser is each micro-batch's own tokens: there they run).
+
+Under torchrun (data parallelism only: parallel.dp_shard / dp_replicate) the policy is sharded by FSDP2 as the
+language-model trainers' is, and prompts_per_step stays the step's global count: every rank takes the step's
+problems from the stream and samples its contiguous share of the groups on its own engine, whose model is a whole
+copy of the policy refreshed after each update. A group's seed is its problem's place in the stream, so the groups
+are one process's at any number of ranks. Advantages and metrics are computed over every rank's groups, the loss's
+normalisers are the step's, and each rank's loss is scaled by the number of ranks against FSDP2's gradient mean:
+the update is one process's on the whole batch (docs/SCALING.md).
 
 Checkpoints, resume, metrics.jsonl, TensorBoard, the bad-step guard and the report are the training loop's
 (seekforge.train.loop), as in pretraining. Metrics records carry step = number of updates done: step 0 is the
@@ -97,7 +105,7 @@ class GRPOConfig(LoopConfig):
     reward_timeout_s: float = 5.0
     # rollouts
     steps: int = 100
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # the step's problems (groups), over all ranks under torchrun
     group_size: int = 8  # G
     max_tokens: int = 256  # completion budget
     # how rollouts are sampled; the update takes every log-probability (policy, old policy, reference) under
@@ -119,7 +127,7 @@ class GRPOConfig(LoopConfig):
     eps_high: float = 0.2  # DAPO clip-higher: 0.28
     beta: float = 0.0  # KL weight to the frozen initial model (R1: 0.001)
     mu: int = 1  # optimizer updates per batch of rollouts
-    micro_batch_size: int = 64  # sequences per forward/backward
+    micro_batch_size: int = 64  # sequences per forward/backward (on each rank under torchrun)
     # optimizer: AdamW; warm-up, constant, optional cosine decay to final_lr
     lr: float = 1e-6
     warmup_steps: int = 0
