@@ -120,7 +120,8 @@ class GRPOConfig(LoopConfig):
     mask_truncated: bool = True  # leave completions cut by max_tokens out of the loss
     # objective
     # aggregation over tokens (seekforge.rl.loss): grpo, bnpo, dapo, dr_grpo; bnpo normalises by each
-    # micro-batch's own tokens, so with it micro_batch_size changes the result
+    # micro-batch's own tokens, so with it micro_batch_size (and under torchrun the number of ranks) changes
+    # the result
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     eps_low: float = 0.2
