@@ -15,7 +15,9 @@ def register(subparsers) -> None:
                     "mean of the batch) or dr_grpo (token sum / (sequences x max_tokens)). temperature, top_p and "
                     "top_k shape the rollouts and the update's log-probabilities alike. On a GPU the rollout "
                     "engine's KV cache takes gpu_memory_utilization (default 0.4) of the GPU's total memory less "
-                    "what is in use; lower it if the update runs out of memory.")
+                    "what is in use; lower it if the update runs out of memory. Under torchrun (data parallelism: "
+                    "parallel.dp_shard / dp_replicate; tp, ep and pp are refused) each rank samples its share of "
+                    "the step's groups on its own engine and the update is one process's on the whole batch.")
     p.add_argument("--from", dest="init_from", required=True, metavar="CKPT",
                    help="checkpoint directory in Hugging Face layout with its tokenizer")
     p.add_argument("--task", required=True, help="task name (arithmetic, chain_sum, countdown, word_problem, rg:...)")
@@ -24,11 +26,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from seekforge.parallel.mesh import is_main
     from seekforge.rl.grpo import load_grpo_config, run as grpo
 
     cfg = load_grpo_config(args.config, [f"init_from={args.init_from}", f"task={args.task}", *args.overrides])
     last = grpo(cfg, args.out, resume=args.resume)
-    eval_part = f", held-out accuracy {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""
-    print(f"done: reward {last.get('reward', float('nan')):.3f}{eval_part}; model in {args.out}/final, "
-          f"report in {args.out}/report.md")
+    if is_main():  # under torchrun: rank 0 speaks for the run
+        eval_part = f", held-out accuracy {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""
+        print(f"done: reward {last.get('reward', float('nan')):.3f}{eval_part}; model in {args.out}/final, "
+              f"report in {args.out}/report.md")
     return 0

@@ -104,6 +104,14 @@ class Transformer(nn.Module):
         backend as `hidden` takes it."""
         return self.head(self.norm(self.hidden(tokens, positions, mask, backend)[0]))
 
+    def logits_at(self, tokens: torch.Tensor, at: torch.Tensor, positions=None,
+                  mask=None) -> tuple[torch.Tensor, dict[int, Routing]]:
+        """Logits at chosen positions only (the head runs on those): `at` [...] indexes the flattened [b * s]
+        positions of `tokens`; returns (logits [*at.shape, vocab], the routing as `hidden` returns it).
+        positions and mask as in `forward`."""
+        h, routing = self.hidden(tokens, positions, mask)
+        return self.head(self.norm(h.flatten(0, 1)[at])), routing
+
     def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, positions=None,
                    mask=None) -> tuple[list[torch.Tensor], dict[int, Routing]]:
         """Logits of every MTP depth for a forward of `tokens` (with `positions`/`mask` as given to `hidden`)

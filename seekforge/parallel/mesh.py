@@ -131,6 +131,18 @@ class Mesh:
         dist.all_reduce(tensor, group=self.dp.get_group())
         return tensor
 
+    def dp_max(self, value: int) -> int:
+        """The largest `value` over the data-parallel ranks."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.dp.device_type)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp.get_group())
+        return int(t.item())
+
+    def dp_gather(self, obj) -> list:
+        """`obj` (picklable) of every data-parallel rank, in dp_rank order."""
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp.get_group())
+        return out
+
     def rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global batch: the dp_rank-th of dp_size near-equal slices (empty where the batch
         has fewer rows than ranks)."""

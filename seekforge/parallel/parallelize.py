@@ -10,8 +10,8 @@ FSDP2 units (per pipeline stage when pipelined, the stage taking the root's part
 MoE's routed experts over the ranks that hold the same experts (`Mesh.expert_fsdp`, FSDP2's default mean:
 expert.py's gradient rule, no extra factor); each main block, each MTP module's block, and the root (embedding,
 final norm, head and the MTP modules' own norms and projection, which `Transformer.mtp_logits` uses outside the
-MTP module's forward). `Transformer.loss` is registered as a forward method, so the root's parameters are gathered
-for it as for `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the
+MTP module's forward). `Transformer.loss` and `Transformer.logits_at` (GRPO's) are registered as forward methods, so
+the root's parameters are gathered for them as for `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the
 parameters are gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps
 them; in fp32 everything is fp32 and the result is the single-process one up to the order of summation.
 """
@@ -91,7 +91,8 @@ def shard(model: Transformer | PipelineModel, mesh: Mesh, compute_dtype: torch.d
             fully_shard(stage, mesh=mesh.fsdp, mp_policy=policy)
         return
     fully_shard(model, mesh=mesh.fsdp, mp_policy=policy)
-    register_fsdp_forward_method(model, "loss")
+    for method in ("loss", "logits_at"):
+        register_fsdp_forward_method(model, method)
 
 
 def gathered(model: Transformer | PipelineModel, mesh: Mesh | None) -> Transformer | None:

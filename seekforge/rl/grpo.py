@@ -4,7 +4,7 @@
     seekforge grpo --from ckpt --task arithmetic --out runs/rl loss_type=dapo eps_high=0.28 dynamic_sampling=true
 
 One step: take `prompts_per_step` training problems, sample `group_size` completions of each on the
-inference engine, which runs the policy's own weights in place (no copy, no save/load round trip);
+inference engine, which runs the policy's own weights in place in one process (no copy, no save/load round trip);
 score them with the reward functions (each behind a timeout and an exception barrier); turn rewards
 into group-relative advantages; then `mu` optimizer updates over the batch with the clipped objective
 of seekforge.rl.loss (optionally KL to the frozen initial model, k3 estimator). Every log-probability
@@ -20,6 +20,14 @@ most of every sequence. Sequences whose advantage is 0 (all-equal groups) carry 
 beta = 0, so they are not run through the update at all; the loss normalisers still count them, so the
 result is the same (except under bnpo, whose normaliser is each micro-batch's own tokens: there they run).
 
+Under torchrun (data parallelism only: parallel.dp_shard / dp_replicate) the policy is sharded by FSDP2 as the
+language-model trainers' is, and prompts_per_step stays the step's global count: every rank takes the step's
+problems from the stream and samples its contiguous share of the groups on its own engine, whose model is a whole
+copy of the policy refreshed after each update. A group's seed is its problem's place in the stream, so the groups
+are one process's at any number of ranks. Advantages and metrics are computed over every rank's groups, the loss's
+normalisers are the step's, and each rank's loss is scaled by the number of ranks against FSDP2's gradient mean:
+the update is one process's on the whole batch (docs/SCALING.md).
+
 Checkpoints, resume, metrics.jsonl, TensorBoard, the bad-step guard and the report are the training loop's
 (seekforge.train.loop), as in pretraining. Metrics records carry step = number of updates done: step 0 is the
 held-out evaluation of the initial model.
@@ -29,6 +37,7 @@ prompt format trained on (with template=r1_zero, R1-Zero's, so `seekforge chat` 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -38,11 +47,14 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from seekforge.configio import load_config
 from seekforge.engine.config import EngineConfig
 from seekforge.errors import ConfigError
 from seekforge.model.moe import add_load
+from seekforge.parallel.mesh import barrier
+from seekforge.parallel.parallelize import gathered
 from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.loop import NON_FINITE, LoopConfig, Trainer
@@ -93,7 +105,7 @@ class GRPOConfig(LoopConfig):
     reward_timeout_s: float = 5.0
     # rollouts
     steps: int = 100
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # the step's problems (groups), over all ranks under torchrun
     group_size: int = 8  # G
     max_tokens: int = 256  # completion budget
     # how rollouts are sampled; the update takes every log-probability (policy, old policy, reference) under
@@ -108,14 +120,15 @@ class GRPOConfig(LoopConfig):
     mask_truncated: bool = True  # leave completions cut by max_tokens out of the loss
     # objective
     # aggregation over tokens (seekforge.rl.loss): grpo, bnpo, dapo, dr_grpo; bnpo normalises by each
-    # micro-batch's own tokens, so with it micro_batch_size changes the result
+    # micro-batch's own tokens, so with it micro_batch_size (and under torchrun the number of ranks) changes
+    # the result
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO clip-higher: 0.28
     beta: float = 0.0  # KL weight to the frozen initial model (R1: 0.001)
     mu: int = 1  # optimizer updates per batch of rollouts
-    micro_batch_size: int = 64  # sequences per forward/backward
+    micro_batch_size: int = 64  # sequences per forward/backward (on each rank under torchrun)
     # optimizer: AdamW; warm-up, constant, optional cosine decay to final_lr
     lr: float = 1e-6
     warmup_steps: int = 0
@@ -300,13 +313,19 @@ class GRPOTrainer(Trainer):
         if not cfg.init_from:
             raise ConfigError("grpo: say which checkpoint to start from (--from CKPT, a HF-layout directory)")
         super().__init__(cfg, out_dir, "grpo_config.yaml", resume=resume, records="count", desc="grpo")
-        if self.mesh is not None:
-            raise ConfigError("grpo runs in one process: its rollouts compute with the policy's whole parameters, "
-                              "which data parallelism shards; launch it without torchrun")
+        other = {k: getattr(self.layout, k) for k in ("tp", "ep", "pp") if getattr(self.layout, k) > 1}
+        if other:
+            raise ConfigError(f"grpo under torchrun runs data parallelism only (parallel.dp_shard, "
+                              f"parallel.dp_replicate, parallel.activation_checkpointing); got "
+                              f"{', '.join(f'parallel.{k}={v}' for k, v in other.items())}: set it to 1")
         self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
         self.task = get_task(cfg.task, **cfg.task_knobs)
         torch.manual_seed(cfg.seed)
-        self.optimize(from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train())
+        policy = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train()
+        # the engine samples from the policy's own parameters in one process; under data parallelism, where they
+        # are sharded (FSDP2), from a whole copy on every rank that `_sync_engine` refreshes after each update
+        self.rollout_model = policy if self.mesh is None else copy.deepcopy(policy).requires_grad_(False)
+        self.optimize(policy)
         self.ref = None
         if cfg.beta > 0:
             self.ref = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
@@ -316,13 +335,14 @@ class GRPOTrainer(Trainer):
         self.prompts = PromptStream(self.task, cfg.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.reward_weights, cfg.reward_timeout_s)
         self.loop.start(self, map_location=self.device)
-        # the engine computes with self.model's own parameters: every update is live at the next rollout
+        self._sync_engine()
+        # the engine computes with the rollout model's own parameters: every update is live at the next rollout
         # On a GPU its plain decode steps replay from CUDA graphs, captured under the training autocast: each replay
         # casts the live fp32 weights again (the autocast cache is off), so the graphs never hold a stale copy.
         engine = cfg.engine.resolve(max_num_seqs=max(256, cfg.prompts_per_step * cfg.group_size),  # a step at once
                                     cuda_graphs=self.device.type == "cuda" and self.amp is not None)
         with self.autocast(cache=False):
-            self.llm = LLM(self.model, engine, tokenizer=self.tokenizer)
+            self.llm = LLM(self.rollout_model, engine, tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -331,30 +351,64 @@ class GRPOTrainer(Trainer):
     def load_state_dict(self, state: dict) -> None:
         self.prompts.load_state_dict(state["prompts"])
 
+    # ---------------------------------------------------------------- data parallelism
+    @property
+    def dp(self) -> tuple[int, int]:
+        """(this rank's data-parallel index, the number of data-parallel ranks): (0, 1) in one process."""
+        return (0, 1) if self.mesh is None else (self.mesh.dp_rank, self.mesh.dp_size)
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the data-parallel ranks (themselves in one process)."""
+        if self.mesh is None:
+            return list(values)
+        return self.mesh.dp_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def _everyone(self, local) -> list:
+        """`local` of every data-parallel rank, in rank order ([local] in one process)."""
+        return [local] if self.mesh is None else self.mesh.dp_gather(local)
+
+    @torch.no_grad()
+    def _sync_engine(self) -> None:
+        """Under data parallelism: copy the sharded policy, gathered whole (a collective), into the engine's
+        model, in place (the engine's buffers and CUDA graphs keep pointing at them)."""
+        if self.mesh is None:
+            return
+        target = self.rollout_model.state_dict()
+        for name, value in self.model.state_dict().items():
+            target[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+
     # ---------------------------------------------------------------- rollouts
     def _totals(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-function rewards [B, G, F] (NaN = unjudged) and the combined totals [B, G]."""
         names = self.rewards.names
         per_fn = torch.tensor([[[math.nan if c.rewards[n] is None else c.rewards[n] for n in names] for c in group]
-                               for group in r.groups], dtype=torch.float64)
+                               for group in r.groups], dtype=torch.float64).view(len(r.groups), -1, len(names))
         return per_fn, combine_rewards(per_fn, self.rewards.weights)
 
     def rollout(self) -> tuple[list[tuple[Rollouts, torch.Tensor, torch.Tensor]], dict]:
         """Sample and score this step's groups (refilling under dynamic sampling). Returns the kept parts
         as (rollouts, per-function rewards, totals) and rollout statistics."""
         cfg = self.cfg
+        rank, ranks = self.dp
         kept, need = [], cfg.prompts_per_step
-        stats = {"groups_sampled": 0, "zero_std_groups": 0, "rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0,
-                 "sampling_rounds": 0}
+        stats = {"groups_sampled": 0, "groups_kept": 0, "zero_std_groups": 0, "rollout_s": 0.0, "scoring_s": 0.0,
+                 "rollout_tokens": 0, "sampling_rounds": 0}
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            # every rank takes the step's problems from the stream (the same position everywhere) and samples its
+            # share of the groups; a group's seed is its problem's place in the stream, so that its completions
+            # are the same whichever rank samples it and whatever else is in the batch
+            first = self.prompts.cursor
             rows = self.prompts.take(need)
+            share = range(len(rows))[rank * len(rows) // ranks:(rank + 1) * len(rows) // ranks]
+            seeds = [_seed(cfg.seed, "rollout", first + i) for i in share]
+            rows = [rows[i] for i in share]
             # a fresh prefix cache per call: rollouts then never depend on what an earlier call left
             # there, so a resumed run repeats the uninterrupted one exactly
             self.llm.reset_prefix_cache()
             start = time.perf_counter()
             with self.autocast(cache=False):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=None, template=cfg.template,
+                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=seeds, template=cfg.template,
                              rewards=self.rewards)
             stats["rollout_s"] += r.seconds
             stats["scoring_s"] += time.perf_counter() - start - r.seconds
@@ -368,19 +422,25 @@ class GRPOTrainer(Trainer):
                 keep = signal.nonzero().flatten().tolist()
                 if keep:
                     kept.append((_subset(r, keep), per_fn[keep], totals[keep]))
-                need -= len(keep)
+                need -= int(self._dp_sum([len(keep)])[0])
                 if need <= 0:
                     break
             else:
                 kept.append((r, per_fn, totals))
+        stats["groups_kept"] = sum(len(r.groups) for r, _, _ in kept)
         return kept, stats
 
-    def _sequences(self, parts) -> Sequences:
-        """Flatten the kept groups into training sequences with their advantages."""
+    def _sequences(self, everyone: list) -> Sequences:
+        """Flatten this rank's kept groups into training sequences with their advantages; `everyone`: every
+        data-parallel rank's kept parts, in rank order."""
         cfg = self.cfg
-        totals = torch.cat([t for _, _, t in parts]) if parts else torch.zeros(0, cfg.group_size)
-        # one computation over every kept group, so that scale "batch" sees the whole step
-        adv = group_advantages(totals, cfg.scale_rewards)
+        rank = self.dp[0]
+        totals = [torch.cat([t for _, _, t in parts]) if parts else torch.zeros(0, cfg.group_size, dtype=torch.float64)
+                  for parts in everyone]
+        # one computation over every kept group of every rank, so that scale "batch" sees the whole step
+        start = sum(len(t) for t in totals[:rank])
+        adv = group_advantages(torch.cat(totals), cfg.scale_rewards)[start:start + len(totals[rank])]
+        parts = everyone[rank]
         prompts, group, completions, trained = [], [], [], []
         for r, _, _ in parts:
             for i, samples in enumerate(r.groups):
@@ -395,9 +455,17 @@ class GRPOTrainer(Trainer):
     def _logits(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits [n, T, vocab] predicting every completion token of the batch, and the tokens per expert of
         each MoE layer that ran, by layer id (the main layers: the MTP modules predict nothing here)."""
-        h, routing = model.hidden(batch.tokens, batch.positions, batch.mask)
-        h = h.flatten(0, 1)[batch.source]
-        return model.head(model.norm(h)), {layer: r.load for layer, r in routing.items()}
+        logits, routing = model.logits_at(batch.tokens, batch.source, batch.positions, batch.mask)
+        return logits, {layer: r.load for layer, r in routing.items()}
+
+    def _idle_batch(self) -> PackedBatch:
+        """A micro-batch that trains nothing: one padding token, no target. A data-parallel rank with fewer
+        micro-batches than another runs such ones, so that every rank runs as many forwards and backwards
+        (FSDP2 gathers the parameters in each, a collective)."""
+        pad = self.tokenizer.pad_id
+        zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        return PackedBatch([], torch.full((1, 1), pad, dtype=torch.long, device=self.device), None, None, zero,
+                           zero.clone(), torch.zeros(1, 1, dtype=torch.bool, device=self.device))
 
     def _micro_batches(self, seqs: Sequences, active: list[int]) -> list[PackedBatch]:
         """Active completions in rows (longest first), about micro_batch_size completions per batch. A row
@@ -422,17 +490,26 @@ class GRPOTrainer(Trainer):
         return [pack_groups(seqs, b, self.tokenizer.pad_id, self.device) for b in batches]
 
     def update(self, seqs: Sequences) -> dict:
+        """One update on this rank's sequences. Under data parallelism the loss's normalisers are the whole
+        step's (sequences, tokens and, for bnpo, micro-batches summed over the ranks) and each rank's loss is
+        scaled by the number of ranks, as FSDP2 averages the gradients: the update is one process's on the
+        whole batch."""
         cfg, model = self.cfg, self.model
-        n_seq = int(seqs.trained.sum())
-        n_tok = sum(len(c) for c, tr in zip(seqs.completions, seqs.trained.tolist()) if tr)
+        ranks = self.dp[1]
         # sequences with A = 0 add nothing to the loss's gradient unless a KL term pulls on them, or (bnpo) their
         # tokens count in their micro-batch's normaliser
         active = [i for i in range(len(seqs.completions))
                   if seqs.trained[i] and (cfg.beta > 0 or cfg.loss_type == "bnpo" or seqs.advantages[i] != 0)]
-        record = {"sequences": len(seqs.completions), "trained_sequences": len(active)}
-        if not active:
+        batches = self._micro_batches(seqs, active) if active else []
+        n_tok = sum(len(c) for c, tr in zip(seqs.completions, seqs.trained.tolist()) if tr)
+        n_seq, n_tok, n_all, n_active, n_batches = map(int, self._dp_sum(
+            [int(seqs.trained.sum()), n_tok, len(seqs.completions), len(active), len(batches)]))
+        record = {"sequences": n_all, "trained_sequences": n_active}
+        if not n_active:
             return {**record, "skipped": True, "reason": "no sequence with a learning signal"}
-        batches = self._micro_batches(seqs, active)
+        real = len(batches)
+        if self.mesh is not None:
+            batches += [self._idle_batch()] * (self.mesh.dp_max(real) - real)
         # The reference's log-probabilities are of the same processed distribution as the policy's (TRL and verl
         # take both of logits / temperature): k3 estimates KL(pi || ref) from tokens drawn from pi, the processed
         # policy, and with ref processed alike the term is 0 at the start and measures how far the model itself
@@ -442,7 +519,7 @@ class GRPOTrainer(Trainer):
             for b, batch in enumerate(batches):
                 if cfg.mu > 1:
                     old[b] = token_logprobs(self._logits(model, batch)[0], batch.targets, self.sampling)
-                if self.ref is not None:
+                if self.ref is not None and b < real:
                     ref[b] = token_logprobs(self._logits(self.ref, batch)[0], batch.targets, self.sampling)
         sums = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         lr = self.schedule.lr(self.step)
@@ -454,14 +531,18 @@ class GRPOTrainer(Trainer):
                 for b, batch in enumerate(batches):
                     with self.autocast():
                         logits, batch_loads = self._logits(model, batch)
+                    if b >= real:  # an idle micro-batch: a backward through every parameter, of zero
+                        yield logits.sum() * 0.0
+                        add_load(loads, {layer: torch.zeros_like(load) for layer, load in batch_loads.items()})
+                        continue
                     logp = token_logprobs(logits, batch.targets, self.sampling)
                     out = policy_loss(logp, old.get(b, logp.detach()), seqs.advantages[batch.index].to(self.device),
                                       batch.target_mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
                                       eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref.get(b),
                                       max_tokens=cfg.max_tokens, num_sequences=n_seq, num_tokens=n_tok)
                     # bnpo's micro-batch losses are token means of their own: the batch's is their mean
-                    loss = out.loss / len(batches) if cfg.loss_type == "bnpo" else out.loss
-                    yield loss
+                    loss = out.loss / n_batches if cfg.loss_type == "bnpo" else out.loss
+                    yield loss * ranks
                     add_load(loads, batch_loads)
                     if it == cfg.mu - 1:  # statistics of the last pass
                         with torch.no_grad():
@@ -473,8 +554,13 @@ class GRPOTrainer(Trainer):
             grad_norm = self.apply_update(losses())
             if math.isnan(grad_norm):
                 return {**record, "skipped": True, "reason": NON_FINITE, "lr": lr}
+            if self.mesh is not None and loads:  # the global load: one bias update, the same on every rank
+                layers = sorted(loads)
+                loads = dict(zip(layers, self.mesh.dp_sum(torch.stack([loads[layer] for layer in layers]))))
             update_expert_bias(model.moe_layers(), loads, cfg.bias_update_speed)
+        self._sync_engine()
         self.llm.reset_prefix_cache()  # cached prompt latents belong to the old weights
+        sums = dict(zip(sums, self._dp_sum(list(sums.values()))))
         tokens = max(sums["tokens"], 1.0)
         record.update(skipped=False, lr=lr, grad_norm=grad_norm, loss=sums["loss"],
                       clip_low=sums["clipped_low"] / tokens, clip_high=sums["clipped_high"] / tokens,
@@ -485,7 +571,9 @@ class GRPOTrainer(Trainer):
         return record
 
     # ---------------------------------------------------------------- the loop
-    def _reward_stats(self, parts) -> dict:
+    def _reward_stats(self, parts, counters: list[dict]) -> dict:
+        """The step's reward statistics: `parts` the kept parts of every rank, `counters` every rank's
+        RewardSet counters."""
         out: dict = {}
         if not parts:
             return out
@@ -506,9 +594,9 @@ class GRPOTrainer(Trainer):
         out["completion_length"] = sum(lengths) / max(len(lengths), 1)
         out["completion_length_max"] = max(lengths, default=0)
         out["truncated"] = sum(truncated) / max(len(truncated), 1)
-        for name, counters in self.rewards.counters().items():
-            out[f"errors_{name}"] = counters["errors"] + counters["crashes"]
-            out[f"timeouts_{name}"] = counters["timeouts"]
+        for name in counters[0]:
+            out[f"errors_{name}"] = sum(c[name]["errors"] + c[name]["crashes"] for c in counters)
+            out[f"timeouts_{name}"] = sum(c[name]["timeouts"] for c in counters)
         return out
 
     def evaluate(self) -> dict:
@@ -522,15 +610,20 @@ class GRPOTrainer(Trainer):
         """One step: sample and score this step's groups, then update on them; its metrics record."""
         start = time.perf_counter()
         parts, stats = self.rollout()
-        seqs = self._sequences(parts)
+        # every rank's groups, rewards and rollout statistics: the advantages' batch scale and the step's metrics
+        # are the whole step's
+        everyone = self._everyone((parts, stats, self.rewards.counters()))
+        seqs = self._sequences([p for p, _, _ in everyone])
         t_update = time.perf_counter()
         record = self.update(seqs)
         record["update_s"] = time.perf_counter() - t_update
-        record.update(self._reward_stats(parts))
+        record.update(self._reward_stats([part for p, _, _ in everyone for part in p], [c for _, _, c in everyone]))
+        stats = {key: max(s[key] for _, s, _ in everyone) if key.endswith("_s") or key == "sampling_rounds"
+                 else sum(s[key] for _, s, _ in everyone) for key in stats}  # the slowest rank's times
         record.update(rollout_s=stats["rollout_s"], scoring_s=stats["scoring_s"],
                       rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_s"], 1e-9),
                       zero_std_groups=stats["zero_std_groups"] / max(stats["groups_sampled"], 1),
-                      groups=len(seqs.prompts), sampling_rounds=stats["sampling_rounds"],
+                      groups=stats["groups_kept"], sampling_rounds=stats["sampling_rounds"],
                       step_s=time.perf_counter() - start)
         return record
 
@@ -544,10 +637,13 @@ class GRPOTrainer(Trainer):
         from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
 
         final = self.out / "final"
-        self.model.save_pretrained(final)
-        if self.cfg.template == "r1_zero":  # the policy learned R1-Zero's prompt: chat and serve pose it that way
-            self.tokenizer.chat_template = R1_ZERO_CHAT_TEMPLATE
-        self.tokenizer.save_pretrained(final)
+        model = gathered(self.model, self.mesh)  # None on ranks other than 0
+        if model is not None:
+            model.save_pretrained(final)
+            if self.cfg.template == "r1_zero":  # the policy learned R1-Zero's prompt: chat and serve pose it that way
+                self.tokenizer.chat_template = R1_ZERO_CHAT_TEMPLATE
+            self.tokenizer.save_pretrained(final)
+        barrier()
         return final
 
 

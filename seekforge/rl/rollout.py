@@ -62,11 +62,12 @@ class Rollouts:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens: int, seed: int | None,
-             template: str = "r1_zero", top_p: float = 1.0, top_k: int = 0,
+def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens: int,
+             seed: int | Sequence[int] | None, template: str = "r1_zero", top_p: float = 1.0, top_k: int = 0,
              rewards: RewardSet | None = None) -> Rollouts:
     """n completions of every row's question in one batched engine call (greedy when temperature is 0),
-    scored by `rewards` when given."""
+    scored by `rewards` when given. `seed`: None (torch's generator), one seed for the call, or one per row
+    (a row's completions then depend on its seed alone, not on the other rows of the call)."""
     from seekforge.engine import SamplingParams
 
     tokenizer = llm.tokenizer
@@ -80,8 +81,11 @@ def generate(llm, rows: Sequence[Row], *, n: int, temperature: float, max_tokens
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                 stop_token_ids=stop)
     else:  # one seed per prompt, so that prompts do not share random draws
+        seeds = [(seed + 7919 * i) % 2**62 for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} rows")
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                 stop_token_ids=stop, seed=(seed + 7919 * i) % 2**62) for i in range(len(prompts))]
+                                 stop_token_ids=stop, seed=s) for s in seeds]
     start = time.perf_counter()
     outs = llm.generate(prompt_ids, params) if prompt_ids else []
     seconds = time.perf_counter() - start

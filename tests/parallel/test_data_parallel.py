@@ -183,17 +183,6 @@ def test_sft_with_distillation_matches_one_process(tiny_checkpoint, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key)
 
 
-def _grpo(out):
-    from seekforge.rl.grpo import GRPOConfig, GRPOTrainer
-
-    GRPOTrainer(GRPOConfig(init_from="unused", progress=False, tensorboard=False), out)
-
-
-def test_grpo_under_torchrun_is_refused_clearly(tmp_path):
-    with pytest.raises(AssertionError, match="grpo runs in one process"):
-        run_ranks(_grpo, 2, out=tmp_path / "run")
-
-
 def test_torchrun_command_line(data, tmp_path):
     """`torchrun --nproc-per-node 2 -m seekforge train ...` on gloo: one report of the run, from rank 0."""
     import os
