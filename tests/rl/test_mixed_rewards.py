@@ -1,0 +1,107 @@
+"""GRPO with mixed rewards: rule rewards for one task, the reward model for another, in one run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekforge.errors import ConfigError
+from seekforge.rl.grpo import GRPOTrainer, load_grpo_config
+from seekforge.rl.mixture import allocate
+from seekforge.rl.rollout import Completion, Rollouts
+from seekforge.tasks import get_task, r1_zero_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_checkpoint, task_tokenizer, tmp_path_factory):
+    """A reward model (random score head) on the tiny checkpoint's backbone, with its tokenizer."""
+    from seekforge.model.reward import load_reward_model
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    torch.manual_seed(0)
+    load_reward_model(tiny_checkpoint(), pad_id=task_tokenizer.pad_id).save_pretrained(path)
+    task_tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(base, rm, *extra):
+    tasks = ("[{task: chain_sum, rewards: [accuracy, format], reward_weights: [1.0, 0.5]}, "
+             "{task: chain_sum, label: open, rewards: reward_model, reward_weights: [2.0]}]")
+    return load_grpo_config(None, [
+        f"init_from={base}", f"tasks={tasks}", f"reward_model.path={rm}", "steps=2", "prompts_per_step=2",
+        "group_size=3", "max_tokens=8", "lr=1e-3", "mask_truncated=false", "eval_every=100", "eval_n=2",
+        "save_every=1", "micro_batch_size=4", "progress=false", "tensorboard=false", *extra])
+
+
+def test_prompts_split_by_share():
+    assert allocate(16, [1.0, 1.0]) == [8, 8]
+    assert allocate(5, [1.0, 1.0]) == [3, 2]
+    assert allocate(10, [3.0, 1.0, 1.0]) == [6, 2, 2]
+    assert allocate(1, [1.0, 3.0]) == [0, 1]
+
+
+def test_mixed_group_advantages_by_hand(tiny_checkpoint, reward_model, tmp_path):
+    """Group 0 (rules: accuracy 1.0 + format 0.5), group 1 (the reward model, weight 2): each group's total is
+    its own task's, normalised within the group; the reward model scores its group's completions in one call."""
+    trainer = GRPOTrainer(_config(tiny_checkpoint(), reward_model), tmp_path / "run")
+    calls = []
+
+    class Stub:
+        def score(self, prompts, responses):
+            calls.append(list(responses))
+            return [0.2, -0.4, 1.1]
+
+    trainer.reward_model = Stub()
+    rows = get_task("chain_sum").rows("train", 2, 0)
+    answer = rows[0].answer
+    texts = [[f" 1 + 2 </think> <answer>{answer}</answer>",  # right, well formed: 1 + 0.5
+              " 1 + 2 </think> <answer>-1</answer>",  # wrong, well formed: 0 + 0.5
+              f" 1 + 2 <answer>{answer}</answer>"],  # right, malformed: 1 + 0
+             ["a", "bb", "ccc"]]
+    prompts = [r1_zero_prompt(r.prompt) for r in rows]
+    groups = [[Completion(i, [5] * (j + 1), t, False) for j, t in enumerate(g)] for i, g in enumerate(texts)]
+    r = Rollouts(rows, prompts, [[1, 2]] * 2, groups, 0.0, 0)
+    trainer._score(r, [0, 1])
+    assert calls == [["a", "bb", "ccc"]]
+    per_fn, totals = trainer._totals(r, [0, 1])
+    assert trainer.reward_names == ["accuracy", "format", "reward_model"]
+    nan = math.nan
+    torch.testing.assert_close(per_fn, torch.tensor([[[1, 1, nan], [0, 1, nan], [1, 0, nan]],
+                                                     [[nan, nan, 0.2], [nan, nan, -0.4], [nan, nan, 1.1]]],
+                                                    dtype=torch.float64), equal_nan=True)
+    seqs = trainer._sequences([(r, per_fn, totals)])
+    # group 0: totals 1.5, 0.5, 1.0: mean 1, sample std 0.5
+    # group 1: totals 0.4, -0.8, 2.2: mean 0.6, sample std sqrt((0.04 + 1.96 + 2.56) / 2) = sqrt(2.28)
+    eps = 1e-4
+    std1 = math.sqrt(2.28)
+    by_hand = [0.5 / (0.5 + eps), -0.5 / (0.5 + eps), 0.0, -0.2 / (std1 + eps), -1.4 / (std1 + eps), 1.6 / (std1 + eps)]
+    torch.testing.assert_close(seqs.advantages, torch.tensor(by_hand), atol=1e-5, rtol=0)
+
+
+def test_mixed_run_scores_with_the_reward_model_in_process_and_resumes(tiny_checkpoint, reward_model, tmp_path):
+    cfg = _config(tiny_checkpoint(), reward_model)
+    trainer = GRPOTrainer(cfg, tmp_path / "run")
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("kind") != "eval"][-1]
+    assert last["step"] == 2 and math.isfinite(last["reward_reward_model"]) and "accuracy" in last
+    state = trainer.state_dict()
+    assert state["prompts"] == {"cursor": 2} and state["task_prompts"] == {"open": {"cursor": 2}}
+    again = GRPOTrainer(cfg, tmp_path / "run", resume=True)  # restores every task's place in its prompts
+    assert again.step == 2 and [p.cursor for p in again.prompts] == [2, 2]
+
+
+def test_mixed_configs_are_checked(tiny_checkpoint, reward_model):
+    base = tiny_checkpoint()
+    with pytest.raises(ConfigError, match="no reward model"):
+        load_grpo_config(None, [f"init_from={base}", "tasks=[{task: chain_sum, rewards: reward_model}]"])
+    with pytest.raises(ConfigError, match="distinct labels"):
+        load_grpo_config(None, [f"init_from={base}", "tasks=[{task: chain_sum}, {task: chain_sum}]"])
+    with pytest.raises(ConfigError, match="one weight per reward"):
+        load_grpo_config(None, [f"init_from={base}", "tasks=[{task: chain_sum, reward_weights: [1.0]}]"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_grpo_config(None, [f"init_from={base}", f"reward_model.path={reward_model}", "reward_model.url=http://x"])
