@@ -31,7 +31,7 @@ import torch
 TASK, KNOBS = "chain_sum", {"max_value": 9, "min_terms": 2, "max_terms": 3}
 WORD = "indeed"
 SLIP_RATE = 0.3
-SHAPE = dict(dim=128, n_layers=3, inter_dim=384, moe_inter_dim=64, max_seq_len=256, n_mtp_modules=0)
+SHAPE = dict(dim=64, n_layers=2, inter_dim=192, moe_inter_dim=32, max_seq_len=256, n_mtp_modules=0)
 TEMPLATE = "chat"  # the chat template's prompt is ~15 tokens, R1-Zero's ~95: short sequences keep the CPU busy less
 
 
@@ -114,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/rm-demo", help="working directory (its stages' run directories)")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=250)
     ap.add_argument("--rm-steps", type=int, default=80)
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")

@@ -32,6 +32,16 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=evaluate)
+    s = sub.add_parser("serve", help="score responses over HTTP for GRPO (reward_model.url): POST /v1/rewards",
+                       description='POST /v1/rewards {"prompts": [str], "responses": [str]} answers {"scores": '
+                                   '[float]}; GET /health. GRPO reaches it with reward_model.url=http://HOST:PORT/v1/rewards.')
+    s.add_argument("model", metavar="RM", help="reward model directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001)
+    s.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
+    s.add_argument("--max-len", type=int, default=2048, help="tokens scored per sequence (the last ones)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=serve)
 
 
 def train(args) -> int:
@@ -49,4 +59,19 @@ def evaluate(args) -> int:
     from seekforge.train.reward import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.model, args.data, args.max_len, args.batch_size, args.device)))
+    return 0
+
+
+def serve(args) -> int:
+    from seekforge.rl.reward_model import ROUTE, LocalRewardModel, reward_server
+    from seekforge.train.optim import pick_device
+
+    server = reward_server(LocalRewardModel(args.model, pick_device(args.device), args.batch_size, args.max_len),
+                           args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"scoring at http://{host}:{port}{ROUTE}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0

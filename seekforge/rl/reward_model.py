@@ -4,15 +4,18 @@ In-process, `LocalRewardModel` loads a `seekforge rm train` checkpoint (seekforg
 trainer's device and scores (prompt text, completion text) pairs encoded as its training pairs were
 (seekforge.train.reward.encode_response, with the reward model's own tokenizer), sorted by length into batches
 of `batch_size`. Over HTTP, `HTTPRewardModel` posts {"prompts": [...], "responses": [...]} to `url` and reads
-{"scores": [...]}, one float per response: what `seekforge rm serve` answers at /v1/rewards.
+{"scores": [...]}, one float per response: what `reward_server` (`seekforge rm serve`) answers at /v1/rewards,
+scoring each request in this process's way.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
 import torch
@@ -95,3 +98,44 @@ def reward_model_client(cfg: RewardModelConfig, device="cpu") -> LocalRewardMode
     if cfg.url:
         return HTTPRewardModel(cfg.url, cfg.timeout_s)
     return LocalRewardModel(cfg.path, device, cfg.batch_size, cfg.max_len, getattr(torch, cfg.dtype))
+
+
+ROUTE = "/v1/rewards"
+
+
+def reward_server(scorer: LocalRewardModel, host: str = "127.0.0.1", port: int = 8001) -> ThreadingHTTPServer:
+    """An HTTP server answering POST /v1/rewards with `scorer`'s scores (one request scored at a time) and GET
+    /health; call serve_forever() on it (port 0: a free port, in server_address)."""
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self._reply(200, {"status": "ok"}) if self.path == "/health" else self._reply(404, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != ROUTE:
+                return self._reply(404, {"error": f"not found; POST {ROUTE}"})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                prompts, responses = body["prompts"], body["responses"]
+                if not (isinstance(prompts, list) and isinstance(responses, list) and len(prompts) == len(responses)
+                        and all(isinstance(x, str) for x in prompts + responses)):
+                    raise ValueError("prompts and responses must be lists of strings of one length")
+            except (ValueError, KeyError, TypeError) as err:
+                return self._reply(400, {"error": f"expected {{\"prompts\": [str], \"responses\": [str]}}: {err}"})
+            with lock:
+                scores = scorer.score(prompts, responses)
+            self._reply(200, {"scores": scores})
+
+        def log_message(self, *args) -> None:  # quiet: a training run's endpoint, called every step
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)

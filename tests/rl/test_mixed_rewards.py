@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +104,34 @@ def test_mixed_configs_are_checked(tiny_checkpoint, reward_model):
         load_grpo_config(None, [f"init_from={base}", "tasks=[{task: chain_sum, reward_weights: [1.0]}]"])
     with pytest.raises(ConfigError, match="not both"):
         load_grpo_config(None, [f"init_from={base}", f"reward_model.path={reward_model}", "reward_model.url=http://x"])
+
+
+def test_http_endpoint_scores_as_the_in_process_model(reward_model):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from seekforge.rl.reward_model import HTTPRewardModel, LocalRewardModel, reward_server
+
+    local = LocalRewardModel(reward_model, batch_size=2)
+    server = reward_server(local, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/rewards"
+        prompts = [r1_zero_prompt("What is 1 + 2?")] * 3
+        responses = [" 3 </think> <answer>3</answer>", " 4", " a longer response than the others </think>"]
+        remote = HTTPRewardModel(url).score(prompts, responses)
+        # the in-process scores, one sequence at a time (no batching, no padding) as the reference
+        from seekforge.train.reward import encode_response
+
+        alone = [float(local.model(torch.tensor([encode_response(local.tokenizer, p, r)])))
+                 for p, r in zip(prompts, responses)]
+        assert remote == pytest.approx(alone, abs=1e-5)
+        bad = urllib.request.Request(url, data=b'{"prompts": ["a"]}', headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad)
+        assert err.value.code == 400
+    finally:
+        server.shutdown()
+        server.server_close()
