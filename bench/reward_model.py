@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,6 +119,9 @@ def main() -> None:
     ap.add_argument("--rm-steps", type=int, default=80)
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
+    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO's rollout temperature")
+    ap.add_argument("--keep", action="store_true", help="reuse the policy and the reward model already in --out "
+                                                        "(their seconds are then not recorded); GRPO runs again")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out problems measured after GRPO")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -129,39 +133,53 @@ def main() -> None:
     from seekforge.rl.grpo import GRPOTrainer, load_grpo_config
     from seekforge.rl.reward_model import LocalRewardModel
     from seekforge.train.reward import RMConfig, evaluate_checkpoint, run as train_rm
+    from seekforge.tokenizer import Tokenizer
     from seekforge.train.sft import SFTConfig, run as sft
 
     seconds, quiet = {}, dict(progress=False, tensorboard=False, seed=args.seed, device="cpu")
+    policy, rm = out / "policy" / "final", out / "rm" / "final"
+    keep_policy = args.keep and (policy / "config.json").is_file()
+    keep_rm = keep_policy and (rm / "config.json").is_file()
     start = time.perf_counter()
-    tokenizer = policy_data(out / "sft.jsonl", out / "tokenizer", 6000, args.seed)
+    if keep_policy:
+        tokenizer = Tokenizer.from_pretrained(out / "tokenizer")
+    else:
+        shutil.rmtree(out / "policy", ignore_errors=True)
+        tokenizer = policy_data(out / "sft.jsonl", out / "tokenizer", 6000, args.seed)
     sft(from_dict(SFTConfig, dict(model="tiny", model_overrides=SHAPE, tokenizer=str(out / "tokenizer"),
                                   data=str(out / "sft.jsonl"), seq_len=128, batch_size=16, **phases(args.sft_steps),
                                   lr=3e-3, final_lr=3e-4, mtp_weight=0.0,
                                   eval_every=args.sft_steps, save_every=args.sft_steps, val_fraction=0.02, **quiet)),
-        out / "policy")
-    policy = out / "policy" / "final"
-    seconds["policy_sft"] = time.perf_counter() - start
+        out / "policy") if not keep_policy else None
+    if not keep_policy:
+        seconds["policy_sft"] = time.perf_counter() - start
 
+    start = time.perf_counter()
     start = time.perf_counter()
     pairs(out / "pairs.jsonl", tokenizer, "train", 1200, args.seed)
     pairs(out / "pairs_held_out.jsonl", tokenizer, "test", 300, args.seed + 1)
     rm_steps = args.rm_steps
-    last = train_rm(from_dict(RMConfig, dict(init_from=str(policy), data=str(out / "pairs.jsonl"), seq_len=128,
-                                             batch_size=16, **phases(rm_steps), lr=1e-4, final_lr=1e-5, eval_every=rm_steps, save_every=rm_steps,
-                                             val_fraction=0.1, **quiet)), out / "rm")
-    rm = out / "rm" / "final"
+    if not keep_rm:
+        shutil.rmtree(out / "rm", ignore_errors=True)
+        train_rm(from_dict(RMConfig, dict(init_from=str(policy), data=str(out / "pairs.jsonl"), seq_len=128,
+                                          batch_size=16, **phases(rm_steps), lr=1e-4, final_lr=1e-5,
+                                          eval_every=rm_steps, save_every=rm_steps, val_fraction=0.1, **quiet)),
+                 out / "rm")
+    last = [json.loads(x) for x in (out / "rm" / "metrics.jsonl").read_text().splitlines()][-1]
     held_out = evaluate_checkpoint(rm, out / "pairs_held_out.jsonl", device="cpu")
-    seconds["reward_model"] = time.perf_counter() - start
+    if not keep_rm:
+        seconds["reward_model"] = time.perf_counter() - start
 
     tasks = ("[{task: chain_sum, knobs: %s, rewards: [accuracy, format]}, "
              "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model}]" % ((json.dumps(KNOBS),) * 2))
     grpo = [f"init_from={policy}", f"tasks={tasks}", f"reward_model.path={rm}", f"steps={args.grpo_steps}",
-            f"template={TEMPLATE}", "prompts_per_step=8", "group_size=8", "max_tokens=48", f"lr={args.lr}", "eval_every=1000", "eval_n=50",
-            f"save_every={args.grpo_steps}", "progress=false", "tensorboard=false", f"seed={args.seed}", "device=cpu"]
+            f"template={TEMPLATE}", "prompts_per_step=8", "group_size=8", "max_tokens=48", f"lr={args.lr}",
+            f"temperature={args.temperature}", "eval_every=1000", "eval_n=50", f"save_every={args.grpo_steps}", "progress=false", "tensorboard=false", f"seed={args.seed}", "device=cpu"]
     scorer = LocalRewardModel(rm, "cpu")
     runs = {}
     for name in ("trained", "lr0"):
         start = time.perf_counter()
+        shutil.rmtree(out / f"grpo_{name}", ignore_errors=True)
         trainer = GRPOTrainer(load_grpo_config(None, grpo), out / f"grpo_{name}")
         if name == "lr0":  # the schedule refuses a peak of 0: the same run with every update at learning rate 0
             trainer.schedule = SimpleNamespace(lr=lambda step: 0.0)
@@ -181,7 +199,8 @@ def main() -> None:
         "policy": {"shape": SHAPE, "sft_steps": args.sft_steps, "slip_rate": SLIP_RATE, "preferred_share_in_data": 0.5},
         "reward_model": {"steps": rm_steps, "train_pairs": 1200, "val_accuracy": last.get("eval_accuracy"),
                          "held_out": held_out},
-        "grpo": {"steps": args.grpo_steps, "prompts_per_step": 8, "template": TEMPLATE, "group_size": 8, "lr": args.lr,
+        "grpo": {"steps": args.grpo_steps, "prompts_per_step": 8, "template": TEMPLATE,
+                 "temperature": args.temperature, "group_size": 8, "lr": args.lr,
                  "tasks": "chain_sum by accuracy + format, chain_sum by the reward model; half the prompts each"},
         "trained": runs["trained"], "lr0": runs["lr0"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
