@@ -93,7 +93,8 @@ def pairs(path: Path, tokenizer, split: str, n: int, seed: int) -> None:
 
 def measure(trainer, scorer, n: int, seed: int, max_tokens: int) -> dict:
     """On held-out problems: the preferred share of 4 samples each at temperature 1, the reward model's mean
-    score of them, and greedy accuracy (the accuracy rule)."""
+    score of them, and accuracy by the accuracy rule: greedy, and R1's pass@1 (the mean of 4 samples at
+    temperature 1)."""
     from seekforge.rl.evaluate import EvalConfig, evaluate
     from seekforge.rl.rollout import generate
     from seekforge.tasks import get_task
@@ -102,12 +103,15 @@ def measure(trainer, scorer, n: int, seed: int, max_tokens: int) -> dict:
     llm.reset_prefix_cache()
     with trainer.autocast(cache=False):
         r = generate(llm, rows, n=4, temperature=1.0, max_tokens=max_tokens, seed=seed, template=TEMPLATE)
-        accuracy = evaluate(llm, EvalConfig(task=TASK, task_knobs=KNOBS, n=n, seed=seed, max_tokens=max_tokens,
-                                            template=TEMPLATE))
+        greedy = evaluate(llm, EvalConfig(task=TASK, task_knobs=KNOBS, n=n, seed=seed, max_tokens=max_tokens,
+                                          template=TEMPLATE))
+        sampled = evaluate(llm, EvalConfig(task=TASK, task_knobs=KNOBS, n=n, seed=seed, max_tokens=max_tokens,
+                                           template=TEMPLATE, samples=4, temperature=1.0))
     texts = [(r.prompts[i], c.text) for i, g in enumerate(r.groups) for c in g]
     scores = scorer.score([p for p, _ in texts], [t for _, t in texts])
     return {"preferred_share": sum(prefers(t) for _, t in texts) / len(texts),
-            "reward_model_score": sum(scores) / len(scores), "greedy_accuracy": accuracy["accuracy"],
+            "reward_model_score": sum(scores) / len(scores), "greedy_accuracy": greedy["accuracy"],
+            "sampled_accuracy": sampled["accuracy"],
             "samples": len(texts)}
 
 
@@ -120,6 +124,12 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=1.0, help="GRPO's rollout temperature")
+    ap.add_argument("--scale-rewards", default="group", help="GRPO's advantage scaling: group, batch or none (the "
+                                                            "group mean is subtracted in every case)")
+    ap.add_argument("--loss-type", default="grpo", help="GRPO's loss aggregation")
+    ap.add_argument("--rule-share", type=float, default=3.0, help="the rule-rewarded task's share of the prompts "
+                                                                  "(the reward model's task: 1)")
+    ap.add_argument("--beta", type=float, default=0.1, help="GRPO's KL weight to the initial policy")
     ap.add_argument("--keep", action="store_true", help="reuse the policy and the reward model already in --out "
                                                         "(their seconds are then not recorded); GRPO runs again")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out problems measured after GRPO")
@@ -170,11 +180,13 @@ def main() -> None:
     if not keep_rm:
         seconds["reward_model"] = time.perf_counter() - start
 
-    tasks = ("[{task: chain_sum, knobs: %s, rewards: [accuracy, format]}, "
-             "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model}]" % ((json.dumps(KNOBS),) * 2))
+    tasks = ("[{task: chain_sum, knobs: %s, rewards: [accuracy, format], share: %s}, "
+             "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model, share: 1.0}]"
+             % (json.dumps(KNOBS), args.rule_share, json.dumps(KNOBS)))
     grpo = [f"init_from={policy}", f"tasks={tasks}", f"reward_model.path={rm}", f"steps={args.grpo_steps}",
             f"template={TEMPLATE}", "prompts_per_step=8", "group_size=8", "max_tokens=48", f"lr={args.lr}",
-            f"temperature={args.temperature}", "eval_every=1000", "eval_n=50", f"save_every={args.grpo_steps}", "progress=false", "tensorboard=false", f"seed={args.seed}", "device=cpu"]
+            f"temperature={args.temperature}", f"scale_rewards={args.scale_rewards}", f"loss_type={args.loss_type}", f"beta={args.beta}",
+            "eval_every=1000", "eval_n=50", f"save_every={args.grpo_steps}", "progress=false", "tensorboard=false", f"seed={args.seed}", "device=cpu"]
     scorer = LocalRewardModel(rm, "cpu")
     runs = {}
     for name in ("trained", "lr0"):
@@ -200,8 +212,10 @@ def main() -> None:
         "reward_model": {"steps": rm_steps, "train_pairs": 1200, "val_accuracy": last.get("eval_accuracy"),
                          "held_out": held_out},
         "grpo": {"steps": args.grpo_steps, "prompts_per_step": 8, "template": TEMPLATE,
-                 "temperature": args.temperature, "group_size": 8, "lr": args.lr,
-                 "tasks": "chain_sum by accuracy + format, chain_sum by the reward model; half the prompts each"},
+                 "temperature": args.temperature, "scale_rewards": args.scale_rewards, "loss_type": args.loss_type,
+                 "beta": args.beta, "group_size": 8, "lr": args.lr,
+                 "tasks": "chain_sum by accuracy + format, chain_sum by the reward model",
+                 "rule_share": args.rule_share / (args.rule_share + 1)},
         "trained": runs["trained"], "lr0": runs["lr0"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": {"device": "cpu", "threads": args.threads, "torch": torch.__version__}, "seed": args.seed,

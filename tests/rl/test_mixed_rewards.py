@@ -106,6 +106,13 @@ def test_mixed_configs_are_checked(tiny_checkpoint, reward_model):
         load_grpo_config(None, [f"init_from={base}", f"reward_model.path={reward_model}", "reward_model.url=http://x"])
 
 
+def test_grpo_command_needs_a_task_or_tasks(tiny_checkpoint, tmp_path, capsys):
+    from seekforge.cli import main
+
+    assert main(["grpo", "--from", str(tiny_checkpoint()), "--out", str(tmp_path / "x")]) == 2
+    assert "--task NAME" in capsys.readouterr().err
+
+
 def test_http_endpoint_scores_as_the_in_process_model(reward_model):
     import threading
     import urllib.error
