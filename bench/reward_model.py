@@ -121,8 +121,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--sft-steps", type=int, default=250)
     ap.add_argument("--rm-steps", type=int, default=80)
-    ap.add_argument("--grpo-steps", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
+    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=1.0, help="GRPO's rollout temperature")
     ap.add_argument("--scale-rewards", default="group", help="GRPO's advantage scaling: group, batch or none (the "
                                                             "group mean is subtracted in every case)")
@@ -180,19 +180,20 @@ def main() -> None:
     if not keep_rm:
         seconds["reward_model"] = time.perf_counter() - start
 
-    tasks = ("[{task: chain_sum, knobs: %s, rewards: [accuracy, format], share: %s}, "
-             "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model, share: 1.0}]"
-             % (json.dumps(KNOBS), args.rule_share, json.dumps(KNOBS)))
-    grpo = [f"init_from={policy}", f"tasks={tasks}", f"reward_model.path={rm}", f"steps={args.grpo_steps}",
+    rules = "{task: chain_sum, knobs: %s, rewards: [accuracy, format], share: %s}" % (json.dumps(KNOBS), args.rule_share)
+    preference = "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model, share: 1.0}" % json.dumps(KNOBS)
+    grpo = [f"init_from={policy}", f"reward_model.path={rm}", f"steps={args.grpo_steps}",
             f"template={TEMPLATE}", "prompts_per_step=8", "group_size=8", "max_tokens=48", f"lr={args.lr}",
-            f"temperature={args.temperature}", f"scale_rewards={args.scale_rewards}", f"loss_type={args.loss_type}", f"beta={args.beta}",
-            "eval_every=1000", "eval_n=50", f"save_every={args.grpo_steps}", "progress=false", "tensorboard=false", f"seed={args.seed}", "device=cpu"]
+            f"temperature={args.temperature}", f"scale_rewards={args.scale_rewards}", f"loss_type={args.loss_type}",
+            f"beta={args.beta}", "eval_every=1000", "eval_n=50", f"save_every={args.grpo_steps}", "progress=false",
+            "tensorboard=false", f"seed={args.seed}", "device=cpu"]
     scorer = LocalRewardModel(rm, "cpu")
     runs = {}
-    for name in ("trained", "lr0"):
+    # the mixed run; the same at learning rate 0; the rule-rewarded task alone (the control for accuracy)
+    for name, tasks in (("trained", [rules, preference]), ("lr0", [rules, preference]), ("rules_only", [rules])):
         start = time.perf_counter()
         shutil.rmtree(out / f"grpo_{name}", ignore_errors=True)
-        trainer = GRPOTrainer(load_grpo_config(None, grpo), out / f"grpo_{name}")
+        trainer = GRPOTrainer(load_grpo_config(None, [*grpo, f"tasks=[{', '.join(tasks)}]"]), out / f"grpo_{name}")
         if name == "lr0":  # the schedule refuses a peak of 0: the same run with every update at learning rate 0
             trainer.schedule = SimpleNamespace(lr=lambda step: 0.0)
         before = measure(trainer, scorer, args.eval_n, args.seed, 48)
@@ -216,7 +217,7 @@ def main() -> None:
                  "beta": args.beta, "group_size": 8, "lr": args.lr,
                  "tasks": "chain_sum by accuracy + format, chain_sum by the reward model",
                  "rule_share": args.rule_share / (args.rule_share + 1)},
-        "trained": runs["trained"], "lr0": runs["lr0"],
+        "trained": runs["trained"], "lr0": runs["lr0"], "rules_only": runs["rules_only"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": {"device": "cpu", "threads": args.threads, "torch": torch.__version__}, "seed": args.seed,
         "command": "python bench/reward_model.py --out /tmp/rm-demo --json docs/benchmarks/reward-model-cpu.json",
