@@ -3,17 +3,20 @@
     python bench/reward_model.py --out /tmp/rm-demo --json docs/benchmarks/reward-model-cpu.json
 
 1. The policy: a small MLA + MoE model trained from scratch (SFT, seekforge.train.sft) on chain sums posed
-   in the chat template (a think block, then the answer tags), a share of them careless (a slip, a wrong answer), half of them closing their reasoning
-   with the word "indeed" ("So the answer is 12 indeed."), half without ("So the answer is 12.").
+   in the chat template (a think block, then the answer tags), a share of them careless (a slip, a wrong
+   answer), half of them closing their reasoning with the word "indeed" ("So the answer is 12 indeed."), half
+   without ("So the answer is 12.").
 2. The preference, which the demo knows and the rule rewards (accuracy, format) cannot see: a completion whose
    reasoning ends with "indeed" is preferred. Pairs {prompt, chosen, rejected} are drawn on training problems,
    each side right or careless independently (so correctness says nothing about which is chosen), and a
    reward model (seekforge.train.reward: the policy's backbone with a scalar head, Bradley-Terry loss) learns
    them; its pairwise accuracy on pairs of held-out (test-split) problems is reported (`seekforge rm eval`).
-3. GRPO with mixed rewards in one run: chain sums rewarded by the rules (accuracy + format) and chain sums
-   rewarded by the reward model alone, half the prompts each; the same run at learning rate 0 beside it.
-   On held-out problems, after each run: the share of sampled completions (temperature 1) that close with
-   "indeed", the reward model's mean score of them, and greedy accuracy (the rules' judgement).
+3. GRPO with mixed rewards in one run: chain sums rewarded by the rules (accuracy + format, 3/4 of each step's
+   prompts) and chain sums rewarded by the reward model alone (1/4), with a KL term to the initial policy
+   (beta 0.1); beside it the same run at learning rate 0, and the rule-rewarded task alone (the control for
+   accuracy). On held-out problems, before and after each run: the share of sampled completions (temperature
+   1) that close with "indeed", the reward model's mean score of them, and accuracy by the accuracy rule,
+   greedy and R1's pass@1 (the mean of 4 samples at temperature 1).
 Everything is seeded; the JSON records the numbers, the settings and the seconds of each stage.
 """
 
@@ -180,8 +183,9 @@ def main() -> None:
     if not keep_rm:
         seconds["reward_model"] = time.perf_counter() - start
 
-    rules = "{task: chain_sum, knobs: %s, rewards: [accuracy, format], share: %s}" % (json.dumps(KNOBS), args.rule_share)
-    preference = "{task: chain_sum, knobs: %s, label: preference, rewards: reward_model, share: 1.0}" % json.dumps(KNOBS)
+    knobs = json.dumps(KNOBS)
+    rules = f"{{task: {TASK}, knobs: {knobs}, rewards: [accuracy, format], share: {args.rule_share}}}"
+    preference = f"{{task: {TASK}, knobs: {knobs}, label: preference, rewards: reward_model, share: 1.0}}"
     grpo = [f"init_from={policy}", f"reward_model.path={rm}", f"steps={args.grpo_steps}",
             f"template={TEMPLATE}", "prompts_per_step=8", "group_size=8", "max_tokens=48", f"lr={args.lr}",
             f"temperature={args.temperature}", f"scale_rewards={args.scale_rewards}", f"loss_type={args.loss_type}",

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     e.set_defaults(func=evaluate)
     s = sub.add_parser("serve", help="score responses over HTTP for GRPO (reward_model.url): POST /v1/rewards",
                        description='POST /v1/rewards {"prompts": [str], "responses": [str]} answers {"scores": '
-                                   '[float]}; GET /health. GRPO reaches it with reward_model.url=http://HOST:PORT/v1/rewards.')
+                                   '[float]}; GET /health. GRPO reaches it with '
+                                   'reward_model.url=http://HOST:PORT/v1/rewards.')
     s.add_argument("model", metavar="RM", help="reward model directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8001)

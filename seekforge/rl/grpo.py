@@ -393,7 +393,8 @@ class GRPOTrainer(Trainer):
         and the totals [B, G], each group's combined with its task's weights."""
         names = self.reward_names
         per_fn = torch.tensor([[[math.nan if c.rewards.get(n) is None else c.rewards[n] for n in names] for c in group]
-                               for group in r.groups], dtype=torch.float64).reshape(len(r.groups), self.cfg.group_size, len(names))
+                               for group in r.groups], dtype=torch.float64)
+        per_fn = per_fn.reshape(len(r.groups), self.cfg.group_size, len(names))
         weights = torch.zeros(len(r.groups), len(names), dtype=torch.float64)
         for i, k in enumerate(source_of):
             rewards = self.task_rewards[k]
