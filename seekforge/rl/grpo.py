@@ -186,8 +186,8 @@ class GRPOConfig(LoopConfig):
         from seekforge.rl.evaluate import EvalConfig
 
         sampled = self.eval_samples > 1 and not greedy
-        sources = self.sources()  # the first task a rule judges (its accuracy), else the first
-        source = next((s for s in sources if "accuracy" in str(s.rewards)), sources[0])
+        sources = self.sources()  # the first task the accuracy rule judges, else the first
+        source = next((s for s in sources if "accuracy" in s.reward_names()), sources[0])
         return EvalConfig(task=source.task, task_knobs=source.knobs, n=self.eval_n, seed=self.eval_seed,
                           samples=self.eval_samples if sampled else None, temperature=self.eval_temperature,
                           max_tokens=self.eval_max_tokens or self.max_tokens, template=self.template,

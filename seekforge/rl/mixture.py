@@ -42,7 +42,11 @@ class TaskSource:
 
     @property
     def uses_reward_model(self) -> bool:
-        return REWARD_MODEL in reward_items(self.rewards)
+        return REWARD_MODEL in self.reward_names()
+
+    def reward_names(self) -> list[str]:
+        """The names the rewards are listed under (a {name: ...} item's name)."""
+        return [item if isinstance(item, str) else str(item.get("name")) for item in reward_items(self.rewards)]
 
 
 def reward_items(spec: str | list) -> list:
