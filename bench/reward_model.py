@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,7 +225,7 @@ def main() -> None:
         "trained": runs["trained"], "lr0": runs["lr0"], "rules_only": runs["rules_only"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": {"device": "cpu", "threads": args.threads, "torch": torch.__version__}, "seed": args.seed,
-        "command": "python bench/reward_model.py --out /tmp/rm-demo --json docs/benchmarks/reward-model-cpu.json",
+        "command": " ".join(["python bench/reward_model.py", *sys.argv[1:]]),
     }
     print(json.dumps(result, indent=2))
     if args.json:
