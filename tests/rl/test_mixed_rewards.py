@@ -29,7 +29,7 @@ def reward_model(tiny_checkpoint, task_tokenizer, tmp_path_factory):
 
 def _config(base, rm, *extra):
     tasks = ("[{task: chain_sum, rewards: [accuracy, format], reward_weights: [1.0, 0.5]}, "
-             "{task: chain_sum, label: open, rewards: reward_model, reward_weights: [2.0]}]")
+             "{task: chain_sum, label: open, rewards: [reward_model, format], reward_weights: [2.0, 0.25]}]")
     return load_grpo_config(None, [
         f"init_from={base}", f"tasks={tasks}", f"reward_model.path={rm}", "steps=2", "prompts_per_step=2",
         "group_size=3", "max_tokens=8", "lr=1e-3", "mask_truncated=false", "eval_every=100", "eval_n=2",
@@ -44,8 +44,9 @@ def test_prompts_split_by_share():
 
 
 def test_mixed_group_advantages_by_hand(tiny_checkpoint, reward_model, tmp_path):
-    """Group 0 (rules: accuracy 1.0 + format 0.5), group 1 (the reward model, weight 2): each group's total is
-    its own task's, normalised within the group; the reward model scores its group's completions in one call."""
+    """Group 0 (rules: accuracy 1.0 + format 0.5), group 1 (the reward model 2.0 + format 0.25): each group's total
+    is its own task's weighted sum (format counts 0.5 in one, 0.25 in the other), normalised within the group; the
+    reward model scores its group's completions in one call."""
     trainer = GRPOTrainer(_config(tiny_checkpoint(), reward_model), tmp_path / "run")
     calls = []
 
@@ -60,24 +61,26 @@ def test_mixed_group_advantages_by_hand(tiny_checkpoint, reward_model, tmp_path)
     texts = [[f" 1 + 2 </think> <answer>{answer}</answer>",  # right, well formed: 1 + 0.5
               " 1 + 2 </think> <answer>-1</answer>",  # wrong, well formed: 0 + 0.5
               f" 1 + 2 <answer>{answer}</answer>"],  # right, malformed: 1 + 0
-             ["a", "bb", "ccc"]]
+             [" 1 </think> <answer>3</answer>", "bb", "ccc"]]  # well formed, malformed, malformed
     prompts = [r1_zero_prompt(r.prompt) for r in rows]
     groups = [[Completion(i, [5] * (j + 1), t, False) for j, t in enumerate(g)] for i, g in enumerate(texts)]
     r = Rollouts(rows, prompts, [[1, 2]] * 2, groups, 0.0, 0)
     trainer._score(r, [0, 1])
-    assert calls == [["a", "bb", "ccc"]]
+    assert calls == [texts[1]]
     per_fn, totals = trainer._totals(r, [0, 1])
     assert trainer.reward_names == ["accuracy", "format", "reward_model"]
     nan = math.nan
     torch.testing.assert_close(per_fn, torch.tensor([[[1, 1, nan], [0, 1, nan], [1, 0, nan]],
-                                                     [[nan, nan, 0.2], [nan, nan, -0.4], [nan, nan, 1.1]]],
+                                                     [[nan, 1, 0.2], [nan, 0, -0.4], [nan, 0, 1.1]]],
                                                     dtype=torch.float64), equal_nan=True)
     seqs = trainer._sequences([(r, per_fn, totals)])
     # group 0: totals 1.5, 0.5, 1.0: mean 1, sample std 0.5
-    # group 1: totals 0.4, -0.8, 2.2: mean 0.6, sample std sqrt((0.04 + 1.96 + 2.56) / 2) = sqrt(2.28)
+    # group 1: totals 2 * 0.2 + 0.25 = 0.65, -0.8, 2.2: mean 2.05 / 3, deviations -0.1 / 3, -4.45 / 3, 4.55 / 3,
+    # sample std sqrt((0.01 + 19.8025 + 20.7025) / 9 / 2) = sqrt(40.515 / 18)
     eps = 1e-4
-    std1 = math.sqrt(2.28)
-    by_hand = [0.5 / (0.5 + eps), -0.5 / (0.5 + eps), 0.0, -0.2 / (std1 + eps), -1.4 / (std1 + eps), 1.6 / (std1 + eps)]
+    std1 = math.sqrt(40.515 / 18)
+    by_hand = [0.5 / (0.5 + eps), -0.5 / (0.5 + eps), 0.0,
+               -0.1 / 3 / (std1 + eps), -4.45 / 3 / (std1 + eps), 4.55 / 3 / (std1 + eps)]
     torch.testing.assert_close(seqs.advantages, torch.tensor(by_hand), atol=1e-5, rtol=0)
 
 
