@@ -233,9 +233,11 @@ class RewardTrainer(LMTrainer):
             return load_reward_model(cfg.init_from, changes=dict(cfg.model_overrides) or None, pad_id=pad_id).train()
         return RewardModel(super().make_model(), pad_id).train()
 
-    def loss(self, batch: dict[str, torch.Tensor], mtp_weight: float, weights: dict[str, float] = None) -> ModelLoss:
+    def loss(self, batch: dict[str, torch.Tensor], mtp_weight: float,
+             weights: dict[str, float] | None = None) -> ModelLoss:
         """Bradley-Terry's loss of a batch of n pairs (rows: the n chosen, then the n rejected), plus the
-        sequence-wise balance loss (balance_alpha) of a MoE backbone."""
+        sequence-wise balance loss (balance_alpha) of a MoE backbone. `mtp_weight` and `weights` (the
+        data-parallel terms' weights) do not apply: no MTP module, one process."""
         rewards, routing = self.model.rewards(batch["input_ids"])
         n = rewards.shape[0] // 2
         main = bradley_terry_loss(rewards[:n], rewards[n:])

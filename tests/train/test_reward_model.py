@@ -120,3 +120,18 @@ def test_rm_train_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["pairs"] == 24 and 0 <= result["accuracy"] <= 1
     assert main(["rm", "eval", str(tiny_checkpoint()), "--data", str(data)]) == 2  # a language model is refused
+
+
+def test_pair_loader_resumes_exactly_across_epochs():
+    from seekforge.train.reward import PairLoader
+
+    pairs = [([1, 2, i], [3, i]) for i in range(5)]
+    a = PairLoader(pairs, seq_len=8, batch_size=2, pad_id=0, seed=3)
+    for _ in range(3):  # into the second epoch
+        next(a)
+    b = PairLoader(pairs, seq_len=8, batch_size=2, pad_id=0, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(4):
+        torch.testing.assert_close(next(b)["input_ids"], next(a)["input_ids"])
+    batch = next(a)["input_ids"]  # chosen rows, then rejected rows, right-padded
+    assert batch.shape == (4, 3) and (batch[2:, 2] == 0).all()
