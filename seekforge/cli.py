@@ -25,6 +25,7 @@ COMMANDS = [
     "seekforge.commands.sft",
     "seekforge.commands.sample",
     "seekforge.commands.distill",
+    "seekforge.commands.rm",
     "seekforge.commands.extend",
     "seekforge.commands.eval",
     "seekforge.commands.eval_long",

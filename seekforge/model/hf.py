@@ -177,10 +177,15 @@ def _drop_absent_mtp(cfg: ModelConfig, files: list[Path]) -> ModelConfig:
     return cfg.replace(n_mtp_modules=0)
 
 
-def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) -> Transformer:
+def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, head: bool = True,
+                    extra: dict[str, torch.Tensor] | None = None) -> Transformer:
     """Load a DeepSeek-V2/V2-Lite/V3 checkpoint directory (config.json + safetensors, sharded or not).
     `changes`: ModelConfig fields to set over config.json's (e.g. YaRN's rope_factor and max_seq_len to extend
-    the context); they must leave every tensor's shape as it is, or the checkpoint does not load."""
+    the context); they must leave every tensor's shape as it is, or the checkpoint does not load.
+    `head=False` loads the backbone alone (the model's `head` is None): a checkpoint's lm_head, if any, is
+    skipped, as a scoring model built on a language model has no use for it. `extra` maps HF keys outside the
+    language model's layout (a sequence classifier's "score.weight") to tensors they are copied into; each must
+    be in the checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory with config.json")
@@ -200,6 +205,8 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) 
 
     with torch.device("meta"), _default_dtype(dtype):
         model = Transformer(cfg)
+    if not head:
+        model.head = None
     model.to_empty(device=device)
     model.rope.reset_parameters()
     params = dict(model.named_parameters())
@@ -210,6 +217,7 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) 
         pending.pop("head.weight", None)
     optional = {n for n in pending if n.endswith("gate.bias") and cfg.topk_method != "noaux_tc"}
     unexpected: list[str] = []
+    extra = dict(extra or {})
 
     for file in files:
         try:
@@ -224,13 +232,23 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) 
                     if key.removesuffix("_scale_inv") not in keys:
                         unexpected.append(f"{key} (in {file.name})")
                     continue
+                if key in extra:
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(extra[key].shape):
+                        raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                                              f"{tuple(extra[key].shape)}")
+                    with torch.no_grad():
+                        extra.pop(key).copy_(tensor)
+                    continue
+                if not head and key == "lm_head.weight":
+                    continue
                 target = hf_to_ours(key, cfg)
+                if target is not None and target[1] == -1:
+                    continue  # MTP's copy of the shared embedding / head
                 if target is None or target[0] not in params:
                     unexpected.append(f"{key} (in {file.name})")
                     continue
                 name, expert = target
-                if expert == -1:
-                    continue  # MTP's copy of the shared embedding / head
                 try:
                     tensor = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as err:
@@ -258,7 +276,7 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) 
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) that this config has no place for: "
                               f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; check "
                               f"num_hidden_layers / num_nextn_predict_layers / n_routed_experts in config.json")
-    missing = []
+    missing = list(extra)
     for name, experts in pending.items():
         if name in optional:
             continue
@@ -273,17 +291,23 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, config: dict | None = None,
+                    tensors=None) -> None:
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) in HF's layout.
-    The directory appears whole or not at all: it is written beside the target and renamed into place."""
+    The directory appears whole or not at all: it is written beside the target and renamed into place.
+    `config` (config.json's fields) and `tensors` ((HF key, tensor) pairs) replace the language model's own
+    (`model.cfg`, `ours_to_hf(model)`), for models built on it (a reward model's head and classifier config)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.cfg.save(tmp / "config.json")
+        if config is None:
+            model.cfg.save(tmp / "config.json")
+        else:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for key, tensor in ours_to_hf(model):
+        for key, tensor in ours_to_hf(model) if tensors is None else tensors:
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})

@@ -59,9 +59,10 @@ from seekforge.tasks import Row, get_task
 from seekforge.train.balance import update_expert_bias
 from seekforge.train.loop import NON_FINITE, LoopConfig, Trainer
 from seekforge.train.optim import set_lr
-from seekforge.rewards import RewardSet
 from seekforge.rl.loss import (LOSS_TYPES, SCALES, combine_rewards, group_advantages, groups_with_signal, policy_loss,
                                token_entropy, token_logprobs)
+from seekforge.rl.mixture import REWARD_MODEL, TaskRewards, TaskSource, allocate
+from seekforge.rl.reward_model import RewardModelConfig
 from seekforge.rl.rollout import Rollouts, Template, generate
 from seekforge.train.schedule import LRSchedule
 
@@ -103,6 +104,10 @@ class GRPOConfig(LoopConfig):
     rewards: str | list = "accuracy,format"
     reward_weights: list[float] | None = None
     reward_timeout_s: float = 5.0
+    # several tasks in one run, each with its own rewards and share of the prompts (seekforge.rl.mixture); when
+    # given, they replace task, task_knobs, rewards and reward_weights. A task's rewards may name "reward_model"
+    tasks: list[TaskSource] = field(default_factory=list)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # what "reward_model" scores with
     # rollouts
     steps: int = 100
     prompts_per_step: int = 16  # the step's problems (groups), over all ranks under torchrun
@@ -170,6 +175,18 @@ class GRPOConfig(LoopConfig):
         if self.warmup_steps + self.decay_steps > self.steps:
             raise ConfigError(f"grpo config: warmup_steps + decay_steps ({self.warmup_steps + self.decay_steps}) "
                               f"exceed steps ({self.steps})")
+        sources = self.sources()
+        labels = [s.label for s in sources]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"grpo config: task sources need distinct labels, got {labels}; set tasks[i].label")
+        if any(s.uses_reward_model for s in sources) and not self.reward_model.given:
+            raise ConfigError("grpo config: a task is rewarded by \"reward_model\" but no reward model is given; set "
+                              "reward_model.path=DIR (a `seekforge rm train` checkpoint) or reward_model.url=URL")
+
+    def sources(self) -> list[TaskSource]:
+        """The run's task sources: `tasks`, or the single task with the run's rewards."""
+        return self.tasks or [TaskSource(task=self.task, knobs=self.task_knobs, rewards=self.rewards,
+                                         reward_weights=self.reward_weights)]
 
     def schedule(self) -> LRSchedule:
         final = self.final_lr if self.decay_steps else self.lr
@@ -182,7 +199,9 @@ class GRPOConfig(LoopConfig):
         from seekforge.rl.evaluate import EvalConfig
 
         sampled = self.eval_samples > 1 and not greedy
-        return EvalConfig(task=self.task, task_knobs=self.task_knobs, n=self.eval_n, seed=self.eval_seed,
+        sources = self.sources()  # the first task the accuracy rule judges, else the first
+        source = next((s for s in sources if "accuracy" in s.reward_names()), sources[0])
+        return EvalConfig(task=source.task, task_knobs=source.knobs, n=self.eval_n, seed=self.eval_seed,
                           samples=self.eval_samples if sampled else None, temperature=self.eval_temperature,
                           max_tokens=self.eval_max_tokens or self.max_tokens, template=self.template,
                           reward_timeout_s=self.reward_timeout_s)
@@ -319,7 +338,11 @@ class GRPOTrainer(Trainer):
                               f"parallel.dp_replicate, parallel.activation_checkpointing); got "
                               f"{', '.join(f'parallel.{k}={v}' for k, v in other.items())}: set it to 1")
         self.tokenizer = Tokenizer.from_pretrained(cfg.init_from)
-        self.task = get_task(cfg.task, **cfg.task_knobs)
+        # per task source: its task, rewards and prompt stream (the first one's seeded as a single-task run's)
+        self.sources = cfg.sources()
+        self.tasks = [get_task(s.task, **s.knobs) for s in self.sources]
+        self.task_rewards = [TaskRewards(s, cfg.reward_timeout_s) for s in self.sources]
+        self.reward_names = list(dict.fromkeys(n for r in self.task_rewards for n in r.names))
         torch.manual_seed(cfg.seed)
         policy = from_pretrained(cfg.init_from, dtype=torch.float32, device=self.device).train()
         # the engine samples from the policy's own parameters in one process; under data parallelism, where they
@@ -332,8 +355,13 @@ class GRPOTrainer(Trainer):
         # the distribution rollouts are drawn from, for the update's log-probabilities
         self.sampling = broadcast_batch(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k),
                                         self.model.cfg.vocab_size, self.device)
-        self.prompts = PromptStream(self.task, cfg.seed)
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_weights, cfg.reward_timeout_s)
+        self.prompts = [PromptStream(task, cfg.seed if k == 0 else _seed(cfg.seed, s.label))
+                        for k, (task, s) in enumerate(zip(self.tasks, self.sources))]
+        self.reward_model = None
+        if any(r.uses_model for r in self.task_rewards):
+            from seekforge.rl.reward_model import reward_model_client
+
+            self.reward_model = reward_model_client(cfg.reward_model, self.device)
         self.loop.start(self, map_location=self.device)
         self._sync_engine()
         # the engine computes with the rollout model's own parameters: every update is live at the next rollout
@@ -346,10 +374,15 @@ class GRPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"prompts": self.prompts.state_dict()}
+        state = {"prompts": self.prompts[0].state_dict()}
+        if len(self.prompts) > 1:
+            state["task_prompts"] = {s.label: p.state_dict() for s, p in zip(self.sources[1:], self.prompts[1:])}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.prompts.load_state_dict(state["prompts"])
+        self.prompts[0].load_state_dict(state["prompts"])
+        for s, p in zip(self.sources[1:], self.prompts[1:]):
+            p.load_state_dict(state["task_prompts"][s.label])
 
     # ---------------------------------------------------------------- data parallelism
     @property
@@ -378,12 +411,47 @@ class GRPOTrainer(Trainer):
             target[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
 
     # ---------------------------------------------------------------- rollouts
-    def _totals(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-function rewards [B, G, F] (NaN = unjudged) and the combined totals [B, G]."""
-        names = self.rewards.names
-        per_fn = torch.tensor([[[math.nan if c.rewards[n] is None else c.rewards[n] for n in names] for c in group]
-                               for group in r.groups], dtype=torch.float64).view(len(r.groups), -1, len(names))
-        return per_fn, combine_rewards(per_fn, self.rewards.weights)
+    def _take(self, n: int) -> tuple[list[Row], list[int], list[int]]:
+        """n training problems split among the task sources by share, the source of each, and each one's rollout
+        seed: its place in its source's stream, so that a group's completions are the same whichever rank samples
+        it and whatever else is in the batch."""
+        rows, source_of, seeds = [], [], []
+        for k, count in enumerate(allocate(n, [s.share for s in self.sources])):
+            first = self.prompts[k].cursor
+            rows += self.prompts[k].take(count)
+            source_of += [k] * count
+            label = () if k == 0 else (self.sources[k].label,)
+            seeds += [_seed(self.cfg.seed, "rollout", *label, first + i) for i in range(count)]
+        return rows, source_of, seeds
+
+    def _score(self, r: Rollouts, source_of: list[int]) -> None:
+        """Every completion's rewards: its task's rule functions one by one, then the reward model's in one batch
+        over the completions of the tasks that use it."""
+        judged = []
+        for i, group in enumerate(r.groups):
+            rewards = self.task_rewards[source_of[i]]
+            for c in group:
+                c.rewards = rewards.score(r.prompts[i], c, r.rows[i])
+                if rewards.uses_model:
+                    judged.append((r.prompts[i], c))
+        if judged:
+            scores = self.reward_model.score([p for p, _ in judged], [c.text for _, c in judged])
+            for (_, c), value in zip(judged, scores):
+                c.rewards[REWARD_MODEL] = value
+
+    def _totals(self, r: Rollouts, source_of: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-function rewards [B, G, F] over the run's reward names (NaN = unjudged, or not the group's task's)
+        and the totals [B, G], each group's combined with its task's weights."""
+        names = self.reward_names
+        per_fn = torch.tensor([[[math.nan if c.rewards.get(n) is None else c.rewards[n] for n in names] for c in group]
+                               for group in r.groups], dtype=torch.float64)
+        per_fn = per_fn.reshape(len(r.groups), self.cfg.group_size, len(names))
+        weights = torch.zeros(len(r.groups), len(names), dtype=torch.float64)
+        for i, k in enumerate(source_of):
+            rewards = self.task_rewards[k]
+            for name, w in zip(rewards.names, rewards.weights):
+                weights[i, names.index(name)] = w
+        return per_fn, combine_rewards(per_fn, weights)
 
     def rollout(self) -> tuple[list[tuple[Rollouts, torch.Tensor, torch.Tensor]], dict]:
         """Sample and score this step's groups (refilling under dynamic sampling). Returns the kept parts
@@ -394,27 +462,24 @@ class GRPOTrainer(Trainer):
         stats = {"groups_sampled": 0, "groups_kept": 0, "zero_std_groups": 0, "rollout_s": 0.0, "scoring_s": 0.0,
                  "rollout_tokens": 0, "sampling_rounds": 0}
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            # every rank takes the step's problems from the stream (the same position everywhere) and samples its
-            # share of the groups; a group's seed is its problem's place in the stream, so that its completions
-            # are the same whichever rank samples it and whatever else is in the batch
-            first = self.prompts.cursor
-            rows = self.prompts.take(need)
+            # every rank takes the step's problems from the streams (the same positions everywhere) and samples
+            # its share of the groups
+            rows, source_of, seeds = self._take(need)
             share = range(len(rows))[rank * len(rows) // ranks:(rank + 1) * len(rows) // ranks]
-            seeds = [_seed(cfg.seed, "rollout", first + i) for i in share]
-            rows = [rows[i] for i in share]
+            rows, source_of, seeds = ([xs[i] for i in share] for xs in (rows, source_of, seeds))
             # a fresh prefix cache per call: rollouts then never depend on what an earlier call left
             # there, so a resumed run repeats the uninterrupted one exactly
             self.llm.reset_prefix_cache()
             start = time.perf_counter()
             with self.autocast(cache=False):  # the fp32 master weights sample in the training precision
                 r = generate(self.llm, rows, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=seeds, template=cfg.template,
-                             rewards=self.rewards)
+                             top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=seeds, template=cfg.template)
+            self._score(r, source_of)
             stats["rollout_s"] += r.seconds
             stats["scoring_s"] += time.perf_counter() - start - r.seconds
             stats["rollout_tokens"] += r.tokens
             stats["sampling_rounds"] += 1
-            per_fn, totals = self._totals(r)
+            per_fn, totals = self._totals(r, source_of)
             signal = groups_with_signal(totals)
             stats["groups_sampled"] += len(rows)
             stats["zero_std_groups"] += int((~signal).sum())
@@ -573,7 +638,7 @@ class GRPOTrainer(Trainer):
     # ---------------------------------------------------------------- the loop
     def _reward_stats(self, parts, counters: list[dict]) -> dict:
         """The step's reward statistics: `parts` the kept parts of every rank, `counters` every rank's
-        RewardSet counters."""
+        counters of each task's reward functions."""
         out: dict = {}
         if not parts:
             return out
@@ -583,20 +648,22 @@ class GRPOTrainer(Trainer):
         out["reward"] = float(valid.mean()) if valid.numel() else math.nan
         stds = [g[~g.isnan()].std() for g in totals if int((~g.isnan()).sum()) > 1]
         out["std_reward"] = float(torch.stack(stds).mean()) if stds else math.nan  # within groups
-        for f, name in enumerate(self.rewards.names):
+        for f, name in enumerate(self.reward_names):
             vals = per_fn[..., f][~per_fn[..., f].isnan()]
             out[f"reward_{name}"] = float(vals.mean()) if vals.numel() else math.nan
             out[f"std_reward_{name}"] = float(vals.std()) if vals.numel() > 1 else 0.0
-        if "accuracy" in self.rewards.names:
+        if "accuracy" in self.reward_names:
             out["accuracy"] = out["reward_accuracy"]
         lengths = [len(c.token_ids) for r, _, _ in parts for g in r.groups for c in g]
         truncated = [c.truncated for r, _, _ in parts for g in r.groups for c in g]
         out["completion_length"] = sum(lengths) / max(len(lengths), 1)
         out["completion_length_max"] = max(lengths, default=0)
         out["truncated"] = sum(truncated) / max(len(truncated), 1)
-        for name in counters[0]:
-            out[f"errors_{name}"] = sum(c[name]["errors"] + c[name]["crashes"] for c in counters)
-            out[f"timeouts_{name}"] = sum(c[name]["timeouts"] for c in counters)
+        for rank_counters in counters:  # summed over the ranks and the tasks that use a function
+            for task_counters in rank_counters:
+                for name, c in task_counters.items():
+                    out[f"errors_{name}"] = out.get(f"errors_{name}", 0) + c["errors"] + c["crashes"]
+                    out[f"timeouts_{name}"] = out.get(f"timeouts_{name}", 0) + c["timeouts"]
         return out
 
     def evaluate(self) -> dict:
@@ -612,7 +679,7 @@ class GRPOTrainer(Trainer):
         parts, stats = self.rollout()
         # every rank's groups, rewards and rollout statistics: the advantages' batch scale and the step's metrics
         # are the whole step's
-        everyone = self._everyone((parts, stats, self.rewards.counters()))
+        everyone = self._everyone((parts, stats, [rewards.counters() for rewards in self.task_rewards]))
         seqs = self._sequences([p for p, _, _ in everyone])
         t_update = time.perf_counter()
         record = self.update(seqs)
@@ -631,7 +698,8 @@ class GRPOTrainer(Trainer):
         try:
             return super().train()
         finally:
-            self.rewards.close()
+            for rewards in self.task_rewards:
+                rewards.close()
 
     def export(self) -> Path:
         from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE

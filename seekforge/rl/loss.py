@@ -45,11 +45,14 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALES = ("group", "batch", "none")
 
 
-def combine_rewards(per_fn: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
-    """per_fn [B, G, F] (NaN = not judged) -> weighted total [B, G] (NaN = excluded), by the rule above."""
+def combine_rewards(per_fn: torch.Tensor, weights: torch.Tensor | list | None = None) -> torch.Tensor:
+    """per_fn [B, G, F] (NaN = not judged) -> weighted total [B, G] (NaN = excluded), by the rule above.
+    weights [F], or [B, F]: each group's own (a mixed run's groups weigh their own task's functions)."""
     if per_fn.dim() != 3:
         raise ValueError(f"per_fn must be [groups, samples, functions], got shape {tuple(per_fn.shape)}")
     w = torch.ones(per_fn.shape[-1], dtype=per_fn.dtype) if weights is None else torch.as_tensor(weights, dtype=per_fn.dtype)
+    if w.dim() == 2:
+        w = w.unsqueeze(1)  # [B, 1, F]
     judged = ~per_fn.isnan()  # [B, G, F]
     active = judged.any(dim=1, keepdim=True)  # the function judged someone in the group
     total = (per_fn.nan_to_num(0.0) * w).sum(-1)

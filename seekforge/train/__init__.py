@@ -5,6 +5,8 @@
   guarded update (bad-step guard), exact resume, metrics, evaluation and checkpoint cadence, export, report;
 - lm.py: a language model under the DeepSeek-V3 recipe (MTP, balancing), given its data and loss: the trainer
   of pretraining (pretrain.py: the corpus) and SFT (sft.py: .jsonl examples, packing, logit distillation);
+- reward.py: a reward model (the language model's backbone with a scalar head) on pairwise preferences
+  (Bradley-Terry), on lm.py's trainer;
 - the pieces: checkpoint.py, metrics.py, report.py (the run's plots and report.md), schedule.py, optim.py,
   balance.py, init_from.py, flops.py;
 - context extension: extend.py (two-stage YaRN) and long_eval.py (perplexity by length, passkey retrieval).

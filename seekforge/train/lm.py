@@ -172,7 +172,8 @@ def attention(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class LMTrainer(Trainer):
     """The loop's task for a language model: `data(out_dir)` opens its data (after the loop has checked the run
-    directory), `objective(trainer)`, when given, builds a term its loss adds."""
+    directory), `objective(trainer)`, when given, builds a term its loss adds. A subclass may train a model built
+    on the language model (`make_model`, `loss`, `evaluate`: seekforge.train.reward's reward model)."""
 
     cfg: LMConfig
 
@@ -188,7 +189,7 @@ class LMTrainer(Trainer):
         self.model_cfg = model_config(cfg.model, cfg.init_from, cfg.model_overrides, self.data.vocab_size,
                                       cfg.seq_len)
         torch.manual_seed(cfg.seed)
-        model = build_model(self.model_cfg, cfg.init_from, cfg.model_overrides).to(self.device)
+        model = self.make_model().to(self.device)
         self.optimize(convert_to_fp8(model, cfg.fp8), compile=cfg.compile)
         self.loader = self.data.batches()
         self.objective = objective(self) if objective is not None else None
@@ -197,6 +198,12 @@ class LMTrainer(Trainer):
                               f"pipeline computes the model's loss in its last stage only; set parallel.pp=1")
         self.speed = Throughput()
         self.loop.start(self)
+
+    def make_model(self) -> torch.nn.Module:
+        """The model to train, built under the run's seed: `init_from`'s weights or a fresh one of `model_cfg`. A
+        trainer whose model is built on the language model (the reward model's) builds its own here, and gives
+        its loss in `loss` and its held-out metrics in `evaluate`."""
+        return build_model(self.model_cfg, self.cfg.init_from, self.cfg.model_overrides)
 
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict()}
