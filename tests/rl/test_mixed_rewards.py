@@ -73,7 +73,7 @@ def test_mixed_group_advantages_by_hand(tiny_checkpoint, reward_model, tmp_path)
     torch.testing.assert_close(per_fn, torch.tensor([[[1, 1, nan], [0, 1, nan], [1, 0, nan]],
                                                      [[nan, 1, 0.2], [nan, 0, -0.4], [nan, 0, 1.1]]],
                                                     dtype=torch.float64), equal_nan=True)
-    seqs = trainer._sequences([(r, per_fn, totals)])
+    seqs = trainer._sequences([[(r, per_fn, totals)]])  # one rank's kept parts
     # group 0: totals 1.5, 0.5, 1.0: mean 1, sample std 0.5
     # group 1: totals 2 * 0.2 + 0.25 = 0.65, -0.8, 2.2: mean 2.05 / 3, deviations -0.1 / 3, -4.45 / 3, 4.55 / 3,
     # sample std sqrt((0.01 + 19.8025 + 20.7025) / 9 / 2) = sqrt(40.515 / 18)
