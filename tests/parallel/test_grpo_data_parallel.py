@@ -52,10 +52,14 @@ def base(tiny_checkpoint):
     ["loss_type=grpo"],
     # a token-mean normaliser over the whole step, the batch's reward std, old and reference log-probabilities
     ["loss_type=dapo", "scale_rewards=batch", "mu=2", "beta=0.05"],
-], ids=["grpo", "dapo-batch-mu2-kl"])
+    # two task sources in one run: their own prompt streams, rewards and weights, split 3:2 over each step
+    ["tasks=[{task: chain_sum, rewards: 'DIGITS:digits'}, {task: chain_sum, label: terse, share: 0.67, "
+     "knobs: {max_terms: 3}, rewards: ['DIGITS:digits', format], reward_weights: [1.0, 0.5]}]"],
+], ids=["grpo", "dapo-batch-mu2-kl", "two-task-sources"])
 def test_two_ranks_match_one_process(base, tmp_path, overrides):
     rewards = tmp_path / "digits.py"
     rewards.write_text(DIGITS)
+    overrides = [o.replace("DIGITS", str(rewards)) for o in overrides]
     want = _grpo(tmp_path / "one", base, rewards, overrides)
     got = run_ranks(_grpo, 2, out=tmp_path / "two", base=base, rewards=rewards,
                     overrides=[*overrides, "parallel.dp_shard=2"])[0]
