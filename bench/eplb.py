@@ -4,13 +4,14 @@ copies) and after the placement, for several rank counts.
 
     python bench/eplb.py --model runs/tiny/final --json docs/benchmarks/eplb-tiny-cpu.json   # record and place
     python bench/eplb.py --model CKPT --record-load load.json    # record only: tokens per expert, by MoE layer
-    python bench/eplb.py --load load.json --ranks 8 16 --redundant 16 --nodes 2              # place recorded load
+    python bench/eplb.py --load load.json --ranks 8 16 --redundant 16 --nodes 1 2            # place recorded load
     python bench/eplb.py --device cuda --dtype bfloat16 --model DeepSeek-V2-Lite --requests 512 --max-tokens 256 \\
         --ranks 8 16 32 --redundant 16 --json docs/benchmarks/eplb-16b-h100.json             # the 16b shape
 
-The workload: --requests documents of the built-in math corpus (with the checkpoint's tokenizer; random token ids
-with a random --preset model), greedy, --max-tokens each. The engine returns each step's tokens per expert of every
-MoE layer (`LLM.expert_load`); the run adds them up over every step, prefill and decode.
+The workload: the last --prompt-tokens tokens of --requests documents of the built-in math corpus (with the
+checkpoint's tokenizer; random token ids with a random --preset model), greedy, --max-tokens each. The engine
+returns each step's tokens per expert of every MoE layer (`LLM.expert_load`); the run adds them up over every
+step, prefill and decode.
 
 Simulation only: seekforge has no expert-parallel serving yet, so the placement is not applied to a running model;
 a rank's load is the tokens its slots would receive, each of an expert's r copies taking 1/r of its tokens (what a
@@ -61,7 +62,8 @@ def workload(args) -> tuple[torch.Tensor, dict]:
     if llm.tokenizer is not None:
         from seekforge.data.corpus import generate_documents
 
-        prompts = [llm.tokenizer.encode(d)[:args.prompt_tokens] for d in generate_documents(args.requests, args.seed)]
+        # each document's last tokens: its start is the R1-Zero template, the same in every document
+        prompts = [llm.tokenizer.encode(d)[-args.prompt_tokens:] for d in generate_documents(args.requests, args.seed)]
     else:
         g = torch.Generator().manual_seed(args.seed)
         prompts = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt_tokens), generator=g).tolist()
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="expert-parallel rank counts")
     p.add_argument("--redundant", type=int, default=None, help="redundant expert slots (default: one a rank)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (hierarchical policy)")
+    p.add_argument("--nodes", type=int, nargs="+", default=[1], help="nodes the ranks span (hierarchical policy)")
     p.add_argument("--groups", type=int, default=None, help="expert groups (default: the model's)")
     p.add_argument("--policy", default="auto", choices=POLICIES)
     p.add_argument("--json", default=None, help="write the results here")
@@ -120,12 +122,12 @@ def main(argv=None) -> int:
     results = []
     print(f"{meta['model']}: {load.shape[0]} MoE layers x {load.shape[1]} experts, {int(load[0].sum())} routed "
           f"(token, expert) pairs a layer; max/mean load per rank, mean (worst) over layers")
-    for ranks in args.ranks:
+    for nodes, ranks in ((n, r) for n in args.nodes for r in args.ranks if r % n == 0):
         redundant = ranks if args.redundant is None else args.redundant
-        r = place(load, ranks, redundant, groups, args.nodes, args.policy)
+        r = place(load, ranks, redundant, groups, nodes, args.policy)
         results.append(r)
-        print(f"  {ranks:3d} ranks, {r['slots']} slots ({r['policy']}): before {r['mean_before']:.3f} "
-              f"({r['worst_before']:.3f})  after {r['mean_after']:.3f} ({r['worst_after']:.3f})")
+        print(f"  {nodes} node(s), {ranks:3d} ranks, {r['slots']} slots ({r['policy']}): before "
+              f"{r['mean_before']:.3f} ({r['worst_before']:.3f})  after {r['mean_after']:.3f} ({r['worst_after']:.3f})")
     if args.json:
         atomic_write_text(args.json, json.dumps({"workload": meta, "load": load.tolist(), "placements": results},
                                                 indent=1))

@@ -92,7 +92,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
         # captured decode steps by (routed experts a token, None for the config's; batch size)
-        self.graphs: dict[tuple[int | None, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self.graphs: dict[tuple[int | None, int],
+                          tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         if compile:
             _settle_before_tracing(self.device, self.dtype)
