@@ -33,24 +33,15 @@ from pathlib import Path
 
 import torch
 
-from seekforge.configio import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eplb import build_llm  # noqa: E402
+
+from seekforge.configio import atomic_write_text  # noqa: E402
 
 
-def build_llm(args, adaptive: bool):
-    from seekforge.engine import LLM
-
-    settings = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
-                    adaptive_experts=adaptive, adaptive_expert_levels=args.levels,
-                    adaptive_step_latency=args.step_latency)
-    if args.model:
-        return LLM(args.model, dtype=getattr(torch, args.dtype), device=args.device, **settings)
-    from seekforge.model.config import ModelConfig
-    from seekforge.model.transformer import Transformer
-
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = Transformer(ModelConfig.preset(args.preset))
-    return LLM(model.to(getattr(torch, args.dtype)).eval(), **settings)
+def engine(args, adaptive: bool):
+    return build_llm(args, cuda_graphs=args.cuda_graphs, adaptive_experts=adaptive,
+                     adaptive_expert_levels=args.levels, adaptive_step_latency=args.step_latency)
 
 
 def hold(llm, k: int) -> None:
@@ -207,14 +198,14 @@ def main(argv=None) -> int:
 
     result = {"args": vars(args), "torch": torch.__version__, "device": args.device,
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    llm = build_llm(args, adaptive=True)
+    llm = engine(args, adaptive=True)
     result["levels"] = list(llm.adaptive.levels)
     if llm.tokenizer is not None and not args.skip_quality:
         print("quality at each k:")
         result["quality"] = quality(llm, args)
     result["load"] = {}
     for name, adaptive in (("off", False), ("on", True)):
-        llm = build_llm(args, adaptive)
+        llm = engine(args, adaptive)
         r = result["load"][name] = load_test(llm, args)
         lat = r["latency_s"]
         print(f"load test, adaptive {name}: {r['requests']} requests, {r['output_tokens_per_s']} tok/s, latency "

@@ -45,19 +45,25 @@ def record_load(llm, prompts, max_tokens: int) -> torch.Tensor:
     return torch.stack([totals[layer].cpu() for layer in sorted(totals)])
 
 
-def workload(args) -> tuple[torch.Tensor, dict]:
+def build_llm(args, **settings):
+    """The engine over --model (a checkpoint), else over a random --preset model built on --device (seed --seed);
+    `settings` are the engine's."""
     from seekforge.engine import LLM
 
+    settings = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len) | settings
     if args.model:
-        llm = LLM(args.model, dtype=getattr(torch, args.dtype), device=args.device, max_num_seqs=args.max_num_seqs,
-                  max_model_len=args.max_model_len)
-    else:
-        from seekforge.model.config import ModelConfig
-        from seekforge.model.transformer import Transformer
+        return LLM(args.model, dtype=getattr(torch, args.dtype), device=args.device, **settings)
+    from seekforge.model.config import ModelConfig
+    from seekforge.model.transformer import Transformer
 
-        torch.manual_seed(args.seed)
-        model = Transformer(ModelConfig.preset(args.preset)).to(device=args.device, dtype=getattr(torch, args.dtype))
-        llm = LLM(model.eval(), max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = Transformer(ModelConfig.preset(args.preset))
+    return LLM(model.to(getattr(torch, args.dtype)).eval(), **settings)
+
+
+def workload(args) -> tuple[torch.Tensor, dict]:
+    llm = build_llm(args)
     cfg = llm.cfg
     if llm.tokenizer is not None:
         from seekforge.data.corpus import generate_documents
