@@ -51,6 +51,15 @@ def register(subparsers) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="the ops' implementations: Triton's kernels on CUDA (auto), PyTorch's everywhere (torch), or "
                         "Triton's, on the CPU too under TRITON_INTERPRET=1 (triton)")
+    p.add_argument("--adaptive-experts", action="store_true",
+                   help="under load (requests waiting for a slot, or steps slower than --adaptive-step-latency), "
+                        "route each token to fewer experts, a level at a time (e.g. 6 -> 4 -> 2), and back when the "
+                        "load eases; a request keeps a minimum with its min_experts field (the model's k: never "
+                        "lowered). Off by default; the current k and the time at each k are Prometheus metrics")
+    p.add_argument("--adaptive-expert-levels", type=int, nargs="+", default=None, metavar="K",
+                   help="the routed top-k levels, the model's k first (default: k, about 2/3 and 1/3 of it)")
+    p.add_argument("--adaptive-step-latency", type=float, default=None, metavar="SECONDS",
+                   help="a step this slow counts as saturation too (default: the queue alone)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_dual_chain_args(p)
     p.set_defaults(func=run)
@@ -83,7 +92,9 @@ def run(args) -> int:
         num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,
         compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-        kernels=args.kernels, kv_cpu_gb=args.kv_cpu_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb)
+        kernels=args.kernels, kv_cpu_gb=args.kv_cpu_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
+        adaptive_experts=args.adaptive_experts, adaptive_expert_levels=args.adaptive_expert_levels,
+        adaptive_step_latency=args.adaptive_step_latency)
     from seekforge.commands.generate import dual_chain_from_args
 
     config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,

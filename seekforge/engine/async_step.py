@@ -65,11 +65,12 @@ class AsyncStep:
             waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
             device_ids = DeviceIds(waiting, [prev[seqs[i].seq_id] for i in waiting], self._in_flight.tokens)
         batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
-        replayed = self.runner.decode_logits(chunks, device_ids)
+        topk = self._step_topk(seqs)
+        replayed = self.runner.decode_logits(chunks, device_ids, topk)
         if replayed is not None:
             logits, self.expert_load = replayed
         else:
-            hidden, self.expert_load = self.runner.forward(self.runner.prepare(chunks, device_ids))
+            hidden, self.expert_load = self.runner.forward(self.runner.prepare(chunks, device_ids), topk)
             logits = self.runner.logits(hidden)
         tokens, _ = sample(logits, batch, out=self.runner.token_buffer(len(seqs)))
         for seq in seqs:

@@ -52,17 +52,26 @@ class EngineConfig:
     # "auto": the Triton kernels on CUDA, PyTorch elsewhere; "torch": PyTorch's everywhere; "triton": Triton's on
     # CUDA, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1) (seekforge.ops.dispatch)
     kernels: str = "auto"
+    # adaptive expert activation (seekforge.engine.adaptive_topk): under saturation, steps route each token to fewer
+    # experts, down the levels (None: the model's k, about 2/3 and 1/3 of it); saturated = at least adaptive_queue
+    # sequences waiting, or (where set) a step of at least adaptive_step_latency seconds. Requests keep a minimum
+    # with SamplingParams.min_experts.
+    adaptive_experts: bool = False
+    adaptive_expert_levels: list[int] | None = None
+    adaptive_queue: int = 1
+    adaptive_step_latency: float | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("block_size", 1), ("num_blocks", 1), ("max_model_len", 2), ("max_num_seqs", 1),
-                          ("max_num_batched_tokens", 1), ("max_waiting", 1), ("num_speculative_tokens", 0)):
+                          ("max_num_batched_tokens", 1), ("max_waiting", 1), ("num_speculative_tokens", 0),
+                          ("adaptive_queue", 1)):
             value = getattr(self, name)
             if value is None and name in ("block_size", "num_blocks", "max_model_len"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"LLM: {name} must be an integer >= {low}, got {value!r}; set engine {name} "
                                   f"to one")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "adaptive_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LLM: {name} is true or false, got {getattr(self, name)!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from seekforge import ops
+from seekforge.engine.adaptive_topk import AdaptiveTopK, default_levels
 from seekforge.engine.async_step import AsyncStep, InFlight
 from seekforge.engine.block_manager import BlockManager
 from seekforge.engine.cache_size import cache_blocks, cache_budget
@@ -123,9 +124,19 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         # empty when it ran none. A captured step's are its graph's output buffers, which the next step
         # overwrites: copy or add them up before stepping again (`seekforge.model.moe.add_load`).
         self.expert_load: dict[int, torch.Tensor] = {}
-        if config.cuda_graphs:
+        self.adaptive = self._adaptive_controller(config) if config.adaptive_experts else None
+        if config.cuda_graphs:  # with adaptive experts, one graph a batch size and routed top-k
+            topks = (None,) if self.adaptive is None else (None, *self.adaptive.levels[1:])
             with torch.inference_mode(), ops.backend(self.kernels):
-                self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256))
+                self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256), topks)
+
+    def _adaptive_controller(self, config: EngineConfig) -> AdaptiveTopK:
+        k = self.cfg.n_activated_experts
+        levels = default_levels(k) if config.adaptive_expert_levels is None else tuple(config.adaptive_expert_levels)
+        if not levels or levels[0] != k:
+            raise ConfigError(f"LLM: adaptive_expert_levels must start at the model's routed top-k {k} and descend "
+                              f"(e.g. {' '.join(map(str, default_levels(k)))}), got {list(levels)}")
+        return AdaptiveTopK(levels, queue_high=config.adaptive_queue, latency_high=config.adaptive_step_latency)
 
     # ---------------------------------------------------------------- facts
     @property
@@ -150,6 +161,8 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
             out["speculative"] = self.proposer.stats.as_dict()
         if isinstance(bm, TieredBlockManager):
             out["kv_tiers"] = bm.tier_stats()
+        if self.adaptive is not None:
+            out["adaptive_experts"] = self.adaptive.stats()
         return out
 
     def close(self) -> None:

@@ -91,7 +91,9 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, width)
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        # captured decode steps by (routed experts a token, None for the config's; batch size)
+        self.graphs: dict[tuple[int | None, int],
+                          tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         if compile:
             _settle_before_tracing(self.device, self.dtype)
@@ -188,28 +190,28 @@ class ModelRunner:
         return AttentionGroup(lo, hi, False, b, S, plan, index, valid)
 
     # ---------------------------------------------------------------- forward
-    def run_blocks(self, h: torch.Tensor, step: StepInput, blocks: list[Block],
-                   cache: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def run_blocks(self, h: torch.Tensor, step: StepInput, blocks: list[Block], cache: torch.Tensor,
+                   topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """h [N, dim] -> ([N, dim] through `blocks` (block i caching into cache[i]), the tokens per expert [experts]
-        of each MoE block by layer id)."""
+        of each MoE block by layer id). `topk`: routed experts a token (None: the config's)."""
         cos, sin = self.model.rope(step.positions.unsqueeze(0))
         h = h.unsqueeze(0)
         loads = {}
         for i, block in enumerate(blocks):
-            h, routed = block(h, cos, sin, None, self._backend(cache[i], step))
+            h, routed = block(h, cos, sin, None, self._backend(cache[i], step, topk))
             if routed is not None:
                 loads[block.layer_id] = routed[1]
         return h[0], loads
 
-    def _backend(self, cache: torch.Tensor, step: StepInput) -> StepBackend:
+    def _backend(self, cache: torch.Tensor, step: StepInput, topk: int | None = None) -> StepBackend:
         """The blocks' backend for one layer's cache in a packed step."""
-        return StepBackend(cache, step.slot_mapping, step.groups, self._stages)
+        return StepBackend(cache, step.slot_mapping, step.groups, self._stages, topk)
 
-    def forward(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward(self, step: StepInput, topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Main model over the step's tokens: (hidden states [N, dim] before the final norm, the tokens per expert
-        [experts] fp32 of each MoE layer by layer id)."""
+        [experts] fp32 of each MoE layer by layer id). `topk`: routed experts a token (None: the config's)."""
         m = self.model
-        return self.run_blocks(m.embed(step.input_ids), step, list(m.layers), self.kv_cache)
+        return self.run_blocks(m.embed(step.input_ids), step, list(m.layers), self.kv_cache, topk)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._logits(self.model, hidden)
@@ -227,45 +229,47 @@ class ModelRunner:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
 
     # ---------------------------------------------------------------- decode through CUDA graphs
-    def decode_logits(self, chunks: list[Chunk],
-                      device_ids: DeviceIds | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
-        """(Logits [b, vocab], tokens per expert of each MoE layer by layer id) of a plain decode step replayed from
-        a captured graph; None when the step does not fit one (not captured, a chunk longer than one token, or too
-        many sequences). Both are the graph's output buffers: the next replay of any graph overwrites them."""
+    def decode_logits(self, chunks: list[Chunk], device_ids: DeviceIds | None = None,
+                      topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+        """(Logits [b, vocab], tokens per expert of each MoE layer by layer id) of a plain decode step at `topk`
+        routed experts a token (None: the config's) replayed from a captured graph; None when the step does not fit
+        one (not captured at that k, a chunk longer than one token, or too many sequences). Both are the graph's
+        output buffers: the next replay of any graph overwrites them."""
         b = len(chunks)
-        size = next((s for s in sorted(self.graphs) if s >= b), None)
+        size = min((s for k, s in self.graphs if k == topk and s >= b), default=None)
         if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
             return None
         in_buffer = device_ids is not None and device_ids.tokens.data_ptr() == self._sampled.data_ptr()
         self._fill_static(chunks, size, device_ids if in_buffer else None)
         if device_ids is not None and not in_buffer:
             device_ids.write(self._static[:, 0], device_ids.chunks)
-        graph, logits, loads = self.graphs[size]
+        graph, logits, loads = self.graphs[topk, size]
         graph.replay()
         return logits[:b], loads
 
-    def capture_cuda_graphs(self, max_batch: int) -> None:
-        """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch. The graphs
-        attend over the whole static block table (max_model_len); fused kernels make that cheap."""
+    def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,)) -> None:
+        """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch, once for each routed
+        top-k of `topks` (None: the config's): a graph replays the k it was captured with. The graphs attend over
+        the whole static block table (max_model_len); fused kernels make that cheap."""
         if self.device.type != "cuda":
             return
         self._allocate_static(max_batch)
         sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         pool = None
-        for size in sorted(set(sizes), reverse=True):
-            self._graph_step(size)  # warm up (lazy initialisation must not happen during capture)
+        for topk, size in ((k, s) for k in topks for s in sorted(set(sizes), reverse=True)):
+            self._graph_step(size, topk)  # warm up (lazy initialisation must not happen during capture)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=pool):
-                    logits, loads = self._graph_step(size)
+                    logits, loads = self._graph_step(size, topk)
             except RuntimeError as err:
                 self.graphs.clear()
                 raise ConfigError(f"cannot capture the decode step as a CUDA graph in {self.dtype} ({err}); some "
                                   f"operator synchronises with the host here (float32 grouped matmul does): use "
                                   f"bfloat16, or cuda_graphs=False") from err
             pool = graph.pool()
-            self.graphs[size] = (graph, logits, loads)
+            self.graphs[topk, size] = (graph, logits, loads)
 
     def token_buffer(self, n: int) -> torch.Tensor | None:
         """Where a caller that samples a captured step's n tokens on the device should write them (None: anywhere):
@@ -296,9 +300,10 @@ class ModelRunner:
         rows += [[0, 0, scratch * bs, -1] + [scratch] * width] * (size - len(chunks))
         copy_into(self._static[:size], rows)
 
-    def _graph_step(self, b: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The decode step a graph of size b captures: (logits [b, vocab], tokens per expert of each MoE layer by
-        layer id, counting the sequences' rows only, not the padding rows up to b)."""
+    def _graph_step(self, b: int, topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decode step a graph of size b captures at `topk` routed experts a token (None: the config's): (logits
+        [b, vocab], tokens per expert of each MoE layer by layer id, counting the sequences' rows only, not the
+        padding rows up to b)."""
         ids, pos, slots, source = (self._static[:b, i] for i in range(4))
         tables = self._static[:, 4:]
         plan = ops.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
@@ -307,7 +312,7 @@ class ModelRunner:
         chosen = {}
         with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
-                backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops)
+                backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops, topk=topk)
                 h, routed = self._decode_block(block, h, cos, sin, backend)
                 if routed is not None:
                     chosen[block.layer_id] = routed[0]
@@ -367,11 +372,13 @@ def _compile(fn):
     dense and MoE layers each make one, and past the limit dynamo would run the rest eagerly. Float constants
     (norm eps, route scale) stay baked in: with dynamic shapes dynamo otherwise passes them as CPU scalar
     tensors, and inductor builds CPU kernels for them inside GPU blocks (on the H200 one such build stalled a
-    test's compile for minutes)."""
+    test's compile for minutes). Int arguments (a step's routed top-k) are specialised too: each k compiles its
+    own variant, never a symbolic k in the routing's shapes."""
     compiled = torch.compile(fn, dynamic=True)
 
     def run(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, specialize_float=True):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, specialize_float=True,
+                                           specialize_int=True):
             return compiled(*args, **kwargs)
 
     return run

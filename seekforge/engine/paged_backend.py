@@ -68,8 +68,9 @@ class StepBackend(Backend):
     attention groups, in packed order."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, groups: list[AttentionGroup],
-                 stages: Stages):
+                 stages: Stages, topk: int | None = None):
         self.cache, self.slot_mapping, self.groups, self.stages = cache, slot_mapping, groups, stages
+        self.topk = topk
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q_nope, q_pe, kv, k_pe = self.stages.inputs(mla, norm, x, cos, sin)
@@ -99,7 +100,7 @@ class StepBackend(Backend):
         return out[0] if g.valid is None else out[g.valid]
 
     def feed_forward(self, norm, ffn, x, delta):
-        return self.stages.second_half(norm, ffn, x, delta)
+        return self.stages.second_half(norm, ffn, x, delta, self.topk)
 
 
 class DecodeBackend(Backend):
@@ -110,8 +111,9 @@ class DecodeBackend(Backend):
     rotation (`ops.store_and_query`)."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan,
-                 store=ops.store_latents, decode=ops.paged_mla_decode):
+                 store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None):
         self.cache, self.slot_mapping, self.plan, self.store, self.decode = cache, slot_mapping, plan, store, decode
+        self.topk = topk
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q, kv_a = normed_projections(mla, norm, x)
@@ -121,7 +123,7 @@ class DecodeBackend(Backend):
         return absorbed_attention(mla, self.cache, q, self.plan, 1, self.decode).unsqueeze(0)
 
     def feed_forward(self, norm, ffn, x, delta):
-        return second_half(norm, ffn, x, delta)
+        return second_half(norm, ffn, x, delta, self.topk)
 
 
 def run_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -145,16 +147,17 @@ def attention_inputs(mla: MLA, norm: nn.Module, h: torch.Tensor, cos: torch.Tens
     return q_nope[0], q_pe[0], kv[0], k_pe[0]
 
 
-def second_half(norm: nn.Module, ffn: MoE | MLP, h: torch.Tensor,
-                delta: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+def second_half(norm: nn.Module, ffn: MoE | MLP, h: torch.Tensor, delta: torch.Tensor,
+                topk: int | None = None) -> tuple[torch.Tensor, tuple | None]:
     """`Backend.feed_forward` with the engine's kernels: the residual add and the FFN's norm in the Triton router's
-    first kernel where it runs (`ops.residual_norm`), then `feed_forward`."""
-    h, x, routing = ops.residual_norm(ffn, norm, h, delta)
-    return feed_forward(ffn, x, routing, residual=h)
+    first kernel where it runs (`ops.residual_norm`), then `feed_forward` (`topk` routed experts a token; None: the
+    config's)."""
+    h, x, routing = ops.residual_norm(ffn, norm, h, delta, topk)
+    return feed_forward(ffn, x, routing, residual=h, topk=topk)
 
 
 def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+                 residual: torch.Tensor | None = None, topk: int | None = None) -> tuple[torch.Tensor, tuple | None]:
     """The block's FFN at inference, plus `residual` (the block's stream, x's shape) where given: an MoE runs
     through `ops.moe_forward` (Triton routing and fused experts for decode's few rows per expert, the residual
     added in their last kernel; `routing` where `ops.residual_norm` made it). Returns the output and, for an
@@ -163,7 +166,7 @@ def feed_forward(ffn: MoE | MLP, x: torch.Tensor, routing: tuple | None = None,
         return (ffn(x) if residual is None else residual + ffn(x)), None
     flat = x.reshape(-1, x.shape[-1])
     y, indices, load = ops.moe_forward(ffn, flat, routing,
-                                           None if residual is None else residual.reshape(flat.shape))
+                                           None if residual is None else residual.reshape(flat.shape), topk)
     return y.view(x.shape), (indices, load)
 
 

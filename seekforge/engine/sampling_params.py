@@ -40,6 +40,9 @@ class SamplingParams:
     constraint: Constraint | None = None
     # tokens a rule inserts into each sequence as it generates (in-chain tools; seekforge.engine.insertion)
     inserter: Inserter | None = None
+    # the fewest routed experts a token of this request may run with when the engine's adaptive expert activation
+    # lowers them under load (seekforge.engine.adaptive_topk); None: no minimum; the model's k or more: never lowered
+    min_experts: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +85,8 @@ class SamplingParams:
             integer("logprobs", 0)
         if self.prompt_logprobs is not None:
             integer("prompt_logprobs", 0)
+        if self.min_experts is not None:
+            integer("min_experts", 1)
         if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
             raise ConfigError(f"sampling: constraint must have a start() method giving each sequence its state "
                               f"(seekforge.engine.constraint), got {type(self.constraint).__name__}")

@@ -5,6 +5,7 @@ next step's tokens."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -21,7 +22,19 @@ class Step:
     @torch.inference_mode()
     def _step(self) -> set[str]:
         """One engine step: schedule, run, sample, apply; returns the ids of requests that got new tokens or
-        finished."""
+        finished. With adaptive experts, the controller then takes the queue and the step's wall time."""
+        start = time.perf_counter()
+        touched = self._scheduled_step()
+        if self.adaptive is not None:
+            self.adaptive.observe(len(self.scheduler.waiting), time.perf_counter() - start)
+        return touched
+
+    def _step_topk(self, seqs) -> int | None:
+        """The routed top-k of a step over `seqs` (None: the model's): the adaptive controller's, raised to the
+        largest minimum its requests ask for."""
+        return None if self.adaptive is None else self.adaptive.step_topk([s.params.min_experts for s in seqs])
+
+    def _scheduled_step(self) -> set[str]:
         self.expert_load = {}
         plan = self.scheduler.schedule()
         touched = {seq.request.request_id for seq in plan.finished}
@@ -57,14 +70,15 @@ class Step:
         """(logits of the sampled positions, hidden states, packed step); a decode step replayed from a CUDA
         graph gives its logits only (hidden and step None)."""
         replayed = hidden = step = None
+        topk = self._step_topk(seqs)
         prompt = [i for i, seq in enumerate(seqs) if seq.needs_prompt_logprobs]
         if self.proposer is None and len(sampling) == len(chunks) and not prompt:
-            replayed = self.runner.decode_logits(chunks)
+            replayed = self.runner.decode_logits(chunks, topk=topk)
         if replayed is not None:
             logits, self.expert_load = replayed
         else:
             step = self.runner.prepare(chunks)
-            hidden, self.expert_load = self.runner.forward(step)
+            hidden, self.expert_load = self.runner.forward(step, topk)
             first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
             rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
             # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 
 class Backend:
-    def __init__(self, absorbed: bool = False):
+    def __init__(self, absorbed: bool = False, topk: int | None = None):
         self.absorbed = absorbed  # attend over the latents (as the engine does) instead of the explicit form
+        self.topk = topk  # routed experts a token in every MoE block (None: the config's n_activated_experts)
 
     def attend(self, mla: MLA, norm: nn.Module | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +47,7 @@ class Backend:
         h = x + delta
         if not isinstance(ffn, MoE):
             return h + ffn(norm(h)), None
-        y, routing = ffn(norm(h))
+        y, routing = ffn(norm(h), self.topk)
         return h + y, routing
 
 

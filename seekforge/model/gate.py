@@ -30,8 +30,10 @@ class Gate(nn.Module):
         rather than over all experts."""
         return self.n_groups > 1 and self.topk_method != "greedy"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [n, dim] -> weights [n, k] (fp32), expert indices [n, k], scores [n, experts] (fp32)."""
+    def forward(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, dim] -> weights [n, k] (fp32), expert indices [n, k], scores [n, experts] (fp32). `topk` chooses k
+        experts a token for this forward instead of the config's (None); the weights are normalised over those k
+        where the config says (norm_topk_prob), as at the config's k."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
@@ -46,7 +48,7 @@ class Gate(nn.Module):
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
         # unsorted: the experts' outputs are summed, so their order is irrelevant, and sorting costs a kernel
-        indices = choice.topk(self.topk, dim=-1, sorted=False).indices
+        indices = choice.topk(self.topk if topk is None else topk, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

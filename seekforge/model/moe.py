@@ -196,10 +196,11 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """x [..., dim] -> (output [..., dim], this forward's routing, scores and indices in x's leading shape)."""
+    def forward(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, Routing]:
+        """x [..., dim] -> (output [..., dim], this forward's routing, scores and indices in x's leading shape).
+        `topk`: routed experts a token for this forward (None: the config's), as `Gate.forward` takes it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(x)
+        weights, indices, scores = self.gate(x, topk)
         y, load = self.experts(x, weights, indices, self.shared_experts)
         return y.view(shape), Routing(scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1), load)

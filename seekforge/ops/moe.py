@@ -37,26 +37,28 @@ def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
         0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
-def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None, residual: torch.Tensor | None = None,
+                topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
     given; the chosen experts [n, k]; tokens per routed expert [experts] as fp32), as `MoE.forward` computes them
     (its routing's indices and load). With Triton, with weights stored in x's dtype and at most FUSED_MOE_ROWS rows
     per expert on average (decode): the Triton router's logits (where it makes the gate's choice; `routing`, its
     logits of x, when `residual_norm` computed them already) and the fused kernels, which choose from them, also
     take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add the
-    residual in their last kernel; otherwise the gate and the model's grouped matmuls."""
+    residual in their last kernel; otherwise the gate and the model's grouped matmuls. `topk`: routed experts a
+    token (None: the gate's); another k than the gate's routes through the gate (the Triton router chooses the
+    gate's k), and the fused kernels take its choice."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate
-    kernel = _fused_experts(moe, x)
+    kernel = _fused_experts(moe, x, topk)
     if kernel is not None:
-        router = _router(moe, x) if routing is None else None
+        router = _router(moe, x, topk) if routing is None else None
         if router is not None:
             routing = router.router_logits(gate, x)
         if routing is not None:
             weights = indices = None
             load = routing.load
         else:
-            weights, indices, _ = gate(x)
+            weights, indices, _ = gate(x, topk)
             load = tokens_per_expert(indices, experts.n_experts).float()
         joined = shared is not None and x.shape[0] <= FUSED_SHARED_TOKENS and shared.w1.weight.dtype == x.dtype
         added = residual is not None and residual.dtype == x.dtype
@@ -68,33 +70,38 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None,
         if routing is not None:  # the fused kernels (or the router's select kernel) filled its choice
             indices = routing.indices
         return (y if residual is None or added else residual + y), indices, load
-    y, chosen = moe(x)
+    y, chosen = moe(x, topk)
     return (y if residual is None else residual + y), chosen.indices, chosen.load
 
 
-def _fused_experts(moe, x: torch.Tensor):
+def _fused_experts(moe, x: torch.Tensor, topk: int | None = None):
     """The Triton module of the fused experts where they take x: weights in x's dtype, no autocast, decode's rows."""
     kernel = MOE.on(x.device)
+    k = moe.gate.topk if topk is None else topk
     if (kernel is not None and x.dtype == moe.experts.w1.dtype and not torch.is_autocast_enabled("cuda")
-            and x.shape[0] * moe.gate.topk <= FUSED_MOE_ROWS * moe.experts.n_experts):
+            and x.shape[0] * k <= FUSED_MOE_ROWS * moe.experts.n_experts):
         return kernel
     return None
 
 
-def _router(moe, x: torch.Tensor):
-    """The Triton router's module, where it makes this gate's choice (not group-limited); `moe_forward` takes its
-    logits with the fused experts, which choose."""
-    return None if moe.gate.group_limited else ROUTE.on(x.device)
+def _router(moe, x: torch.Tensor, topk: int | None = None):
+    """The Triton router's module, where it makes this gate's choice (not group-limited, the gate's own k);
+    `moe_forward` takes its logits with the fused experts, which choose."""
+    if moe.gate.group_limited or topk not in (None, moe.gate.topk):
+        return None
+    return ROUTE.on(x.device)
 
 
-def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+def residual_norm(ffn, norm, h: torch.Tensor, delta: torch.Tensor,
+                  topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """A block's residual add and its FFN's input norm (`norm`, an RMSNorm): (h + delta, norm(h + delta), routing).
-    Where the FFN is an MoE (it has `experts`) that `moe_forward` routes with the Triton router, for up to
-    RESIDUAL_ROUTE_TOKENS tokens, that router's first kernel computes both (`residual_logits`), and routing is its
-    logits of x, to pass to `moe_forward`; otherwise None."""
+    Where the FFN is an MoE (it has `experts`) that `moe_forward` routes with the Triton router (at `topk` routed
+    experts a token, as `moe_forward` takes it), for up to RESIDUAL_ROUTE_TOKENS tokens, that router's first kernel
+    computes both (`residual_logits`), and routing is its logits of x, to pass to `moe_forward`; otherwise None."""
     flat = h.reshape(-1, h.shape[-1])
-    if (hasattr(ffn, "experts") and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS and _fused_experts(ffn, flat) is not None
-            and (router := _router(ffn, flat)) is not None and norm.weight.dtype == h.dtype == delta.dtype):
+    if (hasattr(ffn, "experts") and flat.shape[0] <= RESIDUAL_ROUTE_TOKENS
+            and _fused_experts(ffn, flat, topk) is not None and (router := _router(ffn, flat, topk)) is not None
+            and norm.weight.dtype == h.dtype == delta.dtype):
         h, x, routing = router.residual_logits(ffn.gate, flat, delta.reshape(flat.shape), norm.weight, norm.eps)
         return h.view(delta.shape), x.view(delta.shape), routing
     h = h + delta

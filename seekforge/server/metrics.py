@@ -66,6 +66,11 @@ class ServerMetrics:
                                      "(main model forwards)", ["layer", "expert"], registry=r)
         self.expert_imbalance = Gauge("seekforge_expert_load_imbalance", "Max over mean of the tokens routed "
                                       "per expert since the previous update, by MoE layer", ["layer"], registry=r)
+        self.routed_experts = Gauge("seekforge_routed_experts", "Routed experts a token runs with now, under "
+                                    "adaptive expert activation (--adaptive-experts)", registry=r)
+        self.routed_experts_seconds = Counter("seekforge_routed_experts_seconds", "Engine time spent at each routed "
+                                              "top-k (adaptive expert activation)", ["k"], registry=r)
+        self._seconds_at_k: dict[int, float] = {}
         self.engine_errors = Counter("seekforge_engine_errors", "Engine steps that raised (their requests failed)",
                                      registry=r)
         Gauge("seekforge_model_info", "The served model", list(label), registry=r).labels(**label).set(1)
@@ -95,6 +100,12 @@ class ServerMetrics:
             for j, rate in enumerate(spec["acceptance_rate"]):
                 self.spec_acceptance.labels(position=str(j + 1)).set(rate)
             self.spec_tokens_per_step.set(spec["mean_tokens_per_step"])
+        adaptive = stats.get("adaptive_experts")
+        if adaptive:
+            self.routed_experts.set(adaptive["topk"])
+            for k, seconds in adaptive["seconds_at_k"].items():
+                self.routed_experts_seconds.labels(k=str(k)).inc(seconds - self._seconds_at_k.get(k, 0.0))
+                self._seconds_at_k[k] = seconds
 
     def record_expert_load(self, per_layer: dict[int, list[float]]) -> None:
         for layer, counts in per_layer.items():

@@ -195,6 +195,9 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:123" (exact where text is not)
+    # seekforge extension: the fewest routed experts a token may run with when the server's adaptive expert
+    # activation (--adaptive-experts) lowers them under load; the model's k or more opts the request out
+    min_experts: Int | None = Field(default=None, ge=1)
 
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -204,7 +207,8 @@ class _SamplingFields(_Request):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         kwargs = dict(n=self.n, stop=stop, stop_token_ids=list(self.stop_token_ids or []), seed=self.seed,
                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                      ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens)
+                      ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+                      min_experts=self.min_experts)
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             value = getattr(self, name)
             if value is not None:

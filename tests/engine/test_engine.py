@@ -418,7 +418,7 @@ def test_cuda_graph_replay_matches_eager_decode(tmp_path, block_size, compile):
     save_hf("v3_sigmoid_grouped_qlora", tmp_path)
     llm = LLM(tmp_path, device="cuda", dtype="bfloat16", block_size=block_size, max_num_seqs=8, cuda_graphs=True,
               compile=compile)
-    assert sorted(llm.runner.graphs) == [1, 2, 4, 8]
+    assert sorted(size for k, size in llm.runner.graphs if k is None) == [1, 2, 4, 8] and len(llm.runner.graphs) == 4
     for p in make_prompts([5, 30, 17]):
         llm.add_request(p, FULL)
     llm.step()  # prefill: the cache now holds the prompts
@@ -443,3 +443,28 @@ def test_cuda_graph_replay_matches_eager_decode(tmp_path, block_size, compile):
         llm.step()
     outs = llm.generate(make_prompts([3, 9, 40, 2, 11]), FULL)
     assert all(len(o.token_ids) == NEW for o in outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_are_captured_per_routed_topk(tmp_path, compile):
+    """With adaptive experts, every batch size is captured at each k of the levels, and a replay at k routes each
+    token to k experts and matches the eager step at that k (never a graph captured at another k)."""
+    from seekforge.engine.model_runner import Chunk
+
+    save_hf("v3_sigmoid_grouped_qlora", tmp_path, num_experts_per_tok=3)  # levels 3, 2, 1
+    llm = LLM(tmp_path, device="cuda", dtype="bfloat16", max_num_seqs=4, cuda_graphs=True, compile=compile,
+              adaptive_experts=True)
+    assert set(llm.runner.graphs) == {(k, s) for k in (None, 2, 1) for s in (1, 2, 4)}
+    for p in make_prompts([5, 30, 17]):
+        llm.add_request(p, FULL)
+    llm.step()
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in llm.scheduler.running]
+    for topk, k in ((None, 3), (2, 2), (1, 1)):
+        with torch.inference_mode():
+            replayed, loads = llm.runner.decode_logits(chunks, topk=topk)
+            replayed, loads = replayed.clone(), {layer: load.clone() for layer, load in loads.items()}
+            eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks), topk)[0])
+        assert loads and all(load.sum().item() == len(chunks) * k for load in loads.values())
+        tol = 0.06 if compile else 0.02
+        torch.testing.assert_close(replayed, eager, atol=tol, rtol=tol)

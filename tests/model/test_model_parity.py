@@ -155,3 +155,21 @@ def test_expert_load_counts_every_routed_token():
     out.loss.backward()
     assert model.layers[1].ffn.experts.w1.grad is not None
     assert model.layers[1].ffn.gate.bias.grad is None  # a buffer: no optimizer can move it
+
+
+@pytest.mark.parametrize("case,k", [("v3_sigmoid_grouped_qlora", 1), ("v2_softmax_greedy", 1),
+                                    ("v3_no_groups_plain_q", 3)])
+def test_topk_override_matches_transformers_at_that_k(case, k, tmp_path):
+    """A forward at another routed top-k (the backend's `topk`, what the engine's adaptive experts pass) is the
+    checkpoint's model configured with that k in transformers: same weights (same seed), num_experts_per_tok = k,
+    the weights normalised over the k chosen where the config says."""
+    save_hf(case, tmp_path)  # num_experts_per_tok = 2
+    ref = hf_model(case, num_experts_per_tok=k)
+    ours = seekforge.from_pretrained(tmp_path, dtype=torch.float32)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = ours(tokens, backend=Backend(topk=k))
+        default = ours(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert (default - expected).abs().max() > 1e-2  # the override, not the config's k, made the match

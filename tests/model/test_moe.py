@@ -116,3 +116,32 @@ def test_score_functions(score_func):
     want = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
     torch.testing.assert_close(scores, want)
     torch.testing.assert_close(w, want.topk(2).values)
+
+
+def test_topk_override_by_hand():
+    """The hand case above at k = 1 and 3: the groups kept are the same (3 and 1), the k best experts within
+    them are taken and their weights normalised over those k."""
+    cfg = ModelConfig.preset("tiny").replace(n_expert_groups=4, n_limited_groups=2, route_scale=2.0)
+    gate = Gate(cfg)
+    target = torch.tensor([0.90, 0.10, 0.60, 0.55, 0.80, 0.05, 0.70, 0.69])
+    gate.weight.data.zero_()
+    gate.weight.data[:, 0] = torch.log(target / (1 - target))
+    x = torch.zeros(1, 128)
+    x[0, 0] = 1.0
+    w, idx, _ = gate(x, topk=1)
+    assert idx.tolist() == [[6]]
+    torch.testing.assert_close(w, torch.tensor([[2.0]]))
+    w, idx, _ = gate(x, topk=3)
+    order = idx[0].argsort()
+    assert idx[0, order].tolist() == [2, 6, 7]
+    torch.testing.assert_close(w[0, order], torch.tensor([0.60, 0.70, 0.69]) / 1.99 * 2.0)
+
+
+def test_moe_at_another_topk_matches_naive_loop():
+    m = _moe()
+    x = torch.randn(9, 128)
+    y, routing = m(x, topk=1)
+    assert routing.indices.shape == (9, 1) and routing.load.sum() == 9
+    ref = MoE(ModelConfig.preset("tiny").replace(n_activated_experts=1))  # the same weights, configured at k = 1
+    ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(y, _naive(ref, x))

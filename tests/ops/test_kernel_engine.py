@@ -76,3 +76,32 @@ def test_the_captured_steps_load_counts_the_kernels_choice_for_the_sequences_row
     assert "seekforge::fused_moe" in {e.key for e in prof.key_averages()}
     assert {k: v.tolist() for k, v in loads.items()} == {k: v.tolist() for k, v in plain.items()}
     assert all(load.sum() == 3 * cfg.n_activated_experts for load in loads.values())
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
+def test_a_captured_step_at_a_lowered_topk_runs_the_fused_experts_at_that_k():
+    """A decode step captured at another routed top-k than the gate's (adaptive experts): the Triton router
+    (which chooses the gate's k) steps aside, the gate chooses k experts a token and the fused MoE runs that choice;
+    the logits and the load are the plain packed forward's at the same k."""
+    from seekforge.engine.model_runner import Chunk
+
+    cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_expert_groups=1, n_limited_groups=1,
+                                             topk_method="greedy", n_layers=2, n_activated_experts=3)
+    torch.manual_seed(0)
+    llm = LLM(Transformer(cfg).to(HALF).eval(), max_num_seqs=4, max_model_len=32)
+    for n in (5, 9, 3):
+        llm.add_request(torch.randint(2, cfg.vocab_size, (n,)).tolist(), SamplingParams(temperature=0, max_tokens=4))
+    llm.step()
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in llm.scheduler.running]
+    runner = llm.runner
+    with torch.inference_mode():
+        hidden, plain = runner.forward(runner.prepare(chunks), 1)
+        want = runner.logits(hidden)
+        runner._allocate_static(4)
+        runner._fill_static(chunks, 4)
+        with torch.profiler.profile() as prof, ops.backend("triton", ops=["route", "moe"]):
+            logits, loads = runner._graph_step(4, topk=1)
+    assert "seekforge::fused_moe" in {e.key for e in prof.key_averages()}
+    assert {k: v.tolist() for k, v in loads.items()} == {k: v.tolist() for k, v in plain.items()}
+    assert all(load.sum() == 3 for load in loads.values())
+    torch.testing.assert_close(logits[:3], want, atol=2e-2, rtol=2e-2)

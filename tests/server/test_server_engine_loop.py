@@ -102,3 +102,40 @@ def test_expert_load_metric_counts_every_choice_of_the_gates():
     want = asyncio.run(main())
     assert sorted(want) == list(range(model.cfg.n_dense_layers, model.cfg.n_layers))
     assert served() == want
+
+
+def test_adaptive_experts_metrics_and_request_minimum():
+    """Under a queue (one slot, four requests) the controller lowers the tiny model's k from 2 to 1: the gauge
+    shows the k, the counter the engine time at each k. A request's `min_experts` field reaches its
+    SamplingParams, and a bad one is refused by the wire format."""
+    from pydantic import ValidationError
+
+    from seekforge.server.protocol import CompletionRequest
+
+    assert CompletionRequest(model="m", prompt="hi", min_experts=2).sampling_kwargs()["min_experts"] == 2
+    assert CompletionRequest(model="m", prompt="hi").sampling_kwargs()["min_experts"] is None
+    with pytest.raises(ValidationError, match="min_experts"):
+        CompletionRequest(model="m", prompt="hi", min_experts=0)
+
+    torch.manual_seed(0)
+    metrics = ServerMetrics("tiny")
+    loop = EngineLoop(lambda: LLM(seekforge.Transformer(seekforge.ModelConfig.preset("tiny")), max_num_seqs=1,
+                                  kv_cache_memory=8 << 20, adaptive_experts=True), metrics)
+    value = metrics.registry.get_sample_value
+
+    async def main():
+        loop.start(asyncio.get_running_loop())
+        assert await asyncio.to_thread(loop.wait_ready, 120) and loop.state == "ready"
+        gen = Generation(loop, [[1, 2, 3], [4, 5], [6, 7, 8], [9]],
+                         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        await gen.admit()
+        assert [out async for _, out in gen][-1].finished
+        deadline = time.monotonic() + 10  # the idle loop publishes the engine's figures within a second
+        while not value("seekforge_routed_experts_seconds_total", {"k": "1"}) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(loop.stop)
+
+    asyncio.run(main())
+    assert value("seekforge_routed_experts") in (1.0, 2.0)
+    assert value("seekforge_routed_experts_seconds_total", {"k": "1"}) > 0
+    assert value("seekforge_routed_experts_seconds_total", {"k": "2"}) > 0
