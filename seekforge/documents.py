@@ -67,7 +67,9 @@ def _txt_documents(path: Path, chat) -> Iterator[str]:
     yield "".join(lines)
 
 
-def _jsonl_documents(path: Path, chat) -> Iterator[str]:
+def jsonl_objects(path: Path, example: str = '{"text": "..."}') -> Iterator[tuple[str, dict]]:
+    """(where, object) of each non-blank line of a UTF-8 .jsonl file, `where` naming it ("PATH line N") for the
+    caller's own errors; a line that is not one JSON object is a DataError (`example`: the object to write)."""
     for lineno, line in _utf8_lines(path):
         if not line.strip():
             continue
@@ -79,7 +81,12 @@ def _jsonl_documents(path: Path, chat) -> Iterator[str]:
                             "fix or remove the line (one JSON object per line)") from None
         if not isinstance(row, dict):
             raise DataError(f"{where} is a JSON {type(row).__name__}, not an object: "
-                            'write one object per line, e.g. {"text": "..."}')
+                            f"write one object per line, e.g. {example}")
+        yield where, row
+
+
+def _jsonl_documents(path: Path, chat) -> Iterator[str]:
+    for where, row in jsonl_objects(path):
         if "text" in row:
             if not isinstance(row["text"], str):
                 raise DataError(f'{where}: "text" is a {type(row["text"]).__name__}, not a string: '

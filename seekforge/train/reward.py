@@ -21,7 +21,6 @@ DIR/final holds the reward model in transformers' sequence-classification layout
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from seekforge.configio import load_config
+from seekforge.documents import jsonl_objects
 from seekforge.errors import ConfigError, DataError
 from seekforge.model.transformer import ModelLoss, sequence_balance_loss
 from seekforge.train.lm import LMConfig, LMTrainer
@@ -99,20 +99,12 @@ def read_pairs(path: str | os.PathLike, tokenizer) -> list[tuple[list[int], list
     if not path.is_file():
         raise DataError(f"{path} not found: pass --data FILE.jsonl with rows {{\"prompt\", \"chosen\", \"rejected\"}}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not valid JSON ({err})") from err
-            if not isinstance(row, dict) or not all(_is_side(row.get(k)) for k in ("prompt", "chosen", "rejected")):
-                raise DataError(f"{path}:{n}: expected {{\"prompt\", \"chosen\", \"rejected\"}}, each a text or a list "
-                                f"of {{\"role\", \"content\"}} messages; got "
-                                f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
-            pairs.append((encode_response(tokenizer, row["prompt"], row["chosen"]),
-                          encode_response(tokenizer, row["prompt"], row["rejected"])))
+    for where, row in jsonl_objects(path, '{"prompt": "...", "chosen": "...", "rejected": "..."}'):
+        if not all(_is_side(row.get(k)) for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f"{where}: expected {{\"prompt\", \"chosen\", \"rejected\"}}, each a text or a list of "
+                            f"{{\"role\", \"content\"}} messages; got {sorted(row)}")
+        pairs.append((encode_response(tokenizer, row["prompt"], row["chosen"]),
+                      encode_response(tokenizer, row["prompt"], row["rejected"])))
     if not pairs:
         raise DataError(f"{path} holds no preference pairs")
     return pairs

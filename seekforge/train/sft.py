@@ -25,7 +25,6 @@ loss = (1 - kd_weight) * cross-entropy (+ MTP, balance) + kd_weight * T^2 * KL(p
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from seekforge.configio import load_config
+from seekforge.documents import jsonl_objects
 from seekforge.errors import ConfigError, DataError
 from seekforge.model.transformer import ModelLoss
 from seekforge.train.lm import IGNORE, LMConfig, LMTrainer
@@ -124,18 +124,8 @@ def read_examples(path: str | os.PathLike, tokenizer, completion_only: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: pass --data FILE.jsonl (e.g. what `seekforge sample` writes)")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not valid JSON ({err})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            examples.append(tokenize_row(row, tokenizer, completion_only, where=f"{path}:{n}"))
+    examples = [tokenize_row(row, tokenizer, completion_only, where=where)
+                for where, row in jsonl_objects(path, '{"prompt": "...", "completion": "..."}')]
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples

@@ -298,7 +298,7 @@ def test_distill_command_trains_and_evaluates_students(base, tok, tmp_path, caps
 def test_read_examples_errors(tmp_path, tok):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(DataError, match="bad.jsonl:2"):
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
         read_examples(bad, tok)
     with pytest.raises(DataError, match="not found"):
         read_examples(tmp_path / "missing.jsonl", tok)
