@@ -36,7 +36,7 @@ ALLOWED = {
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},
-    "train": BASE | {"model", "tokenizer", "data", "fp8", "parallel", "tasks"},  # tasks: long_eval's passkey probe
+    "train": BASE | {"model", "tokenizer", "data", "documents", "fp8", "parallel", "tasks"},  # tasks: long_eval's passkey probe
     "rl": BASE | {"model", "engine", "tokenizer", "data", "tasks", "rewards", "train", "parallel"},
     "server": BASE | {"engine", "model", "tokenizer", "reasoning", "chat_template"},
     "commands": {"*"},
