@@ -78,8 +78,17 @@ def _limit_memory(max_memory_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def _serve(fn: RewardFn, result: Callable[[Any], Any], max_memory_mb: int | None, conn) -> None:
+def _exit_with(parent: int) -> None:
+    """Exit this worker once `parent` is gone. The pipe's EOF cannot tell: the trainer's end of it lives on in
+    sibling workers forked after us, so a trainer killed with SIGKILL would otherwise leave us running."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _serve(fn: RewardFn, result: Callable[[Any], Any], max_memory_mb: int | None, conn, parent: int) -> None:
     """Worker loop: answer (args, kwargs) with ("ok", value) or ("error", message)."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
     # Ctrl-C is for the trainer, which then kills us; and a forked copy of the trainer's own
     # SIGTERM handler (say, save a checkpoint) must not run here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -101,8 +110,8 @@ class _Worker:
     def __init__(self, fn: RewardFn, result: Callable[[Any], Any], max_memory_mb: int | None):
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(fn, result, max_memory_mb, child), daemon=True,
-                                name="seekforge-reward")
+        self.proc = ctx.Process(target=_serve, args=(fn, result, max_memory_mb, child, os.getpid()),
+                                daemon=True, name="seekforge-reward")
         self.proc.start()
         child.close()
 

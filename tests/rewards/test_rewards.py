@@ -365,6 +365,48 @@ def test_safe_reward_process_pool_recovers_and_stays_cheap():
     dying.close()
 
 
+_KILLED_PARENT = """
+import sys, threading, time
+from seekforge.rewards import safe_reward
+wrapped = safe_reward(lambda p, c: (time.sleep(float(c)), 1.0)[1], timeout_s=60, isolation="process", max_workers=2)
+assert wrapped("p", "0") == 1.0
+threading.Thread(target=wrapped, args=("p", "0")).start()   # a second worker: it holds the first's pipe end
+threading.Thread(target=wrapped, args=("p", "600")).start()  # and one busy in a long call
+time.sleep(1.0)
+import multiprocessing
+print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_safe_reward_workers_exit_when_the_trainer_is_killed():
+    """A trainer killed with SIGKILL runs no cleanup: its idle and busy reward workers must still go."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(pids) == 2
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper counts as gone
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
 def test_safe_reward_is_thread_safe_and_bounds_waiting():
     wrapped = safe_reward(lambda p, c, **r: (time.sleep(0.05), float(len(c)))[1], timeout_s=30, max_workers=2)
     results = {}
