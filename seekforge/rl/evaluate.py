@@ -56,35 +56,50 @@ class EvalConfig:
         return self.samples or self.k
 
 
-def evaluate(llm, cfg: EvalConfig) -> dict:
-    """Accuracy of `llm`'s model on cfg.n held-out problems; a JSON-ready dict."""
+def evaluate(llm, cfg: EvalConfig, shard: tuple[int, int] = (0, 1), gather=None) -> dict:
+    """Accuracy of `llm`'s model on cfg.n held-out problems; a JSON-ready dict.
+
+    Under data parallelism, shard = (rank, ranks): this process judges every ranks-th problem from its rank, and
+    `gather` (a local object -> every rank's, in rank order) makes the figures those of the whole set."""
     rows = get_task(cfg.task, **cfg.task_knobs).rows(cfg.split, cfg.n, cfg.seed)
+    rank, ranks = shard
+    mine = rows[rank::ranks]
     m = cfg.n_samples
     greedy = m == 1
-    rewards = RewardSet("accuracy,format", timeout_s=cfg.reward_timeout_s)
     start = time.perf_counter()
-    try:
-        r = generate(llm, rows, n=m, temperature=0.0 if greedy else cfg.temperature, max_tokens=cfg.max_tokens,
-                     seed=None if greedy else cfg.seed, template=cfg.template, rewards=rewards)
-    finally:
-        rewards.close()
-    completions = [c for g in r.groups for c in g]
-    correct = [[c.rewards["accuracy"] == 1.0 for c in g] for g in r.groups]
+    part = {"correct": [], "format": 0, "unjudged": 0, "tokens": 0, "truncated": 0, "generation_s": 0.0}
+    if mine:
+        rewards = RewardSet("accuracy,format", timeout_s=cfg.reward_timeout_s)
+        try:
+            r = generate(llm, mine, n=m, temperature=0.0 if greedy else cfg.temperature, max_tokens=cfg.max_tokens,
+                         seed=None if greedy else cfg.seed, template=cfg.template, rewards=rewards)
+        finally:
+            rewards.close()
+        completions = [c for g in r.groups for c in g]
+        part = {"correct": [[c.rewards["accuracy"] == 1.0 for c in g] for g in r.groups],
+                "format": sum(c.rewards["format"] == 1.0 for c in completions),
+                "unjudged": sum(c.rewards["accuracy"] is None for c in completions),
+                "tokens": r.tokens, "truncated": sum(c.truncated for c in completions), "generation_s": r.seconds}
+    part["seconds"] = time.perf_counter() - start
+    parts = gather(part) if gather is not None else [part]
+    correct = [c for p in parts for c in p["correct"]]
+    completions = max(sum(map(len, correct)), 1)
+    tokens = sum(p["tokens"] for p in parts)
     out = {
         "task": cfg.task, **({"task_knobs": cfg.task_knobs} if cfg.task_knobs else {}),
         "split": cfg.split, "n": len(rows), "seed": cfg.seed,
         "decoding": "greedy" if greedy else f"sampled, temperature {cfg.temperature}, {m} per problem",
-        "accuracy": sum(map(sum, correct)) / max(len(completions), 1),
+        "accuracy": sum(map(sum, correct)) / completions,
     }
     if cfg.k > 1 or not greedy:
         out[f"pass@{cfg.k}"] = sum(pass_at_k(m, sum(c), cfg.k) for c in correct) / max(len(rows), 1)
     out.update({
-        "format": sum(c.rewards["format"] == 1.0 for c in completions) / max(len(completions), 1),
-        "unjudged": sum(c.rewards["accuracy"] is None for c in completions),
-        "completion_tokens": r.tokens / max(len(completions), 1),
-        "truncated": sum(c.truncated for c in completions) / max(len(completions), 1),
-        "seconds": round(time.perf_counter() - start, 3),
-        "tokens_per_s": round(r.tokens_per_s, 1),
+        "format": sum(p["format"] for p in parts) / completions,
+        "unjudged": sum(p["unjudged"] for p in parts),
+        "completion_tokens": tokens / completions,
+        "truncated": sum(p["truncated"] for p in parts) / completions,
+        "seconds": round(max(p["seconds"] for p in parts), 3),  # the slowest rank's
+        "tokens_per_s": round(tokens / max(max(p["generation_s"] for p in parts), 1e-9), 1),
     })
     return out
 

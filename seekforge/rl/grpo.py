@@ -669,7 +669,8 @@ class GRPOTrainer(Trainer):
     def evaluate(self) -> dict:
         from seekforge.rl.evaluate import evaluate
 
-        result = evaluate(self.llm, self.cfg.eval_config())
+        # each data-parallel rank judges its share of the problems
+        result = evaluate(self.llm, self.cfg.eval_config(), shard=self.dp, gather=self._everyone)
         keep = ("accuracy", "format", "completion_tokens", "truncated", "seconds", "tokens_per_s", "n")
         return {k: result[k] for k in keep}
 

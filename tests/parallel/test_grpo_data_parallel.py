@@ -32,7 +32,7 @@ def _grpo(out, base, rewards, overrides):
 
     cfg = load_grpo_config(None, [
         f"init_from={base}", "task=chain_sum", f"steps={STEPS}", "prompts_per_step=5", "group_size=4",
-        "max_tokens=10", "lr=1e-2", "mask_truncated=false", "eval_every=100", "eval_n=2", f"save_every={STEPS}",
+        "max_tokens=10", "lr=1e-2", "mask_truncated=false", "eval_every=100", "eval_n=3", f"save_every={STEPS}",
         "micro_batch_size=3", f"rewards={rewards}:digits", "precision=fp32", "progress=false", "tensorboard=false",
         *overrides])
     trainer = GRPOTrainer(cfg, out)
@@ -40,6 +40,7 @@ def _grpo(out, base, rewards, overrides):
     model = gathered(trainer.model, trainer.mesh)
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()] if trainer.main else []
     return {"records": [r for r in records if r.get("kind") != "eval"],
+            "evals": [r for r in records if r.get("kind") == "eval"],
             "weights": None if model is None else {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -69,6 +70,10 @@ def test_two_ranks_match_one_process(base, tmp_path, overrides):
         for key in KEYS:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=RTOL, abs=1e-9), (b["step"], key)
+    # the held-out evaluation, each rank judging its share of the problems, is the whole set's
+    evaluated = ("step", "accuracy", "format", "completion_tokens", "truncated", "n")
+    assert len(want["evals"]) == 2
+    assert [{k: r[k] for k in evaluated} for r in got["evals"]] == [{k: r[k] for k in evaluated} for r in want["evals"]]
     assert got["weights"].keys() == want["weights"].keys()
     for name, w in want["weights"].items():
         err = float((got["weights"][name] - w).norm() / w.norm().clamp(min=1e-12))

@@ -81,6 +81,35 @@ def test_pass_at_k_over_samples(tok):
         EvalConfig(task="chain_sum", k=4, samples=2)
 
 
+def test_data_parallel_ranks_judge_their_share_and_report_the_whole_set(tok):
+    rows = get_task("chain_sum").rows("test", 5, 3)
+    problem = {tuple([tok.bos_id, *tok.encode(r1_zero_prompt(r.prompt))]): k for k, r in enumerate(rows)}
+
+    class ByProblem(Scripted):  # answers by which problem a prompt is, wherever it sits in the call
+        def generate(self, prompts, params):
+            self.problems = [problem[tuple(p)] for p in prompts]
+            self.truncate = {(i, 0) for i, k in enumerate(self.problems) if k == 1}
+            return super().generate(prompts, params)
+
+    def script(i, j):  # problems 0, 3 and 4 right, the rest wrong; problem 1's answer truncated
+        k = llm.problems[i]
+        return f"\nw\n</think>\n<answer>{rows[k].answer if k in (0, 3, 4) else -1}</answer>"
+
+    cfg = EvalConfig(task="chain_sum", n=5, seed=3)
+    llm = ByProblem(tok, script)
+    whole = evaluate(llm, cfg)
+    sent = []  # what rank 1 gathers is handed to rank 0 in rank order
+    llm = ByProblem(tok, script)
+    evaluate(llm, cfg, shard=(1, 2), gather=lambda part: sent.append(part) or [part])
+    assert llm.problems == [1, 3]
+    llm = ByProblem(tok, script)
+    ranks = evaluate(llm, cfg, shard=(0, 2), gather=lambda part: [part, *sent])
+    assert llm.problems == [0, 2, 4]
+    keep = ("accuracy", "format", "completion_tokens", "truncated", "unjudged", "n")
+    assert whole["accuracy"] == 0.6 and whole["truncated"] == 0.2
+    assert {k: ranks[k] for k in keep} == {k: whole[k] for k in keep}
+
+
 def test_engine_evaluation_is_deterministic_and_uses_the_live_model(tok, tiny_checkpoint):
     from seekforge.engine import LLM
 
