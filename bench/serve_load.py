@@ -341,9 +341,12 @@ def _mix_request(kind: str, i: int, prompt: str, long_prompt: str, model: str, t
         return MixRequest(kind, "/v1/completions", {
             **completion, "echo": True, "logprobs": 1, "return_tokens_as_token_ids": True, "ignore_eos": True,
             "max_tokens": 0 if kind == "echo_score" else MIX_TOKENS["echo"]}, api_key, 200)
-    if kind == "abort":  # room for as many tokens as the context holds: it is cut long before its end
+    if kind == "abort":
+        # room for as many tokens as the context holds: it is cut long before its end. Sampled: a random model's
+        # greedy text may be bytes that never make UTF-8, held back (as vLLM does) until the stream's last event
         room = max_model_len - len(tok.encode_prompt(prompt))
-        return MixRequest(kind, "/v1/completions", {**stream, "max_tokens": room}, api_key, 200, ABORT_AFTER)
+        return MixRequest(kind, "/v1/completions", {**stream, "max_tokens": room, "temperature": 1.0, "seed": i},
+                          api_key, 200, ABORT_AFTER)
     if kind == "too_long":
         return MixRequest(kind, "/v1/completions", {**completion, "prompt": long_prompt}, api_key, 400)
     if kind == "bad_key":
