@@ -19,6 +19,24 @@ tokens exactly once (count, and decoded ids == streamed text); the server's own 
 agree with the clients'. Any failure exits non-zero. transformers is measured the same way and its
 counts reported (it has no ignore_eos: an early EOS shortens a request, and the throughput counts the
 tokens it really sent).
+
+--mix (seekforge only) drives the features together instead:
+
+    python bench/serve_load.py --mix --requests 200 --clients 16 --api-key sk-mix --json out.json
+
+Each client sends, in rounds of MIX_ROUND shuffled, plain streamed completions (32 greedy tokens), echoed
+prompts with logprobs (max_tokens 0 and 8), chat completions with tools (tool_choice auto and a named
+function) and with response_format json_schema and json_object (each whole and streamed), requests invalid on
+purpose (a schema that does not compile, an unknown tool in tool_choice, a prompt longer than the context),
+requests with a wrong API key (with --api-key), and streams it hangs up after three events. Every answer is
+checked: no 5xx; 400 and 401 come in the error envelope; every stream not hung up ends with one
+`data: [DONE]`; chat answers validate as the openai package's ChatCompletion(Chunk); an echo has one logprob
+entry per prompt token (the client's tokenization); tool calls name a tool, a named tool_choice gets its
+call, and finished calls' arguments validate against the tool's schema (jsonschema); json_schema answers
+validate against their schema, json_object answers that end by themselves are objects. Then the server as a
+whole: seekforge_requests_total grew by the clients' answers (by endpoint and status), each hung-up stream
+ended as an abort, nothing is left running or waiting, /health is 200, and a greedy request gives the text
+it gave before the load. Any failure exits non-zero, naming each failure kind.
 """
 
 from __future__ import annotations
@@ -644,13 +662,14 @@ def run_mix(url: str, model: str, tok, prompts: list[str], requests: int, client
     for k in by_kind.values():
         lat = k.pop("latency_s")
         k["latency_s"] = {"p50": pct(lat, 50), "p99": pct(lat, 99)}
-    kinds_failed = collections.Counter(kind for kind, _ in failures)
+    statuses = collections.Counter(str(r.status) for r in replies)
+    completed = sum(bool(req.body.get("stream")) and r.status == 200 and not r.aborted and r.done_markers == 1
+                    for req, r in zip(plan, replies))
     summary = {"server": "seekforge --mix", "requests": len(plan), "clients": clients, "wall_s": wall,
-               "requests_per_s": len(plan) / wall, "statuses": dict(collections.Counter(str(r.status) for r in replies)),
-               "aborted_streams": aborted, "streams_completed": sum(
-                   bool(req.body.get("stream")) and r.status == 200 and not r.aborted and r.done_markers == 1
-                   for req, r in zip(plan, replies)),
-               "kinds": by_kind, "failure_kinds": dict(kinds_failed), "failures": [f"{k}: {d}" for k, d in failures]}
+               "requests_per_s": len(plan) / wall, "statuses": dict(statuses), "aborted_streams": aborted,
+               "streams_completed": completed, "kinds": by_kind,
+               "failure_kinds": dict(collections.Counter(kind for kind, _ in failures)),
+               "failures": [f"{k}: {d}" for k, d in failures]}
     return summary, failures
 
 

@@ -115,10 +115,11 @@ def test_each_failure_is_named(tok):
                                     "function": {"name": "get_weather", "arguments": "{}"}}]})
     renamed = _chunk({"tool_calls": [{"index": 0, "function": {"name": "get_time", "arguments": ""}}]})
     prompt_ids = tok.encode_prompt(echo.body["prompt"])
+    n = len(prompt_ids) - 1  # one entry short
     short_echo = {"id": "cmpl-1", "object": "text_completion", "choices": [{
         "index": 0, "text": echo.body["prompt"], "finish_reason": "length", "logprobs": {
-            "tokens": [f"token_id:{i}" for i in prompt_ids[:-1]], "token_logprobs": [None] + [-1.0] * (len(prompt_ids) - 2),
-            "top_logprobs": [None] + [{"x": -0.5}] * (len(prompt_ids) - 2), "text_offset": [0] * (len(prompt_ids) - 1)}}],
+            "tokens": [f"token_id:{i}" for i in prompt_ids[:n]], "token_logprobs": [None] + [-1.0] * (n - 1),
+            "top_logprobs": [None] + [{"x": -0.5}] * (n - 1), "text_offset": [0] * n}}],
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}}
     cases = [
         (named, bench.MixReply(500, body={"error": {}}), "5xx"),
