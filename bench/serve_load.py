@@ -274,8 +274,8 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- --mix
-# The server's features mixed in one load, each answer validated against the OpenAI API (the openai package's
-# models) and the request's own promise (a schema, a tool, a prompt's tokens).
+# The server's features mixed in one load, each answer validated against the OpenAI API (chat answers by the
+# openai package's models, completions by hand) and the request's own promise (a schema, a tool, a prompt's tokens).
 
 MIX_TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
@@ -353,10 +353,9 @@ def _mix_request(kind: str, i: int, prompt: str, long_prompt: str, model: str, t
     if family in ("schema", "json_object", "bad_schema"):
         fmt = {"type": "json_object"} if family == "json_object" else {"type": "json_schema", "json_schema": {
             "name": "person", "schema": BAD_SCHEMA if family == "bad_schema" else MIX_SCHEMA, "strict": True}}
-        return MixRequest(kind, "/v1/chat/completions", {
-            **chat, "response_format": fmt, "max_tokens": MIX_TOKENS["json_object" if family == "json_object" else
-                                                                     "schema"]}, api_key,
-            400 if family == "bad_schema" else 200)
+        tokens = MIX_TOKENS["json_object" if family == "json_object" else "schema"]
+        return MixRequest(kind, "/v1/chat/completions", {**chat, "response_format": fmt, "max_tokens": tokens},
+                          api_key, 400 if family == "bad_schema" else 200)
     if kind in ("echo_score", "echo"):
         return MixRequest(kind, "/v1/completions", {
             **completion, "echo": True, "logprobs": 1, "return_tokens_as_token_ids": True, "ignore_eos": True,
@@ -453,12 +452,14 @@ def _check_completion(req: MixRequest, reply: MixReply, tok) -> list[tuple[str, 
     if not req.body.get("stream"):
         return _check_echo(req, reply.body, tok)
     chunks = reply.events
+    if not chunks:
+        return [("stream format", "a stream without events")]
     problems = []
     if {(c["id"], c["object"]) for c in chunks} != {(chunks[0]["id"], "text_completion")}:
         problems.append(("stream format", f"ids and objects {({(c['id'], c['object']) for c in chunks})}"))
     finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")]
     if reply.aborted:
-        if finishes or not chunks:
+        if finishes:
             problems.append(("abort", f"hung up after {len(chunks)} events, finish reasons {finishes}"))
         return problems
     usage = [c["usage"] for c in chunks if c.get("usage")]
