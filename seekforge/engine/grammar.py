@@ -104,8 +104,10 @@ class Grammars:
 
 
 # xgrammar writes a string with minLength/maxLength as any characters but quote, backslash and newlines, raw
-# control characters included, which JSON forbids; as a pattern of plain characters it stays valid JSON.
-_PLAIN = '[^\\x00-\\x1f"\\\\]'
+# control characters included, which JSON forbids; as a pattern of plain characters it stays valid JSON. The
+# surrogates are left out too: xgrammar takes their three-byte encodings for characters, which are not UTF-8 (the
+# decoded text would hold three U+FFFD for each, and break maxLength).
+_PLAIN = '[^\\x00-\\x1f"\\\\\\ud800-\\udfff]'
 
 
 def _strict_strings(schema):
