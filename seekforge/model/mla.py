@@ -15,7 +15,12 @@ ways:
 Which way, and over what context, is the backend's choice (`seekforge.model.backend`): the default attends
 explicitly over the forward's own tokens; the engine's over its paged cache.
 
-Shapes: b batch, s query positions, t key positions, h heads, d nope/value head dim, r rope dim,
+Dynamic sparse heads (an experimental inference option, off by default: `Backend(keep_heads=k)`, the engine's
+`sparse_heads`): in the absorbed form each query keeps only its k heads of largest query norm (`kept_heads`); only
+those go through W_UK, the attention over the latents and W_UV (`absorbed_query`, `absorbed_output`), and the
+others' outputs are zero.
+
+Shapes: b batch, s query positions, t key positions, h heads, k kept heads, d nope/value head dim, r rope dim,
 c kv_lora_rank. The explicit path takes h from the projections' outputs, not from the config, so it runs as well
 on projections that hold a subset of the heads.
 """
@@ -103,10 +108,44 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + d_v, c]
         return wkv_b[:, :self.nope_dim], wkv_b[:, self.nope_dim:]
 
-    def attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Absorbed path over the latent itself; same arguments and result as `attend`."""
+    def attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask: torch.Tensor | None = None,
+                        keep: int | None = None) -> torch.Tensor:
+        """Absorbed path over the latent itself; same arguments and result as `attend`. `keep`: dynamic sparse
+        heads, each query attends with its `keep` heads chosen by `kept_heads` and the others' outputs are zero
+        (None, or every head: all heads, the dense computation)."""
+        if keep is not None and keep < self.n_heads:
+            heads = self.kept_heads(q_nope, q_pe, keep)
+            out_latent = attend_latents(*self.absorbed_query(q_nope, q_pe, heads).split(
+                [self.kv_lora_rank, self.rope_dim], dim=-1), kv, k_pe, mask, self.softmax_scale)
+            return self.absorbed_output(out_latent, heads)
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv).flatten(2)
 
+
+    def kept_heads(self, q_nope: torch.Tensor, q_pe: torch.Tensor, keep: int) -> torch.Tensor:
+        """Dynamic sparse heads' criterion: the `keep` heads of each query with the largest query norm
+        |[q_nope, q_pe]|, [..., keep] int64 in ascending head order. A head's attention logits scale with its
+        query's norm against keys all heads share (one normalised latent), so a small norm means a flat softmax
+        that returns close to the context's mean: the current step's proxy for the head's attention entropy, read
+        before any attention runs, with no state across steps and no training. Rotation keeps norms, so q_pe may
+        be rotated or not."""
+        norm = q_nope.float().square().sum(-1) + q_pe.float().square().sum(-1)  # [..., h]
+        return norm.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The latent query of the kept heads only: q_nope [..., h, d], q_pe [..., h, r] (rotated), heads [..., k]
+        -> [..., k, c + r]: each kept head's q_nope through its W_UK, then its q_pe."""
+        w_uk = self.absorbed_weights()[0][heads]  # [..., k, d, c]
+        q_nope = q_nope.take_along_dim(heads.unsqueeze(-1), dim=-2)
+        q_latent = (q_nope.unsqueeze(-2) @ w_uk).squeeze(-2)
+        return torch.cat([q_latent, q_pe.take_along_dim(heads.unsqueeze(-1), dim=-2)], dim=-1)
+
+    def absorbed_output(self, out_latent: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The kept heads' attention-weighted latents [..., k, c] through their W_UV, placed at their heads among
+        zeros: [..., h * d_v]."""
+        w_uv = self.absorbed_weights()[1][heads]  # [..., k, d_v, c]
+        out = (w_uv @ out_latent.unsqueeze(-1)).squeeze(-1)  # [..., k, d_v]
+        full = out.new_zeros(*out.shape[:-2], self.n_heads, self.v_dim)
+        return full.scatter(-2, heads.unsqueeze(-1).expand_as(out), out).flatten(-2)
