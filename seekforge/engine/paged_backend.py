@@ -19,6 +19,10 @@ The fused kernels they use: the input norm and MLA's two input projections in on
 (`ops.residual_norm`); the MoE through `ops.moe_forward` (Triton routing and fused experts for few rows an
 expert, the residual added in their last kernel). Each falls back to the model's own modules where no kernel
 applies, so every hook computes what the default backend computes.
+
+With dynamic sparse heads (`keep_heads`, the engine's `sparse_heads`) the absorbed groups run
+`sparse_absorbed_attention`: each query's kept heads alone through W_UK, the decode kernel and W_UV. Prefill's
+explicit attention keeps every head.
 """
 
 from __future__ import annotations
@@ -68,9 +72,9 @@ class StepBackend(Backend):
     attention groups, in packed order."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, groups: list[AttentionGroup],
-                 stages: Stages, topk: int | None = None):
+                 stages: Stages, topk: int | None = None, keep_heads: int | None = None):
         self.cache, self.slot_mapping, self.groups, self.stages = cache, slot_mapping, groups, stages
-        self.topk = topk
+        self.topk, self.keep_heads = topk, keep_heads
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q_nope, q_pe, kv, k_pe = self.stages.inputs(mla, norm, x, cos, sin)
@@ -81,6 +85,8 @@ class StepBackend(Backend):
     def _group(self, mla: MLA, g: AttentionGroup, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
         """Group g's attention [n, h * d_v] from every token's rotated query and latents."""
         qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
+        if g.absorbed and self.keep_heads is not None:
+            return sparse_absorbed_attention(mla, self.cache, qn, qp, g.plan, g.query_len, self.keep_heads)
         if g.absorbed:
             q = ops.latent_query(qn, qp, mla.absorbed_weights()[0])
             return absorbed_attention(mla, self.cache, q, g.plan, g.query_len)
@@ -108,14 +114,21 @@ class DecodeBackend(Backend):
     token's cache slot [b], the step's plan; `store` and `decode` the cache kernels (under torch.compile their
     opaque ops, `ops.store_latents_op` and `ops.paged_mla_decode_op`). Absorbed attention reads only the
     cache, so the new latents go from wkv_a's output straight into it, beside the latent query's W_UK product and
-    rotation (`ops.store_and_query`)."""
+    rotation (`ops.store_and_query`); with sparse heads (`keep_heads`) the latents are stored apart, and
+    `sparse_absorbed_attention` runs."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan,
-                 store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None):
+                 store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None,
+                 keep_heads: int | None = None):
         self.cache, self.slot_mapping, self.plan, self.store, self.decode = cache, slot_mapping, plan, store, decode
-        self.topk = topk
+        self.topk, self.keep_heads = topk, keep_heads
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
+        if self.keep_heads is not None:
+            q_nope, q_pe, kv, k_pe = attention_inputs(mla, norm, x, cos, sin)
+            self.store(self.cache, self.slot_mapping, torch.cat([kv, k_pe], dim=-1))
+            return sparse_absorbed_attention(mla, self.cache, q_nope, q_pe, self.plan, 1, self.keep_heads,
+                                             self.decode).unsqueeze(0)
         q, kv_a = normed_projections(mla, norm, x)
         q_nope, q_pe = mla.query_heads(q)
         q = ops.store_and_query(mla, self.cache, self.slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0],
@@ -185,3 +198,16 @@ def absorbed_attention(mla: MLA, cache: torch.Tensor, q: torch.Tensor, plan: ops
     q = q.view(-1, query_len, mla.n_heads, q.shape[-1])
     latent = decode(q, cache, plan, mla.softmax_scale, mla.kv_lora_rank)  # [b, s, h, c]
     return ops.head_matmul(latent.flatten(0, 1), mla.absorbed_weights()[1]).flatten(1)
+
+
+def sparse_absorbed_attention(mla: MLA, cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                              plan: ops.PagedAttentionPlan, query_len: int, keep: int,
+                              decode=ops.paged_mla_decode) -> torch.Tensor:
+    """`MLA.attend_absorbed` with `keep` heads a query (dynamic sparse heads) over the paged cache, from the rotated
+    queries q_nope [b * s, h, d], q_pe [b * s, h, r]: each query's heads by `MLA.kept_heads`, only those through
+    W_UK (`MLA.absorbed_query`), the decode kernel (which takes any head count) and W_UV (`MLA.absorbed_output`);
+    the others' outputs are zero. Returns [b * s, h * d_v]."""
+    heads = mla.kept_heads(q_nope, q_pe, keep)  # [b * s, keep]
+    q = mla.absorbed_query(q_nope, q_pe, heads).view(-1, query_len, keep, mla.kv_lora_rank + mla.rope_dim)
+    latent = decode(q, cache, plan, mla.softmax_scale, mla.kv_lora_rank)  # [b, s, keep, c]
+    return mla.absorbed_output(latent.flatten(0, 1), heads)
