@@ -2,6 +2,8 @@
 attention against the naive per-head loop, every head kept as today's engine exactly, and the engine's greedy
 tokens as the model's own sparse forward gives them."""
 
+import copy
+
 import pytest
 import torch
 
@@ -90,3 +92,43 @@ def test_greedy_tokens_are_the_models_sparse_forwards(model):
         for _ in range(new):
             tokens.append(model(torch.tensor([tokens]), backend=Backend(keep_heads=2))[0, -1].argmax().item())
     assert got == tokens[1:] and got != dense
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_token_by_token_decode_is_the_models_sparse_forward(model, device):
+    """Ten tokens fed to the runner one step each (every step a decode step over the paged cache, the decode kernel
+    where the device runs Triton) with 2 of 4 heads a query: each step's logits are the model's own sparse forward's
+    at that position, in fp32."""
+    model = copy.deepcopy(model).to(device)
+    tokens = torch.randint(0, model.cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    runner = ModelRunner(model, num_blocks=4, block_size=4, max_model_len=16, keep_heads=2)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens], device=device), backend=Backend(keep_heads=2))[0]
+        got = torch.cat([runner.logits(runner.forward(runner.prepare([Chunk([3, 1, 0], i, [t])]))[0])
+                         for i, t in enumerate(tokens)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_replay_with_sparse_heads_matches_eager_decode(compile):
+    """bf16 on the GPU with CUDA graphs (and compiled blocks): a replayed decode step with sparse_heads=0.5 gives the
+    eager step's logits, and the engine generates through the graphs."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny").replace(n_mtp_modules=0)).to("cuda", torch.bfloat16).eval()
+    prompts = [torch.randint(2, model.cfg.vocab_size, (n,)).tolist() for n in (5, 30, 17)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model, max_num_seqs=4, max_model_len=64, cuda_graphs=True, compile=compile, sparse_heads=0.5)
+    assert llm.runner.keep_heads == 2 and llm.runner.graphs
+    for p in prompts:
+        llm.add_request(p, params)
+    llm.step()  # prefill: the cache now holds the prompts
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in llm.scheduler.running]
+    with torch.inference_mode():
+        replayed = llm.runner.decode_logits(chunks)[0].clone()
+        eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks))[0])
+    tol = 0.06 if compile else 0.02
+    torch.testing.assert_close(replayed, eager, atol=tol, rtol=tol)
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert [len(o.token_ids) for o in llm.generate(prompts, params)] == [8, 8, 8]
