@@ -132,3 +132,18 @@ def test_cuda_graph_replay_with_sparse_heads_matches_eager_decode(compile):
     while llm.has_unfinished_requests():
         llm.step()
     assert [len(o.token_ids) for o in llm.generate(prompts, params)] == [8, 8, 8]
+
+
+def test_serve_flag_fills_the_engine_setting(tmp_path, monkeypatch, capsys):
+    """`seekforge serve --sparse-heads F` sets EngineConfig.sparse_heads (off without it); a bad fraction is a
+    usage error naming the setting."""
+    import seekforge.server
+    from seekforge.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(seekforge.server, "serve", lambda config: seen.append(config.engine) or 0)
+    assert main(["serve", str(tmp_path), "--sparse-heads", "0.25"]) == 0 and seen[0].sparse_heads == 0.25
+    assert main(["serve", str(tmp_path)]) == 0 and seen[1].sparse_heads == 0.0
+    assert main(["serve", str(tmp_path), "--sparse-heads", "1.5"]) == 2
+    assert "sparse_heads is the fraction" in capsys.readouterr().err
