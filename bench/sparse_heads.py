@@ -133,7 +133,7 @@ def attention_speed(args) -> list[dict]:
     fraction; the median time of a call over --repeats rounds of 20 calls."""
     from seekforge import ops
     from seekforge.engine.config import EngineConfig
-    from seekforge.engine.paged_backend import absorbed_attention, sparse_absorbed_attention
+    from seekforge.engine.paged_backend import absorbed_attention
     from seekforge.model.config import ModelConfig
     from seekforge.model.mla import MLA
 
@@ -152,13 +152,12 @@ def attention_speed(args) -> list[dict]:
                                         args.context)
         q_nope = torch.randn(batch, cfg.n_heads, cfg.qk_nope_head_dim, device=dev, dtype=dtype)
         q_pe = torch.randn(batch, cfg.n_heads, cfg.qk_rope_head_dim, device=dev, dtype=dtype)
-        calls = {}
-        for f in args.fractions:
-            keep = EngineConfig(sparse_heads=f).kept_heads(cfg.n_heads)
-            calls[f] = ((lambda: absorbed_attention(mla, cache, ops.latent_query(q_nope, q_pe,
-                                                                                  mla.absorbed_weights()[0]), plan, 1))
-                        if keep is None else
-                        (lambda keep=keep: sparse_absorbed_attention(mla, cache, q_nope, q_pe, plan, 1, keep)))
+        def call(keep):
+            heads = None if keep is None else mla.kept_heads(q_nope, q_pe, keep)
+            absorbed_attention(mla, cache, ops.latent_query(q_nope, q_pe, mla.absorbed_weights()[0]), plan, 1,
+                               heads=heads)
+
+        keeps = {f: EngineConfig(sparse_heads=f).kept_heads(cfg.n_heads) for f in args.fractions}
         seconds = {f: [] for f in args.fractions}
         with torch.inference_mode():
             for r in range(args.repeats + 1):  # the first round warms up
@@ -166,7 +165,7 @@ def attention_speed(args) -> list[dict]:
                     sync()
                     start = time.perf_counter()
                     for _ in range(20):
-                        calls[f]()
+                        call(keeps[f])
                     sync()
                     if r:
                         seconds[f].append((time.perf_counter() - start) / 20)
@@ -174,7 +173,7 @@ def attention_speed(args) -> list[dict]:
         for f in args.fractions:
             med = statistics.median(seconds[f])
             rows.append({"shape": args.speed_preset, "batch": batch, "context": args.context, "fraction": f,
-                         "kept_heads": EngineConfig(sparse_heads=f).kept_heads(cfg.n_heads) or cfg.n_heads,
+                         "kept_heads": keeps[f] or cfg.n_heads,
                          "heads": cfg.n_heads, "microseconds": round(med * 1e6, 1), "speedup": round(dense / med, 4)})
             print(f"  {args.speed_preset} attention, batch {batch}, context {args.context}, sparse_heads={f}: "
                   f"{med * 1e6:.0f} us a layer ({dense / med:.3f}x dense)", flush=True)

@@ -79,8 +79,8 @@ class ModelRunner:
                  mtp: bool = False, max_absorbed_query: int = 1, compile: bool = False,
                  keep_heads: int | None = None):
         self.model = model
-        # dynamic sparse heads: the heads each decoded query keeps (None: all, today's path; so is every head)
-        self.keep_heads = None if keep_heads is None or keep_heads >= model.cfg.n_heads else keep_heads
+        # dynamic sparse heads: how many heads each decoded query keeps (None: all, without choosing)
+        self.keep_heads = keep_heads
         self.cfg = cfg = model.cfg
         self.block_size = block_size
         self.num_blocks = num_blocks

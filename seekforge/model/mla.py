@@ -17,8 +17,9 @@ explicitly over the forward's own tokens; the engine's over its paged cache.
 
 Dynamic sparse heads (an experimental inference option, off by default: `Backend(keep_heads=k)`, the engine's
 `sparse_heads`): in the absorbed form each query keeps only its k heads of largest query norm (`kept_heads`); only
-those go through W_UK, the attention over the latents and W_UV (`absorbed_query`, `absorbed_output`), and the
-others' outputs are zero.
+those attend over the latents (`select_heads`), and the others' attention-weighted latents are zero
+(`place_heads`), so their outputs are. W_UK and W_UV stay dense products: the same weights for every query,
+read once, where per-query gathered slices of them cost more than they save (docs/EXPERIMENTAL.md).
 
 Shapes: b batch, s query positions, t key positions, h heads, k kept heads, d nope/value head dim, r rope dim,
 c kv_lora_rank. The explicit path takes h from the projections' outputs, not from the config, so it runs as well
@@ -113,16 +114,16 @@ class MLA(nn.Module):
         """Absorbed path over the latent itself; same arguments and result as `attend`. `keep`: dynamic sparse
         heads, each query attends with its `keep` heads chosen by `kept_heads` and the others' outputs are zero
         (None, or every head: all heads, the dense computation)."""
-        if keep is not None and keep < self.n_heads:
-            heads = self.kept_heads(q_nope, q_pe, keep)
-            out_latent = attend_latents(*self.absorbed_query(q_nope, q_pe, heads).split(
-                [self.kv_lora_rank, self.rope_dim], dim=-1), kv, k_pe, mask, self.softmax_scale)
-            return self.absorbed_output(out_latent, heads)
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
+        if keep is not None and keep < self.n_heads:
+            heads = self.kept_heads(q_nope, q_pe, keep)
+            out_latent = attend_latents(self.select_heads(q_latent, heads), self.select_heads(q_pe, heads), kv, k_pe,
+                                        mask, self.softmax_scale)
+            out_latent = self.place_heads(out_latent, heads)
+        else:
+            out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv).flatten(2)
-
 
     def kept_heads(self, q_nope: torch.Tensor, q_pe: torch.Tensor, keep: int) -> torch.Tensor:
         """Dynamic sparse heads' criterion: the `keep` heads of each query with the largest query norm
@@ -134,18 +135,11 @@ class MLA(nn.Module):
         norm = q_nope.float().square().sum(-1) + q_pe.float().square().sum(-1)  # [..., h]
         return norm.topk(keep, dim=-1).indices.sort(dim=-1).values
 
-    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """The latent query of the kept heads only: q_nope [..., h, d], q_pe [..., h, r] (rotated), heads [..., k]
-        -> [..., k, c + r]: each kept head's q_nope through its W_UK, then its q_pe."""
-        w_uk = self.absorbed_weights()[0][heads]  # [..., k, d, c]
-        q_nope = q_nope.take_along_dim(heads.unsqueeze(-1), dim=-2)
-        q_latent = (q_nope.unsqueeze(-2) @ w_uk).squeeze(-2)
-        return torch.cat([q_latent, q_pe.take_along_dim(heads.unsqueeze(-1), dim=-2)], dim=-1)
+    def select_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The kept heads' rows of x [..., h, w]: heads [..., k] -> [..., k, w]."""
+        return x.take_along_dim(heads.unsqueeze(-1), dim=-2)
 
-    def absorbed_output(self, out_latent: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """The kept heads' attention-weighted latents [..., k, c] through their W_UV, placed at their heads among
-        zeros: [..., h * d_v]."""
-        w_uv = self.absorbed_weights()[1][heads]  # [..., k, d_v, c]
-        out = (w_uv @ out_latent.unsqueeze(-1)).squeeze(-1)  # [..., k, d_v]
-        full = out.new_zeros(*out.shape[:-2], self.n_heads, self.v_dim)
-        return full.scatter(-2, heads.unsqueeze(-1).expand_as(out), out).flatten(-2)
+    def place_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The kept heads' rows x [..., k, w] at their heads [..., k] among zero rows: [..., h, w]."""
+        full = x.new_zeros(*x.shape[:-2], self.n_heads, x.shape[-1])
+        return full.scatter(-2, heads.unsqueeze(-1).expand_as(x), x)

@@ -66,8 +66,8 @@ def test_decode_backends_attend_with_the_kept_heads_only(model, keep):
 
 
 def test_every_head_kept_is_todays_engine_bit_for_bit(model):
-    """A runner told to keep every head computes exactly what today's runner does: a prefill and a decode step's
-    logits equal bit for bit."""
+    """A runner told to keep every head (each decoded query choosing all of them, through the sparse path) computes
+    exactly what today's runner does: a prefill and a decode step's logits equal bit for bit."""
     tokens = torch.randint(0, model.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     logits = []
     for keep in (None, model.cfg.n_heads):

@@ -52,8 +52,8 @@ def test_the_criterion_keeps_the_stated_number_of_largest_norm_heads(model):
 
 
 def test_keeping_every_head_is_the_dense_absorbed_path_exactly(model):
-    """keep_heads equal to the model's heads: logits bit for bit those of today's absorbed forward; the gathered
-    form itself (every head through `absorbed_query` / `absorbed_output`) within fp32 rounding of it."""
+    """keep_heads equal to the model's heads: logits bit for bit those of today's absorbed forward; and so is the
+    sparse form itself with every head kept (`select_heads`, the attention, `place_heads`)."""
     tokens, x, cos, sin = _inputs(model)
     h = model.cfg.n_heads
     mla = model.layers[0].attn
@@ -62,7 +62,9 @@ def test_keeping_every_head_is_the_dense_absorbed_path_exactly(model):
         q, kv_a = mla.project(x)
         q_nope, q_pe = mla.query(q, cos, sin)
         kv, k_pe = mla.latent(kv_a, cos, sin)
-        heads = torch.arange(h).expand(*q_nope.shape[:2], h)
-        q_lat, q_rot = mla.absorbed_query(q_nope, q_pe, heads).split([mla.kv_lora_rank, mla.rope_dim], dim=-1)
-        gathered = mla.absorbed_output(attend_latents(q_lat, q_rot, kv, k_pe, None, mla.softmax_scale), heads)
-        torch.testing.assert_close(gathered, mla.attend_absorbed(q_nope, q_pe, kv, k_pe), atol=1e-6, rtol=1e-5)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, mla.absorbed_weights()[0])
+        heads = mla.kept_heads(q_nope, q_pe, h)
+        assert torch.equal(heads, torch.arange(h).expand_as(heads))
+        sparse = mla.place_heads(attend_latents(mla.select_heads(q_latent, heads), mla.select_heads(q_pe, heads), kv,
+                                                k_pe, None, mla.softmax_scale), heads)
+        assert torch.equal(sparse, attend_latents(q_latent, q_pe, kv, k_pe, None, mla.softmax_scale))
