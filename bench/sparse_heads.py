@@ -2,7 +2,7 @@
 fraction of skipped heads, against the dense model, in one run.
 
     python bench/sparse_heads.py --model runs/quickstart/rl/final --data runs/quickstart/base/data \\
-        --task-knobs '{"max_value": 9, "min_terms": 2, "max_terms": 4}' --threads 1 \\
+        --task-knobs '{"max_value": 9, "min_terms": 2, "max_terms": 4}' --threads 1 --repeats 5 \\
         --json docs/benchmarks/sparse-heads-cpu.json      # CPU: the figures in docs/EXPERIMENTAL.md
     python bench/sparse_heads.py --device cuda --dtype bfloat16 --cuda-graphs --speed-preset 16b \\
         --speed-overrides '{}' --batches 1 8 32 --context 4096 --new 65 --fractions 0 0.25 0.5 \\
@@ -130,7 +130,8 @@ def speed(model, args, name: str) -> list[dict]:
 def attention_speed(args) -> list[dict]:
     """The part sparse heads change, alone: one layer's absorbed decode attention (W_UK, the attention over the paged
     cache, W_UV) of --speed-preset's MLA, one query a sequence over --context cached tokens, dense and at each
-    fraction; the median time of a call over --repeats rounds of 20 calls."""
+    fraction; the median time of a call over --repeats rounds of 20 calls (on the CPU, this process's CPU time:
+    steadier than wall time on a shared machine)."""
     from seekforge import ops
     from seekforge.engine.config import EngineConfig
     from seekforge.engine.paged_backend import absorbed_attention
@@ -143,6 +144,7 @@ def attention_speed(args) -> list[dict]:
     mla = MLA(cfg).to(dev, dtype)
     bs = 64 if dev.type == "cuda" else 16
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
     rows = []
     for batch in args.batches:
         per_seq = -(-args.context // bs)
@@ -163,12 +165,12 @@ def attention_speed(args) -> list[dict]:
             for r in range(args.repeats + 1):  # the first round warms up
                 for f in (args.fractions if r % 2 == 0 else args.fractions[::-1]):
                     sync()
-                    start = time.perf_counter()
+                    start = clock()
                     for _ in range(20):
                         call(keeps[f])
                     sync()
                     if r:
-                        seconds[f].append((time.perf_counter() - start) / 20)
+                        seconds[f].append((clock() - start) / 20)
         dense = statistics.median(seconds[args.fractions[0]])
         for f in args.fractions:
             med = statistics.median(seconds[f])
@@ -192,9 +194,14 @@ def speed_model(args):
     cfg = ModelConfig.preset(args.speed_preset).replace(**{"n_mtp_modules": 0, **args.speed_overrides,
                                                            "max_seq_len": max(args.context + args.new, 1024)})
     torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = Transformer(cfg)
-    return model.to(getattr(torch, args.dtype)).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # built in its dtype: the whole 16b in fp32 fills an H100
+    try:
+        with torch.device(args.device):
+            model = Transformer(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def plot(result: dict, path: Path) -> None:
