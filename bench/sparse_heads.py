@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from adaptive_experts import perplexity  # noqa: E402
 from seekforge.configio import atomic_write_text  # noqa: E402
 
 
-def random_kept_heads(mla, q_nope, q_pe, keep):
+def random_kept_heads(mla, q_nope, keep):
     """The control's choice: `keep` heads per query uniformly at random (the global generator), ascending."""
     scores = torch.rand(q_nope.shape[:-1], device=q_nope.device)
     return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
@@ -155,7 +156,7 @@ def attention_speed(args) -> list[dict]:
         q_nope = torch.randn(batch, cfg.n_heads, cfg.qk_nope_head_dim, device=dev, dtype=dtype)
         q_pe = torch.randn(batch, cfg.n_heads, cfg.qk_rope_head_dim, device=dev, dtype=dtype)
         def call(keep):
-            heads = None if keep is None else mla.kept_heads(q_nope, q_pe, keep)
+            heads = None if keep is None else mla.kept_heads(q_nope, keep)
             absorbed_attention(mla, cache, ops.latent_query(q_nope, q_pe, mla.absorbed_weights()[0]), plan, 1,
                                heads=heads)
 
@@ -214,7 +215,7 @@ def plot(result: dict, path: Path) -> None:
     q = result.get("quality")
     if q:
         x = [100 * r["fraction"] for r in q]
-        axes[0].plot(x, [r["perplexity"] for r in q], "o-", label="query-norm criterion")
+        axes[0].plot(x, [r["perplexity"] for r in q], "o-", label="content-query norm criterion")
         axes[0].plot(x, [r["perplexity_random_heads"] for r in q], "s--", label="random heads (control)")
         axes[0].set(xlabel="heads skipped per token (%)", ylabel="held-out perplexity", title="Perplexity")
         axes[0].legend()
@@ -268,7 +269,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    result = {"args": vars(args), "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    result = {"args": vars(args), "commit": commit, "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "speed": []}
     if args.model:
         from seekforge.engine import LLM

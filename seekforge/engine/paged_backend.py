@@ -87,7 +87,7 @@ class StepBackend(Backend):
         qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
         if g.absorbed:
             q = ops.latent_query(qn, qp, mla.absorbed_weights()[0])
-            heads = None if self.keep_heads is None else mla.kept_heads(qn, qp, self.keep_heads)
+            heads = None if self.keep_heads is None else mla.kept_heads(qn, self.keep_heads)
             return absorbed_attention(mla, self.cache, q, g.plan, g.query_len, heads=heads)
         if g.index is None:
             qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
@@ -125,8 +125,7 @@ class DecodeBackend(Backend):
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q, kv_a = normed_projections(mla, norm, x)
         q_nope, q_pe = mla.query_heads(q)
-        # the query norms the criterion reads are the same before q_pe's rotation as after
-        heads = None if self.keep_heads is None else mla.kept_heads(q_nope[0], q_pe[0], self.keep_heads)
+        heads = None if self.keep_heads is None else mla.kept_heads(q_nope[0], self.keep_heads)
         q = ops.store_and_query(mla, self.cache, self.slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0],
                                     self.store)
         return absorbed_attention(mla, self.cache, q, self.plan, 1, self.decode, heads).unsqueeze(0)
@@ -187,7 +186,8 @@ def explicit_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_k
 
 
 def absorbed_attention(mla: MLA, cache: torch.Tensor, q: torch.Tensor, plan: ops.PagedAttentionPlan,
-                       query_len: int, decode=ops.paged_mla_decode, heads: torch.Tensor | None = None) -> torch.Tensor:
+                       query_len: int, decode=ops.paged_mla_decode,
+                       heads: torch.Tensor | None = None) -> torch.Tensor:
     """`MLA.attend_absorbed` of b sequences' query_len queries each over the paged cache, from their latent query
     q [b * s, h, c + r] (`ops.latent_query`: W_UK folded in): `attend_latents` over the cache blocks
     (`decode`), then W_UV. `heads` [b * s, k]: dynamic sparse heads, the heads each query keeps
@@ -200,4 +200,3 @@ def absorbed_attention(mla: MLA, cache: torch.Tensor, q: torch.Tensor, plan: ops
     if heads is not None:
         latent = mla.place_heads(latent, heads)
     return ops.head_matmul(latent, mla.absorbed_weights()[1]).flatten(1)
-

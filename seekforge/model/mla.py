@@ -16,7 +16,7 @@ Which way, and over what context, is the backend's choice (`seekforge.model.back
 explicitly over the forward's own tokens; the engine's over its paged cache.
 
 Dynamic sparse heads (an experimental inference option, off by default: `Backend(keep_heads=k)`, the engine's
-`sparse_heads`): in the absorbed form each query keeps only its k heads of largest query norm (`kept_heads`); only
+`sparse_heads`): in the absorbed form each query keeps only its k heads of largest content-query norm (`kept_heads`); only
 those attend over the latents (`select_heads`), and the others' attention-weighted latents are zero
 (`place_heads`), so their outputs are. W_UK and W_UV stay dense products: the same weights for every query,
 read once, where per-query gathered slices of them cost more than they save (docs/EXPERIMENTAL.md).
@@ -117,7 +117,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         if keep is not None and keep < self.n_heads:
-            heads = self.kept_heads(q_nope, q_pe, keep)
+            heads = self.kept_heads(q_nope, keep)
             out_latent = attend_latents(self.select_heads(q_latent, heads), self.select_heads(q_pe, heads), kv, k_pe,
                                         mask, self.softmax_scale)
             out_latent = self.place_heads(out_latent, heads)
@@ -125,15 +125,15 @@ class MLA(nn.Module):
             out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv).flatten(2)
 
-    def kept_heads(self, q_nope: torch.Tensor, q_pe: torch.Tensor, keep: int) -> torch.Tensor:
-        """Dynamic sparse heads' criterion: the `keep` heads of each query with the largest query norm
-        |[q_nope, q_pe]|, [..., keep] int64 in ascending head order. A head's attention logits scale with its
-        query's norm against keys all heads share (one normalised latent), so a small norm means a flat softmax
-        that returns close to the context's mean: the current step's proxy for the head's attention entropy, read
-        before any attention runs, with no state across steps and no training. Rotation keeps norms, so q_pe may
-        be rotated or not."""
-        norm = q_nope.float().square().sum(-1) + q_pe.float().square().sum(-1)  # [..., h]
-        return norm.topk(keep, dim=-1).indices.sort(dim=-1).values
+    def kept_heads(self, q_nope: torch.Tensor, keep: int) -> torch.Tensor:
+        """Dynamic sparse heads' criterion: the `keep` heads of each query with the largest content-query norm
+        |q_nope| ([..., h, d] -> [..., keep] int64, in ascending head order). A head's content logits are its q_nope
+        against keys every head derives from one shared, normalised latent, so they scale with its norm: a small
+        norm means a flatter softmax that returns closer to the context's mean, the current step's proxy for the
+        head's attention entropy, read before any attention runs, with no state across steps and no training. The
+        rotary part is left out so that the choice is bit for bit the same wherever q_pe is rotated (before or
+        inside a fused kernel)."""
+        return q_nope.float().norm(dim=-1).topk(keep, dim=-1).indices.sort(dim=-1).values
 
     def select_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """The kept heads' rows of x [..., h, w]: heads [..., k] -> [..., k, w]."""

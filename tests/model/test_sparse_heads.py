@@ -39,12 +39,11 @@ def test_dropping_heads_zeroes_their_outputs(model, keep):
 
 
 def test_the_criterion_keeps_the_stated_number_of_largest_norm_heads(model):
-    """`kept_heads` returns `keep` distinct heads per query, ascending, whose query norms are the largest ones."""
-    g = torch.Generator().manual_seed(0)
-    q_nope, q_pe = torch.randn(3, 5, 8, 16, generator=g), torch.randn(3, 5, 8, 4, generator=g)
-    norms = torch.cat([q_nope, q_pe], dim=-1).norm(dim=-1)
+    """`kept_heads` returns `keep` distinct heads per query, ascending, whose content-query norms are the largest."""
+    q_nope = torch.randn(3, 5, 8, 16, generator=torch.Generator().manual_seed(0))
+    norms = q_nope.norm(dim=-1)
     for keep in (1, 3, 6, 8):
-        heads = model.layers[0].attn.kept_heads(q_nope, q_pe, keep)
+        heads = model.layers[0].attn.kept_heads(q_nope, keep)
         assert heads.shape == (3, 5, keep) and (heads.diff(dim=-1) > 0).all()
         kept = norms.gather(-1, heads)
         dropped = norms.scatter(-1, heads, float("-inf"))
@@ -63,7 +62,7 @@ def test_keeping_every_head_is_the_dense_absorbed_path_exactly(model):
         q_nope, q_pe = mla.query(q, cos, sin)
         kv, k_pe = mla.latent(kv_a, cos, sin)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, mla.absorbed_weights()[0])
-        heads = mla.kept_heads(q_nope, q_pe, h)
+        heads = mla.kept_heads(q_nope, h)
         assert torch.equal(heads, torch.arange(h).expand_as(heads))
         sparse = mla.place_heads(attend_latents(mla.select_heads(q_latent, heads), mla.select_heads(q_pe, heads), kv,
                                                 k_pe, None, mla.softmax_scale), heads)
