@@ -271,7 +271,8 @@ def main(argv=None) -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
-    result = {"args": vars(args), "commit": commit, "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+    result = {"args": vars(args), "commit": commit, "torch": torch.__version__, "device": args.device,
+              "threads": torch.get_num_threads(),
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "speed": []}
     if args.model:
         from seekforge.engine import LLM

@@ -9,8 +9,8 @@ import torch
 def sparse_heads_attention(mla, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: int,
                            context: int = 0) -> torch.Tensor:
     """MLA's attention before its output projection, x [b, s, dim] normalised, causal, in float64: each query
-    keeps its `keep` heads of largest |q_nope| (ties to the lower head), the other heads' outputs are
-    zero (the criterion reads q_nope alone). Keys and values are explicit (wkv_b's up-projection of the latents), not the absorbed form. Returns
+    keeps its `keep` heads of largest |q_nope| (ties to the lower head), the other heads' outputs are zero. Keys
+    and values are explicit (wkv_b's up-projection of the latents), not the absorbed form. Returns
     the last s - context queries' [b, s - context, h * d_v]."""
     q, kv_a = mla.project(x)
     q_nope, q_pe = mla.query(q, cos, sin)

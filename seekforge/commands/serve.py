@@ -62,8 +62,8 @@ def register(subparsers) -> None:
                    help="a step this slow counts as saturation too (default: the queue alone)")
     p.add_argument("--sparse-heads", type=float, default=0.0, metavar="FRACTION",
                    help="experimental dynamic sparse heads: each decoded token skips this fraction of the attention "
-                        "heads, those of smallest content-query norm (prefill keeps all); a quality cost for little speed, "
-                        "see docs/EXPERIMENTAL.md (default: 0, off)")
+                        "heads, those of smallest content-query norm (prefill keeps all); a quality cost for little "
+                        "speed, see docs/EXPERIMENTAL.md (default: 0, off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_dual_chain_args(p)
     p.set_defaults(func=run)

@@ -60,8 +60,8 @@ class EngineConfig:
     adaptive_expert_levels: list[int] | None = None
     adaptive_queue: int = 1
     adaptive_step_latency: float | None = None
-    # dynamic sparse heads (experimental, docs/EXPERIMENTAL.md): each decoded token attends with all but this fraction
-    # of the heads, those of largest content-query norm (seekforge.model.mla.MLA.kept_heads); prefill keeps every head. 0: off
+    # dynamic sparse heads (experimental, docs/EXPERIMENTAL.md): each decoded token skips this fraction of the heads,
+    # those of smallest content-query norm (seekforge.model.mla.MLA.kept_heads); prefill keeps every head. 0: off
     sparse_heads: float = 0.0
 
     def __post_init__(self) -> None:

@@ -16,10 +16,10 @@ Which way, and over what context, is the backend's choice (`seekforge.model.back
 explicitly over the forward's own tokens; the engine's over its paged cache.
 
 Dynamic sparse heads (an experimental inference option, off by default: `Backend(keep_heads=k)`, the engine's
-`sparse_heads`): in the absorbed form each query keeps only its k heads of largest content-query norm (`kept_heads`); only
-those attend over the latents (`select_heads`), and the others' attention-weighted latents are zero
-(`place_heads`), so their outputs are. W_UK and W_UV stay dense products: the same weights for every query,
-read once, where per-query gathered slices of them cost more than they save (docs/EXPERIMENTAL.md).
+`sparse_heads`): in the absorbed form each query keeps only its k heads of largest content-query norm
+(`kept_heads`); only those attend over the latents (`select_heads`), and the others' attention-weighted latents
+are zero (`place_heads`), so their outputs are. W_UK and W_UV stay dense products: the same weights for every
+query, read once, where per-query gathered slices of them cost more than they save (docs/EXPERIMENTAL.md).
 
 Shapes: b batch, s query positions, t key positions, h heads, k kept heads, d nope/value head dim, r rope dim,
 c kv_lora_rank. The explicit path takes h from the projections' outputs, not from the config, so it runs as well
