@@ -51,11 +51,12 @@ def hold(llm, k: int) -> None:
     c.level, c.patience_down, c.patience_up = c.levels.index(k), 10**9, 10**9
 
 
-def perplexity(model, data: Path, k: int, seq_len: int, batches: int) -> float:
+def perplexity(model, data: Path, backend, seq_len: int, batches: int) -> float:
+    """Perplexity of every token of `batches` batches of 8 held-out windows of `seq_len`, the model's forward run by
+    `backend` (seekforge.model.backend.Backend)."""
     from seekforge.data.loader import eval_batches
-    from seekforge.model.backend import Backend
 
-    backend, nll, count = Backend(topk=k), 0.0, 0
+    nll, count = 0.0, 0
     device = model.embed.weight.device
     with torch.inference_mode():
         for batch in eval_batches(data, seq_len, 8, batches):
@@ -67,13 +68,15 @@ def perplexity(model, data: Path, k: int, seq_len: int, batches: int) -> float:
 
 
 def quality(llm, args) -> list[dict]:
+    from seekforge.model.backend import Backend
     from seekforge.rl.evaluate import EvalConfig, evaluate
 
     data = Path(args.data) if args.data else Path(args.model).resolve().parent / "data"
     rows = []
     for k in llm.adaptive.levels:
         hold(llm, k)
-        ppl = perplexity(llm.model, data, k, args.seq_len, args.ppl_batches) if (data / "meta.json").is_file() else None
+        ppl = (perplexity(llm.model, data, Backend(topk=k), args.seq_len, args.ppl_batches)
+               if (data / "meta.json").is_file() else None)
         acc = evaluate(llm, EvalConfig(task=args.task, n=args.n, seed=args.seed, max_tokens=args.max_tokens))
         rows.append({"k": k, "perplexity": ppl, "accuracy": acc["accuracy"], "format": acc["format"],
                      "completion_tokens": acc["completion_tokens"]})

@@ -60,6 +60,10 @@ def register(subparsers) -> None:
                    help="the routed top-k levels, the model's k first (default: k, about 2/3 and 1/3 of it)")
     p.add_argument("--adaptive-step-latency", type=float, default=None, metavar="SECONDS",
                    help="a step this slow counts as saturation too (default: the queue alone)")
+    p.add_argument("--sparse-heads", type=float, default=0.0, metavar="FRACTION",
+                   help="experimental dynamic sparse heads: each decoded token skips this fraction of the attention "
+                        "heads, those of smallest content-query norm (prefill keeps all); a quality cost for little "
+                        "speed, see docs/EXPERIMENTAL.md (default: 0, off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_dual_chain_args(p)
     p.set_defaults(func=run)
@@ -94,7 +98,7 @@ def run(args) -> int:
         compile=args.compile, async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kernels=args.kernels, kv_cpu_gb=args.kv_cpu_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
         adaptive_experts=args.adaptive_experts, adaptive_expert_levels=args.adaptive_expert_levels,
-        adaptive_step_latency=args.adaptive_step_latency)
+        adaptive_step_latency=args.adaptive_step_latency, sparse_heads=args.sparse_heads)
     from seekforge.commands.generate import dual_chain_from_args
 
     config = ServerConfig(model_path=args.path, served_model_names=args.served_model_name or [], host=args.host,

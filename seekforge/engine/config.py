@@ -60,6 +60,9 @@ class EngineConfig:
     adaptive_expert_levels: list[int] | None = None
     adaptive_queue: int = 1
     adaptive_step_latency: float | None = None
+    # dynamic sparse heads (experimental, docs/EXPERIMENTAL.md): each decoded token skips this fraction of the heads,
+    # those of smallest content-query norm (seekforge.model.mla.MLA.kept_heads); prefill keeps every head. 0: off
+    sparse_heads: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low in (("block_size", 1), ("num_blocks", 1), ("max_model_len", 2), ("max_num_seqs", 1),
@@ -92,9 +95,25 @@ class EngineConfig:
             raise ConfigError("LLM: the KV tiers (kv_cpu_gb, kv_disk) sit under the prefix cache; turn "
                               "enable_prefix_caching on or set kv_cpu_gb to 0")
         Backend.of(self.kernels)
+        if isinstance(self.sparse_heads, bool) or not isinstance(self.sparse_heads, (int, float)) or not (
+                0 <= self.sparse_heads < 1):
+            raise ConfigError(f"LLM: sparse_heads is the fraction of attention heads a decoded token skips, a number "
+                              f"in [0, 1) (0: off), got {self.sparse_heads!r}")
         if self.cuda_graphs and self.num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
                               "or cuda_graphs")
+
+    def kept_heads(self, n_heads: int) -> int | None:
+        """Heads each decoded token keeps under `sparse_heads` for a model of `n_heads` (the skipped ones rounded to
+        the nearest count); None when off."""
+        if not self.sparse_heads:
+            return None
+        skipped = int(self.sparse_heads * n_heads + 0.5)
+        if not 0 < skipped < n_heads:
+            raise ConfigError(f"LLM: sparse_heads={self.sparse_heads} skips {skipped} of the model's {n_heads} "
+                              f"attention heads; choose a fraction that skips between 1 and {n_heads - 1} (about "
+                              f"{0.5 / n_heads:.3g} to {(n_heads - 0.5) / n_heads:.3g}), or 0 for off")
+        return n_heads - skipped
 
 
 def engine_config(config: EngineConfig | None, settings: dict) -> EngineConfig:

@@ -98,7 +98,8 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self.kernels = ops.check_device(config.kernels, self.device)
         with ops.backend(self.kernels):
             self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len,
-                                      mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile)
+                                      mtp=bool(k), max_absorbed_query=1 + k, compile=config.compile,
+                                      keep_heads=config.kept_heads(cfg.n_heads))
         scheduler = Scheduler
         if config.kv_cpu_gb:  # lower tiers under the prefix cache (without them, the plain GPU-only manager)
             caches = [c for c in (self.runner.kv_cache, self.runner.mtp_cache) if c is not None]

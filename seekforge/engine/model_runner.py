@@ -76,8 +76,11 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
-                 mtp: bool = False, max_absorbed_query: int = 1, compile: bool = False):
+                 mtp: bool = False, max_absorbed_query: int = 1, compile: bool = False,
+                 keep_heads: int | None = None):
         self.model = model
+        # dynamic sparse heads: how many heads each decoded query keeps (None: all, without choosing)
+        self.keep_heads = keep_heads
         self.cfg = cfg = model.cfg
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -205,7 +208,7 @@ class ModelRunner:
 
     def _backend(self, cache: torch.Tensor, step: StepInput, topk: int | None = None) -> StepBackend:
         """The blocks' backend for one layer's cache in a packed step."""
-        return StepBackend(cache, step.slot_mapping, step.groups, self._stages, topk)
+        return StepBackend(cache, step.slot_mapping, step.groups, self._stages, topk, self.keep_heads)
 
     def forward(self, step: StepInput, topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Main model over the step's tokens: (hidden states [N, dim] before the final norm, the tokens per expert
@@ -312,7 +315,8 @@ class ModelRunner:
         chosen = {}
         with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
-                backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops, topk=topk)
+                backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops, topk=topk,
+                                        keep_heads=self.keep_heads)
                 h, routed = self._decode_block(block, h, cos, sin, backend)
                 if routed is not None:
                     chosen[block.layer_id] = routed[0]

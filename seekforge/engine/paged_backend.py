@@ -19,6 +19,10 @@ The fused kernels they use: the input norm and MLA's two input projections in on
 (`ops.residual_norm`); the MoE through `ops.moe_forward` (Triton routing and fused experts for few rows an
 expert, the residual added in their last kernel). Each falls back to the model's own modules where no kernel
 applies, so every hook computes what the default backend computes.
+
+With dynamic sparse heads (`keep_heads`, the engine's `sparse_heads`) the absorbed groups pass each query's kept
+heads (`MLA.kept_heads`) to `absorbed_attention`: only those reach the decode kernel. Prefill's explicit attention
+keeps every head.
 """
 
 from __future__ import annotations
@@ -68,9 +72,9 @@ class StepBackend(Backend):
     attention groups, in packed order."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, groups: list[AttentionGroup],
-                 stages: Stages, topk: int | None = None):
+                 stages: Stages, topk: int | None = None, keep_heads: int | None = None):
         self.cache, self.slot_mapping, self.groups, self.stages = cache, slot_mapping, groups, stages
-        self.topk = topk
+        self.topk, self.keep_heads = topk, keep_heads
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q_nope, q_pe, kv, k_pe = self.stages.inputs(mla, norm, x, cos, sin)
@@ -83,7 +87,8 @@ class StepBackend(Backend):
         qn, qp = q_nope[g.start:g.end], q_pe[g.start:g.end]
         if g.absorbed:
             q = ops.latent_query(qn, qp, mla.absorbed_weights()[0])
-            return absorbed_attention(mla, self.cache, q, g.plan, g.query_len)
+            heads = None if self.keep_heads is None else mla.kept_heads(qn, self.keep_heads)
+            return absorbed_attention(mla, self.cache, q, g.plan, g.query_len, heads=heads)
         if g.index is None:
             qn, qp = qn.unsqueeze(0), qp.unsqueeze(0)
         else:
@@ -108,19 +113,22 @@ class DecodeBackend(Backend):
     token's cache slot [b], the step's plan; `store` and `decode` the cache kernels (under torch.compile their
     opaque ops, `ops.store_latents_op` and `ops.paged_mla_decode_op`). Absorbed attention reads only the
     cache, so the new latents go from wkv_a's output straight into it, beside the latent query's W_UK product and
-    rotation (`ops.store_and_query`)."""
+    rotation (`ops.store_and_query`). With sparse heads (`keep_heads`), the kept heads' latent queries alone
+    reach the decode kernel."""
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan,
-                 store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None):
+                 store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None,
+                 keep_heads: int | None = None):
         self.cache, self.slot_mapping, self.plan, self.store, self.decode = cache, slot_mapping, plan, store, decode
-        self.topk = topk
+        self.topk, self.keep_heads = topk, keep_heads
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q, kv_a = normed_projections(mla, norm, x)
         q_nope, q_pe = mla.query_heads(q)
+        heads = None if self.keep_heads is None else mla.kept_heads(q_nope[0], self.keep_heads)
         q = ops.store_and_query(mla, self.cache, self.slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0],
                                     self.store)
-        return absorbed_attention(mla, self.cache, q, self.plan, 1, self.decode).unsqueeze(0)
+        return absorbed_attention(mla, self.cache, q, self.plan, 1, self.decode, heads).unsqueeze(0)
 
     def feed_forward(self, norm, ffn, x, delta):
         return second_half(norm, ffn, x, delta, self.topk)
@@ -178,10 +186,17 @@ def explicit_attention(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_k
 
 
 def absorbed_attention(mla: MLA, cache: torch.Tensor, q: torch.Tensor, plan: ops.PagedAttentionPlan,
-                       query_len: int, decode=ops.paged_mla_decode) -> torch.Tensor:
+                       query_len: int, decode=ops.paged_mla_decode,
+                       heads: torch.Tensor | None = None) -> torch.Tensor:
     """`MLA.attend_absorbed` of b sequences' query_len queries each over the paged cache, from their latent query
     q [b * s, h, c + r] (`ops.latent_query`: W_UK folded in): `attend_latents` over the cache blocks
-    (`decode`), then W_UV. Returns [b * s, h * d_v]."""
-    q = q.view(-1, query_len, mla.n_heads, q.shape[-1])
-    latent = decode(q, cache, plan, mla.softmax_scale, mla.kv_lora_rank)  # [b, s, h, c]
-    return ops.head_matmul(latent.flatten(0, 1), mla.absorbed_weights()[1]).flatten(1)
+    (`decode`), then W_UV. `heads` [b * s, k]: dynamic sparse heads, the heads each query keeps
+    (`MLA.kept_heads`); only they go through `decode` (which takes any head count), the others' latents are zero
+    before W_UV. Returns [b * s, h * d_v]."""
+    if heads is not None:
+        q = mla.select_heads(q, heads)
+    q = q.view(-1, query_len, q.shape[-2], q.shape[-1])
+    latent = decode(q, cache, plan, mla.softmax_scale, mla.kv_lora_rank).flatten(0, 1)  # [b * s, h or k, c]
+    if heads is not None:
+        latent = mla.place_heads(latent, heads)
+    return ops.head_matmul(latent, mla.absorbed_weights()[1]).flatten(1)

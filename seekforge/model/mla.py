@@ -15,7 +15,13 @@ ways:
 Which way, and over what context, is the backend's choice (`seekforge.model.backend`): the default attends
 explicitly over the forward's own tokens; the engine's over its paged cache.
 
-Shapes: b batch, s query positions, t key positions, h heads, d nope/value head dim, r rope dim,
+Dynamic sparse heads (an experimental inference option, off by default: `Backend(keep_heads=k)`, the engine's
+`sparse_heads`): in the absorbed form each query keeps only its k heads of largest content-query norm
+(`kept_heads`); only those attend over the latents (`select_heads`), and the others' attention-weighted latents
+are zero (`place_heads`), so their outputs are. W_UK and W_UV stay dense products: the same weights for every
+query, read once, where per-query gathered slices of them cost more than they save (docs/EXPERIMENTAL.md).
+
+Shapes: b batch, s query positions, t key positions, h heads, k kept heads, d nope/value head dim, r rope dim,
 c kv_lora_rank. The explicit path takes h from the projections' outputs, not from the config, so it runs as well
 on projections that hold a subset of the heads.
 """
@@ -103,10 +109,37 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + d_v, c]
         return wkv_b[:, :self.nope_dim], wkv_b[:, self.nope_dim:]
 
-    def attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Absorbed path over the latent itself; same arguments and result as `attend`."""
+    def attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask: torch.Tensor | None = None,
+                        keep: int | None = None) -> torch.Tensor:
+        """Absorbed path over the latent itself; same arguments and result as `attend`. `keep`: dynamic sparse
+        heads, each query attends with its `keep` heads chosen by `kept_heads` and the others' outputs are zero
+        (None, or every head: all heads, the dense computation)."""
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
+        if keep is not None and keep < self.n_heads:
+            heads = self.kept_heads(q_nope, keep)
+            out_latent = attend_latents(self.select_heads(q_latent, heads), self.select_heads(q_pe, heads), kv, k_pe,
+                                        mask, self.softmax_scale)
+            out_latent = self.place_heads(out_latent, heads)
+        else:
+            out_latent = attend_latents(q_latent, q_pe, kv, k_pe, mask, self.softmax_scale)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv).flatten(2)
 
+    def kept_heads(self, q_nope: torch.Tensor, keep: int) -> torch.Tensor:
+        """Dynamic sparse heads' criterion: the `keep` heads of each query with the largest content-query norm
+        |q_nope| ([..., h, d] -> [..., keep] int64, in ascending head order). A head's content logits are its q_nope
+        against keys every head derives from one shared, normalised latent, so they scale with its norm: a small
+        norm means a flatter softmax that returns closer to the context's mean, the current step's proxy for the
+        head's attention entropy, read before any attention runs, with no state across steps and no training. The
+        rotary part is left out so that the choice is bit for bit the same wherever q_pe is rotated (before or
+        inside a fused kernel)."""
+        return q_nope.float().norm(dim=-1).topk(keep, dim=-1).indices.sort(dim=-1).values
+
+    def select_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The kept heads' rows of x [..., h, w]: heads [..., k] -> [..., k, w]."""
+        return x.take_along_dim(heads.unsqueeze(-1), dim=-2)
+
+    def place_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The kept heads' rows x [..., k, w] at their heads [..., k] among zero rows: [..., h, w]."""
+        full = x.new_zeros(*x.shape[:-2], self.n_heads, x.shape[-1])
+        return full.scatter(-2, heads.unsqueeze(-1).expand_as(x), x)

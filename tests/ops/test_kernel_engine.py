@@ -105,3 +105,25 @@ def test_a_captured_step_at_a_lowered_topk_runs_the_fused_experts_at_that_k():
     assert {k: v.tolist() for k, v in loads.items()} == {k: v.tolist() for k, v in plain.items()}
     assert all(load.sum() == 3 for load in loads.values())
     torch.testing.assert_close(logits[:3], want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
+def test_sparse_heads_through_the_decode_kernel_give_the_plain_engines_tokens(monkeypatch):
+    """Dynamic sparse heads (2 of 4 heads a decoded token) with the Triton kernels under the interpreter: the MLA
+    decode kernel runs on the kept heads only (q of 2 heads) and the greedy tokens are the PyTorch engine's."""
+    cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_expert_groups=1, n_limited_groups=1,
+                                             topk_method="greedy", n_layers=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(HALF).eval()
+    prompts = [torch.randint(2, cfg.vocab_size, (n,)).tolist() for n in (9, 14)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    plain = [o.token_ids for o in LLM(model, max_num_seqs=4, max_model_len=64, kernels="torch",
+                                      sparse_heads=0.5).generate(prompts, params)]
+    heads = []
+    kernel = mla_decode_module.paged_mla_decode_triton
+    monkeypatch.setattr(mla_decode_module, "paged_mla_decode_triton",
+                        lambda q, *args: heads.append(q.shape[2]) or kernel(q, *args))
+    got = [o.token_ids for o in LLM(model, max_num_seqs=4, max_model_len=64, kernels="triton",
+                                    sparse_heads=0.5).generate(prompts, params)]
+    assert heads and set(heads) == {2}
+    assert got == plain
