@@ -47,6 +47,9 @@ class ModelConfig:
     topk_method: TopkMethod = "greedy"
     route_scale: float = 1.0
     norm_topk_prob: bool = False
+    # heterogeneous expert depth (experimental, not in DeepSeek's models; 0 = off): this many routed experts
+    # are two half-width SwiGLU layers with a residual instead of one SwiGLU (`seekforge.model.moe.Experts`)
+    n_deep_experts: int = 0
     # rotary embedding and YaRN (rope_factor 1.0 = no YaRN)
     rope_theta: float = 10000.0
     rope_factor: float = 1.0
@@ -144,6 +147,17 @@ class ModelConfig:
                     f"{self.n_activated_experts} activated experts; raise topk_group or n_group")
             if self.topk_method == "noaux_tc" and self.n_expert_groups > 1 and per_group < 2:
                 raise ConfigError(f"{where}: noaux_tc scores groups by their top-2 experts; groups need >= 2 experts")
+        if not isinstance(self.n_deep_experts, int) or isinstance(self.n_deep_experts, bool) or not (
+                0 <= self.n_deep_experts <= self.n_routed_experts):
+            raise ConfigError(f"{where}: n_deep_experts must be an integer in [0, n_routed_experts="
+                              f"{self.n_routed_experts}], got {self.n_deep_experts!r}")
+        if self.n_deep_experts:
+            if self.n_deep_experts % self.n_expert_groups:
+                raise ConfigError(f"{where}: n_deep_experts ({self.n_deep_experts}) must divide evenly over the "
+                                  f"{self.n_expert_groups} expert groups (n_group); choose a multiple of it")
+            if self.moe_inter_dim % 2:
+                raise ConfigError(f"{where}: a deep expert splits moe_inter_dim into two layers of half its width; "
+                                  f"moe_inter_dim must be even with n_deep_experts, got {self.moe_inter_dim}")
         if self.rope_factor < 1.0:
             raise ConfigError(f"{where}: rope_factor (YaRN factor) must be >= 1, got {self.rope_factor}")
 
@@ -183,6 +197,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         kw = {ours: data[theirs] for ours, theirs in HF_FIELDS.items() if data.get(theirs) is not None}
         kw["q_lora_rank"] = data.get("q_lora_rank") or 0
+        kw["n_deep_experts"] = data.get("n_deep_experts", 0)
         defaults = HF_DEFAULTS[model_type]
         for key, value in defaults.items():
             kw.setdefault(key, value)
@@ -222,6 +237,8 @@ class ModelConfig:
             rope_interleave=True,
             torch_dtype="bfloat16",
         )
+        if self.n_deep_experts:  # seekforge's own field: written only where set, so a plain model's file is HF's
+            out["n_deep_experts"] = self.n_deep_experts
         if self.rope_factor > 1.0:
             out["rope_scaling"] = {
                 "type": "yarn", "rope_type": "yarn", "factor": self.rope_factor,
