@@ -189,6 +189,11 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
         model_type = data.get("model_type")
+        if model_type == DEEP_EXPERTS_MODEL_TYPE:
+            if not data.get("n_deep_experts"):
+                raise ConfigError(f"{source}: model_type {model_type!r} needs n_deep_experts > 0; add it or write "
+                                  f"the model type of the plain model (deepseek_v3 or deepseek_v2)")
+            model_type = "deepseek_v3"  # for its defaults of fields left out (seekforge writes them all)
         if model_type not in HF_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported; seekforge reads "
                               f"{' and '.join(HF_MODEL_TYPES)} checkpoints")
@@ -223,7 +228,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """config.json in transformers' names. Softmax gating is written as deepseek_v2 (transformers'
-        deepseek_v3 only implements sigmoid gating), sigmoid gating as deepseek_v3."""
+        deepseek_v3 only implements sigmoid gating), sigmoid gating as deepseek_v3; a model with deep experts as
+        DEEP_EXPERTS_MODEL_TYPE, which transformers refuses rather than load its tensors as a plain MoE."""
         v3 = self.score_func == "sigmoid"
         out = {theirs: getattr(self, ours) for ours, theirs in HF_FIELDS.items()}
         out.update(
@@ -237,8 +243,9 @@ class ModelConfig:
             rope_interleave=True,
             torch_dtype="bfloat16",
         )
-        if self.n_deep_experts:  # seekforge's own field: written only where set, so a plain model's file is HF's
-            out["n_deep_experts"] = self.n_deep_experts
+        if self.n_deep_experts:  # seekforge's own field and model type: a plain model's file stays HF's
+            out.update(n_deep_experts=self.n_deep_experts, model_type=DEEP_EXPERTS_MODEL_TYPE,
+                       architectures=["SeekforgeDeepExpertsForCausalLM"])
         if self.rope_factor > 1.0:
             out["rope_scaling"] = {
                 "type": "yarn", "rope_type": "yarn", "factor": self.rope_factor,
@@ -281,6 +288,9 @@ HF_FIELDS = {
 }
 HF_REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank"]
 HF_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# config.json's model type for a model with deep experts (n_deep_experts): seekforge's own, since transformers'
+# DeepSeek classes would read the same tensors as one-layer experts and compute another model without a word
+DEEP_EXPERTS_MODEL_TYPE = "seekforge_deep_experts"
 # What transformers assumes when a field is absent from config.json, per model type.
 HF_DEFAULTS = {
     "deepseek_v3": dict(score_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, route_scale=2.5,

@@ -104,8 +104,27 @@ def test_checkpoint_layout_is_a_plain_moe():
 def test_config_round_trip(tmp_path):
     cfg = ModelConfig.preset("tiny").replace(n_deep_experts=4)
     cfg.save(tmp_path / "config.json")
-    assert ModelConfig.load(tmp_path).n_deep_experts == 4
+    loaded = ModelConfig.load(tmp_path)
+    assert loaded.n_deep_experts == 4 and loaded == cfg
     assert ModelConfig.from_hf_dict(ModelConfig.preset("tiny").to_hf_dict()).n_deep_experts == 0
+    softmax = ModelConfig.preset("16b").replace(n_deep_experts=2)
+    assert ModelConfig.from_hf_dict(softmax.to_hf_dict()) == softmax
+
+
+def test_transformers_refuses_a_deep_expert_config(tmp_path):
+    """transformers' DeepSeek classes would read deep experts' tensors as one-layer experts: the config's model
+    type is one it does not know, so it refuses instead."""
+    transformers = pytest.importorskip("transformers")
+    ModelConfig.preset("tiny").replace(n_deep_experts=2).save(tmp_path / "config.json")
+    with pytest.raises((ValueError, KeyError), match="seekforge_deep_experts"):
+        transformers.AutoConfig.from_pretrained(tmp_path)
+
+
+def test_deep_model_type_without_deep_experts_is_refused():
+    data = ModelConfig.preset("tiny").replace(n_deep_experts=2).to_hf_dict()
+    del data["n_deep_experts"]
+    with pytest.raises(ConfigError, match="needs n_deep_experts > 0"):
+        ModelConfig.from_hf_dict(data)
 
 
 def test_save_and_load_keep_the_deep_experts(tmp_path):
