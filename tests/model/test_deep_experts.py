@@ -1,6 +1,8 @@
 """Heterogeneous expert depth (ModelConfig.n_deep_experts): the mixed-depth MoE against a naive per-token loop,
 its config round trip and errors, the default left as it is, and a training step reaching deep experts."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,16 @@ def test_mixed_depth_matches_naive_loop():
     y, routing = m(x)
     assert DEEP & set(routing.indices.flatten().tolist()), "the routing must reach a deep expert"
     torch.testing.assert_close(y, _naive(m, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_depth_in_bf16_matches_naive_loop(device):
+    """bf16 takes torch._grouped_mm where it runs (the GPU's path), over the experts' half-width weight views."""
+    m = _moe(4).bfloat16()
+    x = torch.randn(37, 128).bfloat16()
+    want = _naive(copy.deepcopy(m).float(), x.float())  # the same bf16 values in fp32: the same routing
+    got = m.to(device)(x.to(device))[0].float().cpu()
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
 
 
 def test_mixed_depth_fallback_matmul_matches_naive_loop(monkeypatch):
