@@ -64,13 +64,12 @@ def train_command(args, n_deep: int, seed: int, out: Path) -> list[str]:
             f"model_overrides.n_deep_experts={n_deep}", "progress=false", "tensorboard=false", "device=cpu"]
 
 
-def train_all(args, runs: list[tuple[str, int, int, Path]]) -> dict[Path, float]:
-    """Runs the training commands, --jobs at a time; returns each run's wall seconds (None where reused)."""
+def train_all(args, runs: list[tuple[str, int, int, Path]]) -> None:
+    """Runs the training commands of the runs not done yet, --jobs at a time."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     todo = [r for r in runs if not (r[3] / "final" / "config.json").is_file()]
-    walls: dict[Path, float] = {r[3]: None for r in runs}
-    running: list[tuple[subprocess.Popen, Path, float]] = []
+    running: list[tuple[subprocess.Popen, Path]] = []
     while todo or running:
         while todo and len(running) < args.jobs:
             _, n_deep, seed, out = todo.pop(0)
@@ -78,15 +77,13 @@ def train_all(args, runs: list[tuple[str, int, int, Path]]) -> dict[Path, float]
             log = open(out.with_suffix(".log"), "w")
             cmd = train_command(args, n_deep, seed, out)
             print(" ".join(cmd[1:]), flush=True)
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, time.time()))
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out))
         time.sleep(2)
-        for proc, out, start in list(running):
+        for proc, out in list(running):
             if proc.poll() is not None:
-                running.remove((proc, out, start))
+                running.remove((proc, out))
                 if proc.returncode:
                     raise SystemExit(f"training {out} failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
-                walls[out] = time.time() - start
-    return walls
 
 
 def curves(out: Path) -> dict:
@@ -94,13 +91,14 @@ def curves(out: Path) -> dict:
     evals = [(r["step"] + 1, r["eval_loss"]) for r in records if "eval_loss" in r]
     last = records[-1]
     return {"eval": evals, "final_eval_loss": evals[-1][1], "final_eval_bpb": last.get("eval_bpb"),
-            "final_train_loss": last["main_loss"],
+            "final_train_loss": last["main_loss"], "train_s": last["time"] - records[0]["time"],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[len(records) // 10:])}
 
 
 @torch.no_grad()
-def routing_stats(out: Path, args, deep_ids: list[int]) -> dict:
-    """Per main MoE layer: routed slots by expert and token kind on the validation windows."""
+def analyse(out: Path, args, deep_ids: list[int]) -> dict:
+    """On the validation windows: per main MoE layer, routed slots by expert and input token kind; and the
+    next-token loss by the kind of the token predicted."""
     from seekforge.data.loader import eval_batches
     from seekforge.model.hf import from_pretrained
     from seekforge.tokenizer import Tokenizer
@@ -111,11 +109,17 @@ def routing_stats(out: Path, args, deep_ids: list[int]) -> dict:
     n_experts = model.cfg.n_routed_experts
     counts: dict[int, torch.Tensor] = {}
     token_kinds = torch.zeros(len(KINDS))
+    loss_sums, target_kinds = torch.zeros(len(KINDS)), torch.zeros(len(KINDS))
     for batch in eval_batches(out / "data", args.seq_len, args.batch_size, args.analysis_batches):
         tokens = batch["input_ids"]
         kinds = kind_of[tokens]
         token_kinds += torch.bincount(kinds.flatten(), minlength=len(KINDS))
-        _, routing = model.hidden(tokens)
+        h, routing = model.hidden(tokens)
+        losses = torch.nn.functional.cross_entropy(model.head(model.norm(h)).flatten(0, 1),
+                                                   batch["labels"].flatten(), reduction="none")
+        label_kinds = kind_of[batch["labels"]].flatten()
+        loss_sums += torch.zeros(len(KINDS)).index_add_(0, label_kinds, losses)
+        target_kinds += torch.bincount(label_kinds, minlength=len(KINDS))
         for layer, r in routing.items():
             k = r.indices.shape[-1]
             pair = r.indices.flatten() * len(KINDS) + kinds.unsqueeze(-1).expand(-1, -1, k).flatten()
@@ -139,6 +143,7 @@ def routing_stats(out: Path, args, deep_ids: list[int]) -> dict:
                              "one_layer": statistics.mean(kl[e] for e in range(n_experts) if not deep[e])},
         }
     return {"tokens_by_kind": dict(zip(KINDS, token_kinds.long().tolist())), "layers": layers,
+            "loss_by_target_kind": dict(zip(KINDS, (loss_sums / target_kinds.clamp_min(1)).tolist())),
             "parameters": model.num_parameters()}
 
 
@@ -146,14 +151,18 @@ def summarise(results: dict) -> dict:
     """Means over seeds, the deep variant minus the baseline (eval loss; per-seed differences too)."""
     out = {}
     for variant, runs in results["runs"].items():
-        layers = [run["routing"]["layers"] for run in runs]
+        layers = [run["analysis"]["layers"] for run in runs]
         out[variant] = {
             "final_eval_loss": statistics.mean(r["final_eval_loss"] for r in runs),
+            "deep_share_by_kind_per_seed": [{k: statistics.mean(lay["deep_share_by_kind"][k] for lay in ls.values())
+                                             for k in KINDS} for ls in layers],
             "deep_load_share": statistics.mean(lay["deep_load_share"] for ls in layers for lay in ls.values()),
             "deep_share_by_kind": {k: statistics.mean(lay["deep_share_by_kind"][k] for ls in layers
                                                       for lay in ls.values()) for k in KINDS},
             "kind_kl_bits": {t: statistics.mean(lay["kind_kl_bits"][t] for ls in layers for lay in ls.values())
                              for t in ("deep", "one_layer")},
+            "loss_by_target_kind": {k: statistics.mean(r["analysis"]["loss_by_target_kind"][k] for r in runs)
+                                    for k in KINDS},
         }
     diffs = [d["final_eval_loss"] - b["final_eval_loss"] for b, d in zip(results["runs"]["baseline"],
                                                                          results["runs"]["deep"])]
@@ -167,7 +176,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = axes.flatten()
     colours = {"baseline": "tab:blue", "deep": "tab:orange"}
     for variant, runs in results["runs"].items():
         for i, run in enumerate(runs):
@@ -190,7 +200,8 @@ def plot(results: dict, path: str) -> None:
     axes[1].set_xticks(range(len(KINDS)), KINDS)
     axes[1].set_ylabel("share of routed slots to the deep experts' ids")
     axes[1].set_title("which tokens reach the deep experts")
-    axes[1].legend(fontsize=7)
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(fontsize=7, loc="upper right")
     for i, variant in enumerate(("baseline", "deep")):
         kl = summary[variant]["kind_kl_bits"]
         axes[2].bar([j + (i - 0.5) * width for j in range(2)], [kl["one_layer"], kl["deep"]], width,
@@ -199,6 +210,14 @@ def plot(results: dict, path: str) -> None:
     axes[2].set_ylabel("mean KL(expert's token kinds || layer's), bits")
     axes[2].set_title("expert specialisation by token kind")
     axes[2].legend(fontsize=7)
+    for i, variant in enumerate(("baseline", "deep")):
+        losses = [summary[variant]["loss_by_target_kind"][k] for k in KINDS]
+        axes[3].bar([j + (i - 0.5) * width for j in range(len(KINDS))], losses, width, color=colours[variant],
+                    label=variant)
+    axes[3].set_xticks(range(len(KINDS)), KINDS)
+    axes[3].set_ylabel("validation loss (nats/token), mean over seeds")
+    axes[3].set_title("loss by the kind of token predicted")
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -230,7 +249,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     runs = [(variant, n, seed, out / f"{variant}-seed{seed}") for seed in args.seeds
             for variant, n in (("baseline", 0), ("deep", args.n_deep))]
-    walls = train_all(args, runs)
+    train_all(args, runs)
     results = {
         "bench": "deep_experts", "commit": commit(), "machine": machine(torch.device("cpu")),
         "setup": {"preset": "tiny", "n_layers": args.layers, "n_routed_experts": cfg.n_routed_experts,
@@ -244,8 +263,8 @@ def main(argv=None) -> int:
     }
     for variant, _, seed, run_dir in runs:
         print(f"analysing {run_dir}", flush=True)
-        results["runs"][variant].append({"seed": seed, "wall_s": walls[run_dir], **curves(run_dir),
-                                         "routing": routing_stats(run_dir, args, deep_ids)})
+        results["runs"][variant].append({"seed": seed, **curves(run_dir),
+                                         "analysis": analyse(run_dir, args, deep_ids)})
     results["summary"] = summarise(results)
     print(json.dumps(results["summary"], indent=2))
     if args.json:
