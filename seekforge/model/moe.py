@@ -199,7 +199,7 @@ class Experts(nn.Module):
         return (y if shared is None else y + shared(x)), pairs.counts.float()
 
     def _mixed_depth(self, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                     pairs: "SortedPairs", gate_weight: torch.Tensor) -> torch.Tensor:
+                     pairs: SortedPairs, gate_weight: torch.Tensor) -> torch.Tensor:
         """The sorted rows' outputs, gate-weighted, where some experts are deep (see the class docstring)."""
         half = w1.shape[1] // 2
         a = (w1[:, :half], w2[:, :, :half], w3[:, :half])
