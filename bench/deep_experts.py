@@ -183,7 +183,7 @@ def plot(results: dict, path: str) -> None:
         for i, run in enumerate(runs):
             steps, losses = zip(*run["eval"])
             axes[0].plot(steps, losses, color=colours[variant], alpha=0.8, marker=".",
-                         label=f"{variant} (seed {run['seed']})", linestyle="-" if i == 0 else "--")
+                         label=f"{variant} (seed {run['seed']})", linestyle=("-", "--", ":")[i % 3])
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("validation loss (nats/token, log scale)")
