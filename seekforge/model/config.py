@@ -47,6 +47,9 @@ class ModelConfig:
     topk_method: TopkMethod = "greedy"
     route_scale: float = 1.0
     norm_topk_prob: bool = False
+    # heterogeneous expert depth (experimental, not in DeepSeek's models; 0 = off): this many routed experts
+    # are two half-width SwiGLU layers with a residual instead of one SwiGLU (`seekforge.model.moe.Experts`)
+    n_deep_experts: int = 0
     # rotary embedding and YaRN (rope_factor 1.0 = no YaRN)
     rope_theta: float = 10000.0
     rope_factor: float = 1.0
@@ -144,6 +147,17 @@ class ModelConfig:
                     f"{self.n_activated_experts} activated experts; raise topk_group or n_group")
             if self.topk_method == "noaux_tc" and self.n_expert_groups > 1 and per_group < 2:
                 raise ConfigError(f"{where}: noaux_tc scores groups by their top-2 experts; groups need >= 2 experts")
+        if not isinstance(self.n_deep_experts, int) or isinstance(self.n_deep_experts, bool) or not (
+                0 <= self.n_deep_experts <= self.n_routed_experts):
+            raise ConfigError(f"{where}: n_deep_experts must be an integer in [0, n_routed_experts="
+                              f"{self.n_routed_experts}], got {self.n_deep_experts!r}")
+        if self.n_deep_experts:
+            if self.n_deep_experts % self.n_expert_groups:
+                raise ConfigError(f"{where}: n_deep_experts ({self.n_deep_experts}) must divide evenly over the "
+                                  f"{self.n_expert_groups} expert groups (n_group); choose a multiple of it")
+            if self.moe_inter_dim % 2:
+                raise ConfigError(f"{where}: a deep expert splits moe_inter_dim into two layers of half its width; "
+                                  f"moe_inter_dim must be even with n_deep_experts, got {self.moe_inter_dim}")
         if self.rope_factor < 1.0:
             raise ConfigError(f"{where}: rope_factor (YaRN factor) must be >= 1, got {self.rope_factor}")
 
@@ -175,6 +189,11 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict, source: str = "config.json") -> "ModelConfig":
         model_type = data.get("model_type")
+        if model_type == DEEP_EXPERTS_MODEL_TYPE:
+            if not data.get("n_deep_experts"):
+                raise ConfigError(f"{source}: model_type {model_type!r} needs n_deep_experts > 0; add it or write "
+                                  f"the model type of the plain model (deepseek_v3 or deepseek_v2)")
+            model_type = "deepseek_v3"  # for its defaults of fields left out (seekforge writes them all)
         if model_type not in HF_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported; seekforge reads "
                               f"{' and '.join(HF_MODEL_TYPES)} checkpoints")
@@ -183,6 +202,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         kw = {ours: data[theirs] for ours, theirs in HF_FIELDS.items() if data.get(theirs) is not None}
         kw["q_lora_rank"] = data.get("q_lora_rank") or 0
+        kw["n_deep_experts"] = data.get("n_deep_experts", 0)
         defaults = HF_DEFAULTS[model_type]
         for key, value in defaults.items():
             kw.setdefault(key, value)
@@ -208,7 +228,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """config.json in transformers' names. Softmax gating is written as deepseek_v2 (transformers'
-        deepseek_v3 only implements sigmoid gating), sigmoid gating as deepseek_v3."""
+        deepseek_v3 only implements sigmoid gating), sigmoid gating as deepseek_v3; a model with deep experts as
+        DEEP_EXPERTS_MODEL_TYPE, which transformers refuses rather than load its tensors as a plain MoE."""
         v3 = self.score_func == "sigmoid"
         out = {theirs: getattr(self, ours) for ours, theirs in HF_FIELDS.items()}
         out.update(
@@ -222,6 +243,9 @@ class ModelConfig:
             rope_interleave=True,
             torch_dtype="bfloat16",
         )
+        if self.n_deep_experts:  # seekforge's own field and model type: a plain model's file stays HF's
+            out.update(n_deep_experts=self.n_deep_experts, model_type=DEEP_EXPERTS_MODEL_TYPE,
+                       architectures=["SeekforgeDeepExpertsForCausalLM"])
         if self.rope_factor > 1.0:
             out["rope_scaling"] = {
                 "type": "yarn", "rope_type": "yarn", "factor": self.rope_factor,
@@ -264,6 +288,9 @@ HF_FIELDS = {
 }
 HF_REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank"]
 HF_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# config.json's model type for a model with deep experts (n_deep_experts): seekforge's own, since transformers'
+# DeepSeek classes would read the same tensors as one-layer experts and compute another model without a word
+DEEP_EXPERTS_MODEL_TYPE = "seekforge_deep_experts"
 # What transformers assumes when a field is absent from config.json, per model type.
 HF_DEFAULTS = {
     "deepseek_v3": dict(score_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, route_scale=2.5,

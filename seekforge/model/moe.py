@@ -150,14 +150,30 @@ def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Te
 
 
 class Experts(nn.Module):
-    """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter]."""
+    """All routed experts' SwiGLU weights stacked: w1/w3 [experts, inter, dim], w2 [experts, dim, inter].
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    Heterogeneous depth (`n_deep` experts, `is_deep`; 0, the default, is off): a deep expert splits its inter
+    units into two SwiGLU layers of half the width, a (the first half of w1/w2/w3's inter units) and b (the
+    second half), stacked with a residual: deep(x) = h + b(h), h = a(x). A one-layer expert is the same sum run
+    side by side, a(x) + b(x), which is its SwiGLU of full width. So both kinds hold the same parameters and
+    cost the same per token, and every expert runs as two grouped passes over all rows:
+    a(x) + b(deep ? a(x) : x). The residual makes a deep expert start as a half-width one-layer expert (b's
+    output is small at initialisation) and gives layer a a gradient path that does not pass through layer b."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, n_deep: int = 0, n_groups: int = 1):
         super().__init__()
         self.n_experts = n_experts
+        self.n_deep, self.n_groups = n_deep, n_groups
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
+
+    def is_deep(self, expert: torch.Tensor) -> torch.Tensor:
+        """Whether each expert id in `expert` is deep: the last n_deep / n_groups experts of every expert group,
+        so that group-limited routing reaches both kinds in every group. Arithmetic on the ids, so it needs no
+        buffer and no host synchronisation."""
+        per_group = self.n_experts // self.n_groups
+        return expert % per_group >= per_group - self.n_deep // self.n_groups
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                expert_of_row: torch.Tensor) -> torch.Tensor:
@@ -174,10 +190,24 @@ class Experts(nn.Module):
         pairs = sort_pairs(indices, self.n_experts)
         rows = sorted_rows(xc, pairs.token_of_row, pairs.row_of_pair, k)
         gate_weight = weights.flatten()[pairs.order].unsqueeze(-1)
-        out_sorted = swiglu(self.matmul, rows, w1, w2, w3, pairs.offsets, pairs.expert_of_row, gate_weight)
+        if not self.n_deep:
+            out_sorted = swiglu(self.matmul, rows, w1, w2, w3, pairs.offsets, pairs.expert_of_row, gate_weight)
+        else:
+            out_sorted = self._mixed_depth(rows, w1, w2, w3, pairs, gate_weight)
         # each pair's row gathered back and summed over its k slots (one fused pass when compiled)
         y = pair_sums(out_sorted, pairs.token_of_row, pairs.row_of_pair, k).to(x.dtype)
         return (y if shared is None else y + shared(x)), pairs.counts.float()
+
+    def _mixed_depth(self, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                     pairs: SortedPairs, gate_weight: torch.Tensor) -> torch.Tensor:
+        """The sorted rows' outputs, gate-weighted, where some experts are deep (see the class docstring)."""
+        half = w1.shape[1] // 2
+        a = (w1[:, :half], w2[:, :, :half], w3[:, :half])
+        b = (w1[:, half:], w2[:, :, half:], w3[:, half:])
+        h = swiglu(self.matmul, rows, *a, pairs.offsets, pairs.expert_of_row)
+        second_in = torch.where(self.is_deep(pairs.expert_of_row).unsqueeze(-1), h, rows)
+        out = h + swiglu(self.matmul, second_in, *b, pairs.offsets, pairs.expert_of_row)
+        return (out * gate_weight).to(out.dtype)
 
 
 @dataclass
@@ -193,7 +223,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Gate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.n_deep_experts,
+                               cfg.n_expert_groups)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
     def forward(self, x: torch.Tensor, topk: int | None = None) -> tuple[torch.Tensor, Routing]:

@@ -4,7 +4,7 @@ The module is the model's MoE taken by its attributes (`gate`, `experts`, `share
 nothing of seekforge.model. Where the backend takes Triton, decode's few rows an expert run the Triton router
 (`seekforge.ops.triton.route`, op "route") and the fused experts (`seekforge.ops.triton.moe`, op "moe"), which
 choose from the router's logits themselves and add the shared experts and the block's residual in the same pass;
-otherwise the gate and the model's grouped matmuls.
+otherwise the gate and the model's grouped matmuls (always where some experts are deep, `Experts.n_deep`).
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None, residual: to
 
 
 def _fused_experts(moe, x: torch.Tensor, topk: int | None = None):
-    """The Triton module of the fused experts where they take x: weights in x's dtype, no autocast, decode's rows."""
+    """The Triton module of the fused experts where they take x: weights in x's dtype, no autocast, decode's rows,
+    every expert one SwiGLU layer (the kernels know no deep experts: `Experts.n_deep`)."""
     kernel = MOE.on(x.device)
     k = moe.gate.topk if topk is None else topk
-    if (kernel is not None and x.dtype == moe.experts.w1.dtype and not torch.is_autocast_enabled("cuda")
-            and x.shape[0] * k <= FUSED_MOE_ROWS * moe.experts.n_experts):
+    if (kernel is not None and not moe.experts.n_deep and x.dtype == moe.experts.w1.dtype
+            and not torch.is_autocast_enabled("cuda") and x.shape[0] * k <= FUSED_MOE_ROWS * moe.experts.n_experts):
         return kernel
     return None
 

@@ -159,6 +159,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         if isinstance(moe.experts, ExpertParallel) or isinstance(moe.experts.w1, DTensor):
             raise ConfigError(f"{name + '.' if name else ''}experts are sharded already: apply expert parallelism "
                               "once, before fully_shard")
+        if moe.experts.n_deep:
+            raise ConfigError(f"{name + '.' if name else ''}experts: expert parallelism runs one-layer experts only; "
+                              "train a model with n_deep_experts > 0 without parallel.ep (ep=1)")
         n = moe.experts.n_experts
         if n % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide n_routed_experts={n}: every ep rank holds the same "

@@ -311,3 +311,18 @@ def test_moe_forward_takes_the_router_and_fused_kernels_for_decode_and_counts_lo
     assert load.tolist() == routing.load.tolist()
     # the kernels' choice as the gate's (as a set per token: the router's top-k is unsorted)
     assert indices.sort(-1).values.tolist() == routing.indices.sort(-1).values.tolist()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_moe_forward_keeps_the_model_path_for_deep_experts(n):
+    """The fused kernels run one-layer experts only: with deep experts (`n_deep_experts`), `moe_forward` under the
+    Triton backend gives the model's mixed-depth output."""
+    moe = make_moe(32, 8, 2, 16, 1, HALF, seed=n, n_deep_experts=4)
+    x = torch.randn(n, 32, device=DEVICE, dtype=HALF)
+    with torch.no_grad():
+        with ops.backend("torch"):
+            want, routing = moe(x)
+        with ops.backend("triton"):
+            out, indices, load = ops.moe_forward(moe, x)
+    torch.testing.assert_close(out, want)
+    assert indices.tolist() == routing.indices.tolist() and load.tolist() == routing.load.tolist()

@@ -82,8 +82,10 @@ def _on_ranks(ep: int, checkpoint: str) -> dict:
     out = {"layer": _layer_rank(mesh, skewed=False), "skewed": _layer_rank(mesh, skewed=True),
            "bf16": _layer_rank(mesh, skewed=False, bf16=True), "training": _train_rank(mesh, checkpoint)}
     out["errors"] = []
+    # experts that do not divide; sharded already; deep experts
     for bad in (lambda: MoE(CFG.replace(n_routed_experts=2 * ep + 1, n_expert_groups=1, n_limited_groups=1)),
-                lambda: apply_expert_parallel(MoE(CFG), mesh)):  # experts that do not divide; sharded already
+                lambda: apply_expert_parallel(MoE(CFG), mesh),
+                lambda: MoE(CFG.replace(n_deep_experts=CFG.n_expert_groups))):
         try:
             apply_expert_parallel(bad(), mesh)
         except ConfigError as e:
@@ -284,9 +286,10 @@ def test_training_matches_one_process(ranks):
 
 def test_errors_name_the_problem(ranks):
     ep, got, _ = ranks
-    indivisible, twice = got[0]["errors"]
+    indivisible, twice, deep = got[0]["errors"]
     assert f"parallel.ep={ep} does not divide n_routed_experts={2 * ep + 1}" in indivisible
     assert "experts are sharded already: apply expert parallelism once" in twice
+    assert "expert parallelism runs one-layer experts only" in deep
 
 
 def test_fsdp2_default_mean_completes_the_expert_gradients():
