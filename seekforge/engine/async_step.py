@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from seekforge.engine.model_runner import Chunk, DeviceIds
-from seekforge.engine.sampler import Row, make_batch, sample
+from seekforge.engine.sampler import sample
 from seekforge.engine.sequence import PENDING, Sequence
 
 
@@ -64,7 +64,7 @@ class AsyncStep:
             prev = self._in_flight.row
             waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
             device_ids = DeviceIds(waiting, [prev[seqs[i].seq_id] for i in waiting], self._in_flight.tokens)
-        batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
+        batch = self._plain_batch(seqs)
         topk = self._step_topk(seqs)
         replayed = self.runner.decode_logits(chunks, device_ids, topk)
         if replayed is not None:

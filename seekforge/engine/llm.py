@@ -119,6 +119,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: InFlight | None = None
+        self._plain_rows = None  # (sequence ids, their sampling batch): see Step._plain_batch
         self.num_async_steps = 0
         # Tokens per expert [experts] fp32 of each main-model MoE layer (by layer id) in the last step's forward;
         # empty when it ran none. A captured step's are its graph's output buffers, which the next step
@@ -250,9 +251,10 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
                 raise RuntimeError("engine stalled: waiting requests cannot be scheduled")
             for rid in touched & mine:
                 req = self.requests[rid]
-                if streaming or req.finished:
+                finished = req.finished
+                if streaming or finished:
                     yield self._output(req, streaming)
-                if req.finished:
+                if finished:
                     mine.discard(rid)
                     del self.requests[rid]
 

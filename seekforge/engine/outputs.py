@@ -92,7 +92,8 @@ class Outputs:
             return "stop"
         if p.stop and self._stop_string(seq):
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens - seq.num_pending >= self.max_model_len:
+        known = len(seq.token_ids) - seq.num_pending
+        if known - seq.num_prompt_tokens >= p.max_tokens or known >= self.max_model_len:
             return "length"
         return None
 

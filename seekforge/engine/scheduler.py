@@ -68,6 +68,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        block_size = self.bm.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -76,6 +77,11 @@ class Scheduler:
                 self._trim_drafts(seq, budget - remaining)
             num_new = min(remaining + len(seq.drafts), budget)
             need = self._slots(seq, seq.num_computed, num_new)
+            if len(seq.block_table) * block_size >= need:  # its blocks hold the step already (most decode steps)
+                out.scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+                continue
             if self.bm.blocks_for(need) > self.bm.num_blocks:
                 self.finish(seq, "length")  # could not fit even alone: the cache is too small for it
                 out.finished.append(seq)
@@ -147,6 +153,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            seq.request.num_finished += 1
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.bm.free_seq(seq)

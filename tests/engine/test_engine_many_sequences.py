@@ -1,0 +1,78 @@
+"""Many sequences at once against a plain generate loop: the engine's batched host paths (packed step inputs, the
+sampling batch kept between steps, stop checks, finished requests) must give each sequence exactly the tokens and
+text that generating it alone with the model's own forward gives.
+
+The reference recomputes the whole sequence with `Transformer.forward` for every new token and draws a sampled
+token as the engine's sampler documents it (seekforge.engine.sampler): the exponential race argmax(p / E), E ~ Exp(1)
+drawn from the sequence's own generator, seeded (seed * 1_000_003 + index) % 2**63. It stops at EOS, a stop token, a
+stop string (text cut before it) or max_tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekforge import LLM, SamplingParams
+from seekforge.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference(model: Transformer, tokenizer, prompt: list[int], params: SamplingParams, index: int = 0):
+    """(token ids, text) of one completion generated alone, one full forward a token."""
+    gen = None if params.seed is None else torch.Generator().manual_seed((params.seed * 1_000_003 + index) % 2**63)
+    ids, out = list(prompt), []
+    eos = {model.cfg.eos_token_id, tokenizer.eos_id}
+    with torch.inference_mode():
+        while True:
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            if params.temperature == 0:
+                tok = int(logits.argmax())
+            else:
+                probs = (logits / params.temperature).softmax(-1)
+                tok = int((probs / torch.empty_like(probs).exponential_(generator=gen)).argmax())
+            ids.append(tok)
+            out.append(tok)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                return out, text[:min(hits)]
+            if (tok in eos and not params.ignore_eos) or tok in params.stop_token_ids or len(out) >= params.max_tokens:
+                return out, text
+
+
+def mixed_requests(vocab: int, count: int):
+    """Prompts of several lengths and a mix of parameters: greedy and seeded, stop tokens and strings, max_tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts, params = [], []
+    for i in range(count):
+        prompts.append(torch.randint(3, vocab, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist())
+        kind = i % 4
+        if kind == 0:
+            p = SamplingParams(temperature=0, max_tokens=6 + i % 7, ignore_eos=True)
+        elif kind == 1:
+            p = SamplingParams(temperature=1.0, max_tokens=4 + i % 11, seed=i, ignore_eos=True)
+        elif kind == 2:
+            p = SamplingParams(temperature=0.8, max_tokens=14, seed=100 + i, stop=["1", "+"], ignore_eos=True)
+        else:
+            p = SamplingParams(temperature=1.0, max_tokens=12, seed=200 + i, stop_token_ids=list(range(3, vocab, 7)))
+        params.append(p)
+    return prompts, params
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("num_blocks", [None, 14], ids=["roomy", "preempting"])
+def test_many_mixed_sequences_match_a_plain_generate_loop(tiny_checkpoint, task_tokenizer, async_scheduling,
+                                                          num_blocks):
+    path = tiny_checkpoint(n_mtp_modules=0)
+    llm = LLM(path, block_size=4, num_blocks=num_blocks, max_num_seqs=16, max_num_batched_tokens=48,
+              async_scheduling=async_scheduling)
+    prompts, params = mixed_requests(llm.cfg.vocab_size, 24)
+    outs = llm.generate(prompts, params)
+    if num_blocks is not None:
+        assert llm.stats()["preemptions"] > 0  # the small cache made the scheduler preempt and recompute
+    expected = [reference(llm.model, task_tokenizer, p, sp) for p, sp in zip(prompts, params)]
+    assert [(o.token_ids, o.text) for o in outs] == expected
+    reasons = {o.finish_reason for o in outs}
+    assert reasons == {"stop", "length"}  # both kinds of ending happened
