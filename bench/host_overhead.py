@@ -74,8 +74,8 @@ MODULE_WRAPPED = (("seekforge.engine.async_step", "sample", "sample"),
 class PhaseClock:
     """Exclusive time per phase: a phase entered inside another pauses the outer one."""
 
-    def __init__(self, sync_forward: bool):
-        self.sync_forward = sync_forward
+    def __init__(self, sync_forward: bool, now=time.perf_counter):
+        self.sync_forward, self.now = sync_forward, now
         self.stack: list[list] = []  # [phase, time it (re)started]
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.on = False
@@ -84,7 +84,7 @@ class PhaseClock:
         def timed(*args, **kwargs):
             if not self.on:
                 return fn(*args, **kwargs)
-            now = time.perf_counter()
+            now = self.now()
             if self.stack:
                 outer = self.stack[-1]
                 self.totals[outer[0]] += now - outer[1]
@@ -95,7 +95,7 @@ class PhaseClock:
                     torch.cuda.synchronize()
                 return out
             finally:
-                now = time.perf_counter()
+                now = self.now()
                 self.totals[phase] += now - self.stack.pop()[1]
                 if self.stack:
                     self.stack[-1][1] = now
@@ -135,7 +135,7 @@ class StepTimer:
         step = llm._step
 
         def timed_step():
-            now = time.perf_counter()
+            now = self.clock.now()
             if self.started is not None:
                 if self.profiler is not None:
                     self.profiler.disable()
@@ -151,7 +151,7 @@ class StepTimer:
                     self.clock.on = True
                     if self.profiler is not None:
                         self.profiler.enable()
-                    self.started = time.perf_counter()
+                    self.started = self.clock.now()
             return step()
 
         llm._step = timed_step
@@ -249,18 +249,18 @@ def rollout_run(llm: LLM, clock: PhaseClock, args) -> dict:
     llm._step = counted
     clock.take()
     clock.on = True
-    start = time.perf_counter()
+    start, clocked = time.perf_counter(), clock.now()
     outs = llm.generate(prompts, params)
-    if torch.cuda.is_available() and llm.device.type == "cuda":
+    if llm.device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+    wall, clocked = time.perf_counter() - start, clock.now() - clocked
     clock.on = False
     del llm._step
     phases = clock.take()
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     out = {"sequences": args.prompts * args.group, "max_tokens": args.max_tokens, "tokens": tokens, "wall_s": wall,
            "tokens_per_s": tokens / wall, "engine_steps": steps[0],
-           "host_ms_per_step": 1e3 * (wall - phases["forward"]) / steps[0]}
+           "host_ms_per_step": 1e3 * (clocked - phases["forward"]) / steps[0]}
     out.update({f"{p}_ms_per_step": 1e3 * phases[p] / steps[0] for p in PHASES})
     return out
 
@@ -289,6 +289,9 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     ap.add_argument("--async-scheduling", choices=("on", "off"), default=None,
                     help="default: the engine's (on for CUDA)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by the wall clock, or by this thread's CPU time (steadier on a busy CPU host, "
+                         "where the process waits for a core; no use on a GPU, where the host waits for the device)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the timed decode steps")
     ap.add_argument("--profile-lines", type=int, default=30)
     ap.add_argument("--json", help="also write the results here")
@@ -299,13 +302,14 @@ def main() -> int:
     if args.rollouts:
         args.seqs = [args.prompts * args.group]
     llm, model = build(args)
-    clock = PhaseClock(sync_forward=llm.device.type == "cuda")
+    clock = PhaseClock(sync_forward=llm.device.type == "cuda",
+                       now=time.thread_time if args.clock == "cpu" else time.perf_counter)
     instrument(llm, clock)
     results = {"device": str(llm.device), "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
                "threads": torch.get_num_threads(), "preset": args.preset, "layers": model.cfg.n_layers,
                "params": model.num_parameters(), "prompt_len": args.prompt_len, "temperature": args.temperature,
                "cuda_graphs": args.cuda_graphs, "compile": args.compile, "async_scheduling": llm.async_scheduling,
-               "stream": args.stream}
+               "stream": args.stream, "clock": args.clock}
     if llm.device.type == "cuda":
         results["card"] = torch.cuda.get_device_name(llm.device)
         results["torch"] = torch.__version__

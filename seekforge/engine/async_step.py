@@ -12,7 +12,7 @@ import torch
 
 from seekforge.engine.model_runner import Chunk, DeviceIds
 from seekforge.engine.sampler import sample
-from seekforge.engine.sequence import PENDING, Sequence
+from seekforge.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 class InFlight:
@@ -46,12 +46,13 @@ class AsyncStep:
         already complete it."""
         if not self.async_scheduling or self.proposer is not None or plan.preempted:
             return False
+        max_len = self.max_model_len
         for seq, n in plan.scheduled:
             p = seq.params
             num_tokens = len(seq.token_ids)  # pending tokens included: they will be outputs too
             if (n != 1 or seq.num_computed != num_tokens - 1 or p.has_penalties or p.logprobs is not None
                     or seq.matcher is not None or seq.inserter is not None
-                    or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
+                    or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= max_len):
                 return False
         return True
 
@@ -88,8 +89,9 @@ class AsyncStep:
         conditions, prefix-cache registration. A sequence finished or aborted meanwhile drops its token."""
         f, self._in_flight = self._in_flight, None
         touched = set()
+        register = self.block_manager.register
         for seq, token in zip(f.seqs, f.host_tokens()):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue
             touched.add(seq.request.request_id)
             first = len(seq.token_ids) - seq.num_pending  # this step's token; later steps' follow it
@@ -100,7 +102,7 @@ class AsyncStep:
                 del seq.token_ids[first + 1:]
                 seq.num_pending = 0
                 seq.num_computed = min(seq.num_computed, seq.num_tokens)
-            self.block_manager.register(seq)
+            register(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
         return touched

@@ -71,7 +71,7 @@ class Step:
         graph gives its logits only (hidden and step None)."""
         replayed = hidden = step = None
         topk = self._step_topk(seqs)
-        prompt = [i for i, seq in enumerate(seqs) if seq.needs_prompt_logprobs]
+        prompt = [i for i, seq in enumerate(seqs) if seq.request.prompt_logprobs is not None and seq.needs_prompt_logprobs]
         if self.proposer is None and len(sampling) == len(chunks) and not prompt:
             replayed = self.runner.decode_logits(chunks, topk=topk)
         if replayed is not None:
@@ -79,8 +79,9 @@ class Step:
         else:
             step = self.runner.prepare(chunks)
             hidden, self.expert_load = self.runner.forward(step, topk)
-            first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
-            rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
+            first = [step.offsets[i] + len(seqs[i].token_ids) - 1 - chunks[i].start for i in sampling]
+            rows_idx = (first if self.proposer is None else
+                        [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))])
             if rows_idx == list(range(len(hidden))):  # every row, in order (a decode step): no gather needed
                 logits = self.runner.logits(hidden)
             else:  # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
@@ -163,7 +164,8 @@ class Step:
                 proposer.stats.record(len(seq.drafts), v.accepted)
             computed = len(seq.token_ids) + v.accepted  # positions whose latents are now valid
             tokens = v.tokens
-            reason, kept = self._append(seq, tokens, [next(logprobs) for _ in tokens])
+            reason, kept = self._append(seq, tokens, (next(logprobs),) if len(tokens) == 1 else
+                                        [next(logprobs) for _ in tokens])
             seq.num_computed = min(computed, kept)  # tokens an in-chain tool inserted after `kept` are not computed
             register(seq)
             if reason is not None:
