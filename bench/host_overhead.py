@@ -316,7 +316,8 @@ def main() -> int:
     if args.rollouts:
         results["rollouts"] = r = rollout_run(llm, clock, args)
         print(f"rollouts {r['sequences']} x {r['max_tokens']}: {r['tokens_per_s']:,.0f} tok/s "
-              f"({r['wall_s']:.1f} s, {r['engine_steps']} steps, host {r['host_ms_per_step']:.2f} ms/step)")
+              f"({r['wall_s']:.1f} s, {r['engine_steps']} steps, host {r['host_ms_per_step']:.2f} ms/step: "
+              + ", ".join(f"{p} {r[f'{p}_ms_per_step']:.2f}" for p in PHASES) + ")")
     else:
         results["decode"] = []
         for n in args.seqs:

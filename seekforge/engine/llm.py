@@ -129,7 +129,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         if config.cuda_graphs:  # with adaptive experts, one graph a batch size and routed top-k
             topks = (None,) if self.adaptive is None else (None, *self.adaptive.levels[1:])
             with torch.inference_mode(), ops.backend(self.kernels):
-                self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256), topks)
+                self.runner.capture_cuda_graphs(config.max_num_seqs, topks)
 
     def _adaptive_controller(self, config: EngineConfig) -> AdaptiveTopK:
         k = self.cfg.n_activated_experts

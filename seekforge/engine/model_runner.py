@@ -249,13 +249,16 @@ class ModelRunner:
         return logits[:b], loads
 
     def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,)) -> None:
-        """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch, once for each routed
-        top-k of `topks` (None: the config's): a graph replays the k it was captured with. The graphs attend over
-        the whole static block table (max_model_len); fused kernels make that cheap."""
+        """Capture plain decode steps for batch sizes 1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up
+        to max_batch, once for each routed top-k of `topks` (None: the config's): a graph replays the k it was
+        captured with. The graphs attend over the whole static block table (max_model_len); fused kernels make that
+        cheap. Past 256 sequences an eager step's launches would cost more host time than padding to a coarser size
+        costs the device."""
         if self.device.type != "cuda":
             return
         self._allocate_static(max_batch)
-        sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+        sizes = ([s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, min(max_batch, 257), 16))
+                 + list(range(320, max_batch, 64)) + [max_batch])
         pool = None
         for topk, size in ((k, s) for k in topks for s in sorted(set(sizes), reverse=True)):
             self._graph_step(size, topk)  # warm up (lazy initialisation must not happen during capture)
@@ -336,7 +339,7 @@ def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:
     flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(counts.sum()))
     full = np.full((len(tables), max(width, int(counts.max(initial=0)))), pad, np.int64)
     full[np.arange(full.shape[1]) < counts[:, None]] = flat
-    return full[:, :width]
+    return np.ascontiguousarray(full[:, :width])
 
 
 def step_inputs(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, source: torch.Tensor,
