@@ -257,10 +257,8 @@ class ModelRunner:
         if self.device.type != "cuda":
             return
         self._allocate_static(max_batch)
-        sizes = ([s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, min(max_batch, 257), 16))
-                 + list(range(320, max_batch, 64)) + [max_batch])
         pool = None
-        for topk, size in ((k, s) for k in topks for s in sorted(set(sizes), reverse=True)):
+        for topk, size in ((k, s) for k in topks for s in reversed(graph_sizes(max_batch))):
             self._graph_step(size, topk)  # warm up (lazy initialisation must not happen during capture)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -330,6 +328,14 @@ class ModelRunner:
         # padding rows write into the scratch block, which no sequence's row does
         real = slots < self.scratch_block * self.block_size
         return logits, rows_load(chosen, real, self.cfg.n_routed_experts)
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """The batch sizes decode graphs are captured for, ascending: 1, 2, 4, 8, every 16 up to 256, every 64 past it,
+    and max_batch."""
+    sizes = ([s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, min(max_batch, 257), 16))
+             + list(range(320, max_batch, 64)) + [max_batch])
+    return sorted(set(sizes))
 
 
 def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:

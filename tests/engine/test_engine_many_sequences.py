@@ -76,3 +76,22 @@ def test_many_mixed_sequences_match_a_plain_generate_loop(tiny_checkpoint, task_
     assert [(o.token_ids, o.text) for o in outs] == expected
     reasons = {o.finish_reason for o in outs}
     assert reasons == {"stop", "length"}  # both kinds of ending happened
+
+
+def test_padded_tables_truncate_and_pad_each_row():
+    from seekforge.engine.model_runner import padded_tables
+
+    got = padded_tables([[5, 6, 7], [], [9], [1, 2, 3, 4, 8]], 4, -1)
+    assert got.tolist() == [[5, 6, 7, -1], [-1, -1, -1, -1], [9, -1, -1, -1], [1, 2, 3, 4]]
+    assert got.flags["C_CONTIGUOUS"]
+    assert padded_tables([[3]], 0, -1).shape == (1, 0)
+
+
+def test_decode_graphs_cover_every_batch_up_to_max_num_seqs():
+    from seekforge.engine.model_runner import graph_sizes
+
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
+    assert graph_sizes(512) == [1, 2, 4, 8] + list(range(16, 257, 16)) + [320, 384, 448, 512]
+    assert graph_sizes(300)[-2:] == [256, 300]
