@@ -95,3 +95,39 @@ def test_decode_graphs_cover_every_batch_up_to_max_num_seqs():
     assert graph_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
     assert graph_sizes(512) == [1, 2, 4, 8] + list(range(16, 257, 16)) + [320, 384, 448, 512]
     assert graph_sizes(300)[-2:] == [256, 300]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_past_256_sequences_replays_the_eager_step(tiny_checkpoint):
+    """300 sequences replay the graph of 320 (captured past the old cap of 256), with the eager step's logits, and
+    generate through it with async scheduling as without."""
+    from seekforge.engine.model_runner import Chunk
+
+    path = tiny_checkpoint(n_mtp_modules=0)
+    llm = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=320, max_num_batched_tokens=8192,
+              cuda_graphs=True)
+    assert {size for _, size in llm.runner.graphs} >= {256, 320}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, llm.cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 20, (300,), generator=g)]
+    full = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for p in prompts:
+        llm.add_request(p, full)
+    while any(s.num_computed < s.num_prompt_tokens for s in llm.scheduler.running) or llm.scheduler.waiting:
+        llm.step()
+    seqs = llm.scheduler.running
+    assert len(seqs) == 300
+    chunks = [Chunk(s.block_table, s.num_computed, [s.token_ids[-1]]) for s in seqs]
+    with torch.inference_mode():
+        replayed = llm.runner.decode_logits(chunks)[0].clone()
+        eager = llm.runner.logits(llm.runner.forward(llm.runner.prepare(chunks))[0])
+    torch.testing.assert_close(replayed, eager, atol=0.02, rtol=0.02)
+    while llm.has_unfinished_requests():
+        llm.step()
+    outs = {}
+    for mode in (False, True):
+        engine = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=320, max_num_batched_tokens=8192,
+                     cuda_graphs=True, async_scheduling=mode)
+        outs[mode] = [o.token_ids for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))]
+        assert (engine.stats()["async_steps"] > 0) == mode
+    assert outs[True] == outs[False]
