@@ -25,8 +25,10 @@ Rollouts (--rollouts): --prompts prompts x --group completions (seeded per promp
 tokens each, ignore_eos so that every completion is full length) in one `LLM.generate` call, as GRPO's rollouts run;
 tokens/s = generated tokens / wall time, prefill included. The host phases are summed over the whole call too.
 
-The model has random weights; a byte-level BPE of the model's vocabulary, trained on the built-in corpus, stands in
-for a checkpoint's tokenizer (outputs carry text, as GRPO's engine gives them). --profile prints a cProfile of the
+The model has random weights; a byte-level BPE trained on the built-in corpus stands in for a checkpoint's tokenizer
+(outputs carry text, as GRPO's engine gives them). The corpus offers about 780 ids' worth of merges: with a larger
+vocabulary (the small preset's 8192) ids past the tokenizer's decode to nothing, so text is shorter than a real
+tokenizer's, though every token is still decoded. --profile prints a cProfile of the
 timed steps (its timings then include cProfile's own cost: use it to find hot spots, not for figures).
 """
 
