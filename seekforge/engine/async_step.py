@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from seekforge.engine.model_runner import Chunk, DeviceIds
-from seekforge.engine.sampler import Row, make_batch, sample
-from seekforge.engine.sequence import PENDING, Sequence
+from seekforge.engine.sampler import sample
+from seekforge.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 class InFlight:
@@ -46,25 +46,31 @@ class AsyncStep:
         already complete it."""
         if not self.async_scheduling or self.proposer is not None or plan.preempted:
             return False
+        max_len, checked = self.max_model_len, None  # checked: the last params seen (a request's n share theirs)
         for seq, n in plan.scheduled:
             p = seq.params
             num_tokens = len(seq.token_ids)  # pending tokens included: they will be outputs too
-            if (n != 1 or seq.num_computed != num_tokens - 1 or p.has_penalties or p.logprobs is not None
-                    or seq.matcher is not None or seq.inserter is not None
-                    or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
+            if (n != 1 or seq.num_computed != num_tokens - 1 or seq.matcher is not None or seq.inserter is not None
+                    or num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= max_len):
                 return False
+            if p is not checked:
+                if p.has_penalties or p.logprobs is not None:
+                    return False
+                checked = p
         return True
 
     def _pipelined_step(self, seqs: list[Sequence]) -> set[str]:
         """Launch a decode step whose inputs may still be on the device (the step in flight samples them),
         then settle the step in flight while this one runs: the host's bookkeeping overlaps the GPU."""
-        chunks = [Chunk(seq.block_table, seq.num_computed, [seq.token_ids[-1]]) for seq in seqs]
-        device_ids = None
-        if self._in_flight is not None:
-            prev = self._in_flight.row
-            waiting = [i for i, seq in enumerate(seqs) if seq.num_pending]
-            device_ids = DeviceIds(waiting, [prev[seqs[i].seq_id] for i in waiting], self._in_flight.tokens)
-        batch = make_batch([Row(seq.params, seq.generator) for seq in seqs], self.cfg.vocab_size, self.device)
+        chunks, waiting, rows = [], [], []  # waiting: chunks whose token is still on the device, at `rows` there
+        prev = self._in_flight.row if self._in_flight is not None else None
+        for i, seq in enumerate(seqs):
+            chunks.append(Chunk(seq.block_table, seq.num_computed, [seq.token_ids[-1]]))
+            if seq.num_pending:
+                waiting.append(i)
+                rows.append(prev[seq.seq_id])
+        device_ids = None if prev is None else DeviceIds(waiting, rows, self._in_flight.tokens)
+        batch = self._plain_batch(seqs)
         topk = self._step_topk(seqs)
         replayed = self.runner.decode_logits(chunks, device_ids, topk)
         if replayed is not None:
@@ -74,7 +80,7 @@ class AsyncStep:
             logits = self.runner.logits(hidden)
         tokens, _ = sample(logits, batch, out=self.runner.token_buffer(len(seqs)))
         for seq in seqs:
-            seq.num_computed = seq.num_tokens
+            seq.num_computed = len(seq.token_ids)
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
         launched = InFlight(seqs, tokens)
@@ -88,8 +94,9 @@ class AsyncStep:
         conditions, prefix-cache registration. A sequence finished or aborted meanwhile drops its token."""
         f, self._in_flight = self._in_flight, None
         touched = set()
+        register = self.block_manager.register
         for seq, token in zip(f.seqs, f.host_tokens()):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue
             touched.add(seq.request.request_id)
             first = len(seq.token_ids) - seq.num_pending  # this step's token; later steps' follow it
@@ -100,7 +107,7 @@ class AsyncStep:
                 del seq.token_ids[first + 1:]
                 seq.num_pending = 0
                 seq.num_computed = min(seq.num_computed, seq.num_tokens)
-            self.block_manager.register(seq)
+            register(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
         return touched

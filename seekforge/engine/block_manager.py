@@ -73,9 +73,10 @@ class BlockManager:
 
     def register(self, seq: Sequence) -> None:
         """Register seq's blocks that have become full of computed tokens."""
-        if not self.enable_prefix_caching or self._seq_epoch.get(seq.seq_id) != self.epoch:
-            return
         bs = self.block_size
+        if ((seq.num_hashed_blocks + 1) * bs > seq.num_computed or not self.enable_prefix_caching
+                or self._seq_epoch.get(seq.seq_id) != self.epoch):
+            return
         while (seq.num_hashed_blocks + 1) * bs <= seq.num_computed:
             i = seq.num_hashed_blocks
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])

@@ -120,6 +120,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: InFlight | None = None
+        self._plain_rows = None  # (sequence ids, their sampling batch): see Step._plain_batch
         self.num_async_steps = 0
         # Tokens per expert [experts] fp32 of each main-model MoE layer (by layer id) in the last step's forward;
         # empty when it ran none. A captured step's are its graph's output buffers, which the next step
@@ -129,7 +130,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         if config.cuda_graphs:  # with adaptive experts, one graph a batch size and routed top-k
             topks = (None,) if self.adaptive is None else (None, *self.adaptive.levels[1:])
             with torch.inference_mode(), ops.backend(self.kernels):
-                self.runner.capture_cuda_graphs(min(config.max_num_seqs, 256), topks)
+                self.runner.capture_cuda_graphs(config.max_num_seqs, topks)
 
     def _adaptive_controller(self, config: EngineConfig) -> AdaptiveTopK:
         k = self.cfg.n_activated_experts
@@ -251,9 +252,10 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
                 raise RuntimeError("engine stalled: waiting requests cannot be scheduled")
             for rid in touched & mine:
                 req = self.requests[rid]
-                if streaming or req.finished:
+                finished = req.finished
+                if streaming or finished:
                     yield self._output(req, streaming)
-                if req.finished:
+                if finished:
                     mine.discard(rid)
                     del self.requests[rid]
 

@@ -24,9 +24,10 @@ In captured steps of up to 4 sequences the dense projections are Triton GEMVs (`
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seekforge import ops
@@ -125,46 +126,46 @@ class ModelRunner:
     # ---------------------------------------------------------------- step input
     def prepare(self, chunks: list[Chunk], device_ids: DeviceIds | None = None) -> StepInput:
         """Pack chunks: absorbed groups first (by query length), then the explicit (prefill) group.
-        `device_ids` gives the token of some one-token chunks as device values (see DeviceIds)."""
-        by_len: dict[int, list[int]] = defaultdict(list)
-        explicit = []
-        for i, ch in enumerate(chunks):
-            n = len(ch.token_ids)
-            (by_len[n] if n <= self.max_absorbed_query else explicit).append(i)
-        order = [i for n in sorted(by_len) for i in by_len[n]] + explicit
+        `device_ids` gives the token of some one-token chunks as device values (see DeviceIds).
+        The per-token arrays (ids, positions, slots) and the padded block tables are built with numpy over the
+        chunks' lists, never element by element in Python: a step of hundreds of sequences stays cheap."""
+        num = len(chunks)
         bs, dev = self.block_size, self.device
-        lens = [len(chunks[i].token_ids) for i in order]
-        starts = [chunks[i].start for i in order]
-        max_blocks = max(-(-(s + n) // bs) for s, n in zip(starts, lens))
-        tables, positions, slot_mapping, input_ids, cu = [], [], [], [], [0]
-        for i in order:
-            ch = chunks[i]
-            table = ch.block_table
-            tables.append(table[:max_blocks] + [self.scratch_block] * (max_blocks - len(table)))
-            span = range(ch.start, ch.start + len(ch.token_ids))
-            positions.extend(span)
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in span)
-            input_ids.extend(ch.token_ids)
-            cu.append(cu[-1] + len(ch.token_ids))
-        tables = to_device(tables, torch.long, dev)
-        positions = to_device(positions, torch.long, dev)
-        input_ids = to_device(input_ids, torch.long, dev)
-        slot_mapping = to_device(slot_mapping, torch.long, dev)
+        lens = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, num)
+        # absorbed chunks by query length, then the explicit ones; each in the caller's order (a stable sort)
+        key = np.where(lens <= self.max_absorbed_query, lens, self.max_absorbed_query + 1)
+        order_np = np.argsort(key, kind="stable")
+        order = order_np.tolist()
+        lens = lens[order_np]
+        starts = np.fromiter((chunks[i].start for i in order), np.int64, num)
+        tables_np = padded_tables([chunks[i].block_table for i in order], int(-(-(starts + lens).max() // bs)),
+                                  self.scratch_block)
+        cu_np = np.zeros(num + 1, np.int64)
+        np.cumsum(lens, out=cu_np[1:])
+        total = int(cu_np[-1])
+        positions_np = np.repeat(starts - cu_np[:-1], lens) + np.arange(total)
+        slots_np = tables_np[np.repeat(np.arange(num), lens), positions_np // bs] * bs + positions_np % bs
+        ids_np = np.fromiter(itertools.chain.from_iterable(chunks[i].token_ids for i in order), np.int64, total)
+        tables = to_device(tables_np, torch.long, dev)
+        positions = to_device(positions_np, torch.long, dev)
+        input_ids = to_device(ids_np, torch.long, dev)
+        slot_mapping = to_device(slots_np, torch.long, dev)
 
+        cu, lens, starts = cu_np.tolist(), lens.tolist(), starts.tolist()
         groups = []
         c = 0
-        for n in sorted(by_len):
-            b = len(by_len[n])
+        for n in sorted(set(lens[:int((key <= self.max_absorbed_query).sum())])):
+            b = lens.count(n)  # chunks of query length n, contiguous from c
             lo, hi = cu[c], cu[c + b]
             ctx = max(starts[c:c + b]) + n
             plan = ops.plan_paged_attention(tables[c:c + b, :-(-ctx // bs)], positions[lo:hi].view(b, n), bs, ctx)
             groups.append(AttentionGroup(lo, hi, True, b, n, plan))
             c += b
-        if explicit:
+        if c < num:
             groups.append(self._explicit_group(c, cu, lens, starts, tables, positions))
-        offsets = [0] * len(chunks)
-        for k, i in enumerate(order):
-            offsets[i] = cu[k]
+        offsets = np.empty(num, np.int64)
+        offsets[order_np] = cu_np[:-1]
+        offsets = offsets.tolist()
         if device_ids is not None:
             device_ids.write(input_ids, [offsets[i] for i in device_ids.chunks])
         return StepInput(input_ids, positions, slot_mapping, groups, offsets, order)
@@ -251,15 +252,16 @@ class ModelRunner:
         return logits[:b], loads
 
     def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,)) -> None:
-        """Capture plain decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_batch, once for each routed
-        top-k of `topks` (None: the config's): a graph replays the k it was captured with. The graphs attend over
-        the whole static block table (max_model_len); fused kernels make that cheap."""
+        """Capture plain decode steps for batch sizes 1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up
+        to max_batch, once for each routed top-k of `topks` (None: the config's): a graph replays the k it was
+        captured with. The graphs attend over the whole static block table (max_model_len); fused kernels make that
+        cheap. Past 256 sequences an eager step's launches would cost more host time than padding to a coarser size
+        costs the device."""
         if self.device.type != "cuda":
             return
         self._allocate_static(max_batch)
-        sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         pool = None
-        for topk, size in ((k, s) for k in topks for s in sorted(set(sizes), reverse=True)):
+        for topk, size in ((k, s) for k in topks for s in reversed(graph_sizes(max_batch))):
             self._graph_step(size, topk)  # warm up (lazy initialisation must not happen during capture)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -292,15 +294,21 @@ class ModelRunner:
 
     def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None) -> None:
         """Rows for the decode chunks, then padding rows up to the graph's size (all in the scratch block);
-        `device_ids` (tokens in `token_buffer`) give some chunks' tokens by their row there."""
+        `device_ids` (tokens in `token_buffer`) give some chunks' tokens by their row there. Built with numpy over
+        the chunks' lists and copied to the device in one transfer."""
         bs, scratch = self.block_size, self.scratch_block
-        width = self._static.shape[1] - 4
-        source = [-1] * len(chunks)
-        for chunk, row in zip(device_ids.chunks, device_ids.rows) if device_ids is not None else ():
-            source[chunk] = row
-        rows = [[ch.token_ids[0], ch.start, ch.block_table[ch.start // bs] * bs + ch.start % bs, src]
-                + ch.block_table[:width] + [scratch] * (width - len(ch.block_table)) for ch, src in zip(chunks, source)]
-        rows += [[0, 0, scratch * bs, -1] + [scratch] * width] * (size - len(chunks))
+        b, width = len(chunks), self._static.shape[1] - 4
+        rows = np.full((size, 4 + width), scratch, np.int64)
+        rows[:, :2] = 0
+        rows[:, 3] = -1
+        rows[:, 4:] = padded_tables([ch.block_table for ch in chunks] + [[]] * (size - b), width, scratch)
+        starts = np.fromiter((ch.start for ch in chunks), np.int64, b)
+        rows[:b, 0] = np.fromiter((ch.token_ids[0] for ch in chunks), np.int64, b)
+        rows[:b, 1] = starts
+        rows[:, 2] = scratch * bs
+        rows[:b, 2] = rows[np.arange(b), 4 + starts // bs] * bs + starts % bs
+        if device_ids is not None:
+            rows[device_ids.chunks, 3] = device_ids.rows
         copy_into(self._static[:size], rows)
 
     def _graph_step(self, b: int, topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -324,6 +332,24 @@ class ModelRunner:
         # padding rows write into the scratch block, which no sequence's row does
         real = slots < self.scratch_block * self.block_size
         return logits, rows_load(chosen, real, self.cfg.n_routed_experts)
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """The batch sizes decode graphs are captured for, ascending: 1, 2, 4, 8, every 16 up to 256, every 64 past it,
+    and max_batch."""
+    sizes = ([s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, min(max_batch, 257), 16))
+             + list(range(320, max_batch, 64)) + [max_batch])
+    return sorted(set(sizes))
+
+
+def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:
+    """Block tables [len(tables), width] int64: each list's first `width` entries, then `pad` (one numpy fill over the
+    lists' concatenation, not one Python slice a row)."""
+    counts = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(counts.sum()))
+    full = np.full((len(tables), max(width, int(counts.max(initial=0)))), pad, np.int64)
+    full[np.arange(full.shape[1]) < counts[:, None]] = flat
+    return np.ascontiguousarray(full[:, :width])
 
 
 def step_inputs(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, source: torch.Tensor,

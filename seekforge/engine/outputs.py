@@ -61,7 +61,7 @@ class Outputs:
         for tok, lp in zip(tokens, logprobs):
             reason = self._take(seq, tok, lp)
             if reason is not None:
-                return reason, seq.num_tokens
+                return reason, len(seq.token_ids)
             inserted = seq.inserter.accept(tok) if seq.inserter is not None else None
             if inserted:
                 kept = seq.num_tokens
@@ -72,7 +72,7 @@ class Outputs:
                         return reason, kept
                     seq.inserter.accept(extra)  # the state sees the text; insertions do not nest
                 return None, kept
-        return None, seq.num_tokens
+        return None, len(seq.token_ids)
 
     def _take(self, seq: Sequence, tok: int, lp: Logprob | None) -> str | None:
         seq.token_ids.append(tok)
@@ -92,7 +92,8 @@ class Outputs:
             return "stop"
         if p.stop and self._stop_string(seq):
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens - seq.num_pending >= self.max_model_len:
+        known = len(seq.token_ids) - seq.num_pending
+        if known - seq.num_prompt_tokens >= p.max_tokens or known >= self.max_model_len:
             return "length"
         return None
 

@@ -125,12 +125,14 @@ def target_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def draw(shape_per_row: tuple[int, ...], rows: list[Row], device, kind: str) -> torch.Tensor:
     """Random draws [R, *shape]: uniform or exponential, from each row's generator where it has one."""
     out = torch.empty(len(rows), *shape_per_row, device=device)
-    seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+    seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
     if len(seeded) < len(rows):
         out.uniform_() if kind == "uniform" else out.exponential_()
-    for i in seeded:
-        g = rows[i].generator
-        out[i].uniform_(generator=g) if kind == "uniform" else out[i].exponential_(generator=g)
+    if seeded:  # one draw a row from its own generator (the views made at once, not one index a row)
+        views = out.unbind(0)
+        fill = torch.Tensor.uniform_ if kind == "uniform" else torch.Tensor.exponential_
+        for i, g in seeded:
+            fill(views[i], generator=g)
     return out
 
 

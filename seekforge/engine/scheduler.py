@@ -68,13 +68,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        block_size, lookahead, max_len = self.bm.block_size, self.num_lookahead, self.max_model_len
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            remaining = seq.num_tokens - seq.num_computed
-            if remaining + len(seq.drafts) > budget and remaining <= budget:
+            remaining = len(seq.token_ids) - seq.num_computed
+            if seq.drafts and remaining + len(seq.drafts) > budget and remaining <= budget:
                 self._trim_drafts(seq, budget - remaining)
-            num_new = min(remaining + len(seq.drafts), budget)
+            num_new = remaining + len(seq.drafts)
+            if num_new > budget:
+                num_new = budget
+            # its blocks already hold every slot the step may write (most decode steps): no growth, nothing to check
+            held = len(seq.block_table) * block_size
+            if held >= seq.num_computed + num_new + lookahead or held >= max_len:
+                out.scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+                continue
             need = self._slots(seq, seq.num_computed, num_new)
             if self.bm.blocks_for(need) > self.bm.num_blocks:
                 self.finish(seq, "length")  # could not fit even alone: the cache is too small for it
@@ -147,6 +157,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            seq.request.num_finished += 1
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.bm.free_seq(seq)

@@ -119,7 +119,8 @@ class Request:
         self.prompt_logprobs: list[Logprob | None] | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
         self.num_prompt_logprobs = 1  # positions filled (the first never is)
+        self.num_finished = 0  # of seqs (Scheduler.finish counts them: the engine asks every step)
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_finished == len(self.seqs)

@@ -19,7 +19,8 @@ emitted tokens follow p exactly (Leviathan et al. 2023; Chen et al. 2023).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -72,11 +73,12 @@ class Catchup:
     draft: int  # how many tokens to draft after catching up (0: none)
 
 
-@dataclass
-class Verified:
-    tokens: list[int]  # accepted drafts then one target token
+class Verified(NamedTuple):
+    """One sequence's outcome of a step (a tuple: a step makes one per sequence)."""
+
+    tokens: list[int] | tuple[int, ...]  # accepted drafts then one target token
     accepted: int
-    rows: list[int] = field(default_factory=list)  # logits row of each emitted token
+    rows: range | tuple[int, ...]  # logits row of each emitted token
 
 
 def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], seqs: list[Sequence]) -> list[Verified]:
@@ -87,7 +89,7 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     k = max(len(s.drafts) for s in seqs)
     if k == 0:  # no drafts anywhere: plain sampling
         tokens = sample(logits, batch)[0].tolist()
-        return [Verified([tokens[r]], 0, [r]) for r in first_rows]
+        return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
     n_drafts = torch.tensor([len(s.drafts) for s in seqs], device=dev)
     j = torch.arange(k + 1, device=dev)
     index = torch.tensor(first_rows, device=dev).unsqueeze(1) + torch.minimum(j.unsqueeze(0), n_drafts.unsqueeze(1))
@@ -123,7 +125,7 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
         final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
     out = []
     for s, a, tok, first in zip(seqs, accepted.tolist(), final.tolist(), first_rows):
-        out.append(Verified(s.drafts[:a] + [tok], a, list(range(first, first + a + 1))))
+        out.append(Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1)))
     return out
 
 

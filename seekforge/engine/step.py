@@ -12,7 +12,7 @@ import torch
 from seekforge.engine.constraint import mask_rows
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk
-from seekforge.engine.sampler import Row, compute_logprobs, logprobs_of, make_batch
+from seekforge.engine.sampler import Row, SamplingBatch, compute_logprobs, logprobs_of, make_batch
 from seekforge.engine.spec_decode import Catchup, verify
 
 
@@ -57,12 +57,12 @@ class Step:
         reach the end of their sequence, so get sampled."""
         chunks, sampling = [], []
         for i, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed
-            tokens = seq.token_ids[start:start + n]
+            start, token_ids = seq.num_computed, seq.token_ids
+            tokens = token_ids[start:start + n]
             if len(tokens) < n:
                 tokens = tokens + seq.drafts[:n - len(tokens)]
             chunks.append(Chunk(seq.block_table, start, tokens))
-            if start + n >= seq.num_tokens:
+            if start + n >= len(token_ids):
                 sampling.append(i)
         return chunks, sampling
 
@@ -71,7 +71,7 @@ class Step:
         graph gives its logits only (hidden and step None)."""
         replayed = hidden = step = None
         topk = self._step_topk(seqs)
-        prompt = [i for i, seq in enumerate(seqs) if seq.needs_prompt_logprobs]
+        prompt = [i for i, seq in enumerate(seqs) if seq.request.prompt_logprobs is not None and seq.needs_prompt_logprobs]
         if self.proposer is None and len(sampling) == len(chunks) and not prompt:
             replayed = self.runner.decode_logits(chunks, topk=topk)
         if replayed is not None:
@@ -79,10 +79,13 @@ class Step:
         else:
             step = self.runner.prepare(chunks)
             hidden, self.expert_load = self.runner.forward(step, topk)
-            first = [step.offsets[i] + seqs[i].num_tokens - 1 - chunks[i].start for i in sampling]
-            rows_idx = [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))]
-            # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
-            logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
+            first = [step.offsets[i] + len(seqs[i].token_ids) - 1 - chunks[i].start for i in sampling]
+            rows_idx = (first if self.proposer is None else
+                        [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))])
+            if rows_idx == list(range(len(hidden))):  # every row, in order (a decode step): no gather needed
+                logits = self.runner.logits(hidden)
+            else:  # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
+                logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
             for i in prompt:
                 self._prompt_logprobs(seqs[i], chunks[i], hidden[step.offsets[i]:step.offsets[i] + len(chunks[i].token_ids)])
         return logits, hidden, step
@@ -102,22 +105,26 @@ class Step:
 
     def _sample(self, logits, sampling, seqs):
         """({index in the step: its verified tokens}, an iterator over the emitted tokens' logprobs)."""
-        # one sampling row per position: a sequence's history grows by its drafts along its rows
-        rows, first_rows = [], []
-        for i in sampling:
-            seq = seqs[i]
-            first_rows.append(len(rows))
-            penalties = seq.params.has_penalties
-            prompt = seq.token_ids[:seq.num_prompt_tokens] if penalties else None
-            for j in range(1 + len(seq.drafts)):
-                rows.append(Row(seq.params, seq.generator, prompt,
-                                seq.output_token_ids + seq.drafts[:j] if penalties else None))
         if not sampling:
             return {}, None
-        batch = make_batch(rows, self.cfg.vocab_size, logits.device)
+        sampled = [seqs[i] for i in sampling]
+        if any(seq.drafts or seq.params.has_penalties for seq in sampled):
+            # one sampling row per position: a sequence's history grows by its drafts along its rows
+            rows, first_rows = [], []
+            for seq in sampled:
+                first_rows.append(len(rows))
+                penalties = seq.params.has_penalties
+                prompt = seq.token_ids[:seq.num_prompt_tokens] if penalties else None
+                for j in range(1 + len(seq.drafts)):
+                    rows.append(Row(seq.params, seq.generator, prompt,
+                                    seq.output_token_ids + seq.drafts[:j] if penalties else None))
+            batch = make_batch(rows, self.cfg.vocab_size, logits.device)
+        else:  # one row a sequence, its history unused: the batch of the last such step, where it had these sequences
+            batch = self._plain_batch(sampled)
+            rows, first_rows = batch.rows, range(len(sampled))
         constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
         masked = mask_rows(logits, *map(list, zip(*constrained))) if constrained else logits
-        verified = verify(masked, batch, first_rows, [seqs[i] for i in sampling])
+        verified = verify(masked, batch, first_rows, sampled)
         if batch.max_logprobs is not None:
             emitted_rows = [r for v in verified for r in v.rows]
             tokens = torch.tensor([t for v in verified for t in v.tokens], device=logits.device)
@@ -127,38 +134,49 @@ class Step:
             logprobs = itertools.repeat(None)
         return dict(zip(sampling, verified)), logprobs
 
+    def _plain_batch(self, seqs) -> SamplingBatch:
+        """The sampling batch of one row a sequence without history (no penalties, no drafts) over `seqs`: kept from
+        step to step while the same sequences sample, so that steady decoding builds no rows and copies no
+        parameters to the device."""
+        key = tuple(seq.seq_id for seq in seqs)
+        if self._plain_rows is None or self._plain_rows[0] != key:
+            rows = [Row(seq.params, seq.generator) for seq in seqs]
+            self._plain_rows = key, make_batch(rows, self.cfg.vocab_size, self.device)
+        return self._plain_rows[1]
+
     def _apply(self, scheduled, outcome, logprobs, hidden, step) -> set[str]:
         """Apply the step to each sequence (tokens, stop conditions, prefix cache); with MTP, draft the next
         step's tokens. Returns the ids of the requests touched."""
         touched, catchups = set(), []
+        register, proposer = self.block_manager.register, self.proposer
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed
             touched.add(seq.request.request_id)
             v = outcome.get(i)
             if v is None:  # a prefill chunk that does not reach the end of the prompt
                 seq.num_computed = start + n
-                self.block_manager.register(seq)
-                if self.proposer is not None:
+                register(seq)
+                if proposer is not None:
                     catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + n + 1],
                                             self._rows(hidden, step, i, n), 0))
                 continue
-            had_drafts = len(seq.drafts)
-            if self.proposer is not None and had_drafts:
-                self.proposer.stats.record(had_drafts, v.accepted)
-            computed = seq.num_tokens + v.accepted  # positions whose latents are now valid
-            reason, kept = self._append(seq, v.tokens, [next(logprobs) for _ in v.tokens])
+            if proposer is not None and seq.drafts:
+                proposer.stats.record(len(seq.drafts), v.accepted)
+            computed = len(seq.token_ids) + v.accepted  # positions whose latents are now valid
+            tokens = v.tokens
+            reason, kept = self._append(seq, tokens, (next(logprobs),) if len(tokens) == 1 else
+                                        [next(logprobs) for _ in tokens])
             seq.num_computed = min(computed, kept)  # tokens an in-chain tool inserted after `kept` are not computed
-            self.block_manager.register(seq)
+            register(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 continue
-            if self.proposer is not None:
+            if proposer is not None:
                 m = seq.num_computed - start
                 catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + m + 1],
-                                        self._rows(hidden, step, i, m),
-                                        self.proposer.num_drafts(seq, self.max_model_len)))
-        if self.proposer is not None:
-            self.proposer.propose(catchups)
+                                        self._rows(hidden, step, i, m), proposer.num_drafts(seq, self.max_model_len)))
+        if proposer is not None:
+            proposer.propose(catchups)
         return touched
 
     @staticmethod
