@@ -33,7 +33,7 @@ from train import _measure  # noqa: E402
 from seekforge.configio import atomic_write_text  # noqa: E402
 from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
 from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
-from seekforge.fp8.quant import quantise_blocks, quantise_tiles  # noqa: E402
+from seekforge.ops.quant import quantise_blocks, quantise_tiles  # noqa: E402
 from seekforge.model.config import ModelConfig  # noqa: E402
 from seekforge.model.transformer import Transformer  # noqa: E402
 from seekforge.train.flops import training_flops_per_token  # noqa: E402
