@@ -114,13 +114,13 @@ def test_16b_projections_bf16(rows, n, k):
     torch.testing.assert_close(fp8_gemv(x, q, scale).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
 
 
-@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels natively")
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
-    """The engine's Triton paths (under the interpreter), eager and compiled, over a model with FP8 weights:
-    decode's projections run the FP8 GEMV (compiled: inside the compiled blocks, with no graph break), and the teacher-forced logits are
-    those of the PyTorch reference (the weights dequantised into fp16, then F.linear) within the rounding of fp16
-    (the GEMV multiplies the dequantised weights in fp32)."""
+    """The engine's Triton paths (on the CPU under the interpreter), eager and compiled, over a model with FP8
+    weights: decode's projections run the FP8 GEMV (compiled: inside the compiled blocks, with no graph break),
+    and the teacher-forced logits are those of the PyTorch reference (the weights dequantised into the 16-bit
+    dtype, then F.linear) within that dtype's rounding (the GEMV multiplies the dequantised weights in fp32): fp16
+    on the CPU, bf16 on CUDA, where the decode steps are replayed from CUDA graphs too."""
     from torch._dynamo.utils import counters
 
     from seekforge import LLM, SamplingParams
@@ -130,7 +130,7 @@ def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
 
     cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_layers=2)
     torch.manual_seed(0)
-    model = to_fp8_weights(Transformer(cfg).to(HALF).eval())
+    model = to_fp8_weights(Transformer(cfg).to(DEVICE, HALF).eval())
     prompts = [torch.randint(2, cfg.vocab_size, (n,)).tolist() for n in (5, 6)]
     plain = LLM(model, max_num_seqs=2, max_model_len=64, kernels="torch")
     tokens = [o.token_ids for o in plain.generate(prompts, SamplingParams(temperature=0, max_tokens=2,
@@ -142,6 +142,11 @@ def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
         got = forced_logits(llm, prompts, tokens)
     assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::fp8_gemv") >= 4 * cfg.n_layers
     assert not counters["graph_break"]
-    error = logit_error(want, got)
-    assert error.max() < 1e-2, error
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    runs = [got]
+    if CUDA:  # the decode steps replayed from CUDA graphs
+        runs.append(forced_logits(LLM(model, max_num_seqs=2, max_model_len=64, compile=compiled, kernels="triton",
+                                      cuda_graphs=True), prompts, tokens))
+    for run in runs:
+        error = logit_error(want, run)
+        assert error.max() < (3e-2 if CUDA else 1e-2), error
+        assert (run.argmax(-1) == want.argmax(-1)).float().mean() >= (0.75 if CUDA else 1.0)
