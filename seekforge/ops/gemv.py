@@ -28,13 +28,14 @@ GEMV = TritonOp("gemv", _load)
 
 
 class FewRowLinears(TorchFunctionMode):
-    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the
-    Triton GEMV, where the backend takes Triton on `device` when the mode is entered; every other call as it was.
-    The model's projections (wq, wkv_a, wo, dense MLPs) are plain nn.Linear and stay so: the runner enters this
-    around the blocks of the decode steps it captures as CUDA graphs, and torch.compile traces the mode into the
-    compiled block. Projections with FP8 weights (`seekforge.model.fp8_weights`) are not F.linear: they call
-    `fp8_linear`, which takes the FP8 GEMV for the same rows on its own, inside the mode or not. (Under a mode dynamo inlines the Python-level Tensor methods, and Tensor.unflatten's call to
-    super() breaks the graph: code on the decode path reshapes with view.)"""
+    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the Triton
+    GEMV, where the backend takes Triton on `device` when the mode is entered; every other call as it was. The
+    model's projections (wq, wkv_a, wo, dense MLPs) are plain nn.Linear and stay so: the runner enters this around
+    the blocks of the decode steps it captures as CUDA graphs, and torch.compile traces the mode into the compiled
+    block. Projections with FP8 weights (`seekforge.model.fp8_weights`) are not F.linear: they call `fp8_linear`,
+    which takes the FP8 GEMV for the same rows on its own, inside the mode or not. (Under a mode dynamo inlines the
+    Python-level Tensor methods, and Tensor.unflatten's call to super() breaks the graph: code on the decode path
+    reshapes with view.)"""
 
     def __init__(self, device: torch.device):
         super().__init__()

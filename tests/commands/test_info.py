@@ -23,7 +23,8 @@ def _converted_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
     q_out = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
     attn = ([(blocks, cfg.q_lora_rank, cfg.dim), (blocks, q_out, cfg.q_lora_rank)] if cfg.q_lora_rank
             else [(blocks, q_out, cfg.dim)])
-    attn += [(blocks, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.dim), (blocks, cfg.dim, cfg.n_heads * cfg.v_head_dim)]
+    attn += [(blocks, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.dim),
+             (blocks, cfg.dim, cfg.n_heads * cfg.v_head_dim)]
     shared = cfg.n_shared_experts * cfg.moe_inter_dim
     ffn = [(2 * (blocks - moe), cfg.inter_dim, cfg.dim), (blocks - moe, cfg.dim, cfg.inter_dim),
            (2 * moe * cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim),

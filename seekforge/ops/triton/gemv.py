@@ -88,9 +88,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if (weight.dim() != 2 or weight.shape[1] != k or weight.dtype != torch.float8_e4m3fn or rows > GEMV_ROWS
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or scale.dtype != torch.float32
             or tuple(scale.shape) != (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))):
-        raise ConfigError(f"fp8_gemv wants x [..., K] with at most {GEMV_ROWS} rows, weight [N, K] float8_e4m3fn and "
-                          f"its fp32 scale [ceil(N/{FP8_BLOCK}), ceil(K/{FP8_BLOCK})]; got x {tuple(x.shape)} {x.dtype}, "
-                          f"weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)} {scale.dtype}")
+        raise ConfigError(f"fp8_gemv wants x [..., K] with at most {GEMV_ROWS} rows, weight [N, K] float8_e4m3fn "
+                          f"and its fp32 scale [ceil(N/{FP8_BLOCK}), ceil(K/{FP8_BLOCK})]; got x {tuple(x.shape)} "
+                          f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)} "
+                          f"{scale.dtype}")
     if rows == 0 or k == 0:
         return x.new_zeros(*lead, n)
     tile = None if config is None else tile_of(config, k)
