@@ -12,9 +12,10 @@ whose weight the absorbed attention reads directly as per-head matrices (W_UK, W
 parameters at 16b and 671b.
 
 Compute: `FP8WeightLinear` calls `ops.fp8_linear` (the Triton FP8 GEMV for decode's few rows on CUDA, the weight
-dequantised into the input's dtype and F.linear otherwise). `FP8WeightExperts` dequantise the stacked experts into
-the input's dtype in each forward, then run the model's grouped matmuls; the engine's fused MoE kernels read
-16-bit weights and so are not used for FP8 experts.
+dequantised into the input's dtype and F.linear otherwise). `FP8WeightExperts` dequantise into the input's dtype
+what each grouped matmul multiplies: with fewer (token, expert) rows than experts (decode), each row's expert
+matrix alone, gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped
+matmul. The engine's fused MoE kernels read 16-bit weights and so are not used for FP8 experts.
 
 Names follow DeepSeek's checkpoints (`wq.weight` with `wq.weight_scale_inv`; stacked experts `w1` with
 `w1_scale_inv`), so `seekforge.model.hf` saves and loads them in that layout. These are inference weights: no
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from seekforge.errors import ConfigError
-from seekforge.model.moe import Experts
+from seekforge.model.moe import Experts, grouped_linear
 from seekforge.model.transformer import Transformer
 from seekforge.ops import fp8_linear
 from seekforge.ops.quant import BLOCK, FP8, cdiv, dequantise_blocks, quantise_blocks
@@ -72,11 +73,27 @@ class FP8WeightLinear(nn.Module):
 
 class FP8WeightExperts(Experts):
     """Routed experts whose stacked w1, w2, w3 are e4m3 with 128x128 block scales per expert (`w1_scale_inv`, ...),
-    dequantised for each forward."""
+    dequantised where each grouped matmul runs (the module docstring)."""
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(dequantise_blocks(getattr(self, n), getattr(self, n + SCALE_SUFFIX), dtype)
-                     for n in EXPERT_WEIGHTS)
+        """The e4m3 weights, which `matmul` dequantises; under autocast, which would cast them without their scales,
+        all of them dequantised into `dtype` here."""
+        weights = tuple(getattr(self, n) for n in EXPERT_WEIGHTS)
+        if not torch.is_autocast_enabled(self.w1.device.type):
+            return weights
+        return tuple(dequantise_blocks(w, getattr(self, n + SCALE_SUFFIX), dtype)
+                     for n, w in zip(EXPERT_WEIGHTS, weights))
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+               expert_of_row: torch.Tensor) -> torch.Tensor:
+        if w.dtype != FP8:  # dequantised by `stacked`
+            return grouped_linear(x, w, offsets, expert_of_row)
+        scale = next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+        if x.shape[0] < self.n_experts:  # decode: only the rows' experts are read (rows, not experts: no sync)
+            q = w.view(torch.uint8).index_select(0, expert_of_row).view(FP8)  # gathered as bytes
+            rows = dequantise_blocks(q, scale.index_select(0, expert_of_row), x.dtype)  # [rows, out, in]
+            return torch.bmm(x.unsqueeze(1), rows.transpose(-2, -1)).squeeze(1)
+        return grouped_linear(x, dequantise_blocks(w, scale, x.dtype), offsets, expert_of_row)
 
 
 def _convert_experts(experts: Experts) -> None:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import seekforge
 from seekforge import CheckpointError, ConfigError
-from seekforge.model.fp8_weights import FP8WeightExperts, FP8WeightLinear, memory_bytes, to_fp8_weights
+from seekforge.model.fp8_weights import (FP8WeightExperts, FP8WeightLinear, _convert_experts, memory_bytes,
+                                         to_fp8_weights)
 from seekforge.model.hf import from_pretrained, hf_to_ours
 
 CFG = seekforge.ModelConfig.preset("tiny")  # dims 128, 64, 48, 384: whole and partial blocks
@@ -154,3 +155,30 @@ def test_mis_shaped_block_scales_are_a_checkpoint_error(fp8_ckpt, tmp_path):
     save_file({**tensors, key: tensors[key][:1]}, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match="gate_proj.weight_scale_inv has shape"):
         from_pretrained(bad, fp8_weights=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=lambda n: f"{n}tokens")  # 2, 6 rows (< 8 experts), 80 rows
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_fp8_experts_compute_as_their_weights_dequantised_by_hand(tokens, autocast):
+    """Decode's few rows (each row's expert gathered and dequantised alone), prefill's many (the layer's experts
+    dequantised) and autocast (dequantised before the cast): each as the same experts holding the weights
+    dequantised by hand."""
+    from seekforge.model.moe import Experts
+
+    torch.manual_seed(3)
+    experts = Experts(8, 144, 200)  # partial blocks on both sides
+    for w in (experts.w1, experts.w2, experts.w3):
+        torch.nn.init.normal_(w, 0.0, 0.05)
+    x = torch.randn(tokens, 144)
+    weights, indices = torch.rand(tokens, 2), torch.stack([torch.randperm(8)[:2] for _ in range(tokens)])
+    reference = Experts(8, 144, 200)
+    with torch.no_grad():
+        _convert_experts(experts)  # the converter's step for one module
+        for name in ("w1", "w2", "w3"):
+            q, s = getattr(experts, name), getattr(experts, name + "_scale_inv")
+            getattr(reference, name).copy_(torch.stack([dequantise_by_hand(q[e], s[e]) for e in range(8)]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got, load = experts(x, weights, indices)
+            want, want_load = reference(x, weights, indices)
+    assert got.dtype == want.dtype and torch.equal(load, want_load)
+    torch.testing.assert_close(got, want, atol=1e-2 if autocast else 1e-5, rtol=1e-2 if autocast else 1e-5)
