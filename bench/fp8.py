@@ -1,7 +1,9 @@
-"""DeepSeek-V3's blockwise FP8 training (seekforge.fp8): loss parity, and speed on a GPU.
+"""DeepSeek-V3's blockwise FP8 training (seekforge.fp8): loss parity, and speed on a GPU; and the engine over FP8
+weights (seekforge.model.fp8_weights) against the bf16 engine.
 
     python bench/fp8.py parity --json docs/benchmarks/fp8-parity-cpu.json   # CPU: fp32 vs simulated FP8
     python bench/fp8.py speed --config 16b --batch 2 --seq 4096 --json out.json  # one GPU: bf16 vs FP8, compiled
+    python bench/fp8.py engine --config 16b --device cuda --json out.json   # one GPU: FP8 engine vs bf16 engine
 
 parity: pretraining (seekforge's trainer, the built-in data) run twice from one seed on the same batches, once
 with fp8=none and once with fp8=blockwise; reports the relative difference of the final and of the averaged late
@@ -12,6 +14,14 @@ on CUDA the baseline is bf16 autocast.
 speed: forward+backward tokens/s of the model in bf16 and with its blocks converted to FP8, both compiled
 (as bench/train.py measures, without MTP or the optimizer step), with MFU against the bf16 matmul ceiling and
 against the blockwise FP8 GEMM's ceiling, both measured in the same run.
+
+engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
+(128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
+dequantised, as without fp8_weights. Both run in the engine (CUDA graphs on a GPU, --compile optional). Reports
+the FP8 engine's teacher-forced logits against the bf16 engine's (per-row relative error, max and mean, and top-1
+agreement, along the bf16 engine's greedy tokens), the bytes of both models, decode tokens/s at batch 1 and 64,
+prefill tokens/s, and batch 1 against each engine's own bandwidth roofline (the active weights' bytes, FP8's for
+the FP8 engine, plus the cache, at the measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from train import _measure  # noqa: E402
 from seekforge.configio import atomic_write_text  # noqa: E402
 from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
 from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
-from seekforge.fp8.quant import quantise_blocks, quantise_tiles  # noqa: E402
+from seekforge.ops.quant import quantise_blocks, quantise_tiles  # noqa: E402
 from seekforge.model.config import ModelConfig  # noqa: E402
 from seekforge.model.transformer import Transformer  # noqa: E402
 from seekforge.train.flops import training_flops_per_token  # noqa: E402
@@ -104,6 +114,100 @@ def plot(result: dict, path: Path) -> Path:
                              f"late mean {result['late_mean_rel_diff']:+.2%}", "main loss", lines)
 
 
+# ---------------------------------------------------------------- engine (FP8 weights)
+def active_weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads for one token: every parameter and buffer but the embedding, the routed experts'
+    (weights and block scales) at the share of the experts a token activates."""
+    cfg = model.cfg
+    total = 0.0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "embed.weight" or name.startswith("rope."):
+            continue
+        share = cfg.n_activated_experts / cfg.n_routed_experts if ".experts.w" in name else 1.0
+        total += t.numel() * t.element_size() * share
+    return int(total)
+
+
+def engine(args) -> dict:
+    from engine import best_of, decode_rate, engine_generate
+
+    from seekforge import LLM, SamplingParams
+    from seekforge.engine.parity import forced_logits, logit_error
+    from seekforge.model.fp8_weights import SCALE_SUFFIX, memory_bytes, to_fp8_weights
+    from seekforge.ops.quant import dequantise_blocks
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16
+    cfg = ModelConfig.load(args.config).replace(n_mtp_modules=0, init_std=0.05,
+                                                max_seq_len=max(4096, args.prefill_len + 8))
+    if args.layers:
+        cfg = cfg.replace(n_layers=args.layers)
+
+    def build() -> Transformer:  # the same random weights each call (one seed, one device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            return Transformer(cfg).to(dtype).eval()
+
+    bf16 = build()
+    fp8 = to_fp8_weights(build())  # each weight quantised as it is replaced: peak is one model and a half
+    with torch.no_grad():  # the bf16 model gets the FP8 weights dequantised: the checkpoint served as today
+        state = fp8.state_dict()
+        for name, t in state.items():
+            if name + SCALE_SUFFIX in state:
+                bf16.get_parameter(name).copy_(dequantise_blocks(t, state[name + SCALE_SUFFIX], dtype))
+    result = {"bench": "fp8_engine", "config": args.config, "layers": cfg.n_layers, "device": str(device),
+              "machine": machine(device), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "prefill_len": args.prefill_len, "compile": args.compile,
+              "memory_bytes": {"bf16": memory_bytes(bf16), "fp8": memory_bytes(fp8)},
+              "active_weight_bytes": {"bf16": active_weight_bytes(bf16), "fp8": active_weight_bytes(fp8)}}
+    result["memory_ratio"] = result["memory_bytes"]["fp8"] / result["memory_bytes"]["bf16"]
+    if device.type == "cuda":
+        result["ceilings"] = ceilings(device, dtype)
+    settings = {"max_num_seqs": max(args.batch, 8), "kv_cache_memory": int(args.kv_cache_gib * 2**30),
+                "cuda_graphs": device.type == "cuda", "compile": args.compile}
+    engines = {"bf16": LLM(bf16, **settings), "fp8": LLM(fp8, **settings)}
+
+    # quality: teacher-forced along the bf16 engine's greedy tokens, decode batches of 1, 1, 2 and 4
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(2, cfg.vocab_size, (8, args.prompt_len), generator=gen)
+    params = SamplingParams(temperature=0, max_tokens=args.gate_tokens, ignore_eos=True)
+    tokens = [o.token_ids for o in engines["bf16"].generate(prompts.tolist(), params)]
+    logits = {name: forced_logits(llm, prompts.tolist(), tokens, [1, 1, 2, 4]) for name, llm in engines.items()}
+    error = logit_error(logits["bf16"], logits["fp8"])
+    result["logits"] = {"max_rel_error": error.max().item(), "mean_rel_error": error.mean().item(),
+                        "top1_agreement": (logits["bf16"].argmax(-1) == logits["fp8"].argmax(-1)).float().mean().item(),
+                        "rows": error.numel()}
+    print(f"FP8 vs bf16 (dequantised) logits: max rel {result['logits']['max_rel_error']:.4f}, mean rel "
+          f"{result['logits']['mean_rel_error']:.4f}, top-1 {result['logits']['top1_agreement']:.3f}", flush=True)
+
+    # speed: decode at batch 1 and --batch, prefill of one --prefill-len prompt; alternating the two engines
+    for name in ("decode_batch1", f"decode_batch{args.batch}", "prefill"):
+        result[name] = {}
+    for _ in range(args.iters):
+        for name, llm in engines.items():
+            def gen_fn(p, n, llm=llm):
+                return engine_generate(llm, p, n)
+
+            for batch in (1, args.batch):
+                rate = decode_rate(gen_fn, prompts[:1].repeat(batch, 1), args.new_tokens, 1)
+                key = f"decode_batch{batch}"
+                result[key][name] = max(result[key].get(name, 0.0), rate)
+            long = torch.randint(2, cfg.vocab_size, (1, args.prefill_len), generator=gen)
+            seconds = best_of(1, lambda: gen_fn(long, 1))
+            result["prefill"][name] = max(result["prefill"].get(name, 0.0), args.prefill_len / seconds)
+    for key in ("decode_batch1", f"decode_batch{args.batch}", "prefill"):
+        result[key]["speedup"] = result[key]["fp8"] / result[key]["bf16"]
+        print(f"{key:16s} bf16 {result[key]['bf16']:10.1f} tok/s  fp8 {result[key]['fp8']:10.1f} tok/s  "
+              f"{result[key]['speedup']:.2f}x", flush=True)
+    if device.type == "cuda":  # batch 1 against each engine's own roofline: weights and the mean context's cache
+        cache = cfg.cache_bytes_per_token(2) * (args.prompt_len + args.new_tokens / 2)
+        for name in engines:
+            roof = result["ceilings"]["copy_bytes_per_s"] / (result["active_weight_bytes"][name] + cache)
+            result["decode_batch1"][f"{name}_roofline_tokens_per_s"] = roof
+            result["decode_batch1"][f"{name}_roofline_fraction"] = result["decode_batch1"][name] / roof
+    return result
+
+
 # ---------------------------------------------------------------- speed (GPU)
 def fp8_matmul_flops(device: torch.device) -> float | None:
     """The blockwise FP8 GEMM (1x128 tiles times 128x128 blocks) at 8192^3, FLOP/s; None where torch._scaled_mm
@@ -169,28 +273,36 @@ def speed(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["parity", "speed"])
-    ap.add_argument("--config", default=None, help="parity: a train config (default tiny); speed: a model preset "
-                                                    "(default 16b)")
+    ap.add_argument("mode", choices=["parity", "speed", "engine"])
+    ap.add_argument("--config", default=None, help="parity: a train config (default tiny); speed, engine: a model "
+                                                    "preset (default 16b)")
+    ap.add_argument("--layers", type=int, default=None, help="engine: override n_layers")
+    ap.add_argument("--prompt-len", type=int, default=128, help="engine: decode prompts' tokens")
+    ap.add_argument("--new-tokens", type=int, default=64, help="engine: tokens each timed decode generates")
+    ap.add_argument("--prefill-len", type=int, default=2048, help="engine: the timed prefill's prompt tokens")
+    ap.add_argument("--gate-tokens", type=int, default=32, help="engine: tokens the logits are teacher-forced along")
+    ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="engine: each engine's latent cache")
+    ap.add_argument("--compile", action="store_true", help="engine: torch.compile the blocks")
     ap.add_argument("--model-overrides", default=json.dumps(PARITY_MODEL), help="parity: ModelConfig fields, JSON")
     ap.add_argument("--steps", type=int, default=200, help="parity: optimizer steps per run")
     ap.add_argument("--docs", type=int, default=3000, help="parity: built-in documents")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=None, help="default: 8 (parity), 2 (speed)")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 (parity), 2 (speed), 64 (engine: the "
+                                                         "large decode batch)")
     ap.add_argument("--seq", type=int, default=None, help="default: 64 (parity), 4096 (speed)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eager", action="store_true", help="speed: without torch.compile")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="speed: timed steps; engine: rounds, best of")
     ap.add_argument("--json", default=None, help="write the result here (parity: and its plot, .png)")
     args = ap.parse_args(argv)
     is_parity = args.mode == "parity"
     args.config = args.config or ("tiny" if is_parity else "16b")
-    args.batch = args.batch or (8 if is_parity else 2)
+    args.batch = args.batch or {"parity": 8, "speed": 2, "engine": 64}[args.mode]
     args.seq = args.seq or (64 if is_parity else 4096)
     if is_parity and args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {**(parity(args) if is_parity else speed(args)), "commit": commit(),
+    result = {**{"parity": parity, "speed": speed, "engine": engine}[args.mode](args), "commit": commit(),
               "command": "python bench/fp8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         path = Path(args.json)

@@ -13,11 +13,12 @@ from seekforge.model import ModelConfig, Transformer
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, dtype=None, device=None) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2 / V2-Lite / V3 checkpoint directory as a seekforge Transformer."""
+def from_pretrained(path, dtype=None, device=None, fp8_weights: bool = False) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2 / V2-Lite / V3 checkpoint directory as a seekforge Transformer;
+    `fp8_weights`: the blocks' weights kept in FP8 with 128x128 block scales (seekforge.model.hf)."""
     from seekforge.model.hf import from_pretrained as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, fp8_weights=fp8_weights)
 
 
 def __getattr__(name: str):

@@ -25,7 +25,7 @@ ALLOWED = {
     "configio": {"errors"},
     "ops": BASE,
     "model": BASE | {"ops"},
-    "fp8": BASE | {"model"},  # FP8 training applied to the model from outside
+    "fp8": BASE | {"model", "ops"},  # FP8 training applied to the model from outside; its quantisation is an op
     "parallel": BASE | {"model"},  # distributed training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,

@@ -91,7 +91,8 @@ def run(args) -> int:
     if args.kv_disk is not None and not args.kv_cpu_gb:
         raise ConfigError("--kv-disk needs --kv-cpu-gb: the disk tier reads and writes through the CPU tier")
     engine = EngineConfig(
-        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype, device=args.device, weights_dtype="fp8" if args.fp8_weights else None,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
         num_speculative_tokens=args.speculative_tokens,
         kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None, cuda_graphs=args.cuda_graphs,

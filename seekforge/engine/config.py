@@ -26,6 +26,10 @@ class EngineConfig:
     # loading a checkpoint from a path (a live model is used where it is)
     dtype: str | torch.dtype | None = None  # "float32", "bfloat16", "float16"; None: the checkpoint's
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cpu
+    # "fp8": the blocks' weights in FP8 with 128x128 block scales (seekforge.model.fp8_weights), about half of bf16's
+    # memory: an FP8 checkpoint's kept as they are, a 16-bit one's quantised on load; a live model must have them
+    # already (to_fp8_weights). None: the weights as loaded (an FP8 checkpoint dequantised to dtype)
+    weights_dtype: str | None = None
     # the paged latent cache: num_blocks outright, else kv_cache_memory bytes, else on a GPU
     # gpu_memory_utilization of its total memory less what is in use already (seekforge.engine.cache_size)
     block_size: int | None = None  # tokens per block; None: 64 on a GPU (the decode kernel's tile), else 16
@@ -99,6 +103,9 @@ class EngineConfig:
                 0 <= self.sparse_heads < 1):
             raise ConfigError(f"LLM: sparse_heads is the fraction of attention heads a decoded token skips, a number "
                               f"in [0, 1) (0: off), got {self.sparse_heads!r}")
+        if self.weights_dtype not in (None, "fp8"):
+            raise ConfigError(f"LLM: weights_dtype is None (the weights as loaded) or \"fp8\" (FP8 weights with "
+                              f"128x128 block scales), got {self.weights_dtype!r}")
         if self.cuda_graphs and self.num_speculative_tokens:
             raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
                               "or cuda_graphs")

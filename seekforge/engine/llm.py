@@ -38,6 +38,7 @@ from seekforge.engine.spec_decode import MTPProposer
 from seekforge.engine.step import Step
 from seekforge.engine.tiered_blocks import TieredBlockManager, TieredScheduler
 from seekforge.errors import ConfigError
+from seekforge.model.fp8_weights import has_fp8_weights
 from seekforge.model.transformer import Transformer
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "Prompt"]
@@ -53,11 +54,16 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
             if config.dtype is not None or config.device is not None:
                 raise ConfigError("LLM(model): dtype and device apply when loading from a path; a live model is "
                                   "used where it is, in place (move it first)")
+            if config.weights_dtype == "fp8" and not has_fp8_weights(model):
+                raise ConfigError("LLM(model, weights_dtype=\"fp8\"): a live model is used as it is; convert its "
+                                  "weights first (seekforge.model.fp8_weights.to_fp8_weights(model), in place) or "
+                                  "load it from a path")
         else:
             from seekforge.model.hf import from_pretrained
 
             path = Path(model)
-            model = from_pretrained(path, dtype=config.dtype, device=config.device)
+            model = from_pretrained(path, dtype=config.dtype, device=config.device,
+                                    fp8_weights=config.weights_dtype == "fp8")
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
         if isinstance(tokenizer, (str, os.PathLike)):

@@ -141,8 +141,11 @@ def run_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def normed_projections(mla: MLA, norm: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`MLA.project(norm(h))` over h [1, N, dim], in one launch for few rows (`ops.normed_projections`)."""
+    """`MLA.project(norm(h))` over h [1, N, dim], in one launch for few rows (`ops.normed_projections`); projections
+    that are not nn.Linear (FP8 weights, `seekforge.model.fp8_weights`) apply themselves."""
     first, wkv_a = mla.input_projections
+    if not (isinstance(first, nn.Linear) and isinstance(wkv_a, nn.Linear)):
+        return mla.project(norm(h))
     return ops.normed_projections(h, norm, first.weight, wkv_a.weight)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from seekforge.errors import ConfigError
 from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, scaled_mm_layout
+from seekforge.model.fp8_weights import has_fp8_weights
 from seekforge.model.moe import Experts
 from seekforge.model.transformer import Transformer
 
@@ -50,6 +51,9 @@ def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer
     check_recipe(recipe)
     if recipe == "none":
         return model
+    if has_fp8_weights(model):
+        raise ConfigError("fp8: this model's weights are FP8 inference weights (loaded with fp8_weights); train "
+                          "from a 16-bit or fp32 model: load the checkpoint without fp8_weights")
     for block in [*model.layers, *(m.block for m in model.mtp)]:
         for module in block.modules():
             if type(module) is nn.Linear:

@@ -29,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from seekforge.fp8.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
+from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
                                  grouped_row_tiles, quantise_blocks, quantise_row_tiles, quantise_tiles)
 from seekforge.model.moe import _grouped_mm_works, grouped_linear
 

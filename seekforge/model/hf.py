@@ -2,8 +2,10 @@
 
 Loading builds the model on the meta device, allocates it once in the target dtype, then streams the
 safetensors files tensor by tensor into it, so peak memory is the model plus one tensor. FP8 weights
-(float8_e4m3fn with a weight_scale_inv per 128x128 block) are dequantised on the way. Every key is
-accounted for: missing, mis-shaped and unexpected tensors are errors naming the file and the key.
+(float8_e4m3fn with a weight_scale_inv per 128x128 block) are dequantised on the way, or with fp8_weights kept as
+they are (`seekforge.model.fp8_weights`; a 16-bit checkpoint's weights are then quantised blockwise on the way).
+A model with FP8 weights saves them in the same layout, with DeepSeek-V3's quantization_config in config.json.
+Every key is accounted for: missing, mis-shaped and unexpected tensors are errors naming the file and the key.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from seekforge.configio import fsync_dir
-from seekforge.errors import CheckpointError
+from seekforge.errors import CheckpointError, ConfigError
 from seekforge.model.config import ModelConfig
+from seekforge.model.fp8_weights import QUANTIZATION_CONFIG, SCALE_SUFFIX, has_fp8_weights, to_fp8_weights
 from seekforge.model.transformer import Transformer
+from seekforge.ops.quant import BLOCK, FP8, quantise_blocks
 
 # transformers' submodule names -> ours (DeepSeek's inference code names)
 _HF_TO_OURS = {
@@ -95,12 +99,15 @@ def ours_to_hf(model: Transformer):
             yield {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                    "head.weight": "lm_head.weight"}[name], tensor
             continue
-        parts = [_OURS_TO_HF.get(p, p) for p in rest.split(".")]
+        raw, suffix = rest.split("."), ""
+        if len(raw) == 3 and raw[1] == "experts" and raw[2].endswith(SCALE_SUFFIX):  # FP8 experts' block scales
+            raw[2], suffix = raw[2].removesuffix(SCALE_SUFFIX), SCALE_SUFFIX
+        parts = [_OURS_TO_HF.get(p, p) for p in raw]
         if parts[-1] == "e_score_correction_bias" and cfg.topk_method != "noaux_tc" and not tensor.any():
             continue  # transformers' deepseek_v2 has no bias; a zero one carries no information
         if len(parts) == 3 and parts[1] == "experts":  # mlp.experts.{gate,up,down}_proj stacked
             for e in range(tensor.shape[0]):
-                yield f"{prefix}mlp.experts.{e}.{parts[2]}.weight", tensor[e]
+                yield f"{prefix}mlp.experts.{e}.{parts[2]}.weight{suffix}", tensor[e]
             continue
         yield prefix + ".".join(parts), tensor
     for j in range(cfg.n_mtp_modules):
@@ -178,14 +185,18 @@ def _drop_absent_mtp(cfg: ModelConfig, files: list[Path]) -> ModelConfig:
 
 
 def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, head: bool = True,
-                    extra: dict[str, torch.Tensor] | None = None) -> Transformer:
+                    extra: dict[str, torch.Tensor] | None = None, fp8_weights: bool = False) -> Transformer:
     """Load a DeepSeek-V2/V2-Lite/V3 checkpoint directory (config.json + safetensors, sharded or not).
     `changes`: ModelConfig fields to set over config.json's (e.g. YaRN's rope_factor and max_seq_len to extend
     the context); they must leave every tensor's shape as it is, or the checkpoint does not load.
     `head=False` loads the backbone alone (the model's `head` is None): a checkpoint's lm_head, if any, is
     skipped, as a scoring model built on a language model has no use for it. `extra` maps HF keys outside the
     language model's layout (a sequence classifier's "score.weight") to tensors they are copied into; each must
-    be in the checkpoint."""
+    be in the checkpoint. `fp8_weights`: the blocks' weights stay FP8 (`seekforge.model.fp8_weights`, about half
+    of bf16's memory): an FP8 checkpoint's e4m3 weights and 128x128 block scales as they are, a 16-bit one's
+    quantised blockwise; `dtype` is then that of everything else (embedding, head, norms, wkv_b)."""
+    if not isinstance(fp8_weights, bool):
+        raise ConfigError(f"fp8_weights is true or false, got {fp8_weights!r}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory with config.json")
@@ -200,11 +211,16 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, 
     raw_cfg = json.loads((path / "config.json").read_text())
     quant = raw_cfg.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
+    if fp8_weights and quant and block != (BLOCK, BLOCK):
+        raise ConfigError(f"{path}: fp8_weights keeps weights in {BLOCK}x{BLOCK} blocks, this checkpoint's "
+                          f"weight_block_size is {list(block)}; load it without fp8_weights (dequantised)")
     dtype = _pick_dtype(path, dtype)
     device = torch.device(device or "cpu")
 
     with torch.device("meta"), _default_dtype(dtype):
         model = Transformer(cfg)
+        if fp8_weights:
+            to_fp8_weights(model)
     if not head:
         model.head = None
     model.to_empty(device=device)
@@ -212,7 +228,7 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, 
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     pending = {name: (set(range(t.shape[0])) if name.endswith(("experts.w1", "experts.w2", "experts.w3")) else None)
-               for name, t in params.items() if name != "rope.inv_freq"}
+               for name, t in params.items() if name != "rope.inv_freq" and not name.endswith(SCALE_SUFFIX)}
     if cfg.tie_word_embeddings:
         pending.pop("head.weight", None)
     optional = {n for n in pending if n.endswith("gate.bias") and cfg.topk_method != "noaux_tc"}
@@ -254,10 +270,20 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, 
                 except (SafetensorError, OSError, RuntimeError) as err:
                     raise CheckpointError(f"{file}: cannot read tensor {key} ({err}); the file is truncated or "
                                           f"corrupt, re-download or re-save it") from err
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_key = key + "_scale_inv"
-                    if scale_key not in keys:
-                        raise CheckpointError(f"{file}: fp8 tensor {key} has no {scale_key} beside it")
+                scale_key = key + SCALE_SUFFIX
+                if tensor.dtype == FP8 and scale_key not in keys:
+                    raise CheckpointError(f"{file}: fp8 tensor {key} has no {scale_key} beside it")
+                if name + SCALE_SUFFIX in params:  # an FP8 weight: the checkpoint's blocks, or quantised here
+                    scale = f.get_tensor(scale_key) if tensor.dtype == FP8 else None
+                    if scale is None:
+                        tensor, scale = quantise_blocks(tensor)
+                    dest = params[name + SCALE_SUFFIX] if expert is None else params[name + SCALE_SUFFIX][expert]
+                    if tuple(scale.shape) != tuple(dest.shape):
+                        raise CheckpointError(f"{file}: tensor {scale_key} has shape {tuple(scale.shape)}, expected "
+                                              f"{tuple(dest.shape)} (one scale per {BLOCK}x{BLOCK} block)")
+                    with torch.no_grad():
+                        dest.copy_(scale)
+                elif tensor.dtype == FP8:
                     tensor = _dequantize_fp8(tensor, f.get_tensor(scale_key), block)
                 dest = params[name] if expert is None else params[name][expert]
                 if tuple(tensor.shape) != tuple(dest.shape):
@@ -300,6 +326,8 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if config is None and has_fp8_weights(model):  # e4m3 weights beside their weight_scale_inv, as DeepSeek-V3's
+        config = {**model.cfg.to_hf_dict(), "quantization_config": QUANTIZATION_CONFIG}
     try:
         if config is None:
             model.cfg.save(tmp / "config.json")

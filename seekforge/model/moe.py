@@ -180,13 +180,18 @@ class Experts(nn.Module):
         """The grouped matmul of the three projections (`grouped_linear`); the FP8 converter replaces it."""
         return grouped_linear(x, w, offsets, expert_of_row)
 
+    def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w2, w3 as a forward over x of `dtype` multiplies them: the parameters themselves; FP8 weights
+        (`seekforge.model.fp8_weights`) dequantise here."""
+        return self.w1, self.w2, self.w3
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 shared: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, dim], weights/indices [n, k] -> (output [n, dim], tokens per expert [experts] as fp32). The
         output includes `shared(x)` where given (the always-on experts): taken here so that an expert-parallel
         version (`seekforge.parallel.expert`) can run them while the routed tokens are in flight."""
         k = indices.shape[-1]
-        xc, w1, w2, w3 = autocast_operands(x, self.w1, self.w2, self.w3)
+        xc, w1, w2, w3 = autocast_operands(x, *self.stacked(x.dtype))
         pairs = sort_pairs(indices, self.n_experts)
         rows = sorted_rows(xc, pairs.token_of_row, pairs.row_of_pair, k)
         gate_weight = weights.flatten()[pairs.order].unsqueeze(-1)

@@ -5,7 +5,9 @@ One file an op, holding the function, its reference and the registration of its 
 - `mla_decode`: absorbed MLA over the paged latent cache (`paged_mla_decode`, its plan, its opaque op);
 - `latents`: the cache's writes (`store_latents`, `store_new_latents`) and the latent query (`latent_query`,
   `store_and_query`);
-- `gemv`: the projections of small decode steps (`FewRowLinears`, `head_matmul`, `normed_projections`);
+- `gemv`: the projections of small decode steps (`FewRowLinears`, `head_matmul`, `normed_projections`) and of FP8
+  weights (`fp8_linear`);
+- `quant`: DeepSeek-V3's blockwise e4m3 quantisation (1x128 tiles, 128x128 blocks), for FP8 training and weights;
 - `moe`: an MoE block's routing and experts (`moe_forward`, `residual_norm`, `tokens_per_expert`);
 - `argmax`: greedy decoding's argmax;
 - `attention`: explicit attention for prefill (`dense_attention`);
@@ -23,7 +25,7 @@ which sit above it. Modules it takes (an MLA, an MoE, an RMSNorm) are read by th
 from seekforge.ops.argmax import argmax
 from seekforge.ops.attention import dense_attention, values_padded_for_sdpa
 from seekforge.ops.dispatch import Backend, backend, check_device, load_triton_kernels, triton_runs_on
-from seekforge.ops.gemv import FewRowLinears, head_matmul, normed_projections
+from seekforge.ops.gemv import FewRowLinears, fp8_linear, head_matmul, normed_projections
 from seekforge.ops.latents import (STORE_IN_QUERY_TOKENS, latent_query, store_and_query, store_latents,
                                    store_latents_op, store_new_latents)
 from seekforge.ops.mla_decode import (PagedAttentionPlan, gather_latents, paged_mla_decode, paged_mla_decode_op,
@@ -35,8 +37,8 @@ from seekforge.ops.rotary import apply_rotary
 __all__ = [
     "FUSED_MOE_ROWS", "FUSED_SHARED_TOKENS", "RESIDUAL_ROUTE_TOKENS", "STORE_IN_QUERY_TOKENS", "Backend",
     "FewRowLinears", "PagedAttentionPlan", "apply_rotary", "argmax", "backend", "check_device", "dense_attention",
-    "gather_latents", "head_matmul", "latent_query", "load_triton_kernels", "moe_forward", "normed_projections",
-    "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference", "plan_paged_attention", "residual_norm",
-    "store_and_query", "store_latents", "store_latents_op", "store_new_latents", "tokens_per_expert",
-    "triton_runs_on", "values_padded_for_sdpa",
+    "fp8_linear", "gather_latents", "head_matmul", "latent_query", "load_triton_kernels", "moe_forward",
+    "normed_projections", "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference",
+    "plan_paged_attention", "residual_norm", "store_and_query", "store_latents", "store_latents_op",
+    "store_new_latents", "tokens_per_expert", "triton_runs_on", "values_padded_for_sdpa",
 ]

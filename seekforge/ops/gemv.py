@@ -4,6 +4,8 @@ cuBLAS's GEMMs read a small step's weights at a fraction of the memory bandwidth
 `FewRowLinears` (the dense projections), `head_matmul` (MLA's absorbed per-head products) and `normed_projections`
 (a block's input norm with MLA's two input projections, one launch) run the GEMV kernels of
 `seekforge.ops.triton.gemv` for up to GEMV_ROWS rows of one 16-bit dtype, and their PyTorch form otherwise.
+`fp8_linear` is the projection of FP8 weights (e4m3 with 128x128 block scales): the FP8 GEMV for those rows,
+dequantise-then-F.linear otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from seekforge.ops.dispatch import TritonOp
+from seekforge.ops.quant import dequantise_blocks
 
 
 def _load():
@@ -25,12 +28,14 @@ GEMV = TritonOp("gemv", _load)
 
 
 class FewRowLinears(TorchFunctionMode):
-    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the
-    Triton GEMV, where the backend takes Triton on `device` when the mode is entered; every other call as it was.
-    The model's projections (wq, wkv_a, wo, dense MLPs) are plain nn.Linear and stay so: the runner enters this
-    around the blocks of the decode steps it captures as CUDA graphs, and torch.compile traces the mode into the
-    compiled block. (Under a mode dynamo inlines the Python-level Tensor methods, and Tensor.unflatten's call to
-    super() breaks the graph: code on the decode path reshapes with view.)"""
+    """While active: F.linear without bias over at most GEMV_ROWS rows of a 16-bit tensor on `device` runs the Triton
+    GEMV, where the backend takes Triton on `device` when the mode is entered; every other call as it was. The
+    model's projections (wq, wkv_a, wo, dense MLPs) are plain nn.Linear and stay so: the runner enters this around
+    the blocks of the decode steps it captures as CUDA graphs, and torch.compile traces the mode into the compiled
+    block. Projections with FP8 weights (`seekforge.model.fp8_weights`) are not F.linear: they call `fp8_linear`,
+    which takes the FP8 GEMV for the same rows on its own, inside the mode or not. (Under a mode dynamo inlines the
+    Python-level Tensor methods, and Tensor.unflatten's call to super() breaks the graph: code on the decode path
+    reshapes with view.)"""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -54,6 +59,20 @@ class FewRowLinears(TorchFunctionMode):
 def fits_gemv(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int) -> bool:
     """Where a Triton GEMV applies: x and weight of one 16-bit dtype, at most `max_rows` (GEMV_ROWS) rows of x."""
     return x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and rows <= max_rows
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight * scale) (no bias) for weight [N, K] float8_e4m3fn with one fp32 scale per 128x128 block,
+    scale [ceil(N / 128), ceil(K / 128)] (DeepSeek's weight_scale_inv), in x's dtype. With Triton, for up to
+    GEMV_ROWS rows of a 16-bit x outside autograd, the FP8 GEMV (`fp8_gemv`: reads the e4m3 weight and its scales,
+    accumulates in fp32); otherwise the reference: the weight dequantised into x's dtype, then F.linear (prefill's
+    many rows: one GEMM)."""
+    kernel = GEMV.on(x.device)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (kernel is not None and x.dtype in (torch.bfloat16, torch.float16) and rows <= kernel.GEMV_ROWS
+            and not torch.is_grad_enabled()):
+        return kernel.fp8_gemv(x, weight, scale)
+    return F.linear(x, dequantise_blocks(weight, scale, x.dtype))
 
 
 def normed_projections(h: torch.Tensor, norm, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

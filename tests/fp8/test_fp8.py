@@ -10,7 +10,7 @@ from torch import nn
 from seekforge.errors import ConfigError
 from seekforge.fp8.convert import FP8Experts, FP8Linear, convert_to_fp8
 from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
-from seekforge.fp8.quant import (FP8, dequantise_blocks, dequantise_row_tiles, dequantise_tiles, grouped_row_tiles,
+from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_row_tiles, dequantise_tiles, grouped_row_tiles,
                                  quantise_blocks, quantise_row_tiles, quantise_tiles)
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import Experts

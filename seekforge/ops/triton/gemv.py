@@ -1,6 +1,6 @@
-"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps (`gemv`), MLA's absorbed
-per-head products (`head_gemv`), and a block's input norm with MLA's two input projections in one launch
-(`norm_gemv`).
+"""y = x W^T for a few rows of x, in Triton: the dense projections of small decode steps (`gemv`, and `fp8_gemv` for
+e4m3 weights with 128x128 block scales), MLA's absorbed per-head products (`head_gemv`), and a block's input norm
+with MLA's two input projections in one launch (`norm_gemv`).
 
 At one to four rows a projection only reads its weight, and cuBLAS's GEMM kernels for that case use too few programs
 to keep the GPU's memory busy. Here each program reads BLOCK_N whole weight rows, one BLOCK_K slice after another,
@@ -75,6 +75,85 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         raise ConfigError(f"gemv wants x [..., K] with at most {GEMV_ROWS} rows and weight [N, K] of x's dtype; got "
                           f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
     return _launch(x.reshape(rows, 1, k), weight.unsqueeze(0), config).view(*lead, weight.shape[0])
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] with at most GEMV_ROWS rows of a 16-bit dtype, weight [N, K] float8_e4m3fn with one fp32 scale
+    per 128x128 block, scale [ceil(N / 128), ceil(K / 128)] (DeepSeek's weight_scale_inv) -> x (weight * scale)^T
+    [..., N] in x's dtype: each weight slice dequantised and multiplied in fp32, accumulated in fp32."""
+    *lead, k = x.shape
+    rows = x.numel() // k if k else 0
+    n = weight.shape[0] if weight.dim() == 2 else 0
+    if (weight.dim() != 2 or weight.shape[1] != k or weight.dtype != torch.float8_e4m3fn or rows > GEMV_ROWS
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or scale.dtype != torch.float32
+            or tuple(scale.shape) != (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))):
+        raise ConfigError(f"fp8_gemv wants x [..., K] with at most {GEMV_ROWS} rows, weight [N, K] float8_e4m3fn "
+                          f"and its fp32 scale [ceil(N/{FP8_BLOCK}), ceil(K/{FP8_BLOCK})]; got x {tuple(x.shape)} "
+                          f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)} "
+                          f"{scale.dtype}")
+    if rows == 0 or k == 0:
+        return x.new_zeros(*lead, n)
+    tile = None if config is None else tile_of(config, k)
+    return launch_fp8_gemv(x.reshape(rows, k), weight, scale, tile).view(*lead, n)
+
+
+FP8_BLOCK = 128  # rows and columns of the weight one scale covers (DeepSeek-V3's weight_block_size)
+
+
+@triton.jit
+def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+              PDL: tl.constexpr):
+    """y[:, pid * BLOCK_N + (0 .. BLOCK_N)] = x (W * S)^T for those columns, W's e4m3 slices dequantised by their
+    block's scale in fp32 as they are read (each element's scale gathered: a slice may span several blocks)."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_at = x_ptr + rows[:, None] * stride_xm
+    w = _fp8_slice(w_ptr, s_ptr, cols, 0, N, K, stride_wn, stride_sn, BLOCK_K, SCALE_BLOCK)
+    wait_for_inputs(PDL)
+    acc = _times_x(w, x_at, rows, 0, M, K, 1, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _times_x(_fp8_slice(w_ptr, s_ptr, cols, k0, N, K, stride_wn, stride_sn, BLOCK_K, SCALE_BLOCK), x_at,
+                        rows, k0, M, K, 1, BLOCK_K)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _fp8_slice(w_ptr, s_ptr, cols, k0, N, K, stride_wn, stride_sn, BLOCK_K: tl.constexpr,
+               SCALE_BLOCK: tl.constexpr):
+    """`weight_slice` of an e4m3 weight (K contiguous), times each element's block scale, in fp32."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    inside = (cols[:, None] < N) & (ks[None, :] < K)
+    s = tl.load(s_ptr + (cols // SCALE_BLOCK)[:, None] * stride_sn + (ks // SCALE_BLOCK)[None, :], mask=inside,
+                other=0.0)
+    return weight_slice(w_ptr, cols, k0, N, K, stride_wn, 1, BLOCK_K).to(tl.float32) * s
+
+
+_fp8_gemv_tuned = tuned(_fp8_gemv, ["M", "N", "K"])
+
+
+# One opaque op, as `launch_gemv`: a compiled decode block keeps it in its graph.
+@torch.library.custom_op("seekforge::fp8_gemv", mutates_args=())
+def launch_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    tile: list[int] | None) -> torch.Tensor:
+    """x [M, K], weight [N, K] e4m3, scale [N/128, K/128] fp32 (both rounded up) -> y [M, N] in x's dtype; tile as
+    `launch_gemv` takes it (None: the shape's tuned tile)."""
+    x, weight, scale = x.contiguous(), weight.contiguous(), scale.contiguous()  # x is a few KB
+    m, k = x.shape
+    n = weight.shape[0]
+    y = x.new_empty(m, n)
+    args = (x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0))
+    launch_tiled(_fp8_gemv, _fp8_gemv_tuned, lambda block_n: (triton.cdiv(n, block_n),), args,
+                 {"BLOCK_M": triton.next_power_of_2(m), "SCALE_BLOCK": FP8_BLOCK}, tile,
+                 ("fp8_gemv", m, n, k, x.dtype, x.device), tile_of(default_config(weight), k))
+    return y
+
+
+@launch_fp8_gemv.register_fake
+def _(x, weight, scale, tile) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -254,4 +333,4 @@ def _(x, weight, tile) -> torch.Tensor:
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
 
 
-__all__ = ["GEMV_ROWS", "choice", "gemv", "gemv_tile", "head_gemv", "last_tuned_tile", "norm_gemv", "weight_slice"]
+__all__ = ["FP8_BLOCK", "GEMV_ROWS", "choice", "fp8_gemv", "gemv", "gemv_tile", "head_gemv", "last_tuned_tile", "norm_gemv", "weight_slice"]

@@ -1,0 +1,152 @@
+"""The FP8 GEMV (`seekforge.ops.triton.gemv.fp8_gemv`) and `ops.fp8_linear` against the weight dequantised by hand
+(each e4m3 value times its 128x128 block's scale) then F.linear.
+
+Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py), with fp16 standing in for bf16.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge import ops  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.ops.triton import gemv as gemv_module  # noqa: E402
+from seekforge.ops.triton.gemv import fp8_gemv  # noqa: E402
+from seekforge.ops.triton.tuning import GemvConfig  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random e4m3 values and block scales spread over two orders of magnitude, so a wrong block's scale shows."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(FP8)
+    scale = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-2 + 1e-4
+    return q.to(DEVICE), scale.to(DEVICE)
+
+
+def by_hand(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Element (i, j) times the scale of block (i // 128, j // 128), in fp32."""
+    n, k = q.shape
+    rows, cols = torch.arange(n, device=q.device) // 128, torch.arange(k, device=q.device) // 128
+    return q.float() * scale[rows][:, cols]
+
+
+@pytest.mark.parametrize("n, k, lead, dtype", [(130, 300, (1,), torch.float32), (128, 256, (4,), HALF),
+                                               (5, 130, (1, 3), HALF), (131, 72, (2,), torch.float32),
+                                               (3, 1, (1,), HALF)], ids=str)
+def test_matches_the_weight_dequantised_by_hand(n, k, lead, dtype):
+    """Shapes that are not multiples of 128 (partial blocks at both edges) and the tuner's untimed tile, whose K
+    slice (up to 2048 wide) spans several blocks."""
+    q, scale = fp8_weight(n, k, seed=n + k)
+    x = torch.randn(*lead, k, device=DEVICE).to(dtype)
+    got = fp8_gemv(x, q, scale)
+    want = F.linear(x.float(), by_hand(q, scale))
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("tile", [GemvConfig(16, 32, 1), GemvConfig(8, 256, 2)], ids=str)
+def test_every_slice_width_takes_its_blocks_scales(tile):
+    """K slices narrower than a block (several slices per block) and wider (several blocks per slice)."""
+    q, scale = fp8_weight(150, 300, seed=1)
+    x = torch.randn(3, 300, device=DEVICE)
+    want = F.linear(x, by_hand(q, scale))
+    torch.testing.assert_close(fp8_gemv(x, q, scale, tile), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    q, scale = fp8_weight(8, 16)
+    x = torch.randn(1, 16, device=DEVICE)
+    with pytest.raises(ConfigError, match="at most 4 rows"):
+        fp8_gemv(torch.randn(5, 16, device=DEVICE), q, scale)
+    with pytest.raises(ConfigError, match="float8_e4m3fn"):
+        fp8_gemv(x, q.float(), scale)
+    with pytest.raises(ConfigError, match="fp32 scale"):
+        fp8_gemv(x, q, scale[:, :0])
+
+
+def test_op_checks_and_compiles_as_one_graph():
+    q, scale = fp8_weight(40, 200)
+    x = torch.randn(2, 200, device=DEVICE, dtype=HALF)
+    torch.library.opcheck(gemv_module.launch_fp8_gemv, (x, q, scale, None), test_utils=("test_faketensor",))
+    compiled = torch.compile(fp8_gemv, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, q, scale), fp8_gemv(x, q, scale), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
+def test_fp8_linear_takes_the_gemv_for_few_rows_and_the_reference_otherwise(rows, routed, monkeypatch):
+    calls = []  # a spy on the kernel
+    monkeypatch.setattr(gemv_module, "fp8_gemv", lambda x, w, s: calls.append(x.shape) or fp8_gemv(x, w, s))
+    q, scale = fp8_weight(130, 200, seed=2)
+    x = torch.randn(1, rows, 200, device=DEVICE, dtype=HALF)
+    want = F.linear(x.float(), by_hand(q, scale))
+    with torch.no_grad(), ops.backend("triton"):
+        got = ops.fp8_linear(x, q, scale)
+    assert len(calls) == (1 if routed else 0)
+    torch.testing.assert_close(got.float(), want, atol=3e-3 * want.abs().max().item(), rtol=3e-3)
+
+
+def test_fp8_linear_reference_is_dequantise_then_linear_exactly():
+    """The reference (any device, and many rows): the weight dequantised into x's dtype, then F.linear."""
+    q, scale = fp8_weight(300, 260, seed=3)
+    x = torch.randn(7, 260, device=DEVICE)
+    with ops.backend("torch"):
+        got = ops.fp8_linear(x, q, scale)
+        half = ops.fp8_linear(x.to(HALF), q, scale)
+    torch.testing.assert_close(got, F.linear(x, by_hand(q, scale)), atol=0, rtol=0)
+    torch.testing.assert_close(half, F.linear(x.to(HALF), by_hand(q, scale).to(HALF)), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="16b shapes in bf16")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("n, k", [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944)])
+def test_16b_projections_bf16(rows, n, k):
+    q, scale = fp8_weight(n, k, seed=rows)
+    x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+    want = F.linear(x.float(), by_hand(q, scale))
+    torch.testing.assert_close(fp8_gemv(x, q, scale).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
+    """The engine's Triton paths (on the CPU under the interpreter), eager and compiled, over a model with FP8
+    weights: decode's projections run the FP8 GEMV (compiled: inside the compiled blocks, with no graph break),
+    and the teacher-forced logits are those of the PyTorch reference (the weights dequantised into the 16-bit
+    dtype, then F.linear) within that dtype's rounding (the GEMV multiplies the dequantised weights in fp32): fp16
+    on the CPU, bf16 on CUDA, where the decode steps are replayed from CUDA graphs too."""
+    from torch._dynamo.utils import counters
+
+    from seekforge import LLM, SamplingParams
+    from seekforge.engine.parity import forced_logits, logit_error
+    from seekforge.model import ModelConfig, Transformer
+    from seekforge.model.fp8_weights import to_fp8_weights
+
+    cfg = ModelConfig.preset("tiny").replace(n_mtp_modules=0, n_layers=2)
+    torch.manual_seed(0)
+    model = to_fp8_weights(Transformer(cfg).to(DEVICE, HALF).eval())
+    prompts = [torch.randint(2, cfg.vocab_size, (n,)).tolist() for n in (5, 6)]
+    plain = LLM(model, max_num_seqs=2, max_model_len=64, kernels="torch")
+    tokens = [o.token_ids for o in plain.generate(prompts, SamplingParams(temperature=0, max_tokens=2,
+                                                                            ignore_eos=True))]
+    want = forced_logits(plain, prompts, tokens)
+    counters.clear()
+    llm = LLM(model, max_num_seqs=2, max_model_len=64, compile=compiled, kernels="triton")
+    with torch.profiler.profile() as prof:
+        got = forced_logits(llm, prompts, tokens)
+    assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::fp8_gemv") >= 4 * cfg.n_layers
+    assert not counters["graph_break"]
+    runs = [got]
+    if CUDA:  # the decode steps replayed from CUDA graphs
+        runs.append(forced_logits(LLM(model, max_num_seqs=2, max_model_len=64, compile=compiled, kernels="triton",
+                                      cuda_graphs=True), prompts, tokens))
+    for run in runs:
+        error = logit_error(want, run)
+        assert error.max() < (3e-2 if CUDA else 1e-2), error
+        assert (run.argmax(-1) == want.argmax(-1)).float().mean() >= (0.75 if CUDA else 1.0)
