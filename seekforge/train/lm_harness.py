@@ -4,6 +4,11 @@ seekforge checkpoints are in Hugging Face's DeepSeek-V3 layout with their tokeni
 so lm-eval's own `hf` backend reads them: no server, and the scores are lm-eval's reference ones. Prompts get
 BOS (`add_bos_token=True`), as `seekforge serve` and the engine feed a text prompt. The model runs in float32
 on a CPU (bf16 matmuls are slow there) and in the checkpoint's own dtype elsewhere, as `seekforge eval --task`.
+
+One correction to the backend: for rolling log-likelihood (lm-eval's perplexity tasks, such as wikitext) it
+encodes the text with the tokenizer's BOS and then puts its own prefix token, BOS again, before the windows, so
+BOS after BOS is scored as a token of the text (lm-eval issue #3333). Here the text is encoded without it: each
+text is scored once after one BOS, as `seekforge eval --text` scores it.
 """
 
 from __future__ import annotations
@@ -42,8 +47,22 @@ def run_tasks(checkpoint: str | os.PathLike, tasks: list[str], limit: int | None
         raise ConfigError(f"lm-eval knows no task {', '.join(unknown)}: check the names (`lm_eval ls tasks`) or "
                           "pass --include-path DIR with the task's YAML file")
     dev = pick_device(device)
-    dtype = "float32" if dev.type == "cpu" else "auto"
-    out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={checkpoint},dtype={dtype},device={dev},add_bos_token=True",
-        tasks=tasks, limit=limit, batch_size=batch_size, task_manager=manager, log_samples=False)
+    model = _hf_model()(pretrained=str(checkpoint), dtype="float32" if dev.type == "cpu" else "auto", device=str(dev),
+                        batch_size=batch_size, add_bos_token=True)
+    out = lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
     return {key: out[key] for key in ("results", "groups", "n-samples", "versions") if key in out}
+
+
+def _hf_model():
+    """lm-eval's hf backend with the rolling log-likelihood correction of the module doc."""
+    from lm_eval.models.huggingface import HFLM
+
+    class HF(HFLM):
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            keep, self.add_bos_token = self.add_bos_token, False  # the windows' prefix token is the one BOS
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+            finally:
+                self.add_bos_token = keep
+
+    return HF
