@@ -12,6 +12,8 @@ import torch
 
 from seekforge.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "Alice has 12 apples and buys 30 more: 12 + 30 = 42. Café au lait, naïve résumé.\n" * 3
 
 
