@@ -65,7 +65,7 @@ def text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None) -> t
                         "`seekforge data prepare` and pass --data") from err
     ids = tokenizer.encode(text)
     if not ids:
-        raise DataError(f"--text {path} holds no text to score: give a non-empty file")
+        raise ConfigError(f"--text {path} holds no text to score: give a non-empty file")
     if max_tokens is not None and max_tokens < len(ids):
         ids = ids[:max_tokens]
         return ids, len(tokenizer.decode(ids).encode("utf-8"))
