@@ -9,7 +9,9 @@
   (Bradley-Terry), on lm.py's trainer;
 - the pieces: checkpoint.py, metrics.py, report.py (the run's plots and report.md), schedule.py, optim.py,
   balance.py, init_from.py, flops.py;
-- context extension: extend.py (two-stage YaRN) and long_eval.py (perplexity by length, passkey retrieval).
+- context extension: extend.py (two-stage YaRN) and long_eval.py (perplexity by length, passkey retrieval);
+- evaluation of a checkpoint: perplexity.py (text or prepared data, windows shared with long_eval) and
+  lm_harness.py (lm-evaluation-harness tasks through its hf backend).
 
 May import seekforge.errors, configio, fp8, model, parallel (distributed training), tokenizer, data and tasks
 (long_eval's passkey probe); never the engine, the RL stages (seekforge.rl builds on this package) or the

@@ -27,6 +27,7 @@ import torch
 
 from seekforge.configio import atomic_write_bytes, atomic_write_text
 from seekforge.errors import ConfigError, DataError
+from seekforge.train.perplexity import window_nll
 
 RESULTS_FILE = "long_context.json"
 PLOTS_DIR = "plots"
@@ -53,18 +54,9 @@ def perplexity_by_length(model, tokens: np.ndarray, lengths: list[int], windows:
     if len(tokens) < span + 1:
         raise DataError(f"perplexity at length {max(lengths)} over {windows} window(s) needs {span + 1} held-out "
                         f"tokens, the data holds {len(tokens)}: give a larger validation split or fewer windows")
-    device = next(model.parameters()).device
-    stream = torch.from_numpy(np.asarray(tokens[:span + 1], dtype=np.int64))
     out = []
     for length in lengths:
-        n = span // length
-        rows = torch.stack([stream[i * length:(i + 1) * length + 1] for i in range(n)])
-        total, count = 0.0, 0
-        for chunk in rows.split(max(1, batch_tokens // length)):
-            chunk = chunk.to(device)
-            loss = model.loss(chunk[:, :-1], chunk[:, 1:]).main_loss
-            total += float(loss) * chunk[:, 1:].numel()
-            count += chunk[:, 1:].numel()
+        total, count = window_nll(model, tokens[:span + 1], length, max(1, batch_tokens // length))
         out.append({"length": length, "loss": total / count, "ppl": math.exp(total / count), "tokens": count})
     return out
 

@@ -1,7 +1,7 @@
 """Prompt log-probabilities: /v1/completions with echo and logprobs returns the prompt tokens' logprobs as
 vLLM does (the first is null), checked against a plain full forward of the same weights; and the real
-lm-evaluation-harness (`local-completions` pointed at `seekforge serve`) scores a multiple-choice task
-defined in a local file as its own Hugging Face backend scores it on the same checkpoint."""
+lm-evaluation-harness (`local-completions` pointed at `seekforge serve`) scores a multiple-choice task and a
+generate-until task defined in local files as its own Hugging Face backend scores them on the same checkpoint."""
 
 from __future__ import annotations
 
@@ -84,28 +84,44 @@ def test_echo_errors(http):
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
 
+GEN_ROWS = [{"question": "The quick brown", "target": " fox"},
+            {"question": "What is 12 + 30? The answer is", "target": " 42"},
+            {"question": "Hello world, this", "target": " is"}]
+
+
 @pytest.mark.slow
 def test_lm_eval_scores_through_the_server_equal_its_hf_backend(ckpt, tmp_path):
-    """lm-eval's loglikelihoods of every choice, through `seekforge serve` (local-completions) and through its
-    Hugging Face backend (transformers) on the same checkpoint, agree within 1e-3 (float32 both)."""
+    """lm-eval through `seekforge serve` (local-completions) and through its Hugging Face backend (transformers)
+    on the same checkpoint, float32 both: every choice's loglikelihood of a multiple-choice task agrees within
+    1e-3, and a generate-until task's greedy completions (stop strings, max_gen_toks) are equal, text for text,
+    so its exact-match scores are too."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     pytest.importorskip("tenacity")
     from lm_eval.tasks import TaskManager
 
     path = ckpt[0]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (tmp_path / "task.yaml").write_text(
-        f"task: seekforge_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+    for name, rows in (("mc", ROWS), ("gen", GEN_ROWS)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc.yaml").write_text(
+        f"task: seekforge_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/mc.jsonl\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    (tmp_path / "gen.yaml").write_text(
+        f"task: seekforge_local_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/gen.jsonl\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{target}}'\n"
+        "generation_kwargs:\n  until: ['ver', '\\n']\n  do_sample: false\n  temperature: 0.0\n  max_gen_toks: 8\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    # greedy, at most 8 tokens, cut at a stop string: this seed's random model writes 'ver' in the second
+    # completion (the server's `stop` cuts it) and runs the other two to max_gen_toks
+    tasks = ["seekforge_local_mc", "seekforge_local_gen"]
 
-    def scores(model: str, model_args: str) -> list[float]:
-        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["seekforge_local_mc"],
+    def scores(model: str, model_args: str) -> tuple[list[float], list[str], float]:
+        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks,
                                       task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
-        samples = sorted(out["samples"]["seekforge_local_mc"], key=lambda s: s["doc_id"])
-        return [r[0][0] for s in samples for r in s["resps"]]
+        mc, gen = (sorted(out["samples"][t], key=lambda s: s["doc_id"]) for t in tasks)
+        return ([r[0][0] for s in mc for r in s["resps"]], [s["filtered_resps"][0] for s in gen],
+                out["results"]["seekforge_local_gen"]["exact_match,none"])
 
     # add_bos_token on both: lm-eval's API models leave BOS out unless told, its HF backend follows the tokenizer
     hf = scores("hf", f"pretrained={path},dtype=float32,device=cpu,batch_size=1,add_bos_token=True")
@@ -115,5 +131,7 @@ def test_lm_eval_scores_through_the_server_equal_its_hf_backend(ckpt, tmp_path):
                                              "tokenized_requests=True,num_concurrent=1,max_retries=1,add_bos_token=True")
     finally:
         srv.stop()
-    assert len(served) == sum(len(r["choices"]) for r in ROWS)
-    assert served == pytest.approx(hf, abs=1e-3)
+    assert len(served[0]) == sum(len(r["choices"]) for r in ROWS)
+    assert served[0] == pytest.approx(hf[0], abs=1e-3)
+    assert len(served[1]) == len(GEN_ROWS) and any(served[1])  # something was generated
+    assert served[1] == hf[1] and served[2] == hf[2]  # exact: the same text, character for character
