@@ -366,14 +366,15 @@ def test_safe_reward_process_pool_recovers_and_stays_cheap():
 
 
 _KILLED_PARENT = """
-import sys, threading, time
+import multiprocessing, threading, time
 from seekforge.rewards import safe_reward
-wrapped = safe_reward(lambda p, c: (time.sleep(float(c)), 1.0)[1], timeout_s=60, isolation="process", max_workers=2)
-assert wrapped("p", "0") == 1.0
-threading.Thread(target=wrapped, args=("p", "0")).start()   # a second worker: it holds the first's pipe end
-threading.Thread(target=wrapped, args=("p", "600")).start()  # and one busy in a long call
-time.sleep(1.0)
-import multiprocessing
+wrapped = safe_reward(lambda p, c: (time.sleep(float(c)), 1.0)[1], timeout_s=900, isolation="process", max_workers=2)
+threading.Thread(target=wrapped, args=("p", "2")).start()  # two calls at once: two workers, the second forked
+threading.Thread(target=wrapped, args=("p", "600")).start()  # holding the first's pipe end; this one stays busy
+deadline = time.monotonic() + 60
+while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:  # a loaded host starts them late
+    time.sleep(0.05)
+time.sleep(3)  # the 2-second call has returned: its worker waits idle
 print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)
 time.sleep(600)
 """
@@ -401,7 +402,7 @@ def test_safe_reward_workers_exit_when_the_trainer_is_killed():
         with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper counts as gone
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
