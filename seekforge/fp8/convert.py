@@ -54,7 +54,7 @@ def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer
     if has_fp8_weights(model):
         raise ConfigError("fp8: this model's weights are FP8 inference weights (loaded with fp8_weights); train "
                           "from a 16-bit or fp32 model: load the checkpoint without fp8_weights")
-    for block in [*model.layers, *(m.block for m in model.mtp)]:
+    for block in model.blocks():
         for module in block.modules():
             if type(module) is nn.Linear:
                 if module.bias is not None:

@@ -115,7 +115,7 @@ def to_fp8_weights(model: Transformer) -> Transformer:
     the model; one whose weights are FP8 already is returned as it is."""
     if has_fp8_weights(model):
         return model
-    for block in [*model.layers, *(m.block for m in model.mtp)]:
+    for block in model.blocks():
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and child is not block.attn.wkv_b:

@@ -66,11 +66,14 @@ class Transformer(nn.Module):
             for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
                 nn.init.normal_(w, 0.0, std)
 
+    def blocks(self) -> list[Block]:
+        """The transformer blocks: the main layers, then each MTP module's block."""
+        return [*self.layers, *(m.block for m in self.mtp)]
+
     def moe_layers(self) -> dict[int, MoE]:
         """Every MoE by the layer id of its block: main layers 0 .. n_layers - 1, then the MTP modules' blocks from
         n_layers on; the ids `hidden` and `mtp_logits` report routing under."""
-        blocks = [*self.layers, *(m.block for m in self.mtp)]
-        return {b.layer_id: b.ffn for b in blocks if isinstance(b.ffn, MoE)}
+        return {b.layer_id: b.ffn for b in self.blocks() if isinstance(b.ffn, MoE)}
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters, and those active for one token (shared + k routed experts per MoE layer)."""

@@ -15,6 +15,6 @@ def compile_blocks(model: Transformer, dtype: torch.dtype | None = None) -> Tran
     param = next(model.parameters())
     # settle the grouped-matmul capability probe eagerly so that tracing never runs it
     _grouped_mm_works(torch.empty(0, device=param.device, dtype=dtype or param.dtype), param)
-    for block in list(model.layers) + [m.block for m in model.mtp]:
+    for block in model.blocks():
         block.compile(dynamic=False)  # in place: parameter names (checkpoints, HF export) are unchanged
     return model

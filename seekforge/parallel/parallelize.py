@@ -41,7 +41,7 @@ def blocks(model: Transformer | PipelineModel) -> list[torch.nn.Module]:
     """The transformer blocks: the main layers, then each MTP module's block (a PipelineModel: its stages')."""
     if isinstance(model, PipelineModel):
         return [b for stage in model.stages for b in stage.blocks()]
-    return [*model.layers, *(m.block for m in model.mtp)]
+    return model.blocks()
 
 
 def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, compute_dtype: torch.dtype | None = None,
