@@ -24,6 +24,7 @@ is measured in the same run. With the controller on: the engine time and steps a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
     # falls on both alike
     for repeat in range(args.repeats):
         for name in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
+            llm = None  # the last engine goes before the next is built: two 16b engines do not fit an 80 GB card
+            gc.collect()
             llm = engine(args, name == "on")
             r = load_test(llm, args)
             result["load"][name].append(r)

@@ -54,12 +54,12 @@ def build_llm(args, **settings):
     if args.model:
         return LLM(args.model, dtype=getattr(torch, args.dtype), device=args.device, **settings)
     from seekforge.model.config import ModelConfig
-    from seekforge.model.transformer import Transformer
+    from seekforge.model.transformer import Transformer, default_dtype
 
     torch.manual_seed(args.seed)
-    with torch.device(args.device):
+    with torch.device(args.device), default_dtype(getattr(torch, args.dtype)):
         model = Transformer(ModelConfig.preset(args.preset))
-    return LLM(model.to(getattr(torch, args.dtype)).eval(), **settings)
+    return LLM(model.eval(), **settings)
 
 
 def workload(args) -> tuple[torch.Tensor, dict]:

@@ -45,7 +45,7 @@ from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
 from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
 from seekforge.ops.quant import quantise_blocks, quantise_tiles  # noqa: E402
 from seekforge.model.config import ModelConfig  # noqa: E402
-from seekforge.model.transformer import Transformer  # noqa: E402
+from seekforge.model.transformer import Transformer, default_dtype  # noqa: E402
 from seekforge.train.flops import training_flops_per_token  # noqa: E402
 
 # a model whose GEMM dimensions are multiples of 128 (whole tiles, as at scale), minutes on a 2-core CPU
@@ -233,13 +233,8 @@ def speed(args) -> dict:
               "machine": machine(device), "ceilings": ceilings(device, torch.bfloat16),
               "fp8_matmul_flops": fp8_matmul_flops(device), "flops_per_token": flops_per_token}
     for recipe in ("none", "blockwise"):
-        with torch.device(device):
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(torch.bfloat16)
-            try:
-                model = Transformer(cfg).train()
-            finally:
-                torch.set_default_dtype(default)
+        with torch.device(device), default_dtype(torch.bfloat16):
+            model = Transformer(cfg).train()
         convert_to_fp8(model, recipe)
         if not args.eager:
             from seekforge.parallel.compile import compile_blocks

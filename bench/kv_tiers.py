@@ -48,6 +48,7 @@ from ceilings import commit, machine  # noqa: E402
 
 from seekforge import LLM, SamplingParams  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
+from seekforge.model.transformer import default_dtype  # noqa: E402
 
 
 def workload(args, vocab: int, seed: int) -> tuple[list[int], list[list[list[int]]]]:
@@ -181,11 +182,8 @@ def main() -> int:
     cfg = ModelConfig.preset(args.preset)
     cfg = cfg.replace(n_layers=args.layers or cfg.n_layers, n_mtp_modules=0, max_seq_len=max(cfg.max_seq_len, longest))
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # drawn in the run's dtype: a 16b model in fp32 first would take 63 GB
-    with torch.device(device):
+    with torch.device(device), default_dtype(dtype):
         model = Transformer(cfg).eval()
-    torch.set_default_dtype(default)
     block_size = args.block_size or (64 if device.type == "cuda" else 16)
     cache_tokens = args.gpu_cache_tokens or (longest + block_size) * args.concurrency * 3 // 2
     per_token = cfg.cache_bytes_per_token(torch.empty(0, dtype=dtype).element_size())

@@ -190,18 +190,13 @@ SMALL = {"n_layers": 2, "n_dense_layers": 0, "vocab_size": 4096, "n_routed_exper
 def speed_model(args):
     """A random --speed-preset model with --speed-overrides, without MTP modules."""
     from seekforge.model.config import ModelConfig
-    from seekforge.model.transformer import Transformer
+    from seekforge.model.transformer import Transformer, default_dtype
 
     cfg = ModelConfig.preset(args.speed_preset).replace(**{"n_mtp_modules": 0, **args.speed_overrides,
                                                            "max_seq_len": max(args.context + args.new, 1024)})
     torch.manual_seed(args.seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, args.dtype))  # built in its dtype: the whole 16b in fp32 fills an H100
-    try:
-        with torch.device(args.device):
-            model = Transformer(cfg)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(args.device), default_dtype(getattr(torch, args.dtype)):
+        model = Transformer(cfg)
     return model.eval()
 
 

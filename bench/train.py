@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import ceilings, machine  # noqa: E402
 
 from seekforge.model.config import ModelConfig  # noqa: E402
-from seekforge.model.transformer import Transformer  # noqa: E402
+from seekforge.model.transformer import Transformer, default_dtype  # noqa: E402
 from seekforge.train.flops import training_flops_per_token  # noqa: E402
 
 
@@ -57,13 +57,8 @@ def _measure(step, device, warmup: int, iters: int) -> float:
 def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distributed: str | None = None):
     """The plain model's step, or with `distributed` ("fsdp" or "fsdp+ac") the step through seekforge.parallel on
     a one-rank process group."""
-    with torch.device(device):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = Transformer(cfg.replace(n_mtp_modules=0)).train()
-        finally:
-            torch.set_default_dtype(default)
+    with torch.device(device), default_dtype(dtype):
+        model = Transformer(cfg.replace(n_mtp_modules=0)).train()
     if distributed is not None:
         from seekforge.parallel.config import ParallelConfig
         from seekforge.parallel.parallelize import parallelize

@@ -10,7 +10,6 @@ Every key is accounted for: missing, mis-shaped and unexpected tensors are error
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from seekforge.configio import fsync_dir
 from seekforge.errors import CheckpointError, ConfigError
 from seekforge.model.config import ModelConfig
 from seekforge.model.fp8_weights import QUANTIZATION_CONFIG, SCALE_SUFFIX, has_fp8_weights, to_fp8_weights
-from seekforge.model.transformer import Transformer
+from seekforge.model.transformer import Transformer, default_dtype
 from seekforge.ops.quant import BLOCK, FP8, quantise_blocks
 
 # transformers' submodule names -> ours (DeepSeek's inference code names)
@@ -136,16 +135,6 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _pick_dtype(path: Path, dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -217,7 +206,7 @@ def from_pretrained(path, dtype=None, device=None, changes: dict | None = None, 
     dtype = _pick_dtype(path, dtype)
     device = torch.device(device or "cpu")
 
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = Transformer(cfg)
         if fp8_weights:
             to_fp8_weights(model)

@@ -8,6 +8,7 @@ with its own backend, over its paged latent cache.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,18 @@ from seekforge.model.moe import MoE, Routing
 from seekforge.model.mtp import MTPModule, depth_targets
 from seekforge.model.norm import RMSNorm
 from seekforge.model.rope import RotaryEmbedding
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Parameters created inside are `dtype`: a model built in its run's dtype never holds an fp32 copy (the 16b
+    preset in fp32 is 63 GB)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 @dataclass
