@@ -32,6 +32,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from seekforge import ops
 from seekforge.engine.device_copy import copy_into, to_device
@@ -300,14 +301,15 @@ class ModelRunner:
         logits, loads, _, s = replayed
         return logits[:len(chunks) * s:s], loads
 
-    def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,)) -> None:
+    def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,), eager: bool = False) -> None:
         """Capture plain decode steps for batch sizes 1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up
         to max_batch, once for each routed top-k of `topks` (None: the config's): a graph replays the k it was
         captured with. The graphs attend over the whole static block table (max_model_len); fused kernels make that
         cheap. Past 256 sequences an eager step's launches would cost more host time than padding to a coarser size
         costs the device. With MTP the main model's graphs take graph_rows tokens a sequence, and the drafter's
-        catch-up (graph_rows tokens a sequence) and draft steps (one) are captured at the same sizes."""
-        if self.device.type != "cuda":
+        catch-up (graph_rows tokens a sequence) and draft steps (one) are captured at the same sizes. `eager`: on
+        a device without CUDA graphs, take `Rerun`s for them (the same static-buffer steps, run at each replay)."""
+        if self.device.type != "cuda" and not eager:
             return
         self._allocate_static(max_batch)
         sizes = list(reversed(graph_sizes(max_batch)))
@@ -315,6 +317,11 @@ class ModelRunner:
         if self.mtp_cache is not None:
             steps += [(self.mtp_graphs, (s, n), partial(self._mtp_graph_step, n, s))
                       for s in sorted({self.graph_rows, 1}) for n in sizes]
+        if self.device.type != "cuda":
+            for graphs, key, step in steps:
+                rerun = Rerun(step)
+                graphs[key] = (rerun, rerun.outputs)
+            return
         pool = None
         for graphs, key, step in steps:
             step()  # warm up (lazy initialisation must not happen during capture)
@@ -349,20 +356,22 @@ class ModelRunner:
                                   device=self.device)
         self._static[:, :2 * s] = 0
         self._static[:, 2 * s:3 * s] = self.scratch_block * self.block_size
-        self._static[:, 3 * s:4 * s + 1] = -1
+        self._static[:, 3 * s:4 * s] = -1
+        self._static[:, 4 * s] = 0
         self._sampled = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         if self.mtp_cache is not None:
             self._hidden = torch.zeros(max_batch * s, self.cfg.dim, dtype=self.dtype, device=self.device)
 
     def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None,
-                     rows_per_seq: int = 1, from_hidden: bool = False) -> None:
-        """Rows for the chunks (each of 1 .. rows_per_seq tokens), then padding sequences up to the graph's size.
+                     rows_per_seq: int | None = None, from_hidden: bool = False) -> None:
+        """Rows for the chunks (each of 1 .. rows_per_seq tokens; None: graph_rows, the main model's), then padding sequences up to the graph's size.
         A chunk shorter than rows_per_seq is padded with rows at its last position writing into the scratch block,
         as are the padding sequences' rows. `device_ids` (tokens in `token_buffer`) give some one-token chunks'
         tokens by their row there; `from_hidden`: each row's h_prev is the hidden buffer's row at its place among the
         chunks' tokens (the drafter's step). Built with numpy over the chunks' lists, copied to the device in one
         transfer."""
-        bs, scratch, S, s = self.block_size, self.scratch_block, self.graph_rows, rows_per_seq
+        bs, scratch, S = self.block_size, self.scratch_block, self.graph_rows
+        s = rows_per_seq or S
         b, width = len(chunks), self._static.shape[1] - 4 * S - 1
         lens = np.zeros(size, np.int64)
         lens[:b] = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, b)
@@ -438,6 +447,19 @@ class ModelRunner:
                                      None, backend)
             h = h[0].index_select(0, last)
             return self.mtp_logits(h), h
+
+
+class Rerun:
+    """A captured step's stand-in where CUDA graphs do not exist (the CPU, in tests): `replay` runs the step function
+    again and copies its outputs into those of its first run, the buffers a graph's replay writes."""
+
+    def __init__(self, step):
+        self.step = step
+        self.outputs = step()
+
+    def replay(self) -> None:
+        for out, new in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.step())):
+            out.copy_(new)
 
 
 def graph_sizes(max_batch: int) -> list[int]:
