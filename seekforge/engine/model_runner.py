@@ -13,7 +13,7 @@ sequences, in groups:
 
 The blocks are the model's own (`Block.forward`, `MTPModule.forward` for the drafter); what only the engine
 knows, the cache, each token's slot, the groups and the kernels, reaches them through the backend object they
-take (`seekforge.engine.paged_backend`: `StepBackend` for a packed step, `DecodeBackend` for a plain decode step).
+take (`seekforge.engine.paged_backend`: `StepBackend` for a packed step, `DecodeBackend` for a captured step).
 The model object is used as is (its weights in place): an RL trainer that updates them sees the new policy on the
 next step. Decode steps can be replayed as CUDA graphs from static input buffers (`capture_cuda_graphs`): with MTP
 drafting the main model's graphs take 1 + drafts tokens a sequence (verification; a plain decode step pads to it),
@@ -105,7 +105,8 @@ class ModelRunner:
         # outputs (logits [size * graph_rows, vocab], tokens per expert by layer id, hidden [size * graph_rows, dim])
         self.graphs: dict[tuple[int | None, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         # the drafter's captured steps by (tokens a sequence: graph_rows for its catch-up, 1 for a draft; batch
-        # size): the graph and its outputs (draft logits [size, vocab], hidden [size, dim] at each sequence's last token)
+        # size): the graph and its outputs (draft logits [size, vocab], hidden [size, dim] at each sequence's last
+        # token)
         self.mtp_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         if compile:
@@ -364,12 +365,12 @@ class ModelRunner:
 
     def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None,
                      rows_per_seq: int | None = None, from_hidden: bool = False) -> None:
-        """Rows for the chunks (each of 1 .. rows_per_seq tokens; None: graph_rows, the main model's), then padding sequences up to the graph's size.
-        A chunk shorter than rows_per_seq is padded with rows at its last position writing into the scratch block,
-        as are the padding sequences' rows. `device_ids` (tokens in `token_buffer`) give some one-token chunks'
-        tokens by their row there; `from_hidden`: each row's h_prev is the hidden buffer's row at its place among the
-        chunks' tokens (the drafter's step). Built with numpy over the chunks' lists, copied to the device in one
-        transfer."""
+        """Rows for the chunks (each of 1 .. rows_per_seq tokens; None: graph_rows, the main model's), then padding
+        sequences up to the graph's size. A chunk shorter than rows_per_seq is padded with rows at its last position
+        writing into the scratch block, as are the padding sequences' rows. `device_ids` (tokens in `token_buffer`)
+        give some one-token chunks' tokens by their row there; `from_hidden`: each row's h_prev is the hidden
+        buffer's row at its place among the chunks' tokens (the drafter's step). Built with numpy over the chunks'
+        lists, copied to the device in one transfer."""
         bs, scratch, S = self.block_size, self.scratch_block, self.graph_rows
         s = rows_per_seq or S
         b, width = len(chunks), self._static.shape[1] - 4 * S - 1
@@ -445,7 +446,7 @@ class ModelRunner:
         with ops.FewRowLinears(self.device):
             h, _ = self.model.mtp[0](self._hidden[source].unsqueeze(0), self.model.embed(ids).unsqueeze(0), cos, sin,
                                      None, backend)
-            h = h[0].index_select(0, last)
+            h = h[0][last]
             return self.mtp_logits(h), h
 
 
