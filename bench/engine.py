@@ -7,8 +7,13 @@ Measures, for both, decode tokens/s at batch 1 and 32 (prompt 128 tokens; decode
 the first over the time after the first), RL-style rollouts (16 prompts x 8 samples at temperature 1,
 generated tokens over wall time, prefill included), prefill tokens/s (one prompt, one new token), and for the
 engine alone MTP speculative decoding: a small model is trained briefly with its MTP module on
-synthetic text (a sparse Markov chain), then greedy decoding with and without drafts is timed, and the
-acceptance rate per draft position reported. Each figure is the best of --repeats runs, alternating
+synthetic text (a sparse Markov chain), then decoding with and without drafts is timed at each --mtp-batches
+batch size, both with the same --cuda-graphs / --compile (MTP's verification and drafting replay graphs too), and
+the acceptance rate per draft position reported; greedy MTP outputs must equal plain decoding's (the run exits
+non-zero where they do not). --mtp-only runs that part alone:
+
+    python bench/engine.py --mtp-only --device cuda --dtype bfloat16 --cuda-graphs --compile --mtp-batches 1 8
+ Each figure is the best of --repeats runs, alternating
 the two implementations so that a busy machine penalises both alike.
 
 Before any timing, the engine's logits are checked (`logit_gate`), and the run stops with a non-zero exit where
@@ -133,10 +138,22 @@ def markov_corpus(vocab: int, length: int, seed: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def train_mtp_model(cfg: ModelConfig, steps: int, device, seed: int) -> tuple[Transformer, torch.Tensor, float]:
+def builtin_text(n_docs: int, seed: int) -> torch.Tensor:
+    """The built-in corpus (`seekforge.data.corpus`: math problems and worked solutions in the R1-Zero format) as
+    bytes, ids < 256: text whose next tokens are often, not always, predictable (the template and the steps' form
+    are; the numbers are not)."""
+    from seekforge.data.corpus import generate_documents
+
+    return torch.tensor(list("\n".join(generate_documents(n_docs, seed)).encode()), dtype=torch.long)
+
+
+def train_mtp_model(cfg: ModelConfig, steps: int, device, seed: int,
+                    text: str = "markov") -> tuple[Transformer, torch.Tensor, float]:
+    """A model of `cfg` trained `steps` steps with its MTP module on `text`: "markov" (`markov_corpus`) or
+    "builtin" (`builtin_text`, cfg.vocab_size at least 256). Returns (the model, the corpus, the last MTP loss)."""
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
-    corpus = markov_corpus(cfg.vocab_size, 200_000, seed).to(device)
+    corpus = (markov_corpus(cfg.vocab_size, 200_000, seed) if text == "markov" else builtin_text(3000, seed)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     seq, batch = 128, 16
     model.train()
@@ -167,6 +184,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mtp-steps", type=int, default=150, help="training steps of the MTP model (0 = skip MTP)")
     ap.add_argument("--spec-tokens", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--mtp-batches", type=int, nargs="+", default=[1],
+                    help="batch sizes of the MTP comparison (prompts run this many at a time)")
+    ap.add_argument("--mtp-text", choices=["markov", "builtin"], default="markov",
+                    help="the MTP model's training text: a sparse Markov chain (greedy drafts of it are nearly always "
+                         "kept) or the built-in math corpus as bytes (acceptance well below 1)")
+    ap.add_argument("--mtp-only", action="store_true",
+                    help="run the MTP comparison alone (no transformers model, no logit check)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: stable figures on a shared machine, where a second OpenMP thread "
                          "that loses its core stalls every matmul)")
@@ -188,6 +212,10 @@ def main() -> None:
     import transformers
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.mtp_only:
+        finish(args, device, dtype, {"device": str(device), "dtype": args.dtype, "torch": torch.__version__,
+                                     "machine": machine(device)})
+        return
     cfg = ModelConfig.preset(args.preset).replace(n_layers=args.layers, n_mtp_modules=0, init_std=0.05,
                                                   max_seq_len=max(4096, args.prefill_len + 8))
     torch.manual_seed(0)
@@ -287,48 +315,66 @@ def main() -> None:
     for name, a, b in rows:
         print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
 
-    if args.mtp_steps:
-        mcfg = ModelConfig.preset("tiny").replace(n_mtp_modules=1, vocab_size=256, max_seq_len=1024)
-        mtp_model, corpus, _ = train_mtp_model(mcfg, args.mtp_steps, device, seed=0)
-        mtp_model = mtp_model.to(dtype)
-        prompts = [corpus[i * 1000:i * 1000 + 32].tolist() for i in range(4)]
-        n_new = args.new_tokens * 2
-        print(f"\nMTP speculative decoding (tiny model trained {args.mtp_steps} steps on Markov text), batch 1, "
-              f"{n_new} new tokens x {len(prompts)} prompts")
-        print("| decoding | drafts | tok/s | speedup | acceptance per draft position | tokens per step | "
-              "identical to plain |\n|---|---|---|---|---|---|---|")
-        results["mtp"] = {}
-        for mode, params in (("greedy", SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)),
-                             ("T=1", SamplingParams(temperature=1.0, max_tokens=n_new, ignore_eos=True, seed=0))):
-            plain_llm = LLM(mtp_model, max_num_seqs=8)
+    finish(args, device, dtype, results)
 
+
+def finish(args, device, dtype, results: dict) -> None:
+    """The MTP part (where --mtp-steps asks for it), then the JSON; exits non-zero where the MTP gate failed."""
+    passed = not args.mtp_steps or mtp_part(args, device, dtype, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if not passed:
+        sys.exit("bench/engine.py: greedy MTP decoding differed from plain decoding (the correctness gate)")
+
+
+def mtp_part(args, device, dtype, results: dict) -> bool:
+    """MTP speculative decoding on a tiny model trained --mtp-steps steps with its MTP module on --mtp-text: plain
+    decoding against each --spec-tokens k, both with the same --cuda-graphs / --compile (so on a GPU MTP with
+    graphs runs against plain graphs, compiled or not), at each --mtp-batches batch size; tokens/s, speedup,
+    acceptance per draft position, tokens per verification step. The correctness gate: greedy MTP outputs equal
+    plain greedy decoding's, token for token (returns whether every one did)."""
+    mcfg = ModelConfig.preset("tiny").replace(n_mtp_modules=1, vocab_size=256, max_seq_len=1024)
+    mtp_model, corpus, _ = train_mtp_model(mcfg, args.mtp_steps, device, seed=0, text=args.mtp_text)
+    mtp_model = mtp_model.to(dtype)
+    prompts = [corpus[i * 1000:i * 1000 + 32].tolist() for i in range(max(4, *args.mtp_batches))]
+    n_new = args.new_tokens * 2
+    settings = dict(max_num_seqs=max(8, *args.mtp_batches), cuda_graphs=args.cuda_graphs, compile=args.compile,
+                    async_scheduling=False if args.sync else None)
+    print(f"\nMTP speculative decoding (tiny model trained {args.mtp_steps} steps on {args.mtp_text} text), "
+          f"{n_new} new tokens x {len(prompts)} prompts, cuda_graphs={args.cuda_graphs}, compile={args.compile}")
+    print("| decoding | batch | drafts | tok/s | speedup | acceptance per draft position | tokens per step | "
+          "identical to plain |\n|---|---|---|---|---|---|---|---|")
+    results["mtp"], passed = {"cuda_graphs": args.cuda_graphs, "compile": args.compile}, True
+    plain_llm = LLM(mtp_model, **settings)
+    spec_llms = {k: LLM(mtp_model, num_speculative_tokens=k, **settings) for k in args.spec_tokens}
+    for mode, params in (("greedy", SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)),
+                         ("T=1", SamplingParams(temperature=1.0, max_tokens=n_new, ignore_eos=True, seed=0))):
+        base_out = [o.token_ids for o in plain_llm.generate(prompts, params)]
+        same = {k: [o.token_ids for o in sl.generate(prompts, params)] == base_out for k, sl in spec_llms.items()}
+        passed &= mode != "greedy" or all(same.values())
+        for b in args.mtp_batches:
             def timed(llm_):
                 def run():
                     llm_.reset_prefix_cache()
-                    for p in prompts:  # batch 1, one prompt after another
-                        llm_.generate(p, params)
+                    for i in range(0, len(prompts), b):  # b prompts at a time
+                        llm_.generate(prompts[i:i + b], params)
                 return best_of(args.repeats, run)
 
-            base_out = [o.token_ids for o in plain_llm.generate(prompts, params)]
             t_plain = timed(plain_llm)
             n_tokens = len(prompts) * n_new
-            print(f"| {mode} | 0 (plain) | {n_tokens / t_plain:,.0f} | 1.00x | - | 1 | - |")
-            results["mtp"][mode] = {"plain_tok_s": n_tokens / t_plain}
-            for k in args.spec_tokens:
-                sl = LLM(mtp_model, max_num_seqs=8, num_speculative_tokens=k)
-                same = [o.token_ids for o in sl.generate(prompts, params)] == base_out
+            print(f"| {mode} | {b} | 0 (plain) | {n_tokens / t_plain:,.0f} | 1.00x | - | 1 | - |")
+            row = results["mtp"].setdefault(mode, {})[f"batch{b}"] = {"plain_tok_s": n_tokens / t_plain}
+            for k, sl in spec_llms.items():
                 sl.proposer.stats = type(sl.proposer.stats).empty(k)
                 t = timed(sl)
                 st = sl.proposer.stats
                 acc = ", ".join(f"{a:.2f}" for a in st.acceptance_rate)
-                shown = same if mode == "greedy" else "n/a (sampled)"
-                print(f"| {mode} | {k} | {n_tokens / t:,.0f} | {t_plain / t:.2f}x | {acc} | "
+                shown = same[k] if mode == "greedy" else "n/a (sampled)"
+                print(f"| {mode} | {b} | {k} | {n_tokens / t:,.0f} | {t_plain / t:.2f}x | {acc} | "
                       f"{st.mean_tokens_per_step:.2f} | {shown} |")
-                results["mtp"][mode][f"k{k}"] = {"tok_s": n_tokens / t, "speedup": t_plain / t, "identical": same,
-                                                 **st.as_dict()}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+                row[f"k{k}"] = {"tok_s": n_tokens / t, "speedup": t_plain / t, "identical": same[k], **st.as_dict()}
+    results["mtp"]["gate_passed"] = passed
+    return passed
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ WRAPPED = (
     ("runner", "forward", "forward"),
     ("runner", "logits", "forward"),
     ("runner", "decode_logits", "forward"),
+    ("runner", "replay", "forward"),
     ("", "_sample", "sample"),
     ("", "_plain_batch", "sample"),
     ("", "_apply", "apply"),

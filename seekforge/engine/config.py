@@ -50,7 +50,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0  # MTP drafts per step (needs a checkpoint with MTP modules)
     # speed on a GPU
-    cuda_graphs: bool = False  # replay plain decode steps as CUDA graphs
+    cuda_graphs: bool = False  # replay decode steps (and with MTP the verification and drafting) as CUDA graphs
     compile: bool = False  # torch.compile the blocks (prefill and the captured decode step)
     async_scheduling: bool | None = None  # launch a decode step before the last one's tokens are known; None: on CUDA
     # "auto": the Triton kernels on CUDA, PyTorch elsewhere; "torch": PyTorch's everywhere; "triton": Triton's on
@@ -106,9 +106,6 @@ class EngineConfig:
         if self.weights_dtype not in (None, "fp8"):
             raise ConfigError(f"LLM: weights_dtype is None (the weights as loaded) or \"fp8\" (FP8 weights with "
                               f"128x128 block scales), got {self.weights_dtype!r}")
-        if self.cuda_graphs and self.num_speculative_tokens:
-            raise ConfigError("LLM: cuda_graphs covers plain decode steps only; turn off num_speculative_tokens "
-                              "or cuda_graphs")
 
     def kept_heads(self, n_heads: int) -> int | None:
         """Heads each decoded token keeps under `sparse_heads` for a model of `n_heads` (the skipped ones rounded to

@@ -13,9 +13,11 @@ sequences, in groups:
 
 The blocks are the model's own (`Block.forward`, `MTPModule.forward` for the drafter); what only the engine
 knows, the cache, each token's slot, the groups and the kernels, reaches them through the backend object they
-take (`seekforge.engine.paged_backend`: `StepBackend` for a packed step, `DecodeBackend` for a plain decode step).
+take (`seekforge.engine.paged_backend`: `StepBackend` for a packed step, `DecodeBackend` for a captured step).
 The model object is used as is (its weights in place): an RL trainer that updates them sees the new policy on the
-next step. Decode steps can be replayed as CUDA graphs from static input buffers (`capture_cuda_graphs`). With
+next step. Decode steps can be replayed as CUDA graphs from static input buffers (`capture_cuda_graphs`): with MTP
+drafting the main model's graphs take 1 + drafts tokens a sequence (verification; a plain decode step pads to it),
+and the drafter has its own graphs for its catch-up over the accepted tokens and for each draft. With
 `compile=True`, torch.compile fuses the dozens of small kernels around each block's matmuls (norms, rotary,
 routing, SwiGLU, residuals): the captured decode block as a whole (the two cache kernels opaque to it), and in
 prefill and mixed steps the work before and after the dispatch over attention groups (`paged_backend.Stages`).
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from seekforge import ops
 from seekforge.engine.device_copy import copy_into, to_device
@@ -95,9 +99,15 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, width)
         self.kv_cache = torch.zeros(cfg.n_layers, *shape, dtype=self.dtype, device=self.device)
         self.mtp_cache = torch.zeros(1, *shape, dtype=self.dtype, device=self.device) if mtp else None
-        # captured decode steps by (routed experts a token, None for the config's; batch size)
-        self.graphs: dict[tuple[int | None, int],
-                          tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        # tokens a sequence in the main model's captured steps (1 + drafts); the static buffer's width per field
+        self.graph_rows = max_absorbed_query
+        # captured decode steps by (routed experts a token, None for the config's; batch size): the graph and its
+        # outputs (logits [size * graph_rows, vocab], tokens per expert by layer id, hidden [size * graph_rows, dim])
+        self.graphs: dict[tuple[int | None, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        # the drafter's captured steps by (tokens a sequence: graph_rows for its catch-up, 1 for a draft; batch
+        # size): the graph and its outputs (draft logits [size, vocab], hidden [size, dim] at each sequence's last
+        # token)
+        self.mtp_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         if compile:
             _settle_before_tracing(self.device, self.dtype)
@@ -232,49 +242,103 @@ class ModelRunner:
     def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
 
-    # ---------------------------------------------------------------- decode through CUDA graphs
-    def decode_logits(self, chunks: list[Chunk], device_ids: DeviceIds | None = None,
-                      topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
-        """(Logits [b, vocab], tokens per expert of each MoE layer by layer id) of a plain decode step at `topk`
-        routed experts a token (None: the config's) replayed from a captured graph; None when the step does not fit
-        one (not captured at that k, a chunk longer than one token, or too many sequences). Both are the graph's
-        output buffers: the next replay of any graph overwrites them."""
+    def mtp_step(self, chunks: list[Chunk], h_prev: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafter over each chunk's tokens (`forward_mtp`: chunk.token_ids hold the next tokens, h_prev[i]
+        [len(chunk.token_ids), dim] the hidden states before them): (its hidden [b, dim], its draft logits [b, vocab]
+        fp32) at each chunk's last token. Replayed from a captured graph where the step fits one (then both are the
+        graph's output buffers, which its next replay overwrites)."""
         b = len(chunks)
-        size = min((s for k, s in self.graphs if k == topk and s >= b), default=None)
-        if size is None or any(len(ch.token_ids) != 1 for ch in chunks):
+        s = 1 if all(len(ch.token_ids) == 1 for ch in chunks) else self.graph_rows
+        size = self._graph_size(chunks, s, [n for rows, n in self.mtp_graphs if rows == s])
+        if size is None:
+            step = self.prepare(chunks)
+            hidden = self.forward_mtp(step.pack(list(h_prev)), step)
+            last = [step.offsets[i] + len(ch.token_ids) - 1 for i, ch in enumerate(chunks)]
+            if last != list(range(len(hidden))):
+                hidden = hidden.index_select(0, to_device(last, torch.long, hidden.device))
+            return hidden, self.mtp_logits(hidden)
+        rows = sum(len(ch.token_ids) for ch in chunks)
+        torch.cat(list(h_prev), out=self._hidden[:rows])
+        self._fill_static(chunks, size, rows_per_seq=s, from_hidden=True)
+        graph, (logits, hidden) = self.mtp_graphs[s, size]
+        graph.replay()
+        return hidden[:b], logits[:b]
+
+    # ---------------------------------------------------------------- decode through CUDA graphs
+    def _graph_size(self, chunks: list[Chunk], rows_per_seq: int, sizes) -> int | None:
+        """Where every step decides between a graph and eager code: the smallest of the captured batch `sizes` that
+        holds the step's sequences, if each chunk has at most rows_per_seq tokens (the graphs' rows a sequence);
+        None (run eagerly) when none does: a prefill chunk, more sequences than the largest graph, none captured."""
+        if any(len(ch.token_ids) > rows_per_seq for ch in chunks):
+            return None
+        return min((n for n in sizes if n >= len(chunks)), default=None)
+
+    def replay(self, chunks: list[Chunk], device_ids: DeviceIds | None = None, topk: int | None = None
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor, int] | None:
+        """A decode or verification step (chunks of 1 .. graph_rows tokens) at `topk` routed experts a token (None:
+        the config's) replayed from a captured graph: (logits [R, vocab], tokens per expert of each MoE layer by
+        layer id, hidden states [R, dim] before the final norm, graph_rows), chunk i's token j at row
+        i * graph_rows + j; None when the step does not fit one (`_graph_size`). All are the graph's output
+        buffers: the next replay of this graph overwrites them."""
+        s = self.graph_rows
+        size = self._graph_size(chunks, s, [n for k, n in self.graphs if k == topk])
+        if size is None:
             return None
         in_buffer = device_ids is not None and device_ids.tokens.data_ptr() == self._sampled.data_ptr()
         self._fill_static(chunks, size, device_ids if in_buffer else None)
         if device_ids is not None and not in_buffer:
             device_ids.write(self._static[:, 0], device_ids.chunks)
-        graph, logits, loads = self.graphs[topk, size]
+        graph, (logits, loads, hidden) = self.graphs[topk, size]
         graph.replay()
-        return logits[:b], loads
+        return logits, loads, hidden, s
 
-    def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,)) -> None:
+    def decode_logits(self, chunks: list[Chunk], device_ids: DeviceIds | None = None,
+                      topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+        """(Logits [b, vocab], tokens per expert of each MoE layer by layer id) of a plain decode step (one token a
+        chunk) replayed from a captured graph (`replay`); None when it does not fit one."""
+        replayed = self.replay(chunks, device_ids, topk)
+        if replayed is None:
+            return None
+        logits, loads, _, s = replayed
+        return logits[:len(chunks) * s:s], loads
+
+    def capture_cuda_graphs(self, max_batch: int, topks: tuple[int | None, ...] = (None,), eager: bool = False) -> None:
         """Capture plain decode steps for batch sizes 1, 2, 4, 8, then every 16 up to 256 and every 64 past it, up
         to max_batch, once for each routed top-k of `topks` (None: the config's): a graph replays the k it was
         captured with. The graphs attend over the whole static block table (max_model_len); fused kernels make that
         cheap. Past 256 sequences an eager step's launches would cost more host time than padding to a coarser size
-        costs the device."""
-        if self.device.type != "cuda":
+        costs the device. With MTP the main model's graphs take graph_rows tokens a sequence, and the drafter's
+        catch-up (graph_rows tokens a sequence) and draft steps (one) are captured at the same sizes. `eager`: on
+        a device without CUDA graphs, take `Rerun`s for them (the same static-buffer steps, run at each replay)."""
+        if self.device.type != "cuda" and not eager:
             return
         self._allocate_static(max_batch)
+        sizes = list(reversed(graph_sizes(max_batch)))
+        steps = [(self.graphs, (k, n), partial(self._graph_step, n, k)) for k in topks for n in sizes]
+        if self.mtp_cache is not None:
+            steps += [(self.mtp_graphs, (s, n), partial(self._mtp_graph_step, n, s))
+                      for s in sorted({self.graph_rows, 1}) for n in sizes]
+        if self.device.type != "cuda":
+            for graphs, key, step in steps:
+                rerun = Rerun(step)
+                graphs[key] = (rerun, rerun.outputs)
+            return
         pool = None
-        for topk, size in ((k, s) for k in topks for s in reversed(graph_sizes(max_batch))):
-            self._graph_step(size, topk)  # warm up (lazy initialisation must not happen during capture)
+        for graphs, key, step in steps:
+            step()  # warm up (lazy initialisation must not happen during capture)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=pool):
-                    logits, loads = self._graph_step(size, topk)
+                    outputs = step()
             except RuntimeError as err:
                 self.graphs.clear()
+                self.mtp_graphs.clear()
                 raise ConfigError(f"cannot capture the decode step as a CUDA graph in {self.dtype} ({err}); some "
                                   f"operator synchronises with the host here (float32 grouped matmul does): use "
                                   f"bfloat16, or cuda_graphs=False") from err
             pool = graph.pool()
-            self.graphs[topk, size] = (graph, logits, loads)
+            graphs[key] = (graph, outputs)
 
     def token_buffer(self, n: int) -> torch.Tensor | None:
         """Where a caller that samples a captured step's n tokens on the device should write them (None: anywhere):
@@ -282,56 +346,121 @@ class ModelRunner:
         return None if self._sampled is None or n > len(self._sampled) else self._sampled[:n]
 
     def _allocate_static(self, max_batch: int) -> None:
-        """The graphs' input: one buffer, one row a sequence (token id, position, cache slot, the row of
-        `token_buffer` that holds its token instead or -1, then the block table over max_model_len), so a step's
-        inputs reach the device in one copy."""
-        width = -(-self.max_model_len // self.block_size)
-        self._static = torch.full((max_batch, 4 + width), self.scratch_block, dtype=torch.long, device=self.device)
-        self._static[:, :2] = 0
-        self._static[:, 2] = self.scratch_block * self.block_size
-        self._static[:, 3] = -1
+        """The graphs' input: one buffer, one row a sequence, so a step's inputs reach the device in one copy: for
+        each of its graph_rows tokens the token id, then the positions, the cache slots and the sources (the main
+        model: the row of `token_buffer` that holds the token instead, or -1; the drafter: the row of the hidden
+        buffer that holds its h_prev), then the row of the sequence's last token among the step's rows, then the
+        block table over max_model_len. With MTP, the hidden buffer [max_batch * graph_rows, dim] holds the
+        drafter's h_prev rows."""
+        width, s = -(-self.max_model_len // self.block_size), self.graph_rows
+        self._static = torch.full((max_batch, 4 * s + 1 + width), self.scratch_block, dtype=torch.long,
+                                  device=self.device)
+        self._static[:, :2 * s] = 0
+        self._static[:, 2 * s:3 * s] = self.scratch_block * self.block_size
+        self._static[:, 3 * s:4 * s] = -1
+        self._static[:, 4 * s] = 0
         self._sampled = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        if self.mtp_cache is not None:
+            self._hidden = torch.zeros(max_batch * s, self.cfg.dim, dtype=self.dtype, device=self.device)
 
-    def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None) -> None:
-        """Rows for the decode chunks, then padding rows up to the graph's size (all in the scratch block);
-        `device_ids` (tokens in `token_buffer`) give some chunks' tokens by their row there. Built with numpy over
-        the chunks' lists and copied to the device in one transfer."""
-        bs, scratch = self.block_size, self.scratch_block
-        b, width = len(chunks), self._static.shape[1] - 4
-        rows = np.full((size, 4 + width), scratch, np.int64)
-        rows[:, :2] = 0
-        rows[:, 3] = -1
-        rows[:, 4:] = padded_tables([ch.block_table for ch in chunks] + [[]] * (size - b), width, scratch)
-        starts = np.fromiter((ch.start for ch in chunks), np.int64, b)
-        rows[:b, 0] = np.fromiter((ch.token_ids[0] for ch in chunks), np.int64, b)
-        rows[:b, 1] = starts
-        rows[:, 2] = scratch * bs
-        rows[:b, 2] = rows[np.arange(b), 4 + starts // bs] * bs + starts % bs
+    def _fill_static(self, chunks: list[Chunk], size: int, device_ids: DeviceIds | None = None,
+                     rows_per_seq: int | None = None, from_hidden: bool = False) -> None:
+        """Rows for the chunks (each of 1 .. rows_per_seq tokens; None: graph_rows, the main model's), then padding
+        sequences up to the graph's size. A chunk shorter than rows_per_seq is padded with rows at its last position
+        writing into the scratch block, as are the padding sequences' rows. `device_ids` (tokens in `token_buffer`)
+        give some one-token chunks' tokens by their row there; `from_hidden`: each row's h_prev is the hidden
+        buffer's row at its place among the chunks' tokens (the drafter's step). Built with numpy over the chunks'
+        lists, copied to the device in one transfer."""
+        bs, scratch, S = self.block_size, self.scratch_block, self.graph_rows
+        s = rows_per_seq or S
+        b, width = len(chunks), self._static.shape[1] - 4 * S - 1
+        lens = np.zeros(size, np.int64)
+        lens[:b] = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, b)
+        starts = np.zeros(size, np.int64)
+        starts[:b] = np.fromiter((ch.start for ch in chunks), np.int64, b)
+        j = np.arange(s)
+        real = j < lens[:, None]  # [size, s]
+        last = np.maximum(lens - 1, 0)
+        positions = starts[:, None] + np.minimum(j, last[:, None])
+        tables = padded_tables([ch.block_table for ch in chunks] + [[]] * (size - b), width, scratch)
+        slots = np.take_along_axis(tables, positions // bs, 1) * bs + positions % bs
+        rows = np.full((size, 4 * S + 1 + width), -1, np.int64)
+        rows[:, 0:s] = 0
+        rows[:, 0:s][real] = np.fromiter(itertools.chain.from_iterable(ch.token_ids for ch in chunks), np.int64,
+                                         int(lens.sum()))
+        rows[:, S:S + s] = positions
+        rows[:, 2 * S:2 * S + s] = np.where(real, slots, scratch * bs)
+        if from_hidden:
+            first = np.zeros(size, np.int64)
+            np.cumsum(lens[:-1], out=first[1:])
+            rows[:, 3 * S:3 * S + s] = first[:, None] + np.minimum(j, last[:, None])
         if device_ids is not None:
-            rows[device_ids.chunks, 3] = device_ids.rows
+            rows[device_ids.chunks, 3 * S] = device_ids.rows
+        rows[:, 4 * S] = np.arange(size) * s + last
+        rows[:, 4 * S + 1:] = tables
         copy_into(self._static[:size], rows)
 
-    def _graph_step(self, b: int, topk: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The decode step a graph of size b captures at `topk` routed experts a token (None: the config's): (logits
-        [b, vocab], tokens per expert of each MoE layer by layer id, counting the sequences' rows only, not the
-        padding rows up to b)."""
-        ids, pos, slots, source = (self._static[:b, i] for i in range(4))
-        tables = self._static[:, 4:]
-        plan = ops.plan_paged_attention(tables[:b], pos.unsqueeze(1), self.block_size,
-                                            tables.shape[1] * self.block_size)
+    def _static_rows(self, b: int, s: int):
+        """The static buffer's fields for a graph of b sequences of s rows each: ids, positions, slots and sources
+        [b * s], the last rows [b] and the block tables [b, width]."""
+        S, rows = self.graph_rows, self._static[:b]
+        ids, pos, slots, source = (rows[:, f * S:f * S + s].reshape(-1) for f in range(4))
+        return ids, pos, slots, source, rows[:, 4 * S], rows[:, 4 * S + 1:]
+
+    def _plan(self, pos: torch.Tensor, tables: torch.Tensor) -> ops.PagedAttentionPlan:
+        """A captured step's attention over the whole static block table; pos [b, s]."""
+        return ops.plan_paged_attention(tables, pos, self.block_size, tables.shape[1] * self.block_size)
+
+    def _graph_step(self, b: int, topk: int | None = None
+                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+        """The step a graph of size b captures at `topk` routed experts a token (None: the config's), graph_rows
+        tokens a sequence: (logits [b * graph_rows, vocab], tokens per expert of each MoE layer by layer id,
+        counting the sequences' rows only, not the padding rows, hidden [b * graph_rows, dim] before the final
+        norm)."""
+        s = self.graph_rows
+        ids, pos, slots, source, _, tables = self._static_rows(b, s)
+        plan = self._plan(pos.view(b, s), tables)
         h, cos, sin = self._step_inputs(self.model, ids, pos, source, self._sampled)
         chosen = {}
         with ops.FewRowLinears(self.device):  # the projections of steps up to 4 sequences as Triton GEMVs
             for i, block in enumerate(self.model.layers):
                 backend = DecodeBackend(self.kv_cache[i], slots, plan, *self._cache_ops, topk=topk,
-                                        keep_heads=self.keep_heads)
+                                        keep_heads=self.keep_heads, query_len=s)
                 h, routed = self._decode_block(block, h, cos, sin, backend)
                 if routed is not None:
                     chosen[block.layer_id] = routed[0]
             logits = self.logits(h[0])  # the head too, where its GEMV beats cuBLAS (`ops.FewRowLinears`)
         # padding rows write into the scratch block, which no sequence's row does
         real = slots < self.scratch_block * self.block_size
-        return logits, rows_load(chosen, real, self.cfg.n_routed_experts)
+        return logits, rows_load(chosen, real, self.cfg.n_routed_experts), h[0]
+
+    def _mtp_graph_step(self, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafter's step a graph of size b captures, s tokens a sequence (`forward_mtp` over the static rows,
+        h_prev from the hidden buffer): (draft logits [b, vocab] fp32, hidden [b, dim]) at each sequence's last
+        token."""
+        ids, pos, slots, source, last, tables = self._static_rows(b, s)
+        plan = self._plan(pos.view(b, s), tables)
+        cos, sin = self.model.rope(pos.unsqueeze(0))
+        backend = DecodeBackend(self.mtp_cache[0], slots, plan, *self._cache_ops, keep_heads=self.keep_heads,
+                                query_len=s)
+        with ops.FewRowLinears(self.device):
+            h, _ = self.model.mtp[0](self._hidden[source].unsqueeze(0), self.model.embed(ids).unsqueeze(0), cos, sin,
+                                     None, backend)
+            h = h[0][last]
+            return self.mtp_logits(h), h
+
+
+class Rerun:
+    """A captured step's stand-in where CUDA graphs do not exist (the CPU, in tests): `replay` runs the step function
+    again and copies its outputs into those of its first run, the buffers a graph's replay writes."""
+
+    def __init__(self, step):
+        self.step = step
+        self.outputs = step()
+
+    def replay(self) -> None:
+        for out, new in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.step())):
+            out.copy_(new)
 
 
 def graph_sizes(max_batch: int) -> list[int]:

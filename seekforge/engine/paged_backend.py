@@ -10,8 +10,9 @@ everything computed before. Two backends, one a layer and step:
   one batch, a fresh prefill over its own new latents. The dispatch over groups is plain Python; the work around
   it (`Stages`: the block's input norm, projections, query and latents; each group's explicit attention; the
   second half) is what `compile=True` compiles.
-- `DecodeBackend`, for a plain decode step (one query a sequence), what a captured CUDA graph runs: one group,
-  no host work, so the whole block compiles into one graph.
+- `DecodeBackend`, for a step of a fixed number of queries a sequence (plain decode: one; draft verification and
+  the drafter's catch-up: 1 + drafts, padded), what a captured CUDA graph runs: one group, no host work, so the
+  whole block compiles into one graph.
 
 The fused kernels they use: the input norm and MLA's two input projections in one launch
 (`ops.normed_projections`); in decode, the new latents stored from wkv_a's output inside W_UK's launch
@@ -109,8 +110,9 @@ class StepBackend(Backend):
 
 
 class DecodeBackend(Backend):
-    """One layer of a plain decode step (one query per sequence, tokens h [1, b, dim]): the layer's cache, each
-    token's cache slot [b], the step's plan; `store` and `decode` the cache kernels (under torch.compile their
+    """One layer of a step of `query_len` queries per sequence (tokens h [1, b * query_len, dim], a sequence's
+    queries adjacent; the paged kernel masks them causally by position): the layer's cache, each token's cache
+    slot [b * query_len], the step's plan; `store` and `decode` the cache kernels (under torch.compile their
     opaque ops, `ops.store_latents_op` and `ops.paged_mla_decode_op`). Absorbed attention reads only the
     cache, so the new latents go from wkv_a's output straight into it, beside the latent query's W_UK product and
     rotation (`ops.store_and_query`). With sparse heads (`keep_heads`), the kept heads' latent queries alone
@@ -118,9 +120,9 @@ class DecodeBackend(Backend):
 
     def __init__(self, cache: torch.Tensor, slot_mapping: torch.Tensor, plan: ops.PagedAttentionPlan,
                  store=ops.store_latents, decode=ops.paged_mla_decode, topk: int | None = None,
-                 keep_heads: int | None = None):
+                 keep_heads: int | None = None, query_len: int = 1):
         self.cache, self.slot_mapping, self.plan, self.store, self.decode = cache, slot_mapping, plan, store, decode
-        self.topk, self.keep_heads = topk, keep_heads
+        self.topk, self.keep_heads, self.query_len = topk, keep_heads, query_len
 
     def attend(self, mla, norm, x, cos, sin, mask=None) -> torch.Tensor:
         q, kv_a = normed_projections(mla, norm, x)
@@ -128,7 +130,7 @@ class DecodeBackend(Backend):
         heads = None if self.keep_heads is None else mla.kept_heads(q_nope[0], self.keep_heads)
         q = ops.store_and_query(mla, self.cache, self.slot_mapping, kv_a[0], q_nope[0], q_pe[0], cos[0], sin[0],
                                     self.store)
-        return absorbed_attention(mla, self.cache, q, self.plan, 1, self.decode, heads).unsqueeze(0)
+        return absorbed_attention(mla, self.cache, q, self.plan, self.query_len, self.decode, heads).unsqueeze(0)
 
     def feed_forward(self, norm, ffn, x, delta):
         return second_half(norm, ffn, x, delta, self.topk)

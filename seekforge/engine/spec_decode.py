@@ -19,11 +19,13 @@ emitted tokens follow p exactly (Leviathan et al. 2023; Chen et al. 2023).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, ModelRunner
 from seekforge.engine.sampler import Row, SamplingBatch, draw, filter_logits, make_batch, sample, target_logits
 from seekforge.engine.sequence import Sequence
@@ -146,38 +148,35 @@ class MTPProposer:
 
     def propose(self, items: list[Catchup]) -> None:
         """Run MTP over every item's new positions, then set drafts (and their distributions) on the
-        sequences that asked for them."""
+        sequences that asked for them. Each MTP step replays a captured graph where it fits one
+        (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft."""
         for it in items:
             it.seq.drafts, it.seq.draft_probs = [], None
         if not items:
             return
         runner = self.runner
-        step = runner.prepare([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items])
-        hidden = runner.forward_mtp(step.pack([it.hidden for it in items]), step)
-        drafting = [(it, step.offsets[i] + len(it.next_ids) - 1) for i, it in enumerate(items) if it.draft > 0]
-        if not drafting:
-            return
-        live = [it for it, _ in drafting]
-        h = hidden[[row for _, row in drafting]]
-        position = [it.start + len(it.next_ids) for it in live]  # where the next chain step sits
-        for depth in range(max(it.draft for it in live)):
-            logits = runner.mtp_logits(h)
+        h, logits = runner.mtp_step([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items],
+                                    [it.hidden for it in items])
+        live = items
+        position = [it.start + len(it.next_ids) for it in items]  # where the next chain step sits
+        for depth in itertools.count():
+            keep = [i for i, it in enumerate(live) if it.draft > depth]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = to_device(keep, torch.long, h.device)
+                live, position = [live[i] for i in keep], [position[i] for i in keep]
+                h, logits = h.index_select(0, index), logits.index_select(0, index)
+            if depth:
+                chain = [Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)]
+                h, logits = runner.mtp_step(chain, h.split(1))
+                position = [p + 1 for p in position]
             rows = [Row(it.seq.params, it.seq.generator, it.seq.token_ids[:it.seq.num_prompt_tokens],
                         it.seq.output_token_ids + it.seq.drafts) for it in live]
             batch = make_batch(rows, logits.shape[-1], logits.device)
             tokens, probs = sample(logits, batch, want_probs=True)
-            tokens = tokens.tolist()
-            for i, it in enumerate(live):
-                it.seq.drafts.append(tokens[i])
+            for i, (it, token) in enumerate(zip(live, tokens.tolist())):
+                it.seq.drafts.append(token)
                 if probs is not None and not it.seq.params.greedy:
                     p = probs[i:i + 1]
                     it.seq.draft_probs = p if it.seq.draft_probs is None else torch.cat([it.seq.draft_probs, p])
-            keep = [i for i, it in enumerate(live) if it.draft > depth + 1]
-            if not keep:
-                break
-            live = [live[i] for i in keep]
-            h = h[keep]
-            position = [position[i] for i in keep]
-            chain = runner.prepare([Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)])
-            h = runner.forward_mtp(h, chain)  # one-token chunks keep their order when packed
-            position = [p + 1 for p in position]

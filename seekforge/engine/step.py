@@ -47,9 +47,9 @@ class Step:
             return touched
         chunks, sampling = self._chunks(plan.scheduled)
         seqs = [seq for seq, _ in plan.scheduled]
-        logits, hidden, step = self._forward(chunks, sampling, seqs)
+        logits, hidden, offsets = self._forward(chunks, sampling, seqs)
         outcome, logprobs = self._sample(logits, sampling, seqs)
-        return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, step)
+        return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, offsets)
 
     @staticmethod
     def _chunks(scheduled) -> tuple[list[Chunk], list[int]]:
@@ -67,28 +67,31 @@ class Step:
         return chunks, sampling
 
     def _forward(self, chunks, sampling, seqs):
-        """(logits of the sampled positions, hidden states, packed step); a decode step replayed from a CUDA
-        graph gives its logits only (hidden and step None)."""
-        replayed = hidden = step = None
+        """(logits of the sampled positions, hidden states, the row of each chunk's first token in them). A decode
+        or verification step is replayed from a CUDA graph where it fits one (`ModelRunner.replay`)."""
+        replayed = None
         topk = self._step_topk(seqs)
         prompt = [i for i, seq in enumerate(seqs) if seq.request.prompt_logprobs is not None and seq.needs_prompt_logprobs]
-        if self.proposer is None and len(sampling) == len(chunks) and not prompt:
-            replayed = self.runner.decode_logits(chunks, topk=topk)
+        if len(sampling) == len(chunks) and not prompt:
+            replayed = self.runner.replay(chunks, topk=topk)
         if replayed is not None:
-            logits, self.expert_load = replayed
+            logits, self.expert_load, hidden, rows = replayed
+            offsets = range(0, len(chunks) * rows, rows)
         else:
             step = self.runner.prepare(chunks)
             hidden, self.expert_load = self.runner.forward(step, topk)
-            first = [step.offsets[i] + len(seqs[i].token_ids) - 1 - chunks[i].start for i in sampling]
-            rows_idx = (first if self.proposer is None else
-                        [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))])
-            if rows_idx == list(range(len(hidden))):  # every row, in order (a decode step): no gather needed
-                logits = self.runner.logits(hidden)
-            else:  # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
-                logits = self.runner.logits(hidden.index_select(0, to_device(rows_idx, torch.long, hidden.device)))
+            offsets = step.offsets
             for i in prompt:
-                self._prompt_logprobs(seqs[i], chunks[i], hidden[step.offsets[i]:step.offsets[i] + len(chunks[i].token_ids)])
-        return logits, hidden, step
+                self._prompt_logprobs(seqs[i], chunks[i], hidden[offsets[i]:offsets[i] + len(chunks[i].token_ids)])
+        first = [offsets[i] + len(seqs[i].token_ids) - 1 - chunks[i].start for i in sampling]
+        rows_idx = (first if self.proposer is None else
+                    [r for i, f in zip(sampling, first) for r in range(f, f + 1 + len(seqs[i].drafts))])
+        if rows_idx == list(range(len(rows_idx))):  # the first rows, in order (a decode step): no gather needed
+            picked = hidden[:len(rows_idx)] if replayed is None else logits[:len(rows_idx)]
+        else:  # indexed by a device tensor: a list index is copied from pageable memory, which waits for the forward
+            index = to_device(rows_idx, torch.long, hidden.device)
+            picked = (hidden if replayed is None else logits).index_select(0, index)
+        return (self.runner.logits(picked) if replayed is None else picked), hidden, offsets
 
     def _prompt_logprobs(self, seq, chunk, hidden) -> None:
         """Record the logprobs of the prompt tokens this prefill chunk predicts: position p's logits score the
@@ -144,7 +147,7 @@ class Step:
             self._plain_rows = key, make_batch(rows, self.cfg.vocab_size, self.device)
         return self._plain_rows[1]
 
-    def _apply(self, scheduled, outcome, logprobs, hidden, step) -> set[str]:
+    def _apply(self, scheduled, outcome, logprobs, hidden, offsets) -> set[str]:
         """Apply the step to each sequence (tokens, stop conditions, prefix cache); with MTP, draft the next
         step's tokens. Returns the ids of the requests touched."""
         touched, catchups = set(), []
@@ -158,7 +161,7 @@ class Step:
                 register(seq)
                 if proposer is not None:
                     catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + n + 1],
-                                            self._rows(hidden, step, i, n), 0))
+                                            hidden[offsets[i]:offsets[i] + n], 0))
                 continue
             if proposer is not None and seq.drafts:
                 proposer.stats.record(len(seq.drafts), v.accepted)
@@ -174,11 +177,8 @@ class Step:
             if proposer is not None:
                 m = seq.num_computed - start
                 catchups.append(Catchup(seq, start, seq.token_ids[start + 1:start + m + 1],
-                                        self._rows(hidden, step, i, m), proposer.num_drafts(seq, self.max_model_len)))
+                                        hidden[offsets[i]:offsets[i] + m], proposer.num_drafts(seq, self.max_model_len)))
         if proposer is not None:
             proposer.propose(catchups)
         return touched
 
-    @staticmethod
-    def _rows(hidden, step, i, m):
-        return hidden[step.offsets[i]:step.offsets[i] + m]

@@ -156,7 +156,7 @@ def test_graph_step_reads_its_inputs_from_the_static_buffer(tmp_path, compile, m
     with torch.inference_mode():
         runner._allocate_static(8)
         runner._fill_static(chunks, 4)  # three sequences and one padding row
-        from_buffer, graph_loads = runner._graph_step(4)
+        from_buffer, graph_loads = runner._graph_step(4)[:2]
         from_buffer = from_buffer[:3]
         packed, packed_loads = runner.forward(runner.prepare(chunks))
         packed = runner.logits(packed)
