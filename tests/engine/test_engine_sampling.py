@@ -48,8 +48,8 @@ def trained_mtp_model():
     return model.eval()
 
 
-def seq_for(params: SamplingParams, prompt=(1, 2, 3), generator=None) -> Sequence:
-    return Sequence(0, Request("r", None, list(prompt), params), 0, generator)
+def seq_for(params: SamplingParams, prompt=(1, 2, 3), key=None) -> Sequence:
+    return Sequence(0, Request("r", None, list(prompt), params), 0, key)
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -100,7 +100,7 @@ def test_sampler_draws_from_the_filtered_distribution():
     params = SamplingParams(temperature=0.8, top_k=6, top_p=0.95)
     rows = [Row(params, None)] * 40000
     batch = make_batch(rows, 8, logits.device)
-    tokens, _ = sample(logits.expand(len(rows), -1), batch)
+    tokens, _ = sample(logits.expand(len(rows), -1), batch, [0] * len(rows))
     expected = filter_logits(logits, make_batch(rows[:1], 8, logits.device)).softmax(dim=-1)[0]
     freq = torch.bincount(tokens, minlength=8).float() / len(rows)
     assert (freq - expected).abs().max() < 0.01
