@@ -67,7 +67,7 @@ class RowKeys:
 @dataclass
 class SamplingBatch:
     rows: list[Row]
-    greedy: torch.Tensor | None  # [R] bool; None when every row is greedy (no host-to-device copy then)
+    greedy: torch.Tensor | None  # [R] bool; None when every row or none is (no host-to-device copy then)
     all_greedy: bool
     temperature: torch.Tensor | None  # [R, 1]; None when every row is greedy
     top_k: torch.Tensor | None  # [R] (vocab where off) or None when no row uses it
@@ -90,7 +90,7 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     asked = [p.logprobs for p in ps if p.logprobs is not None]
     return SamplingBatch(
         rows=rows,
-        greedy=None if all_greedy else to_device(greedy, torch.bool, device),
+        greedy=to_device(greedy, torch.bool, device) if any(greedy) and not all_greedy else None,
         all_greedy=all_greedy,
         temperature=None if all_greedy else col([p.temperature or 1.0 for p in ps]),
         top_k=to_device(top_k, torch.long, device) if any(k < vocab_size for k in top_k) else None,
@@ -169,7 +169,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, counters: Iterable[int], 
         return ops.argmax(penalised, out), None
     probs = filter_logits(penalised, batch).softmax(dim=-1)
     drawn = ops.exponential_race(probs, *batch.keys.at(counters, len(batch.rows), probs.device), stream)
-    tokens = torch.where(batch.greedy, ops.argmax(penalised), drawn)
+    tokens = drawn if batch.greedy is None else torch.where(batch.greedy, ops.argmax(penalised), drawn)
     return (tokens if out is None else out.copy_(tokens)), (probs if want_probs else None)
 
 

@@ -15,6 +15,12 @@ then emit the argmax at the first mismatch (or after the last draft): exactly pl
 Sampled rows use the standard rejection rule: accept d_j with probability min(1, p(d_j) / q(d_j));
 at the first rejection draw from normalise(max(p - q, 0)), after full acceptance draw from p, so the
 emitted tokens follow p exactly (Leviathan et al. 2023; Chen et al. 2023).
+
+Draws. Each is counter-based (`seekforge.engine.sampler`): a draft is drawn in stream DRAFT at its own token index,
+the acceptance uniforms in stream ACCEPT and the emitted token in stream SAMPLE at the index it takes, so the three
+are independent, as the rule needs, and a sequence without drafts draws as plain sampling does. A seeded sequence's
+tokens then depend on its drafts only: a preemption (which drops them) or a token budget that trims them changes
+which draws decide, not the distribution.
 """
 
 from __future__ import annotations
