@@ -40,8 +40,9 @@ from seekforge.ops.rotary import apply_rotary
 __all__ = [
     "FUSED_MOE_ROWS", "FUSED_SHARED_TOKENS", "RESIDUAL_ROUTE_TOKENS", "STORE_IN_QUERY_TOKENS", "Backend",
     "FewRowLinears", "PagedAttentionPlan", "apply_rotary", "argmax", "backend", "check_device", "dense_attention",
-    "exponential_race", "fp8_linear", "gather_latents", "head_matmul", "latent_query", "load_triton_kernels", "moe_forward",
-    "normed_projections", "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference",
-    "plan_paged_attention", "residual_norm", "sequence_keys", "store_and_query", "store_latents", "store_latents_op",
-    "store_new_latents", "tokens_per_expert", "triton_runs_on", "uniform", "values_padded_for_sdpa",
+    "exponential_race", "fp8_linear", "gather_latents", "head_matmul", "latent_query", "load_triton_kernels",
+    "moe_forward", "normed_projections", "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference",
+    "plan_paged_attention", "residual_norm", "sequence_keys", "store_and_query", "store_latents",
+    "store_latents_op", "store_new_latents", "tokens_per_expert", "triton_runs_on", "uniform",
+    "values_padded_for_sdpa",
 ]

@@ -18,7 +18,8 @@ vocab / 2^32 a pair of rows, i.e. every step at hundreds of rows and a 100k voca
 Exact on every device: int64 tensors hold the 64-bit words, their products wrap mod 2^64 on the CPU and on CUDA alike
 (and in Triton's uint64), the right shifts are made logical by masks, and the uniform is an odd multiple of 2^-24
 below 1, which float32 holds exactly: never 0 or 1, so -log(u) is finite and positive. Only the exponential's log
-is a float function (within an ulp on each device), so tokens agree across devices except on float-level ties.
+is a float function, which each device's math library rounds within a few ulp: tokens agree across devices except
+where two columns' p / E tie to within that.
 
 `exponential_race` draws one token a row as argmax(p / E), E = -log(u) ~ Exp(1), which picks index i with
 probability p_i / sum(p); where the backend takes Triton it is one launch that draws, divides and takes the argmax
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from seekforge.errors import ConfigError
 from seekforge.ops.dispatch import TritonOp
 
 STREAMS = 4  # streams per counter (0 .. STREAMS - 1)
@@ -42,6 +44,11 @@ def _int64(word: int) -> int:
 
 G = _int64(0x9E3779B97F4A7C15)  # SplitMix64's increment: 2^64 / golden ratio, odd
 _MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))  # shift, then multiply
+
+
+def check_stream(stream: int) -> None:
+    if not 0 <= stream < STREAMS:
+        raise ConfigError(f"a draw's stream must be in [0, {STREAMS}), got {stream}")
 
 
 def splitmix64(state: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
@@ -65,8 +72,7 @@ def sequence_keys(seed: int, n: int) -> list[int]:
 def uniform(keys: torch.Tensor, counters: torch.Tensor, stream: int, width: int) -> torch.Tensor:
     """keys, counters [R] int64 -> [R, width] float32 uniforms in (0, 1), column c of row r the draw of
     (keys[r], counters[r], stream, c)."""
-    if not 0 <= stream < STREAMS:
-        raise ValueError(f"stream must be in [0, {STREAMS}), got {stream}")
+    check_stream(stream)
     rows = splitmix64(keys, counters * STREAMS + (stream + 1))
     bits = splitmix64(rows.unsqueeze(1), torch.arange(1, width + 1, device=keys.device))
     return bits.bitwise_right_shift_(40).bitwise_and_(0xFFFFFF).bitwise_or_(1).float().mul_(2.0 ** -24)
@@ -92,5 +98,6 @@ def exponential_race(probs: torch.Tensor, keys: torch.Tensor, counters: torch.Te
 
 
 def exponential_race_reference(probs, keys, counters, stream: int) -> torch.Tensor:
+    """exponential_race in PyTorch: the draws as a [R, V] tensor, then the argmax."""
     exponentials = uniform(keys, counters, stream, probs.shape[-1]).log_().neg_()
     return (probs / exponentials).argmax(dim=-1)

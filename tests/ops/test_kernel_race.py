@@ -59,6 +59,8 @@ def test_bad_input_names_the_problem():
         exponential_race(probs, keys, counters.int(), 0)
     with pytest.raises(ConfigError, match="stream must be in"):
         exponential_race(probs, keys, counters, 4)
+    with pytest.raises(ConfigError, match="stream must be in"):
+        ops.uniform(keys, counters, -1, 3)
     with pytest.raises(ConfigError, match="empty vocabulary"):
         exponential_race(probs[:, :0], keys, counters, 0)
     assert exponential_race(probs[:0], keys[:0], counters[:0], 0).shape == (0,)

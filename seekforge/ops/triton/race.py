@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from seekforge.errors import ConfigError
-from seekforge.ops.rng import STREAMS
+from seekforge.ops.rng import STREAMS, check_stream
 from seekforge.ops.triton.argmax import first_max, slice_scratch
 from seekforge.ops.triton.arrivals import counters as arrivals
 
@@ -55,8 +55,7 @@ def exponential_race(probs: torch.Tensor, keys: torch.Tensor, counters: torch.Te
                               f"{tuple(t.shape)} {t.dtype} on {t.device}")
     if vocab == 0:
         raise ConfigError("exponential_race over an empty vocabulary")
-    if not 0 <= stream < STREAMS:
-        raise ConfigError(f"exponential_race: stream must be in [0, {STREAMS}), got {stream}")
+    check_stream(stream)
     out = torch.empty(rows, device=probs.device, dtype=torch.int64)
     if rows == 0:
         return out
