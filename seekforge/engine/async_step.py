@@ -78,7 +78,7 @@ class AsyncStep:
         else:
             hidden, self.expert_load = self.runner.forward(self.runner.prepare(chunks, device_ids), topk)
             logits = self.runner.logits(hidden)
-        tokens, _ = sample(logits, batch, out=self.runner.token_buffer(len(seqs)))
+        tokens, _ = sample(logits, batch, (len(seq.token_ids) for seq in seqs), out=self.runner.token_buffer(len(seqs)))
         for seq in seqs:
             seq.num_computed = len(seq.token_ids)
             seq.token_ids.append(PENDING)

@@ -206,11 +206,8 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         if request_id in self.requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params)
-        for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(self.device).manual_seed((params.seed * 1_000_003 + i) % 2**63)
-            req.seqs.append(Sequence(next(self._seq_ids), req, i, gen))
+        keys = [None] * params.n if params.seed is None else ops.sequence_keys(params.seed, params.n)
+        req.seqs += [Sequence(next(self._seq_ids), req, i, key) for i, key in enumerate(keys)]
         self.scheduler.add(req.seqs)  # raises QueueFullError, changing nothing, when the queue is full
         self.requests[request_id] = req
         return request_id

@@ -3,14 +3,19 @@
 A row is one position that needs a token: a sequence's next token, or one position of a speculative
 verification (whose history includes the drafts before it). Steps, in transformers' order: penalties
 (repetition over prompt and output, presence and frequency over the output), temperature, top-k, top-p,
-min-p. Greedy rows take the argmax of the penalised logits. Random draws come from each sequence's own
-generator when its request has a seed (so the same seed gives the same completion whatever else is in
-the batch) and from torch's default generator otherwise; a token is drawn by the exponential race
+min-p. Greedy rows take the argmax of the penalised logits. A token is drawn by the exponential race
 (argmax of p / E, E ~ Exp(1)), which needs one vector of draws per row and no cumulative sums.
+
+The draws are counter-based (`seekforge.ops.rng`), all rows' in one op: a seeded row's are a function of its
+sequence's key (the request's seed and the completion's index), the index in the sequence of the token drawn, and
+the stream (what the draw is for), so the same seed gives the same completion whatever else is in the batch, after
+a preemption's recompute, with async scheduling and on any device; an unseeded row draws with a fresh key from
+torch's default generator (reproducible when the caller seeds torch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +25,49 @@ from seekforge.engine.device_copy import to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
 
+SAMPLE, DRAFT, ACCEPT = 0, 1, 2  # a token's streams: its sample (or verification's residual draw), MTP's draft of
+# it, the draft's acceptance uniform: independent draws, as speculative decoding's rejection rule needs
+
 
 @dataclass
 class Row:
     params: SamplingParams
-    generator: torch.Generator | None
+    key: int | None  # its sequence's random key (Sequence.key: the request has a seed); None: fresh draws
     prompt_ids: list[int] | None = None  # only needed for penalties
     output_ids: list[int] | None = None  # output so far, drafts before this position included
 
 
 @dataclass
+class RowKeys:
+    """The rows' random keys: a seeded row's is its sequence's, an unseeded row's fresh at every draw."""
+
+    seeded_keys: torch.Tensor | None  # [R] int64, the seeded rows' keys (0 elsewhere); None when no row is seeded
+    mask: torch.Tensor | None  # [R] bool, which rows are seeded, where some are and some not; else None
+
+    @classmethod
+    def of(cls, keys: list[int | None], device) -> RowKeys:
+        seeded = [k is not None for k in keys]
+        if not any(seeded):
+            return cls(None, None)
+        return cls(to_device([k or 0 for k in keys], torch.long, device),
+                   None if all(seeded) else to_device(seeded, torch.bool, device))
+
+    def at(self, counters: Iterable[int], rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, counters) [rows] int64 of a draw: each row's index in its sequence of the token drawn (`counters`,
+        read only where a row is seeded) and key (an unseeded row's from torch's default generator)."""
+        if self.seeded_keys is None:
+            fresh = torch.empty(rows, dtype=torch.long, device=device).random_()
+            return fresh, torch.zeros_like(fresh)
+        counters = to_device(list(counters), torch.long, device)
+        if self.mask is None:
+            return self.seeded_keys, counters
+        return torch.where(self.mask, self.seeded_keys, torch.empty_like(self.seeded_keys).random_()), counters
+
+
+@dataclass
 class SamplingBatch:
     rows: list[Row]
-    greedy: torch.Tensor | None  # [R] bool; None when every row is greedy (no host-to-device copy then)
+    greedy: torch.Tensor | None  # [R] bool; None when every row or none is (no host-to-device copy then)
     all_greedy: bool
     temperature: torch.Tensor | None  # [R, 1]; None when every row is greedy
     top_k: torch.Tensor | None  # [R] (vocab where off) or None when no row uses it
@@ -40,6 +75,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None  # [R, 1]
     penalties: tuple | None  # (repetition [R,1], presence [R,1], frequency [R,1]) when any row uses them
     max_logprobs: int | None  # the largest `logprobs` asked for, None when no row asks
+    keys: RowKeys  # the rows' random keys (none when every row is greedy)
 
 
 def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -54,7 +90,7 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     asked = [p.logprobs for p in ps if p.logprobs is not None]
     return SamplingBatch(
         rows=rows,
-        greedy=None if all_greedy else to_device(greedy, torch.bool, device),
+        greedy=to_device(greedy, torch.bool, device) if any(greedy) and not all_greedy else None,
         all_greedy=all_greedy,
         temperature=None if all_greedy else col([p.temperature or 1.0 for p in ps]),
         top_k=to_device(top_k, torch.long, device) if any(k < vocab_size for k in top_k) else None,
@@ -63,6 +99,7 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
         penalties=(col([p.repetition_penalty for p in ps]), col([p.presence_penalty for p in ps]),
                    col([p.frequency_penalty for p in ps])) if any(p.has_penalties for p in ps) else None,
         max_logprobs=max(asked) if asked else None,
+        keys=RowKeys(None, None) if all_greedy else RowKeys.of([r.key for r in rows], device),
     )
 
 
@@ -122,34 +159,17 @@ def target_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return apply_penalties(logits, batch) if batch.penalties is not None else logits
 
 
-def draw(shape_per_row: tuple[int, ...], rows: list[Row], device, kind: str) -> torch.Tensor:
-    """Random draws [R, *shape]: uniform or exponential, from each row's generator where it has one."""
-    out = torch.empty(len(rows), *shape_per_row, device=device)
-    seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
-    if len(seeded) < len(rows):
-        out.uniform_() if kind == "uniform" else out.exponential_()
-    if seeded:  # one draw a row from its own generator (the views made at once, not one index a row)
-        views = out.unbind(0)
-        fill = torch.Tensor.uniform_ if kind == "uniform" else torch.Tensor.exponential_
-        for i, g in seeded:
-            fill(views[i], generator=g)
-    return out
-
-
-def sample_from_probs(probs: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """One token per row of probs [R, vocab] by the exponential race."""
-    race = draw(probs.shape[1:], rows, probs.device, "exponential")
-    return (probs / race).argmax(dim=-1)
-
-
-def sample(logits: torch.Tensor, batch: SamplingBatch, want_probs: bool = False, out: torch.Tensor | None = None):
+def sample(logits: torch.Tensor, batch: SamplingBatch, counters: Iterable[int], stream: int = SAMPLE,
+           want_probs: bool = False, out: torch.Tensor | None = None):
     """logits [R, vocab] (fp32) -> tokens [R] (written into `out` [R] int64 where given, and returned), and the
-    sampling distributions [R, vocab] when asked (None when every row is greedy)."""
+    sampling distributions [R, vocab] when asked (None when every row is greedy). `counters`: each row's index in
+    its sequence of the token it draws (read only where a row is seeded)."""
     penalised = target_logits(logits, batch)
     if batch.all_greedy:
         return ops.argmax(penalised, out), None
     probs = filter_logits(penalised, batch).softmax(dim=-1)
-    tokens = torch.where(batch.greedy, ops.argmax(penalised), sample_from_probs(probs, batch.rows))
+    drawn = ops.exponential_race(probs, *batch.keys.at(counters, len(batch.rows), probs.device), stream)
+    tokens = drawn if batch.greedy is None else torch.where(batch.greedy, ops.argmax(penalised), drawn)
     return (tokens if out is None else out.copy_(tokens)), (probs if want_probs else None)
 
 

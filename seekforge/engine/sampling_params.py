@@ -29,7 +29,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); not part of the text
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens, kept in token_ids
     ignore_eos: bool = False
-    seed: int | None = None  # per-request generator: the same seed gives the same completions
+    seed: int | None = None  # the key of the request's draws (seekforge.ops.rng): the same seed, the same completions
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1 = off

@@ -36,12 +36,12 @@ PENDING = -1  # a token id not yet known on the host (async scheduling)
 
 
 class Sequence:
-    def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator | None):
+    def __init__(self, seq_id: int, request: Request, index: int, key: int | None):
         self.seq_id = seq_id
         self.request = request
         self.index = index  # which of the request's n completions
         self.params = request.params
-        self.generator = generator
+        self.key = key  # random key of its draws (seekforge.ops.sequence_keys) when its request has a seed
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.status = SequenceStatus.WAITING

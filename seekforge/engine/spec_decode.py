@@ -15,6 +15,12 @@ then emit the argmax at the first mismatch (or after the last draft): exactly pl
 Sampled rows use the standard rejection rule: accept d_j with probability min(1, p(d_j) / q(d_j));
 at the first rejection draw from normalise(max(p - q, 0)), after full acceptance draw from p, so the
 emitted tokens follow p exactly (Leviathan et al. 2023; Chen et al. 2023).
+
+Draws. Each is counter-based (`seekforge.engine.sampler`): a draft is drawn in stream DRAFT at its own token index,
+the acceptance uniforms in stream ACCEPT and the emitted token in stream SAMPLE at the index it takes, so the three
+are independent, as the rule needs, and a sequence without drafts draws as plain sampling does. A seeded sequence's
+tokens then depend on its drafts only: a preemption (which drops them) or a token budget that trims them changes
+which draws decide, not the distribution.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import NamedTuple
 
 import torch
 
+from seekforge import ops
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, ModelRunner
-from seekforge.engine.sampler import Row, SamplingBatch, draw, filter_logits, make_batch, sample, target_logits
+from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, Row, RowKeys, SamplingBatch, filter_logits, make_batch,
+                                      sample, target_logits)
 from seekforge.engine.sequence import Sequence
 
 
@@ -86,11 +94,12 @@ class Verified(NamedTuple):
 def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], seqs: list[Sequence]) -> list[Verified]:
     """Verify each sequence's drafts against target logits and draw its next token (a sequence without
     drafts is plain sampling). Sequence i owns rows first_rows[i] .. first_rows[i] + len(drafts); batch
-    describes every row of logits [R, vocab]."""
+    describes every row of logits [R, vocab]. Sequence i's draws: its acceptance uniforms (stream ACCEPT) and its
+    emitted token's (SAMPLE) at counter num_tokens + accepted, as plain sampling draws its next token."""
     dev = logits.device
     k = max(len(s.drafts) for s in seqs)
     if k == 0:  # no drafts anywhere: plain sampling
-        tokens = sample(logits, batch)[0].tolist()
+        tokens = sample(logits, batch, (len(s.token_ids) for s in seqs))[0].tolist()
         return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
     n_drafts = torch.tensor([len(s.drafts) for s in seqs], device=dev)
     j = torch.arange(k + 1, device=dev)
@@ -106,8 +115,8 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
         for i, s in enumerate(seqs):
             if s.draft_probs is not None:
                 q[i, :len(s.drafts)] = s.draft_probs
-        seq_rows = [Row(s.params, s.generator) for s in seqs]
-        u = draw((k,), seq_rows, dev, "uniform")
+        keys, counters = RowKeys.of([s.key for s in seqs], dev).at((len(s.token_ids) for s in seqs), len(seqs), dev)
+        u = ops.uniform(keys, counters, ACCEPT, k)
         p_d = p[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)
         q_d = q.gather(2, drafts.unsqueeze(2)).squeeze(2)
         keep = torch.where(greedy.unsqueeze(1), keep, u * q_d < p_d)
@@ -120,8 +129,7 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
         q_a = q_a.gather(1, at).squeeze(1)
         residual = (p_a - q_a).clamp(min=0)
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
-        race = draw(residual.shape[1:], seq_rows, dev, "exponential")
-        sampled = (residual / race).argmax(dim=-1)
+        sampled = ops.exponential_race(residual, keys, counters + accepted, SAMPLE)
         final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
     else:
         final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
@@ -171,10 +179,11 @@ class MTPProposer:
                 chain = [Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)]
                 h, logits = runner.mtp_step(chain, h.split(1))
                 position = [p + 1 for p in position]
-            rows = [Row(it.seq.params, it.seq.generator, it.seq.token_ids[:it.seq.num_prompt_tokens],
+            rows = [Row(it.seq.params, it.seq.key, it.seq.token_ids[:it.seq.num_prompt_tokens],
                         it.seq.output_token_ids + it.seq.drafts) for it in live]
             batch = make_batch(rows, logits.shape[-1], logits.device)
-            tokens, probs = sample(logits, batch, want_probs=True)
+            drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
+            tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
             for i, (it, token) in enumerate(zip(live, tokens.tolist())):
                 it.seq.drafts.append(token)
                 if probs is not None and not it.seq.params.greedy:

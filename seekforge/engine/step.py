@@ -119,7 +119,7 @@ class Step:
                 penalties = seq.params.has_penalties
                 prompt = seq.token_ids[:seq.num_prompt_tokens] if penalties else None
                 for j in range(1 + len(seq.drafts)):
-                    rows.append(Row(seq.params, seq.generator, prompt,
+                    rows.append(Row(seq.params, seq.key, prompt,
                                     seq.output_token_ids + seq.drafts[:j] if penalties else None))
             batch = make_batch(rows, self.cfg.vocab_size, logits.device)
         else:  # one row a sequence, its history unused: the batch of the last such step, where it had these sequences
@@ -143,7 +143,7 @@ class Step:
         parameters to the device."""
         key = tuple(seq.seq_id for seq in seqs)
         if self._plain_rows is None or self._plain_rows[0] != key:
-            rows = [Row(seq.params, seq.generator) for seq in seqs]
+            rows = [Row(seq.params, seq.key) for seq in seqs]
             self._plain_rows = key, make_batch(rows, self.cfg.vocab_size, self.device)
         return self._plain_rows[1]
 

@@ -10,6 +10,8 @@ One file an op, holding the function, its reference and the registration of its 
 - `quant`: DeepSeek-V3's blockwise e4m3 quantisation (1x128 tiles, 128x128 blocks), for FP8 training and weights;
 - `moe`: an MoE block's routing and experts (`moe_forward`, `residual_norm`, `tokens_per_expert`);
 - `argmax`: greedy decoding's argmax;
+- `rng`: counter-based random draws (`uniform`, each value a function of a key, a counter, a stream and a column;
+  `sequence_keys`) and sampling's exponential race over them (`exponential_race`);
 - `attention`: explicit attention for prefill (`dense_attention`);
 - `rotary`: the rotary embedding's rotation (`apply_rotary`).
 The Triton kernels live in `seekforge.ops.triton`, whose modules import Triton and are loaded where an op runs them;
@@ -32,13 +34,15 @@ from seekforge.ops.mla_decode import (PagedAttentionPlan, gather_latents, paged_
                                       paged_mla_decode_reference, plan_paged_attention)
 from seekforge.ops.moe import (FUSED_MOE_ROWS, FUSED_SHARED_TOKENS, RESIDUAL_ROUTE_TOKENS, moe_forward, residual_norm,
                                tokens_per_expert)
+from seekforge.ops.rng import exponential_race, sequence_keys, uniform
 from seekforge.ops.rotary import apply_rotary
 
 __all__ = [
     "FUSED_MOE_ROWS", "FUSED_SHARED_TOKENS", "RESIDUAL_ROUTE_TOKENS", "STORE_IN_QUERY_TOKENS", "Backend",
     "FewRowLinears", "PagedAttentionPlan", "apply_rotary", "argmax", "backend", "check_device", "dense_attention",
-    "fp8_linear", "gather_latents", "head_matmul", "latent_query", "load_triton_kernels", "moe_forward",
-    "normed_projections", "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference",
-    "plan_paged_attention", "residual_norm", "store_and_query", "store_latents", "store_latents_op",
-    "store_new_latents", "tokens_per_expert", "triton_runs_on", "values_padded_for_sdpa",
+    "exponential_race", "fp8_linear", "gather_latents", "head_matmul", "latent_query", "load_triton_kernels",
+    "moe_forward", "normed_projections", "paged_mla_decode", "paged_mla_decode_op", "paged_mla_decode_reference",
+    "plan_paged_attention", "residual_norm", "sequence_keys", "store_and_query", "store_latents",
+    "store_latents_op", "store_new_latents", "tokens_per_expert", "triton_runs_on", "uniform",
+    "values_padded_for_sdpa",
 ]

@@ -3,9 +3,9 @@ sampling batch kept between steps, stop checks, finished requests) must give eac
 text that generating it alone with the model's own forward gives.
 
 The reference recomputes the whole sequence with `Transformer.forward` for every new token and draws a sampled
-token as the engine's sampler documents it (seekforge.engine.sampler): the exponential race argmax(p / E), E ~ Exp(1)
-drawn from the sequence's own generator, seeded (seed * 1_000_003 + index) % 2**63. It stops at EOS, a stop token, a
-stop string (text cut before it) or max_tokens.
+token as the engine's sampler documents it (seekforge.engine.sampler): the exponential race argmax(p / E), E = -log(u),
+u the counter-based uniforms (seekforge.ops.uniform) of the sequence's key, the index of the token drawn and the
+sampling stream, one row at a time. It stops at EOS, a stop token, a stop string (text cut before it) or max_tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekforge import LLM, SamplingParams
+from seekforge import LLM, SamplingParams, ops
+from seekforge.engine.sampler import SAMPLE
 from seekforge.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def reference(model: Transformer, tokenizer, prompt: list[int], params: SamplingParams, index: int = 0):
     """(token ids, text) of one completion generated alone, one full forward a token."""
-    gen = None if params.seed is None else torch.Generator().manual_seed((params.seed * 1_000_003 + index) % 2**63)
+    key = None if params.seed is None else torch.tensor([ops.sequence_keys(params.seed, index + 1)[index]])
     ids, out = list(prompt), []
     eos = {model.cfg.eos_token_id, tokenizer.eos_id}
     with torch.inference_mode():
@@ -31,7 +32,8 @@ def reference(model: Transformer, tokenizer, prompt: list[int], params: Sampling
                 tok = int(logits.argmax())
             else:
                 probs = (logits / params.temperature).softmax(-1)
-                tok = int((probs / torch.empty_like(probs).exponential_(generator=gen)).argmax())
+                u = ops.uniform(key, torch.tensor([len(ids)]), SAMPLE, len(probs))[0]
+                tok = int((probs / -u.log()).argmax())
             ids.append(tok)
             out.append(tok)
             text = tokenizer.decode(out, skip_special_tokens=True)

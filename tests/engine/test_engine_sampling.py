@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_reference import save_hf
-from seekforge import LLM, SamplingParams
-from seekforge.engine.sampler import Row, filter_logits, make_batch, sample, target_logits
+from seekforge import LLM, SamplingParams, ops
+from seekforge.engine.sampler import SAMPLE, Row, filter_logits, make_batch, sample, target_logits
 from seekforge.engine.sequence import Request, Sequence
 from seekforge.engine.spec_decode import verify
 from seekforge.model import ModelConfig, Transformer
@@ -48,8 +48,8 @@ def trained_mtp_model():
     return model.eval()
 
 
-def seq_for(params: SamplingParams, prompt=(1, 2, 3), generator=None) -> Sequence:
-    return Sequence(0, Request("r", None, list(prompt), params), 0, generator)
+def seq_for(params: SamplingParams, prompt=(1, 2, 3), key=None) -> Sequence:
+    return Sequence(0, Request("r", None, list(prompt), params), 0, key)
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -100,11 +100,38 @@ def test_sampler_draws_from_the_filtered_distribution():
     params = SamplingParams(temperature=0.8, top_k=6, top_p=0.95)
     rows = [Row(params, None)] * 40000
     batch = make_batch(rows, 8, logits.device)
-    tokens, _ = sample(logits.expand(len(rows), -1), batch)
+    tokens, _ = sample(logits.expand(len(rows), -1), batch, [0] * len(rows))
     expected = filter_logits(logits, make_batch(rows[:1], 8, logits.device)).softmax(dim=-1)[0]
     freq = torch.bincount(tokens, minlength=8).float() / len(rows)
     assert (freq - expected).abs().max() < 0.01
     assert freq[expected == 0].sum() == 0
+
+
+def test_each_row_draws_its_own_counter_based_race():
+    """A batch of seeded, unseeded and greedy rows: a seeded row's token is argmax(p / -log u), u the uniforms of its
+    key and counter (drawn here one row at a time), whatever the other rows; unseeded rows follow torch's seed."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40) * 2
+    hot, cool = SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_k=9, seed=2)
+    unseeded, greedy = SamplingParams(temperature=1.0), SamplingParams(temperature=0)
+    rows = [Row(hot, 11), Row(unseeded, None), Row(cool, -5), Row(greedy, None), Row(hot, 11)]
+    counters = [7, 3, 2**35, 1, 8]
+    batch = make_batch(rows, 40, logits.device)
+    tokens = sample(logits, batch, counters)[0]
+    for i in (0, 2, 4):
+        probs = filter_logits(logits[i:i + 1], make_batch(rows[i:i + 1], 40, logits.device)).softmax(-1)[0]
+        u = ops.uniform(torch.tensor([rows[i].key]), torch.tensor([counters[i]]), SAMPLE, 40)[0]
+        assert tokens[i] == (probs / -u.log()).argmax(), i
+    assert tokens[3] == logits[3].argmax()
+    alone = sample(logits[2:3], make_batch(rows[2:3], 40, logits.device), counters[2:3])[0]
+    assert alone.item() == tokens[2]
+    torch.manual_seed(5)
+    unseeded = [sample(logits[1:2].expand(64, -1), make_batch(rows[1:2] * 64, 40, logits.device), [0] * 64)[0]
+                for _ in range(2)]
+    torch.manual_seed(5)
+    assert torch.equal(sample(logits[1:2].expand(64, -1), make_batch(rows[1:2] * 64, 40, logits.device), [0] * 64)[0],
+                       unseeded[0])
+    assert not torch.equal(*unseeded)  # fresh keys at every draw
 
 
 # ------------------------------------------------------------------------------------------ rejection rule
@@ -143,6 +170,21 @@ def test_greedy_verification_keeps_drafts_while_they_equal_the_argmax():
     out = verify(torch.cat([logits, logits[:1]]), make_batch(rows, 10, logits.device), [0, 4], seqs)
     assert out[0].tokens == [3, 4, 9] and out[0].accepted == 2
     assert out[1].tokens == [3] and out[1].accepted == 0
+
+
+def test_a_seeded_sequence_verifies_alike_beside_any_drafts():
+    """A seeded sequence without drafts, verified beside one with three, emits the token it samples alone (its
+    draws do not depend on how many drafts the batch holds), and a seeded sequence's verification is reproducible."""
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=1.0, seed=3)
+    logits = torch.randn(5, 30)
+    drafter, plain = seq_for(params, key=21), seq_for(params, prompt=(4, 5), key=22)
+    drafter.drafts, drafter.draft_probs = [1, 2, 3], logits[:3].softmax(-1)
+    rows = [Row(params, 21)] * 4 + [Row(params, 22)]
+    both = verify(logits, make_batch(rows, 30, logits.device), [0, 4], [drafter, plain])
+    alone = verify(logits[4:], make_batch(rows[4:], 30, logits.device), [0], [plain])
+    assert list(both[1].tokens) == list(alone[0].tokens)
+    assert verify(logits, make_batch(rows, 30, logits.device), [0, 4], [drafter, plain]) == both
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -227,6 +269,19 @@ def test_speculative_sampling_follows_the_model_distribution(random_mtp_model):
     assert chi2 < dof + 6 * (2 * dof) ** 0.5  # far beyond chance (p < 1e-6) only if the rule is wrong
     stats = llm.stats()["speculative"]
     assert stats["proposed"][0] == n and 0 < stats["accepted"][0] < n  # both branches of the rule ran
+
+
+def test_seeded_speculative_sampling_is_reproducible_whatever_the_batch(random_mtp_model):
+    """With drafts (often rejected: a random MTP module), alone and beside sequences that draft more or fewer
+    tokens, and each of a request's completions its own."""
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=5, n=2)
+    prompt = CYCLE[:4]
+    llm = LLM(random_mtp_model, block_size=4, num_speculative_tokens=3)
+    alone = [c.token_ids for c in llm.generate(prompt, seeded)[0].outputs]
+    others = [SamplingParams(temperature=1.0, max_tokens=5), SamplingParams(temperature=0.8, max_tokens=20, seed=1)]
+    mixed = llm.generate([[7] * 9, prompt, CYCLE], [others[0], seeded, others[1]])
+    assert [c.token_ids for c in mixed[1].outputs] == alone and alone[0] != alone[1]
+    assert 0 < llm.stats()["speculative"]["accepted"][0] < llm.stats()["speculative"]["proposed"][0]
 
 
 @pytest.mark.gpu

@@ -117,7 +117,7 @@ def test_torchrun_command_line_and_resume_in_one_process(base, tmp_path):
     run = tmp_path / "run"
     args = ["-m", "seekforge", "grpo", "--from", str(base), "--task", "chain_sum", "--out", str(run),
             f"rewards={tmp_path / 'digits.py'}:digits", "steps=2", "prompts_per_step=3", "group_size=3",
-            "max_tokens=8", "mask_truncated=false", "lr=1e-2", "eval_n=2", "save_every=1", "progress=false",
+            "max_tokens=12", "mask_truncated=false", "lr=1e-2", "eval_n=2", "save_every=1", "progress=false",
             "tensorboard=false", "precision=fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -20,6 +20,7 @@ before these modules are imported) the kernels run on the CPU.
   (`store_new_latents_kernel`); W_UK's product with the rotary part of the query beside it, optionally with that
   store in the same launch (`latent_query_kernel`).
 - `argmax`: greedy decoding's argmax over the vocabulary, a slice a program, the last to finish choosing.
+- `race`: sampling's exponential race, its counter-based draws made in the kernel, chosen as the argmax chooses.
 - `tuning`: the candidate tiles of the few-row kernels, timed on a shape's first launch, and the choice between a
   kernel and its library counterpart.
 - `arrivals`: self-resetting counters by which the last program of a launch to finish does its final step.

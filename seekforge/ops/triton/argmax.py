@@ -5,6 +5,7 @@ torch.argmax over one row of the vocabulary's logits runs on few programs, on th
 row (its maximum and the first index holding it), and the last of a row's programs to finish
 (`seekforge.ops.triton.arrivals`) picks among the slices: the first index of the row's maximum, as torch.argmax.
 Rows are expected free of NaN (torch.argmax would take the first NaN).
+`first_max` does this for values another kernel computes (the exponential race's: `seekforge.ops.triton.race`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from seekforge.ops.triton.arrivals import arrive, counters
 def _argmax(x_ptr, best_ptr, at_ptr, out_ptr, counter_ptr, V, stride_x, BLOCK: tl.constexpr,
             SLICES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    first_max(x, cols, row, best_ptr, at_ptr, out_ptr, counter_ptr, V, SLICES)
+
+
+@triton.jit
+def first_max(x, cols, row, best_ptr, at_ptr, out_ptr, counter_ptr, V, SLICES: tl.constexpr):
+    """Program (row, piece)'s part of a row's argmax, over its values x at cols (-inf past V): it stores its slice's
+    maximum and first index, and the last of the row's programs to finish writes the row's to out_ptr + row."""
     piece = tl.program_id(1)
     slices = tl.num_programs(1)  # best and at are [rows, slices]; SLICES, its power of two, sizes the final read
-    cols = piece * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
     best = tl.max(x, axis=0)
     at = tl.min(tl.where(x == best, cols, V), axis=0)  # the first index holding the maximum
     tl.store(best_ptr + row * slices + piece, best)
@@ -58,12 +66,17 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
                           f"{out.device} with strides {out.stride()}")
     if rows == 0:
         return out
-    slices = triton.cdiv(vocab, BLOCK)
-    best = torch.empty(rows, slices, device=x.device, dtype=torch.float32)
-    at = torch.empty(rows, slices, device=x.device, dtype=torch.int32)
-    _argmax[(rows, slices)](x, best, at, out, counters(x.device, rows), vocab, x.stride(0), BLOCK=BLOCK,
+    slices, scratch = slice_scratch(rows, vocab, BLOCK, x.device)
+    _argmax[(rows, slices)](x, *scratch, out, counters(x.device, rows), vocab, x.stride(0), BLOCK=BLOCK,
                             SLICES=triton.next_power_of_2(slices), num_warps=8)
     return out
+
+
+def slice_scratch(rows: int, vocab: int, block: int, device) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The slices of `block` columns a row of `vocab` takes, and first_max's stores of them (best, at)."""
+    slices = triton.cdiv(vocab, block)
+    return slices, (torch.empty(rows, slices, device=device, dtype=torch.float32),
+                    torch.empty(rows, slices, device=device, dtype=torch.int32))
 
 
 __all__ = ["argmax"]
