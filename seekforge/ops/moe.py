@@ -3,8 +3,10 @@
 The module is the model's MoE taken by its attributes (`gate`, `experts`, `shared_experts`), so this file needs
 nothing of seekforge.model. Where the backend takes Triton, decode's few rows an expert run the Triton router
 (`seekforge.ops.triton.route`, op "route") and the fused experts (`seekforge.ops.triton.moe`, op "moe"), which
-choose from the router's logits themselves and add the shared experts and the block's residual in the same pass;
-otherwise the gate and the model's grouped matmuls (always where some experts are deep, `Experts.n_deep`).
+choose from the router's logits themselves and add the shared experts and the block's residual in the same pass,
+over 16-bit or FP8 expert weights (`seekforge.model.fp8_weights`: e4m3 with their block scales, which the kernels
+read as they are); otherwise the gate and the model's grouped matmuls (always where some experts are deep,
+`Experts.n_deep`).
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ def moe_forward(moe, x: torch.Tensor, routing: tuple | None = None, residual: to
     """An MoE block (`seekforge.model.moe.MoE`) over x [n, dim]: (output [n, dim], plus `residual` [n, dim] where
     given; the chosen experts [n, k]; tokens per routed expert [experts] as fp32), as `MoE.forward` computes them
     (its routing's indices and load). With Triton, with weights stored in x's dtype (or FP8, e4m3 with 128x128 block
-    scales, for a 16-bit x) and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router's logits (where it makes the gate's choice; `routing`, its
-    logits of x, when `residual_norm` computed them already) and the fused kernels, which choose from them, also
-    take the shared experts in the same pass for up to FUSED_SHARED_TOKENS tokens (one row block each) and add the
-    residual in their last kernel; otherwise the gate and the model's grouped matmuls. `topk`: routed experts a
+    scales, for a 16-bit x) and at most FUSED_MOE_ROWS rows per expert on average (decode): the Triton router's
+    logits (where it makes the gate's choice; `routing`, its logits of x, when `residual_norm` computed them already)
+    and the fused kernels, which choose from them, also take the shared experts in the same pass for up to
+    FUSED_SHARED_TOKENS tokens (one row block each; FP8 ones where their scales are whole blocks an expert) and add
+    the residual in their last kernel; otherwise the gate and the model's grouped matmuls (for FP8 experts, their
+    dequantising path). `topk`: routed experts a
     token (None: the gate's); another k than the gate's routes through the gate (the Triton router chooses the
     gate's k), and the fused kernels take its choice."""
     experts, shared, gate = moe.experts, moe.shared_experts, moe.gate

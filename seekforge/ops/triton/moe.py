@@ -19,6 +19,18 @@ row's whole K at once, as `seekforge.ops.triton.gemv` reads the dense projection
 the programs. Which of the two forms a shape runs is timed on its first call, both replayed from CUDA graphs,
 as the GEMV weighs itself against cuBLAS (`seekforge.ops.triton.tuning`).
 
+FP8 weights (`scales=`: e4m3 with one fp32 scale per 128x128 block of each matrix, DeepSeek's checkpoint layout)
+run through the same kernels, grids and tiles, which then read one byte a weight and its block scales, never a
+dequantised copy; products and sums stay in fp32. The tiling keeps the scales out of the inner loop's cost:
+- MMA tiles: BLOCK_N and BLOCK_K divide 128, so each [BLOCK_K, BLOCK_N] weight tile lies in one scale block; its
+  e4m3 values widen exactly to x's dtype for the MMA, and the tile's fp32 product is multiplied by that one scale
+  as it joins the accumulator (a scalar load and a multiply a tile).
+- GEMV form: a program's BLOCK_N rows (a power of two up to 128) lie in one 128-row block, and its K slice (up to
+  2048 wide, several blocks) reads one scale a column; that scale is folded into x's slice before the products
+  (a multiply a column, not one a weight), so the weight stream is the 16-bit form's at half the bytes.
+- A shared expert j's scales are the rows (gate/up) or columns (down) j * inter / 128 .. of the shared MLP's, found
+  as its matrices are (`_expert_matrix`); several shared experts join only where inter is whole blocks.
+
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
 calls this can be captured as a CUDA graph, and the grouping (a few tensor ops) compiles with the step.
@@ -98,7 +110,8 @@ def _mma_step(acc, a, w, scale_at, scale_stride, n0, k0, BLOCK_N: tl.constexpr, 
     """acc + a @ w for one K step (w [BLOCK_K, BLOCK_N] of W^T). FP8: w's e4m3 values widened to a's dtype (exactly)
     for the MMA, and its fp32 product times the one scale of the 128x128 block the whole tile lies in."""
     if FP8:
-        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0 and SCALE_BLOCK % BLOCK_K == 0)
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+        tl.static_assert(SCALE_BLOCK % BLOCK_K == 0)
         scale = tl.load(scale_at + (n0 // SCALE_BLOCK) * scale_stride + k0 // SCALE_BLOCK)
         return acc + tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * scale
     return tl.dot(a, w, acc, input_precision=PRECISION)
@@ -226,8 +239,10 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, w1s_ptr, w3s_ptr, s1s_p
         w3 = tl.load(w3_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
         x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
         if FP8:  # each column's block scale taken into x: one multiply a column, not one a weight
-            acc1 += tl.sum(w1.to(tl.float32) * (x * _k_scales(w1s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)), axis=1)
-            acc3 += tl.sum(w3.to(tl.float32) * (x * _k_scales(w3s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)), axis=1)
+            x1 = x * _k_scales(w1s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
+            x3 = x * _k_scales(w3s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
+            acc1 += tl.sum(w1.to(tl.float32) * x1, axis=1)
+            acc3 += tl.sum(w3.to(tl.float32) * x3, axis=1)
         else:
             acc1 += tl.sum(w1.to(tl.float32) * x, axis=1)
             acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
@@ -423,16 +438,15 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
                 or s1.stride() != s3.stride()):
             raise ConfigError(f"shared experts want gate/up [S * {inter}, {dim}] and down [{dim}, S * {inter}], got "
                               f"{tuple(s1.shape)}, {tuple(s2.shape)}, {tuple(s3.shape)}")
-    cfg = config or default_config(n * (indices.shape[1] + num_shared), num_routed + num_shared, x.element_size(),
-                                   torch.empty((), dtype=weight_dtype).element_size())
-    block_scales = [] if scales is None else _block_scales(x, w1, w2, scales, shared, shared_scales, cfg)
     k_routed = indices.shape[1]
     k = k_routed + num_shared
     pairs = n * k
+    num_experts = num_routed + num_shared
+    cfg = config or default_config(pairs, num_experts, x.element_size(), w1.element_size())
+    block_scales = [] if scales is None else _block_scales(x, w1, scales, shared, shared_scales, cfg)
     if pairs == 0:
         return x.new_zeros(n, dim) if residual is None else residual.clone()
     x = x.contiguous()
-    num_experts = num_routed + num_shared
     routed_indices, weights = indices.contiguous(), weights.float().contiguous()
     one_block = pairs <= ONE_BLOCK_PER_PAIR
     if router is not None and not one_block:  # the grouping reads the choice
@@ -460,7 +474,7 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     return summed
 
 
-def _block_scales(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scales: tuple, shared: tuple | None,
+def _block_scales(x: torch.Tensor, w1: torch.Tensor, scales: tuple, shared: tuple | None,
                   shared_scales: tuple | None, cfg: MoEConfig) -> list[torch.Tensor]:
     """The scales of FP8 expert weights as `launch_fused_moe` takes them (w1, w2, w3, then the shared experts' or
     stand-ins), contiguous, once their shapes, the shared experts' blocks and the MMA tile are checked."""
@@ -478,8 +492,8 @@ def _block_scales(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scales: t
                               f"multiple of {FP8_BLOCK} (each expert's scales whole blocks); add them apart")
         want += [(cdiv(rows, FP8_BLOCK), down[0]), (down[0], cdiv(rows, FP8_BLOCK)), (cdiv(rows, FP8_BLOCK), down[0])]
         given += list(shared_scales)
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or any(
-            s.dtype != torch.float32 or tuple(s.shape) != shape for s, shape in zip(given, want, strict=True)):
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(given) != len(want) or any(
+            s.dtype != torch.float32 or tuple(s.shape) != shape for s, shape in zip(given, want)):
         raise ConfigError(f"FP8 experts want x bf16, fp16 or fp32 and fp32 block scales of shapes {want}; got x "
                           f"{x.dtype}, scales {[(tuple(s.shape), s.dtype) for s in given]}")
     if FP8_BLOCK % cfg.block_n or FP8_BLOCK % cfg.block_k:
@@ -588,8 +602,8 @@ _SUM_BLOCK = 512  # columns a program of `_pair_sums`
 
 @launch_fused_moe.register_fake
 def _(x, w1, w2, w3, s1, s2, s3, scales, weights, pair_ids, block_expert, routed_indices, out, summed, residual, k,
-      blocks, num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows, logits, bias, load, sigmoid,
-      normalise, route_scale) -> None:
+      blocks, num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows, logits, bias, load,
+      sigmoid, normalise, route_scale) -> None:
     return None
 
 
