@@ -113,8 +113,10 @@ def _mma_step(acc, a, w, scale_at, scale_stride, n0, k0, BLOCK_N: tl.constexpr, 
         tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
         tl.static_assert(SCALE_BLOCK % BLOCK_K == 0)
         scale = tl.load(scale_at + (n0 // SCALE_BLOCK) * scale_stride + k0 // SCALE_BLOCK)
-        return acc + tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * scale
-    return tl.dot(a, w, acc, input_precision=PRECISION)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * scale
+    else:
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
