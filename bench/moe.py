@@ -16,6 +16,13 @@ up to FUSED_SHARED_TOKENS tokens (a batch-1 decode step reads 8 experts in one p
 and always a separate MLP beside the grouped matmuls.
 
     python bench/moe.py --tokens 1 --shared 2 --sweep 1   # the engine's batch-1 step, candidate tiles
+
+`--fp8`: the experts' weights (shared ones too) in FP8, e4m3 with 128x128 block scales as `fp8_weights` keeps them:
+the fused kernels read them as they are, against the FP8 experts' PyTorch path (the weights dequantised, then the
+grouped or per-row matmuls), with bytes counted at one a weight. (Its sweep's tiles all lie within one scale block,
+as the FP8 kernels need.)
+
+    python bench/moe.py --fp8 --tokens 1 2 4 64 --shared 2 --sweep 1 64
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, machine  # noqa: E402
 from tiles import fastest  # noqa: E402
 
+from seekforge.model.fp8_weights import FP8WeightLinear, _convert_experts  # noqa: E402
 from seekforge.model.mlp import MLP  # noqa: E402
 from seekforge.model.moe import Experts  # noqa: E402
 from seekforge.ops import FUSED_SHARED_TOKENS  # noqa: E402
@@ -40,10 +48,10 @@ from seekforge.ops.triton.moe import (ONE_BLOCK_PER_PAIR, MoEConfig, default_con
                                       rows_faster)
 
 
-def problem(n, experts, k, dim, inter, layers, shared=0, seed=0):
+def problem(n, experts, k, dim, inter, layers, shared=0, seed=0, fp8=False):
     """`layers` sets of expert weights (a model's layers), so the timed calls read weights the L2 cache does not
-    hold, as a decode step does, each with its shared experts' MLP (None without); one token batch and routing
-    for all."""
+    hold, as a decode step does, each with its shared experts' MLP (None without), converted to FP8 weights where
+    `fp8`; one token batch and routing for all."""
     torch.manual_seed(seed)
     with torch.device("cuda"):
         exs = [Experts(experts, dim, inter).to(torch.bfloat16) for _ in range(layers)]
@@ -51,6 +59,11 @@ def problem(n, experts, k, dim, inter, layers, shared=0, seed=0):
         for module in exs + [m for m in mlps if m is not None]:
             for p in module.parameters():
                 torch.nn.init.normal_(p, std=dim ** -0.5)
+        if fp8:
+            for ex, mlp in zip(exs, mlps):
+                _convert_experts(ex)
+                if mlp is not None:
+                    mlp.w1, mlp.w2, mlp.w3 = (FP8WeightLinear(lin.weight) for lin in (mlp.w1, mlp.w2, mlp.w3))
         x = torch.randn(n, dim, dtype=torch.bfloat16)
         indices = torch.rand(n, experts).topk(k, dim=-1).indices
         weights = torch.rand(n, k)
@@ -75,6 +88,7 @@ def main() -> None:
                     help="distinct weight sets called in turn (default 8: 8.9 GB at the 16b shape, far past L2)")
     ap.add_argument("--shared", type=int, default=0, help="shared experts (the 16b shape has 2), as the engine runs them")
     ap.add_argument("--sweep", type=int, nargs="*", help="also time candidate tiles at these token counts")
+    ap.add_argument("--fp8", action="store_true", help="FP8 expert weights (e4m3, 128x128 block scales)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -83,9 +97,10 @@ def main() -> None:
     rows = []
     for n in args.tokens:
         layers, x, weights, indices = problem(n, args.experts, args.topk, args.dim, args.inter, args.layers,
-                                              args.shared)
+                                              args.shared, fp8=args.fp8)
         chosen = indices.unique().numel()
-        nbytes = (chosen + args.shared) * 3 * args.dim * args.inter * 2 + 2 * n * args.dim * 2
+        weight_bytes = 1 if args.fp8 else 2
+        nbytes = (chosen + args.shared) * 3 * args.dim * args.inter * weight_bytes + 2 * n * args.dim * 2
         joined = args.shared and n <= FUSED_SHARED_TOKENS
         k_all = args.topk + (args.shared if joined else 0)  # a token's pairs and the experts, joined shared ones too
         experts_all = args.experts + (args.shared if joined else 0)
@@ -93,7 +108,13 @@ def main() -> None:
         def fused(cfg=None, rows=None):
             for ex, mlp in layers:
                 shared = (mlp.w1.weight, mlp.w2.weight, mlp.w3.weight) if joined else None
-                y = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg, shared, rows)
+                scales = shared_scales = None
+                if args.fp8:
+                    scales = ex.w1_scale_inv, ex.w2_scale_inv, ex.w3_scale_inv
+                    if joined:
+                        shared_scales = mlp.w1.weight_scale_inv, mlp.w2.weight_scale_inv, mlp.w3.weight_scale_inv
+                y = fused_experts(x, ex.w1, ex.w2, ex.w3, weights, indices, cfg, shared, rows, scales=scales,
+                                  shared_scales=shared_scales)
                 if mlp is not None and not joined:
                     y = y + mlp(x)
 
@@ -104,9 +125,9 @@ def main() -> None:
                     y = y + mlp(x)
 
         per_call = lambda fn: do_bench_cudagraph(fn) * 1e3 / args.layers  # noqa: E731 - us per layer's call
-        row = {"tokens": n, "experts_read": chosen, "shared": args.shared, "bytes": nbytes, "layers": args.layers,
-               "fused_us": per_call(fused), "grouped_us": per_call(grouped),
-               "default": asdict(default_config(n * k_all, experts_all))}
+        row = {"tokens": n, "experts_read": chosen, "shared": args.shared, "fp8": args.fp8, "bytes": nbytes,
+               "layers": args.layers, "fused_us": per_call(fused), "grouped_us": per_call(grouped),
+               "default": asdict(default_config(n * k_all, experts_all, 2, weight_bytes))}
         if n * k_all <= ONE_BLOCK_PER_PAIR:  # both forms of one or two tokens, and which one the engine keeps
             row["tiles_us"], row["gemvs_us"] = per_call(lambda: fused(rows=False)), per_call(lambda: fused(rows=True))
             row["runs"] = "gemvs" if rows_faster(x, layers[0][0].w1, n * k_all, k_all, experts_all) else "tiles"

@@ -12,10 +12,11 @@ whose weight the absorbed attention reads directly as per-head matrices (W_UK, W
 parameters at 16b and 671b.
 
 Compute: `FP8WeightLinear` calls `ops.fp8_linear` (the Triton FP8 GEMV for decode's few rows on CUDA, the weight
-dequantised into the input's dtype and F.linear otherwise). `FP8WeightExperts` dequantise into the input's dtype
-what each grouped matmul multiplies: with fewer (token, expert) rows than experts (decode), each row's expert
-matrix alone, gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped
-matmul. The engine's fused MoE kernels read 16-bit weights and so are not used for FP8 experts.
+dequantised into the input's dtype and F.linear otherwise). The engine's MoE blocks (`ops.moe_forward`) run decode's
+routed experts, with the shared ones, in the fused Triton MoE kernels, which read the e4m3 weights and their scales
+as they are; elsewhere (the PyTorch reference, prefill's many rows) `FP8WeightExperts` dequantise into the input's
+dtype what each grouped matmul multiplies: with fewer (token, expert) rows than experts, each row's expert matrix
+alone, gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped matmul.
 
 Names follow DeepSeek's checkpoints (`wq.weight` with `wq.weight_scale_inv`; stacked experts `w1` with
 `w1_scale_inv`), so `seekforge.model.hf` saves and loads them in that layout. These are inference weights: no

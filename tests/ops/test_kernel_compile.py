@@ -18,7 +18,10 @@ MOE_TYPES = {"x_ptr": "*bf16", "w1_ptr": "*bf16", "w3_ptr": "*bf16", "s1_ptr": "
              "h_ptr": "*bf16", "w2_ptr": "*bf16", "s2_ptr": "*bf16", "out_ptr": "*fp32", "gate_ptr": "*fp32",
              "ids_ptr": "*i32", "expert_ptr": "*i32", "idx_ptr": "*i64", "summed_ptr": "*bf16", "residual_ptr": "*bf16",
              "counter_ptr": "*i32", "logits_ptr": "*fp32", "bias_ptr": "*fp32", "load_ptr": "*fp32",
-             "route_scale": "fp32"}
+             "route_scale": "fp32", **{f"{w}s_ptr": "*bf16" for w in ("w1", "w2", "w3", "s1", "s2", "s3")}}
+# FP8 experts: e4m3 weights, fp32 block scales (for 16-bit weights the scale pointers are unread stand-ins)
+FP8_MOE_TYPES = MOE_TYPES | {f"{w}_ptr": "*fp8e4nv" for w in ("w1", "w2", "w3", "s1", "s2", "s3")} | {
+    f"{w}s_ptr": "*fp32" for w in ("w1", "w2", "w3", "s1", "s2", "s3")}
 MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "stride_qh", "stride_cb", "stride_ct",
             "stride_tb", "stride_tn", "stride_pb", "stride_ps", "stride_ob", "stride_os", "stride_oh", "stride_ok"]
 # the GEMV's tuning candidates (seekforge.ops.triton.tuning: K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES), as numbers: the
@@ -26,15 +29,27 @@ MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "
 GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
               (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
 CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), constexprs, num_warps, num_stages)
-    **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}": (
-        "moe", kernel, MOE_TYPES,
-        {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one}, 4, 4)
-       for kernel in ("_gate_up", "_down") for bm, one in ((16, True), (16, False), (64, False))},
-    **{f"moe{kernel}_tile{bn}x{bk}w{warps}{'_choose' if choose else ''}": ("moe", kernel, MOE_TYPES, {
-        "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, **({"RESIDUAL": True} if kernel == "_down_rows" else {
-            "CHOOSE": choose, "BLOCK_E": 64, "SIGMOID": False, "NORMALISE": False})}, warps, 3)
+    **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}{'_fp8' if fp8 else ''}": (
+        "moe", kernel, FP8_MOE_TYPES if fp8 else MOE_TYPES,
+        {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one, "FP8": fp8},
+        4, 4)
+       for kernel in ("_gate_up", "_down") for bm, one in ((16, True), (16, False), (64, False))
+       for fp8 in (False, True)},
+    **{f"moe{kernel}_tile{bn}x{bk}w{warps}{'_choose' if choose else ''}{'_fp8' if fp8 else ''}": (
+        "moe", kernel, FP8_MOE_TYPES if fp8 else MOE_TYPES, {
+            "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8,
+            **({"RESIDUAL": True} if kernel == "_down_rows" else {
+                "CHOOSE": choose, "BLOCK_E": 64, "SIGMOID": False, "NORMALISE": False})}, warps, 3)
        for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in GEMV_TILES[:9]  # K-contiguous tiles
-       for choose in ((False, True) if kernel == "_gate_up_rows" else (False,))},
+       for choose in ((False, True) if kernel == "_gate_up_rows" else (False,)) for fp8 in (False, True)},
+    # FP8's MMA tiles as `default_config` picks them (all within one 128x128 scale block)
+    **{f"moe{kernel}_fp8_default_bm{bm}x{bn}x{bk}{'_one_block' if one else ''}": (
+        "moe", kernel, FP8_MOE_TYPES,
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PRECISION": "tf32", "TOPK": 8, "ONE_BLOCK": one, "FP8": True},
+        warps, stages)
+       for kernel in ("_gate_up", "_down")
+       for bm, bn, bk, warps, stages, one in ((16, 32, 128, 4, 3, True), (16, 64, 128, 4, 5, False),
+                                              (32, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False))},
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "moe_pair_sums": ("moe", "_pair_sums", MOE_TYPES, {"TOPK": 8, "BLOCK_N": 512, "RESIDUAL": True}, 4, 1),

@@ -115,12 +115,13 @@ def test_16b_projections_bf16(rows, n, k):
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
-def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
+def test_engine_with_fp8_weights_runs_the_fp8_kernels(compiled):
     """The engine's Triton paths (on the CPU under the interpreter), eager and compiled, over a model with FP8
-    weights: decode's projections run the FP8 GEMV (compiled: inside the compiled blocks, with no graph break),
-    and the teacher-forced logits are those of the PyTorch reference (the weights dequantised into the 16-bit
-    dtype, then F.linear) within that dtype's rounding (the GEMV multiplies the dequantised weights in fp32): fp16
-    on the CPU, bf16 on CUDA, where the decode steps are replayed from CUDA graphs too."""
+    weights: decode's projections run the FP8 GEMV and its MoE blocks the fused experts over the FP8 weights
+    (compiled: inside the compiled blocks, with no graph break), and the teacher-forced logits are those of the
+    PyTorch reference (the weights dequantised into the 16-bit dtype, then F.linear and the model's experts) within
+    that dtype's rounding (the kernels apply the scales in fp32): fp16 on the CPU, bf16 on CUDA, where the decode
+    steps are replayed from CUDA graphs too."""
     from torch._dynamo.utils import counters
 
     from seekforge import LLM, SamplingParams
@@ -140,7 +141,9 @@ def test_engine_with_fp8_weights_runs_the_fp8_gemv(compiled):
     llm = LLM(model, max_num_seqs=2, max_model_len=64, compile=compiled, kernels="triton")
     with torch.profiler.profile() as prof:
         got = forced_logits(llm, prompts, tokens)
-    assert sum(e.count for e in prof.key_averages() if e.key == "seekforge::fp8_gemv") >= 4 * cfg.n_layers
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("seekforge::fp8_gemv", 0) >= 4 * cfg.n_layers
+    assert counts.get("seekforge::fused_moe", 0) >= 2 * (cfg.n_layers - cfg.n_dense_layers)
     assert not counters["graph_break"]
     runs = [got]
     if CUDA:  # the decode steps replayed from CUDA graphs

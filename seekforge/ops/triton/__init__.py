@@ -9,7 +9,7 @@ before these modules are imported) the kernels run on the CPU.
 - `moe`: the routed experts of decode steps, grouped by expert in two fused kernels (`fused_experts`); at one
   or two tokens also as GEMVs, whichever form of the two timed faster for the shape, which then choose each
   pair's expert from the router's logits themselves; each token's sum over its experts with the block's
-  residual added.
+  residual added. Expert weights in x's dtype, or FP8 (e4m3 with 128x128 block scales, applied in fp32).
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`);
   with the block's residual add and the FFN's norm in the first (`residual_route`); the first alone
   (`router_logits`, `residual_logits`) where the fused experts choose.

@@ -19,6 +19,18 @@ row's whole K at once, as `seekforge.ops.triton.gemv` reads the dense projection
 the programs. Which of the two forms a shape runs is timed on its first call, both replayed from CUDA graphs,
 as the GEMV weighs itself against cuBLAS (`seekforge.ops.triton.tuning`).
 
+FP8 weights (`scales=`: e4m3 with one fp32 scale per 128x128 block of each matrix, DeepSeek's checkpoint layout)
+run through the same kernels, grids and tiles, which then read one byte a weight and its block scales, never a
+dequantised copy; products and sums stay in fp32. The tiling keeps the scales out of the inner loop's cost:
+- MMA tiles: BLOCK_N and BLOCK_K divide 128, so each [BLOCK_K, BLOCK_N] weight tile lies in one scale block; its
+  e4m3 values widen exactly to x's dtype for the MMA, and the tile's fp32 product is multiplied by that one scale
+  as it joins the accumulator (a scalar load and a multiply a tile).
+- GEMV form: a program's BLOCK_N rows (a power of two up to 128) lie in one 128-row block, and its K slice (up to
+  2048 wide, several blocks) reads one scale a column; that scale is folded into x's slice before the products
+  (a multiply a column, not one a weight), so the weight stream is the 16-bit form's at half the bytes.
+- A shared expert j's scales are the rows (gate/up) or columns (down) j * inter / 128 .. of the shared MLP's, found
+  as its matrices are (`_expert_matrix`); several shared experts join only where inter is whole blocks.
+
 No host synchronisation: the grid depends only on n, k and the expert count (row blocks are bounded by
 pairs / BLOCK_M + min(experts, pairs); blocks past the real ones return at once), so a decode step that
 calls this can be captured as a CUDA graph, and the grouping (a few tensor ops) compiles with the step.
@@ -35,6 +47,8 @@ import triton.language as tl
 
 from seekforge.errors import ConfigError
 from seekforge.ops.triton.arrivals import arrive, counters
+from seekforge.ops.quant import cdiv
+from seekforge.ops.triton.gemv import FP8_BLOCK
 from seekforge.ops.triton import tuning
 from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, launch_tiled, tile_of, tuned
 from seekforge.ops.triton.pdl import wait_for_inputs
@@ -87,12 +101,41 @@ def _pair_gate(pair, gate_ptr, k_routed, TOPK: tl.constexpr):
     return tl.where(slot < k_routed, weight, 1.0)
 
 
+SCALE_BLOCK = tl.constexpr(FP8_BLOCK)
+
+
 @triton.jit
-def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr, idx_ptr,
-             num_pairs, num_routed, num_experts, k_routed, K, N,
+def _mma_step(acc, a, w, scale_at, scale_stride, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """acc + a @ w for one K step (w [BLOCK_K, BLOCK_N] of W^T). FP8: w's e4m3 values widened to a's dtype (exactly)
+    for the MMA, and its fp32 product times the one scale of the 128x128 block the whole tile lies in."""
+    if FP8:
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+        tl.static_assert(SCALE_BLOCK % BLOCK_K == 0)
+        scale = tl.load(scale_at + (n0 // SCALE_BLOCK) * scale_stride + k0 // SCALE_BLOCK)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * scale
+    else:
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _k_scales(scale_at, scale_stride, n0, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The block scale of each column k0 .. k0 + BLOCK_K of a GEMV program's rows n0 .. n0 + BLOCK_N (which lie in
+    one 128-row block), [1, BLOCK_K] fp32, 0 past K."""
+    tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    at = scale_at + (n0 // SCALE_BLOCK) * scale_stride + ks // SCALE_BLOCK
+    return tl.load(at, mask=ks < K, other=0.0)[None, :]
+
+
+@triton.jit
+def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, w1s_ptr, w3s_ptr, s1s_ptr, s3s_ptr, h_ptr, ids_ptr, expert_ptr,
+             idx_ptr, num_pairs, num_routed, num_experts, k_routed, K, N,
              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+             stride_wse, stride_wsn, stride_sse, stride_ssn,
              TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr):
+             PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr, FP8: tl.constexpr):
     block = tl.program_id(0)
     expert, rows, pair = _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_routed,
                                     TOPK, BLOCK_M, ONE_BLOCK)
@@ -100,9 +143,14 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr, 
         return
     w1_at, row_stride = _expert_matrix(expert, w1_ptr, s1_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     w3_at, _ = _expert_matrix(expert, w3_ptr, s3_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
+    # FP8: the expert's block scales, found as its matrices are (not read for 16-bit weights)
+    w1s_at, scale_stride = _expert_matrix(expert, w1s_ptr, s1s_ptr, num_routed, stride_wse, stride_wsn, stride_sse,
+                                          stride_ssn)
+    w3s_at, _ = _expert_matrix(expert, w3s_ptr, s3s_ptr, num_routed, stride_wse, stride_wsn, stride_sse, stride_ssn)
+    n0 = tl.program_id(1) * BLOCK_N
     row_ok = pair < num_pairs
     token = (pair // TOPK).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     x_at = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
@@ -114,27 +162,31 @@ def _gate_up(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, ids_ptr, expert_ptr, 
         x = tl.load(x_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w1 = tl.load(w1_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         w3 = tl.load(w3_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)
-        acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
+        acc1 = _mma_step(acc1, x, w1, w1s_at, scale_stride, n0, k0, BLOCK_N, BLOCK_K, PRECISION, FP8)
+        acc3 = _mma_step(acc3, x, w3, w3s_at, scale_stride, n0, k0, BLOCK_N, BLOCK_K, PRECISION, FP8)
     h = acc1 * tl.sigmoid(acc1) * acc3
     tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr,
+def _down(h_ptr, w2_ptr, s2_ptr, w2s_ptr, s2s_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr,
           num_pairs, num_routed, num_experts, k_routed, K, N,
           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+          stride_wse, stride_wsn, stride_sse, stride_ssn,
           TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr):
+          PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr, FP8: tl.constexpr):
     block = tl.program_id(0)
     expert, rows, pair = _row_block(block, ids_ptr, expert_ptr, idx_ptr, num_pairs, num_routed, k_routed,
                                     TOPK, BLOCK_M, ONE_BLOCK)
     if expert >= num_experts:
         return
     w2_at, row_stride = _expert_matrix(expert, w2_ptr, s2_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
+    w2s_at, scale_stride = _expert_matrix(expert, w2s_ptr, s2s_ptr, num_routed, stride_wse, stride_wsn, stride_sse,
+                                          stride_ssn)
     row_ok = pair < num_pairs
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     h_at = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
@@ -144,7 +196,7 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr
         k_ok = offs_k < K - k0
         h = tl.load(h_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w2 = tl.load(w2_at + w_off + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(h, w2, acc, input_precision=PRECISION)
+        acc = _mma_step(acc, h, w2, w2s_at, scale_stride, n0, k0, BLOCK_N, BLOCK_K, PRECISION, FP8)
     if ONE_BLOCK:  # gate_ptr: the routed weights [n, k_routed]; a shared expert's weight is 1
         gate = tl.where(row_ok, _pair_gate(block, gate_ptr, k_routed, TOPK), 0.0)
     else:  # gate_ptr: every pair's weight
@@ -154,11 +206,13 @@ def _down(h_ptr, w2_ptr, s2_ptr, out_ptr, ids_ptr, expert_ptr, idx_ptr, gate_ptr
 
 
 @triton.jit
-def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_routed, k_routed, K, N,
-                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, w1s_ptr, w3s_ptr, s1s_ptr, s3s_ptr, h_ptr, idx_ptr,
+                  num_routed, k_routed, K, N, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                  stride_wse, stride_wsn, stride_sse, stride_ssn,
                   logits_ptr, bias_ptr, gate_ptr, load_ptr, route_scale,
                   TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHOOSE: tl.constexpr,
-                  BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, NORMALISE: tl.constexpr, FP8: tl.constexpr,
+                  PDL: tl.constexpr):
     """`_gate_up` for one row a pair, as a GEMV: program (j, p) computes h[p, j * BLOCK_N ...] from BLOCK_N rows of
     its expert's W1 and W3, both read in the same slices of K. CHOOSE: the routing is still the router's logits
     (`seekforge.ops.triton.route.RouterLogits`), and each program of a routed pair chooses its expert itself
@@ -172,7 +226,11 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
         expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
     w1_at, row_stride = _expert_matrix(expert, w1_ptr, s1_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
     w3_at, _ = _expert_matrix(expert, w3_ptr, s3_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w1s_at, scale_stride = _expert_matrix(expert, w1s_ptr, s1s_ptr, num_routed, stride_wse, stride_wsn, stride_sse,
+                                          stride_ssn)
+    w3s_at, _ = _expert_matrix(expert, w3s_ptr, s3s_ptr, num_routed, stride_wse, stride_wsn, stride_sse, stride_ssn)
+    n0 = tl.program_id(0) * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)
     x_at = x_ptr + (pair // TOPK).to(tl.int64) * stride_xm
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
     acc3 = tl.zeros((BLOCK_N,), tl.float32)
@@ -182,8 +240,14 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, idx_ptr, num_rou
         w1 = tl.load(w1_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
         w3 = tl.load(w3_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
         x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-        acc1 += tl.sum(w1.to(tl.float32) * x, axis=1)
-        acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
+        if FP8:  # each column's block scale taken into x: one multiply a column, not one a weight
+            x1 = x * _k_scales(w1s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
+            x3 = x * _k_scales(w3s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
+            acc1 += tl.sum(w1.to(tl.float32) * x1, axis=1)
+            acc3 += tl.sum(w3.to(tl.float32) * x3, axis=1)
+        else:
+            acc1 += tl.sum(w1.to(tl.float32) * x, axis=1)
+            acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
     h = acc1 * tl.sigmoid(acc1) * acc3
     tl.store(h_ptr + pair * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rows < N)
 
@@ -211,10 +275,11 @@ def _chosen_expert(pair, logits_ptr, bias_ptr, idx_ptr, gate_ptr, load_ptr, num_
 
 
 @triton.jit
-def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, residual_ptr, counter_ptr, num_routed,
-               k_routed, K, N, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+def _down_rows(h_ptr, w2_ptr, s2_ptr, w2s_ptr, s2s_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, residual_ptr,
+               counter_ptr, num_routed, k_routed, K, N, stride_hm, stride_we, stride_wn, stride_se, stride_sn,
+               stride_om, stride_wse, stride_wsn, stride_sse, stride_ssn,
                TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr,
-               PDL: tl.constexpr):
+               FP8: tl.constexpr, PDL: tl.constexpr):
     """`_down` for one row a pair, as a GEMV: out[p, j * BLOCK_N ...] = gate weight * (h[p] W2^T) for BLOCK_N rows
     of its expert's W2; the last program of these rows to finish sums them over each token's pairs (`_sum_pairs`):
     one launch fewer than a kernel of its own after them."""
@@ -222,7 +287,10 @@ def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, re
     pair = tl.program_id(1)
     expert = _pair_expert(pair, idx_ptr, num_routed, k_routed, TOPK)
     w2_at, row_stride = _expert_matrix(expert, w2_ptr, s2_ptr, num_routed, stride_we, stride_wn, stride_se, stride_sn)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w2s_at, scale_stride = _expert_matrix(expert, w2s_ptr, s2s_ptr, num_routed, stride_wse, stride_wsn, stride_sse,
+                                          stride_ssn)
+    n0 = tl.program_id(0) * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)
     h_at = h_ptr + pair * stride_hm
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -230,6 +298,8 @@ def _down_rows(h_ptr, w2_ptr, s2_ptr, out_ptr, idx_ptr, gate_ptr, summed_ptr, re
         w2 = tl.load(w2_at + rows[:, None] * row_stride + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
                      other=0.0)
         h = tl.load(h_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        if FP8:
+            h = h * _k_scales(w2s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
         acc += tl.sum(w2.to(tl.float32) * h, axis=1)
     gate = _pair_gate(pair, gate_ptr, k_routed, TOPK)
     tl.store(out_ptr + pair * stride_om + rows, acc * gate, mask=rows < N)
@@ -275,10 +345,11 @@ class MoEConfig:
     num_stages: int
 
 
-def default_config(num_pairs: int, num_experts: int, element_size: int = 2) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int, element_size: int = 2,
+                   weight_size: int | None = None) -> MoEConfig:
     """16 rows (the smallest MMA tile) while experts hold a few rows each, wider blocks once they hold more
     (so each weight tile serves more rows), and as many pipeline stages as fit in shared memory (fp32 takes
-    twice the room of bf16)."""
+    twice the room of bf16; `weight_size`: bytes a weight element where not element_size, 1 for FP8)."""
     per_expert = num_pairs / num_experts
     if num_pairs <= ONE_BLOCK_PER_PAIR:  # one or two tokens: the narrower tile measured faster (bench/moe.py --sweep)
         cfg = MoEConfig(16, 32, 128, num_warps=4, num_stages=3)
@@ -288,7 +359,7 @@ def default_config(num_pairs: int, num_experts: int, element_size: int = 2) -> M
         cfg = MoEConfig(32, 64, 128, num_warps=4, num_stages=4)
     else:
         cfg = MoEConfig(64, 128, 64, num_warps=8, num_stages=3)
-    stage_bytes = (cfg.block_m + 2 * cfg.block_n) * cfg.block_k * element_size
+    stage_bytes = (cfg.block_m * element_size + 2 * cfg.block_n * (weight_size or element_size)) * cfg.block_k
     return replace(cfg, num_stages=max(1, min(cfg.num_stages, _SHARED_MEMORY // stage_bytes)))
 
 
@@ -324,17 +395,22 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
                   weights: torch.Tensor | None, indices: torch.Tensor | None, config: MoEConfig | None = None,
                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   rows: bool | None = None, residual: torch.Tensor | None = None,
-                  router: RouterLogits | None = None) -> torch.Tensor:
+                  router: RouterLogits | None = None,
+                  scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [n, dim]; w1/w3 [experts, inter, dim], w2 [experts, dim, inter] (the model's `Experts`); weights
     [n, k] gate weights, indices [n, k] chosen experts -> sum over k of weight * SwiGLU_expert(x), [n, dim]
     in x's dtype, plus `residual` [n, dim] (x's dtype) where given: summed in fp32 and rounded once. `shared` =
     the shared experts' MLP weights (gate [S * inter, dim], down [dim, S * inter], up [S * inter, dim]), added to
     the sum as S more experts of weight 1 that every token takes: one pass over the weights for routed and shared
-    alike. `config` replaces the tile heuristic (benchmarks). `rows`: for one or
-    two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed on the shape's
-    first call), the MMA tiles under the interpreter and wherever `config` is given. `router`: the router's logits
-    (`seekforge.ops.triton.route.RouterLogits`), weights and indices None: the choice fills its buffers, made in the
-    GEMV form's first kernel (one launch fewer), else by the router's select kernel first."""
+    alike. `scales`: the weights are float8_e4m3fn with one fp32 scale per 128x128 block of each matrix (DeepSeek's
+    weight_scale_inv: w1/w3 [experts, ceil(inter / 128), ceil(dim / 128)], w2 [experts, ceil(dim / 128),
+    ceil(inter / 128)]; `shared_scales` those of `shared`, which are then FP8 too, and several shared experts need
+    inter a multiple of 128); None: the weights are in x's dtype. `config` replaces the tile heuristic (benchmarks).
+    `rows`: for one or two tokens, the GEMV form (True) or the MMA tiles (False); None: the faster on the GPU (timed
+    on the shape's first call), the MMA tiles under the interpreter and wherever `config` is given. `router`: the
+    router's logits (`seekforge.ops.triton.route.RouterLogits`), weights and indices None: the choice fills its
+    buffers, made in the GEMV form's first kernel (one launch fewer), else by the router's select kernel first."""
     if router is not None:
         weights, indices = router.weights, router.indices
     n, dim = x.shape
@@ -348,10 +424,13 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ConfigError(f"the residual must be x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
                           f"{tuple(residual.shape)} {residual.dtype}")
-    tensors = (x, w1, w2, w3, *(shared or ()))
-    if len({t.dtype for t in tensors}) != 1:
-        raise ConfigError(f"x and the expert weights must share one dtype, got {[t.dtype for t in tensors]}")
-    if any(w.stride(-1) != 1 for w in tensors[1:]) or w1.stride() != w3.stride():
+    weight_dtype = x.dtype if scales is None else torch.float8_e4m3fn
+    tensors = (w1, w2, w3, *(shared or ()))
+    if any(t.dtype != weight_dtype for t in tensors):
+        raise ConfigError(f"the expert weights must be of x's dtype ({x.dtype}), or float8_e4m3fn where scales are "
+                          f"given, all of one dtype; got {[t.dtype for t in tensors]}"
+                          f"{'' if scales is None else ' with scales'}")
+    if any(w.stride(-1) != 1 for w in tensors) or w1.stride() != w3.stride():
         raise ConfigError("expert weights must be contiguous in their last dim (and w1, w3 alike)")
     num_shared = 0
     if shared is not None:
@@ -364,11 +443,12 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     k_routed = indices.shape[1]
     k = k_routed + num_shared
     pairs = n * k
+    num_experts = num_routed + num_shared
+    cfg = config or default_config(pairs, num_experts, x.element_size(), w1.element_size())
+    block_scales = [] if scales is None else _block_scales(x, w1, scales, shared, shared_scales, cfg)
     if pairs == 0:
         return x.new_zeros(n, dim) if residual is None else residual.clone()
     x = x.contiguous()
-    num_experts = num_routed + num_shared
-    cfg = config or default_config(pairs, num_experts, x.element_size())
     routed_indices, weights = indices.contiguous(), weights.float().contiguous()
     one_block = pairs <= ONE_BLOCK_PER_PAIR
     if router is not None and not one_block:  # the grouping reads the choice
@@ -387,8 +467,8 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
     summed = torch.empty_like(x)
     s1, s2, s3 = shared or (w1, w2, w3)  # without shared experts no block reads these
-    launch_fused_moe(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, summed,
-                     None if residual is None else residual.contiguous(), k, blocks, num_experts, one_block,
+    launch_fused_moe(x, w1, w2, w3, s1, s2, s3, block_scales, weights, pair_ids, block_expert, routed_indices, out,
+                     summed, None if residual is None else residual.contiguous(), k, blocks, num_experts, one_block,
                      cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
                      False if config is not None and rows is None else rows,
                      *((None, None, None, False, False, 1.0) if router is None else (
@@ -396,12 +476,42 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     return summed
 
 
+def _block_scales(x: torch.Tensor, w1: torch.Tensor, scales: tuple, shared: tuple | None,
+                  shared_scales: tuple | None, cfg: MoEConfig) -> list[torch.Tensor]:
+    """The scales of FP8 expert weights as `launch_fused_moe` takes them (w1, w2, w3, then the shared experts' or
+    stand-ins), contiguous, once their shapes, the shared experts' blocks and the MMA tile are checked."""
+    num_routed, inter, dim = w1.shape
+    up, down = (cdiv(inter, FP8_BLOCK), cdiv(dim, FP8_BLOCK)), (cdiv(dim, FP8_BLOCK), cdiv(inter, FP8_BLOCK))
+    want = [(num_routed, *up), (num_routed, *down), (num_routed, *up)]
+    given = list(scales)
+    if shared is not None:
+        if shared_scales is None:
+            raise ConfigError("FP8 expert weights with shared experts: give shared_scales, the shared experts' block "
+                              "scales, too")
+        rows = shared[0].shape[0]
+        if rows != inter and inter % FP8_BLOCK:
+            raise ConfigError(f"several FP8 shared experts join the routed ones only where inter ({inter}) is a "
+                              f"multiple of {FP8_BLOCK} (each expert's scales whole blocks); add them apart")
+        want += [(cdiv(rows, FP8_BLOCK), down[0]), (down[0], cdiv(rows, FP8_BLOCK)), (cdiv(rows, FP8_BLOCK), down[0])]
+        given += list(shared_scales)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(given) != len(want) or any(
+            s.dtype != torch.float32 or tuple(s.shape) != shape for s, shape in zip(given, want)):
+        raise ConfigError(f"FP8 experts want x bf16, fp16 or fp32 and fp32 block scales of shapes {want}; got x "
+                          f"{x.dtype}, scales {[(tuple(s.shape), s.dtype) for s in given]}")
+    if FP8_BLOCK % cfg.block_n or FP8_BLOCK % cfg.block_k:
+        raise ConfigError(f"FP8 experts want MMA tiles within one {FP8_BLOCK}x{FP8_BLOCK} block (block_n and block_k "
+                          f"dividing {FP8_BLOCK}), got {cfg}")
+    given = [s.contiguous() for s in given]
+    return given if shared is not None else given + given  # without shared experts no block reads the stand-ins
+
+
 # An opaque op to torch.compile (it cannot trace launches with dynamic strides), which still compiles the grouping
 # around it into the same graph. A graph break here instead (torch.compiler.disable) split every block that calls
 # it, and dynamo keeps those split variants on the shared code objects, where prefill's compiled blocks found them.
 @torch.library.custom_op("seekforge::fused_moe", mutates_args=("out", "summed", "weights", "routed_indices", "load"))
 def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor,
-                     s2: torch.Tensor, s3: torch.Tensor, weights: torch.Tensor, pair_ids: torch.Tensor,
+                     s2: torch.Tensor, s3: torch.Tensor, scales: list[torch.Tensor], weights: torch.Tensor,
+                     pair_ids: torch.Tensor,
                      block_expert: torch.Tensor, routed_indices: torch.Tensor, out: torch.Tensor, summed: torch.Tensor,
                      residual: torch.Tensor | None, k: int, blocks: int, num_experts: int, one_block: bool,
                      block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
@@ -409,7 +519,9 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
                      load: torch.Tensor | None, sigmoid: bool, normalise: bool, route_scale: float) -> None:
     """Both kernels over `blocks` row blocks, into out [pairs, dim] fp32, then each token's k pair rows summed (and
     the residual [n, dim] added, where given) into summed [n, dim]; s1/s2/s3 the shared experts' matrices (or any
-    tensors when there are none: no row block reads them). `one_block`: row block p holds pair p and the kernels
+    tensors when there are none: no row block reads them). `scales`: for FP8 weights their block scales, those of
+    w1, w2, w3, s1, s2, s3 (the same stand-ins where there are no shared experts); empty for 16-bit weights.
+    `one_block`: row block p holds pair p and the kernels
     read routed_indices [n, k_routed] and weights [n, k_routed] as they are; otherwise the grouped layout
     (pair_ids, block_expert) and every pair's weight; `rows` as `fused_experts` takes it. `logits` (one block a
     pair only): the router's, with bias, load and the gate's settings (`RouterLogits`); weights and routed_indices
@@ -418,23 +530,31 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
     num_routed, inter, _ = w1.shape
     k_routed = routed_indices.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16 bits
+    fp8 = bool(scales)
+    w1s, w2s, w3s, s1s, s2s, s3s = scales if fp8 else (w1,) * 6  # 16-bit weights: no program reads these
 
-    # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix
+    # shared expert j: rows j * inter .. of the gate/up matrices, columns j * inter .. of the down matrix; of their
+    # scales, rows (columns) j * inter / 128 .. (`fused_experts` joins several shared experts where inter is whole
+    # blocks)
+    shared_blocks = inter // FP8_BLOCK
+    up_scales = (w1s.stride(0), w1s.stride(1), shared_blocks * s1s.stride(0), s1s.stride(0))
+    down_scales = (w2s.stride(0), w2s.stride(1), shared_blocks * s2s.stride(1), s2s.stride(0))
+
     def tiles() -> None:
         if logits is not None:
             launch_select(logits, bias, weights, routed_indices, load, sigmoid, normalise, route_scale)
         h = torch.empty(blocks * block_m, inter, device=x.device, dtype=x.dtype)
         _gate_up[(blocks, triton.cdiv(inter, block_n))](
-            x, w1, w3, s1, s3, h, pair_ids, block_expert, routed_indices, pairs, num_routed, num_experts, k_routed,
-            dim, inter, x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0),
-            TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
-            num_warps=num_warps, num_stages=num_stages,
+            x, w1, w3, s1, s3, w1s, w3s, s1s, s3s, h, pair_ids, block_expert, routed_indices, pairs, num_routed,
+            num_experts, k_routed, dim, inter, x.stride(0), w1.stride(0), w1.stride(1), inter * s1.stride(0),
+            s1.stride(0), h.stride(0), *up_scales, TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            PRECISION=precision, ONE_BLOCK=one_block, FP8=fp8, num_warps=num_warps, num_stages=num_stages,
         )
         _down[(blocks, triton.cdiv(dim, block_n))](
-            h, w2, s2, out, pair_ids, block_expert, routed_indices, weights, pairs, num_routed, num_experts, k_routed,
-            inter, dim, h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0), out.stride(0),
-            TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, ONE_BLOCK=one_block,
-            num_warps=num_warps, num_stages=num_stages,
+            h, w2, s2, w2s, s2s, out, pair_ids, block_expert, routed_indices, weights, pairs, num_routed, num_experts,
+            k_routed, inter, dim, h.stride(0), w2.stride(0), w2.stride(1), inter * s2.stride(1), s2.stride(0),
+            out.stride(0), *down_scales, TOPK=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            PRECISION=precision, ONE_BLOCK=one_block, FP8=fp8, num_warps=num_warps, num_stages=num_stages,
         )
         _pair_sums[(triton.cdiv(dim, _SUM_BLOCK), summed.shape[0])](
             out, summed, out if residual is None else residual, dim, out.stride(0), TOPK=k, BLOCK_N=_SUM_BLOCK,
@@ -443,13 +563,14 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
     def gemvs() -> None:
         h = torch.empty(pairs, inter, device=x.device, dtype=x.dtype)
         _launch_rows(_gate_up_rows, _gate_up_rows_tuned, inter, pairs, dim, k, (
-            x, w1, w3, s1, s3, h, routed_indices, num_routed, k_routed, dim, inter, x.stride(0), w1.stride(0),
-            w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0), *choice), x, CHOOSE=logits is not None,
-            BLOCK_E=triton.next_power_of_2(num_routed), SIGMOID=sigmoid, NORMALISE=normalise)
+            x, w1, w3, s1, s3, w1s, w3s, s1s, s3s, h, routed_indices, num_routed, k_routed, dim, inter, x.stride(0),
+            w1.stride(0), w1.stride(1), inter * s1.stride(0), s1.stride(0), h.stride(0), *up_scales, *choice),
+            CHOOSE=logits is not None, BLOCK_E=triton.next_power_of_2(num_routed), SIGMOID=sigmoid,
+            NORMALISE=normalise, FP8=fp8)
         _launch_rows(_down_rows, _down_rows_tuned, dim, pairs, inter, k, (
-            h, w2, s2, out, routed_indices, weights, summed, out if residual is None else residual,
+            h, w2, s2, w2s, s2s, out, routed_indices, weights, summed, out if residual is None else residual,
             counters(x.device, dim), num_routed, k_routed, inter, dim, h.stride(0), w2.stride(0), w2.stride(1),
-            inter * s2.stride(1), s2.stride(0), out.stride(0)), x, RESIDUAL=residual is not None)
+            inter * s2.stride(1), s2.stride(0), out.stride(0), *down_scales), RESIDUAL=residual is not None, FP8=fp8)
 
     # without a choice to make the kernel reads none of these
     choice = (logits, bias, weights, load, route_scale) if logits is not None else (x, x, weights, weights, 1.0)
@@ -468,22 +589,23 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
     (gemvs if one_block and rows else tiles)()
 
 
-def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple,
-                 x: torch.Tensor, **meta) -> None:
-    """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs, launched as the GEMV's are
-    (`gemv.launch_tiled`): the shape's tuned tile, the first candidate under the interpreter or inside a capture."""
+def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple, **meta) -> None:
+    """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs (args[0], args[1]: its input and its routed
+    weight), launched as the GEMV's are (`gemv.launch_tiled`): the shape's tuned tile, the first candidate under
+    the interpreter or inside a capture."""
     untimed = tile_of(K_CONTIGUOUS_TILES[0], k_dim)
+    x, weight = args[:2]
     launch_tiled(kernel, tuned_kernel, lambda block_n: (triton.cdiv(n, block_n), pairs), args, {"TOPK": topk, **meta},
-                 None, (kernel.__name__, k_dim, n, topk, x.dtype, x.device), untimed)
+                 None, (kernel.__name__, k_dim, n, topk, x.dtype, weight.dtype, x.device), untimed)
 
 
 _SUM_BLOCK = 512  # columns a program of `_pair_sums`
 
 
 @launch_fused_moe.register_fake
-def _(x, w1, w2, w3, s1, s2, s3, weights, pair_ids, block_expert, routed_indices, out, summed, residual, k, blocks,
-      num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows, logits, bias, load, sigmoid,
-      normalise, route_scale) -> None:
+def _(x, w1, w2, w3, s1, s2, s3, scales, weights, pair_ids, block_expert, routed_indices, out, summed, residual, k,
+      blocks, num_experts, one_block, block_m, block_n, block_k, num_warps, num_stages, rows, logits, bias, load,
+      sigmoid, normalise, route_scale) -> None:
     return None
 
 
@@ -495,7 +617,7 @@ def rows_faster(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_exper
 
 
 def _rows_key(x: torch.Tensor, w1: torch.Tensor, pairs: int, k: int, num_experts: int) -> tuple:
-    return pairs, k, num_experts, *w1.shape[1:], x.dtype, x.device
+    return pairs, k, num_experts, *w1.shape[1:], x.dtype, w1.dtype, x.device
 
 
 __all__ = ["MoEConfig", "default_config", "fused_experts", "group_by_expert", "rows_faster"]
