@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from hf_reference import save_hf
+from mtp_cycle import CYCLE, MTP_CFG, train_on_cycle
 from seekforge import LLM, SamplingParams, ops
 from seekforge.engine.sampler import SAMPLE, Row, filter_logits, make_batch, sample, target_logits
 from seekforge.engine.sequence import Request, Sequence
 from seekforge.engine.spec_decode import verify
-from seekforge.model import ModelConfig, Transformer
-
-MTP_CFG = ModelConfig(vocab_size=64, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                      n_heads=4, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                      v_head_dim=8, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
-                      max_seq_len=256, n_mtp_modules=1, init_std=0.1, eos_token_id=None)
-CYCLE = [5, 9, 12, 33, 7, 21, 40, 2, 17, 50, 3]
-
+from seekforge.model import Transformer
 
 # transformers writes num_nextn_predict_layers but no MTP weights; the loader says so, rightly
 pytestmark = [pytest.mark.filterwarnings("ignore:config.json declares"), pytest.mark.usefixtures("one_thread")]
@@ -35,17 +29,7 @@ def random_mtp_model():
 def trained_mtp_model():
     """Trained briefly on a repeating cycle, main head and MTP module alike: drafts are mostly right."""
     torch.manual_seed(0)
-    model = Transformer(MTP_CFG)
-    data = torch.tensor(CYCLE * 20)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        starts = torch.randint(0, len(CYCLE), (8,)).tolist()
-        batch = torch.stack([data[s:s + 49] for s in starts])
-        out = model.loss(batch[:, :-1], batch[:, 1:], mtp_weight=1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    return model.eval()
+    return train_on_cycle(Transformer(MTP_CFG), 30)
 
 
 def seq_for(params: SamplingParams, prompt=(1, 2, 3), key=None) -> Sequence:

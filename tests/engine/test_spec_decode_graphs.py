@@ -9,43 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtp_cycle import CYCLE, MTP_CFG, train_on_cycle
 from seekforge import LLM, SamplingParams
 from seekforge.engine import model_runner
 from seekforge.engine.model_runner import Chunk
-from seekforge.model import ModelConfig, Transformer
-
-CFG = ModelConfig(vocab_size=64, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=4,
-                  q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                  n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, max_seq_len=256, n_mtp_modules=1,
-                  init_std=0.1, eos_token_id=None)
-CYCLE = [5, 9, 12, 33, 7, 21, 40, 2, 17, 50, 3]
+from seekforge.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(model: Transformer, steps: int) -> None:
-    """Train on a repeating cycle, main head and MTP module alike."""
-    dev = model.embed.weight.device
-    data = torch.tensor(CYCLE * 20, device=dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(CYCLE), (8,)).tolist()
-        batch = torch.stack([data[s:s + 49] for s in starts])
-        out = model.loss(batch[:, :-1], batch[:, 1:], mtp_weight=1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
 def model():
     """Trained briefly on a repeating cycle: most drafts are kept, some are not."""
     torch.manual_seed(0)
-    model = Transformer(CFG)
-    train(model, 20)
-    return model
+    return train_on_cycle(Transformer(MTP_CFG), 20)
 
 
 def prompts():
@@ -161,9 +138,9 @@ def test_cuda_mtp_graphs_equal_eager(model, batch, compile, monkeypatch):
     kernels), so the model is trained on until its next token is near certain: a seeded draw (or an argmax) can
     then only part where the two paths' probabilities differ by far more than rounding."""
     counts = count_replays(monkeypatch)
-    gpu_model = Transformer(CFG).cuda()
+    gpu_model = Transformer(MTP_CFG).cuda()
     gpu_model.load_state_dict(model.state_dict())
-    train(gpu_model, 60)
+    train_on_cycle(gpu_model, 60)
     gpu_model = gpu_model.to(torch.bfloat16).eval()
     batch_prompts = [(CYCLE * 3)[i:i + 4 + 3 * i] for i in range(batch)]
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
