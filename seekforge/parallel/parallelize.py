@@ -13,7 +13,8 @@ final norm, head and the MTP modules' own norms and projection, which `Transform
 MTP module's forward). `Transformer.loss` and `Transformer.logits_at` (GRPO's) are registered as forward methods, so
 the root's parameters are gathered for them as for `forward`. Mixed precision keeps fp32 master weights and reduces gradients in fp32; in bf16 the
 parameters are gathered in bf16 for compute, but the MoE routers (their own units) in fp32 as DeepSeek-V3 keeps
-them; in fp32 everything is fp32 and the result is the single-process one up to the order of summation.
+them; in fp32 everything is fp32 and the result is the single-process one up to the order of summation (without
+autocast, parameters of another dtype are gathered and reduced in it).
 """
 
 from __future__ import annotations
@@ -77,15 +78,21 @@ def checkpoint_blocks(model: Transformer | PipelineModel) -> None:
 
 def shard(model: Transformer | PipelineModel, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
     """FSDP2 (`fully_shard`): expert-parallel experts over `mesh.expert_fsdp`, then each block and the root over
-    `mesh.fsdp` (see the module doc)."""
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    `mesh.fsdp` (see the module doc). Gradients are reduced in fp32 under mixed precision (the parameters, fp32,
+    gathered in `compute_dtype`); without it they are reduced in the parameters' own dtype, that of the gradients,
+    so that no cast into and out of a wider reduction buffer is paid for nothing. Each unit is freed after its
+    forward and gathered again for its backward, except the last block's, whose backward follows at once (the
+    root's, as FSDP2 does for a root, is kept too)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                  reduce_dtype=None if compute_dtype is None else torch.float32)
     router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    for block in blocks(model):
+    units = blocks(model)
+    for block in units:
         if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallel):
             fully_shard(block.ffn.experts, mesh=mesh.expert_fsdp, mp_policy=policy)
         if compute_dtype is not None and isinstance(block.ffn, MoE):
             fully_shard(block.ffn.gate, mesh=mesh.fsdp, mp_policy=router)
-        fully_shard(block, mesh=mesh.fsdp, mp_policy=policy)
+        fully_shard(block, mesh=mesh.fsdp, mp_policy=policy, reshard_after_forward=block is not units[-1])
     if isinstance(model, PipelineModel):
         for stage in model.stages:
             fully_shard(stage, mesh=mesh.fsdp, mp_policy=policy)
