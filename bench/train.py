@@ -6,6 +6,7 @@ config and batch, in one run, with the machine's ceilings and MFU.
     python bench/train.py ... --json out.json
     python bench/train.py --config 16b --batch 1 --seq 4096 --compile --distributed --skip-transformers
     python bench/train.py --config 16b --batch 1 --seq 4096 --distributed --skip-transformers --max-seq
+    python bench/train.py --config 16b --layers 8 --batch 1 --seq 4096 --compile --distributed --mixed ...
 
 MFU = tokens/s x training FLOPs per token (6 x active matmul parameters + causal attention) over the
 bf16 (GPU) or fp32 (CPU) matmul ceiling measured in the same run. Both sides run without MTP (transformers
@@ -13,14 +14,23 @@ has none) and without the optimizer step; the experts of transformers use its be
 
 --distributed adds, in the same run, seekforge through the distributed code path on a process group of one
 rank (seekforge.parallel.parallelize: FSDP2 over the one-rank mesh, with and without activation checkpointing
-per block, compiled with --compile), its weights in --dtype as the plain side's, so that the ratio is the
-path's own cost. --max-seq then also searches, for each seekforge side, the longest --seq (a multiple of 256)
-whose step fits in memory, at --batch: activation checkpointing's gain.
+per block, compiled with --compile), in the plain side's precision, so that the ratio is the path's own cost;
+--keep-gathered adds FSDP2 with every block kept gathered from its forward to its backward, which prices the
+backward's second gather. --max-seq then also searches, for each seekforge side, the longest --seq (a multiple
+of 1024) whose step fits in memory, at --batch, building the model afresh for each try: activation
+checkpointing's gain (search without --compile, which would compile every length anew).
+
+Precision: by default every side's weights are in --dtype (bf16 on CUDA) and so are the gradients, and FSDP2
+gathers and reduces in it. --mixed is the trainer's precision instead: fp32 master weights and bf16 compute,
+the plain model and transformers under bf16 autocast, FSDP2 gathering bf16 and reducing in fp32 (as
+`seekforge train` with precision bf16). Its fp32 weights and gradients take twice the memory: --layers cuts
+the preset to fewer layers where the whole one does not fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -54,24 +64,38 @@ def _measure(step, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distributed: str | None = None):
-    """The plain model's step, or with `distributed` ("fsdp" or "fsdp+ac") the step through seekforge.parallel on
-    a one-rank process group."""
+def _autocast(device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distributed: str | None = None,
+                   amp: torch.dtype | None = None):
+    """The plain model's step, or with `distributed` ("fsdp", "fsdp-kept" or "fsdp+ac") the step through
+    seekforge.parallel on a one-rank process group. Weights in `dtype`; `amp`: the compute dtype of autocast
+    (mixed precision, as the trainer runs it), None for none."""
     with torch.device(device), default_dtype(dtype):
         model = Transformer(cfg.replace(n_mtp_modules=0)).train()
     if distributed is not None:
+        from torch.distributed.fsdp import FSDPModule
+
         from seekforge.parallel.config import ParallelConfig
         from seekforge.parallel.parallelize import parallelize
 
         layout = ParallelConfig(activation_checkpointing=distributed == "fsdp+ac").resolve(1)
-        parallelize(model, one_rank_mesh(layout, device), layout, compile=compile_)
+        parallelize(model, one_rank_mesh(layout, device), layout, compute_dtype=amp, compile=compile_)
+        if distributed == "fsdp-kept":
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_reshard_after_forward(False, recurse=False)
     elif compile_:
         from seekforge.parallel.compile import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, amp)
 
     def step(tokens=tokens, labels=labels):
-        model.loss(tokens, labels).loss.backward()
+        with _autocast(device, amp):
+            loss = model.loss(tokens, labels).loss
+        loss.backward()
         for p in model.parameters():
             p.grad = None
 
@@ -89,9 +113,10 @@ def one_rank_mesh(layout, device):
     return build_mesh(layout, device.type)
 
 
-def longest_seq(step_at, start: int, limit: int, device) -> int:
-    """The longest multiple of 256 from `start` up to about `limit` whose step (`step_at(seq)` builds and runs
-    one) fits in memory: doubling, then bisection. 0 when `start` does not fit."""
+def longest_seq(step_at, start: int, limit: int, device, unit: int = 1024) -> int:
+    """The longest multiple of `unit` from `start` up to `limit` whose steps (`step_at(seq)` builds a model and
+    runs its steps) fit in memory: doubling, then bisection. 0 when `start` does not fit. Each try builds its own
+    model, so that a step cut short by running out of memory (FSDP2's state half way) leaves nothing behind."""
 
     def fits(seq: int) -> bool:
         try:
@@ -107,16 +132,20 @@ def longest_seq(step_at, start: int, limit: int, device) -> int:
 
     if not fits(start):
         return 0
-    lo, hi = start, start * 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 256:
-        mid = (lo + hi) // 2 // 256 * 256
+    lo, hi = start, min(start * 2, limit)
+    while hi > lo and fits(hi):
+        lo, hi = hi, min(hi * 2, limit)
+    if hi == lo:
+        return lo
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        if mid <= lo:
+            break
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
-def transformers_step(cfg, tokens, labels, dtype, device, experts: str):
+def transformers_step(cfg, tokens, labels, dtype, device, experts: str, amp: torch.dtype | None = None):
     import transformers
 
     hf_cfg = cfg.replace(n_mtp_modules=0).to_hf_dict()
@@ -126,7 +155,9 @@ def transformers_step(cfg, tokens, labels, dtype, device, experts: str):
                                                               experts_implementation=experts).train()
 
     def step():
-        model(input_ids=tokens, labels=labels).loss.backward()
+        with _autocast(device, amp):
+            loss = model(input_ids=tokens, labels=labels).loss
+        loss.backward()
         for p in model.parameters():
             p.grad = None
 
@@ -136,6 +167,7 @@ def transformers_step(cfg, tokens, labels, dtype, device, experts: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small")
+    ap.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers (memory)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -147,6 +179,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile seekforge's blocks (as `compile=true` trains)")
     ap.add_argument("--distributed", action="store_true",
                     help="also run seekforge through FSDP2 on one rank, with and without activation checkpointing")
+    ap.add_argument("--keep-gathered", action="store_true",
+                    help="with --distributed: also FSDP2 with every block kept gathered from forward to backward")
+    ap.add_argument("--mixed", action="store_true",
+                    help="fp32 master weights under bf16 autocast on every side (the trainer's precision)")
     ap.add_argument("--max-seq", action="store_true", help="also find each seekforge side's longest --seq that fits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -155,55 +191,76 @@ def main() -> None:
     if args.max_seq and device.type != "cuda":
         ap.error("--max-seq searches up to the GPU's memory: it needs a CUDA device")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.mixed and dtype == torch.float32:
+        ap.error("--mixed computes in --dtype under autocast: give a 16-bit --dtype (bfloat16)")
+    weights, amp = (torch.float32, dtype) if args.mixed else (dtype, None)
     cfg = ModelConfig.load(args.config)
+    if args.layers is not None:
+        if not cfg.n_dense_layers < args.layers <= cfg.n_layers:
+            ap.error(f"--layers must be above the {cfg.n_dense_layers} dense layers and at most the preset's "
+                     f"{cfg.n_layers}")
+        cfg = cfg.replace(n_layers=args.layers)
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     n_tokens = args.batch * args.seq
     flops_per_token = training_flops_per_token(cfg, args.seq)
-    result = {"bench": "train_fwd_bwd", "config": args.config, "batch": args.batch, "seq": args.seq,
-              "dtype": str(dtype).removeprefix("torch."), "machine": machine(device),
+    result = {"bench": "train_fwd_bwd", "config": args.config, "layers": cfg.n_layers, "batch": args.batch,
+              "seq": args.seq, "dtype": str(dtype).removeprefix("torch."),
+              "precision": "fp32 weights, bf16 autocast" if args.mixed else f"{dtype} weights and gradients",
+              "machine": machine(device),
               "ceilings": ceilings(device, dtype), "flops_per_token": flops_per_token}
     peak = result["ceilings"]["matmul_flops"]
     name = "seekforge[compiled]" if args.compile else "seekforge"
-    sides = [(name, lambda: seekforge_step(cfg, tokens, labels, dtype, device, args.compile))]
+    paths = [None]
     if args.distributed:
-        for path in ("fsdp", "fsdp+ac"):
-            sides.append((f"seekforge[{path}{',compiled' if args.compile else ''}]",
-                          lambda path=path: seekforge_step(cfg, tokens, labels, dtype, device, args.compile, path)))
+        paths += ["fsdp", "fsdp-kept", "fsdp+ac"] if args.keep_gathered else ["fsdp", "fsdp+ac"]
+    sides = [(name if path is None else f"seekforge[{path}{',compiled' if args.compile else ''}]",
+              lambda t=tokens, l=labels, path=path: seekforge_step(cfg, t, l, weights, device, args.compile, path, amp))
+             for path in paths]
     if not args.skip_transformers:
         sides.append((f"transformers[{args.experts}]",
-                      lambda: transformers_step(cfg, tokens, labels, dtype, device, args.experts)))
+                      lambda: transformers_step(cfg, tokens, labels, weights, device, args.experts, amp)))
+
+    def write():
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+
     for side, build in sides:
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
         model, step = build()
         seconds = _measure(step, device, args.warmup, args.iters)
         tps = n_tokens / seconds
         result[side] = {"tokens_per_s": tps, "step_s": seconds, "mfu": tps * flops_per_token / peak}
         if device.type == "cuda":
             result[side]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            result[side]["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            # the caching allocator freeing its cache to retry a failed cudaMalloc: a synchronising stall
+            result[side]["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
             torch.cuda.reset_peak_memory_stats()
         print(f"{side:28s} {tps:12.1f} tok/s  MFU {result[side]['mfu']:.3%}"
-              + (f"  peak {result[side]['peak_mem_gb']:.1f} GB" if device.type == "cuda" else ""), flush=True)
-        if args.max_seq and side.startswith("seekforge"):
-            def step_at(seq, step=step):
-                t = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
-                step(t, torch.roll(t, -1, dims=1))
-
-            result[side]["max_seq"] = longest_seq(step_at, args.seq, cfg.max_seq_len, device)
-            print(f"{side:28s} longest sequence that fits: {result[side]['max_seq']} tokens x {args.batch}", flush=True)
+              + (f"  peak {result[side]['peak_mem_gb']:.1f} GB, allocator retries {result[side]['alloc_retries']}"
+                 if device.type == "cuda" else ""), flush=True)
+        if side.startswith("transformers"):
+            result["ratio"] = result[name]["tokens_per_s"] / tps
+            print(f"seekforge / transformers: {result['ratio']:.2f}x")
+        elif side != name:
+            result[side]["vs_plain"] = tps / result[name]["tokens_per_s"]
+            print(f"{side} / {name}: {result[side]['vs_plain']:.3f}")
         del model, step
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for side, _ in sides[1:]:
-        if side.startswith("transformers"):
-            result["ratio"] = result[name]["tokens_per_s"] / result[side]["tokens_per_s"]
-            print(f"seekforge / transformers: {result['ratio']:.2f}x")
-        else:
-            result[side]["vs_plain"] = result[side]["tokens_per_s"] / result[name]["tokens_per_s"]
-            print(f"{side} / {name}: {result[side]['vs_plain']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.max_seq and side.startswith("seekforge"):
+            def step_at(seq, build=build):
+                t = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
+                _, step = build(t, torch.roll(t, -1, dims=1))
+                for _ in range(2):  # the second step as the first, with the allocator's cache as a run has it
+                    step()
+
+            result[side]["max_seq"] = longest_seq(step_at, args.seq, cfg.max_seq_len, device)
+            print(f"{side:28s} longest sequence that fits: {result[side]['max_seq']} tokens x {args.batch}", flush=True)
+        write()
 
 
 if __name__ == "__main__":
