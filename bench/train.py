@@ -125,6 +125,10 @@ def longest_seq(step_at, start: int, limit: int, device, unit: int = 1024) -> in
             return True
         except torch.OutOfMemoryError:
             return False
+        except RuntimeError as e:  # an allocation outside the caching allocator (cuBLAS's workspace, NCCL's)
+            if "out of memory" not in str(e):
+                raise
+            return False
         finally:
             gc.collect()
             if device.type == "cuda":
