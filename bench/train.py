@@ -102,6 +102,31 @@ def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distribut
     return model, step
 
 
+def _time_side(build, device, warmup: int, iters: int) -> dict:
+    """Build a side and time its step: seconds a step and, on CUDA, its memory; {"out_of_memory": True} where the
+    model or its step does not fit. The model is freed before returning."""
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+    def timed() -> float:  # the model lives in this frame only, so that it is freed on an out-of-memory error too
+        _, step = build()
+        return _measure(step, device, warmup, iters)
+
+    try:
+        out = {"step_s": timed()}
+    except torch.OutOfMemoryError:
+        out = {"out_of_memory": True}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        # the caching allocator freeing its cache to retry a failed cudaMalloc: a synchronising stall
+        out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def one_rank_mesh(layout, device):
     """The meshes of a one-process group (as torchrun would start it with --nproc-per-node 1)."""
     from seekforge.parallel.mesh import build_mesh, init_distributed
@@ -114,8 +139,8 @@ def one_rank_mesh(layout, device):
 
 
 def longest_seq(step_at, start: int, limit: int, device, unit: int = 1024) -> int:
-    """The longest multiple of `unit` from `start` up to `limit` whose steps (`step_at(seq)` builds a model and
-    runs its steps) fit in memory: doubling, then bisection. 0 when `start` does not fit. Each try builds its own
+    """The longest multiple of `unit` from `start` up to `limit` whose step (`step_at(seq)` builds a model and
+    runs a step) fits in memory: doubling, then bisection. 0 when `start` does not fit. Each try builds its own
     model, so that a step cut short by running out of memory (FSDP2's state half way) leaves nothing behind."""
 
     def fits(seq: int) -> bool:
@@ -231,36 +256,26 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(result, indent=2))
 
     for side, build in sides:
-        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
-        model, step = build()
-        seconds = _measure(step, device, args.warmup, args.iters)
-        tps = n_tokens / seconds
-        result[side] = {"tokens_per_s": tps, "step_s": seconds, "mfu": tps * flops_per_token / peak}
-        if device.type == "cuda":
-            result[side]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            result[side]["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-            # the caching allocator freeing its cache to retry a failed cudaMalloc: a synchronising stall
-            result[side]["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
-            torch.cuda.reset_peak_memory_stats()
-        print(f"{side:28s} {tps:12.1f} tok/s  MFU {result[side]['mfu']:.3%}"
-              + (f"  peak {result[side]['peak_mem_gb']:.1f} GB, allocator retries {result[side]['alloc_retries']}"
-                 if device.type == "cuda" else ""), flush=True)
-        if side.startswith("transformers"):
-            result["ratio"] = result[name]["tokens_per_s"] / tps
-            print(f"seekforge / transformers: {result['ratio']:.2f}x")
-        elif side != name:
-            result[side]["vs_plain"] = tps / result[name]["tokens_per_s"]
-            print(f"{side} / {name}: {result[side]['vs_plain']:.3f}")
-        del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        result[side] = _time_side(build, device, args.warmup, args.iters)
+        if "step_s" in result[side]:
+            tps = n_tokens / result[side]["step_s"]
+            result[side].update(tokens_per_s=tps, mfu=tps * flops_per_token / peak)
+            print(f"{side:28s} {tps:12.1f} tok/s  MFU {result[side]['mfu']:.3%}"
+                  + (f"  peak {result[side]['peak_mem_gb']:.1f} GB, allocator retries "
+                     f"{result[side]['alloc_retries']}" if device.type == "cuda" else ""), flush=True)
+            if "tokens_per_s" in result[name] and side.startswith("transformers"):
+                result["ratio"] = result[name]["tokens_per_s"] / tps
+                print(f"seekforge / transformers: {result['ratio']:.2f}x")
+            elif "tokens_per_s" in result[name] and side != name:
+                result[side]["vs_plain"] = tps / result[name]["tokens_per_s"]
+                print(f"{side} / {name}: {result[side]['vs_plain']:.3f}")
+        else:
+            print(f"{side:28s} out of memory at {args.batch} x {args.seq}", flush=True)
         if args.max_seq and side.startswith("seekforge"):
             def step_at(seq, build=build):
                 t = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
                 _, step = build(t, torch.roll(t, -1, dims=1))
-                for _ in range(2):  # the second step as the first, with the allocator's cache as a run has it
-                    step()
+                step()
 
             result[side]["max_seq"] = longest_seq(step_at, args.seq, cfg.max_seq_len, device)
             print(f"{side:28s} longest sequence that fits: {result[side]['max_seq']} tokens x {args.batch}", flush=True)
