@@ -16,7 +16,8 @@ has none) and without the optimizer step; the experts of transformers use its be
 rank (seekforge.parallel.parallelize: FSDP2 over the one-rank mesh, with and without activation checkpointing
 per block, compiled with --compile), in the plain side's precision, so that the ratio is the path's own cost;
 --keep-gathered adds FSDP2 with every block kept gathered from its forward to its backward, which prices the
-backward's second gather. --max-seq then also searches, for each seekforge side, the longest --seq (a multiple
+backward's second gather; --selective adds FSDP2 with selective checkpointing (parallel.activation_checkpointing
+= "selective": the matmuls' and attention's outputs kept, the elementwise work recomputed). --max-seq then also searches, for each seekforge side, the longest --seq (a multiple
 of 1024) whose step fits in memory, at --batch, building the model afresh for each try: activation
 checkpointing's gain (search without --compile, which would compile every length anew).
 
@@ -70,8 +71,8 @@ def _autocast(device, amp: torch.dtype | None):
 
 def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distributed: str | None = None,
                    amp: torch.dtype | None = None):
-    """The plain model's step, or with `distributed` ("fsdp", "fsdp-kept" or "fsdp+ac") the step through
-    seekforge.parallel on a one-rank process group. Weights in `dtype`; `amp`: the compute dtype of autocast
+    """The plain model's step, or with `distributed` ("fsdp", "fsdp-kept", "fsdp+ac" or "fsdp+sac": selective
+    checkpointing) the step through seekforge.parallel on a one-rank process group. Weights in `dtype`; `amp`: the compute dtype of autocast
     (mixed precision, as the trainer runs it), None for none."""
     with torch.device(device), default_dtype(dtype):
         model = Transformer(cfg.replace(n_mtp_modules=0)).train()
@@ -81,7 +82,8 @@ def seekforge_step(cfg, tokens, labels, dtype, device, compile_: bool, distribut
         from seekforge.parallel.config import ParallelConfig
         from seekforge.parallel.parallelize import parallelize
 
-        layout = ParallelConfig(activation_checkpointing=distributed == "fsdp+ac").resolve(1)
+        checkpointing = {"fsdp+ac": True, "fsdp+sac": "selective"}.get(distributed, False)
+        layout = ParallelConfig(activation_checkpointing=checkpointing).resolve(1)
         parallelize(model, one_rank_mesh(layout, device), layout, compute_dtype=amp, compile=compile_)
         if distributed == "fsdp-kept":
             for module in model.modules():
@@ -210,6 +212,8 @@ def main() -> None:
                     help="also run seekforge through FSDP2 on one rank, with and without activation checkpointing")
     ap.add_argument("--keep-gathered", action="store_true",
                     help="with --distributed: also FSDP2 with every block kept gathered from forward to backward")
+    ap.add_argument("--selective", action="store_true",
+                    help="with --distributed: also FSDP2 with selective activation checkpointing (matmuls kept)")
     ap.add_argument("--mixed", action="store_true",
                     help="fp32 master weights under bf16 autocast on every side (the trainer's precision)")
     ap.add_argument("--max-seq", action="store_true", help="also find each seekforge side's longest --seq that fits")
@@ -243,7 +247,7 @@ def main() -> None:
     name = "seekforge[compiled]" if args.compile else "seekforge"
     paths = [None]
     if args.distributed:
-        paths += ["fsdp", "fsdp-kept", "fsdp+ac"] if args.keep_gathered else ["fsdp", "fsdp+ac"]
+        paths += ["fsdp"] + ["fsdp-kept"] * args.keep_gathered + ["fsdp+ac"] + ["fsdp+sac"] * args.selective
     sides = [(name if path is None else f"seekforge[{path}{',compiled' if args.compile else ''}]",
               lambda t=tokens, l=labels, path=path: seekforge_step(cfg, t, l, weights, device, args.compile, path, amp))
              for path in paths]

@@ -13,8 +13,8 @@ def register(subparsers) -> None:
         description="Per-GPU memory (parameters, gradients, optimizer states, activations) of the heaviest pipeline "
                     "stage and the bytes one GPU sends per step along each parallel dimension. Overrides: "
                     "parallel.dp_shard (-1: the rest), parallel.dp_replicate, parallel.tp, parallel.ep (carved out "
-                    "of dp_shard), parallel.pp, parallel.activation_checkpointing=true, zero=1|2|3, seq_len, "
-                    f"micro_batch, micro_batches; {PRECISION_HELP}.")
+                    "of dp_shard), parallel.pp, parallel.activation_checkpointing=true|selective, zero=1|2|3, "
+                    f"seq_len, micro_batch, micro_batches; {PRECISION_HELP}.")
     p.add_argument("--gpus", type=int, required=True, help="world size")
     p.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU in GB (1e9 bytes)")
     # the model and the overrides are one positional list (write them together, before or after the options)
@@ -44,13 +44,14 @@ def format_plan(name, config, out, gpus: int, gpu_memory: float) -> str:
 
     par, split, heavy = out["parallel"], out["split"], out["heaviest"]
     prec = config.precision
+    checkpointing = {True: "on", False: "off"}.get(par.activation_checkpointing, par.activation_checkpointing)
     lines = [
         f"plan for {name} on {gpus} GPUs of {gpu_memory:g} GB (arithmetic from the shapes, not a measurement)",
         f"parameters {out['total_params'] / 1e9:.2f}B; dp_replicate={par.dp_replicate} dp_shard={par.dp_shard} "
         f"tp={par.tp} ep={par.ep} pp={par.pp}; ZeRO-{config.zero}; params {prec.params}, grads {prec.grads}, "
         f"master {prec.master}, moments {prec.moments}",
         f"seq_len {config.seq_len} x micro_batch {config.micro_batch}, {out['micro_batches']} micro-batches a step, "
-        f"activation checkpointing {'on' if par.activation_checkpointing else 'off'}",
+        f"activation checkpointing {checkpointing}",
         f"blocks per stage (layers, then MTP): {', '.join(str(n) for n in split)}",
         "",
         f"memory per GPU, heaviest stage ({heavy.index}, {heavy.blocks} blocks):",

@@ -10,6 +10,7 @@ ranks that hold the same experts. All dp_replicate x dp_shard ranks see differen
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from seekforge.errors import ConfigError
 from seekforge.model.config import ModelConfig
@@ -24,7 +25,9 @@ class ParallelConfig:
     tp: int = 1  # tensor parallelism (attention and dense MLPs)
     ep: int = 1  # expert parallelism, carved out of dp_shard (must divide it)
     pp: int = 1  # pipeline stages
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    # recompute each block's activations in the backward; "selective": keep the outputs of its matmuls and
+    # attention and recompute only the elementwise work between them (less memory saved, less recomputed)
+    activation_checkpointing: bool | Literal["selective"] = False
 
     @property
     def dp(self) -> int:
@@ -37,6 +40,9 @@ class ParallelConfig:
         when given, the model's shapes."""
         if world < 1:
             raise ConfigError(f"{world_name} must be positive, got {world}")
+        if self.activation_checkpointing not in (True, False, "selective"):
+            raise ConfigError(f"parallel.activation_checkpointing must be true, false or \"selective\", got "
+                              f"{self.activation_checkpointing!r}")
         for key in ("dp_replicate", "tp", "ep", "pp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")

@@ -1,10 +1,10 @@
 """Parallelism applied to a model from outside it (torchtitan's order): tensor parallelism (seekforge.parallel.tensor,
 over the dense mesh's "tp"), then expert parallelism (seekforge.parallel.expert, over the sparse mesh's "ep"), then
-activation checkpointing, then torch.compile, then FSDP2. The model's code knows none of it; parameter names
-(checkpoints, Hugging Face export) stay as they are. With parallel.pp > 1 the model is cut into pipeline stages
-after tensor and expert parallelism (seekforge.parallel.pipeline.PipelineModel: 1F1B, as many micro-batches as
-stages) and what follows applies to this rank's stages; `parallelize` returns the PipelineModel, whose parameters
-and state dict are this rank's, under the model's names.
+activation checkpointing (full or selective), then torch.compile, then FSDP2. The model's code knows none of it;
+parameter names (checkpoints, Hugging Face export) stay as they are. With parallel.pp > 1 the model is cut into
+pipeline stages after tensor and expert parallelism (seekforge.parallel.pipeline.PipelineModel: 1F1B, as many
+micro-batches as stages) and what follows applies to this rank's stages; `parallelize` returns the PipelineModel,
+whose parameters and state dict are this rank's, under the model's names.
 
 FSDP2 units (per pipeline stage when pipelined, the stage taking the root's part): with expert parallelism, each
 MoE's routed experts over the ranks that hold the same experts (`Mesh.expert_fsdp`, FSDP2's default mean:
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from seekforge.errors import ConfigError
 from seekforge.model.moe import MoE
@@ -61,7 +61,7 @@ def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, c
                               "set compile=false or parallel.pp=1")
         model = PipelineModel(model, mesh.dense["pp"], schedule="1f1b")
     if layout.activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, selective=layout.activation_checkpointing == "selective")
     if compile:
         compile_blocks(model, compute_dtype)
     if mesh is not None:
@@ -69,11 +69,26 @@ def parallelize(model: Transformer, mesh: Mesh | None, layout: ParallelConfig, c
     return model
 
 
-def checkpoint_blocks(model: Transformer | PipelineModel) -> None:
+def _kept_ops() -> list:
+    """The ops whose outputs selective checkpointing keeps: the matmuls (dense, batched, grouped: the experts)
+    and fused attention, the work that recomputing would cost most."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu"]
+    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
+
+
+def checkpoint_blocks(model: Transformer | PipelineModel, selective: bool = False) -> None:
     """Each block keeps only its inputs for the backward and recomputes the rest there (torch.utils.checkpoint,
-    non-reentrant). The block's forward is wrapped in place, so its parameters keep their names."""
+    non-reentrant); `selective`: it keeps the outputs of its matmuls and attention too and recomputes only the
+    elementwise work (torch's op-level selective checkpointing). The block's forward is wrapped in place, so
+    its parameters keep their names."""
+    options = {}
+    if selective:
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _kept_ops())
     for block in blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **options)
 
 
 def shard(model: Transformer | PipelineModel, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:

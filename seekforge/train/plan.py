@@ -109,6 +109,21 @@ def block_activation_elements(cfg: ModelConfig, layer_id: int, tokens: int, tp: 
     return tokens * (attn + ffn)
 
 
+def block_matmul_elements(cfg: ModelConfig, layer_id: int, tokens: int, tp: int) -> int:
+    """Elements of one block's matmul and attention outputs over `tokens` tokens (what selective checkpointing
+    keeps besides the block's input; head- and width-split tensors divided by tp). An estimate, as
+    block_activation_elements."""
+    h = cfg.n_heads // tp
+    attn = cfg.q_lora_rank + h * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim  # query, latent
+    attn += h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + h * cfg.v_head_dim + cfg.dim  # kv_b, attention, wo
+    if not cfg.is_moe_layer(layer_id):
+        ffn = 2 * cfg.inter_dim // tp + cfg.dim
+    else:  # router logits; each token's k routed copies (w1, w3, w2); the shared experts
+        ffn = cfg.n_routed_experts + cfg.n_activated_experts * (2 * cfg.moe_inter_dim + cfg.dim)
+        ffn += 2 * cfg.n_shared_experts * cfg.moe_inter_dim // tp + cfg.dim
+    return tokens * (attn + ffn)
+
+
 # ---------------------------------------------------------------- the plan
 @dataclass
 class Stage:
@@ -151,7 +166,10 @@ def plan(cfg: ModelConfig, config: PlanConfig, gpus: int) -> dict:
             mem["parameters"] += pb * max(units[i][0] / par.tp + units[i][1] / par.ep for i in ids)
         per_block = [block_activation_elements(cfg, i, tokens, par.tp) for i in ids]
         in_flight = min(par.pp - s, n_micro)  # 1F1B: stage s holds pp - s micro-batches' activations
-        if par.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
+        if par.activation_checkpointing == "selective":  # block inputs and matmul outputs kept, the rest rebuilt
+            kept = sum(block_matmul_elements(cfg, i, tokens, par.tp) for i in ids)
+            held = in_flight * (n * tokens * cfg.dim + kept) + max(per_block)
+        elif par.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
             held = in_flight * n * tokens * cfg.dim + max(per_block)
         else:
             held = in_flight * sum(per_block)

@@ -12,29 +12,60 @@ from seekforge.parallel.config import ParallelConfig
 from seekforge.parallel.parallelize import parallelize
 
 
-def _saved_and_grads(model, tokens, labels):
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _saved_matmuls_and_grads(model, tokens, labels):
+    """Elements autograd keeps for the backward, matmuls run in the backward, and the gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Matmuls.count += func in MATMULS or func.name() == "aten::_grouped_mm"
+            return func(*args, **(kwargs or {}))
+
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         out = model.loss(tokens, labels, mtp_weight=0.3, balance_alpha=1e-4)
-    out.loss.backward()
-    return sum(saved), {name: p.grad for name, p in model.named_parameters()}
+    with Matmuls():
+        out.loss.backward()
+    return sum(saved), Matmuls.count, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _checkpointed(mode, plain):
+    model = Transformer(plain.cfg)
+    model.load_state_dict(plain.state_dict())
+    parallelize(model, None, ParallelConfig(activation_checkpointing=mode).resolve(1))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    return model
 
 
 def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
+    """Full checkpointing keeps the blocks' inputs only and runs their forward again in the backward, matmuls
+    included; selective keeps the matmuls' outputs as well (torch's own storage) and recomputes none of them;
+    neither changes a gradient."""
     cfg = ModelConfig.preset("tiny")
     torch.manual_seed(0)
     plain = Transformer(cfg)
-    checkpointed = Transformer(cfg)
-    checkpointed.load_state_dict(plain.state_dict())
-    parallelize(checkpointed, None, ParallelConfig(activation_checkpointing=True).resolve(1))
-    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    full, selective = _checkpointed(True, plain), _checkpointed("selective", plain)
     tokens = torch.randint(0, cfg.vocab_size, (2, 32))
     labels = torch.roll(tokens, -1, dims=1)
-    kept_plain, grads_plain = _saved_and_grads(plain, tokens, labels)
-    kept, grads = _saved_and_grads(checkpointed, tokens, labels)
-    assert kept < kept_plain / 2  # the blocks' inputs only, where the plain model keeps every intermediate
+    kept_plain, matmuls_plain, grads_plain = _saved_matmuls_and_grads(plain, tokens, labels)
+    kept_full, matmuls_full, grads_full = _saved_matmuls_and_grads(full, tokens, labels)
+    kept_selective, matmuls_selective, grads_selective = _saved_matmuls_and_grads(selective, tokens, labels)
+    assert kept_full < kept_plain / 2  # the blocks' inputs only, where the plain model keeps every intermediate
+    assert kept_selective == kept_full
+    assert matmuls_selective == matmuls_plain < matmuls_full
     for name, g in grads_plain.items():
-        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grads_full[name], g, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grads_selective[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_activation_checkpointing_takes_true_false_or_selective():
+    with pytest.raises(ConfigError, match='parallel.activation_checkpointing must be true, false or "selective"'):
+        ParallelConfig(activation_checkpointing="full").resolve(1)
 
 
 def test_compiled_pipeline_stages_are_refused():

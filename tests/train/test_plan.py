@@ -35,6 +35,19 @@ def test_tiny_by_hand():
     assert all_to_all_bytes(cfg, 4096, 4) == 4096 * 2 * 128 * 2 * 3 / 4 == 1572864
 
 
+def test_selective_checkpointing_keeps_the_matmul_outputs_by_hand():
+    """Selective checkpointing holds what full checkpointing holds plus every block's matmul and attention
+    outputs, in bf16: tiny, per token, attention wq_a 64 + wq_b 4*32 + wkv_a 32+16 + wkv_b 4*32 + attention 4*16
+    + wo 128 = 560; the dense FFN w1, w3 2*384 + w2 128 = 896; a MoE FFN router 8 + 2 experts * (64+64+128)
+    + shared 64+64+128 = 776; three MoE blocks (two layers and the MTP block) and one dense."""
+    cfg = ModelConfig.preset("tiny")
+    held = {mode: plan(cfg, PlanConfig(parallel=ParallelConfig(activation_checkpointing=mode)), 1)
+            ["heaviest"].memory["activations"] for mode in (True, "selective", False)}
+    per_token = (560 + 896) + 3 * (560 + 776)
+    assert held["selective"] - held[True] == 2 * 4096 * per_token
+    assert held[True] < held["selective"] < held[False]
+
+
 def test_deepseek_v3_layout_fits_80gb():
     """671B on 2048 GPUs: PP16, EP64, ZeRO-1 data parallelism, bf16 moments, recomputation."""
     config = PlanConfig(parallel=ParallelConfig(pp=16, ep=64, activation_checkpointing=True), zero=1,
