@@ -11,15 +11,17 @@ Every GEMM multiplies e4m3 operands and accumulates in fp32; its operands are qu
 (the weight gradient contracts over tokens, so its tiles run down the tokens). The high-precision input is
 kept for the backward and quantised again in the weight-gradient tiles; fp32 master weights stay as they are.
 
-Two ways to run one:
+Three ways to run one:
 - `torch._scaled_mm` with block scales (cuBLASLt on sm90, torch's CUDA 12.9+ builds), for dense GEMMs on
   CUDA. Its scale layouts differ between torch versions, so the first use on a device checks each candidate
   layout against the reference on a small problem and keeps the one that agrees; where none does, the
   device takes the reference path (with a warning).
-- the reference: dequantise (q * scale) and multiply in fp32; on any device. It is what the CPU runs, what
-  the tests check against, and the expert GEMMs' path everywhere (torch's grouped scaled GEMM is rowwise-only
-  on sm90); on CUDA the expert GEMMs dequantise into bf16 for torch._grouped_mm, rounding the dequantised
-  values to bf16's 8 bits.
+- Triton kernels for the routed experts' three grouped GEMMs (`seekforge.ops.triton.fp8_grouped`; torch's
+  grouped scaled GEMM is rowwise-only on sm90), where the backend runs Triton (`seekforge.ops.backend`,
+  op "fp8_grouped"; "auto": on CUDA). The activations' quantisation stays in torch, where compile fuses it.
+- the reference: dequantise (q * scale) and multiply in fp32; on any device. It is what the CPU runs and what
+  the tests check against; without the kernels, on CUDA, the expert GEMMs dequantise into bf16 for
+  torch._grouped_mm, rounding the dequantised values to bf16's 8 bits (right numerics, no speed-up).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from seekforge.ops.dispatch import TritonOp
 from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
                                  grouped_row_tiles, quantise_blocks, quantise_row_tiles, quantise_tiles)
 from seekforge.model.moe import _grouped_mm_works, grouped_linear
@@ -175,15 +178,51 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- grouped expert GEMM
+def _load_grouped():
+    from seekforge.ops.triton import fp8_grouped
+
+    return fp8_grouped
+
+
+# The expert GEMMs' Triton kernels (`seekforge.ops.triton.fp8_grouped`): e4m3 operands, fp32 accumulation. Where the
+# backend runs them (`seekforge.ops.backend`; "auto": on CUDA) they replace the dequantising path below.
+GROUPED = TritonOp("fp8_grouped", _load_grouped)
+
+
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `grouped_linear` runs torch._grouped_mm here (its own condition)."""
     return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
+# Rows per expert in the weight gradient's torch._grouped_mm: 16 bytes of bf16.
+_ROW_ALIGN = 8
+
+
+def _aligned_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each expert's rows padded to a positive multiple of _ROW_ALIGN: (where each row goes, the padded segments'
+    cumulative ends as int32, the rows of a buffer that holds them: the bound rows + _ROW_ALIGN * experts, which
+    needs no host synchronisation)."""
+    offsets = offsets.long()
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    padded = ((counts + _ROW_ALIGN - 1) // _ROW_ALIGN * _ROW_ALIGN).clamp(min=_ROW_ALIGN)
+    ends = padded.cumsum(0)
+    rows = torch.arange(expert_of_row.numel(), device=expert_of_row.device)
+    at = (ends - padded)[expert_of_row] + rows - (offsets - counts)[expert_of_row]
+    return at, ends.to(torch.int32), expert_of_row.numel() + _ROW_ALIGN * offsets.numel()
+
+
 def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
     """Per expert e, dy_e^T x_e over its rows -> [experts, out, in] (fp32 on the reference path)."""
     if _grouped_ok(x, x):
-        return torch._grouped_mm(dy.t(), x, offs=offsets)
+        # Where torch._grouped_mm contracts over the rows (both operands 2-D), its CUDA kernel asserts on the device
+        # that every group but one has rows (unless dy^T is column-major and x row-major) and, for an operand laid
+        # out row-major along the rows (as a compiled graph may lay out dy^T), that each group's rows are a
+        # multiple of 16 bytes. Routing gives any counts, empty experts included, so each expert's rows are
+        # copied into zero-padded segments of a positive multiple of 8 rows, which every layout takes.
+        at, ends, total = _aligned_rows(offsets, expert_of_row)
+        dy_p = dy.new_zeros(total, dy.shape[1]).index_copy_(0, at, dy)
+        x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
+        return torch._grouped_mm(dy_p.t(), x_p, offs=ends)
     out = dy.new_zeros(n_experts, dy.shape[1], x.shape[1])
     return out.index_add_(0, expert_of_row, dy.unsqueeze(2) * x.unsqueeze(1))
 
@@ -197,8 +236,11 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, expert_of_row, out_dtype):
         ctx.save_for_backward(x, w, offsets, expert_of_row)
-        dt = _compute_dtype(x.device)
+        kernel = GROUPED.on(x.device)
         with torch.autocast(x.device.type, enabled=False):
+            if kernel is not None:
+                return kernel.fp8_grouped_mm(*quantise_tiles(x), *quantise_blocks(w), offsets, out_dtype)
+            dt = _compute_dtype(x.device)
             x_dq = dequantise_tiles(*quantise_tiles(x), dt)
             w_dq = dequantise_blocks(*quantise_blocks(w), dt)
             return grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
@@ -206,18 +248,29 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets, expert_of_row = ctx.saved_tensors
+        kernel = GROUPED.on(x.device)
         dt = _compute_dtype(x.device)
         dx = dw = None
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                dy_dq = dequantise_tiles(*quantise_tiles(dy), dt)
-                wt_dq = dequantise_blocks(*quantise_blocks(w.transpose(-2, -1)), dt)  # [experts, in, out]
-                dx = grouped_linear(dy_dq, wt_dq, offsets, expert_of_row).to(x.dtype)
+                dyq, dys = quantise_tiles(dy)
+                wq, ws = quantise_blocks(w)  # the forward's blocks; dx = dy W_e reads them transposed
+                if kernel is not None:
+                    dx = kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, x.dtype, transposed=True)
+                else:
+                    wt_dq = dequantise_blocks(wq, ws, dt).transpose(-2, -1)  # [experts, in, out]
+                    dx = grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-                dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row, dt)
-                x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row, dt)
-                dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
+                dyq, dys = quantise_row_tiles(dy, tile_of_row, n_tiles)
+                xq, xs = quantise_row_tiles(x, tile_of_row, n_tiles)
+                if kernel is not None:  # the transposes, so that the contracted rows are innermost
+                    dw = kernel.fp8_grouped_weight_gradient(dyq.t().contiguous(), dys, xq.t().contiguous(), xs,
+                                                            offsets, w.dtype)
+                else:
+                    dy_dq = dequantise_row_tiles(dyq, dys, tile_of_row, dt)
+                    x_dq = dequantise_row_tiles(xq, xs, tile_of_row, dt)
+                    dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
         return dx, dw, None, None, None
 
 

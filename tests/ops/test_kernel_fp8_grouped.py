@@ -1,0 +1,184 @@
+"""The FP8 expert GEMMs of training (`seekforge.ops.triton.fp8_grouped`) against dequantise-and-multiply in fp64 (each
+e4m3 value times its own tile's or block's scale, written here), and `fp8_grouped_linear` through them against its
+reference path (`ops.backend("torch")`): the forward and both gradients.
+
+The scales spread over three orders of magnitude, so a scale read from the wrong tile, block, expert or row tile
+shows as a large error. Rows: several experts, one without rows, counts that are multiples of nothing, an expert
+past one 128-row tile; n and k past one block with partial last blocks.
+
+Without CUDA the kernels run under Triton's interpreter (tests/triton_setup.py).
+"""
+
+import pytest
+import torch
+from triton_setup import CUDA, DEVICE, patch_interpreter
+
+triton = pytest.importorskip("triton")
+patch_interpreter()
+
+from seekforge import ops  # noqa: E402
+from seekforge.errors import ConfigError  # noqa: E402
+from seekforge.fp8.gemm import fp8_grouped_linear  # noqa: E402
+from seekforge.ops.quant import grouped_row_tiles  # noqa: E402
+from seekforge.ops.triton import fp8_grouped  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+COUNTS = [37, 0, 5, 141, 21]  # m = 204
+N, K = 200, 320
+
+
+def _e4m3(shape, g):
+    return (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(FP8)
+
+
+def _scales(shape, g):
+    return torch.rand(shape, generator=g) * 1e-2 + 1e-5
+
+
+def _problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(COUNTS)
+    offsets = counts.cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(COUNTS)), counts)
+    return g, offsets, expert_of_row
+
+
+def _segments():
+    start = 0
+    for e, count in enumerate(COUNTS):
+        yield e, slice(start, start + count)
+        start += count
+
+
+def _tiles(q, scale):
+    """q [m, c] times the scale of its row's 1x128 tile, fp64."""
+    return q.double() * scale.double()[:, torch.arange(q.shape[1]) // 128]
+
+
+def _blocks(q, scale):
+    """q [n, k] times its 128x128 block's scale, fp64."""
+    n, k = q.shape
+    return q.double() * scale.double()[torch.arange(n) // 128][:, torch.arange(k) // 128]
+
+
+def _dev(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+def _assert_close(got, want):
+    got = got.double().cpu()
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("tile", [None, (16, 64, 4, 2)], ids=["default", "64-wide"])
+def test_forward_against_dequantised_operands(tile):
+    g, offsets, _ = _problem(0)
+    m = sum(COUNTS)
+    a, a_s = _e4m3((m, K), g), _scales((m, 3), g)
+    w, w_s = _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g)
+    out = fp8_grouped.fp8_grouped_mm(*_dev(a, a_s, w, w_s, offsets), torch.float32, tile=tile)
+    want = torch.zeros(m, N, dtype=torch.float64)
+    for e, rows in _segments():
+        want[rows] = _tiles(a[rows], a_s[rows]) @ _blocks(w[e], w_s[e]).t()
+    assert out.shape == (m, N) and out.dtype == torch.float32
+    _assert_close(out, want)
+
+
+def test_input_gradient_reads_the_same_blocks_transposed():
+    g, offsets, _ = _problem(1)
+    m = sum(COUNTS)
+    dy, dy_s = _e4m3((m, N), g), _scales((m, 2), g)
+    w, w_s = _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g)
+    out = fp8_grouped.fp8_grouped_mm(*_dev(dy, dy_s, w, w_s, offsets), torch.float32, transposed=True,
+                                     tile=(32, 64, 4, 2))
+    want = torch.zeros(m, K, dtype=torch.float64)
+    for e, rows in _segments():
+        want[rows] = _tiles(dy[rows], dy_s[rows]) @ _blocks(w[e], w_s[e])
+    _assert_close(out, want)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["transposed-copies", "strided-views"])
+def test_weight_gradient_scales_each_experts_own_row_tiles(contiguous):
+    g, offsets, expert_of_row = _problem(2)
+    m = sum(COUNTS)
+    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+    dy, dy_s = _e4m3((m, N), g), _scales((n_tiles, N), g)
+    x, x_s = _e4m3((m, K), g), _scales((n_tiles, K), g)
+    dy_t, x_t = (dy.t().contiguous(), x.t().contiguous()) if contiguous else (dy.t(), x.t())
+    out = fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_s, x_t, x_s, offsets), torch.float32)
+    dy_dq = dy.double() * dy_s.double()[tile_of_row]  # row r, column c: times its tile's scale of column c
+    x_dq = x.double() * x_s.double()[tile_of_row]
+    want = torch.stack([dy_dq[rows].t() @ x_dq[rows] for _, rows in _segments()])
+    assert out.shape == (len(COUNTS), N, K)
+    _assert_close(out, want)
+    assert torch.equal(out[1].cpu(), torch.zeros(N, K))  # the expert without rows
+
+
+def test_grouped_linear_through_the_kernels_matches_its_reference_path():
+    """Forward and both gradients of `fp8_grouped_linear` with the kernels (backend "triton") against the same
+    function's dequantise-and-fp32 path (backend "torch", on the CPU)."""
+    _, offsets, expert_of_row = _problem(3)
+    torch.manual_seed(3)
+    x = torch.randn(sum(COUNTS), K) * torch.logspace(-1, 1, sum(COUNTS)).unsqueeze(1)
+    w = torch.randn(len(COUNTS), N, K) * 0.05
+    dy = torch.randn(sum(COUNTS), N)
+    results = []
+    for kind, device in (("torch", torch.device("cpu")), ("triton", DEVICE)):
+        xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        with ops.backend(kind, ops=["fp8_grouped"]):
+            y = fp8_grouped_linear(xd, wd, offsets.to(device), expert_of_row.to(device))
+            y.backward(dy.to(device))
+        results.append((y.detach().cpu(), xd.grad.cpu(), wd.grad.cpu()))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == torch.float32
+        _assert_close(got, want.double())
+    assert torch.equal(results[1][2][1], torch.zeros(N, K))
+
+
+def test_errors():
+    g, offsets, _ = _problem(4)
+    a, a_s = _e4m3((204, K), g), _scales((204, 3), g)
+    w, w_s = _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g)
+    with pytest.raises(ConfigError, match="float8_e4m3fn"):
+        fp8_grouped.fp8_grouped_mm(a.float(), a_s, w, w_s, offsets, torch.float32)
+    with pytest.raises(ConfigError, match="ceil"):
+        fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets, torch.float32, transposed=True)  # a has k columns
+    with pytest.raises(ConfigError, match="offsets must be"):
+        fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets[:3], torch.float32)
+    with pytest.raises(ConfigError, match="BLOCK_N must divide"):
+        fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets, torch.float32, tile=(16, 96, 4, 2))
+    with pytest.raises(ConfigError, match="row-tile scales"):
+        fp8_grouped.fp8_grouped_weight_gradient(a.t(), a_s, a.t(), a_s.t(), offsets, torch.float32)
+
+
+def test_ops_check_and_compile_as_one_graph():
+    g, offsets, expert_of_row = _problem(5)
+    m = sum(COUNTS)
+    n_tiles = grouped_row_tiles(offsets, expert_of_row)[1]
+    a, a_s, w, w_s, dy_t, dy_s, x_t, x_s, offsets, expert_of_row = _dev(
+        _e4m3((m, K), g), _scales((m, 3), g), _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g),
+        _e4m3((N, m), g), _scales((n_tiles, N), g), _e4m3((K, m), g), _scales((n_tiles, K), g), offsets,
+        expert_of_row)
+    torch.library.opcheck(fp8_grouped.launch_grouped_mm, (a, a_s, w, w_s, offsets, torch.float32, False,
+                                                          [16, 128, 4, 2], N), test_utils=("test_faketensor",))
+    torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient, (dy_t, dy_s, x_t, x_s, offsets, torch.float32),
+                          test_utils=("test_faketensor",))
+
+    def forward(x, w):
+        return fp8_grouped_linear(x, w, offsets, expert_of_row)
+
+    x0 = torch.randn(m, K, device=DEVICE)
+    w0 = torch.randn(len(COUNTS), N, K, device=DEVICE) * 0.05
+    dy = torch.randn(m, N, device=DEVICE)
+    # inductor on the CPU would compile C++: there dynamo's graph and AOTAutograd's backward alone show that the ops
+    # stay in one graph (fullgraph) both ways
+    compiled = torch.compile(forward, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    results = []
+    with ops.backend("triton", ops=["fp8_grouped"]):
+        for fn in (compiled, forward):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fn(x, w)
+            y.backward(dy)
+            results.append((y.detach(), x.grad, w.grad))
+    for got, want in zip(*results):
+        _assert_close(got, want.double().cpu())
