@@ -194,21 +194,17 @@ def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
-# Rows per expert in the weight gradient's torch._grouped_mm: 16 bytes of bf16.
-_ROW_ALIGN = 8
-
-
-def _aligned_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each expert's rows padded to a positive multiple of _ROW_ALIGN: (where each row goes, the padded segments'
-    cumulative ends as int32, the rows of a buffer that holds them: the bound rows + _ROW_ALIGN * experts, which
-    needs no host synchronisation)."""
+def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows sorted by expert laid out with each expert's in a zero-padded segment of a positive multiple of `align`
+    rows: (where each row goes, the segments' cumulative ends as int32, the rows of a buffer that holds them: the
+    bound cdiv(rows, align) * align + align * experts, a multiple of `align` known without host synchronisation)."""
     offsets = offsets.long()
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    padded = ((counts + _ROW_ALIGN - 1) // _ROW_ALIGN * _ROW_ALIGN).clamp(min=_ROW_ALIGN)
+    padded = ((counts + align - 1) // align * align).clamp(min=align)
     ends = padded.cumsum(0)
     rows = torch.arange(expert_of_row.numel(), device=expert_of_row.device)
     at = (ends - padded)[expert_of_row] + rows - (offsets - counts)[expert_of_row]
-    return at, ends.to(torch.int32), expert_of_row.numel() + _ROW_ALIGN * offsets.numel()
+    return at, ends.to(torch.int32), _round_up(expert_of_row.numel(), align) + align * offsets.numel()
 
 
 def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
@@ -218,8 +214,9 @@ def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> t
         # that every group but one has rows (unless dy^T is column-major and x row-major) and, for an operand laid
         # out row-major along the rows (as a compiled graph may lay out dy^T), that each group's rows are a
         # multiple of 16 bytes. Routing gives any counts, empty experts included, so each expert's rows are
-        # copied into zero-padded segments of a positive multiple of 8 rows, which every layout takes.
-        at, ends, total = _aligned_rows(offsets, expert_of_row)
+        # copied into zero-padded segments of a positive multiple of 8 rows (16 bytes of bf16), which every layout
+        # takes.
+        at, ends, total = _padded_rows(offsets, expert_of_row, 8)
         dy_p = dy.new_zeros(total, dy.shape[1]).index_copy_(0, at, dy)
         x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
         return torch._grouped_mm(dy_p.t(), x_p, offs=ends)
@@ -230,6 +227,16 @@ def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> t
 def _compute_dtype(device: torch.device) -> torch.dtype:
     """What the expert GEMMs dequantise into: fp32 (the reference) except on CUDA, where grouped matmul is bf16."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _kernel_weight_gradient(kernel, dy, x, offsets, expert_of_row, out_dtype: torch.dtype) -> torch.Tensor:
+    """The weight gradient through the kernel: dy and x transposed, each expert's rows padded to whole 128-row tiles
+    (zeros, which leave the tiles' scales as they are), so that their 128x1 tiles, none straddling two experts, are
+    the 1x128 tiles of the transposes."""
+    at, ends, total = _padded_rows(offsets, expert_of_row, BLOCK)
+    dy_t = dy.new_zeros(dy.shape[1], total).index_copy_(1, at, dy.t())
+    x_t = x.new_zeros(x.shape[1], total).index_copy_(1, at, x.t())
+    return kernel.fp8_grouped_weight_gradient(*quantise_tiles(dy_t), *quantise_tiles(x_t), ends, out_dtype)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
@@ -261,15 +268,12 @@ class _FP8GroupedLinear(torch.autograd.Function):
                     wt_dq = dequantise_blocks(wq, ws, dt).transpose(-2, -1)  # [experts, in, out]
                     dx = grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-                dyq, dys = quantise_row_tiles(dy, tile_of_row, n_tiles)
-                xq, xs = quantise_row_tiles(x, tile_of_row, n_tiles)
-                if kernel is not None:  # the transposes, so that the contracted rows are innermost
-                    dw = kernel.fp8_grouped_weight_gradient(dyq.t().contiguous(), dys, xq.t().contiguous(), xs,
-                                                            offsets, w.dtype)
+                if kernel is not None:
+                    dw = _kernel_weight_gradient(kernel, dy, x, offsets, expert_of_row, w.dtype)
                 else:
-                    dy_dq = dequantise_row_tiles(dyq, dys, tile_of_row, dt)
-                    x_dq = dequantise_row_tiles(xq, xs, tile_of_row, dt)
+                    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+                    dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row, dt)
+                    x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row, dt)
                     dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
         return dx, dw, None, None, None
 

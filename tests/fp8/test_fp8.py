@@ -183,6 +183,19 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
+def test_weight_gradients_grouped_mm_gets_each_experts_rows_padded_to_a_positive_multiple_of_8():
+    """torch._grouped_mm's CUDA kernel asserts, when it contracts over rows, that groups are non-empty and (for
+    some layouts) 16 bytes of rows: the rows go to zero-padded segments of a positive multiple of 8 rows."""
+    from seekforge.fp8.gemm import _padded_rows
+
+    counts = torch.tensor([3, 0, 8, 9])
+    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
+    at, ends, total = _padded_rows(counts.cumsum(0).to(torch.int32), expert_of_row, 8)
+    assert ends.tolist() == [8, 16, 24, 40] and ends.dtype == torch.int32  # 8, 8 (none), 8, 16 rows
+    assert at.tolist() == [0, 1, 2, *range(16, 24), *range(24, 33)]
+    assert total == 24 + 8 * 4  # a bound known without reading the counts
+
+
 # ---------------------------------------------------------------- the converter
 def _tiny() -> Transformer:
     torch.manual_seed(5)
@@ -358,3 +371,27 @@ def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
     for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
         assert _rel(got.float().cpu(), want) < 2e-2
     assert torch.equal(wc.grad[1].float().cpu(), torch.zeros(128, 256))  # an expert without rows
+
+
+@pytest.mark.gpu
+def test_experts_on_cudas_grouped_mm_path_compile_with_any_row_counts():
+    """The expert GEMMs without the Triton kernels (torch._grouped_mm over dequantised bf16), compiled as the trainer
+    compiles a block: counts that are multiples of nothing and an empty expert, which the weight gradient's
+    grouped GEMM asserted on inside the compiled graph before its rows were padded."""
+    from seekforge import ops
+
+    torch.manual_seed(10)
+    counts = [37, 0, 5, 141, 21]
+    x, w, dy = torch.randn(sum(counts), 256), torch.randn(5, 128, 256) * 0.05, torch.randn(sum(counts), 128)
+    y_ref, dx_ref, dw_ref = _reference_grouped(x, w, counts, dy)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    rows = torch.repeat_interleave(torch.arange(5), torch.tensor(counts)).cuda()
+    xc, wc = x.cuda().bfloat16().requires_grad_(), w.cuda().bfloat16().requires_grad_()
+    compiled = torch.compile(lambda a, b: fp8_grouped_linear(a, b, offsets, rows), fullgraph=True)
+    with ops.backend("torch", ops=["fp8_grouped"]):
+        out = compiled(xc, wc)
+        out.backward(dy.cuda().bfloat16())
+    torch.cuda.synchronize()
+    for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+        assert _rel(got.float().cpu(), want) < 2e-2
+    assert torch.equal(wc.grad[1].float().cpu(), torch.zeros(128, 256))

@@ -97,15 +97,30 @@ def test_input_gradient_reads_the_same_blocks_transposed():
     _assert_close(out, want)
 
 
-@pytest.mark.parametrize("contiguous", [True, False], ids=["transposed-copies", "strided-views"])
-def test_weight_gradient_scales_each_experts_own_row_tiles(contiguous):
+def _padded_transpose(q, scale, tile_of_row):
+    """q [m, c] e4m3 with 128x1 tile scales [tiles, c] -> its transpose with each expert's rows in a zero-padded
+    segment of whole 128-row tiles (at least one), the scales [c, padded rows / 128], the segments' ends."""
+    cols, tiles, scales, ends = [], [], [], []
+    for _, rows in _segments():
+        count = rows.stop - rows.start
+        padded = max(-(-count // 128), 1) * 128
+        cols.append(torch.cat([q[rows].view(torch.uint8), torch.zeros(padded - count, q.shape[1], dtype=torch.uint8)]))
+        first = tile_of_row[rows.start].item() if count else 0
+        scales.append(scale[first:first + padded // 128] if count else torch.ones(1, q.shape[1]))
+        ends.append(padded + (ends[-1] if ends else 0))
+    return (torch.cat(cols).view(FP8).t().contiguous(), torch.cat(scales).t().contiguous(),
+            torch.tensor(ends, dtype=torch.int32))
+
+
+def test_weight_gradient_scales_each_experts_own_row_tiles():
     g, offsets, expert_of_row = _problem(2)
     m = sum(COUNTS)
     tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
     dy, dy_s = _e4m3((m, N), g), _scales((n_tiles, N), g)
     x, x_s = _e4m3((m, K), g), _scales((n_tiles, K), g)
-    dy_t, x_t = (dy.t().contiguous(), x.t().contiguous()) if contiguous else (dy.t(), x.t())
-    out = fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_s, x_t, x_s, offsets), torch.float32)
+    dy_t, dy_ts, ends = _padded_transpose(dy, dy_s, tile_of_row)
+    x_t, x_ts, _ = _padded_transpose(x, x_s, tile_of_row)
+    out = fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_ts, x_t, x_ts, ends), torch.float32)
     dy_dq = dy.double() * dy_s.double()[tile_of_row]  # row r, column c: times its tile's scale of column c
     x_dq = x.double() * x_s.double()[tile_of_row]
     want = torch.stack([dy_dq[rows].t() @ x_dq[rows] for _, rows in _segments()])
@@ -124,7 +139,7 @@ def test_grouped_linear_through_the_kernels_matches_its_reference_path():
     dy = torch.randn(sum(COUNTS), N)
     results = []
     for kind, device in (("torch", torch.device("cpu")), ("triton", DEVICE)):
-        xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        xd, wd = x.to(device, copy=True).requires_grad_(), w.to(device, copy=True).requires_grad_()
         with ops.backend(kind, ops=["fp8_grouped"]):
             y = fp8_grouped_linear(xd, wd, offsets.to(device), expert_of_row.to(device))
             y.backward(dy.to(device))
@@ -147,21 +162,20 @@ def test_errors():
         fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets[:3], torch.float32)
     with pytest.raises(ConfigError, match="BLOCK_N must divide"):
         fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets, torch.float32, tile=(16, 96, 4, 2))
-    with pytest.raises(ConfigError, match="row-tile scales"):
-        fp8_grouped.fp8_grouped_weight_gradient(a.t(), a_s, a.t(), a_s.t(), offsets, torch.float32)
+    with pytest.raises(ConfigError, match="a multiple of 128"):  # rows not in whole tiles
+        fp8_grouped.fp8_grouped_weight_gradient(a.t(), a_s, a.t(), a_s, offsets, torch.float32)
 
 
 def test_ops_check_and_compile_as_one_graph():
     g, offsets, expert_of_row = _problem(5)
     m = sum(COUNTS)
-    n_tiles = grouped_row_tiles(offsets, expert_of_row)[1]
-    a, a_s, w, w_s, dy_t, dy_s, x_t, x_s, offsets, expert_of_row = _dev(
+    a, a_s, w, w_s, dy_t, dy_s, x_t, x_s, ends, offsets, expert_of_row = _dev(
         _e4m3((m, K), g), _scales((m, 3), g), _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g),
-        _e4m3((N, m), g), _scales((n_tiles, N), g), _e4m3((K, m), g), _scales((n_tiles, K), g), offsets,
-        expert_of_row)
+        _e4m3((N, 768), g), _scales((N, 6), g), _e4m3((K, 768), g), _scales((K, 6), g),
+        torch.tensor([128, 128, 256, 512, 768], dtype=torch.int32), offsets, expert_of_row)
     torch.library.opcheck(fp8_grouped.launch_grouped_mm, (a, a_s, w, w_s, offsets, torch.float32, False,
                                                           [16, 128, 4, 2], N), test_utils=("test_faketensor",))
-    torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient, (dy_t, dy_s, x_t, x_s, offsets, torch.float32),
+    torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient, (dy_t, dy_s, x_t, x_s, ends, torch.float32),
                           test_utils=("test_faketensor",))
 
     def forward(x, w):

@@ -10,12 +10,13 @@ them); an expert may have no rows, and nothing need be a multiple of anything (p
   holds two experts' rows, and the grid's bound on them (rows / BLOCK_M + experts) needs no host synchronisation.
   BLOCK_K is the scale block, so each k step reads one scale a row of `a` and one of W: the step's product is
   scaled by their outer product (a column of BLOCK_N dividing 128 lies in one of W's blocks).
-- `fp8_grouped_weight_gradient`: dW_e = dy_e^T x_e, contracting over the expert's rows, both in 128x1 tiles that
-  start again at each expert (`seekforge.ops.quant.grouped_row_tiles`: tile t of expert e is its rows
-  128 t .. 128 t + 127, its scales a row of the [tiles, columns] scale grid). One program an (expert, n block,
-  k block); each k step is one row tile, scaled by the outer product of the two tiles' column scales. Its operands
-  are the transposes dy^T [n, m] and x^T [k, m] (any strides; contiguous ones put the contracted rows innermost,
-  the layout Hopper's FP8 MMA reads).
+- `fp8_grouped_weight_gradient`: dW_e = dy_e^T x_e, contracting over the expert's rows in 128x1 tiles that never
+  straddle two experts. Its operands are the transposes dy^T [n, rows] and x^T [k, rows] with each expert's rows
+  in a segment of whole 128-row tiles, zero-padded (the caller lays them out: `seekforge.fp8.gemm`): the
+  contracted rows innermost and every tile whole and aligned, so its loads are wide vectors (what Hopper's FP8
+  MMA reads, with no mask along the rows), and 128x1 tiles of dy are 1x128 tiles of the padded transpose, their
+  scales [n, rows / 128]. One program an (expert, n block, k block); each k step is one row tile, scaled by the
+  outer product of the two tiles' column scales.
 
 Each is one opaque op to torch.compile (`torch.library.custom_op`), so a compiled block keeps its graph whole and
 fuses the quantisation around it.
@@ -91,32 +92,32 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, N
 
 
 @triton.jit
-def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, N, K,
-                             stride_an, stride_am, stride_ast, stride_asn, stride_bk, stride_bm, stride_bst,
-                             stride_bsk, stride_ce, stride_cn, stride_ck,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_BLOCK: tl.constexpr):
-    """c[e] = A_e @ B_e^T over expert e's rows: a = dy^T [N, m] (element (n, r) at a_ptr + n stride_an + r stride_am),
-    b = x^T [K, m]; row tile t's scale of column n of a at as_ptr + t stride_ast + n stride_asn (b's alike)."""
+def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N, K,
+                             stride_an, stride_am, stride_asn, stride_ast, stride_bk, stride_bm, stride_bsk,
+                             stride_bst, stride_ce, stride_cn, stride_ck,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c[e] = A_e @ B_e^T over expert e's rows, whole 128-row tiles: a = dy^T [N, rows] (element (n, r) at
+    a_ptr + n stride_an + r stride_am), its scale of column n, row tile t at as_ptr + n stride_asn + t stride_ast;
+    b = x^T [K, rows] alike. Expert e's rows are offsets[e - 1] .. offsets[e], both multiples of 128."""
     k_blocks = tl.cdiv(K, BLOCK_K)
     n0, k0 = (tl.program_id(0) // k_blocks) * BLOCK_N, (tl.program_id(0) % k_blocks) * BLOCK_K
     expert = tl.program_id(1)
-    e, starts, ends, firsts, _ = _segments(offsets_ptr, num_experts, SCALE_BLOCK, E_BLOCK)
-    start, end, tile = _of(e, starts, expert), _of(e, ends, expert), _of(e, firsts, expert)
-    cols_n = n0 + tl.arange(0, BLOCK_N)
-    cols_k = k0 + tl.arange(0, BLOCK_K)
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
+    end = tl.load(offsets_ptr + expert).to(tl.int32)
+    cols_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok, k_ok = cols_n < N, cols_k < K
+    a_at = a_ptr + cols_n[:, None] * stride_an
+    b_at = b_ptr + cols_k[None, :] * stride_bk
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for r0 in range(start, end, SCALE_BLOCK):
-        rows = (r0 + tl.arange(0, SCALE_BLOCK)).to(tl.int64)
-        row_ok = rows < end
-        a = tl.load(a_ptr + cols_n[:, None] * stride_an + rows[None, :] * stride_am, mask=n_ok[:, None] & row_ok[None, :],
-                    other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bm + cols_k[None, :] * stride_bk, mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        a_scale = tl.load(as_ptr + tile * stride_ast + cols_n * stride_asn, mask=n_ok, other=0.0)
-        b_scale = tl.load(bs_ptr + tile * stride_bst + cols_k * stride_bsk, mask=k_ok, other=0.0)
+    # whole tiles: no mask along the rows, so that the loads along them stay vectors
+    for tile in range(start // SCALE_BLOCK, end // SCALE_BLOCK):
+        rows = tile * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+        a = tl.load(a_at + rows[None, :] * stride_am, mask=n_ok[:, None], other=0.0)
+        b = tl.load(b_at + rows[:, None] * stride_bm, mask=k_ok[None, :], other=0.0)
+        a_scale = tl.load(as_ptr + cols_n * stride_asn + tile * stride_ast, mask=n_ok, other=0.0)
+        b_scale = tl.load(bs_ptr + cols_k * stride_bsk + tile * stride_bst, mask=k_ok, other=0.0)
         acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
-        tile += 1
     c_at = c_ptr + expert.to(tl.int64) * stride_ce + cols_n[:, None] * stride_cn + cols_k[None, :] * stride_ck
     tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -196,18 +197,18 @@ def _(a, a_scale, w, w_scale, offsets, out_dtype, transposed, tile, outer) -> to
 
 def fp8_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t: torch.Tensor, x_scale: torch.Tensor,
                                 offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """dW [experts, n, k] with dW_e = dy_e^T x_e over expert e's rows (offsets [experts] their cumulative ends), as
-    out_dtype: dy_t [n, m] and x_t [k, m] e4m3 (the transposes of dy [m, n] and x [m, k], any strides), in 128x1
-    tiles that start again at each expert, their scales dy_scale [tiles, n] and x_scale [tiles, k] fp32 (tile t: the
-    rows of `seekforge.ops.quant.grouped_row_tiles`'s tile t; more tiles than used are allowed)."""
-    n, m = dy_t.shape if dy_t.dim() == 2 else (0, -1)
-    _check("FP8 grouped weight gradient", dy_t.dim() == x_t.dim() == 2 and x_t.shape[1] == m and dy_t.dtype == FP8
-           and x_t.dtype == FP8 and dy_scale.dim() == x_scale.dim() == 2 and dy_scale.shape[1] == n
-           and x_scale.shape == (dy_scale.shape[0], x_t.shape[0])
-           and dy_scale.dtype == x_scale.dtype == torch.float32,
-           f"wants dy^T [n, m] and x^T [k, m] float8_e4m3fn with fp32 row-tile scales [tiles, n] and [tiles, k]; got "
-           f"{tuple(dy_t.shape)} {dy_t.dtype}, {tuple(x_t.shape)} {x_t.dtype}, scales {tuple(dy_scale.shape)} "
-           f"{dy_scale.dtype}, {tuple(x_scale.shape)} {x_scale.dtype}")
+    """dW [experts, n, k] with dW_e = dy_e^T x_e over expert e's rows, as out_dtype. dy_t [n, rows] and x_t [k, rows]
+    e4m3: the transposes of dy and x with each expert's rows in a segment of whole 128-row tiles (zero rows after its
+    own), offsets [experts] the segments' ends (multiples of 128; not checked: that would read them on the host);
+    their scales in 1x128 tiles of the transposes, dy_scale [n, rows / 128] and x_scale [k, rows / 128] fp32 (128x1
+    tiles of dy and x, none straddling two experts)."""
+    n, rows = dy_t.shape if dy_t.dim() == 2 else (0, -1)
+    _check("FP8 grouped weight gradient", dy_t.dim() == x_t.dim() == 2 and x_t.shape[1] == rows
+           and rows % BLOCK == 0 and dy_t.dtype == x_t.dtype == FP8 and dy_scale.shape == (n, rows // BLOCK)
+           and x_scale.shape == (x_t.shape[0], rows // BLOCK) and dy_scale.dtype == x_scale.dtype == torch.float32,
+           f"wants dy^T [n, rows] and x^T [k, rows] float8_e4m3fn, rows a multiple of {BLOCK}, with fp32 tile scales "
+           f"[n, rows / {BLOCK}] and [k, rows / {BLOCK}]; got {tuple(dy_t.shape)} {dy_t.dtype}, {tuple(x_t.shape)} "
+           f"{x_t.dtype}, scales {tuple(dy_scale.shape)} {dy_scale.dtype}, {tuple(x_scale.shape)} {x_scale.dtype}")
     _check_offsets(offsets, offsets.shape[0] if offsets.dim() == 1 else -1, dy_t.device)
     return launch_grouped_weight_gradient(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype)
 
@@ -224,10 +225,9 @@ def launch_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x
     block_n, block_k, warps, stages = _WEIGHT_GRADIENT
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), experts)
     _grouped_weight_gradient[grid](
-        dy_t, dy_scale, x_t, x_scale, out, offsets, experts, n, k, dy_t.stride(0), dy_t.stride(1),
-        dy_scale.stride(0), dy_scale.stride(1), x_t.stride(0), x_t.stride(1), x_scale.stride(0), x_scale.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), BLOCK_N=block_n, BLOCK_K=block_k,
-        E_BLOCK=max(triton.next_power_of_2(experts), 2), num_warps=warps, num_stages=stages)
+        dy_t, dy_scale, x_t, x_scale, out, offsets, n, k, dy_t.stride(0), dy_t.stride(1), dy_scale.stride(0),
+        dy_scale.stride(1), x_t.stride(0), x_t.stride(1), x_scale.stride(0), x_scale.stride(1), out.stride(0),
+        out.stride(1), out.stride(2), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
