@@ -229,14 +229,16 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _kernel_weight_gradient(kernel, dy, x, offsets, expert_of_row, out_dtype: torch.dtype) -> torch.Tensor:
-    """The weight gradient through the kernel: dy and x transposed, each expert's rows padded to whole 128-row tiles
-    (zeros, which leave the tiles' scales as they are), so that their 128x1 tiles, none straddling two experts, are
-    the 1x128 tiles of the transposes."""
+def weight_gradient_operands(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
+                             expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The weight-gradient kernel's operands (`fp8_grouped_weight_gradient`'s dy_t, dy_scale, x_t, x_scale, offsets)
+    of dy [m, out] and x [m, in], rows sorted by expert: both transposed, each expert's rows padded to whole 128-row
+    tiles (zeros, which leave the tiles' scales as they are), so that their 128x1 tiles, none straddling two
+    experts, are the 1x128 tiles of the transposes."""
     at, ends, total = _padded_rows(offsets, expert_of_row, BLOCK)
     dy_t = dy.new_zeros(dy.shape[1], total).index_copy_(1, at, dy.t())
     x_t = x.new_zeros(x.shape[1], total).index_copy_(1, at, x.t())
-    return kernel.fp8_grouped_weight_gradient(*quantise_tiles(dy_t), *quantise_tiles(x_t), ends, out_dtype)
+    return (*quantise_tiles(dy_t), *quantise_tiles(x_t), ends)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
@@ -269,7 +271,8 @@ class _FP8GroupedLinear(torch.autograd.Function):
                     dx = grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 if kernel is not None:
-                    dw = _kernel_weight_gradient(kernel, dy, x, offsets, expert_of_row, w.dtype)
+                    dw = kernel.fp8_grouped_weight_gradient(
+                        *weight_gradient_operands(dy, x, offsets, expert_of_row), w.dtype)
                 else:
                     tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
                     dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row, dt)
