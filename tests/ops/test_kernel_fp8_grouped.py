@@ -65,9 +65,15 @@ def _dev(*tensors):
     return [t.to(DEVICE) for t in tensors]
 
 
+# Hopper's FP8 MMA sums a 128-wide k step keeping about 14 bits (DeepSeek-V3, section 3.3.2; tests/fp8 measures
+# 1.3e-4 relative on an H100) before the scaled fp32 accumulation; the interpreter multiplies in fp32. A scale
+# taken from a wrong tile or block is off by orders of magnitude.
+TOLERANCE = 1e-3 if CUDA else 1e-5
+
+
 def _assert_close(got, want):
     got = got.double().cpu()
-    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert float((got - want).norm() / want.norm()) < TOLERANCE
 
 
 @pytest.mark.parametrize("tile", [None, (16, 64, 4, 2)], ids=["default", "64-wide"])
