@@ -20,7 +20,8 @@ experts: the routed experts' three grouped GEMMs (forward, input gradient, weigh
 shape (--tokens x the preset's top-k rows, uniform random routing), for the gate/up shape (dim -> moe_inter) and
 the down shape (moe_inter -> dim): the FP8 Triton kernels (seekforge.ops.triton.fp8_grouped) on operands quantised
 beforehand, against bf16 torch._grouped_mm, in TFLOP/s; and one FP8 expert layer's forward + backward
-(fp8_grouped_linear: quantisation included), eager and compiled, against the bf16 layer's (grouped_linear).
+(fp8_grouped_linear: quantisation included), eager (and with --compile compiled), against the bf16 layer's
+(grouped_linear).
 
 engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
 (128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
@@ -327,9 +328,10 @@ def experts(args) -> dict:
         fp8_layer = lambda *a: layer(fp8_grouped_linear)  # noqa: E731
         bf16_layer = lambda *a: layer(grouped_linear)  # noqa: E731
         row["layer_eager"] = {"fp8": tflops(fp8_layer, 3 * flops), "bf16": tflops(bf16_layer, 3 * flops)}
-        compiled_fp8, compiled_bf16 = torch.compile(fp8_grouped_linear), torch.compile(grouped_linear)
-        row["layer_compiled"] = {"fp8": tflops(lambda: layer(compiled_fp8), 3 * flops),
-                                 "bf16": tflops(lambda: layer(compiled_bf16), 3 * flops)}
+        if args.compile:
+            compiled_fp8, compiled_bf16 = torch.compile(fp8_grouped_linear), torch.compile(grouped_linear)
+            row["layer_compiled"] = {"fp8": tflops(lambda: layer(compiled_fp8), 3 * flops),
+                                     "bf16": tflops(lambda: layer(compiled_bf16), 3 * flops)}
         for gemm, entry in row.items():
             if all(isinstance(v, float) for v in entry.values()):
                 entry["speedup"] = entry["fp8"] / entry["bf16"]
@@ -354,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-len", type=int, default=2048, help="engine: the timed prefill's prompt tokens")
     ap.add_argument("--gate-tokens", type=int, default=32, help="engine: tokens the logits are teacher-forced along")
     ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="engine: each engine's latent cache")
-    ap.add_argument("--compile", action="store_true", help="engine: torch.compile the blocks")
+    ap.add_argument("--compile", action="store_true", help="engine: torch.compile the blocks; experts: also time the "
+                                                           "expert layers compiled")
     ap.add_argument("--model-overrides", default=json.dumps(PARITY_MODEL), help="parity: ModelConfig fields, JSON")
     ap.add_argument("--steps", type=int, default=200, help="parity: optimizer steps per run")
     ap.add_argument("--docs", type=int, default=3000, help="parity: built-in documents")

@@ -194,7 +194,8 @@ def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
-def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor,
+                 align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Rows sorted by expert laid out with each expert's in a zero-padded segment of a positive multiple of `align`
     rows: (where each row goes, the segments' cumulative ends as int32, the rows of a buffer that holds them: the
     bound cdiv(rows, align) * align + align * experts, a multiple of `align` known without host synchronisation)."""

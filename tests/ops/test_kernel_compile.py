@@ -58,14 +58,15 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
                                               (32, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False))},
     **{f"fp8_grouped_{gemm}_bm{bm}": (
         "fp8_grouped", "_grouped_mm", FP8_GROUPED_TYPES,
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "E_BLOCK": 64, "stride_ak": 1, "stride_ask": 1,
-         "stride_cn": 1, **({"stride_bk": 1, "stride_bsk": 1} if gemm == "forward" else {"stride_bn": 1, "stride_bsn": 1})},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "E_BLOCK": 64, "stride_ak": 1, "stride_ask": 1, "stride_cn": 1,
+         # W's rows contiguous along k: read as W^T (forward), or as W itself (input gradient)
+         **({"stride_bk": 1, "stride_bsk": 1} if gemm == "forward" else {"stride_bn": 1, "stride_bsn": 1})},
         warps, stages)
        for gemm in ("forward", "input_gradient") for bm, bn, warps, stages in FP8_GROUPED_TILES},
     "fp8_grouped_weight_gradient": (
         "fp8_grouped", "_grouped_weight_gradient", FP8_GROUPED_TYPES | {"c_ptr": "*fp32"},
-        {"BLOCK_N": FP8_WEIGHT_GRADIENT_TILE[0], "BLOCK_K": FP8_WEIGHT_GRADIENT_TILE[1], "stride_am": 1, "stride_ast": 1,
-         "stride_bm": 1, "stride_bst": 1, "stride_ck": 1}, *FP8_WEIGHT_GRADIENT_TILE[2:]),
+        {"BLOCK_N": FP8_WEIGHT_GRADIENT_TILE[0], "BLOCK_K": FP8_WEIGHT_GRADIENT_TILE[1], "stride_am": 1,
+         "stride_ast": 1, "stride_bm": 1, "stride_bst": 1, "stride_ck": 1}, *FP8_WEIGHT_GRADIENT_TILE[2:]),
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "race": ("race", "_race", {"p_ptr": "*fp32", "key_ptr": "*i64", "counter_ptr": "*i64", "best_ptr": "*fp32",

@@ -106,15 +106,16 @@ def test_input_gradient_reads_the_same_blocks_transposed():
 def _padded_transpose(q, scale, tile_of_row):
     """q [m, c] e4m3 with 128x1 tile scales [tiles, c] -> its transpose with each expert's rows in a zero-padded
     segment of whole 128-row tiles (at least one), the scales [c, padded rows / 128], the segments' ends."""
-    cols, tiles, scales, ends = [], [], [], []
+    rows_out, scales, ends = [], [], []
     for _, rows in _segments():
         count = rows.stop - rows.start
         padded = max(-(-count // 128), 1) * 128
-        cols.append(torch.cat([q[rows].view(torch.uint8), torch.zeros(padded - count, q.shape[1], dtype=torch.uint8)]))
+        zeros = torch.zeros(padded - count, q.shape[1], dtype=torch.uint8)  # e4m3's zero is the byte 0
+        rows_out.append(torch.cat([q[rows].view(torch.uint8), zeros]))
         first = tile_of_row[rows.start].item() if count else 0
         scales.append(scale[first:first + padded // 128] if count else torch.ones(1, q.shape[1]))
         ends.append(padded + (ends[-1] if ends else 0))
-    return (torch.cat(cols).view(FP8).t().contiguous(), torch.cat(scales).t().contiguous(),
+    return (torch.cat(rows_out).view(FP8).t().contiguous(), torch.cat(scales).t().contiguous(),
             torch.tensor(ends, dtype=torch.int32))
 
 

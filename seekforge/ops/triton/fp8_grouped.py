@@ -2,7 +2,8 @@
 fp32 accumulation, each 128-wide k step's product scaled as it joins the accumulator.
 
 Rows are sorted by expert, `offsets` [experts] the cumulative ends of their segments (as torch._grouped_mm takes
-them); an expert may have no rows, and nothing need be a multiple of anything (partial tiles are masked).
+them); an expert may have no rows, row counts are multiples of nothing, and n and k need not be multiples of 128
+(partial tiles are masked).
 
 - `fp8_grouped_mm`: out[rows of e] = a_e W_e^T (the forward; a in 1x128 tiles, W [experts, n, k] in 128x128 blocks),
   or with `transposed` a_e W_e (the input gradient; a [m, n] the output gradient in 1x128 tiles, W's same blocks read
@@ -123,7 +124,7 @@ def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): 128-row blocks where experts have rows enough to fill them (prefill and
-# training: hundreds of rows an expert), 64 otherwise; BLOCK_K is the scale block. 32 KB of operands a stage.
+# training: hundreds of rows an expert), 64 otherwise; BLOCK_K is the scale block. Up to 32 KB of operands a stage.
 _WIDE, _NARROW = (128, 128, 8, 4), (64, 128, 4, 4)
 _WEIGHT_GRADIENT = (128, 128, 8, 4)  # BLOCK_N, BLOCK_K (one tile of columns each), num_warps, num_stages
 
