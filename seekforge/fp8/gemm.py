@@ -208,16 +208,28 @@ def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor,
     return at, ends.to(torch.int32), _round_up(expert_of_row.numel(), align) + align * offsets.numel()
 
 
+# torch._grouped_mm's CUDA kernel asserts on the device that a group's rows are a multiple of 16 bytes wherever the
+# rows are the operand's strided dimension: for the weight gradient (both operands 2-D, contracting over the rows)
+# where dy^T is laid out row-major or x column-major, for the others where x is column-major. Eager layouts avoid
+# both, but a compiled graph chooses its buffers' layouts, and routing gives any row counts. So on the torch path
+# each expert's rows are copied into zero-padded segments of a positive multiple of 8 rows (16 bytes of bf16), which
+# every layout takes (no group empty either: some versions also assert that where they contract over the rows).
+_ROW_ALIGN = 8
+
+
+def _grouped_linear(x, w, offsets, expert_of_row) -> torch.Tensor:
+    """`grouped_linear`, its rows padded as above where it runs torch._grouped_mm."""
+    if not _grouped_ok(x, w):
+        return grouped_linear(x, w, offsets, expert_of_row)
+    at, ends, total = _padded_rows(offsets, expert_of_row, _ROW_ALIGN)
+    x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
+    return torch._grouped_mm(x_p, w.transpose(-2, -1), offs=ends).index_select(0, at)
+
+
 def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
     """Per expert e, dy_e^T x_e over its rows -> [experts, out, in] (fp32 on the reference path)."""
-    if _grouped_ok(x, x):
-        # Where torch._grouped_mm contracts over the rows (both operands 2-D), its CUDA kernel asserts on the device
-        # that every group but one has rows (unless dy^T is column-major and x row-major) and, for an operand laid
-        # out row-major along the rows (as a compiled graph may lay out dy^T), that each group's rows are a
-        # multiple of 16 bytes. Routing gives any counts, empty experts included, so each expert's rows are
-        # copied into zero-padded segments of a positive multiple of 8 rows (16 bytes of bf16), which every layout
-        # takes.
-        at, ends, total = _padded_rows(offsets, expert_of_row, 8)
+    if _grouped_ok(x, x):  # rows padded as above
+        at, ends, total = _padded_rows(offsets, expert_of_row, _ROW_ALIGN)
         dy_p = dy.new_zeros(total, dy.shape[1]).index_copy_(0, at, dy)
         x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
         return torch._grouped_mm(dy_p.t(), x_p, offs=ends)
@@ -253,7 +265,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
             dt = _compute_dtype(x.device)
             x_dq = dequantise_tiles(*quantise_tiles(x), dt)
             w_dq = dequantise_blocks(*quantise_blocks(w), dt)
-            return grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
+            return _grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -269,7 +281,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
                     dx = kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, x.dtype, transposed=True)
                 else:
                     wt_dq = dequantise_blocks(wq, ws, dt).transpose(-2, -1)  # [experts, in, out]
-                    dx = grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
+                    dx = _grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 if kernel is not None:
                     dw = kernel.fp8_grouped_weight_gradient(

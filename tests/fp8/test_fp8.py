@@ -183,9 +183,10 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
-def test_weight_gradients_grouped_mm_gets_each_experts_rows_padded_to_a_positive_multiple_of_8():
-    """torch._grouped_mm's CUDA kernel asserts, when it contracts over rows, that groups are non-empty and (for
-    some layouts) 16 bytes of rows: the rows go to zero-padded segments of a positive multiple of 8 rows."""
+def test_grouped_mm_gets_each_experts_rows_padded_to_a_positive_multiple_of_8():
+    """torch._grouped_mm's CUDA kernel asserts that a group's rows are 16 bytes (bf16: 8 rows) wherever the layout
+    a compiled graph chose strides them, and some versions that no group is empty where it contracts over them:
+    the torch path copies each expert's rows into zero-padded segments of a positive multiple of 8 rows."""
     from seekforge.fp8.gemm import _padded_rows
 
     counts = torch.tensor([3, 0, 8, 9])
@@ -376,8 +377,8 @@ def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
 @pytest.mark.gpu
 def test_experts_on_cudas_grouped_mm_path_compile_with_any_row_counts():
     """The expert GEMMs without the Triton kernels (torch._grouped_mm over dequantised bf16), compiled as the trainer
-    compiles a block: counts that are multiples of nothing and an empty expert, which the weight gradient's
-    grouped GEMM asserted on inside the compiled graph before its rows were padded."""
+    compiles a block: counts that are multiples of nothing and an empty expert, which torch's grouped GEMM asserted
+    on inside the compiled 16b training step before each expert's rows were padded."""
     from seekforge import ops
 
     torch.manual_seed(10)
