@@ -136,14 +136,15 @@ def test_weight_gradient_scales_each_experts_own_row_tiles():
     assert torch.equal(out[1].cpu(), torch.zeros(N, K))  # the expert without rows
 
 
-def test_grouped_linear_through_the_kernels_matches_its_reference_path():
+@pytest.mark.parametrize("n,k", [(N, K), (24, 40)], ids=["past-one-block", "under-one-block"])
+def test_grouped_linear_through_the_kernels_matches_its_reference_path(n, k):
     """Forward and both gradients of `fp8_grouped_linear` with the kernels (backend "triton") against the same
     function's dequantise-and-fp32 path (backend "torch", on the CPU)."""
     _, offsets, expert_of_row = _problem(3)
     torch.manual_seed(3)
-    x = torch.randn(sum(COUNTS), K) * torch.logspace(-1, 1, sum(COUNTS)).unsqueeze(1)
-    w = torch.randn(len(COUNTS), N, K) * 0.05
-    dy = torch.randn(sum(COUNTS), N)
+    x = torch.randn(sum(COUNTS), k) * torch.logspace(-1, 1, sum(COUNTS)).unsqueeze(1)
+    w = torch.randn(len(COUNTS), n, k) * 0.05
+    dy = torch.randn(sum(COUNTS), n)
     results = []
     for kind, device in (("torch", torch.device("cpu")), ("triton", DEVICE)):
         xd, wd = x.to(device, copy=True).requires_grad_(), w.to(device, copy=True).requires_grad_()
@@ -154,7 +155,7 @@ def test_grouped_linear_through_the_kernels_matches_its_reference_path():
     for got, want in zip(results[1], results[0]):
         assert got.dtype == torch.float32
         _assert_close(got, want.double())
-    assert torch.equal(results[1][2][1], torch.zeros(N, K))
+    assert torch.equal(results[1][2][1], torch.zeros(n, k))
 
 
 def test_errors():
