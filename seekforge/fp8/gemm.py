@@ -19,9 +19,10 @@ Three ways to run one:
 - Triton kernels for the routed experts' three grouped GEMMs (`seekforge.ops.triton.fp8_grouped`; torch's
   grouped scaled GEMM is rowwise-only on sm90), where the backend runs Triton (`seekforge.ops.backend`,
   op "fp8_grouped"; "auto": on CUDA). The activations' quantisation stays in torch, where compile fuses it.
-- the reference: dequantise (q * scale) and multiply in fp32; on any device. It is what the CPU runs and what
-  the tests check against; without the kernels, on CUDA, the expert GEMMs dequantise into bf16 for
-  torch._grouped_mm, rounding the dequantised values to bf16's 8 bits (right numerics, no speed-up).
+  On CUDA they are the expert GEMMs' only path: where they cannot run there (backend "torch" for the op,
+  SEEKFORGE_TRITON=0, Triton missing) the expert GEMMs raise ConfigError.
+- the reference: dequantise (q * scale) and multiply in fp32. It is what the CPU runs and what the tests
+  check against.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from seekforge.errors import ConfigError
 from seekforge.ops.dispatch import TritonOp
 from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
                                  grouped_row_tiles, quantise_blocks, quantise_row_tiles, quantise_tiles)
@@ -189,6 +191,19 @@ def _load_grouped():
 GROUPED = TritonOp("fp8_grouped", _load_grouped)
 
 
+def grouped_kernels(device: torch.device):
+    """The expert GEMMs' kernel module where they run on `device`, else None (the reference path). On CUDA the
+    kernels are the only path: torch has no grouped GEMM with block scales, and the reference's fp32 operands
+    (dequantised, [rows, out, in] outer products for the weight gradient) take too much memory at real sizes."""
+    kernels = GROUPED.on(device)
+    if kernels is None and device.type == "cuda":
+        raise ConfigError("FP8 training's expert GEMMs on CUDA run Triton kernels (seekforge.ops.triton.fp8_grouped), "
+                          "which the current choice leaves off (ops.backend 'torch' for op 'fp8_grouped', "
+                          "SEEKFORGE_TRITON=0, or Triton not installed): use the backend 'auto' or 'triton' with "
+                          "Triton installed, or train with fp8=none")
+    return kernels
+
+
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `grouped_linear` runs torch._grouped_mm here (its own condition)."""
     return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
@@ -208,38 +223,12 @@ def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor,
     return at, ends.to(torch.int32), _round_up(expert_of_row.numel(), align) + align * offsets.numel()
 
 
-# torch._grouped_mm's CUDA kernel asserts on the device that a group's rows are a multiple of 16 bytes wherever the
-# rows are the operand's strided dimension: for the weight gradient (both operands 2-D, contracting over the rows)
-# where dy^T is laid out row-major or x column-major, for the others where x is column-major. Eager layouts avoid
-# both, but a compiled graph chooses its buffers' layouts, and routing gives any row counts. So on the torch path
-# each expert's rows are copied into zero-padded segments of a positive multiple of 8 rows (16 bytes of bf16), which
-# every layout takes (no group empty either: some versions also assert that where they contract over the rows).
-_ROW_ALIGN = 8
-
-
-def _grouped_linear(x, w, offsets, expert_of_row) -> torch.Tensor:
-    """`grouped_linear`, its rows padded as above where it runs torch._grouped_mm."""
-    if not _grouped_ok(x, w):
-        return grouped_linear(x, w, offsets, expert_of_row)
-    at, ends, total = _padded_rows(offsets, expert_of_row, _ROW_ALIGN)
-    x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
-    return torch._grouped_mm(x_p, w.transpose(-2, -1), offs=ends).index_select(0, at)
-
-
 def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
     """Per expert e, dy_e^T x_e over its rows -> [experts, out, in] (fp32 on the reference path)."""
-    if _grouped_ok(x, x):  # rows padded as above
-        at, ends, total = _padded_rows(offsets, expert_of_row, _ROW_ALIGN)
-        dy_p = dy.new_zeros(total, dy.shape[1]).index_copy_(0, at, dy)
-        x_p = x.new_zeros(total, x.shape[1]).index_copy_(0, at, x)
-        return torch._grouped_mm(dy_p.t(), x_p, offs=ends)
+    if _grouped_ok(x, x):
+        return torch._grouped_mm(dy.t(), x, offs=offsets)
     out = dy.new_zeros(n_experts, dy.shape[1], x.shape[1])
     return out.index_add_(0, expert_of_row, dy.unsqueeze(2) * x.unsqueeze(1))
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    """What the expert GEMMs dequantise into: fp32 (the reference) except on CUDA, where grouped matmul is bf16."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def weight_gradient_operands(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
@@ -258,20 +247,18 @@ class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, expert_of_row, out_dtype):
         ctx.save_for_backward(x, w, offsets, expert_of_row)
-        kernel = GROUPED.on(x.device)
+        kernel = grouped_kernels(x.device)
         with torch.autocast(x.device.type, enabled=False):
             if kernel is not None:
                 return kernel.fp8_grouped_mm(*quantise_tiles(x), *quantise_blocks(w), offsets, out_dtype)
-            dt = _compute_dtype(x.device)
-            x_dq = dequantise_tiles(*quantise_tiles(x), dt)
-            w_dq = dequantise_blocks(*quantise_blocks(w), dt)
-            return _grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
+            x_dq = dequantise_tiles(*quantise_tiles(x))
+            w_dq = dequantise_blocks(*quantise_blocks(w))
+            return grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets, expert_of_row = ctx.saved_tensors
-        kernel = GROUPED.on(x.device)
-        dt = _compute_dtype(x.device)
+        kernel = grouped_kernels(x.device)
         dx = dw = None
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
@@ -280,16 +267,16 @@ class _FP8GroupedLinear(torch.autograd.Function):
                 if kernel is not None:
                     dx = kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, x.dtype, transposed=True)
                 else:
-                    wt_dq = dequantise_blocks(wq, ws, dt).transpose(-2, -1)  # [experts, in, out]
-                    dx = _grouped_linear(dequantise_tiles(dyq, dys, dt), wt_dq, offsets, expert_of_row).to(x.dtype)
+                    wt_dq = dequantise_blocks(wq, ws).transpose(-2, -1)  # [experts, in, out]
+                    dx = grouped_linear(dequantise_tiles(dyq, dys), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 if kernel is not None:
                     dw = kernel.fp8_grouped_weight_gradient(
                         *weight_gradient_operands(dy, x, offsets, expert_of_row), w.dtype)
                 else:
                     tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-                    dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row, dt)
-                    x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row, dt)
+                    dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row)
+                    x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row)
                     dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
         return dx, dw, None, None, None
 

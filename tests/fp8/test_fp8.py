@@ -183,10 +183,9 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
-def test_grouped_mm_gets_each_experts_rows_padded_to_a_positive_multiple_of_8():
-    """torch._grouped_mm's CUDA kernel asserts that a group's rows are 16 bytes (bf16: 8 rows) wherever the layout
-    a compiled graph chose strides them, and some versions that no group is empty where it contracts over them:
-    the torch path copies each expert's rows into zero-padded segments of a positive multiple of 8 rows."""
+def test_padded_rows_give_each_expert_a_zero_padded_segment_of_a_positive_multiple_of_align():
+    """`_padded_rows` (which lays out the weight-gradient kernel's operands in whole 128-row tiles an expert), here
+    at align 8: where each row goes, the segments' ends, and a buffer bound known without reading the counts."""
     from seekforge.fp8.gemm import _padded_rows
 
     counts = torch.tensor([3, 0, 8, 9])
@@ -195,6 +194,18 @@ def test_grouped_mm_gets_each_experts_rows_padded_to_a_positive_multiple_of_8():
     assert ends.tolist() == [8, 16, 24, 40] and ends.dtype == torch.int32  # 8, 8 (none), 8, 16 rows
     assert at.tolist() == [0, 1, 2, *range(16, 24), *range(24, 33)]
     assert total == 24 + 8 * 4  # a bound known without reading the counts
+
+
+def test_expert_gemms_on_cuda_refuse_to_run_without_their_kernels():
+    """On CUDA the Triton kernels are the expert GEMMs' only path (torch has no grouped GEMM with block scales): a
+    choice that leaves them off is a ConfigError naming the way out, while the CPU runs the reference."""
+    from seekforge import ops
+    from seekforge.fp8.gemm import grouped_kernels
+
+    with ops.backend("torch", ops=["fp8_grouped"]):
+        with pytest.raises(ConfigError, match="expert GEMMs on CUDA run Triton kernels.*'auto' or 'triton'"):
+            grouped_kernels(torch.device("cuda"))
+        assert grouped_kernels(torch.device("cpu")) is None
 
 
 # ---------------------------------------------------------------- the converter
@@ -385,12 +396,9 @@ def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
 
 
 @pytest.mark.gpu
-def test_experts_on_cudas_grouped_mm_path_compile_with_any_row_counts():
-    """The expert GEMMs without the Triton kernels (torch._grouped_mm over dequantised bf16), compiled as the trainer
-    compiles a block: counts that are multiples of nothing and an empty expert, which torch's grouped GEMM asserted
-    on inside the compiled 16b training step before each expert's rows were padded."""
-    from seekforge import ops
-
+def test_experts_on_cuda_compile_with_any_row_counts_through_the_kernels():
+    """The expert GEMMs as the trainer runs them on CUDA (the default backend: the Triton kernels), compiled as it
+    compiles a block, in bf16: counts that are multiples of nothing and an empty expert."""
     torch.manual_seed(10)
     counts = [37, 0, 5, 141, 21]
     x, w, dy = torch.randn(sum(counts), 256), torch.randn(5, 128, 256) * 0.05, torch.randn(sum(counts), 128)
@@ -399,10 +407,8 @@ def test_experts_on_cudas_grouped_mm_path_compile_with_any_row_counts():
     rows = torch.repeat_interleave(torch.arange(5), torch.tensor(counts)).cuda()
     xc, wc = x.cuda().bfloat16().requires_grad_(), w.cuda().bfloat16().requires_grad_()
     compiled = torch.compile(lambda a, b: fp8_grouped_linear(a, b, offsets, rows), fullgraph=True)
-    with ops.backend("torch", ops=["fp8_grouped"]):
-        fp8_grouped_linear(xc.detach(), wc.detach(), offsets, rows)  # eager first: settles grouped matmul's probe
-        out = compiled(xc, wc)
-        out.backward(dy.cuda().bfloat16())
+    out = compiled(xc, wc)
+    out.backward(dy.cuda().bfloat16())
     torch.cuda.synchronize()
     for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
         assert _rel(got.float().cpu(), want) < 2e-2
