@@ -4,6 +4,7 @@ weights (seekforge.model.fp8_weights) against the bf16 engine.
     python bench/fp8.py parity --json docs/benchmarks/fp8-parity-cpu.json   # CPU: fp32 vs simulated FP8
     python bench/fp8.py speed --config 16b --batch 2 --seq 4096 --json out.json  # one GPU: bf16 vs FP8, compiled
     python bench/fp8.py engine --config 16b --device cuda --json out.json   # one GPU: FP8 engine vs bf16 engine
+    python bench/fp8.py experts --config 16b --json out.json  # one GPU: the expert GEMMs, FP8 kernels vs bf16
 
 parity: pretraining (seekforge's trainer, the built-in data) run twice from one seed on the same batches, once
 with fp8=none and once with fp8=blockwise; reports the relative difference of the final and of the averaged late
@@ -14,6 +15,13 @@ on CUDA the baseline is bf16 autocast.
 speed: forward+backward tokens/s of the model in bf16 and with its blocks converted to FP8, both compiled
 (as bench/train.py measures, without MTP or the optimizer step), with MFU against the bf16 matmul ceiling and
 against the blockwise FP8 GEMM's ceiling, both measured in the same run.
+
+experts: the routed experts' three grouped GEMMs (forward, input gradient, weight gradient) at a preset's expert
+shape (--tokens x the preset's top-k rows, uniform random routing), for the gate/up shape (dim -> moe_inter) and
+the down shape (moe_inter -> dim): the FP8 Triton kernels (seekforge.ops.triton.fp8_grouped) on operands quantised
+beforehand, against bf16 torch._grouped_mm, in TFLOP/s; and one FP8 expert layer's forward + backward
+(fp8_grouped_linear: quantisation included), eager (and with --compile compiled), against the bf16 layer's
+(grouped_linear).
 
 engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
 (128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
@@ -266,18 +274,90 @@ def speed(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- the expert GEMMs (GPU)
+def experts(args) -> dict:
+    from ceilings import _timed
+
+    from seekforge.fp8.gemm import GROUPED, fp8_grouped_linear, weight_gradient_operands
+    from seekforge.model.moe import grouped_linear
+
+    device = torch.device(args.device if args.device != "auto" else "cuda")
+    kernel = GROUPED.module()
+    cfg = ModelConfig.load(args.config)
+    n_experts, k = cfg.n_routed_experts, cfg.n_activated_experts
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    chosen = torch.rand(args.tokens, n_experts, generator=gen).topk(k, dim=-1).indices.flatten()
+    counts = torch.bincount(chosen, minlength=n_experts)
+    offsets = counts.cumsum(0).to(torch.int32).to(device)
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts), counts).to(device)
+    m = int(counts.sum())
+    result = {"bench": "fp8_experts", "config": args.config, "tokens": args.tokens, "rows": m, "experts": n_experts,
+              "machine": machine(device), "shapes": {}}
+
+    def tflops(fn, flops: float) -> float | str:
+        try:
+            return flops / _timed(fn, device, args.iters) / 1e12
+        except Exception as err:  # noqa: BLE001 - one failing row is reported, the others still run
+            return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+    for name, (n_in, n_out) in {"gate_up": (cfg.dim, cfg.moe_inter_dim), "down": (cfg.moe_inter_dim, cfg.dim)}.items():
+        x = torch.randn(m, n_in, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n_experts, n_out, n_in, device=device, dtype=torch.bfloat16) * 0.02
+        dy = torch.randn(m, n_out, device=device, dtype=torch.bfloat16)
+        xq, xs = quantise_tiles(x)
+        dyq, dys = quantise_tiles(dy)
+        wq, ws = quantise_blocks(w)
+        wgrad = weight_gradient_operands(dy, x, offsets, expert_of_row)
+        flops = 2 * m * n_in * n_out
+        row = {
+            "forward": {"fp8": tflops(lambda: kernel.fp8_grouped_mm(xq, xs, wq, ws, offsets, torch.bfloat16), flops),
+                        "bf16": tflops(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets), flops)},
+            "input_gradient": {
+                "fp8": tflops(lambda: kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, torch.bfloat16, transposed=True),
+                              flops),
+                "bf16": tflops(lambda: torch._grouped_mm(dy, w, offs=offsets), flops)},
+            "weight_gradient": {
+                "fp8": tflops(lambda: kernel.fp8_grouped_weight_gradient(*wgrad, torch.float32), flops),
+                "bf16": tflops(lambda: torch._grouped_mm(dy.t(), x, offs=offsets), flops)},
+        }
+
+        def layer(fn, x=x, w=w, dy=dy):
+            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+            fn(xg, wg, offsets, expert_of_row).backward(dy)
+
+        fp8_layer = lambda *a: layer(fp8_grouped_linear)  # noqa: E731
+        bf16_layer = lambda *a: layer(grouped_linear)  # noqa: E731
+        row["layer_eager"] = {"fp8": tflops(fp8_layer, 3 * flops), "bf16": tflops(bf16_layer, 3 * flops)}
+        if args.compile:
+            compiled_fp8, compiled_bf16 = torch.compile(fp8_grouped_linear), torch.compile(grouped_linear)
+            row["layer_compiled"] = {"fp8": tflops(lambda: layer(compiled_fp8), 3 * flops),
+                                     "bf16": tflops(lambda: layer(compiled_bf16), 3 * flops)}
+        for gemm, entry in row.items():
+            if all(isinstance(v, float) for v in entry.values()):
+                entry["speedup"] = entry["fp8"] / entry["bf16"]
+            print(f"{name:8s} {gemm:16s} " + "  ".join(
+                f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in entry.items()),
+                flush=True)
+        result["shapes"][name] = {"in": n_in, "out": n_out, "tflops": row}
+        del x, w, dy, xq, wq, dyq, wgrad
+        torch.cuda.empty_cache()
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["parity", "speed", "engine"])
+    ap.add_argument("mode", choices=["parity", "speed", "engine", "experts"])
     ap.add_argument("--config", default=None, help="parity: a train config (default tiny); speed, engine: a model "
                                                     "preset (default 16b)")
     ap.add_argument("--layers", type=int, default=None, help="engine: override n_layers")
+    ap.add_argument("--tokens", type=int, default=8192, help="experts: tokens routed (rows: tokens x top-k)")
     ap.add_argument("--prompt-len", type=int, default=128, help="engine: decode prompts' tokens")
     ap.add_argument("--new-tokens", type=int, default=64, help="engine: tokens each timed decode generates")
     ap.add_argument("--prefill-len", type=int, default=2048, help="engine: the timed prefill's prompt tokens")
     ap.add_argument("--gate-tokens", type=int, default=32, help="engine: tokens the logits are teacher-forced along")
     ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="engine: each engine's latent cache")
-    ap.add_argument("--compile", action="store_true", help="engine: torch.compile the blocks")
+    ap.add_argument("--compile", action="store_true", help="engine: torch.compile the blocks; experts: also time the "
+                                                           "expert layers compiled")
     ap.add_argument("--model-overrides", default=json.dumps(PARITY_MODEL), help="parity: ModelConfig fields, JSON")
     ap.add_argument("--steps", type=int, default=200, help="parity: optimizer steps per run")
     ap.add_argument("--docs", type=int, default=3000, help="parity: built-in documents")
@@ -288,16 +368,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eager", action="store_true", help="speed: without torch.compile")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5, help="speed: timed steps; engine: rounds, best of")
+    ap.add_argument("--iters", type=int, default=5, help="speed: timed steps; engine: rounds, best of; experts: timed "
+                                                         "calls")
     ap.add_argument("--json", default=None, help="write the result here (parity: and its plot, .png)")
     args = ap.parse_args(argv)
     is_parity = args.mode == "parity"
     args.config = args.config or ("tiny" if is_parity else "16b")
-    args.batch = args.batch or {"parity": 8, "speed": 2, "engine": 64}[args.mode]
+    args.batch = args.batch or {"parity": 8, "speed": 2, "engine": 64, "experts": 1}[args.mode]
     args.seq = args.seq or (64 if is_parity else 4096)
     if is_parity and args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {**{"parity": parity, "speed": speed, "engine": engine}[args.mode](args), "commit": commit(),
+    result = {**{"parity": parity, "speed": speed, "engine": engine, "experts": experts}[args.mode](args),
+              "commit": commit(),
               "command": "python bench/fp8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         path = Path(args.json)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from seekforge.errors import ConfigError
-from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, scaled_mm_layout
+from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, grouped_kernels, scaled_mm_layout
 from seekforge.model.fp8_weights import has_fp8_weights
 from seekforge.model.moe import Experts
 from seekforge.model.transformer import Transformer
@@ -47,7 +47,8 @@ def check_recipe(recipe: str) -> None:
 def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer:
     """Converts the GEMMs of every main and MTP block in place (see the module docstring); returns the model.
     recipe "none" leaves it as it is. Call it after moving the model to its device and before torch.compile:
-    on CUDA it settles there whether torch._scaled_mm runs the block scalings (with a warning where not)."""
+    on CUDA it settles there whether torch._scaled_mm runs the block scalings (with a warning where not) and loads
+    the experts' Triton kernels (ConfigError where the current choice leaves them off: see `grouped_kernels`)."""
     check_recipe(recipe)
     if recipe == "none":
         return model
@@ -66,4 +67,6 @@ def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer
     device = next(model.parameters()).device
     for blocks in (True, False):
         scaled_mm_layout(device, blocks)
+    if any(isinstance(m, FP8Experts) for m in model.modules()):
+        grouped_kernels(device)  # imports the expert GEMMs' kernels before a trace could; ConfigError where none
     return model

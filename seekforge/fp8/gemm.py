@@ -11,15 +11,18 @@ Every GEMM multiplies e4m3 operands and accumulates in fp32; its operands are qu
 (the weight gradient contracts over tokens, so its tiles run down the tokens). The high-precision input is
 kept for the backward and quantised again in the weight-gradient tiles; fp32 master weights stay as they are.
 
-Two ways to run one:
+Three ways to run one:
 - `torch._scaled_mm` with block scales (cuBLASLt on sm90, torch's CUDA 12.9+ builds), for dense GEMMs on
   CUDA. Its scale layouts differ between torch versions, so the first use on a device checks each candidate
   layout against the reference on a small problem and keeps the one that agrees; where none does, the
   device takes the reference path (with a warning).
-- the reference: dequantise (q * scale) and multiply in fp32; on any device. It is what the CPU runs, what
-  the tests check against, and the expert GEMMs' path everywhere (torch's grouped scaled GEMM is rowwise-only
-  on sm90); on CUDA the expert GEMMs dequantise into bf16 for torch._grouped_mm, rounding the dequantised
-  values to bf16's 8 bits.
+- Triton kernels for the routed experts' three grouped GEMMs (`seekforge.ops.triton.fp8_grouped`; torch's
+  grouped scaled GEMM is rowwise-only on sm90), where the backend runs Triton (`seekforge.ops.backend`,
+  op "fp8_grouped"; "auto": on CUDA). The activations' quantisation stays in torch, where compile fuses it.
+  On CUDA they are the expert GEMMs' only path: where they cannot run there (backend "torch" for the op,
+  SEEKFORGE_TRITON=0, Triton missing) the expert GEMMs raise ConfigError.
+- the reference: dequantise (q * scale) and multiply in fp32. It is what the CPU runs and what the tests
+  check against.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from seekforge.errors import ConfigError
+from seekforge.ops.dispatch import TritonOp
 from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
                                  grouped_row_tiles, quantise_blocks, quantise_row_tiles, quantise_tiles)
 from seekforge.model.moe import _grouped_mm_works, grouped_linear
@@ -175,9 +180,47 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- grouped expert GEMM
+def _load_grouped():
+    from seekforge.ops.triton import fp8_grouped
+
+    return fp8_grouped
+
+
+# The expert GEMMs' Triton kernels (`seekforge.ops.triton.fp8_grouped`): e4m3 operands, fp32 accumulation. Where the
+# backend runs them (`seekforge.ops.backend`; "auto": on CUDA) they replace the dequantising path below.
+GROUPED = TritonOp("fp8_grouped", _load_grouped)
+
+
+def grouped_kernels(device: torch.device):
+    """The expert GEMMs' kernel module where they run on `device`, else None (the reference path). On CUDA the
+    kernels are the only path: torch has no grouped GEMM with block scales, and the reference's fp32 operands
+    (dequantised, [rows, out, in] outer products for the weight gradient) take too much memory at real sizes."""
+    kernels = GROUPED.on(device)
+    if kernels is None and device.type == "cuda":
+        raise ConfigError("FP8 training's expert GEMMs on CUDA run Triton kernels (seekforge.ops.triton.fp8_grouped), "
+                          "which the current choice leaves off (ops.backend 'torch' for op 'fp8_grouped', "
+                          "SEEKFORGE_TRITON=0, or Triton not installed): use the backend 'auto' or 'triton' with "
+                          "Triton installed, or train with fp8=none")
+    return kernels
+
+
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `grouped_linear` runs torch._grouped_mm here (its own condition)."""
     return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+
+
+def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor,
+                 align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows sorted by expert laid out with each expert's in a zero-padded segment of a positive multiple of `align`
+    rows: (where each row goes, the segments' cumulative ends as int32, the rows of a buffer that holds them: the
+    bound cdiv(rows, align) * align + align * experts, a multiple of `align` known without host synchronisation)."""
+    offsets = offsets.long()
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    padded = ((counts + align - 1) // align * align).clamp(min=align)
+    ends = padded.cumsum(0)
+    rows = torch.arange(expert_of_row.numel(), device=expert_of_row.device)
+    at = (ends - padded)[expert_of_row] + rows - (offsets - counts)[expert_of_row]
+    return at, ends.to(torch.int32), _round_up(expert_of_row.numel(), align) + align * offsets.numel()
 
 
 def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
@@ -188,36 +231,53 @@ def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> t
     return out.index_add_(0, expert_of_row, dy.unsqueeze(2) * x.unsqueeze(1))
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    """What the expert GEMMs dequantise into: fp32 (the reference) except on CUDA, where grouped matmul is bf16."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def weight_gradient_operands(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
+                             expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The weight-gradient kernel's operands (`fp8_grouped_weight_gradient`'s dy_t, dy_scale, x_t, x_scale, offsets)
+    of dy [m, out] and x [m, in], rows sorted by expert: both transposed, each expert's rows padded to whole 128-row
+    tiles (zeros, which leave the tiles' scales as they are), so that their 128x1 tiles, none straddling two
+    experts, are the 1x128 tiles of the transposes."""
+    at, ends, total = _padded_rows(offsets, expert_of_row, BLOCK)
+    dy_t = dy.new_zeros(dy.shape[1], total).index_copy_(1, at, dy.t())
+    x_t = x.new_zeros(x.shape[1], total).index_copy_(1, at, x.t())
+    return (*quantise_tiles(dy_t), *quantise_tiles(x_t), ends)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, expert_of_row, out_dtype):
         ctx.save_for_backward(x, w, offsets, expert_of_row)
-        dt = _compute_dtype(x.device)
+        kernel = grouped_kernels(x.device)
         with torch.autocast(x.device.type, enabled=False):
-            x_dq = dequantise_tiles(*quantise_tiles(x), dt)
-            w_dq = dequantise_blocks(*quantise_blocks(w), dt)
+            if kernel is not None:
+                return kernel.fp8_grouped_mm(*quantise_tiles(x), *quantise_blocks(w), offsets, out_dtype)
+            x_dq = dequantise_tiles(*quantise_tiles(x))
+            w_dq = dequantise_blocks(*quantise_blocks(w))
             return grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets, expert_of_row = ctx.saved_tensors
-        dt = _compute_dtype(x.device)
+        kernel = grouped_kernels(x.device)
         dx = dw = None
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                dy_dq = dequantise_tiles(*quantise_tiles(dy), dt)
-                wt_dq = dequantise_blocks(*quantise_blocks(w.transpose(-2, -1)), dt)  # [experts, in, out]
-                dx = grouped_linear(dy_dq, wt_dq, offsets, expert_of_row).to(x.dtype)
+                dyq, dys = quantise_tiles(dy)
+                wq, ws = quantise_blocks(w)  # the forward's blocks; dx = dy W_e reads them transposed
+                if kernel is not None:
+                    dx = kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, x.dtype, transposed=True)
+                else:
+                    wt_dq = dequantise_blocks(wq, ws).transpose(-2, -1)  # [experts, in, out]
+                    dx = grouped_linear(dequantise_tiles(dyq, dys), wt_dq, offsets, expert_of_row).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-                dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row, dt)
-                x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row, dt)
-                dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
+                if kernel is not None:
+                    dw = kernel.fp8_grouped_weight_gradient(
+                        *weight_gradient_operands(dy, x, offsets, expert_of_row), w.dtype)
+                else:
+                    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+                    dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row)
+                    x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row)
+                    dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
         return dx, dw, None, None, None
 
 

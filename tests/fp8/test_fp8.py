@@ -183,6 +183,31 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
+def test_padded_rows_give_each_expert_a_zero_padded_segment_of_a_positive_multiple_of_align():
+    """`_padded_rows` (which lays out the weight-gradient kernel's operands in whole 128-row tiles an expert), here
+    at align 8: where each row goes, the segments' ends, and a buffer bound known without reading the counts."""
+    from seekforge.fp8.gemm import _padded_rows
+
+    counts = torch.tensor([3, 0, 8, 9])
+    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
+    at, ends, total = _padded_rows(counts.cumsum(0).to(torch.int32), expert_of_row, 8)
+    assert ends.tolist() == [8, 16, 24, 40] and ends.dtype == torch.int32  # 8, 8 (none), 8, 16 rows
+    assert at.tolist() == [0, 1, 2, *range(16, 24), *range(24, 33)]
+    assert total == 24 + 8 * 4  # a bound known without reading the counts
+
+
+def test_expert_gemms_on_cuda_refuse_to_run_without_their_kernels():
+    """On CUDA the Triton kernels are the expert GEMMs' only path (torch has no grouped GEMM with block scales): a
+    choice that leaves them off is a ConfigError naming the way out, while the CPU runs the reference."""
+    from seekforge import ops
+    from seekforge.fp8.gemm import grouped_kernels
+
+    with ops.backend("torch", ops=["fp8_grouped"]):
+        with pytest.raises(ConfigError, match="expert GEMMs on CUDA run Triton kernels.*'auto' or 'triton'"):
+            grouped_kernels(torch.device("cuda"))
+        assert grouped_kernels(torch.device("cpu")) is None
+
+
 # ---------------------------------------------------------------- the converter
 def _tiny() -> Transformer:
     torch.manual_seed(5)
@@ -220,37 +245,38 @@ def test_converter_errors():
         convert_to_fp8(model)
 
 
-class _ReferenceLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return _reference_linear(x, w, torch.zeros(*x.shape[:-1], w.shape[0]))[0].float()
+class _Checked(torch.autograd.Function):
+    """`gemm(x, w)`, one FP8 GEMM of the converted model, run as the step's own op; on the way it records the relative
+    error of its output and of both its gradients against `reference(x, w, dy)` (-> y, dx, dw) on the very operands
+    it got, so that each GEMM is checked on its own inputs: rounding differences upstream that move one value across
+    an e4m3 rounding boundary (a 1/16 jump in it, carried downstream at ~1e-3) never reach the comparison."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        _, dx, dw = _reference_linear(x, w, dy)
-        return dx.float(), dw.float()
-
-
-class _ReferenceGrouped(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, offsets):
-        counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
-        ctx.save_for_backward(x, w)
-        ctx.counts = counts
-        return _reference_grouped(x, w, counts, torch.zeros(x.shape[0], w.shape[1]))[0].float()
+    def forward(ctx, x, w, gemm, reference, errors):
+        with torch.enable_grad():
+            xa, wa = x.detach().requires_grad_(), w.detach().requires_grad_()
+            y = gemm(xa, wa)
+        ctx.graph, ctx.reference, ctx.errors = (xa, wa, y), reference, errors
+        errors.append(_rel(y, reference(xa.detach(), wa.detach(), torch.zeros_like(y))[0]))
+        return y.detach()
 
     @staticmethod
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        _, dx, dw = _reference_grouped(x, w, ctx.counts, dy)
-        return dx.float(), dw.float(), None
+        xa, wa, y = ctx.graph
+        dx, dw = torch.autograd.grad(y, (xa, wa), dy)
+        _, dx_ref, dw_ref = ctx.reference(xa.detach(), wa.detach(), dy)
+        ctx.errors.extend((_rel(dx, dx_ref), _rel(dw, dw_ref)))
+        return dx, dw, None, None, None
 
 
-def test_a_converted_models_training_step_matches_the_reference(monkeypatch):
-    """Loss and every gradient of a converted model against the same model with the reference GEMMs above patched
-    into exactly the layers V3 runs in FP8; and within FP8's error of the unconverted model."""
+def _counts(offsets):
+    return torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+
+
+def test_a_converted_models_training_step_runs_every_fp8_gemm_as_the_reference(monkeypatch):
+    """Every FP8 GEMM of a converted model's training step (each FP8Linear's and each expert matmul's forward, input
+    and weight gradient) against the reference GEMMs above on that GEMM's own operands; the step's loss and every
+    gradient within FP8's error of the unconverted model's."""
     tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(6))
     labels = tokens.roll(-1, 1)
 
@@ -261,18 +287,27 @@ def test_a_converted_models_training_step_matches_the_reference(monkeypatch):
 
     loss_fp8, grads_fp8 = step(convert_to_fp8(_tiny()))
     loss_hp, grads_hp = step(_tiny())
-    monkeypatch.setattr(FP8Linear, "forward", lambda self, x: _ReferenceLinear.apply(x, self.weight))
-    monkeypatch.setattr(FP8Experts, "matmul", lambda self, x, w, offsets, rows: _ReferenceGrouped.apply(x, w, offsets))
-    loss_ref, grads_ref = step(convert_to_fp8(_tiny()))
-    assert grads_fp8.keys() == grads_ref.keys() == grads_hp.keys()
-    assert loss_fp8 == pytest.approx(loss_ref, rel=1e-6)
-    # fp32 against the reference's fp64 differs by ~1e-7, except where such a difference moves a value across an
-    # e4m3 rounding boundary (a 1/16 jump in one element), which downstream gradients carry at ~1e-4
-    rels = sorted(_rel(grads_fp8[name], grads_ref[name]) for name in grads_ref)
-    assert rels[-1] < 3e-3 and rels[int(0.9 * len(rels))] < 1e-5, rels
+    errors = []
+    monkeypatch.setattr(FP8Linear, "forward",
+                        lambda self, x: _Checked.apply(x, self.weight, fp8_linear, _reference_linear, errors))
+    monkeypatch.setattr(FP8Experts, "matmul", lambda self, x, w, offsets, rows: _Checked.apply(
+        x, w, lambda a, b: fp8_grouped_linear(a, b, offsets, rows),
+        lambda a, b, dy: _reference_grouped(a, b, _counts(offsets), dy), errors))
+    model = convert_to_fp8(_tiny())
+    loss_checked, grads_checked = step(model)
+    assert loss_checked == loss_fp8 and all(torch.equal(grads_checked[n], grads_fp8[n]) for n in grads_fp8)
+    kinds = [type(m) for m in model.modules()]
+    assert len(errors) == 3 * (kinds.count(FP8Linear) + 3 * kinds.count(FP8Experts))  # 3 GEMMs a matmul, all run
+    # fp32 against the reference's fp64: ~1e-7; the bound leaves room for one value that the two sides' layouts
+    # convert to e4m3 on opposite sides of a rounding tie (torch's scalar and vectorised CPU conversions differ
+    # within ~1e-5 of a tie), while a scale from a wrong tile or block, or a wrong transpose, is off by far more
+    assert max(errors) < 1e-3 and sorted(errors)[len(errors) // 2] < 1e-6, sorted(errors)[-5:]
+    assert grads_fp8.keys() == grads_hp.keys()
     assert loss_fp8 != loss_hp and loss_fp8 == pytest.approx(loss_hp, rel=1e-2)
+    # e4m3 keeps 3 mantissa bits (relative rounding error up to 1/16, ~3.6% rms) and a gradient passes through
+    # several quantised operands: ~0.06 to 0.1 here, depending on the CPU's fp32 rounding as above
     for name in ("layers.0.attn.wkv_b.weight", "layers.1.ffn.experts.w2", "embed.weight", "head.weight"):
-        assert 0 < _rel(grads_fp8[name], grads_hp[name]) < 0.1, name
+        assert 0 < _rel(grads_fp8[name], grads_hp[name]) < 0.15, name
 
 
 def test_train_config_fp8(tmp_path):
@@ -358,3 +393,23 @@ def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
     for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
         assert _rel(got.float().cpu(), want) < 2e-2
     assert torch.equal(wc.grad[1].float().cpu(), torch.zeros(128, 256))  # an expert without rows
+
+
+@pytest.mark.gpu
+def test_experts_on_cuda_compile_with_any_row_counts_through_the_kernels():
+    """The expert GEMMs as the trainer runs them on CUDA (the default backend: the Triton kernels), compiled as it
+    compiles a block, in bf16: counts that are multiples of nothing and an empty expert."""
+    torch.manual_seed(10)
+    counts = [37, 0, 5, 141, 21]
+    x, w, dy = torch.randn(sum(counts), 256), torch.randn(5, 128, 256) * 0.05, torch.randn(sum(counts), 128)
+    y_ref, dx_ref, dw_ref = _reference_grouped(x, w, counts, dy)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    rows = torch.repeat_interleave(torch.arange(5), torch.tensor(counts)).cuda()
+    xc, wc = x.cuda().bfloat16().requires_grad_(), w.cuda().bfloat16().requires_grad_()
+    compiled = torch.compile(lambda a, b: fp8_grouped_linear(a, b, offsets, rows), fullgraph=True)
+    out = compiled(xc, wc)
+    out.backward(dy.cuda().bfloat16())
+    torch.cuda.synchronize()
+    for got, want in ((out, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+        assert _rel(got.float().cpu(), want) < 2e-2
+    assert torch.equal(wc.grad[1].float().cpu(), torch.zeros(128, 256))

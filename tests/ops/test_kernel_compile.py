@@ -28,6 +28,12 @@ MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "
 # child process imports the kernels only under the compiler (test_the_candidates_are_the_kernels_own checks them)
 GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
               (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
+# the FP8 expert GEMMs of training: (BLOCK_M, BLOCK_N, num_warps, num_stages) of `fp8_grouped.default_tile`, and the
+# weight gradient's (BLOCK_N, BLOCK_K, num_warps, num_stages); unit strides are constants, as Triton specialises them
+FP8_GROUPED_TILES = [(128, 128, 8, 4), (64, 128, 4, 4)]
+FP8_WEIGHT_GRADIENT_TILE = (128, 128, 8, 4)
+FP8_GROUPED_TYPES = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+                     "offsets_ptr": "*i32"}
 CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), constexprs, num_warps, num_stages)
     **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}{'_fp8' if fp8 else ''}": (
         "moe", kernel, FP8_MOE_TYPES if fp8 else MOE_TYPES,
@@ -50,6 +56,17 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
        for kernel in ("_gate_up", "_down")
        for bm, bn, bk, warps, stages, one in ((16, 32, 128, 4, 3, True), (16, 64, 128, 4, 5, False),
                                               (32, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False))},
+    **{f"fp8_grouped_{gemm}_bm{bm}": (
+        "fp8_grouped", "_grouped_mm", FP8_GROUPED_TYPES,
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "E_BLOCK": 64, "stride_ak": 1, "stride_ask": 1, "stride_cn": 1,
+         # W's rows contiguous along k: read as W^T (forward), or as W itself (input gradient)
+         **({"stride_bk": 1, "stride_bsk": 1} if gemm == "forward" else {"stride_bn": 1, "stride_bsn": 1})},
+        warps, stages)
+       for gemm in ("forward", "input_gradient") for bm, bn, warps, stages in FP8_GROUPED_TILES},
+    "fp8_grouped_weight_gradient": (
+        "fp8_grouped", "_grouped_weight_gradient", FP8_GROUPED_TYPES | {"c_ptr": "*fp32"},
+        {"BLOCK_N": FP8_WEIGHT_GRADIENT_TILE[0], "BLOCK_K": FP8_WEIGHT_GRADIENT_TILE[1], "stride_am": 1,
+         "stride_ast": 1, "stride_bm": 1, "stride_bst": 1, "stride_ck": 1}, *FP8_WEIGHT_GRADIENT_TILE[2:]),
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "race": ("race", "_race", {"p_ptr": "*fp32", "key_ptr": "*i64", "counter_ptr": "*i64", "best_ptr": "*fp32",
@@ -151,6 +168,14 @@ def test_the_candidates_are_the_kernels_own():
 
     assert [(c.block_n, c.block_k, c.num_warps) for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES] == GEMV_TILES
 
+
+
+def test_the_fp8_grouped_tiles_are_the_kernels_own():
+    pytest.importorskip("triton")
+    from seekforge.ops.triton import fp8_grouped
+
+    assert [fp8_grouped.default_tile(1 << 20, 8), fp8_grouped.default_tile(16, 8)] == FP8_GROUPED_TILES
+    assert fp8_grouped._WEIGHT_GRADIENT == FP8_WEIGHT_GRADIENT_TILE
 
 if __name__ == "__main__":
     print(json.dumps(compile_all()))
