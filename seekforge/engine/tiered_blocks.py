@@ -19,9 +19,10 @@ every hit is checked against the block's token ids as the GPU tier checks its ow
 Bringing a prefix back: where a waiting sequence's cached prefix goes on below the GPU, `match_prefix` starts a
 *load*: free GPU blocks are taken and filled from the CPU tier, and from the disk (read on a thread into CPU
 slots, then copied up). The sequence waits (match_prefix answers None) while the others step; once the copies
-have landed, the blocks join the GPU's prefix cache and the sequence is admitted with them as hits. A load holds
-its blocks, and the GPU hits before them, until then. When nothing else holds GPU blocks the scheduler waits for
-the loads rather than spin; a block that another load is bringing up is waited for, not copied twice.
+have landed, or a step has run beside them (the engine's stream then waits on the device for what is left), the
+blocks join the GPU's prefix cache and the sequence is admitted with them as hits. A load holds its blocks, and the
+GPU hits before them, until then. When nothing else holds GPU blocks the scheduler waits for the loads rather than
+spin; a block that another load is bringing up is waited for, not copied twice.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class _Load:
         self.parts = parts
         self.valid = len(parts)  # parts before the first that could not be read
         self.event: torch.cuda.Event | None = None  # the last copy up (GPU)
+        self.queued = 0  # the step (TieredBlockManager.steps) in which that copy was queued
         self.reads: Future | None = None  # the disk reads
 
 
@@ -129,6 +131,7 @@ class TieredBlockManager(BlockManager):
         self._incoming: dict[int, _Load] = {}  # GPU chain hash -> the load bringing that block up
         self._held: Counter[int] = Counter()  # GPU blocks held by loads
         self._origin: dict[int, str] = {}  # GPU block -> the tier it came up from, until a sequence takes it
+        self.steps = 0  # flushes, one at the start of each step
 
     @classmethod
     def build(cls, config, model, caches: list[torch.Tensor], num_blocks: int, block_size: int) -> TieredBlockManager:
@@ -177,7 +180,8 @@ class TieredBlockManager(BlockManager):
 
     def flush(self) -> None:
         """Copy the blocks registered since the last call to the CPU tier and queue them for the disk; end the loads
-        that have landed."""
+        that have landed. Runs at the start of each step."""
+        self.steps += 1
         self._poll(wait=False)  # loads of aborted sequences end here too
         if not self._stores:
             return
@@ -293,6 +297,7 @@ class TieredBlockManager(BlockManager):
         up = [p for p in parts if p.source == "cpu"]
         if up:
             load.event = self.copier.to_device([self.host.slot(p.slot) for p in up], [p.block for p in up])
+            load.queued = self.steps
             for p in up:
                 self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         down = [p for p in parts if p.source == "disk"]
@@ -328,12 +333,19 @@ class TieredBlockManager(BlockManager):
                     if load.epoch == self.epoch and p.key not in self.host:  # into the CPU tier too
                         self.host.add(p.key, p.tokens, p.slot)
                 load.event = self.copier.to_device([self.host.slot(p.slot) for p in read], [p.block for p in read])
+                load.queued = self.steps
                 for p in read:
                     self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         if load.event is not None and not load.event.query():
-            if not wait:
+            if wait:
+                load.event.synchronize()
+            elif load.queued < self.steps:
+                # A step has run beside the copy since it was queued, so little or none of it is left: the load ends
+                # now and the engine's stream waits on the device for what remains (the host goes on), rather than
+                # the sequence waiting a step more for the event to show on the host.
+                self.copier.engine_waits(load.event)
+            else:
                 return False
-            load.event.synchronize()
         self._end(load)
         return True
 

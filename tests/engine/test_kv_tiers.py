@@ -145,6 +145,69 @@ def test_eviction_storms_leave_outputs_unchanged(path, reference, async_scheduli
         assert tiers(spec)["cpu"]["hit_tokens"] > 0
 
 
+class _Copy:
+    """A copy up that a GPU would still be running: its event never completes on its own."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_history_in_the_cpu_tier_costs_one_step_of_overlap(path, async_scheduling):
+    """A later turn whose history is in the CPU tier, asked while another chat decodes: its copy up is queued in the
+    first step (which the other chat's decode runs beside, ordered after nothing of it), and in the second the
+    sequence is admitted and prefills its new tokens, the engine's stream waiting on the device for whatever is left
+    of the copy. Two steps from add_request to the first token, however long the copy's event takes to show on the
+    host; the reply is transformers' greedy one."""
+    transformers = pytest.importorskip("transformers")
+    llm = LLM(path, dtype="float32", block_size=BS, num_blocks=18, max_num_seqs=2, async_scheduling=async_scheduling,
+              kv_cpu_gb=BIG_CPU)
+    bm = llm.block_manager
+    copier, waits = bm.copier, []
+    to_device = copier.to_device
+
+    def slow_copy(slots, blocks):
+        to_device(slots, blocks)  # on the CPU the copy is done here; its event stays pending as on a busy GPU
+        return _Copy()
+
+    copier.to_device = slow_copy
+    copier.engine_waits = lambda event: waits.append((bm.steps, event))
+    system, users = user_turns()
+    first = system + users[0][0]
+    reply = llm.generate([first], GREEDY)[0].token_ids
+    llm.generate([list(range(240, 300))], SamplingParams(temperature=0, max_tokens=1))  # evicts the history
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    other = llm.add_request(list(range(200, 210)), long)
+    for _ in range(3):
+        llm.step()
+    prompt = first + reply + users[0][1]
+    rid = llm.add_request(prompt, GREEDY)
+    steps, others = 0, 0
+    while True:
+        outs = {o.request_id: o for o in llm.step()}
+        steps += 1
+        others += other in outs
+        if rid in outs and outs[rid].outputs[0].token_ids:
+            break
+        assert steps < 10, "the later turn never got its first token while the other chat decoded"
+    assert steps == 2
+    assert tiers(llm)["cpu"]["hit_tokens"] >= (len(first) + REPLY - 1) // BS * BS - SYSTEM // BS * BS
+    assert len(waits) == 1 and waits[0][0] == bm.steps  # the wait went on the device in the step that admitted it
+    if not async_scheduling:  # async: the other chat's tokens come a step late, by design
+        assert others == 2  # it decoded in both steps
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            if o.request_id == rid and o.finished:
+                got = o.outputs[0].token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=REPLY, do_sample=False, eos_token_id=10**6)
+    assert got == want[0, len(prompt):].tolist()
+
+
 # ---------------------------------------------------------------------------------------------- restarts
 
 
