@@ -180,11 +180,13 @@ def main() -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     longest = args.system_tokens + args.turns * (args.user_tokens + args.reply_tokens)
     cfg = ModelConfig.preset(args.preset)
-    cfg = cfg.replace(n_layers=args.layers or cfg.n_layers, n_mtp_modules=0, max_seq_len=max(cfg.max_seq_len, longest))
+    block_size = args.block_size or (64 if device.type == "cuda" else 16)
+    # max_model_len below is longest + block_size: the positions must reach it
+    cfg = cfg.replace(n_layers=args.layers or cfg.n_layers, n_mtp_modules=0,
+                      max_seq_len=max(cfg.max_seq_len, longest + block_size))
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):
         model = Transformer(cfg).eval()
-    block_size = args.block_size or (64 if device.type == "cuda" else 16)
     cache_tokens = args.gpu_cache_tokens or (longest + block_size) * args.concurrency * 3 // 2
     per_token = cfg.cache_bytes_per_token(torch.empty(0, dtype=dtype).element_size())
     histories = (args.system_tokens + args.conversations * (longest - args.system_tokens)) * per_token

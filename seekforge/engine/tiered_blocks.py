@@ -17,11 +17,13 @@ of the weights and the cache layout). Another model never finds this model's blo
 every hit is checked against the block's token ids as the GPU tier checks its own.
 
 Bringing a prefix back: where a waiting sequence's cached prefix goes on below the GPU, `match_prefix` starts a
-*load*: free GPU blocks are taken and filled from the CPU tier, and from the disk (read on a thread into CPU
-slots, then copied up). The sequence waits (match_prefix answers None) while the others step; once the copies
-have landed, the blocks join the GPU's prefix cache and the sequence is admitted with them as hits. A load holds
-its blocks, and the GPU hits before them, until then. When nothing else holds GPU blocks the scheduler waits for
-the loads rather than spin; a block that another load is bringing up is waited for, not copied twice.
+*load*: free GPU blocks are taken and filled from the CPU tier, and from the disk (read on a thread into CPU slots,
+then copied up). The sequence waits (match_prefix answers None) while the others step; once the copies have landed,
+or a step has run beside them, or they are short against a prefill already in this step (the engine's stream then
+waits on the device for what is left), the blocks join the GPU's prefix cache and the sequence is admitted with them
+as hits. A load holds its blocks, and the GPU hits before them, until then. When nothing else holds GPU blocks the
+scheduler waits for the loads rather than spin; a block that another load is bringing up is waited for, not copied
+twice.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ from seekforge.engine.sequence import Sequence
 from seekforge.errors import ConfigError
 
 _FORMAT = 1  # the block layout's version: changing it gives every cache another identity
+# A load whose copy up is still in flight joins a step that already prefills P tokens when it brings up at most
+# _JOIN * P tokens' latents: the step's decoders wait for that prefill anyway, and a token's latents cross PCIe
+# about ten times faster than a token is prefilled (16b on an H100: ~0.8M tok/s at 25 GB/s against ~72K tok/s).
+_JOIN = 16
 _SAMPLE = 1 << 16  # elements of each weight tensor that go into the identity
 
 
@@ -110,6 +116,7 @@ class _Load:
         self.parts = parts
         self.valid = len(parts)  # parts before the first that could not be read
         self.event: torch.cuda.Event | None = None  # the last copy up (GPU)
+        self.queued = 0  # the step (TieredBlockManager.steps) in which that copy was queued
         self.reads: Future | None = None  # the disk reads
 
 
@@ -129,6 +136,8 @@ class TieredBlockManager(BlockManager):
         self._incoming: dict[int, _Load] = {}  # GPU chain hash -> the load bringing that block up
         self._held: Counter[int] = Counter()  # GPU blocks held by loads
         self._origin: dict[int, str] = {}  # GPU block -> the tier it came up from, until a sequence takes it
+        self.steps = 0  # flushes, one at the start of each step
+        self._prefilling = 0  # tokens that the sequences admitted in this step prefill
 
     @classmethod
     def build(cls, config, model, caches: list[torch.Tensor], num_blocks: int, block_size: int) -> TieredBlockManager:
@@ -177,7 +186,9 @@ class TieredBlockManager(BlockManager):
 
     def flush(self) -> None:
         """Copy the blocks registered since the last call to the CPU tier and queue them for the disk; end the loads
-        that have landed."""
+        that have landed. Runs at the start of each step."""
+        self.steps += 1
+        self._prefilling = 0
         self._poll(wait=False)  # loads of aborted sequences end here too
         if not self._stores:
             return
@@ -293,6 +304,7 @@ class TieredBlockManager(BlockManager):
         up = [p for p in parts if p.source == "cpu"]
         if up:
             load.event = self.copier.to_device([self.host.slot(p.slot) for p in up], [p.block for p in up])
+            load.queued = self.steps
             for p in up:
                 self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         down = [p for p in parts if p.source == "disk"]
@@ -328,12 +340,21 @@ class TieredBlockManager(BlockManager):
                     if load.epoch == self.epoch and p.key not in self.host:  # into the CPU tier too
                         self.host.add(p.key, p.tokens, p.slot)
                 load.event = self.copier.to_device([self.host.slot(p.slot) for p in read], [p.block for p in read])
+                load.queued = self.steps
                 for p in read:
                     self.host.release(p.slot, when=load.event.query if load.event is not None else None)
         if load.event is not None and not load.event.query():
-            if not wait:
+            if wait:
+                load.event.synchronize()
+            elif load.queued < self.steps or sum(p.source != "gpu" for p in load.parts) * self.block_size <= (
+                    _JOIN * self._prefilling):
+                # A step has run beside the copy since it was queued, so little or none of it is left; or this step
+                # prefills already, which the copy is short against (_JOIN). The load ends now and the engine's
+                # stream waits on the device for what remains (the host goes on), rather than the sequence waiting
+                # a step more for the event to show on the host.
+                self.copier.engine_waits(load.event)
+            else:
                 return False
-            load.event.synchronize()
         self._end(load)
         return True
 
@@ -372,6 +393,7 @@ class TieredBlockManager(BlockManager):
     # ---------------------------------------------------------------- the GPU tier's hooks
     def allocate(self, seq: Sequence, hits: list[int], num_tokens: int) -> None:
         super().allocate(seq, hits, num_tokens)
+        self._prefilling += num_tokens - seq.num_computed
         came = Counter(self._origin.pop(b, "gpu") for b in hits)
         bs = self.block_size
         missed = seq.num_tokens - came["gpu"] * bs  # tokens the GPU tier did not hold

@@ -145,6 +145,104 @@ def test_eviction_storms_leave_outputs_unchanged(path, reference, async_scheduli
         assert tiers(spec)["cpu"]["hit_tokens"] > 0
 
 
+class _Copy:
+    """A copy up that a GPU would still be running: its event never completes on its own."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+
+def later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks):
+    """An LLM whose copies up stay in flight as on a busy GPU (`_Copy`; on the CPU the data is there at once), the
+    steps at which the engine's stream was made to wait for one, and a chat's second turn, whose history the GPU
+    cache has evicted and the CPU tier holds."""
+    llm = LLM(path, dtype="float32", block_size=BS, num_blocks=num_blocks, max_num_seqs=3,
+              async_scheduling=async_scheduling, kv_cpu_gb=BIG_CPU)
+    bm = llm.block_manager
+    copier, waits = bm.copier, []
+    to_device = copier.to_device
+
+    def slow_copy(slots, blocks):
+        to_device(slots, blocks)
+        return _Copy()
+
+    copier.to_device = slow_copy
+    copier.engine_waits = lambda event: waits.append(bm.steps)
+    system, users = user_turns()
+    first = system + users[0][0]
+    reply = llm.generate([first], GREEDY)[0].token_ids
+    llm.generate([list(range(210, 210 + (num_blocks - 1) * BS))], SamplingParams(temperature=0, max_tokens=1))  # evicts
+    return llm, waits, first + reply + users[0][1]
+
+
+def steps_to_first_tokens(llm, rids) -> list[int]:
+    """Steps until each request has its first token (while the others step)."""
+    got, steps = {}, 0
+    while len(got) < len(rids):
+        steps += 1
+        for o in llm.step():
+            if o.request_id in rids and o.outputs[0].token_ids:
+                got.setdefault(o.request_id, steps)
+        assert steps < 10, "a later turn never got its first token while another chat decoded"
+    return [got[r] for r in rids]
+
+
+def finish(llm, rids) -> list[list[int]]:
+    """Step until every request is done; the replies of `rids`."""
+    replies = {}
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            if o.finished:
+                replies[o.request_id] = o.outputs[0].token_ids
+    return [replies[r] for r in rids]
+
+
+def hf_greedy(path, prompt) -> list[int]:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=REPLY, do_sample=False, eos_token_id=10**6)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_history_in_the_cpu_tier_costs_one_step_of_overlap(path, async_scheduling):
+    """A later turn whose history is in the CPU tier, asked while another chat decodes: its copy up is queued in the
+    first step, which the other chat's decode runs beside, and in the second the sequence is admitted and
+    prefills, the engine's stream waiting on the device for whatever is left of the copy. Two steps to the first
+    token, however late the copy's event shows on the host; the reply is transformers' greedy one."""
+    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=18)
+    other = llm.add_request(list(range(200, 210)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    rid = llm.add_request(prompt, GREEDY)
+    assert steps_to_first_tokens(llm, [rid]) == [2]
+    assert waits == [llm.block_manager.steps]  # the wait went on the device in the step that admitted it
+    assert tiers(llm)["cpu"]["hit_tokens"] > 0
+    assert finish(llm, [rid, other])[0] == hf_greedy(path, prompt)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_history_in_the_cpu_tier_joins_a_step_that_prefills(path, async_scheduling):
+    """A later turn whose history is in the CPU tier and a new chat, asked together while a third chat decodes: the
+    new chat's prefill is admitted first, and the later turn's copy up, short against that prefill, joins the same
+    step (the engine's stream waits for it on the device), instead of both prefills taking a step each. Both first
+    tokens after one step; the replies are transformers' greedy ones."""
+    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=26)
+    other = llm.add_request(list(range(200, 210)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    fresh = list(range(100, 116))
+    rids = [llm.add_request(fresh, GREEDY), llm.add_request(prompt, GREEDY)]
+    assert steps_to_first_tokens(llm, rids) == [1, 1]
+    assert waits == [llm.block_manager.steps]
+    assert tiers(llm)["cpu"]["hit_tokens"] > 0
+    assert finish(llm, rids + [other])[:2] == [hf_greedy(path, fresh), hf_greedy(path, prompt)]
+
+
 # ---------------------------------------------------------------------------------------------- restarts
 
 
