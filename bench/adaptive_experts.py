@@ -52,6 +52,12 @@ def hold(llm, k: int) -> None:
     c.level, c.patience_down, c.patience_up = c.levels.index(k), 10**9, 10**9
 
 
+def knobs(args) -> dict:
+    from seekforge.commands.eval import parse_knobs
+
+    return parse_knobs(args.knobs)
+
+
 def perplexity(model, data: Path, backend, seq_len: int, batches: int) -> float:
     """Perplexity of every token of `batches` batches of 8 held-out windows of `seq_len`, the model's forward run by
     `backend` (seekforge.model.backend.Backend)."""
@@ -78,7 +84,8 @@ def quality(llm, args) -> list[dict]:
         hold(llm, k)
         ppl = (perplexity(llm.model, data, Backend(topk=k), args.seq_len, args.ppl_batches)
                if (data / "meta.json").is_file() else None)
-        acc = evaluate(llm, EvalConfig(task=args.task, n=args.n, seed=args.seed, max_tokens=args.max_tokens))
+        acc = evaluate(llm, EvalConfig(task=args.task, task_knobs=knobs(args), n=args.n, seed=args.seed,
+                                       max_tokens=args.max_tokens))
         rows.append({"k": k, "perplexity": ppl, "accuracy": acc["accuracy"], "format": acc["format"],
                      "completion_tokens": acc["completion_tokens"]})
         print(f"  k={k}: perplexity {ppl if ppl is None else round(ppl, 3)}, {args.task} accuracy "
@@ -109,7 +116,7 @@ def workload(llm, args, n: int):
     from seekforge.rl.rollout import answer_stop_ids, render_prompt
     from seekforge.tasks import get_task
 
-    rows = get_task(args.task).rows("test", n, args.seed + 1)
+    rows = get_task(args.task, **knobs(args)).rows("test", n, args.seed + 1)
     prompts = [llm.tokenizer.encode_prompt(render_prompt(r.prompt, "r1_zero", llm.tokenizer)) for r in rows]
     return list(zip(prompts, rows)), SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                                     stop_token_ids=answer_stop_ids(llm.tokenizer))
@@ -189,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--task", default="chain_sum")
+    p.add_argument("--knobs", nargs="+", default=[], metavar="KNOB=VALUE",
+                   help="the task's difficulty knobs, as the model was trained on them (e.g. max_value=9 max_terms=4)")
     p.add_argument("--n", type=int, default=100, help="held-out problems for the accuracy at each k")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--ppl-batches", type=int, default=16)
