@@ -84,7 +84,7 @@ class ExtendConfig:
 
 BUILTIN_CONFIGS: dict[str, dict] = {
     # CPU minutes: a `seekforge train --config passkey` model (64 tokens) to 256 and then 1024
-    "toy": dict(train={"rows": "documents"}),
+    "toy": {},
     # DeepSeek-V3's recipe: 4K -> 32K -> 128K, s = 40, 1000 steps each at 7.3e-6 (V3's batch: 1920 x 32K and
     # 480 x 128K sequences, 63M tokens a step; set tokens_per_step to what the GPUs hold, with train.grad_accum)
     "v3": dict(factor=40.0, stages=[8.0, 32.0], steps=1000, lr=7.3e-6, warmup_steps=0, tokens_per_step=2**20,
