@@ -77,7 +77,8 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        builtin_slip_rate=0.4),
     # a base model for context extension (`seekforge extend`) on a CPU: 64 tokens of context, chain sums and
     # passkey retrieval documents that fit in it, one document to a row with a length curriculum (32 tokens to
-    # whole rows over 1000 steps) at lr 1e-3: from packed windows, or at 3e-3, the tiny model learns no retrieval
+    # whole rows over 1000 steps) at lr 1e-3: from packed windows, or at 3e-3, the tiny model learns no retrieval.
+    # Packed training after it teaches text past a document's end (docs/LONG_CONTEXT.md has the commands)
     "passkey": dict(model="tiny", model_overrides=dict(max_seq_len=64), seq_len=64, batch_size=16, steps=1500,
                     lr=1e-3, warmup_steps=20, constant_steps=1380, decay_steps=100, final_lr=1e-4, eval_every=500,
                     eval_batches=4, save_every=500, builtin_docs=6000, builtin_vocab=512, rows="documents",
