@@ -5,6 +5,12 @@ tokens (the tail that does not fill a window is left out). Inputs are a window w
 labels the window without its first, so labels[t] = input_ids[t + 1]; the extra tokens let multi-token
 prediction modules see targets up to extra_tokens further ahead. Windows cross document boundaries (EOS
 marks them), as in standard packed pretraining.
+
+DocumentLoader lays the documents out one to a row instead: each row is one document from its start (BOS
+first, as a prompt is fed), cut at seq_len + 1 tokens, padded after it with its labels untrained. A model
+learns to look back to a document's start (passkey retrieval) far sooner from such rows than from packed
+windows, where a row starts mid-document and holds several. Optionally a length curriculum: the longest
+document a batch draws from grows from `curriculum_min` tokens to a whole row over `curriculum_steps` steps.
 """
 
 from __future__ import annotations
@@ -133,6 +139,104 @@ class PackedLoader:
                 raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
                                   f"{mine[key]!r}; resume with the same data directory, seed, seq_len and extra_tokens")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+IGNORE = -100  # the label of a padding position (seekforge.train.lm's IGNORE)
+
+
+def open_documents(data_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """The split's document offsets: document k spans tokens [docs[k], docs[k + 1])."""
+    info = load_meta(data_dir)["splits"][split]
+    path = Path(data_dir) / info["doc_offsets"]
+    if not path.is_file():
+        raise DataError(f"{path} not found: prepare the data again")
+    return np.load(path)
+
+
+def _document_rows(tokens: np.ndarray, offsets: np.ndarray, docs: np.ndarray, window: int, pad_id: int,
+                   bos_id: int | None) -> dict[str, torch.Tensor]:
+    """Documents `docs` one to a row ([BOS] + tokens, cut at `window`), padded to the longest with pad_id;
+    labels of padding (and of the last token of a document) are IGNORE."""
+    head = [bos_id] if bos_id is not None else []
+    seqs = [np.concatenate([np.array(head, dtype=np.int64),
+                            tokens[offsets[d]:offsets[d + 1]].astype(np.int64)])[:window] for d in docs]
+    width = max(len(s) for s in seqs)
+    rows = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        rows[r, :len(s)] = torch.from_numpy(s)
+        labels[r, :len(s)] = rows[r, :len(s)]
+    return {"input_ids": rows[:, :-1].contiguous(), "labels": labels[:, 1:].contiguous()}
+
+
+class DocumentLoader:
+    """An endless iterator of batches of whole documents, one to a row (see the module doc), exactly resumable.
+
+    Step k's batch is batch_size documents drawn at random (seed, k) among those of at most the step's
+    length limit: curriculum_min + (seq_len + 1 - curriculum_min) * k / curriculum_steps tokens (BOS
+    included), a whole row from curriculum_steps on (0: from the start). The shortest document is always
+    eligible. Rows are padded to the batch's longest document.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, pad_id: int,
+                 bos_id: int | None = None, seed: int = 0, curriculum_steps: int = 0, curriculum_min: int = 0):
+        if seq_len < 1 or batch_size < 1 or curriculum_steps < 0 or curriculum_min < 0:
+            raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1, curriculum_steps "
+                              f"({curriculum_steps}) and curriculum_min ({curriculum_min}) >= 0")
+        self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
+        self.pad_id, self.bos_id = pad_id, bos_id
+        self.curriculum_steps, self.curriculum_min = curriculum_steps, curriculum_min
+        self.fingerprint = load_meta(data_dir)["tokenizer_fingerprint"]
+        self.tokens, self.offsets = open_tokens(data_dir, split), open_documents(data_dir, split)
+        if len(self.offsets) < 2:
+            raise DataError(f"the {split} split of {data_dir} holds no documents: add data")
+        self.window = seq_len + 1
+        lengths = np.minimum(np.diff(self.offsets) + (bos_id is not None), self.window)
+        self.by_length = np.argsort(lengths, kind="stable")
+        self.sorted_lengths = lengths[self.by_length]
+        self.step = 0
+
+    def limit(self, step: int) -> int:
+        """The longest document (in tokens, BOS included) step `step` draws from."""
+        if step >= self.curriculum_steps:
+            return self.window
+        low = min(self.curriculum_min, self.window)
+        return low + (self.window - low) * step // self.curriculum_steps
+
+    def __iter__(self) -> DocumentLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        eligible = max(1, int(np.searchsorted(self.sorted_lengths, self.limit(self.step), side="right")))
+        picked = np.random.default_rng([self.seed, self.step]).integers(0, eligible, self.batch_size)
+        self.step += 1
+        return _document_rows(self.tokens, self.offsets, self.by_length[picked], self.window, self.pad_id,
+                              self.bos_id)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "window": self.window, "documents": len(self.offsets) - 1,
+                "split": self.split, "tokenizer_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "window", "documents", "split", "tokenizer_fingerprint"):
+            if state.get(key) != mine[key]:
+                raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
+                                  f"{mine[key]!r}; resume with the same data directory, seed and seq_len")
+        self.step = int(state["step"])
+
+
+def eval_documents(data_dir: str | os.PathLike, seq_len: int, batch_size: int, pad_id: int,
+                   bos_id: int | None = None, max_batches: int | None = None,
+                   split: str = "val") -> Iterator[dict[str, torch.Tensor]]:
+    """The split's documents in order, one to a row as DocumentLoader lays them out, batch_size at a time,
+    stopping after max_batches: the same batches on every call."""
+    tokens, offsets = open_tokens(data_dir, split), open_documents(data_dir, split)
+    docs = np.arange(len(offsets) - 1)
+    if max_batches is not None:
+        docs = docs[:max_batches * batch_size]
+    return (_document_rows(tokens, offsets, docs[i:i + batch_size], seq_len + 1, pad_id, bos_id)
+            for i in range(0, len(docs), batch_size))
 
 
 def eval_batches(data_dir: str | os.PathLike, seq_len: int, batch_size: int, max_batches: int | None = None,

@@ -34,15 +34,31 @@ class TrainConfig(LMConfig):
     builtin_vocab: int = 1024
     builtin_tasks: dict = field(default_factory=dict)  # task -> difficulty knobs for "builtin"; {} = all, default
     builtin_slip_rate: float = 0.0  # share of careless "builtin" documents (one slip, a wrong answer)
+    # "packed": windows of the token stream (V3's); "documents": one document to a row from its start, padded
+    # (seekforge.data.loader.DocumentLoader), with a length curriculum over the first curriculum_steps steps
+    # from documents of curriculum_min tokens to whole rows
+    rows: str = "packed"
+    curriculum_steps: int = 0
+    curriculum_min: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.builtin_slip_rate < 1.0:
             raise ConfigError(f"train config: builtin_slip_rate must be in [0, 1), got {self.builtin_slip_rate}")
+        if self.rows not in ("packed", "documents"):
+            raise ConfigError(f"train config: rows must be 'packed' or 'documents', got {self.rows!r}")
+        if self.curriculum_steps < 0 or self.curriculum_min < 0:
+            raise ConfigError(f"train config: curriculum_steps and curriculum_min must be >= 0, got "
+                              f"{self.curriculum_steps} and {self.curriculum_min}")
+        if self.curriculum_steps and self.rows != "documents":
+            raise ConfigError("train config: a length curriculum (curriculum_steps) draws whole documents: set "
+                              "rows=documents")
 
     def resume_free(self) -> set[str]:
         # left at their defaults, these do not count: runs made before the fields existed still resume
-        return super().resume_free() | {k for k in ("builtin_tasks", "builtin_slip_rate") if not getattr(self, k)}
+        defaults = {"builtin_tasks": {}, "builtin_slip_rate": 0.0, "rows": "packed", "curriculum_steps": 0,
+                    "curriculum_min": 0}
+        return super().resume_free() | {k for k, v in defaults.items() if getattr(self, k) == v}
 
 
 BUILTIN_CONFIGS: dict[str, dict] = {
@@ -60,12 +76,15 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}},
                        builtin_slip_rate=0.4),
     # a base model for context extension (`seekforge extend`) on a CPU: 64 tokens of context, chain sums and
-    # passkey retrieval documents that fit in it
-    "passkey": dict(model="tiny", model_overrides=dict(max_seq_len=64), seq_len=64, batch_size=16, steps=600,
-                    lr=3e-3, warmup_steps=20, constant_steps=480, decay_steps=100, final_lr=3e-4, eval_every=200,
-                    eval_batches=4, save_every=200, builtin_docs=6000, builtin_vocab=512,
+    # passkey retrieval documents that fit in it, one document to a row with a length curriculum (32 tokens to
+    # whole rows over 1000 steps) at lr 1e-3: from packed windows, or at 3e-3, the tiny model learns no retrieval.
+    # Packed training after it teaches text past a document's end (docs/LONG_CONTEXT.md has the commands)
+    "passkey": dict(model="tiny", model_overrides=dict(max_seq_len=64), seq_len=64, batch_size=16, steps=1500,
+                    lr=1e-3, warmup_steps=20, constant_steps=1380, decay_steps=100, final_lr=1e-4, eval_every=500,
+                    eval_batches=4, save_every=500, builtin_docs=6000, builtin_vocab=512, rows="documents",
+                    curriculum_steps=1000, curriculum_min=32,
                     builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4},
-                                   "passkey": {"max_filler": 4}}),
+                                   "passkey": {"max_filler": 6}}),
     # about 100M parameters: a GPU run
     "small": dict(model="small", seq_len=1024, batch_size=32, steps=5000, lr=1e-3, warmup_steps=200,
                   constant_steps=2800, decay_steps=2000, final_lr=1e-4, eval_every=250, save_every=500,
@@ -96,18 +115,31 @@ class CorpusData:
                                       progress=cfg.progress,
                                       **({"tasks": cfg.builtin_tasks} if cfg.builtin_tasks else {}))
             self.tokenizer_dir = self.data_dir / "tokenizer"
-        self.vocab_size = load_meta(self.data_dir)["vocab_size"]
+        meta = load_meta(self.data_dir)
+        self.vocab_size = meta["vocab_size"]
+        if cfg.rows == "documents":  # rows open as the engine's prompts do: BOS where the tokenizer adds it
+            from seekforge.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir or self.data_dir / meta["tokenizer_dir"])
+            self.pad_id, self.bos_id = meta["eos_id"], tokenizer.bos_id if tokenizer.add_bos_token else None
 
     def batches(self):
-        from seekforge.data.loader import PackedLoader
+        from seekforge.data.loader import DocumentLoader, PackedLoader
 
         cfg = self.cfg
+        if cfg.rows == "documents":
+            return DocumentLoader(self.data_dir, "train", cfg.seq_len, cfg.batch_size, self.pad_id, self.bos_id,
+                                  cfg.seed, cfg.curriculum_steps, cfg.curriculum_min)
         return PackedLoader(self.data_dir, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 
     def eval_batches(self):
-        from seekforge.data.loader import eval_batches
+        from seekforge.data.loader import eval_batches, eval_documents
 
-        return eval_batches(self.data_dir, self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_batches)
+        cfg = self.cfg
+        if cfg.rows == "documents":
+            return eval_documents(self.data_dir, cfg.seq_len, cfg.batch_size, self.pad_id, self.bos_id,
+                                  cfg.eval_batches)
+        return eval_batches(self.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
 
     def eval_metrics(self, loss: float) -> dict:
         from seekforge.data.loader import bits_per_byte

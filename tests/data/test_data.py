@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from seekforge.cli import main
-from seekforge.data.loader import PackedLoader, bits_per_byte, eval_batches, load_meta, open_tokens
+from seekforge.data.loader import (IGNORE, DocumentLoader, PackedLoader, bits_per_byte, eval_batches, eval_documents,
+                                   load_meta, open_tokens)
 from seekforge.data.prepare import prepare, token_dtype
 from seekforge.documents import iter_documents
 from seekforge.errors import ConfigError, DataError
@@ -254,6 +255,66 @@ def test_eval_batches_are_in_order_bounded_and_repeatable(data_dir):
     assert torch.equal(flat, tokens[:n_windows * 17])  # the windows, in stream order
     bounded = list(eval_batches(data_dir, seq_len=16, batch_size=4, max_batches=2))
     assert len(bounded) == 2 and _same(bounded, batches[:2])
+
+
+def _documents(tok, data_dir, split):
+    """The split's documents as the tokenizer encodes the input texts (BOS, text, EOS), independent of offsets."""
+    texts = [json.loads(line)["text"] for line in (data_dir.parent / "docs.jsonl").read_text().splitlines()]
+    encoded = [[tok.bos_id, *tok.encode(t), tok.eos_id] for t in texts]
+    stream = np.asarray(open_tokens(data_dir, split)).tolist()
+    mine, at = [], 0
+    for ids in encoded:  # the split's documents, in order, are a subsequence of the input's
+        if stream[at:at + len(ids) - 1] == ids[1:]:
+            mine.append(ids)
+            at += len(ids) - 1
+    assert at == len(stream)
+    return mine
+
+
+def test_document_rows_start_at_a_document_and_pad_untrained(tok, data_dir):
+    assert tok.add_bos_token
+    docs = {tuple(d) for d in _documents(tok, data_dir, "train")}
+    loader = DocumentLoader(data_dir, "train", seq_len=24, batch_size=8, pad_id=tok.eos_id, bos_id=tok.bos_id)
+    cut = 0
+    for batch in _take(loader, 20):
+        x, y = batch["input_ids"], batch["labels"]
+        assert x.shape == y.shape and x.shape[1] <= 24
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            n = next((i for i, label in enumerate(row_y) if label == IGNORE), len(row_y))  # trained labels
+            assert all(label == IGNORE for label in row_y[n:])
+            row = [*row_x[:n], row_y[n - 1]] if n else row_x[:1]
+            assert row_x[1:n] == row_y[:n - 1] and row[0] == tok.bos_id
+            whole = [d for d in docs if list(d[:len(row)]) == row]
+            assert whole and (len(row) == len(whole[0]) or len(row) == 25)  # a whole document, or cut at a row
+            cut += len(row) == 25
+    assert cut  # some documents are longer than a row
+
+
+def test_document_curriculum_grows_the_longest_document_and_resumes(tok, data_dir):
+    lengths = sorted(len(d) for d in _documents(tok, data_dir, "train"))
+    loader = DocumentLoader(data_dir, "train", seq_len=40, batch_size=16, pad_id=tok.eos_id, bos_id=tok.bos_id,
+                            seed=3, curriculum_steps=10, curriculum_min=lengths[0] + 2)
+
+    def longest(batch):  # tokens of the row's document (BOS included), from its trained labels
+        return int((batch["labels"] != IGNORE).sum(1).max()) + 1
+
+    early = [longest(b) for b in _take(loader, 3)]
+    assert max(early) <= lengths[0] + 2 + 41 * 2 // 10  # step 2's limit at most
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = _take(loader, 12)
+    assert longest(expected[-1]) > max(early) and max(longest(b) for b in expected) == 41  # whole rows by now
+    again = DocumentLoader(data_dir, "train", seq_len=40, batch_size=16, pad_id=tok.eos_id, bos_id=tok.bos_id,
+                           seed=3, curriculum_steps=10, curriculum_min=lengths[0] + 2)
+    again.load_state_dict(state)
+    assert _same(_take(again, 12), expected)
+    with pytest.raises(ConfigError, match="window was 41, now 17"):
+        DocumentLoader(data_dir, "train", seq_len=16, batch_size=16, pad_id=0, seed=3).load_state_dict(state)
+    evaluated = list(eval_documents(data_dir, 40, 4, tok.eos_id, tok.bos_id))
+    val = _documents(tok, data_dir, "val")
+    assert sum(len(b["input_ids"]) for b in evaluated) == len(val)
+    assert [row[:n] for b in evaluated for row, n in zip(b["input_ids"].tolist(),
+                                                            (b["labels"] != IGNORE).sum(1).tolist())] == \
+        [d[:41][:-1] for d in val]
 
 
 def test_bits_per_byte(data_dir):

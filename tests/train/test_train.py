@@ -111,6 +111,14 @@ def test_wrong_config_key_and_type():
         load_train_config("tiny", ["steps=10"])
 
 
+def test_document_rows_need_a_known_layout_and_the_curriculum_needs_them():
+    with pytest.raises(ConfigError, match="rows must be 'packed' or 'documents'"):
+        load_train_config("tiny", ["rows=docs"])
+    with pytest.raises(ConfigError, match="set rows=documents"):
+        load_train_config("tiny", ["curriculum_steps=10"])
+    assert load_train_config("passkey").rows == "documents"
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
     cfg = load_train_config("tiny", [*SMALL_RUN, "max_bad_steps=3"])
     trainer = build_trainer(cfg, tmp_path)
