@@ -133,12 +133,18 @@ class PackedLoader:
                 "tokenizer_fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "window", "windows_per_epoch", "split", "tokenizer_fingerprint"):
-            if state.get(key) != mine[key]:
-                raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
-                                  f"{mine[key]!r}; resume with the same data directory, seed, seq_len and extra_tokens")
+        _check_resume(state, self.state_dict(), ("seed", "window", "windows_per_epoch", "split",
+                                                 "tokenizer_fingerprint"), "seed, seq_len and extra_tokens")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def _check_resume(state: dict, mine: dict, keys: tuple[str, ...], same: str) -> None:
+    """A loader's saved position fits this loader only where every key in `keys` agrees; `same` names what the
+    user must keep for it to."""
+    for key in keys:
+        if state.get(key) != mine[key]:
+            raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
+                              f"{mine[key]!r}; resume with the same data directory, {same}")
 
 
 IGNORE = -100  # the label of a padding position (seekforge.train.lm's IGNORE)
@@ -218,11 +224,8 @@ class DocumentLoader:
                 "split": self.split, "tokenizer_fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "window", "documents", "split", "tokenizer_fingerprint"):
-            if state.get(key) != mine[key]:
-                raise ConfigError(f"cannot resume the data position: {key} was {state.get(key)!r}, now "
-                                  f"{mine[key]!r}; resume with the same data directory, seed and seq_len")
+        _check_resume(state, self.state_dict(), ("seed", "window", "documents", "split", "tokenizer_fingerprint"),
+                      "seed and seq_len")
         self.step = int(state["step"])
 
 
