@@ -183,17 +183,20 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
-def test_padded_rows_give_each_expert_a_zero_padded_segment_of_a_positive_multiple_of_align():
-    """`_padded_rows` (which lays out the weight-gradient kernel's operands in whole 128-row tiles an expert), here
-    at align 8: where each row goes, the segments' ends, and a buffer bound known without reading the counts."""
-    from seekforge.fp8.gemm import _padded_rows
+def test_segment_ends_pad_each_expert_to_a_positive_multiple_of_128_rows_within_the_bound():
+    """`segment_ends` (the weight-gradient operands' layout: each expert's rows in whole 128-row tiles, at least one)
+    and `padded_tiles`, the buffer's bound known without reading the counts (a multiple of 4 tiles)."""
+    from seekforge.ops.quant import padded_tiles, segment_ends
 
-    counts = torch.tensor([3, 0, 8, 9])
-    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
-    at, ends, total = _padded_rows(counts.cumsum(0).to(torch.int32), expert_of_row, 8)
-    assert ends.tolist() == [8, 16, 24, 40] and ends.dtype == torch.int32  # 8, 8 (none), 8, 16 rows
-    assert at.tolist() == [0, 1, 2, *range(16, 24), *range(24, 33)]
-    assert total == 24 + 8 * 4  # a bound known without reading the counts
+    counts = torch.tensor([3, 0, 128, 129])
+    ends = segment_ends(counts.cumsum(0).to(torch.int32))
+    assert ends.tolist() == [128, 256, 384, 640] and ends.dtype == torch.int32  # 1, 1 (none), 1, 2 tiles
+    assert padded_tiles(260, 4) == 8  # ceil(260 / 128) + 3 = 6 tiles -> 8
+    assert padded_tiles(0, 2) == 4 and padded_tiles(8192, 1) == 64
+    for trial in range(50):  # the bound holds for any counts
+        g = torch.Generator().manual_seed(trial)
+        counts = torch.randint(0, 300, (7,), generator=g) * torch.randint(0, 2, (7,), generator=g)
+        assert int(segment_ends(counts.cumsum(0))[-1]) <= 128 * padded_tiles(int(counts.sum()), 7)
 
 
 def test_expert_gemms_on_cuda_refuse_to_run_without_their_kernels():
