@@ -60,8 +60,8 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, M
                 stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
                 stride_bse, stride_bsn, stride_bsk, stride_cm, stride_cn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_BLOCK: tl.constexpr):
-    """c[rows of e] = a[rows of e] @ W_e^T, W_e [N, K] element (n, k) at b_ptr + e stride_be + n stride_bn + k stride_bk,
-    its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of row r, k step s at
+    """c[rows of e] = a[rows of e] @ W_e^T, W_e [N, K] element (n, k) at b_ptr + e stride_be + n stride_bn
+    + k stride_bk, its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of row r, k step s at
     as_ptr + r stride_asm + s stride_ask. M: a's rows (the tile's key, unused otherwise)."""
     tl.static_assert(BLOCK_K == SCALE_BLOCK)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -180,7 +180,8 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
            f"and w [experts, ceil(n / 128), ceil(k / 128)]; got a {tuple(a.shape)} {a.dtype}, w {tuple(w.shape)} "
            f"{w.dtype}, scales {tuple(a_scale.shape)} {a_scale.dtype}, {tuple(w_scale.shape)} {w_scale.dtype}")
     _check_offsets(offsets, experts, a.device)
-    _check("FP8 grouped GEMM", tile is None or (len(tile) == 4 and all(t >= 16 and t & (t - 1) == 0 for t in tile[:2])),
+    _check("FP8 grouped GEMM",
+           tile is None or (len(tile) == 4 and all(t >= 16 and t & (t - 1) == 0 for t in tile[:2])),
            f"tile must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M and BLOCK_N powers of 2 of at least "
            f"16, got {tile}")
     return launch_grouped_mm(a, a_scale, w, w_scale, offsets, out_dtype, list(tile or ()))

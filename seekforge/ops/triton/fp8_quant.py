@@ -8,13 +8,13 @@ each op one pass over its input, reading every element once and writing e4m3 val
   `seekforge.ops.triton.fp8_grouped`'s weight-gradient kernel and torch._scaled_mm read it. One program a
   (128-row tile of the padded layout, 128 columns).
 - `quantise_blocks`: 128x128 blocks of w [..., n, k]; with `transposed` the quantised transpose [..., k, n]
-  (128x128 blocks are square: its scales are the transposed scale grid), which the input gradient dx = dy W reads
-  with the contracted dimension innermost, as Hopper's FP8 MMA needs.
+  (128x128 blocks are square: its scales are the transposed scale grid), which the input gradient dx = dy W
+  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs.
 
 The rounding is the references': scale = amax / 448 (1 for a tile of zeros), value / scale correctly rounded
 (div_rn: fp32 `/` compiles to an approximate division on NVIDIA GPUs), saturated, rounded to e4m3 to nearest,
-ties to even; so the results are bit-exact against the references. Each launch is a torch.library custom op, so a compiled block
-keeps its graph whole.
+ties to even; so the results are bit-exact against the references. Each launch is a torch.library custom op, so a
+compiled block keeps its graph whole.
 """
 
 from __future__ import annotations
