@@ -154,6 +154,26 @@ def test_fp8_linear_forward_and_gradients_match_the_reference(shape):
         assert 1e-3 < _rel(got, want) < 0.06
 
 
+def test_a_frozen_weight_or_input_still_gets_the_other_gradient_as_the_reference():
+    """The forward quantises x's transposed tiles only where the weight gradient is wanted, and the backward dy's
+    only then: with the weight frozen dx is still the reference's, and with x frozen dW is."""
+    torch.manual_seed(11)
+    counts = [150, 0, 140]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    x, dy = torch.randn(290, 136), torch.randn(290, 132)
+    cases = ((lambda a, b: fp8_linear(a, b), torch.randn(132, 136) * 0.05, _reference_linear),
+             (lambda a, b: fp8_grouped_linear(a, b, offsets, rows), torch.randn(3, 132, 136) * 0.05,
+              lambda a, b, d: _reference_grouped(a, b, counts, d)))
+    for fn, w, reference in cases:
+        _, dx_ref, dw_ref = reference(x, w, dy)
+        for frozen in ("w", "x"):
+            xg, wg = x.clone().requires_grad_(frozen == "w"), w.clone().requires_grad_(frozen == "x")
+            fn(xg, wg).backward(dy)
+            got, want = (xg.grad, dx_ref) if frozen == "w" else (wg.grad, dw_ref)
+            assert _rel(got, want) < 1e-6
+
+
 def test_fp8_linear_under_bf16_autocast_returns_bf16_as_nn_linear_does():
     torch.manual_seed(3)
     x, w = torch.randn(4, 256, requires_grad=True), torch.randn(64, 256, requires_grad=True)

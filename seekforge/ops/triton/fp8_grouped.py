@@ -15,7 +15,7 @@ them); an expert may have no rows, row counts are multiples of nothing, and n an
   their outer product.
 - `fp8_grouped_weight_gradient`: dW_e = dy_e^T x_e, contracting over the expert's rows in 128x1 tiles that never
   straddle two experts. Its operands are the transposes dy^T [n, rows] and x^T [k, rows] with each expert's rows
-  in a segment of whole 128-row tiles, zero-padded (the caller lays them out: `seekforge.fp8.gemm`): the
+  in a segment of whole 128-row tiles, zero-padded (`seekforge.ops.triton.fp8_quant.quantise_segments`): the
   contracted rows innermost and every tile whole and aligned, so its loads are wide vectors (what Hopper's FP8
   MMA reads, with no mask along the rows), and 128x1 tiles of dy are 1x128 tiles of the padded transpose, their
   scales [n, rows / 128]. One program an (expert, n block, k block); each k step is one row tile, scaled by the
@@ -61,8 +61,8 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, M
                 stride_bse, stride_bsn, stride_bsk, stride_cm, stride_cn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_BLOCK: tl.constexpr):
     """c[rows of e] = a[rows of e] @ W_e^T, W_e [N, K] element (n, k) at b_ptr + e stride_be + n stride_bn
-    + k stride_bk, its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of row r, k step s at
-    as_ptr + r stride_asm + s stride_ask. M: a's rows (the tile's key, unused otherwise)."""
+    + k stride_bk, its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of
+    row r, k step s at as_ptr + r stride_asm + s stride_ask. M: a's rows (the tiles' timing key, unused otherwise)."""
     tl.static_assert(BLOCK_K == SCALE_BLOCK)
     n_blocks = tl.cdiv(N, BLOCK_N)
     block, n0 = tl.program_id(0) // n_blocks, (tl.program_id(0) % n_blocks) * BLOCK_N
