@@ -10,8 +10,8 @@ from torch import nn
 from seekforge.errors import ConfigError
 from seekforge.fp8.convert import FP8Experts, FP8Linear, convert_to_fp8
 from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
-from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_row_tiles, dequantise_tiles, grouped_row_tiles,
-                                 quantise_blocks, quantise_row_tiles, quantise_tiles)
+from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_tiles, quantise_blocks, quantise_segments,
+                                 quantise_tiles)
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import Experts
 from seekforge.model.norm import RMSNorm
@@ -80,23 +80,23 @@ def test_block_scales_are_deepseek_checkpoints_weight_scale_inv():
     assert torch.equal(_dequantize_fp8(q, scale, (128, 128)), dequantise_blocks(q, scale))
 
 
-def test_grouped_row_tiles_restart_at_each_expert():
-    """Rows sorted by expert, counts 3, 0, 130: expert 0's rows are one tile, expert 2's 128 then 2 rows."""
+def test_segment_tiles_down_the_rows_restart_at_each_expert():
+    """Rows sorted by expert, counts 3, 0, 130: the weight gradient's 128x1 tiles (`quantise_segments`' transposed
+    operand) are expert 0's 3 rows, one empty tile for expert 1 (scale 1), then expert 2's 128 rows and its last 2."""
     offsets = torch.tensor([3, 3, 133], dtype=torch.int32)
     expert_of_row = torch.tensor([0] * 3 + [2] * 130)
-    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-    assert torch.equal(tile_of_row, torch.tensor([0] * 3 + [1] * 128 + [2] * 2))
-    assert n_tiles >= 3
     x = torch.randn(133, 5)
     x[131, 4] = 100.0
-    q, scale = quantise_row_tiles(x, tile_of_row, n_tiles)
-    assert scale.shape == (n_tiles, 5)
-    assert torch.allclose(scale[0], x[:3].abs().amax(0) / 448)
-    assert torch.allclose(scale[1], x[3:131].abs().amax(0) / 448)
-    assert scale[2, 4] == 100.0 / 448
-    assert torch.equal(scale[3:], torch.ones(n_tiles - 3, 5))
-    err = (dequantise_row_tiles(q, scale, tile_of_row) - x).abs()
-    assert (err <= x.abs() * 2 ** -4 + scale.index_select(0, tile_of_row) * 2 ** -10).all()
+    _, _, q_t, scale_t, ends = quantise_segments(x, offsets, expert_of_row)
+    assert ends.tolist() == [128, 256, 512] and scale_t.shape == (5, 4) and q_t.shape == (5, 512)
+    assert torch.allclose(scale_t[:, 0], x[:3].abs().amax(0) / 448)
+    assert torch.equal(scale_t[:, 1], torch.ones(5))
+    assert torch.allclose(scale_t[:, 2], x[3:131].abs().amax(0) / 448)
+    assert scale_t[4, 3] == 100.0 / 448
+    at = torch.tensor([0, 1, 2, *range(256, 386)])  # each row's column in the padded transpose
+    scale = scale_t.repeat_interleave(128, dim=1)[:, at].t()
+    err = (q_t[:, at].t().float() * scale - x).abs()
+    assert (err <= x.abs() * 2 ** -4 + scale * 2 ** -10).all()
 
 
 # ---------------------------------------------------------------- the reference GEMMs, written here

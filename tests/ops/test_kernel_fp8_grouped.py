@@ -19,7 +19,6 @@ patch_interpreter()
 from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.fp8.gemm import fp8_grouped_linear  # noqa: E402
-from seekforge.ops.quant import grouped_row_tiles  # noqa: E402
 from seekforge.ops.triton import fp8_grouped  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -105,6 +104,15 @@ def test_input_gradient_through_the_forward_kernel_on_the_transposed_blocks():
     _assert_close(out, want)
 
 
+def _tile_of_row():
+    """Each row's 128x1 tile: 128 consecutive rows of one expert, restarting at each expert; and the tiles."""
+    tiles, first = [], 0
+    for count in COUNTS:
+        tiles += [first + r // 128 for r in range(count)]
+        first += -(-count // 128)
+    return torch.tensor(tiles), first
+
+
 def _padded_transpose(q, scale, tile_of_row):
     """q [m, c] e4m3 with 128x1 tile scales [tiles, c] -> its transpose with each expert's rows in a zero-padded
     segment of whole 128-row tiles (at least one), the scales [c, padded rows / 128], the segments' ends."""
@@ -122,9 +130,9 @@ def _padded_transpose(q, scale, tile_of_row):
 
 
 def test_weight_gradient_scales_each_experts_own_row_tiles():
-    g, offsets, expert_of_row = _problem(2)
+    g, offsets, _ = _problem(2)
     m = sum(COUNTS)
-    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+    tile_of_row, n_tiles = _tile_of_row()
     dy, dy_s = _e4m3((m, N), g), _scales((n_tiles, N), g)
     x, x_s = _e4m3((m, K), g), _scales((n_tiles, K), g)
     dy_t, dy_ts, ends = _padded_transpose(dy, dy_s, tile_of_row)
