@@ -2,8 +2,9 @@
 (`seekforge.ops.quant`), whose rounding they reproduce: the same e4m3 bytes, the same fp32 scales.
 
 Inputs spread over orders of magnitude row by row and column by column (so a tile's amax taken over the wrong
-elements changes its scale), with exact zero tiles (scale 1), shapes with partial tiles and blocks, and values that
-land on e4m3 rounding ties after scaling. Without CUDA the kernels run under Triton's interpreter.
+elements changes its scale), with exact zero tiles (scale 1), shapes with partial tiles and blocks, values that
+land on e4m3 rounding ties after scaling, and -0.0 and negative values that round to zero (e4m3 -0, as the
+reference's cast gives). Without CUDA the kernels run under Triton's interpreter.
 """
 
 import pytest
@@ -25,9 +26,10 @@ def _input(m, k, seed, dtype=torch.float32):
     x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, m).unsqueeze(1) * torch.logspace(0, 1, k)
     x[:, 128:256] = 0  # whole zero tiles (where k > 128)
     ties = torch.tensor([448.0, 416.0, 17.0, -0.5625]) / 448 * 3.0  # e4m3 ties once divided by a scale 3 / 448
-    if m and k > 4:
+    if m and k > 6:
         x[0, :4] = ties
         x[0, 4] = 3.0  # this row tile's amax: scale 3 / 448
+        x[0, 5:7] = torch.tensor([-0.0, -1e-6])  # e4m3 -0 both
     return x.to(dtype)
 
 
@@ -62,6 +64,27 @@ def test_segments_give_both_tilings_bit_for_bit(counts, k):
                                       quant.padded_tiles(sum(counts), len(counts)))
     for g, w in zip(got, want[:4]):
         _same(g, w)
+
+
+@pytest.mark.skipif(CUDA, reason="emulates a Triton frontend's lowering under the interpreter")
+def test_quantisation_does_not_depend_on_how_triton_lowers_unary_minus(monkeypatch):
+    """Triton before triton-lang/triton#10270 (3.6 among them) lowers a float's `-x` to `0 - x`, so -(+0.0) is
+    +0.0: the kernels must give e4m3 -0 for negative values that round to zero all the same."""
+    semantic = getattr(pytest.importorskip("triton.language.semantic"), "TritonSemantic", None)
+    if semantic is None:
+        pytest.skip("this Triton has no TritonSemantic to patch")
+
+    def minus_as_subtraction(self, x):
+        zero = self.make_tensor(self.builder.get_null_value(x.type.scalar.to_ir(self.builder)), x.type.scalar)
+        return self.sub(zero, x, True)
+
+    monkeypatch.setattr(semantic, "minus", minus_as_subtraction)
+    w = _input(130, 129, 3)  # blocks spanning rows five orders of magnitude apart: many -0
+    assert (quant.quantise_blocks(w)[0].view(torch.uint8) == 0x80).sum() > 100
+    for transposed in (False, True):
+        for got, want in zip(fp8_quant.quantise_blocks(w, transposed),
+                             quant.quantise_blocks(w.t() if transposed else w)):
+            _same(got, want)
 
 
 def test_segments_layout_against_a_hand_built_transpose():

@@ -38,13 +38,18 @@ def _scale_of(amax):
 @triton.jit
 def _to_e4m3(x, scale):
     """x / scale saturated and rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic (the cast
-    that follows is then exact: the rounding is the same whatever the cast's, the interpreter's included)."""
+    that follows is then exact: the rounding is the same whatever the cast's, the interpreter's included).
+
+    The sign is x's sign bit, copied onto the rounded magnitude: a negative value that rounds to zero (or -0.0)
+    gives e4m3 -0 as the reference's cast does. Negating instead would depend on how Triton lowers unary minus:
+    up to triton-lang/triton#10270 it is `0 - x`, which turns -(+0.0) into +0.0."""
     y = tl.minimum(tl.abs(tl.div_rn(x, scale)), E4M3_MAX)
     exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp = tl.maximum(exponent - 3, -9)  # e4m3: 3 mantissa bits, subnormals below 2^-6 in steps of 2^-9
     big = ((ulp + 23 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(ulp + 23): its fp32 ulp is 2^ulp
     rounded = (y + big) - big  # fp32 addition rounds to a multiple of 2^ulp, ties to even
-    return tl.where(x < 0, -rounded, rounded).to(tl.float8e4nv)
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (rounded.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float8e4nv)
 
 
 @triton.jit
