@@ -109,14 +109,19 @@ def _pad_scale(s: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _outer_major(s: torch.Tensor) -> torch.Tensor:
-    """s [r, c] stored column by column (stride (1, r)): cuBLASLt's layout for 1x128 tile scales."""
+    """s [r, c] stored column by column (stride (1, r)), whatever s's own strides."""
     return s.t().contiguous().t()
 
 
-def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -> torch.Tensor:
-    """`reference_mm` through torch._scaled_mm. The operands are padded to shapes cuBLASLt's block scaling
-    takes (k to a multiple of 512, so the scale grid's k extent is a multiple of 4; m to 16; n to 128 for
-    blocks, 16 for tiles); `layout` is the probed orientation of b's tile scales."""
+def scaled_mm_operands(a, a_scale, b, b_scale, b_blocks: bool, layout: str) -> tuple[torch.Tensor, ...]:
+    """The arguments (mat1, mat2, scale_a, scale_b) of torch._scaled_mm for `reference_mm`'s product, laid out as
+    torch's checks want them whatever the strides of the tensors given (a transposed weight and its transposed
+    scale grid included). The operands are padded to shapes cuBLASLt's block scaling takes (k to a multiple of
+    512, so the scale grid's k extent is a multiple of 4 and its 16-byte aligned stride; m to 16; n to 128 for
+    blocks, 16 for tiles): mat1 [m, k] row-major, mat2 [k, n] column-major; a's 1x128 tile scales [m, k/128]
+    outer-dim-major (stride (1, m)); b's 128x128 block scales [k/128, n/128] with stride (1, k/128); b's 1x128 tile
+    scales as `layout`, the probed orientation: "kn" [k/128, n] row-major (torch 2.9+), "nk" [n, k/128] with
+    stride (1, n)."""
     m, k = a.shape
     n = b.shape[0]
     mp, kp, np_ = _round_up(m, 16), _round_up(k, 4 * BLOCK), _round_up(n, BLOCK if b_blocks else 16)
@@ -124,12 +129,18 @@ def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -
     a, b = _pad_fp8(a, mp, kp), _pad_fp8(b, np_, kp)
     sa = _outer_major(_pad_scale(a_scale, mp, kt))
     if b_blocks:
-        sb = _pad_scale(b_scale, np_ // BLOCK, kt).t()  # [k/128, n/128], stride (1, k/128)
+        sb = _pad_scale(b_scale, np_ // BLOCK, kt).contiguous().t()
     else:
-        sb = _outer_major(_pad_scale(b_scale, np_, kt))  # [n, k/128], stride (1, n)
+        sb = _outer_major(_pad_scale(b_scale, np_, kt))
         sb = sb if layout == "nk" else sb.t()
-    out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return out[:m, :n]
+    return a, b.t(), sa, sb
+
+
+def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -> torch.Tensor:
+    """`reference_mm` through torch._scaled_mm (`scaled_mm_operands`)."""
+    mat1, mat2, sa, sb = scaled_mm_operands(a, a_scale, b, b_scale, b_blocks, layout)
+    out = torch._scaled_mm(mat1, mat2, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+    return out[:a.shape[0], :b.shape[0]]
 
 
 _LAYOUTS: dict = {}  # (device, b_blocks) -> the working layout of torch._scaled_mm, or None: the reference
