@@ -395,14 +395,18 @@ def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
 
 @pytest.mark.gpu
 def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
+    """The linear layer eager and compiled, with a weight [512, 384] whose input gradient's GEMM needs no padding (its
+    transposed block scales reach torch._scaled_mm as they are), then the experts."""
     torch.manual_seed(9)
-    x, w, dy = torch.randn(256, 512), torch.randn(384, 512) * 0.05, torch.randn(256, 384)
-    y_ref, dx_ref, dw_ref = _reference_linear(x, w, dy)
-    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
-    fp8_linear(xc, wc).backward(dy.cuda())
-    y = fp8_linear(x.cuda(), w.cuda())
-    for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
-        assert _rel(got.cpu(), want) < FP8_TENSOR_CORES
+    for (n, k), compiled in (((384, 512), False), ((512, 384), False), ((512, 384), True)):
+        x, w, dy = torch.randn(256, k), torch.randn(n, k) * 0.05, torch.randn(256, n)
+        y_ref, dx_ref, dw_ref = _reference_linear(x, w, dy)
+        fn = torch.compile(fp8_linear, fullgraph=True) if compiled else fp8_linear
+        xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+        y = fn(xc, wc)
+        y.backward(dy.cuda())
+        for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+            assert _rel(got.detach().cpu(), want) < FP8_TENSOR_CORES
     counts = [300, 0, 212]
     xg, wg, dyg = torch.randn(512, 256), torch.randn(3, 128, 256) * 0.05, torch.randn(512, 128)
     y_ref, dx_ref, dw_ref = _reference_grouped(xg, wg, counts, dyg)
