@@ -77,7 +77,7 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
        for bn, bk, warps, stages in FP8_WEIGHT_GRADIENT_TILES},
     "fp8_quantise_tiles": ("fp8_quant", "_quantise_tiles", FP8_QUANT_TYPES, {"BLOCK_M": 32, "stride_xk": 1}, 4, 1),
     "fp8_quantise_segments": ("fp8_quant", "_quantise_segments", FP8_QUANT_TYPES,
-                              {"E_BLOCK": 64, "stride_xk": 1}, 8, 1),
+                              {"E_BLOCK": 64, "CHUNK": 32, "stride_xk": 1}, 8, 1),
     **{f"fp8_quantise_blocks{'_transposed' if t else ''}": (
         "fp8_quant", "_quantise_blocks", FP8_QUANT_TYPES, {"TRANSPOSED": t, "stride_wk": 1, "stride_qc": 1}, 8, 1)
        for t in (False, True)},

@@ -66,7 +66,8 @@ def _quantise_tiles(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, 
 
 @triton.jit
 def _quantise_segments(x_ptr, offsets_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, num_segments, K,
-                       stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk, E_BLOCK: tl.constexpr):
+                       stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk, E_BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr):
     tile, c0 = tl.program_id(0), tl.program_id(1) * SCALE_BLOCK
     # segment e's padded tiles: max(ceil(count / 128), 1), laid out one segment after the other
     e = tl.arange(0, E_BLOCK)
@@ -78,20 +79,31 @@ def _quantise_segments(x_ptr, offsets_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, num_seg
     start = tl.sum(tl.where(e == seg, starts, 0), 0)
     end = tl.sum(tl.where(e == seg, ends, 0), 0)
     first = tl.sum(tl.where(e == seg, firsts, 0), 0)
-    r = tl.arange(0, SCALE_BLOCK)
-    rows = (start + (tile - first) * SCALE_BLOCK + r).to(tl.int64)
+    first_row = (start + (tile - first) * SCALE_BLOCK).to(tl.int64)
+    r = tl.arange(0, CHUNK)
     cols = c0 + tl.arange(0, SCALE_BLOCK)
-    row_ok, col_ok = rows < end, cols < K
-    ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    row_scale = _scale_of(tl.max(ax, axis=1))
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _to_e4m3(x, row_scale[:, None]), mask=ok)
-    tl.store(s_ptr + rows * stride_sm + tl.program_id(1), row_scale, mask=row_ok)
-    col_scale = _scale_of(tl.max(ax, axis=0))  # the padding's zeros leave it as it is
-    padded_rows = tile.to(tl.int64) * SCALE_BLOCK + r
-    qt = tl.trans(_to_e4m3(x, col_scale[None, :]))  # [columns, rows]
-    tl.store(qt_ptr + cols[:, None] * stride_qtk + padded_rows[None, :], qt, mask=col_ok[:, None])
+    col_ok = cols < K
+    # The 128-row tile in chunks of CHUNK rows, twice: the rows' 1x128 tiles and the columns' amax, then the columns'
+    # quantisation from the same rows read again (from cache). Holding all 128 rows at once spills registers.
+    col_amax = tl.zeros([SCALE_BLOCK], dtype=tl.float32)
+    for i in range(0, SCALE_BLOCK, CHUNK):
+        rows = first_row + i + r
+        row_ok = rows < end
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        row_scale = _scale_of(tl.max(ax, axis=1))
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _to_e4m3(x, row_scale[:, None]), mask=ok)
+        tl.store(s_ptr + rows * stride_sm + tl.program_id(1), row_scale, mask=row_ok)
+        col_amax = tl.maximum(col_amax, tl.max(ax, axis=0))  # the padding's zeros leave it as it is
+    col_scale = _scale_of(col_amax)
+    for i in range(0, SCALE_BLOCK, CHUNK):
+        rows = first_row + i + r
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+        padded_rows = tile.to(tl.int64) * SCALE_BLOCK + i + r
+        qt = tl.trans(_to_e4m3(x, col_scale[None, :]))  # [columns, rows]
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + padded_rows[None, :], qt, mask=col_ok[:, None])
     tl.store(st_ptr + cols * stride_stk + tile, col_scale, mask=col_ok)
 
 
@@ -115,7 +127,8 @@ def _quantise_blocks(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride_wk,
         tl.store(s_ptr + mat * stride_se + n_block * stride_sr + k_block * stride_sc, scale)
 
 
-_TILE_ROWS, _TILE_WARPS = 32, 4  # rows a program of `quantise_tiles`: 32 x 128 elements, 16 a thread
+_TILE_ROWS, _TILE_WARPS = 32, 4  # rows a program of `quantise_tiles`: 32 x 128 elements, 32 a thread
+_SEGMENT_ROWS, _SEGMENT_WARPS = 32, 8  # rows `quantise_segments` holds at once: 32 x 128 elements, 16 a thread
 
 
 def _check_input(name: str, x: torch.Tensor, dims: int) -> None:
@@ -170,7 +183,8 @@ def launch_quantise_segments(x: torch.Tensor, offsets: torch.Tensor, padded_tile
     if qt.numel():
         _quantise_segments[(padded_tiles, cdiv(k, BLOCK))](
             x, offsets, q, s, qt, st, offsets.shape[0], k, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
-            qt.stride(0), st.stride(0), E_BLOCK=max(triton.next_power_of_2(offsets.shape[0]), 2), num_warps=8)
+            qt.stride(0), st.stride(0), E_BLOCK=max(triton.next_power_of_2(offsets.shape[0]), 2), CHUNK=_SEGMENT_ROWS,
+            num_warps=_SEGMENT_WARPS)
     return [q, s, qt, st]
 
 
