@@ -4,7 +4,7 @@ weights (seekforge.model.fp8_weights) against the bf16 engine.
     python bench/fp8.py parity --json docs/benchmarks/fp8-parity-cpu.json   # CPU: fp32 vs simulated FP8
     python bench/fp8.py speed --config 16b --batch 2 --seq 4096 --json out.json  # one GPU: bf16 vs FP8, compiled
     python bench/fp8.py engine --config 16b --device cuda --json out.json   # one GPU: FP8 engine vs bf16 engine
-    python bench/fp8.py experts --config 16b --json out.json  # one GPU: the expert GEMMs, FP8 kernels vs bf16
+    python bench/fp8.py experts --config 16b --json out.json  # one GPU: quantisation, expert GEMMs, MoE layer
 
 parity: pretraining (seekforge's trainer, the built-in data) run twice from one seed on the same batches, once
 with fp8=none and once with fp8=blockwise; reports the relative difference of the final and of the averaged late
@@ -16,12 +16,16 @@ speed: forward+backward tokens/s of the model in bf16 and with its blocks conver
 (as bench/train.py measures, without MTP or the optimizer step), with MFU against the bf16 matmul ceiling and
 against the blockwise FP8 GEMM's ceiling, both measured in the same run.
 
-experts: the routed experts' three grouped GEMMs (forward, input gradient, weight gradient) at a preset's expert
-shape (--tokens x the preset's top-k rows, uniform random routing), for the gate/up shape (dim -> moe_inter) and
-the down shape (moe_inter -> dim): the FP8 Triton kernels (seekforge.ops.triton.fp8_grouped) on operands quantised
-beforehand, against bf16 torch._grouped_mm, in TFLOP/s; and one FP8 expert layer's forward + backward
-(fp8_grouped_linear: quantisation included), eager (and with --compile compiled), against the bf16 layer's
-(grouped_linear).
+experts: at a preset's expert shape (--tokens x the preset's top-k rows, uniform random routing), for the gate/up
+shape (dim -> moe_inter) and the down shape (moe_inter -> dim): the quantisation kernels (seekforge.ops.triton.
+fp8_quant) against their PyTorch references, in GB/s and as a share of the measured copy bandwidth, each gated
+bit-exact; the routed experts' three grouped GEMMs (forward, input gradient, weight gradient: the FP8 Triton
+kernels, seekforge.ops.triton.fp8_grouped, on operands quantised beforehand) against bf16 torch._grouped_mm, in
+TFLOP/s, each gated against its dequantised operands multiplied in fp32; one FP8 expert layer's forward + backward
+(fp8_grouped_linear: quantisation included) against the bf16 layer's (grouped_linear); and a whole MoE layer
+(router, routed and shared experts, --tokens tokens) forward + backward, FP8 against bf16, its output gated
+against bf16's. Eager, and with --compile also compiled. "failures" lists the gates that failed (empty: all
+passed); the command exits non-zero where one did.
 
 engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
 (128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
@@ -275,14 +279,32 @@ def speed(args) -> dict:
 
 
 # ---------------------------------------------------------------- the expert GEMMs (GPU)
-def experts(args) -> dict:
-    from ceilings import _timed
+GEMM_GATE = 1e-2  # FP8 GEMM (bf16 output) against its dequantised operands multiplied in fp32, relative (Frobenius)
+MOE_GATE = 0.15  # FP8 MoE layer's output against the bf16 layer's: two e4m3 roundings (~6%), not a wrong scale (~1)
 
-    from seekforge.fp8.gemm import GROUPED, fp8_grouped_linear, weight_gradient_operands
-    from seekforge.model.moe import grouped_linear
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30))
+
+
+def _same_bits(got, want) -> bool:
+    return all(torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w) for g, w in zip(got, want))
+
+
+def experts(args) -> dict:
+    """The routed experts' GEMMs and quantisation ops, one expert layer and one whole MoE layer, FP8 against bf16,
+    each FP8 result gated against its reference (see the module docstring)."""
+    from ceilings import _timed, copy_bandwidth
+
+    from seekforge.fp8.convert import convert_gemms
+    from seekforge.fp8.gemm import GROUPED, QUANT, fp8_grouped_linear
+    from seekforge.model.moe import MoE, grouped_linear
+    from seekforge.ops import quant
+    from seekforge.ops.quant import dequantise_blocks, dequantise_tiles
 
     device = torch.device(args.device if args.device != "auto" else "cuda")
-    kernel = GROUPED.module()
+    kernel, qkernel = GROUPED.module(), QUANT.module()
     cfg = ModelConfig.load(args.config)
     n_experts, k = cfg.n_routed_experts, cfg.n_activated_experts
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -291,56 +313,156 @@ def experts(args) -> dict:
     offsets = counts.cumsum(0).to(torch.int32).to(device)
     expert_of_row = torch.repeat_interleave(torch.arange(n_experts), counts).to(device)
     m = int(counts.sum())
+    bandwidth = copy_bandwidth(device)
     result = {"bench": "fp8_experts", "config": args.config, "tokens": args.tokens, "rows": m, "experts": n_experts,
-              "machine": machine(device), "shapes": {}}
+              "machine": machine(device), "copy_bytes_per_s": bandwidth, "gates": {"gemm_rel": GEMM_GATE,
+                                                                                   "moe_rel": MOE_GATE},
+              "shapes": {}, "failures": []}
 
-    def tflops(fn, flops: float) -> float | str:
+    def seconds(fn) -> float | str:
         try:
-            return flops / _timed(fn, device, args.iters) / 1e12
+            return _timed(fn, device, args.iters)
         except Exception as err:  # noqa: BLE001 - one failing row is reported, the others still run
             return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+    def gate(name: str, ok: bool, detail: str) -> None:
+        print(f"  gate {name}: {'ok' if ok else 'FAILED'} ({detail})", flush=True)
+        if not ok:
+            result["failures"].append(f"{name}: {detail}")
+
+    def row(fp8, bf16, work: float, unit: str) -> dict:
+        """work / seconds for the FP8 and the bf16 callable; unit "TFLOP/s" or "GB/s"."""
+        entry = {}
+        for key, fn in (("fp8", fp8), ("bf16", bf16)):
+            t = seconds(fn) if fn is not None else None
+            if isinstance(t, float):
+                entry[key] = work / t / (1e12 if unit == "TFLOP/s" else 1e9)
+                entry[f"{key}_ms"] = t * 1e3
+            elif t is not None:
+                entry[key] = t
+        if isinstance(entry.get("fp8"), float) and isinstance(entry.get("bf16"), float):
+            entry["speedup"] = entry["bf16_ms"] / entry["fp8_ms"]
+        entry["unit"] = unit
+        return entry
+
+    def show(shape: str, rows: dict) -> None:
+        for name, entry in rows.items():
+            print(f"{shape:8s} {name:22s} " + "  ".join(
+                f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}" for key, value in entry.items()),
+                flush=True)
 
     for name, (n_in, n_out) in {"gate_up": (cfg.dim, cfg.moe_inter_dim), "down": (cfg.moe_inter_dim, cfg.dim)}.items():
         x = torch.randn(m, n_in, device=device, dtype=torch.bfloat16)
         w = torch.randn(n_experts, n_out, n_in, device=device, dtype=torch.bfloat16) * 0.02
         dy = torch.randn(m, n_out, device=device, dtype=torch.bfloat16)
-        xq, xs = quantise_tiles(x)
-        dyq, dys = quantise_tiles(dy)
-        wq, ws = quantise_blocks(w)
-        wgrad = weight_gradient_operands(dy, x, offsets, expert_of_row)
+        tiles = quant.padded_tiles(m, n_experts)
+        rows = {}
+        # quantisation: the Triton kernel against the PyTorch reference (eager), in GB/s read + written
+        xq, xs, xq_t, xs_t = qkernel.quantise_segments(x, offsets, tiles)
+        dyq, dys, dyq_t, dys_t = qkernel.quantise_segments(dy, offsets, tiles)
+        wq, ws = qkernel.quantise_blocks(w)
+        wq_t, ws_t = qkernel.quantise_blocks(w, True)
+        ends = quant.segment_ends(offsets)
+        gate(f"{name} quantise_segments bit-exact", _same_bits(
+            (xq, xs, xq_t, xs_t), quant.quantise_segments(x, offsets, expert_of_row)[:4]), "x vs the reference")
+        gate(f"{name} quantise_blocks bit-exact", _same_bits((wq, ws, wq_t, ws_t), (
+            *quant.quantise_blocks(w), *[t.contiguous() for t in quant.quantise_blocks(w.transpose(1, 2))])),
+            "w and its transpose vs the reference")
+        gate(f"{name} quantise_tiles bit-exact", _same_bits(qkernel.quantise_tiles(x), (xq, xs)), "x vs segments'")
+        x_bytes = x.numel() * 3 + xs.numel() * 4  # bf16 read, e4m3 written
+        rows["quantise_tiles"] = row(lambda: qkernel.quantise_tiles(x), lambda: quant.quantise_tiles(x), x_bytes,
+                                     "GB/s")
+        rows["quantise_segments"] = row(lambda: qkernel.quantise_segments(x, offsets, tiles),
+                                        lambda: quant.quantise_segments(x, offsets, expert_of_row),
+                                        x_bytes + xq_t.numel() + xs_t.numel() * 4, "GB/s")
+        w_bytes = w.numel() * 3 + ws.numel() * 4
+        rows["quantise_blocks"] = row(lambda: qkernel.quantise_blocks(w), lambda: quant.quantise_blocks(w), w_bytes,
+                                      "GB/s")
+        rows["quantise_blocks_t"] = row(lambda: qkernel.quantise_blocks(w, True),
+                                        lambda: quant.quantise_blocks(w.transpose(1, 2)), w_bytes, "GB/s")
+        for op in ("quantise_tiles", "quantise_segments", "quantise_blocks", "quantise_blocks_t"):
+            if isinstance(rows[op].get("fp8"), float):
+                rows[op]["fp8_of_copy_bandwidth"] = rows[op]["fp8"] * 1e9 / bandwidth
+        # the GEMMs, each gated against its dequantised operands in fp32
         flops = 2 * m * n_in * n_out
-        row = {
-            "forward": {"fp8": tflops(lambda: kernel.fp8_grouped_mm(xq, xs, wq, ws, offsets, torch.bfloat16), flops),
-                        "bf16": tflops(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets), flops)},
-            "input_gradient": {
-                "fp8": tflops(lambda: kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, torch.bfloat16, transposed=True),
-                              flops),
-                "bf16": tflops(lambda: torch._grouped_mm(dy, w, offs=offsets), flops)},
-            "weight_gradient": {
-                "fp8": tflops(lambda: kernel.fp8_grouped_weight_gradient(*wgrad, torch.float32), flops),
-                "bf16": tflops(lambda: torch._grouped_mm(dy.t(), x, offs=offsets), flops)},
+        gemms = {
+            "forward": (lambda: kernel.fp8_grouped_mm(xq, xs, wq, ws, offsets, torch.bfloat16),
+                        lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)),
+            "input_gradient": (lambda: kernel.fp8_grouped_mm(dyq, dys, wq_t, ws_t, offsets, torch.bfloat16),
+                               lambda: torch._grouped_mm(dy, w, offs=offsets)),
+            "weight_gradient": (
+                lambda: kernel.fp8_grouped_weight_gradient(dyq_t, dys_t, xq_t, xs_t, ends, torch.bfloat16),
+                lambda: torch._grouped_mm(dy.t(), x, offs=offsets)),
         }
+        with torch.no_grad():
+            a_dq = {"forward": dequantise_tiles(xq, xs), "input_gradient": dequantise_tiles(dyq, dys)}
+            b_dq = {"forward": dequantise_blocks(wq, ws), "input_gradient": dequantise_blocks(wq_t, ws_t)}
+            for gemm in ("forward", "input_gradient"):
+                got = gemms[gemm][0]()
+                errors = []
+                for e in range(n_experts):
+                    lo, hi = (int(offsets[e - 1]) if e else 0), int(offsets[e])
+                    if hi > lo:
+                        errors.append(_rel(got[lo:hi], a_dq[gemm][lo:hi] @ b_dq[gemm][e].t()))
+                gate(f"{name} {gemm}", max(errors) < GEMM_GATE, f"max rel error over experts {max(errors):.2e}")
+            del a_dq, b_dq
+            got, errors = gemms["weight_gradient"][0](), []
+            dy_dq, x_dq = dequantise_tiles(dyq_t, dys_t), dequantise_tiles(xq_t, xs_t)
+            for e in range(n_experts):
+                lo, hi = (int(ends[e - 1]) if e else 0), int(ends[e])
+                if int(counts[e]):
+                    errors.append(_rel(got[e], dy_dq[:, lo:hi] @ x_dq[:, lo:hi].t()))
+            gate(f"{name} weight_gradient", max(errors) < GEMM_GATE, f"max rel error over experts {max(errors):.2e}")
+            del got, dy_dq, x_dq
+        for gemm, (fp8_fn, bf16_fn) in gemms.items():
+            rows[gemm] = row(fp8_fn, bf16_fn, flops, "TFLOP/s")
 
         def layer(fn, x=x, w=w, dy=dy):
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
             fn(xg, wg, offsets, expert_of_row).backward(dy)
 
-        fp8_layer = lambda *a: layer(fp8_grouped_linear)  # noqa: E731
-        bf16_layer = lambda *a: layer(grouped_linear)  # noqa: E731
-        row["layer_eager"] = {"fp8": tflops(fp8_layer, 3 * flops), "bf16": tflops(bf16_layer, 3 * flops)}
+        rows["layer_eager"] = row(lambda: layer(fp8_grouped_linear), lambda: layer(grouped_linear), 3 * flops,
+                                  "TFLOP/s")
         if args.compile:
             compiled_fp8, compiled_bf16 = torch.compile(fp8_grouped_linear), torch.compile(grouped_linear)
-            row["layer_compiled"] = {"fp8": tflops(lambda: layer(compiled_fp8), 3 * flops),
-                                     "bf16": tflops(lambda: layer(compiled_bf16), 3 * flops)}
-        for gemm, entry in row.items():
-            if all(isinstance(v, float) for v in entry.values()):
-                entry["speedup"] = entry["fp8"] / entry["bf16"]
-            print(f"{name:8s} {gemm:16s} " + "  ".join(
-                f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in entry.items()),
-                flush=True)
-        result["shapes"][name] = {"in": n_in, "out": n_out, "tflops": row}
-        del x, w, dy, xq, wq, dyq, wgrad
+            rows["layer_compiled"] = row(lambda: layer(compiled_fp8), lambda: layer(compiled_bf16), 3 * flops,
+                                         "TFLOP/s")
+        show(name, rows)
+        result["shapes"][name] = {"in": n_in, "out": n_out, "rows": rows}
+        del x, w, dy, xq, xq_t, dyq, dyq_t, wq, wq_t
         torch.cuda.empty_cache()
+
+    # one whole MoE layer (router, routed experts, shared experts), forward + backward, bf16 against FP8
+    torch.manual_seed(0)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        moe = {"bf16": MoE(cfg).train()}
+        moe["fp8"] = convert_gemms(MoE(cfg).train())
+    with torch.no_grad():  # as Transformer.init_weights: normal(0, init_std) matrices, zero biases
+        for t in [*moe["bf16"].parameters(), *moe["bf16"].buffers()]:
+            t.normal_(0.0, cfg.init_std) if t.dim() > 1 else t.zero_()
+    moe["fp8"].load_state_dict(moe["bf16"].state_dict())
+    tokens = torch.randn(args.tokens, cfg.dim, device=device, dtype=torch.bfloat16)
+    dy_moe = torch.randn_like(tokens)
+    with torch.no_grad():
+        out = {key: module(tokens)[0].float() for key, module in moe.items()}
+    error = _rel(out["fp8"], out["bf16"])
+    gate("moe layer", error < MOE_GATE, f"FP8 output vs bf16, rel error {error:.2e}")
+
+    def moe_step(layer):
+        xg = tokens.detach().requires_grad_()
+        layer(xg)[0].backward(dy_moe)
+        for p in layer.parameters():
+            p.grad = None
+
+    moe_flops = 3 * 2 * args.tokens * cfg.dim * cfg.moe_inter_dim * 3 * (k + cfg.n_shared_experts)
+    moe_rows = {"moe_eager": row(lambda: moe_step(moe["fp8"]), lambda: moe_step(moe["bf16"]), moe_flops, "TFLOP/s")}
+    if args.compile:
+        compiled = {key: torch.compile(module) for key, module in moe.items()}
+        moe_rows["moe_compiled"] = row(lambda: moe_step(compiled["fp8"]), lambda: moe_step(compiled["bf16"]),
+                                       moe_flops, "TFLOP/s")
+    show("moe", moe_rows)
+    result["moe"] = {"tokens": args.tokens, "rows": moe_rows, "output_rel_error_vs_bf16": error}
+    print("gates: " + ("all passed" if not result["failures"] else f"{len(result['failures'])} FAILED"), flush=True)
     return result
 
 
@@ -390,4 +512,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("failures") else 0)

@@ -44,6 +44,21 @@ def check_recipe(recipe: str) -> None:
         raise ConfigError(f"fp8 must be one of {', '.join(RECIPES)}, got {recipe!r}")
 
 
+def convert_gemms(module: nn.Module) -> nn.Module:
+    """Swaps the linear layers and routed experts inside `module` (one block, or a part of one: the MoE layer the
+    benchmark times) for their FP8 forms, in place; returns it. The gate's fp32 weight is a parameter, not a linear
+    layer, so the router stays as it is."""
+    for sub in module.modules():
+        if type(sub) is nn.Linear:
+            if sub.bias is not None:
+                raise ConfigError("fp8: a linear layer with a bias cannot be converted (the blockwise recipe "
+                                  "covers bias-free layers, as DeepSeek-V3's are)")
+            sub.__class__ = FP8Linear
+        elif type(sub) is Experts:
+            sub.__class__ = FP8Experts
+    return module
+
+
 def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer:
     """Converts the GEMMs of every main and MTP block in place (see the module docstring); returns the model.
     recipe "none" leaves it as it is. Call it after moving the model to its device and before torch.compile:
@@ -56,14 +71,7 @@ def convert_to_fp8(model: Transformer, recipe: str = "blockwise") -> Transformer
         raise ConfigError("fp8: this model's weights are FP8 inference weights (loaded with fp8_weights); train "
                           "from a 16-bit or fp32 model: load the checkpoint without fp8_weights")
     for block in model.blocks():
-        for module in block.modules():
-            if type(module) is nn.Linear:
-                if module.bias is not None:
-                    raise ConfigError("fp8: a linear layer with a bias cannot be converted (the blockwise recipe "
-                                      "covers bias-free layers, as DeepSeek-V3's are)")
-                module.__class__ = FP8Linear
-            elif type(module) is Experts:
-                module.__class__ = FP8Experts
+        convert_gemms(block)
     device = next(model.parameters()).device
     for blocks in (True, False):
         scaled_mm_layout(device, blocks)

@@ -1,28 +1,35 @@
 """FP8 GEMMs with DeepSeek-V3's blockwise scaling, forward and backward, for linear layers and grouped experts.
 
-Every GEMM multiplies e4m3 operands and accumulates in fp32; its operands are quantised where it runs:
+Every GEMM multiplies e4m3 operands and accumulates in fp32; its operands are quantised where they are made:
 
 | GEMM | left operand | right operand |
 |---|---|---|
 | forward y = x W^T | x, 1x128 tiles | W, 128x128 blocks |
-| input gradient dx = dy W | dy, 1x128 tiles | W, the same blocks |
+| input gradient dx = dy W | dy, 1x128 tiles | W, the same blocks (transposed) |
 | weight gradient dW = dy^T x | dy, 128x1 tiles | x, 128x1 tiles |
 
-(the weight gradient contracts over tokens, so its tiles run down the tokens). The high-precision input is
-kept for the backward and quantised again in the weight-gradient tiles; fp32 master weights stay as they are.
+(the weight gradient contracts over tokens, so its tiles run down the tokens). One pass over x in the forward
+quantises it both ways (`quantise_segments`: the 1x128 tiles for the forward, the 128x1 tiles transposed for the
+weight gradient, which the backward keeps instead of x), and one pass over dy in the backward likewise. A linear
+layer keeps its forward's quantised weight for the input gradient (128x128 blocks are square: the transpose's
+scales are the transposed grid); the experts, whose weights are most of a MoE model's, quantise theirs again in the
+backward, transposed, in one pass, rather than hold an FP8 copy of every expert weight until the backward. fp32
+master weights stay as they are.
 
-Three ways to run one:
+Three ways to run a GEMM:
 - `torch._scaled_mm` with block scales (cuBLASLt on sm90, torch's CUDA 12.9+ builds), for dense GEMMs on
   CUDA. Its scale layouts differ between torch versions, so the first use on a device checks each candidate
   layout against the reference on a small problem and keeps the one that agrees; where none does, the
   device takes the reference path (with a warning).
 - Triton kernels for the routed experts' three grouped GEMMs (`seekforge.ops.triton.fp8_grouped`; torch's
   grouped scaled GEMM is rowwise-only on sm90), where the backend runs Triton (`seekforge.ops.backend`,
-  op "fp8_grouped"; "auto": on CUDA). The activations' quantisation stays in torch, where compile fuses it.
-  On CUDA they are the expert GEMMs' only path: where they cannot run there (backend "torch" for the op,
-  SEEKFORGE_TRITON=0, Triton missing) the expert GEMMs raise ConfigError.
+  op "fp8_grouped"; "auto": on CUDA). On CUDA they are the expert GEMMs' only path: where they cannot run there
+  (backend "torch" for the op, SEEKFORGE_TRITON=0, Triton missing) the expert GEMMs raise ConfigError.
 - the reference: dequantise (q * scale) and multiply in fp32. It is what the CPU runs and what the tests
   check against.
+
+The quantisation runs Triton kernels (`seekforge.ops.triton.fp8_quant`, op "fp8_quant") where the backend runs
+Triton, bit-exact against its PyTorch references (`seekforge.ops.quant`), which run elsewhere.
 """
 
 from __future__ import annotations
@@ -34,9 +41,46 @@ import torch.nn.functional as F
 
 from seekforge.errors import ConfigError
 from seekforge.ops.dispatch import TritonOp
-from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_row_tiles, dequantise_tiles,
-                                 grouped_row_tiles, quantise_blocks, quantise_row_tiles, quantise_tiles)
-from seekforge.model.moe import _grouped_mm_works, grouped_linear
+from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_tiles, padded_tiles, quantise_blocks,
+                                 quantise_segments, quantise_tiles, segment_ends)
+from seekforge.model.moe import grouped_linear
+
+
+# ---------------------------------------------------------------- quantisation
+def _load_quant():
+    from seekforge.ops.triton import fp8_quant
+
+    return fp8_quant
+
+
+# The quantisation's Triton kernels (`seekforge.ops.triton.fp8_quant`), where the backend runs them ("auto": on CUDA).
+QUANT = TritonOp("fp8_quant", _load_quant)
+
+
+def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantise_tiles` of a 2-d x, through its kernel where it runs."""
+    kernels = QUANT.on(x.device)
+    return kernels.quantise_tiles(x) if kernels is not None else quantise_tiles(x)
+
+
+def quantise_both(x: torch.Tensor, offsets: torch.Tensor,
+                  segment_of_row: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """`quantise_segments` of x [m, k] (segment_of_row None: one segment), through its kernel where it runs."""
+    kernels = QUANT.on(x.device)
+    if kernels is None:
+        if segment_of_row is None:
+            segment_of_row = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return quantise_segments(x, offsets, segment_of_row)
+    return (*kernels.quantise_segments(x, offsets, padded_tiles(x.shape[0], offsets.shape[0])),
+            segment_ends(offsets))
+
+
+def quantise_weight(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantise_blocks` of w [..., n, k] (with `transposed`: of its transpose), through its kernel where it runs."""
+    kernels = QUANT.on(w.device)
+    if kernels is not None and w.dim() in (2, 3):
+        return kernels.quantise_blocks(w, transposed)
+    return quantise_blocks(w.transpose(-2, -1) if transposed else w)
 
 
 # ---------------------------------------------------------------- one dense GEMM
@@ -65,14 +109,19 @@ def _pad_scale(s: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _outer_major(s: torch.Tensor) -> torch.Tensor:
-    """s [r, c] stored column by column (stride (1, r)): cuBLASLt's layout for 1x128 tile scales."""
+    """s [r, c] stored column by column (stride (1, r)), whatever s's own strides."""
     return s.t().contiguous().t()
 
 
-def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -> torch.Tensor:
-    """`reference_mm` through torch._scaled_mm. The operands are padded to shapes cuBLASLt's block scaling
-    takes (k to a multiple of 512, so the scale grid's k extent is a multiple of 4; m to 16; n to 128 for
-    blocks, 16 for tiles); `layout` is the probed orientation of b's tile scales."""
+def scaled_mm_operands(a, a_scale, b, b_scale, b_blocks: bool, layout: str) -> tuple[torch.Tensor, ...]:
+    """The arguments (mat1, mat2, scale_a, scale_b) of torch._scaled_mm for `reference_mm`'s product, laid out as
+    torch's checks want them whatever the strides of the tensors given (a transposed weight and its transposed
+    scale grid included). The operands are padded to shapes cuBLASLt's block scaling takes (k to a multiple of
+    512, so the scale grid's k extent is a multiple of 4 and its 16-byte aligned stride; m to 16; n to 128 for
+    blocks, 16 for tiles): mat1 [m, k] row-major, mat2 [k, n] column-major; a's 1x128 tile scales [m, k/128]
+    outer-dim-major (stride (1, m)); b's 128x128 block scales [k/128, n/128] with stride (1, k/128); b's 1x128 tile
+    scales as `layout`, the probed orientation: "kn" [k/128, n] row-major (torch 2.9+), "nk" [n, k/128] with
+    stride (1, n)."""
     m, k = a.shape
     n = b.shape[0]
     mp, kp, np_ = _round_up(m, 16), _round_up(k, 4 * BLOCK), _round_up(n, BLOCK if b_blocks else 16)
@@ -80,12 +129,18 @@ def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -
     a, b = _pad_fp8(a, mp, kp), _pad_fp8(b, np_, kp)
     sa = _outer_major(_pad_scale(a_scale, mp, kt))
     if b_blocks:
-        sb = _pad_scale(b_scale, np_ // BLOCK, kt).t()  # [k/128, n/128], stride (1, k/128)
+        sb = _pad_scale(b_scale, np_ // BLOCK, kt).contiguous().t()
     else:
-        sb = _outer_major(_pad_scale(b_scale, np_, kt))  # [n, k/128], stride (1, n)
+        sb = _outer_major(_pad_scale(b_scale, np_, kt))
         sb = sb if layout == "nk" else sb.t()
-    out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return out[:m, :n]
+    return a, b.t(), sa, sb
+
+
+def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -> torch.Tensor:
+    """`reference_mm` through torch._scaled_mm (`scaled_mm_operands`)."""
+    mat1, mat2, sa, sb = scaled_mm_operands(a, a_scale, b, b_scale, b_blocks, layout)
+    out = torch._scaled_mm(mat1, mat2, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+    return out[:a.shape[0], :b.shape[0]]
 
 
 _LAYOUTS: dict = {}  # (device, b_blocks) -> the working layout of torch._scaled_mm, or None: the reference
@@ -142,35 +197,39 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
 
 
-def _weight_gradient(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """dy^T x over rows, both in 128x1 tiles: the tiles are 1x128 tiles of the transposes."""
-    dyq, dys = quantise_tiles(dy.t())
-    xq, xs = quantise_tiles(x.t())
-    return blockwise_mm(dyq, dys, xq, xs, False, out_dtype)
+def _one_segment(x: torch.Tensor) -> torch.Tensor:
+    """offsets of x's rows as one segment (made on the device: no host-to-device copy)."""
+    return torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
 
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):
-            xq, xs = quantise_tiles(x.reshape(-1, x.shape[-1]))
-            wq, ws = quantise_blocks(weight)
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.needs_input_grad[1]:  # x's tiles down the tokens, for the weight gradient, in the same pass
+                xq, xs, xq_t, xs_t, _ = quantise_both(x2, _one_segment(x2), None)
+            else:
+                (xq, xs), xq_t, xs_t = quantise_rows(x2), None, None
+            wq, ws = quantise_weight(weight)
             y = blockwise_mm(xq, xs, wq, ws, True, out_dtype)
+        ctx.save_for_backward(xq_t, xs_t, wq, ws)
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        xq_t, xs_t, wq, ws = ctx.saved_tensors
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1])
             dx = dw = None
-            if ctx.needs_input_grad[0]:
-                dyq, dys = quantise_tiles(dy2)
-                wq, ws = quantise_blocks(weight.t())  # W's own blocks, transposed: 128x128 is square
-                dx = blockwise_mm(dyq, dys, wq, ws, True, x.dtype).view(x.shape)
             if ctx.needs_input_grad[1]:
-                dw = _weight_gradient(dy2, x2, weight.dtype)
+                dyq, dys, dyq_t, dys_t, _ = quantise_both(dy2, _one_segment(dy2), None)
+                dw = blockwise_mm(dyq_t, dys_t, xq_t, xs_t, False, ctx.w_dtype)
+            else:
+                dyq, dys = quantise_rows(dy2)
+            if ctx.needs_input_grad[0]:  # W's own blocks, transposed: 128x128 is square
+                dx = blockwise_mm(dyq, dys, wq.t(), ws.t(), True, ctx.x_dtype).view(ctx.x_shape)
         return dx, dw, None
 
 
@@ -204,80 +263,62 @@ def grouped_kernels(device: torch.device):
     return kernels
 
 
-def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `grouped_linear` runs torch._grouped_mm here (its own condition)."""
-    return _grouped_mm_works(x, w) and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+def reference_grouped_mm(a, a_scale, w, w_scale, offsets, expert_of_row, out_dtype) -> torch.Tensor:
+    """`fp8_grouped_mm`'s product (rows of a [m, k] in 1x128 tiles times w [experts, n, k] in 128x128 blocks,
+    transposed), dequantised and multiplied in fp32."""
+    return grouped_linear(dequantise_tiles(a, a_scale), dequantise_blocks(w, w_scale), offsets,
+                          expert_of_row).to(out_dtype)
 
 
-def _padded_rows(offsets: torch.Tensor, expert_of_row: torch.Tensor,
-                 align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rows sorted by expert laid out with each expert's in a zero-padded segment of a positive multiple of `align`
-    rows: (where each row goes, the segments' cumulative ends as int32, the rows of a buffer that holds them: the
-    bound cdiv(rows, align) * align + align * experts, a multiple of `align` known without host synchronisation)."""
-    offsets = offsets.long()
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    padded = ((counts + align - 1) // align * align).clamp(min=align)
-    ends = padded.cumsum(0)
-    rows = torch.arange(expert_of_row.numel(), device=expert_of_row.device)
-    at = (ends - padded)[expert_of_row] + rows - (offsets - counts)[expert_of_row]
-    return at, ends.to(torch.int32), _round_up(expert_of_row.numel(), align) + align * offsets.numel()
-
-
-def _grouped_weight_gradient(dy, x, offsets, expert_of_row, n_experts: int) -> torch.Tensor:
-    """Per expert e, dy_e^T x_e over its rows -> [experts, out, in] (fp32 on the reference path)."""
-    if _grouped_ok(x, x):
-        return torch._grouped_mm(dy.t(), x, offs=offsets)
-    out = dy.new_zeros(n_experts, dy.shape[1], x.shape[1])
-    return out.index_add_(0, expert_of_row, dy.unsqueeze(2) * x.unsqueeze(1))
-
-
-def weight_gradient_operands(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
-                             expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The weight-gradient kernel's operands (`fp8_grouped_weight_gradient`'s dy_t, dy_scale, x_t, x_scale, offsets)
-    of dy [m, out] and x [m, in], rows sorted by expert: both transposed, each expert's rows padded to whole 128-row
-    tiles (zeros, which leave the tiles' scales as they are), so that their 128x1 tiles, none straddling two
-    experts, are the 1x128 tiles of the transposes."""
-    at, ends, total = _padded_rows(offsets, expert_of_row, BLOCK)
-    dy_t = dy.new_zeros(dy.shape[1], total).index_copy_(1, at, dy.t())
-    x_t = x.new_zeros(x.shape[1], total).index_copy_(1, at, x.t())
-    return (*quantise_tiles(dy_t), *quantise_tiles(x_t), ends)
+def reference_grouped_weight_gradient(dy_t, dy_scale, x_t, x_scale, ends, out_dtype) -> torch.Tensor:
+    """`fp8_grouped_weight_gradient`'s product (dW_e = dy_e^T x_e over the padded segments ending at ends),
+    dequantised and multiplied in fp32."""
+    col = torch.arange(dy_t.shape[1], device=dy_t.device)
+    expert = torch.searchsorted(ends, col.to(ends.dtype), right=True).clamp_(max=ends.numel() - 1)
+    one_hot = F.one_hot(expert, ends.numel()).float()  # columns past the last segment hold zeros
+    return torch.einsum("nt,te,kt->enk", dequantise_tiles(dy_t, dy_scale), one_hot,
+                        dequantise_tiles(x_t, x_scale)).to(out_dtype)
 
 
 class _FP8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, expert_of_row, out_dtype):
-        ctx.save_for_backward(x, w, offsets, expert_of_row)
         kernel = grouped_kernels(x.device)
         with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:  # x's tiles down each expert's rows, for the weight gradient, in the same pass
+                xq, xs, xq_t, xs_t, ends = quantise_both(x, offsets, expert_of_row)
+            else:
+                (xq, xs), xq_t, xs_t, ends = quantise_rows(x), None, None, None
+            wq, ws = quantise_weight(w)
             if kernel is not None:
-                return kernel.fp8_grouped_mm(*quantise_tiles(x), *quantise_blocks(w), offsets, out_dtype)
-            x_dq = dequantise_tiles(*quantise_tiles(x))
-            w_dq = dequantise_blocks(*quantise_blocks(w))
-            return grouped_linear(x_dq, w_dq, offsets, expert_of_row).to(out_dtype)
+                y = kernel.fp8_grouped_mm(xq, xs, wq, ws, offsets, out_dtype)
+            else:
+                y = reference_grouped_mm(xq, xs, wq, ws, offsets, expert_of_row, out_dtype)
+        ctx.save_for_backward(xq_t, xs_t, ends, w, offsets, expert_of_row)
+        ctx.x_dtype = x.dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, offsets, expert_of_row = ctx.saved_tensors
-        kernel = grouped_kernels(x.device)
+        xq_t, xs_t, ends, w, offsets, expert_of_row = ctx.saved_tensors
+        kernel = grouped_kernels(dy.device)
         dx = dw = None
-        with torch.autocast(x.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                dyq, dys = quantise_tiles(dy)
-                wq, ws = quantise_blocks(w)  # the forward's blocks; dx = dy W_e reads them transposed
-                if kernel is not None:
-                    dx = kernel.fp8_grouped_mm(dyq, dys, wq, ws, offsets, x.dtype, transposed=True)
-                else:
-                    wt_dq = dequantise_blocks(wq, ws).transpose(-2, -1)  # [experts, in, out]
-                    dx = grouped_linear(dequantise_tiles(dyq, dys), wt_dq, offsets, expert_of_row).to(x.dtype)
+        with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[1]:
+                dyq, dys, dyq_t, dys_t, _ = quantise_both(dy, offsets, expert_of_row)
                 if kernel is not None:
-                    dw = kernel.fp8_grouped_weight_gradient(
-                        *weight_gradient_operands(dy, x, offsets, expert_of_row), w.dtype)
+                    dw = kernel.fp8_grouped_weight_gradient(dyq_t, dys_t, xq_t, xs_t, ends, w.dtype)
                 else:
-                    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-                    dy_dq = dequantise_row_tiles(*quantise_row_tiles(dy, tile_of_row, n_tiles), tile_of_row)
-                    x_dq = dequantise_row_tiles(*quantise_row_tiles(x, tile_of_row, n_tiles), tile_of_row)
-                    dw = _grouped_weight_gradient(dy_dq, x_dq, offsets, expert_of_row, w.shape[0]).to(w.dtype)
+                    dw = reference_grouped_weight_gradient(dyq_t, dys_t, xq_t, xs_t, ends, w.dtype)
+            else:
+                dyq, dys = quantise_rows(dy)
+            if ctx.needs_input_grad[0]:
+                # dx = dy W_e: W's blocks transposed ([experts, in, out], the contracted dim innermost)
+                wq_t, ws_t = quantise_weight(w, transposed=True)
+                if kernel is not None:
+                    dx = kernel.fp8_grouped_mm(dyq, dys, wq_t, ws_t, offsets, ctx.x_dtype)
+                else:
+                    dx = reference_grouped_mm(dyq, dys, wq_t, ws_t, offsets, expert_of_row, ctx.x_dtype)
         return dx, dw, None, None, None
 
 

@@ -2,9 +2,15 @@
 
 - Activations and gradients: 1x128 tiles, one scale per row and 128 consecutive elements of the contracted
   dimension (`quantise_tiles`); for the weight-gradient GEMM, whose contraction runs over the rows, 128x1
-  tiles (`quantise_row_tiles`), 128 rows of one column per scale.
+  tiles, 128 rows of one column per scale (`quantise_segments`).
 - Weights: 128x128 blocks (`quantise_blocks`), the layout of DeepSeek's checkpoints, whose
   `weight_scale_inv` is this scale.
+- Both tilings of rows sorted into segments (experts; a dense layer's rows are one), for the forward and the
+  weight gradient (`quantise_segments`): 1x128 tiles of the rows and 128x1 tiles down each segment's rows, the
+  latter transposed and each segment zero-padded to whole 128-row tiles, so that they are the 1x128 tiles of a
+  padded transpose.
+
+`seekforge.ops.triton.fp8_quant` computes the same, bit for bit, in one pass each on CUDA.
 
 A scale is amax / 448 (448 = e4m3's largest finite value), so a tile's largest magnitude maps onto 448 and
 value = q * scale. A tile of zeros gets scale 1 (its values are exact zeros whatever the scale). Shapes that
@@ -77,34 +83,32 @@ def dequantise_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     return (q.float() * full).to(dtype)
 
 
-def quantise_row_tiles(x: torch.Tensor, tile_of_row: torch.Tensor,
-                       n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x1 tiles down the rows of x [m, k]: rows with the same tile_of_row [m] (values < n_tiles) share one
-    scale per column. -> (q [m, k] e4m3, scale [n_tiles, k] fp32; scale 1 for a tile without rows).
-    `grouped_row_tiles` gives tile_of_row for rows grouped by expert, whose tiles never straddle two experts."""
-    xf = x.float()
-    amax = torch.zeros(n_tiles, x.shape[-1], device=x.device).scatter_reduce_(
-        0, tile_of_row.unsqueeze(1).expand_as(xf), xf.abs(), "amax")
-    scale = _scale_of(amax)
-    return _to_fp8(xf, scale.index_select(0, tile_of_row)), scale
+def padded_tiles(rows: int, segments: int) -> int:
+    """A bound on the 128-row tiles of `rows` rows in `segments` segments, each padded to whole tiles (at least one):
+    ceil(rows / 128) + segments - 1 (each segment's partial tile adds at most one), rounded up to a multiple of 4
+    (torch._scaled_mm's block-scaled operands want the contracted extent a multiple of 512); known without host
+    synchronisation."""
+    return cdiv(max(cdiv(rows, BLOCK), 1) + segments - 1, 4) * 4
 
 
-def dequantise_row_tiles(q: torch.Tensor, scale: torch.Tensor, tile_of_row: torch.Tensor,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`quantise_row_tiles`'s inverse."""
-    return (q.float() * scale.index_select(0, tile_of_row)).to(dtype)
+def segment_ends(offsets: torch.Tensor) -> torch.Tensor:
+    """The cumulative ends (int32) of segments of rows ending at offsets [segments], each padded to a positive
+    multiple of 128 rows."""
+    counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())
+    return (((counts + BLOCK - 1) // BLOCK).clamp(min=1) * BLOCK).cumsum(0).to(torch.int32)
 
 
-def grouped_row_tiles(offsets: torch.Tensor, expert_of_row: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """tile_of_row for rows sorted by expert (offsets [experts] = cumulative row counts): 128 consecutive rows of
-    one expert per tile, the last tile of each expert partial. The number of tiles returned is the bound
-    ceil(m / 128) + experts, which needs no host synchronisation; tiles past the used ones stay empty."""
-    m, n_experts = expert_of_row.numel(), offsets.numel()
-    offsets = offsets.long()
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    tiles = (counts + BLOCK - 1) // BLOCK
-    first_tile = tiles.cumsum(0) - tiles
-    start = offsets - counts
-    rows = torch.arange(m, device=expert_of_row.device)
-    tile_of_row = first_tile[expert_of_row] + (rows - start[expert_of_row]) // BLOCK
-    return tile_of_row, cdiv(m, BLOCK) + n_experts
+def quantise_segments(x: torch.Tensor, offsets: torch.Tensor, segment_of_row: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [m, k] with rows sorted into segments (offsets [segments]: their cumulative ends; segment_of_row [m]) ->
+    (q [m, k], scale [m, ceil(k / 128)]: `quantise_tiles(x)`; q_t [k, 128 t], scale_t [k, t]: `quantise_tiles` of
+    x's transpose with each segment's rows in a zero-padded segment of whole 128-row tiles, so that its tiles are
+    128x1 tiles of x, none straddling two segments; ends: `segment_ends(offsets)`). t = `padded_tiles(m,
+    segments)`; the tiles past the last segment hold zeros with scale 1."""
+    ends = segment_ends(offsets)
+    padded_starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()
+    rows = torch.arange(x.shape[0], device=x.device)
+    at = padded_starts[segment_of_row] + rows - starts[segment_of_row]  # where each row goes
+    x_t = x.new_zeros(x.shape[1], padded_tiles(x.shape[0], offsets.numel()) * BLOCK).index_copy_(1, at, x.t())
+    return (*quantise_tiles(x), *quantise_tiles(x_t), ends)

@@ -10,8 +10,8 @@ from torch import nn
 from seekforge.errors import ConfigError
 from seekforge.fp8.convert import FP8Experts, FP8Linear, convert_to_fp8
 from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
-from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_row_tiles, dequantise_tiles, grouped_row_tiles,
-                                 quantise_blocks, quantise_row_tiles, quantise_tiles)
+from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_tiles, quantise_blocks, quantise_segments,
+                                 quantise_tiles)
 from seekforge.model.config import ModelConfig
 from seekforge.model.moe import Experts
 from seekforge.model.norm import RMSNorm
@@ -80,23 +80,23 @@ def test_block_scales_are_deepseek_checkpoints_weight_scale_inv():
     assert torch.equal(_dequantize_fp8(q, scale, (128, 128)), dequantise_blocks(q, scale))
 
 
-def test_grouped_row_tiles_restart_at_each_expert():
-    """Rows sorted by expert, counts 3, 0, 130: expert 0's rows are one tile, expert 2's 128 then 2 rows."""
+def test_segment_tiles_down_the_rows_restart_at_each_expert():
+    """Rows sorted by expert, counts 3, 0, 130: the weight gradient's 128x1 tiles (`quantise_segments`' transposed
+    operand) are expert 0's 3 rows, one empty tile for expert 1 (scale 1), then expert 2's 128 rows and its last 2."""
     offsets = torch.tensor([3, 3, 133], dtype=torch.int32)
     expert_of_row = torch.tensor([0] * 3 + [2] * 130)
-    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
-    assert torch.equal(tile_of_row, torch.tensor([0] * 3 + [1] * 128 + [2] * 2))
-    assert n_tiles >= 3
     x = torch.randn(133, 5)
     x[131, 4] = 100.0
-    q, scale = quantise_row_tiles(x, tile_of_row, n_tiles)
-    assert scale.shape == (n_tiles, 5)
-    assert torch.allclose(scale[0], x[:3].abs().amax(0) / 448)
-    assert torch.allclose(scale[1], x[3:131].abs().amax(0) / 448)
-    assert scale[2, 4] == 100.0 / 448
-    assert torch.equal(scale[3:], torch.ones(n_tiles - 3, 5))
-    err = (dequantise_row_tiles(q, scale, tile_of_row) - x).abs()
-    assert (err <= x.abs() * 2 ** -4 + scale.index_select(0, tile_of_row) * 2 ** -10).all()
+    _, _, q_t, scale_t, ends = quantise_segments(x, offsets, expert_of_row)
+    assert ends.tolist() == [128, 256, 512] and scale_t.shape == (5, 4) and q_t.shape == (5, 512)
+    assert torch.allclose(scale_t[:, 0], x[:3].abs().amax(0) / 448)
+    assert torch.equal(scale_t[:, 1], torch.ones(5))
+    assert torch.allclose(scale_t[:, 2], x[3:131].abs().amax(0) / 448)
+    assert scale_t[4, 3] == 100.0 / 448
+    at = torch.tensor([0, 1, 2, *range(256, 386)])  # each row's column in the padded transpose
+    scale = scale_t.repeat_interleave(128, dim=1)[:, at].t()
+    err = (q_t[:, at].t().float() * scale - x).abs()
+    assert (err <= x.abs() * 2 ** -4 + scale * 2 ** -10).all()
 
 
 # ---------------------------------------------------------------- the reference GEMMs, written here
@@ -154,6 +154,26 @@ def test_fp8_linear_forward_and_gradients_match_the_reference(shape):
         assert 1e-3 < _rel(got, want) < 0.06
 
 
+def test_a_frozen_weight_or_input_still_gets_the_other_gradient_as_the_reference():
+    """The forward quantises x's transposed tiles only where the weight gradient is wanted, and the backward dy's
+    only then: with the weight frozen dx is still the reference's, and with x frozen dW is."""
+    torch.manual_seed(11)
+    counts = [150, 0, 140]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    x, dy = torch.randn(290, 136), torch.randn(290, 132)
+    cases = ((lambda a, b: fp8_linear(a, b), torch.randn(132, 136) * 0.05, _reference_linear),
+             (lambda a, b: fp8_grouped_linear(a, b, offsets, rows), torch.randn(3, 132, 136) * 0.05,
+              lambda a, b, d: _reference_grouped(a, b, counts, d)))
+    for fn, w, reference in cases:
+        _, dx_ref, dw_ref = reference(x, w, dy)
+        for frozen in ("w", "x"):
+            xg, wg = x.clone().requires_grad_(frozen == "w"), w.clone().requires_grad_(frozen == "x")
+            fn(xg, wg).backward(dy)
+            got, want = (xg.grad, dx_ref) if frozen == "w" else (wg.grad, dw_ref)
+            assert _rel(got, want) < 1e-6
+
+
 def test_fp8_linear_under_bf16_autocast_returns_bf16_as_nn_linear_does():
     torch.manual_seed(3)
     x, w = torch.randn(4, 256, requires_grad=True), torch.randn(64, 256, requires_grad=True)
@@ -183,17 +203,20 @@ def test_fp8_grouped_linear_forward_and_gradients_match_the_reference():
     assert torch.equal(w.grad[1], torch.zeros(n, k))
 
 
-def test_padded_rows_give_each_expert_a_zero_padded_segment_of_a_positive_multiple_of_align():
-    """`_padded_rows` (which lays out the weight-gradient kernel's operands in whole 128-row tiles an expert), here
-    at align 8: where each row goes, the segments' ends, and a buffer bound known without reading the counts."""
-    from seekforge.fp8.gemm import _padded_rows
+def test_segment_ends_pad_each_expert_to_a_positive_multiple_of_128_rows_within_the_bound():
+    """`segment_ends` (the weight-gradient operands' layout: each expert's rows in whole 128-row tiles, at least one)
+    and `padded_tiles`, the buffer's bound known without reading the counts (a multiple of 4 tiles)."""
+    from seekforge.ops.quant import padded_tiles, segment_ends
 
-    counts = torch.tensor([3, 0, 8, 9])
-    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
-    at, ends, total = _padded_rows(counts.cumsum(0).to(torch.int32), expert_of_row, 8)
-    assert ends.tolist() == [8, 16, 24, 40] and ends.dtype == torch.int32  # 8, 8 (none), 8, 16 rows
-    assert at.tolist() == [0, 1, 2, *range(16, 24), *range(24, 33)]
-    assert total == 24 + 8 * 4  # a bound known without reading the counts
+    counts = torch.tensor([3, 0, 128, 129])
+    ends = segment_ends(counts.cumsum(0).to(torch.int32))
+    assert ends.tolist() == [128, 256, 384, 640] and ends.dtype == torch.int32  # 1, 1 (none), 1, 2 tiles
+    assert padded_tiles(260, 4) == 8  # ceil(260 / 128) + 3 = 6 tiles -> 8
+    assert padded_tiles(0, 2) == 4 and padded_tiles(8192, 1) == 64
+    for trial in range(50):  # the bound holds for any counts
+        g = torch.Generator().manual_seed(trial)
+        counts = torch.randint(0, 300, (7,), generator=g) * torch.randint(0, 2, (7,), generator=g)
+        assert int(segment_ends(counts.cumsum(0))[-1]) <= 128 * padded_tiles(int(counts.sum()), 7)
 
 
 def test_expert_gemms_on_cuda_refuse_to_run_without_their_kernels():
@@ -372,14 +395,18 @@ def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
 
 @pytest.mark.gpu
 def test_fp8_linear_and_experts_on_cuda_match_the_cpu_reference():
+    """The linear layer eager and compiled, with a weight [512, 384] whose input gradient's GEMM needs no padding (its
+    transposed block scales reach torch._scaled_mm as they are), then the experts."""
     torch.manual_seed(9)
-    x, w, dy = torch.randn(256, 512), torch.randn(384, 512) * 0.05, torch.randn(256, 384)
-    y_ref, dx_ref, dw_ref = _reference_linear(x, w, dy)
-    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
-    fp8_linear(xc, wc).backward(dy.cuda())
-    y = fp8_linear(x.cuda(), w.cuda())
-    for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
-        assert _rel(got.cpu(), want) < FP8_TENSOR_CORES
+    for (n, k), compiled in (((384, 512), False), ((512, 384), False), ((512, 384), True)):
+        x, w, dy = torch.randn(256, k), torch.randn(n, k) * 0.05, torch.randn(256, n)
+        y_ref, dx_ref, dw_ref = _reference_linear(x, w, dy)
+        fn = torch.compile(fp8_linear, fullgraph=True) if compiled else fp8_linear
+        xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+        y = fn(xc, wc)
+        y.backward(dy.cuda())
+        for got, want in ((y, y_ref), (xc.grad, dx_ref), (wc.grad, dw_ref)):
+            assert _rel(got.detach().cpu(), want) < FP8_TENSOR_CORES
     counts = [300, 0, 212]
     xg, wg, dyg = torch.randn(512, 256), torch.randn(3, 128, 256) * 0.05, torch.randn(512, 128)
     y_ref, dx_ref, dw_ref = _reference_grouped(xg, wg, counts, dyg)

@@ -28,12 +28,20 @@ MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "
 # child process imports the kernels only under the compiler (test_the_candidates_are_the_kernels_own checks them)
 GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
               (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
-# the FP8 expert GEMMs of training: (BLOCK_M, BLOCK_N, num_warps, num_stages) of `fp8_grouped.default_tile`, and the
-# weight gradient's (BLOCK_N, BLOCK_K, num_warps, num_stages); unit strides are constants, as Triton specialises them
-FP8_GROUPED_TILES = [(128, 128, 8, 4), (64, 128, 4, 4)]
-FP8_WEIGHT_GRADIENT_TILE = (128, 128, 8, 4)
+# the FP8 expert GEMMs of training: their candidate tiles, (BLOCK_M, BLOCK_N, num_warps, num_stages) of
+# `fp8_grouped.GROUPED_TILES` and (BLOCK_N, BLOCK_K, num_warps, num_stages) of `WEIGHT_GRADIENT_TILES`; unit strides
+# are constants, as Triton specialises them
+FP8_GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
+FP8_WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4)]
 FP8_GROUPED_TYPES = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32", "c_ptr": "*bf16",
                      "offsets_ptr": "*i32"}
+FP8_QUANT_TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                   "st_ptr": "*fp32", "offsets_ptr": "*i32"}
+# Arguments a case compiles as multiples of 16, as Triton's launcher specialises them where they are (the pointers,
+# and the FP8 GEMMs' sizes and row strides at the model's shapes): what lets the loads become wide asynchronous copies.
+DIVISIBLE = {"a_ptr", "b_ptr", "c_ptr", "x_ptr", "w_ptr", "q_ptr", "qt_ptr", "s_ptr", "st_ptr", "M", "N", "K",
+             "stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_an", "stride_bm", "stride_ce",
+             "stride_cn"}
 CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), constexprs, num_warps, num_stages)
     **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}{'_fp8' if fp8 else ''}": (
         "moe", kernel, FP8_MOE_TYPES if fp8 else MOE_TYPES,
@@ -56,17 +64,23 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
        for kernel in ("_gate_up", "_down")
        for bm, bn, bk, warps, stages, one in ((16, 32, 128, 4, 3, True), (16, 64, 128, 4, 5, False),
                                               (32, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False))},
-    **{f"fp8_grouped_{gemm}_bm{bm}": (
+    # the forward's layout, which the input gradient shares (it reads W's quantised transpose)
+    **{f"fp8_grouped_mm_tile{bm}x{bn}w{warps}s{stages}": (
         "fp8_grouped", "_grouped_mm", FP8_GROUPED_TYPES,
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "E_BLOCK": 64, "stride_ak": 1, "stride_ask": 1, "stride_cn": 1,
-         # W's rows contiguous along k: read as W^T (forward), or as W itself (input gradient)
-         **({"stride_bk": 1, "stride_bsk": 1} if gemm == "forward" else {"stride_bn": 1, "stride_bsn": 1})},
-        warps, stages)
-       for gemm in ("forward", "input_gradient") for bm, bn, warps, stages in FP8_GROUPED_TILES},
-    "fp8_grouped_weight_gradient": (
+         "stride_bk": 1, "stride_bsk": 1}, warps, stages)
+       for bm, bn, warps, stages in FP8_GROUPED_TILES},
+    **{f"fp8_grouped_weight_gradient_tile{bn}x{bk}w{warps}s{stages}": (
         "fp8_grouped", "_grouped_weight_gradient", FP8_GROUPED_TYPES | {"c_ptr": "*fp32"},
-        {"BLOCK_N": FP8_WEIGHT_GRADIENT_TILE[0], "BLOCK_K": FP8_WEIGHT_GRADIENT_TILE[1], "stride_am": 1,
-         "stride_ast": 1, "stride_bm": 1, "stride_bst": 1, "stride_ck": 1}, *FP8_WEIGHT_GRADIENT_TILE[2:]),
+        {"BLOCK_N": bn, "BLOCK_K": bk, "stride_am": 1, "stride_ast": 1, "stride_bm": 1, "stride_bst": 1,
+         "stride_ck": 1}, warps, stages)
+       for bn, bk, warps, stages in FP8_WEIGHT_GRADIENT_TILES},
+    "fp8_quantise_tiles": ("fp8_quant", "_quantise_tiles", FP8_QUANT_TYPES, {"BLOCK_M": 32, "stride_xk": 1}, 4, 1),
+    "fp8_quantise_segments": ("fp8_quant", "_quantise_segments", FP8_QUANT_TYPES,
+                              {"E_BLOCK": 64, "CHUNK": 32, "stride_xk": 1}, 8, 1),
+    **{f"fp8_quantise_blocks{'_transposed' if t else ''}": (
+        "fp8_quant", "_quantise_blocks", FP8_QUANT_TYPES, {"TRANSPOSED": t, "stride_wk": 1, "stride_qc": 1}, 8, 1)
+       for t in (False, True)},
     "argmax": ("argmax", "_argmax", {"x_ptr": "*fp32", "best_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                                      "counter_ptr": "*i32"}, {"BLOCK": 4096, "SLICES": 32}, 8, 1),
     "race": ("race", "_race", {"p_ptr": "*fp32", "key_ptr": "*i64", "counter_ptr": "*i64", "best_ptr": "*fp32",
@@ -119,7 +133,8 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
 
 
 def compile_all() -> dict:
-    """Child process: compile every case for sm_90; name -> shared memory bytes, or the error."""
+    """Child process: compile every case for sm_90; name -> (shared memory bytes, asynchronous global-to-shared copies
+    in its Triton GPU IR), or the error."""
     import importlib
 
     import triton
@@ -132,12 +147,16 @@ def compile_all() -> dict:
         if "PDL" in fn.arg_names:  # as Hopper launches them: programmatically dependent
             constexprs = {**constexprs, "PDL": True}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+        attrs = {}
+        if module.startswith("fp8_"):
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                     if n in DIVISIBLE and n not in constexprs}
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": warps, "num_stages": stages,
                                                "launch_pdl": "PDL" in constexprs})
-            out[name] = compiled.metadata.shared
+            out[name] = [compiled.metadata.shared, compiled.asm["ttgir"].count("async_copy_global_to_local")]
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the kernel
             out[name] = f"{type(err).__name__}: {err}"
     return out
@@ -157,9 +176,20 @@ def compiled():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernel_lowers_for_hopper(compiled, case):
-    shared = compiled[case]
-    assert isinstance(shared, int), f"{case} does not compile for sm_90: {shared}"
+    result = compiled[case]
+    assert isinstance(result, list), f"{case} does not compile for sm_90: {result}"
+    shared = result[0]
     assert shared <= 227 * 1024, f"{case} needs {shared} bytes of shared memory, past an SM's 227 KB"
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if c.startswith("fp8_grouped")))
+def test_fp8_gemms_pipeline_both_operands(compiled, case):
+    """Each FP8 GEMM loads both operands through the software pipeline (asynchronous copies, num_stages - 1 ahead
+    and one in the loop, each operand), which Hopper's FP8 MMA needs to run near its peak: an operand whose
+    contracted dimension is not innermost (the input gradient reading W as it is) is loaded synchronously and
+    transposed instead."""
+    stages = CASES[case][5]
+    assert compiled[case][1] >= 2 * stages, f"{case}: {compiled[case][1]} asynchronous copies, want 2 x {stages}"
 
 
 def test_the_candidates_are_the_kernels_own():
@@ -174,8 +204,9 @@ def test_the_fp8_grouped_tiles_are_the_kernels_own():
     pytest.importorskip("triton")
     from seekforge.ops.triton import fp8_grouped
 
-    assert [fp8_grouped.default_tile(1 << 20, 8), fp8_grouped.default_tile(16, 8)] == FP8_GROUPED_TILES
-    assert fp8_grouped._WEIGHT_GRADIENT == FP8_WEIGHT_GRADIENT_TILE
+    assert fp8_grouped.GROUPED_TILES == FP8_GROUPED_TILES
+    assert fp8_grouped.WEIGHT_GRADIENT_TILES == FP8_WEIGHT_GRADIENT_TILES
+
 
 if __name__ == "__main__":
     print(json.dumps(compile_all()))

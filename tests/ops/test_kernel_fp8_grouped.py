@@ -19,7 +19,6 @@ patch_interpreter()
 from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.fp8.gemm import fp8_grouped_linear  # noqa: E402
-from seekforge.ops.quant import grouped_row_tiles  # noqa: E402
 from seekforge.ops.triton import fp8_grouped  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -76,7 +75,7 @@ def _assert_close(got, want):
     assert float((got - want).norm() / want.norm()) < TOLERANCE
 
 
-@pytest.mark.parametrize("tile", [None, (16, 64, 4, 2)], ids=["default", "64-wide"])
+@pytest.mark.parametrize("tile", [None, (16, 64, 4, 2), (32, 256, 4, 2)], ids=["tuned", "64-wide", "256-wide"])
 def test_forward_against_dequantised_operands(tile):
     g, offsets, _ = _problem(0)
     m = sum(COUNTS)
@@ -90,17 +89,28 @@ def test_forward_against_dequantised_operands(tile):
     _assert_close(out, want)
 
 
-def test_input_gradient_reads_the_same_blocks_transposed():
+def test_input_gradient_through_the_forward_kernel_on_the_transposed_blocks():
+    """dx = dy W_e is the forward's product with W's transpose (as `quantise_blocks(w, transposed=True)` lays it
+    out: [experts, k, n], the transposed scale grid)."""
     g, offsets, _ = _problem(1)
     m = sum(COUNTS)
     dy, dy_s = _e4m3((m, N), g), _scales((m, 2), g)
     w, w_s = _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g)
-    out = fp8_grouped.fp8_grouped_mm(*_dev(dy, dy_s, w, w_s, offsets), torch.float32, transposed=True,
-                                     tile=(32, 64, 4, 2))
+    w_t, w_ts = w.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
+    out = fp8_grouped.fp8_grouped_mm(*_dev(dy, dy_s, w_t, w_ts, offsets), torch.float32, tile=(32, 64, 4, 2))
     want = torch.zeros(m, K, dtype=torch.float64)
     for e, rows in _segments():
         want[rows] = _tiles(dy[rows], dy_s[rows]) @ _blocks(w[e], w_s[e])
     _assert_close(out, want)
+
+
+def _tile_of_row():
+    """Each row's 128x1 tile: 128 consecutive rows of one expert, restarting at each expert; and the tiles."""
+    tiles, first = [], 0
+    for count in COUNTS:
+        tiles += [first + r // 128 for r in range(count)]
+        first += -(-count // 128)
+    return torch.tensor(tiles), first
 
 
 def _padded_transpose(q, scale, tile_of_row):
@@ -120,9 +130,9 @@ def _padded_transpose(q, scale, tile_of_row):
 
 
 def test_weight_gradient_scales_each_experts_own_row_tiles():
-    g, offsets, expert_of_row = _problem(2)
+    g, offsets, _ = _problem(2)
     m = sum(COUNTS)
-    tile_of_row, n_tiles = grouped_row_tiles(offsets, expert_of_row)
+    tile_of_row, n_tiles = _tile_of_row()
     dy, dy_s = _e4m3((m, N), g), _scales((n_tiles, N), g)
     x, x_s = _e4m3((m, K), g), _scales((n_tiles, K), g)
     dy_t, dy_ts, ends = _padded_transpose(dy, dy_s, tile_of_row)
@@ -139,7 +149,7 @@ def test_weight_gradient_scales_each_experts_own_row_tiles():
 @pytest.mark.parametrize("n,k", [(N, K), (24, 40)], ids=["past-one-block", "under-one-block"])
 def test_grouped_linear_through_the_kernels_matches_its_reference_path(n, k):
     """Forward and both gradients of `fp8_grouped_linear` with the kernels (backend "triton") against the same
-    function's dequantise-and-fp32 path (backend "torch", on the CPU)."""
+    function's dequantise-and-fp32 path (backend "torch", on the CPU), with the quantisation's kernels too."""
     _, offsets, expert_of_row = _problem(3)
     torch.manual_seed(3)
     x = torch.randn(sum(COUNTS), k) * torch.logspace(-1, 1, sum(COUNTS)).unsqueeze(1)
@@ -148,7 +158,7 @@ def test_grouped_linear_through_the_kernels_matches_its_reference_path(n, k):
     results = []
     for kind, device in (("torch", torch.device("cpu")), ("triton", DEVICE)):
         xd, wd = x.to(device, copy=True).requires_grad_(), w.to(device, copy=True).requires_grad_()
-        with ops.backend(kind, ops=["fp8_grouped"]):
+        with ops.backend(kind, ops=["fp8_grouped", "fp8_quant"]):
             y = fp8_grouped_linear(xd, wd, offsets.to(device), expert_of_row.to(device))
             y.backward(dy.to(device))
         results.append((y.detach().cpu(), xd.grad.cpu(), wd.grad.cpu()))
@@ -165,10 +175,10 @@ def test_errors():
     with pytest.raises(ConfigError, match="float8_e4m3fn"):
         fp8_grouped.fp8_grouped_mm(a.float(), a_s, w, w_s, offsets, torch.float32)
     with pytest.raises(ConfigError, match="ceil"):
-        fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets, torch.float32, transposed=True)  # a has k columns
+        fp8_grouped.fp8_grouped_mm(a, a_s, w.transpose(1, 2), w_s.transpose(1, 2), offsets, torch.float32)
     with pytest.raises(ConfigError, match="offsets must be"):
         fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets[:3], torch.float32)
-    with pytest.raises(ConfigError, match="BLOCK_N must divide"):
+    with pytest.raises(ConfigError, match="BLOCK_M and BLOCK_N powers of 2"):
         fp8_grouped.fp8_grouped_mm(a, a_s, w, w_s, offsets, torch.float32, tile=(16, 96, 4, 2))
     with pytest.raises(ConfigError, match="a multiple of 128"):  # rows not in whole tiles
         fp8_grouped.fp8_grouped_weight_gradient(a.t(), a_s, a.t(), a_s, offsets, torch.float32)
@@ -181,8 +191,8 @@ def test_ops_check_and_compile_as_one_graph():
         _e4m3((m, K), g), _scales((m, 3), g), _e4m3((len(COUNTS), N, K), g), _scales((len(COUNTS), 2, 3), g),
         _e4m3((N, 768), g), _scales((N, 6), g), _e4m3((K, 768), g), _scales((K, 6), g),
         torch.tensor([128, 128, 256, 512, 768], dtype=torch.int32), offsets, expert_of_row)
-    torch.library.opcheck(fp8_grouped.launch_grouped_mm, (a, a_s, w, w_s, offsets, torch.float32, False,
-                                                          [16, 128, 4, 2], N), test_utils=("test_faketensor",))
+    torch.library.opcheck(fp8_grouped.launch_grouped_mm, (a, a_s, w, w_s, offsets, torch.float32, [16, 128, 4, 2]),
+                          test_utils=("test_faketensor",))
     torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient, (dy_t, dy_s, x_t, x_s, ends, torch.float32),
                           test_utils=("test_faketensor",))
 
@@ -196,7 +206,7 @@ def test_ops_check_and_compile_as_one_graph():
     # stay in one graph (fullgraph) both ways
     compiled = torch.compile(forward, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     results = []
-    with ops.backend("triton", ops=["fp8_grouped"]):
+    with ops.backend("triton", ops=["fp8_grouped", "fp8_quant"]):
         for fn in (compiled, forward):
             x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
             y = fn(x, w)

@@ -5,22 +5,25 @@ Rows are sorted by expert, `offsets` [experts] the cumulative ends of their segm
 them); an expert may have no rows, row counts are multiples of nothing, and n and k need not be multiples of 128
 (partial tiles are masked).
 
-- `fp8_grouped_mm`: out[rows of e] = a_e W_e^T (the forward; a in 1x128 tiles, W [experts, n, k] in 128x128 blocks),
-  or with `transposed` a_e W_e (the input gradient; a [m, n] the output gradient in 1x128 tiles, W's same blocks read
-  transposed, never a transposed copy). One program a (row block of one expert, column block); a row block never
-  holds two experts' rows, and the grid's bound on them (rows / BLOCK_M + experts) needs no host synchronisation.
-  BLOCK_K is the scale block, so each k step reads one scale a row of `a` and one of W: the step's product is
-  scaled by their outer product (a column of BLOCK_N dividing 128 lies in one of W's blocks).
+- `fp8_grouped_mm`: out[rows of e] = a_e W_e^T (a in 1x128 tiles, W [experts, n, k] in 128x128 blocks). The forward
+  runs it on x and W, the input gradient dx = dy W_e on dy and W's quantised transpose [experts, k, n]
+  (`seekforge.ops.triton.fp8_quant.quantise_blocks(w, transposed=True)`): both read their operands with the
+  contracted dimension innermost, the layout Hopper's FP8 MMA (wgmma) takes for both operands. One program a (row
+  block of one expert, column block); a row block never holds two experts' rows, and the grid's bound on them
+  (rows / BLOCK_M + experts) needs no host synchronisation. BLOCK_K is the scale block, so each k step reads one
+  scale a row of `a` and one a column of W (W's block scale of that column): the step's product is scaled by
+  their outer product.
 - `fp8_grouped_weight_gradient`: dW_e = dy_e^T x_e, contracting over the expert's rows in 128x1 tiles that never
   straddle two experts. Its operands are the transposes dy^T [n, rows] and x^T [k, rows] with each expert's rows
-  in a segment of whole 128-row tiles, zero-padded (the caller lays them out: `seekforge.fp8.gemm`): the
+  in a segment of whole 128-row tiles, zero-padded (`seekforge.ops.triton.fp8_quant.quantise_segments`): the
   contracted rows innermost and every tile whole and aligned, so its loads are wide vectors (what Hopper's FP8
   MMA reads, with no mask along the rows), and 128x1 tiles of dy are 1x128 tiles of the padded transpose, their
   scales [n, rows / 128]. One program an (expert, n block, k block); each k step is one row tile, scaled by the
   outer product of the two tiles' column scales.
 
-Each is one opaque op to torch.compile (`torch.library.custom_op`), so a compiled block keeps its graph whole and
-fuses the quantisation around it.
+Both choose their tile (BLOCK_M or BLOCK_N, BLOCK_N or BLOCK_K, warps, pipeline stages) among a few candidates
+timed on a shape's first launch (`triton.autotune`; under the interpreter the first runs, untimed). Each is one
+opaque op to torch.compile (`torch.library.custom_op`), so a compiled block keeps its graph whole.
 """
 
 from __future__ import annotations
@@ -53,15 +56,14 @@ def _of(e, values, expert):
 
 
 @triton.jit
-def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, N, K,
-                stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bk, stride_bn,
-                stride_bse, stride_bsk, stride_bsn, stride_cm, stride_cn,
+def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, M, N, K,
+                stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
+                stride_bse, stride_bsn, stride_bsk, stride_cm, stride_cn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_BLOCK: tl.constexpr):
-    """c[rows of e] = a[rows of e] @ B_e, B_e [K, N] element (k, n) at b_ptr + e stride_be + k stride_bk + n stride_bn
-    (W_e^T or W_e by the strides), its scale at bs_ptr + e stride_bse + (k / 128) stride_bsk + (n / 128) stride_bsn;
-    a's scale of row r, k step s at as_ptr + r stride_asm + s stride_ask."""
+    """c[rows of e] = a[rows of e] @ W_e^T, W_e [N, K] element (n, k) at b_ptr + e stride_be + n stride_bn
+    + k stride_bk, its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of
+    row r, k step s at as_ptr + r stride_asm + s stride_ask. M: a's rows (the tiles' timing key, unused otherwise)."""
     tl.static_assert(BLOCK_K == SCALE_BLOCK)
-    tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     block, n0 = tl.program_id(0) // n_blocks, (tl.program_id(0) % n_blocks) * BLOCK_N
     e, starts, ends, firsts, blocks = _segments(offsets_ptr, num_experts, BLOCK_M, E_BLOCK)
@@ -77,15 +79,15 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, N
     a_at = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_at = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     as_at = as_ptr + rows * stride_asm
-    bs_at = bs_ptr + expert * stride_bse + (n0 // SCALE_BLOCK) * stride_bsn
+    bs_at = bs_ptr + expert * stride_bse + (cols // SCALE_BLOCK) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = ks < K - step * BLOCK_K
         a = tl.load(a_at, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_at, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a_scale = tl.load(as_at + step * stride_ask, mask=row_ok, other=0.0)
-        b_scale = tl.load(bs_at + step * stride_bsk)
-        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale)
+        b_scale = tl.load(bs_at + step * stride_bsk, mask=col_ok, other=0.0)
+        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
         a_at += BLOCK_K * stride_ak
         b_at += BLOCK_K * stride_bk
     c_at = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
@@ -123,15 +125,30 @@ def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N
     tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): 128-row blocks where experts have rows enough to fill them (prefill and
-# training: hundreds of rows an expert), 64 otherwise; BLOCK_K is the scale block. Up to 32 KB of operands a stage.
-_WIDE, _NARROW = (128, 128, 8, 4), (64, 128, 4, 4)
-_WEIGHT_GRADIENT = (128, 128, 8, 4)  # BLOCK_N, BLOCK_K (one tile of columns each), num_warps, num_stages
+# The candidate tiles, timed on a shape's first launch: (BLOCK_M, BLOCK_N, num_warps, num_stages) of `fp8_grouped_mm`
+# (BLOCK_K is the scale block) and (BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight gradient (each k step one
+# 128-row tile). Hopper's FP8 wgmma wants 128- or 256-wide tiles; a stage holds (rows + columns) x 128 bytes, so 3 or 4
+# stages of up to 48 KB fit the 227 KB of shared memory. 64-row blocks serve experts with few rows.
+GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
+WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4)]
 
 
-def default_tile(rows: int, experts: int) -> tuple[int, int, int, int]:
-    """The forward's and input gradient's tile for `rows` rows over `experts` experts."""
-    return _WIDE if rows >= 256 * max(experts, 1) else _NARROW
+def _first_when_interpreted(configs, named_args, **kwargs):
+    """Under Triton's interpreter (no timing there) the first candidate; on a GPU all of them."""
+    from seekforge.ops.dispatch import triton_interpreted
+
+    return configs[:1] if triton_interpreted() else configs
+
+
+def _configs(tiles, names):
+    return [triton.Config(dict(zip(names, tile[:2])), num_warps=tile[2], num_stages=tile[3]) for tile in tiles]
+
+
+_tuned_grouped_mm = triton.autotune(_configs(GROUPED_TILES, ("BLOCK_M", "BLOCK_N")), key=["M", "N", "K"],
+                                    prune_configs_by={"early_config_prune": _first_when_interpreted})(_grouped_mm)
+_tuned_weight_gradient = triton.autotune(
+    _configs(WEIGHT_GRADIENT_TILES, ("BLOCK_N", "BLOCK_K")), key=["N", "K"],
+    prune_configs_by={"early_config_prune": _first_when_interpreted})(_grouped_weight_gradient)
 
 
 def _check(name: str, ok: bool, got: str) -> None:
@@ -147,53 +164,57 @@ def _check_offsets(offsets: torch.Tensor, experts: int, device: torch.device) ->
 
 
 def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                   offsets: torch.Tensor, out_dtype: torch.dtype, transposed: bool = False,
+                   offsets: torch.Tensor, out_dtype: torch.dtype,
                    tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Rows of a [m, c] e4m3 (1x128 tile scales a_scale [m, ceil(c / 128)] fp32) sorted by expert, offsets [experts]
+    """Rows of a [m, k] e4m3 (1x128 tile scales a_scale [m, ceil(k / 128)] fp32) sorted by expert, offsets [experts]
     their cumulative ends; w [experts, n, k] e4m3 with 128x128 block scales w_scale [experts, ceil(n / 128),
-    ceil(k / 128)] fp32. -> [m, n] = a_e w_e^T (c = k), or with `transposed` [m, k] = a_e w_e (c = n), as out_dtype.
-    tile: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_N dividing 128; None: `default_tile`."""
+    ceil(k / 128)] fp32. -> [m, n] = a_e w_e^T as out_dtype. The input gradient dy_e W_e passes W's quantised
+    transpose as w. tile: (BLOCK_M, BLOCK_N, num_warps, num_stages), powers of 2 of at least 16; None: the fastest of
+    GROUPED_TILES, timed on the shape's first launch."""
     experts, n, k = w.shape if w.dim() == 3 else (0, 0, 0)
-    inner, outer = (n, k) if transposed else (k, n)
-    _check("FP8 grouped GEMM", a.dim() == 2 and w.dim() == 3 and a.shape[1] == inner and a.dtype == FP8
-           and w.dtype == FP8 and a_scale.shape == (a.shape[0], cdiv(inner, BLOCK))
+    _check("FP8 grouped GEMM", a.dim() == 2 and w.dim() == 3 and a.shape[1] == k and a.dtype == FP8
+           and w.dtype == FP8 and a_scale.shape == (a.shape[0], cdiv(k, BLOCK))
            and w_scale.shape == (experts, cdiv(n, BLOCK), cdiv(k, BLOCK))
            and a_scale.dtype == w_scale.dtype == torch.float32,
-           f"wants a [m, {inner}] and w [experts, n, k] float8_e4m3fn with fp32 scales a [m, ceil({inner} / 128)] "
+           f"wants a [m, k] and w [experts, n, k] float8_e4m3fn with fp32 scales a [m, ceil(k / 128)] "
            f"and w [experts, ceil(n / 128), ceil(k / 128)]; got a {tuple(a.shape)} {a.dtype}, w {tuple(w.shape)} "
            f"{w.dtype}, scales {tuple(a_scale.shape)} {a_scale.dtype}, {tuple(w_scale.shape)} {w_scale.dtype}")
     _check_offsets(offsets, experts, a.device)
-    tile = tile or default_tile(a.shape[0], experts)
-    _check("FP8 grouped GEMM", BLOCK % tile[1] == 0, f"BLOCK_N must divide {BLOCK}, got tile {tile}")
-    return launch_grouped_mm(a, a_scale, w, w_scale, offsets, out_dtype, transposed, list(tile), outer)
+    _check("FP8 grouped GEMM",
+           tile is None or (len(tile) == 4 and all(t >= 16 and t & (t - 1) == 0 for t in tile[:2])),
+           f"tile must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M and BLOCK_N powers of 2 of at least "
+           f"16, got {tile}")
+    return launch_grouped_mm(a, a_scale, w, w_scale, offsets, out_dtype, list(tile or ()))
 
 
 @torch.library.custom_op("seekforge::fp8_grouped_mm", mutates_args=())
 def launch_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                      offsets: torch.Tensor, out_dtype: torch.dtype, transposed: bool, tile: list[int],
-                      outer: int) -> torch.Tensor:
-    """`fp8_grouped_mm`'s launch, its arguments checked; outer: the output's columns."""
-    m = a.shape[0]
-    experts = w.shape[0]
-    out = torch.empty(m, outer, device=a.device, dtype=out_dtype)
+                      offsets: torch.Tensor, out_dtype: torch.dtype, tile: list[int]) -> torch.Tensor:
+    """`fp8_grouped_mm`'s launch, its arguments checked; tile [] for the timed choice."""
+    m, (experts, n, k) = a.shape[0], w.shape
+    out = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps, stages = tile
-    # B_e [inner, outer]: W_e^T (the forward) or W_e itself (the input gradient), by strides alone
-    sw, ss = w.stride(), w_scale.stride()
-    b_strides = (sw[0], sw[1], sw[2]) if transposed else (sw[0], sw[2], sw[1])
-    bs_strides = (ss[0], ss[1], ss[2]) if transposed else (ss[0], ss[2], ss[1])
-    grid = ((triton.cdiv(m, block_m) + experts) * triton.cdiv(outer, block_n),)
-    _grouped_mm[grid](a, a_scale, w, w_scale, out, offsets, experts, outer, a.shape[1], a.stride(0), a.stride(1),
-                      a_scale.stride(0), a_scale.stride(1), *b_strides, *bs_strides, out.stride(0), out.stride(1),
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, E_BLOCK=max(triton.next_power_of_2(experts), 2),
-                      num_warps=warps, num_stages=stages)
+    args = (a, a_scale, w, w_scale, out, offsets, experts, m, n, k, a.stride(0), a.stride(1), a_scale.stride(0),
+            a_scale.stride(1), *w.stride(), *w_scale.stride(), out.stride(0), out.stride(1))
+
+    def grid(meta):
+        return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    e_block = max(triton.next_power_of_2(experts), 2)
+    if tile:
+        block_m, block_n, warps, stages = tile
+        _grouped_mm[grid({"BLOCK_M": block_m, "BLOCK_N": block_n})](
+            *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, E_BLOCK=e_block, num_warps=warps,
+            num_stages=stages)
+    else:
+        _tuned_grouped_mm[grid](*args, BLOCK_K=BLOCK, E_BLOCK=e_block)
     return out
 
 
 @launch_grouped_mm.register_fake
-def _(a, a_scale, w, w_scale, offsets, out_dtype, transposed, tile, outer) -> torch.Tensor:
-    return a.new_empty(a.shape[0], outer, dtype=out_dtype)
+def _(a, a_scale, w, w_scale, offsets, out_dtype, tile) -> torch.Tensor:
+    return a.new_empty(a.shape[0], w.shape[1], dtype=out_dtype)
 
 
 def fp8_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t: torch.Tensor, x_scale: torch.Tensor,
@@ -202,7 +223,7 @@ def fp8_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t:
     e4m3: the transposes of dy and x with each expert's rows in a segment of whole 128-row tiles (zero rows after its
     own), offsets [experts] the segments' ends (multiples of 128; not checked: that would read them on the host);
     their scales in 1x128 tiles of the transposes, dy_scale [n, rows / 128] and x_scale [k, rows / 128] fp32 (128x1
-    tiles of dy and x, none straddling two experts)."""
+    tiles of dy and x, none straddling two experts): `seekforge.ops.quant.quantise_segments`' layout."""
     n, rows = dy_t.shape if dy_t.dim() == 2 else (0, -1)
     _check("FP8 grouped weight gradient", dy_t.dim() == x_t.dim() == 2 and x_t.shape[1] == rows
            and rows % BLOCK == 0 and dy_t.dtype == x_t.dtype == FP8 and dy_scale.shape == (n, rows // BLOCK)
@@ -223,12 +244,14 @@ def launch_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x
     out = torch.empty(experts, n, k, device=dy_t.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    block_n, block_k, warps, stages = _WEIGHT_GRADIENT
-    grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), experts)
-    _grouped_weight_gradient[grid](
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), experts)
+
+    _tuned_weight_gradient[grid](
         dy_t, dy_scale, x_t, x_scale, out, offsets, n, k, dy_t.stride(0), dy_t.stride(1), dy_scale.stride(0),
         dy_scale.stride(1), x_t.stride(0), x_t.stride(1), x_scale.stride(0), x_scale.stride(1), out.stride(0),
-        out.stride(1), out.stride(2), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        out.stride(1), out.stride(2))
     return out
 
 
@@ -237,4 +260,4 @@ def _(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype) -> torch.Tensor:
     return dy_t.new_empty(offsets.shape[0], dy_t.shape[0], x_t.shape[0], dtype=out_dtype)
 
 
-__all__ = ["default_tile", "fp8_grouped_mm", "fp8_grouped_weight_gradient"]
+__all__ = ["GROUPED_TILES", "WEIGHT_GRADIENT_TILES", "fp8_grouped_mm", "fp8_grouped_weight_gradient"]

@@ -1,0 +1,228 @@
+"""FP8 training's quantisation (DeepSeek-V3's blockwise e4m3, `seekforge.ops.quant` holds the PyTorch references):
+each op one pass over its input, reading every element once and writing e4m3 values and fp32 scales.
+
+- `quantise_tiles`: 1x128 tiles along the rows of x [m, k] (the forward's and the input gradient's left operand).
+- `quantise_segments`: for rows sorted into segments (experts; the dense layer is one segment), the 1x128 tiles of
+  the rows and, from the same loaded 128x128 tile, the 128x1 tiles down the rows written transposed, each segment
+  zero-padded to whole 128-row tiles: the weight gradient's operand (it contracts over rows), laid out as
+  `seekforge.ops.triton.fp8_grouped`'s weight-gradient kernel and torch._scaled_mm read it. One program a
+  (128-row tile of the padded layout, 128 columns).
+- `quantise_blocks`: 128x128 blocks of w [..., n, k]; with `transposed` the quantised transpose [..., k, n]
+  (128x128 blocks are square: its scales are the transposed scale grid), which the input gradient dx = dy W
+  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs.
+
+The rounding is the references': scale = amax / 448 (1 for a tile of zeros), value / scale correctly rounded
+(div_rn: fp32 `/` compiles to an approximate division on NVIDIA GPUs), saturated, rounded to e4m3 to nearest,
+ties to even; so the results are bit-exact against the references. Each launch is a torch.library custom op, so a
+compiled block keeps its graph whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seekforge.errors import ConfigError
+from seekforge.ops.quant import BLOCK, FP8, FP8_MAX, cdiv
+
+SCALE_BLOCK = tl.constexpr(BLOCK)
+E4M3_MAX = tl.constexpr(FP8_MAX)
+
+
+@triton.jit
+def _scale_of(amax):
+    return tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    """x / scale saturated and rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic (the cast
+    that follows is then exact: the rounding is the same whatever the cast's, the interpreter's included).
+
+    The sign is x's sign bit, copied onto the rounded magnitude: a negative value that rounds to zero (or -0.0)
+    gives e4m3 -0 as the reference's cast does. Negating instead would depend on how Triton lowers unary minus:
+    up to triton-lang/triton#10270 it is `0 - x`, which turns -(+0.0) into +0.0."""
+    y = tl.minimum(tl.abs(tl.div_rn(x, scale)), E4M3_MAX)
+    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp = tl.maximum(exponent - 3, -9)  # e4m3: 3 mantissa bits, subnormals below 2^-6 in steps of 2^-9
+    big = ((ulp + 23 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(ulp + 23): its fp32 ulp is 2^ulp
+    rounded = (y + big) - big  # fp32 addition rounds to a multiple of 2^ulp, ties to even
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (rounded.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantise_tiles(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
+                    BLOCK_M: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.abs(x), axis=1))
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _to_e4m3(x, scale[:, None]), mask=ok)
+    tl.store(s_ptr + rows * stride_sm + tl.program_id(1), scale, mask=rows < M)
+
+
+@triton.jit
+def _quantise_segments(x_ptr, offsets_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, num_segments, K,
+                       stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk, E_BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    tile, c0 = tl.program_id(0), tl.program_id(1) * SCALE_BLOCK
+    # segment e's padded tiles: max(ceil(count / 128), 1), laid out one segment after the other
+    e = tl.arange(0, E_BLOCK)
+    ends = tl.load(offsets_ptr + e, mask=e < num_segments, other=0).to(tl.int32)
+    starts = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e < num_segments), other=0).to(tl.int32)
+    tiles = tl.where(e < num_segments, tl.maximum((ends - starts + SCALE_BLOCK - 1) // SCALE_BLOCK, 1), 0)
+    firsts = tl.cumsum(tiles, 0) - tiles
+    seg = tl.sum((firsts + tiles <= tile).to(tl.int32), 0)  # num_segments: past the last segment (end 0, no rows)
+    start = tl.sum(tl.where(e == seg, starts, 0), 0)
+    end = tl.sum(tl.where(e == seg, ends, 0), 0)
+    first = tl.sum(tl.where(e == seg, firsts, 0), 0)
+    first_row = (start + (tile - first) * SCALE_BLOCK).to(tl.int64)
+    r = tl.arange(0, CHUNK)
+    cols = c0 + tl.arange(0, SCALE_BLOCK)
+    col_ok = cols < K
+    # The 128-row tile in chunks of CHUNK rows, twice: the rows' 1x128 tiles and the columns' amax, then the columns'
+    # quantisation from the same rows read again (from cache). Holding all 128 rows at once spills registers.
+    col_amax = tl.zeros([SCALE_BLOCK], dtype=tl.float32)
+    for i in range(0, SCALE_BLOCK, CHUNK):
+        rows = first_row + i + r
+        row_ok = rows < end
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        row_scale = _scale_of(tl.max(ax, axis=1))
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _to_e4m3(x, row_scale[:, None]), mask=ok)
+        tl.store(s_ptr + rows * stride_sm + tl.program_id(1), row_scale, mask=row_ok)
+        col_amax = tl.maximum(col_amax, tl.max(ax, axis=0))  # the padding's zeros leave it as it is
+    col_scale = _scale_of(col_amax)
+    for i in range(0, SCALE_BLOCK, CHUNK):
+        rows = first_row + i + r
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+        padded_rows = tile.to(tl.int64) * SCALE_BLOCK + i + r
+        qt = tl.trans(_to_e4m3(x, col_scale[None, :]))  # [columns, rows]
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + padded_rows[None, :], qt, mask=col_ok[:, None])
+    tl.store(st_ptr + cols * stride_stk + tile, col_scale, mask=col_ok)
+
+
+@triton.jit
+def _quantise_blocks(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qr, stride_qc,
+                     stride_se, stride_sr, stride_sc, TRANSPOSED: tl.constexpr):
+    n_block, k_block, mat = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = n_block * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+    cols = k_block * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+    ok = (rows < N)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + mat * stride_we + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=ok,
+                other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+    q = _to_e4m3(w, scale)
+    if TRANSPOSED:
+        tl.store(q_ptr + mat * stride_qe + cols[:, None] * stride_qr + rows[None, :] * stride_qc, tl.trans(q),
+                 mask=tl.trans(ok))
+        tl.store(s_ptr + mat * stride_se + k_block * stride_sr + n_block * stride_sc, scale)
+    else:
+        tl.store(q_ptr + mat * stride_qe + rows[:, None] * stride_qr + cols[None, :] * stride_qc, q, mask=ok)
+        tl.store(s_ptr + mat * stride_se + n_block * stride_sr + k_block * stride_sc, scale)
+
+
+_TILE_ROWS, _TILE_WARPS = 32, 4  # rows a program of `quantise_tiles`: 32 x 128 elements, 32 a thread
+_SEGMENT_ROWS, _SEGMENT_WARPS = 32, 8  # rows `quantise_segments` holds at once: 32 x 128 elements, 16 a thread
+
+
+def _check_input(name: str, x: torch.Tensor, dims: int) -> None:
+    if x.dim() != dims or not x.is_floating_point() or x.dtype == FP8:
+        raise ConfigError(f"{name}: wants a {dims}-d bf16, fp16 or fp32 tensor, got {tuple(x.shape)} {x.dtype}")
+
+
+def quantise_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`seekforge.ops.quant.quantise_tiles` of a 2-d x [m, k]: (q [m, k] e4m3, scale [m, ceil(k / 128)] fp32)."""
+    _check_input("FP8 tile quantisation", x, 2)
+    return tuple(launch_quantise_tiles(x))
+
+
+@torch.library.custom_op("seekforge::fp8_quantise_tiles", mutates_args=())
+def launch_quantise_tiles(x: torch.Tensor) -> list[torch.Tensor]:
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=FP8)
+    s = torch.empty(m, cdiv(k, BLOCK), device=x.device, dtype=torch.float32)
+    if x.numel():
+        _quantise_tiles[(cdiv(m, _TILE_ROWS), cdiv(k, BLOCK))](
+            x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), s.stride(0), BLOCK_M=_TILE_ROWS,
+            num_warps=_TILE_WARPS)
+    return [q, s]
+
+
+@launch_quantise_tiles.register_fake
+def _(x):
+    m, k = x.shape
+    return [x.new_empty(m, k, dtype=FP8), x.new_empty(m, cdiv(k, BLOCK), dtype=torch.float32)]
+
+
+def quantise_segments(x: torch.Tensor, offsets: torch.Tensor,
+                      padded_tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`seekforge.ops.quant.quantise_segments`' first four results: x [m, k] with rows in segments ending at offsets
+    [segments] (int32 or int64) -> (q [m, k], scale [m, ceil(k / 128)], q_t [k, 128 padded_tiles], scale_t
+    [k, padded_tiles]); padded_tiles: `seekforge.ops.quant.padded_tiles`' bound. Tiles past the last segment's
+    hold zeros with scale 1."""
+    _check_input("FP8 segment quantisation", x, 2)
+    if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != x.device:
+        raise ConfigError(f"FP8 segment quantisation: offsets must be 1-d int32 or int64 on {x.device}, got "
+                          f"{tuple(offsets.shape)} {offsets.dtype} on {offsets.device}")
+    return tuple(launch_quantise_segments(x, offsets, padded_tiles))
+
+
+@torch.library.custom_op("seekforge::fp8_quantise_segments", mutates_args=())
+def launch_quantise_segments(x: torch.Tensor, offsets: torch.Tensor, padded_tiles: int) -> list[torch.Tensor]:
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=FP8)
+    s = torch.empty(m, cdiv(k, BLOCK), device=x.device, dtype=torch.float32)
+    qt = torch.empty(k, padded_tiles * BLOCK, device=x.device, dtype=FP8)
+    st = torch.empty(k, padded_tiles, device=x.device, dtype=torch.float32)
+    if qt.numel():
+        _quantise_segments[(padded_tiles, cdiv(k, BLOCK))](
+            x, offsets, q, s, qt, st, offsets.shape[0], k, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+            qt.stride(0), st.stride(0), E_BLOCK=max(triton.next_power_of_2(offsets.shape[0]), 2), CHUNK=_SEGMENT_ROWS,
+            num_warps=_SEGMENT_WARPS)
+    return [q, s, qt, st]
+
+
+@launch_quantise_segments.register_fake
+def _(x, offsets, padded_tiles):
+    m, k = x.shape
+    return [x.new_empty(m, k, dtype=FP8), x.new_empty(m, cdiv(k, BLOCK), dtype=torch.float32),
+            x.new_empty(k, padded_tiles * BLOCK, dtype=FP8), x.new_empty(k, padded_tiles, dtype=torch.float32)]
+
+
+def quantise_blocks(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`seekforge.ops.quant.quantise_blocks` of w [n, k] or [experts, n, k]; with `transposed`, that of w's
+    transpose ([..., k, n], contiguous), read from w as it is."""
+    if w.dim() not in (2, 3):
+        raise ConfigError(f"FP8 block quantisation: wants w [n, k] or [experts, n, k], got {tuple(w.shape)}")
+    _check_input("FP8 block quantisation", w, w.dim())
+    q, s = launch_quantise_blocks(w.unsqueeze(0) if w.dim() == 2 else w, transposed)
+    return (q[0], s[0]) if w.dim() == 2 else (q, s)
+
+
+@torch.library.custom_op("seekforge::fp8_quantise_blocks", mutates_args=())
+def launch_quantise_blocks(w: torch.Tensor, transposed: bool) -> list[torch.Tensor]:
+    e, n, k = w.shape
+    rows, cols = (k, n) if transposed else (n, k)
+    q = torch.empty(e, rows, cols, device=w.device, dtype=FP8)
+    s = torch.empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK), device=w.device, dtype=torch.float32)
+    if q.numel():
+        _quantise_blocks[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
+            w, q, s, n, k, *w.stride(), *q.stride(), *s.stride(), TRANSPOSED=transposed, num_warps=8)
+    return [q, s]
+
+
+@launch_quantise_blocks.register_fake
+def _(w, transposed):
+    e, n, k = w.shape
+    rows, cols = (k, n) if transposed else (n, k)
+    return [w.new_empty(e, rows, cols, dtype=FP8), w.new_empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK),
+                                                               dtype=torch.float32)]
+
+
+__all__ = ["quantise_blocks", "quantise_segments", "quantise_tiles"]
