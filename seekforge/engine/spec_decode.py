@@ -29,6 +29,7 @@ import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from seekforge import ops
@@ -96,19 +97,29 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     drafts is plain sampling). Sequence i owns rows first_rows[i] .. first_rows[i] + len(drafts); batch
     describes every row of logits [R, vocab]. Sequence i's draws: its acceptance uniforms (stream ACCEPT) and its
     emitted token's (SAMPLE) at counter num_tokens + accepted, as plain sampling draws its next token."""
-    dev = logits.device
-    k = max(len(s.drafts) for s in seqs)
+    dev, b = logits.device, len(seqs)
+    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
+    k = int(n.max())
     if k == 0:  # no drafts anywhere: plain sampling
         tokens = sample(logits, batch, (len(s.token_ids) for s in seqs))[0].tolist()
         return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
-    n_drafts = torch.tensor([len(s.drafts) for s in seqs], device=dev)
+    # every per-sequence input in one copy to the device (a list each would be a copy each, which on CUDA waits for
+    # the forward): the row of each position j <= k (a sequence's last row past its drafts), the drafts (0 past
+    # them), their number and whether the row is greedy
+    j = np.arange(k + 1)
+    host = np.zeros((b, 2 * k + 3), np.int64)
+    host[:, :k + 1] = np.asarray(first_rows, np.int64)[:, None] + np.minimum(j, n[:, None])
+    host[:, k + 1:2 * k + 1][j[:k] < n[:, None]] = np.fromiter(itertools.chain.from_iterable(s.drafts for s in seqs),
+                                                                 np.int64, int(n.sum()))
+    host[:, 2 * k + 1] = n
+    host[:, 2 * k + 2] = [s.params.greedy for s in seqs]
+    packed = to_device(host, torch.long, dev)
+    index, drafts, n_drafts = packed[:, :k + 1], packed[:, k + 1:2 * k + 1], packed[:, 2 * k + 1]
+    greedy = packed[:, 2 * k + 2].bool()
     j = torch.arange(k + 1, device=dev)
-    index = torch.tensor(first_rows, device=dev).unsqueeze(1) + torch.minimum(j.unsqueeze(0), n_drafts.unsqueeze(1))
-    drafts = torch.tensor([s.drafts + [0] * (k - len(s.drafts)) for s in seqs], dtype=torch.long, device=dev)
     penalised = target_logits(logits, batch)
     target = penalised.argmax(dim=-1)[index]  # [B, k + 1]
     keep = drafts == target[:, :k]
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
     if not batch.all_greedy:
         p = filter_logits(penalised, batch).softmax(dim=-1)[index]  # [B, k + 1, vocab]
         q = torch.zeros(len(seqs), k, p.shape[-1], device=dev)
@@ -133,10 +144,10 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
         final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
     else:
         final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
-    out = []
-    for s, a, tok, first in zip(seqs, accepted.tolist(), final.tolist(), first_rows):
-        out.append(Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1)))
-    return out
+    # the host's one wait for the device this step: the accepted counts and emitted tokens in one copy
+    accepted_host, final_host = torch.stack([accepted, final]).tolist()
+    return [Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1))
+            for s, a, tok, first in zip(seqs, accepted_host, final_host, first_rows)]
 
 
 class MTPProposer:
