@@ -176,7 +176,9 @@ class MTPProposer:
         runner = self.runner
         h, logits = runner.mtp_step([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items],
                                     [it.hidden for it in items])
-        live = items
+        live, batch = items, None
+        # the draft rows' history (prompt, output and drafts so far) is copied only where a penalty reads it
+        penalties = any(it.seq.params.has_penalties for it in items)
         position = [it.start + len(it.next_ids) for it in items]  # where the next chain step sits
         for depth in itertools.count():
             keep = [i for i, it in enumerate(live) if it.draft > depth]
@@ -184,15 +186,17 @@ class MTPProposer:
                 return
             if len(keep) < len(live):
                 index = to_device(keep, torch.long, h.device)
-                live, position = [live[i] for i in keep], [position[i] for i in keep]
+                live, position, batch = [live[i] for i in keep], [position[i] for i in keep], None
                 h, logits = h.index_select(0, index), logits.index_select(0, index)
             if depth:
                 chain = [Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)]
                 h, logits = runner.mtp_step(chain, h.split(1))
                 position = [p + 1 for p in position]
-            rows = [Row(it.seq.params, it.seq.key, it.seq.token_ids[:it.seq.num_prompt_tokens],
-                        it.seq.output_token_ids + it.seq.drafts) for it in live]
-            batch = make_batch(rows, logits.shape[-1], logits.device)
+            if batch is None or penalties:  # without history a row's batch is the same at every depth
+                rows = [Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties else None,
+                            s.output_token_ids + s.drafts if s.params.has_penalties else None)
+                        for s in (it.seq for it in live)]
+                batch = make_batch(rows, logits.shape[-1], logits.device)
             drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
             tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
             for i, (it, token) in enumerate(zip(live, tokens.tolist())):
