@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from seekforge import ops
+from seekforge.engine.async_step import InFlight
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, ModelRunner
 from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, Row, RowKeys, SamplingBatch, filter_logits, make_batch,
                                       sample, target_logits)
-from seekforge.engine.sequence import Sequence
+from seekforge.engine.sequence import PENDING, Sequence
 
 
 @dataclass
@@ -155,6 +156,19 @@ class MTPProposer:
         self.runner = runner
         self.k = num_tokens
         self.stats = SpecStats.empty(num_tokens)
+        self._pending: tuple[int, InFlight] | None = None  # the index and tokens of the drafts `settle` writes
+
+    def settle(self) -> None:
+        """Write the last drafts of each chain into their sequences, waiting for the device if they are not back yet.
+        They stand as PENDING until then: the next step's inputs are the first to read them, so the host settles the
+        step that drafted them (outputs, scheduling) while the device drafts, where reading them at once would leave
+        it idle meanwhile. A sequence whose drafts were dropped or trimmed since keeps what it has."""
+        if self._pending is None:
+            return
+        (j, drafted), self._pending = self._pending, None
+        for seq, token in zip(drafted.seqs, drafted.host_tokens()):
+            if len(seq.drafts) > j:
+                seq.drafts[j] = token
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth making for seq's next step: within the context and the token budget; none for a
@@ -169,6 +183,7 @@ class MTPProposer:
         """Run MTP over every item's new positions, then set drafts (and their distributions) on the
         sequences that asked for them. Each MTP step replays a captured graph where it fits one
         (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft."""
+        self._pending = None
         for it in items:
             it.seq.drafts, it.seq.draft_probs = [], None
         if not items:
@@ -199,7 +214,12 @@ class MTPProposer:
                 batch = make_batch(rows, logits.shape[-1], logits.device)
             drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
             tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
-            for i, (it, token) in enumerate(zip(live, tokens.tolist())):
+            if all(it.draft == depth + 1 for it in live):  # the chain's last drafts: see `settle`
+                self._pending = depth, InFlight([it.seq for it in live], tokens)
+                values = itertools.repeat(PENDING)
+            else:  # the next chain step's input
+                values = tokens.tolist()
+            for i, (it, token) in enumerate(zip(live, values)):
                 it.seq.drafts.append(token)
                 if probs is not None and not it.seq.params.greedy:
                     p = probs[i:i + 1]

@@ -51,10 +51,11 @@ class Step:
         outcome, logprobs = self._sample(logits, sampling, seqs)
         return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, offsets)
 
-    @staticmethod
-    def _chunks(scheduled) -> tuple[list[Chunk], list[int]]:
+    def _chunks(self, scheduled) -> tuple[list[Chunk], list[int]]:
         """Each scheduled sequence's tokens to compute (drafts after its known tokens), and which of them
         reach the end of their sequence, so get sampled."""
+        if self.proposer is not None:
+            self.proposer.settle()
         chunks, sampling = [], []
         for i, (seq, n) in enumerate(scheduled):
             start, token_ids = seq.num_computed, seq.token_ids
