@@ -1,9 +1,8 @@
 """MTP speculative decoding through captured steps: the verification step (1 + drafts tokens a sequence) and the
 drafter's catch-up and draft steps, run from the static input buffers (`ModelRunner.replay`, `mtp_step`), against
 the packed eager forward of the same steps, whole generations with and without them, and how often a speculative
-step waits for the device. On the CPU the static
-steps run eagerly (`capture_cuda_graphs(eager=True)`: a `Rerun` stands in for each graph); on a GPU they are
-captured and replayed."""
+step waits for the device. On the CPU the static steps run eagerly (`capture_cuda_graphs(eager=True)`: a `Rerun`
+stands in for each graph); on a GPU they are captured and replayed."""
 
 from __future__ import annotations
 
