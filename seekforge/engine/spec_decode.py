@@ -35,7 +35,7 @@ import torch
 from seekforge import ops
 from seekforge.engine.async_step import InFlight
 from seekforge.engine.device_copy import to_device
-from seekforge.engine.model_runner import Chunk, ModelRunner
+from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
 from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, Row, RowKeys, SamplingBatch, filter_logits, make_batch,
                                       sample, target_logits)
 from seekforge.engine.sequence import PENDING, Sequence
@@ -156,17 +156,18 @@ class MTPProposer:
         self.runner = runner
         self.k = num_tokens
         self.stats = SpecStats.empty(num_tokens)
-        self._pending: tuple[int, InFlight] | None = None  # the index and tokens of the drafts `settle` writes
+        # the drafts `settle` writes: (sequence, index in its drafts) of each, and their tokens
+        self._pending: tuple[list[tuple[Sequence, int]], InFlight] | None = None
 
     def settle(self) -> None:
-        """Write the last drafts of each chain into their sequences, waiting for the device if they are not back yet.
-        They stand as PENDING until then: the next step's inputs are the first to read them, so the host settles the
-        step that drafted them (outputs, scheduling) while the device drafts, where reading them at once would leave
-        it idle meanwhile. A sequence whose drafts were dropped or trimmed since keeps what it has."""
+        """Write the drafts `propose` left on the device into their sequences, waiting for it if they are not back
+        yet. They stand as PENDING until then: the next step's inputs are the first to read them, so the host settles
+        the step that drafted them (outputs, scheduling) while the device drafts, where reading each at once would
+        leave the device idle meanwhile. A sequence whose drafts were dropped or trimmed since keeps what it has."""
         if self._pending is None:
             return
-        (j, drafted), self._pending = self._pending, None
-        for seq, token in zip(drafted.seqs, drafted.host_tokens()):
+        (placed, drafted), self._pending = self._pending, None
+        for (seq, j), token in zip(placed, drafted.host_tokens()):
             if len(seq.drafts) > j:
                 seq.drafts[j] = token
 
@@ -191,21 +192,26 @@ class MTPProposer:
         runner = self.runner
         h, logits = runner.mtp_step([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items],
                                     [it.hidden for it in items])
-        live, batch = items, None
-        # the draft rows' history (prompt, output and drafts so far) is copied only where a penalty reads it
+        live, batch, tokens = items, None, None
+        # a draft row's history (prompt, output and drafts so far) is read only by penalties: without them the drafts
+        # stay on the device, each chain step takes the last from there, and all come back at once (`settle`); with
+        # them each depth's are read at once (the next depth's history), but for the last
         penalties = any(it.seq.params.has_penalties for it in items)
         position = [it.start + len(it.next_ids) for it in items]  # where the next chain step sits
+        placed, deferred = [], []  # the deferred drafts: (sequence, index in its drafts), and their tokens by depth
         for depth in itertools.count():
             keep = [i for i, it in enumerate(live) if it.draft > depth]
             if not keep:
-                return
+                break
             if len(keep) < len(live):
                 index = to_device(keep, torch.long, h.device)
                 live, position, batch = [live[i] for i in keep], [position[i] for i in keep], None
                 h, logits = h.index_select(0, index), logits.index_select(0, index)
+                tokens = None if tokens is None else tokens.index_select(0, index)
             if depth:
                 chain = [Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)]
-                h, logits = runner.mtp_step(chain, h.split(1))
+                on_device = None if penalties else DeviceIds(list(range(len(live))), list(range(len(live))), tokens)
+                h, logits = runner.mtp_step(chain, h.split(1), on_device)
                 position = [p + 1 for p in position]
             if batch is None or penalties:  # without history a row's batch is the same at every depth
                 rows = [Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties else None,
@@ -214,13 +220,16 @@ class MTPProposer:
                 batch = make_batch(rows, logits.shape[-1], logits.device)
             drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
             tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
-            if all(it.draft == depth + 1 for it in live):  # the chain's last drafts: see `settle`
-                self._pending = depth, InFlight([it.seq for it in live], tokens)
-                values = itertools.repeat(PENDING)
-            else:  # the next chain step's input
+            if penalties and any(it.draft > depth + 1 for it in live):
                 values = tokens.tolist()
+            else:
+                values = itertools.repeat(PENDING)
+                placed += [(it.seq, depth) for it in live]
+                deferred.append(tokens)
             for i, (it, token) in enumerate(zip(live, values)):
                 it.seq.drafts.append(token)
                 if probs is not None and not it.seq.params.greedy:
                     p = probs[i:i + 1]
                     it.seq.draft_probs = p if it.seq.draft_probs is None else torch.cat([it.seq.draft_probs, p])
+        if placed:
+            self._pending = placed, InFlight([seq for seq, _ in placed], torch.cat(deferred))

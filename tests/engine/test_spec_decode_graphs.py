@@ -98,10 +98,10 @@ def count_replays(monkeypatch) -> dict:
         counts["main"] += out is not None
         return out
 
-    def counted_mtp(self, chunks, h_prev):
+    def counted_mtp(self, chunks, h_prev, device_ids=None):
         counts["mtp"] += self._graph_size(chunks, 1 if all(len(c.token_ids) == 1 for c in chunks)
                                           else self.graph_rows, [n for _, n in self.mtp_graphs]) is not None
-        return mtp_step(self, chunks, h_prev)
+        return mtp_step(self, chunks, h_prev, device_ids)
 
     monkeypatch.setattr(model_runner.ModelRunner, "replay", counted_replay)
     monkeypatch.setattr(model_runner.ModelRunner, "mtp_step", counted_mtp)
@@ -209,7 +209,7 @@ def test_a_speculative_step_waits_for_the_device_once_a_draft_it_chains_on(model
     steps = 4
     for _ in range(steps):
         llm.step()
-    assert counts == {"waits": steps * k, "deferred": steps}
+    assert counts == {"waits": steps, "deferred": steps}
 
 
 @pytest.mark.gpu
@@ -235,4 +235,4 @@ def test_cuda_speculative_step_synchronises_once_a_draft_it_chains_on(model, k):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
-    assert len(syncs) == steps * k, syncs
+    assert len(syncs) == steps, syncs
