@@ -183,7 +183,8 @@ class MTPProposer:
     def propose(self, items: list[Catchup]) -> None:
         """Run MTP over every item's new positions, then set drafts (and their distributions) on the
         sequences that asked for them. Each MTP step replays a captured graph where it fits one
-        (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft."""
+        (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft. The drafts' values reach the
+        sequences at `settle` (PENDING until then); their number is set here."""
         self._pending = None
         for it in items:
             it.seq.drafts, it.seq.draft_probs = [], None
