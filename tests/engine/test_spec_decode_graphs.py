@@ -193,13 +193,14 @@ def count_waits(monkeypatch) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_a_speculative_step_waits_for_the_device_once_a_draft_it_chains_on(model, k, monkeypatch):
-    """A steady speculative step (greedy, static steps) reads the device once for its verified tokens and once a
-    draft that the next draft step takes as input (k - 1); the last drafts come back while the host settles the
-    step (one deferred read), and nothing else in the step waits: on CUDA each wait drains the pipeline."""
+@pytest.mark.parametrize("k, penalty", [(1, 1.0), (3, 1.0), (3, 1.2)], ids=["k1", "k3", "k3-penalty"])
+def test_a_speculative_step_waits_for_the_device_once(model, k, penalty, monkeypatch):
+    """A steady speculative step (greedy, static steps) reads the device once, for its verified tokens, whatever
+    the number of drafts: each chain step takes the last drafts on the device, and all come back while the host
+    settles the step (one deferred read). With a penalty, which reads a draft row's history on the host, each draft
+    but the last is read at once (k - 1 more). On CUDA each wait drains the pipeline."""
     llm = with_static_steps(LLM(model, block_size=4, num_speculative_tokens=k, max_num_seqs=4))
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=penalty)
     for p in prompts()[:3]:
         llm.add_request(p, params)
     for _ in range(3):  # prefill, then decoding with drafts
@@ -209,14 +210,15 @@ def test_a_speculative_step_waits_for_the_device_once_a_draft_it_chains_on(model
     steps = 4
     for _ in range(steps):
         llm.step()
-    assert counts == {"waits": steps, "deferred": steps}
+    assert counts == {"waits": steps * (1 if penalty == 1.0 else k), "deferred": steps}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 2])
-def test_cuda_speculative_step_synchronises_once_a_draft_it_chains_on(model, k):
-    """On the GPU with CUDA graphs (bf16), torch's sync debug mode sees the waits the CPU count above finds: one a
-    steady speculative step for its verified tokens and one for each draft a later draft step takes as input."""
+def test_cuda_speculative_step_synchronises_once(model, k):
+    """On the GPU with CUDA graphs (bf16), torch's sync debug mode sees one synchronisation a steady speculative step,
+    for its verified tokens, whatever the number of drafts (the deferred drafts' event wait is no stream
+    synchronisation: by then the host has settled the step)."""
     gpu_model = Transformer(MTP_CFG).cuda()
     gpu_model.load_state_dict(model.state_dict())
     llm = LLM(gpu_model.to(torch.bfloat16).eval(), num_speculative_tokens=k, cuda_graphs=True, max_num_seqs=4)
