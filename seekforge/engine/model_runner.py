@@ -242,16 +242,18 @@ class ModelRunner:
     def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.mtp[0].norm(hidden)).float()
 
-    def mtp_step(self, chunks: list[Chunk], h_prev: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(self, chunks: list[Chunk], h_prev: list[torch.Tensor], device_ids: DeviceIds | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafter over each chunk's tokens (`forward_mtp`: chunk.token_ids hold the next tokens, h_prev[i]
         [len(chunk.token_ids), dim] the hidden states before them): (its hidden [b, dim], its draft logits [b, vocab]
-        fp32) at each chunk's last token. Replayed from a captured graph where the step fits one (then both are the
-        graph's output buffers, which its next replay overwrites)."""
+        fp32) at each chunk's last token. `device_ids` gives some one-token chunks' tokens on the device (the last
+        drafts, as DeviceIds). Replayed from a captured graph where the step fits one (then both are the graph's output
+        buffers, which its next replay overwrites)."""
         b = len(chunks)
         s = 1 if all(len(ch.token_ids) == 1 for ch in chunks) else self.graph_rows
         size = self._graph_size(chunks, s, [n for rows, n in self.mtp_graphs if rows == s])
         if size is None:
-            step = self.prepare(chunks)
+            step = self.prepare(chunks, device_ids)
             hidden = self.forward_mtp(step.pack(list(h_prev)), step)
             last = [step.offsets[i] + len(ch.token_ids) - 1 for i, ch in enumerate(chunks)]
             if last != list(range(len(hidden))):
@@ -260,6 +262,8 @@ class ModelRunner:
         rows = sum(len(ch.token_ids) for ch in chunks)
         torch.cat(list(h_prev), out=self._hidden[:rows])
         self._fill_static(chunks, size, rows_per_seq=s, from_hidden=True)
+        if device_ids is not None:  # a one-token chunk's token is its row's first id
+            device_ids.write(self._static[:, 0], device_ids.chunks)
         graph, (logits, hidden) = self.mtp_graphs[s, size]
         graph.replay()
         return hidden[:b], logits[:b]

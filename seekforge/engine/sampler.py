@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seekforge import ops
 from seekforge.engine.device_copy import to_device
+from seekforge.engine.model_runner import padded_tables
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
 
@@ -113,14 +115,12 @@ def broadcast_batch(params: SamplingParams, vocab_size: int, device) -> Sampling
 
 
 def _padded(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(x) for x in lists))
-    ids = torch.zeros(len(lists), width, dtype=torch.long, device=device)
-    present = torch.zeros(len(lists), width, dtype=torch.bool, device=device)
-    for i, x in enumerate(lists):
-        if x:
-            ids[i, :len(x)] = torch.tensor(x, device=device)
-            present[i, :len(x)] = True
-    return ids, present
+    """The lists as rows [len(lists), longest] of ids (0 past each list) and of which entries are present: built on
+    the host and copied in one transfer each, not one per list (on CUDA a copy from a list waits for the device)."""
+    counts = np.fromiter(map(len, lists), np.int64, len(lists))
+    width = max(1, int(counts.max(initial=0)))
+    ids = padded_tables(lists, width, 0)
+    return to_device(ids, torch.long, device), to_device(np.arange(width) < counts[:, None], torch.bool, device)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

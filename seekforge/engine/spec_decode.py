@@ -29,14 +29,16 @@ import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from seekforge import ops
+from seekforge.engine.async_step import InFlight
 from seekforge.engine.device_copy import to_device
-from seekforge.engine.model_runner import Chunk, ModelRunner
+from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
 from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, Row, RowKeys, SamplingBatch, filter_logits, make_batch,
                                       sample, target_logits)
-from seekforge.engine.sequence import Sequence
+from seekforge.engine.sequence import PENDING, Sequence
 
 
 @dataclass
@@ -96,19 +98,29 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     drafts is plain sampling). Sequence i owns rows first_rows[i] .. first_rows[i] + len(drafts); batch
     describes every row of logits [R, vocab]. Sequence i's draws: its acceptance uniforms (stream ACCEPT) and its
     emitted token's (SAMPLE) at counter num_tokens + accepted, as plain sampling draws its next token."""
-    dev = logits.device
-    k = max(len(s.drafts) for s in seqs)
+    dev, b = logits.device, len(seqs)
+    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
+    k = int(n.max())
     if k == 0:  # no drafts anywhere: plain sampling
         tokens = sample(logits, batch, (len(s.token_ids) for s in seqs))[0].tolist()
         return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
-    n_drafts = torch.tensor([len(s.drafts) for s in seqs], device=dev)
+    # every per-sequence input in one copy to the device (a list each would be a copy each, which on CUDA waits for
+    # the forward): the row of each position j <= k (a sequence's last row past its drafts), the drafts (0 past
+    # them), their number and whether the row is greedy
+    j = np.arange(k + 1)
+    host = np.zeros((b, 2 * k + 3), np.int64)
+    host[:, :k + 1] = np.asarray(first_rows, np.int64)[:, None] + np.minimum(j, n[:, None])
+    host[:, k + 1:2 * k + 1][j[:k] < n[:, None]] = np.fromiter(itertools.chain.from_iterable(s.drafts for s in seqs),
+                                                                 np.int64, int(n.sum()))
+    host[:, 2 * k + 1] = n
+    host[:, 2 * k + 2] = [s.params.greedy for s in seqs]
+    packed = to_device(host, torch.long, dev)
+    index, drafts, n_drafts = packed[:, :k + 1], packed[:, k + 1:2 * k + 1], packed[:, 2 * k + 1]
+    greedy = packed[:, 2 * k + 2].bool()
     j = torch.arange(k + 1, device=dev)
-    index = torch.tensor(first_rows, device=dev).unsqueeze(1) + torch.minimum(j.unsqueeze(0), n_drafts.unsqueeze(1))
-    drafts = torch.tensor([s.drafts + [0] * (k - len(s.drafts)) for s in seqs], dtype=torch.long, device=dev)
     penalised = target_logits(logits, batch)
     target = penalised.argmax(dim=-1)[index]  # [B, k + 1]
     keep = drafts == target[:, :k]
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
     if not batch.all_greedy:
         p = filter_logits(penalised, batch).softmax(dim=-1)[index]  # [B, k + 1, vocab]
         q = torch.zeros(len(seqs), k, p.shape[-1], device=dev)
@@ -133,10 +145,10 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
         final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
     else:
         final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
-    out = []
-    for s, a, tok, first in zip(seqs, accepted.tolist(), final.tolist(), first_rows):
-        out.append(Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1)))
-    return out
+    # the host's one wait for the device this step: the accepted counts and emitted tokens in one copy
+    accepted_host, final_host = torch.stack([accepted, final]).tolist()
+    return [Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1))
+            for s, a, tok, first in zip(seqs, accepted_host, final_host, first_rows)]
 
 
 class MTPProposer:
@@ -144,6 +156,20 @@ class MTPProposer:
         self.runner = runner
         self.k = num_tokens
         self.stats = SpecStats.empty(num_tokens)
+        # the drafts `settle` writes: (sequence, index in its drafts) of each, and their tokens
+        self._pending: tuple[list[tuple[Sequence, int]], InFlight] | None = None
+
+    def settle(self) -> None:
+        """Write the drafts `propose` left on the device into their sequences, waiting for it if they are not back
+        yet. They stand as PENDING until then: the next step's inputs are the first to read them, so the host settles
+        the step that drafted them (outputs, scheduling) while the device drafts, where reading each at once would
+        leave the device idle meanwhile. A sequence whose drafts were dropped or trimmed since keeps what it has."""
+        if self._pending is None:
+            return
+        (placed, drafted), self._pending = self._pending, None
+        for (seq, j), token in zip(placed, drafted.host_tokens()):
+            if len(seq.drafts) > j:
+                seq.drafts[j] = token
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth making for seq's next step: within the context and the token budget; none for a
@@ -157,7 +183,9 @@ class MTPProposer:
     def propose(self, items: list[Catchup]) -> None:
         """Run MTP over every item's new positions, then set drafts (and their distributions) on the
         sequences that asked for them. Each MTP step replays a captured graph where it fits one
-        (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft."""
+        (`ModelRunner.mtp_step`); sampling stays here, on the rows that draft. The drafts' values reach the
+        sequences at `settle` (PENDING until then); their number is set here."""
+        self._pending = None
         for it in items:
             it.seq.drafts, it.seq.draft_probs = [], None
         if not items:
@@ -165,27 +193,44 @@ class MTPProposer:
         runner = self.runner
         h, logits = runner.mtp_step([Chunk(it.seq.block_table, it.start, it.next_ids) for it in items],
                                     [it.hidden for it in items])
-        live = items
+        live, batch, tokens = items, None, None
+        # a draft row's history (prompt, output and drafts so far) is read only by penalties: without them the drafts
+        # stay on the device, each chain step takes the last from there, and all come back at once (`settle`); with
+        # them each depth's are read at once (the next depth's history), but for the last
+        penalties = any(it.seq.params.has_penalties for it in items)
         position = [it.start + len(it.next_ids) for it in items]  # where the next chain step sits
+        placed, deferred = [], []  # the deferred drafts: (sequence, index in its drafts), and their tokens by depth
         for depth in itertools.count():
             keep = [i for i, it in enumerate(live) if it.draft > depth]
             if not keep:
-                return
+                break
             if len(keep) < len(live):
                 index = to_device(keep, torch.long, h.device)
-                live, position = [live[i] for i in keep], [position[i] for i in keep]
+                live, position, batch = [live[i] for i in keep], [position[i] for i in keep], None
                 h, logits = h.index_select(0, index), logits.index_select(0, index)
+                tokens = None if tokens is None else tokens.index_select(0, index)
             if depth:
                 chain = [Chunk(it.seq.block_table, p, [it.seq.drafts[-1]]) for it, p in zip(live, position)]
-                h, logits = runner.mtp_step(chain, h.split(1))
+                on_device = None if penalties else DeviceIds(list(range(len(live))), list(range(len(live))), tokens)
+                h, logits = runner.mtp_step(chain, h.split(1), on_device)
                 position = [p + 1 for p in position]
-            rows = [Row(it.seq.params, it.seq.key, it.seq.token_ids[:it.seq.num_prompt_tokens],
-                        it.seq.output_token_ids + it.seq.drafts) for it in live]
-            batch = make_batch(rows, logits.shape[-1], logits.device)
+            if batch is None or penalties:  # without history a row's batch is the same at every depth
+                rows = [Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties else None,
+                            s.output_token_ids + s.drafts if s.params.has_penalties else None)
+                        for s in (it.seq for it in live)]
+                batch = make_batch(rows, logits.shape[-1], logits.device)
             drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
             tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
-            for i, (it, token) in enumerate(zip(live, tokens.tolist())):
+            if penalties and any(it.draft > depth + 1 for it in live):
+                values = tokens.tolist()
+            else:
+                values = itertools.repeat(PENDING)
+                placed += [(it.seq, depth) for it in live]
+                deferred.append(tokens)
+            for i, (it, token) in enumerate(zip(live, values)):
                 it.seq.drafts.append(token)
                 if probs is not None and not it.seq.params.greedy:
                     p = probs[i:i + 1]
                     it.seq.draft_probs = p if it.seq.draft_probs is None else torch.cat([it.seq.draft_probs, p])
+        if placed:
+            self._pending = placed, InFlight([seq for seq, _ in placed], torch.cat(deferred))

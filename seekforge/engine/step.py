@@ -51,10 +51,11 @@ class Step:
         outcome, logprobs = self._sample(logits, sampling, seqs)
         return touched | self._apply(plan.scheduled, outcome, logprobs, hidden, offsets)
 
-    @staticmethod
-    def _chunks(scheduled) -> tuple[list[Chunk], list[int]]:
+    def _chunks(self, scheduled) -> tuple[list[Chunk], list[int]]:
         """Each scheduled sequence's tokens to compute (drafts after its known tokens), and which of them
         reach the end of their sequence, so get sampled."""
+        if self.proposer is not None:
+            self.proposer.settle()
         chunks, sampling = [], []
         for i, (seq, n) in enumerate(scheduled):
             start, token_ids = seq.num_computed, seq.token_ids
@@ -111,7 +112,7 @@ class Step:
         if not sampling:
             return {}, None
         sampled = [seqs[i] for i in sampling]
-        if any(seq.drafts or seq.params.has_penalties for seq in sampled):
+        if any(seq.params.has_penalties for seq in sampled):
             # one sampling row per position: a sequence's history grows by its drafts along its rows
             rows, first_rows = [], []
             for seq in sampled:
@@ -122,9 +123,10 @@ class Step:
                     rows.append(Row(seq.params, seq.key, prompt,
                                     seq.output_token_ids + seq.drafts[:j] if penalties else None))
             batch = make_batch(rows, self.cfg.vocab_size, logits.device)
-        else:  # one row a sequence, its history unused: the batch of the last such step, where it had these sequences
+        else:  # rows without history, one a position: the batch of the last such step, where it had these rows
             batch = self._plain_batch(sampled)
-            rows, first_rows = batch.rows, range(len(sampled))
+            rows = batch.rows
+            first_rows = list(itertools.accumulate((1 + len(seq.drafts) for seq in sampled[:-1]), initial=0))
         constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
         masked = mask_rows(logits, *map(list, zip(*constrained))) if constrained else logits
         verified = verify(masked, batch, first_rows, sampled)
@@ -138,12 +140,12 @@ class Step:
         return dict(zip(sampling, verified)), logprobs
 
     def _plain_batch(self, seqs) -> SamplingBatch:
-        """The sampling batch of one row a sequence without history (no penalties, no drafts) over `seqs`: kept from
-        step to step while the same sequences sample, so that steady decoding builds no rows and copies no
-        parameters to the device."""
-        key = tuple(seq.seq_id for seq in seqs)
+        """The sampling batch over `seqs` without history (no penalties), one row a position (the next token's, and
+        with drafts one a draft): kept from step to step while the same sequences sample as many rows, so that
+        steady decoding, speculative or not, builds no rows and copies no parameters to the device."""
+        key = tuple((seq.seq_id, len(seq.drafts)) for seq in seqs)
         if self._plain_rows is None or self._plain_rows[0] != key:
-            rows = [Row(seq.params, seq.key) for seq in seqs]
+            rows = [Row(seq.params, seq.key) for seq in seqs for _ in range(1 + len(seq.drafts))]
             self._plain_rows = key, make_batch(rows, self.cfg.vocab_size, self.device)
         return self._plain_rows[1]
 

@@ -1,10 +1,12 @@
 """MTP speculative decoding through captured steps: the verification step (1 + drafts tokens a sequence) and the
 drafter's catch-up and draft steps, run from the static input buffers (`ModelRunner.replay`, `mtp_step`), against
-the packed eager forward of the same steps, and whole generations with and without them. On the CPU the static
-steps run eagerly (`capture_cuda_graphs(eager=True)`: a `Rerun` stands in for each graph); on a GPU they are
-captured and replayed."""
+the packed eager forward of the same steps, whole generations with and without them, and how often a speculative
+step waits for the device. On the CPU the static steps run eagerly (`capture_cuda_graphs(eager=True)`: a `Rerun`
+stands in for each graph); on a GPU they are captured and replayed."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from mtp_cycle import CYCLE, MTP_CFG, train_on_cycle
 from seekforge import LLM, SamplingParams
 from seekforge.engine import model_runner
+from seekforge.engine.async_step import InFlight
 from seekforge.engine.model_runner import Chunk
 from seekforge.model import Transformer
 
@@ -95,10 +98,10 @@ def count_replays(monkeypatch) -> dict:
         counts["main"] += out is not None
         return out
 
-    def counted_mtp(self, chunks, h_prev):
+    def counted_mtp(self, chunks, h_prev, device_ids=None):
         counts["mtp"] += self._graph_size(chunks, 1 if all(len(c.token_ids) == 1 for c in chunks)
                                           else self.graph_rows, [n for _, n in self.mtp_graphs]) is not None
-        return mtp_step(self, chunks, h_prev)
+        return mtp_step(self, chunks, h_prev, device_ids)
 
     monkeypatch.setattr(model_runner.ModelRunner, "replay", counted_replay)
     monkeypatch.setattr(model_runner.ModelRunner, "mtp_step", counted_mtp)
@@ -155,3 +158,83 @@ def test_cuda_mtp_graphs_equal_eager(model, batch, compile, monkeypatch):
     assert counts["main"] > 10 and counts["mtp"] > 10
     assert runs[True][0] == [o.token_ids for o in plain.generate(batch_prompts, greedy)]
     assert runs[True] == runs[False]
+
+
+def count_waits(monkeypatch) -> dict:
+    """Counts of the calls in a step that on CUDA wait for the device: a tensor read on the host (.tolist, .item)
+    and a torch.tensor(list, device=...) copy from pageable memory ("waits"), and the reads of drafts copied back
+    without blocking (`InFlight.host_tokens`, "deferred"), whose own .tolist reads pinned host memory."""
+    counts = {"waits": 0, "deferred": 0}
+    inside = [False]
+    tolist, item, tensor, host_tokens = torch.Tensor.tolist, torch.Tensor.item, torch.tensor, InFlight.host_tokens
+
+    def read(method):
+        def counted(self, *args, **kwargs):
+            counts["waits"] += not inside[0]
+            return method(self, *args, **kwargs)
+        return counted
+
+    def counted_tensor(*args, **kwargs):
+        counts["waits"] += kwargs.get("device") is not None
+        return tensor(*args, **kwargs)
+
+    def counted_host_tokens(self):
+        counts["deferred"] += 1
+        inside[0] = True
+        try:
+            return host_tokens(self)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(torch.Tensor, "tolist", read(tolist))
+    monkeypatch.setattr(torch.Tensor, "item", read(item))
+    monkeypatch.setattr(torch, "tensor", counted_tensor)
+    monkeypatch.setattr(InFlight, "host_tokens", counted_host_tokens)
+    return counts
+
+
+@pytest.mark.parametrize("k, penalty", [(1, 1.0), (3, 1.0), (3, 1.2)], ids=["k1", "k3", "k3-penalty"])
+def test_a_speculative_step_waits_for_the_device_once(model, k, penalty, monkeypatch):
+    """A steady speculative step (greedy, static steps) reads the device once, for its verified tokens, whatever
+    the number of drafts: each chain step takes the last drafts on the device, and all come back while the host
+    settles the step (one deferred read). With a penalty, which reads a draft row's history on the host, each draft
+    but the last is read at once (k - 1 more). On CUDA each wait drains the pipeline."""
+    llm = with_static_steps(LLM(model, block_size=4, num_speculative_tokens=k, max_num_seqs=4))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=penalty)
+    for p in prompts()[:3]:
+        llm.add_request(p, params)
+    for _ in range(3):  # prefill, then decoding with drafts
+        llm.step()
+    assert all(len(s.drafts) == k for s in llm.scheduler.running)
+    counts = count_waits(monkeypatch)
+    steps = 4
+    for _ in range(steps):
+        llm.step()
+    assert counts == {"waits": steps * (1 if penalty == 1.0 else k), "deferred": steps}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_speculative_step_synchronises_once(model, k):
+    """On the GPU with CUDA graphs (bf16), torch's sync debug mode sees one synchronisation a steady speculative step,
+    for its verified tokens, whatever the number of drafts (the deferred drafts' event wait is no stream
+    synchronisation: by then the host has settled the step)."""
+    gpu_model = Transformer(MTP_CFG).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    llm = LLM(gpu_model.to(torch.bfloat16).eval(), num_speculative_tokens=k, cuda_graphs=True, max_num_seqs=4)
+    for p in prompts()[:3]:
+        llm.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    assert all(len(s.drafts) == k for s in llm.scheduler.running)
+    steps = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                llm.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == steps, syncs
