@@ -26,7 +26,9 @@ num_speculative_tokens=K (0: plain decoding, on the same model), so a speculativ
 plain step's; tokens/step is what a step emits (random weights draft poorly: acceptance near 0, so this times the
 host's work per step, not the speed-up). --static-steps runs the captured-step code path on a device without CUDA
 graphs (each graph's step reruns eagerly in its place, counted as forward): the host work is the graphs' (static
-buffers), not the packed eager step's.
+buffers), not the packed eager step's; with --skip-forward those steps do nothing at all (a GPU's host does not
+run the forward either, so its caches stay warm): the figures are then the host's work alone, though the tokens are
+meaningless (the logits stay what the capture left, so every step drafts and accepts alike).
 
 Host time = iteration time - forward. On CUDA the forward phase ends with `torch.cuda.synchronize()`, so the GPU's
 time (and the launches) fall in it and every other phase is host work: this measures the host's work per step (what
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import statistics
@@ -221,6 +224,9 @@ def engine(args, model: Transformer, tokenizer, spec_tokens: int) -> LLM:
     if args.static_steps and not llm.runner.graphs:
         with torch.inference_mode():
             llm.runner.capture_cuda_graphs(llm.config.max_num_seqs, eager=True)
+        if args.skip_forward:  # a replay leaves the outputs as they are: the host's work alone, at warm caches
+            for graph, _ in itertools.chain(llm.runner.graphs.values(), llm.runner.mtp_graphs.values()):
+                graph.replay = lambda: None
     return llm
 
 
@@ -329,6 +335,10 @@ def main() -> int:
     ap.add_argument("--static-steps", action="store_true",
                     help="without CUDA graphs (the CPU): run the captured steps' code path, each graph's step rerun "
                          "eagerly in its place")
+    ap.add_argument("--skip-forward", action="store_true",
+                    help="with --static-steps: replays do nothing (the outputs keep what the capture wrote), so the "
+                         "host's work is timed alone, its caches not flushed by a CPU forward; tokens are then "
+                         "meaningless")
     ap.add_argument("--spec-tokens", type=int, nargs="+", default=[0],
                     help="MTP drafts a step, one run each (0: plain decoding); the model gets an MTP module if any > 0")
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks")
