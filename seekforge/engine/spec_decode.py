@@ -99,13 +99,13 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     describes every row of logits [R, vocab]. Sequence i's draws: its acceptance uniforms (stream ACCEPT) and its
     emitted token's (SAMPLE) at counter num_tokens + accepted, as plain sampling draws its next token."""
     dev, b = logits.device, len(seqs)
-    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
-    k = int(n.max())
+    k = max(len(s.drafts) for s in seqs)
     if k == 0:  # no drafts anywhere: plain sampling
         tokens = sample(logits, batch, (len(s.token_ids) for s in seqs))[0].tolist()
         return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
     if batch.all_greedy:
         return _verify_greedy(logits, batch, first_rows, seqs)
+    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
     # every per-sequence input in one copy to the device (a list each would be a copy each, which on CUDA waits for
     # the forward): the row of each position j <= k (a sequence's last row past its drafts), the drafts (0 past
     # them), their number and whether the row is greedy
