@@ -3,6 +3,7 @@
     python bench/host_overhead.py                                  # CPU: tiny model, 256 and 512 sequences
     python bench/host_overhead.py --device cuda --preset small --cuda-graphs --json out.json
     python bench/host_overhead.py --rollouts --device cuda --preset small --cuda-graphs
+    python bench/host_overhead.py --seqs 1 8 --spec-tokens 0 1 --static-steps --temperature 0 --clock cpu
 
 Decode steps. N sequences (random --prompt-len token prompts, greedy or --temperature with a seed each, as GRPO's
 rollouts have) run through `LLM.generate` (or `LLM.stream` with --stream). Once all of them decode, --steps loop
@@ -12,10 +13,22 @@ count too), and each is split into phases by wrapping the engine's methods on th
 - schedule: `Scheduler.schedule` (admission, block growth);
 - inputs: the step's chunks and input tensors (token ids, positions, slots, block tables; a graph's static rows);
 - forward: the model's forward and logits (a graph replay where captured): device work, not host time;
-- sample: sampling rows and the sampler (its small kernels included on a GPU);
+- sample: sampling rows and the sampler (its small kernels included on a GPU), the drafts' sampling too;
+- verify: speculative verification (`spec_decode.verify`: acceptance, the emitted tokens, their copy back);
 - apply: new tokens, stop checks, prefix-cache registration (`_apply`, async scheduling's `_resolve`);
+- draft: the MTP drafter's host work (`MTPProposer.propose` and `settle`: catch-up and chain chunks, the drafts'
+  bookkeeping), its forward (`mtp_step`'s replay or eager run) counted as forward and its inputs as inputs;
 - outputs: RequestOutputs and detokenising (`_output`);
 - other: the rest of the step and loop.
+
+Speculative decoding (--spec-tokens K ...): the model gets one MTP module and each K in the list runs with
+num_speculative_tokens=K (0: plain decoding, on the same model), so a speculative step's host time stands next to a
+plain step's; tokens/step is what a step emits (random weights draft poorly: acceptance near 0, so this times the
+host's work per step, not the speed-up). --static-steps runs the captured-step code path on a device without CUDA
+graphs (each graph's step reruns eagerly in its place, counted as forward): the host work is the graphs' (static
+buffers), not the packed eager step's; with --skip-forward those steps do nothing at all (a GPU's host does not
+run the forward either, so its caches stay warm): the figures are then the host's work alone, though the tokens are
+meaningless (the logits stay what the capture left, so every step drafts and accepts alike).
 
 Host time = iteration time - forward. On CUDA the forward phase ends with `torch.cuda.synchronize()`, so the GPU's
 time (and the launches) fall in it and every other phase is host work: this measures the host's work per step (what
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import statistics
@@ -51,7 +65,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from seekforge import LLM, SamplingParams  # noqa: E402
 from seekforge.model import ModelConfig, Transformer  # noqa: E402
 
-PHASES = ("schedule", "inputs", "forward", "sample", "apply", "outputs")
+PHASES = ("schedule", "inputs", "forward", "sample", "verify", "apply", "draft", "outputs")
 # (object's attribute on the LLM, or "" for the LLM itself; method; phase). Names absent from an engine version
 # are skipped, so the same script times older and newer code alike.
 WRAPPED = (
@@ -63,15 +77,23 @@ WRAPPED = (
     ("runner", "logits", "forward"),
     ("runner", "decode_logits", "forward"),
     ("runner", "replay", "forward"),
+    ("runner", "forward_mtp", "forward"),
+    ("runner", "mtp_logits", "forward"),
+    ("runner", "mtp_step", "forward"),
     ("", "_sample", "sample"),
     ("", "_plain_batch", "sample"),
     ("", "_apply", "apply"),
     ("", "_resolve", "apply"),
     ("", "_output", "outputs"),
+    ("proposer", "propose", "draft"),
+    ("proposer", "settle", "draft"),
 )
 # module-level functions the pipelined (async) step calls by name
 MODULE_WRAPPED = (("seekforge.engine.async_step", "sample", "sample"),
-                  ("seekforge.engine.async_step", "make_batch", "sample"))
+                  ("seekforge.engine.async_step", "make_batch", "sample"),
+                  ("seekforge.engine.step", "verify", "verify"),
+                  ("seekforge.engine.spec_decode", "sample", "sample"),
+                  ("seekforge.engine.spec_decode", "make_batch", "sample"))
 
 
 class PhaseClock:
@@ -111,13 +133,17 @@ class PhaseClock:
 
 
 def instrument(llm: LLM, clock: PhaseClock) -> None:
-    import importlib
-
+    """Wrap one LLM's methods (`instrument_modules` once for the module-level functions)."""
     for owner, name, phase in WRAPPED:
-        obj = getattr(llm, owner) if owner else llm
+        obj = getattr(llm, owner, None) if owner else llm
         fn = getattr(obj, name, None)
         if fn is not None:
             setattr(obj, name, clock.wrap(fn, phase))
+
+
+def instrument_modules(clock: PhaseClock) -> None:
+    import importlib
+
     for module, name, phase in MODULE_WRAPPED:
         mod = importlib.import_module(module)
         fn = getattr(mod, name, None)
@@ -171,23 +197,37 @@ def summarise(iterations: list[dict[str, float]]) -> dict:
     return out
 
 
-def build(args) -> tuple[LLM, Transformer]:
+def build(args) -> Transformer:
+    """The random-weight model (one MTP module where a speculative run asks for drafts)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    overrides = dict(n_mtp_modules=0, init_std=0.05, max_seq_len=args.prompt_len + args.max_len_room)
+    overrides = dict(n_mtp_modules=int(max(args.spec_tokens) > 0), init_std=0.05,
+                     max_seq_len=args.prompt_len + args.max_len_room)
     if args.layers:
         overrides["n_layers"] = args.layers
     cfg = ModelConfig.preset(args.preset).replace(**overrides)
-    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
-    tokenizer = corpus_tokenizer(cfg.vocab_size)
+    return Transformer(cfg).to(device=device, dtype=dtype).eval()
+
+
+def engine(args, model: Transformer, tokenizer, spec_tokens: int) -> LLM:
+    """An LLM over the model with `spec_tokens` MTP drafts a step (0: plain decoding)."""
     settings = dict(max_num_seqs=args.max_num_seqs or max(args.seqs), max_num_batched_tokens=args.batched_tokens,
                     cuda_graphs=args.cuda_graphs, compile=args.compile)
+    if spec_tokens:
+        settings["num_speculative_tokens"] = spec_tokens
     if args.async_scheduling is not None:
         settings["async_scheduling"] = args.async_scheduling == "on"
     if args.num_blocks:
         settings["num_blocks"] = args.num_blocks
-    return LLM(model, tokenizer=tokenizer, **settings), model
+    llm = LLM(model, tokenizer=tokenizer, **settings)
+    if args.static_steps and not llm.runner.graphs:
+        with torch.inference_mode():
+            llm.runner.capture_cuda_graphs(llm.config.max_num_seqs, eager=True)
+        if args.skip_forward:  # a replay leaves the outputs as they are: the host's work alone, at warm caches
+            for graph, _ in itertools.chain(llm.runner.graphs.values(), llm.runner.mtp_graphs.values()):
+                graph.replay = lambda: None
+    return llm
 
 
 def corpus_tokenizer(vocab_size: int):
@@ -214,7 +254,7 @@ def decode_run(llm: LLM, clock: PhaseClock, args, n: int, profile: bool) -> dict
     if profile:
         timer.profiler = cProfile.Profile()
     # the first sequences decode while the last ones still prefill: room for those steps too
-    room = args.warmup + args.steps + 4 + -(-n * args.prompt_len // args.batched_tokens)
+    room = (args.warmup + args.steps + 4) * (1 + max(args.spec_tokens)) + -(-n * args.prompt_len // args.batched_tokens)
     params = [SamplingParams(temperature=args.temperature, max_tokens=room, ignore_eos=True,
                              seed=None if args.temperature == 0 else 1000 + i) for i in range(n)]
     prompts = prompts_of(n, args.prompt_len, llm.cfg.vocab_size)
@@ -230,6 +270,9 @@ def decode_run(llm: LLM, clock: PhaseClock, args, n: int, profile: bool) -> dict
         raise RuntimeError(f"only {len(timer.iterations)} decode steps timed at {n} sequences ({timer.seen} seen; cache too small?)")
     out = summarise(timer.iterations)
     out["seqs"], out["wall_s"] = n, wall
+    if llm.proposer is not None:
+        spec = llm.proposer.stats
+        out["acceptance_rate"], out["tokens_per_step"] = spec.acceptance_rate, spec.mean_tokens_per_step
     if profile:
         stats = pstats.Stats(timer.profiler)
         stats.sort_stats("tottime").print_stats(args.profile_lines)
@@ -289,6 +332,15 @@ def main() -> int:
     ap.add_argument("--batched-tokens", type=int, default=4096, help="engine max_num_batched_tokens")
     ap.add_argument("--num-blocks", type=int, default=0, help="engine num_blocks (0: the engine's default)")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs")
+    ap.add_argument("--static-steps", action="store_true",
+                    help="without CUDA graphs (the CPU): run the captured steps' code path, each graph's step rerun "
+                         "eagerly in its place")
+    ap.add_argument("--skip-forward", action="store_true",
+                    help="with --static-steps: replays do nothing (the outputs keep what the capture wrote), so the "
+                         "host's work is timed alone, its caches not flushed by a CPU forward; tokens are then "
+                         "meaningless")
+    ap.add_argument("--spec-tokens", type=int, nargs="+", default=[0],
+                    help="MTP drafts a step, one run each (0: plain decoding); the model gets an MTP module if any > 0")
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     ap.add_argument("--async-scheduling", choices=("on", "off"), default=None,
                     help="default: the engine's (on for CUDA)")
@@ -301,33 +353,45 @@ def main() -> int:
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    args.max_len_room = max(args.max_tokens, args.warmup + args.steps + 8) + 8 + max(args.seqs) * args.prompt_len // args.batched_tokens
+    args.max_len_room = (max(args.max_tokens, (args.warmup + args.steps + 8) * (1 + max(args.spec_tokens))) + 8
+                         + max(args.seqs) * args.prompt_len // args.batched_tokens)
     if args.rollouts:
         args.seqs = [args.prompts * args.group]
-    llm, model = build(args)
-    clock = PhaseClock(sync_forward=llm.device.type == "cuda",
+    model = build(args)
+    tokenizer = corpus_tokenizer(model.cfg.vocab_size)
+    clock = PhaseClock(sync_forward=model.embed.weight.is_cuda,
                        now=time.thread_time if args.clock == "cpu" else time.perf_counter)
-    instrument(llm, clock)
-    results = {"device": str(llm.device), "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+    instrument_modules(clock)
+    results = {"device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
                "threads": torch.get_num_threads(), "preset": args.preset, "layers": model.cfg.n_layers,
                "params": model.num_parameters(), "prompt_len": args.prompt_len, "temperature": args.temperature,
-               "cuda_graphs": args.cuda_graphs, "compile": args.compile, "async_scheduling": llm.async_scheduling,
+               "cuda_graphs": args.cuda_graphs, "static_steps": args.static_steps, "compile": args.compile,
                "stream": args.stream, "clock": args.clock}
-    if llm.device.type == "cuda":
-        results["card"] = torch.cuda.get_device_name(llm.device)
+    if model.embed.weight.is_cuda:
+        results["card"] = torch.cuda.get_device_name(model.embed.weight.device)
         results["torch"] = torch.__version__
     if args.rollouts:
+        llm = engine(args, model, tokenizer, args.spec_tokens[0])
+        instrument(llm, clock)
+        results["async_scheduling"] = llm.async_scheduling
         results["rollouts"] = r = rollout_run(llm, clock, args)
         print(f"rollouts {r['sequences']} x {r['max_tokens']}: {r['tokens_per_s']:,.0f} tok/s "
               f"({r['wall_s']:.1f} s, {r['engine_steps']} steps, host {r['host_ms_per_step']:.2f} ms/step: "
               + ", ".join(f"{p} {r[f'{p}_ms_per_step']:.2f}" for p in PHASES) + ")")
     else:
         results["decode"] = []
-        for n in args.seqs:
-            r = decode_run(llm, clock, args, n, args.profile)
-            results["decode"].append(r)
-            parts = ", ".join(f"{p} {r[f'{p}_ms']:.2f}" for p in (*PHASES, "other"))
-            print(f"{n} sequences: host {r['host_ms']:.2f} ms/step of {r['step_ms']:.2f} ({parts})")
+        for k in args.spec_tokens:
+            llm = engine(args, model, tokenizer, k)
+            instrument(llm, clock)
+            results["async_scheduling"] = llm.async_scheduling
+            for n in args.seqs:
+                r = decode_run(llm, clock, args, n, args.profile)
+                r["spec_tokens"] = k
+                results["decode"].append(r)
+                parts = ", ".join(f"{p} {r[f'{p}_ms']:.3f}" for p in (*PHASES, "other"))
+                spec = (f" [{k} drafts: acceptance {r['acceptance_rate'][0]:.2f}, {r['tokens_per_step']:.2f} tokens/step]"
+                        if k else "")
+                print(f"{n} sequences{spec}: host {r['host_ms']:.3f} ms/step of {r['step_ms']:.3f} ({parts})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -379,29 +379,29 @@ class ModelRunner:
         s = rows_per_seq or S
         b, width = len(chunks), self._static.shape[1] - 4 * S - 1
         lens = np.zeros(size, np.int64)
-        lens[:b] = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, b)
         starts = np.zeros(size, np.int64)
-        starts[:b] = np.fromiter((ch.start for ch in chunks), np.int64, b)
+        lens[:b] = [len(ch.token_ids) for ch in chunks]
+        starts[:b] = [ch.start for ch in chunks]
         j = np.arange(s)
         real = j < lens[:, None]  # [size, s]
         last = np.maximum(lens - 1, 0)
-        positions = starts[:, None] + np.minimum(j, last[:, None])
-        tables = padded_tables([ch.block_table for ch in chunks] + [[]] * (size - b), width, scratch)
-        slots = np.take_along_axis(tables, positions // bs, 1) * bs + positions % bs
+        at = np.minimum(j, last[:, None])  # each row's place in its chunk (padding rows repeat the last)
+        positions = starts[:, None] + at
         rows = np.full((size, 4 * S + 1 + width), -1, np.int64)
+        tables = rows[:, 4 * S + 1:]
+        tables[:] = padded_tables([ch.block_table for ch in chunks] + [[]] * (size - b), width, scratch)
         rows[:, 0:s] = 0
-        rows[:, 0:s][real] = np.fromiter(itertools.chain.from_iterable(ch.token_ids for ch in chunks), np.int64,
-                                         int(lens.sum()))
+        rows[:, 0:s][real] = list(itertools.chain.from_iterable(ch.token_ids for ch in chunks))
         rows[:, S:S + s] = positions
+        slots = tables[np.arange(size)[:, None], positions // bs] * bs + positions % bs
         rows[:, 2 * S:2 * S + s] = np.where(real, slots, scratch * bs)
         if from_hidden:
             first = np.zeros(size, np.int64)
             np.cumsum(lens[:-1], out=first[1:])
-            rows[:, 3 * S:3 * S + s] = first[:, None] + np.minimum(j, last[:, None])
+            rows[:, 3 * S:3 * S + s] = first[:, None] + at
         if device_ids is not None:
             rows[device_ids.chunks, 3 * S] = device_ids.rows
-        rows[:, 4 * S] = np.arange(size) * s + last
-        rows[:, 4 * S + 1:] = tables
+        rows[:, 4 * S] = np.arange(0, size * s, s) + last
         copy_into(self._static[:size], rows)
 
     def _static_rows(self, b: int, s: int):
@@ -476,8 +476,15 @@ def graph_sizes(max_batch: int) -> list[int]:
 
 
 def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:
-    """Block tables [len(tables), width] int64: each list's first `width` entries, then `pad` (one numpy fill over the
-    lists' concatenation, not one Python slice a row)."""
+    """Block tables [len(tables), width] int64: each list's first `width` entries, then `pad`. A few lists are copied
+    one a row (a batch-1 step's); more in one numpy fill over their concatenation, whose fixed cost a row's copy only
+    passes at about 8 rows."""
+    if len(tables) <= 8:
+        full = np.full((len(tables), width), pad, np.int64)
+        for row, table in zip(full, tables):
+            n = min(len(table), width)
+            row[:n] = table[:n]
+        return full
     counts = np.fromiter(map(len, tables), np.int64, len(tables))
     flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(counts.sum()))
     full = np.full((len(tables), max(width, int(counts.max(initial=0)))), pad, np.int64)

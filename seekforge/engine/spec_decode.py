@@ -99,11 +99,13 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     describes every row of logits [R, vocab]. Sequence i's draws: its acceptance uniforms (stream ACCEPT) and its
     emitted token's (SAMPLE) at counter num_tokens + accepted, as plain sampling draws its next token."""
     dev, b = logits.device, len(seqs)
-    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
-    k = int(n.max())
+    k = max(len(s.drafts) for s in seqs)
     if k == 0:  # no drafts anywhere: plain sampling
         tokens = sample(logits, batch, (len(s.token_ids) for s in seqs))[0].tolist()
         return [Verified((tokens[r],), 0, (r,)) for r in first_rows]
+    if batch.all_greedy:
+        return _verify_greedy(logits, batch, first_rows, seqs)
+    n = np.fromiter((len(s.drafts) for s in seqs), np.int64, b)
     # every per-sequence input in one copy to the device (a list each would be a copy each, which on CUDA waits for
     # the forward): the row of each position j <= k (a sequence's last row past its drafts), the drafts (0 past
     # them), their number and whether the row is greedy
@@ -151,6 +153,24 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
             for s, a, tok, first in zip(seqs, accepted_host, final_host, first_rows)]
 
 
+def _verify_greedy(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int],
+                   seqs: list[Sequence]) -> list[Verified]:
+    """`verify` where every row is greedy: each row's argmax (of the penalised logits) comes back in the step's one
+    copy, and the host keeps each sequence's drafts while they equal its rows' argmaxes, then emits the argmax at
+    the first mismatch (or after the last draft). No per-sequence input goes to the device and the device runs one
+    kernel where the general rule runs a dozen: a speculative step's host work stays close to a plain step's."""
+    target = ops.argmax(target_logits(logits, batch)).tolist()
+    out = []
+    for s, first in zip(seqs, first_rows):
+        drafts, a = s.drafts, 0
+        for d, t in zip(drafts, target[first:first + len(drafts)]):
+            if d != t:
+                break
+            a += 1
+        out.append(Verified(drafts[:a] + [target[first + a]], a, range(first, first + a + 1)))
+    return out
+
+
 class MTPProposer:
     def __init__(self, runner: ModelRunner, num_tokens: int):
         self.runner = runner
@@ -158,6 +178,7 @@ class MTPProposer:
         self.stats = SpecStats.empty(num_tokens)
         # the drafts `settle` writes: (sequence, index in its drafts) of each, and their tokens
         self._pending: tuple[list[tuple[Sequence, int]], InFlight] | None = None
+        self._rows: tuple[tuple[int, ...], SamplingBatch] | None = None  # see _batch
 
     def settle(self) -> None:
         """Write the drafts `propose` left on the device into their sequences, waiting for it if they are not back
@@ -170,6 +191,19 @@ class MTPProposer:
         for (seq, j), token in zip(placed, drafted.host_tokens()):
             if len(seq.drafts) > j:
                 seq.drafts[j] = token
+
+    def _batch(self, seqs: list[Sequence], penalties: bool, vocab_size: int, device) -> SamplingBatch:
+        """The draft rows' sampling batch, one row a sequence. With penalties a penalised row carries its history
+        (prompt, output and drafts so far), built anew; without, the batch is kept from the last call over the same
+        sequences (as `Step._plain_batch` keeps the verification's), so steady drafting builds no rows."""
+        if penalties:
+            return make_batch([Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties
+                                   else None, s.output_token_ids + s.drafts if s.params.has_penalties else None)
+                               for s in seqs], vocab_size, device)
+        key = tuple(s.seq_id for s in seqs)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = key, make_batch([Row(s.params, s.key) for s in seqs], vocab_size, device)
+        return self._rows[1]
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth making for seq's next step: within the context and the token budget; none for a
@@ -215,10 +249,7 @@ class MTPProposer:
                 h, logits = runner.mtp_step(chain, h.split(1), on_device)
                 position = [p + 1 for p in position]
             if batch is None or penalties:  # without history a row's batch is the same at every depth
-                rows = [Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties else None,
-                            s.output_token_ids + s.drafts if s.params.has_penalties else None)
-                        for s in (it.seq for it in live)]
-                batch = make_batch(rows, logits.shape[-1], logits.device)
+                batch = self._batch([it.seq for it in live], penalties, logits.shape[-1], logits.device)
             drafted = (len(it.seq.token_ids) + len(it.seq.drafts) for it in live)  # the index of each draft
             tokens, probs = sample(logits, batch, drafted, DRAFT, want_probs=True)
             if penalties and any(it.draft > depth + 1 for it in live):
@@ -233,4 +264,5 @@ class MTPProposer:
                     p = probs[i:i + 1]
                     it.seq.draft_probs = p if it.seq.draft_probs is None else torch.cat([it.seq.draft_probs, p])
         if placed:
-            self._pending = placed, InFlight([seq for seq, _ in placed], torch.cat(deferred))
+            self._pending = placed, InFlight([seq for seq, _ in placed],
+                                             deferred[0] if len(deferred) == 1 else torch.cat(deferred))

@@ -156,6 +156,29 @@ def test_greedy_verification_keeps_drafts_while_they_equal_the_argmax():
     assert out[1].tokens == [3] and out[1].accepted == 0
 
 
+def test_greedy_verification_takes_each_rows_penalised_argmax():
+    """Greedy rows with a repetition penalty (2): a row's argmax is over its logits penalised by its own history
+    (the prompt, the output and the drafts before it). Hand-computed: the first sequence's row 0 prefers 2 (3.0)
+    but 2 is in the prompt (1.5 < 2.0 for token 1), row 1 prefers 1 (4.0), now in its history (2.0 < 3.0 for 5):
+    both drafts kept, then row 2's argmax 0. The second sequence's draft 4 is not row 3's argmax 1 (4 in its
+    output: 6.0 / 2 < 3.5): it emits 1 alone."""
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    logits = torch.full((5, 6), -1.0)
+    logits[0, 2], logits[0, 1] = 3.0, 2.0
+    logits[1, 1], logits[1, 5] = 4.0, 3.0
+    logits[2, 0] = 1.0
+    logits[3, 4], logits[3, 1] = 6.0, 3.5
+    logits[4, 0] = 1.0
+    first, second = seq_for(params, prompt=(2, 3)), seq_for(params, prompt=(3,))
+    first.drafts, second.drafts = [1, 5], [4]
+    second.token_ids.append(4)  # its output so far: token 4
+    rows = [Row(params, None, [2, 3], [1, 5][:j]) for j in range(3)] + [Row(params, None, [3], [4] + [4][:j])
+                                                                           for j in range(2)]
+    out = verify(logits, make_batch(rows, 6, logits.device), [0, 3], [first, second])
+    assert (list(out[0].tokens), out[0].accepted, list(out[0].rows)) == ([1, 5, 0], 2, [0, 1, 2])
+    assert (list(out[1].tokens), out[1].accepted, list(out[1].rows)) == ([1], 0, [3])
+
+
 def test_a_seeded_sequence_verifies_alike_beside_any_drafts():
     """A seeded sequence without drafts, verified beside one with three, emits the token it samples alone (its
     draws do not depend on how many drafts the batch holds), and a seeded sequence's verification is reproducible."""

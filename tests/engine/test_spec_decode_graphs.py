@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtp_cycle import CYCLE, MTP_CFG, train_on_cycle
 from seekforge import LLM, SamplingParams
@@ -211,6 +212,59 @@ def test_a_speculative_step_waits_for_the_device_once(model, k, penalty, monkeyp
     for _ in range(steps):
         llm.step()
     assert counts == {"waits": steps * (1 if penalty == 1.0 else k), "deferred": steps}
+
+
+class DeviceOps(TorchDispatchMode):
+    """Counts the ops a step runs outside its static steps (a graph's replay on CUDA, one launch), by name: on a GPU
+    each is a launch the host pays for, while the device waits on so small a model. Views launch nothing."""
+
+    VIEWS = {"slice", "select", "split", "view", "unsqueeze", "squeeze", "resolve_conj", "resolve_neg", "lift_fresh",
+             "alias", "detach", "expand", "as_strided", "reshape", "t", "unbind"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.inside = 0  # inside a static step's replay
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        name = "copy" if name in ("copy_", "to", "_to_copy") else name  # to the device: `copy_` or `to` by device
+        if not self.inside and name not in self.VIEWS:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_greedy_speculative_step_runs_few_ops_beside_its_static_steps(model, k, monkeypatch):
+    """A steady greedy speculative step (no penalties) runs, beside its static steps: one input copy to each static
+    step (the verification's, the drafter's catch-up and each chain step's), the hidden states' copy into the
+    drafter's buffer at each drafter step, one argmax for the verification and one a draft depth, and in each chain
+    step the write of the last drafts (their rows' copy, a gather, a scatter); with several depths, the drafts' join.
+    Acceptance, the drafts' sampling batch and their bookkeeping stay on the host: no op a draft or a sequence."""
+    llm = with_static_steps(LLM(model, block_size=4, num_speculative_tokens=k, max_num_seqs=4))
+    for p in prompts()[:3]:
+        llm.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    ops_mode = DeviceOps()
+    replay = model_runner.Rerun.replay
+
+    def counted_replay(self):
+        ops_mode.inside += 1
+        try:
+            replay(self)
+        finally:
+            ops_mode.inside -= 1
+
+    monkeypatch.setattr(model_runner.Rerun, "replay", counted_replay)
+    steps = 4
+    with ops_mode:
+        for _ in range(steps):
+            llm.step()
+    chain = k - 1
+    expected = {"copy": 2 + 2 * chain, "cat": 1 + chain + (k > 1), "argmax": 1 + k, "index": chain,
+                "index_put_": chain}
+    assert ops_mode.counts == {name: n * steps for name, n in expected.items() if n}
 
 
 @pytest.mark.gpu
