@@ -54,7 +54,7 @@ from train import _measure  # noqa: E402
 
 from seekforge.configio import atomic_write_text  # noqa: E402
 from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
-from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
+from seekforge.ops.blockwise_mm import blockwise_mm, scaled_mm_layout  # noqa: E402
 from seekforge.ops.quant import quantise_blocks, quantise_tiles  # noqa: E402
 from seekforge.model.config import ModelConfig  # noqa: E402
 from seekforge.model.transformer import Transformer, default_dtype  # noqa: E402
@@ -298,10 +298,11 @@ def experts(args) -> dict:
     from ceilings import _timed, copy_bandwidth
 
     from seekforge.fp8.convert import convert_gemms
-    from seekforge.fp8.gemm import GROUPED, QUANT, fp8_grouped_linear
+    from seekforge.fp8.gemm import fp8_grouped_linear
     from seekforge.model.moe import MoE, grouped_linear
     from seekforge.ops import quant
-    from seekforge.ops.quant import dequantise_blocks, dequantise_tiles
+    from seekforge.ops.blockwise_mm import GROUPED
+    from seekforge.ops.quant import QUANT, dequantise_blocks, dequantise_tiles
 
     device = torch.device(args.device if args.device != "auto" else "cuda")
     kernel, qkernel = GROUPED.module(), QUANT.module()
