@@ -29,7 +29,9 @@ passed); the command exits non-zero where one did.
 
 engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
 (128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
-dequantised, as without fp8_weights. Both run in the engine (CUDA graphs on a GPU, --compile optional). Reports
+dequantised, as without fp8_weights. Both run in the engine (CUDA graphs on a GPU, --compile optional); the FP8
+engine's prefill and batch-64 decode multiply in FP8 (inputs quantised in 1x128 tiles; "scaled_mm_layout" null
+where torch._scaled_mm takes no block scales and they dequantise instead). Reports
 the FP8 engine's teacher-forced logits against the bf16 engine's (per-row relative error, max and mean, and top-1
 agreement, along the bf16 engine's greedy tokens), the bytes of both models, decode tokens/s at batch 1 and 64,
 prefill tokens/s, and batch 1 against each engine's own bandwidth roofline (the active weights' bytes, FP8's for
@@ -175,6 +177,7 @@ def engine(args) -> dict:
     result["memory_ratio"] = result["memory_bytes"]["fp8"] / result["memory_bytes"]["bf16"]
     if device.type == "cuda":
         result["ceilings"] = ceilings(device, dtype)
+        result["scaled_mm_layout"] = scaled_mm_layout(device, True)
     settings = {"max_num_seqs": max(args.batch, 8), "kv_cache_memory": int(args.kv_cache_gib * 2**30),
                 "cuda_graphs": device.type == "cuda", "compile": args.compile}
     engines = {"bf16": LLM(bf16, **settings), "fp8": LLM(fp8, **settings)}
