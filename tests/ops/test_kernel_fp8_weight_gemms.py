@@ -12,7 +12,8 @@ reference (`reference_mm`); on CUDA the same tests run torch._scaled_mm.
 
 import pytest
 import torch
-from fp8_checkpoint import dequantise_by_hand, quantise_by_hand
+import torch.nn.functional as F
+from fp8_checkpoint import FP8, dequantise_by_hand
 from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 
 triton = pytest.importorskip("triton")
@@ -32,9 +33,13 @@ ACCUMULATION = {torch.float32: 1e-3 if CUDA else 1e-5, HALF: 1e-2 if CUDA else 2
 
 
 def _tiles_by_hand(x: torch.Tensor) -> torch.Tensor:
-    """x [m, k] rounded through e4m3 in 1x128 tiles (each row's 1x128 tiles are the 128x128 blocks of that row
-    alone), fp32 on the CPU."""
-    return torch.cat([dequantise_by_hand(*quantise_by_hand(row[None].cpu())) for row in x.float()])
+    """x [m, k] rounded through e4m3 in 1x128 tiles, fp32: each tile's scale = amax / 448 (1 for zeros), its values
+    x / scale in e4m3, times the scale."""
+    m, k = x.shape
+    tiles = F.pad(x.float(), (0, -k % 128)).view(m, -1, 128)
+    amax = tiles.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    return ((tiles / scale).to(FP8).float() * scale).flatten(1)[:, :k]
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -57,7 +62,7 @@ def test_linear_past_the_gemv_quantises_x_in_tiles_against_the_stored_weight(lea
         reference = linear(x)
     assert got.shape == (*lead, n) and got.dtype == dtype
     x2, got2 = x.reshape(-1, k), got.reshape(-1, n)
-    assert _rel(got2, _tiles_by_hand(x2).double() @ w.double().t()) < ACCUMULATION[dtype]
+    assert _rel(got2, _tiles_by_hand(x2.cpu()).double() @ w.double().t()) < ACCUMULATION[dtype]
     assert _rel(got, reference) < INPUT_ROUNDING
     assert _rel(reference.reshape(-1, n), x2.cpu().double() @ w.double().t()) < ACCUMULATION[dtype]
     assert torch.equal(under_grad, reference)
@@ -65,12 +70,12 @@ def test_linear_past_the_gemv_quantises_x_in_tiles_against_the_stored_weight(lea
 
 def _fp8_experts(n_experts: int, dim: int, inter: int, seed: int) -> Experts:
     torch.manual_seed(seed)
-    experts = Experts(n_experts, dim, inter)
+    experts = Experts(n_experts, dim, inter).to(DEVICE)
     with torch.no_grad():
         for w in (experts.w1, experts.w2, experts.w3):
             w.normal_(0.0, 0.05)
         _convert_experts(experts)  # the converter's step for one module: e4m3 weights, block scales, stored once
-    return experts.to(DEVICE)
+    return experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
@@ -85,7 +90,7 @@ def test_experts_run_the_grouped_gemm_on_their_stored_weights(dtype):
     with torch.no_grad(), torch.profiler.profile() as prof, ops.backend("triton"):
         got = experts.matmul(x, experts.w1, offsets, expert_of_row)
     assert {e.key: e.count for e in prof.key_averages()}.get("seekforge::fp8_grouped_mm") == 1
-    xq = _tiles_by_hand(x).double()
+    xq = _tiles_by_hand(x.cpu()).double()
     start = 0
     for e, count in enumerate(counts.tolist()):
         w = dequantise_by_hand(experts.w1[e].cpu(), experts.w1_scale_inv[e].cpu()).double()
@@ -159,7 +164,7 @@ def test_16b_shapes_and_captured_decode_on_cuda():
         pytest.skip("torch._scaled_mm does not take block scales here (the probe warned why)")
     for n, k in [(3072, 2048), (576, 2048), (10944, 2048), (2048, 10944)]:
         linear = FP8WeightLinear(torch.randn(n, k, device=DEVICE) * 0.02)
-        w = dequantise_by_hand(linear.weight.cpu(), linear.weight_scale_inv.cpu()).double()
+        w = dequantise_by_hand(linear.weight.cpu(), linear.weight_scale_inv.cpu()).to(DEVICE, torch.float64)
         for rows in (64, 2048):
             x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
             with torch.no_grad():
