@@ -81,8 +81,8 @@ class FP8WeightExperts(Experts):
     multiplied by the FP8 grouped GEMM or dequantised where each grouped matmul runs (the module docstring)."""
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The e4m3 weights, which `matmul` dequantises; under autocast, which would cast them without their scales,
-        all of them dequantised into `dtype` here."""
+        """The e4m3 weights, which `matmul` multiplies in FP8 or dequantises; under autocast, which would cast them
+        without their scales, all of them dequantised into `dtype` here."""
         weights = tuple(getattr(self, n) for n in EXPERT_WEIGHTS)
         if not torch.is_autocast_enabled(self.w1.device.type):
             return weights
