@@ -29,7 +29,9 @@ passed); the command exits non-zero where one did.
 
 engine: one random model of a preset's shape (--layers cuts it) in bf16, its blocks' weights quantised to FP8
 (128x128 block scales), and the bf16 model given those weights dequantised: DeepSeek's FP8 checkpoint served
-dequantised, as without fp8_weights. Both run in the engine (CUDA graphs on a GPU, --compile optional). Reports
+dequantised, as without fp8_weights. Both run in the engine (CUDA graphs on a GPU, --compile optional); the FP8
+engine's prefill and batch-64 decode multiply in FP8 (inputs quantised in 1x128 tiles; "scaled_mm_layout" null
+where torch._scaled_mm takes no block scales and they dequantise instead). Reports
 the FP8 engine's teacher-forced logits against the bf16 engine's (per-row relative error, max and mean, and top-1
 agreement, along the bf16 engine's greedy tokens), the bytes of both models, decode tokens/s at batch 1 and 64,
 prefill tokens/s, and batch 1 against each engine's own bandwidth roofline (the active weights' bytes, FP8's for
@@ -54,7 +56,7 @@ from train import _measure  # noqa: E402
 
 from seekforge.configio import atomic_write_text  # noqa: E402
 from seekforge.fp8.convert import convert_to_fp8  # noqa: E402
-from seekforge.fp8.gemm import blockwise_mm, scaled_mm_layout  # noqa: E402
+from seekforge.ops.blockwise_mm import blockwise_mm, scaled_mm_layout  # noqa: E402
 from seekforge.ops.quant import quantise_blocks, quantise_tiles  # noqa: E402
 from seekforge.model.config import ModelConfig  # noqa: E402
 from seekforge.model.transformer import Transformer, default_dtype  # noqa: E402
@@ -175,6 +177,7 @@ def engine(args) -> dict:
     result["memory_ratio"] = result["memory_bytes"]["fp8"] / result["memory_bytes"]["bf16"]
     if device.type == "cuda":
         result["ceilings"] = ceilings(device, dtype)
+        result["scaled_mm_layout"] = scaled_mm_layout(device, True)
     settings = {"max_num_seqs": max(args.batch, 8), "kv_cache_memory": int(args.kv_cache_gib * 2**30),
                 "cuda_graphs": device.type == "cuda", "compile": args.compile}
     engines = {"bf16": LLM(bf16, **settings), "fp8": LLM(fp8, **settings)}
@@ -298,10 +301,11 @@ def experts(args) -> dict:
     from ceilings import _timed, copy_bandwidth
 
     from seekforge.fp8.convert import convert_gemms
-    from seekforge.fp8.gemm import GROUPED, QUANT, fp8_grouped_linear
+    from seekforge.fp8.gemm import fp8_grouped_linear
     from seekforge.model.moe import MoE, grouped_linear
     from seekforge.ops import quant
-    from seekforge.ops.quant import dequantise_blocks, dequantise_tiles
+    from seekforge.ops.blockwise_mm import GROUPED
+    from seekforge.ops.quant import QUANT, dequantise_blocks, dequantise_tiles
 
     device = torch.device(args.device if args.device != "auto" else "cuda")
     kernel, qkernel = GROUPED.module(), QUANT.module()

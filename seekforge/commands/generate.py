@@ -20,7 +20,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--fp8-weights", action="store_true",
                    help="keep the blocks' weights in FP8 with 128x128 block scales (about half of bf16's memory): an "
-                        "FP8 checkpoint's as they are, a 16-bit one's quantised on load (default: FP8 dequantised)")
+                        "FP8 checkpoint's as they are, a 16-bit one's quantised on load (default: FP8 dequantised); "
+                        "on CUDA, steps of more than a few tokens quantise the inputs in 1x128 tiles for FP8 GEMMs, "
+                        "as DeepSeek's own inference does")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per step with the checkpoint's MTP module (0 = off)")

@@ -40,6 +40,7 @@ from seekforge.engine.paged_backend import (AttentionGroup, DecodeBackend, Stage
                                             explicit_attention, run_block, second_half)
 from seekforge.errors import ConfigError
 from seekforge.model.block import Block
+from seekforge.model.fp8_weights import has_fp8_weights
 from seekforge.model.transformer import Transformer
 
 
@@ -110,7 +111,7 @@ class ModelRunner:
         self.mtp_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._sampled: torch.Tensor | None = None  # see token_buffer
         if compile:
-            _settle_before_tracing(self.device, self.dtype)
+            _settle_before_tracing(self.device, self.dtype, has_fp8_weights(model))
         # the decode block compiled once for all blocks alike and every batch size; the cache kernels are opaque
         # ops to it (written in place into the cache, which the graph never copies), so each block is one graph
         self._decode_block = _compile(run_block) if compile else run_block
@@ -526,12 +527,16 @@ def rows_load(chosen: dict[int, torch.Tensor], real: torch.Tensor, n_experts: in
     return dict(zip(chosen, counts.scatter_add_(1, experts, weight).unbind(0)))
 
 
-def _settle_before_tracing(device: torch.device, dtype: torch.dtype) -> None:
-    """What the blocks look up once (the model's grouped-matmul probe, a test call per device and dtype; the
-    Triton kernels, imported) happens here, never inside a trace, where it would break the graph."""
+def _settle_before_tracing(device: torch.device, dtype: torch.dtype, fp8: bool) -> None:
+    """What the blocks look up once (the model's grouped-matmul probe, a test call per device and dtype; with FP8
+    weights, torch._scaled_mm's block-scale layout, probed per device; the Triton kernels, imported) happens here,
+    never inside a trace, where it would break the graph."""
     from seekforge.model.moe import _grouped_mm_works
+    from seekforge.ops.blockwise_mm import scaled_mm_layout
 
     _grouped_mm_works(torch.empty(0, device=device, dtype=dtype), torch.empty(0))
+    if fp8:
+        scaled_mm_layout(device, True)
     if ops.triton_runs_on(device):
         ops.load_triton_kernels()
 

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from seekforge.errors import ConfigError
-from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, grouped_kernels, scaled_mm_layout
+from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear, grouped_kernels
 from seekforge.model.fp8_weights import has_fp8_weights
 from seekforge.model.moe import Experts
 from seekforge.model.transformer import Transformer
+from seekforge.ops.blockwise_mm import scaled_mm_layout
 
 RECIPES = ("none", "blockwise")
 

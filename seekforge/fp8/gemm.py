@@ -16,11 +16,9 @@ scales are the transposed grid); the experts, whose weights are most of a MoE mo
 backward, transposed, in one pass, rather than hold an FP8 copy of every expert weight until the backward. fp32
 master weights stay as they are.
 
-Three ways to run a GEMM:
+Three ways to run a GEMM (`seekforge.ops.blockwise_mm`, shared with the engine's FP8 weights):
 - `torch._scaled_mm` with block scales (cuBLASLt on sm90, torch's CUDA 12.9+ builds), for dense GEMMs on
-  CUDA. Its scale layouts differ between torch versions, so the first use on a device checks each candidate
-  layout against the reference on a small problem and keeps the one that agrees; where none does, the
-  device takes the reference path (with a warning).
+  CUDA (`blockwise_mm`; its layouts probed on first use: call `scaled_mm_layout` before torch.compile traces).
 - Triton kernels for the routed experts' three grouped GEMMs (`seekforge.ops.triton.fp8_grouped`; torch's
   grouped scaled GEMM is rowwise-only on sm90), where the backend runs Triton (`seekforge.ops.backend`,
   op "fp8_grouped"; "auto": on CUDA). On CUDA they are the expert GEMMs' only path: where they cannot run there
@@ -34,35 +32,17 @@ Triton, bit-exact against its PyTorch references (`seekforge.ops.quant`), which 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from seekforge.errors import ConfigError
-from seekforge.ops.dispatch import TritonOp
-from seekforge.ops.quant import (BLOCK, FP8, cdiv, dequantise_blocks, dequantise_tiles, padded_tiles, quantise_blocks,
-                                 quantise_segments, quantise_tiles, segment_ends)
+from seekforge.ops.blockwise_mm import GROUPED, blockwise_mm
+from seekforge.ops.quant import (QUANT, dequantise_blocks, dequantise_tiles, padded_tiles, quantise_blocks,
+                                 quantise_rows, quantise_segments, segment_ends)
 from seekforge.model.moe import grouped_linear
 
 
 # ---------------------------------------------------------------- quantisation
-def _load_quant():
-    from seekforge.ops.triton import fp8_quant
-
-    return fp8_quant
-
-
-# The quantisation's Triton kernels (`seekforge.ops.triton.fp8_quant`), where the backend runs them ("auto": on CUDA).
-QUANT = TritonOp("fp8_quant", _load_quant)
-
-
-def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantise_tiles` of a 2-d x, through its kernel where it runs."""
-    kernels = QUANT.on(x.device)
-    return kernels.quantise_tiles(x) if kernels is not None else quantise_tiles(x)
-
-
 def quantise_both(x: torch.Tensor, offsets: torch.Tensor,
                   segment_of_row: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """`quantise_segments` of x [m, k] (segment_of_row None: one segment), through its kernel where it runs."""
@@ -81,113 +61,6 @@ def quantise_weight(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Te
     if kernels is not None and w.dim() in (2, 3):
         return kernels.quantise_blocks(w, transposed)
     return quantise_blocks(w.transpose(-2, -1) if transposed else w)
-
-
-# ---------------------------------------------------------------- one dense GEMM
-def reference_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                 b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [m, k] e4m3 in 1x128 tiles (a_scale [m, k/128]) times b [n, k] e4m3 transposed, b in 128x128 blocks
-    (b_scale [n/128, k/128]) or 1x128 tiles (b_blocks False, b_scale [n, k/128]) -> [m, n] as out_dtype,
-    dequantised and multiplied in fp32."""
-    b_dq = dequantise_blocks(b, b_scale) if b_blocks else dequantise_tiles(b, b_scale)
-    return (dequantise_tiles(a, a_scale) @ b_dq.t()).to(out_dtype)
-
-
-def _round_up(n: int, m: int) -> int:
-    return cdiv(n, m) * m
-
-
-def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """An e4m3 matrix zero-padded to [rows, cols] (through its bytes: e4m3's zero is the byte 0)."""
-    if q.shape == (rows, cols):
-        return q.contiguous()
-    return F.pad(q.view(torch.uint8), (0, cols - q.shape[1], 0, rows - q.shape[0])).view(FP8)
-
-
-def _pad_scale(s: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return F.pad(s, (0, cols - s.shape[1], 0, rows - s.shape[0]), value=1.0)
-
-
-def _outer_major(s: torch.Tensor) -> torch.Tensor:
-    """s [r, c] stored column by column (stride (1, r)), whatever s's own strides."""
-    return s.t().contiguous().t()
-
-
-def scaled_mm_operands(a, a_scale, b, b_scale, b_blocks: bool, layout: str) -> tuple[torch.Tensor, ...]:
-    """The arguments (mat1, mat2, scale_a, scale_b) of torch._scaled_mm for `reference_mm`'s product, laid out as
-    torch's checks want them whatever the strides of the tensors given (a transposed weight and its transposed
-    scale grid included). The operands are padded to shapes cuBLASLt's block scaling takes (k to a multiple of
-    512, so the scale grid's k extent is a multiple of 4 and its 16-byte aligned stride; m to 16; n to 128 for
-    blocks, 16 for tiles): mat1 [m, k] row-major, mat2 [k, n] column-major; a's 1x128 tile scales [m, k/128]
-    outer-dim-major (stride (1, m)); b's 128x128 block scales [k/128, n/128] with stride (1, k/128); b's 1x128 tile
-    scales as `layout`, the probed orientation: "kn" [k/128, n] row-major (torch 2.9+), "nk" [n, k/128] with
-    stride (1, n)."""
-    m, k = a.shape
-    n = b.shape[0]
-    mp, kp, np_ = _round_up(m, 16), _round_up(k, 4 * BLOCK), _round_up(n, BLOCK if b_blocks else 16)
-    kt = kp // BLOCK
-    a, b = _pad_fp8(a, mp, kp), _pad_fp8(b, np_, kp)
-    sa = _outer_major(_pad_scale(a_scale, mp, kt))
-    if b_blocks:
-        sb = _pad_scale(b_scale, np_ // BLOCK, kt).contiguous().t()
-    else:
-        sb = _outer_major(_pad_scale(b_scale, np_, kt))
-        sb = sb if layout == "nk" else sb.t()
-    return a, b.t(), sa, sb
-
-
-def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype, layout: str) -> torch.Tensor:
-    """`reference_mm` through torch._scaled_mm (`scaled_mm_operands`)."""
-    mat1, mat2, sa, sb = scaled_mm_operands(a, a_scale, b, b_scale, b_blocks, layout)
-    out = torch._scaled_mm(mat1, mat2, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return out[:a.shape[0], :b.shape[0]]
-
-
-_LAYOUTS: dict = {}  # (device, b_blocks) -> the working layout of torch._scaled_mm, or None: the reference
-
-
-def _probe(device: torch.device, b_blocks: bool) -> str | None:
-    """The b-scale layout with which torch._scaled_mm agrees with the reference on this device, or None."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a, sa = quantise_tiles(torch.randn(40, 640, generator=gen).to(device))  # partial tiles, k/128 = 5
-    b_hp = torch.randn(200, 640, generator=gen).to(device)
-    b, sb = quantise_blocks(b_hp) if b_blocks else quantise_tiles(b_hp)
-    want = reference_mm(a, sa, b, sb, b_blocks, torch.float32)
-    errors = []
-    for layout in (("kn",) if b_blocks else ("nk", "kn")):
-        try:
-            got = _scaled_mm(a, sa, b, sb, b_blocks, torch.float32, layout)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
-            errors.append(f"{layout}: {str(e).splitlines()[0]}")
-            continue
-        if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
-            return layout
-        errors.append(f"{layout}: results differ from the reference")
-    warnings.warn(f"FP8: torch._scaled_mm with {'128x128 block' if b_blocks else '1x128 tile'} scales does not "
-                  f"work on {device} ({'; '.join(errors)}); FP8 GEMMs there dequantise and multiply in fp32 "
-                  "(right numerics, no speed-up). Blockwise scaled_mm needs an sm90 GPU and a CUDA 12.9+ build "
-                  "of torch.", stacklevel=3)
-    return None
-
-
-def scaled_mm_layout(device: torch.device, b_blocks: bool) -> str | None:
-    """Where torch._scaled_mm runs these scalings on `device`, the layout it takes (probed once; call it
-    before torch.compile traces a model); None: the reference path."""
-    device = torch.device(device)
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
-        return None
-    key = (str(device), b_blocks)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = _probe(device, b_blocks)
-    return _LAYOUTS[key]
-
-
-def blockwise_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """`reference_mm`'s product, through torch._scaled_mm where it works on the operands' device."""
-    layout = scaled_mm_layout(a.device, b_blocks)
-    if layout is None:
-        return reference_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
-    return _scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype, layout)
 
 
 # ---------------------------------------------------------------- linear layer
@@ -239,17 +112,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- grouped expert GEMM
-def _load_grouped():
-    from seekforge.ops.triton import fp8_grouped
-
-    return fp8_grouped
-
-
-# The expert GEMMs' Triton kernels (`seekforge.ops.triton.fp8_grouped`): e4m3 operands, fp32 accumulation. Where the
-# backend runs them (`seekforge.ops.backend`; "auto": on CUDA) they replace the dequantising path below.
-GROUPED = TritonOp("fp8_grouped", _load_grouped)
-
-
 def grouped_kernels(device: torch.device):
     """The expert GEMMs' kernel module where they run on `device`, else None (the reference path). On CUDA the
     kernels are the only path: torch has no grouped GEMM with block scales, and the reference's fp32 operands

@@ -11,12 +11,15 @@ model's dtype the embedding, the head, the norms, the router's gate, the MTP mod
 whose weight the absorbed attention reads directly as per-head matrices (W_UK, W_UV): under 1% of a block's
 parameters at 16b and 671b.
 
-Compute: `FP8WeightLinear` calls `ops.fp8_linear` (the Triton FP8 GEMV for decode's few rows on CUDA, the weight
-dequantised into the input's dtype and F.linear otherwise). The engine's MoE blocks (`ops.moe_forward`) run decode's
-routed experts, with the shared ones, in the fused Triton MoE kernels, which read the e4m3 weights and their scales
-as they are; elsewhere (the PyTorch reference, prefill's many rows) `FP8WeightExperts` dequantise into the input's
-dtype what each grouped matmul multiplies: with fewer (token, expert) rows than experts, each row's expert matrix
-alone, gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped matmul.
+Compute: `FP8WeightLinear` calls `ops.fp8_linear`: on CUDA the Triton FP8 GEMV for decode's few rows, and for more
+(prefill, large decode batches) the input quantised in 1x128 tiles and the blockwise FP8 GEMM (torch._scaled_mm)
+against the stored e4m3 weight and its scales. The engine's MoE blocks (`ops.moe_forward`) run decode's routed
+experts, with the shared ones, in the fused Triton MoE kernels, which read the e4m3 weights and their scales as they
+are; elsewhere (prefill's many rows) `FP8WeightExperts` quantise the sorted rows in 1x128 tiles and run FP8
+training's grouped GEMM kernel (`fp8_grouped_mm`) against the stored expert weights. Neither re-quantises a weight.
+The reference, on the CPU, with `ops.backend("torch")`, and under autograd: each weight dequantised into the
+input's dtype (for the experts, with fewer (token, expert) rows than experts, each row's expert matrix alone,
+gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped matmul).
 
 Names follow DeepSeek's checkpoints (`wq.weight` with `wq.weight_scale_inv`; stacked experts `w1` with
 `w1_scale_inv`), so `seekforge.model.hf` saves and loads them in that layout. These are inference weights: no
@@ -33,7 +36,8 @@ from seekforge.errors import ConfigError
 from seekforge.model.moe import Experts, grouped_linear
 from seekforge.model.transformer import Transformer
 from seekforge.ops import fp8_linear
-from seekforge.ops.quant import BLOCK, FP8, cdiv, dequantise_blocks, quantise_blocks
+from seekforge.ops.blockwise_mm import GROUPED
+from seekforge.ops.quant import BLOCK, FP8, cdiv, dequantise_blocks, quantise_blocks, quantise_rows
 
 # config.json's quantization_config of a checkpoint with these weights (DeepSeek-V3's)
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -74,11 +78,11 @@ class FP8WeightLinear(nn.Module):
 
 class FP8WeightExperts(Experts):
     """Routed experts whose stacked w1, w2, w3 are e4m3 with 128x128 block scales per expert (`w1_scale_inv`, ...),
-    dequantised where each grouped matmul runs (the module docstring)."""
+    multiplied by the FP8 grouped GEMM or dequantised where each grouped matmul runs (the module docstring)."""
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The e4m3 weights, which `matmul` dequantises; under autocast, which would cast them without their scales,
-        all of them dequantised into `dtype` here."""
+        """The e4m3 weights, which `matmul` multiplies in FP8 or dequantises; under autocast, which would cast them
+        without their scales, all of them dequantised into `dtype` here."""
         weights = tuple(getattr(self, n) for n in EXPERT_WEIGHTS)
         if not torch.is_autocast_enabled(self.w1.device.type):
             return weights
@@ -90,6 +94,11 @@ class FP8WeightExperts(Experts):
         if w.dtype != FP8:  # dequantised by `stacked`
             return grouped_linear(x, w, offsets, expert_of_row)
         scale = next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+        kernels = GROUPED.on(x.device)
+        if kernels is not None and not torch.is_grad_enabled():
+            # at any row count: a row block reads its expert's e4m3 bytes once, and experts without rows none
+            xq, xs = quantise_rows(x)
+            return kernels.fp8_grouped_mm(xq, xs, w, scale, offsets, x.dtype)
         if x.shape[0] < self.n_experts:  # decode: only the rows' experts are read (rows, not experts: no sync)
             q = w.view(torch.uint8).index_select(0, expert_of_row).view(FP8)  # gathered as bytes
             rows = dequantise_blocks(q, scale.index_select(0, expert_of_row), x.dtype)  # [rows, out, in]

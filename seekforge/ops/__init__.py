@@ -8,6 +8,8 @@ One file an op, holding the function, its reference and the registration of its 
 - `gemv`: the projections of small decode steps (`FewRowLinears`, `head_matmul`, `normed_projections`) and of FP8
   weights (`fp8_linear`);
 - `quant`: DeepSeek-V3's blockwise e4m3 quantisation (1x128 tiles, 128x128 blocks), for FP8 training and weights;
+- `blockwise_mm`: FP8 GEMMs with those scales (dense: torch._scaled_mm, its layout probed; the routed experts'
+  grouped one: its Triton kernel's registration), for FP8 training and weights;
 - `moe`: an MoE block's routing and experts (`moe_forward`, `residual_norm`, `tokens_per_expert`);
 - `argmax`: greedy decoding's argmax;
 - `rng`: counter-based random draws (`uniform`, each value a function of a key, a counter, a stream and a column;

@@ -4,8 +4,8 @@ cuBLAS's GEMMs read a small step's weights at a fraction of the memory bandwidth
 `FewRowLinears` (the dense projections), `head_matmul` (MLA's absorbed per-head products) and `normed_projections`
 (a block's input norm with MLA's two input projections, one launch) run the GEMV kernels of
 `seekforge.ops.triton.gemv` for up to GEMV_ROWS rows of one 16-bit dtype, and their PyTorch form otherwise.
-`fp8_linear` is the projection of FP8 weights (e4m3 with 128x128 block scales): the FP8 GEMV for those rows,
-dequantise-then-F.linear otherwise.
+`fp8_linear` is the projection of FP8 weights (e4m3 with 128x128 block scales): the FP8 GEMV for those rows, the
+blockwise FP8 GEMM for more (`seekforge.ops.blockwise_mm`), dequantise-then-F.linear as the reference.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from seekforge.ops.blockwise_mm import blockwise_mm, weights_in_fp8
 from seekforge.ops.dispatch import TritonOp
-from seekforge.ops.quant import dequantise_blocks
+from seekforge.ops.quant import dequantise_blocks, quantise_rows
 
 
 def _load():
@@ -63,15 +64,22 @@ def fits_gemv(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int) -
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight * scale) (no bias) for weight [N, K] float8_e4m3fn with one fp32 scale per 128x128 block,
-    scale [ceil(N / 128), ceil(K / 128)] (DeepSeek's weight_scale_inv), in x's dtype. With Triton, for up to
-    GEMV_ROWS rows of a 16-bit x outside autograd, the FP8 GEMV (`fp8_gemv`: reads the e4m3 weight and its scales,
-    accumulates in fp32); otherwise the reference: the weight dequantised into x's dtype, then F.linear (prefill's
-    many rows: one GEMM)."""
+    scale [ceil(N / 128), ceil(K / 128)] (DeepSeek's weight_scale_inv), in x's dtype. Outside autograd: with Triton,
+    for up to GEMV_ROWS rows of a 16-bit x, the FP8 GEMV (`fp8_gemv`: reads the e4m3 weight and its scales,
+    accumulates in fp32); for more rows, where `weights_in_fp8` holds, x quantised in 1x128 tiles and the blockwise
+    FP8 GEMM against the weight as stored (`blockwise_mm`: torch._scaled_mm on CUDA). Otherwise the reference: the
+    weight dequantised into x's dtype, then F.linear."""
     kernel = GEMV.on(x.device)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (kernel is not None and x.dtype in (torch.bfloat16, torch.float16) and rows <= kernel.GEMV_ROWS
-            and not torch.is_grad_enabled()):
-        return kernel.fp8_gemv(x, weight, scale)
+    if not torch.is_grad_enabled():
+        if kernel is not None and x.dtype in (torch.bfloat16, torch.float16) and rows <= kernel.GEMV_ROWS:
+            return kernel.fp8_gemv(x, weight, scale)
+        # past the GEMV's rows: the GEMM reads the weight's e4m3 bytes once, where dequantising writes it and reads
+        # it again in 16 bits (5 bytes a weight against 1), at any row count
+        if weights_in_fp8(x.device):
+            xq, xs = quantise_rows(x.reshape(-1, x.shape[-1]))
+            # contiguous: the output of a weight with n padded for torch._scaled_mm is a slice of a wider one
+            return blockwise_mm(xq, xs, weight, scale, True, x.dtype).contiguous().view(*x.shape[:-1], -1)
     return F.linear(x, dequantise_blocks(weight, scale, x.dtype))
 
 

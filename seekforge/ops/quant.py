@@ -10,7 +10,8 @@
   latter transposed and each segment zero-padded to whole 128-row tiles, so that they are the 1x128 tiles of a
   padded transpose.
 
-`seekforge.ops.triton.fp8_quant` computes the same, bit for bit, in one pass each on CUDA.
+`seekforge.ops.triton.fp8_quant` computes the same, bit for bit, in one pass each on CUDA (op "fp8_quant":
+where the backend runs Triton; "auto": on CUDA): `quantise_rows` takes it where it runs.
 
 A scale is amax / 448 (448 = e4m3's largest finite value), so a tile's largest magnitude maps onto 448 and
 value = q * scale. A tile of zeros gets scale 1 (its values are exact zeros whatever the scale). Shapes that
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from seekforge.ops.dispatch import TritonOp
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -56,6 +59,22 @@ def quantise_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale_of(tiles.abs().amax(dim=-1))
     q = _to_fp8(tiles, scale.unsqueeze(-1)).flatten(-2)[..., :k]
     return q, scale
+
+
+def _load_quant():
+    from seekforge.ops.triton import fp8_quant
+
+    return fp8_quant
+
+
+# The quantisation's Triton kernels (`seekforge.ops.triton.fp8_quant`), where the backend runs them ("auto": on CUDA).
+QUANT = TritonOp("fp8_quant", _load_quant)
+
+
+def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantise_tiles` of a 2-d x, through its kernel where it runs."""
+    kernels = QUANT.on(x.device)
+    return kernels.quantise_tiles(x) if kernels is not None else quantise_tiles(x)
 
 
 def dequantise_tiles(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

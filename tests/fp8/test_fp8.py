@@ -379,7 +379,7 @@ FP8_TENSOR_CORES = 4e-4
 def test_scaled_mm_on_cuda_matches_the_reference(b_blocks):
     """On an sm90 GPU with a CUDA 12.9+ torch, the blockwise GEMM runs on torch._scaled_mm (shapes that need its
     padding included) and agrees with dequantise-and-multiply; elsewhere the probe says why not."""
-    from seekforge.fp8.gemm import blockwise_mm, reference_mm, scaled_mm_layout
+    from seekforge.ops.blockwise_mm import blockwise_mm, reference_mm, scaled_mm_layout
 
     device = torch.device("cuda")
     if scaled_mm_layout(device, b_blocks) is None:

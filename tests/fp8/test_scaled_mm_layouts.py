@@ -1,4 +1,4 @@
-"""torch._scaled_mm's arguments as `seekforge.fp8.gemm` hands them over, checked where _scaled_mm cannot run (a
+"""torch._scaled_mm's arguments as `seekforge.ops.blockwise_mm` hands them over, checked where _scaled_mm cannot run (a
 CPU) against torch 2.11's rules, transcribed from aten/src/ATen/native/cuda/ScaledBlas.cpp: `get_joint_scaling`'s
 scale shapes and strides for each scaling (b's checked on mat2's and scale_b's transposes, as torch does), and
 cuBLASLt's FP8 GEMM's mat1 row-major, mat2 column-major, sizes multiples of 16. A stand-in for _scaled_mm applies
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seekforge.fp8 import gemm
+from seekforge.ops import blockwise_mm
 from seekforge.ops.quant import BLOCK, FP8, cdiv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,8 +69,8 @@ def scaled_mm(monkeypatch):
 
 
 def test_the_probe_settles_on_the_layouts_torch_2_11_takes(scaled_mm):
-    assert gemm._probe(torch.device("cpu"), True) == "kn"
-    assert gemm._probe(torch.device("cpu"), False) == "kn"  # b's tile scales [k/128, n], row-major
+    assert blockwise_mm._probe(torch.device("cpu"), True) == "kn"
+    assert blockwise_mm._probe(torch.device("cpu"), False) == "kn"  # b's tile scales [k/128, n], row-major
 
 
 @pytest.mark.parametrize("m,k,n", [(64, 384, 512), (37, 300, 200), (130, 1024, 384)],
@@ -82,7 +83,7 @@ def test_fp8_linear_through_scaled_mm_equals_the_reference(scaled_mm, monkeypatc
     x, w, dy = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(m, n)
     results = []
     for layout in (None, "kn"):
-        monkeypatch.setattr(gemm, "scaled_mm_layout", lambda device, b_blocks, layout=layout: layout)
+        monkeypatch.setattr(blockwise_mm, "scaled_mm_layout", lambda device, b_blocks, layout=layout: layout)
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = gemm.fp8_linear(xg, wg)
         y.backward(dy)

@@ -11,10 +11,12 @@ before these modules are imported) the kernels run on the CPU.
   pair's expert from the router's logits themselves; each token's sum over its experts with the block's
   residual added. Expert weights in x's dtype, or FP8 (e4m3 with 128x128 block scales, applied in fp32).
 - `fp8_grouped`: FP8 training's routed-expert GEMMs (forward, input gradient, weight gradient; `seekforge.fp8.gemm`
-  dispatches them, op "fp8_grouped"): e4m3 operands in DeepSeek-V3's 1x128 tiles and 128x128 blocks, fp32
-  accumulation with each 128-wide k step's scales applied as it joins.
-- `fp8_quant`: FP8 training's quantisation (op "fp8_quant"): 1x128 tiles, both tilings of expert segments in one
-  pass, 128x128 blocks (optionally transposed), bit-exact against `seekforge.ops.quant`.
+  dispatches them, op "fp8_grouped"; the forward is also the engine's over FP8 expert weights): e4m3 operands in
+  DeepSeek-V3's 1x128 tiles and 128x128 blocks, fp32 accumulation with each 128-wide k step's scales applied as
+  it joins.
+- `fp8_quant`: FP8 quantisation (op "fp8_quant"): 1x128 tiles (training's and the FP8 weights' inputs), both
+  tilings of expert segments in one pass, 128x128 blocks (optionally transposed), bit-exact against
+  `seekforge.ops.quant`.
 - `route`: the MoE router of decode steps: logits, top-k, gate weights and load in two kernels (`route`);
   with the block's residual add and the FFN's norm in the first (`residual_route`); the first alone
   (`router_logits`, `residual_logits`) where the fused experts choose.

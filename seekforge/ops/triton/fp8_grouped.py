@@ -62,7 +62,8 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, M
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_BLOCK: tl.constexpr):
     """c[rows of e] = a[rows of e] @ W_e^T, W_e [N, K] element (n, k) at b_ptr + e stride_be + n stride_bn
     + k stride_bk, its scale at bs_ptr + e stride_bse + (n / 128) stride_bsn + (k / 128) stride_bsk; a's scale of
-    row r, k step s at as_ptr + r stride_asm + s stride_ask. M: a's rows (the tiles' timing key, unused otherwise)."""
+    row r, k step s at as_ptr + r stride_asm + s stride_ask. M: a's rows rounded up to a power of 2 (the tiles'
+    timing key, unused otherwise)."""
     tl.static_assert(BLOCK_K == SCALE_BLOCK)
     n_blocks = tl.cdiv(N, BLOCK_N)
     block, n0 = tl.program_id(0) // n_blocks, (tl.program_id(0) % n_blocks) * BLOCK_N
@@ -195,7 +196,10 @@ def launch_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    args = (a, a_scale, w, w_scale, out, offsets, experts, m, n, k, a.stride(0), a.stride(1), a_scale.stride(0),
+    # the timing key's rows rounded up to a power of 2: the engine's prefills vary m, and each m timed anew would
+    # time every tile again (M is the key alone in the kernel)
+    args = (a, a_scale, w, w_scale, out, offsets, experts, triton.next_power_of_2(m), n, k, a.stride(0), a.stride(1),
+            a_scale.stride(0),
             a_scale.stride(1), *w.stride(), *w_scale.stride(), out.stride(0), out.stride(1))
 
     def grid(meta):
