@@ -81,7 +81,9 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
              config: GemvConfig | None = None) -> torch.Tensor:
     """x [..., K] with at most GEMV_ROWS rows of a 16-bit dtype, weight [N, K] float8_e4m3fn with one fp32 scale
     per 128x128 block, scale [ceil(N / 128), ceil(K / 128)] (DeepSeek's weight_scale_inv) -> x (weight * scale)^T
-    [..., N] in x's dtype: each weight slice dequantised and multiplied in fp32, accumulated in fp32."""
+    [..., N] in x's dtype: products in fp32, each 128x128 block's sum times its scale, accumulated in fp32.
+    `config` (benchmarks) replaces the shape's tuned tile; its block_n must divide 128 (a program's rows share one
+    row of scales)."""
     *lead, k = x.shape
     rows = x.numel() // k if k else 0
     n = weight.shape[0] if weight.dim() == 2 else 0
@@ -92,6 +94,9 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                           f"and its fp32 scale [ceil(N/{FP8_BLOCK}), ceil(K/{FP8_BLOCK})]; got x {tuple(x.shape)} "
                           f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)} "
                           f"{scale.dtype}")
+    if config is not None and (config.block_n < 1 or FP8_BLOCK % config.block_n):
+        raise ConfigError(f"fp8_gemv's block_n must divide {FP8_BLOCK} (a program's rows in one scale block), got "
+                          f"{config}")
     if rows == 0 or k == 0:
         return x.new_zeros(*lead, n)
     tile = None if config is None else tile_of(config, k)
@@ -99,36 +104,79 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 
 FP8_BLOCK = 128  # rows and columns of the weight one scale covers (DeepSeek-V3's weight_block_size)
+SCALE_BLOCK = tl.constexpr(FP8_BLOCK)  # the same, for the kernels
 
 
 @triton.jit
 def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-              PDL: tl.constexpr):
-    """y[:, pid * BLOCK_N + (0 .. BLOCK_N)] = x (W * S)^T for those columns, W's e4m3 slices dequantised by their
-    block's scale in fp32 as they are read (each element's scale gathered: a slice may span several blocks)."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_at = x_ptr + rows[:, None] * stride_xm
-    w = _fp8_slice(w_ptr, s_ptr, cols, 0, N, K, stride_wn, stride_sn, BLOCK_K, SCALE_BLOCK)
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y[:, pid * BLOCK_N + (0 .. BLOCK_N)] = x (W * S)^T for those columns, which lie in one 128-row block (BLOCK_N
+    divides 128): each K slice of W read as e4m3 in 16-byte chunks (`fp8_slice`), each chunk's products summed, then
+    multiplied by its block's scale (`fp8_rows_times`)."""
+    tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    s_at = s_ptr + (n0 // SCALE_BLOCK) * stride_sn
+    w = fp8_slice(w_ptr, cols, 0, N, K, stride_wn, BLOCK_K)
     wait_for_inputs(PDL)
-    acc = _times_x(w, x_at, rows, 0, M, K, 1, BLOCK_K)
+    acc = _fp8_times_x(w, s_at, x_ptr, 0, M, K, stride_xm, BLOCK_M, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc += _times_x(_fp8_slice(w_ptr, s_ptr, cols, k0, N, K, stride_wn, stride_sn, BLOCK_K, SCALE_BLOCK), x_at,
-                        rows, k0, M, K, 1, BLOCK_K)
+        acc += _fp8_times_x(fp8_slice(w_ptr, cols, k0, N, K, stride_wn, BLOCK_K), s_at, x_ptr, k0, M, K, stride_xm,
+                            BLOCK_M, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+FP8_CHUNK = tl.constexpr(8)  # a thread's run of K, summed before its scale: one 16-byte load of x
+
+
 @triton.jit
-def _fp8_slice(w_ptr, s_ptr, cols, k0, N, K, stride_wn, stride_sn, BLOCK_K: tl.constexpr,
-               SCALE_BLOCK: tl.constexpr):
-    """`weight_slice` of an e4m3 weight (K contiguous), times each element's block scale, in fp32."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    inside = (cols[:, None] < N) & (ks[None, :] < K)
-    s = tl.load(s_ptr + (cols // SCALE_BLOCK)[:, None] * stride_sn + (ks // SCALE_BLOCK)[None, :], mask=inside,
-                other=0.0)
-    return weight_slice(w_ptr, cols, k0, N, K, stride_wn, 1, BLOCK_K).to(tl.float32) * s
+def fp8_chunks(k0, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K as [1, BLOCK_K / CHUNK, CHUNK], CHUNK = min(BLOCK_K, 16): each chunk within one
+    128-column scale block (slices start at multiples of BLOCK_K, a power of two)."""
+    CHUNK: tl.constexpr = min(BLOCK_K, FP8_CHUNK)
+    return k0 + tl.arange(0, BLOCK_K // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+
+
+@triton.jit
+def fp8_slice(w_at, cols, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
+    """`weight_slice` of an e4m3 weight (K contiguous) as [BLOCK_N, BLOCK_K / CHUNK, CHUNK] (`fp8_chunks`), still
+    e4m3."""
+    ks = fp8_chunks(k0, BLOCK_K)
+    return tl.load(w_at + cols[:, None, None] * stride_wn + ks, mask=(cols[:, None, None] < N) & (ks < K), other=0.0)
+
+
+@triton.jit
+def fp8_chunk_scales(s_at, k0, K, BLOCK_K: tl.constexpr):
+    """The block scale of each chunk of an `fp8_slice` whose rows lie in one 128-row block, s_at that block's row of
+    scales: [BLOCK_K / CHUNK] fp32, 0 past K."""
+    CHUNK: tl.constexpr = min(BLOCK_K, FP8_CHUNK)
+    starts = k0 + tl.arange(0, BLOCK_K // CHUNK) * CHUNK
+    return tl.load(s_at + starts // SCALE_BLOCK, mask=starts < K, other=0.0)
+
+
+@triton.jit
+def fp8_times_row(w, scale, x):
+    """An `fp8_slice` w [BLOCK_N, C, CHUNK] times one row of x chunked alike, [1, C, CHUNK] fp32, with the chunks'
+    scales [C]: [BLOCK_N] fp32. Each chunk's products are summed in the thread that loaded it, and only that sum is
+    multiplied by its scale."""
+    return tl.sum(tl.sum(w.to(tl.float32) * x, axis=2) * scale[None, :], axis=1)
+
+
+@triton.jit
+def _fp8_times_x(w, s_at, x_ptr, k0, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's M rows over the slice's columns times an `fp8_slice` w: [BLOCK_M, BLOCK_N] fp32, a row at a time (the
+    product stays in the weight's layout)."""
+    scale = fp8_chunk_scales(s_at, k0, K, BLOCK_K)
+    ks = fp8_chunks(k0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    acc = tl.zeros((BLOCK_M, w.shape[0]), tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        row_ok = tl.full(ks.shape, m, tl.int32) < M
+        x = tl.load(x_ptr + m * stride_xm + ks, mask=(ks < K) & row_ok, other=0.0).to(tl.float32)
+        acc += tl.where(rows == m, fp8_times_row(w, scale, x)[None, :], 0.0)
+    return acc
 
 
 _fp8_gemv_tuned = tuned(_fp8_gemv, ["M", "N", "K"])
@@ -146,7 +194,7 @@ def launch_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     y = x.new_empty(m, n)
     args = (x, weight, scale, y, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0))
     launch_tiled(_fp8_gemv, _fp8_gemv_tuned, lambda block_n: (triton.cdiv(n, block_n),), args,
-                 {"BLOCK_M": triton.next_power_of_2(m), "SCALE_BLOCK": FP8_BLOCK}, tile,
+                 {"BLOCK_M": triton.next_power_of_2(m)}, tile,
                  ("fp8_gemv", m, n, k, x.dtype, x.device), tile_of(default_config(weight), k))
     return y
 
