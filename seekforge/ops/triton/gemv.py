@@ -323,7 +323,7 @@ def _norm_gemv2(x_ptr, g_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, NA, NB, K, eps,
                      (pid - programs_a) * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
 
 
-_norm_gemv2_tuned = tuned(_norm_gemv2, ["M", "NA", "NB", "K"])  # weights with K contiguous
+_norm_gemv2_tuned = tuned(_norm_gemv2, ["M", "NA", "NB", "K"], weight="wa_ptr")  # weights with K contiguous
 
 
 def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor,
