@@ -15,8 +15,9 @@ patch_interpreter()
 from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.ops.triton import gemv as gemv_module  # noqa: E402
+from seekforge.ops.triton import tuning  # noqa: E402
 from seekforge.ops.triton.gemv import fp8_gemv  # noqa: E402
-from seekforge.ops.triton.tuning import GemvConfig  # noqa: E402
+from seekforge.ops.triton.tuning import FP8_TILES, GemvConfig  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -60,6 +61,48 @@ def test_every_slice_width_takes_its_blocks_scales(tile):
     torch.testing.assert_close(fp8_gemv(x, q, scale, tile), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("i, tile", list(enumerate(FP8_TILES)), ids=str)
+def test_every_fp8_tuning_candidate_matches(i, tile):
+    """Each tile the tuning may pick for e4m3 weights, at 1 to 4 rows of x, over two 128-row blocks and several K
+    slices (K not a multiple of the slice nor of 128; slices clipped to 256 wide, so the interpreter's time stays
+    short): each chunk of a slice takes its own block's scale."""
+    rows = i % 4 + 1
+    q, scale = fp8_weight(136, 552, seed=i)
+    x = torch.randn(rows, 552, device=DEVICE)
+    small = GemvConfig(tile.block_n, min(tile.block_k, 256), tile.num_warps)
+    want = F.linear(x, by_hand(q, scale))
+    torch.testing.assert_close(fp8_gemv(x, q, scale, small), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_fp8_weights_tune_among_their_own_tiles():
+    """On a shape's first call (the GPU's path, here with a stand-in clock) the FP8 GEMV times the e4m3 tiles,
+    clipped to K, not the 16-bit ones, and so does the FP8 MoE's GEMV form for both its kernels."""
+    from seekforge.ops.triton.moe import fused_experts
+
+    pruned = {}
+
+    def prune(kernel, key, tiles):
+        pruned[kernel] = [(t.kwargs["BLOCK_N"], t.kwargs["BLOCK_K"], t.num_warps) for t in tiles]
+        return tiles[:1]  # one tile timed keeps the interpreter's time short
+
+    def fitting(k: int) -> list:
+        return list(dict.fromkeys((t.block_n, min(t.block_k, k), t.num_warps) for t in FP8_TILES))
+
+    q, scale = fp8_weight(40, 200, seed=5)
+    x = torch.randn(1, 200, device=DEVICE, dtype=HALF)
+    g = torch.Generator().manual_seed(0)
+    experts = [(torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(FP8).to(DEVICE)
+               for shape in ((4, 72, 200), (4, 200, 72), (4, 72, 200))]
+    scales = [torch.rand(4, -(-shape[1] // 128), -(-shape[2] // 128)).to(DEVICE) * 1e-2 for shape in
+              ((4, 72, 200), (4, 200, 72), (4, 72, 200))]
+    indices = torch.tensor([[0, 2]], device=DEVICE)
+    with tuning.tuning(timed=True, tile_clock=lambda call, quantiles: call() or [1.0] * len(quantiles),
+                       prune=prune):
+        fp8_gemv(x, q, scale)
+        fused_experts(x, *experts, torch.ones(1, 2, device=DEVICE), indices, rows=True, scales=tuple(scales))
+    assert pruned == {"fp8_gemv": fitting(256), "gate_up_rows": fitting(256), "down_rows": fitting(128)}
+
+
 def test_bad_inputs_name_the_problem():
     q, scale = fp8_weight(8, 16)
     x = torch.randn(1, 16, device=DEVICE)
@@ -69,6 +112,8 @@ def test_bad_inputs_name_the_problem():
         fp8_gemv(x, q.float(), scale)
     with pytest.raises(ConfigError, match="fp32 scale"):
         fp8_gemv(x, q, scale[:, :0])
+    with pytest.raises(ConfigError, match="block_n must divide 128"):
+        fp8_gemv(x, q, scale, GemvConfig(3, 16, 1))
 
 
 def test_op_checks_and_compiles_as_one_graph():
