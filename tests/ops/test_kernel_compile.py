@@ -96,6 +96,11 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
     **{f"fp8_gemv_rows{m}_tile{bn}x{bk}w{warps}": ("gemv", "_fp8_gemv", FP8_GEMV_TYPES,
                                                    {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
        for m in (1, 4) for bn, bk, warps in FP8_GEMV_TILES},
+    **{f"fp8_norm_gemv_rows{m}_tile{bn}x{bk}w{warps}": (
+        "gemv", "_fp8_norm_gemv2", {**{f"{n}_ptr": "*bf16" for n in ("x", "g", "ya", "yb")}, "wa_ptr": "*fp8e4nv",
+                                    "wb_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "eps": "fp32"},
+        {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in FP8_GEMV_TILES},
     **{f"moe{kernel}_tile{bn}x{bk}w{warps}_fp8_tiles": (
         "moe", kernel, FP8_MOE_TYPES, {
             "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": True,
@@ -137,11 +142,12 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
 # the 16b shapes (pointers, K, N, row strides), as on the GPU: the weight loads are then 16-byte vectors
 FP8_LOAD_CASES = {
     "fp8_gemv_rows1_tile2x2048w2": 1, "fp8_gemv_rows4_tile4x2048w4": 1, "fp8_gemv_rows1_tile4x512w1": 1,
+    "fp8_norm_gemv_rows1_tile4x2048w4": 1,
     "moe_gate_up_rows_tile4x2048w4_fp8_tiles": 2, "moe_down_rows_tile4x2048w4_fp8_tiles": 1,
     "moe_gate_up_rows_tile2x2048w2_fp8": 2,
 }
-DIVISIBLE = {"N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_we", "stride_se", "stride_sn", "stride_hm",
-             "stride_om"}
+DIVISIBLE = {"N", "K", "NA", "NB", "stride_xm", "stride_wn", "stride_ym", "stride_we", "stride_se", "stride_sn",
+             "stride_hm", "stride_om", "stride_wa", "stride_wb", "stride_ya", "stride_yb"}
 
 
 def scalar_global_loads(ptx: str) -> int:
