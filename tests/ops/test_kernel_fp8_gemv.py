@@ -173,6 +173,9 @@ def test_op_checks_and_compiles_as_one_graph():
     torch.library.opcheck(gemv_module.launch_fp8_gemv, (x, q, scale, None), test_utils=("test_faketensor",))
     compiled = torch.compile(fp8_gemv, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x, q, scale), fp8_gemv(x, q, scale), atol=0, rtol=0)
+    norm = _norm(200, HALF)
+    torch.library.opcheck(gemv_module.launch_fp8_norm_gemv, (x, norm.weight, norm.eps, q, scale, q[:8], scale[:1]),
+                          test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
