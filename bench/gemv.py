@@ -6,6 +6,12 @@ the batched einsum, the PyTorch path), in bytes per second beside the copy bandw
 
     python bench/gemv.py                          # rows 1, 2, 4; each shape's tuned tile (what the engine runs)
     python bench/gemv.py --sweep --json out.json  # also time candidate tiles beyond the tuned set
+    python bench/gemv.py --fp8 --rows 1           # FP8 weights (below)
+
+`--fp8`: the dense projections' weights in FP8, e4m3 with 128x128 block scales as `fp8_weights` keeps them (the
+shared experts' SwiGLU too): the FP8 GEMV (`fp8_gemv`, what `ops.fp8_linear` runs for up to 4 rows) against the
+PyTorch path (the weight dequantised into bf16, then F.linear, where "cublas_us" is), with bytes counted at one a
+weight plus the scales; MLA's per-head products and the fused forms, which stay bf16, are left out.
 
 Each call is timed over CUDA-graph replays (triton's do_bench_cudagraph), cycling through --layers copies of the
 weight so that, as in a model, no call finds its weight in the 50 MB L2. Bytes = the weight plus x and y.
@@ -30,7 +36,8 @@ from tiles import fastest  # noqa: E402
 
 from seekforge.model.norm import RMSNorm  # noqa: E402
 from seekforge.ops import apply_rotary  # noqa: E402
-from seekforge.ops.triton.gemv import choice, gemv, head_gemv, last_tuned_tile, norm_gemv  # noqa: E402
+from seekforge.ops.quant import dequantise_blocks, quantise_blocks  # noqa: E402
+from seekforge.ops.triton.gemv import choice, fp8_gemv, gemv, head_gemv, last_tuned_tile, norm_gemv  # noqa: E402
 from seekforge.ops.triton.latents import latent_query_kernel as latent_query  # noqa: E402
 from seekforge.ops.triton.latents import store_new_latents_kernel as store_new_latents  # noqa: E402
 from seekforge.ops.triton.tuning import GemvConfig  # noqa: E402
@@ -40,6 +47,21 @@ DENSE = {  # name: (N, K) of a projection at the 16b shape (DeepSeek-V2-Lite)
     "dense w1/w3": (10944, 2048), "dense w2": (2048, 10944),
 }
 HEADS, NOPE, V_DIM, LATENT = 16, 128, 128, 512  # MLA's absorbed products: slices of wkv_b [h, d + d_v, c]
+SHARED = {"shared w1/w3": (2816, 2048), "shared w2": (2048, 2816)}  # the 2 shared experts' SwiGLU, as one MLP
+
+
+def fp8_cases(layers: int, dev: torch.device):
+    """As `cases`, over FP8 weights (each weight (e4m3, scales)): the FP8 GEMV against dequantise + F.linear."""
+    for name, (n, k) in {**DENSE, **SHARED}.items():
+        weights = [quantise_blocks(torch.randn(n, k, device=dev) * k ** -0.5) for _ in range(layers)]
+        yield (name, weights, lambda m, k=k: torch.randn(m, k, device=dev, dtype=torch.bfloat16),
+               lambda x, w, cfg=None: fp8_gemv(x, *w, cfg),
+               lambda x, w: F.linear(x, dequantise_blocks(*w, x.dtype)))
+
+
+def weight_bytes(weight) -> int:
+    """Bytes of a weight, or of an FP8 one's e4m3 values and scales."""
+    return sum(t.numel() * t.element_size() for t in (weight if isinstance(weight, tuple) else (weight,)))
 
 
 def cases(layers: int, dev: torch.device):
@@ -56,7 +78,10 @@ def cases(layers: int, dev: torch.device):
            lambda m: torch.randn(m, HEADS, LATENT, device=dev, dtype=torch.bfloat16), head_gemv, per_head)
 
 
-def candidates(weight: torch.Tensor) -> list[GemvConfig]:
+def candidates(weight) -> list[GemvConfig]:
+    if isinstance(weight, tuple):  # FP8: twice the 16-bit tiles' weights for the same bytes; rows in one scale block
+        return [GemvConfig(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096)
+                for w in (1, 2, 4, 8) if bn * bk <= 16384]
     if weight.stride(-1) == 1:  # whole K-contiguous rows
         return [GemvConfig(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
                 if bn * bk <= 8192]
@@ -74,6 +99,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--layers", type=int, default=16, help="weight copies called in turn (past L2)")
     ap.add_argument("--sweep", action="store_true", help="also time candidate tiles")
+    ap.add_argument("--fp8", action="store_true", help="FP8 weights (e4m3, 128x128 block scales): fp8_gemv")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -81,17 +107,18 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     results = []
     per_call = partial(us_a_call, layers=args.layers)
-    for name, weights, make_x, triton_fn, cublas_fn in cases(args.layers, dev):
+    for name, weights, make_x, triton_fn, cublas_fn in (fp8_cases if args.fp8 else cases)(args.layers, dev):
         for m in args.rows:
             x = make_x(m)
             y = cublas_fn(x, weights[0])
-            nbytes = weights[0].numel() * 2 + (x.numel() + y.numel()) * 2
+            nbytes = weight_bytes(weights[0]) + (x.numel() + y.numel()) * 2
             triton_fn(x, weights[0])  # the shape's first call: its tile tuned, then weighed against cuBLAS
-            tuned = last_tuned_tile()
-            row = {"name": name, "weight": list(weights[0].shape), "rows": m, "bytes": nbytes,
+            tuned = last_tuned_tile(fp8=args.fp8)
+            row = {"name": name, "weight": list((weights[0][0] if args.fp8 else weights[0]).shape), "rows": m,
+                   "bytes": nbytes, "fp8": args.fp8,
                    "cublas_us": per_call(lambda: [cublas_fn(x, w) for w in weights]),
                    "triton_us": per_call(lambda: [triton_fn(x, w, tuned) for w in weights]),
-                   "tuned": asdict(tuned), "runs": choice(x, weights[0])}
+                   "tuned": asdict(tuned), "runs": "triton" if args.fp8 else choice(x, weights[0])}
             if args.sweep:
                 row["best"] = fastest(candidates(weights[0]),
                                       lambda cfg: per_call(lambda: [triton_fn(x, w, cfg) for w in weights]))
@@ -102,8 +129,8 @@ def main() -> None:
                   f"{row['cublas_us'] / row['triton_us']:.2f}x, tuned {tuple(row['tuned'].values())}, "
                   f"runs {row['runs']}" + (f"; best {row['best'][:2]}" if "best" in row else ""), flush=True)
             results.append(row)
-    fused = [fused_row(name, m, args.layers, dev, bw, *case) for m in args.rows
-             for name, case in fused_cases(args.layers, m, dev).items()]
+    fused = [] if args.fp8 else [fused_row(name, m, args.layers, dev, bw, *case) for m in args.rows
+                                 for name, case in fused_cases(args.layers, m, dev).items()]
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(dev), "copy_bandwidth": bw, "rows": results,
                                          "fused": fused}, indent=1))

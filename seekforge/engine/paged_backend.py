@@ -143,9 +143,12 @@ def run_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def normed_projections(mla: MLA, norm: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`MLA.project(norm(h))` over h [1, N, dim], in one launch for few rows (`ops.normed_projections`); projections
-    that are not nn.Linear (FP8 weights, `seekforge.model.fp8_weights`) apply themselves."""
+    """`MLA.project(norm(h))` over h [1, N, dim], in one launch for few rows (`ops.normed_projections`), FP8 weights
+    (`seekforge.model.fp8_weights`: their block scales beside them) too; other projections apply themselves."""
     first, wkv_a = mla.input_projections
+    scales = tuple(getattr(p, "weight_scale_inv", None) for p in (first, wkv_a))
+    if all(s is not None for s in scales):
+        return ops.normed_projections(h, norm, first.weight, wkv_a.weight, scales=scales)
     if not (isinstance(first, nn.Linear) and isinstance(wkv_a, nn.Linear)):
         return mla.project(norm(h))
     return ops.normed_projections(h, norm, first.weight, wkv_a.weight)

@@ -5,7 +5,8 @@ cuBLAS's GEMMs read a small step's weights at a fraction of the memory bandwidth
 (a block's input norm with MLA's two input projections, one launch) run the GEMV kernels of
 `seekforge.ops.triton.gemv` for up to GEMV_ROWS rows of one 16-bit dtype, and their PyTorch form otherwise.
 `fp8_linear` is the projection of FP8 weights (e4m3 with 128x128 block scales): the FP8 GEMV for those rows, the
-blockwise FP8 GEMM for more (`seekforge.ops.blockwise_mm`), dequantise-then-F.linear as the reference.
+blockwise FP8 GEMM for more (`seekforge.ops.blockwise_mm`), dequantise-then-F.linear as the reference;
+`normed_projections` fuses the norm with two FP8 projections alike.
 """
 
 from __future__ import annotations
@@ -83,12 +84,21 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     return F.linear(x, dequantise_blocks(weight, scale, x.dtype))
 
 
-def normed_projections(h: torch.Tensor, norm, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def normed_projections(h: torch.Tensor, norm, wa: torch.Tensor, wb: torch.Tensor,
+                       scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(h) wa^T, norm(h) wb^T) for an RMSNorm `norm` (its `weight`, `eps`, and called as the norm): a block's
     input norm and MLA's two input projections. With Triton, for up to GEMV_ROWS rows of one 16-bit dtype, one
-    launch (`norm_gemv`) where the compiled block ran three (the norm, then a GEMV per weight)."""
+    launch (`norm_gemv`) where the compiled block ran three (the norm, then a GEMV per weight). `scales`: wa and wb
+    are FP8 weights with these block scales (`fp8_linear`'s), fused alike (`fp8_norm_gemv`), else the norm then
+    `fp8_linear` twice."""
     kernel = GEMV.on(h.device)
     rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if scales is not None:
+        if (kernel is not None and h.dtype in (torch.bfloat16, torch.float16) and norm.weight.dtype == h.dtype
+                and rows <= kernel.GEMV_ROWS and not torch.is_grad_enabled()):
+            return kernel.fp8_norm_gemv(h, norm.weight, norm.eps, wa, scales[0], wb, scales[1])
+        x = norm(h)
+        return fp8_linear(x, wa, scales[0]), fp8_linear(x, wb, scales[1])
     if (kernel is not None and fits_gemv(h, wa, rows, kernel.GEMV_ROWS) and wb.dtype == h.dtype == norm.weight.dtype
             and wa.stride(-1) == wb.stride(-1) == 1 and not torch.is_grad_enabled()):
         return kernel.norm_gemv(h, norm.weight, norm.eps, wa, wb)

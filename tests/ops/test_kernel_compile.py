@@ -9,6 +9,7 @@ process (TRITON_INTERPRET), patches triton.language in ways the compiler trips o
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,10 @@ MLA_INTS = ["num_heads", "num_splits", "max_tokens", "stride_qb", "stride_qs", "
 # child process imports the kernels only under the compiler (test_the_candidates_are_the_kernels_own checks them)
 GEMV_TILES = [(2, 2048, 2), (2, 1024, 2), (2, 512, 1), (2, 256, 1), (4, 256, 1), (2, 2048, 4), (4, 2048, 4),
               (4, 1024, 4), (4, 512, 4), (16, 64, 4), (16, 64, 1), (16, 64, 8), (32, 32, 2), (16, 128, 4), (32, 64, 4)]
+# the e4m3 weights' candidates (tuning.FP8_TILES), likewise
+FP8_GEMV_TILES = [(4, 2048, 4), (4, 2048, 2), (2, 4096, 2), (2, 2048, 2), (8, 2048, 4), (4, 4096, 4), (2, 4096, 4),
+                  (8, 1024, 4), (4, 1024, 2), (4, 512, 1), (2, 1024, 1), (8, 512, 2)]
+FP8_GEMV_TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16"}
 # the FP8 expert GEMMs of training: their candidate tiles, (BLOCK_M, BLOCK_N, num_warps, num_stages) of
 # `fp8_grouped.GROUPED_TILES` and (BLOCK_N, BLOCK_K, num_warps, num_stages) of `WEIGHT_GRADIENT_TILES`; unit strides
 # are constants, as Triton specialises them
@@ -39,9 +44,9 @@ FP8_QUANT_TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_
                    "st_ptr": "*fp32", "offsets_ptr": "*i32"}
 # Arguments a case compiles as multiples of 16, as Triton's launcher specialises them where they are (the pointers,
 # and the FP8 GEMMs' sizes and row strides at the model's shapes): what lets the loads become wide asynchronous copies.
-DIVISIBLE = {"a_ptr", "b_ptr", "c_ptr", "x_ptr", "w_ptr", "q_ptr", "qt_ptr", "s_ptr", "st_ptr", "M", "N", "K",
-             "stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_an", "stride_bm", "stride_ce",
-             "stride_cn"}
+FP8_GEMM_DIVISIBLE = {"a_ptr", "b_ptr", "c_ptr", "x_ptr", "w_ptr", "q_ptr", "qt_ptr", "s_ptr", "st_ptr", "M", "N",
+                      "K", "stride_am", "stride_be", "stride_bn", "stride_bk", "stride_cm", "stride_an", "stride_bm",
+                      "stride_ce", "stride_cn"}
 CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), constexprs, num_warps, num_stages)
     **{f"moe{kernel}_bm{bm}{'_one_block' if one else ''}{'_fp8' if fp8 else ''}": (
         "moe", kernel, FP8_MOE_TYPES if fp8 else MOE_TYPES,
@@ -102,6 +107,20 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
                                                {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"},
                                                {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
        for m in (1, 4) for bn, bk, warps in GEMV_TILES},
+    **{f"fp8_gemv_rows{m}_tile{bn}x{bk}w{warps}": ("gemv", "_fp8_gemv", FP8_GEMV_TYPES,
+                                                   {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in FP8_GEMV_TILES},
+    **{f"fp8_norm_gemv_rows{m}_tile{bn}x{bk}w{warps}": (
+        "gemv", "_fp8_norm_gemv2", {**{f"{n}_ptr": "*bf16" for n in ("x", "g", "ya", "yb")}, "wa_ptr": "*fp8e4nv",
+                                    "wb_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "eps": "fp32"},
+        {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
+       for m in (1, 4) for bn, bk, warps in FP8_GEMV_TILES},
+    **{f"moe{kernel}_tile{bn}x{bk}w{warps}_fp8_tiles": (
+        "moe", kernel, FP8_MOE_TYPES, {
+            "TOPK": 8, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": True,
+            **({"RESIDUAL": True} if kernel == "_down_rows" else {
+                "CHOOSE": False, "BLOCK_E": 64, "SIGMOID": False, "NORMALISE": False})}, warps, 3)
+       for kernel in ("_gate_up_rows", "_down_rows") for bn, bk, warps in FP8_GEMV_TILES},
     **{f"norm_gemv_rows{m}_tile{bn}x{bk}w{warps}": (
         "gemv", "_norm_gemv2", {**{f"{n}_ptr": "*bf16" for n in ("x", "g", "wa", "wb", "ya", "yb")}, "eps": "fp32"},
         {"BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, warps, 3)
@@ -132,34 +151,60 @@ CASES = {  # name: (module, kernel, pointer/float types (other arguments i32), c
 }
 
 
+# FP8 GEMV kernels whose global loads are counted (`test_fp8_gemvs_load_a_scale_a_chunk_not_a_weight`), each with
+# the weight matrices it streams, compiled with the arguments that the launcher specialises as multiples of 16 at
+# the 16b shapes (pointers, K, N, row strides), as on the GPU: the weight loads are then 16-byte vectors
+FP8_LOAD_CASES = {
+    "fp8_gemv_rows1_tile2x2048w2": 1, "fp8_gemv_rows4_tile4x2048w4": 1, "fp8_gemv_rows1_tile4x512w1": 1,
+    "fp8_norm_gemv_rows1_tile4x2048w4": 1,
+    "moe_gate_up_rows_tile4x2048w4_fp8_tiles": 2, "moe_down_rows_tile4x2048w4_fp8_tiles": 1,
+    "moe_gate_up_rows_tile2x2048w2_fp8": 2,
+}
+GEMV_DIVISIBLE = {"N", "K", "NA", "NB", "stride_xm", "stride_wn", "stride_ym", "stride_we", "stride_se", "stride_sn",
+             "stride_hm", "stride_om", "stride_wa", "stride_wb", "stride_ya", "stride_yb"}
+
+
+def scalar_global_loads(ptx: str) -> int:
+    """PTX global loads of one element (not .v2/.v4 vectors)."""
+    ops = [line.split("ld.global", 1)[1].split()[0] for line in ptx.splitlines() if "ld.global" in line]
+    return sum(".v" not in op for op in ops)
+
+
 def compile_all() -> dict:
-    """Child process: compile every case for sm_90; name -> (shared memory bytes, asynchronous global-to-shared copies
-    in its Triton GPU IR), or the error."""
+    """Child process: compile every case for sm_90; {"shared": name -> shared memory bytes, or the error,
+    "async": name -> asynchronous global-to-shared copies in its Triton GPU IR, "scalar_loads": FP8_LOAD_CASES'
+    name -> `scalar_global_loads` of its PTX}."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    out = {}
+    out, asyncs, loads = {}, {}, {}
     for name, (module, kernel, types, constexprs, warps, stages) in CASES.items():
         fn = getattr(importlib.import_module(f"seekforge.ops.triton.{module}"), kernel)
         if "PDL" in fn.arg_names:  # as Hopper launches them: programmatically dependent
             constexprs = {**constexprs, "PDL": True}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
         attrs = {}
-        if module.startswith("fp8_"):
+        if name in FP8_LOAD_CASES:
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                     if n in DIVISIBLE and n not in constexprs}
+                     if n in GEMV_DIVISIBLE or signature[n].startswith("*")}
+        elif module.startswith("fp8_"):
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                     if n in FP8_GEMM_DIVISIBLE and n not in constexprs}
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": warps, "num_stages": stages,
                                                "launch_pdl": "PDL" in constexprs})
-            out[name] = [compiled.metadata.shared, compiled.asm["ttgir"].count("async_copy_global_to_local")]
+            out[name] = compiled.metadata.shared
+            asyncs[name] = compiled.asm["ttgir"].count("async_copy_global_to_local")
+            if name in FP8_LOAD_CASES:
+                loads[name] = scalar_global_loads(compiled.asm["ptx"])
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the kernel
             out[name] = f"{type(err).__name__}: {err}"
-    return out
+    return {"shared": out, "async": asyncs, "scalar_loads": loads}
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +221,8 @@ def compiled():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernel_lowers_for_hopper(compiled, case):
-    result = compiled[case]
-    assert isinstance(result, list), f"{case} does not compile for sm_90: {result}"
-    shared = result[0]
+    shared = compiled["shared"][case]
+    assert isinstance(shared, int), f"{case} does not compile for sm_90: {shared}"
     assert shared <= 227 * 1024, f"{case} needs {shared} bytes of shared memory, past an SM's 227 KB"
 
 
@@ -189,14 +233,28 @@ def test_fp8_gemms_pipeline_both_operands(compiled, case):
     contracted dimension is not innermost (the input gradient reading W as it is) is loaded synchronously and
     transposed instead."""
     stages = CASES[case][5]
-    assert compiled[case][1] >= 2 * stages, f"{case}: {compiled[case][1]} asynchronous copies, want 2 x {stages}"
+    copies = compiled["async"][case]
+    assert copies >= 2 * stages, f"{case}: {copies} asynchronous copies, want 2 x {stages}"
+
+
+@pytest.mark.parametrize("case", sorted(FP8_LOAD_CASES))
+def test_fp8_gemvs_load_a_scale_a_chunk_not_a_weight(compiled, case):
+    """The FP8 GEMVs read the weight in 16-byte vectors and one block scale for each thread's chunk of 8 columns,
+    shared by the tile's rows, not one a weight or a column: over the PTX's first slice and its loop body (two
+    slices' code), at most one single-element global load per 4 * block_n weights a thread streams, with room for
+    a few index loads. A scale gathered per weight (one load a weight) or per column (one per block_n weights) is
+    far above."""
+    block_n, block_k, warps = map(int, re.search(r"tile(\d+)x(\d+)w(\d+)", case).groups())
+    weights_a_thread = FP8_LOAD_CASES[case] * block_n * block_k // (32 * warps)
+    assert compiled["scalar_loads"][case] <= 2 * weights_a_thread // (4 * block_n) + 16
 
 
 def test_the_candidates_are_the_kernels_own():
     pytest.importorskip("triton")
-    from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES
+    from seekforge.ops.triton.tuning import FP8_TILES, K_CONTIGUOUS_TILES, N_CONTIGUOUS_TILES
 
     assert [(c.block_n, c.block_k, c.num_warps) for c in K_CONTIGUOUS_TILES + N_CONTIGUOUS_TILES] == GEMV_TILES
+    assert [(c.block_n, c.block_k, c.num_warps) for c in FP8_TILES] == FP8_GEMV_TILES
 
 
 

@@ -15,8 +15,10 @@ patch_interpreter()
 from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
 from seekforge.ops.triton import gemv as gemv_module  # noqa: E402
-from seekforge.ops.triton.gemv import fp8_gemv  # noqa: E402
-from seekforge.ops.triton.tuning import GemvConfig  # noqa: E402
+from seekforge.ops.triton import tuning  # noqa: E402
+from seekforge.model.norm import RMSNorm  # noqa: E402
+from seekforge.ops.triton.gemv import fp8_gemv, fp8_norm_gemv  # noqa: E402
+from seekforge.ops.triton.tuning import FP8_TILES, GemvConfig  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -60,6 +62,98 @@ def test_every_slice_width_takes_its_blocks_scales(tile):
     torch.testing.assert_close(fp8_gemv(x, q, scale, tile), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("i, tile", list(enumerate(FP8_TILES)), ids=str)
+def test_every_fp8_tuning_candidate_matches(i, tile):
+    """Each tile the tuning may pick for e4m3 weights, at 1 to 4 rows of x, over two 128-row blocks and several K
+    slices (K not a multiple of the slice nor of 128; slices clipped to 256 wide, so the interpreter's time stays
+    short): each chunk of a slice takes its own block's scale."""
+    rows = i % 4 + 1
+    q, scale = fp8_weight(136, 552, seed=i)
+    x = torch.randn(rows, 552, device=DEVICE)
+    small = GemvConfig(tile.block_n, min(tile.block_k, 256), tile.num_warps)
+    want = F.linear(x, by_hand(q, scale))
+    torch.testing.assert_close(fp8_gemv(x, q, scale, small), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_fp8_weights_tune_among_their_own_tiles():
+    """On a shape's first call (the GPU's path, here with a stand-in clock) the FP8 GEMV times the e4m3 tiles,
+    clipped to K, not the 16-bit ones, and so does the FP8 MoE's GEMV form for both its kernels."""
+    from seekforge.ops.triton.moe import fused_experts
+
+    pruned = {}
+
+    def prune(kernel, key, tiles):
+        pruned[kernel] = [(t.kwargs["BLOCK_N"], t.kwargs["BLOCK_K"], t.num_warps) for t in tiles]
+        return tiles[:1]  # one tile timed keeps the interpreter's time short
+
+    def fitting(k: int) -> list:
+        return list(dict.fromkeys((t.block_n, min(t.block_k, k), t.num_warps) for t in FP8_TILES))
+
+    q, scale = fp8_weight(40, 200, seed=5)
+    x = torch.randn(1, 200, device=DEVICE, dtype=HALF)
+    g = torch.Generator().manual_seed(0)
+    experts = [(torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(FP8).to(DEVICE)
+               for shape in ((4, 72, 200), (4, 200, 72), (4, 72, 200))]
+    scales = [torch.rand(4, -(-shape[1] // 128), -(-shape[2] // 128)).to(DEVICE) * 1e-2 for shape in
+              ((4, 72, 200), (4, 200, 72), (4, 72, 200))]
+    indices = torch.tensor([[0, 2]], device=DEVICE)
+    with tuning.tuning(timed=True, tile_clock=lambda call, quantiles: call() or [1.0] * len(quantiles),
+                       prune=prune):
+        fp8_gemv(x, q, scale)
+        fused_experts(x, *experts, torch.ones(1, 2, device=DEVICE), indices, rows=True, scales=tuple(scales))
+    assert pruned == {"fp8_gemv": fitting(256), "gate_up_rows": fitting(256), "down_rows": fitting(128)}
+
+
+def _norm(k: int, dtype: torch.dtype) -> RMSNorm:
+    norm = RMSNorm(k).to(DEVICE, dtype).requires_grad_(False)
+    norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_fp8_norm_gemv_is_the_model_norm_then_both_projections(rows):
+    """A block's input norm and MLA's two FP8 input projections in one launch: the model's RMSNorm (its rounding to
+    the 16-bit dtype included) then each weight dequantised by hand; K and both N not multiples of 128."""
+    qa, sa = fp8_weight(130, 300, seed=rows)
+    qb, sb = fp8_weight(40, 300, seed=rows + 10)
+    x = (torch.randn(1, rows, 300, device=DEVICE) * 3).to(HALF)
+    norm = _norm(300, HALF)
+    ya, yb = fp8_norm_gemv(x, norm.weight, norm.eps, qa, sa, qb, sb)
+    h = norm(x).float()
+    for got, q, scale in ((ya, qa, sa), (yb, qb, sb)):
+        want = F.linear(h, by_hand(q, scale))
+        assert got.shape == want.shape and got.dtype == HALF
+        torch.testing.assert_close(got.float(), want, atol=2e-3 * want.abs().max().item(), rtol=2e-3)
+
+
+def test_normed_projections_take_the_fused_fp8_kernel_for_few_rows(monkeypatch):
+    """`ops.normed_projections` with FP8 weights' scales: the fused kernel under Triton, the norm then `fp8_linear`
+    twice under the PyTorch backend (dequantised into x's dtype), which agree."""
+    calls = []
+    monkeypatch.setattr(gemv_module, "fp8_norm_gemv", lambda *a: calls.append(a) or fp8_norm_gemv(*a))
+    qa, sa = fp8_weight(136, 256, seed=7)
+    qb, sb = fp8_weight(64, 256, seed=8)
+    x = torch.randn(1, 2, 256, device=DEVICE, dtype=HALF)
+    norm = _norm(256, HALF)
+    with torch.no_grad():
+        with ops.backend("triton"):
+            fused = ops.normed_projections(x, norm, qa, qb, scales=(sa, sb))
+        with ops.backend("torch"):
+            reference = ops.normed_projections(x, norm, qa, qb, scales=(sa, sb))
+    assert len(calls) == 1
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-3 * want.abs().max().item(), rtol=3e-3)
+
+
+def test_fp8_norm_gemv_checks_its_inputs():
+    qa, sa = fp8_weight(8, 16)
+    norm = _norm(16, HALF)
+    with pytest.raises(ConfigError, match="fp8_norm_gemv wants"):
+        fp8_norm_gemv(torch.randn(1, 16, device=DEVICE, dtype=HALF), norm.weight, norm.eps, qa, sa, qa, sa[:, :0])
+    with pytest.raises(ConfigError, match="fp8_norm_gemv wants"):
+        fp8_norm_gemv(torch.randn(5, 16, device=DEVICE, dtype=HALF), norm.weight, norm.eps, qa, sa, qa, sa)
+
+
 def test_bad_inputs_name_the_problem():
     q, scale = fp8_weight(8, 16)
     x = torch.randn(1, 16, device=DEVICE)
@@ -69,6 +163,8 @@ def test_bad_inputs_name_the_problem():
         fp8_gemv(x, q.float(), scale)
     with pytest.raises(ConfigError, match="fp32 scale"):
         fp8_gemv(x, q, scale[:, :0])
+    with pytest.raises(ConfigError, match="block_n must divide 128"):
+        fp8_gemv(x, q, scale, GemvConfig(3, 16, 1))
 
 
 def test_op_checks_and_compiles_as_one_graph():
@@ -77,6 +173,9 @@ def test_op_checks_and_compiles_as_one_graph():
     torch.library.opcheck(gemv_module.launch_fp8_gemv, (x, q, scale, None), test_utils=("test_faketensor",))
     compiled = torch.compile(fp8_gemv, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x, q, scale), fp8_gemv(x, q, scale), atol=0, rtol=0)
+    norm = _norm(200, HALF)
+    torch.library.opcheck(gemv_module.launch_fp8_norm_gemv, (x, norm.weight, norm.eps, q, scale, q[:8], scale[:1]),
+                          test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("rows, routed", [(1, True), (4, True), (5, False)])
@@ -146,7 +245,8 @@ def test_engine_with_fp8_weights_runs_the_fp8_kernels(compiled):
     with torch.profiler.profile() as prof:
         got = forced_logits(llm, prompts, tokens)
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts.get("seekforge::fp8_gemv", 0) >= 4 * cfg.n_layers
+    assert counts.get("seekforge::fp8_norm_gemv", 0) >= cfg.n_layers  # the input norm with wq and wkv_a
+    assert counts.get("seekforge::fp8_gemv", 0) >= cfg.n_layers  # wo, the dense and the unjoined shared SwiGLUs
     assert counts.get("seekforge::fused_moe", 0) >= 2 * (cfg.n_layers - cfg.n_dense_layers)
     assert not counters["graph_break"]
     runs = [got]

@@ -20,14 +20,16 @@ the programs. Which of the two forms a shape runs is timed on its first call, bo
 as the GEMV weighs itself against cuBLAS (`seekforge.ops.triton.tuning`).
 
 FP8 weights (`scales=`: e4m3 with one fp32 scale per 128x128 block of each matrix, DeepSeek's checkpoint layout)
-run through the same kernels, grids and tiles, which then read one byte a weight and its block scales, never a
+run through the same kernels and grids, which then read one byte a weight and its block scales, never a
 dequantised copy; products and sums stay in fp32. The tiling keeps the scales out of the inner loop's cost:
 - MMA tiles: BLOCK_N and BLOCK_K divide 128, so each [BLOCK_K, BLOCK_N] weight tile lies in one scale block; its
   e4m3 values widen exactly to x's dtype for the MMA, and the tile's fp32 product is multiplied by that one scale
   as it joins the accumulator (a scalar load and a multiply a tile).
-- GEMV form: a program's BLOCK_N rows (a power of two up to 128) lie in one 128-row block, and its K slice (up to
-  2048 wide, several blocks) reads one scale a column; that scale is folded into x's slice before the products
-  (a multiply a column, not one a weight), so the weight stream is the 16-bit form's at half the bytes.
+- GEMV form: a program's BLOCK_N rows (a power of two up to 128) lie in one 128-row block; its K slice is read
+  in 8-column chunks, each thread sums its chunks' products and multiplies each sum by the chunk's block scale
+  (a scale load and a multiply a chunk, not one a weight: `seekforge.ops.triton.gemv.fp8_times_row`, as the FP8
+  GEMV reads the dense projections), with tiles timed among e4m3 ones (`tuning.FP8_TILES`: twice the weights a
+  program of the 16-bit tiles, the same bytes in flight).
 - A shared expert j's scales are the rows (gate/up) or columns (down) j * inter / 128 .. of the shared MLP's, found
   as its matrices are (`_expert_matrix`); several shared experts join only where inter is whole blocks.
 
@@ -48,9 +50,9 @@ import triton.language as tl
 from seekforge.errors import ConfigError
 from seekforge.ops.triton.arrivals import arrive, counters
 from seekforge.ops.quant import cdiv
-from seekforge.ops.triton.gemv import FP8_BLOCK
+from seekforge.ops.triton.gemv import FP8_BLOCK, SCALE_BLOCK, fp8_chunk_scales, fp8_chunks, fp8_slice, fp8_times_row
 from seekforge.ops.triton import tuning
-from seekforge.ops.triton.tuning import K_CONTIGUOUS_TILES, launch_tiled, tile_of, tuned
+from seekforge.ops.triton.tuning import launch_tiled, tile_of, tuned
 from seekforge.ops.triton.pdl import wait_for_inputs
 from seekforge.ops.triton.route import RouterLogits, choose, gate_weights, launch_select, select
 
@@ -101,9 +103,6 @@ def _pair_gate(pair, gate_ptr, k_routed, TOPK: tl.constexpr):
     return tl.where(slot < k_routed, weight, 1.0)
 
 
-SCALE_BLOCK = tl.constexpr(FP8_BLOCK)
-
-
 @triton.jit
 def _mma_step(acc, a, w, scale_at, scale_stride, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               PRECISION: tl.constexpr, FP8: tl.constexpr):
@@ -117,16 +116,6 @@ def _mma_step(acc, a, w, scale_at, scale_stride, n0, k0, BLOCK_N: tl.constexpr, 
     else:
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _k_scales(scale_at, scale_stride, n0, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The block scale of each column k0 .. k0 + BLOCK_K of a GEMV program's rows n0 .. n0 + BLOCK_N (which lie in
-    one 128-row block), [1, BLOCK_K] fp32, 0 past K."""
-    tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
-    ks = k0 + tl.arange(0, BLOCK_K)
-    at = scale_at + (n0 // SCALE_BLOCK) * scale_stride + ks // SCALE_BLOCK
-    return tl.load(at, mask=ks < K, other=0.0)[None, :]
 
 
 @triton.jit
@@ -234,18 +223,24 @@ def _gate_up_rows(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, w1s_ptr, w3s_ptr, s1s_p
     x_at = x_ptr + (pair // TOPK).to(tl.int64) * stride_xm
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
     acc3 = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        ok = (rows[:, None] < N) & (ks[None, :] < K)
-        w1 = tl.load(w1_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
-        w3 = tl.load(w3_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
-        x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-        if FP8:  # each column's block scale taken into x: one multiply a column, not one a weight
-            x1 = x * _k_scales(w1s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
-            x3 = x * _k_scales(w3s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
-            acc1 += tl.sum(w1.to(tl.float32) * x1, axis=1)
-            acc3 += tl.sum(w3.to(tl.float32) * x3, axis=1)
-        else:
+    if FP8:  # the weights in 16-byte-aligned chunks, each chunk's sum times its block scale (`gemv.fp8_times_row`)
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+        s1_at = w1s_at + (n0 // SCALE_BLOCK) * scale_stride
+        s3_at = w3s_at + (n0 // SCALE_BLOCK) * scale_stride
+        for k0 in range(0, K, BLOCK_K):
+            ks = fp8_chunks(k0, BLOCK_K)
+            x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)
+            acc1 += fp8_times_row(fp8_slice(w1_at, rows, k0, N, K, row_stride, BLOCK_K),
+                                  fp8_chunk_scales(s1_at, k0, K, BLOCK_K), x)
+            acc3 += fp8_times_row(fp8_slice(w3_at, rows, k0, N, K, row_stride, BLOCK_K),
+                                  fp8_chunk_scales(s3_at, k0, K, BLOCK_K), x)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            ok = (rows[:, None] < N) & (ks[None, :] < K)
+            w1 = tl.load(w1_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
+            w3 = tl.load(w3_at + rows[:, None] * row_stride + ks[None, :], mask=ok, other=0.0)
+            x = tl.load(x_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
             acc1 += tl.sum(w1.to(tl.float32) * x, axis=1)
             acc3 += tl.sum(w3.to(tl.float32) * x, axis=1)
     h = acc1 * tl.sigmoid(acc1) * acc3
@@ -293,14 +288,21 @@ def _down_rows(h_ptr, w2_ptr, s2_ptr, w2s_ptr, s2s_ptr, out_ptr, idx_ptr, gate_p
     rows = n0 + tl.arange(0, BLOCK_N)
     h_at = h_ptr + pair * stride_hm
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w2 = tl.load(w2_at + rows[:, None] * row_stride + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
-                     other=0.0)
-        h = tl.load(h_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-        if FP8:
-            h = h * _k_scales(w2s_at, scale_stride, n0, k0, K, BLOCK_N, BLOCK_K)
-        acc += tl.sum(w2.to(tl.float32) * h, axis=1)
+    if FP8:  # as in `_gate_up_rows`
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
+        s2_at = w2s_at + (n0 // SCALE_BLOCK) * scale_stride
+        for k0 in range(0, K, BLOCK_K):
+            ks = fp8_chunks(k0, BLOCK_K)
+            h = tl.load(h_at + ks, mask=ks < K, other=0.0).to(tl.float32)
+            acc += fp8_times_row(fp8_slice(w2_at, rows, k0, N, K, row_stride, BLOCK_K),
+                                 fp8_chunk_scales(s2_at, k0, K, BLOCK_K), h)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w2 = tl.load(w2_at + rows[:, None] * row_stride + ks[None, :],
+                         mask=(rows[:, None] < N) & (ks[None, :] < K), other=0.0)
+            h = tl.load(h_at + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+            acc += tl.sum(w2.to(tl.float32) * h, axis=1)
     gate = _pair_gate(pair, gate_ptr, k_routed, TOPK)
     tl.store(out_ptr + pair * stride_om + rows, acc * gate, mask=rows < N)
     if arrive(counter_ptr + tl.program_id(0), tl.num_programs(1)):
@@ -329,8 +331,9 @@ def _pair_sums(out_ptr, summed_ptr, residual_ptr, N, stride_om, TOPK: tl.constex
     _sum_pairs(out_ptr, summed_ptr, residual_ptr, tl.program_id(1), rows, N, stride_om, TOPK, RESIDUAL)
 
 
-_gate_up_rows_tuned = tuned(_gate_up_rows, ["K", "N", "TOPK"], restore_value=("load_ptr",))  # the choice counts load
-_down_rows_tuned = tuned(_down_rows, ["K", "N", "TOPK"])
+_gate_up_rows_tuned = tuned(_gate_up_rows, ["K", "N", "TOPK"], restore_value=("load_ptr",),  # the choice counts load
+                            weight="w1_ptr")
+_down_rows_tuned = tuned(_down_rows, ["K", "N", "TOPK"], weight="w2_ptr")
 
 
 @dataclass(frozen=True)
@@ -591,10 +594,10 @@ def launch_fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: to
 
 def _launch_rows(kernel, tuned_kernel, n: int, pairs: int, k_dim: int, topk: int, args: tuple, **meta) -> None:
     """One of the GEMV-form kernels over (n / BLOCK_N, pairs) programs (args[0], args[1]: its input and its routed
-    weight), launched as the GEMV's are (`gemv.launch_tiled`): the shape's tuned tile, the first candidate under
-    the interpreter or inside a capture."""
-    untimed = tile_of(K_CONTIGUOUS_TILES[0], k_dim)
+    weight), launched as the GEMV's are (`gemv.launch_tiled`): the shape's tuned tile (e4m3 weights among tiles of
+    their own), the first candidate under the interpreter or inside a capture."""
     x, weight = args[:2]
+    untimed = tile_of(tuning.default_config(weight), k_dim)
     launch_tiled(kernel, tuned_kernel, lambda block_n: (triton.cdiv(n, block_n), pairs), args, {"TOPK": topk, **meta},
                  None, (kernel.__name__, k_dim, n, topk, x.dtype, weight.dtype, x.device), untimed)
 

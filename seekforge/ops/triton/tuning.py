@@ -43,20 +43,34 @@ K_CONTIGUOUS_TILES = [GemvConfig(2, 2048, 2), GemvConfig(2, 1024, 2), GemvConfig
                       GemvConfig(4, 512, 4)]
 N_CONTIGUOUS_TILES = [GemvConfig(16, 64, 4), GemvConfig(16, 64, 1), GemvConfig(16, 64, 8), GemvConfig(32, 32, 2),
                       GemvConfig(16, 128, 4), GemvConfig(32, 64, 4)]
+# e4m3 weights (one byte each, K contiguous: `fp8_gemv`, the FP8 MoE's GEMV form): the 16-bit winners with twice the
+# weight elements a program, so that a slice keeps the bytes in flight of the 16-bit tile it mirrors (2 x 2048 x 2
+# bytes -> 4 x 2048 x 1 or 2 x 4096 x 1). block_n divides 128: a program's rows share one row of block scales.
+FP8_TILES = [GemvConfig(4, 2048, 4), GemvConfig(4, 2048, 2), GemvConfig(2, 4096, 2), GemvConfig(2, 2048, 2),
+             GemvConfig(8, 2048, 4), GemvConfig(4, 4096, 4), GemvConfig(2, 4096, 4), GemvConfig(8, 1024, 4),
+             GemvConfig(4, 1024, 2), GemvConfig(4, 512, 1), GemvConfig(2, 1024, 1), GemvConfig(8, 512, 2)]
+
+
+def candidate_tiles(weight: torch.Tensor) -> list[GemvConfig]:
+    """The tiles a GEMV over this weight times: for its layout, whole rows of K-contiguous weights, a few a program
+    (the projections; more of them for e4m3); where N is the contiguous dim (MLA's W_UK applied to the query),
+    column tiles that read whole lines."""
+    if weight.element_size() == 1:
+        return FP8_TILES
+    return K_CONTIGUOUS_TILES if weight.stride(-1) == 1 else N_CONTIGUOUS_TILES
 
 
 def default_config(weight: torch.Tensor) -> GemvConfig:
-    """The untimed tile for this weight's layout: whole rows of K-contiguous weights, a few a program (the
-    projections); where N is the contiguous dim (MLA's W_UK applied to the query), column tiles that read whole
-    lines."""
-    return (K_CONTIGUOUS_TILES if weight.stride(-1) == 1 else N_CONTIGUOUS_TILES)[0]
+    """The untimed tile for this weight: the first of its `candidate_tiles`."""
+    return candidate_tiles(weight)[0]
 
 
-def _fitting_tiles(configs, named_args, **kwargs):
-    """The candidates of the weight's layout, no wider than the weight's K (N-contiguous: N) needs."""
+def _fitting_tiles(named_args, weight: str):
+    """The candidates of the weight's (named_args[weight]'s) dtype and layout, no wider than the weight's K
+    (N-contiguous: N) needs."""
     k_rows = named_args.get("stride_wk", 1) == 1
     tiles, seen = [], set()
-    for cfg in K_CONTIGUOUS_TILES if k_rows else N_CONTIGUOUS_TILES:
+    for cfg in candidate_tiles(named_args[weight]):
         block_n, block_k = cfg.block_n, min(cfg.block_k, triton.next_power_of_2(named_args["K"]))
         if not k_rows:
             block_n = min(block_n, triton.next_power_of_2(named_args["N"]))
@@ -66,15 +80,17 @@ def _fitting_tiles(configs, named_args, **kwargs):
     return tiles
 
 
-def tuned(kernel, key: list[str], restore_value: tuple[str, ...] = ()):
-    """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles on each key's first launch, each timed
-    for ~20 ms with L2 flushed between runs (`Tuning.tile_clock`): well under a second a shape, once per process.
-    `restore_value` names the arguments a run accumulates into (atomic counts): each timed run gets them back as
-    they were, so the launch that tunes counts once, as every later launch does."""
+def tuned(kernel, key: list[str], restore_value: tuple[str, ...] = (), weight: str = "w_ptr"):
+    """`kernel` choosing BLOCK_N, BLOCK_K and warps among the fitting tiles of its argument `weight` (the matrix it
+    streams; e4m3 ones have tiles of their own) on each key's first launch, each timed for ~20 ms with L2 flushed
+    between runs (`Tuning.tile_clock`): well under a second a shape, once per process. (Triton's key holds every
+    tensor argument's dtype, so a kernel tunes 16-bit and e4m3 weights apart.) `restore_value` names the arguments a
+    run accumulates into (atomic counts): each timed run gets them back as they were, so the launch that tunes
+    counts once, as every later launch does."""
     name = kernel.__name__.lstrip("_")
 
     def prune(configs, named_args, **kwargs):
-        tiles = _fitting_tiles(configs, named_args, **kwargs)
+        tiles = _fitting_tiles(named_args, weight)
         pick = current().prune
         return tiles if pick is None else pick(name, tuple({**named_args, **kwargs}[k] for k in key), tiles)
 
