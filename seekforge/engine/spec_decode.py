@@ -122,31 +122,26 @@ def verify(logits: torch.Tensor, batch: SamplingBatch, first_rows: list[int], se
     j = torch.arange(k + 1, device=dev)
     penalised = target_logits(logits, batch)
     target = penalised.argmax(dim=-1)[index]  # [B, k + 1]
-    keep = drafts == target[:, :k]
-    if not batch.all_greedy:
-        p = filter_logits(penalised, batch).softmax(dim=-1)[index]  # [B, k + 1, vocab]
-        q = torch.zeros(len(seqs), k, p.shape[-1], device=dev)
-        for i, s in enumerate(seqs):
-            if s.draft_probs is not None:
-                q[i, :len(s.drafts)] = s.draft_probs
-        keys, counters = RowKeys.of([s.key for s in seqs], dev).at((len(s.token_ids) for s in seqs), len(seqs), dev)
-        u = ops.uniform(keys, counters, ACCEPT, k)
-        p_d = p[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)
-        q_d = q.gather(2, drafts.unsqueeze(2)).squeeze(2)
-        keep = torch.where(greedy.unsqueeze(1), keep, u * q_d < p_d)
+    p = filter_logits(penalised, batch).softmax(dim=-1)[index]  # [B, k + 1, vocab]
+    q = torch.zeros(len(seqs), k, p.shape[-1], device=dev)
+    for i, s in enumerate(seqs):
+        if s.draft_probs is not None:
+            q[i, :len(s.drafts)] = s.draft_probs
+    keys, counters = RowKeys.of([s.key for s in seqs], dev).at((len(s.token_ids) for s in seqs), len(seqs), dev)
+    u = ops.uniform(keys, counters, ACCEPT, k)
+    p_d = p[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)
+    q_d = q.gather(2, drafts.unsqueeze(2)).squeeze(2)
+    keep = torch.where(greedy.unsqueeze(1), drafts == target[:, :k], u * q_d < p_d)
     keep &= j[:k].unsqueeze(0) < n_drafts.unsqueeze(1)
     accepted = keep.int().cumprod(dim=1).sum(dim=1)  # [B]
-    if not batch.all_greedy:
-        at = accepted.view(-1, 1, 1).expand(-1, 1, p.shape[-1])
-        p_a = p.gather(1, at).squeeze(1)
-        q_a = torch.cat([q, q.new_zeros(len(seqs), 1, q.shape[-1])], dim=1)  # q is 0 past the drafts
-        q_a = q_a.gather(1, at).squeeze(1)
-        residual = (p_a - q_a).clamp(min=0)
-        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
-        sampled = ops.exponential_race(residual, keys, counters + accepted, SAMPLE)
-        final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
-    else:
-        final = target.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    at = accepted.view(-1, 1, 1).expand(-1, 1, p.shape[-1])
+    p_a = p.gather(1, at).squeeze(1)
+    q_a = torch.cat([q, q.new_zeros(len(seqs), 1, q.shape[-1])], dim=1)  # q is 0 past the drafts
+    q_a = q_a.gather(1, at).squeeze(1)
+    residual = (p_a - q_a).clamp(min=0)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
+    sampled = ops.exponential_race(residual, keys, counters + accepted, SAMPLE)
+    final = torch.where(greedy, target.gather(1, accepted.unsqueeze(1)).squeeze(1), sampled)
     # the host's one wait for the device this step: the accepted counts and emitted tokens in one copy
     accepted_host, final_host = torch.stack([accepted, final]).tolist()
     return [Verified(s.drafts[:a] + [tok], a, range(first, first + a + 1))

@@ -463,8 +463,6 @@ def _(x, norm_weight, eps, wa, sa, wb, sb):
     return x.new_empty(x.shape[0], wa.shape[0]), x.new_empty(x.shape[0], wb.shape[0])
 
 
-
-
 def last_tuned_tile(fp8: bool = False) -> GemvConfig | None:
     """The tile the latest tuned launch of `gemv` (fp8: of `fp8_gemv`) ran (benchmarks report it)."""
     tuner = _fp8_gemv_tuned if fp8 else _gemv_tuned
