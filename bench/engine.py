@@ -113,7 +113,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def decode_rate(gen, prompts, new: int, repeats: int) -> float:
     t_first = best_of(repeats, lambda: gen(prompts, 1))
     t_all = best_of(repeats, lambda: gen(prompts, new))
-    return prompts.shape[0] * (new - 1) / max(t_all - t_first, 1e-9)
+    if t_all <= t_first:  # a first call that compiled or tuned kernels: no rate can be read from these two times
+        raise RuntimeError(f"decode_rate: {new} tokens took {t_all:.4f} s, one took {t_first:.4f} s; warm the "
+                           "engine up at these shapes before timing")
+    return prompts.shape[0] * (new - 1) / (t_all - t_first)
 
 
 def decode_roofline(cfg: ModelConfig, copy_bytes_per_s: float, prompt: int, new: int, elsize: int) -> dict:
