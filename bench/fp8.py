@@ -244,11 +244,13 @@ def fp8_matmul_flops(device: torch.device) -> float | None:
 def speed(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else "cuda")
     cfg = ModelConfig.load(args.config).replace(n_mtp_modules=0)
+    if args.layers:
+        cfg = cfg.replace(n_layers=args.layers)
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     flops_per_token = training_flops_per_token(cfg, args.seq)
-    result = {"bench": "fp8_speed", "config": args.config, "batch": args.batch, "seq": args.seq,
+    result = {"bench": "fp8_speed", "config": args.config, "layers": cfg.n_layers, "batch": args.batch, "seq": args.seq,
               "machine": machine(device), "ceilings": ceilings(device, torch.bfloat16),
               "fp8_matmul_flops": fp8_matmul_flops(device), "flops_per_token": flops_per_token}
     for recipe in ("none", "blockwise"):
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("mode", choices=["parity", "speed", "engine", "experts"])
     ap.add_argument("--config", default=None, help="parity: a train config (default tiny); speed, engine: a model "
                                                     "preset (default 16b)")
-    ap.add_argument("--layers", type=int, default=None, help="engine: override n_layers")
+    ap.add_argument("--layers", type=int, default=None, help="engine, speed: override n_layers")
     ap.add_argument("--tokens", type=int, default=8192, help="experts: tokens routed (rows: tokens x top-k)")
     ap.add_argument("--prompt-len", type=int, default=128, help="engine: decode prompts' tokens")
     ap.add_argument("--new-tokens", type=int, default=64, help="engine: tokens each timed decode generates")
