@@ -178,6 +178,8 @@ def engine(args) -> dict:
     if device.type == "cuda":
         result["ceilings"] = ceilings(device, dtype)
         result["scaled_mm_layout"] = scaled_mm_layout(device, True)
+    result["projections"] = projection_errors(fp8, device)
+    result["forward_drift"] = forward_drift(fp8, bf16, cfg.vocab_size, device)
     settings = {"max_num_seqs": max(args.batch, 8), "kv_cache_memory": int(args.kv_cache_gib * 2**30),
                 "cuda_graphs": device.type == "cuda", "compile": args.compile}
     engines = {"bf16": LLM(bf16, **settings), "fp8": LLM(fp8, **settings)}
@@ -228,6 +230,53 @@ def engine(args) -> dict:
 
 
 # ---------------------------------------------------------------- speed (GPU)
+def projection_errors(model: Transformer, device: torch.device) -> dict:
+    """Per shape of the FP8 projections: `ops.fp8_linear`'s relative error (Frobenius) against the fp32 product of
+    a bf16 x and the dequantised weight, at 1 row (the FP8 GEMV: x kept in bf16) and at 64 (the blockwise GEMM:
+    x quantised in 1x128 e4m3 tiles), beside that quantisation's own error (x rounded through e4m3 and multiplied
+    exactly), the floor the GEMM's error should sit at. The end-to-end logits compound these over the layers."""
+    from seekforge.model.fp8_weights import FP8WeightLinear
+    from seekforge.ops import fp8_linear
+    from seekforge.ops.quant import dequantise_blocks, dequantise_tiles
+
+    gen = torch.Generator().manual_seed(2)
+    out = {}
+    with torch.no_grad():
+        for module in model.modules():
+            shape = f"{module.out_features}x{module.in_features}" if isinstance(module, FP8WeightLinear) else None
+            if shape is None or shape in out:
+                continue
+            w = dequantise_blocks(module.weight, module.weight_scale_inv)
+            entry = {}
+            for rows, key in ((1, "gemv"), (64, "gemm")):
+                x = torch.randn(rows, module.in_features, generator=gen).to(device, torch.bfloat16)
+                want = x.float() @ w.t()
+                entry[key] = _rel(fp8_linear(x, module.weight, module.weight_scale_inv), want)
+                if key == "gemm":
+                    entry["e4m3_input_rounding"] = _rel(dequantise_tiles(*quantise_tiles(x.float())) @ w.t(), want)
+            out[shape] = entry
+            print(f"fp8_linear {shape:>12s}: rel error 1 row {entry['gemv']:.4f}, 64 rows {entry['gemm']:.4f} "
+                  f"(x's e4m3 rounding alone {entry['e4m3_input_rounding']:.4f})", flush=True)
+    return out
+
+
+def forward_drift(fp8: Transformer, bf16: Transformer, vocab: int, device: torch.device) -> dict:
+    """The FP8 model's logits against the bf16 one's (its weights dequantised), one forward of 4 tokens (every
+    projection on the GEMV) and of 64 (on the blockwise GEMM, x in e4m3): relative error and top-1 agreement, to
+    tell the projections' error from what the layers make of it."""
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    with torch.no_grad():
+        for length in (4, 64):
+            tokens = torch.randint(2, vocab, (1, length), generator=gen).to(device)
+            got, want = fp8(tokens).float()[0], bf16(tokens).float()[0]
+            out[f"tokens_{length}"] = {"rel_error": _rel(got, want),
+                                       "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+            print(f"forward of {length} tokens, FP8 against bf16: rel error {out[f'tokens_{length}']['rel_error']:.4f}, "
+                  f"top-1 {out[f'tokens_{length}']['top1_agreement']:.3f}", flush=True)
+    return out
+
+
 def fp8_matmul_flops(device: torch.device) -> float | None:
     """The blockwise FP8 GEMM (1x128 tiles times 128x128 blocks) at 8192^3, FLOP/s; None where torch._scaled_mm
     does not run it."""
