@@ -109,16 +109,23 @@ class FP8WeightExperts(Experts):
         return tuple(dequantise_blocks(w, getattr(self, n + SCALE_SUFFIX), dtype)
                      for n, w in zip(EXPERT_WEIGHTS, weights))
 
-    def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-               expert_of_row: torch.Tensor) -> torch.Tensor:
-        if w.dtype != FP8:  # dequantised by `stacked`
-            return grouped_linear(x, w, offsets, expert_of_row)
-        scale = next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+    def matmul(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], offsets: torch.Tensor,
+               expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if weights[0].dtype != FP8:  # dequantised by `stacked`
+            return super().matmul(x, weights, offsets, expert_of_row)
+        scales = [next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+                  for w in weights]
         kernels = GROUPED.on(x.device)
         if kernels is not None and not torch.is_grad_enabled():
-            # at any row count: a row block reads its expert's e4m3 bytes once, and experts without rows none
+            # at any row count: a row block reads its expert's e4m3 bytes once, and experts without rows none; x
+            # quantised once for the weights that read it
             xq, xs = quantise_rows(x)
-            return kernels.fp8_grouped_mm(xq, xs, w, scale, offsets, x.dtype)
+            return tuple(kernels.fp8_grouped_mm(xq, xs, w, s, offsets, x.dtype) for w, s in zip(weights, scales))
+        return tuple(self._dequantised_matmul(x, w, s, offsets, expert_of_row) for w, s in zip(weights, scales))
+
+    def _dequantised_matmul(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor,
+                            expert_of_row: torch.Tensor) -> torch.Tensor:
+        """The reference's grouped matmul of x by the e4m3 w, dequantised into x's dtype."""
         if x.shape[0] < self.n_experts:  # decode: only the rows' experts are read (rows, not experts: no sync)
             q = w.view(torch.uint8).index_select(0, expert_of_row).view(FP8)  # gathered as bytes
             rows = dequantise_blocks(q, scale.index_select(0, expert_of_row), x.dtype)  # [rows, out, in]

@@ -171,29 +171,33 @@ def _fp8_experts(n_experts: int, dim: int, inter: int, seed: int) -> Experts:
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
 def test_experts_run_the_grouped_gemm_on_their_stored_weights(dtype):
-    """One grouped matmul (rows sorted by expert, one expert without rows, counts that are multiples of nothing) by
-    hand, and the experts' forward (prefill's many rows) against the dequantising reference."""
+    """The grouped matmuls of w1 and w3, which read the same rows (sorted by expert, one expert without rows, counts
+    that are multiples of nothing), from one quantisation of them, by hand; and the experts' forward (prefill's many
+    rows: the rows quantised for w1 and w3 once, w2's input once) against the dequantising reference."""
     experts = _fp8_experts(5, 144, 200, seed=1)
     counts = torch.tensor([37, 0, 5, 141, 21])
     offsets = counts.cumsum(0).to(torch.int32).to(DEVICE)
     expert_of_row = torch.repeat_interleave(torch.arange(5), counts).to(DEVICE)
     x = torch.randn(int(counts.sum()), 144).to(DEVICE, dtype)
     with torch.no_grad(), torch.profiler.profile() as prof, ops.backend("triton"):
-        got = experts.matmul(x, experts.w1, offsets, expert_of_row)
-    assert {e.key: e.count for e in prof.key_averages()}.get("seekforge::fp8_grouped_mm") == 1
+        gate, up = experts.matmul(x, (experts.w1, experts.w3), offsets, expert_of_row)
+    assert {e.key: e.count for e in prof.key_averages()}.get("seekforge::fp8_grouped_mm") == 2
+    assert _quantisations(prof) == 1
     xq = _tiles_by_hand(x.cpu()).double()
-    start = 0
-    for e, count in enumerate(counts.tolist()):
-        w = dequantise_by_hand(experts.w1[e].cpu(), experts.w1_scale_inv[e].cpu()).double()
-        if count:
-            assert _rel(got[start:start + count], xq[start:start + count] @ w.t()) < ACCUMULATION[dtype]
-        start += count
+    for got, w, scale in ((gate, experts.w1, experts.w1_scale_inv), (up, experts.w3, experts.w3_scale_inv)):
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            w_e = dequantise_by_hand(w[e].cpu(), scale[e].cpu()).double()
+            if count:
+                assert _rel(got[start:start + count], xq[start:start + count] @ w_e.t()) < ACCUMULATION[dtype]
+            start += count
 
     tokens = torch.randn(120, 144).to(DEVICE, dtype)  # 240 (token, expert) rows, 48 an expert
     weights, indices = torch.rand(120, 2, device=DEVICE), torch.stack([torch.randperm(5)[:2] for _ in range(120)])
     with torch.no_grad():
-        with ops.backend("triton"):
+        with ops.backend("triton"), torch.profiler.profile() as prof:
             y, load = experts(tokens, weights, indices.to(DEVICE))
+        assert _quantisations(prof) == 2
         with ops.backend("torch"):
             want, want_load = experts(tokens, weights, indices.to(DEVICE))
     assert y.dtype == dtype and torch.equal(load, want_load)
@@ -230,9 +234,9 @@ def test_engine_prefill_over_fp8_weights_runs_the_fp8_gemms(compiled):
     moe_layers = cfg.n_layers - cfg.n_dense_layers
     assert counts.get("seekforge::fp8_grouped_mm", 0) >= 3 * moe_layers
     # each FP8 projection's input, once where several read it (MLA's wq_a with wkv_a, wq_b, wo; the dense or shared
-    # MLP's w1 with w3, w2), and the routed experts' three GEMMs' (compiled: the trace's calls on fake tensors count
+    # MLP's w1 with w3, w2; the routed experts' w1 with w3, w2) (compiled: the trace's calls on fake tensors count
     # too)
-    quantised, inputs = counts.get("seekforge::fp8_quantise_tiles", 0), 5 * cfg.n_layers + 3 * moe_layers
+    quantised, inputs = counts.get("seekforge::fp8_quantise_tiles", 0), 5 * cfg.n_layers + 2 * moe_layers
     assert quantised >= inputs if compiled else quantised == inputs
     error = logit_error(want, got)
     # measured on the CPU: max 0.032
