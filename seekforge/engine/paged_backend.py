@@ -148,7 +148,8 @@ def normed_projections(mla: MLA, norm: nn.Module, h: torch.Tensor) -> tuple[torc
     first, wkv_a = mla.input_projections
     scales = tuple(getattr(p, "weight_scale_inv", None) for p in (first, wkv_a))
     if all(s is not None for s in scales):
-        return ops.normed_projections(h, norm, first.weight, wkv_a.weight, scales=scales)
+        return ops.normed_projections(h, norm, first.weight, wkv_a.weight, scales=scales,
+                                      padded=(first.gemm_operands, wkv_a.gemm_operands))
     if not (isinstance(first, nn.Linear) and isinstance(wkv_a, nn.Linear)):
         return mla.project(norm(h))
     return ops.normed_projections(h, norm, first.weight, wkv_a.weight)

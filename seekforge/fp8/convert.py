@@ -36,8 +36,8 @@ class FP8Linear(nn.Linear):
 class FP8Experts(Experts):
     """Routed experts whose three grouped GEMMs run in FP8."""
 
-    def matmul(self, x, w, offsets, expert_of_row):
-        return fp8_grouped_linear(x, w, offsets, expert_of_row)
+    def matmul(self, x, weights, offsets, expert_of_row):
+        return tuple(fp8_grouped_linear(x, w, offsets, expert_of_row) for w in weights)
 
 
 def check_recipe(recipe: str) -> None:

@@ -13,10 +13,13 @@ parameters at 16b and 671b.
 
 Compute: `FP8WeightLinear` calls `ops.fp8_linear`: on CUDA the Triton FP8 GEMV for decode's few rows, and for more
 (prefill, large decode batches) the input quantised in 1x128 tiles and the blockwise FP8 GEMM (torch._scaled_mm)
-against the stored e4m3 weight and its scales. The engine's MoE blocks (`ops.moe_forward`) run decode's routed
-experts, with the shared ones, in the fused Triton MoE kernels, which read the e4m3 weights and their scales as they
-are; elsewhere (prefill's many rows) `FP8WeightExperts` quantise the sorted rows in 1x128 tiles and run FP8
-training's grouped GEMM kernel (`fp8_grouped_mm`) against the stored expert weights. Neither re-quantises a weight.
+against the stored e4m3 weight and its scales, kept zero-padded to the shapes the GEMM takes (the weight and its
+scales are views of them, in the checkpoint's shapes). Projections of one input (MLA's wq or wq_a with wkv_a, a
+SwiGLU's w1 with w3) run together (`ops.projections`), the input quantised once. The engine's MoE blocks
+(`ops.moe_forward`) run decode's routed experts, with the shared ones, in the fused Triton MoE kernels, which read the
+e4m3 weights and their scales as they are; elsewhere (prefill's many rows) `FP8WeightExperts` quantise the sorted
+rows in 1x128 tiles and run FP8 training's grouped GEMM kernel (`fp8_grouped_mm`) against the stored expert weights.
+Neither re-quantises a weight.
 The reference, on the CPU, with `ops.backend("torch")`, and under autograd: each weight dequantised into the
 input's dtype (for the experts, with fewer (token, expert) rows than experts, each row's expert matrix alone,
 gathered, then one small matmul a row; otherwise every expert of the layer, then the model's grouped matmul).
@@ -36,7 +39,7 @@ from seekforge.errors import ConfigError
 from seekforge.model.moe import Experts, grouped_linear
 from seekforge.model.transformer import Transformer
 from seekforge.ops import fp8_linear
-from seekforge.ops.blockwise_mm import GROUPED
+from seekforge.ops.blockwise_mm import GROUPED, pad_weight
 from seekforge.ops.quant import BLOCK, FP8, cdiv, dequantise_blocks, quantise_blocks, quantise_rows
 
 # config.json's quantization_config of a checkpoint with these weights (DeepSeek-V3's)
@@ -60,7 +63,10 @@ def _quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FP8WeightLinear(nn.Module):
-    """A bias-free linear layer whose weight [out, in] is e4m3 with 128x128 block scales (`weight_scale_inv`)."""
+    """A bias-free linear layer whose weight [out, in] is e4m3 with 128x128 block scales (`weight_scale_inv`). Both are
+    views of `gemm_operands`: the same zero-padded to the shapes the blockwise FP8 GEMM takes (`pad_weight`), made
+    here and again where the module moves (`_apply`), so that no call pads them; a loader copies into the views,
+    which keep the checkpoint's shapes."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -68,9 +74,23 @@ class FP8WeightLinear(nn.Module):
         q, s = _quantised(weight)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale_inv", s)
+        self._pad()
+
+    def _pad(self) -> None:
+        """Makes `gemm_operands` from the weight and its scales, and the two views of them."""
+        n, k = self.out_features, self.in_features
+        w, s = self.gemm_operands = pad_weight(self.weight.detach(), self.weight_scale_inv)
+        self.weight = nn.Parameter(w[:n, :k], requires_grad=False)
+        self.weight_scale_inv = s[:cdiv(n, BLOCK), :cdiv(k, BLOCK)]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.is_meta or self.weight.data_ptr() != self.gemm_operands[0].data_ptr():  # new tensors
+            self._pad()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale_inv)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.gemm_operands)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks"
@@ -89,16 +109,23 @@ class FP8WeightExperts(Experts):
         return tuple(dequantise_blocks(w, getattr(self, n + SCALE_SUFFIX), dtype)
                      for n, w in zip(EXPERT_WEIGHTS, weights))
 
-    def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-               expert_of_row: torch.Tensor) -> torch.Tensor:
-        if w.dtype != FP8:  # dequantised by `stacked`
-            return grouped_linear(x, w, offsets, expert_of_row)
-        scale = next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+    def matmul(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], offsets: torch.Tensor,
+               expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if weights[0].dtype != FP8:  # dequantised by `stacked`
+            return super().matmul(x, weights, offsets, expert_of_row)
+        scales = [next(getattr(self, n + SCALE_SUFFIX) for n in EXPERT_WEIGHTS if getattr(self, n) is w)
+                  for w in weights]
         kernels = GROUPED.on(x.device)
         if kernels is not None and not torch.is_grad_enabled():
-            # at any row count: a row block reads its expert's e4m3 bytes once, and experts without rows none
+            # at any row count: a row block reads its expert's e4m3 bytes once, and experts without rows none; x
+            # quantised once for the weights that read it
             xq, xs = quantise_rows(x)
-            return kernels.fp8_grouped_mm(xq, xs, w, scale, offsets, x.dtype)
+            return tuple(kernels.fp8_grouped_mm(xq, xs, w, s, offsets, x.dtype) for w, s in zip(weights, scales))
+        return tuple(self._dequantised_matmul(x, w, s, offsets, expert_of_row) for w, s in zip(weights, scales))
+
+    def _dequantised_matmul(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor,
+                            expert_of_row: torch.Tensor) -> torch.Tensor:
+        """The reference's grouped matmul of x by the e4m3 w, dequantised into x's dtype."""
         if x.shape[0] < self.n_experts:  # decode: only the rows' experts are read (rows, not experts: no sync)
             q = w.view(torch.uint8).index_select(0, expert_of_row).view(FP8)  # gathered as bytes
             rows = dequantise_blocks(q, scale.index_select(0, expert_of_row), x.dtype)  # [rows, out, in]

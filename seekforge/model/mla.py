@@ -35,6 +35,7 @@ from seekforge.model.backend import EXPLICIT, Backend
 from seekforge.model.config import ModelConfig
 from seekforge.model.norm import RMSNorm
 from seekforge.ops.attention import dot_product_attention
+from seekforge.ops.gemv import projections
 from seekforge.ops.mla_decode import attend_latents
 from seekforge.ops.rotary import apply_rotary
 
@@ -71,9 +72,9 @@ class MLA(nn.Module):
         return (self.wq_a if hasattr(self, "wq_a") else self.wq), self.wkv_a
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised x [b, s, dim] -> (q, kv_a): the query's first projection and wkv_a's output."""
-        first, wkv_a = self.input_projections
-        return first(x), wkv_a(x)
+        """Normalised x [b, s, dim] -> (q, kv_a): the query's first projection and wkv_a's output (together: FP8
+        weights quantise x once for both, `projections`)."""
+        return projections(x, *self.input_projections)
 
     def query_heads(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The query's first projection -> q_nope [b, s, h, d], q_pe [b, s, h, r], not yet rotated."""

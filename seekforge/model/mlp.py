@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekforge.ops.gemv import projections
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, inter_dim: int):
@@ -13,4 +15,5 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = projections(x, self.w1, self.w3)  # together: FP8 weights quantise x once for both
+        return self.w2(F.silu(gate) * up)

@@ -133,12 +133,14 @@ def sort_pairs(indices: torch.Tensor, n_experts: int) -> SortedPairs:
 def swiglu(matmul, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, offsets: torch.Tensor,
            expert_of_row: torch.Tensor, gate_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Every routed expert's SwiGLU over its segment of `rows` [m, dim] (sorted by expert, segment ends
-    `offsets`), through `matmul` (`Experts.matmul`'s signature); `gate_weight` [m, 1], where given, scales each
-    row's SwiGLU output before the (linear) down projection: the narrower tensor. Returns [m, dim]."""
-    h = F.silu(matmul(rows, w1, offsets, expert_of_row)) * matmul(rows, w3, offsets, expert_of_row)
+    `offsets`), through `matmul` (`Experts.matmul`'s signature: w1 and w3 in one call, as they read the same rows);
+    `gate_weight` [m, 1], where given, scales each row's SwiGLU output before the (linear) down projection: the
+    narrower tensor. Returns [m, dim]."""
+    gate, up = matmul(rows, (w1, w3), offsets, expert_of_row)
+    h = F.silu(gate) * up
     if gate_weight is not None:
         h = (h * gate_weight).to(h.dtype)
-    return matmul(h, w2, offsets, expert_of_row)
+    return matmul(h, (w2,), offsets, expert_of_row)[0]
 
 
 def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,10 +177,11 @@ class Experts(nn.Module):
         per_group = self.n_experts // self.n_groups
         return expert % per_group >= per_group - self.n_deep // self.n_groups
 
-    def matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-               expert_of_row: torch.Tensor) -> torch.Tensor:
-        """The grouped matmul of the three projections (`grouped_linear`); the FP8 converter replaces it."""
-        return grouped_linear(x, w, offsets, expert_of_row)
+    def matmul(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], offsets: torch.Tensor,
+               expert_of_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The grouped matmuls (`grouped_linear`) of x by each of `weights`, projections that read it (w1 and w3, or
+        w2); the FP8 converters replace it."""
+        return tuple(grouped_linear(x, w, offsets, expert_of_row) for w in weights)
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """w1, w2, w3 as a forward over x of `dtype` multiplies them: the parameters themselves; FP8 weights

@@ -7,6 +7,8 @@ experts' grouped one. FP8 training's GEMMs (`seekforge.fp8.gemm`) and the engine
   layouts differ between torch versions: the first use on a device checks each candidate layout against the
   reference on a small problem and keeps the one that agrees (`scaled_mm_layout`; where none does, the device
   takes the reference, with a warning). Elsewhere the reference (`reference_mm`): dequantise, multiply in fp32.
+  Its operands are padded to the sizes cuBLASLt takes on every call, except a weight kept padded (`pad_weight`:
+  FP8 weights, which hold it once).
 - Grouped: the Triton kernels of `seekforge.ops.triton.fp8_grouped` (op "fp8_grouped", where the backend runs
   Triton; "auto": on CUDA): torch's grouped scaled GEMM is rowwise-only on sm90.
 """
@@ -44,7 +46,24 @@ def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _pad_scale(s: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if s.shape == (rows, cols):
+        return s
     return F.pad(s, (0, cols - s.shape[1], 0, rows - s.shape[0]), value=1.0)
+
+
+def padded_sizes(m: int, k: int, n: int, b_blocks: bool) -> tuple[int, int, int]:
+    """(m, k, n) rounded up to sizes cuBLASLt's block scaling takes: k to a multiple of 512, so that the scale grid's
+    k extent is a multiple of 4 and its stride 16-byte aligned; m to 16; n to 128 for b in blocks, 16 for tiles."""
+    return _round_up(m, 16), _round_up(k, 4 * BLOCK), _round_up(n, BLOCK if b_blocks else 16)
+
+
+def pad_weight(b: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An e4m3 weight b [n, k] and its 128x128 block scales [n/128, k/128] (both rounded up), zero-padded (the scales
+    with ones) to the shapes `scaled_mm_operands` pads them to, which it then takes as they are; b [:n, :k] and
+    b_scale's [:n/128, :k/128] are the weight and scales again."""
+    n, k = b.shape
+    _, kp, np_ = padded_sizes(0, k, n, True)
+    return _pad_fp8(b, np_, kp), _pad_scale(b_scale, np_ // BLOCK, kp // BLOCK)
 
 
 def _outer_major(s: torch.Tensor) -> torch.Tensor:
@@ -55,15 +74,12 @@ def _outer_major(s: torch.Tensor) -> torch.Tensor:
 def scaled_mm_operands(a, a_scale, b, b_scale, b_blocks: bool, layout: str) -> tuple[torch.Tensor, ...]:
     """The arguments (mat1, mat2, scale_a, scale_b) of torch._scaled_mm for `reference_mm`'s product, laid out as
     torch's checks want them whatever the strides of the tensors given (a transposed weight and its transposed
-    scale grid included). The operands are padded to shapes cuBLASLt's block scaling takes (k to a multiple of
-    512, so the scale grid's k extent is a multiple of 4 and its 16-byte aligned stride; m to 16; n to 128 for
-    blocks, 16 for tiles): mat1 [m, k] row-major, mat2 [k, n] column-major; a's 1x128 tile scales [m, k/128]
-    outer-dim-major (stride (1, m)); b's 128x128 block scales [k/128, n/128] with stride (1, k/128); b's 1x128 tile
-    scales as `layout`, the probed orientation: "kn" [k/128, n] row-major (torch 2.9+), "nk" [n, k/128] with
-    stride (1, n)."""
-    m, k = a.shape
-    n = b.shape[0]
-    mp, kp, np_ = _round_up(m, 16), _round_up(k, 4 * BLOCK), _round_up(n, BLOCK if b_blocks else 16)
+    scale grid included). The operands are padded to shapes cuBLASLt's block scaling takes (`padded_sizes`; b and
+    its scales given padded so, as `pad_weight` pads them, are taken as they are): mat1 [m, k] row-major, mat2
+    [k, n] column-major; a's 1x128 tile scales [m, k/128] outer-dim-major (stride (1, m)); b's 128x128 block scales
+    [k/128, n/128] with stride (1, k/128); b's 1x128 tile scales as `layout`, the probed orientation: "kn" [k/128, n]
+    row-major (torch 2.9+), "nk" [n, k/128] with stride (1, n)."""
+    mp, kp, np_ = padded_sizes(*a.shape, b.shape[0], b_blocks)
     kt = kp // BLOCK
     a, b = _pad_fp8(a, mp, kp), _pad_fp8(b, np_, kp)
     sa = _outer_major(_pad_scale(a_scale, mp, kt))
@@ -121,12 +137,19 @@ def scaled_mm_layout(device: torch.device, b_blocks: bool) -> str | None:
     return _LAYOUTS[key]
 
 
-def blockwise_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """`reference_mm`'s product, through torch._scaled_mm where it works on the operands' device."""
+def blockwise_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype,
+                 n: int | None = None) -> torch.Tensor:
+    """`reference_mm`'s product, through torch._scaled_mm where it works on the operands' device. `n`: b, in blocks,
+    and its scales come padded (`pad_weight`), its first n rows the weight (the output's columns)."""
     layout = scaled_mm_layout(a.device, b_blocks)
+    if n is None:
+        n = b.shape[0]
+    elif layout is None:
+        k = a.shape[1]
+        b, b_scale = b[:n, :k], b_scale[:cdiv(n, BLOCK), :cdiv(k, BLOCK)]
     if layout is None:
         return reference_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
-    return _scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype, layout)
+    return _scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype, layout)[:, :n]
 
 
 def weights_in_fp8(device: torch.device) -> bool:

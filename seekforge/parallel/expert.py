@@ -84,10 +84,10 @@ class _GradDivide(torch.autograd.Function):
         return grad / ctx.divisor, None
 
 
-def _empty_matmul(x, w, offsets, expert_of_row):
+def _empty_matmul(x, weights, offsets, expert_of_row):
     # grouped matmul kernels mishandle a total of zero rows (their weight gradient may be left unwritten); the
     # gather-and-bmm form gives the empty output and an exact zero gradient, so every rank's weights get one
-    return looped_linear(x, w, expert_of_row)
+    return tuple(looped_linear(x, w, expert_of_row) for w in weights)
 
 
 class ExpertParallel:

@@ -313,9 +313,9 @@ def test_a_converted_models_training_step_runs_every_fp8_gemm_as_the_reference(m
     errors = []
     monkeypatch.setattr(FP8Linear, "forward",
                         lambda self, x: _Checked.apply(x, self.weight, fp8_linear, _reference_linear, errors))
-    monkeypatch.setattr(FP8Experts, "matmul", lambda self, x, w, offsets, rows: _Checked.apply(
+    monkeypatch.setattr(FP8Experts, "matmul", lambda self, x, weights, offsets, rows: tuple(_Checked.apply(
         x, w, lambda a, b: fp8_grouped_linear(a, b, offsets, rows),
-        lambda a, b, dy: _reference_grouped(a, b, _counts(offsets), dy), errors))
+        lambda a, b, dy: _reference_grouped(a, b, _counts(offsets), dy), errors) for w in weights))
     model = convert_to_fp8(_tiny())
     loss_checked, grads_checked = step(model)
     assert loss_checked == loss_fp8 and all(torch.equal(grads_checked[n], grads_fp8[n]) for n in grads_fp8)

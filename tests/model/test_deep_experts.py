@@ -76,7 +76,8 @@ def test_mixed_depth_in_bf16_matches_naive_loop(device):
 def test_mixed_depth_fallback_matmul_matches_naive_loop(monkeypatch):
     m = _moe(1)
     x = torch.randn(2, 9, 128)
-    monkeypatch.setattr(m.experts, "matmul", lambda x, w, offsets, expert_of_row: looped_linear(x, w, expert_of_row))
+    monkeypatch.setattr(m.experts, "matmul", lambda x, weights, offsets, expert_of_row: tuple(
+        looped_linear(x, w, expert_of_row) for w in weights))
     torch.testing.assert_close(m(x)[0], _naive(m, x.view(-1, 128)).view(2, 9, 128), atol=1e-5, rtol=1e-5)
 
 

@@ -66,9 +66,28 @@ def test_fp8_weights_compute_as_the_checkpoint_dequantised(fp8_ckpt):
         torch.testing.assert_close(fp8(tokens), bf16(tokens), atol=0, rtol=0)
 
 
+def _padded_in_place(model) -> int:
+    """Checks that every FP8 linear layer's weight and scales are views of its GEMM operands (`gemm_operands`, so the
+    loader copied into them), whose padding holds zeros (the scales': ones); returns how many have padding."""
+    padded = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FP8WeightLinear):
+            continue
+        w, s = module.gemm_operands
+        (n, k), (sn, sk) = module.weight.shape, module.weight_scale_inv.shape
+        assert module.weight.data_ptr() == w.data_ptr(), name
+        assert module.weight_scale_inv.data_ptr() == s.data_ptr(), name
+        assert not w.view(torch.uint8)[n:].any() and not w.view(torch.uint8)[:, k:].any(), name
+        assert (s[sn:] == 1).all() and (s[:, sk:] == 1).all(), name
+        padded += w.shape != module.weight.shape
+    return padded
+
+
 def test_save_writes_deepseeks_layout_and_round_trips(fp8_ckpt, tmp_path):
+    """The checkpoint's tensors in their published shapes, though the model keeps its FP8 weights padded."""
     path, tensors = fp8_ckpt
     model = from_pretrained(path, dtype=torch.bfloat16, fp8_weights=True)
+    assert _padded_in_place(model) > 0
     model.save_pretrained(tmp_path / "again")
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["quantization_config"] == QUANTIZATION_CONFIG
@@ -77,6 +96,7 @@ def test_save_writes_deepseeks_layout_and_round_trips(fp8_ckpt, tmp_path):
         assert saved[key].dtype == FP8 and torch.equal(saved[key].view(torch.uint8), tensors[key].view(torch.uint8))
         assert torch.equal(saved[key + "_scale_inv"], tensors[key + "_scale_inv"])
     back = from_pretrained(tmp_path / "again", dtype=torch.bfloat16, fp8_weights=True)
+    assert _padded_in_place(back) > 0
     want, got = model.state_dict(), back.state_dict()
     assert set(got) == set(want)
     for name in want:
@@ -109,6 +129,20 @@ def test_a_live_model_converts_in_place_to_the_same_weights():
     assert torch.equal(experts.w2[3].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(experts.w2_scale_inv[3], scale)
     assert not any(p.requires_grad for p in experts.parameters())
+
+
+def test_fp8_layers_stay_views_of_their_padded_operands_where_the_model_moves():
+    """Moving the model (`to`, `to_empty`) makes its tensors anew: the FP8 layers pad again, and a state dict loads
+    into the views, the GEMM's operands."""
+    torch.manual_seed(3)
+    model = to_fp8_weights(seekforge.Transformer(CFG).to(torch.bfloat16))
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    assert _padded_in_place(model.to("cpu")) > 0
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    assert _padded_in_place(model) > 0
+    for name, t in model.state_dict().items():
+        assert t.shape == state[name].shape and torch.equal(t.view(torch.uint8), state[name].view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("preset", ["16b", "671b"])

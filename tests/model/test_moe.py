@@ -43,7 +43,8 @@ def test_fallback_path_matches_grouped_mm(monkeypatch):
     m = _moe(1)
     x = torch.randn(2, 9, 128)
     want = m(x)[0]
-    monkeypatch.setattr(m.experts, "matmul", lambda x, w, offsets, expert_of_row: looped_linear(x, w, expert_of_row))
+    monkeypatch.setattr(m.experts, "matmul", lambda x, weights, offsets, expert_of_row: tuple(
+        looped_linear(x, w, expert_of_row) for w in weights))
     torch.testing.assert_close(m(x)[0], want, atol=1e-5, rtol=1e-5)
 
 

@@ -257,3 +257,24 @@ def test_engine_with_fp8_weights_runs_the_fp8_kernels(compiled):
         error = logit_error(want, run)
         assert error.max() < 2 ** -4, error  # measured on the CPU: 0.033
         assert (run.argmax(-1) == want.argmax(-1)).float().mean() >= (0.75 if CUDA else 1.0)
+
+
+def test_the_gemvs_read_weights_and_scales_in_rows_apart_in_place():
+    """FP8 weights and their scales are views of storage padded for the blockwise GEMM (`pad_weight`: k to a multiple
+    of 512, so rows lie further apart than k): both GEMVs read them where they lie, copying no more than for
+    contiguous ones (the interpreter copies its own), with the storage past each row holding other values, which
+    must not be read, and agree with them bit for bit."""
+    n, k, kp = 136, 200, 512
+    q, scale = fp8_weight(n, kp, seed=9)  # the weight and its scales, then values past their k
+    x = torch.randn(3, k, device=DEVICE, dtype=HALF)
+    norm = _norm(k, HALF)
+    results, copies = [], []
+    for w, s in ((q[:, :k], scale[:, :2]), (q[:, :k].contiguous(), scale[:, :2].contiguous())):
+        with torch.profiler.profile() as prof:
+            results.append((fp8_gemv(x, w, s), *fp8_norm_gemv(x, norm.weight, norm.eps, w, s, w[:64], s[:1])))
+        copies.append({e.key: e.count for e in prof.key_averages()}.get("aten::copy_", 0))
+    assert q[:, :k].stride(0) == kp and copies[0] == copies[1]
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    want = F.linear(x.float(), by_hand(q[:, :k], scale[:, :2]))
+    torch.testing.assert_close(results[0][0].float(), want, atol=3e-3 * want.abs().max().item(), rtol=3e-3)

@@ -202,13 +202,19 @@ def _fp8_times_x(w, s_at, x_ptr, g_ptr, rstd, k0, M, K, stride_xm, BLOCK_M: tl.c
 _fp8_gemv_tuned = tuned(_fp8_gemv, ["M", "N", "K"])
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last dimension is contiguous (the e4m3 kernels take a row stride: an FP8 weight and its
+    scales, views of their padded storage, are read in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 # One opaque op, as `launch_gemv`: a compiled decode block keeps it in its graph.
 @torch.library.custom_op("seekforge::fp8_gemv", mutates_args=())
 def launch_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     tile: list[int] | None) -> torch.Tensor:
     """x [M, K], weight [N, K] e4m3, scale [N/128, K/128] fp32 (both rounded up) -> y [M, N] in x's dtype; tile as
     `launch_gemv` takes it (None: the shape's tuned tile)."""
-    x, weight, scale = x.contiguous(), weight.contiguous(), scale.contiguous()  # x is a few KB
+    x, weight, scale = x.contiguous(), row_major(weight), row_major(scale)  # x is a few KB
     m, k = x.shape
     n = weight.shape[0]
     y = x.new_empty(m, n)
@@ -444,7 +450,7 @@ def fp8_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: to
 def launch_fp8_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa: torch.Tensor, sa: torch.Tensor,
                          wb: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y_a [M, NA], y_b [M, NB]) in the shape's tuned tile."""
-    x, wa, wb, sa, sb = x.contiguous(), wa.contiguous(), wb.contiguous(), sa.contiguous(), sb.contiguous()
+    x, wa, wb, sa, sb = x.contiguous(), row_major(wa), row_major(wb), row_major(sa), row_major(sb)
     m, k = x.shape
     ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
     if m == 0 or k == 0:
@@ -475,4 +481,5 @@ def _(x, weight, tile) -> torch.Tensor:
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
 
 
-__all__ = ["FP8_BLOCK", "GEMV_ROWS", "choice", "fp8_gemv", "fp8_norm_gemv", "gemv", "gemv_tile", "head_gemv", "last_tuned_tile", "norm_gemv", "weight_slice"]
+__all__ = ["FP8_BLOCK", "GEMV_ROWS", "choice", "fp8_gemv", "fp8_norm_gemv", "gemv", "gemv_tile", "head_gemv",
+           "last_tuned_tile", "norm_gemv", "row_major", "weight_slice"]

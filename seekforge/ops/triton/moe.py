@@ -50,7 +50,8 @@ import triton.language as tl
 from seekforge.errors import ConfigError
 from seekforge.ops.triton.arrivals import arrive, counters
 from seekforge.ops.quant import cdiv
-from seekforge.ops.triton.gemv import FP8_BLOCK, SCALE_BLOCK, fp8_chunk_scales, fp8_chunks, fp8_slice, fp8_times_row
+from seekforge.ops.triton.gemv import (FP8_BLOCK, SCALE_BLOCK, fp8_chunk_scales, fp8_chunks, fp8_slice, fp8_times_row,
+                                      row_major)
 from seekforge.ops.triton import tuning
 from seekforge.ops.triton.tuning import launch_tiled, tile_of, tuned
 from seekforge.ops.triton.pdl import wait_for_inputs
@@ -482,7 +483,7 @@ def fused_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
 def _block_scales(x: torch.Tensor, w1: torch.Tensor, scales: tuple, shared: tuple | None,
                   shared_scales: tuple | None, cfg: MoEConfig) -> list[torch.Tensor]:
     """The scales of FP8 expert weights as `launch_fused_moe` takes them (w1, w2, w3, then the shared experts' or
-    stand-ins), contiguous, once their shapes, the shared experts' blocks and the MMA tile are checked."""
+    stand-ins), rows contiguous, once their shapes, the shared experts' blocks and the MMA tile are checked."""
     num_routed, inter, dim = w1.shape
     up, down = (cdiv(inter, FP8_BLOCK), cdiv(dim, FP8_BLOCK)), (cdiv(dim, FP8_BLOCK), cdiv(inter, FP8_BLOCK))
     want = [(num_routed, *up), (num_routed, *down), (num_routed, *up)]
@@ -504,7 +505,7 @@ def _block_scales(x: torch.Tensor, w1: torch.Tensor, scales: tuple, shared: tupl
     if FP8_BLOCK % cfg.block_n or FP8_BLOCK % cfg.block_k:
         raise ConfigError(f"FP8 experts want MMA tiles within one {FP8_BLOCK}x{FP8_BLOCK} block (block_n and block_k "
                           f"dividing {FP8_BLOCK}), got {cfg}")
-    given = [s.contiguous() for s in given]
+    given = [row_major(s) for s in given]
     return given if shared is not None else given + given  # without shared experts no block reads the stand-ins
 
 
