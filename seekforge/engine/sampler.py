@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from seekforge import ops
-from seekforge.engine.device_copy import to_device
-from seekforge.engine.model_runner import padded_tables
+from seekforge.engine.device_copy import padded_tables, to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
 
