@@ -104,6 +104,26 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
     )
 
 
+class BatchCache:
+    """The sampling batch of rows without history (no penalties), kept while it is asked for over the same sequences
+    sampling as many rows each: steady decoding, speculative or not, and steady drafting build no rows and copy no
+    parameters to the device."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self._key: tuple | None = None
+        self._batch: SamplingBatch | None = None
+
+    def get(self, seqs, rows_each: tuple[int, ...] | None = None) -> SamplingBatch:
+        """The batch over `seqs` (Sequences): rows_each[i] rows for seqs[i] (None: one each)."""
+        key = tuple(s.seq_id for s in seqs), rows_each
+        if key != self._key:
+            rows = ([Row(s.params, s.key) for s in seqs] if rows_each is None else
+                    [Row(s.params, s.key) for s, n in zip(seqs, rows_each) for _ in range(n)])
+            self._key, self._batch = key, make_batch(rows, self.vocab_size, self.device)
+        return self._batch
+
+
 def broadcast_batch(params: SamplingParams, vocab_size: int, device) -> SamplingBatch:
     """`params`' temperature, top-k, top-p and min-p as a one-row batch whose tensors broadcast over any
     number of rows in `filter_logits`: how a trainer recomputes the distribution the engine sampled from
