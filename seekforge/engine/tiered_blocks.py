@@ -375,20 +375,14 @@ class TieredBlockManager(BlockManager):
             del self._loading[load.seq_id]
 
     def _hold(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
-            del self.free[block_id]
-        block.ref_count += 1
+        self._ref(block_id)
         self._held[block_id] += 1
 
     def _unhold(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.ref_count -= 1
+        self._unref(block_id)
         self._held[block_id] -= 1
         if not self._held[block_id]:
             del self._held[block_id]
-        if block.ref_count == 0:
-            self.free[block_id] = None
 
     # ---------------------------------------------------------------- the GPU tier's hooks
     def allocate(self, seq: Sequence, hits: list[int], num_tokens: int) -> None:
