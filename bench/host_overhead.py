@@ -81,7 +81,7 @@ WRAPPED = (
     ("runner", "mtp_logits", "forward"),
     ("runner", "mtp_step", "forward"),
     ("", "_sample", "sample"),
-    ("", "_plain_batch", "sample"),
+    ("_plain_batches", "get", "sample"),
     ("", "_apply", "apply"),
     ("", "_resolve", "apply"),
     ("", "_output", "outputs"),
@@ -93,7 +93,8 @@ MODULE_WRAPPED = (("seekforge.engine.async_step", "sample", "sample"),
                   ("seekforge.engine.async_step", "make_batch", "sample"),
                   ("seekforge.engine.step", "verify", "verify"),
                   ("seekforge.engine.spec_decode", "sample", "sample"),
-                  ("seekforge.engine.spec_decode", "make_batch", "sample"))
+                  ("seekforge.engine.spec_decode", "make_batch", "sample"),
+                  ("seekforge.engine.sampler", "make_batch", "sample"))
 
 
 class PhaseClock:

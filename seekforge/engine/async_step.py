@@ -70,7 +70,7 @@ class AsyncStep:
                 waiting.append(i)
                 rows.append(prev[seq.seq_id])
         device_ids = None if prev is None else DeviceIds(waiting, rows, self._in_flight.tokens)
-        batch = self._plain_batch(seqs)
+        batch = self._plain_batches.get(seqs)
         topk = self._step_topk(seqs)
         replayed = self.runner.decode_logits(chunks, device_ids, topk)
         if replayed is not None:

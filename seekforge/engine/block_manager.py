@@ -106,12 +106,8 @@ class BlockManager:
         self._seq_epoch[seq.seq_id] = self.epoch
         prev = None
         for block_id in hits:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free[block_id]
-            block.ref_count += 1
+            prev = self._ref(block_id).hash
             seq.block_table.append(block_id)
-            prev = block.hash
         seq.num_hashed_blocks = len(hits)
         seq.last_hash = prev
         seq.num_computed = len(hits) * self.block_size
@@ -133,6 +129,21 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block.block_id)
 
+    def _ref(self, block_id: int) -> Block:
+        """Take a reference to a block, reviving it from the free list where no one held it."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+        return block
+
+    def _unref(self, block_id: int) -> None:
+        """Drop a reference to a block: one no one holds goes to the back of the free list, its cached prefix kept."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
     def _pop_free(self) -> Block:
         """The least recently freed block, its cached prefix (if it holds one) evicted."""
         block_id, _ = self.free.popitem(last=False)
@@ -150,10 +161,7 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         # Last blocks first, so a prefix outlives its continuation under LRU eviction.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._unref(block_id)
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.last_hash = None

@@ -11,6 +11,8 @@ for a 4096-token prefill's ids, positions and slots, each, while the GPU waits),
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -29,3 +31,20 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def copy_into(dst: torch.Tensor, values) -> None:
     """dst.copy_(values) for a device tensor dst, queued like `to_device`."""
     dst.copy_(_host(values, dst.dtype, dst.is_cuda), non_blocking=True)
+
+
+def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:
+    """Lists of ids (block tables, token histories) as rows [len(tables), width] int64, for one copy: each list's
+    first `width` entries, then `pad`. A few lists are copied one a row (a batch-1 step's); more in one numpy fill
+    over their concatenation, whose fixed cost a row's copy only passes at about 8 rows."""
+    if len(tables) <= 8:
+        full = np.full((len(tables), width), pad, np.int64)
+        for row, table in zip(full, tables):
+            n = min(len(table), width)
+            row[:n] = table[:n]
+        return full
+    counts = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(counts.sum()))
+    full = np.full((len(tables), max(width, int(counts.max(initial=0)))), pad, np.int64)
+    full[np.arange(full.shape[1]) < counts[:, None]] = flat
+    return np.ascontiguousarray(full[:, :width])

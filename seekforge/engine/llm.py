@@ -31,6 +31,7 @@ from seekforge.engine.config import EngineConfig, engine_config
 from seekforge.engine.inputs import Prompt, RequestChecks
 from seekforge.engine.model_runner import ModelRunner
 from seekforge.engine.outputs import CompletionOutput, Outputs, RequestOutput
+from seekforge.engine.sampler import BatchCache
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.scheduler import Scheduler
 from seekforge.engine.sequence import Request, Sequence
@@ -126,7 +127,7 @@ class LLM(Step, AsyncStep, Outputs, RequestChecks):
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: InFlight | None = None
-        self._plain_rows = None  # (sequence ids, their sampling batch): see Step._plain_batch
+        self._plain_batches = BatchCache(cfg.vocab_size, self.device)  # steps' sampling rows without penalties
         self.num_async_steps = 0
         # Tokens per expert [experts] fp32 of each main-model MoE layer (by layer id) in the last step's forward;
         # empty when it ran none. A captured step's are its graph's output buffers, which the next step

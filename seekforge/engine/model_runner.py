@@ -35,7 +35,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from seekforge import ops
-from seekforge.engine.device_copy import copy_into, to_device
+from seekforge.engine.device_copy import copy_into, padded_tables, to_device
 from seekforge.engine.paged_backend import (AttentionGroup, DecodeBackend, Stages, StepBackend, attention_inputs,
                                             explicit_attention, run_block, second_half)
 from seekforge.errors import ConfigError
@@ -474,23 +474,6 @@ def graph_sizes(max_batch: int) -> list[int]:
     sizes = ([s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, min(max_batch, 257), 16))
              + list(range(320, max_batch, 64)) + [max_batch])
     return sorted(set(sizes))
-
-
-def padded_tables(tables: list[list[int]], width: int, pad: int) -> np.ndarray:
-    """Block tables [len(tables), width] int64: each list's first `width` entries, then `pad`. A few lists are copied
-    one a row (a batch-1 step's); more in one numpy fill over their concatenation, whose fixed cost a row's copy only
-    passes at about 8 rows."""
-    if len(tables) <= 8:
-        full = np.full((len(tables), width), pad, np.int64)
-        for row, table in zip(full, tables):
-            n = min(len(table), width)
-            row[:n] = table[:n]
-        return full
-    counts = np.fromiter(map(len, tables), np.int64, len(tables))
-    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(counts.sum()))
-    full = np.full((len(tables), max(width, int(counts.max(initial=0)))), pad, np.int64)
-    full[np.arange(full.shape[1]) < counts[:, None]] = flat
-    return np.ascontiguousarray(full[:, :width])
 
 
 def step_inputs(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, source: torch.Tensor,

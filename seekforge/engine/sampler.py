@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from seekforge import ops
-from seekforge.engine.device_copy import to_device
-from seekforge.engine.model_runner import padded_tables
+from seekforge.engine.device_copy import padded_tables, to_device
 from seekforge.engine.sampling_params import SamplingParams
 from seekforge.engine.sequence import Logprob
 
@@ -103,6 +102,26 @@ def make_batch(rows: list[Row], vocab_size: int, device: torch.device) -> Sampli
         max_logprobs=max(asked) if asked else None,
         keys=RowKeys(None, None) if all_greedy else RowKeys.of([r.key for r in rows], device),
     )
+
+
+class BatchCache:
+    """The sampling batch of rows without history (no penalties), kept while it is asked for over the same sequences
+    sampling as many rows each: steady decoding, speculative or not, and steady drafting build no rows and copy no
+    parameters to the device."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self._key: tuple | None = None
+        self._batch: SamplingBatch | None = None
+
+    def get(self, seqs, rows_each: tuple[int, ...] | None = None) -> SamplingBatch:
+        """The batch over `seqs` (Sequences): rows_each[i] rows for seqs[i] (None: one each)."""
+        key = tuple(s.seq_id for s in seqs), rows_each
+        if key != self._key:
+            rows = ([Row(s.params, s.key) for s in seqs] if rows_each is None else
+                    [Row(s.params, s.key) for s, n in zip(seqs, rows_each) for _ in range(n)])
+            self._key, self._batch = key, make_batch(rows, self.vocab_size, self.device)
+        return self._batch
 
 
 def broadcast_batch(params: SamplingParams, vocab_size: int, device) -> SamplingBatch:

@@ -36,8 +36,8 @@ from seekforge import ops
 from seekforge.engine.async_step import InFlight
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk, DeviceIds, ModelRunner
-from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, Row, RowKeys, SamplingBatch, filter_logits, make_batch,
-                                      sample, target_logits)
+from seekforge.engine.sampler import (ACCEPT, DRAFT, SAMPLE, BatchCache, Row, RowKeys, SamplingBatch, filter_logits,
+                                      make_batch, sample, target_logits)
 from seekforge.engine.sequence import PENDING, Sequence
 
 
@@ -173,7 +173,7 @@ class MTPProposer:
         self.stats = SpecStats.empty(num_tokens)
         # the drafts `settle` writes: (sequence, index in its drafts) of each, and their tokens
         self._pending: tuple[list[tuple[Sequence, int]], InFlight] | None = None
-        self._rows: tuple[tuple[int, ...], SamplingBatch] | None = None  # see _batch
+        self._plain_batches = BatchCache(runner.cfg.vocab_size, runner.device)  # draft rows without penalties
 
     def settle(self) -> None:
         """Write the drafts `propose` left on the device into their sequences, waiting for it if they are not back
@@ -190,15 +190,12 @@ class MTPProposer:
     def _batch(self, seqs: list[Sequence], penalties: bool, vocab_size: int, device) -> SamplingBatch:
         """The draft rows' sampling batch, one row a sequence. With penalties a penalised row carries its history
         (prompt, output and drafts so far), built anew; without, the batch is kept from the last call over the same
-        sequences (as `Step._plain_batch` keeps the verification's), so steady drafting builds no rows."""
+        sequences, so steady drafting builds no rows."""
         if penalties:
             return make_batch([Row(s.params, s.key, s.token_ids[:s.num_prompt_tokens] if s.params.has_penalties
                                    else None, s.output_token_ids + s.drafts if s.params.has_penalties else None)
                                for s in seqs], vocab_size, device)
-        key = tuple(s.seq_id for s in seqs)
-        if self._rows is None or self._rows[0] != key:
-            self._rows = key, make_batch([Row(s.params, s.key) for s in seqs], vocab_size, device)
-        return self._rows[1]
+        return self._plain_batches.get(seqs)
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts worth making for seq's next step: within the context and the token budget; none for a

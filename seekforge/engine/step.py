@@ -12,7 +12,7 @@ import torch
 from seekforge.engine.constraint import mask_rows
 from seekforge.engine.device_copy import to_device
 from seekforge.engine.model_runner import Chunk
-from seekforge.engine.sampler import Row, SamplingBatch, compute_logprobs, logprobs_of, make_batch
+from seekforge.engine.sampler import Row, compute_logprobs, logprobs_of, make_batch
 from seekforge.engine.spec_decode import Catchup, verify
 
 
@@ -124,7 +124,8 @@ class Step:
                                     seq.output_token_ids + seq.drafts[:j] if penalties else None))
             batch = make_batch(rows, self.cfg.vocab_size, logits.device)
         else:  # rows without history, one a position: the batch of the last such step, where it had these rows
-            batch = self._plain_batch(sampled)
+            batch = self._plain_batches.get(sampled, None if self.proposer is None else
+                                            tuple(1 + len(seq.drafts) for seq in sampled))
             rows = batch.rows
             first_rows = list(itertools.accumulate((1 + len(seq.drafts) for seq in sampled[:-1]), initial=0))
         constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
@@ -138,16 +139,6 @@ class Step:
         else:
             logprobs = itertools.repeat(None)
         return dict(zip(sampling, verified)), logprobs
-
-    def _plain_batch(self, seqs) -> SamplingBatch:
-        """The sampling batch over `seqs` without history (no penalties), one row a position (the next token's, and
-        with drafts one a draft): kept from step to step while the same sequences sample as many rows, so that
-        steady decoding, speculative or not, builds no rows and copies no parameters to the device."""
-        key = tuple((seq.seq_id, len(seq.drafts)) for seq in seqs)
-        if self._plain_rows is None or self._plain_rows[0] != key:
-            rows = [Row(seq.params, seq.key) for seq in seqs for _ in range(1 + len(seq.drafts))]
-            self._plain_rows = key, make_batch(rows, self.cfg.vocab_size, self.device)
-        return self._plain_rows[1]
 
     def _apply(self, scheduled, outcome, logprobs, hidden, offsets) -> set[str]:
         """Apply the step to each sequence (tokens, stop conditions, prefix cache); with MTP, draft the next

@@ -303,10 +303,7 @@ class TieredBlockManager(BlockManager):
         load = _Load(seq.seq_id, self.epoch, hits + [p.block for p in parts], parts)
         up = [p for p in parts if p.source == "cpu"]
         if up:
-            load.event = self.copier.to_device([self.host.slot(p.slot) for p in up], [p.block for p in up])
-            load.queued = self.steps
-            for p in up:
-                self.host.release(p.slot, when=load.event.query if load.event is not None else None)
+            self._copy_up(load, up)
         down = [p for p in parts if p.source == "disk"]
         if down:
             load.reads = self.disk.read([(p.key, p.tokens, self.host.slot(p.slot)) for p in down])
@@ -316,6 +313,14 @@ class TieredBlockManager(BlockManager):
         self._loads.append(load)
         self._loading[seq.seq_id] = load
         return load
+
+    def _copy_up(self, load: _Load, parts: list[_Part]) -> None:
+        """Queue the copy of the parts' host slots into their GPU blocks (the load's last copy up); each slot's hold
+        ends once the copy has read it."""
+        load.event = self.copier.to_device([self.host.slot(p.slot) for p in parts], [p.block for p in parts])
+        load.queued = self.steps
+        for p in parts:
+            self.host.release(p.slot, when=load.event.query if load.event is not None else None)
 
     def _poll(self, wait: bool) -> None:
         """End the loads whose copies have landed (all of them, waiting, with `wait`)."""
@@ -339,10 +344,7 @@ class TieredBlockManager(BlockManager):
                 for p in read:
                     if load.epoch == self.epoch and p.key not in self.host:  # into the CPU tier too
                         self.host.add(p.key, p.tokens, p.slot)
-                load.event = self.copier.to_device([self.host.slot(p.slot) for p in read], [p.block for p in read])
-                load.queued = self.steps
-                for p in read:
-                    self.host.release(p.slot, when=load.event.query if load.event is not None else None)
+                self._copy_up(load, read)
         if load.event is not None and not load.event.query():
             if wait:
                 load.event.synchronize()
@@ -375,20 +377,14 @@ class TieredBlockManager(BlockManager):
             del self._loading[load.seq_id]
 
     def _hold(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
-            del self.free[block_id]
-        block.ref_count += 1
+        self._ref(block_id)
         self._held[block_id] += 1
 
     def _unhold(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.ref_count -= 1
+        self._unref(block_id)
         self._held[block_id] -= 1
         if not self._held[block_id]:
             del self._held[block_id]
-        if block.ref_count == 0:
-            self.free[block_id] = None
 
     # ---------------------------------------------------------------- the GPU tier's hooks
     def allocate(self, seq: Sequence, hits: list[int], num_tokens: int) -> None:

@@ -81,7 +81,7 @@ def test_many_mixed_sequences_match_a_plain_generate_loop(tiny_checkpoint, task_
 
 
 def test_padded_tables_truncate_and_pad_each_row():
-    from seekforge.engine.model_runner import padded_tables
+    from seekforge.engine.device_copy import padded_tables
 
     got = padded_tables([[5, 6, 7], [], [9], [1, 2, 3, 4, 8]], 4, -1)
     assert got.tolist() == [[5, 6, 7, -1], [-1, -1, -1, -1], [9, -1, -1, -1], [1, 2, 3, 4]]
