@@ -1,6 +1,7 @@
 """The GPU figures of docs/BENCHMARKS.md in one command, as one JSON file.
 
-    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp]
+    python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp
+                                                                           fp8_engine fp8_train]
 
 Runs, each side by side with its peer and with the machine's ceilings measured in the same run:
 training forward+backward at the 16b shape (bench/train.py, compiled, vs transformers), the engine's
@@ -9,7 +10,9 @@ compiled decode step, vs transformers' generate; its batch-1 roofline is (active
 bytes read per step) / measured copy bandwidth), MLA decode attention alone (bench/mla_decode.py), the
 fused MoE kernels alone (bench/moe.py), and MTP speculative decoding at batch 1 and 8 (bench/engine.py's MTP
 part: a tiny model trained with MTP for 300 steps on the built-in corpus, MTP with CUDA graphs and compile
-against plain decoding with both, speedup and acceptance per draft position, greedy outputs gated equal). The engine's
+against plain decoding with both, speedup and acceptance per draft position, greedy outputs gated equal), and FP8
+(bench/fp8.py: the engine on FP8 weights against bf16 at the 16b shape cut to 14 layers, training forward+backward
+with fp8=blockwise against bf16 at the 16b shape). The engine's
 parts first check its bf16 logits against transformers' in fp32 (bench/engine.py's "logit_parity"); a part
 that fails its check or its run is recorded with an "error", and the command exits non-zero.
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+PARTS = ["train", "mla_decode", "moe", "engine", "mtp", "fp8_engine", "fp8_train"]
 
 
 def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
@@ -49,8 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--parts", nargs="+", choices=["train", "mla_decode", "moe", "engine", "mtp"],
-                    default=["train", "mla_decode", "moe", "engine", "mtp"])
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py measures a CUDA GPU"
     tmp = Path(tempfile.mkdtemp())
@@ -64,6 +67,15 @@ def main() -> None:
                                             "27", "--batches", "1", "64", "--new-tokens", "128", "--prompt-len", "128",
                                             "--prefill-len", "4096", "--repeats", repeats, "--mtp-steps", "0",
                                             "--cuda-graphs", "--compile", "--no-rollout"], tmp / "engine.json", 1500),
+        # FP8: the engine on FP8 weights against bf16 (14 layers: three 16b models of 27 do not fit 80 GB), and
+        # training forward+backward, fp8=blockwise against bf16, both compiled
+        "fp8_engine": lambda: run("fp8.py", ["engine", "--config", "16b", "--layers", "14", "--device", "cuda",
+                                             "--batch", "64", "--prompt-len", "128", "--new-tokens", "64",
+                                             "--prefill-len", "2048", "--gate-tokens", "32", "--iters", repeats,
+                                             "--kv-cache-gib", "4"], tmp / "fp8_engine.json", 900),
+        "fp8_train": lambda: run("fp8.py", ["speed", "--config", "16b", "--batch", "2", "--seq", "4096", "--device",
+                                            "cuda", "--iters", "8" if repeats == "3" else "4"],
+                                 tmp / "fp8_train.json", 900),
         "mtp": lambda: run("engine.py", ["--mtp-only", "--device", "cuda", "--dtype", "bfloat16", "--cuda-graphs",
                                          "--compile", "--mtp-batches", "1", "8", "--mtp-text", "builtin",
                                          "--mtp-steps", "300", "--repeats", repeats], tmp / "mtp.json", 900),

@@ -62,7 +62,7 @@ def test_split_is_seeded_and_val_never_left_empty(tok, tmp_path):
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     a = prepare([src], tok, tmp_path / "a", val_fraction=0.1, seed=3, progress=False)
     b = prepare([src], tok, tmp_path / "b", val_fraction=0.1, seed=3, progress=False)
-    c = prepare([src], tok, tmp_path / "c", val_fraction=0.1, seed=4, progress=False)
+    prepare([src], tok, tmp_path / "c", val_fraction=0.1, seed=4, progress=False)
     assert a["splits"] == b["splits"]
     assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()

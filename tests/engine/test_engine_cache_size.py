@@ -3,7 +3,6 @@ is in use), an explicit byte budget, the cap at what max_num_seqs sequences can 
 even one sequence fits. The GPU's numbers are given by hand: the arithmetic runs without one."""
 
 import pytest
-import torch
 
 from seekforge import LLM
 from seekforge.engine.cache_size import CPU_CACHE_BYTES, GiB, cache_blocks, cache_budget

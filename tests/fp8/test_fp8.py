@@ -4,7 +4,6 @@ model's training step against the same reference patched into the model."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seekforge.errors import ConfigError
@@ -13,7 +12,6 @@ from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
 from seekforge.ops.quant import (FP8, dequantise_blocks, dequantise_tiles, quantise_blocks, quantise_segments,
                                  quantise_tiles)
 from seekforge.model.config import ModelConfig
-from seekforge.model.moe import Experts
 from seekforge.model.norm import RMSNorm
 from seekforge.model.transformer import Transformer
 

@@ -6,7 +6,7 @@ Without CUDA the kernel runs under Triton's interpreter (tests/triton_setup.py),
 
 import pytest
 import torch
-from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+from triton_setup import DEVICE, HALF, patch_interpreter
 
 triton = pytest.importorskip("triton")
 patch_interpreter()

@@ -7,7 +7,7 @@ lengths and block tables between replays.
 
 import pytest
 import torch
-from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
+from triton_setup import DEVICE, HALF, patch_interpreter
 
 triton = pytest.importorskip("triton")
 patch_interpreter()

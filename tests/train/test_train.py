@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from seekforge import ConfigError, ModelConfig
-from seekforge.errors import CheckpointError
 from seekforge.model.gate import Gate
 from seekforge.model.moe import MoE
 from seekforge.train.balance import update_expert_bias
