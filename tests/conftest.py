@@ -1,5 +1,6 @@
 import pytest
 import torch
+import triton_setup  # noqa: F401  Triton's interpreter on before any test module imports Triton, whatever the order
 
 
 def pytest_collection_modifyitems(config, items):
