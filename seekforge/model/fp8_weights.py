@@ -166,6 +166,11 @@ def to_fp8_weights(model: Transformer) -> Transformer:
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each tensor once (a tied head is the embedding)."""
+    """Bytes of the model's parameters and buffers, each tensor once (a tied head is the embedding); an FP8
+    projection's weight and scales as held: zero-padded for the GEMM (`gemm_operands`, of which they are views)."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        if isinstance(module, FP8WeightLinear):
+            del tensors[id(module.weight)], tensors[id(module.weight_scale_inv)]
+            tensors.update((id(t), t) for t in module.gemm_operands)
     return sum(t.numel() * t.element_size() for t in tensors.values())
