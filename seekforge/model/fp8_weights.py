@@ -85,9 +85,16 @@ class FP8WeightLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        self._pad_if_replaced()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pad_if_replaced()  # load_state_dict(assign=True) puts the loaded tensors in place of the views
+
+    def _pad_if_replaced(self) -> None:
         if self.weight.is_meta or self.weight.data_ptr() != self.gemm_operands[0].data_ptr():  # new tensors
             self._pad()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.gemm_operands)

@@ -10,7 +10,7 @@ from fp8_checkpoint import (FP8, FP8_KEY, QUANTIZATION_CONFIG, dequantise_by_han
 from safetensors.torch import load_file, save_file
 
 import seekforge
-from seekforge import CheckpointError, ConfigError
+from seekforge import CheckpointError, ConfigError, ops
 from seekforge.model.fp8_weights import (FP8WeightExperts, FP8WeightLinear, _convert_experts, memory_bytes,
                                          to_fp8_weights)
 from seekforge.model.hf import from_pretrained, hf_to_ours
@@ -143,6 +143,18 @@ def test_fp8_layers_stay_views_of_their_padded_operands_where_the_model_moves():
     assert _padded_in_place(model) > 0
     for name, t in model.state_dict().items():
         assert t.shape == state[name].shape and torch.equal(t.view(torch.uint8), state[name].view(torch.uint8)), name
+    # assign=True puts the state's own tensors in place of the views: the layers pad them anew, and the blockwise
+    # GEMM (the Triton backend: under its interpreter on a CPU) reads what was loaded
+    pytest.importorskip("triton")
+    model.to_empty(device="cpu")
+    model.load_state_dict({name: t.clone() for name, t in state.items()}, assign=True)
+    assert _padded_in_place(model) > 0
+    tokens = torch.randint(0, CFG.vocab_size, (1, 9))
+    with ops.backend("triton"), torch.no_grad():
+        got = model(tokens)
+    model.load_state_dict(state)
+    with ops.backend("triton"), torch.no_grad():
+        assert torch.equal(got, model(tokens))
 
 
 @pytest.mark.parametrize("preset", ["16b", "671b"])
