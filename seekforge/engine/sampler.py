@@ -116,10 +116,11 @@ class BatchCache:
 
     def get(self, seqs, rows_each: tuple[int, ...] | None = None) -> SamplingBatch:
         """The batch over `seqs` (Sequences): rows_each[i] rows for seqs[i] (None: one each)."""
+        if rows_each is None:
+            rows_each = (1,) * len(seqs)
         key = tuple(s.seq_id for s in seqs), rows_each
         if key != self._key:
-            rows = ([Row(s.params, s.key) for s in seqs] if rows_each is None else
-                    [Row(s.params, s.key) for s, n in zip(seqs, rows_each) for _ in range(n)])
+            rows = [Row(s.params, s.key) for s, n in zip(seqs, rows_each) for _ in range(n)]
             self._key, self._batch = key, make_batch(rows, self.vocab_size, self.device)
         return self._batch
 

@@ -124,10 +124,10 @@ class Step:
                                     seq.output_token_ids + seq.drafts[:j] if penalties else None))
             batch = make_batch(rows, self.cfg.vocab_size, logits.device)
         else:  # rows without history, one a position: the batch of the last such step, where it had these rows
-            batch = self._plain_batches.get(sampled, None if self.proposer is None else
-                                            tuple(1 + len(seq.drafts) for seq in sampled))
+            rows_each = tuple(1 + len(seq.drafts) for seq in sampled)
+            batch = self._plain_batches.get(sampled, rows_each)
             rows = batch.rows
-            first_rows = list(itertools.accumulate((1 + len(seq.drafts) for seq in sampled[:-1]), initial=0))
+            first_rows = list(itertools.accumulate(rows_each[:-1], initial=0))
         constrained = [(r, seqs[i].matcher) for r, i in zip(first_rows, sampling) if seqs[i].matcher is not None]
         masked = mask_rows(logits, *map(list, zip(*constrained))) if constrained else logits
         verified = verify(masked, batch, first_rows, sampled)
