@@ -78,31 +78,20 @@ class Scheduler:
             num_new = remaining + len(seq.drafts)
             if num_new > budget:
                 num_new = budget
-            # its blocks already hold every slot the step may write (most decode steps): no growth, nothing to check
+            # grown only where its blocks lack a slot the step may write (most decode steps lack none: nothing to check)
             held = len(seq.block_table) * block_size
-            if held >= seq.num_computed + num_new + lookahead or held >= max_len:
-                out.scheduled.append((seq, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            need = self._slots(seq, seq.num_computed, num_new)
-            if self.bm.blocks_for(need) > self.bm.num_blocks:
-                self.finish(seq, "length")  # could not fit even alone: the cache is too small for it
-                out.finished.append(seq)
-                continue
-            while not self.bm.can_grow(seq, need):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
+            if held < seq.num_computed + num_new + lookahead and held < max_len:
+                need = self._slots(seq, seq.num_computed, num_new)
+                if self.bm.blocks_for(need) > self.bm.num_blocks:
+                    self.finish(seq, "length")  # could not fit even alone: the cache is too small for it
+                    out.finished.append(seq)
+                    continue
+                if not self._make_room(seq, need, out):
                     break
-            else:
                 self.bm.grow(seq, need)
-                out.scheduled.append((seq, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break
+            out.scheduled.append((seq, num_new))
+            budget -= num_new
+            i += 1
         if out.preempted:
             return out
         i = 0
@@ -130,6 +119,17 @@ class Scheduler:
             out.scheduled.append((seq, num_new))
             budget -= num_new
         return out
+
+    def _make_room(self, seq: Sequence, need: int, out: SchedulerOutput) -> bool:
+        """Preempts the latest running sequences until seq's blocks can grow to `need` slots; False where seq
+        itself had to go."""
+        while not self.bm.can_grow(seq, need):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _follows_prefill(self, seq: Sequence) -> bool:
         """Completions after the first wait until it has cached the prompt's full blocks, then share them."""
