@@ -9,7 +9,8 @@ each op one pass over its input, reading every element once and writing e4m3 val
   (128-row tile of the padded layout, 128 columns).
 - `quantise_blocks`: 128x128 blocks of w [..., n, k]; with `transposed` the quantised transpose [..., k, n]
   (128x128 blocks are square: its scales are the transposed scale grid), which the input gradient dx = dy W
-  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs.
+  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs. Several weights of one input (a SwiGLU's
+  w1 and w3) go into one buffer joined along n, each written straight into its slice, for one GEMM over all.
 
 The rounding is the references': scale = amax / 448 (1 for a tile of zeros), value / scale correctly rounded
 (div_rn: fp32 `/` compiles to an approximate division on NVIDIA GPUs), saturated, rounded to e4m3 to nearest,
@@ -18,6 +19,8 @@ compiled block keeps its graph whole.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -195,34 +198,55 @@ def _(x, offsets, padded_tiles):
             x.new_empty(k, padded_tiles * BLOCK, dtype=FP8), x.new_empty(k, padded_tiles, dtype=torch.float32)]
 
 
-def quantise_blocks(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise_blocks(w: torch.Tensor | Sequence[torch.Tensor],
+                    transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`seekforge.ops.quant.quantise_blocks` of w [n, k] or [experts, n, k]; with `transposed`, that of w's
-    transpose ([..., k, n], contiguous), read from w as it is."""
-    if w.dim() not in (2, 3):
-        raise ConfigError(f"FP8 block quantisation: wants w [n, k] or [experts, n, k], got {tuple(w.shape)}")
-    _check_input("FP8 block quantisation", w, w.dim())
-    q, s = launch_quantise_blocks(w.unsqueeze(0) if w.dim() == 2 else w, transposed)
-    return (q[0], s[0]) if w.dim() == 2 else (q, s)
+    transpose ([..., k, n], contiguous), read from w as it is. w a sequence of weights of one shape but n (each n but
+    the last a multiple of 128, so that no block straddles two): their blocks joined along n (along the last
+    dimension with `transposed`), each weight quantised straight into its slice."""
+    weights = [w] if isinstance(w, torch.Tensor) else list(w)
+    lead = weights[0].shape[:-2] if weights and weights[0].dim() in (2, 3) else None
+    if lead is None or any(v.dim() != weights[0].dim() or v.shape[:-2] != lead
+                           or v.shape[-1] != weights[0].shape[-1] for v in weights):
+        raise ConfigError(f"FP8 block quantisation: wants w [n, k] or [experts, n, k] (several: of one k and experts), "
+                          f"got {[tuple(v.shape) for v in weights]}")
+    if any(v.shape[-2] % BLOCK for v in weights[:-1]):
+        raise ConfigError(f"FP8 block quantisation: weights joined along n need each n but the last a multiple of "
+                          f"{BLOCK}, got {[v.shape[-2] for v in weights]}")
+    for v in weights:
+        _check_input("FP8 block quantisation", v, v.dim())
+    q, s = launch_quantise_blocks([v.unsqueeze(0) if v.dim() == 2 else v for v in weights], transposed)
+    return (q[0], s[0]) if not lead else (q, s)
+
+
+def _joined_shapes(weights: list[torch.Tensor], transposed: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    e, k, n = weights[0].shape[0], weights[0].shape[2], sum(w.shape[1] for w in weights)
+    rows, cols = (k, n) if transposed else (n, k)
+    return (e, rows, cols), (e, cdiv(rows, BLOCK), cdiv(cols, BLOCK))
 
 
 @torch.library.custom_op("seekforge::fp8_quantise_blocks", mutates_args=())
-def launch_quantise_blocks(w: torch.Tensor, transposed: bool) -> list[torch.Tensor]:
-    e, n, k = w.shape
-    rows, cols = (k, n) if transposed else (n, k)
-    q = torch.empty(e, rows, cols, device=w.device, dtype=FP8)
-    s = torch.empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK), device=w.device, dtype=torch.float32)
-    if q.numel():
-        _quantise_blocks[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
-            w, q, s, n, k, *w.stride(), *q.stride(), *s.stride(), TRANSPOSED=transposed, num_warps=8)
+def launch_quantise_blocks(weights: list[torch.Tensor], transposed: bool) -> list[torch.Tensor]:
+    q_shape, s_shape = _joined_shapes(weights, transposed)
+    device = weights[0].device
+    q = torch.empty(q_shape, device=device, dtype=FP8)
+    s = torch.empty(s_shape, device=device, dtype=torch.float32)
+    at = 0
+    for w in weights:
+        e, n, k = w.shape
+        if w.numel():  # its slice of the joined blocks: along the rows, or along the columns of the transpose
+            q_at = q[:, :, at:at + n] if transposed else q[:, at:at + n]
+            s_at = s[:, :, at // BLOCK:] if transposed else s[:, at // BLOCK:]
+            _quantise_blocks[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
+                w, q_at, s_at, n, k, *w.stride(), *q_at.stride(), *s_at.stride(), TRANSPOSED=transposed, num_warps=8)
+        at += n
     return [q, s]
 
 
 @launch_quantise_blocks.register_fake
-def _(w, transposed):
-    e, n, k = w.shape
-    rows, cols = (k, n) if transposed else (n, k)
-    return [w.new_empty(e, rows, cols, dtype=FP8), w.new_empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK),
-                                                               dtype=torch.float32)]
+def _(weights, transposed):
+    q_shape, s_shape = _joined_shapes(weights, transposed)
+    return [weights[0].new_empty(q_shape, dtype=FP8), weights[0].new_empty(s_shape, dtype=torch.float32)]
 
 
 __all__ = ["quantise_blocks", "quantise_segments", "quantise_tiles"]
