@@ -18,9 +18,9 @@ master weights stay as they are.
 
 Weights that read one input (a SwiGLU's w1 and w3, MLA's two input projections: `fp8_linears` and
 `fp8_grouped_linears`, of which `fp8_linear` and `fp8_grouped_linear` are the one-weight case) share x's pass. Where
-each weight's out dim but the last is a multiple of 128 (the experts': all equal too), their blocks go into one
-buffer joined along out, each into its slice, and every row of the table is one GEMM over all of them: the output
-and the weight gradient cut into the weights', dy joined for one pass, and dx = sum of dy_w W_w accumulated in
+each weight's out dim but the last is a multiple of 128 (the experts': all equal too), every row of the table is one
+GEMM over all of them, joined along out: their blocks quantised into one buffer and their dy's into one operand,
+each into its slice; the output and the weight gradient cut into the weights'; dx = sum of dy_w W_w accumulated in
 fp32 in one GEMM where autograd would add per-weight products. No W block or dy tile straddles two weights, so the
 quantisation is each weight's own; otherwise each weight runs its GEMMs and dy on its own.
 
@@ -51,25 +51,31 @@ from seekforge.model.moe import grouped_linear
 
 
 # ---------------------------------------------------------------- quantisation
-def quantise_both(x: torch.Tensor, offsets: torch.Tensor,
-                  segment_of_row: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """`quantise_segments` of x [m, k] (segment_of_row None: one segment), through its kernel where it runs."""
-    kernels = QUANT.on(x.device)
+def quantise_both(parts, offsets: torch.Tensor, segment_of_row: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """`quantise_segments` of x [m, k], given as `parts` [m, k_i] joined along k (the output gradients of weights
+    joined along n; each k but the last a multiple of 128), through its kernel, which writes each part into its
+    slice, where it runs (segment_of_row None: one segment)."""
+    m, device = parts[0].shape[0], parts[0].device
+    kernels = QUANT.on(device)
     if kernels is None:
         if segment_of_row is None:
-            segment_of_row = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return quantise_segments(x, offsets, segment_of_row)
-    return (*kernels.quantise_segments(x, offsets, padded_tiles(x.shape[0], offsets.shape[0])),
-            segment_ends(offsets))
+            segment_of_row = torch.zeros(m, dtype=torch.long, device=device)
+        return quantise_segments(_joined(parts), offsets, segment_of_row)
+    return (*kernels.quantise_segments(parts, offsets, padded_tiles(m, offsets.shape[0])), segment_ends(offsets))
 
 
-def quantise_operand(x: torch.Tensor, offsets: torch.Tensor, segment_of_row: torch.Tensor | None,
+def quantise_operand(parts, offsets: torch.Tensor, segment_of_row: torch.Tensor | None,
                      both: bool) -> tuple[torch.Tensor | None, ...]:
-    """A GEMM's left operand x [m, k]: with `both`, `quantise_both` (the 128x1 tiles too, for a weight gradient);
-    without, its 1x128 tiles only and None for the rest."""
+    """A GEMM's left operand, `parts` joined along k: with `both`, `quantise_both` (the 128x1 tiles too, for a
+    weight gradient); without, its 1x128 tiles only and None for the rest."""
     if both:
-        return quantise_both(x, offsets, segment_of_row)
-    return (*quantise_rows(x), None, None, None)
+        return quantise_both(parts, offsets, segment_of_row)
+    return (*quantise_rows(_joined(parts)), None, None, None)
+
+
+def _joined(parts) -> torch.Tensor:
+    """parts [m, k_i] as one [m, sum k_i] (a copy where there are several)."""
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
 def quantise_weights(weights, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +108,6 @@ def _split(y: torch.Tensor, ns: list[int], dim: int) -> tuple[torch.Tensor, ...]
     return y.split(ns, dim) if len(ns) > 1 else (y,)
 
 
-def _joined(grads, at: int, size: int) -> torch.Tensor:
-    """The output gradients of a group (`size` of them from `at`), joined along n as its output was."""
-    return torch.cat(grads[at:at + size], -1) if size > 1 else grads[at]
-
-
 # ---------------------------------------------------------------- linear layers
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     """What an nn.Linear would return here: autocast's dtype under autocast, else the input's."""
@@ -125,7 +126,7 @@ class _FP8Linears(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             # x's tiles down the tokens, for the weight gradients, in the same pass
-            xq, xs, xq_t, xs_t, _ = quantise_operand(x2, _one_segment(x2), None, any(ctx.needs_input_grad[2:]))
+            xq, xs, xq_t, xs_t, _ = quantise_operand([x2], _one_segment(x2), None, any(ctx.needs_input_grad[2:]))
             groups, blocks, ys = _groups(weights, equal=False), [], []
             for group in groups:
                 wq, ws = quantise_weights(group)
@@ -143,9 +144,9 @@ class _FP8Linears(torch.autograd.Function):
         dx, dws, at = None, [], 0
         with torch.autocast(grads[0].device.type, enabled=False):
             for (ns, w_dtype), wq, ws in zip(ctx.groups, blocks[::2], blocks[1::2]):
-                dy = _joined(grads, at, len(ns))
+                dy = grads[at:at + len(ns)]  # joined along n as the outputs were, in the quantisation
                 wanted = any(ctx.needs_input_grad[2 + at:2 + at + len(ns)])
-                dyq, dys, dyq_t, dys_t, _ = quantise_operand(dy, _one_segment(dy), None, wanted)
+                dyq, dys, dyq_t, dys_t, _ = quantise_operand(dy, _one_segment(dy[0]), None, wanted)
                 if wanted:
                     dws += _split(blockwise_mm(dyq_t, dys_t, xq_t, xs_t, False, w_dtype), ns, 0)
                 else:
@@ -160,8 +161,8 @@ class _FP8Linears(torch.autograd.Function):
 def fp8_linears(x: torch.Tensor, weights) -> tuple[torch.Tensor, ...]:
     """F.linear(x, w) (no bias) for each w [out, in] of `weights`, x [..., in], with their GEMMs in FP8 and x
     quantised once (both ways) for all. Where each out but the last is a multiple of 128 the weights' blocks are
-    joined along out: one GEMM each for the forward, the input gradient (dx = sum of dy_w W_w, accumulated in fp32) and the
-    weight gradients; else a GEMM each, dx the sum of theirs."""
+    joined along out: one GEMM each for the forward, the input gradient (dx = sum of dy_w W_w, accumulated in fp32)
+    and the weight gradients; else a GEMM each, dx the sum of theirs."""
     return _FP8Linears.apply(x, _out_dtype(x), *weights)
 
 
@@ -208,7 +209,7 @@ class _FP8GroupedLinears(torch.autograd.Function):
         kernel = grouped_kernels(x.device)
         with torch.autocast(x.device.type, enabled=False):
             # x's tiles down each expert's rows, for the weight gradients, in the same pass
-            xq, xs, xq_t, xs_t, ends = quantise_operand(x, offsets, expert_of_row, any(ctx.needs_input_grad[4:]))
+            xq, xs, xq_t, xs_t, ends = quantise_operand([x], offsets, expert_of_row, any(ctx.needs_input_grad[4:]))
             groups, ys = _groups(weights, equal=True), []
             for group in groups:
                 wq, ws = quantise_weights(group)
@@ -229,7 +230,7 @@ class _FP8GroupedLinears(torch.autograd.Function):
         with torch.autocast(grads[0].device.type, enabled=False):
             for size in ctx.sizes:
                 group = tuple(weights[at:at + size])
-                dy = _joined(grads, at, size)
+                dy = grads[at:at + size]  # joined along n as the outputs were, in the quantisation
                 wanted = any(ctx.needs_input_grad[4 + at:4 + at + size])
                 dyq, dys, dyq_t, dys_t, _ = quantise_operand(dy, offsets, expert_of_row, wanted)
                 if wanted:  # one GEMM for the group, each weight's gradient written on its own

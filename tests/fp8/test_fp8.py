@@ -258,10 +258,10 @@ def _count_quantisations(monkeypatch):
 @pytest.mark.parametrize("ns", [(256, 128), (128, 128, 384), (128, 100), (192, 136), (100, 128)])
 def test_linears_of_one_input_equal_each_weights_own_fp8_linear(ns, monkeypatch):
     """`fp8_linears` quantises x once (both ways) for all the weights. Each out but the last a multiple of 128: one
-    GEMM a pass over the weights joined along out, whose quantisation is each weight's own, so the outputs and the weight
-    gradients are bit for bit those of `fp8_linear` per weight, and dx (sum of dy_w W_w in one fp32 accumulation,
-    where autograd added the per-weight products) is within fp32 rounding of both that sum and the fp64 reference.
-    Otherwise a GEMM a weight, and dx too is the per-weight sum, exactly."""
+    GEMM a pass over the weights joined along out, whose quantisation is each weight's own, so the outputs and the
+    weight gradients are bit for bit those of `fp8_linear` per weight, and dx (sum of dy_w W_w in one fp32
+    accumulation, where autograd added the per-weight products) is within fp32 rounding of both that sum and the
+    fp64 reference. Otherwise a GEMM a weight, and dx too is the per-weight sum, exactly."""
     from seekforge.fp8.gemm import fp8_linears
 
     torch.manual_seed(12)
@@ -459,9 +459,10 @@ def test_a_converted_models_training_step_runs_every_fp8_gemm_as_the_reference(m
 
 
 def test_a_converted_models_step_with_joined_gemms_is_the_one_weight_at_a_time_step():
-    """Widths that are multiples of 128 (but wkv_a's, which comes last): the layers of one input run joined GEMMs, and the step is the one weight at a time: the same loss (the forward is bit
-    for bit the same), gradients within the fp32 rounding of the joined input gradients' sums (which an e4m3
-    rounding downstream may magnify on a few values)."""
+    """Widths that are multiples of 128 (but wkv_a's, which comes last): the layers of one input run joined GEMMs,
+    and the step is the one weight at a time: the same loss (the forward is bit for bit the same), gradients within
+    the fp32 rounding of the joined input gradients' sums (which an e4m3 rounding downstream may magnify on a few
+    values)."""
     torch.manual_seed(5)
     cfg = ModelConfig.preset("tiny").replace(dim=256, inter_dim=256, moe_inter_dim=128, q_lora_rank=128, n_layers=2,
                                              vocab_size=64)

@@ -53,17 +53,24 @@ def test_tiles_read_a_strided_input():
         _same(got, want)
 
 
-@pytest.mark.parametrize("counts,k", [(COUNTS, 300), ([130], 136), ([0, 0], 64)],
-                         ids=["experts", "one-segment", "no-rows"])
-def test_segments_give_both_tilings_bit_for_bit(counts, k):
+@pytest.mark.parametrize("counts,k,cuts", [(COUNTS, 300, ()), ([130], 136, ()), ([0, 0], 64, ()),
+                                           (COUNTS, 300, (128, 256)), ([130], 136, (128,))],
+                         ids=["experts", "one-segment", "no-rows", "experts-joined", "one-segment-joined"])
+def test_segments_give_both_tilings_bit_for_bit(counts, k, cuts):
+    """x given whole, or as parts joined along k (the output gradients of weights joined along n), cut at `cuts`:
+    each part quantised into its slice of the join."""
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
     segment_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     x = _input(sum(counts), k, 2)
     want = quant.quantise_segments(x, offsets, segment_of_row)
-    got = fp8_quant.quantise_segments(x.to(DEVICE), offsets.to(DEVICE),
+    parts = [part.to(DEVICE) for part in x.tensor_split(list(cuts), dim=1)]
+    got = fp8_quant.quantise_segments(parts if cuts else parts[0], offsets.to(DEVICE),
                                       quant.padded_tiles(sum(counts), len(counts)))
     for g, w in zip(got, want[:4]):
         _same(g, w)
+    if cuts:
+        with pytest.raises(ConfigError, match="each k but the last a multiple of 128"):
+            fp8_quant.quantise_segments(parts[::-1], offsets.to(DEVICE), quant.padded_tiles(sum(counts), len(counts)))
 
 
 @pytest.mark.skipif(CUDA, reason="emulates a Triton frontend's lowering under the interpreter")
@@ -144,11 +151,13 @@ def test_errors():
 
 def test_ops_check_as_custom_ops():
     x = _input(40, 200, 4).to(DEVICE)
-    offsets = torch.tensor([30, 40], dtype=torch.int32, device=DEVICE)
+    w = _input(168, 200, 5).to(DEVICE).unsqueeze(0)
+    offsets, tiles = torch.tensor([30, 40], dtype=torch.int32, device=DEVICE), quant.padded_tiles(40, 2)
     for op, args in ((fp8_quant.launch_quantise_tiles, (x,)),
-                     (fp8_quant.launch_quantise_segments, (x, offsets, quant.padded_tiles(40, 2))),
+                     (fp8_quant.launch_quantise_segments, ([x], offsets, tiles)),
+                     (fp8_quant.launch_quantise_segments, ([x[:, :128], x[:, 128:]], offsets, tiles)),
                      (fp8_quant.launch_quantise_blocks, ([x.unsqueeze(0)], True)),
-                     (fp8_quant.launch_quantise_blocks, ([x[:128].unsqueeze(0), x[:40].unsqueeze(0)], False))):
+                     (fp8_quant.launch_quantise_blocks, ([w[:, :128], w[:, 128:]], False))):
         torch.library.opcheck(op, args, test_utils=("test_faketensor",))
 
 
