@@ -22,7 +22,8 @@ fp8_quant) against their PyTorch references, in GB/s and as a share of the measu
 bit-exact; the routed experts' three grouped GEMMs (forward, input gradient, weight gradient: the FP8 Triton
 kernels, seekforge.ops.triton.fp8_grouped, on operands quantised beforehand) against bf16 torch._grouped_mm, in
 TFLOP/s, each gated against its dequantised operands multiplied in fp32; one FP8 expert layer's forward + backward
-(fp8_grouped_linear: quantisation included) against the bf16 layer's (grouped_linear); and a whole MoE layer
+as the model runs it (fp8_grouped_linears, quantisation included: gate/up is w1 and w3 together, also timed one
+weight at a time) against the bf16 layer's (grouped_linear a weight); and a whole MoE layer
 (router, routed and shared experts, --tokens tokens) forward + backward, FP8 against bf16, its output gated
 against bf16's. Eager, and with --compile also compiled. "failures" lists the gates that failed (empty: all
 passed); the command exits non-zero where one did.
@@ -355,7 +356,7 @@ def experts(args) -> dict:
     from ceilings import _timed, copy_bandwidth
 
     from seekforge.fp8.convert import convert_gemms
-    from seekforge.fp8.gemm import fp8_grouped_linear
+    from seekforge.fp8.gemm import fp8_grouped_linear, fp8_grouped_linears
     from seekforge.model.moe import MoE, grouped_linear
     from seekforge.ops import quant
     from seekforge.ops.blockwise_mm import GROUPED
@@ -475,19 +476,31 @@ def experts(args) -> dict:
         for gemm, (fp8_fn, bf16_fn) in gemms.items():
             rows[gemm] = row(fp8_fn, bf16_fn, flops, "TFLOP/s")
 
-        def layer(fn, x=x, w=w, dy=dy):
-            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            fn(xg, wg, offsets, expert_of_row).backward(dy)
+        # the expert layer as the model runs it: gate/up is w1 and w3 over the same rows (FP8: one call, x quantised
+        # once and, at widths of whole 128-blocks, each GEMM run once over both weights joined); down one weight
+        weights = (w, torch.randn_like(w) * 0.02) if name == "gate_up" else (w,)
 
-        rows["layer_eager"] = row(lambda: layer(fp8_grouped_linear), lambda: layer(grouped_linear), 3 * flops,
-                                  "TFLOP/s")
+        def layer(fn, x=x, weights=weights, dy=dy):
+            xg, wg = x.detach().requires_grad_(), [t.detach().requires_grad_() for t in weights]
+            torch.autograd.backward(fn(xg, wg, offsets, expert_of_row), [dy] * len(wg))
+
+        def one_at_a_time(fn):
+            return lambda a, ws, *rest: [fn(a, t, *rest) for t in ws]
+
+        layer_flops = 3 * flops * len(weights)
+        rows["layer_eager"] = row(lambda: layer(fp8_grouped_linears), lambda: layer(one_at_a_time(grouped_linear)),
+                                  layer_flops, "TFLOP/s")
+        if len(weights) > 1:  # FP8 one weight at a time, as before the weights shared x's quantisation and GEMMs
+            rows["layer_eager_one_at_a_time"] = row(lambda: layer(one_at_a_time(fp8_grouped_linear)), None,
+                                                    layer_flops, "TFLOP/s")
         if args.compile:
-            compiled_fp8, compiled_bf16 = torch.compile(fp8_grouped_linear), torch.compile(grouped_linear)
-            rows["layer_compiled"] = row(lambda: layer(compiled_fp8), lambda: layer(compiled_bf16), 3 * flops,
+            compiled_fp8 = torch.compile(fp8_grouped_linears)
+            compiled_bf16 = torch.compile(one_at_a_time(grouped_linear))
+            rows["layer_compiled"] = row(lambda: layer(compiled_fp8), lambda: layer(compiled_bf16), layer_flops,
                                          "TFLOP/s")
         show(name, rows)
         result["shapes"][name] = {"in": n_in, "out": n_out, "rows": rows}
-        del x, w, dy, xq, xq_t, dyq, dyq_t, wq, wq_t
+        del x, w, weights, dy, xq, xq_t, dyq, dyq_t, wq, wq_t
         torch.cuda.empty_cache()
 
     # one whole MoE layer (router, routed experts, shared experts), forward + backward, bf16 against FP8

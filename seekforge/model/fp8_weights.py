@@ -38,7 +38,7 @@ from torch import nn
 from seekforge.errors import ConfigError
 from seekforge.model.moe import Experts, grouped_linear
 from seekforge.model.transformer import Transformer
-from seekforge.ops import fp8_linear
+from seekforge.ops import fp8_linear, fp8_projections
 from seekforge.ops.blockwise_mm import GROUPED, pad_weight
 from seekforge.ops.quant import BLOCK, FP8, cdiv, dequantise_blocks, quantise_blocks, quantise_rows
 
@@ -98,6 +98,12 @@ class FP8WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.gemm_operands)
+
+    @staticmethod
+    def projections(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
+        """Several of one input x (`seekforge.ops.projections`' hook): `fp8_projections`, x quantised once."""
+        return fp8_projections(x, [(linear.weight, linear.weight_scale_inv, linear.gemm_operands)
+                                   for linear in linears])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks"

@@ -73,7 +73,7 @@ class MLA(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised x [b, s, dim] -> (q, kv_a): the query's first projection and wkv_a's output (together: FP8
-        weights quantise x once for both, `projections`)."""
+        layers quantise x once for both, `projections`)."""
         return projections(x, *self.input_projections)
 
     def query_heads(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,5 +15,5 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = projections(x, self.w1, self.w3)  # together: FP8 weights quantise x once for both
+        gate, up = projections(x, self.w1, self.w3)  # together: FP8 layers quantise x once for both
         return self.w2(F.silu(gate) * up)

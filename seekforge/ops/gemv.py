@@ -7,7 +7,7 @@ cuBLAS's GEMMs read a small step's weights at a fraction of the memory bandwidth
 `fp8_linear` is the projection of FP8 weights (e4m3 with 128x128 block scales): the FP8 GEMV for those rows, the
 blockwise FP8 GEMM for more (`seekforge.ops.blockwise_mm`), dequantise-then-F.linear as the reference;
 `fp8_projections` several of one input, which the GEMMs take quantised once (`projections`: linear layers of one
-input, FP8 or not); `normed_projections` fuses the norm with two FP8 projections alike.
+input, through their class's hook where it has one); `normed_projections` fuses the norm with two FP8 projections alike.
 """
 
 from __future__ import annotations
@@ -101,12 +101,12 @@ def fp8_projections(x: torch.Tensor, weights) -> tuple[torch.Tensor, ...]:
 
 
 def projections(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Each bias-free linear layer of `linears` over x, as it computes it. FP8 weights (modules with `weight_scale_inv`
-    and `gemm_operands` beside the weight: `seekforge.model.fp8_weights`) go through `fp8_projections` together,
-    which quantises x once for all of them."""
-    if all(hasattr(linear, "weight_scale_inv") for linear in linears):
-        return fp8_projections(x, [(linear.weight, linear.weight_scale_inv, linear.gemm_operands)
-                                   for linear in linears])
+    """Each bias-free linear layer of `linears` over x, as it computes it. Layers all of one class that has a static
+    `projections(x, linears)` go through it together: FP8 weights (`seekforge.model.fp8_weights`: `fp8_projections`)
+    and FP8 training's layers (`seekforge.fp8.convert`), which quantise x once for all of them."""
+    together = getattr(type(linears[0]), "projections", None)
+    if together is not None and all(type(linear) is type(linears[0]) for linear in linears):
+        return together(x, linears)
     return tuple(linear(x) for linear in linears)
 
 

@@ -18,7 +18,7 @@ patch_interpreter()
 
 from seekforge import ops  # noqa: E402
 from seekforge.errors import ConfigError  # noqa: E402
-from seekforge.fp8.gemm import fp8_grouped_linear  # noqa: E402
+from seekforge.fp8.gemm import fp8_grouped_linear, fp8_grouped_linears  # noqa: E402
 from seekforge.ops.triton import fp8_grouped  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -168,6 +168,50 @@ def test_grouped_linear_through_the_kernels_matches_its_reference_path(n, k):
     assert torch.equal(results[1][2][1], torch.zeros(n, k))
 
 
+def test_weight_gradient_of_weights_joined_along_n_writes_each_weights_own():
+    """dy of two weights joined along n: `parts=2` gives each weight's gradient in a tensor of its own, bit for bit the
+    halves of the joined gradient."""
+    g, _, _ = _problem(6)
+    m = sum(COUNTS)
+    tile_of_row, n_tiles = _tile_of_row()
+    dy, dy_s = _e4m3((m, 256), g), _scales((n_tiles, 256), g)
+    x, x_s = _e4m3((m, K), g), _scales((n_tiles, K), g)
+    dy_t, dy_ts, ends = _padded_transpose(dy, dy_s, tile_of_row)
+    x_t, x_ts, _ = _padded_transpose(x, x_s, tile_of_row)
+    whole = fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_ts, x_t, x_ts, ends), torch.float32)
+    parts = fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_ts, x_t, x_ts, ends), torch.float32, 2)
+    assert parts.shape == (2, len(COUNTS), 128, K) and parts.is_contiguous()
+    assert torch.equal(parts[0], whole[:, :128]) and torch.equal(parts[1], whole[:, 128:])
+    with pytest.raises(ConfigError, match="parts must divide"):
+        fp8_grouped.fp8_grouped_weight_gradient(*_dev(dy_t, dy_ts, x_t, x_ts, ends), torch.float32, 3)
+
+
+def test_grouped_linears_through_the_kernels_are_each_weights_own_gemms():
+    """`fp8_grouped_linears` of a SwiGLU's w1 and w3 (one out, a multiple of 128) through the kernels: one GEMM a pass
+    over the joined weights, the outputs and weight gradients bit for bit `fp8_grouped_linear`'s per weight, dx
+    (one fp32 accumulation over both) within fp32 rounding of their sum; and within the reference path's."""
+    _, offsets, expert_of_row = _problem(7)
+    torch.manual_seed(7)
+    x = torch.randn(sum(COUNTS), K) * torch.logspace(-1, 1, sum(COUNTS)).unsqueeze(1)
+    ws = [torch.randn(len(COUNTS), 128, K) * 0.05 for _ in range(2)]
+    dys = [torch.randn(sum(COUNTS), 128) for _ in ws]
+    results = []
+    for kind, device, together in (("triton", DEVICE, True), ("triton", DEVICE, False), ("torch", "cpu", True)):
+        xd, wd = x.to(device, copy=True).requires_grad_(), [w.to(device, copy=True).requires_grad_() for w in ws]
+        off, rows = offsets.to(device), expert_of_row.to(device)
+        with ops.backend(kind, ops=["fp8_grouped", "fp8_quant"]):
+            ys = (fp8_grouped_linears(xd, wd, off, rows) if together
+                  else [fp8_grouped_linear(xd, w, off, rows) for w in wd])
+            torch.autograd.backward(ys, [dy.to(device) for dy in dys])
+        results.append([t.detach().cpu() for t in (*ys, xd.grad, *(w.grad for w in wd))])
+    (y1, y3, dx, dw1, dw3), one, reference = results
+    for got, want in zip((y1, y3, dw1, dw3), (*one[:2], *one[3:])):
+        assert torch.equal(got, want)
+    _assert_close(dx, one[2].double())
+    for got, want in zip(results[0], reference):
+        _assert_close(got, want.double())
+
+
 def test_errors():
     g, offsets, _ = _problem(4)
     a, a_s = _e4m3((204, K), g), _scales((204, 3), g)
@@ -193,24 +237,26 @@ def test_ops_check_and_compile_as_one_graph():
         torch.tensor([128, 128, 256, 512, 768], dtype=torch.int32), offsets, expert_of_row)
     torch.library.opcheck(fp8_grouped.launch_grouped_mm, (a, a_s, w, w_s, offsets, torch.float32, [16, 128, 4, 2]),
                           test_utils=("test_faketensor",))
-    torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient, (dy_t, dy_s, x_t, x_s, ends, torch.float32),
-                          test_utils=("test_faketensor",))
+    for parts in (1, 2):
+        torch.library.opcheck(fp8_grouped.launch_grouped_weight_gradient,
+                              (dy_t, dy_s, x_t, x_s, ends, torch.float32, parts), test_utils=("test_faketensor",))
 
-    def forward(x, w):
-        return fp8_grouped_linear(x, w, offsets, expert_of_row)
+    def forward(x, w1, w3):  # a SwiGLU's w1 and w3 (n = 256: joined), and one weight
+        gate, up = fp8_grouped_linears(x, (w1, w3), offsets, expert_of_row)
+        return gate * up + fp8_grouped_linear(x, w1, offsets, expert_of_row)
 
     x0 = torch.randn(m, K, device=DEVICE)
-    w0 = torch.randn(len(COUNTS), N, K, device=DEVICE) * 0.05
-    dy = torch.randn(m, N, device=DEVICE)
+    ws0 = [torch.randn(len(COUNTS), 256, K, device=DEVICE) * 0.05 for _ in range(2)]
+    dy = torch.randn(m, 256, device=DEVICE)
     # inductor on the CPU would compile C++: there dynamo's graph and AOTAutograd's backward alone show that the ops
     # stay in one graph (fullgraph) both ways
     compiled = torch.compile(forward, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     results = []
     with ops.backend("triton", ops=["fp8_grouped", "fp8_quant"]):
         for fn in (compiled, forward):
-            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-            y = fn(x, w)
+            x, ws = x0.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws0]
+            y = fn(x, *ws)
             y.backward(dy)
-            results.append((y.detach(), x.grad, w.grad))
+            results.append((y.detach(), x.grad, *(w.grad for w in ws)))
     for got, want in zip(*results):
         _assert_close(got, want.double().cpu())

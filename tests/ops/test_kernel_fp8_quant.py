@@ -53,17 +53,24 @@ def test_tiles_read_a_strided_input():
         _same(got, want)
 
 
-@pytest.mark.parametrize("counts,k", [(COUNTS, 300), ([130], 136), ([0, 0], 64)],
-                         ids=["experts", "one-segment", "no-rows"])
-def test_segments_give_both_tilings_bit_for_bit(counts, k):
+@pytest.mark.parametrize("counts,k,cuts", [(COUNTS, 300, ()), ([130], 136, ()), ([0, 0], 64, ()),
+                                           (COUNTS, 300, (128, 256)), ([130], 136, (128,))],
+                         ids=["experts", "one-segment", "no-rows", "experts-joined", "one-segment-joined"])
+def test_segments_give_both_tilings_bit_for_bit(counts, k, cuts):
+    """x given whole, or as parts joined along k (the output gradients of weights joined along n), cut at `cuts`:
+    each part quantised into its slice of the join."""
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
     segment_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     x = _input(sum(counts), k, 2)
     want = quant.quantise_segments(x, offsets, segment_of_row)
-    got = fp8_quant.quantise_segments(x.to(DEVICE), offsets.to(DEVICE),
+    parts = [part.to(DEVICE) for part in x.tensor_split(list(cuts), dim=1)]
+    got = fp8_quant.quantise_segments(parts if cuts else parts[0], offsets.to(DEVICE),
                                       quant.padded_tiles(sum(counts), len(counts)))
     for g, w in zip(got, want[:4]):
         _same(g, w)
+    if cuts:
+        with pytest.raises(ConfigError, match="each k but the last a multiple of 128"):
+            fp8_quant.quantise_segments(parts[::-1], offsets.to(DEVICE), quant.padded_tiles(sum(counts), len(counts)))
 
 
 @pytest.mark.skipif(CUDA, reason="emulates a Triton frontend's lowering under the interpreter")
@@ -116,6 +123,23 @@ def test_blocks_and_their_transpose_match_the_reference_bit_for_bit(shape, trans
     assert got[0].is_contiguous()
 
 
+@pytest.mark.parametrize("lead", [(), (3,)], ids=["linear", "experts"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weights_of_one_input_quantise_into_their_slices_of_one_buffer(lead, transposed):
+    """Several weights joined along n (each n but the last a multiple of 128): each weight's own blocks, bit for bit,
+    in its slice of the joined quantisation (along the last dimension of the transposes)."""
+    ws = [_input(n, 200, seed).expand(*lead, n, 200).clone() * 10.0 ** seed for seed, n in enumerate((256, 128, 72))]
+    got = fp8_quant.quantise_blocks([w.to(DEVICE) for w in ws], transposed)
+    wants = [quant.quantise_blocks(w.transpose(-2, -1) if transposed else w) for w in ws]
+    dim = -1 if transposed else -2
+    for g, parts in zip(got, zip(*wants)):
+        _same(g, torch.cat(parts, dim))
+    with pytest.raises(ConfigError, match="each n but the last a multiple of 128"):
+        fp8_quant.quantise_blocks([w.to(DEVICE) for w in reversed(ws)])
+    with pytest.raises(ConfigError, match="of one k and experts"):
+        fp8_quant.quantise_blocks([ws[0].to(DEVICE), ws[1][..., :100].to(DEVICE)])
+
+
 def test_errors():
     with pytest.raises(ConfigError, match="2-d bf16, fp16 or fp32"):
         fp8_quant.quantise_tiles(torch.zeros(2, 3, 4, device=DEVICE))
@@ -127,10 +151,13 @@ def test_errors():
 
 def test_ops_check_as_custom_ops():
     x = _input(40, 200, 4).to(DEVICE)
-    offsets = torch.tensor([30, 40], dtype=torch.int32, device=DEVICE)
+    w = _input(168, 200, 5).to(DEVICE).unsqueeze(0)
+    offsets, tiles = torch.tensor([30, 40], dtype=torch.int32, device=DEVICE), quant.padded_tiles(40, 2)
     for op, args in ((fp8_quant.launch_quantise_tiles, (x,)),
-                     (fp8_quant.launch_quantise_segments, (x, offsets, quant.padded_tiles(40, 2))),
-                     (fp8_quant.launch_quantise_blocks, (x.unsqueeze(0), True))):
+                     (fp8_quant.launch_quantise_segments, ([x], offsets, tiles)),
+                     (fp8_quant.launch_quantise_segments, ([x[:, :128], x[:, 128:]], offsets, tiles)),
+                     (fp8_quant.launch_quantise_blocks, ([x.unsqueeze(0)], True)),
+                     (fp8_quant.launch_quantise_blocks, ([w[:, :128], w[:, 128:]], False))):
         torch.library.opcheck(op, args, test_utils=("test_faketensor",))
 
 
@@ -144,27 +171,31 @@ def test_bf16_inputs_on_cuda():
 def test_fp8_linear_and_experts_through_the_quantisation_kernels_equal_the_reference_path():
     """`fp8_linear` and `fp8_grouped_linear` (forward, both gradients) with the quantisation's kernels (op
     "fp8_quant") against the same functions with its references: bit-exact quantisation, so equal results (the GEMMs
-    run their reference on the CPU either way)."""
+    run their reference on the CPU either way); and so `fp8_linears` and `fp8_grouped_linears` of weights joined
+    along n, the kernel writing each weight's blocks into its slice."""
     from seekforge import ops
-    from seekforge.fp8.gemm import fp8_grouped_linear, fp8_linear
+    from seekforge.fp8.gemm import fp8_grouped_linear, fp8_grouped_linears, fp8_linear, fp8_linears
 
     torch.manual_seed(6)
     counts = [37, 0, 5, 141, 21]
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
     rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     x = torch.randn(sum(counts), 200) * torch.logspace(-1, 1, sum(counts)).unsqueeze(1)
-    w_dense, w_experts = torch.randn(136, 200) * 0.05, torch.randn(len(counts), 136, 200) * 0.05
-    dy = torch.randn(sum(counts), 136)
+    cases = ((lambda a, b: [fp8_linear(a, b[0])], [torch.randn(136, 200) * 0.05]),
+             (lambda a, b: [fp8_grouped_linear(a, b[0], offsets, rows)], [torch.randn(len(counts), 136, 200) * 0.05]),
+             (fp8_linears, [torch.randn(128, 200) * 0.05, torch.randn(72, 200) * 0.05]),
+             (lambda a, b: fp8_grouped_linears(a, b, offsets, rows),
+              [torch.randn(len(counts), 128, 200) * 0.05, torch.randn(len(counts), 128, 200) * 0.05]))
     results = []
     for kind in ("torch", "triton"):
         out = []
         with ops.backend(kind, ops=["fp8_quant"]), ops.backend("torch", ops=["fp8_grouped"]):
-            for fn, w in ((fp8_linear, w_dense),
-                          (lambda a, b: fp8_grouped_linear(a, b, offsets, rows), w_experts)):
-                xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
-                y = fn(xd, wd)
-                y.backward(dy)
-                out += [y.detach(), xd.grad, wd.grad]
+            for fn, ws in cases:
+                xd, wd = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+                ys = fn(xd, wd)
+                torch.autograd.backward(ys, [torch.ones_like(y).normal_(generator=torch.Generator().manual_seed(i))
+                                             for i, y in enumerate(ys)])
+                out += [*(y.detach() for y in ys), xd.grad, *(w.grad for w in wd)]
         results.append(out)
     for got, want in zip(*results):
         assert torch.equal(got, want)

@@ -19,7 +19,8 @@ them); an expert may have no rows, row counts are multiples of nothing, and n an
   contracted rows innermost and every tile whole and aligned, so its loads are wide vectors (what Hopper's FP8
   MMA reads, with no mask along the rows), and 128x1 tiles of dy are 1x128 tiles of the padded transpose, their
   scales [n, rows / 128]. One program an (expert, n block, k block); each k step is one row tile, scaled by the
-  outer product of the two tiles' column scales.
+  outer product of the two tiles' column scales. dy may be several weights' outputs joined along n (a SwiGLU's w1
+  and w3): then it writes each weight's gradient into its own tensor, as autograd hands it to the weight.
 
 Both choose their tile (BLOCK_M or BLOCK_N, BLOCK_N or BLOCK_K, warps, pipeline stages) among a few candidates
 timed on a shape's first launch (`triton.autotune`; under the interpreter the first runs, untimed). Each is one
@@ -98,11 +99,12 @@ def _grouped_mm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, num_experts, M
 @triton.jit
 def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N, K,
                              stride_an, stride_am, stride_asn, stride_ast, stride_bk, stride_bm, stride_bsk,
-                             stride_bst, stride_ce, stride_cn, stride_ck,
+                             stride_bst, stride_ce, stride_cn, stride_ck, PART_N, stride_cp,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[e] = A_e @ B_e^T over expert e's rows, whole 128-row tiles: a = dy^T [N, rows] (element (n, r) at
     a_ptr + n stride_an + r stride_am), its scale of column n, row tile t at as_ptr + n stride_asn + t stride_ast;
-    b = x^T [K, rows] alike. Expert e's rows are offsets[e - 1] .. offsets[e], both multiples of 128."""
+    b = x^T [K, rows] alike. Expert e's rows are offsets[e - 1] .. offsets[e], both multiples of 128. c's n runs in
+    parts of PART_N (weights joined along n), part p's at c_ptr + p stride_cp."""
     k_blocks = tl.cdiv(K, BLOCK_K)
     n0, k0 = (tl.program_id(0) // k_blocks) * BLOCK_N, (tl.program_id(0) % k_blocks) * BLOCK_K
     expert = tl.program_id(1)
@@ -122,7 +124,8 @@ def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N
         a_scale = tl.load(as_ptr + cols_n * stride_asn + tile * stride_ast, mask=n_ok, other=0.0)
         b_scale = tl.load(bs_ptr + cols_k * stride_bsk + tile * stride_bst, mask=k_ok, other=0.0)
         acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
-    c_at = c_ptr + expert.to(tl.int64) * stride_ce + cols_n[:, None] * stride_cn + cols_k[None, :] * stride_ck
+    c_at = (c_ptr + expert.to(tl.int64) * stride_ce + (cols_n // PART_N)[:, None] * stride_cp
+            + (cols_n % PART_N)[:, None] * stride_cn + cols_k[None, :] * stride_ck)
     tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -222,12 +225,14 @@ def _(a, a_scale, w, w_scale, offsets, out_dtype, tile) -> torch.Tensor:
 
 
 def fp8_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t: torch.Tensor, x_scale: torch.Tensor,
-                                offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                                offsets: torch.Tensor, out_dtype: torch.dtype, parts: int = 1) -> torch.Tensor:
     """dW [experts, n, k] with dW_e = dy_e^T x_e over expert e's rows, as out_dtype. dy_t [n, rows] and x_t [k, rows]
     e4m3: the transposes of dy and x with each expert's rows in a segment of whole 128-row tiles (zero rows after its
     own), offsets [experts] the segments' ends (multiples of 128; not checked: that would read them on the host);
     their scales in 1x128 tiles of the transposes, dy_scale [n, rows / 128] and x_scale [k, rows / 128] fp32 (128x1
-    tiles of dy and x, none straddling two experts): `seekforge.ops.quant.quantise_segments`' layout."""
+    tiles of dy and x, none straddling two experts): `seekforge.ops.quant.quantise_segments`' layout. parts > 1: dy
+    is that many weights' output gradients joined along n, each n / parts wide, and the result each weight's
+    gradient on its own, [parts, experts, n / parts, k]."""
     n, rows = dy_t.shape if dy_t.dim() == 2 else (0, -1)
     _check("FP8 grouped weight gradient", dy_t.dim() == x_t.dim() == 2 and x_t.shape[1] == rows
            and rows % BLOCK == 0 and dy_t.dtype == x_t.dtype == FP8 and dy_scale.shape == (n, rows // BLOCK)
@@ -236,16 +241,19 @@ def fp8_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t:
            f"[n, rows / {BLOCK}] and [k, rows / {BLOCK}]; got {tuple(dy_t.shape)} {dy_t.dtype}, {tuple(x_t.shape)} "
            f"{x_t.dtype}, scales {tuple(dy_scale.shape)} {dy_scale.dtype}, {tuple(x_scale.shape)} {x_scale.dtype}")
     _check_offsets(offsets, offsets.shape[0] if offsets.dim() == 1 else -1, dy_t.device)
-    return launch_grouped_weight_gradient(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype)
+    _check("FP8 grouped weight gradient", parts >= 1 and n % parts == 0,
+           f"parts must divide dy's {n} columns, got {parts}")
+    out = launch_grouped_weight_gradient(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype, parts)
+    return out if parts > 1 else out[0]
 
 
 @torch.library.custom_op("seekforge::fp8_grouped_weight_gradient", mutates_args=())
 def launch_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x_t: torch.Tensor,
-                                   x_scale: torch.Tensor, offsets: torch.Tensor,
-                                   out_dtype: torch.dtype) -> torch.Tensor:
-    """`fp8_grouped_weight_gradient`'s launch, its arguments checked."""
+                                   x_scale: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype,
+                                   parts: int) -> torch.Tensor:
+    """`fp8_grouped_weight_gradient`'s launch, its arguments checked: [parts, experts, n / parts, k]."""
     experts, n, k = offsets.shape[0], dy_t.shape[0], x_t.shape[0]
-    out = torch.empty(experts, n, k, device=dy_t.device, dtype=out_dtype)
+    out = torch.empty(parts, experts, n // parts, k, device=dy_t.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
 
@@ -254,14 +262,14 @@ def launch_grouped_weight_gradient(dy_t: torch.Tensor, dy_scale: torch.Tensor, x
 
     _tuned_weight_gradient[grid](
         dy_t, dy_scale, x_t, x_scale, out, offsets, n, k, dy_t.stride(0), dy_t.stride(1), dy_scale.stride(0),
-        dy_scale.stride(1), x_t.stride(0), x_t.stride(1), x_scale.stride(0), x_scale.stride(1), out.stride(0),
-        out.stride(1), out.stride(2))
+        dy_scale.stride(1), x_t.stride(0), x_t.stride(1), x_scale.stride(0), x_scale.stride(1), out.stride(1),
+        out.stride(2), out.stride(3), n // parts, out.stride(0))
     return out
 
 
 @launch_grouped_weight_gradient.register_fake
-def _(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype) -> torch.Tensor:
-    return dy_t.new_empty(offsets.shape[0], dy_t.shape[0], x_t.shape[0], dtype=out_dtype)
+def _(dy_t, dy_scale, x_t, x_scale, offsets, out_dtype, parts) -> torch.Tensor:
+    return dy_t.new_empty(parts, offsets.shape[0], dy_t.shape[0] // parts, x_t.shape[0], dtype=out_dtype)
 
 
 __all__ = ["GROUPED_TILES", "WEIGHT_GRADIENT_TILES", "fp8_grouped_mm", "fp8_grouped_weight_gradient"]

@@ -6,10 +6,12 @@ each op one pass over its input, reading every element once and writing e4m3 val
   the rows and, from the same loaded 128x128 tile, the 128x1 tiles down the rows written transposed, each segment
   zero-padded to whole 128-row tiles: the weight gradient's operand (it contracts over rows), laid out as
   `seekforge.ops.triton.fp8_grouped`'s weight-gradient kernel and torch._scaled_mm read it. One program a
-  (128-row tile of the padded layout, 128 columns).
+  (128-row tile of the padded layout, 128 columns). Several weights' output gradients go into one joined result,
+  each written straight into its slice.
 - `quantise_blocks`: 128x128 blocks of w [..., n, k]; with `transposed` the quantised transpose [..., k, n]
   (128x128 blocks are square: its scales are the transposed scale grid), which the input gradient dx = dy W
-  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs.
+  reads with the contracted dimension innermost, as Hopper's FP8 MMA needs. Several weights of one input (a SwiGLU's
+  w1 and w3) go into one buffer joined along n, each written straight into its slice, for one GEMM over all.
 
 The rounding is the references': scale = amax / 448 (1 for a tile of zeros), value / scale correctly rounded
 (div_rn: fp32 `/` compiles to an approximate division on NVIDIA GPUs), saturated, rounded to e4m3 to nearest,
@@ -18,6 +20,8 @@ compiled block keeps its graph whole.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -160,69 +164,105 @@ def _(x):
     return [x.new_empty(m, k, dtype=FP8), x.new_empty(m, cdiv(k, BLOCK), dtype=torch.float32)]
 
 
-def quantise_segments(x: torch.Tensor, offsets: torch.Tensor,
+def quantise_segments(x: torch.Tensor | Sequence[torch.Tensor], offsets: torch.Tensor,
                       padded_tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`seekforge.ops.quant.quantise_segments`' first four results: x [m, k] with rows in segments ending at offsets
     [segments] (int32 or int64) -> (q [m, k], scale [m, ceil(k / 128)], q_t [k, 128 padded_tiles], scale_t
     [k, padded_tiles]); padded_tiles: `seekforge.ops.quant.padded_tiles`' bound. Tiles past the last segment's
-    hold zeros with scale 1."""
-    _check_input("FP8 segment quantisation", x, 2)
-    if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != x.device:
-        raise ConfigError(f"FP8 segment quantisation: offsets must be 1-d int32 or int64 on {x.device}, got "
+    hold zeros with scale 1. x a sequence of [m, k_i] (each k but the last a multiple of 128: the output gradients of
+    weights joined along n): those of their join along k, each quantised straight into its slice."""
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    for part in parts:
+        _check_input("FP8 segment quantisation", part, 2)
+    if any(part.shape[0] != parts[0].shape[0] for part in parts) or any(p.shape[1] % BLOCK for p in parts[:-1]):
+        raise ConfigError(f"FP8 segment quantisation: parts joined along k need one m and each k but the last a "
+                          f"multiple of {BLOCK}, got {[tuple(part.shape) for part in parts]}")
+    if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != parts[0].device:
+        raise ConfigError(f"FP8 segment quantisation: offsets must be 1-d int32 or int64 on {parts[0].device}, got "
                           f"{tuple(offsets.shape)} {offsets.dtype} on {offsets.device}")
-    return tuple(launch_quantise_segments(x, offsets, padded_tiles))
+    return tuple(launch_quantise_segments(parts, offsets, padded_tiles))
+
+
+def _segments_outputs(parts: list[torch.Tensor], padded_tiles: int, empty) -> list[torch.Tensor]:
+    m, k = parts[0].shape[0], sum(part.shape[1] for part in parts)
+    return [empty((m, k), FP8), empty((m, cdiv(k, BLOCK)), torch.float32), empty((k, padded_tiles * BLOCK), FP8),
+            empty((k, padded_tiles), torch.float32)]
 
 
 @torch.library.custom_op("seekforge::fp8_quantise_segments", mutates_args=())
-def launch_quantise_segments(x: torch.Tensor, offsets: torch.Tensor, padded_tiles: int) -> list[torch.Tensor]:
-    m, k = x.shape
-    q = torch.empty(m, k, device=x.device, dtype=FP8)
-    s = torch.empty(m, cdiv(k, BLOCK), device=x.device, dtype=torch.float32)
-    qt = torch.empty(k, padded_tiles * BLOCK, device=x.device, dtype=FP8)
-    st = torch.empty(k, padded_tiles, device=x.device, dtype=torch.float32)
-    if qt.numel():
-        _quantise_segments[(padded_tiles, cdiv(k, BLOCK))](
-            x, offsets, q, s, qt, st, offsets.shape[0], k, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
-            qt.stride(0), st.stride(0), E_BLOCK=max(triton.next_power_of_2(offsets.shape[0]), 2), CHUNK=_SEGMENT_ROWS,
-            num_warps=_SEGMENT_WARPS)
+def launch_quantise_segments(parts: list[torch.Tensor], offsets: torch.Tensor,
+                             padded_tiles: int) -> list[torch.Tensor]:
+    device = parts[0].device
+    q, s, qt, st = _segments_outputs(parts, padded_tiles, lambda shape, dtype: torch.empty(shape, device=device,
+                                                                                           dtype=dtype))
+    at = 0
+    for x in parts:
+        k = x.shape[1]
+        # its slice of the joined results: columns of q and s, rows of the transposed q_t and scale_t
+        q_at, s_at, qt_at, st_at = q[:, at:at + k], s[:, at // BLOCK:], qt[at:at + k], st[at:at + k]
+        if qt_at.numel():
+            _quantise_segments[(padded_tiles, cdiv(k, BLOCK))](
+                x, offsets, q_at, s_at, qt_at, st_at, offsets.shape[0], k, x.stride(0), x.stride(1), q_at.stride(0),
+                s_at.stride(0), qt_at.stride(0), st_at.stride(0),
+                E_BLOCK=max(triton.next_power_of_2(offsets.shape[0]), 2), CHUNK=_SEGMENT_ROWS, num_warps=_SEGMENT_WARPS)
+        at += k
     return [q, s, qt, st]
 
 
 @launch_quantise_segments.register_fake
-def _(x, offsets, padded_tiles):
-    m, k = x.shape
-    return [x.new_empty(m, k, dtype=FP8), x.new_empty(m, cdiv(k, BLOCK), dtype=torch.float32),
-            x.new_empty(k, padded_tiles * BLOCK, dtype=FP8), x.new_empty(k, padded_tiles, dtype=torch.float32)]
+def _(parts, offsets, padded_tiles):
+    return _segments_outputs(parts, padded_tiles, lambda shape, dtype: parts[0].new_empty(shape, dtype=dtype))
 
 
-def quantise_blocks(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise_blocks(w: torch.Tensor | Sequence[torch.Tensor],
+                    transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`seekforge.ops.quant.quantise_blocks` of w [n, k] or [experts, n, k]; with `transposed`, that of w's
-    transpose ([..., k, n], contiguous), read from w as it is."""
-    if w.dim() not in (2, 3):
-        raise ConfigError(f"FP8 block quantisation: wants w [n, k] or [experts, n, k], got {tuple(w.shape)}")
-    _check_input("FP8 block quantisation", w, w.dim())
-    q, s = launch_quantise_blocks(w.unsqueeze(0) if w.dim() == 2 else w, transposed)
-    return (q[0], s[0]) if w.dim() == 2 else (q, s)
+    transpose ([..., k, n], contiguous), read from w as it is. w a sequence of weights of one shape but n (each n but
+    the last a multiple of 128, so that no block straddles two): their blocks joined along n (along the last
+    dimension with `transposed`), each weight quantised straight into its slice."""
+    weights = [w] if isinstance(w, torch.Tensor) else list(w)
+    lead = weights[0].shape[:-2] if weights and weights[0].dim() in (2, 3) else None
+    if lead is None or any(v.dim() != weights[0].dim() or v.shape[:-2] != lead
+                           or v.shape[-1] != weights[0].shape[-1] for v in weights):
+        raise ConfigError(f"FP8 block quantisation: wants w [n, k] or [experts, n, k] (several: of one k and experts), "
+                          f"got {[tuple(v.shape) for v in weights]}")
+    if any(v.shape[-2] % BLOCK for v in weights[:-1]):
+        raise ConfigError(f"FP8 block quantisation: weights joined along n need each n but the last a multiple of "
+                          f"{BLOCK}, got {[v.shape[-2] for v in weights]}")
+    for v in weights:
+        _check_input("FP8 block quantisation", v, v.dim())
+    q, s = launch_quantise_blocks([v.unsqueeze(0) if v.dim() == 2 else v for v in weights], transposed)
+    return (q[0], s[0]) if not lead else (q, s)
+
+
+def _joined_shapes(weights: list[torch.Tensor], transposed: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    e, k, n = weights[0].shape[0], weights[0].shape[2], sum(w.shape[1] for w in weights)
+    rows, cols = (k, n) if transposed else (n, k)
+    return (e, rows, cols), (e, cdiv(rows, BLOCK), cdiv(cols, BLOCK))
 
 
 @torch.library.custom_op("seekforge::fp8_quantise_blocks", mutates_args=())
-def launch_quantise_blocks(w: torch.Tensor, transposed: bool) -> list[torch.Tensor]:
-    e, n, k = w.shape
-    rows, cols = (k, n) if transposed else (n, k)
-    q = torch.empty(e, rows, cols, device=w.device, dtype=FP8)
-    s = torch.empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK), device=w.device, dtype=torch.float32)
-    if q.numel():
-        _quantise_blocks[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
-            w, q, s, n, k, *w.stride(), *q.stride(), *s.stride(), TRANSPOSED=transposed, num_warps=8)
+def launch_quantise_blocks(weights: list[torch.Tensor], transposed: bool) -> list[torch.Tensor]:
+    q_shape, s_shape = _joined_shapes(weights, transposed)
+    device = weights[0].device
+    q = torch.empty(q_shape, device=device, dtype=FP8)
+    s = torch.empty(s_shape, device=device, dtype=torch.float32)
+    at = 0
+    for w in weights:
+        e, n, k = w.shape
+        if w.numel():  # its slice of the joined blocks: along the rows, or along the columns of the transpose
+            q_at = q[:, :, at:at + n] if transposed else q[:, at:at + n]
+            s_at = s[:, :, at // BLOCK:] if transposed else s[:, at // BLOCK:]
+            _quantise_blocks[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
+                w, q_at, s_at, n, k, *w.stride(), *q_at.stride(), *s_at.stride(), TRANSPOSED=transposed, num_warps=8)
+        at += n
     return [q, s]
 
 
 @launch_quantise_blocks.register_fake
-def _(w, transposed):
-    e, n, k = w.shape
-    rows, cols = (k, n) if transposed else (n, k)
-    return [w.new_empty(e, rows, cols, dtype=FP8), w.new_empty(e, cdiv(rows, BLOCK), cdiv(cols, BLOCK),
-                                                               dtype=torch.float32)]
+def _(weights, transposed):
+    q_shape, s_shape = _joined_shapes(weights, transposed)
+    return [weights[0].new_empty(q_shape, dtype=FP8), weights[0].new_empty(s_shape, dtype=torch.float32)]
 
 
 __all__ = ["quantise_blocks", "quantise_segments", "quantise_tiles"]
