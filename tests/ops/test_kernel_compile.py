@@ -36,8 +36,10 @@ FP8_GEMV_TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_pt
 # the FP8 expert GEMMs of training: their candidate tiles, (BLOCK_M, BLOCK_N, num_warps, num_stages) of
 # `fp8_grouped.GROUPED_TILES` and (BLOCK_N, BLOCK_K, num_warps, num_stages) of `WEIGHT_GRADIENT_TILES`; unit strides
 # are constants, as Triton specialises them
-FP8_GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
-FP8_WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4)]
+FP8_GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
+                     (128, 128, 8, 3)]
+FP8_WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (128, 128, 4, 2),
+                             (128, 128, 8, 2), (64, 128, 4, 2)]
 FP8_GROUPED_TYPES = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32", "c_ptr": "*bf16",
                      "offsets_ptr": "*i32"}
 FP8_QUANT_TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "s_ptr": "*fp32",

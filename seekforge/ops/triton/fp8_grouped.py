@@ -132,9 +132,13 @@ def _grouped_weight_gradient(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N
 # The candidate tiles, timed on a shape's first launch: (BLOCK_M, BLOCK_N, num_warps, num_stages) of `fp8_grouped_mm`
 # (BLOCK_K is the scale block) and (BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight gradient (each k step one
 # 128-row tile). Hopper's FP8 wgmma wants 128- or 256-wide tiles; a stage holds (rows + columns) x 128 bytes, so 3 or 4
-# stages of up to 48 KB fit the 227 KB of shared memory. 64-row blocks serve experts with few rows.
-GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
-WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4)]
+# stages of up to 48 KB fit the 227 KB of shared memory. 64-row blocks serve experts with few rows. Fewer stages (2-3
+# of 32 KB) leave room for two or three programs an SM, so that one's epilogue overlaps another's loads: the weight
+# gradient's loop is short (an expert's rows: 6 tiles at 16b's 8,192 tokens) and its fp32 tile store long.
+GROUPED_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
+                 (128, 128, 8, 3)]
+WEIGHT_GRADIENT_TILES = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (128, 128, 4, 2),
+                         (128, 128, 8, 2), (64, 128, 4, 2)]
 
 
 def _first_when_interpreted(configs, named_args, **kwargs):
