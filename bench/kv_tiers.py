@@ -60,15 +60,70 @@ def workload(args, vocab: int, seed: int) -> tuple[list[int], list[list[list[int
     return system, users
 
 
+class Probe:
+    """Where each request's time to first token goes, read off the engine's scheduler (its `schedule` and its block
+    manager's `match_prefix`, wrapped on this LLM): the engine steps begun and the wall time from add_request to the
+    step that first schedules it (`queue`), how many of those steps it waited for its prefix to come up from a lower
+    tier (match_prefix None: `copy_wait`), and the steps it is scheduled in up to its first token (`prefill`, chunks
+    and time: from the start of its first scheduled step to the step that returns its first token)."""
+
+    def __init__(self, llm: LLM):
+        self.steps = 0  # schedule calls so far
+        self.step_start = 0.0  # when the current one began
+        self.requests: dict[str, dict] = {}
+        self._by_seq: dict[int, dict] = {}
+        schedule, match = llm.scheduler.schedule, llm.block_manager.match_prefix
+
+        def probed_schedule():
+            self.steps += 1
+            self.step_start = time.perf_counter()
+            plan = schedule()
+            for seq, _ in plan.scheduled:
+                r = self._by_seq.get(seq.seq_id)
+                if r is not None and r["first_token"] is None:
+                    if r["admitted_step"] is None:
+                        r["admitted_step"], r["admitted"] = self.steps, self.step_start
+                    r["chunks"] += 1
+            return plan
+
+        def probed_match(seq, *budget):
+            hits = match(seq, *budget)
+            r = self._by_seq.get(seq.seq_id)
+            if hits is None and r is not None and r["admitted_step"] is None:
+                r["copy_wait_steps"] += 1
+            return hits
+
+        llm.scheduler.schedule, llm.block_manager.match_prefix = probed_schedule, probed_match
+
+    def arrive(self, llm: LLM, request_id: str, now: float) -> None:
+        r = {"arrival": now, "arrival_step": self.steps, "admitted_step": None, "admitted": None, "chunks": 0,
+             "copy_wait_steps": 0, "first_token": None}
+        self.requests[request_id] = r
+        for seq in llm.requests[request_id].seqs:
+            self._by_seq[seq.seq_id] = r
+
+    def first_token(self, request_id: str, now: float) -> None:
+        self.requests[request_id]["first_token"] = now
+
+    def phases(self, request_id: str) -> dict:
+        """One request's breakdown (times in seconds)."""
+        r = self.requests[request_id]
+        return {"queue_steps": r["admitted_step"] - r["arrival_step"] - 1, "queue_s": r["admitted"] - r["arrival"],
+                "copy_wait_steps": r["copy_wait_steps"], "prefill_chunks": r["chunks"],
+                "prefill_s": r["first_token"] - r["admitted"]}
+
+
 def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) -> dict:
     """Drive the chats in a closed loop on llm: at most --concurrency in flight, a chat's next turn queued as soon
-    as its reply is done. Returns the replies, each turn's TTFT and the wall time."""
+    as its reply is done. Returns the replies, each turn's TTFT and its breakdown (Probe), and the wall time."""
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens, ignore_eos=True)
+    probe = Probe(llm)
     history = [list(system) for _ in users]
     turn = [0] * len(users)
     ready = deque(range(len(users)))
     active: dict[str, list] = {}  # request id -> [chat, turn, arrival, first token seen]
     ttft: list[list[float]] = [[] for _ in range(args.turns)]
+    phases: list[list[dict]] = [[] for _ in range(args.turns)]
     replies = [[None] * args.turns for _ in users]
     start = time.perf_counter()
     while ready or active:
@@ -76,7 +131,9 @@ def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) ->
             c = ready.popleft()
             prompt = history[c] + users[c][turn[c]]
             history[c] = prompt
-            active[llm.add_request(prompt, params)] = [c, turn[c], time.perf_counter(), False]
+            rid = llm.add_request(prompt, params)
+            active[rid] = [c, turn[c], time.perf_counter(), False]
+            probe.arrive(llm, rid, active[rid][2])
         outs = llm.step()
         now = time.perf_counter()
         # in admission order: step() gives a set's order, which string hashing makes differ between processes
@@ -85,6 +142,8 @@ def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) ->
             if not seen and out.outputs[0].token_ids:
                 active[out.request_id][3] = True
                 ttft[t].append(now - arrival)
+                probe.first_token(out.request_id, now)
+                phases[t].append(probe.phases(out.request_id))
             if out.finished:
                 del active[out.request_id]
                 replies[c][t] = out.outputs[0].token_ids
@@ -94,13 +153,25 @@ def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) ->
                     ready.append(c)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"replies": replies, "ttft": ttft, "wall_s": time.perf_counter() - start}
+    return {"replies": replies, "ttft": ttft, "phases": phases, "wall_s": time.perf_counter() - start}
 
 
 def quantiles(values: list[float]) -> dict:
     values = sorted(values)
     return {"median_s": statistics.median(values), "p95_s": values[min(len(values) - 1, int(0.95 * len(values)))],
             "n": len(values)}
+
+
+def breakdown(phases: list[dict]) -> dict:
+    """Each phase's median and p95 over requests (Probe.phases), and the share of requests that waited any step
+    for a copy back up."""
+    out = {}
+    for key in phases[0]:
+        values = sorted(p[key] for p in phases)
+        out[key] = {"median": statistics.median(values), "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
+                    "mean": statistics.fmean(values)}
+    out["share_waited_on_copy"] = sum(p["copy_wait_steps"] > 0 for p in phases) / len(phases)
+    return out
 
 
 def run_side(name: str, model: Transformer, args, settings: dict, work: Path) -> tuple[dict, list]:
@@ -122,6 +193,7 @@ def run_side(name: str, model: Transformer, args, settings: dict, work: Path) ->
             "ttft_first_turn": quantiles(result["ttft"][0]),
             "ttft_later_turns": quantiles([x for t in result["ttft"][1:] for x in t]),
             "ttft_median_by_turn_s": [statistics.median(t) for t in result["ttft"]],
+            "ttft_later_turns_breakdown": breakdown([p for t in result["phases"][1:] for p in t]),
             "prompt_tokens": prompt, "generated_tokens": generated,
             "prefill_tokens_computed": after["prefill_tokens_computed"] - before["prefill_tokens_computed"],
             "throughput_generated_tok_s": generated / result["wall_s"],
@@ -144,6 +216,9 @@ def best(runs: list[dict]) -> dict:
     for key in ("throughput_generated_tok_s", "throughput_total_tok_s"):
         out[key] = max(run[key] for run in runs)
     out["wall_s"] = min(run["wall_s"] for run in runs)
+    # the breakdown of the run with the lowest later-turn median, which it explains
+    out["ttft_later_turns_breakdown"] = min(runs, key=lambda run: run["ttft_later_turns"]["median_s"])[
+        "ttft_later_turns_breakdown"]
     out["runs"] = runs
     return out
 
@@ -219,6 +294,11 @@ def main() -> int:
               f"{side['throughput_generated_tok_s']:.0f} generated tok/s; wall {side['wall_s']:.1f} s"
               + (f"; hits {json.dumps({t: f['hit_tokens'] for t, f in side['kv_tiers'].items()})}"
                  if "kv_tiers" in side else ""), flush=True)
+        parts = side["ttft_later_turns_breakdown"]
+        print(f"{name}: later turns' median queue {parts['queue_steps']['median']} steps "
+              f"({parts['queue_s']['median'] * 1e3:.1f} ms), copy-back wait {parts['copy_wait_steps']['median']} steps "
+              f"(mean {parts['copy_wait_steps']['mean']:.2f}; {parts['share_waited_on_copy']:.0%} waited), prefill "
+              f"{parts['prefill_chunks']['median']} chunks ({parts['prefill_s']['median'] * 1e3:.1f} ms)", flush=True)
     gate = {}
     if "off" in replies:
         for name in replies:
