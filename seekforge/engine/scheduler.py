@@ -100,7 +100,7 @@ class Scheduler:
             if self._follows_prefill(seq):
                 i += 1
                 continue
-            hits = self.bm.match_prefix(seq)
+            hits = self._match(seq, budget)
             if hits is None:  # its cached prefix is still on its way up from a lower tier (engine.tiered_blocks)
                 i += 1
                 continue
@@ -119,6 +119,11 @@ class Scheduler:
             out.scheduled.append((seq, num_new))
             budget -= num_new
         return out
+
+    def _match(self, seq: Sequence, budget: int) -> list[int] | None:
+        """The cached blocks a waiting sequence starts from, when admitted in a step that may still compute
+        `budget` tokens (None: not yet)."""
+        return self.bm.match_prefix(seq)
 
     def _make_room(self, seq: Sequence, need: int, out: SchedulerOutput) -> bool:
         """Preempts the latest running sequences until seq's blocks can grow to `need` slots; False where seq

@@ -19,9 +19,9 @@ every hit is checked against the block's token ids as the GPU tier checks its ow
 Bringing a prefix back: where a waiting sequence's cached prefix goes on below the GPU, `match_prefix` starts a
 *load*: free GPU blocks are taken and filled from the CPU tier, and from the disk (read on a thread into CPU slots,
 then copied up). The sequence waits (match_prefix answers None) while the others step; once the copies have landed,
-or a step has run beside them, or they are short against a prefill already in this step (the engine's stream then
-waits on the device for what is left), the blocks join the GPU's prefix cache and the sequence is admitted with them
-as hits. A load holds its blocks, and the GPU hits before them, until then. When nothing else holds GPU blocks the
+or a step has run beside them, or they are short against the prefill of this step (the sequence's own, and any
+admitted before it; the engine's stream then waits on the device for what is left), the blocks join the GPU's prefix
+cache and the sequence is admitted with them as hits. A load holds its blocks, and the GPU hits before them, until then. When nothing else holds GPU blocks the
 scheduler waits for the loads rather than spin; a block that another load is bringing up is waited for, not copied
 twice.
 """
@@ -52,9 +52,10 @@ from seekforge.engine.sequence import Sequence
 from seekforge.errors import ConfigError
 
 _FORMAT = 1  # the block layout's version: changing it gives every cache another identity
-# A load whose copy up is still in flight joins a step that already prefills P tokens when it brings up at most
-# _JOIN * P tokens' latents: the step's decoders wait for that prefill anyway, and a token's latents cross PCIe
-# about ten times faster than a token is prefilled (16b on an H100: ~0.8M tok/s at 25 GB/s against ~72K tok/s).
+# A load whose copy up is still in flight joins a step that prefills P tokens (its sequence's own, up to the step's
+# budget, and those of the sequences admitted before it) when it brings up at most _JOIN * P tokens' latents: the
+# step's decoders wait for that prefill anyway, and a token's latents cross PCIe about ten times faster than a token
+# is prefilled (16b on an H100: ~0.8M tok/s at 25 GB/s against ~72K tok/s).
 _JOIN = 16
 _SAMPLE = 1 << 16  # elements of each weight tensor that go into the identity
 
@@ -220,13 +221,14 @@ class TieredBlockManager(BlockManager):
             self.host.release(slot, when=done)
 
     # ---------------------------------------------------------------- lookups and loads
-    def match_prefix(self, seq: Sequence) -> list[int] | None:
+    def match_prefix(self, seq: Sequence, budget: int = 0) -> list[int] | None:
         """The GPU blocks holding seq's cached prefix, as BlockManager's; None while more of it is on its way up
-        from a lower tier (a load started here, or by a sequence that shares the prefix)."""
+        from a lower tier (a load started here, or by a sequence that shares the prefix). `budget`: the tokens the
+        step seq would join may still compute, of which seq's own prefill counts against its load's copy (_JOIN)."""
         if seq.needs_prompt_logprobs:
             return []
         idle = len(self.free) + len(self._held) == self.num_blocks  # no sequence holds blocks: nothing else to do
-        self._poll(wait=idle)
+        self._poll(wait=idle, seq=seq, budget=budget)
         hits = []
         for _ in range((seq.num_tokens - 1) // self.block_size + 1):  # each round brings up a block at least
             if seq.seq_id in self._loading:
@@ -235,7 +237,7 @@ class TieredBlockManager(BlockManager):
             load = self._start_load(seq, hits)
             if load is None:
                 return hits
-            self._poll(wait=idle)  # host copies off a GPU land at once; when idle, wait for the disk too
+            self._poll(wait=idle, seq=seq, budget=budget)  # host copies off a GPU land at once; idle: wait for the disk
             if load in self._loads:
                 return None
         return hits
@@ -322,13 +324,18 @@ class TieredBlockManager(BlockManager):
         for p in parts:
             self.host.release(p.slot, when=load.event.query if load.event is not None else None)
 
-    def _poll(self, wait: bool) -> None:
-        """End the loads whose copies have landed (all of them, waiting, with `wait`)."""
+    def _poll(self, wait: bool, seq: Sequence | None = None, budget: int = 0) -> None:
+        """End the loads whose copies have landed (all of them, waiting, with `wait`), or that join this step's
+        prefill, which seq's load counts its own in (the tokens after its prefix, up to `budget`)."""
         if self._loads:
-            self._loads = [load for load in self._loads if not self._advance(load, wait)]
+            bs = self.block_size
+            self._loads = [load for load in self._loads if not self._advance(
+                load, wait, min(budget, seq.num_tokens - len(load.held) * bs)
+                if seq is not None and load.seq_id == seq.seq_id else 0)]
 
-    def _advance(self, load: _Load, wait: bool) -> bool:
-        """Move a load on: copy up what the disk has read, and once every copy has landed, end it. Whether it ended."""
+    def _advance(self, load: _Load, wait: bool, own: int = 0) -> bool:
+        """Move a load on: copy up what the disk has read, and once every copy has landed (or may join this step's
+        prefill, its sequence's `own` tokens included), end it. Whether it ended."""
         if load.reads is not None:
             if not wait and not load.reads.done():
                 return False
@@ -349,11 +356,11 @@ class TieredBlockManager(BlockManager):
             if wait:
                 load.event.synchronize()
             elif load.queued < self.steps or sum(p.source != "gpu" for p in load.parts) * self.block_size <= (
-                    _JOIN * self._prefilling):
+                    _JOIN * (self._prefilling + own)):
                 # A step has run beside the copy since it was queued, so little or none of it is left; or this step
-                # prefills already, which the copy is short against (_JOIN). The load ends now and the engine's
-                # stream waits on the device for what remains (the host goes on), rather than the sequence waiting
-                # a step more for the event to show on the host.
+                # prefills (the sequence itself, or those admitted before it), which the copy is short against
+                # (_JOIN). The load ends now and the engine's stream waits on the device for what remains (the host
+                # goes on), rather than the sequence waiting a step more for the event to show on the host.
                 self.copier.engine_waits(load.event)
             else:
                 return False
@@ -458,10 +465,15 @@ class TieredBlockManager(BlockManager):
 
 
 class TieredScheduler(Scheduler):
-    """The scheduler over a TieredBlockManager: each step first copies down what the last one registered."""
+    """The scheduler over a TieredBlockManager: each step first copies down what the last one registered, and a
+    waiting sequence's prefix is looked up with the step's budget left (which its own prefill, joining a copy up of
+    its prefix, takes from)."""
 
     bm: TieredBlockManager
 
     def schedule(self) -> SchedulerOutput:
         self.bm.flush()
         return super().schedule()
+
+    def _match(self, seq: Sequence, budget: int) -> list[int] | None:
+        return self.bm.match_prefix(seq, budget)

@@ -155,10 +155,12 @@ class _Copy:
         pass
 
 
-def later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks):
+def later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks, past=8):
     """An LLM whose copies up stay in flight as on a busy GPU (`_Copy`; on the CPU the data is there at once), the
-    steps at which the engine's stream was made to wait for one, and a chat's second turn, whose history the GPU
-    cache has evicted and the CPU tier holds."""
+    steps at which the engine's stream was made to wait for one, and a chat's second turn, whose history's eight full
+    blocks (the first turn's computed tokens) the GPU cache has evicted and the CPU tier holds, cut to `past` tokens
+    past them: the tokens the turn computes, against which a copy up of 32 tokens' latents is long (1: _JOIN 16) or
+    short (8)."""
     llm = LLM(path, dtype="float32", block_size=BS, num_blocks=num_blocks, max_num_seqs=3,
               async_scheduling=async_scheduling, kv_cpu_gb=BIG_CPU)
     bm = llm.block_manager
@@ -175,7 +177,7 @@ def later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks):
     first = system + users[0][0]
     reply = llm.generate([first], GREEDY)[0].token_ids
     llm.generate([list(range(210, 210 + (num_blocks - 1) * BS))], SamplingParams(temperature=0, max_tokens=1))  # evicts
-    return llm, waits, first + reply + users[0][1]
+    return llm, waits, (first + reply + users[0][1])[:8 * BS + past]
 
 
 def steps_to_first_tokens(llm, rids) -> list[int]:
@@ -210,17 +212,19 @@ def hf_greedy(path, prompt) -> list[int]:
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_a_history_in_the_cpu_tier_costs_one_step_of_overlap(path, async_scheduling):
-    """A later turn whose history is in the CPU tier, asked while another chat decodes: its copy up is queued in the
-    first step, which the other chat's decode runs beside, and in the second the sequence is admitted and
-    prefills, the engine's stream waiting on the device for whatever is left of the copy. Two steps to the first
-    token, however late the copy's event shows on the host; the reply is transformers' greedy one."""
-    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=18)
+    """A later turn whose history is in the CPU tier and whose own prefill is short against its copy up, asked while
+    another chat decodes: the copy is queued in the first step, which the other chat's decode runs beside, and in
+    the second the sequence is admitted and prefills, the engine's stream waiting on the device for whatever is
+    left of the copy. Two steps to the first token, however late the copy's event shows on the host (three with
+    async scheduling, which pipelines a step computing one token a sequence as a decode, its tokens read a step
+    later); the reply is transformers' greedy one."""
+    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=18, past=1)
     other = llm.add_request(list(range(200, 210)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     for _ in range(3):
         llm.step()
     rid = llm.add_request(prompt, GREEDY)
-    assert steps_to_first_tokens(llm, [rid]) == [2]
-    assert waits == [llm.block_manager.steps]  # the wait went on the device in the step that admitted it
+    assert steps_to_first_tokens(llm, [rid]) == [2 + async_scheduling]
+    assert waits == [llm.block_manager.steps - async_scheduling]  # on the device, in the step that admitted it
     assert tiers(llm)["cpu"]["hit_tokens"] > 0
     assert finish(llm, [rid, other])[0] == hf_greedy(path, prompt)
 
@@ -231,7 +235,7 @@ def test_a_history_in_the_cpu_tier_joins_a_step_that_prefills(path, async_schedu
     new chat's prefill is admitted first, and the later turn's copy up, short against that prefill, joins the same
     step (the engine's stream waits for it on the device), instead of both prefills taking a step each. Both first
     tokens after one step; the replies are transformers' greedy ones."""
-    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=26)
+    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=26, past=1)
     other = llm.add_request(list(range(200, 210)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for _ in range(3):
         llm.step()
@@ -241,6 +245,24 @@ def test_a_history_in_the_cpu_tier_joins_a_step_that_prefills(path, async_schedu
     assert waits == [llm.block_manager.steps]
     assert tiers(llm)["cpu"]["hit_tokens"] > 0
     assert finish(llm, rids + [other])[:2] == [hf_greedy(path, fresh), hf_greedy(path, prompt)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_history_in_the_cpu_tier_joins_its_own_prefill(path, async_scheduling):
+    """A later turn whose history is in the CPU tier and whose own prefill the copy up is short against (eight
+    blocks, 32 tokens' latents, against 8 tokens to compute: _JOIN 16), asked while another chat decodes: it is admitted in
+    the step that queues its copy (the engine's stream waits for the copy on the device, as that step's decode
+    waits for the prefill anyway), not a step later. Its first token after one step; the reply is transformers'
+    greedy one."""
+    llm, waits, prompt = later_turn_in_the_cpu_tier(path, async_scheduling, num_blocks=18)
+    other = llm.add_request(list(range(200, 210)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    rid = llm.add_request(prompt, GREEDY)
+    assert steps_to_first_tokens(llm, [rid]) == [1]
+    assert waits == [llm.block_manager.steps]
+    assert tiers(llm)["cpu"]["hit_tokens"] > 0
+    assert finish(llm, [rid, other])[0] == hf_greedy(path, prompt)
 
 
 # ---------------------------------------------------------------------------------------------- restarts
