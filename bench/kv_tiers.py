@@ -113,11 +113,11 @@ class Probe:
                 "prefill_s": r["first_token"] - r["admitted"]}
 
 
-def converse(llm: LLM, args, system: list[int], users: list[list[list[int]]]) -> dict:
+def converse(llm: LLM, probe: Probe, args, system: list[int], users: list[list[list[int]]]) -> dict:
     """Drive the chats in a closed loop on llm: at most --concurrency in flight, a chat's next turn queued as soon
-    as its reply is done. Returns the replies, each turn's TTFT and its breakdown (Probe), and the wall time."""
+    as its reply is done. Returns the replies, each turn's TTFT and its breakdown (`probe`, on llm), and the wall
+    time."""
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens, ignore_eos=True)
-    probe = Probe(llm)
     history = [list(system) for _ in users]
     turn = [0] * len(users)
     ready = deque(range(len(users)))
@@ -181,9 +181,10 @@ def run_side(name: str, model: Transformer, args, settings: dict, work: Path) ->
               "kv_disk": str(work / name), "kv_disk_gb": args.kv_disk_gb}
     llm = LLM(model, **settings, **kv)
     vocab = model.cfg.vocab_size
-    converse(llm, argparse.Namespace(**{**vars(args), "conversations": 2, "turns": 2}), *workload(args, vocab, 99))
+    probe = Probe(llm)
+    converse(llm, probe, argparse.Namespace(**{**vars(args), "conversations": 2, "turns": 2}), *workload(args, vocab, 99))
     before = llm.stats()  # after the warm-up (kernels, graphs): the timed workload's figures are differences
-    result = converse(llm, args, *workload(args, vocab, 0))
+    result = converse(llm, probe, args, *workload(args, vocab, 0))
     after = llm.stats()
     llm.close()
     generated = args.conversations * args.turns * args.reply_tokens
