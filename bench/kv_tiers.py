@@ -21,7 +21,8 @@ Sides, each run on a fresh LLM (and disk directory) over the same model:
 Figures per side: time to first token (TTFT: from a turn's add_request to the engine step that returns its first
 token) median and p95 over the later turns (2 and on, which have a history) and over the first turns; prefill
 tokens computed (LLM.stats); throughput (generated tokens, and prompt + generated tokens, over the wall time); the
-tiers' hits. With --repeats, each figure is the best of that many runs, the sides alternating (every run is in the
+tiers' hits; and where the later turns' TTFT goes (Probe: steps and time queued, steps waiting for a copy back up,
+prefill chunks and time; median, p95 and mean of each). With --repeats, each figure is the best of that many runs, the sides alternating (every run is in the
 JSON). Gate: every side's greedy replies are compared with the off side's, chat by chat and turn by turn. In fp32
 they must be identical, else the run exits non-zero and keeps no figure. In bf16 the share of identical replies is
 recorded as information: a reused latent computed during decode and a recomputed one differ in the last bits, and
