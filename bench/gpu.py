@@ -1,7 +1,7 @@
 """The GPU figures of docs/BENCHMARKS.md in one command, as one JSON file.
 
     python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp
-                                                                           fp8_engine fp8_train]
+                                                                           fp8_engine fp8_train fp8_experts]
 
 Runs, each side by side with its peer and with the machine's ceilings measured in the same run:
 training forward+backward at the 16b shape (bench/train.py, compiled, vs transformers), the engine's
@@ -12,7 +12,8 @@ fused MoE kernels alone (bench/moe.py), and MTP speculative decoding at batch 1 
 part: a tiny model trained with MTP for 300 steps on the built-in corpus, MTP with CUDA graphs and compile
 against plain decoding with both, speedup and acceptance per draft position, greedy outputs gated equal), and FP8
 (bench/fp8.py: the engine on FP8 weights against bf16 at the 16b shape cut to 14 layers, training forward+backward
-with fp8=blockwise against bf16 at the 16b shape). The engine's
+with fp8=blockwise against bf16 at the 16b shape, and its routed experts' GEMMs and quantisation kernels alone,
+each gated against its reference). The engine's
 parts first check its bf16 logits against transformers' in fp32 (bench/engine.py's "logit_parity"); a part
 that fails its check or its run is recorded with an "error", and the command exits non-zero.
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["train", "mla_decode", "moe", "engine", "mtp", "fp8_engine", "fp8_train"]
+PARTS = ["train", "mla_decode", "moe", "engine", "mtp", "fp8_engine", "fp8_train", "fp8_experts"]
 
 
 def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
@@ -76,6 +77,8 @@ def main() -> None:
         "fp8_train": lambda: run("fp8.py", ["speed", "--config", "16b", "--batch", "2", "--seq", "4096", "--device",
                                             "cuda", "--iters", "8" if repeats == "3" else "4"],
                                  tmp / "fp8_train.json", 900),
+        "fp8_experts": lambda: run("fp8.py", ["experts", "--config", "16b", "--tokens", "8192", "--iters",
+                                              "10" if repeats == "3" else "5"], tmp / "fp8_experts.json", 600),
         "mtp": lambda: run("engine.py", ["--mtp-only", "--device", "cuda", "--dtype", "bfloat16", "--cuda-graphs",
                                          "--compile", "--mtp-batches", "1", "8", "--mtp-text", "builtin",
                                          "--mtp-steps", "300", "--repeats", repeats], tmp / "mtp.json", 900),
