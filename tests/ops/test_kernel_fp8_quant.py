@@ -168,6 +168,18 @@ def test_bf16_inputs_on_cuda():
         _same(got, want)
 
 
+@pytest.mark.skipif(not CUDA, reason="the references on another device than the CPU")
+def test_the_references_give_the_cpus_bits_on_cuda():
+    """The references round as on the CPU when they run on CUDA (amax / 448 correctly rounded, where a Python scalar
+    divisor would run as a multiply by its rounded reciprocal), so a reference run beside the kernels on the GPU, as
+    bench/fp8.py's gates run it, checks them bit for bit."""
+    x, w = _input(204, 300, 7), _input(300, 260, 8)
+    for got, want in ((quant.quantise_tiles(x.to(DEVICE)), quant.quantise_tiles(x)),
+                      (quant.quantise_blocks(w.to(DEVICE)), quant.quantise_blocks(w))):
+        for g, r in zip(got, want):
+            _same(g, r)
+
+
 def test_fp8_linear_and_experts_through_the_quantisation_kernels_equal_the_reference_path():
     """`fp8_linear` and `fp8_grouped_linear` (forward, both gradients) with the quantisation's kernels (op
     "fp8_quant") against the same functions with its references: bit-exact quantisation, so equal results (the GEMMs
