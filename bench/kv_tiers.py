@@ -157,10 +157,13 @@ def converse(llm: LLM, probe: Probe, args, system: list[int], users: list[list[l
     return {"replies": replies, "ttft": ttft, "phases": phases, "wall_s": time.perf_counter() - start}
 
 
-def quantiles(values: list[float]) -> dict:
+def p95(values: list[float]) -> float:
     values = sorted(values)
-    return {"median_s": statistics.median(values), "p95_s": values[min(len(values) - 1, int(0.95 * len(values)))],
-            "n": len(values)}
+    return values[min(len(values) - 1, int(0.95 * len(values)))]
+
+
+def quantiles(values: list[float]) -> dict:
+    return {"median_s": statistics.median(values), "p95_s": p95(values), "n": len(values)}
 
 
 def breakdown(phases: list[dict]) -> dict:
@@ -168,9 +171,8 @@ def breakdown(phases: list[dict]) -> dict:
     for a copy back up."""
     out = {}
     for key in phases[0]:
-        values = sorted(p[key] for p in phases)
-        out[key] = {"median": statistics.median(values), "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
-                    "mean": statistics.fmean(values)}
+        values = [p[key] for p in phases]
+        out[key] = {"median": statistics.median(values), "p95": p95(values), "mean": statistics.fmean(values)}
     out["share_waited_on_copy"] = sum(p["copy_wait_steps"] > 0 for p in phases) / len(phases)
     return out
 
