@@ -2,9 +2,13 @@
 training (seekforge.tokenizer.Tokenizer.train) read.
 
 - .txt: the whole file is one document; a line holding only `<|doc|>` separates documents within a file.
-- .jsonl: one JSON object per line, with "text" (a string) or "messages" (a chat, rendered by the `chat`
-  function given). Blank lines are skipped.
+- .jsonl: one JSON object per line, with "text" (a string), "messages" (a chat, rendered by the `chat`
+  function given), or "prompt" and "completion" (strings: a `Prompted` document). Blank lines are skipped.
 - .parquet: the "text" column, one document per row (needs pyarrow).
+
+A document is its text (a `str`, every token a training target) or a `Prompted` one, whose prompt is context
+only: pretraining trains its completion alone, as SFT does (a probe task's question, whose filler and first
+statement of the answer no model can predict; an instruction).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from seekforge.errors import ConfigError, DataError
 
@@ -19,7 +24,26 @@ DOC_SEPARATOR = "<|doc|>"
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
-def iter_documents(path: Path, chat: Callable[[list], str]) -> Iterator[str]:
+class Prompted(NamedTuple):
+    """A document trained on its completion only; its text is prompt + completion."""
+
+    prompt: str
+    completion: str
+
+
+Document = str | Prompted
+
+
+def text_of(doc: Document) -> str:
+    return doc if isinstance(doc, str) else doc.prompt + doc.completion
+
+
+def document_json(doc: Document) -> dict:
+    """The .jsonl object that `iter_documents` reads back as `doc`."""
+    return {"text": doc} if isinstance(doc, str) else {"prompt": doc.prompt, "completion": doc.completion}
+
+
+def iter_documents(path: Path, chat: Callable[[list], str]) -> Iterator[Document]:
     """The non-empty documents of one input file; `chat` renders a jsonl row's "messages"."""
     if not path.exists():
         raise DataError(f"{path} not found: check the --input path")
@@ -33,7 +57,7 @@ def iter_documents(path: Path, chat: Callable[[list], str]) -> Iterator[str]:
     reader = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
     count = 0
     for doc in reader[path.suffix.lower()](path, chat):
-        if doc.strip():
+        if text_of(doc).strip():
             count += 1
             yield doc
     if count == 0:
@@ -85,7 +109,7 @@ def jsonl_objects(path: Path, example: str = '{"text": "..."}') -> Iterator[tupl
         yield where, row
 
 
-def _jsonl_documents(path: Path, chat) -> Iterator[str]:
+def _jsonl_documents(path: Path, chat) -> Iterator[Document]:
     for where, row in jsonl_objects(path):
         if "text" in row:
             if not isinstance(row["text"], str):
@@ -100,9 +124,14 @@ def _jsonl_documents(path: Path, chat) -> Iterator[str]:
             except (ConfigError, AttributeError, KeyError, TypeError) as err:
                 raise DataError(f'{where}: cannot render "messages" ({err}): '
                                 'give each message a "role" (system/user/assistant) and a string "content"') from None
+        elif "completion" in row:
+            prompt, completion = row.get("prompt", ""), row["completion"]
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise DataError(f'{where}: "prompt" and "completion" must be strings')
+            yield Prompted(prompt, completion)
         else:
             raise DataError(f'{where} has no "text" field (keys: {", ".join(map(str, row)) or "none"}): '
-                            'give each line "text" (a string) or "messages" (a chat)')
+                            'give each line "text" (a string), "messages" (a chat) or "prompt" and "completion"')
 
 
 def _parquet_documents(path: Path, chat) -> Iterator[str]:

@@ -347,10 +347,10 @@ def _chat_template(directory: Path, config: dict) -> str | None:
 def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
     for item in files_or_texts:
         if isinstance(item, os.PathLike):
-            from seekforge.documents import iter_documents
+            from seekforge.documents import iter_documents, text_of
 
-            yield from iter_documents(Path(item), lambda msgs: render(CHAT_TEMPLATE, msgs, False, bos_token=BOS,
-                                                                      eos_token=EOS))
+            yield from map(text_of, iter_documents(Path(item), lambda msgs: render(CHAT_TEMPLATE, msgs, False,
+                                                                                   bos_token=BOS, eos_token=EOS)))
         elif isinstance(item, str):
             yield item
         else:

@@ -3,7 +3,7 @@
 Every document is a task question framed by the R1-Zero template, its worked solution inside
 <think>...</think> and the gold answer inside <answer>...</answer>, so a model pretrained on it already
 writes the format the RL stage rewards. (A probe task such as passkey retrieval, named in `tasks`, writes its
-documents in its own plain form, `Task.corpus_text`.) Documents come from the tasks' train split only; their val and
+documents in its own plain form, `Task.corpus_text`, which may be Prompted: trained on its answer only.) Documents come from the tasks' train split only; their val and
 test splits stay unseen for evaluation. Nothing is downloaded.
 
 `slip_rate` makes a share of the documents careless, as in web text: one slip in the worked steps,
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seekforge.configio import atomic_write_text
+from seekforge.documents import Document, document_json, text_of
 from seekforge.errors import ConfigError
 from seekforge.tasks import BUILTIN_TASKS, Row, get_task, r1_zero_prompt
 from seekforge.tasks.templates import R1_ZERO_CHAT_TEMPLATE
@@ -36,7 +37,7 @@ def render_example(row: Row) -> str:
 
 def generate_documents(n_docs: int, seed: int = 0,
                        tasks: Sequence[str] | Mapping[str, dict] = tuple(BUILTIN_TASKS),
-                       slip_rate: float = 0.0) -> list[str]:
+                       slip_rate: float = 0.0) -> list[Document]:
     """n_docs documents shared evenly among `tasks` (train split) and shuffled together. `tasks` names
     tasks (default difficulty) or maps names to difficulty knobs, e.g. {"chain_sum": {"max_value": 9}}.
     A `slip_rate` share of the documents of tasks that have a careless variant make one slip."""
@@ -56,6 +57,11 @@ def generate_documents(n_docs: int, seed: int = 0,
             docs.append(task.corpus_text(row) or render_example(row))
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order]
+
+
+def write_corpus(path: Path, docs: list[Document]) -> None:
+    """docs as .jsonl, the form `seekforge data prepare` reads (atomically)."""
+    atomic_write_text(path, "".join(json.dumps(document_json(d), ensure_ascii=False) + "\n" for d in docs))
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,9 @@ def build_builtin_dataset(out_dir: str | os.PathLike, n_docs: int = 20_000, seed
     out_dir = Path(out_dir)
     docs = generate_documents(n_docs, seed, tasks, slip_rate)
     corpus = out_dir / "corpus.jsonl"
-    atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    write_corpus(corpus, docs)
     if tokenizer is None:
-        tokenizer = Tokenizer.train(docs, vocab_size)
+        tokenizer = Tokenizer.train([text_of(d) for d in docs], vocab_size)
     tokenizer.chat_template = R1_ZERO_CHAT_TEMPLATE
     meta = prepare([corpus], tokenizer, out_dir, val_fraction=val_fraction, seed=seed, progress=progress)
     return BuiltinDataset(out_dir, out_dir / meta["tokenizer_dir"], corpus, meta)

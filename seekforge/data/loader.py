@@ -4,7 +4,8 @@ The token stream of a split is cut into contiguous, non-overlapping windows of s
 tokens (the tail that does not fill a window is left out). Inputs are a window without its last token,
 labels the window without its first, so labels[t] = input_ids[t + 1]; the extra tokens let multi-token
 prediction modules see targets up to extra_tokens further ahead. Windows cross document boundaries (EOS
-marks them), as in standard packed pretraining.
+marks them), as in standard packed pretraining. The targets in a document's context (its first `loss_from`
+tokens: a Prompted document's prompt, see seekforge.documents) are untrained (IGNORE), in every layout.
 
 DocumentLoader lays the documents out one to a row instead: each row is one document from its start (BOS
 first, as a prompt is fed), cut at seq_len + 1 tokens, padded after it with its labels untrained. A model
@@ -62,6 +63,9 @@ def bits_per_byte(mean_loss_nats: float, data_dir: str | os.PathLike, split: str
     return mean_loss_nats / math.log(2) * info["tokens"] / info["bytes"]
 
 
+IGNORE = -100  # the label of a padding position (seekforge.train.lm's IGNORE)
+
+
 def _windows(tokens: np.ndarray, window: int, split: str) -> int:
     n = len(tokens) // window
     if n == 0:
@@ -70,10 +74,37 @@ def _windows(tokens: np.ndarray, window: int, split: str) -> int:
     return n
 
 
-def _batch(tokens: np.ndarray, starts: np.ndarray, window: int) -> dict[str, torch.Tensor]:
+class Context:
+    """Where a split's untrained targets are: document k's first loss_from[k] tokens."""
+
+    def __init__(self, offsets: np.ndarray, loss_from: np.ndarray):
+        self.offsets, self.loss_from = offsets, loss_from
+
+    @classmethod
+    def of(cls, data_dir: str | os.PathLike, split: str) -> Context | None:
+        """The split's context, None where no document has any (or the directory predates loss_from)."""
+        info = load_meta(data_dir)["splits"][split]
+        if "loss_from" not in info:
+            return None
+        path = Path(data_dir) / info["loss_from"]
+        if not path.is_file():
+            raise DataError(f"{path} not found: prepare the data again")
+        loss_from = np.load(path)
+        return cls(open_documents(data_dir, split), loss_from) if loss_from.any() else None
+
+    def untrained(self, at: np.ndarray) -> np.ndarray:
+        """Whether each token index of the split's stream lies in its document's context."""
+        doc = np.searchsorted(self.offsets, at, side="right") - 1
+        return at - self.offsets[doc] < self.loss_from[doc]
+
+
+def _batch(tokens: np.ndarray, starts: np.ndarray, window: int,
+           context: Context | None = None) -> dict[str, torch.Tensor]:
     rows = np.stack([tokens[s:s + window] for s in starts]).astype(np.int64)
-    t = torch.from_numpy(rows)
-    return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+    labels = rows[:, 1:].copy()
+    if context is not None:
+        labels[context.untrained(starts[:, None] + np.arange(1, window))] = IGNORE
+    return {"input_ids": torch.from_numpy(rows[:, :-1].copy()), "labels": torch.from_numpy(labels)}
 
 
 class PackedLoader:
@@ -95,7 +126,7 @@ class PackedLoader:
         self.seq_len, self.batch_size, self.seed, self.extra_tokens = seq_len, batch_size, seed, extra_tokens
         self.rank, self.world_size = rank, world_size
         self.fingerprint = load_meta(data_dir)["tokenizer_fingerprint"]
-        self.tokens = open_tokens(data_dir, split)
+        self.tokens, self.context = open_tokens(data_dir, split), Context.of(data_dir, split)
         self.window = seq_len + 1 + extra_tokens
         self.windows_per_epoch = _windows(self.tokens, self.window, split)
         self.epoch, self.index = 0, 0  # the next window is order(epoch)[index]
@@ -125,7 +156,7 @@ class PackedLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         ids = self._take(self.batch_size * self.world_size)
         mine = ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return _batch(self.tokens, mine * self.window, self.window)
+        return _batch(self.tokens, mine * self.window, self.window, self.context)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "window": self.window,
@@ -147,9 +178,6 @@ def _check_resume(state: dict, mine: dict, keys: tuple[str, ...], same: str) -> 
                               f"{mine[key]!r}; resume with the same data directory, {same}")
 
 
-IGNORE = -100  # the label of a padding position (seekforge.train.lm's IGNORE)
-
-
 def open_documents(data_dir: str | os.PathLike, split: str) -> np.ndarray:
     """The split's document offsets: document k spans tokens [docs[k], docs[k + 1])."""
     info = load_meta(data_dir)["splits"][split]
@@ -160,9 +188,9 @@ def open_documents(data_dir: str | os.PathLike, split: str) -> np.ndarray:
 
 
 def _document_rows(tokens: np.ndarray, offsets: np.ndarray, docs: np.ndarray, window: int, pad_id: int,
-                   bos_id: int | None) -> dict[str, torch.Tensor]:
+                   bos_id: int | None, context: Context | None = None) -> dict[str, torch.Tensor]:
     """Documents `docs` one to a row ([BOS] + tokens, cut at `window`), padded to the longest with pad_id;
-    labels of padding (and of the last token of a document) are IGNORE."""
+    labels of padding, of the last token of a document and of its context are IGNORE."""
     head = [bos_id] if bos_id is not None else []
     seqs = [np.concatenate([np.array(head, dtype=np.int64),
                             tokens[offsets[d]:offsets[d + 1]].astype(np.int64)])[:window] for d in docs]
@@ -172,6 +200,8 @@ def _document_rows(tokens: np.ndarray, offsets: np.ndarray, docs: np.ndarray, wi
     for r, s in enumerate(seqs):
         rows[r, :len(s)] = torch.from_numpy(s)
         labels[r, :len(s)] = rows[r, :len(s)]
+        if context is not None:  # row index i holds the document's token i - len(head)
+            labels[r, :len(head) + context.loss_from[docs[r]]] = IGNORE
     return {"input_ids": rows[:, :-1].contiguous(), "labels": labels[:, 1:].contiguous()}
 
 
@@ -194,6 +224,7 @@ class DocumentLoader:
         self.curriculum_steps, self.curriculum_min = curriculum_steps, curriculum_min
         self.fingerprint = load_meta(data_dir)["tokenizer_fingerprint"]
         self.tokens, self.offsets = open_tokens(data_dir, split), open_documents(data_dir, split)
+        self.context = Context.of(data_dir, split)
         if len(self.offsets) < 2:
             raise DataError(f"the {split} split of {data_dir} holds no documents: add data")
         self.window = seq_len + 1
@@ -217,7 +248,7 @@ class DocumentLoader:
         picked = np.random.default_rng([self.seed, self.step]).integers(0, eligible, self.batch_size)
         self.step += 1
         return _document_rows(self.tokens, self.offsets, self.by_length[picked], self.window, self.pad_id,
-                              self.bos_id)
+                              self.bos_id, self.context)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "window": self.window, "documents": len(self.offsets) - 1,
@@ -235,10 +266,11 @@ def eval_documents(data_dir: str | os.PathLike, seq_len: int, batch_size: int, p
     """The split's documents in order, one to a row as DocumentLoader lays them out, batch_size at a time,
     stopping after max_batches: the same batches on every call."""
     tokens, offsets = open_tokens(data_dir, split), open_documents(data_dir, split)
+    context = Context.of(data_dir, split)
     docs = np.arange(len(offsets) - 1)
     if max_batches is not None:
         docs = docs[:max_batches * batch_size]
-    return (_document_rows(tokens, offsets, docs[i:i + batch_size], seq_len + 1, pad_id, bos_id)
+    return (_document_rows(tokens, offsets, docs[i:i + batch_size], seq_len + 1, pad_id, bos_id, context)
             for i in range(0, len(docs), batch_size))
 
 
@@ -255,4 +287,5 @@ def eval_batches(data_dir: str | os.PathLike, seq_len: int, batch_size: int, max
     starts = np.arange(n) * window
     if max_batches is not None:
         starts = starts[:max_batches * batch_size]
-    return (_batch(tokens, starts[i:i + batch_size], window) for i in range(0, len(starts), batch_size))
+    context = Context.of(data_dir, split)
+    return (_batch(tokens, starts[i:i + batch_size], window, context) for i in range(0, len(starts), batch_size))

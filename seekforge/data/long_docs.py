@@ -13,12 +13,11 @@ The result is a prepared data directory (seekforge.data.prepare) tokenized with 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from seekforge.configio import atomic_write_text
+from seekforge.documents import text_of
 from seekforge.errors import ConfigError
 
 SEPARATOR = "\n\n"
@@ -65,20 +64,24 @@ def _sources(inputs: Sequence[str], tokenizer, tasks: dict, n_docs: int, seed: i
         def chat(messages):
             return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
 
-        return [(str(p), text) for p in inputs for text in iter_documents(Path(p), chat)]
+        return [(str(p), text_of(doc)) for p in inputs for doc in iter_documents(Path(p), chat)]
     from seekforge.data.corpus import generate_documents
 
     per_task = max(1, n_docs // max(len(tasks), 1))
-    return [(name, text) for name, knobs in tasks.items()
-            for text in generate_documents(per_task, seed, {name: knobs})]
+    return [(name, text_of(doc)) for name, knobs in tasks.items()
+            for doc in generate_documents(per_task, seed, {name: knobs})]
 
 
 def build_long_dataset(out_dir: str | os.PathLike, tokenizer, seq_len: int, n_tokens: int,
                        inputs: Sequence[str] = (), tasks: dict | None = None, passkey_share: float = 0.3,
-                       seed: int = 0, val_fraction: float = 0.05, progress: bool = False) -> dict:
+                       passkey: dict | None = None, seed: int = 0, val_fraction: float = 0.05,
+                       progress: bool = False) -> dict:
     """Prepare out_dir with documents of about `seq_len` tokens: related documents of `inputs` (text files
-    as `seekforge data prepare` reads them) or, without inputs, of the built-in `tasks` (name -> knobs) making
-    about n_tokens tokens, and a `passkey_share` of passkey documents of 0 to seq_len tokens. Returns meta."""
+    as `seekforge data prepare` reads them; joined, so every token of them is a target) or, without inputs, of
+    the built-in `tasks` (name -> knobs) making about n_tokens tokens, and a `passkey_share` of passkey
+    documents of 0 to seq_len tokens (`passkey`: the task's knobs over those, e.g. {"loss": "answer"}).
+    Returns meta."""
+    from seekforge.data.corpus import write_corpus
     from seekforge.data.prepare import prepare
     from seekforge.tasks.passkey import PasskeyTask
 
@@ -95,11 +98,11 @@ def build_long_dataset(out_dir: str | os.PathLike, tokenizer, seq_len: int, n_to
     long_docs = join_related(sources, round(seq_len * chars))
     n_passkey = round(len(long_docs) * passkey_share / (1 - passkey_share))
     # up to a whole window, so that key and question often share one
-    task = PasskeyTask(min_filler=0, max_filler=passkey_filler(tokenizer, seq_len))
+    task = PasskeyTask(**{"min_filler": 0, "max_filler": passkey_filler(tokenizer, seq_len), **(passkey or {})})
     passkeys = [task.corpus_text(row) for row in task.rows("train", n_passkey, seed)]
     docs = [doc for pair in itertools.zip_longest(long_docs, passkeys) for doc in pair if doc is not None]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir / "corpus.jsonl"
-    atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    write_corpus(corpus, docs)
     return prepare([corpus], tokenizer, out_dir, val_fraction=val_fraction, seed=seed, progress=progress)

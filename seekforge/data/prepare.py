@@ -9,6 +9,8 @@ What counts as a document (seekforge.documents; each one ends with EOS in the to
 Layout of the output directory:
 - train.bin, val.bin: the token ids, raw native-endian uint16 (vocabulary < 65536) or uint32; open with np.memmap.
 - train.docs.npy, val.docs.npy: int64 offsets; document k spans tokens [docs[k], docs[k+1]).
+- train.loss_from.npy, val.loss_from.npy: int64, one a document: its first `loss_from` tokens are context, not
+  targets (a `Prompted` document's prompt; 0 for text). Absent in directories prepared before them: all 0.
 - tokenizer/: the tokenizer that made the ids.
 - meta.json: written last, so its presence marks a complete directory (see seekforge.data.loader.load_meta).
 """
@@ -28,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seekforge.configio import atomic_write_text, fsync_dir
-from seekforge.documents import iter_documents
+from seekforge.documents import Prompted, iter_documents, text_of
 from seekforge.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
@@ -65,10 +67,11 @@ class _SplitWriter:
         self.tmp = stack.enter_context(atomic_path(out_dir / f"{name}.bin"))
         self.file = stack.enter_context(open(self.tmp, "wb"))
         self.offsets = array("q", [0])
+        self.loss_from = array("q")
         self.bytes = 0
         self.last_doc_bytes = 0
 
-    def write(self, docs: list[list[int]], n_bytes: list[int]) -> None:
+    def write(self, docs: list[list[int]], n_bytes: list[int], loss_from: list[int]) -> None:
         if not docs:
             return
         flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype,
@@ -76,11 +79,12 @@ class _SplitWriter:
         self.file.write(flat.tobytes())
         for ids in docs:
             self.offsets.append(self.offsets[-1] + len(ids))
+        self.loss_from.extend(loss_from)
         self.bytes += sum(n_bytes)
         self.last_doc_bytes = n_bytes[-1]
 
-    def pop_last(self) -> tuple[np.ndarray, int]:
-        """Remove the last document (tokens, UTF-8 bytes) from this split."""
+    def pop_last(self) -> tuple[np.ndarray, int, int]:
+        """Remove the last document (tokens, UTF-8 bytes, loss_from) from this split."""
         self.file.flush()
         start, end = self.offsets[-2], self.offsets[-1]
         tokens = np.fromfile(self.tmp, dtype=self.dtype, offset=start * self.dtype.itemsize, count=end - start)
@@ -88,7 +92,7 @@ class _SplitWriter:
         self.file.truncate()
         self.offsets.pop()
         self.bytes -= self.last_doc_bytes
-        return tokens, self.last_doc_bytes
+        return tokens, self.last_doc_bytes, self.loss_from.pop()
 
     @property
     def tokens(self) -> int:
@@ -101,11 +105,23 @@ class _SplitWriter:
     def finish(self, out_dir: Path) -> dict:
         self.file.flush()
         os.fsync(self.file.fileno())
-        with atomic_path(out_dir / f"{self.name}.docs.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.frombuffer(self.offsets, dtype=np.int64))
-        return {"tokens": self.tokens, "bytes": self.bytes, "docs": self.docs,
-                "file": f"{self.name}.bin", "doc_offsets": f"{self.name}.docs.npy"}
+        for suffix, values in (("docs", self.offsets), ("loss_from", self.loss_from)):
+            with atomic_path(out_dir / f"{self.name}.{suffix}.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.frombuffer(values, dtype=np.int64))
+        return {"tokens": self.tokens, "bytes": self.bytes, "docs": self.docs, "file": f"{self.name}.bin",
+                "doc_offsets": f"{self.name}.docs.npy", "loss_from": f"{self.name}.loss_from.npy"}
+
+
+def _encode(tokenizer, docs: list) -> list[tuple[list[int], int]]:
+    """(token ids, context tokens) of each document: a Prompted one is its prompt's ids then its completion's,
+    each encoded on its own as SFT encodes them, so the completion's first token never merges into the prompt."""
+    ids = tokenizer.encode_batch([d if isinstance(d, str) else d.prompt for d in docs])
+    out = []
+    for doc, first in zip(docs, ids):
+        out.append((first + tokenizer.encode(doc.completion), len(first)) if isinstance(doc, Prompted)
+                   else (first, 0))
+    return out
 
 
 def prepare(inputs: Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike,
@@ -140,19 +156,19 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer, out_dir: str | os.Pa
         bar = stack.enter_context(tqdm(desc="tokenizing", unit="doc", disable=not progress))
         while batch := list(itertools.islice(documents, batch_docs)):
             to_val = rng.random(len(batch)) < val_fraction
-            parts = {False: ([], []), True: ([], [])}
-            for text, ids, is_val in zip(batch, tokenizer.encode_batch(batch), to_val):
+            parts = {False: ([], [], []), True: ([], [], [])}
+            for doc, (ids, context), is_val in zip(batch, _encode(tokenizer, batch), to_val):
                 if not ids or ids[-1] != eos:  # a rendered chat already ends with EOS
                     ids.append(eos)
-                parts[bool(is_val)][0].append(ids)
-                parts[bool(is_val)][1].append(len(text.encode("utf-8")))
+                for part, value in zip(parts[bool(is_val)], (ids, len(text_of(doc).encode("utf-8")), context)):
+                    part.append(value)
             train.write(*parts[False])
             val.write(*parts[True])
             bar.update(len(batch))
             bar.set_postfix(tokens=train.tokens + val.tokens)
         if val.docs == 0 and val_fraction > 0 and train.docs >= 2:
-            tokens, n_bytes = train.pop_last()
-            val.write([tokens.tolist()], [n_bytes])
+            tokens, n_bytes, context = train.pop_last()
+            val.write([tokens.tolist()], [n_bytes], [context])
         if train.docs == 0:
             raise DataError(f"every document went to the validation split: lower val_fraction "
                             f"(now {val_fraction}) or add documents")

@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from seekforge.errors import ConfigError
 from seekforge.tasks.answers import answers_match
+
+if TYPE_CHECKING:
+    from seekforge.documents import Document
 
 SPLITS = ("train", "test")
 TEST_MODULUS = 8  # about one problem in eight is reserved for test
@@ -80,9 +83,10 @@ class Task:
         such variant."""
         return None
 
-    def corpus_text(self, row: Row) -> str | None:
-        """The row as a pretraining document where it is not the R1-Zero rendering of the built-in corpus
-        (seekforge.data.corpus.render_example); None: that rendering."""
+    def corpus_text(self, row: Row) -> Document | None:
+        """The row as a pretraining document (text, or Prompted: trained on its completion only) where it is not
+        the R1-Zero rendering of the built-in corpus (seekforge.data.corpus.render_example); None: that
+        rendering."""
         return None
 
     def score(self, predicted: str | None, answer: str | None, meta: dict) -> float | None:

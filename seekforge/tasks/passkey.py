@@ -7,7 +7,10 @@ filler, 1: at its end); the number of filler sentences sets the length. The rewa
 every task: the extracted answer must equal the key.
 
 As a pretraining or extension document (`corpus_text`), a row is plain text ending with the answer, the
-form a base model is probed in: "... What is the pass key? The pass key is 48213."
+form a base model is probed in: "... What is the pass key? The pass key is 48213." With `loss="answer"` the
+document is Prompted (seekforge.documents): only the key and its full stop are targets. The filler is random and
+the key's first statement cannot be predicted, so training on them is noise; a tiny model learns retrieval
+from the answer alone about twice as fast (docs/LONG_CONTEXT.md).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from seekforge.documents import Document, Prompted
 from seekforge.errors import ConfigError
 from seekforge.tasks.base import Row, Task, check_int, final_line
 
@@ -33,13 +37,15 @@ def key_sentence(key: str) -> str:
 
 @dataclass
 class PasskeyTask(Task):
-    """min_filler..max_filler filler sentences with a `digits`-digit key at `depth` (-1: anywhere)."""
+    """min_filler..max_filler filler sentences with a `digits`-digit key at `depth` (-1: anywhere); `loss`: which
+    tokens of its corpus document are targets ("all" or "answer")."""
 
     name = "passkey"
     min_filler: int = 0
     max_filler: int = 8
     depth: float = -1.0
     digits: int = 5
+    loss: str = "all"
 
     def __post_init__(self) -> None:
         check_int(self.name, "min_filler", self.min_filler, 0, 10**7)
@@ -49,6 +55,9 @@ class PasskeyTask(Task):
                 not (self.depth == -1 or 0.0 <= self.depth <= 1.0):
             raise ConfigError(f"passkey: depth must be in [0, 1] (where the key sits) or -1 (anywhere), "
                               f"got {self.depth!r}")
+        if self.loss not in ("all", "answer"):
+            raise ConfigError(f"passkey: loss must be 'all' (every token a target) or 'answer' (the key only), "
+                              f"got {self.loss!r}")
 
     def problem(self, rng: random.Random) -> tuple[str, Row]:
         n = rng.randint(self.min_filler, self.max_filler)
@@ -60,8 +69,12 @@ class PasskeyTask(Task):
                   meta={"filler": n, "before": before, "depth": before / n if n else 0.0})
         return f"{key}|{n}|{before}", row
 
-    def corpus_text(self, row: Row) -> str:
-        return probe_prefix(row) + f"{row.answer}."
+    def knobs(self) -> dict:  # the rows' seed: `loss` makes the same rows into other documents
+        return {k: v for k, v in super().knobs().items() if k != "loss"}
+
+    def corpus_text(self, row: Row) -> Document:
+        document = Prompted(probe_prefix(row), f"{row.answer}.")
+        return document if self.loss == "answer" else document.prompt + document.completion
 
 
 def probe_prefix(row: Row) -> str:

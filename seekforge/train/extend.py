@@ -45,6 +45,7 @@ class ExtendConfig:
     data: list[str] = field(default_factory=list)
     tasks: dict = field(default_factory=lambda: {"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}})
     passkey_share: float = 0.3
+    passkey: dict = field(default_factory=dict)  # the passkey task's knobs, e.g. {loss: answer}: train the key only
     data_tokens: int | None = None  # built-in documents per stage, in tokens; None: steps * tokens_per_step
     # evaluation of the base model and every stage
     eval: bool = True
@@ -72,6 +73,9 @@ class ExtendConfig:
                 raise ConfigError(f"extend: {key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"extend: warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        from seekforge.tasks import get_task
+
+        get_task("passkey", **self.passkey)  # a bad knob fails here, not after the first stage's data
         if self.original_seq_len is not None and self.original_seq_len < 1:
             raise ConfigError(f"extend: original_seq_len must be >= 1, got {self.original_seq_len}")
 
@@ -143,7 +147,7 @@ def run(cfg: ExtendConfig, out_dir: str | Path, resume: bool = False) -> dict:
         if not (data_dir / "meta.json").is_file():
             build_long_dataset(data_dir, tokenizer, seq_len, cfg.data_tokens or cfg.steps * cfg.tokens_per_step,
                                inputs=cfg.data, tasks=cfg.tasks, passkey_share=cfg.passkey_share,
-                               seed=cfg.seed + k, progress=cfg.progress)
+                               passkey=cfg.passkey, seed=cfg.seed + k, progress=cfg.progress)
         if not (resume and (stage_dir / "final" / "config.json").is_file()):
             pretrain.run(stage_config(cfg, previous, data_dir, seq_len, original), stage_dir,
                          resume=resume and (stage_dir / "checkpoints").is_dir())

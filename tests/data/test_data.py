@@ -14,7 +14,7 @@ from seekforge.cli import main
 from seekforge.data.loader import (IGNORE, DocumentLoader, PackedLoader, bits_per_byte, eval_batches, eval_documents,
                                    load_meta, open_tokens)
 from seekforge.data.prepare import prepare, token_dtype
-from seekforge.documents import iter_documents
+from seekforge.documents import Prompted, iter_documents
 from seekforge.errors import ConfigError, DataError
 from seekforge.tokenizer import EOS, Tokenizer
 
@@ -122,6 +122,7 @@ BAD_FILES = [
     ("list.jsonl", b'["text"]\n', r"list.jsonl line 1 is a JSON list, not an object"),
     ("num.jsonl", b'{"text": 5}\n', r'num.jsonl line 1: "text" is a int, not a string'),
     ("chat.jsonl", b'{"messages": [{"role": "robot", "content": "x"}]}\n', r"chat.jsonl line 1: cannot render"),
+    ("pair.jsonl", b'{"prompt": 3, "completion": "b"}\n', r'pair.jsonl line 1: "prompt" and "completion" must be'),
 ]
 
 
@@ -387,3 +388,46 @@ def test_builtin_dataset(tmp_path):
     assert batch["input_ids"].shape == (2, 64)
     again = build_builtin_dataset(tmp_path / "again", n_docs=400, seed=0, vocab_size=400, val_fraction=0.05)
     assert (again.data_dir / "train.bin").read_bytes() == (ds.data_dir / "train.bin").read_bytes()
+
+
+def test_prompted_documents_train_their_completion_only_in_every_layout(tok, tmp_path):
+    """A {"prompt", "completion"} row is its prompt's tokens then its completion's, and its prompt's targets are
+    IGNORE in packed windows, document rows and both eval forms; text documents stay trained throughout."""
+    rows = [{"text": "plain words all trained 123"}, {"prompt": "context only here", "completion": " the 123 answer"},
+            {"completion": "no prompt at all"}, {"prompt": "another context ünï", "completion": " 🙂 done"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 8), encoding="utf-8")
+    assert list(iter_documents(tmp_path / "p.jsonl", str))[1:3] == [Prompted("context only here", " the 123 answer"),
+                                                                      Prompted("", "no prompt at all")]
+    out = tmp_path / "out"
+    meta = prepare([tmp_path / "p.jsonl"], tok, out, val_fraction=0, progress=False)
+    docs = _docs(out, "train")
+    context = np.load(out / meta["splits"]["train"]["loss_from"]).tolist()
+    prompts = [len(tok.encode(r.get("prompt", ""))) if "completion" in r else 0 for r in rows] * 8
+    assert context == prompts and prompts[1] > 0
+    assert docs[1] == tok.encode("context only here") + tok.encode(" the 123 answer") + [tok.eos_id]
+    starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    untrained = {int(starts[k] + i) for k in range(len(docs)) for i in range(context[k])}  # stream indices
+
+    def check_windows(batch, first):  # first[r]: the stream index of row r's first label
+        for r, labels in enumerate(batch["labels"].tolist()):
+            for j, label in enumerate(labels):
+                stream = first[r] + j
+                assert (label == IGNORE) == (stream in untrained), (r, j)
+                assert label == IGNORE or label == int(open_tokens(out, "train")[stream])
+
+    window = 17
+    loader = PackedLoader(out, "train", seq_len=window - 1, batch_size=4, seed=3)
+    order = loader._order_of(0)
+    check_windows(next(loader), order[:4] * window + 1)
+    check_windows(next(iter(eval_batches(out, window - 1, 4, max_batches=1, split="train"))), np.arange(4) * window + 1)
+
+    for batch in [next(DocumentLoader(out, "train", 40, 8, pad_id=tok.eos_id, bos_id=tok.bos_id)),
+                  next(iter(eval_documents(out, 40, 8, pad_id=tok.eos_id, bos_id=tok.bos_id, split="train")))]:
+        for x, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            doc = next(k for k in range(4) if x[1:1 + len(docs[k]) - 1] == docs[k][:-1][:len(x) - 1])
+            trained = [j for j, label in enumerate(labels) if label != IGNORE]
+            assert trained == list(range(context[doc], len(docs[doc])))  # labels[j] is the document's token j
+
+    meta["splits"]["train"].pop("loss_from")  # a directory prepared before loss_from: every target trained
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert IGNORE not in next(PackedLoader(out, "train", seq_len=window - 1, batch_size=4, seed=3))["labels"]
