@@ -76,15 +76,14 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4}},
                        builtin_slip_rate=0.4),
     # a base model for context extension (`seekforge extend`) on a CPU: 64 tokens of context, chain sums and
-    # passkey retrieval documents that fit in it, one document to a row with a length curriculum (32 tokens to
-    # whole rows over 1000 steps) at lr 1e-3: from packed windows, or at 3e-3, the tiny model learns no retrieval.
-    # Packed training after it teaches text past a document's end (docs/LONG_CONTEXT.md has the commands)
+    # passkey documents of the whole context trained on their key, one document to a row, at lr 1e-3. It reads
+    # keys at every depth; from shorter passkey documents the tiny model learns to read only keys near the
+    # question, from packed windows or at 3e-3 none (docs/LONG_CONTEXT.md)
     "passkey": dict(model="tiny", model_overrides=dict(max_seq_len=64), seq_len=64, batch_size=16, steps=1500,
                     lr=1e-3, warmup_steps=20, constant_steps=1380, decay_steps=100, final_lr=1e-4, eval_every=500,
                     eval_batches=4, save_every=500, builtin_docs=6000, builtin_vocab=512, rows="documents",
-                    curriculum_steps=1000, curriculum_min=32,
                     builtin_tasks={"chain_sum": {"max_value": 9, "min_terms": 2, "max_terms": 4},
-                                   "passkey": {"max_filler": 6}}),
+                                   "passkey": {"min_filler": 5, "max_filler": 6, "loss": "answer"}}),
     # about 100M parameters: a GPU run
     "small": dict(model="small", seq_len=1024, batch_size=32, steps=5000, lr=1e-3, warmup_steps=200,
                   constant_steps=2800, decay_steps=2000, final_lr=1e-4, eval_every=250, save_every=500,

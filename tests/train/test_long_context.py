@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from seekforge.cli import main
-from seekforge.data.long_docs import join_related, passkey_filler
+from seekforge.data.loader import open_tokens
+from seekforge.data.long_docs import build_long_dataset, join_related, passkey_filler
+from seekforge.documents import Prompted
 from seekforge.errors import ConfigError
 from seekforge.model import ModelConfig, Transformer
 from seekforge.rewards import accuracy_reward, r1_zero_prompt, row_fields
@@ -44,18 +46,42 @@ def test_passkey_rows_hide_the_key_at_its_depth_and_the_rule_reward_scores_it():
         wrong = str(int(row.answer) + 1)
         assert accuracy_reward(r1_zero_prompt(row.prompt), f"</think> <answer>{wrong}</answer>", **fields) == 0.0
         assert get_task("passkey").corpus_text(row) == f"{row.prompt} The pass key is {row.answer}."
+        assert get_task("passkey", loss="answer").corpus_text(row) == \
+            Prompted(f"{row.prompt} The pass key is ", f"{row.answer}.")
+    # `loss` chooses the documents the rows make, not the rows
+    assert get_task("passkey", loss="answer", max_filler=3).rows("train", 9, 2) == \
+        get_task("passkey", max_filler=3).rows("train", 9, 2)
     train = {r.answer for r in get_task("passkey").rows("train", 200, 0)}
     assert not train & {r.answer for r in get_task("passkey").rows("test", 200, 0)}
     with pytest.raises(ConfigError, match="depth"):
         get_task("passkey", depth=1.5)
     with pytest.raises(ConfigError, match="max_filler"):
         get_task("passkey", min_filler=5, max_filler=2)
+    with pytest.raises(ConfigError, match="loss must be 'all'"):
+        get_task("passkey", loss="key")
 
 
 def test_related_documents_are_joined_in_order_up_to_the_length():
     docs = [("a", "a1" * 5), ("b", "b1" * 5), ("a", "a2" * 5), ("a", "a3" * 5), ("b", "b2" * 5)]
     joined = join_related(docs, min_chars=20)
     assert joined == ["a1" * 5 + "\n\n" + "a2" * 5, "b1" * 5 + "\n\n" + "b2" * 5, "a3" * 5]
+
+
+def test_long_documents_train_passkeys_on_the_key_when_asked(tokenizer, tmp_path):
+    """`passkey={"loss": "answer"}`: the passkey documents' context is untrained, the joined task documents' not."""
+    meta = build_long_dataset(tmp_path / "d", tokenizer, 96, 6000, passkey_share=0.5, passkey={"loss": "answer"},
+                              val_fraction=0.0)
+    offsets, context = np.load(tmp_path / "d" / "train.docs.npy"), np.load(tmp_path / "d" / "train.loss_from.npy")
+    tokens = np.asarray(open_tokens(tmp_path / "d", "train"))
+    keyed = [k for k in range(meta["splits"]["train"]["docs"]) if context[k]]
+    assert 0.3 < len(keyed) / len(context) < 0.7
+    for k in range(len(context)):
+        text = tokenizer.decode(tokens[offsets[k]:offsets[k + 1]].tolist())
+        assert ("What is the pass key?" in text) == (k in keyed)
+        if k in keyed:  # the targets are the key, its full stop and EOS
+            assert tokenizer.decode(tokens[offsets[k] + context[k]:offsets[k + 1] - 2].tolist()).isdigit()
+    with pytest.raises(ConfigError, match="loss must be"):
+        ExtendConfig(passkey={"loss": "everything"})
 
 
 def test_passkey_documents_are_about_the_length_they_are_made_for(tokenizer):
@@ -180,3 +206,27 @@ def test_extend_end_to_end_lowers_perplexity_past_the_original_context(tmp_path,
     assert (out / "plots" / "perplexity_by_length.png").is_file()
     report = (out / "report.md").read_text()
     assert "plots/passkey_stage_1_4x_.png" in report and "ppl @128" in report
+
+
+def test_extended_4x_reads_passkeys_past_the_original_context_better_than_before(tmp_path):
+    """The issue's test at toy scale: a tiny model pretrained at 64 tokens on passkey documents of its whole
+    context, trained on the key, reads keys at every depth at 64 tokens and not at 2x-4x; extended 4x with YaRN
+    (one stage at 256 tokens, passkey documents one to a row, trained on the key), it reads them there better
+    than before, and better than the base with YaRN and no training (which reads some at 2x)."""
+    base = tmp_path / "base"
+    assert main(["train", "--config", "passkey", "--out", str(base), "steps=1000", "constant_steps=980",
+                 "decay_steps=0", "mtp_weight=0", "mtp_weight_late=0",
+                 'builtin_tasks={"passkey": {"min_filler": 5, "max_filler": 6, "loss": "answer"}}', "eval_every=1000",
+                 "save_every=1000", "progress=false", "tensorboard=false"]) == 0
+    out = tmp_path / "long"
+    assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
+                 "steps=100", "warmup_steps=5", "tokens_per_step=4096", "passkey_share=0.9", "passkey.loss=answer",
+                 "train.rows=documents",
+                 "eval_multiples=[1, 2, 4]", "eval_depths=[0, 0.5, 1]", "eval_samples=8", "eval_windows=2",
+                 "progress=false", "tensorboard=false"]) == 0
+    results = json.loads((out / "long_context.json").read_text())["models"]
+    read = {label: np.mean(r["passkey"]["accuracy"], axis=0) for label, r in results.items()}  # by length
+    base_read, untrained, extended = read["base"], read["base + YaRN, untrained"], read["stage 1 (4x)"]
+    assert base_read[0] >= 0.75, read  # the base reads keys at every depth of its own context
+    assert extended[1:].mean() >= base_read[1:].mean() + 0.25, read  # and the extended model past it
+    assert extended[1:].mean() > untrained[1:].mean(), read
