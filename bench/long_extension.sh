@@ -9,6 +9,8 @@
 # Run from the repository root with PYTHONPATH set to it, e.g.
 #   export PYTHONPATH=$PWD TMPDIR=/dev/shm OUT=out; bash bench/long_extension.sh
 # GPU_LONG_TINY=1: the same path at toy sizes on the CPU (a smoke test of this script, about 3 minutes).
+# GPU_LONG_RECIPE=passkey: docs/LONG_CONTEXT.md's passkey recipe instead: a base on passkey documents of the whole
+# context trained on the key, no packed phase, stages of 90% key-trained passkey documents one to a row.
 # GPU_LONG_BUDGET: seconds for the whole script (default 540); each phase runs under `timeout`, so a phase that
 # overruns is cut and what came before it stays in $OUT.
 set -uo pipefail
@@ -40,6 +42,13 @@ else
   # 64K tokens a step: 16 rows of 4K, then 4 rows of 16K; 60 steps each
   EXT=(steps=60 warmup_steps=5 lr=2e-4 tokens_per_step=65536 data_tokens=2000000)
   EVAL=(8 2)  # passkey samples per cell, perplexity windows
+fi
+
+if [ "${GPU_LONG_RECIPE:-perplexity}" = passkey ]; then
+  if [ "${GPU_LONG_TINY:-0}" = 1 ]; then FILL="min_filler: 5, max_filler: 6"; else FILL="min_filler: 150, max_filler: 170"; fi
+  DOCS+=(curriculum_steps=0 "builtin_tasks={chain_sum: {}, passkey: {$FILL, loss: answer}}")
+  EXT+=(passkey_share=0.9 passkey.loss=answer train.rows=documents)
+  PACKED_LIMIT=0
 fi
 
 python - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
@@ -113,13 +122,16 @@ timeout $(( DOCS_LIMIT + 40 )) python "$DRIVER" base "${DOCS[0]}" "$RUNS/base-do
 if [ ! -f "$RUNS/base-docs/final/config.json" ]; then
   log "base did not finish (see log.txt): no extension"; exit 1
 fi
-log "base, packed windows, from base-docs"
-timeout $(( PACKED_LIMIT + 40 )) python "$DRIVER" base "${DOCS[0]}" "$RUNS/base" "$PACKED_LIMIT" "${DOCS[@]:1}" \
-  init_from="$RUNS/base-docs/final" data="$RUNS/base-docs/data" tokenizer="$RUNS/base-docs/data/tokenizer" \
-  rows=packed curriculum_steps=0 warmup_steps=0 constant_steps=0 decay_steps=0 "${PACKED[@]}" device=$DEVICE \
-  2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -3
+if [ "$PACKED_LIMIT" -gt 0 ]; then
+  log "base, packed windows, from base-docs"
+  timeout $(( PACKED_LIMIT + 40 )) python "$DRIVER" base "${DOCS[0]}" "$RUNS/base" "$PACKED_LIMIT" "${DOCS[@]:1}" \
+    init_from="$RUNS/base-docs/final" data="$RUNS/base-docs/data" tokenizer="$RUNS/base-docs/data/tokenizer" \
+    rows=packed curriculum_steps=0 warmup_steps=0 constant_steps=0 decay_steps=0 "${PACKED[@]}" device=$DEVICE \
+    2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -3
+fi
 if [ ! -f "$RUNS/base/final/config.json" ]; then
-  log "the packed phase did not finish: the base is base-docs"; rm -rf "$RUNS/base"; cp -r "$RUNS/base-docs" "$RUNS/base"
+  [ "$PACKED_LIMIT" -gt 0 ] && log "the packed phase did not finish: the base is base-docs"
+  rm -rf "$RUNS/base"; cp -r "$RUNS/base-docs" "$RUNS/base"
 fi
 
 LIMIT=$(( $(left) - EVAL_RESERVE )); [ "$LIMIT" -lt 30 ] && LIMIT=30
@@ -128,8 +140,8 @@ timeout "$LIMIT" python "$DRIVER" extend "$RUNS/base/final" "$RUNS/long" factor=
   "${EXT[@]}" 2>&1 | grep -v Warning \
   | tee -a "$OUT/log.txt" | grep -E '^\[stage|seconds|Error|error' | tail -5
 
-MODELS=("base, document rows only=$RUNS/base-docs/final" "base=$RUNS/base/final"
-        "base + YaRN, untrained=$RUNS/base/final@yarn")
+MODELS=("base=$RUNS/base/final" "base + YaRN, untrained=$RUNS/base/final@yarn")
+[ "$PACKED_LIMIT" -gt 0 ] && MODELS=("base, document rows only=$RUNS/base-docs/final" "${MODELS[@]}")
 DATA=""
 for k in 1 2; do
   if [ -f "$RUNS/long/stage$k/final/config.json" ]; then
