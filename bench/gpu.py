@@ -1,7 +1,7 @@
 """The GPU figures of docs/BENCHMARKS.md in one command, as one JSON file.
 
     python bench/gpu.py --out docs/benchmarks/gpu-h200.json [--quick] [--parts engine train mla_decode moe mtp
-                                                                           fp8_engine fp8_train fp8_experts]
+                                                                           fp8_engine fp8_train fp8_experts kv_tiers]
 
 Runs, each side by side with its peer and with the machine's ceilings measured in the same run:
 training forward+backward at the 16b shape (bench/train.py, compiled, vs transformers), the engine's
@@ -13,7 +13,8 @@ part: a tiny model trained with MTP for 300 steps on the built-in corpus, MTP wi
 against plain decoding with both, speedup and acceptance per draft position, greedy outputs gated equal), and FP8
 (bench/fp8.py: the engine on FP8 weights against bf16 at the 16b shape cut to 14 layers, training forward+backward
 with fp8=blockwise against bf16 at the 16b shape, and its routed experts' GEMMs and quantisation kernels alone,
-each gated against its reference). The engine's
+each gated against its reference), and the KV tiers' later-turn TTFT on multi-turn chats with long histories at
+the 16b shape (bench/kv_tiers.py, tiers against the GPU prefix cache alone, outputs gated equal). The engine's
 parts first check its bf16 logits against transformers' in fp32 (bench/engine.py's "logit_parity"); a part
 that fails its check or its run is recorded with an "error", and the command exits non-zero.
 Each part takes several minutes (the two 16b models load once per part); --parts runs some of them and
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["train", "mla_decode", "moe", "engine", "mtp", "fp8_engine", "fp8_train", "fp8_experts"]
+PARTS = ["train", "mla_decode", "moe", "engine", "mtp", "fp8_engine", "fp8_train", "fp8_experts", "kv_tiers"]
 
 
 def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
@@ -79,6 +80,12 @@ def main() -> None:
                                  tmp / "fp8_train.json", 900),
         "fp8_experts": lambda: run("fp8.py", ["experts", "--config", "16b", "--tokens", "8192", "--iters",
                                               "10" if repeats == "3" else "5"], tmp / "fp8_experts.json", 600),
+        "kv_tiers": lambda: run("kv_tiers.py", ["--device", "cuda", "--dtype", "bfloat16", "--preset", "16b",
+                                                "--layers", "0", "--cuda-graphs", "--conversations", "16", "--turns",
+                                                "8", "--concurrency", "2", "--system-tokens", "1024", "--user-tokens",
+                                                "512", "--reply-tokens", "32", "--gpu-cache-tokens", "16384",
+                                                "--kv-cpu-gb", "16", "--sides", "off", "tiers", "--repeats",
+                                                "1" if repeats == "1" else "2"], tmp / "kv_tiers.json", 900),
         "mtp": lambda: run("engine.py", ["--mtp-only", "--device", "cuda", "--dtype", "bfloat16", "--cuda-graphs",
                                          "--compile", "--mtp-batches", "1", "8", "--mtp-text", "builtin",
                                          "--mtp-steps", "300", "--repeats", repeats], tmp / "mtp.json", 900),
