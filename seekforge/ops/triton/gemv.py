@@ -384,17 +384,7 @@ def launch_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wa:
                      tile: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (K contiguous) -> (y_a [M, NA], y_b [M, NB]); tile as `launch_gemv` takes it (None: tuned)."""
     x = x.contiguous()  # a few KB: the kernel then needs one row stride
-    m, k = x.shape
-    ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
-    if m == 0 or k == 0:
-        return ya.zero_(), yb.zero_()
-    args = (x, norm_weight, wa, wb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
-            wb.stride(0), ya.stride(0), yb.stride(0))
-    launch_tiled(_norm_gemv2, _norm_gemv2_tuned,
-                  lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
-                  {"BLOCK_M": triton.next_power_of_2(m)}, tile,
-                  ("norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), tile_of(default_config(wa), k))
-    return ya, yb
+    return _launch_norm_gemv2(_norm_gemv2, _norm_gemv2_tuned, "norm_gemv", x, norm_weight, eps, (wa, wb), tile)
 
 
 @launch_norm_gemv.register_fake
@@ -451,22 +441,31 @@ def launch_fp8_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                          wb: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y_a [M, NA], y_b [M, NB]) in the shape's tuned tile."""
     x, wa, wb, sa, sb = x.contiguous(), row_major(wa), row_major(wb), row_major(sa), row_major(sb)
-    m, k = x.shape
-    ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
-    if m == 0 or k == 0:
-        return ya.zero_(), yb.zero_()
-    args = (x, norm_weight, wa, wb, sa, sb, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0), wa.stride(0),
-            wb.stride(0), sa.stride(0), sb.stride(0), ya.stride(0), yb.stride(0))
-    launch_tiled(_fp8_norm_gemv2, _fp8_norm_gemv2_tuned,
-                 lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
-                 {"BLOCK_M": triton.next_power_of_2(m)}, None,
-                 ("fp8_norm_gemv", m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), tile_of(default_config(wa), k))
-    return ya, yb
+    return _launch_norm_gemv2(_fp8_norm_gemv2, _fp8_norm_gemv2_tuned, "fp8_norm_gemv", x, norm_weight, eps,
+                              (wa, wb, sa, sb), None)
 
 
 @launch_fp8_norm_gemv.register_fake
 def _(x, norm_weight, eps, wa, sa, wb, sb):
     return x.new_empty(x.shape[0], wa.shape[0]), x.new_empty(x.shape[0], wb.shape[0])
+
+
+def _launch_norm_gemv2(kernel, tuned_kernel, name: str, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       mats: tuple[torch.Tensor, ...], tile: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (y_a [M, NA], y_b [M, NB]) by a two-output norm-GEMV kernel, whose matrix arguments are `mats`:
+    wa [NA, K] and wb [NB, K], then any scales, each passed with its row stride; one grid covers both outputs."""
+    wa, wb = mats[:2]
+    m, k = x.shape
+    ya, yb = x.new_empty(m, wa.shape[0]), x.new_empty(m, wb.shape[0])
+    if m == 0 or k == 0:
+        return ya.zero_(), yb.zero_()
+    args = (x, norm_weight, *mats, ya, yb, m, wa.shape[0], wb.shape[0], k, eps, x.stride(0),
+            *(t.stride(0) for t in mats), ya.stride(0), yb.stride(0))
+    launch_tiled(kernel, tuned_kernel,
+                 lambda block_n: (triton.cdiv(wa.shape[0], block_n) + triton.cdiv(wb.shape[0], block_n),), args,
+                 {"BLOCK_M": triton.next_power_of_2(m)}, tile,
+                 (name, m, wa.shape[0], wb.shape[0], k, x.dtype, x.device), tile_of(default_config(wa), k))
+    return ya, yb
 
 
 def last_tuned_tile(fp8: bool = False) -> GemvConfig | None:
