@@ -7,6 +7,7 @@ Without CUDA the kernels run under Triton's interpreter (tests/triton_setup.py),
 
 import pytest
 import torch
+from moe_routing import random_routing
 from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 
 triton = pytest.importorskip("triton")
@@ -48,12 +49,7 @@ def _problem(n, k, experts, dim, inter, seed, skew=False):
     with torch.no_grad():
         for p, (q, scale) in zip((ex.w1, ex.w2, ex.w3), fp8):
             p.copy_(by_hand(q, scale))
-    x = torch.randn(n, dim, generator=g)
-    logits = torch.randn(n, experts, generator=g)
-    if skew:
-        logits[:, 0] += 10
-    indices = logits.topk(k, dim=-1).indices
-    weights = torch.rand(n, k, generator=g)
+    x, weights, indices = random_routing(n, k, experts, dim, g, skew)
     with torch.no_grad():
         ref = ex(x, weights, indices)[0]
     weights_q = tuple(q.to(DEVICE) for q, _ in fp8)

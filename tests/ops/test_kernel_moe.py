@@ -7,6 +7,7 @@ replay with new routing between replays.
 
 import pytest
 import torch
+from moe_routing import random_routing
 from triton_setup import CUDA, DEVICE, HALF, patch_interpreter
 
 triton = pytest.importorskip("triton")
@@ -28,12 +29,7 @@ def _problem(n, k, experts, dim, inter, dtype, seed, skew=False):
     with torch.no_grad():
         for p in ex.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * dim ** -0.5)
-    x = torch.randn(n, dim, generator=g)
-    logits = torch.randn(n, experts, generator=g)
-    if skew:
-        logits[:, 0] += 10
-    indices = logits.topk(k, dim=-1).indices
-    weights = torch.rand(n, k, generator=g)
+    x, weights, indices = random_routing(n, k, experts, dim, g, skew)
     ref = ex(x, weights, indices)[0]  # fp32, grouped path (or its exact fallback)
     ex = ex.to(DEVICE, dtype)
     return ex, x.to(DEVICE, dtype), weights.to(DEVICE), indices.to(DEVICE), ref
