@@ -29,10 +29,10 @@ ALLOWED = {
     "parallel": BASE | {"model"},  # distributed training applied to the model from outside
     "chat_template": BASE,
     "reasoning": BASE,
-    "tasks": BASE,
+    "documents": BASE,
+    "tasks": BASE | {"documents"},  # a task's corpus form may be a Prompted document
     "rewards": BASE | {"tasks"},
     "dual_chain": BASE | {"tasks", "rewards"},  # the engine and server take a DualChain; they import none of it
-    "documents": BASE,
     "tokenizer": BASE | {"chat_template", "documents"},
     "data": BASE | {"tasks", "tokenizer", "documents"},
     "engine": BASE | {"ops", "model", "tokenizer"},

@@ -7,7 +7,8 @@ base.py (Row, Task), registry.py (the built-in tasks by name), one module per ta
 countdown, word_problems; gym.py wraps reasoning-gym), answers.py (answer extraction and comparison),
 safe_eval.py (bounded arithmetic evaluation), templates.py (the R1-Zero prompt and chat template).
 
-May import seekforge.errors and configio only: the data, rewards and RL layers build on it.
+May import seekforge.errors, configio and documents (a task's corpus form may be a Prompted document) only:
+the data, rewards and RL layers build on it.
 """
 
 from seekforge.tasks.base import Row, Task

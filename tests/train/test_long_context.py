@@ -188,7 +188,8 @@ def test_extend_end_to_end_lowers_perplexity_past_the_original_context(tmp_path,
     base = tmp_path / "base"
     assert main(["train", "--config", "passkey", "--out", str(base), "seq_len=32", "model_overrides.max_seq_len=32",
                  "steps=60", "warmup_steps=10", "constant_steps=30", "decay_steps=20", "batch_size=8",
-                 "builtin_docs=500", "builtin_vocab=320", "builtin_tasks.passkey.max_filler=2", "eval_every=60",
+                 "builtin_docs=500", "builtin_vocab=320", "builtin_tasks.passkey.min_filler=0",
+                 "builtin_tasks.passkey.max_filler=2", "eval_every=60",
                  "save_every=60", "progress=false", "tensorboard=false"]) == 0
     out = tmp_path / "long"
     assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
