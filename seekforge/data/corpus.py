@@ -3,8 +3,9 @@
 Every document is a task question framed by the R1-Zero template, its worked solution inside
 <think>...</think> and the gold answer inside <answer>...</answer>, so a model pretrained on it already
 writes the format the RL stage rewards. (A probe task such as passkey retrieval, named in `tasks`, writes its
-documents in its own plain form, `Task.corpus_text`, which may be Prompted: trained on its answer only.) Documents come from the tasks' train split only; their val and
-test splits stay unseen for evaluation. Nothing is downloaded.
+documents in its own plain form, `Task.corpus_text`, which may be Prompted: trained on its answer only.)
+Documents come from the tasks' train split only; their val and test splits stay unseen for evaluation.
+Nothing is downloaded.
 
 `slip_rate` makes a share of the documents careless, as in web text: one slip in the worked steps,
 carried on to a wrong answer (`Task.careless`). A model pretrained on them samples such slips at about

@@ -160,8 +160,10 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer, out_dir: str | os.Pa
             for doc, (ids, context), is_val in zip(batch, _encode(tokenizer, batch), to_val):
                 if not ids or ids[-1] != eos:  # a rendered chat already ends with EOS
                     ids.append(eos)
-                for part, value in zip(parts[bool(is_val)], (ids, len(text_of(doc).encode("utf-8")), context)):
-                    part.append(value)
+                split_ids, split_bytes, split_context = parts[bool(is_val)]
+                split_ids.append(ids)
+                split_bytes.append(len(text_of(doc).encode("utf-8")))
+                split_context.append(context)
             train.write(*parts[False])
             val.write(*parts[True])
             bar.update(len(batch))

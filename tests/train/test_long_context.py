@@ -180,22 +180,28 @@ def test_extend_config_errors(capsys):
     assert "exceeds YaRN's factor" in capsys.readouterr().err
 
 
+def _base_extended_4x(tmp_path, train: list[str], extend: list[str]):
+    """A `passkey`-config base trained with `train`'s overrides, then one 4x YaRN stage with `extend`'s: the
+    extension's directory."""
+    quiet = ["progress=false", "tensorboard=false"]
+    base, out = tmp_path / "base", tmp_path / "long"
+    assert main(["train", "--config", "passkey", "--out", str(base), *train, *quiet]) == 0
+    assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
+                 *extend, *quiet]) == 0
+    return out
+
+
 def test_extend_end_to_end_lowers_perplexity_past_the_original_context(tmp_path, capsys):
     """A tiny model trained at 32 tokens, extended 4x with YaRN: its perplexity at 128 tokens falls below the
     base model's there, and below the base model's with YaRN and no training; the checkpoint's config.json
     carries the rope scaling transformers reads."""
     transformers = pytest.importorskip("transformers")
-    base = tmp_path / "base"
-    assert main(["train", "--config", "passkey", "--out", str(base), "seq_len=32", "model_overrides.max_seq_len=32",
-                 "steps=60", "warmup_steps=10", "constant_steps=30", "decay_steps=20", "batch_size=8",
-                 "builtin_docs=500", "builtin_vocab=320", "builtin_tasks.passkey.min_filler=0",
-                 "builtin_tasks.passkey.max_filler=2", "eval_every=60",
-                 "save_every=60", "progress=false", "tensorboard=false"]) == 0
-    out = tmp_path / "long"
-    assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
-                 "steps=20", "warmup_steps=3", "tokens_per_step=1024", "lr=2e-3", "eval_multiples=[1, 4]",
-                 "eval_depths=[0.5]", "eval_samples=2", "eval_windows=4", "progress=false",
-                 "tensorboard=false"]) == 0
+    out = _base_extended_4x(tmp_path, ["seq_len=32", "model_overrides.max_seq_len=32", "steps=60", "warmup_steps=10",
+                                       "constant_steps=30", "decay_steps=20", "batch_size=8", "builtin_docs=500",
+                                       "builtin_vocab=320", "builtin_tasks.passkey.min_filler=0",
+                                       "builtin_tasks.passkey.max_filler=2", "eval_every=60", "save_every=60"],
+                            ["steps=20", "warmup_steps=3", "tokens_per_step=1024", "lr=2e-3", "eval_multiples=[1, 4]",
+                             "eval_depths=[0.5]", "eval_samples=2", "eval_windows=4"])
     hf = transformers.DeepseekV3Config.from_pretrained(out / "stage1" / "final")
     assert hf.max_position_embeddings == 128
     assert {k: hf.rope_parameters[k] for k in ("rope_type", "factor", "original_max_position_embeddings")} == \
@@ -214,17 +220,12 @@ def test_extended_4x_reads_passkeys_past_the_original_context_better_than_before
     context, trained on the key, reads keys at every depth at 64 tokens and not at 2x-4x; extended 4x with YaRN
     (one stage at 256 tokens, passkey documents one to a row, trained on the key), it reads them there better
     than before, and better than the base with YaRN and no training (which reads some at 2x)."""
-    base = tmp_path / "base"
-    assert main(["train", "--config", "passkey", "--out", str(base), "steps=1000", "constant_steps=980",
-                 "decay_steps=0", "mtp_weight=0", "mtp_weight_late=0",
-                 'builtin_tasks={"passkey": {"min_filler": 5, "max_filler": 6, "loss": "answer"}}', "eval_every=1000",
-                 "save_every=1000", "progress=false", "tensorboard=false"]) == 0
-    out = tmp_path / "long"
-    assert main(["extend", "--from", str(base / "final"), "--out", str(out), "--factor", "4", "--stages", "4",
-                 "steps=100", "warmup_steps=5", "tokens_per_step=4096", "passkey_share=0.9", "passkey.loss=answer",
-                 "train.rows=documents",
-                 "eval_multiples=[1, 2, 4]", "eval_depths=[0, 0.5, 1]", "eval_samples=8", "eval_windows=2",
-                 "progress=false", "tensorboard=false"]) == 0
+    out = _base_extended_4x(tmp_path, ["steps=1000", "constant_steps=980", "decay_steps=0", "mtp_weight=0",
+                                       "mtp_weight_late=0", 'builtin_tasks={"passkey": {"min_filler": 5, '
+                                       '"max_filler": 6, "loss": "answer"}}', "eval_every=1000", "save_every=1000"],
+                            ["steps=100", "warmup_steps=5", "tokens_per_step=4096", "passkey_share=0.9",
+                             "passkey.loss=answer", "train.rows=documents", "eval_multiples=[1, 2, 4]",
+                             "eval_depths=[0, 0.5, 1]", "eval_samples=8", "eval_windows=2"])
     results = json.loads((out / "long_context.json").read_text())["models"]
     read = {label: np.mean(r["passkey"]["accuracy"], axis=0) for label, r in results.items()}  # by length
     base_read, untrained, extended = read["base"], read["base + YaRN, untrained"], read["stage 1 (4x)"]
